@@ -1,0 +1,5 @@
+import sys
+
+from mq_deploy.cli.main import main
+
+sys.exit(main())

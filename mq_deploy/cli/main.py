@@ -1,0 +1,107 @@
+"""`mq-deploy` command line. Thin: each subcommand maps flags onto one API call.
+
+Heavy modules (torch, safetensors) are imported inside the handlers so `mq-deploy --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from mq_deploy import __version__
+from mq_deploy.errors import MQUserError
+
+
+def _write_json_atomic(path: str, obj) -> None:
+    path = os.path.abspath(path)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def cmd_info(args) -> int:
+    from mq_deploy.models.loaders import load_model
+
+    loaded = load_model(args.model)
+    cfg = loaded.config
+    n_params = sum(p.numel() for p in loaded.model.parameters())
+    m = cfg.mixer
+    print(f"model:        {args.model}")
+    print(f"format:       {loaded.format}")
+    print(f"architecture: {cfg.architecture} ({'Vision Mamba, bimamba v2' if cfg.architecture == 'vim' else 'Mamba1 causal LM'})")
+    print(f"parameters:   {n_params:,}")
+    print(f"layers:       {cfg.n_layer}  d_model {cfg.d_model}  d_inner {m.d_inner}  d_state {m.d_state}  "
+          f"d_conv {m.d_conv}  dt_rank {m.dt_rank}")
+    if cfg.architecture == "mamba_lm":
+        print(f"vocab:        {cfg.vocab_size}  ({'tied' if cfg.tie_embeddings else 'untied'} head)")
+    else:
+        print(f"image:        {cfg.in_chans}x{cfg.img_size}x{cfg.img_size}, patch {cfg.patch_size}, stride "
+              f"{cfg.stride}, {cfg.num_patches} patches + middle class token; {cfg.num_classes} classes")
+    if args.json:
+        _write_json_atomic(args.json, {"format": loaded.format, "parameters": n_params, "config": cfg.to_dict()})
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from mq_deploy.evaluate import EvalConfig, evaluate
+    from mq_deploy.models.loaders import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = EvalConfig(data=args.data, limit=args.limit, split=args.split, seq_len=args.seq_len, batch=args.batch)
+    loaded = load_model(args.model)
+    res = evaluate(loaded, cfg)
+    print(f"{args.model}: {res['metric']} = {res['value']:.4f} ({res['samples']} samples of {res['data']})")
+    if args.json:
+        _write_json_atomic(args.json, {"metric": res["metric"], "value": res["value"], "samples": res["samples"]})
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mq-deploy", description="Quantize and deploy Mamba models (MambaQuant PTQ).")
+    p.add_argument("--version", action="version", version=f"mq-deploy {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    s = sub.add_parser("info", help="describe a model checkpoint (format, architecture, size)")
+    s.add_argument("model", help="checkpoint directory (mq-deploy, HF transformers, mamba-ssm) or Vim .pth")
+    s.add_argument("--json", metavar="OUT", help="also write the description as JSON")
+    s.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("eval", help="end metric: bits per byte (LM) or top-1 (Vim)")
+    s.add_argument("model")
+    s.add_argument("--data", metavar="PATH", help="text file (LM) or Fashion-MNIST idx directory (Vim); "
+                   "default: the data shipped with a sample model")
+    s.add_argument("--split", default="test", choices=["test", "train", "calib"], help="Vim idx split")
+    s.add_argument("--limit", type=int, metavar="N", help="at most N windows (LM) or images (Vim)")
+    s.add_argument("--seq-len", type=int, default=1024, help="LM window length in bytes")
+    s.add_argument("--batch", type=int)
+    s.add_argument("--threads", type=int, help="torch CPU threads")
+    s.add_argument("--json", metavar="OUT", help='write {"metric", "value", "samples"}')
+    s.set_defaults(func=cmd_eval)
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return args.func(args)
+    except MQUserError as e:
+        print(f"mq-deploy {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

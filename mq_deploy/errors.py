@@ -1,0 +1,21 @@
+"""One exception family: the user's mistake (MQUserError) versus our bug (MQInternalError).
+
+The CLI prints MQUserError as one clear line and exits 2; anything else is a bug and keeps its traceback.
+"""
+
+
+class MQError(Exception):
+    """Base of every error mq-deploy raises on purpose."""
+
+
+class MQUserError(MQError):
+    """Bad input: a missing or corrupt file, an unsupported config, data out of range."""
+
+
+class MQInternalError(MQError):
+    """An invariant of mq-deploy itself failed; please report it."""
+
+
+def user_check(cond: bool, message: str) -> None:
+    if not cond:
+        raise MQUserError(message)
