@@ -79,8 +79,9 @@ class VimConfig:
     norm_eps: float = 1e-5
     residual_in_fp32: bool = True
     # preprocessing applied by the data pipeline: (pixel / 255 - mean) / std, per channel
-    image_mean: tuple = (0.485, 0.456, 0.406)
-    image_std: tuple = (0.229, 0.224, 0.225)
+    # default: ImageNet's for 3 channels (as Vim trains), 0.5 / 0.5 otherwise
+    image_mean: tuple | None = None
+    image_std: tuple | None = None
     architecture: str = field(default="vim", init=False)
 
     def __post_init__(self):
@@ -96,6 +97,11 @@ class VimConfig:
             raise MQUserError(f"mixer.d_model {self.mixer.d_model} != d_model {self.d_model}")
         if not self.mixer.bimamba:
             raise MQUserError("Vim needs the bidirectional mixer (mixer.bimamba = true)")
+        imagenet = self.in_chans == 3
+        if self.image_mean is None:
+            self.image_mean = (0.485, 0.456, 0.406) if imagenet else (0.5,) * self.in_chans
+        if self.image_std is None:
+            self.image_std = (0.229, 0.224, 0.225) if imagenet else (0.5,) * self.in_chans
         self.image_mean, self.image_std = tuple(self.image_mean), tuple(self.image_std)
         if len(self.image_mean) != self.in_chans or len(self.image_std) != self.in_chans:
             raise MQUserError(f"image_mean/image_std need {self.in_chans} entries (one per input channel)")

@@ -117,7 +117,7 @@ def detect_format(path: str) -> str:
                               "(supported: Mamba1 causal LMs and Vision Mamba)")
         if {"d_model", "n_layer", "vocab_size"} <= set(cfg):
             return "mamba-ssm"
-        if {"embed_dim", "depth"} <= set(cfg) or cfg.get("architecture") == "vim":
+        if _find_pth(path):   # Vim: the .pth holds the weights, config.json only img_size/stride/normalisation
             return "vim"
         raise MQUserError(f"{cfg_path}: cannot tell which model format this is "
                           "(not mq-deploy, HF transformers Mamba, mamba-ssm or Vim)")

@@ -29,6 +29,11 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(dtype)
 
 
+def _at_least_fp32(t):
+    """SSM parameters (A, D, dt bias) are kept in fp32 for half-precision models, as in mamba-ssm."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def causal_conv1d(x, weight, bias=None, conv_state=None):
     """Depthwise causal conv in channels-last layout. x [b, L, Di]; weight [Di, 1, K].
 
@@ -91,8 +96,8 @@ class MambaMixer(nn.Module):
         xc = F.silu(xc)
         dt, Bm, Cm = torch.split(x_proj(xc), [cfg.dt_rank, cfg.d_state, cfg.d_state], dim=-1)
         dt = F.linear(dt, dt_proj.weight)
-        A = -torch.exp(A_log.float())
-        out = selective_scan(xc, dt, A, Bm, Cm, D.float(), z, delta_bias=dt_proj.bias.float(),
+        A = -torch.exp(_at_least_fp32(A_log))
+        out = selective_scan(xc, dt, A, Bm, Cm, _at_least_fp32(D), z, delta_bias=_at_least_fp32(dt_proj.bias),
                              delta_softplus=True, initial_state=ssm_state, return_last_state=return_state)
         if return_state:
             y, last = out
@@ -128,9 +133,9 @@ class MambaMixer(nn.Module):
         xc = F.silu(xc)
         dt, Bm, Cm = torch.split(self.x_proj(xc), [cfg.dt_rank, cfg.d_state, cfg.d_state], dim=-1)
         dt = F.linear(dt, self.dt_proj.weight)
-        A = -torch.exp(self.A_log.float())
-        y, new_ssm = selective_state_update(ssm_state, xc, dt, A, Bm, Cm, self.D.float(), z,
-                                            delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
+        A = -torch.exp(_at_least_fp32(self.A_log))
+        y, new_ssm = selective_state_update(ssm_state, xc, dt, A, Bm, Cm, _at_least_fp32(self.D), z,
+                                            delta_bias=_at_least_fp32(self.dt_proj.bias), delta_softplus=True)
         return self.out_proj(y), window[..., 1:], new_ssm
 
 
@@ -144,7 +149,7 @@ class Block(nn.Module):
         self.residual_in_fp32 = residual_in_fp32
 
     def _residual(self, h):
-        return h.float() if self.residual_in_fp32 else h
+        return _at_least_fp32(h) if self.residual_in_fp32 else h
 
     def forward(self, h, state=None, return_state=False):
         out = self.mixer(self.norm(h.to(self.norm.weight.dtype)), state, return_state)
