@@ -1,0 +1,171 @@
+"""The command line as a user meets it: clear one-line errors for bad input, JSON outputs, lean imports."""
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mq_deploy.cli.main import main
+from mq_deploy.models.io import save_model
+
+from test_models import small_lm, small_vim
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "mq_deploy", *args], capture_output=True, text=True, timeout=300)
+
+
+def assert_user_error(capsys, argv, *needles):
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in err, err
+
+
+@pytest.fixture
+def lm_dir(tmp_path):
+    return str(save_model(small_lm(vocab=256), tmp_path / "lm"))
+
+
+def test_import_is_lean():
+    code = "import sys, mq_deploy, mq_deploy.cli.main; print(sorted(m for m in ('torch', 'onnxruntime', 'tensorrt', 'safetensors') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_help_runs():
+    r = run_cli("--help")
+    assert r.returncode == 0 and "eval" in r.stdout and "info" in r.stdout
+
+
+def test_missing_path(capsys, tmp_path):
+    assert_user_error(capsys, ["info", str(tmp_path / "nope")], "no such file or directory")
+
+
+def test_unknown_architecture(capsys, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert_user_error(capsys, ["info", str(tmp_path)], "unsupported model_type 'llama'")
+    (tmp_path / "config.json").write_text(json.dumps({"mq_deploy_format": 1, "architecture": "rwkv"}))
+    assert_user_error(capsys, ["info", str(tmp_path)], "unknown architecture 'rwkv'")
+
+
+def test_bad_json(capsys, tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    assert_user_error(capsys, ["info", str(tmp_path)], "config.json", "not valid JSON")
+
+
+def test_truncated_safetensors(capsys, lm_dir):
+    p = os.path.join(lm_dir, "model.safetensors")
+    data = open(p, "rb").read()
+    open(p, "wb").write(data[: len(data) // 2])
+    assert_user_error(capsys, ["info", lm_dir], "model.safetensors", "corrupt or truncated")
+
+
+def test_garbage_safetensors(capsys, lm_dir):
+    open(os.path.join(lm_dir, "model.safetensors"), "wb").write(b"\x00" * 64)
+    assert_user_error(capsys, ["eval", lm_dir, "--data", __file__], "corrupt or truncated")
+
+
+def test_shape_mismatch(capsys, lm_dir):
+    cfg_path = os.path.join(lm_dir, "config.json")
+    cfg = json.load(open(cfg_path))
+    cfg["mixer"]["d_state"] = 8
+    json.dump(cfg, open(cfg_path, "w"))
+    assert_user_error(capsys, ["info", lm_dir], "A_log", "shape")
+
+
+def test_missing_tensor(capsys, lm_dir):
+    from safetensors.torch import load_file, save_file
+
+    p = os.path.join(lm_dir, "model.safetensors")
+    sd = load_file(p)
+    del sd["layers.1.mixer.D"]
+    save_file(sd, p)
+    assert_user_error(capsys, ["info", lm_dir], "missing 1 tensors", "layers.1.mixer.D")
+
+
+def test_nan_weights(capsys, lm_dir):
+    from safetensors.torch import load_file, save_file
+
+    p = os.path.join(lm_dir, "model.safetensors")
+    sd = load_file(p)
+    sd["norm_f.weight"][3] = float("nan")
+    save_file(sd, p)
+    assert_user_error(capsys, ["info", lm_dir], "norm_f.weight", "NaN")
+
+
+def test_invalid_config_value(capsys, lm_dir):
+    cfg_path = os.path.join(lm_dir, "config.json")
+    cfg = json.load(open(cfg_path))
+    cfg["n_layer"] = 0
+    json.dump(cfg, open(cfg_path, "w"))
+    assert_user_error(capsys, ["info", lm_dir], "n_layer must be a positive integer")
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_pickle_with_code_is_refused(capsys, tmp_path):
+    p = tmp_path / "vim.pth"
+    torch.save({"model": {"x": torch.zeros(1)}, "payload": _Evil()}, p)
+    assert_user_error(capsys, ["info", str(p)], "refused to unpickle")
+
+
+def test_truncated_pth(capsys, tmp_path):
+    p = tmp_path / "vim.pth"
+    torch.save({"model": small_vim().state_dict()}, p)
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) // 3])
+    assert_user_error(capsys, ["info", str(p)], "corrupt or truncated")
+
+
+def test_eval_lm_json(tmp_path, lm_dir, capsys):
+    text = tmp_path / "t.txt"
+    text.write_bytes(bytes(range(32, 127)) * 40)
+    out = tmp_path / "r.json"
+    assert main(["eval", lm_dir, "--data", str(text), "--seq-len", "64", "--limit", "5", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert set(r) == {"metric", "value", "samples"} and r["metric"] == "bits_per_byte"
+    assert r["samples"] == 5 * 64 and 0 < r["value"] < 16
+    assert "bits_per_byte" in capsys.readouterr().out
+
+
+def test_eval_needs_data_for_foreign_models(capsys, lm_dir):
+    assert_user_error(capsys, ["eval", lm_dir], "pass --data")
+
+
+def test_eval_rejects_non_byte_vocab(capsys, tmp_path):
+    d = str(save_model(small_lm(vocab=50), tmp_path / "lm50"))
+    assert_user_error(capsys, ["eval", d, "--data", __file__], "vocab 256")
+
+
+def test_eval_vim_bad_data_dir(capsys, tmp_path):
+    d = str(save_model(small_vim(), tmp_path / "vim"))
+    assert_user_error(capsys, ["eval", d, "--data", str(tmp_path)], "t10k-images-idx3-ubyte")
+    (tmp_path / "t10k-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03" + b"\x00\x00\x00\x05" * 3)
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x05" + b"\x01" * 5)
+    assert_user_error(capsys, ["eval", d, "--data", str(tmp_path)], "truncated or corrupt")
+
+
+def test_eval_vim_on_idx(tmp_path):
+    import numpy as np
+
+    from mq_deploy.data.images import write_idx
+
+    d = str(save_model(small_vim(), tmp_path / "vim"))
+    rng = np.random.default_rng(0)
+    write_idx(str(tmp_path / "t10k-images-idx3-ubyte.gz"), rng.integers(0, 255, (40, 12, 12)))
+    write_idx(str(tmp_path / "t10k-labels-idx1-ubyte.gz"), rng.integers(0, 7, 40))
+    out = tmp_path / "r.json"
+    r = run_cli("eval", d, "--data", str(tmp_path), "--limit", "30", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    assert res["metric"] == "top1" and res["samples"] == 30 and 0 <= res["value"] <= 1
