@@ -1,0 +1,120 @@
+"""Hadamard matrices for any size 2^k * m where an order-m Hadamard matrix is known.
+
+Mamba widths are rarely powers of two (Vim-T: d_inner 384 = 12 * 32; mamba-130m: 1536 = 12 * 128),
+so a Sylvester-only construction is not enough. We build the small factors with Paley's
+constructions from quadratic residues modulo a prime:
+
+  Paley I   p = 3 (mod 4) prime  ->  order p + 1        (4, 8, 12, 20, 24, 32, 44, 48, 60, ...)
+  Paley II  p = 1 (mod 4) prime  ->  order 2 (p + 1)    (12, 28, 36, 60, 76, ...)
+
+and take the Kronecker product with a Sylvester matrix. Every matrix is checked (H H^T = n I) when
+built. A size with no construction is an error, never a silent substitute.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from mq_deploy.errors import MQUserError
+
+
+def _is_prime(p: int) -> bool:
+    return p >= 2 and all(p % q for q in range(2, int(p ** 0.5) + 1))
+
+
+def _jacobsthal(p: int) -> np.ndarray:
+    residues = {(i * i) % p for i in range(1, p)}
+    chi = np.array([0] + [1 if i in residues else -1 for i in range(1, p)], dtype=np.int64)
+    idx = (np.arange(p)[None, :] - np.arange(p)[:, None]) % p
+    return chi[idx]                                                 # Q[i, j] = chi(j - i)
+
+
+def _paley1(p: int) -> np.ndarray:
+    q = _jacobsthal(p)
+    n = p + 1
+    s = np.zeros((n, n), dtype=np.int64)
+    s[0, 1:] = 1
+    s[1:, 0] = -1
+    s[1:, 1:] = q
+    return s + np.eye(n, dtype=np.int64)                            # I + S, S skew-symmetric
+
+
+def _paley2(p: int) -> np.ndarray:
+    q = _jacobsthal(p)
+    n = p + 1
+    c = np.zeros((n, n), dtype=np.int64)
+    c[0, 1:] = 1
+    c[1:, 0] = 1
+    c[1:, 1:] = q                                                   # symmetric conference matrix
+    a = np.array([[1, -1], [-1, -1]], dtype=np.int64)
+    b = np.array([[1, 1], [1, -1]], dtype=np.int64)
+    out = np.zeros((2 * n, 2 * n), dtype=np.int64)
+    for i in range(n):
+        for j in range(n):
+            out[2 * i:2 * i + 2, 2 * j:2 * j + 2] = b if i == j else c[i, j] * a
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _small_orders(limit: int = 256) -> dict:
+    """Order -> construction, for the non-power-of-two factors m we can build (m up to `limit`)."""
+    table = {1: ("trivial", 1)}
+    for p in range(3, limit):
+        if not _is_prime(p):
+            continue
+        if p % 4 == 3 and p + 1 <= limit:
+            table.setdefault(p + 1, ("paley1", p))
+        if p % 4 == 1 and 2 * (p + 1) <= limit:
+            table.setdefault(2 * (p + 1), ("paley2", p))
+    return table
+
+
+def known_orders(limit: int = 256) -> list:
+    """Small Hadamard orders m (not only powers of two) this module can build."""
+    return sorted(_small_orders(limit))
+
+
+def _build_small(m: int) -> np.ndarray:
+    kind, p = _small_orders()[m]
+    if kind == "trivial":
+        return np.ones((1, 1), dtype=np.int64)
+    return _paley1(p) if kind == "paley1" else _paley2(p)
+
+
+def _factor(n: int):
+    """n = m * 2^k with m a known small order; prefer the smallest m (most Sylvester structure)."""
+    for m in known_orders():
+        if n % m == 0 and ((n // m) & (n // m - 1)) == 0:
+            return m, n // m
+    return None
+
+
+def has_hadamard(n: int) -> bool:
+    return n >= 1 and _factor(n) is not None
+
+
+@functools.lru_cache(maxsize=32)
+def _hadamard_int(n: int) -> np.ndarray:
+    f = _factor(n) if n >= 1 else None
+    if f is None:
+        raise MQUserError(f"no Hadamard matrix of size {n}: sizes must be 2^k * m with m in "
+                          f"{known_orders()[:12]}... (Paley/Sylvester constructions)")
+    m, pow2 = f
+    h = _build_small(m)
+    # the Kronecker product of orthogonal factors is orthogonal, so checking the small one suffices
+    if not np.array_equal(h @ h.T, m * np.eye(m, dtype=np.int64)):
+        raise AssertionError(f"internal error: Hadamard construction of order {m} is not orthogonal")
+    syl = np.ones((1, 1), dtype=np.int64)
+    while syl.shape[0] < pow2:
+        syl = np.block([[syl, syl], [syl, -syl]])
+    h = np.kron(syl, h).astype(np.int8)
+    h.setflags(write=False)
+    return h
+
+
+def hadamard_matrix(n: int, normalized: bool = True, dtype=np.float64) -> np.ndarray:
+    """Hadamard matrix of size n (entries +-1, or +-1/sqrt(n) when normalized: orthogonal)."""
+    h = _hadamard_int(n).astype(dtype)
+    return h / np.sqrt(n) if normalized else h
