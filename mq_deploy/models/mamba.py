@@ -68,6 +68,8 @@ class MambaMixer(nn.Module):
             setattr(self, ("A_b_log" if s else "A_log"), nn.Parameter(torch.empty(di, n)))
             setattr(self, "D" + s, nn.Parameter(torch.ones(di)))
         self._suffixes = suffixes
+        # optional online rotation of out_proj's input (transforms.fold.set_online_out_rotation)
+        self.register_buffer("out_rotation", None)
 
     # -- init as in mamba-ssm (dt in [1e-3, 1e-1] log-uniform, S4D-real A) -------------------------
     @torch.no_grad()
@@ -112,13 +114,18 @@ class MambaMixer(nn.Module):
             out = self._ssm(x, z, "", conv_state, ssm_state, return_state)
             if return_state:
                 y, new_state = out
-                return self.out_proj(y), new_state
-            return self.out_proj(out)
+                return self._out(y), new_state
+            return self._out(out)
         if state is not None or return_state:
             raise ValueError("the bidirectional mixer has no recurrent state")
         y_f = self._ssm(x, z, "")
         y_b = self._ssm(x.flip(1), z.flip(1), "_b").flip(1)
-        return self.out_proj((y_f + y_b) / 2)
+        return self._out((y_f + y_b) / 2)
+
+    def _out(self, y):
+        if self.out_rotation is not None:
+            y = y @ self.out_rotation
+        return self.out_proj(y)
 
     def step(self, hidden, conv_state, ssm_state):
         """One token. hidden [b, d]; conv_state [b, Di, K-1]; ssm_state [b, Di, N]."""
@@ -136,7 +143,7 @@ class MambaMixer(nn.Module):
         A = -torch.exp(_at_least_fp32(self.A_log))
         y, new_ssm = selective_state_update(ssm_state, xc, dt, A, Bm, Cm, _at_least_fp32(self.D), z,
                                             delta_bias=_at_least_fp32(self.dt_proj.bias), delta_softplus=True)
-        return self.out_proj(y), window[..., 1:], new_ssm
+        return self._out(y), window[..., 1:], new_ssm
 
 
 class Block(nn.Module):

@@ -1,0 +1,109 @@
+"""Output-preserving folds, one small function per site, computed in float64.
+
+Conventions: nn.Linear computes y = x W^T + b. Rotating the residual stream by an orthogonal Q means
+every tensor that lives on the stream is multiplied on the right by Q (h -> h Q). RMSNorm without a
+weight commutes with that (rms(h Q) = rms(h)), so norm weights are fused into the linears that read
+the normalised stream first.
+
+Writers of the stream: embedding / patch embedding (+ class token, position embedding), out_proj.
+Readers: in_proj (through the block norm), lm_head / head (through norm_f).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mq_deploy.models.mamba import MambaLM, MambaMixer
+
+
+def _f64(t):
+    return t.detach().to(torch.float64)
+
+
+def _assign(param, value):
+    with torch.no_grad():
+        param.copy_(value.to(param.dtype))
+
+
+def fuse_norm_into_linear(norm, linears) -> None:
+    """norm(x) W^T = (x / rms(x)) (W diag(w))^T: move the norm weight into every reader, set it to 1."""
+    w = _f64(norm.weight)
+    for lin in linears:
+        _assign(lin.weight, _f64(lin.weight) * w)
+    _assign(norm.weight, torch.ones_like(w))
+
+
+def untie_lm_head(model: MambaLM) -> None:
+    """Give lm_head its own weight so the head and the embedding can be transformed differently."""
+    if model.lm_head.weight is model.embedding.weight:
+        model.lm_head.weight = torch.nn.Parameter(model.embedding.weight.detach().clone())
+    model.cfg.tie_embeddings = False
+
+
+def fuse_norms(model) -> None:
+    """Fuse every RMSNorm weight into the linear that reads it (block norm -> in_proj, norm_f -> head)."""
+    for layer in model.layers:
+        fuse_norm_into_linear(layer.norm, [layer.mixer.in_proj])
+    if isinstance(model, MambaLM):
+        untie_lm_head(model)
+        fuse_norm_into_linear(model.norm_f, [model.lm_head])
+    else:
+        fuse_norm_into_linear(model.norm_f, [model.head])
+
+
+def rotate_linear_input(lin, Q) -> None:
+    """The input of `lin` becomes x Q: y = (x Q) (W Q)^T."""
+    _assign(lin.weight, _f64(lin.weight) @ Q)
+
+
+def rotate_linear_output(lin, Q) -> None:
+    """The output of `lin` becomes y Q: W <- Q^T W, b <- b Q."""
+    _assign(lin.weight, Q.t() @ _f64(lin.weight))
+    if lin.bias is not None:
+        _assign(lin.bias, _f64(lin.bias) @ Q)
+
+
+def rotate_embeddings(model, Q) -> None:
+    """Writers at the bottom of the stream: token embedding, or patch embedding + class token + positions."""
+    if isinstance(model, MambaLM):
+        _assign(model.embedding.weight, _f64(model.embedding.weight) @ Q)
+        return
+    conv = model.patch_embed.proj
+    _assign(conv.weight, torch.einsum("i...,ij->j...", _f64(conv.weight), Q))
+    if conv.bias is not None:
+        _assign(conv.bias, _f64(conv.bias) @ Q)
+    _assign(model.cls_token, _f64(model.cls_token) @ Q)
+    _assign(model.pos_embed, _f64(model.pos_embed) @ Q)
+
+
+def _check_norms_fused(model) -> None:
+    norms = [layer.norm for layer in model.layers] + [model.norm_f]
+    if any(not torch.all(n.weight == 1) for n in norms):
+        raise ValueError("rotate_residual needs fused norms (call fuse_norms first): "
+                         "a weighted RMSNorm does not commute with a rotation")
+
+
+def rotate_residual(model, Q) -> None:
+    """Rotate the residual stream by orthogonal Q [d_model, d_model] (offline, fully folded)."""
+    Q = _f64(Q)
+    _check_norms_fused(model)
+    rotate_embeddings(model, Q)
+    for layer in model.layers:
+        rotate_linear_input(layer.mixer.in_proj, Q)
+        rotate_linear_output(layer.mixer.out_proj, Q)
+    rotate_linear_input(model.lm_head if isinstance(model, MambaLM) else model.head, Q)
+
+
+def set_online_out_rotation(mixer: MambaMixer, H) -> None:
+    """Online rotation before out_proj: the mixer computes out_proj(y H) with out_proj W <- W H.
+
+    H stays a runtime op (a buffer applied to the activation) so the quantizer sees y H, whose channel
+    distribution is flatter than y's; the product is unchanged in exact arithmetic.
+    """
+    H = _f64(H)
+    rotate_linear_input(mixer.out_proj, H)
+    mixer.register_buffer("out_rotation", H.to(mixer.out_proj.weight.dtype), persistent=True)
+
+
+__all__ = ["fuse_norm_into_linear", "untie_lm_head", "fuse_norms", "rotate_linear_input", "rotate_linear_output",
+           "rotate_embeddings", "rotate_residual", "set_online_out_rotation"]
