@@ -93,3 +93,28 @@ def test_online_out_rotation_lm_and_vim():
         for t in range(ids.shape[1]):
             lg, states = m.step(ids[:, t], states)
         assert rel_err(lg, want_m[:, -1]) < 1e-10
+
+
+def test_smooth_fused_gate_and_scan_bc_then_rotate():
+    """Smooth-Fused rotation: smoothing factors folded into the gate and x_proj, then the online
+    Hadamard; outputs unchanged (LM full sequence and decode; Vim both branches)."""
+    m, ids = lm_and_input()
+    v, x = vim_and_input()
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        want_m, want_v = m(ids), v(x)
+        for model in (m, v):
+            di, n = model.cfg.mixer.d_inner, model.cfg.mixer.d_state
+            for layer in model.layers:
+                mixer = layer.mixer
+                fold.smooth_out_proj_into_gate(mixer, torch.rand(di, generator=g, dtype=torch.float64) * 4 + 0.2)
+                for branch in (["", "_b"] if model.cfg.mixer.bimamba else [""]):
+                    fold.smooth_scan_bc(mixer, torch.rand(n, generator=g, dtype=torch.float64) * 4 + 0.2, branch)
+                fold.set_online_out_rotation(mixer, torch.from_numpy(hadamard_matrix(di)))
+        assert rel_err(m(ids), want_m) < 1e-10 and rel_err(v(x), want_v) < 1e-10
+        states = m.init_state(2, dtype=torch.float64)
+        steps = []
+        for t in range(ids.shape[1]):
+            lg, states = m.step(ids[:, t], states)
+            steps.append(lg)
+        assert rel_err(torch.stack(steps, 1), want_m) < 1e-10

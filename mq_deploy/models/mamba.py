@@ -70,6 +70,9 @@ class MambaMixer(nn.Module):
         self._suffixes = suffixes
         # optional online rotation of out_proj's input (transforms.fold.set_online_out_rotation)
         self.register_buffer("out_rotation", None)
+        # optional smoothing fused into the gate: z * sigmoid(gate_scale * z) instead of silu(z)
+        # (transforms.fold.smooth_out_proj_into_gate)
+        self.register_buffer("gate_scale", None)
 
     # -- init as in mamba-ssm (dt in [1e-3, 1e-1] log-uniform, S4D-real A) -------------------------
     @torch.no_grad()
@@ -99,12 +102,17 @@ class MambaMixer(nn.Module):
         dt, Bm, Cm = torch.split(x_proj(xc), [cfg.dt_rank, cfg.d_state, cfg.d_state], dim=-1)
         dt = F.linear(dt, dt_proj.weight)
         A = -torch.exp(_at_least_fp32(A_log))
-        out = selective_scan(xc, dt, A, Bm, Cm, _at_least_fp32(D), z, delta_bias=_at_least_fp32(dt_proj.bias),
-                             delta_softplus=True, initial_state=ssm_state, return_last_state=return_state)
-        if return_state:
-            y, last = out
-            return y, (new_conv, last)
-        return out
+        fused_gate = z if self.gate_scale is None else None
+        out = selective_scan(xc, dt, A, Bm, Cm, _at_least_fp32(D), fused_gate,
+                             delta_bias=_at_least_fp32(dt_proj.bias), delta_softplus=True,
+                             initial_state=ssm_state, return_last_state=return_state)
+        y, last = out if return_state else (out, None)
+        if self.gate_scale is not None:
+            y = y * self._gate(z)
+        return (y, (new_conv, last)) if return_state else y
+
+    def _gate(self, z):
+        return z * torch.sigmoid(self.gate_scale * z)
 
     def forward(self, hidden, state=None, return_state=False):
         """hidden [b, L, d] -> [b, L, d]. state/return_state: (conv_state, ssm_state) of a causal mixer."""
@@ -141,8 +149,11 @@ class MambaMixer(nn.Module):
         dt, Bm, Cm = torch.split(self.x_proj(xc), [cfg.dt_rank, cfg.d_state, cfg.d_state], dim=-1)
         dt = F.linear(dt, self.dt_proj.weight)
         A = -torch.exp(_at_least_fp32(self.A_log))
-        y, new_ssm = selective_state_update(ssm_state, xc, dt, A, Bm, Cm, _at_least_fp32(self.D), z,
+        y, new_ssm = selective_state_update(ssm_state, xc, dt, A, Bm, Cm, _at_least_fp32(self.D),
+                                            z if self.gate_scale is None else None,
                                             delta_bias=_at_least_fp32(self.dt_proj.bias), delta_softplus=True)
+        if self.gate_scale is not None:
+            y = y * self._gate(z)
         return self._out(y), window[..., 1:], new_ssm
 
 

@@ -105,5 +105,44 @@ def set_online_out_rotation(mixer: MambaMixer, H) -> None:
     mixer.register_buffer("out_rotation", H.to(mixer.out_proj.weight.dtype), persistent=True)
 
 
+def smooth_out_proj_into_gate(mixer: MambaMixer, s) -> None:
+    """Smooth out_proj's input y by 1/s per channel (W_out <- W_out diag(s)), folded into the gate.
+
+    y = scan(...) * silu(z). Dividing z's rows of in_proj by s gives z' = z / s, and the gate
+    z' * sigmoid(s z') = silu(z) / s, so the mixer computes y / s with no extra runtime op.
+    """
+    s = _f64(s)
+    di = mixer.cfg.d_inner
+    w = _f64(mixer.in_proj.weight)
+    w[di:] /= s[:, None]
+    _assign(mixer.in_proj.weight, w)
+    if mixer.in_proj.bias is not None:
+        b = _f64(mixer.in_proj.bias)
+        b[di:] /= s
+        _assign(mixer.in_proj.bias, b)
+    w_out = _f64(mixer.out_proj.weight)
+    if mixer.out_rotation is not None:
+        raise ValueError("smooth before setting the online out_proj rotation (smooth, then rotate)")
+    _assign(mixer.out_proj.weight, w_out * s)
+    prev = mixer.gate_scale
+    mixer.register_buffer("gate_scale", (s if prev is None else _f64(prev) * s).to(mixer.out_proj.weight.dtype))
+
+
+def smooth_scan_bc(mixer: MambaMixer, s, branch: str = "") -> None:
+    """Scale the scan's state matmuls per state n: B <- B / s, C <- C * s (rows of x_proj).
+
+    The state becomes h_n / s_n and the readout C_n s_n h_n / s_n is unchanged.
+    """
+    s = _f64(s)
+    cfg = mixer.cfg
+    x_proj = getattr(mixer, "x_proj" + branch)
+    w = _f64(x_proj.weight)
+    r, n = cfg.dt_rank, cfg.d_state
+    w[r:r + n] /= s[:, None]
+    w[r + n:r + 2 * n] *= s[:, None]
+    _assign(x_proj.weight, w)
+
+
 __all__ = ["fuse_norm_into_linear", "untie_lm_head", "fuse_norms", "rotate_linear_input", "rotate_linear_output",
-           "rotate_embeddings", "rotate_residual", "set_online_out_rotation"]
+           "rotate_embeddings", "rotate_residual", "set_online_out_rotation", "smooth_out_proj_into_gate",
+           "smooth_scan_bc"]
