@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 
 import numpy as np
@@ -109,4 +110,8 @@ def main():
 
 
 if __name__ == "__main__":
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        # keep glibc from handing the scan's large buffers back to the OS after every layer (page-fault
+        # storm); the variable must be set before the process starts, so re-exec once with it
+        os.execve(sys.executable, [sys.executable] + sys.argv, {**os.environ, "MALLOC_MMAP_THRESHOLD_": "268435456"})
     main()

@@ -10,14 +10,14 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from mq_deploy.config import VimConfig
-import numpy as np
-
 from mq_deploy.data.images import DEBIAN_FASHION_MNIST, load_idx_split, to_tensor, write_idx
 from mq_deploy.models.io import save_weights_into
 from mq_deploy.models.vim import Vim
@@ -107,4 +107,8 @@ def main():
 
 
 if __name__ == "__main__":
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        # keep glibc from handing the scan's large buffers back to the OS after every layer (page-fault
+        # storm); the variable must be set before the process starts, so re-exec once with it
+        os.execve(sys.executable, [sys.executable] + sys.argv, {**os.environ, "MALLOC_MMAP_THRESHOLD_": "268435456"})
     main()
