@@ -116,3 +116,47 @@ def test_vim_uses_both_directions():
             im2 = images.clone()
             im2[..., r, c] += 3.0
             assert (m(im2) - base).abs().max() > 1e-4
+
+
+def test_act_hook_sees_every_quant_point():
+    seen = {}
+
+    def hook(name, t):
+        seen[name] = tuple(t.shape)
+        return t
+
+    m = small_lm()
+    m.layers[0].mixer.act_hook = hook
+    with torch.no_grad():
+        m(torch.randint(0, 50, (2, 5)))
+    assert set(seen) == set(m.layers[0].mixer.QUANT_POINTS)
+    di, n, r = m.cfg.mixer.d_inner, m.cfg.mixer.d_state, m.cfg.mixer.dt_rank
+    assert seen["x"] == (2, 5, di) and seen["B"] == (2, 5, n) and seen["dt_low"] == (2, 5, r)
+    seen.clear()
+    with torch.no_grad():
+        m.step(torch.randint(0, 50, (2,)), m.init_state(2))
+    assert set(seen) == set(m.layers[0].mixer.QUANT_POINTS)
+
+    v = small_vim()
+    seen.clear()
+    v.layers[1].mixer.act_hook = hook
+    with torch.no_grad():
+        v(torch.randn(2, 1, 12, 12))
+    branch = {p + "_b" for p in ("conv1d", "x", "dt_low", "dt", "B", "C")}
+    assert set(seen) == set(v.layers[1].mixer.QUANT_POINTS) | branch
+
+
+def test_act_hook_changes_output_consistently_in_step_and_full():
+    """A rounding hook applied at every point: decode steps still equal the full sequence."""
+    m = small_lm()
+    for layer in m.layers:
+        layer.mixer.act_hook = lambda name, t: torch.round(t * 16) / 16
+    ids = torch.randint(0, 50, (2, 12))
+    with torch.no_grad():
+        full = m(ids)
+        states = m.init_state(2)
+        steps = []
+        for t in range(12):
+            lg, states = m.step(ids[:, t], states)
+            steps.append(lg)
+    assert rel_err(torch.stack(steps, 1), full) <= 1e-5

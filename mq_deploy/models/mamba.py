@@ -73,6 +73,7 @@ class MambaMixer(nn.Module):
         # optional smoothing fused into the gate: z * sigmoid(gate_scale * z) instead of silu(z)
         # (transforms.fold.smooth_out_proj_into_gate)
         self.register_buffer("gate_scale", None)
+        self.act_hook = None
 
     # -- init as in mamba-ssm (dt in [1e-3, 1e-1] log-uniform, S4D-real A) -------------------------
     @torch.no_grad()
@@ -93,19 +94,33 @@ class MambaMixer(nn.Module):
         return (getattr(self, "conv1d" + s), getattr(self, "x_proj" + s), getattr(self, "dt_proj" + s),
                 getattr(self, "A_b_log" if s else "A_log"), getattr(self, "D" + s))
 
+    # Activation quant points, named per branch (suffix "_b" for Vim's backward scan):
+    #   in_proj (its input), conv1d (its input), x (conv output after silu: input of x_proj and of the
+    #   scan), dt_low (input of dt_proj), dt, B, C (scan inputs), z (the gate), out_proj (its input).
+    # `act_hook(name, tensor) -> tensor` sees each of them: calibration observes, fake-quant rounds.
+    QUANT_POINTS = ("in_proj", "conv1d", "x", "dt_low", "dt", "B", "C", "z", "out_proj")
+
+    def _q(self, name, t):
+        return t if self.act_hook is None else self.act_hook(name, t)
+
+    def _scan_inputs(self, xc, s):
+        """x_proj and dt_proj of one branch: (x, dt, A, B, C, D, dt_bias) for the scan."""
+        _, x_proj, dt_proj, A_log, D = self._branch_params(s)
+        cfg = self.cfg
+        xc = self._q("x" + s, xc)
+        dt, Bm, Cm = torch.split(x_proj(xc), [cfg.dt_rank, cfg.d_state, cfg.d_state], dim=-1)
+        dt = F.linear(self._q("dt_low" + s, dt), dt_proj.weight)
+        A = -torch.exp(_at_least_fp32(A_log))
+        return (xc, self._q("dt" + s, dt), A, self._q("B" + s, Bm), self._q("C" + s, Cm), _at_least_fp32(D),
+                _at_least_fp32(dt_proj.bias))
+
     def _ssm(self, x, z, s, conv_state=None, ssm_state=None, return_state=False):
         """conv -> silu -> x_proj -> dt_proj -> selective scan (gated by z) for one direction."""
-        conv, x_proj, dt_proj, A_log, D = self._branch_params(s)
-        cfg = self.cfg
-        xc, new_conv = causal_conv1d(x, conv.weight, conv.bias, conv_state)
-        xc = F.silu(xc)
-        dt, Bm, Cm = torch.split(x_proj(xc), [cfg.dt_rank, cfg.d_state, cfg.d_state], dim=-1)
-        dt = F.linear(dt, dt_proj.weight)
-        A = -torch.exp(_at_least_fp32(A_log))
-        fused_gate = z if self.gate_scale is None else None
-        out = selective_scan(xc, dt, A, Bm, Cm, _at_least_fp32(D), fused_gate,
-                             delta_bias=_at_least_fp32(dt_proj.bias), delta_softplus=True,
-                             initial_state=ssm_state, return_last_state=return_state)
+        conv = getattr(self, "conv1d" + s)
+        xc, new_conv = causal_conv1d(self._q("conv1d" + s, x), conv.weight, conv.bias, conv_state)
+        xc, dt, A, Bm, Cm, D, dt_bias = self._scan_inputs(F.silu(xc), s)
+        out = selective_scan(xc, dt, A, Bm, Cm, D, z if self.gate_scale is None else None, delta_bias=dt_bias,
+                             delta_softplus=True, initial_state=ssm_state, return_last_state=return_state)
         y, last = out if return_state else (out, None)
         if self.gate_scale is not None:
             y = y * self._gate(z)
@@ -116,7 +131,8 @@ class MambaMixer(nn.Module):
 
     def forward(self, hidden, state=None, return_state=False):
         """hidden [b, L, d] -> [b, L, d]. state/return_state: (conv_state, ssm_state) of a causal mixer."""
-        x, z = self.in_proj(hidden).chunk(2, dim=-1)
+        x, z = self.in_proj(self._q("in_proj", hidden)).chunk(2, dim=-1)
+        z = self._q("z", z)
         if not self.cfg.bimamba:
             conv_state, ssm_state = state if state is not None else (None, None)
             out = self._ssm(x, z, "", conv_state, ssm_state, return_state)
@@ -133,25 +149,21 @@ class MambaMixer(nn.Module):
     def _out(self, y):
         if self.out_rotation is not None:
             y = y @ self.out_rotation
-        return self.out_proj(y)
+        return self.out_proj(self._q("out_proj", y))
 
     def step(self, hidden, conv_state, ssm_state):
         """One token. hidden [b, d]; conv_state [b, Di, K-1]; ssm_state [b, Di, N]."""
         if self.cfg.bimamba:
             raise ValueError("the bidirectional mixer cannot decode step by step")
-        cfg = self.cfg
-        x, z = self.in_proj(hidden).chunk(2, dim=-1)
-        window = torch.cat([conv_state, x.unsqueeze(-1)], dim=-1)       # [b, Di, K]
+        x, z = self.in_proj(self._q("in_proj", hidden)).chunk(2, dim=-1)
+        z = self._q("z", z)
+        window = torch.cat([conv_state, self._q("conv1d", x).unsqueeze(-1)], dim=-1)       # [b, Di, K]
         xc = (window * self.conv1d.weight[:, 0, :]).sum(-1)
         if self.conv1d.bias is not None:
             xc = xc + self.conv1d.bias
-        xc = F.silu(xc)
-        dt, Bm, Cm = torch.split(self.x_proj(xc), [cfg.dt_rank, cfg.d_state, cfg.d_state], dim=-1)
-        dt = F.linear(dt, self.dt_proj.weight)
-        A = -torch.exp(_at_least_fp32(self.A_log))
-        y, new_ssm = selective_state_update(ssm_state, xc, dt, A, Bm, Cm, _at_least_fp32(self.D),
-                                            z if self.gate_scale is None else None,
-                                            delta_bias=_at_least_fp32(self.dt_proj.bias), delta_softplus=True)
+        xc, dt, A, Bm, Cm, D, dt_bias = self._scan_inputs(F.silu(xc), "")
+        y, new_ssm = selective_state_update(ssm_state, xc, dt, A, Bm, Cm, D, z if self.gate_scale is None else None,
+                                            delta_bias=dt_bias, delta_softplus=True)
         if self.gate_scale is not None:
             y = y * self._gate(z)
         return self._out(y), window[..., 1:], new_ssm
