@@ -1,0 +1,75 @@
+"""Calibration: run a forward loop with observers attached at every activation quant point.
+
+The data source is not known here: `forward_loop(model)` is any callable that pushes calibration
+batches through the model (see `text_forward_loop` / `image_forward_loop`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from mq_deploy.calib.observers import Observer
+
+
+def mixers(model):
+    """(prefix, mixer) for every Mamba mixer of an LM or a Vim."""
+    return [(f"layers.{i}.mixer.", layer.mixer) for i, layer in enumerate(model.layers)]
+
+
+def calibrate(model, forward_loop: Callable, make_observers: Callable[[str], list]) -> dict:
+    """Return {quant point name: [observers]}; make_observers(name) builds the observers of one point."""
+    observers: dict = {}
+
+    def hook_for(prefix):
+        def hook(name, t):
+            full = prefix + name
+            if full not in observers:
+                observers[full] = make_observers(full)
+            for obs in observers[full]:
+                obs.collect(t)
+            return t
+        return hook
+
+    attached = mixers(model)
+    try:
+        for prefix, mixer in attached:
+            mixer.act_hook = hook_for(prefix)
+        with torch.no_grad():
+            forward_loop(model)
+    finally:
+        for _, mixer in attached:
+            mixer.act_hook = None
+    if not observers:
+        raise ValueError("calibration saw no data (the forward loop ran no batch)")
+    return observers
+
+
+def text_forward_loop(tokens, seq_len: int = 512, n_samples: int = 32, batch: int = 8):
+    """Calibration windows from a byte array: n_samples consecutive windows of seq_len bytes."""
+    import numpy as np
+
+    from mq_deploy.data.text import windows
+
+    w = windows(np.asarray(tokens), seq_len)[:n_samples, :seq_len]
+    data = torch.from_numpy(w.astype(np.int64))
+
+    def loop(model):
+        for i in range(0, len(data), batch):
+            model(data[i:i + batch])
+    loop.samples = len(data)
+    return loop
+
+
+def image_forward_loop(images: torch.Tensor, n_samples: int = 256, batch: int = 64):
+    data = images[:n_samples]
+
+    def loop(model):
+        for i in range(0, len(data), batch):
+            model(data[i:i + batch])
+    loop.samples = len(data)
+    return loop
+
+
+__all__ = ["calibrate", "mixers", "text_forward_loop", "image_forward_loop", "Observer"]
