@@ -66,8 +66,9 @@ def image_forward_loop(images: torch.Tensor, n_samples: int = 256, batch: int = 
     data = images[:n_samples]
 
     def loop(model):
+        dtype = model.patch_embed.proj.weight.dtype    # transforms calibrate in float64
         for i in range(0, len(data), batch):
-            model(data[i:i + batch])
+            model(data[i:i + batch].to(dtype))
     loop.samples = len(data)
     return loop
 
