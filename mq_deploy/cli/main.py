@@ -63,6 +63,28 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    import torch
+
+    from mq_deploy.evaluate import EvalConfig
+    from mq_deploy.quant.compare import BITS, RECIPES, CalibConfig, compare, parse_list
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    recipes = parse_list(args.recipes, RECIPES, "recipe")
+    bits = parse_list(args.bits, tuple(BITS), "bit width")
+    calib = CalibConfig(path=args.calib, samples=args.calib_samples, seed=args.seed)
+    ev = EvalConfig(data=args.data, limit=args.limit, split=args.split)
+    print(f"{'recipe':12s} {'bits':5s} {'metric':14s} {'value':>9s} {'delta vs fp':>12s}")
+
+    def show(r):
+        print(f"{r['recipe']:12s} {r['bits']:5s} {r['metric']:14s} {r['value']:9.4f} {r['delta']:+12.4f}", flush=True)
+    table = compare(args.model, recipes, bits, calib, ev, progress=show)
+    if args.json:
+        _write_json_atomic(args.json, table)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mq-deploy", description="Quantize and deploy Mamba models (MambaQuant PTQ).")
     p.add_argument("--version", action="version", version=f"mq-deploy {__version__}")
@@ -84,6 +106,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, help="torch CPU threads")
     s.add_argument("--json", metavar="OUT", help='write {"metric", "value", "samples"}')
     s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("compare", help="table of the end metric per PTQ recipe and bit width (fake quantization)")
+    s.add_argument("model")
+    s.add_argument("--recipes", default="fp,rtn,smoothquant,quarot,mambaquant")
+    s.add_argument("--bits", default="w8a8,w4a8")
+    s.add_argument("--calib", metavar="PATH", help="calibration text file / idx directory (default: the sample's)")
+    s.add_argument("--calib-samples", type=int, metavar="N")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--data", metavar="PATH")
+    s.add_argument("--split", default="test", choices=["test", "train", "calib"])
+    s.add_argument("--limit", type=int, metavar="N")
+    s.add_argument("--threads", type=int)
+    s.add_argument("--json", metavar="OUT", help='write {"rows": [{"recipe", "bits", "metric", "value", "delta"}]}')
+    s.set_defaults(func=cmd_compare)
     return p
 
 
