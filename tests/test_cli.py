@@ -169,3 +169,21 @@ def test_eval_vim_on_idx(tmp_path):
     assert r.returncode == 0, r.stderr
     res = json.loads(out.read_text())
     assert res["metric"] == "top1" and res["samples"] == 30 and 0 <= res["value"] <= 1
+
+
+def test_compare_json_rows(tmp_path, lm_dir, capsys):
+    text = tmp_path / "t.txt"
+    text.write_bytes(b"Thou shalt love thy neighbour as thyself. " * 60)
+    out = tmp_path / "table.json"
+    argv = ["compare", lm_dir, "--recipes", "rtn,quarot", "--bits", "w8a8", "--calib", str(text), "--calib-samples",
+            "2", "--data", str(text), "--limit", "2", "--json", str(out)]
+    assert main(argv) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["recipe"], r["bits"]) for r in rows] == [("fp", "fp"), ("rtn", "w8a8"), ("quarot", "w8a8")]
+    assert all({"recipe", "bits", "metric", "value", "delta"} <= set(r) for r in rows)
+    assert rows[0]["delta"] == 0 and rows[1]["value"] != rows[0]["value"]
+
+
+def test_compare_rejects_unknown_recipe_and_bits(capsys, lm_dir):
+    assert_user_error(capsys, ["compare", lm_dir, "--recipes", "gptq"], "unknown recipe", "mambaquant")
+    assert_user_error(capsys, ["compare", lm_dir, "--bits", "w3a8"], "unknown bit width")
