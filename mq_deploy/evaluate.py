@@ -33,7 +33,7 @@ def _default_data(loaded, key="eval_data"):
     if rel is None or not os.path.isdir(loaded.path):
         raise MQUserError(f"{loaded.path}: no default evaluation data; pass --data "
                           "(a text file for a language model, an idx directory for Vim)")
-    return os.path.join(loaded.path, rel)
+    return os.path.normpath(os.path.join(loaded.path, rel))
 
 
 def lm_windows(path: str, seq_len: int, limit: int | None):

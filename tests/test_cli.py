@@ -187,3 +187,31 @@ def test_compare_json_rows(tmp_path, lm_dir, capsys):
 def test_compare_rejects_unknown_recipe_and_bits(capsys, lm_dir):
     assert_user_error(capsys, ["compare", lm_dir, "--recipes", "gptq"], "unknown recipe", "mambaquant")
     assert_user_error(capsys, ["compare", lm_dir, "--bits", "w3a8"], "unknown bit width")
+
+
+@pytest.mark.parametrize("recipe", ["rtn", "mambaquant"])
+def test_quantize_then_eval_equals_in_memory_fake_quant(tmp_path, lm_dir, recipe):
+    from mq_deploy.calib.collect import text_forward_loop
+    from mq_deploy.data.text import read_bytes
+    from mq_deploy.models.loaders import load_model
+    from mq_deploy.quant.fakequant import QuantConfig
+    from mq_deploy.quant.qcheckpoint import load
+    from mq_deploy.quant.recipes import RecipeConfig, apply_recipe
+
+    text = tmp_path / "t.txt"
+    text.write_bytes(b"Blessed are the meek: for they shall inherit the earth. " * 80)
+    out = tmp_path / "q"
+    assert main(["quantize", lm_dir, "--recipe", recipe, "--wbits", "4", "--calib", str(text), "--calib-samples", "3",
+                 "-o", str(out)]) == 0
+    assert {"config.json", "model.safetensors", "scales.safetensors", "manifest.json"} <= set(os.listdir(out))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["recipe"] == recipe and manifest["wbits"] == 4 and manifest["calibration"]["samples"] == 3
+    ids = torch.randint(0, 256, (2, 40))
+    ref = load_model(lm_dir)
+    apply_recipe(ref.model, text_forward_loop(read_bytes(str(text)), 512, 3), RecipeConfig(recipe, QuantConfig(4, 8)))
+    with torch.no_grad():
+        got, want = load(str(out)).model(ids), ref.model(ids)
+    assert torch.equal(got, want)
+    # the input is never overwritten, and an existing output is only replaced when asked
+    assert main(["quantize", lm_dir, "-o", lm_dir, "--calib", str(text)]) == 2
+    assert main(["quantize", lm_dir, "-o", str(out), "--calib", str(text)]) == 2

@@ -50,12 +50,12 @@ def cmd_eval(args) -> int:
     import torch
 
     from mq_deploy.evaluate import EvalConfig, evaluate
-    from mq_deploy.models.loaders import load_model
+    from mq_deploy.quant.qcheckpoint import load
 
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = EvalConfig(data=args.data, limit=args.limit, split=args.split, seq_len=args.seq_len, batch=args.batch)
-    loaded = load_model(args.model)
+    loaded = load(args.model)
     res = evaluate(loaded, cfg)
     print(f"{args.model}: {res['metric']} = {res['value']:.4f} ({res['samples']} samples of {res['data']})")
     if args.json:
@@ -85,6 +85,35 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_quantize(args) -> int:
+    import torch
+
+    from mq_deploy.models.loaders import load_model
+    from mq_deploy.quant.compare import CalibConfig, calibration_loop
+    from mq_deploy.quant.fakequant import QuantConfig
+    from mq_deploy.quant.qcheckpoint import save_quantized
+    from mq_deploy.quant.recipes import RecipeConfig, apply_recipe
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    rcfg = RecipeConfig(args.recipe, QuantConfig(args.wbits, args.abits, args.act_granularity), alpha=args.alpha,
+                        percentile=args.percentile)
+    if os.path.abspath(args.output) == os.path.abspath(args.model):
+        raise MQUserError("the output directory must differ from the input model")
+    if os.path.exists(args.output) and not args.overwrite:
+        raise MQUserError(f"{args.output}: already exists (pass --overwrite to replace it)")
+    loaded = load_model(args.model)
+    loop = calibration_loop(loaded, CalibConfig(path=args.calib, samples=args.calib_samples, seed=args.seed))
+    scales = apply_recipe(loaded.model, loop, rcfg)
+    calib_info = {"source": os.path.abspath(loop.source), "samples": loop.samples, "seed": args.seed}
+    out = save_quantized(loaded.model, args.output, rcfg, scales, calib_info, loaded.extra, args.model,
+                         overwrite=args.overwrite)
+    print(f"wrote {out}: {args.recipe} W{args.wbits}A{args.abits}, calibrated on {loop.samples} samples of "
+          f"{loop.source}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mq-deploy", description="Quantize and deploy Mamba models (MambaQuant PTQ).")
     p.add_argument("--version", action="version", version=f"mq-deploy {__version__}")
@@ -106,6 +135,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, help="torch CPU threads")
     s.add_argument("--json", metavar="OUT", help='write {"metric", "value", "samples"}')
     s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("quantize", help="transform + quantize a model, write a quantized checkpoint directory")
+    s.add_argument("model")
+    s.add_argument("-o", "--output", required=True, metavar="OUTDIR")
+    s.add_argument("--recipe", default="mambaquant", choices=["fp", "rtn", "smoothquant", "quarot", "mambaquant"])
+    s.add_argument("--wbits", type=int, default=8, choices=[4, 8])
+    s.add_argument("--abits", type=int, default=8, choices=[8, 16])
+    s.add_argument("--act-granularity", default="per_tensor", choices=["per_tensor", "per_token"])
+    s.add_argument("--alpha", type=float, default=0.5, help="smoothing migration strength")
+    s.add_argument("--percentile", type=float, default=99.99, help="mambaquant observer percentile")
+    s.add_argument("--calib", metavar="PATH", help="calibration text file / idx directory (default: the sample's)")
+    s.add_argument("--calib-samples", type=int, metavar="N")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--threads", type=int)
+    s.set_defaults(func=cmd_quantize)
 
     s = sub.add_parser("compare", help="table of the end metric per PTQ recipe and bit width (fake quantization)")
     s.add_argument("model")

@@ -180,12 +180,27 @@ def _rename(sd: dict, rules) -> dict:
 def _load_ours(path):
     raw = _read_json(os.path.join(path, "config.json"))
     extra = raw.pop("extra", {}) or {}
+    quant = raw.pop("quant", None)
     raw.pop(FORMAT_KEY, None)
     raw.pop("mq_deploy_version", None)
     cfg = config_from_dict(raw)
+    model = build_model(cfg)
+    if quant is not None:
+        # a quantized checkpoint (mq_deploy.quant.qcheckpoint) carries the transforms' runtime buffers
+        extra = {**extra, "quant": quant}
+        _add_transform_buffers(model, quant)
     sd = read_safetensors(os.path.join(path, "model.safetensors"))
-    model = _load_into(build_model(cfg), sd, os.path.join(path, "model.safetensors"))
+    model = _load_into(model, sd, os.path.join(path, "model.safetensors"))
     return model, cfg, extra
+
+
+def _add_transform_buffers(model, quant: dict):
+    di = model.cfg.mixer.d_inner
+    for layer in model.layers:
+        if quant.get("online_out_rotation"):
+            layer.mixer.register_buffer("out_rotation", torch.zeros(di, di))
+        if quant.get("gate_scale"):
+            layer.mixer.register_buffer("gate_scale", torch.zeros(di))
 
 
 def _hf_mixer_cfg(c: dict, src: str) -> MixerConfig:
