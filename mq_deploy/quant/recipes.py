@@ -52,10 +52,6 @@ def _minmax(name):
     return [MinMaxObserver(name)]
 
 
-def _observe(model, loop, make):
-    return calibrate(model, loop, make)
-
-
 def _finish(model, loop, cfg: RecipeConfig, make_observers) -> dict:
     """Calibrate activation scales on the transformed model, then round weights, then attach act quant.
 
@@ -63,14 +59,14 @@ def _finish(model, loop, cfg: RecipeConfig, make_observers) -> dict:
     """
     act_scales = {}
     if cfg.quant.act_granularity == "per_tensor":
-        act_scales = scales_from_observers(_observe(model, loop, make_observers), cfg.quant.abits)
+        act_scales = scales_from_observers(calibrate(model, loop, make_observers), cfg.quant.abits)
     w_scales = quantize_weights(model, cfg.quant.wbits)
     attach_activation_quant(model, act_scales, cfg.quant)
     return {"act_scales": act_scales, "weight_scales": w_scales}
 
 
 def _smooth_in_proj(model, loop, alpha):
-    obs = _observe(model, loop, _minmax)
+    obs = calibrate(model, loop, _minmax)
     for prefix, mixer in mixers(model):
         layer = model.layers[int(prefix.split(".")[1])]
         a = obs[prefix + "in_proj"][0].amax(per_channel=True)
@@ -82,12 +78,12 @@ def _smooth_in_proj(model, loop, alpha):
 
 
 def _residual_covariance(model, loop):
-    obs = _observe(model, loop, lambda name: [CovarianceObserver(name)] if name.endswith(".in_proj") else [])
+    obs = calibrate(model, loop, lambda name: [CovarianceObserver(name)] if name.endswith(".in_proj") else [])
     return sum(o[0].second_moment() for name, o in obs.items() if o)
 
 
 def _smooth_fused_out_proj_and_bc(model, loop, alpha):
-    obs = _observe(model, loop, lambda name: [MinMaxObserver(name)])
+    obs = calibrate(model, loop, lambda name: [MinMaxObserver(name)])
     for prefix, mixer in mixers(model):
         a = obs[prefix + "out_proj"][0].amax(per_channel=True)
         w = mixer.out_proj.weight.detach().abs().amax(0)
