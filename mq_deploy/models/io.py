@@ -64,40 +64,36 @@ def atomic_write_dir(out_dir: str, write_fn, overwrite: bool = False) -> str:
     return out_dir
 
 
-def save_model(model, out_dir: str, extra: dict | None = None, overwrite: bool = False) -> str:
-    """Write model to out_dir in our format; `extra` lands in config.json under "extra"."""
-    from safetensors.torch import save_file
-
+def _config_dict(model, extra: dict | None) -> dict:
     cfg = model.cfg.to_dict()
     cfg[FORMAT_KEY] = FORMAT_VERSION
     cfg["mq_deploy_version"] = __version__
     if extra:
         cfg["extra"] = extra
-
-    def write(tmp):
-        save_file(model_state_dict(model), os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(cfg, f, indent=2, sort_keys=True)
-            f.write("\n")
-
-    return atomic_write_dir(out_dir, write, overwrite=overwrite)
+    return cfg
 
 
-def save_weights_into(model, directory: str, extra: dict | None = None) -> None:
-    """Atomically replace directory/model.safetensors and config.json (used by training to checkpoint in place)."""
+def _write_model_files(model, directory: str, extra: dict | None) -> None:
+    """model.safetensors and config.json, each written to a temporary name and renamed into place."""
     from safetensors.torch import save_file
 
-    os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, ".model.safetensors.tmp")
     save_file(model_state_dict(model), tmp, metadata={"format": "pt"})
     os.replace(tmp, os.path.join(directory, "model.safetensors"))
-    cfg = model.cfg.to_dict()
-    cfg[FORMAT_KEY] = FORMAT_VERSION
-    cfg["mq_deploy_version"] = __version__
-    if extra:
-        cfg["extra"] = extra
     tmp = os.path.join(directory, ".config.json.tmp")
     with open(tmp, "w") as f:
-        json.dump(cfg, f, indent=2, sort_keys=True)
+        json.dump(_config_dict(model, extra), f, indent=2, sort_keys=True)
         f.write("\n")
     os.replace(tmp, os.path.join(directory, "config.json"))
+
+
+def save_model(model, out_dir: str, extra: dict | None = None, overwrite: bool = False) -> str:
+    """Write model to a new directory out_dir in our format (atomically); `extra` lands in config.json."""
+    return atomic_write_dir(out_dir, lambda tmp: _write_model_files(model, tmp, extra), overwrite=overwrite)
+
+
+def save_weights_into(model, directory: str, extra: dict | None = None) -> None:
+    """Replace directory/model.safetensors and config.json in place, file by file atomically
+    (training checkpoints into its output folder, which also holds data and logs)."""
+    os.makedirs(directory, exist_ok=True)
+    _write_model_files(model, directory, extra)
