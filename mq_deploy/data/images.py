@@ -67,7 +67,7 @@ def to_tensor(images_u8: np.ndarray, mean, std):
     """uint8 [n, H, W] or [n, C, H, W] -> normalised float32 torch tensor [n, C, H, W]."""
     import torch
 
-    x = torch.from_numpy(np.ascontiguousarray(images_u8)).float().div_(255.0)
+    x = torch.from_numpy(np.array(images_u8, dtype=np.uint8)).float().div_(255.0)  # a writable copy
     if x.dim() == 3:
         x = x.unsqueeze(1)
     m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
