@@ -16,8 +16,10 @@ tensors (time-major, channels innermost, so every step touches two contiguous bl
 exp2 for the decay; measured on this CPU this beats parallel/chunked scans by a wide margin because
 the scan is memory-bound. Under autograd it is one custom Function with a hand-written backward
 (one reverse loop plus vectorised reductions). Without autograd it processes the sequence in time
-chunks so no temporary exceeds ~16 MB: glibc hands blocks above 32 MB back to the OS on free, and the
-page faults of re-allocating them each layer cost more than the scan itself.
+chunks of about 1 MiB per temporary, so decay, drive, recurrence and readout of a chunk all run out of
+L2 cache: measured on this 2-core CPU, 1 MiB chunks are 2-2.7x faster than 16 MiB ones (130m layer
+1x256: 19.2 -> 7.2 ms; byte-LM sample 8x1024: 155 -> 73 ms), and they also stay clear of glibc's
+32 MB mmap threshold, whose page faults on every re-allocation cost more than the scan itself.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 _LOG2E = 1.0 / math.log(2.0)
-_CHUNK_BYTES = 16 * 2**20
+_CHUNK_BYTES = 2**20   # per [T, b, N, Di] temporary: stays in a core's L2 (1 MiB here)
 
 
 def _check_shapes(x, delta, A, B, C, D, z, delta_bias, initial_state):
