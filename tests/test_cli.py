@@ -215,3 +215,17 @@ def test_quantize_then_eval_equals_in_memory_fake_quant(tmp_path, lm_dir, recipe
     # the input is never overwritten, and an existing output is only replaced when asked
     assert main(["quantize", lm_dir, "-o", lm_dir, "--calib", str(text)]) == 2
     assert main(["quantize", lm_dir, "-o", str(out), "--calib", str(text)]) == 2
+
+
+def test_inspect_writes_plots_and_summary(tmp_path, lm_dir, capsys):
+    text = tmp_path / "t.txt"
+    text.write_bytes(b"For God so loved the world, that he gave his only begotten Son. " * 50)
+    out = tmp_path / "insp"
+    assert main(["inspect", lm_dir, "--calib", str(text), "--calib-samples", "4", "-o", str(out)]) == 0
+    files = set(os.listdir(out))
+    assert {"summary.md", "summary.json", "layers_0_mixer_out_proj.png", "layers_1_mixer_x.png"} <= files
+    assert open(out / "layers_0_mixer_in_proj.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    rows = json.loads((out / "summary.json").read_text())["rows"]
+    assert {r["view"] for r in rows} == {"raw", "hadamard", "klt_hadamard", "smooth_rotate"}
+    assert all(r["max_median_channel_max"] >= 1 and r["kurtosis"] > 0 for r in rows)
+    assert main(["inspect", lm_dir, "--calib", str(text), "-o", str(out)]) == 2   # no silent overwrite

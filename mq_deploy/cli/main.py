@@ -114,6 +114,38 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def cmd_inspect(args) -> int:
+    import torch
+
+    from mq_deploy.models.loaders import load_model
+    from mq_deploy.quant.compare import CalibConfig, calibration_loop
+    from mq_deploy.quant.inspect import inspect_model, write_report
+    from mq_deploy.quant.recipes import RecipeConfig, apply_recipe
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if os.path.exists(args.output) and not args.overwrite:
+        raise MQUserError(f"{args.output}: already exists (pass --overwrite to replace it)")
+    loaded = load_model(args.model)
+    loop = calibration_loop(loaded, CalibConfig(path=args.calib, samples=args.calib_samples))
+    title = f"{args.model}: activation channels at the matmul inputs"
+    if args.recipe:
+        apply_recipe(loaded.model, loop, RecipeConfig(args.recipe, alpha=args.alpha), quantize=False)
+        title += f" after the {args.recipe} transforms"
+    result = inspect_model(loaded.model, loop, alpha=args.alpha)
+    out = write_report(result, args.output, title, overwrite=args.overwrite)
+    print(f"wrote {out}: {len(result['channels'])} plots and summary.md")
+    points = {}
+    for r in result["rows"]:
+        points.setdefault(r["point"], {})[r["view"]] = r
+    print(f"{'point':28s} {'view':14s} {'kurtosis':>9s} {'max/med max':>12s} {'max/med var':>12s}")
+    for name, per_view in points.items():
+        for view, r in per_view.items():
+            print(f"{name:28s} {view:14s} {r['kurtosis']:9.2f} {r['max_median_channel_max']:12.2f} "
+                  f"{r['max_median_channel_var']:12.2f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mq-deploy", description="Quantize and deploy Mamba models (MambaQuant PTQ).")
     p.add_argument("--version", action="version", version=f"mq-deploy {__version__}")
@@ -151,6 +183,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true")
     s.add_argument("--threads", type=int)
     s.set_defaults(func=cmd_quantize)
+
+    s = sub.add_parser("inspect", help="per-channel max/variance plots: raw, Hadamard, KLT·H, smoothing+rotation")
+    s.add_argument("model")
+    s.add_argument("-o", "--output", required=True, metavar="DIR")
+    s.add_argument("--recipe", choices=["rtn", "smoothquant", "quarot", "mambaquant"],
+                   help="inspect after this recipe's transforms (default: the model as loaded)")
+    s.add_argument("--alpha", type=float, default=0.5)
+    s.add_argument("--calib", metavar="PATH")
+    s.add_argument("--calib-samples", type=int, metavar="N")
+    s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--threads", type=int)
+    s.set_defaults(func=cmd_inspect)
 
     s = sub.add_parser("compare", help="table of the end metric per PTQ recipe and bit width (fake quantization)")
     s.add_argument("model")
