@@ -57,7 +57,7 @@ def text_forward_loop(tokens, seq_len: int = 512, n_samples: int = 32, batch: in
 
     def loop(model):
         for i in range(0, len(data), batch):
-            model(data[i:i + batch])
+            model.backbone(data[i:i + batch])   # every quant point is inside the backbone
     loop.samples = len(data)
     return loop
 
@@ -66,7 +66,7 @@ def image_forward_loop(images: torch.Tensor, n_samples: int = 256, batch: int = 
     data = images[:n_samples]
 
     def loop(model):
-        dtype = model.patch_embed.proj.weight.dtype    # transforms calibrate in float64
+        dtype = model.patch_embed.proj.weight.dtype    # a float64 model (invariance tests) gets float64 images
         for i in range(0, len(data), batch):
             model(data[i:i + batch].to(dtype))
     loop.samples = len(data)

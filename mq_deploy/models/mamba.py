@@ -229,6 +229,13 @@ class MambaLM(nn.Module):
     def _head(self, h):
         return self.lm_head(self.norm_f(h.to(self.norm_f.weight.dtype)))
 
+    def backbone(self, input_ids):
+        """Hidden states before norm_f and the head (what calibration needs; skips the vocab matmul)."""
+        h = self.embedding(input_ids)
+        for layer in self.layers:
+            h = layer(h)
+        return h
+
     def forward(self, input_ids, return_state=False):
         """input_ids [b, L] -> logits [b, L, V]; with return_state also the per-layer decode cache."""
         h = self.embedding(input_ids)

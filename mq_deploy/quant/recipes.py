@@ -99,26 +99,23 @@ def apply_recipe(model, loop, cfg: RecipeConfig, quantize: bool = True) -> dict:
 
     quantize=False stops after the transforms (the model then computes the FP function).
     """
-    model.double()                              # folds in float64, then back to float32
-    try:
-        if cfg.recipe == "fp":
-            return {"act_scales": {}, "weight_scales": {}}
-        if cfg.recipe == "smoothquant":
-            _smooth_in_proj(model, loop, cfg.alpha)
-        if cfg.recipe in ("quarot", "mambaquant"):
-            fold.fuse_norms(model)
-            if cfg.recipe == "quarot":
-                Q = hadamard_rotation(model.cfg.d_model)
-            else:
-                Q = klt_hadamard_rotation(_residual_covariance(model, loop))
-            fold.rotate_residual(model, Q)
-            if cfg.recipe == "mambaquant":
-                _smooth_fused_out_proj_and_bc(model, loop, cfg.alpha)
-            H = hadamard_rotation(model.cfg.mixer.d_inner)
-            for _, mixer in mixers(model):
-                fold.set_online_out_rotation(mixer, H)
-    finally:
-        model.float()
+    # every fold computes in float64 and stores back in the model's dtype; calibration runs in that dtype
+    if cfg.recipe == "fp":
+        return {"act_scales": {}, "weight_scales": {}}
+    if cfg.recipe == "smoothquant":
+        _smooth_in_proj(model, loop, cfg.alpha)
+    if cfg.recipe in ("quarot", "mambaquant"):
+        fold.fuse_norms(model)
+        if cfg.recipe == "quarot":
+            Q = hadamard_rotation(model.cfg.d_model)
+        else:
+            Q = klt_hadamard_rotation(_residual_covariance(model, loop))
+        fold.rotate_residual(model, Q)
+        if cfg.recipe == "mambaquant":
+            _smooth_fused_out_proj_and_bc(model, loop, cfg.alpha)
+        H = hadamard_rotation(model.cfg.mixer.d_inner)
+        for _, mixer in mixers(model):
+            fold.set_online_out_rotation(mixer, H)
     if not quantize:
         return {"act_scales": {}, "weight_scales": {}}
     if cfg.recipe == "mambaquant":
