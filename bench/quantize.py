@@ -1,0 +1,58 @@
+"""Wall time and peak RSS of `mq-deploy quantize --recipe mambaquant` on a 130m-size model.
+
+    python bench/quantize.py [--layers 24 --d-model 768 --calib-samples 32 --seq-len 512]
+
+A random-init Mamba1 LM of the mamba-130m shape (d_model 768, 24 layers, vocab 50280) is written to a
+temporary directory; calibration uses 32 windows of 512 bytes of the LM sample's calibration text
+(bytes are valid token ids). `quantize` runs as a child process so its peak RSS is its own.
+Goal on this 2-core machine: <= 5 minutes, <= 6 GB.
+"""
+
+import argparse
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CALIB = os.path.join(HERE, "..", "samples", "mamba-byte-lm", "data", "calib.txt")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--d-model", type=int, default=768)
+    ap.add_argument("--layers", type=int, default=24)
+    ap.add_argument("--vocab", type=int, default=50280)
+    ap.add_argument("--calib-samples", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--recipe", default="mambaquant")
+    args = ap.parse_args()
+
+    from mq_deploy.config import MambaLMConfig
+    from mq_deploy.models.io import save_model
+    from mq_deploy.models.mamba import MambaLM
+
+    with tempfile.TemporaryDirectory() as d:
+        model = MambaLM(MambaLMConfig(d_model=args.d_model, n_layer=args.layers, vocab_size=args.vocab))
+        model.reset_parameters(seed=0)
+        save_model(model, os.path.join(d, "m"))
+        del model
+        if os.path.getsize(CALIB) < args.calib_samples * args.seq_len + 1:
+            sys.exit(f"{CALIB} is too short for {args.calib_samples} windows of {args.seq_len}")
+        cmd = [sys.executable, "-m", "mq_deploy", "quantize", os.path.join(d, "m"), "--recipe", args.recipe,
+               "--calib", CALIB, "--calib-samples", str(args.calib_samples), "-o", os.path.join(d, "q")]
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "268435456")}
+        t = time.perf_counter()
+        subprocess.run(cmd, check=True, env=env)
+        wall = time.perf_counter() - t
+        rss_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20   # KiB -> GiB
+    print(f"quantize --recipe {args.recipe}: d_model {args.d_model}, {args.layers} layers, vocab {args.vocab}, "
+          f"{args.calib_samples} x {args.seq_len} calibration tokens")
+    print(f"  wall {wall:.1f} s (goal <= 300 s: {wall / 300:.2f} of it), peak RSS {rss_gb:.2f} GiB "
+          f"(goal <= 6 GB: {rss_gb * 2**30 / 6e9:.2f} of it)")
+
+
+if __name__ == "__main__":
+    main()
