@@ -229,3 +229,13 @@ def test_inspect_writes_plots_and_summary(tmp_path, lm_dir, capsys):
     assert {r["view"] for r in rows} == {"raw", "hadamard", "klt_hadamard", "smooth_rotate"}
     assert all(r["max_median_channel_max"] >= 1 and r["kurtosis"] > 0 for r in rows)
     assert main(["inspect", lm_dir, "--calib", str(text), "-o", str(out)]) == 2   # no silent overwrite
+
+
+def test_cli_recipe_choices_match_the_library():
+    """The parser lists recipes literally (importing them would pull torch into --help)."""
+    from mq_deploy.cli.main import build_parser
+    from mq_deploy.quant.recipes import RECIPES
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices
+    assert tuple(next(a for a in sub["quantize"]._actions if a.dest == "recipe").choices) == RECIPES
+    assert set(next(a for a in sub["inspect"]._actions if a.dest == "recipe").choices) == set(RECIPES) - {"fp"}
