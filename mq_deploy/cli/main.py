@@ -41,8 +41,14 @@ def cmd_info(args) -> int:
     else:
         print(f"image:        {cfg.in_chans}x{cfg.img_size}x{cfg.img_size}, patch {cfg.patch_size}, stride "
               f"{cfg.stride}, {cfg.num_patches} patches + middle class token; {cfg.num_classes} classes")
+    quant = (loaded.extra or {}).get("quant")
+    if quant:
+        print(f"quantized:    {quant['recipe']} W{quant['wbits']}A{quant['abits']} ({quant['act_granularity']} "
+              f"activations; online out_proj rotation {'on' if quant['online_out_rotation'] else 'off'}, "
+              f"gate smoothing {'on' if quant['gate_scale'] else 'off'})")
     if args.json:
-        _write_json_atomic(args.json, {"format": loaded.format, "parameters": n_params, "config": cfg.to_dict()})
+        _write_json_atomic(args.json, {"format": loaded.format, "parameters": n_params, "config": cfg.to_dict(),
+                                       "quant": quant})
     return 0
 
 
