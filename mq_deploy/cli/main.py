@@ -85,7 +85,7 @@ def cmd_compare(args) -> int:
 
     def show(r):
         print(f"{r['recipe']:12s} {r['bits']:5s} {r['metric']:14s} {r['value']:9.4f} {r['delta']:+12.4f}", flush=True)
-    table = compare(args.model, recipes, bits, calib, ev, progress=show)
+    table = compare(args.model, recipes, bits, calib, ev, progress=show, alpha=args.alpha, percentile=args.percentile)
     if args.json:
         _write_json_atomic(args.json, table)
     return 0
@@ -206,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model")
     s.add_argument("--recipes", default="fp,rtn,smoothquant,quarot,mambaquant")
     s.add_argument("--bits", default="w8a8,w4a8")
+    s.add_argument("--alpha", type=float, default=0.5, help="smoothing migration strength")
+    s.add_argument("--percentile", type=float, default=99.99,
+                   help="mambaquant observer percentile on heavy-tailed points (100 = min-max)")
     s.add_argument("--calib", metavar="PATH", help="calibration text file / idx directory (default: the sample's)")
     s.add_argument("--calib-samples", type=int, metavar="N")
     s.add_argument("--seed", type=int, default=0)

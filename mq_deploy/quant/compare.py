@@ -61,7 +61,8 @@ def parse_list(text: str, allowed, what: str):
     return items
 
 
-def compare(model_path: str, recipes, bits, calib: CalibConfig, eval_cfg, progress=None) -> dict:
+def compare(model_path: str, recipes, bits, calib: CalibConfig, eval_cfg, progress=None, alpha: float = 0.5,
+            percentile: float = 99.99) -> dict:
     """Evaluate every recipe at every bit width on a fresh copy of the model. Returns {"rows": [...]}."""
     from mq_deploy.evaluate import evaluate
     from mq_deploy.models.loaders import load_model
@@ -73,7 +74,8 @@ def compare(model_path: str, recipes, bits, calib: CalibConfig, eval_cfg, progre
         t0 = time.time()
         if recipe != "fp":
             wb, ab = BITS[b]
-            apply_recipe(loaded.model, calibration_loop(loaded, calib), RecipeConfig(recipe, QuantConfig(wb, ab)))
+            apply_recipe(loaded.model, calibration_loop(loaded, calib), RecipeConfig(recipe, QuantConfig(wb, ab), alpha=alpha,
+                                                                                percentile=percentile))
         res = evaluate(loaded, eval_cfg)
         if recipe == "fp":
             fp_value = res["value"]
