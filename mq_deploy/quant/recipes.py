@@ -118,7 +118,7 @@ def apply_recipe(model, loop, cfg: RecipeConfig, quantize: bool = True) -> dict:
             fold.set_online_out_rotation(mixer, H)
     if not quantize:
         return {"act_scales": {}, "weight_scales": {}}
-    if cfg.recipe == "mambaquant":
+    if cfg.recipe == "mambaquant" and cfg.percentile < 100:   # percentile 100 is exactly min-max
         def make(name):
             point = name.rsplit(".", 1)[1]
             return [PercentileObserver(name, cfg.percentile)] if point in HEAVY_TAILED else [MinMaxObserver(name)]
