@@ -95,6 +95,23 @@ def test_online_out_rotation_lm_and_vim():
         assert rel_err(lg, want_m[:, -1]) < 1e-10
 
 
+def test_rotate_dt_lowrank_lm_and_vim():
+    m, ids = lm_and_input()
+    v, x = vim_and_input()
+    with torch.no_grad():
+        want_m, want_v = m(ids), v(x)
+        for model in (m, v):
+            r = model.cfg.mixer.dt_rank
+            for i, layer in enumerate(model.layers):
+                for branch in (["", "_b"] if model.cfg.mixer.bimamba else [""]):
+                    fold.rotate_dt_lowrank(layer.mixer, random_orthogonal(r, seed=i), branch)
+        assert rel_err(m(ids), want_m) < 1e-10 and rel_err(v(x), want_v) < 1e-10
+        states = m.init_state(2, dtype=torch.float64)
+        for t in range(ids.shape[1]):
+            lg, states = m.step(ids[:, t], states)
+        assert rel_err(lg, want_m[:, -1]) < 1e-10
+
+
 def test_smooth_fused_gate_and_scan_bc_then_rotate():
     """Smooth-Fused rotation: smoothing factors folded into the gate and x_proj, then the online
     Hadamard; outputs unchanged (LM full sequence and decode; Vim both branches)."""

@@ -7,11 +7,12 @@ attaches activation fake-quant. Order matters and is fixed per recipe:
   smoothquant  smoothing at in_proj's input folded into the block norm (the only site whose
                producer is linear in the input; out_proj's producer is the gate, whose fold is
                MambaQuant's contribution and belongs to that recipe)
-  quarot       norm fusion, Hadamard rotation of the residual stream (offline), online Hadamard
-               before out_proj, min-max scales
+  quarot       norm fusion, Hadamard rotation of the residual stream and of the low-rank dt between
+               x_proj and dt_proj (offline), online Hadamard before out_proj, min-max scales
   mambaquant   norm fusion, KLT-enhanced rotation K·H of the residual stream (K from the float64
-               covariance of every in_proj input), Smooth-Fused rotation before out_proj (smoothing
-               folded into the gate, then online Hadamard), B/C smoothing folded into x_proj,
+               covariance of every in_proj input) and K·H of the low-rank dt (from its own
+               covariance), Smooth-Fused rotation before out_proj (smoothing folded into the gate,
+               then online Hadamard), B/C smoothing folded into x_proj,
                percentile observers at the heavy-tailed scan and out_proj inputs
 """
 
@@ -82,13 +83,28 @@ def _residual_covariance(model, loop):
     return sum(o[0].second_moment() for name, o in obs.items() if o)
 
 
+def _branches(mixer):
+    return ("", "_b") if mixer.cfg.bimamba else ("",)
+
+
 def _smooth_fused_out_proj_and_bc(model, loop, alpha):
-    obs = calibrate(model, loop, lambda name: [MinMaxObserver(name)])
+    """Smooth-Fused rotation's smoothing (gate and B/C) and the KLT·H rotation of the low-rank dt.
+
+    One calibration pass serves both: neither smoothing changes the dt path's activations.
+    """
+    def make(name):
+        obs = [MinMaxObserver(name)]
+        return obs + [CovarianceObserver(name)] if name.rsplit(".", 1)[1].startswith("dt_low") else obs
+
+    obs = calibrate(model, loop, make)
     for prefix, mixer in mixers(model):
+        for branch in _branches(mixer):
+            fold.rotate_dt_lowrank(mixer, klt_hadamard_rotation(obs[prefix + "dt_low" + branch][1].second_moment()),
+                                   branch)
         a = obs[prefix + "out_proj"][0].amax(per_channel=True)
         w = mixer.out_proj.weight.detach().abs().amax(0)
         fold.smooth_out_proj_into_gate(mixer, smoothing_factors(a, w, alpha))
-        for branch in ("", "_b") if mixer.cfg.bimamba else ("",):
+        for branch in _branches(mixer):
             b = obs[prefix + "B" + branch][0].amax(per_channel=True)
             c = obs[prefix + "C" + branch][0].amax(per_channel=True)
             fold.smooth_scan_bc(mixer, (b.clamp_min(1e-8) / c.clamp_min(1e-8)).sqrt(), branch)
@@ -113,6 +129,11 @@ def apply_recipe(model, loop, cfg: RecipeConfig, quantize: bool = True) -> dict:
         fold.rotate_residual(model, Q)
         if cfg.recipe == "mambaquant":
             _smooth_fused_out_proj_and_bc(model, loop, cfg.alpha)
+        else:
+            R = hadamard_rotation(model.cfg.mixer.dt_rank)
+            for _, mixer in mixers(model):
+                for branch in _branches(mixer):
+                    fold.rotate_dt_lowrank(mixer, R, branch)
         H = hadamard_rotation(model.cfg.mixer.d_inner)
         for _, mixer in mixers(model):
             fold.set_online_out_rotation(mixer, H)

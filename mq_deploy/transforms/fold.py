@@ -105,6 +105,20 @@ def set_online_out_rotation(mixer: MambaMixer, H) -> None:
     mixer.register_buffer("out_rotation", H.to(mixer.out_proj.weight.dtype), persistent=True)
 
 
+def rotate_dt_lowrank(mixer: MambaMixer, R, branch: str = "") -> None:
+    """Rotate the low-rank dt between x_proj and dt_proj (a purely linear link): dt_low -> dt_low R.
+
+    x_proj's first dt_rank output rows become R^T W, dt_proj's input columns W R.
+    """
+    R = _f64(R)
+    r = mixer.cfg.dt_rank
+    x_proj, dt_proj = getattr(mixer, "x_proj" + branch), getattr(mixer, "dt_proj" + branch)
+    w = _f64(x_proj.weight)
+    w[:r] = R.t() @ w[:r]
+    _assign(x_proj.weight, w)
+    rotate_linear_input(dt_proj, R)
+
+
 def smooth_out_proj_into_gate(mixer: MambaMixer, s) -> None:
     """Smooth out_proj's input y by 1/s per channel (W_out <- W_out diag(s)), folded into the gate.
 
@@ -144,5 +158,5 @@ def smooth_scan_bc(mixer: MambaMixer, s, branch: str = "") -> None:
 
 
 __all__ = ["fuse_norm_into_linear", "untie_lm_head", "fuse_norms", "rotate_linear_input", "rotate_linear_output",
-           "rotate_embeddings", "rotate_residual", "set_online_out_rotation", "smooth_out_proj_into_gate",
+           "rotate_embeddings", "rotate_residual", "rotate_dt_lowrank", "set_online_out_rotation", "smooth_out_proj_into_gate",
            "smooth_scan_bc"]
