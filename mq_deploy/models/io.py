@@ -12,7 +12,6 @@ import os
 import shutil
 import tempfile
 
-import torch
 
 from mq_deploy import __version__
 from mq_deploy.errors import MQUserError
