@@ -200,3 +200,35 @@ def selective_state_update(state, x, delta, A, B, C, D=None, z=None, delta_bias=
     new_state = dA * state + (dt * x).unsqueeze(-1) * B.unsqueeze(1)
     y = torch.matmul(new_state, C.unsqueeze(-1)).squeeze(-1)
     return _finish(y, x, D, z), new_state
+
+
+def selective_scan_int8_ref(qx, x_scale, qdelta, delta_scale, A, qB, B_scale, qC, C_scale, D=None, qz=None,
+                            z_scale=None, delta_bias=None, delta_softplus=True, initial_state=None,
+                            return_last_state=False, gate_scale=None):
+    """The int8 scan's semantics (what mq::SelectiveScan and the native kernels compute).
+
+    Inputs x, delta, B, C, z are int8 with per-tensor float32 scales (symmetric, zero point 0); A, D,
+    delta_bias, gate_scale and the state are float32. Each int8 input is dequantized (q * scale) and the
+    recurrence runs exactly as `selective_scan_ref` in float32. The gate is silu(z), or
+    z * sigmoid(gate_scale * z) when a Smooth-Fused factor was folded into it.
+    """
+    for name, q in (("x", qx), ("delta", qdelta), ("B", qB), ("C", qC), ("z", qz)):
+        if q is not None and q.dtype != torch.int8:
+            raise ValueError(f"{name} must be int8, got {q.dtype}")
+    if (qz is None) != (z_scale is None):
+        raise ValueError("z and z_scale go together")
+
+    def deq(q, s):
+        return q.to(torch.float32) * torch.as_tensor(s, dtype=torch.float32)
+
+    x, delta, B, C = deq(qx, x_scale), deq(qdelta, delta_scale), deq(qB, B_scale), deq(qC, C_scale)
+    z = None if qz is None else deq(qz, z_scale)
+    out = selective_scan_ref(x, delta, A.float(), B, C, None if D is None else D.float(),
+                             z if gate_scale is None else None,
+                             None if delta_bias is None else delta_bias.float(), delta_softplus,
+                             None if initial_state is None else initial_state.float(), return_last_state)
+    if gate_scale is None or z is None:
+        return out
+    y, h = out if return_last_state else (out, None)
+    y = y * (z * torch.sigmoid(gate_scale.float() * z))
+    return (y, h) if return_last_state else y
