@@ -42,6 +42,15 @@ def test_fuse_norms_lm():
     assert rel_err(got, want) < 1e-10
 
 
+def test_smooth_norm_into_in_proj():
+    m, ids = lm_and_input()
+    with torch.no_grad():
+        want = m(ids)
+        for layer in m.layers:
+            fold.smooth_norm_into_linear(layer.norm, layer.mixer.in_proj, torch.rand(24, dtype=torch.float64) * 3 + 0.1)
+        assert rel_err(m(ids), want) < 1e-10
+
+
 def test_rotate_residual_lm_and_decode():
     m, ids = lm_and_input()
     with torch.no_grad():

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
 from mq_deploy.calib.collect import calibrate, mixers
 from mq_deploy.calib.observers import CovarianceObserver, MinMaxObserver, PercentileObserver
 from mq_deploy.errors import MQUserError
@@ -72,10 +70,7 @@ def _smooth_in_proj(model, loop, alpha):
         layer = model.layers[int(prefix.split(".")[1])]
         a = obs[prefix + "in_proj"][0].amax(per_channel=True)
         w = mixer.in_proj.weight.detach().abs().amax(0)
-        s = smoothing_factors(a, w, alpha)
-        with torch.no_grad():   # norm weight / s, in_proj columns * s
-            layer.norm.weight.copy_((layer.norm.weight.double() / s).to(layer.norm.weight.dtype))
-            mixer.in_proj.weight.copy_((mixer.in_proj.weight.double() * s).to(mixer.in_proj.weight.dtype))
+        fold.smooth_norm_into_linear(layer.norm, mixer.in_proj, smoothing_factors(a, w, alpha))
 
 
 def _residual_covariance(model, loop):

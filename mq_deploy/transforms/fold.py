@@ -33,6 +33,13 @@ def fuse_norm_into_linear(norm, linears) -> None:
     _assign(norm.weight, torch.ones_like(w))
 
 
+def smooth_norm_into_linear(norm, lin, s) -> None:
+    """SmoothQuant at a norm -> linear site: the norm's output channels / s, the linear's columns * s."""
+    s = _f64(s)
+    _assign(norm.weight, _f64(norm.weight) / s)
+    _assign(lin.weight, _f64(lin.weight) * s)
+
+
 def untie_lm_head(model: MambaLM) -> None:
     """Give lm_head its own weight so the head and the embedding can be transformed differently."""
     if model.lm_head.weight is model.embedding.weight:
@@ -157,6 +164,6 @@ def smooth_scan_bc(mixer: MambaMixer, s, branch: str = "") -> None:
     _assign(x_proj.weight, w)
 
 
-__all__ = ["fuse_norm_into_linear", "untie_lm_head", "fuse_norms", "rotate_linear_input", "rotate_linear_output",
+__all__ = ["fuse_norm_into_linear", "smooth_norm_into_linear", "untie_lm_head", "fuse_norms", "rotate_linear_input", "rotate_linear_output",
            "rotate_embeddings", "rotate_residual", "rotate_dt_lowrank", "set_online_out_rotation", "smooth_out_proj_into_gate",
            "smooth_scan_bc"]
