@@ -67,6 +67,8 @@ class _Builder:
 
 
 def _branch(b: _Builder, mixer, x, z, s):
+    from onnx import TensorProto, helper
+
     cfg = mixer.cfg
     conv = getattr(mixer, "conv1d" + s)
     k = cfg.d_conv
@@ -82,7 +84,7 @@ def _branch(b: _Builder, mixer, x, z, s):
     # zero initial state [batch, Di, N] from the runtime batch size
     batch = b.op("Gather", [b.op("Shape", [x]), b.i64([0])], axis=0)
     h0 = b.op("ConstantOfShape", [b.op("Concat", [batch, b.i64([cfg.d_inner, cfg.d_state])], axis=0)],
-              value=__import__("onnx").helper.make_tensor("zero", 1, [1], [0.0]))
+              value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]))
     y, _ = b.op(OP, [xc, dt, b.weight(A, "A"), Bm, Cm, b.weight(getattr(mixer, "D" + s), "D"), z,
                      b.weight(dt_proj.bias, "dt_bias"), h0], "scan", n_out=2, domain=DOMAIN)
     return y
