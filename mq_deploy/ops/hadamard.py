@@ -7,8 +7,8 @@ constructions from quadratic residues modulo a prime:
   Paley I   p = 3 (mod 4) prime  ->  order p + 1        (4, 8, 12, 20, 24, 32, 44, 48, 60, ...)
   Paley II  p = 1 (mod 4) prime  ->  order 2 (p + 1)    (12, 28, 36, 60, 76, ...)
 
-and take the Kronecker product with a Sylvester matrix. Every matrix is checked (H H^T = n I) when
-built. A size with no construction is an error, never a silent substitute.
+and take the Kronecker product with a Sylvester matrix. Each small factor is checked (H H^T = m I)
+when built; a Kronecker product of orthogonal factors is orthogonal. A size with no construction is an error, never a silent substitute.
 """
 
 from __future__ import annotations
@@ -50,11 +50,7 @@ def _paley2(p: int) -> np.ndarray:
     c[1:, 1:] = q                                                   # symmetric conference matrix
     a = np.array([[1, -1], [-1, -1]], dtype=np.int64)
     b = np.array([[1, 1], [1, -1]], dtype=np.int64)
-    out = np.zeros((2 * n, 2 * n), dtype=np.int64)
-    for i in range(n):
-        for j in range(n):
-            out[2 * i:2 * i + 2, 2 * j:2 * j + 2] = b if i == j else c[i, j] * a
-    return out
+    return np.kron(c, a) + np.kron(np.eye(n, dtype=np.int64), b)    # c has a zero diagonal
 
 
 @functools.lru_cache(maxsize=None)

@@ -74,8 +74,8 @@ def compare(model_path: str, recipes, bits, calib: CalibConfig, eval_cfg, progre
         t0 = time.time()
         if recipe != "fp":
             wb, ab = BITS[b]
-            apply_recipe(loaded.model, calibration_loop(loaded, calib), RecipeConfig(recipe, QuantConfig(wb, ab), alpha=alpha,
-                                                                                percentile=percentile))
+            rcfg = RecipeConfig(recipe, QuantConfig(wb, ab), alpha=alpha, percentile=percentile)
+            apply_recipe(loaded.model, calibration_loop(loaded, calib), rcfg)
         res = evaluate(loaded, eval_cfg)
         if recipe == "fp":
             fp_value = res["value"]

@@ -82,11 +82,6 @@ def attach_activation_quant(model, act_scales: dict | None, cfg: QuantConfig) ->
         mixer.act_hook = hook
 
 
-def detach_activation_quant(model) -> None:
-    for _, mixer in mixers(model):
-        mixer.act_hook = None
-
-
 def scales_from_observers(observers: dict, bits: int) -> dict:
     """{point: per-tensor scale} from each point's first observer with an amax (MinMax or Percentile)."""
     out = {}

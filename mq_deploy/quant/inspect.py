@@ -27,7 +27,6 @@ from mq_deploy.ops.hadamard import has_hadamard
 from mq_deploy.transforms.rotations import hadamard_rotation, klt_basis, smoothing_factors
 
 POINTS = {"in_proj": "in_proj", "x": "x_proj", "out_proj": "out_proj"}   # point -> consuming linear
-VIEWS = ("raw", "hadamard", "klt_hadamard", "smooth_rotate")
 
 
 class RowSampleObserver(Observer):
