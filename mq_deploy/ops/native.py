@@ -1,0 +1,230 @@
+"""ctypes binding of the native int8 selective scan (libmq_scan_cpu.so), same signature as the reference.
+
+`selective_scan_int8_native` takes exactly the arguments of `selective_scan_int8_ref` (plus
+`num_threads`, `out_dtype` and `out_state`) and runs plugins/selective_scan's C++ implementation on CPU
+tensors. The library is loaded lazily from $MQ_SCAN_LIB, else from mq_deploy/_native/, where
+`pip install` puts it. Rebuild it from a source checkout with
+
+    python -m mq_deploy.ops.native --build          # add --cuda for libmq_scan_cuda.so as well
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+
+import torch
+
+from mq_deploy.errors import MQInternalError, MQUserError
+from mq_deploy.ops.selective_scan import _check_shapes
+
+LIB_NAME = "libmq_scan_cpu.so"
+NATIVE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "_native")
+_SOURCE_DIR = os.path.join(os.path.dirname(os.path.dirname(NATIVE_DIR)), "plugins", "selective_scan")
+BUILD_HINT = "python -m mq_deploy.ops.native --build   (from a source checkout; or reinstall: pip install -e .)"
+
+ERR_INVALID = 1
+MAX_DSTATE = 256
+
+_p = ctypes.c_void_p
+
+
+class MQScanParams(ctypes.Structure):
+    """Mirror of MQScanParams in plugins/selective_scan/include/mq_selective_scan.h (same field order)."""
+    _fields_ = [
+        ("batch", ctypes.c_int64), ("seqlen", ctypes.c_int64), ("dim", ctypes.c_int64), ("dstate", ctypes.c_int64),
+        ("x", _p), ("delta", _p), ("B", _p), ("C", _p), ("z", _p),
+        ("x_scale", ctypes.c_float), ("delta_scale", ctypes.c_float), ("B_scale", ctypes.c_float),
+        ("C_scale", ctypes.c_float), ("z_scale", ctypes.c_float),
+        ("A", _p), ("D", _p), ("delta_bias", _p), ("gate_scale", _p), ("h0", _p),
+        ("y", _p), ("h_last", _p),
+        ("out_fp16", ctypes.c_int32),
+        ("x_batch_stride", ctypes.c_int64), ("x_l_stride", ctypes.c_int64),
+        ("bc_batch_stride", ctypes.c_int64), ("bc_l_stride", ctypes.c_int64),
+        ("y_batch_stride", ctypes.c_int64), ("y_l_stride", ctypes.c_int64),
+    ]
+
+
+_lib = None
+_load_error = None
+
+
+def library_path() -> str:
+    return os.environ.get("MQ_SCAN_LIB") or os.path.join(NATIVE_DIR, LIB_NAME)
+
+
+def _declare(lib):
+    P = ctypes.POINTER(MQScanParams)
+    lib.mq_scan_cpu.argtypes = [P, ctypes.c_int]
+    lib.mq_scan_cpu.restype = ctypes.c_int
+    lib.mq_scan_validate.argtypes = [P]
+    lib.mq_scan_validate.restype = ctypes.c_int
+    lib.mq_scan_set_contiguous_strides.argtypes = [P]
+    lib.mq_scan_set_contiguous_strides.restype = None
+    lib.mq_scan_last_error.argtypes = []
+    lib.mq_scan_last_error.restype = ctypes.c_char_p
+    lib.mq_scan_version.argtypes = []
+    lib.mq_scan_version.restype = ctypes.c_char_p
+    return lib
+
+
+def load_library(path: str | None = None):
+    """The loaded CPU library; MQUserError naming the path and the fix when it is missing."""
+    global _lib, _load_error
+    if path is not None:
+        return _declare(ctypes.CDLL(path))
+    if _lib is None and _load_error is None:
+        where = library_path()
+        if not os.path.exists(where):
+            _load_error = f"native selective scan library not found at {where}; build it with: {BUILD_HINT}"
+        else:
+            try:
+                _lib = _declare(ctypes.CDLL(where))
+            except OSError as e:
+                _load_error = f"cannot load {where}: {e}; rebuild it with: {BUILD_HINT}"
+    if _lib is None:
+        raise MQUserError(_load_error)
+    return _lib
+
+
+def available() -> bool:
+    try:
+        load_library()
+        return True
+    except MQUserError:
+        return False
+
+
+def unavailable_reason() -> str | None:
+    return None if available() else _load_error
+
+
+def last_error(lib=None) -> str:
+    return (lib or load_library()).mq_scan_last_error().decode(errors="replace")
+
+
+def _ptr(t):
+    return None if t is None else ctypes.c_void_p(t.data_ptr())
+
+
+def _f32(t, name):
+    if t is None:
+        return None
+    if t.device.type != "cpu":
+        raise MQUserError(f"{name} must be a CPU tensor for the CPU library, got {t.device}")
+    return t.detach().to(torch.float32).contiguous()
+
+
+def _rows(tensors, width):
+    """Tensors [b, L, width] sharing one (batch, l) stride pair with the last dim contiguous, as the
+    kernel reads them; copies to contiguous when they do not."""
+    live = [t for t in tensors if t is not None]
+    strides = {t.stride() for t in live}
+    if len(strides) != 1 or live[0].stride(2) != 1 and width > 1:
+        tensors = [None if t is None else t.contiguous() for t in tensors]
+        live = [t for t in tensors if t is not None]
+    bs, ls = live[0].stride(0), live[0].stride(1)
+    b, seqlen = live[0].shape[0], live[0].shape[1]
+    # strides of size-1 dims are arbitrary in torch and never used by the kernel: give valid ones
+    ls = width if seqlen == 1 else ls
+    bs = seqlen * ls if b == 1 else bs
+    return tensors, bs, ls
+
+
+def selective_scan_int8_native(qx, x_scale, qdelta, delta_scale, A, qB, B_scale, qC, C_scale, D=None, qz=None,
+                               z_scale=None, delta_bias=None, delta_softplus=True, initial_state=None,
+                               return_last_state=False, gate_scale=None, *, num_threads=0,
+                               out_dtype=torch.float32, out_state=None):
+    """`selective_scan_int8_ref` on the C++ CPU library. Extra keywords:
+
+    num_threads  worker threads (<= 0: all cores)
+    out_dtype    torch.float32 or torch.float16 (the op's out_dtype attribute)
+    out_state    a float32 contiguous [b, Di, N] tensor to write the last state into; may be
+                 initial_state itself (an in-place decode step). Implies return_last_state.
+    """
+    for name, q in (("x", qx), ("delta", qdelta), ("B", qB), ("C", qC), ("z", qz)):
+        if q is not None:
+            if q.dtype != torch.int8:
+                raise ValueError(f"{name} must be int8, got {q.dtype}")
+            if q.device.type != "cpu":
+                raise MQUserError(f"{name} must be a CPU tensor for the CPU library, got {q.device}")
+    if (qz is None) != (z_scale is None):
+        raise ValueError("z and z_scale go together")
+    if not delta_softplus:
+        raise MQUserError("the native int8 scan always applies softplus to delta (mq::SelectiveScan semantics)")
+    if out_dtype not in (torch.float32, torch.float16):
+        raise MQUserError(f"out_dtype must be torch.float32 or torch.float16, got {out_dtype}")
+    _check_shapes(qx, qdelta, A, qB, qC, D, qz, delta_bias, initial_state)
+    bsz, seqlen, dim = qx.shape
+    n = A.shape[1]
+    if n > MAX_DSTATE:
+        raise MQUserError(f"dstate={n} exceeds the native scan's maximum {MAX_DSTATE}")
+    lib = load_library()
+
+    (qx, qdelta, qz), x_bs, x_ls = _rows([qx, qdelta, qz], dim)
+    (qB, qC), bc_bs, bc_ls = _rows([qB, qC], n)
+    A, D, delta_bias = _f32(A, "A"), _f32(D, "D"), _f32(delta_bias, "delta_bias")
+    gate_scale = _f32(gate_scale, "gate_scale") if qz is not None else None
+    h0 = _f32(initial_state, "initial_state")
+    if out_state is not None:
+        if (out_state.dtype != torch.float32 or not out_state.is_contiguous() or out_state.device.type != "cpu"
+                or tuple(out_state.shape) != (bsz, dim, n)):
+            raise MQUserError(f"out_state must be a contiguous float32 CPU tensor [{bsz}, {dim}, {n}]")
+        if initial_state is not None and out_state.data_ptr() == initial_state.data_ptr():
+            h0 = out_state          # in place: the kernel reads a block's state before writing it
+        return_last_state = True
+    y = torch.empty(bsz, seqlen, dim, dtype=out_dtype)
+    h_last = out_state if out_state is not None else (
+        torch.empty(bsz, dim, n, dtype=torch.float32) if return_last_state else None)
+
+    p = MQScanParams(
+        batch=bsz, seqlen=seqlen, dim=dim, dstate=n,
+        x=_ptr(qx), delta=_ptr(qdelta), B=_ptr(qB), C=_ptr(qC), z=_ptr(qz),
+        x_scale=float(x_scale), delta_scale=float(delta_scale), B_scale=float(B_scale), C_scale=float(C_scale),
+        z_scale=0.0 if z_scale is None else float(z_scale),
+        A=_ptr(A), D=_ptr(D), delta_bias=_ptr(delta_bias), gate_scale=_ptr(gate_scale), h0=_ptr(h0),
+        y=_ptr(y), h_last=_ptr(h_last), out_fp16=int(out_dtype == torch.float16),
+        x_batch_stride=x_bs, x_l_stride=x_ls, bc_batch_stride=bc_bs, bc_l_stride=bc_ls,
+        y_batch_stride=seqlen * dim, y_l_stride=dim)
+    rc = lib.mq_scan_cpu(ctypes.byref(p), int(num_threads))
+    if rc != 0:
+        msg = last_error(lib)
+        raise (MQUserError if rc == ERR_INVALID else MQInternalError)(f"mq_scan_cpu: {msg} (code {rc})")
+    return (y, h_last) if return_last_state else y
+
+
+def build(cuda: bool = False, out_dir: str = NATIVE_DIR) -> list[str]:
+    """Rebuild the native libraries from plugins/selective_scan (source checkouts only)."""
+    script = os.path.join(_SOURCE_DIR, "build_native.py")
+    if not os.path.exists(script):
+        raise MQUserError(f"{script} not found: building needs a source checkout of mq-deploy "
+                          "(or set MQ_SCAN_LIB to a prebuilt libmq_scan_cpu.so)")
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("mq_scan_build_native", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    global _lib, _load_error
+    _lib, _load_error = None, None
+    return mod.build(out_dir, cuda=cuda)
+
+
+def main(argv=None) -> int:
+    import argparse
+    ap = argparse.ArgumentParser(prog="python -m mq_deploy.ops.native",
+                                 description="Build or check the native selective scan library.")
+    ap.add_argument("--build", action="store_true", help="build libmq_scan_cpu.so into mq_deploy/_native/")
+    ap.add_argument("--cuda", action="store_true", help="with --build: also libmq_scan_cuda.so when nvcc is found")
+    a = ap.parse_args(argv)
+    if a.build:
+        for path in build(cuda=a.cuda):
+            print(path)
+    if available():
+        print(f"{library_path()}: version {load_library().mq_scan_version().decode()}")
+        return 0
+    print(unavailable_reason(), file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""Build libmq_scan_cpu.so (and optionally libmq_scan_cuda.so) into a given directory.
+
+Torch-free and stdlib-only, so that setup.py can run it inside pip's isolated build environment and
+`python -m mq_deploy.ops.native --build` can run it from a source checkout. Uses CMake when it is on
+PATH, else compiles the CPU library with the C++ compiler directly (same flags as CMakeLists.txt).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CPU_LIB = "libmq_scan_cpu.so"
+CUDA_LIB = "libmq_scan_cuda.so"
+
+
+def _run(cmd, log):
+    log("+ " + " ".join(cmd))
+    subprocess.run(cmd, check=True)
+
+
+def _build_cmake(out_dir, build_dir, cuda, log):
+    cmake = shutil.which("cmake")
+    _run([cmake, "-S", HERE, "-B", build_dir, "-DCMAKE_BUILD_TYPE=Release",
+          f"-DMQ_SCAN_OUTPUT_DIR={out_dir}", f"-DMQ_BUILD_CUDA={'ON' if cuda else 'OFF'}",
+          "-DMQ_BUILD_TRT=OFF"], log)
+    targets = ["mq_scan_cpu"] + (["mq_scan_cuda"] if cuda and _cuda_configured(build_dir) else [])
+    _run([cmake, "--build", build_dir, "--parallel", str(os.cpu_count() or 1), "--target", *targets], log)
+
+
+def _cuda_configured(build_dir):
+    try:
+        with open(os.path.join(build_dir, "CMakeCache.txt")) as f:
+            return any(line.startswith("CMAKE_CUDA_COMPILER:") and not line.rstrip().endswith("NOTFOUND")
+                       for line in f)
+    except OSError:
+        return False
+
+
+def _build_direct(out_dir, log):
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+    if not cxx:
+        raise RuntimeError("neither cmake nor a C++ compiler (g++, c++, clang++ or $CXX) was found")
+    base = [cxx, "-O3", "-fno-trapping-math", "-std=c++17", "-fPIC", "-shared", "-fvisibility=hidden",
+            "-pthread", "-I", os.path.join(HERE, "include"),
+            os.path.join(HERE, "src", "scan_cpu.cpp"), os.path.join(HERE, "src", "scan_common.cpp"),
+            "-o", os.path.join(out_dir, CPU_LIB)]
+    try:
+        _run(base[:2] + ["-march=native"] + base[2:], log)
+    except subprocess.CalledProcessError:
+        log("-march=native failed; building for the compiler's default target")
+        _run(base, log)
+
+
+def build(out_dir, build_dir=None, cuda=False, log=None):
+    """Build into out_dir; returns the paths of the libraries that exist there afterwards."""
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    out_dir = os.path.abspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    if shutil.which("cmake"):
+        if build_dir is None:
+            with tempfile.TemporaryDirectory(prefix="mq_scan_build_") as tmp:
+                _build_cmake(out_dir, tmp, cuda, log)
+        else:
+            _build_cmake(out_dir, os.path.abspath(build_dir), cuda, log)
+    else:
+        if cuda:
+            log("cmake not found: building the CPU library only")
+        _build_direct(out_dir, log)
+    return [p for p in (os.path.join(out_dir, CPU_LIB), os.path.join(out_dir, CUDA_LIB)) if os.path.exists(p)]
+
+
+if __name__ == "__main__":
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out_dir")
+    ap.add_argument("--build-dir")
+    ap.add_argument("--cuda", action="store_true", help="also build libmq_scan_cuda.so when nvcc is found")
+    a = ap.parse_args()
+    for p in build(a.out_dir, a.build_dir, a.cuda):
+        print(p)

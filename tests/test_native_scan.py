@@ -1,0 +1,184 @@
+"""The C++ CPU scan (libmq_scan_cpu.so through ctypes) against selective_scan_int8_ref, its contract.
+
+Tolerances, stated as rel_err (max |diff| / max |ref|):
+  float32 output: 2e-5. Both sides compute in float32 from the same int8 codes; they differ in
+  summation order over N (the reference's torch.sum vs a running sum), in exp (the library's
+  degree-6 exp2 polynomial, relative error < 1e-7, vs libm/Sleef) and in softplus/sigmoid ulps. These
+  are a few float32 ulps per step; the recurrence decays (A < 0), so they do not grow with L.
+  float16 output: the float32 bound plus half an fp16 ulp of each element (the final rounding).
+"""
+
+import ctypes
+import os
+
+import pytest
+import torch
+
+from mq_deploy.errors import MQUserError
+from mq_deploy.ops import native
+from mq_deploy.ops.selective_scan import selective_scan_int8_ref
+
+from conftest import rel_err
+
+if os.environ.get("MQ_REQUIRE_NATIVE") != "1":
+    pytestmark = pytest.mark.skipif(not native.available(), reason=f"{native.unavailable_reason()}")
+
+TOL = 2e-5
+
+
+def q8(*shape, g):
+    return torch.randint(-127, 128, shape, dtype=torch.int8, generator=g)
+
+
+def make(b, L, d, n, z=True, gate=False, h0=False, seed=0):
+    """Fresh random codes and float parameters, scales picked so dt = softplus(.) spans ~0.05..3."""
+    g = torch.Generator().manual_seed(seed)
+    kw = dict(qx=q8(b, L, d, g=g), x_scale=0.02, qdelta=q8(b, L, d, g=g), delta_scale=0.015,
+              A=-torch.rand(d, n, generator=g) * 2 - 0.05, qB=q8(b, L, n, g=g), B_scale=0.03,
+              qC=q8(b, L, n, g=g), C_scale=0.025, D=torch.randn(d, generator=g),
+              delta_bias=torch.randn(d, generator=g) * 0.5 - 1.0)
+    if z:
+        kw.update(qz=q8(b, L, d, g=g), z_scale=0.03)
+    if gate:
+        kw["gate_scale"] = torch.rand(d, generator=g) * 1.5 + 0.25
+    if h0:
+        kw["initial_state"] = torch.randn(b, d, n, generator=g)
+    return kw
+
+
+def check(got, want, tol=TOL, what="y"):
+    e = rel_err(got.float(), want)
+    print(f"{what}: rel err {e:.2e} (max |ref| {want.abs().max().item():.3g}, tol {tol:.0e})")
+    assert e < tol
+
+
+# (b, L, d, n): L = 1 and lengths that are multiples of nothing; d odd, below and above the CPU
+# channel block (16); N = 16 (Mamba1) and 64, a non-power-of-two, and the maximum 256
+SHAPES = [(1, 1, 1, 16), (2, 37, 33, 16), (3, 131, 17, 64), (1, 300, 40, 16), (2, 9, 5, 7), (1, 6, 3, 256)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "b%d-L%d-d%d-n%d" % s)
+@pytest.mark.parametrize("z,gate,h0", [(True, False, False), (False, False, True), (True, True, True)],
+                         ids=["silu", "noz-h0", "gate-h0"])
+def test_matches_reference(shape, z, gate, h0):
+    kw = make(*shape, z=z, gate=gate, h0=h0)
+    want_y, want_h = selective_scan_int8_ref(**kw, return_last_state=True)
+    y, h = native.selective_scan_int8_native(**kw, return_last_state=True)
+    assert y.dtype == torch.float32 and y.shape == want_y.shape and h.shape == want_h.shape
+    check(y, want_y)
+    check(h, want_h, what="h_last")
+    y_only = native.selective_scan_int8_native(**kw)
+    assert torch.equal(y_only, y)
+
+
+def test_fp16_output():
+    kw = make(2, 45, 24, 16, gate=True, h0=True)
+    want = selective_scan_int8_ref(**kw)
+    y = native.selective_scan_int8_native(**kw, out_dtype=torch.float16)
+    assert y.dtype == torch.float16
+    err = (y.float() - want).abs()
+    bound = want.abs() * 2.0**-11 * 1.01 + TOL * want.abs().max()
+    print(f"fp16: max |diff| {err.max().item():.3g}, max |ref| {want.abs().max().item():.3g}")
+    assert (err <= bound).all()
+
+
+def test_threads_do_not_change_the_result():
+    kw = make(3, 50, 70, 16, h0=True)
+    one = native.selective_scan_int8_native(**kw, num_threads=1, return_last_state=True)
+    many = native.selective_scan_int8_native(**kw, num_threads=7, return_last_state=True)
+    assert torch.equal(one[0], many[0]) and torch.equal(one[1], many[1])
+
+
+def test_strided_inputs_without_copies():
+    """x, delta, z as column slices of wider [b, L, *] tensors and B, C as slices of one x_proj-like
+    output: the strides go to the kernel as they are."""
+    g = torch.Generator().manual_seed(3)
+    b, L, d, n, r = 2, 29, 21, 16, 5
+    xdz = q8(b, L, 3 * d + 2, g=g)
+    dbc = q8(b, L, r + 2 * n, g=g)
+    kw = make(b, L, d, n, gate=True, h0=True, seed=3)
+    kw.update(qx=xdz[..., :d], qdelta=xdz[..., d:2 * d], qz=xdz[..., 2 * d + 1:3 * d + 1],
+              qB=dbc[..., r:r + n], qC=dbc[..., r + n:])
+    assert not kw["qx"].is_contiguous() and not kw["qB"].is_contiguous()
+    want_y, want_h = selective_scan_int8_ref(**kw, return_last_state=True)
+    y, h = native.selective_scan_int8_native(**kw, return_last_state=True)
+    check(y, want_y)
+    check(h, want_h, what="h_last")
+    # and a transposed (d not contiguous) input falls back to a copy with the same answer
+    kw["qx"] = kw["qx"].transpose(1, 2).contiguous().transpose(1, 2)
+    check(native.selective_scan_int8_native(**kw), want_y)
+
+
+def test_decode_steps_in_place_equal_the_full_scan():
+    """seqlen == 1 with h_last aliasing h0 (the decode step), run L times, equals one scan of L."""
+    b, L, d, n = 2, 12, 19, 16
+    kw = make(b, L, d, n, gate=True, h0=True, seed=5)
+    want_y, want_h = selective_scan_int8_ref(**kw, return_last_state=True)
+    state = kw["initial_state"].clone()
+    ys = []
+    for t in range(L):
+        step = dict(kw, initial_state=state)
+        for k in ("qx", "qdelta", "qB", "qC", "qz"):
+            step[k] = kw[k][:, t:t + 1]
+        y, h = native.selective_scan_int8_native(**step, out_state=state)
+        assert h is state
+        ys.append(y)
+    check(torch.cat(ys, 1), want_y)
+    check(state, want_h, what="state")
+
+
+def test_argument_errors_are_user_errors():
+    kw = make(1, 4, 3, 16)
+    with pytest.raises(MQUserError, match="softplus"):
+        native.selective_scan_int8_native(**kw, delta_softplus=False)
+    with pytest.raises(ValueError, match="int8"):
+        native.selective_scan_int8_native(**dict(kw, qx=kw["qx"].float()))
+    with pytest.raises(MQUserError, match="dstate=300"):
+        native.selective_scan_int8_native(**make(1, 2, 3, 300))
+
+
+def _params(**over):
+    """A valid MQScanParams over small live buffers (returned to keep them alive), then overrides."""
+    b, L, d, n = 1, 3, 4, 16
+    bufs = dict(x=torch.zeros(b, L, d, dtype=torch.int8), B=torch.zeros(b, L, n, dtype=torch.int8),
+                A=-torch.ones(d, n), y=torch.empty(b, L, d))
+    p = native.MQScanParams(batch=b, seqlen=L, dim=d, dstate=n, x_scale=1, delta_scale=1, B_scale=1, C_scale=1)
+    p.x = p.delta = bufs["x"].data_ptr()
+    p.B = p.C = bufs["B"].data_ptr()
+    p.A, p.y = bufs["A"].data_ptr(), bufs["y"].data_ptr()
+    native.load_library().mq_scan_set_contiguous_strides(ctypes.byref(p))
+    for k, v in over.items():
+        setattr(p, k, v)
+    return p, bufs
+
+
+@pytest.mark.parametrize("over,message", [
+    (dict(dstate=257), "dstate=257 exceeds"),
+    (dict(seqlen=0), "sizes must be > 0"),
+    (dict(x=None), "required pointer x is NULL"),
+    (dict(C=None), "required pointer C is NULL"),
+    (dict(y=None), "required pointer y is NULL"),
+    (dict(A=None), "required pointer A is NULL"),
+    (dict(out_fp16=2), "out_fp16"),
+    (dict(x_l_stride=2), "l strides"),
+], ids=lambda v: str(v)[:24])
+def test_c_abi_rejects_bad_params_with_a_message(over, message):
+    lib = native.load_library()
+    p, _keep = _params(**over)
+    assert lib.mq_scan_validate(ctypes.byref(p)) == native.ERR_INVALID
+    assert message in native.last_error(lib)
+    assert lib.mq_scan_cpu(ctypes.byref(p), 1) == native.ERR_INVALID    # validated, not run
+    assert message in native.last_error(lib)
+    good, _keep2 = _params()
+    assert lib.mq_scan_cpu(ctypes.byref(good), 1) == 0
+    assert lib.mq_scan_validate(None) == native.ERR_INVALID and "NULL" in native.last_error(lib)
+
+
+def test_missing_library_names_the_path_and_the_fix(monkeypatch, tmp_path):
+    missing = str(tmp_path / "libnothere.so")
+    monkeypatch.setenv("MQ_SCAN_LIB", missing)
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_load_error", None)
+    assert not native.available()
+    with pytest.raises(MQUserError, match="libnothere.so.*--build"):
+        native.selective_scan_int8_native(**make(1, 2, 3, 16))
