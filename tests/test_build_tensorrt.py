@@ -1,0 +1,412 @@
+"""mq_deploy.build.tensorrt without TensorRT: shape specs, the missing-TensorRT error, function-body
+stripping, and build_engine's flow against a stand-in `tensorrt` module that records what the real
+one would be asked. Tests that need TensorRT itself skip when it is not importable; the plugin's
+compile check runs when TENSORRT_INCLUDE_DIR names TensorRT's headers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+from onnx import TensorProto, helper  # noqa: E402
+
+from mq_deploy.build import tensorrt as mtrt  # noqa: E402
+from mq_deploy.errors import MQUserError  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---- parse_shapes -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("spec, want", [
+    ("input_ids:1x1", {"input_ids": (1, 1)}),
+    ("input_ids:8x256,ssm_state:4x8x64x16", {"input_ids": (8, 256), "ssm_state": (4, 8, 64, 16)}),
+    (" pixels : 1x1x28x28 ", {"pixels": (1, 1, 28, 28)}),
+    ("'input ids':2X3", {"input ids": (2, 3)}),
+    ("ns:name:5", {"ns:name": (5,)}),
+    ("", {}),
+    (None, {}),
+])
+def test_parse_shapes_good(spec, want):
+    assert mtrt.parse_shapes(spec) == want
+
+
+@pytest.mark.parametrize("spec, needle", [
+    ("input_ids", "name:AxBxC"),
+    (":1x2", "name:AxBxC"),
+    ("input_ids:", "bad dimensions"),
+    ("input_ids:1x", "bad dimensions"),
+    ("input_ids:1x-2", "bad dimensions"),
+    ("input_ids:1x2.5", "bad dimensions"),
+    ("input_ids:1x1,input_ids:8x256", "appears twice"),
+])
+def test_parse_shapes_bad(spec, needle):
+    with pytest.raises(MQUserError, match=needle):
+        mtrt.parse_shapes(spec)
+
+
+def test_profile_shapes_defaults_and_checks():
+    inputs = [("input_ids", (-1, -1)), ("bias", (4,))]
+    prof = mtrt._profile_shapes(inputs, "input_ids:1x1", "input_ids:4x64", "input_ids:8x256")
+    assert prof == {"input_ids": ((1, 1), (4, 64), (8, 256))}
+    # trtexec: only max given -> min = opt = max
+    assert mtrt._profile_shapes(inputs, None, None, {"input_ids": [2, 3]}) == {"input_ids": ((2, 3),) * 3}
+    with pytest.raises(MQUserError, match="dynamic shape"):
+        mtrt._profile_shapes(inputs, None, None, None)
+    with pytest.raises(MQUserError, match="min <= opt <= max"):
+        mtrt._profile_shapes(inputs, "input_ids:8x8", None, "input_ids:1x1")
+    with pytest.raises(MQUserError, match="rank"):
+        mtrt._profile_shapes(inputs, None, None, "input_ids:8")
+    with pytest.raises(MQUserError, match="not network inputs"):
+        mtrt._profile_shapes(inputs, None, None, "input_ids:1x1,nope:1")
+    with pytest.raises(MQUserError, match="fixed to 4"):
+        mtrt._profile_shapes(inputs, None, None, "input_ids:1x1,bias:5")
+
+
+# ---- models ---------------------------------------------------------------------------------------
+
+def _scan_model(path: Path, *, with_hadamard: bool = False) -> Path:
+    """x (int8 via QuantizeLinear) -> mq::SelectiveScan (function body: a stand-in Identity chain)."""
+    b, D, N = 1, 8, 4
+    f32 = lambda *s: np.random.default_rng(0).standard_normal(s).astype(np.float32)  # noqa: E731
+    inits = [
+        helper.make_tensor("sx", TensorProto.FLOAT, [], [0.05]),
+        onnx.numpy_helper.from_array(-np.exp(f32(D, N)), "A"),
+        onnx.numpy_helper.from_array(f32(D), "Dskip"),
+        onnx.numpy_helper.from_array(f32(D), "dbias"),
+        onnx.numpy_helper.from_array(np.ones(D, np.float32), "gscale"),
+        onnx.numpy_helper.from_array(np.zeros((b, D, N), np.float32), "h0"),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "sx"], ["xq"]),
+        helper.make_node("QuantizeLinear", ["dt", "sx"], ["dq"]),
+        helper.make_node("QuantizeLinear", ["Bm", "sx"], ["bq"]),
+        helper.make_node("QuantizeLinear", ["Cm", "sx"], ["cq"]),
+        helper.make_node("QuantizeLinear", ["z", "sx"], ["zq"]),
+        helper.make_node("SelectiveScan", ["xq", "dq", "A", "bq", "cq", "Dskip", "zq", "dbias", "gscale", "h0"],
+                         ["y", "h_last"], domain="mq", x_scale=0.05, delta_scale=0.05, B_scale=0.05,
+                         C_scale=0.05, z_scale=0.05, out_dtype=1),
+    ]
+    body = [helper.make_node("Identity", ["x"], ["y"]), helper.make_node("Identity", ["h0"], ["h_last"])]
+    fn = helper.make_function("mq", "SelectiveScan", ["x", "delta", "A", "B", "C", "D", "z", "delta_bias",
+                                                       "gate_scale", "h0"], ["y", "h_last"], body,
+                              [helper.make_opsetid("", 21)],
+                              attributes=["x_scale", "delta_scale", "B_scale", "C_scale", "z_scale", "out_dtype"])
+    functions = [fn]
+    outputs = ["y", "h_last"]
+    if with_hadamard:
+        nodes.append(helper.make_node("Hadamard", ["y"], ["y_rot"], domain="mq"))
+        functions.append(helper.make_function("mq", "Hadamard", ["t"], ["u"], [helper.make_node("Identity", ["t"], ["u"])],
+                                              [helper.make_opsetid("", 21)]))
+        outputs = ["y_rot", "h_last"]
+    vi = lambda n, t, s: helper.make_tensor_value_info(n, t, s)  # noqa: E731
+    graph = helper.make_graph(
+        nodes, "scan", [vi(n, TensorProto.FLOAT, ["b", "L", D]) for n in ("x", "dt", "z")]
+        + [vi(n, TensorProto.FLOAT, ["b", "L", N]) for n in ("Bm", "Cm")],
+        [vi(outputs[0], TensorProto.FLOAT, ["b", "L", D]), vi("h_last", TensorProto.FLOAT, [b, D, N])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("mq", 1)],
+                              functions=functions)
+    model.ir_version = 10
+    onnx.save(model, path)
+    return path
+
+
+def _plain_model(path: Path) -> Path:
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])], "plain",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 8])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    onnx.save(model, path)
+    return path
+
+
+def test_strip_function_bodies(tmp_path):
+    path = _scan_model(tmp_path / "m.onnx", with_hadamard=True)
+    before = path.read_bytes()
+    model = onnx.load(path)
+    stripped, removed = mtrt.strip_function_bodies(model)
+    assert removed == ["SelectiveScan"]
+    assert [(f.domain, f.name) for f in stripped.functions] == [("mq", "Hadamard")]  # no plugin: keeps its body
+    scan = next(n for n in stripped.graph.node if n.op_type == "SelectiveScan")
+    attrs = {a.name: helper.get_attribute_value(a) for a in scan.attribute}
+    assert attrs["plugin_namespace"] == b"mq" and attrs["plugin_version"] == b"1"
+    assert attrs["x_scale"] == pytest.approx(0.05) and attrs["out_dtype"] == 1
+    # the input model and the file are untouched
+    assert len(model.functions) == 2
+    assert not any(a.name == "plugin_namespace" for n in model.graph.node for a in n.attribute)
+    assert path.read_bytes() == before
+    assert mtrt.count_plugin_nodes(model) == 1
+
+    everything, removed_all = mtrt.strip_function_bodies(model, op_types=None)
+    assert sorted(removed_all) == ["Hadamard", "SelectiveScan"] and len(everything.functions) == 0
+    assert not any(f.domain == "mq" for f in everything.functions)
+
+
+# ---- build_engine without TensorRT ------------------------------------------------------------
+
+def test_build_engine_without_tensorrt(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt -> ImportError
+    path = _scan_model(tmp_path / "m.onnx")
+    with pytest.raises(MQUserError) as ei:
+        mtrt.build_engine(path, tmp_path / "m.engine")
+    msg = str(ei.value)
+    assert "pip install tensorrt" in msg and "JetPack" in msg and "TensorRT_ROOT" in msg
+    assert not (tmp_path / "m.engine").exists()
+
+
+def test_placeholder_tensorrt_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", types.ModuleType("tensorrt"))  # what the PyPI placeholder gives
+    with pytest.raises(MQUserError, match="placeholder"):
+        mtrt.build_engine(_plain_model(tmp_path / "p.onnx"), tmp_path / "p.engine")
+
+
+def test_runner_without_tensorrt(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    (tmp_path / "e.engine").write_bytes(b"x")
+    with pytest.raises(MQUserError, match="pip install tensorrt"):
+        mtrt.TensorRTRunner(tmp_path / "e.engine")
+
+
+def test_importing_build_is_lean():
+    code = ("import sys, mq_deploy.build.tensorrt; "
+            "bad = [m for m in ('tensorrt', 'torch', 'onnx', 'cuda') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+# ---- build_engine's flow against a stand-in tensorrt module ----------------------------------------
+
+class _Enum:
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+def _fake_tensorrt(record: dict):
+    """The slice of the TensorRT 10 Python API that build_engine uses. It records calls; it does not
+    parse or build anything. Real-TensorRT behaviour is covered by test_real_tensorrt_* below."""
+    trt = types.ModuleType("tensorrt")
+    trt.__version__ = "10.99-fake"
+
+    class ILogger:
+        INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = range(5)
+
+        def __init__(self):
+            pass
+
+    class Registry:
+        def __init__(self):
+            self.loaded = []
+
+        def load_library(self, path):
+            self.loaded.append(path)
+            record["loaded"] = list(self.loaded)
+            return object()
+
+        def get_creator(self, name, version, namespace):
+            ok = self.loaded and (name, version, namespace) == ("SelectiveScan", "1", "mq")
+            return object() if ok else None
+
+    registry = Registry()
+
+    class Tensor:
+        def __init__(self, name, shape):
+            self.name, self.shape = name, shape
+
+    class Network:
+        def __init__(self, flags):
+            record["network_flags"] = flags
+            self.inputs = []
+
+        @property
+        def num_inputs(self):
+            return len(self.inputs)
+
+        def get_input(self, i):
+            return self.inputs[i]
+
+    class OnnxParser:
+        def __init__(self, network, logger):
+            self.network = network
+            self.num_errors = 0
+
+        def parse_from_file(self, path):
+            m = onnx.load(path)
+            record["parsed_functions"] = [(f.domain, f.name) for f in m.functions]
+            record["parsed_nodes"] = [(n.domain, n.op_type, {a.name for a in n.attribute}) for n in m.graph.node]
+            record["parsed_path"] = path
+            for vi in m.graph.input:
+                dims = [d.dim_value if d.HasField("dim_value") else -1 for d in vi.type.tensor_type.shape.dim]
+                self.network.inputs.append(Tensor(vi.name, dims))
+            return True
+
+    class Profile:
+        def set_shape(self, name, lo, opt, hi):
+            record.setdefault("profile", {})[name] = (tuple(lo), tuple(opt), tuple(hi))
+
+    class Cache:
+        def __init__(self, blob):
+            self.blob = blob
+
+        def serialize(self):
+            return self.blob + b"+new"
+
+    class Config:
+        def __init__(self):
+            self.flags = []
+            self.cache = None
+
+        def set_memory_pool_limit(self, pool, n):
+            record["workspace"] = n
+
+        def set_flag(self, f):
+            self.flags.append(f)
+            record["builder_flags"] = list(self.flags)
+
+        def add_optimization_profile(self, p):
+            record["profiles_added"] = record.get("profiles_added", 0) + 1
+
+        def create_timing_cache(self, blob):
+            record["cache_in"] = blob
+            return Cache(blob)
+
+        def set_timing_cache(self, cache, ignore_mismatch):
+            self.cache = cache
+            return True
+
+        def get_timing_cache(self):
+            return self.cache
+
+    class Builder:
+        def __init__(self, logger):
+            pass
+
+        def create_network(self, flags):
+            return Network(flags)
+
+        def create_builder_config(self):
+            return Config()
+
+        def create_optimization_profile(self):
+            return Profile()
+
+        def build_serialized_network(self, network, config):
+            return b"ENGINE"
+
+    class Inspector:
+        def get_engine_information(self, fmt):
+            return ('{"Layers": [{"Name": "scan", "LayerType": "PluginV3", '
+                    '"Outputs": [{"Format/Datatype": "Row major linear FP32"}]}]}')
+
+    class Engine:
+        def create_engine_inspector(self):
+            return Inspector()
+
+    class Runtime:
+        def __init__(self, logger):
+            pass
+
+        def deserialize_cuda_engine(self, blob):
+            return Engine()
+
+    trt.ILogger, trt.Builder, trt.OnnxParser, trt.Runtime = ILogger, Builder, OnnxParser, Runtime
+    trt.get_plugin_registry = lambda: registry
+    trt.NetworkDefinitionCreationFlag = _Enum(STRONGLY_TYPED=5)
+    trt.MemoryPoolType = _Enum(WORKSPACE=0)
+    trt.BuilderFlag = _Enum(FP16=0, INT8=1)
+    trt.ProfilingVerbosity = _Enum(DETAILED=2)
+    trt.LayerInformationFormat = _Enum(JSON=1)
+    return trt
+
+
+@pytest.fixture
+def fake_trt(monkeypatch):
+    record: dict = {}
+    monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt(record))
+    monkeypatch.setattr(mtrt, "_LOADED_PLUGINS", {})
+    monkeypatch.delenv(mtrt.PLUGIN_ENV, raising=False)
+    monkeypatch.setattr(mtrt, "_PLUGIN_CANDIDATES", ())
+    return record
+
+
+def test_build_engine_flow_with_plugin(tmp_path, fake_trt):
+    model = _scan_model(tmp_path / "m.onnx")
+    before = model.read_bytes()
+    lib = tmp_path / "libmq_scan_trt.so"
+    lib.write_bytes(b"")
+    cache = tmp_path / "timing.cache"
+    cache.write_bytes(b"old")
+    rep = mtrt.build_engine(model, tmp_path / "out" / "m.engine", plugins=[lib],
+                            min_shapes="x:1x1x8,dt:1x1x8,z:1x1x8,Bm:1x1x4,Cm:1x1x4",
+                            max_shapes={"x": (1, 64, 8), "dt": (1, 64, 8), "z": (1, 64, 8), "Bm": (1, 64, 4),
+                                        "Cm": (1, 64, 4)},
+                            timing_cache=cache, workspace=1 << 20)
+    assert (tmp_path / "out" / "m.engine").read_bytes() == b"ENGINE"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []   # temp files are gone
+    assert model.read_bytes() == before
+    assert fake_trt["parsed_functions"] == []                                    # the parser saw no body
+    scan = next(n for n in fake_trt["parsed_nodes"] if n[1] == "SelectiveScan")
+    assert {"plugin_namespace", "plugin_version", "x_scale", "out_dtype"} <= scan[2]
+    assert fake_trt["loaded"] == [str(lib.resolve())]
+    assert fake_trt["network_flags"] == 1 << 5 and "builder_flags" not in fake_trt  # strongly typed, no flags
+    assert fake_trt["profile"]["x"] == ((1, 1, 8), (1, 64, 8), (1, 64, 8))
+    assert fake_trt["workspace"] == 1 << 20
+    assert fake_trt["cache_in"] == b"old" and cache.read_bytes() == b"old+new"
+    assert rep["engine_bytes"] == 6 and rep["scan_nodes"] == 1 and rep["stripped_functions"] == ["SelectiveScan"]
+    assert rep["layers"] == [{"name": "scan", "type": "PluginV3", "precision": "float32"}]
+    assert rep["strongly_typed"] is True and rep["precision_flags"] == []
+
+
+def test_build_engine_needs_plugin_for_scan_nodes(tmp_path, fake_trt):
+    model = _scan_model(tmp_path / "m.onnx")
+    with pytest.raises(MQUserError, match="mq::SelectiveScan node.*cmake -S plugins/selective_scan"):
+        mtrt.build_engine(model, tmp_path / "m.engine", max_shapes="x:1x4x8")
+    with pytest.raises(MQUserError, match="plugin library not found"):
+        mtrt.build_engine(model, tmp_path / "m.engine", plugins=[tmp_path / "nope.so"])
+
+
+def test_build_engine_plain_model_needs_no_plugin(tmp_path, fake_trt):
+    rep = mtrt.build_engine(_plain_model(tmp_path / "p.onnx"), tmp_path / "p.engine", opt_shapes="x:4x8")
+    assert rep["plugins"] == [] and rep["scan_nodes"] == 0 and "loaded" not in fake_trt
+    assert fake_trt["profile"]["x"] == ((4, 8),) * 3
+    with pytest.raises(MQUserError, match="dynamic shape"):
+        mtrt.build_engine(_plain_model(tmp_path / "p.onnx"), tmp_path / "p2.engine")
+
+
+def test_build_engine_fp16_is_weakly_typed(tmp_path, fake_trt):
+    lib = tmp_path / "libmq_scan_trt.so"
+    lib.write_bytes(b"")
+    rep = mtrt.build_engine(_scan_model(tmp_path / "m.onnx"), tmp_path / "m.engine", fp16=True, plugins=[lib],
+                            max_shapes="x:1x4x8,dt:1x4x8,z:1x4x8,Bm:1x4x4,Cm:1x4x4")
+    assert rep["strongly_typed"] is False and rep["precision_flags"] == ["INT8", "FP16"]
+    assert fake_trt["network_flags"] == 0 and rep["scan_nodes_fp16"] == 1
+    with pytest.raises(MQUserError, match="weakly typed"):
+        mtrt.build_engine(_scan_model(tmp_path / "m.onnx"), tmp_path / "m.engine", fp16=True, strongly_typed=True,
+                          plugins=[lib])
+
+
+# ---- real TensorRT and real headers ---------------------------------------------------------------
+
+def test_real_tensorrt_plain_build(tmp_path):
+    trt = pytest.importorskip("tensorrt")
+    if not hasattr(trt, "Builder"):
+        pytest.skip("placeholder tensorrt package")
+    rep = mtrt.build_engine(_plain_model(tmp_path / "p.onnx"), tmp_path / "p.engine", max_shapes="x:4x8")
+    assert rep["engine_bytes"] > 0 and (tmp_path / "p.engine").stat().st_size == rep["engine_bytes"]
+
+
+@pytest.mark.skipif(not os.environ.get("TENSORRT_INCLUDE_DIR"),
+                    reason="set TENSORRT_INCLUDE_DIR to TensorRT's include/ to compile the plugin")
+def test_plugin_compile_check():
+    script = REPO / "plugins" / "selective_scan" / "trt" / "compile_check.sh"
+    res = subprocess.run(["bash", str(script), os.environ["TENSORRT_INCLUDE_DIR"]], capture_output=True, text=True)
+    print(res.stdout[-2000:], res.stderr[-4000:])
+    assert res.returncode == 0
