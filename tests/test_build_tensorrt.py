@@ -405,8 +405,9 @@ def test_real_tensorrt_plain_build(tmp_path):
 
 @pytest.mark.skipif(not os.environ.get("TENSORRT_INCLUDE_DIR"),
                     reason="set TENSORRT_INCLUDE_DIR to TensorRT's include/ to compile the plugin")
-def test_plugin_compile_check():
-    script = REPO / "plugins" / "selective_scan" / "trt" / "compile_check.sh"
+@pytest.mark.parametrize("script_name", ["compile_check.sh", "host_check.sh"])
+def test_plugin_compile_check(script_name):
+    script = REPO / "plugins" / "selective_scan" / "trt" / script_name
     res = subprocess.run(["bash", str(script), os.environ["TENSORRT_INCLUDE_DIR"]], capture_output=True, text=True)
     print(res.stdout[-2000:], res.stderr[-4000:])
     assert res.returncode == 0
