@@ -180,10 +180,11 @@ def strip_function_bodies(model, *, domain: str = PLUGIN_DOMAIN, op_types: Itera
 
 
 def _set_scan_out_dtype(model, out_dtype: int) -> int:
-    """Set out_dtype on every plugin scan node; returns how many were changed."""
+    """Set out_dtype on every plugin scan node and drop the value_info of their y outputs (which
+    declared the old type); returns how many nodes were changed."""
     from onnx import helper
 
-    n = 0
+    n, ys = 0, set()
     for node in _all_nodes(model):
         if node.domain != PLUGIN_DOMAIN or node.op_type not in PLUGIN_OPS:
             continue
@@ -191,8 +192,46 @@ def _set_scan_out_dtype(model, out_dtype: int) -> int:
             if attr.name == "out_dtype":
                 node.attribute.remove(attr)
         node.attribute.append(helper.make_attribute("out_dtype", int(out_dtype)))
+        if node.output:
+            ys.add(node.output[0])
         n += 1
+    keep = [vi for vi in model.graph.value_info if vi.name not in ys]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(keep)
     return n
+
+
+class _parser_copy:
+    """The stripped model as a temporary file for parse_from_file: next to the original, so relative
+    external-data locations resolve; in a temp folder when that directory is read-only (then only a
+    model without external data can go)."""
+
+    def __init__(self, model, onnx_path: Path):
+        self.model, self.onnx_path, self.path, self.tmpdir = model, onnx_path, None, None
+
+    def __enter__(self) -> str:
+        import onnx
+
+        try:
+            fd, self.path = tempfile.mkstemp(prefix="." + self.onnx_path.stem + ".trt-", suffix=".onnx",
+                                             dir=self.onnx_path.parent)
+            os.close(fd)
+        except OSError:
+            if any(t.data_location == onnx.TensorProto.EXTERNAL for t in self.model.graph.initializer):
+                raise MQUserError(f"{self.onnx_path.parent} is not writable and {self.onnx_path.name} keeps its "
+                                  "weights in external data files; the TensorRT build writes a stripped copy "
+                                  "next to it. Copy the model folder somewhere writable.") from None
+            self.tmpdir = tempfile.mkdtemp(prefix="mq-trt-")
+            self.path = os.path.join(self.tmpdir, self.onnx_path.name)
+        onnx.save(self.model, self.path)
+        return self.path
+
+    def __exit__(self, *exc):
+        if self.path and os.path.exists(self.path):
+            os.unlink(self.path)
+        if self.tmpdir:
+            os.rmdir(self.tmpdir)
+        return False
 
 
 def find_plugin_library(plugins: Sequence[str | os.PathLike] | None = ()) -> list[str]:
@@ -431,13 +470,8 @@ def build_engine(onnx_path, out_path, *, int8: bool = True, fp16: bool = False,
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
 
-    fd, tmp_onnx = tempfile.mkstemp(prefix="." + onnx_path.stem + ".trt-", suffix=".onnx", dir=onnx_path.parent)
-    os.close(fd)
-    try:
-        onnx.save(stripped, tmp_onnx)
+    with _parser_copy(stripped, onnx_path) as tmp_onnx:
         ok = parser.parse_from_file(tmp_onnx)
-    finally:
-        os.unlink(tmp_onnx)
     if not ok:
         errors = []
         for i in range(parser.num_errors):
