@@ -108,11 +108,11 @@ def _ptr(t):
     return None if t is None else ctypes.c_void_p(t.data_ptr())
 
 
-def _f32(t, name):
+def _f32(t, name, device):
     if t is None:
         return None
-    if t.device.type != "cpu":
-        raise MQUserError(f"{name} must be a CPU tensor for the CPU library, got {t.device}")
+    if t.device != device:
+        raise MQUserError(f"{name} must be on {device} like x, got {t.device}")
     return t.detach().to(torch.float32).contiguous()
 
 
@@ -121,7 +121,7 @@ def _rows(tensors, width):
     kernel reads them; copies to contiguous when they do not."""
     live = [t for t in tensors if t is not None]
     strides = {t.stride() for t in live}
-    if len(strides) != 1 or live[0].stride(2) != 1 and width > 1:
+    if len(strides) != 1 or (live[0].stride(2) != 1 and width > 1):
         tensors = [None if t is None else t.contiguous() for t in tensors]
         live = [t for t in tensors if t is not None]
     bs, ls = live[0].stride(0), live[0].stride(1)
@@ -132,23 +132,15 @@ def _rows(tensors, width):
     return tensors, bs, ls
 
 
-def selective_scan_int8_native(qx, x_scale, qdelta, delta_scale, A, qB, B_scale, qC, C_scale, D=None, qz=None,
-                               z_scale=None, delta_bias=None, delta_softplus=True, initial_state=None,
-                               return_last_state=False, gate_scale=None, *, num_threads=0,
-                               out_dtype=torch.float32, out_state=None):
-    """`selective_scan_int8_ref` on the C++ CPU library. Extra keywords:
-
-    num_threads  worker threads (<= 0: all cores)
-    out_dtype    torch.float32 or torch.float16 (the op's out_dtype attribute)
-    out_state    a float32 contiguous [b, Di, N] tensor to write the last state into; may be
-                 initial_state itself (an in-place decode step). Implies return_last_state.
-    """
+def _prepare(qx, x_scale, qdelta, delta_scale, A, qB, B_scale, qC, C_scale, D, qz, z_scale, delta_bias,
+             delta_softplus, initial_state, return_last_state, gate_scale, out_dtype, out_state, device_type):
+    """Checks the arguments and fills MQScanParams. Returns (params, y, h_last, tensors to keep alive)."""
     for name, q in (("x", qx), ("delta", qdelta), ("B", qB), ("C", qC), ("z", qz)):
         if q is not None:
             if q.dtype != torch.int8:
                 raise ValueError(f"{name} must be int8, got {q.dtype}")
-            if q.device.type != "cpu":
-                raise MQUserError(f"{name} must be a CPU tensor for the CPU library, got {q.device}")
+            if q.device.type != device_type or q.device != qx.device:
+                raise MQUserError(f"{name} must be a {device_type} tensor on x's device, got {q.device}")
     if (qz is None) != (z_scale is None):
         raise ValueError("z and z_scale go together")
     if not delta_softplus:
@@ -160,23 +152,22 @@ def selective_scan_int8_native(qx, x_scale, qdelta, delta_scale, A, qB, B_scale,
     n = A.shape[1]
     if n > MAX_DSTATE:
         raise MQUserError(f"dstate={n} exceeds the native scan's maximum {MAX_DSTATE}")
-    lib = load_library()
+    dev = qx.device
 
     (qx, qdelta, qz), x_bs, x_ls = _rows([qx, qdelta, qz], dim)
     (qB, qC), bc_bs, bc_ls = _rows([qB, qC], n)
-    A, D, delta_bias = _f32(A, "A"), _f32(D, "D"), _f32(delta_bias, "delta_bias")
-    gate_scale = _f32(gate_scale, "gate_scale") if qz is not None else None
-    h0 = _f32(initial_state, "initial_state")
+    A, D, delta_bias = _f32(A, "A", dev), _f32(D, "D", dev), _f32(delta_bias, "delta_bias", dev)
+    gate_scale = _f32(gate_scale, "gate_scale", dev) if qz is not None else None
+    h0 = _f32(initial_state, "initial_state", dev)
     if out_state is not None:
-        if (out_state.dtype != torch.float32 or not out_state.is_contiguous() or out_state.device.type != "cpu"
+        if (out_state.dtype != torch.float32 or not out_state.is_contiguous() or out_state.device != dev
                 or tuple(out_state.shape) != (bsz, dim, n)):
-            raise MQUserError(f"out_state must be a contiguous float32 CPU tensor [{bsz}, {dim}, {n}]")
+            raise MQUserError(f"out_state must be a contiguous float32 tensor [{bsz}, {dim}, {n}] on {dev}")
         if initial_state is not None and out_state.data_ptr() == initial_state.data_ptr():
-            h0 = out_state          # in place: the kernel reads a block's state before writing it
-        return_last_state = True
-    y = torch.empty(bsz, seqlen, dim, dtype=out_dtype)
+            h0 = out_state          # in place: each state element is read before it is written
+    y = torch.empty(bsz, seqlen, dim, dtype=out_dtype, device=dev)
     h_last = out_state if out_state is not None else (
-        torch.empty(bsz, dim, n, dtype=torch.float32) if return_last_state else None)
+        torch.empty(bsz, dim, n, dtype=torch.float32, device=dev) if return_last_state else None)
 
     p = MQScanParams(
         batch=bsz, seqlen=seqlen, dim=dim, dstate=n,
@@ -187,11 +178,80 @@ def selective_scan_int8_native(qx, x_scale, qdelta, delta_scale, A, qB, B_scale,
         y=_ptr(y), h_last=_ptr(h_last), out_fp16=int(out_dtype == torch.float16),
         x_batch_stride=x_bs, x_l_stride=x_ls, bc_batch_stride=bc_bs, bc_l_stride=bc_ls,
         y_batch_stride=seqlen * dim, y_l_stride=dim)
+    keep = (qx, qdelta, qz, qB, qC, A, D, delta_bias, gate_scale, h0)
+    return p, y, h_last, keep
+
+
+def _raise(lib, rc, what):
+    msg = last_error(lib)
+    raise (MQUserError if rc == ERR_INVALID else MQInternalError)(f"{what}: {msg} (code {rc})")
+
+
+def selective_scan_int8_native(qx, x_scale, qdelta, delta_scale, A, qB, B_scale, qC, C_scale, D=None, qz=None,
+                               z_scale=None, delta_bias=None, delta_softplus=True, initial_state=None,
+                               return_last_state=False, gate_scale=None, *, num_threads=0,
+                               out_dtype=torch.float32, out_state=None):
+    """`selective_scan_int8_ref` on the C++ CPU library (CPU tensors). Extra keywords:
+
+    num_threads  worker threads (<= 0: all cores)
+    out_dtype    torch.float32 or torch.float16 (the op's out_dtype attribute)
+    out_state    a float32 contiguous [b, Di, N] tensor to write the last state into; may be
+                 initial_state itself (an in-place decode step). Implies return_last_state.
+    """
+    p, y, h_last, _keep = _prepare(qx, x_scale, qdelta, delta_scale, A, qB, B_scale, qC, C_scale, D, qz, z_scale,
+                                   delta_bias, delta_softplus, initial_state, return_last_state, gate_scale,
+                                   out_dtype, out_state, "cpu")
+    lib = load_library()
     rc = lib.mq_scan_cpu(ctypes.byref(p), int(num_threads))
     if rc != 0:
-        msg = last_error(lib)
-        raise (MQUserError if rc == ERR_INVALID else MQInternalError)(f"mq_scan_cpu: {msg} (code {rc})")
-    return (y, h_last) if return_last_state else y
+        _raise(lib, rc, "mq_scan_cpu")
+    return (y, h_last) if (return_last_state or out_state is not None) else y
+
+
+# --- CUDA library (tests/gpu and bench/scan_gpu.py; the product calls it through the TensorRT plugin) ---
+
+CUDA_LIB_NAME = "libmq_scan_cuda.so"
+_cuda_lib = None
+
+
+def cuda_library_path() -> str:
+    return os.environ.get("MQ_SCAN_CUDA_LIB") or os.path.join(NATIVE_DIR, CUDA_LIB_NAME)
+
+
+def load_cuda_library():
+    global _cuda_lib
+    if _cuda_lib is None:
+        where = cuda_library_path()
+        if not os.path.exists(where):
+            raise MQUserError(f"CUDA selective scan library not found at {where}; build it with: "
+                              "python -m mq_deploy.ops.native --build --cuda   (needs nvcc and cmake)")
+        lib = _declare(ctypes.CDLL(where))
+        P = ctypes.POINTER(MQScanParams)
+        for fn in (lib.mq_scan_cuda, lib.mq_scan_step_cuda):
+            fn.argtypes = [P, ctypes.c_void_p]
+            fn.restype = ctypes.c_int
+        lib.mq_scan_cuda_f16in.argtypes = [P] + [ctypes.c_void_p] * 6
+        lib.mq_scan_cuda_f16in.restype = ctypes.c_int
+        _cuda_lib = lib
+    return _cuda_lib
+
+
+def selective_scan_int8_cuda(qx, x_scale, qdelta, delta_scale, A, qB, B_scale, qC, C_scale, D=None, qz=None,
+                             z_scale=None, delta_bias=None, delta_softplus=True, initial_state=None,
+                             return_last_state=False, gate_scale=None, *, out_dtype=torch.float32,
+                             out_state=None, step=False):
+    """`selective_scan_int8_ref` on libmq_scan_cuda.so (CUDA tensors, torch's current stream).
+    step=True calls the decode-step entry point (seqlen must be 1)."""
+    p, y, h_last, _keep = _prepare(qx, x_scale, qdelta, delta_scale, A, qB, B_scale, qC, C_scale, D, qz, z_scale,
+                                   delta_bias, delta_softplus, initial_state, return_last_state, gate_scale,
+                                   out_dtype, out_state, "cuda")
+    lib = load_cuda_library()
+    stream = ctypes.c_void_p(torch.cuda.current_stream(qx.device).cuda_stream)
+    fn = lib.mq_scan_step_cuda if step else lib.mq_scan_cuda
+    rc = fn(ctypes.byref(p), stream)
+    if rc != 0:
+        _raise(lib, rc, fn.__name__)
+    return (y, h_last) if (return_last_state or out_state is not None) else y
 
 
 def build(cuda: bool = False, out_dir: str = NATIVE_DIR) -> list[str]:

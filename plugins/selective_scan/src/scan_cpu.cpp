@@ -6,6 +6,7 @@
 // SIMD vectors wide and the compiler vectorises the state update including exp2 (the header's
 // polynomial). Padding lanes of a partial last block run with dt = 0, x = 0 and stay at zero.
 #include <algorithm>
+#include <cstring>
 #include <exception>
 #include <thread>
 #include <vector>
@@ -40,13 +41,28 @@ void scan_block(const MQScanParams &p, int64_t b, int64_t d0) {
     gs[j] = (live && p.gate_scale != nullptr) ? p.gate_scale[d0 + j] : 1.f;
   }
 
+  const bool full = nd == kBlock;
+  const bool has_z = p.z != nullptr;
+  alignas(64) int8_t xq[kBlock] = {}, dq[kBlock] = {}, zq[kBlock] = {};
+  alignas(64) float out[kBlock];
   for (int64_t l = 0; l < p.seqlen; ++l) {
     const int64_t xo = b * p.x_batch_stride + l * p.x_l_stride + d0;
     const int64_t bco = b * p.bc_batch_stride + l * p.bc_l_stride;
-    for (int j = 0; j < kBlock; ++j) {
-      const bool live = j < nd;
-      xv[j] = live ? dequant(p.x[xo + j], p.x_scale) : 0.f;
-      dt[j] = live ? discretize(dequant(p.delta[xo + j], p.delta_scale), bias[j]) : 0.f;
+    // int8 rows into padded local copies, so that every per-channel loop below is a full vector
+    if (full) {
+      memcpy(xq, p.x + xo, kBlock);
+      memcpy(dq, p.delta + xo, kBlock);
+      if (has_z) memcpy(zq, p.z + xo, kBlock);
+    } else {
+      for (int j = 0; j < nd; ++j) {
+        xq[j] = p.x[xo + j];
+        dq[j] = p.delta[xo + j];
+        if (has_z) zq[j] = p.z[xo + j];
+      }
+    }
+    for (int j = 0; j < kBlock; ++j) {   // padding lanes: x = 0, so dtx = 0 and their state stays 0
+      xv[j] = dequant(xq[j], p.x_scale);
+      dt[j] = discretize(dequant(dq[j], p.delta_scale), bias[j]);
       dtx[j] = dt[j] * xv[j];
       acc[j] = 0.f;
     }
@@ -58,20 +74,21 @@ void scan_block(const MQScanParams &p, int64_t b, int64_t d0) {
       const float bn = Bv[n], cn = Cv[n];
       float *hn = h[n];
       const float *an = A2[n];
-#pragma GCC ivdep
       for (int j = 0; j < kBlock; ++j) {
         hn[j] = state_update(hn[j], dt[j], an[j], dtx[j], bn);
         acc[j] += hn[j] * cn;
       }
     }
+    if (has_z)
+      for (int j = 0; j < kBlock; ++j) out[j] = finish(acc[j], xv[j], Dv[j], gate(dequant(zq[j], p.z_scale), gs[j]));
+    else
+      for (int j = 0; j < kBlock; ++j) out[j] = finish(acc[j], xv[j], Dv[j], 1.f);
     const int64_t yo = b * p.y_batch_stride + l * p.y_l_stride + d0;
-    for (int j = 0; j < nd; ++j) {
-      const float g = p.z != nullptr ? gate(dequant(p.z[xo + j], p.z_scale), gs[j]) : 1.f;
-      const float v = finish(acc[j], xv[j], Dv[j], g);
-      if (p.out_fp16)
-        static_cast<uint16_t *>(p.y)[yo + j] = float_to_half_bits(v);
-      else
-        static_cast<float *>(p.y)[yo + j] = v;
+    if (p.out_fp16) {
+      uint16_t *y = static_cast<uint16_t *>(p.y) + yo;
+      for (int j = 0; j < nd; ++j) y[j] = float_to_half_bits(out[j]);
+    } else {
+      memcpy(static_cast<float *>(p.y) + yo, out, sizeof(float) * static_cast<size_t>(nd));
     }
   }
 

@@ -1,0 +1,122 @@
+"""libmq_scan_cuda.so on torch CUDA tensors against selective_scan_int8_ref (skipped without a GPU).
+
+Build the library first:  python -m mq_deploy.ops.native --build --cuda  (or set MQ_SCAN_CUDA_LIB).
+
+Tolerances (rel_err = max |diff| / max |ref|): 1e-4 for float32 output. The library is built with
+--use_fast_math, so exp2/exp are the SFU approximations (relative error ~2^-22) and softplus, sigmoid
+use __expf; with the different summation order that is a few float32 ulps per step, and the decaying
+recurrence keeps it from growing with L. The reference runs on the CPU in float32.
+float16 output: that bound plus half an fp16 ulp of each element.
+"""
+
+import os
+import sys
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    pytest.skip("no CUDA device (torch.cuda.is_available() is False)", allow_module_level=True)
+
+from mq_deploy.errors import MQUserError  # noqa: E402
+from mq_deploy.ops import native  # noqa: E402
+from mq_deploy.ops.selective_scan import selective_scan_int8_ref  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from conftest import rel_err  # noqa: E402
+from test_native_scan import make  # noqa: E402
+
+if not os.path.exists(native.cuda_library_path()):
+    pytest.skip(f"{native.cuda_library_path()} not built: python -m mq_deploy.ops.native --build --cuda",
+                allow_module_level=True)
+
+TOL = 1e-4
+DEV = torch.device("cuda")
+
+
+def to_dev(kw):
+    return {k: (v.to(DEV) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+
+
+def check(got, want, tol=TOL, what="y"):
+    e = rel_err(got.float().cpu(), want)
+    print(f"{what}: rel err {e:.2e} (tol {tol:.0e})")
+    assert e < tol
+
+
+# chunk lengths are 2048 / kN (128 steps at N = 16, 32 at N = 64): lengths straddle them; d straddles
+# the 128-channel block; N = 7 and 40 use padded states, N = 200 the spilling 256 instantiation
+SHAPES = [(1, 1, 1, 16), (2, 129, 130, 16), (3, 300, 77, 64), (1, 65, 33, 7), (2, 40, 20, 40), (1, 20, 9, 200)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "b%d-L%d-d%d-n%d" % s)
+@pytest.mark.parametrize("z,gate,h0", [(True, False, False), (False, False, True), (True, True, True)],
+                         ids=["silu", "noz-h0", "gate-h0"])
+def test_scan_matches_reference(shape, z, gate, h0):
+    kw = make(*shape, z=z, gate=gate, h0=h0)
+    want_y, want_h = selective_scan_int8_ref(**kw, return_last_state=True)
+    y, h = native.selective_scan_int8_cuda(**to_dev(kw), return_last_state=True)
+    torch.cuda.synchronize()
+    check(y, want_y)
+    check(h, want_h, what="h_last")
+
+
+def test_fp16_output_and_strided_inputs():
+    g = torch.Generator().manual_seed(3)
+    b, L, d, n, r = 2, 150, 140, 16, 6
+    kw = make(b, L, d, n, gate=True, h0=True, seed=3)
+    xdz = torch.randint(-127, 128, (b, L, 3 * d), dtype=torch.int8, generator=g)
+    dbc = torch.randint(-127, 128, (b, L, r + 2 * n), dtype=torch.int8, generator=g)
+    kw.update(qx=xdz[..., :d], qdelta=xdz[..., d:2 * d], qz=xdz[..., 2 * d:], qB=dbc[..., r:r + n],
+              qC=dbc[..., r + n:])
+    want = selective_scan_int8_ref(**kw)
+    dkw = to_dev(kw)
+    check(native.selective_scan_int8_cuda(**dkw), want)
+    y = native.selective_scan_int8_cuda(**dkw, out_dtype=torch.float16).float().cpu()
+    err = (y - want).abs()
+    assert (err <= want.abs() * 2.0**-11 * 1.01 + TOL * want.abs().max()).all(), err.max()
+
+
+@pytest.mark.parametrize("n", [16, 5, 32, 64])
+def test_decode_step_in_place_equals_the_full_scan(n):
+    b, L, d = 3, 10, 50
+    kw = make(b, L, d, n, gate=True, h0=True, seed=7)
+    want_y, want_h = selective_scan_int8_ref(**kw, return_last_state=True)
+    dkw = to_dev(kw)
+    state = dkw["initial_state"].clone()
+    ys = []
+    for t in range(L):
+        step = dict(dkw, initial_state=state)
+        for k in ("qx", "qdelta", "qB", "qC", "qz"):
+            step[k] = dkw[k][:, t:t + 1]
+        y, _ = native.selective_scan_int8_cuda(**step, out_state=state, step=True)
+        ys.append(y)
+    torch.cuda.synchronize()
+    check(torch.cat(ys, 1), want_y)
+    check(state, want_h, what="state")
+
+
+def test_step_entry_point_rejects_sequences():
+    kw = to_dev(make(1, 3, 8, 16))
+    with pytest.raises(MQUserError, match="seqlen must be 1"):
+        native.selective_scan_int8_cuda(**kw, step=True)
+
+
+def test_fp16_input_twin_matches_on_the_same_values():
+    """The bench twin reads half inputs: fed the dequantized values it computes the same scan."""
+    import ctypes
+    kw = make(2, 100, 70, 16, gate=True, h0=True, seed=9)
+    want = selective_scan_int8_ref(**kw)
+    dkw = to_dev(kw)
+    p, y, _, _keep = native._prepare(*[dkw.get(k) for k in (
+        "qx", "x_scale", "qdelta", "delta_scale", "A", "qB", "B_scale", "qC", "C_scale", "D", "qz", "z_scale",
+        "delta_bias")], True, dkw["initial_state"], False, dkw["gate_scale"], torch.float32, None, "cuda")
+    halves = [(dkw[q].float() * kw[s]).half().contiguous() for q, s in
+              (("qx", "x_scale"), ("qdelta", "delta_scale"), ("qB", "B_scale"), ("qC", "C_scale"), ("qz", "z_scale"))]
+    lib = native.load_cuda_library()
+    stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+    rc = lib.mq_scan_cuda_f16in(ctypes.byref(p), *[ctypes.c_void_p(t.data_ptr()) for t in halves], stream)
+    assert rc == 0, native.last_error(lib)
+    torch.cuda.synchronize()
+    # half holds the int8 codes times a scale only approximately (11-bit mantissa): 1e-3
+    check(y, want, tol=1e-3)
