@@ -20,8 +20,10 @@ from mq_deploy.ops.selective_scan import selective_scan_int8_ref
 
 from conftest import rel_err
 
-if os.environ.get("MQ_REQUIRE_NATIVE") != "1":
-    pytestmark = pytest.mark.skipif(not native.available(), reason=f"{native.unavailable_reason()}")
+# CI installs with MQ_REQUIRE_NATIVE=1: there a missing library fails the tests instead of skipping them
+needs_lib = pytest.mark.skipif(os.environ.get("MQ_REQUIRE_NATIVE") != "1" and not native.available(),
+                               reason=f"{native.unavailable_reason()}")
+PLUGIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "plugins", "selective_scan")
 
 TOL = 2e-5
 
@@ -57,6 +59,7 @@ def check(got, want, tol=TOL, what="y"):
 SHAPES = [(1, 1, 1, 16), (2, 37, 33, 16), (3, 131, 17, 64), (1, 300, 40, 16), (2, 9, 5, 7), (1, 6, 3, 256)]
 
 
+@needs_lib
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "b%d-L%d-d%d-n%d" % s)
 @pytest.mark.parametrize("z,gate,h0", [(True, False, False), (False, False, True), (True, True, True)],
                          ids=["silu", "noz-h0", "gate-h0"])
@@ -71,6 +74,7 @@ def test_matches_reference(shape, z, gate, h0):
     assert torch.equal(y_only, y)
 
 
+@needs_lib
 def test_fp16_output():
     kw = make(2, 45, 24, 16, gate=True, h0=True)
     want = selective_scan_int8_ref(**kw)
@@ -82,6 +86,7 @@ def test_fp16_output():
     assert (err <= bound).all()
 
 
+@needs_lib
 def test_threads_do_not_change_the_result():
     kw = make(3, 50, 70, 16, h0=True)
     one = native.selective_scan_int8_native(**kw, num_threads=1, return_last_state=True)
@@ -89,6 +94,7 @@ def test_threads_do_not_change_the_result():
     assert torch.equal(one[0], many[0]) and torch.equal(one[1], many[1])
 
 
+@needs_lib
 def test_strided_inputs_without_copies():
     """x, delta, z as column slices of wider [b, L, *] tensors and B, C as slices of one x_proj-like
     output: the strides go to the kernel as they are."""
@@ -109,6 +115,7 @@ def test_strided_inputs_without_copies():
     check(native.selective_scan_int8_native(**kw), want_y)
 
 
+@needs_lib
 def test_decode_steps_in_place_equal_the_full_scan():
     """seqlen == 1 with h_last aliasing h0 (the decode step), run L times, equals one scan of L."""
     b, L, d, n = 2, 12, 19, 16
@@ -127,6 +134,7 @@ def test_decode_steps_in_place_equal_the_full_scan():
     check(state, want_h, what="state")
 
 
+@needs_lib
 def test_argument_errors_are_user_errors():
     kw = make(1, 4, 3, 16)
     with pytest.raises(MQUserError, match="softplus"):
@@ -162,6 +170,7 @@ def _params(**over):
     (dict(out_fp16=2), "out_fp16"),
     (dict(x_l_stride=2), "l strides"),
 ], ids=lambda v: str(v)[:24])
+@needs_lib
 def test_c_abi_rejects_bad_params_with_a_message(over, message):
     lib = native.load_library()
     p, _keep = _params(**over)
@@ -182,3 +191,22 @@ def test_missing_library_names_the_path_and_the_fix(monkeypatch, tmp_path):
     assert not native.available()
     with pytest.raises(MQUserError, match="libnothere.so.*--build"):
         native.selective_scan_int8_native(**make(1, 2, 3, 16))
+
+
+def test_op_yaml_agrees_with_the_plugin_yaml():
+    """selective_scan.yaml (the op) and trt/SelectiveScan_PluginConfig.yaml (the plugin) describe one op."""
+    yaml = pytest.importorskip("yaml")
+    plugin_yaml = os.path.join(PLUGIN_DIR, "trt", "SelectiveScan_PluginConfig.yaml")
+    if not os.path.exists(plugin_yaml):
+        pytest.skip("no TensorRT plugin YAML in this checkout")
+    with open(os.path.join(PLUGIN_DIR, "selective_scan.yaml")) as f:
+        op = yaml.safe_load(f)
+    with open(plugin_yaml) as f:
+        plugin = yaml.safe_load(f)
+    for k in ("name", "namespace", "interface"):
+        assert op[k] == plugin[k], k
+    a, b = op["versions"]["1"], plugin["versions"]["1"]
+    for k in ("inputs", "outputs", "input_dims", "input_dim_constraints", "output_dims", "attributes",
+              "attribute_types", "attribute_length", "attribute_options"):
+        assert a[k] == b[k], k
+    assert a["input_dim_constraints"][-1] == f"A_1 <= {native.MAX_DSTATE}"
