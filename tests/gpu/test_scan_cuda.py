@@ -45,20 +45,56 @@ def check(got, want, tol=TOL, what="y"):
 
 
 # chunk lengths are 2048 / kN (128 steps at N = 16, 32 at N = 64): lengths straddle them; d straddles
-# the 128-channel block; N = 7 and 40 use padded states, N = 200 the spilling 256 instantiation
-SHAPES = [(1, 1, 1, 16), (2, 129, 130, 16), (3, 300, 77, 64), (1, 65, 33, 7), (2, 40, 20, 40), (1, 20, 9, 200)]
+# the 128-channel block; N = 7 and 40 use padded states, N = 200 the spilling 256 instantiation.
+# Small batch * D with L >= 128 takes the L-split (segments of >= 64 steps, two passes): b1-L1000
+# cuts into 15 uneven segments, b2-L129 into 2, b3-L300 into 4; "split=0" runs the same unsplit.
+SHAPES = [(1, 1, 1, 16), (2, 129, 130, 16), (3, 300, 77, 64), (1, 65, 33, 7), (2, 40, 20, 40), (1, 20, 9, 200),
+          (1, 1000, 70, 16), (1, 200, 150, 200)]
+
+
+@pytest.fixture(params=["split=auto", "split=0"])
+def split(request, monkeypatch):
+    if request.param == "split=0":
+        monkeypatch.setenv("MQ_SCAN_CUDA_SPLIT", "0")   # read by the library at each call
+    else:
+        monkeypatch.delenv("MQ_SCAN_CUDA_SPLIT", raising=False)
+    return request.param
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "b%d-L%d-d%d-n%d" % s)
 @pytest.mark.parametrize("z,gate,h0", [(True, False, False), (False, False, True), (True, True, True)],
                          ids=["silu", "noz-h0", "gate-h0"])
-def test_scan_matches_reference(shape, z, gate, h0):
+def test_scan_matches_reference(shape, z, gate, h0, split):
     kw = make(*shape, z=z, gate=gate, h0=h0)
     want_y, want_h = selective_scan_int8_ref(**kw, return_last_state=True)
     y, h = native.selective_scan_int8_cuda(**to_dev(kw), return_last_state=True)
     torch.cuda.synchronize()
     check(y, want_y)
     check(h, want_h, what="h_last")
+
+
+def test_split_and_unsplit_agree_closely(monkeypatch):
+    """The L-split reassociates the decay product (exp2(A * sum dt) for a segment): same result to
+    float32 rounding, far inside the reference tolerance."""
+    dkw = to_dev(make(1, 2048, 96, 16, gate=True, h0=True, seed=11))
+    y_split, h_split = native.selective_scan_int8_cuda(**dkw, return_last_state=True)
+    monkeypatch.setenv("MQ_SCAN_CUDA_SPLIT", "0")
+    y_one, h_one = native.selective_scan_int8_cuda(**dkw, return_last_state=True)
+    torch.cuda.synchronize()
+    check(y_split, y_one.cpu(), tol=2e-5, what="y split vs unsplit")
+    check(h_split, h_one.cpu(), tol=2e-5, what="h_last split vs unsplit")
+
+
+def test_in_place_state_with_a_long_sequence():
+    """h_last aliasing h0 on a sequence long enough to split: the library scans unsplit instead."""
+    kw = make(1, 500, 40, 16, gate=True, h0=True, seed=12)
+    want_y, want_h = selective_scan_int8_ref(**kw, return_last_state=True)
+    dkw = to_dev(kw)
+    state = dkw["initial_state"].clone()
+    y, _ = native.selective_scan_int8_cuda(**dict(dkw, initial_state=state), out_state=state)
+    torch.cuda.synchronize()
+    check(y, want_y)
+    check(state, want_h, what="state")
 
 
 def test_fp16_output_and_strided_inputs():

@@ -15,6 +15,7 @@
 // mq_scan_cuda_f16in: the same scan_kernel instantiated for IEEE half inputs, for the benchmark
 // (int8 vs fp16 input traffic); not part of the op.
 #include <cuda_fp16.h>
+#include <cstdlib>
 #include <cuda_runtime.h>
 
 #include "mq_selective_scan.h"
@@ -49,27 +50,58 @@ __device__ __forceinline__ void store_out(void *y, int64_t i, float v, int fp16)
     static_cast<float *>(y)[i] = v;
 }
 
-template <int kN, typename TIn>
+// How a launch of scan_kernel cuts the sequence (blockIdx.z is the segment).
+//   kWhole:  one segment; state from h0, writes y and h_last.
+//   kLocal:  pass 1 of the L-split: each segment but the last scans from a zero state and writes
+//            its end state and the sum of its dt to the workspace (no y).
+//   kFinish: pass 2: each segment folds the earlier segments' workspace entries into h0
+//            (h <- exp2(A2 * sum dt) * h + h_local, exact by linearity), then scans its steps
+//            writing y; the last segment writes h_last.
+enum class Mode { kWhole, kLocal, kFinish };
+
+struct Split {
+  int64_t seg_len = 0;   // steps per segment
+  int64_t segs = 1;
+  float *ws_h = nullptr;   // [batch, segs, dstate, dim] end states, d innermost (coalesced)
+  float *ws_dt = nullptr;  // [batch, segs, dim] sums of dt
+};
+
+template <int kN, typename TIn, Mode kMode>
 __global__ void __launch_bounds__(kThreads)
 scan_kernel(const MQScanParams p, const TIn *__restrict__ x, const TIn *__restrict__ delta,
-            const TIn *__restrict__ Bg, const TIn *__restrict__ Cg, const TIn *__restrict__ z) {
+            const TIn *__restrict__ Bg, const TIn *__restrict__ Cg, const TIn *__restrict__ z, const Split sp) {
   constexpr int kChunk = kStageFloats / kN;
   static_assert(kChunk >= 1 && (kN & (kN - 1)) == 0, "kN must be a power of two <= kStageFloats");
-  __shared__ float Bs[kChunk * kN];
-  __shared__ float Cs[kChunk * kN];
+  constexpr bool kReadout = kMode != Mode::kLocal;
+  __shared__ __align__(16) float Bs[kChunk * kN];
+  __shared__ __align__(16) float Cs[kReadout ? kChunk * kN : 1];
 
   const int64_t b = blockIdx.y;
+  const int64_t seg = blockIdx.z;
   const int64_t d = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   const bool live = d < p.dim;
   const int N = static_cast<int>(p.dstate);
+  const int64_t l_begin = kMode == Mode::kWhole ? 0 : seg * sp.seg_len;
+  const int64_t l_end = kMode == Mode::kWhole ? p.seqlen
+                        : (l_begin + sp.seg_len < p.seqlen ? l_begin + sp.seg_len : p.seqlen);
 
   float h[kN], A2[kN];
 #pragma unroll
   for (int n = 0; n < kN; ++n) {
     const bool on = live && n < N;
     A2[n] = on ? p.A[d * N + n] * kLog2e : 0.f;
-    h[n] = (on && p.h0 != nullptr) ? p.h0[(b * p.dim + d) * N + n] : 0.f;
+    h[n] = (kMode != Mode::kLocal && on && p.h0 != nullptr) ? p.h0[(b * p.dim + d) * N + n] : 0.f;
   }
+  if (kMode == Mode::kFinish && live) {
+    for (int64_t s = 0; s < seg; ++s) {
+      const int64_t e = (b * sp.segs + s);
+      const float dtsum = sp.ws_dt[e * p.dim + d];
+#pragma unroll
+      for (int n = 0; n < kN; ++n)
+        if (n < N) h[n] = exp2_fast(dtsum * A2[n]) * h[n] + sp.ws_h[(e * N + n) * p.dim + d];
+    }
+  }
+  float dtsum = 0.f;
   const float Dv = (live && p.D != nullptr) ? p.D[d] : 0.f;
   const float bias = (live && p.delta_bias != nullptr) ? p.delta_bias[d] : 0.f;
   const float gs = (live && p.gate_scale != nullptr) ? p.gate_scale[d] : 1.f;
@@ -77,8 +109,8 @@ scan_kernel(const MQScanParams p, const TIn *__restrict__ x, const TIn *__restri
   const int64_t yb = b * p.y_batch_stride + d;
   const int64_t bcb = b * p.bc_batch_stride;
 
-  for (int64_t l0 = 0; l0 < p.seqlen; l0 += kChunk) {
-    const int len = static_cast<int>(p.seqlen - l0 < kChunk ? p.seqlen - l0 : kChunk);
+  for (int64_t l0 = l_begin; l0 < l_end; l0 += kChunk) {
+    const int len = static_cast<int>(l_end - l0 < kChunk ? l_end - l0 : kChunk);
     __syncthreads();  // every thread is done reading the previous chunk
     for (int i = threadIdx.x; i < kChunk * kN; i += kThreads) {
       const int t = i / kN, n = i % kN;
@@ -86,10 +118,10 @@ scan_kernel(const MQScanParams p, const TIn *__restrict__ x, const TIn *__restri
       if (t < len && n < N) {
         const int64_t o = bcb + (l0 + t) * p.bc_l_stride + n;
         bv = load_in(Bg, o, p.B_scale);
-        cv = load_in(Cg, o, p.C_scale);
+        if constexpr (kReadout) cv = load_in(Cg, o, p.C_scale);
       }
       Bs[i] = bv;
-      Cs[i] = cv;
+      if constexpr (kReadout) Cs[i] = cv;
     }
     __syncthreads();
     if (!live) continue;
@@ -98,21 +130,38 @@ scan_kernel(const MQScanParams p, const TIn *__restrict__ x, const TIn *__restri
       const int64_t o = xb + (l0 + t) * p.x_l_stride;
       const float xv = load_in(x, o, p.x_scale);
       const float dt = discretize(load_in(delta, o, p.delta_scale), bias);
-      const float g = z != nullptr ? gate(load_in(z, o, p.z_scale), gs) : 1.f;
       const float dtx = dt * xv;
       const float *bt = Bs + t * kN;
-      const float *ct = Cs + t * kN;
-      float acc = 0.f;
+      if constexpr (kReadout) {
+        const float g = z != nullptr ? gate(load_in(z, o, p.z_scale), gs) : 1.f;
+        const float *ct = Cs + t * kN;
+        float acc = 0.f;
 #pragma unroll
-      for (int n = 0; n < kN; ++n) {
-        h[n] = state_update(h[n], dt, A2[n], dtx, bt[n]);
-        acc += h[n] * ct[n];
+        for (int n = 0; n < kN; ++n) {
+          h[n] = state_update(h[n], dt, A2[n], dtx, bt[n]);
+          acc += h[n] * ct[n];
+        }
+        store_out(p.y, yb + (l0 + t) * p.y_l_stride, finish(acc, xv, Dv, g), p.out_fp16);
+      } else {
+        dtsum += dt;
+#pragma unroll
+        for (int n = 0; n < kN; ++n) h[n] = state_update(h[n], dt, A2[n], dtx, bt[n]);
       }
-      store_out(p.y, yb + (l0 + t) * p.y_l_stride, finish(acc, xv, Dv, g), p.out_fp16);
     }
   }
 
-  if (live && p.h_last != nullptr) {
+  if constexpr (kMode == Mode::kLocal) {
+    if (live) {
+      const int64_t e = b * sp.segs + seg;
+      sp.ws_dt[e * p.dim + d] = dtsum;
+#pragma unroll
+      for (int n = 0; n < kN; ++n)
+        if (n < N) sp.ws_h[(e * N + n) * p.dim + d] = h[n];
+    }
+    return;
+  }
+  const bool last_seg = kMode == Mode::kWhole || seg == sp.segs - 1;
+  if (live && last_seg && p.h_last != nullptr) {
 #pragma unroll
     for (int n = 0; n < kN; ++n)
       if (n < N) p.h_last[(b * p.dim + d) * N + n] = h[n];
@@ -167,26 +216,66 @@ int check_grid(const MQScanParams &p) {
   return MQ_SCAN_OK;
 }
 
+// The L-split: one thread per channel gives batch * dim threads, too few to fill a GPU at batch 1
+// (D = 1536: 12 blocks). Below kSplitThreads threads, long sequences are cut into segments scanned
+// in parallel (pass 1 writes each segment's end state, pass 2 folds them in and writes y). Pass 1
+// repeats the exp work of its segments, so the split is only used where parallelism is missing.
+// MQ_SCAN_CUDA_SPLIT=0 in the environment turns it off (tests cover both paths).
+constexpr int64_t kSplitThreads = 32768;
+constexpr int64_t kMinSegment = 64;
+constexpr int64_t kMaxSegments = 64;
+
+int64_t choose_segments(const MQScanParams &p) {
+  const char *env = getenv("MQ_SCAN_CUDA_SPLIT");
+  if (env != nullptr && env[0] == '0') return 1;
+  const int64_t threads = p.batch * ((p.dim + kThreads - 1) / kThreads) * kThreads;
+  if (threads >= kSplitThreads || p.seqlen < 2 * kMinSegment) return 1;
+  // h_last aliasing h0 (in-place state) would race with segments still reading h0
+  if (p.h0 != nullptr && p.h_last != nullptr && p.h_last == p.h0) return 1;
+  int64_t segs = (2 * kSplitThreads + threads - 1) / threads;
+  if (segs > kMaxSegments) segs = kMaxSegments;
+  if (segs > p.seqlen / kMinSegment) segs = p.seqlen / kMinSegment;
+  if (segs > kMaxGridY) segs = kMaxGridY;
+  return segs < 1 ? 1 : segs;
+}
+
 template <int kN, typename TIn>
-void launch_scan(const MQScanParams &p, const TIn *x, const TIn *delta, const TIn *B, const TIn *C, const TIn *z,
-                 cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>((p.dim + kThreads - 1) / kThreads), static_cast<unsigned>(p.batch));
-  scan_kernel<kN, TIn><<<grid, kThreads, 0, stream>>>(p, x, delta, B, C, z);
+int launch_scan(const MQScanParams &p, const TIn *x, const TIn *delta, const TIn *B, const TIn *C, const TIn *z,
+                cudaStream_t stream) {
+  const unsigned gx = static_cast<unsigned>((p.dim + kThreads - 1) / kThreads);
+  Split sp;
+  sp.segs = choose_segments(p);
+  if (sp.segs > 1) {
+    sp.seg_len = (p.seqlen + sp.segs - 1) / sp.segs;
+    sp.segs = (p.seqlen + sp.seg_len - 1) / sp.seg_len;
+    const size_t n_dt = static_cast<size_t>(p.batch * sp.segs * p.dim);
+    const size_t bytes = n_dt * sizeof(float) * static_cast<size_t>(1 + p.dstate);
+    void *ws = nullptr;
+    if (sp.segs > 1 && cudaMallocAsync(&ws, bytes, stream) == cudaSuccess) {
+      sp.ws_dt = static_cast<float *>(ws);
+      sp.ws_h = sp.ws_dt + n_dt;
+      const dim3 g1(gx, static_cast<unsigned>(p.batch), static_cast<unsigned>(sp.segs - 1));
+      scan_kernel<kN, TIn, Mode::kLocal><<<g1, kThreads, 0, stream>>>(p, x, delta, B, C, z, sp);
+      const dim3 g2(gx, static_cast<unsigned>(p.batch), static_cast<unsigned>(sp.segs));
+      scan_kernel<kN, TIn, Mode::kFinish><<<g2, kThreads, 0, stream>>>(p, x, delta, B, C, z, sp);
+      const int rc = check_launch("mq_scan_cuda (L-split)");
+      cudaFreeAsync(ws, stream);
+      return rc;
+    }
+    (void)cudaGetLastError();   // no stream-ordered allocator here: clear its error, scan unsplit
+  }
+  const dim3 grid(gx, static_cast<unsigned>(p.batch));
+  scan_kernel<kN, TIn, Mode::kWhole><<<grid, kThreads, 0, stream>>>(p, x, delta, B, C, z, Split{});
+  return check_launch("mq_scan_cuda");
 }
 
 int dispatch_int8(const MQScanParams &p, cudaStream_t s) {
   const int8_t *x = p.x, *dl = p.delta, *B = p.B, *C = p.C, *z = p.z;
-  if (p.dstate <= 16)
-    launch_scan<16>(p, x, dl, B, C, z, s);
-  else if (p.dstate <= 32)
-    launch_scan<32>(p, x, dl, B, C, z, s);
-  else if (p.dstate <= 64)
-    launch_scan<64>(p, x, dl, B, C, z, s);
-  else if (p.dstate <= 128)
-    launch_scan<128>(p, x, dl, B, C, z, s);   // state spills to local memory: correct, slower
-  else
-    launch_scan<256>(p, x, dl, B, C, z, s);
-  return check_launch("mq_scan_cuda");
+  if (p.dstate <= 16) return launch_scan<16>(p, x, dl, B, C, z, s);
+  if (p.dstate <= 32) return launch_scan<32>(p, x, dl, B, C, z, s);
+  if (p.dstate <= 64) return launch_scan<64>(p, x, dl, B, C, z, s);
+  if (p.dstate <= 128) return launch_scan<128>(p, x, dl, B, C, z, s);   // state spills to local memory
+  return launch_scan<256>(p, x, dl, B, C, z, s);
 }
 
 }  // namespace
@@ -247,13 +336,9 @@ extern "C" int mq_scan_cuda_f16in(const MQScanParams *p, const void *x, const vo
                *hB = static_cast<const __half *>(B), *hC = static_cast<const __half *>(C),
                *hz = static_cast<const __half *>(z);
     const cudaStream_t s = static_cast<cudaStream_t>(cuda_stream);
-    if (q.dstate <= 16)
-      launch_scan<16>(q, hx, hd, hB, hC, hz, s);
-    else if (q.dstate <= 32)
-      launch_scan<32>(q, hx, hd, hB, hC, hz, s);
-    else
-      launch_scan<64>(q, hx, hd, hB, hC, hz, s);
-    return check_launch("mq_scan_cuda_f16in");
+    if (q.dstate <= 16) return launch_scan<16>(q, hx, hd, hB, hC, hz, s);
+    if (q.dstate <= 32) return launch_scan<32>(q, hx, hd, hB, hC, hz, s);
+    return launch_scan<64>(q, hx, hd, hB, hC, hz, s);
   } catch (...) {
     return set_error(MQ_SCAN_ERR_INTERNAL, "mq_scan_cuda_f16in: unexpected exception");
   }
