@@ -210,3 +210,48 @@ def test_op_yaml_agrees_with_the_plugin_yaml():
               "attribute_types", "attribute_length", "attribute_options"):
         assert a[k] == b[k], k
     assert a["input_dim_constraints"][-1] == f"A_1 <= {native.MAX_DSTATE}"
+
+
+C_PROGRAM = r"""
+#include <stdio.h>
+#include <string.h>
+#include "mq_selective_scan.h"
+int main(void) {
+  int8_t x[2 * 3 * 5] = {1, -2, 3, 4, -5}, bc[2 * 3 * 4] = {7, -1, 2, 3};
+  float A[5 * 4], y[2 * 3 * 5], h[2 * 5 * 4];
+  for (int i = 0; i < 20; ++i) A[i] = -0.5f - 0.1f * (float)i;
+  MQScanParams p;
+  memset(&p, 0, sizeof p);
+  p.batch = 2; p.seqlen = 3; p.dim = 5; p.dstate = 4;
+  p.x = x; p.delta = x; p.B = bc; p.C = bc;
+  p.x_scale = p.delta_scale = p.B_scale = p.C_scale = 0.1f;
+  p.A = A; p.y = y; p.h_last = h;
+  if (mq_scan_validate(&p) != MQ_SCAN_ERR_INVALID) return 2;          /* strides not set yet */
+  if (strstr(mq_scan_last_error(), "strides") == NULL) return 3;
+  mq_scan_set_contiguous_strides(&p);
+  if (mq_scan_cpu(&p, 2) != MQ_SCAN_OK) { puts(mq_scan_last_error()); return 4; }
+  printf("%s %.6f %.6f\n", mq_scan_version(), y[0], h[0]);
+  return 0;
+}
+"""
+
+
+@needs_lib
+def test_header_is_a_c_abi(tmp_path):
+    """The header compiles as C99 and a C program drives the library through it."""
+    import shutil
+    import subprocess
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    src = tmp_path / "abi.c"
+    src.write_text(C_PROGRAM)
+    lib = native.library_path()
+    exe = tmp_path / "abi"
+    subprocess.run([cc, "-std=c99", "-Wall", "-Wextra", "-pedantic", "-Werror", "-I", os.path.join(PLUGIN_DIR, "include"),
+                    str(src), lib, f"-Wl,-rpath,{os.path.dirname(lib)}", "-o", str(exe)], check=True)
+    out = subprocess.run([str(exe)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    version, y0, h0 = out.stdout.split()
+    assert version == native.load_library().mq_scan_version().decode()
+    assert float(y0) != 0.0 and float(h0) != 0.0

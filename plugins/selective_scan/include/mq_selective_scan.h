@@ -83,10 +83,14 @@ MQ_SCAN_API const char *mq_scan_version(void);
 #include <math.h>
 #include <string.h>
 
+/* MQ_HOST_DEVICE marks the math for both sides under nvcc and expands to nothing for host-only
+ * compilers; MQ_HD adds the inlining every header-defined function needs. */
 #if defined(__CUDACC__)
-#define MQ_HD __host__ __device__ __forceinline__
+#define MQ_HOST_DEVICE __host__ __device__
+#define MQ_HD MQ_HOST_DEVICE __forceinline__
 #else
-#define MQ_HD inline
+#define MQ_HOST_DEVICE
+#define MQ_HD MQ_HOST_DEVICE inline
 #endif
 
 namespace mq_scan {
