@@ -1,26 +1,61 @@
-"""Float32 ONNX graphs of our Mamba LM and Vim, with mq::SelectiveScan nodes (function bodies included).
+"""ONNX graphs of our Mamba LM and Vim: float32, or QDQ int8/int4 with the int8 mq::SelectiveScan.
 
-Batch and sequence length are dynamic; the graph does not depend on the sequence length. This is
-the FP baseline export; QDQ quantization, the decode-step graph and the CLI come with issue 4.
+One builder serves every form:
+- FP32: float weights, mq::SelectiveScanFloat nodes (function bodies).
+- Quantized (`QuantSpec` from a quantized checkpoint): weights of in_proj, conv1d, x_proj, dt_proj and
+  out_proj are int8 (int4 for W4) initializers with per-output-channel DequantizeLinear; activations
+  at every quant point of MambaMixer.QUANT_POINTS get QuantizeLinear -> DequantizeLinear with the
+  calibrated per-tensor scales; the scan inputs x, dt, B, C, z go int8 from their QuantizeLinear into
+  mq::SelectiveScan (scales as node attributes). Embeddings, norms, heads, A, D, the dt bias and the
+  online rotation (a MatMul with one shared constant) stay float32, as in the fake-quantized model.
+- `step=True` (LMs): a stateful graph (input_ids [batch, seq], conv_state [layers, batch, Di, K-1],
+  ssm_state [layers, batch, Di, N] -> logits, conv_state_out, ssm_state_out). With seq = 1 it is
+  the decode step; with the whole prompt it is the prefill. With zero states it equals the full graph.
+
+Batch and sequence length are dynamic and the graph does not depend on the sequence length.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+from dataclasses import dataclass, field
+
 import numpy as np
 import torch
 
-from mq_deploy.export.scan_op import DOMAIN, OP, selective_scan_function
+from mq_deploy.errors import MQInternalError, MQUserError
+from mq_deploy.export.scan_op import (DOMAIN, OP, OP_FLOAT, selective_scan_float_function,
+                                      selective_scan_function)
 from mq_deploy.models.mamba import MambaLM
 
 OPSET = 21
 IR_VERSION = 10          # what ONNX Runtime >= 1.18 loads
 
 
-class _Builder:
-    """Collects nodes and initializers with unique names."""
+@dataclass
+class QuantSpec:
+    """What the exporter needs from a quantized checkpoint."""
+    wbits: int
+    abits: int
+    act_scales: dict = field(default_factory=dict)       # quant point -> float scale
+    weight_scales: dict = field(default_factory=dict)    # parameter name -> per-channel scale tensor
+    recipe: str = ""
 
-    def __init__(self):
-        self.nodes, self.inits, self._n = [], [], 0
+    def __post_init__(self):
+        if self.wbits not in (4, 8):
+            raise MQUserError(f"export supports W8 and W4 weights, not W{self.wbits}")
+        if self.abits != 8:
+            raise MQUserError(f"export supports 8-bit activations (the int8 scan), not A{self.abits}; "
+                              "quantize with --abits 8")
+
+
+class _Builder:
+    """Collects nodes and initializers with unique names; identical constants are stored once."""
+
+    def __init__(self, opset):
+        self.nodes, self.inits, self._n, self._consts = [], [], 0, {}
+        self.opset = opset
 
     def name(self, hint):
         self._n += 1
@@ -29,13 +64,27 @@ class _Builder:
     def const(self, array, hint="c"):
         from onnx import numpy_helper
 
-        name = self.name(hint)
-        array = np.asarray(array)
-        self.inits.append(numpy_helper.from_array(array if array.flags.c_contiguous else array.copy(), name))
-        return name
+        array = np.array(array, order="C")     # (ascontiguousarray would make a scalar 1-D)
+        key = (array.dtype.str, array.shape, hashlib.sha1(array.tobytes()).hexdigest())
+        if key not in self._consts:
+            name = self.name(hint)
+            self.inits.append(numpy_helper.from_array(array, name))
+            self._consts[key] = name
+        return self._consts[key]
 
-    def weight(self, t: torch.Tensor, hint):
-        return self.const(t.detach().float().numpy(), hint)
+    def int4(self, q: np.ndarray, hint):
+        from onnx import TensorProto, helper
+
+        key = ("int4", q.shape, hashlib.sha1(q.astype(np.int8).tobytes()).hexdigest())
+        if key not in self._consts:
+            name = self.name(hint)
+            self.inits.append(helper.make_tensor(name, TensorProto.INT4, q.shape, q.astype(np.int8).ravel().tolist()))
+            self._consts[key] = name
+        return self._consts[key]
+
+    def f32(self, t, hint):
+        return self.const((t.detach().double().numpy() if torch.is_tensor(t) else np.asarray(t)).astype(np.float32),
+                          hint)
 
     def op(self, op_type, inputs, hint=None, n_out=1, domain=None, **attrs):
         from onnx import helper
@@ -47,100 +96,228 @@ class _Builder:
     def i64(self, values, hint="i"):
         return self.const(np.asarray(values, dtype=np.int64), hint)
 
-    # -- composites ----------------------------------------------------------------------------------
-    def linear(self, x, lin):
-        y = self.op("MatMul", [x, self.weight(lin.weight.t(), "w")])
-        return self.op("Add", [y, self.weight(lin.bias, "b")]) if lin.bias is not None else y
-
     def silu(self, x):
         return self.op("Mul", [x, self.op("Sigmoid", [x])])
 
     def rms_norm(self, x, norm):
         ms = self.op("ReduceMean", [self.op("Mul", [x, x]), self.i64([-1])], keepdims=1)
-        eps = self.const(np.array(norm.eps, dtype=np.float32), "eps")
+        eps = self.f32(np.array(norm.eps), "eps")
         inv = self.op("Reciprocal", [self.op("Sqrt", [self.op("Add", [ms, eps])])])
-        return self.op("Mul", [self.op("Mul", [x, inv]), self.weight(norm.weight, "norm_w")])
+        return self.op("Mul", [self.op("Mul", [x, inv]), self.f32(norm.weight, "norm_w")])
 
     def flip_time(self, x):
         return self.op("Slice", [x, self.i64([-1]), self.i64([np.iinfo(np.int64).min]), self.i64([1]),
                                  self.i64([-1])], "flip")
 
+    def batch_dim(self, x):
+        return self.op("Gather", [self.op("Shape", [x]), self.i64([0])], axis=0)
 
-def _branch(b: _Builder, mixer, x, z, s):
+
+class _Graph:
+    """The model-specific part: float or quantized weights and activations."""
+
+    def __init__(self, b: _Builder, quant: QuantSpec | None):
+        self.b, self.quant = b, quant
+
+    # -- weights -------------------------------------------------------------------------------------
+    def weight(self, name, w: torch.Tensor, transpose: bool):
+        """Float weight, or int8/int4 + per-channel DequantizeLinear. transpose: store [in, out] for MatMul."""
+        b = self.b
+        if self.quant is None:
+            return b.f32(w.t() if transpose else w, "w")
+        s = self.quant.weight_scales.get(name)
+        if s is None:
+            raise MQUserError(f"the quantized checkpoint has no scale for weight {name}")
+        w64, s64 = w.detach().double(), s.detach().double().reshape(-1)
+        q = torch.round(w64 / s64.reshape([-1] + [1] * (w64.dim() - 1)))
+        qm = 2 ** (self.quant.wbits - 1) - 1
+        err = (q * s64.reshape([-1] + [1] * (w64.dim() - 1)) - w64).abs().max().item()
+        if q.abs().max().item() > qm or err > 1e-5 * max(1e-30, w64.abs().max().item()):
+            raise MQInternalError(f"{name}: the stored weight is not on its W{self.quant.wbits} grid (off by {err:.2e})")
+        q = q.to(torch.int8)
+        if transpose:
+            q = q.t()
+        qn = (b.int4(q.numpy(), "wq") if self.quant.wbits == 4 else b.const(q.numpy(), "wq"))
+        return b.op("DequantizeLinear", [qn, b.f32(s64, "w_scale")], "w_dq", axis=1 if transpose else 0)
+
+    def linear(self, x, lin, name):
+        y = self.b.op("MatMul", [x, self.weight(name, lin.weight, transpose=True)])
+        return self.b.op("Add", [y, self.b.f32(lin.bias, "bias")]) if lin.bias is not None else y
+
+    # -- activations ---------------------------------------------------------------------------------
+    def _scale(self, point):
+        s = self.quant.act_scales.get(point)
+        if s is None:
+            raise MQUserError(f"the quantized checkpoint has no activation scale for {point}")
+        return float(s)
+
+    def q(self, x, point):
+        """int8 QuantizeLinear of x at a quant point."""
+        b = self.b
+        return b.op("QuantizeLinear", [x, b.f32(np.array(self._scale(point)), "a_scale"),
+                                       b.const(np.array(0, dtype=np.int8), "zp")], "q")
+
+    def dq(self, q, point):
+        b = self.b
+        return b.op("DequantizeLinear", [q, b.f32(np.array(self._scale(point)), "a_scale"),
+                                         b.const(np.array(0, dtype=np.int8), "zp")], "dq")
+
+    def qdq(self, x, point):
+        return x if self.quant is None else self.dq(self.q(x, point), point)
+
+
+def _branch(g: _Graph, mixer, prefix, x, z, s, conv_state=None, ssm_state=None):
+    """conv -> silu -> x_proj -> dt_proj -> scan of one direction. x float [b, L, Di]; z float or int8.
+
+    Returns (y, new_conv_state or None, h_last)."""
     from onnx import TensorProto, helper
 
-    cfg = mixer.cfg
+    b, cfg = g.b, mixer.cfg
     conv = getattr(mixer, "conv1d" + s)
     k = cfg.d_conv
-    xt = b.op("Transpose", [x], perm=[0, 2, 1])                    # [b, Di, L]
-    conv_in = [xt, b.weight(conv.weight, "conv_w")] + ([b.weight(conv.bias, "conv_b")] if conv.bias is not None else [])
-    xc = b.op("Conv", conv_in, group=cfg.d_inner, kernel_shape=[k], pads=[k - 1, 0])
+    xt = g.qdq(b.op("Transpose", [x], perm=[0, 2, 1]), prefix + "conv1d" + s)        # [b, Di, L]
+    new_conv = None
+    if conv_state is not None:
+        xt = b.op("Concat", [conv_state, xt], axis=2)                                 # [b, Di, K-1+L]
+        n = b.op("Gather", [b.op("Shape", [xt]), b.i64([2])], axis=0)
+        new_conv = b.op("Slice", [xt, b.op("Sub", [n, b.i64([k - 1])]), n, b.i64([2])], "conv_state")
+    w = g.weight(prefix + f"conv1d{s}.weight", conv.weight, transpose=False)
+    conv_in = [xt, w] + ([b.f32(conv.bias, "conv_b")] if conv.bias is not None else [])
+    xc = b.op("Conv", conv_in, group=cfg.d_inner, kernel_shape=[k], pads=[0, 0] if conv_state is not None
+              else [k - 1, 0])
     xc = b.silu(b.op("Transpose", [xc], perm=[0, 2, 1]))
-    dt_low, Bm, Cm = b.op("Split", [b.linear(xc, getattr(mixer, "x_proj" + s)),
+    if g.quant is not None:
+        x_q = g.q(xc, prefix + "x" + s)
+        xc = g.dq(x_q, prefix + "x" + s)
+    dt_low, Bm, Cm = b.op("Split", [g.linear(xc, getattr(mixer, "x_proj" + s), prefix + f"x_proj{s}.weight"),
                                     b.i64([cfg.dt_rank, cfg.d_state, cfg.d_state])], n_out=3, axis=-1)
     dt_proj = getattr(mixer, "dt_proj" + s)
-    dt = b.op("MatMul", [dt_low, b.weight(dt_proj.weight.t(), "dt_w")])
-    A = -torch.exp(getattr(mixer, "A_b_log" if s else "A_log").detach().double()).float()
-    # zero initial state [batch, Di, N] from the runtime batch size
-    batch = b.op("Gather", [b.op("Shape", [x]), b.i64([0])], axis=0)
-    h0 = b.op("ConstantOfShape", [b.op("Concat", [batch, b.i64([cfg.d_inner, cfg.d_state])], axis=0)],
-              value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]))
-    y, _ = b.op(OP, [xc, dt, b.weight(A, "A"), Bm, Cm, b.weight(getattr(mixer, "D" + s), "D"), z,
-                     b.weight(dt_proj.bias, "dt_bias"), h0], "scan", n_out=2, domain=DOMAIN)
-    return y
+    dt = b.op("MatMul", [g.qdq(dt_low, prefix + "dt_low" + s),
+                         g.weight(prefix + f"dt_proj{s}.weight", dt_proj.weight, transpose=True)])
+    A = -torch.exp(getattr(mixer, "A_b_log" if s else "A_log").detach().double())
+    if ssm_state is None:   # zero initial state [batch, Di, N] from the runtime batch size
+        ssm_state = b.op("ConstantOfShape", [b.op("Concat", [b.batch_dim(x), b.i64([cfg.d_inner, cfg.d_state])],
+                                                  axis=0)],
+                         value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]))
+    gate = mixer.gate_scale if mixer.gate_scale is not None else torch.ones(cfg.d_inner)
+    params = [b.f32(A, "A"), b.f32(getattr(mixer, "D" + s), "D"), b.f32(dt_proj.bias, "dt_bias"),
+              b.f32(gate, "gate_scale")]
+    if g.quant is None:
+        ins = [xc, dt, params[0], Bm, Cm, params[1], z, params[2], params[3], ssm_state]
+        y, h_last = b.op(OP_FLOAT, ins, "scan", n_out=2, domain=DOMAIN)
+        return y, new_conv, h_last
+    pts = {n: prefix + n + s for n in ("x", "dt", "B", "C")}
+    pts["z"] = prefix + "z"
+    ins = [x_q, g.q(dt, pts["dt"]), params[0], g.q(Bm, pts["B"]), g.q(Cm, pts["C"]), params[1], z, params[2],
+           params[3], ssm_state]
+    attrs = {f"{n}_scale": g._scale(p) for n, p in (("x", pts["x"]), ("delta", pts["dt"]), ("B", pts["B"]),
+                                                     ("C", pts["C"]), ("z", pts["z"]))}
+    y, h_last = b.op(OP, ins, "scan", n_out=2, domain=DOMAIN, **attrs)
+    return y, new_conv, h_last
 
 
-def _mixer(b: _Builder, mixer, h):
-    if mixer.gate_scale is not None:
-        raise NotImplementedError("the float32 export has no Smooth-Fused gate yet (issue 4)")
-    x, z = b.op("Split", [b.linear(h, mixer.in_proj), b.i64([mixer.cfg.d_inner] * 2)], n_out=2, axis=-1)
-    y = _branch(b, mixer, x, z, "")
+def _mixer(g: _Graph, mixer, prefix, h, state=None):
+    b = g.b
+    h = g.qdq(h, prefix + "in_proj")
+    x, z = b.op("Split", [g.linear(h, mixer.in_proj, prefix + "in_proj.weight"), b.i64([mixer.cfg.d_inner] * 2)],
+                n_out=2, axis=-1)
+    if g.quant is not None:
+        z = g.q(z, prefix + "z")             # the scan takes z as int8 straight from its QuantizeLinear
+    conv_state, ssm_state = state if state is not None else (None, None)
+    y, new_conv, h_last = _branch(g, mixer, prefix, x, z, "", conv_state, ssm_state)
     if mixer.cfg.bimamba:
-        y_b = b.flip_time(_branch(b, mixer, b.flip_time(x), b.flip_time(z), "_b"))
-        y = b.op("Mul", [b.op("Add", [y, y_b]), b.const(np.array(0.5, dtype=np.float32), "half")])
+        y_b, _, _ = _branch(g, mixer, prefix, b.flip_time(x), b.flip_time(z), "_b")
+        y = b.op("Mul", [b.op("Add", [y, b.flip_time(y_b)]), b.f32(np.array(0.5), "half")])
     if mixer.out_rotation is not None:
-        y = b.op("MatMul", [y, b.weight(mixer.out_rotation, "out_rot")])
-    return b.linear(y, mixer.out_proj)
+        y = b.op("MatMul", [y, b.f32(mixer.out_rotation, "out_rot")])
+    return g.linear(g.qdq(y, prefix + "out_proj"), mixer.out_proj, prefix + "out_proj.weight"), (new_conv, h_last)
 
 
-def _layers(b: _Builder, model, h):
-    for layer in model.layers:
-        h = b.op("Add", [h, _mixer(b, layer.mixer, b.rms_norm(h, layer.norm))], "residual")
-    return b.rms_norm(h, model.norm_f)
+def _layers(g: _Graph, model, h, states=None):
+    """Residual blocks and the final norm. states: (conv_state, ssm_state) graph inputs stacked over layers."""
+    b = g.b
+    new = []
+    for i, layer in enumerate(model.layers):
+        st = None
+        if states is not None:
+            st = tuple(b.op("Gather", [s, b.i64(i)], axis=0) for s in states)
+        out, new_st = _mixer(g, layer.mixer, f"layers.{i}.mixer.", b.rms_norm(h, layer.norm), st)
+        h = b.op("Add", [h, out], "residual")
+        new.append(new_st)
+    return b.rms_norm(h, model.norm_f), new
 
 
-def build_fp_model(model):
-    """ModelProto of a float32 MambaLM (input_ids -> logits) or Vim (images -> logits)."""
+def _metadata(model, quant, step):
+    kind = "lm" if isinstance(model, MambaLM) else "vim"
+    meta = {"mq.kind": kind, "mq.graph": "step" if step else "full", "mq.config": json.dumps(model.cfg.to_dict()),
+            "mq.quant": json.dumps({"recipe": quant.recipe, "wbits": quant.wbits, "abits": quant.abits})
+            if quant else ""}
+    if kind == "lm" and model.cfg.vocab_size == 256:
+        meta["mq.tokenizer"] = "bytes"
+    return meta
+
+
+def build_model(model, quant: QuantSpec | None = None, step: bool = False, opset: int = OPSET):
+    """ModelProto of a MambaLM (input_ids -> logits) or Vim (images -> logits); see the module doc."""
     from onnx import TensorProto as T
     from onnx import helper
 
-    b = _Builder()
+    b = _Builder(opset)
+    g = _Graph(b, quant)
+    vi = helper.make_tensor_value_info
+    outputs = []
     if isinstance(model, MambaLM):
-        h = b.op("Gather", [b.weight(model.embedding.weight, "embedding"), "input_ids"], axis=0)
-        logits = b.op("MatMul", [_layers(b, model, h), b.weight(model.lm_head.weight.t(), "lm_head")], "logits")
-        inputs = [helper.make_tensor_value_info("input_ids", T.INT64, ["batch", "seq"])]
-        out_shape = ["batch", "seq", model.cfg.vocab_size]
+        m = model.cfg.mixer
+        inputs = [vi("input_ids", T.INT64, ["batch", "seq"])]
+        states = None
+        if step:
+            inputs += [vi("conv_state", T.FLOAT, [model.cfg.n_layer, "batch", m.d_inner, m.d_conv - 1]),
+                       vi("ssm_state", T.FLOAT, [model.cfg.n_layer, "batch", m.d_inner, m.d_state])]
+            states = ("conv_state", "ssm_state")
+        h = b.op("Gather", [b.f32(model.embedding.weight, "embedding"), "input_ids"], axis=0)
+        h, new = _layers(g, model, h, states)
+        logits = b.op("MatMul", [h, b.f32(model.lm_head.weight.t(), "lm_head")], "logits")
+        outputs.append(vi("logits", T.FLOAT, ["batch", "seq", model.cfg.vocab_size]))
+        if step:
+            for j, (name, shape) in enumerate((("conv_state_out", [m.d_inner, m.d_conv - 1]),
+                                               ("ssm_state_out", [m.d_inner, m.d_state]))):
+                parts = [b.op("Unsqueeze", [st[j], b.i64([0])]) for st in new]
+                b.op("Concat", parts, axis=0)
+                b.nodes[-1].output[0] = name
+                outputs.append(vi(name, T.FLOAT, [model.cfg.n_layer, "batch"] + shape))
     else:
+        if step:
+            raise MQUserError("a Vision Mamba (bidirectional) has no decode-step graph")
         cfg = model.cfg
         conv = model.patch_embed.proj
-        p = b.op("Conv", ["images", b.weight(conv.weight, "patch_w"), b.weight(conv.bias, "patch_b")],
+        p = b.op("Conv", ["images", b.f32(conv.weight, "patch_w"), b.f32(conv.bias, "patch_b")],
                  kernel_shape=[cfg.patch_size] * 2, strides=[cfg.stride] * 2)
         p = b.op("Transpose", [b.op("Reshape", [p, b.i64([0, cfg.d_model, -1])])], perm=[0, 2, 1])   # [b, M, d]
         pos = model.token_position
-        batch = b.op("Gather", [b.op("Shape", ["images"]), b.i64([0])], axis=0)
-        cls = b.op("Expand", [b.weight(model.cls_token, "cls"), b.op("Concat", [batch, b.i64([1, cfg.d_model])],
-                                                                        axis=0)])
+        cls = b.op("Expand", [b.f32(model.cls_token, "cls"),
+                              b.op("Concat", [b.batch_dim("images"), b.i64([1, cfg.d_model])], axis=0)])
         head = b.op("Slice", [p, b.i64([0]), b.i64([pos]), b.i64([1])])
         tail = b.op("Slice", [p, b.i64([pos]), b.i64([cfg.num_patches]), b.i64([1])])
-        h = b.op("Add", [b.op("Concat", [head, cls, tail], axis=1), b.weight(model.pos_embed, "pos_embed")])
-        feat = b.op("Gather", [_layers(b, model, h), b.i64(pos)], axis=1)
-        logits = b.linear(feat, model.head)
-        inputs = [helper.make_tensor_value_info("images", T.FLOAT,
-                                                ["batch", cfg.in_chans, cfg.img_size, cfg.img_size])]
-        out_shape = ["batch", cfg.num_classes]
+        h = b.op("Add", [b.op("Concat", [head, cls, tail], axis=1), b.f32(model.pos_embed, "pos_embed")])
+        h, _ = _layers(g, model, h)
+        feat = b.op("Gather", [h, b.i64(pos)], axis=1)
+        logits = b.op("MatMul", [feat, b.f32(model.head.weight.t(), "head")])
+        if model.head.bias is not None:
+            logits = b.op("Add", [logits, b.f32(model.head.bias, "head_b")])
+        inputs = [vi("images", T.FLOAT, ["batch", cfg.in_chans, cfg.img_size, cfg.img_size])]
+        outputs.append(vi("logits", T.FLOAT, ["batch", cfg.num_classes]))
     b.nodes.append(helper.make_node("Identity", [logits], ["logits"]))
-    graph = helper.make_graph(b.nodes, "mq_deploy_fp", inputs,
-                              [helper.make_tensor_value_info("logits", T.FLOAT, out_shape)], initializer=b.inits)
-    return helper.make_model(graph, functions=[selective_scan_function(OPSET)], ir_version=IR_VERSION,
-                             opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, 1)],
-                             producer_name="mq-deploy")
+    graph = helper.make_graph(b.nodes, "mq_deploy_" + ("int8" if quant else "fp32"), inputs, outputs,
+                              initializer=b.inits)
+    fn = selective_scan_function(opset) if quant else selective_scan_float_function(opset)
+    proto = helper.make_model(graph, functions=[fn], ir_version=IR_VERSION,
+                              opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(DOMAIN, 1)],
+                              producer_name="mq-deploy")
+    for k, v in _metadata(model, quant, step).items():
+        proto.metadata_props.add(key=k, value=v)
+    return proto
+
+
+def build_fp_model(model):
+    """ModelProto of a float32 model (kept for callers of the FP baseline)."""
+    return build_model(model)

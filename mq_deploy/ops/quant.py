@@ -1,7 +1,10 @@
 """Integer quantization primitives (symmetric): scales, quantize, dequantize, fake-quantize.
 
-The integer grid is [-(2^(b-1) - 1), 2^(b-1) - 1] (127 for int8, 7 for int4): symmetric, no -128,
-so that negation is exact and the same scales serve ONNX QuantizeLinear and the native kernels.
+Scales are symmetric: scale = amax / (2^(b-1) - 1), zero point 0. Weights use the grid
+[-(2^(b-1) - 1), 2^(b-1) - 1] (127 for int8, 7 for int4), which their per-channel amax never leaves.
+Activations saturate as ONNX QuantizeLinear (and TensorRT) do, to [-2^(b-1), 2^(b-1) - 1]: a value
+clipped by a percentile scale on the negative side becomes -128, not -127, so the fake-quantized
+PyTorch model and the exported int8 graph see the same integers (`fake_quantize(..., full_range=True)`).
 Rounding is half-to-even, as ONNX QuantizeLinear and torch.round do.
 """
 
@@ -42,8 +45,11 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, axis: int | None = None) ->
     return q.to(torch.float32) * _bcast(scale, q, axis)
 
 
-def fake_quantize(x: torch.Tensor, scale: torch.Tensor, bits: int, axis: int | None = None) -> torch.Tensor:
-    """dequantize(quantize(x)) in x's dtype (no gradient trickery: PTQ only)."""
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, bits: int, axis: int | None = None,
+                  full_range: bool = False) -> torch.Tensor:
+    """dequantize(quantize(x)) in x's dtype (no gradient trickery: PTQ only).
+
+    full_range: saturate to [-2^(b-1), 2^(b-1) - 1] as QuantizeLinear does (activations)."""
     s = _bcast(scale.to(x.dtype), x, axis)
     q = qmax(bits)
-    return torch.clamp(torch.round(x / s), -q, q) * s
+    return torch.clamp(torch.round(x / s), -q - 1 if full_range else -q, q) * s

@@ -78,7 +78,7 @@ def attach_activation_quant(model, act_scales: dict | None, cfg: QuantConfig) ->
             s = act_scales.get(prefix + name)
             if s is None:
                 raise MQUserError(f"no calibrated scale for quant point {prefix + name}")
-            return fake_quantize(t, s, cfg.abits)
+            return fake_quantize(t, s, cfg.abits, full_range=True)   # as QuantizeLinear saturates
         mixer.act_hook = hook
 
 
