@@ -56,8 +56,9 @@ def library_path() -> str:
 
 def _declare(lib):
     P = ctypes.POINTER(MQScanParams)
-    lib.mq_scan_cpu.argtypes = [P, ctypes.c_int]
-    lib.mq_scan_cpu.restype = ctypes.c_int
+    if hasattr(lib, "mq_scan_cpu"):             # the CUDA library has the shared entry points only
+        lib.mq_scan_cpu.argtypes = [P, ctypes.c_int]
+        lib.mq_scan_cpu.restype = ctypes.c_int
     lib.mq_scan_validate.argtypes = [P]
     lib.mq_scan_validate.restype = ctypes.c_int
     lib.mq_scan_set_contiguous_strides.argtypes = [P]
