@@ -152,6 +152,117 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from mq_deploy.export.exporter import export
+
+    info = export(args.model, args.output, step=args.decode_step, opset=args.opset, overwrite=args.overwrite)
+    ops = ", ".join(f"{k} {v}" for k, v in sorted(info["op_counts"].items(), key=lambda kv: -kv[1])[:8])
+    print(f"wrote {info['path']}: {info['graph']} graph of the {info['architecture']} "
+          f"({info['quant'] or 'float32'}), {info['nodes']} nodes, {info['bytes'] / 1e6:.2f} MB; {ops}")
+    if args.json:
+        _write_json_atomic(args.json, info)
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from mq_deploy.quant.qcheckpoint import load
+    from mq_deploy.runtime.runners import TorchRunner, open_runner
+    from mq_deploy.verify.verify import VerifyConfig, format_report, verify
+
+    cfg = VerifyConfig(data=args.data, limit=args.limit, seq_len=args.seq_len, batch=args.batch, atol=args.atol,
+                       rtol=args.rtol, check_error_stat=args.check_error_stat, min_cosine=args.min_cosine,
+                       min_top1_agreement=args.min_top1_agreement, max_metric_delta=args.max_metric_delta)
+    artifact = open_runner(args.artifact, custom_op_library=args.custom_op_lib, plugins=args.plugins or (),
+                           threads=args.threads)
+    reference = TorchRunner(load(args.reference))
+    rep = verify(artifact, reference, cfg)
+    print(format_report(rep, args.artifact, args.reference))
+    if args.json:
+        _write_json_atomic(args.json, {"outputs": rep["outputs"], "metrics": rep["metrics"], "checks": rep["checks"],
+                                       "passed": rep["passed"]})
+    return 0 if rep["passed"] else 1
+
+
+def cmd_generate(args) -> int:
+    from mq_deploy.runtime.apps import generate
+    from mq_deploy.runtime.runners import OrtRunner
+
+    runner = OrtRunner(args.model, custom_op_library=args.custom_op_lib, threads=args.threads)
+    byte_level = runner.meta.get("mq.tokenizer") == "bytes"
+    if args.prompt_ids is not None:
+        try:
+            prompt = [int(t) for t in args.prompt_ids.replace(",", " ").split()]
+        except ValueError:
+            raise MQUserError(f"--prompt-ids must be integers, got {args.prompt_ids!r}") from None
+    elif args.prompt is not None:
+        if not byte_level:
+            raise MQUserError(f"{args.model}: the model's vocabulary is not bytes and no tokenizer is bundled; "
+                              "pass --prompt-ids")
+        prompt = list(args.prompt.encode("utf-8"))
+    else:
+        raise MQUserError("give --prompt TEXT or --prompt-ids IDS")
+    shown = bytearray()
+
+    def show(tok):
+        if byte_level and not args.ids:
+            shown.append(tok)
+            try:   # print whole UTF-8 characters as they complete
+                sys.stdout.write(shown.decode("utf-8"))
+                shown.clear()
+            except UnicodeDecodeError:
+                if len(shown) >= 4:
+                    sys.stdout.write(shown.decode("utf-8", errors="replace"))
+                    shown.clear()
+        else:
+            sys.stdout.write(f"{tok} ")
+        sys.stdout.flush()
+
+    if byte_level and not args.ids and args.prompt is not None:
+        sys.stdout.write(args.prompt)
+    out = generate(runner, prompt, args.max_new_tokens, args.temperature, args.seed, on_token=show)
+    if shown:
+        sys.stdout.write(shown.decode("utf-8", errors="replace"))
+    sys.stdout.write("\n")
+    if args.json:
+        _write_json_atomic(args.json, {"prompt_ids": prompt, "new_ids": out})
+    return 0
+
+
+def cmd_run(args) -> int:
+    import numpy as np
+
+    from mq_deploy.runtime.apps import classify, load_images
+    from mq_deploy.runtime.runners import OrtRunner
+
+    runner = OrtRunner(args.model, custom_op_library=args.custom_op_lib, threads=args.threads)
+    cfg = runner.meta.get("mq.config")
+    if runner.meta.get("mq.kind") != "vim" or cfg is None:
+        raise MQUserError(f"{args.model}: `run` classifies images with an exported Vision Mamba "
+                          "(for a language model use `generate`)")
+    images, labels, names = load_images(args.images, cfg["in_chans"], cfg["img_size"])
+    if args.limit:
+        images, names = images[:args.limit], names[:args.limit]
+        labels = None if labels is None else labels[:args.limit]
+    logits = classify(runner, images, cfg["image_mean"], cfg["image_std"], batch=args.batch)
+    pred = logits.argmax(-1)
+    classes = args.class_names.split(",") if args.class_names else None
+    if classes and len(classes) != logits.shape[-1]:
+        raise MQUserError(f"--class-names has {len(classes)} names, the model has {logits.shape[-1]} classes")
+    shown = len(pred) if args.show is None else min(args.show, len(pred))
+    for name, p in list(zip(names, pred))[:shown]:
+        print(f"{name}\t{p}" + (f"\t{classes[p]}" if classes else ""))
+    if shown < len(pred):
+        print(f"... ({len(pred) - shown} more; --show N prints more)")
+    result = {"predictions": [int(p) for p in pred], "names": names}
+    if labels is not None:
+        acc = float((pred == np.asarray(labels)).mean())
+        print(f"top-1 {acc * 100:.2f}% on {len(pred)} labelled images")
+        result["top1"] = acc
+    if args.json:
+        _write_json_atomic(args.json, result)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mq-deploy", description="Quantize and deploy Mamba models (MambaQuant PTQ).")
     p.add_argument("--version", action="version", version=f"mq-deploy {__version__}")
@@ -218,6 +329,62 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int)
     s.add_argument("--json", metavar="OUT", help='write {"rows": [{"recipe", "bits", "metric", "value", "delta"}]}')
     s.set_defaults(func=cmd_compare)
+
+    s = sub.add_parser("export", help="write an ONNX file (QDQ int8/int4 + mq::SelectiveScan, or float32)")
+    s.add_argument("model", help="quantized checkpoint directory (mq-deploy quantize) or a float model")
+    s.add_argument("-o", "--output", required=True, metavar="MODEL.onnx")
+    s.add_argument("--decode-step", action="store_true",
+                   help="LM: the stateful graph (input_ids, conv_state, ssm_state -> logits, new states)")
+    s.add_argument("--opset", type=int, default=21, help="ONNX opset (>= 21; default 21)")
+    s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--json", metavar="OUT", help="write the export summary as JSON")
+    s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("verify", help="run an ONNX file or TensorRT engine against the PyTorch reference")
+    s.add_argument("artifact", help="model.onnx, or a TensorRT engine (.engine/.plan)")
+    s.add_argument("--reference", required=True, metavar="DIR",
+                   help="the checkpoint it came from (a quantized one runs with fake quantization)")
+    s.add_argument("--data", metavar="PATH", help="text file (LM) or idx directory (Vim); default: the sample's")
+    s.add_argument("--limit", type=int, metavar="N", help="LM windows (default 32) or images (default all)")
+    s.add_argument("--seq-len", type=int, default=256, help="LM window length")
+    s.add_argument("--batch", type=int)
+    s.add_argument("--atol", type=float)
+    s.add_argument("--rtol", type=float)
+    s.add_argument("--check-error-stat", default="mean", choices=["max", "mean", "median"])
+    s.add_argument("--min-cosine", type=float, default=0.999)
+    s.add_argument("--min-top1-agreement", type=float, default=0.99)
+    s.add_argument("--max-metric-delta", type=float, default=0.002, help="relative; 0.002 = 0.2%%")
+    s.add_argument("--custom-op-lib", metavar="SO", help="register a native mq::SelectiveScan library in ORT")
+    s.add_argument("--plugins", nargs="*", metavar="SO", help="TensorRT plugin libraries (engines)")
+    s.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+    s.add_argument("--json", metavar="OUT", help='write {"outputs", "metrics", "checks", "passed"}')
+    s.set_defaults(func=cmd_verify)
+
+    s = sub.add_parser("generate", help="generate text with an exported decode-step graph in ONNX Runtime")
+    s.add_argument("model", metavar="MODEL_STEP.onnx")
+    s.add_argument("--prompt", metavar="TEXT")
+    s.add_argument("--prompt-ids", metavar="IDS", help="token ids (comma or space separated) instead of text")
+    s.add_argument("--max-new-tokens", type=int, default=64)
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--ids", action="store_true", help="print token ids instead of text")
+    s.add_argument("--custom-op-lib", metavar="SO")
+    s.add_argument("--threads", type=int)
+    s.add_argument("--json", metavar="OUT")
+    s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("run", help="classify images with an exported Vision Mamba in ONNX Runtime")
+    s.add_argument("model", metavar="MODEL.onnx")
+    s.add_argument("--images", required=True, metavar="PATH",
+                   help="image file, directory of images, idx file / directory (Fashion-MNIST) or .npy uint8 array")
+    s.add_argument("--limit", type=int, metavar="N")
+    s.add_argument("--show", type=int, default=20, metavar="N", help="print the first N predictions (default 20)")
+    s.add_argument("--class-names", metavar="A,B,...")
+    s.add_argument("--batch", type=int, default=64)
+    s.add_argument("--custom-op-lib", metavar="SO")
+    s.add_argument("--threads", type=int)
+    s.add_argument("--json", metavar="OUT", help='write {"predictions", "names", "top1"}')
+    s.set_defaults(func=cmd_run)
     return p
 
 

@@ -1,0 +1,182 @@
+"""`mq-deploy verify`: run an artifact (ONNX or TensorRT engine) and the PyTorch reference on the same
+data, report how far apart their outputs are and the end metric of each, and decide pass/fail.
+
+Per output: max / mean / median absolute and relative error (relative to |reference|, floored at
+1e-6 of the reference's largest magnitude), per-row cosine similarity (mean and min), top-1
+agreement. Checks (each only reported when it applies):
+- --atol / --rtol with --check-error-stat (max, mean or median), as polygraphy does: an output passes
+  when stat(|a - r|) <= atol or stat(|a - r| / |r|) <= rtol;
+- mean cosine >= --min-cosine (default 0.999) and top-1 agreement >= --min-top1-agreement (0.99);
+- end-metric relative difference <= --max-metric-delta (0.002, i.e. 0.2 %).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from mq_deploy.errors import MQUserError
+
+STATS = ("max", "mean", "median")
+
+
+@dataclass
+class VerifyConfig:
+    data: str | None = None
+    limit: int | None = None            # LM windows / images
+    seq_len: int = 256
+    batch: int | None = None
+    atol: float | None = None
+    rtol: float | None = None
+    check_error_stat: str = "mean"
+    min_cosine: float = 0.999
+    min_top1_agreement: float = 0.99
+    max_metric_delta: float = 0.002
+
+    def __post_init__(self):
+        if self.check_error_stat not in STATS:
+            raise MQUserError(f"--check-error-stat must be one of {', '.join(STATS)}, got {self.check_error_stat!r}")
+        for name in ("atol", "rtol"):
+            v = getattr(self, name)
+            if v is not None and not v >= 0:
+                raise MQUserError(f"--{name} must be >= 0, got {v}")
+        if self.limit is not None and self.limit <= 0:
+            raise MQUserError(f"--limit must be positive, got {self.limit}")
+        if self.seq_len <= 1:
+            raise MQUserError(f"--seq-len must be at least 2, got {self.seq_len}")
+
+
+def compare_outputs(got: np.ndarray, ref: np.ndarray, classes: bool = True) -> dict:
+    """Error statistics of one output (rows = all leading dims, the last dim is the feature/class axis)."""
+    got = np.asarray(got, np.float64)
+    ref = np.asarray(ref, np.float64)
+    if got.shape != ref.shape:
+        raise MQUserError(f"output shapes differ: artifact {list(got.shape)} vs reference {list(ref.shape)}")
+    diff = np.abs(got - ref)
+    floor = max(1e-30, 1e-6 * float(np.abs(ref).max(initial=0.0)))
+    rel = diff / np.maximum(np.abs(ref), floor)
+    g2, r2 = got.reshape(-1, got.shape[-1]), ref.reshape(-1, ref.shape[-1])
+    cos = (g2 * r2).sum(-1) / np.maximum(np.linalg.norm(g2, axis=-1) * np.linalg.norm(r2, axis=-1), 1e-30)
+    out = {"max_abs": float(diff.max()), "mean_abs": float(diff.mean()), "median_abs": float(np.median(diff)),
+           "max_rel": float(rel.max()), "mean_rel": float(rel.mean()), "median_rel": float(np.median(rel)),
+           "cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()), "elements": int(diff.size)}
+    if classes:   # the last axis is a class / vocabulary axis
+        out["top1_agreement"] = float((g2.argmax(-1) == r2.argmax(-1)).mean())
+    return out
+
+
+def _bits_per_byte(logits: np.ndarray, targets: np.ndarray) -> float:
+    z = logits.reshape(-1, logits.shape[-1]).astype(np.float64)
+    z = z - z.max(-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    nll = -logp[np.arange(len(z)), targets.reshape(-1)]
+    return float(nll.mean() / np.log(2))
+
+
+def _lm_batches(reference, cfg: VerifyConfig, step: bool):
+    from mq_deploy.evaluate import _default_data, lm_windows
+
+    loaded = reference.loaded
+    if loaded.config.vocab_size != 256:
+        raise MQUserError("verify's LM data is byte text; this model's vocabulary is not bytes (256)")
+    path = os.path.abspath(cfg.data or _default_data(loaded))
+    w = lm_windows(path, cfg.seq_len, cfg.limit or 32)
+    m = loaded.config.mixer
+    bs = cfg.batch or 8
+    for i in range(0, len(w), bs):
+        ids = np.ascontiguousarray(w[i:i + bs, :-1]).astype(np.int64)
+        feeds = {"input_ids": ids}
+        if step:
+            n = len(ids)
+            feeds["conv_state"] = np.zeros((loaded.config.n_layer, n, m.d_inner, m.d_conv - 1), np.float32)
+            feeds["ssm_state"] = np.zeros((loaded.config.n_layer, n, m.d_inner, m.d_state), np.float32)
+        yield feeds, w[i:i + bs, 1:]
+    yield None, path
+
+
+def _vim_batches(reference, cfg: VerifyConfig):
+    from mq_deploy.evaluate import _default_data, vim_data
+
+    loaded = reference.loaded
+    path = os.path.abspath(cfg.data or _default_data(loaded))
+    images, labels = vim_data(loaded, path, "test", cfg.limit)
+    bs = cfg.batch or 64
+    for i in range(0, len(labels), bs):
+        yield {"images": images[i:i + bs].numpy()}, labels[i:i + bs]
+    yield None, path
+
+
+def verify(artifact_runner, reference_runner, cfg: VerifyConfig, progress=None) -> dict:
+    """Run both runners over the data; return {"outputs", "metrics", "checks", "passed", ...}."""
+    from tqdm import tqdm
+
+    loaded = reference_runner.loaded
+    lm = loaded.architecture == "mamba_lm"
+    step = lm and "conv_state" in getattr(artifact_runner, "inputs", {})
+    batches = _lm_batches(reference_runner, cfg, step) if lm else _vim_batches(reference_runner, cfg)
+    got, ref, targets = {}, {}, []
+    data_path = None
+    with tqdm(desc="verify", unit="batch", disable=None if progress is None else not progress, leave=False) as bar:
+        for feeds, target in batches:
+            if feeds is None:
+                data_path = target
+                break
+            a = artifact_runner.infer(feeds)
+            r = reference_runner.infer(feeds)
+            for name in r:
+                if name not in a:
+                    raise MQUserError(f"the artifact has no output {name!r} (it has {', '.join(a)})")
+                got.setdefault(name, []).append(np.asarray(a[name]))
+                ref.setdefault(name, []).append(np.asarray(r[name]))
+            targets.append(np.asarray(target))
+            bar.update(1)
+    if not targets:
+        raise MQUserError("verify: the data gave no samples")
+    cat = {k: np.concatenate(v, axis=1 if k.endswith("_state_out") else 0) for k, v in got.items()}
+    cat_ref = {k: np.concatenate(v, axis=1 if k.endswith("_state_out") else 0) for k, v in ref.items()}
+    outputs = {k: compare_outputs(cat[k], cat_ref[k], classes=k == "logits") for k in cat_ref}
+    t = np.concatenate(targets)
+    if lm:
+        metric = "bits_per_byte"
+        a_val, r_val = _bits_per_byte(cat["logits"], t), _bits_per_byte(cat_ref["logits"], t)
+    else:
+        metric = "top1"
+        a_val = float((cat["logits"].argmax(-1) == t).mean())
+        r_val = float((cat_ref["logits"].argmax(-1) == t).mean())
+    delta = abs(a_val - r_val) / max(abs(r_val), 1e-12)
+    metrics = {"metric": metric, "artifact": a_val, "reference": r_val, "rel_delta": delta, "samples": int(t.size),
+               "data": data_path}
+    checks = []
+    for name, o in outputs.items():
+        if cfg.atol is not None or cfg.rtol is not None:
+            s = cfg.check_error_stat
+            ok_abs = cfg.atol is not None and o[f"{s}_abs"] <= cfg.atol
+            ok_rel = cfg.rtol is not None and o[f"{s}_rel"] <= cfg.rtol
+            checks.append({"check": f"{name}: {s} abs <= {cfg.atol} or {s} rel <= {cfg.rtol}",
+                           "value": [o[f"{s}_abs"], o[f"{s}_rel"]], "passed": bool(ok_abs or ok_rel)})
+        if name == "logits":
+            checks.append({"check": f"{name}: mean cosine >= {cfg.min_cosine}", "value": o["cosine_mean"],
+                           "passed": o["cosine_mean"] >= cfg.min_cosine})
+            checks.append({"check": f"{name}: top-1 agreement >= {cfg.min_top1_agreement}",
+                           "value": o["top1_agreement"], "passed": o["top1_agreement"] >= cfg.min_top1_agreement})
+    checks.append({"check": f"{metric}: relative difference <= {cfg.max_metric_delta}", "value": delta,
+                   "passed": delta <= cfg.max_metric_delta})
+    return {"outputs": outputs, "metrics": metrics, "checks": checks, "passed": all(c["passed"] for c in checks)}
+
+
+def format_report(rep: dict, artifact: str, reference: str) -> str:
+    lines = [f"verify {artifact} against {reference}"]
+    for name, o in rep["outputs"].items():
+        lines.append(f"  {name}: max abs {o['max_abs']:.3g}  mean abs {o['mean_abs']:.3g}  median abs "
+                     f"{o['median_abs']:.3g}  mean rel {o['mean_rel']:.3g}  cosine mean {o['cosine_mean']:.6f} "
+                     f"(min {o['cosine_min']:.4f})"
+                     + (f"  top-1 agreement {o['top1_agreement'] * 100:.2f}%" if "top1_agreement" in o else ""))
+    m = rep["metrics"]
+    lines.append(f"  {m['metric']}: artifact {m['artifact']:.4f}  reference {m['reference']:.4f}  "
+                 f"(relative difference {m['rel_delta'] * 100:.3f}%, {m['samples']} samples of {m['data']})")
+    for c in rep["checks"]:
+        lines.append(f"  [{'PASS' if c['passed'] else 'FAIL'}] {c['check']}")
+    lines.append("PASSED" if rep["passed"] else "FAILED")
+    return "\n".join(lines)
