@@ -1,0 +1,393 @@
+// ONNX Runtime custom-op library for mq::SelectiveScan (domain "mq", since version 1) on the CPU EP.
+//
+// Glue only (STYLE 3): it checks shapes, fills MQScanParams and calls mq_scan_cpu from libmq_scan_cpu.so.
+// Written against the plain C API (onnxruntime_c_api.h) so that no C++ exception can cross the ABI:
+// every callback is noexcept, catches everything and reports through an OrtStatus.
+//
+// API level: we ask ORT for API version 17 (ORT >= 1.17), the first with KernelContext_ParallelFor,
+// InferOutputShapeFn and GetStartVersion; the header may be newer. Work is split over the session's
+// intra-op thread pool (ParallelFor over (batch, block of channels)), each piece a single-threaded
+// mq_scan_cpu call, so intra_op_num_threads governs this op like ORT's own kernels.
+//
+// Output type: y is float or float16 by the out_dtype attribute. ORT's custom-op schema cannot express
+// "type from an attribute", so y is declared with an undefined type (any tensor) and InferOutputShapeFn
+// sets its element type from out_dtype, its shape from x; h_last takes h0's type and shape.
+#include <atomic>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <mutex>
+#include <new>
+#include <string>
+
+#include "mq_selective_scan.h"
+#include "onnxruntime_c_api.h"
+
+namespace {
+
+constexpr uint32_t kOrtApiLevel = 17;
+constexpr const char *kDomain = "mq";
+constexpr const char *kOpName = "SelectiveScan";
+constexpr size_t kNumInputs = 10;
+constexpr size_t kNumOutputs = 2;
+constexpr int64_t kChannelsPerTask = 32;   // a multiple of the CPU kernel's 16-channel block
+constexpr int64_t kSerialBelow = int64_t{1} << 16;   // b*L*D*N: below this one thread is faster
+
+enum Input { kX, kDelta, kA, kB, kC, kD, kZ, kDeltaBias, kGateScale, kH0 };
+const char *const kInputNames[kNumInputs] = {"x", "delta", "A", "B", "C", "D", "z", "delta_bias", "gate_scale", "h0"};
+const char *const kScaleAttrs[5] = {"x_scale", "delta_scale", "B_scale", "C_scale", "z_scale"};
+
+const OrtApi *g_api = nullptr;
+std::atomic<uint64_t> g_unnamed_dims{0};
+
+bool is_int8_input(size_t i) { return i == kX || i == kDelta || i == kB || i == kC || i == kZ; }
+
+OrtStatus *error(OrtErrorCode code, const std::string &msg) {
+  return g_api->CreateStatus(code, ("mq::SelectiveScan: " + msg).c_str());
+}
+
+/* for catch blocks: allocates nothing on our side */
+OrtStatus *internal_error(const char *msg) { return g_api->CreateStatus(ORT_FAIL, msg); }
+
+struct Kernel {
+  float scale[5];   // x, delta, B, C, z
+  int64_t out_dtype;
+};
+
+/* out_dtype: the attribute's value, 1 when absent. Returns an error for anything but 1 or 10. */
+OrtStatus *check_out_dtype(int64_t v) {
+  if (v == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || v == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) return nullptr;
+  return error(ORT_INVALID_ARGUMENT, "attribute out_dtype must be 1 (float) or 10 (float16), got " + std::to_string(v));
+}
+
+// ---- shapes -------------------------------------------------------------------------------------
+
+struct Shape {
+  int64_t d[4];
+  size_t rank;
+};
+
+OrtStatus *shape_of(const OrtValue *v, Shape *s) {
+  OrtTensorTypeAndShapeInfo *info = nullptr;
+  OrtStatus *st = g_api->GetTensorTypeAndShape(v, &info);
+  if (st) return st;
+  size_t rank = 0;
+  st = g_api->GetDimensionsCount(info, &rank);
+  if (!st && rank > 4) st = error(ORT_INVALID_ARGUMENT, "an input has rank " + std::to_string(rank));
+  if (!st) {
+    s->rank = rank;
+    st = g_api->GetDimensions(info, s->d, rank);
+  }
+  g_api->ReleaseTensorTypeAndShapeInfo(info);
+  return st;
+}
+
+std::string str(const Shape &s) {
+  std::string out = "[";
+  for (size_t i = 0; i < s.rank; ++i) out += (i ? ", " : "") + std::to_string(s.d[i]);
+  return out + "]";
+}
+
+/* Checks every input against x's [b, L, D] and A's [D, N]; fills the sizes. */
+OrtStatus *check_shapes(const Shape *s, int64_t *b, int64_t *L, int64_t *D, int64_t *N) {
+  if (s[kX].rank != 3) return error(ORT_INVALID_ARGUMENT, "x must be [b, L, D], got " + str(s[kX]));
+  if (s[kA].rank != 2) return error(ORT_INVALID_ARGUMENT, "A must be [D, N], got " + str(s[kA]));
+  *b = s[kX].d[0], *L = s[kX].d[1], *D = s[kX].d[2], *N = s[kA].d[1];
+  const Shape want[kNumInputs] = {
+      {{*b, *L, *D}, 3}, {{*b, *L, *D}, 3}, {{*D, *N}, 2}, {{*b, *L, *N}, 3}, {{*b, *L, *N}, 3},
+      {{*D}, 1},         {{*b, *L, *D}, 3}, {{*D}, 1},     {{*D}, 1},         {{*b, *D, *N}, 3}};
+  for (size_t i = 0; i < kNumInputs; ++i) {
+    bool same = s[i].rank == want[i].rank;
+    for (size_t k = 0; same && k < want[i].rank; ++k) same = s[i].d[k] == want[i].d[k];
+    if (!same)
+      return error(ORT_INVALID_ARGUMENT, std::string(kInputNames[i]) + " has shape " + str(s[i]) + ", expected " +
+                                             str(want[i]) + " from x " + str(s[kX]) + " and A " + str(s[kA]));
+  }
+  if (*D < 1 || *N < 1 || *N > MQ_SCAN_MAX_DSTATE)
+    return error(ORT_INVALID_ARGUMENT, "need D >= 1 and 1 <= N <= " + std::to_string(MQ_SCAN_MAX_DSTATE) +
+                                           ", got D " + std::to_string(*D) + ", N " + std::to_string(*N));
+  return nullptr;
+}
+
+// ---- parallel split -----------------------------------------------------------------------------
+
+struct Split {
+  const MQScanParams *p;
+  int64_t blocks_per_batch;
+  size_t y_elem_size;
+  std::atomic<int> failed{0};
+  std::mutex mu;
+  std::string message;
+};
+
+/* One task: batch element t / blocks_per_batch, channels [d0, d0 + kChannelsPerTask) of it. */
+void run_task(void *user, size_t t) {
+  Split &s = *static_cast<Split *>(user);
+  const MQScanParams &p = *s.p;
+  const int64_t bi = static_cast<int64_t>(t) / s.blocks_per_batch;
+  const int64_t d0 = (static_cast<int64_t>(t) % s.blocks_per_batch) * kChannelsPerTask;
+  const int64_t nd = p.dim - d0 < kChannelsPerTask ? p.dim - d0 : kChannelsPerTask;
+  MQScanParams q = p;   // batch 1, a slice of channels: strides stay those of the full tensors
+  q.batch = 1;
+  q.dim = nd;
+  const int64_t xo = bi * p.x_batch_stride + d0, bco = bi * p.bc_batch_stride;
+  const int64_t so = (bi * p.dim + d0) * p.dstate;
+  q.x = p.x + xo, q.delta = p.delta + xo, q.z = p.z + xo;
+  q.B = p.B + bco, q.C = p.C + bco;
+  q.A = p.A + d0 * p.dstate, q.D = p.D + d0, q.delta_bias = p.delta_bias + d0, q.gate_scale = p.gate_scale + d0;
+  q.h0 = p.h0 + so, q.h_last = p.h_last + so;
+  q.y = static_cast<char *>(p.y) + static_cast<size_t>(bi * p.y_batch_stride + d0) * s.y_elem_size;
+  if (mq_scan_cpu(&q, 1) != MQ_SCAN_OK && s.failed.exchange(1) == 0) {
+    std::lock_guard<std::mutex> lock(s.mu);
+    s.message = mq_scan_last_error();   // thread-local in the worker: copy it here
+  }
+}
+
+// ---- kernel -------------------------------------------------------------------------------------
+
+OrtStatus *compute(const Kernel &k, OrtKernelContext *ctx) {
+  size_t n_in = 0;
+  OrtStatus *st = g_api->KernelContext_GetInputCount(ctx, &n_in);
+  if (st) return st;
+  if (n_in != kNumInputs) return error(ORT_INVALID_ARGUMENT, "expects 10 inputs, got " + std::to_string(n_in));
+  const OrtValue *in[kNumInputs];
+  Shape shape[kNumInputs];
+  for (size_t i = 0; i < kNumInputs; ++i) {
+    if ((st = g_api->KernelContext_GetInput(ctx, i, &in[i]))) return st;
+    if (in[i] == nullptr) return error(ORT_INVALID_ARGUMENT, std::string("input ") + kInputNames[i] + " is missing");
+    if ((st = shape_of(in[i], &shape[i]))) return st;
+  }
+  int64_t b = 0, L = 0, D = 0, N = 0;
+  if ((st = check_shapes(shape, &b, &L, &D, &N))) return st;
+
+  const int64_t y_dims[3] = {b, L, D}, h_dims[3] = {b, D, N};
+  OrtValue *y_val = nullptr, *h_val = nullptr;
+  if ((st = g_api->KernelContext_GetOutput(ctx, 0, y_dims, 3, &y_val))) return st;
+  if ((st = g_api->KernelContext_GetOutput(ctx, 1, h_dims, 3, &h_val))) return st;
+  void *y = nullptr;
+  float *h_last = nullptr;
+  if ((st = g_api->GetTensorMutableData(y_val, &y))) return st;
+  if ((st = g_api->GetTensorMutableData(h_val, reinterpret_cast<void **>(&h_last)))) return st;
+
+  const void *data[kNumInputs];
+  for (size_t i = 0; i < kNumInputs; ++i)
+    if ((st = g_api->GetTensorData(in[i], &data[i]))) return st;
+
+  if (b == 0) return nullptr;   // empty outputs
+  if (L == 0) {                  // no step: the state passes through
+    std::memcpy(h_last, data[kH0], static_cast<size_t>(b * D * N) * sizeof(float));
+    return nullptr;
+  }
+
+  MQScanParams p;
+  std::memset(&p, 0, sizeof p);
+  p.batch = b, p.seqlen = L, p.dim = D, p.dstate = N;
+  p.x = static_cast<const int8_t *>(data[kX]);
+  p.delta = static_cast<const int8_t *>(data[kDelta]);
+  p.B = static_cast<const int8_t *>(data[kB]);
+  p.C = static_cast<const int8_t *>(data[kC]);
+  p.z = static_cast<const int8_t *>(data[kZ]);
+  p.x_scale = k.scale[0], p.delta_scale = k.scale[1], p.B_scale = k.scale[2], p.C_scale = k.scale[3];
+  p.z_scale = k.scale[4];
+  p.A = static_cast<const float *>(data[kA]);
+  p.D = static_cast<const float *>(data[kD]);
+  p.delta_bias = static_cast<const float *>(data[kDeltaBias]);
+  p.gate_scale = static_cast<const float *>(data[kGateScale]);
+  p.h0 = static_cast<const float *>(data[kH0]);
+  p.y = y;
+  p.h_last = h_last;
+  p.out_fp16 = k.out_dtype == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 ? 1 : 0;
+  mq_scan_set_contiguous_strides(&p);
+  if (mq_scan_validate(&p) != MQ_SCAN_OK) return error(ORT_INVALID_ARGUMENT, mq_scan_last_error());
+
+  if (b * L * D * N < kSerialBelow) {
+    if (mq_scan_cpu(&p, 1) != MQ_SCAN_OK) return error(ORT_FAIL, mq_scan_last_error());
+    return nullptr;
+  }
+  Split split;
+  split.p = &p;
+  split.blocks_per_batch = (D + kChannelsPerTask - 1) / kChannelsPerTask;
+  split.y_elem_size = p.out_fp16 ? 2 : 4;
+  if ((st = g_api->KernelContext_ParallelFor(ctx, run_task, static_cast<size_t>(b * split.blocks_per_batch), 0,
+                                             &split)))
+    return st;
+  if (split.failed.load()) return error(ORT_FAIL, split.message);
+  return nullptr;
+}
+
+// ---- OrtCustomOp callbacks (all noexcept: nothing may unwind into ORT) --------------------------
+
+OrtStatus *ORT_API_CALL create_kernel(const OrtCustomOp *, const OrtApi *api, const OrtKernelInfo *info,
+                                      void **out) noexcept {
+  try {
+    Kernel *k = new Kernel();
+    for (int i = 0; i < 5; ++i) {
+      OrtStatus *st = api->KernelInfoGetAttribute_float(info, kScaleAttrs[i], &k->scale[i]);
+      if (st) {
+        api->ReleaseStatus(st);
+        delete k;
+        return error(ORT_INVALID_ARGUMENT, std::string("missing float attribute ") + kScaleAttrs[i]);
+      }
+      if (!(k->scale[i] > 0.f && std::isfinite(k->scale[i]))) {   // also catches NaN
+        const float v = k->scale[i];
+        delete k;
+        return error(ORT_INVALID_ARGUMENT, std::string("attribute ") + kScaleAttrs[i] +
+                                               " must be finite and > 0, got " + std::to_string(v));
+      }
+    }
+    OrtStatus *st = api->KernelInfoGetAttribute_int64(info, "out_dtype", &k->out_dtype);
+    if (st) {   // absent: the default
+      api->ReleaseStatus(st);
+      k->out_dtype = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+    }
+    if ((st = check_out_dtype(k->out_dtype))) {
+      delete k;
+      return st;
+    }
+    *out = k;
+    return nullptr;
+  } catch (...) {   // bad_alloc, or std::string's
+    return internal_error("mq::SelectiveScan: internal error (out of memory?) creating the kernel");
+  }
+}
+
+OrtStatus *ORT_API_CALL kernel_compute(void *kernel, OrtKernelContext *ctx) noexcept {
+  try {
+    return compute(*static_cast<const Kernel *>(kernel), ctx);
+  } catch (...) {
+    return internal_error("mq::SelectiveScan: internal error (out of memory?) in compute");
+  }
+}
+
+void ORT_API_CALL kernel_destroy(void *kernel) noexcept { delete static_cast<Kernel *>(kernel); }
+
+/* A new type-and-shape: `like`'s dims (values and symbolic names) with element type `type`. */
+OrtStatus *copy_shape(const OrtTensorTypeAndShapeInfo *like, ONNXTensorElementDataType type,
+                      OrtTensorTypeAndShapeInfo **out) {
+  size_t rank = 0;
+  OrtStatus *st = g_api->GetDimensionsCount(like, &rank);
+  if (st) return st;
+  if (rank > 4) return error(ORT_INVALID_ARGUMENT, "an input has rank " + std::to_string(rank));
+  int64_t dims[4];
+  const char *names[4] = {nullptr, nullptr, nullptr, nullptr};
+  if ((st = g_api->GetDimensions(like, dims, rank))) return st;
+  if ((st = g_api->GetSymbolicDimensions(like, names, rank))) return st;
+  // ORT writes an unnamed dim as dim_value (-1 when unknown): name the unknown ones instead, uniquely,
+  // so that they stay unknown downstream
+  std::string fresh[4];
+  for (size_t i = 0; i < rank; ++i)
+    if (dims[i] < 0 && (names[i] == nullptr || names[i][0] == '\0')) {
+      fresh[i] = "mq_scan_dim_" + std::to_string(g_unnamed_dims.fetch_add(1));
+      names[i] = fresh[i].c_str();
+    }
+  if ((st = g_api->CreateTensorTypeAndShapeInfo(out))) return st;
+  if (!(st = g_api->SetTensorElementType(*out, type)) && !(st = g_api->SetDimensions(*out, dims, rank)))
+    st = g_api->SetSymbolicDimensions(*out, names, rank);
+  if (st) {
+    g_api->ReleaseTensorTypeAndShapeInfo(*out);
+    *out = nullptr;
+  }
+  return st;
+}
+
+/* y: x's shape with out_dtype's element type; h_last: h0's shape, float. The infos that
+ * ShapeInferContext_GetInputTypeShape returns belong to the context: never released here. */
+OrtStatus *ORT_API_CALL infer_shapes(const OrtCustomOp *, OrtShapeInferContext *ctx) noexcept {
+  try {
+    int64_t out_dtype = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+    const OrtOpAttr *attr = nullptr;
+    OrtStatus *st = g_api->ShapeInferContext_GetAttribute(ctx, "out_dtype", &attr);
+    if (st) {   // absent: the default
+      g_api->ReleaseStatus(st);
+      attr = nullptr;
+    }
+    if (attr != nullptr) {
+      size_t len = 0;
+      if ((st = g_api->ReadOpAttr(attr, ORT_OP_ATTR_INT, &out_dtype, sizeof out_dtype, &len))) return st;
+    }
+    if ((st = check_out_dtype(out_dtype))) return st;
+    const size_t from[kNumOutputs] = {kX, kH0};
+    const ONNXTensorElementDataType type[kNumOutputs] = {static_cast<ONNXTensorElementDataType>(out_dtype),
+                                                         ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
+    for (size_t o = 0; o < kNumOutputs; ++o) {
+      OrtTensorTypeAndShapeInfo *in = nullptr, *out = nullptr;
+      if ((st = g_api->ShapeInferContext_GetInputTypeShape(ctx, from[o], &in))) return st;
+      if ((st = copy_shape(in, type[o], &out))) return st;
+      st = g_api->ShapeInferContext_SetOutputTypeShape(ctx, o, out);
+      g_api->ReleaseTensorTypeAndShapeInfo(out);
+      if (st) return st;
+    }
+    return nullptr;
+  } catch (...) {
+    return internal_error("mq::SelectiveScan: internal error in shape inference");
+  }
+}
+
+const char *ORT_API_CALL op_name(const OrtCustomOp *) noexcept { return kOpName; }
+const char *ORT_API_CALL op_ep(const OrtCustomOp *) noexcept { return "CPUExecutionProvider"; }
+size_t ORT_API_CALL input_count(const OrtCustomOp *) noexcept { return kNumInputs; }
+size_t ORT_API_CALL output_count(const OrtCustomOp *) noexcept { return kNumOutputs; }
+ONNXTensorElementDataType ORT_API_CALL input_type(const OrtCustomOp *, size_t i) noexcept {
+  return is_int8_input(i) ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+}
+ONNXTensorElementDataType ORT_API_CALL output_type(const OrtCustomOp *, size_t i) noexcept {
+  return i == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+}
+OrtCustomOpInputOutputCharacteristic ORT_API_CALL required(const OrtCustomOp *, size_t) noexcept {
+  return INPUT_OUTPUT_REQUIRED;
+}
+OrtMemType ORT_API_CALL input_memory(const OrtCustomOp *, size_t) noexcept { return OrtMemTypeDefault; }
+int ORT_API_CALL one(const OrtCustomOp *) noexcept { return 1; }
+int ORT_API_CALL start_version(const OrtCustomOp *) noexcept { return 1; }
+int ORT_API_CALL end_version(const OrtCustomOp *) noexcept { return 1 << 30; }   // open-ended, as ORT's default
+
+OrtCustomOp make_op() {
+  OrtCustomOp op;
+  std::memset(&op, 0, sizeof op);   // the fields of API levels above kOrtApiLevel stay null
+  op.version = kOrtApiLevel;
+  op.GetName = op_name;
+  op.GetExecutionProviderType = op_ep;
+  op.GetInputType = input_type;
+  op.GetInputTypeCount = input_count;
+  op.GetOutputType = output_type;
+  op.GetOutputTypeCount = output_count;
+  op.KernelDestroy = kernel_destroy;
+  op.GetInputCharacteristic = required;
+  op.GetOutputCharacteristic = required;
+  op.GetInputMemoryType = input_memory;
+  op.GetVariadicInputMinArity = one;
+  op.GetVariadicInputHomogeneity = one;
+  op.GetVariadicOutputMinArity = one;
+  op.GetVariadicOutputHomogeneity = one;
+  op.CreateKernelV2 = create_kernel;
+  op.KernelComputeV2 = kernel_compute;
+  op.InferOutputShapeFn = infer_shapes;
+  op.GetStartVersion = start_version;
+  op.GetEndVersion = end_version;
+  return op;
+}
+
+const OrtCustomOp g_op = make_op();   // must outlive every session that registered it: static
+
+}  // namespace
+
+extern "C" MQ_SCAN_API OrtStatus *ORT_API_CALL RegisterCustomOps(OrtSessionOptions *options,
+                                                                   const OrtApiBase *api_base) noexcept {
+  const OrtApi *api = api_base->GetApi(kOrtApiLevel);
+  if (api == nullptr) {
+    const OrtApi *v1 = api_base->GetApi(1);
+    char msg[160];
+    std::snprintf(msg, sizeof msg, "libmq_scan_ort needs ONNX Runtime >= 1.17 (C API %u), this is %s",
+                  static_cast<unsigned>(kOrtApiLevel), api_base->GetVersionString());
+    return v1 ? v1->CreateStatus(ORT_FAIL, msg) : nullptr;
+  }
+  g_api = api;
+  // The domain is never released: ORT keeps a pointer to it for the lifetime of the options and of
+  // every session made from them, and it is a few bytes per registration. (The C API calls below do
+  // not throw.)
+  OrtCustomOpDomain *domain = nullptr;
+  OrtStatus *st = api->CreateCustomOpDomain(kDomain, &domain);
+  if (st) return st;
+  if ((st = api->CustomOpDomain_Add(domain, &g_op))) return st;
+  return api->AddCustomOpDomain(options, domain);
+}

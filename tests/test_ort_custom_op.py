@@ -1,0 +1,199 @@
+"""libmq_scan_ort.so: mq::SelectiveScan as an ONNX Runtime custom op, against the function body and
+selective_scan_int8_ref.
+
+Skipped unless the library is built (plugins/selective_scan/ort/build.sh; it needs ONNX Runtime's C API
+headers, which no registry package ships). It is looked up at $MQ_SCAN_ORT_LIB, else at
+build/ort/libmq_scan_ort.so, where build.sh puts it. MQ_REQUIRE_ORT_LIB=1 turns the skip into a failure.
+
+Tolerances, as rel_err (max |diff| / max |ref|):
+  float32 y and h_last: 2e-5, the native-vs-reference bound of test_native_scan (same kernel): both
+  sides compute in float32 from the same int8 codes and scales and differ only in summation order over
+  N and in exp/softplus/sigmoid ulps (the kernel's exp2 polynomial vs libm), a few ulps per step that
+  the decaying recurrence (A < 0) does not accumulate. The function body is float32 ONNX ops, the same
+  bound again.
+  float16 y: the float32 bound plus the final rounding to half (relative 2^-11): 1e-3.
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from mq_deploy.ops.selective_scan import selective_scan_int8_ref
+
+from conftest import REPO, rel_err
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+DEFAULT_LIB = os.path.join(REPO, "build", "ort", "libmq_scan_ort.so")
+LIB = os.environ.get("MQ_SCAN_ORT_LIB") or DEFAULT_LIB
+BUILD_HINT = "plugins/selective_scan/ort/build.sh ORT_INCLUDE_DIR   (see plugins/selective_scan/ort/README.md)"
+pytestmark = pytest.mark.skipif(os.environ.get("MQ_REQUIRE_ORT_LIB") != "1" and not os.path.isfile(LIB),
+                                reason=f"{LIB} is not built: {BUILD_HINT}")
+
+TOL = 2e-5
+TOL_FP16 = 1e-3
+SCALES = dict(x=0.02, delta=0.015, B=0.03, C=0.025, z=0.03)
+DIMS = dict(x="bLd", delta="bLd", A="dn", B="bLn", C="bLn", D="d", z="bLd", delta_bias="d", gate_scale="d",
+            h0="bdn")
+
+
+def scan_model(out_dtype=1, body=True, scales=SCALES, attrs=None):
+    """A model with one mq::SelectiveScan node (symbolic b, L, d, n), with or without its function body."""
+    from onnx import TensorProto as T
+    from onnx import helper as h
+
+    from mq_deploy.export.scan_op import DOMAIN, INPUTS, INT8_INPUTS, OP, OUTPUTS, selective_scan_function
+
+    kw = {f"{k}_scale": float(v) for k, v in scales.items()}
+    if out_dtype != 1:
+        kw["out_dtype"] = out_dtype
+    kw.update(attrs or {})
+    node = h.make_node(OP, list(INPUTS), list(OUTPUTS), domain=DOMAIN, **kw)
+    graph = h.make_graph([node], "scan",
+                         [h.make_tensor_value_info(k, T.INT8 if k in INT8_INPUTS else T.FLOAT, list(DIMS[k]))
+                          for k in INPUTS],
+                         [h.make_tensor_value_info("y", out_dtype, list("bLd")),
+                          h.make_tensor_value_info("h_last", T.FLOAT, list("bdn"))])
+    m = h.make_model(graph, functions=[selective_scan_function(21)] if body else [],
+                     opset_imports=[h.make_opsetid("", 21), h.make_opsetid(DOMAIN, 1)], ir_version=10)
+    if body:
+        onnx.checker.check_model(m, full_check=True)
+    return m.SerializeToString()
+
+
+def session(model, lib=True, threads=None, profile=False):
+    so = ort.SessionOptions()
+    if lib:
+        so.register_custom_ops_library(LIB)
+    if threads:
+        so.intra_op_num_threads = threads
+    if profile:
+        so.enable_profiling = True
+        so.profile_file_prefix = os.path.join(os.environ.get("TMPDIR", "/tmp"), "mq_scan_ort_profile")
+    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+
+
+def feeds(b, L, d, n, gate=True, seed=0):
+    """Fresh random int8 codes and float parameters (dt = softplus(.) spans ~0.05..3), as numpy."""
+    g = torch.Generator().manual_seed(seed)
+
+    def q(*s):
+        return torch.randint(-127, 128, s, dtype=torch.int8, generator=g).numpy()
+
+    f = dict(x=q(b, L, d), delta=q(b, L, d), A=-torch.rand(d, n, generator=g) * 2 - 0.05, B=q(b, L, n),
+             C=q(b, L, n), D=torch.randn(d, generator=g), z=q(b, L, d),
+             delta_bias=torch.randn(d, generator=g) * 0.5 - 1.0,
+             gate_scale=torch.rand(d, generator=g) * 1.5 + 0.25 if gate else torch.ones(d),
+             h0=torch.randn(b, d, n, generator=g))
+    return {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in f.items()}
+
+
+def reference(f, gate=True):
+    t = {k: torch.from_numpy(v) for k, v in f.items()}
+    s = SCALES
+    return selective_scan_int8_ref(t["x"], s["x"], t["delta"], s["delta"], t["A"], t["B"], s["B"], t["C"], s["C"],
+                                   t["D"], t["z"], s["z"], t["delta_bias"], True, t["h0"], True,
+                                   gate_scale=t["gate_scale"] if gate else None)
+
+
+def check(got, want, tol, what):
+    got, want = torch.from_numpy(np.asarray(got, dtype=np.float32)), torch.as_tensor(want, dtype=torch.float32)
+    e = rel_err(got, want)
+    print(f"{what}: rel err {e:.2e} (max |ref| {want.abs().max().item():.3g}, tol {tol:.0e})")
+    assert e < tol
+
+
+# (b, L, d, n): single step; d below, at and above the 32-channel task of the library and not a
+# multiple of 16; b*L*d*N on both sides of its serial threshold (65536); N = 64 and the maximum 256
+SHAPES = [(1, 1, 8, 16), (2, 37, 33, 16), (2, 300, 70, 16), (3, 5, 7, 64), (1, 40, 3, 256)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("gate", [False, True])
+def test_matches_function_body_and_reference(shape, gate):
+    f = feeds(*shape, gate=gate, seed=sum(shape))
+    y, h_last = session(scan_model()).run(None, f)
+    y_body, h_body = session(scan_model(), lib=False).run(None, f)
+    y_ref, h_ref = reference(f, gate)
+    assert y.dtype == np.float32 and y.shape == tuple(y_ref.shape) and h_last.shape == tuple(h_ref.shape)
+    check(y, y_ref, TOL, "y vs int8 ref")
+    check(h_last, h_ref, TOL, "h_last vs int8 ref")
+    check(y, y_body, TOL, "y vs function body")
+    check(h_last, h_body, TOL, "h_last vs function body")
+
+
+def test_library_replaces_the_function_body():
+    """Registered, the library's kernel runs: one SelectiveScan node in the profile, no Scan; and a model
+    without the body runs only with the library."""
+    f = feeds(2, 64, 40, 16)
+    sess = session(scan_model(), profile=True)
+    sess.run(None, f)
+    with open(sess.end_profiling()) as fh:
+        ops = {e["args"].get("op_name") for e in json.load(fh) if e.get("cat") == "Node"}
+    print("ops in the profile:", ops)
+    assert ops == {"SelectiveScan"}
+
+    bare = scan_model(body=False)
+    with pytest.raises(Exception, match="SelectiveScan"):
+        session(bare, lib=False)
+    y, _ = session(bare).run(None, f)
+    check(y, reference(f)[0], TOL, "y, model without body")
+
+
+def test_fp16_output():
+    f = feeds(2, 50, 40, 16, seed=3)
+    y16, h_last = session(scan_model(out_dtype=10)).run(None, f)
+    y_ref, h_ref = reference(f)
+    assert y16.dtype == np.float16 and h_last.dtype == np.float32
+    check(y16, y_ref, TOL_FP16, "fp16 y vs int8 ref")
+    check(h_last, h_ref, TOL, "h_last vs int8 ref")
+    y16_body, _ = session(scan_model(out_dtype=10), lib=False).run(None, f)
+    check(y16, y16_body.astype(np.float32), TOL_FP16, "fp16 y vs function body")
+
+
+def test_state_carries_across_calls_and_threads_agree():
+    """Two chunks with h_last fed back as h0 equal one call; 1 and 2 intra-op threads give the same bits."""
+    f = feeds(2, 96, 48, 16, seed=5)
+    y, h_last = session(scan_model(), threads=2).run(None, f)
+    y1, h1 = session(scan_model(), threads=1).run(None, f)
+    assert np.array_equal(y, y1) and np.array_equal(h_last, h1)
+    sess = session(scan_model())
+    seq = ("x", "delta", "B", "C", "z")
+    first = dict(f, **{k: f[k][:, :40] for k in seq})
+    ya, ha = sess.run(None, first)
+    yb, hb = sess.run(None, dict(f, h0=ha, **{k: f[k][:, 40:] for k in seq}))
+    check(np.concatenate([ya, yb], axis=1), y, 1e-6, "chunked y vs one call")
+    check(hb, h_last, 1e-6, "chunked h_last vs one call")
+
+
+BAD = {
+    "B seqlen": lambda f: dict(f, B=f["B"][:, :-1]),
+    "A dim": lambda f: dict(f, A=f["A"][:-1]),
+    "h0 dstate": lambda f: dict(f, h0=f["h0"][:, :, :-1]),
+    "D length": lambda f: dict(f, D=f["D"][:-1]),
+    "z batch": lambda f: dict(f, z=f["z"][:1]),
+    "N > 256": lambda f: dict(f, A=np.zeros((f["A"].shape[0], 300), np.float32),
+                              B=np.zeros(f["B"].shape[:2] + (300,), np.int8),
+                              C=np.zeros(f["C"].shape[:2] + (300,), np.int8),
+                              h0=np.zeros(f["h0"].shape[:2] + (300,), np.float32)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_shapes_raise_an_ort_error(case):
+    sess = session(scan_model())
+    with pytest.raises(Exception, match="mq::SelectiveScan") as err:
+        sess.run(None, BAD[case](feeds(2, 7, 12, 16)))
+    print(case, "->", str(err.value).splitlines()[0])
+    sess.run(None, feeds(2, 7, 12, 16))   # the session still works
+
+
+@pytest.mark.parametrize("attrs,match", [(dict(out_dtype=7), "out_dtype"), (dict(z_scale=0.0), "z_scale"),
+                                         (dict(x_scale=float("nan")), "x_scale")])
+def test_bad_attributes_fail_at_session_creation(attrs, match):
+    with pytest.raises(Exception, match=match):
+        session(scan_model(body=False, attrs=attrs))
