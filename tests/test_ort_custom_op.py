@@ -132,8 +132,10 @@ def test_library_replaces_the_function_body():
     f = feeds(2, 64, 40, 16)
     sess = session(scan_model(), profile=True)
     sess.run(None, f)
-    with open(sess.end_profiling()) as fh:
+    profile = sess.end_profiling()
+    with open(profile) as fh:
         ops = {e["args"].get("op_name") for e in json.load(fh) if e.get("cat") == "Node"}
+    os.remove(profile)
     print("ops in the profile:", ops)
     assert ops == {"SelectiveScan"}
 
