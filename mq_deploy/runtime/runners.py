@@ -20,6 +20,7 @@ import numpy as np
 from mq_deploy.errors import MQUserError
 
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
+ORT_LIB_ENV = "MQ_SCAN_ORT_LIB"      # the native mq::SelectiveScan custom-op library, used when set
 
 
 class TorchRunner:
@@ -95,6 +96,8 @@ class OrtRunner:
         import onnxruntime as ort
 
         self.path = path
+        custom_op_library = custom_op_library or os.environ.get(ORT_LIB_ENV) or None
+        self.custom_op_library = custom_op_library
         self.proto = load_onnx(path, load_external_data=False)
         self.meta = metadata(self.proto)
         missing = missing_functions(self.proto)
@@ -115,7 +118,8 @@ class OrtRunner:
             so.optimized_model_filepath = optimized_model_path
         if custom_op_library:
             if not os.path.isfile(custom_op_library):
-                raise MQUserError(f"{custom_op_library}: no such custom-op library")
+                raise MQUserError(f"{custom_op_library}: no such custom-op library (build it with "
+                                  "plugins/selective_scan/ort/build.sh, see its README)")
             so.register_custom_ops_library(custom_op_library)
         try:
             self.session = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
