@@ -180,3 +180,54 @@ def test_run_bad_input(vim, lm, tmp_path, capsys):
     assert_user_error(capsys, ["run", vim["onnx"], "--images", str(tmp_path)], "no images")
     np.save(tmp_path / "big.npy", np.zeros((2, 20, 20), np.uint8))
     assert_user_error(capsys, ["run", vim["onnx"], "--images", str(tmp_path / "big.npy")], "[1, 20, 20]")
+
+
+def test_build_onnxruntime_backend(lm, capsys):
+    out = lm["dir"] / "m.ort.onnx"
+    rep_path = lm["dir"] / "build.json"
+    assert main(["build", lm["onnx"], "--int8", "--backend", "onnxruntime", "--optShapes", "input_ids:3x40",
+                 "--json", str(rep_path)]) == 0
+    rep = json.loads(rep_path.read_text())
+    assert rep["output"] == str(out) and out.is_file() and rep["verify"]["passed"]
+    assert rep["verify"]["feeds"] == {"input_ids": [3, 40]}
+    # QDQ around the matmuls became ORT's integer matmuls
+    assert rep["op_counts"].get("com.microsoft::MatMulIntegerToFloat", 0) + rep["op_counts"].get("QLinearMatMul", 0)
+    assert "optimized model" in capsys.readouterr().out
+    assert_user_error(capsys, ["build", lm["onnx"], "--backend", "onnxruntime"], "already exists")
+    # the optimized model verifies against the PyTorch reference like the export itself
+    assert main(["verify", str(out), "--reference", lm["q"], "--data", lm["text"], "--seq-len", "64", "--limit",
+                 "4"]) == 0
+
+
+def test_build_tensorrt_without_tensorrt_explains(lm, capsys):
+    pytest.importorskip("mq_deploy.build.tensorrt")
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("TensorRT is installed here")
+    except ImportError:
+        pass
+    assert_user_error(capsys, ["build", lm["onnx"], "--int8"], "TensorRT", "pip install tensorrt",
+                      "--backend onnxruntime")
+    assert not os.path.exists(lm["onnx"][:-5] + ".engine")
+
+
+def test_build_int8_needs_a_quantized_graph(lm, capsys):
+    fp_onnx = str(lm["dir"] / "fp_b.onnx")
+    assert main(["export", lm["fp"], "-o", fp_onnx]) == 0
+    assert_user_error(capsys, ["build", fp_onnx, "--int8", "--backend", "onnxruntime"], "no QuantizeLinear",
+                      "mq-deploy quantize")
+    assert_user_error(capsys, ["build", fp_onnx, "--backend", "onnxruntime", "--optShapes", "input_ids:2"],
+                      "rank 2")
+
+
+def test_polygraphy_runs_the_export(lm):
+    """NVIDIA's polygraphy (the tool TensorRT users debug with) runs the exported file in ORT as it is."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which("polygraphy")
+    if exe is None:
+        pytest.skip("polygraphy is not installed (pip install polygraphy)")
+    r = subprocess.run([exe, "run", lm["onnx"], "--onnxrt", "--input-shapes", "input_ids:[2,32]"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "PASSED" in r.stdout + r.stderr, r.stdout + r.stderr

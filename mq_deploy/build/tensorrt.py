@@ -63,7 +63,7 @@ _INSTALL_TENSORRT = (
     "A TensorRT build also needs a GPU and the mq::SelectiveScan plugin library, built with "
     "`cmake -S plugins/selective_scan -B build/scan -DTensorRT_ROOT=<TensorRT dir> && "
     "cmake --build build/scan -j` (JetPack: -DTensorRT_ROOT=/usr). To deploy without TensorRT, "
-    "run the exported ONNX with ONNX Runtime instead."
+    "build for ONNX Runtime instead: `mq-deploy build MODEL.onnx --int8 --backend onnxruntime`."
 )
 _BUILD_PLUGIN = (
     "build it with `cmake -S plugins/selective_scan -B build/scan -DTensorRT_ROOT=<TensorRT dir> "

@@ -263,6 +263,57 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_build(args) -> int:
+    from mq_deploy.build.tensorrt import parse_shapes
+    from mq_deploy.runtime.runners import load_onnx
+
+    proto = load_onnx(args.model, load_external_data=False)
+    has_qdq = any(n.op_type == "QuantizeLinear" for n in proto.graph.node)
+    if args.int8 and not has_qdq:
+        raise MQUserError(f"{args.model}: --int8 asks for an int8 build, but the graph has no QuantizeLinear nodes "
+                          "(a float32 export); quantize first: mq-deploy quantize MODEL -o QDIR && "
+                          "mq-deploy export QDIR -o model.onnx")
+    shapes = {k: parse_shapes(getattr(args, k)) for k in ("minShapes", "optShapes", "maxShapes")}
+    stem = args.model[:-5] if args.model.endswith(".onnx") else args.model
+    if args.backend == "onnxruntime":
+        from mq_deploy.build.onnxruntime import build_ort
+
+        if args.fp16:
+            raise MQUserError("--fp16 is a TensorRT option; the ONNX Runtime CPU build keeps float32 outside int8")
+        lib = args.plugins[0] if args.plugins else None
+        rep = build_ort(args.model, args.saveEngine or stem + ".ort.onnx", custom_op_library=lib,
+                        shapes=shapes["optShapes"] or None, overwrite=args.overwrite)
+        v = rep["verify"]["outputs"].get("logits", {})
+        print(f"wrote {rep['output']}: ONNX Runtime {rep['onnxruntime_version']} optimized model, "
+              f"{rep['nodes_before']} -> {rep['nodes_after']} nodes, {rep['bytes'] / 1e6:.2f} MB, "
+              f"{rep['build_seconds']:.2f} s")
+        top = ", ".join(f"{k} {n}" for k, n in sorted(rep["op_counts"].items(), key=lambda kv: -kv[1])[:10])
+        print(f"  ops: {top}")
+        print(f"  verified against {args.model} on {rep['verify']['feeds']}: logits cosine "
+              f"{v.get('cosine_mean', float('nan')):.6f}, top-1 agreement {v.get('top1_agreement', 0) * 100:.2f}%, "
+              f"max abs {v.get('max_abs', float('nan')):.3g}")
+    else:
+        from mq_deploy.build.tensorrt import build_engine
+
+        out = args.saveEngine or stem + ".engine"
+        if os.path.exists(out) and not args.overwrite:
+            raise MQUserError(f"{out}: already exists (pass --overwrite to replace it)")
+        rep = build_engine(args.model, out, int8=args.int8, fp16=args.fp16, min_shapes=shapes["minShapes"] or None,
+                           opt_shapes=shapes["optShapes"] or None, max_shapes=shapes["maxShapes"] or None,
+                           plugins=args.plugins or (), timing_cache=args.timingCacheFile,
+                           workspace=args.workspace_mib * 2 ** 20 if args.workspace_mib else None)
+        print(f"wrote {rep.get('engine')}: TensorRT {rep.get('tensorrt_version')}, "
+              f"{rep.get('engine_bytes', 0) / 1e6:.2f} MB, {rep.get('build_seconds', 0):.1f} s, "
+              f"{len(rep.get('layers', []))} layers, {rep.get('scan_nodes')} mq::SelectiveScan plugin nodes")
+        precisions: dict = {}
+        for layer in rep.get("layers", []):
+            precisions[layer.get("precision")] = precisions.get(layer.get("precision"), 0) + 1
+        print("  layer precisions: " + ", ".join(f"{k} {v}" for k, v in precisions.items()))
+    if args.json:
+        _write_json_atomic(args.json, rep)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mq-deploy", description="Quantize and deploy Mamba models (MambaQuant PTQ).")
     p.add_argument("--version", action="version", version=f"mq-deploy {__version__}")
@@ -385,6 +436,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int)
     s.add_argument("--json", metavar="OUT", help='write {"predictions", "names", "top1"}')
     s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("build", help="build a deployable engine: TensorRT (plugin) or an ORT-optimized model")
+    s.add_argument("model", metavar="MODEL.onnx")
+    s.add_argument("--backend", default="tensorrt", choices=["tensorrt", "onnxruntime"])
+    s.add_argument("--int8", action="store_true", help="int8 build (the graph must carry Q/DQ nodes)")
+    s.add_argument("--fp16", action="store_true", help="TensorRT: fp16 outside the int8 layers, fp16 scan output")
+    s.add_argument("--minShapes", metavar="SPEC", help="name:AxB[,name:...] (trtexec syntax)")
+    s.add_argument("--optShapes", metavar="SPEC", help="also the shapes the onnxruntime build verifies with")
+    s.add_argument("--maxShapes", metavar="SPEC")
+    s.add_argument("--plugins", nargs="*", metavar="SO",
+                   help="TensorRT: libmq_scan_trt.so; onnxruntime: libmq_scan_ort.so custom-op library")
+    s.add_argument("--saveEngine", metavar="PATH", help="default: MODEL.engine / MODEL.ort.onnx")
+    s.add_argument("--timingCacheFile", metavar="PATH")
+    s.add_argument("--workspace-mib", type=int, metavar="MIB", help="TensorRT builder workspace limit")
+    s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--json", metavar="OUT", help="write the build report as JSON")
+    s.set_defaults(func=cmd_build)
     return p
 
 
