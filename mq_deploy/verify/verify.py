@@ -58,7 +58,9 @@ def compare_outputs(got: np.ndarray, ref: np.ndarray, classes: bool = True) -> d
     floor = max(1e-30, 1e-6 * float(np.abs(ref).max(initial=0.0)))
     rel = diff / np.maximum(np.abs(ref), floor)
     g2, r2 = got.reshape(-1, got.shape[-1]), ref.reshape(-1, ref.shape[-1])
-    cos = (g2 * r2).sum(-1) / np.maximum(np.linalg.norm(g2, axis=-1) * np.linalg.norm(r2, axis=-1), 1e-30)
+    ng, nr = np.linalg.norm(g2, axis=-1), np.linalg.norm(r2, axis=-1)
+    cos = (g2 * r2).sum(-1) / np.maximum(ng * nr, 1e-30)
+    cos[(ng == 0) & (nr == 0)] = 1.0          # two all-zero rows (e.g. a fresh conv state) agree
     out = {"max_abs": float(diff.max()), "mean_abs": float(diff.mean()), "median_abs": float(np.median(diff)),
            "max_rel": float(rel.max()), "mean_rel": float(rel.mean()), "median_rel": float(np.median(rel)),
            "cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()), "elements": int(diff.size)}
