@@ -231,3 +231,29 @@ def test_polygraphy_runs_the_export(lm):
     r = subprocess.run([exe, "run", lm["onnx"], "--onnxrt", "--input-shapes", "input_ids:[2,32]"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "PASSED" in r.stdout + r.stderr, r.stdout + r.stderr
+
+
+def test_large_models_keep_weights_in_a_side_file(lm, tmp_path, monkeypatch):
+    """Past protobuf's 2 GiB the initializers go to MODEL.onnx.data (forced here with a zero threshold)."""
+    import mq_deploy.export.exporter as ex
+    from mq_deploy.runtime.runners import OrtRunner
+
+    monkeypatch.setattr(ex, "_EXTERNAL_DATA_BYTES", 0)
+    out = tmp_path / "big.onnx"
+    ex.export(lm["q"], str(out))
+    assert sorted(os.listdir(tmp_path)) == ["big.onnx", "big.onnx.data"]
+    ids = np.frombuffer(TEXT[:40], np.uint8).astype(np.int64)[None]
+    got = OrtRunner(str(out)).infer({"input_ids": ids})["logits"]
+    want = OrtRunner(lm["onnx"]).infer({"input_ids": ids})["logits"]
+    np.testing.assert_array_equal(got, want)
+
+
+def test_verify_engine_without_tensorrt(lm, tmp_path, capsys):
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("TensorRT is installed here")
+    except ImportError:
+        pass
+    eng = tmp_path / "m.engine"
+    eng.write_bytes(b"\0" * 64)
+    assert_user_error(capsys, ["verify", str(eng), "--reference", lm["q"]], "TensorRT")
