@@ -255,3 +255,29 @@ def test_header_is_a_c_abi(tmp_path):
     version, y0, h0 = out.stdout.split()
     assert version == native.load_library().mq_scan_version().decode()
     assert float(y0) != 0.0 and float(h0) != 0.0
+
+
+@needs_lib
+def test_scalar_gate_scale_broadcasts_like_the_reference():
+    """A one-element or 0-d gate_scale is valid for the reference (broadcast); the kernel reads one
+    factor per channel, so the wrapper expands it instead of letting C read past its end."""
+    kw = make(2, 20, 24, 16, gate=True, seed=21)
+    for gs in (torch.tensor([0.7]), torch.tensor(0.7)):
+        k = dict(kw, gate_scale=gs)
+        check(native.selective_scan_int8_native(**k), selective_scan_int8_ref(**k))
+    with pytest.raises(MQUserError, match="gate_scale must have shape"):
+        native.selective_scan_int8_native(**dict(kw, gate_scale=torch.ones(5)))
+
+
+@needs_lib
+def test_time_major_and_broadcast_views_are_copied():
+    """Views whose rows overlap across batch (time-major storage, expand) are read after a copy."""
+    kw = make(3, 9, 16, 16, seed=22)
+    want = selective_scan_int8_ref(**kw)
+    tm = {k: (kw[k].transpose(0, 1).contiguous().transpose(0, 1) if k in ("qx", "qdelta", "qz", "qB", "qC")
+              else kw[k]) for k in kw}
+    check(native.selective_scan_int8_native(**tm), want)
+    one = make(1, 9, 16, 16, seed=23)
+    bc = {k: (one[k].expand(3, -1, -1) if k in ("qx", "qdelta", "qz", "qB", "qC") else one[k]) for k in one}
+    check(native.selective_scan_int8_native(**bc), selective_scan_int8_ref(**{k: (v.contiguous() if torch.is_tensor(v)
+                                                                                  else v) for k, v in bc.items()}))

@@ -122,11 +122,14 @@ def _rows(tensors, width):
     kernel reads them; copies to contiguous when they do not."""
     live = [t for t in tensors if t is not None]
     strides = {t.stride() for t in live}
-    if len(strides) != 1 or (live[0].stride(2) != 1 and width > 1):
+    b, seqlen = live[0].shape[0], live[0].shape[1]
+    bs, ls = live[0].stride(0), live[0].stride(1)
+    # the kernel needs rows that do not overlap (no time-major or broadcast views): else copy
+    overlapping = (seqlen > 1 and ls < width) or (b > 1 and bs < ls * (seqlen - 1) + width)
+    if len(strides) != 1 or (live[0].stride(2) != 1 and width > 1) or overlapping:
         tensors = [None if t is None else t.contiguous() for t in tensors]
         live = [t for t in tensors if t is not None]
-    bs, ls = live[0].stride(0), live[0].stride(1)
-    b, seqlen = live[0].shape[0], live[0].shape[1]
+        bs, ls = live[0].stride(0), live[0].stride(1)
     # strides of size-1 dims are arbitrary in torch and never used by the kernel: give valid ones
     ls = width if seqlen == 1 else ls
     bs = seqlen * ls if b == 1 else bs
@@ -158,6 +161,10 @@ def _prepare(qx, x_scale, qdelta, delta_scale, A, qB, B_scale, qC, C_scale, D, q
     (qx, qdelta, qz), x_bs, x_ls = _rows([qx, qdelta, qz], dim)
     (qB, qC), bc_bs, bc_ls = _rows([qB, qC], n)
     A, D, delta_bias = _f32(A, "A", dev), _f32(D, "D", dev), _f32(delta_bias, "delta_bias", dev)
+    if gate_scale is not None and qz is not None:
+        if gate_scale.numel() not in (1, dim) or (gate_scale.dim() > 1):
+            raise MQUserError(f"gate_scale must have shape [{dim}] (or be a scalar), got {list(gate_scale.shape)}")
+        gate_scale = gate_scale.reshape(-1).expand(dim)      # the kernel reads one factor per channel
     gate_scale = _f32(gate_scale, "gate_scale", dev) if qz is not None else None
     h0 = _f32(initial_state, "initial_state", dev)
     if out_state is not None:

@@ -72,7 +72,7 @@ int mq_scan_validate(const MQScanParams *p) {
   for (float s : scales)
     if (!(s == s) || s == INFINITY || s == -INFINITY)
       return set_error(MQ_SCAN_ERR_INVALID, "scales must be finite");
-  if (p->z != nullptr && !(p->z_scale == p->z_scale))
+  if (p->z != nullptr && (!(p->z_scale == p->z_scale) || p->z_scale == INFINITY || p->z_scale == -INFINITY))
     return set_error(MQ_SCAN_ERR_INVALID, "z_scale must be finite when z is given");
   return MQ_SCAN_OK;
 }

@@ -412,7 +412,14 @@ int32_t SelectiveScanPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTe
     p.seqlen = x.d[1];
     p.dim = x.d[2];
     p.dstate = inputDesc[kIN_A].dims.d[1];
-    if (p.batch == 0 || p.seqlen == 0 || p.dim == 0) return 0;  // empty tensors: nothing to compute
+    if (p.batch == 0 || p.dim == 0) return 0;  // empty tensors: nothing to compute
+    if (p.seqlen == 0) {  // no steps: the state passes through unchanged
+      size_t bytes = static_cast<size_t>(p.batch) * static_cast<size_t>(p.dim) * static_cast<size_t>(p.dstate) *
+                     sizeof(float);
+      if (bytes == 0 || outputs[1] == inputs[kIN_H0]) return 0;
+      return cudaMemcpyAsync(outputs[1], inputs[kIN_H0], bytes, cudaMemcpyDeviceToDevice, stream) == cudaSuccess
+                 ? 0 : 1;
+    }
     p.x = static_cast<int8_t const*>(inputs[kIN_X]);
     p.delta = static_cast<int8_t const*>(inputs[kIN_DELTA]);
     p.B = static_cast<int8_t const*>(inputs[kIN_B]);

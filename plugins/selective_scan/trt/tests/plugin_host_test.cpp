@@ -20,6 +20,11 @@ using namespace nvinfer1;
 extern "C" int mq_scan_cuda(const MQScanParams* p, void*) { return mq_scan_cpu(p, 1); }
 extern "C" int mq_scan_step_cuda(const MQScanParams* p, void*) { return mq_scan_cpu(p, 1); }
 extern "C" IPluginRegistry* getPluginRegistry() noexcept { return nullptr; }
+// enqueue's seqlen == 0 pass-through copies h0 to h_last on the stream; host memory here
+extern "C" cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t count, cudaMemcpyKind, cudaStream_t) {
+  std::memcpy(dst, src, count);
+  return cudaSuccess;
+}
 
 static int gFailures = 0;
 #define CHECK(cond)                                                              \
@@ -165,6 +170,18 @@ int main() {
   std::printf("enqueue vs direct mq_scan_cpu: max |diff| %.3g (max |y| %.3g)\n", maxDiff, maxRef);
   CHECK(maxDiff == 0.0);  // same kernel, same params: bit-identical unless the plugin mapped an input wrongly
   CHECK(maxRef > 0.0);
+
+  // an empty sequence (L = 0) passes the state through: h_last = h0
+  {
+    PluginTensorDesc d0[12];
+    std::memcpy(d0, desc, sizeof d0);
+    for (int i : {0, 1, 3, 4, 6}) d0[i].dims.d[1] = 0;
+    d0[10].dims.d[1] = 0;
+    std::vector<float> hl0(b * D * N, -1.F);
+    void* outs0[2] = {y.data(), hl0.data()};
+    CHECK(rrun->enqueue(d0, d0 + 10, ins, outs0, nullptr, nullptr) == 0);
+    CHECK(std::memcmp(hl0.data(), h0.data(), hl0.size() * sizeof(float)) == 0);
+  }
 
   // a shape change to bad runtime dims is refused, with a message
   desc[9].dims = dims({b, D, N + 2});
