@@ -256,7 +256,8 @@ def selective_scan_int8_cuda(qx, x_scale, qdelta, delta_scale, A, qB, B_scale, q
     lib = load_cuda_library()
     stream = ctypes.c_void_p(torch.cuda.current_stream(qx.device).cuda_stream)
     fn = lib.mq_scan_step_cuda if step else lib.mq_scan_cuda
-    rc = fn(ctypes.byref(p), stream)
+    with torch.cuda.device(qx.device):      # the library launches on the thread's current device
+        rc = fn(ctypes.byref(p), stream)
     if rc != 0:
         _raise(lib, rc, fn.__name__)
     return (y, h_last) if (return_last_state or out_state is not None) else y
