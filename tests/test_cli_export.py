@@ -257,3 +257,21 @@ def test_verify_engine_without_tensorrt(lm, tmp_path, capsys):
     eng = tmp_path / "m.engine"
     eng.write_bytes(b"\0" * 64)
     assert_user_error(capsys, ["verify", str(eng), "--reference", lm["q"]], "TensorRT")
+
+
+def test_verify_token_ids_for_non_byte_vocabularies(tmp_path, capsys):
+    """An LM with its own tokenizer is verified on token ids (.npy); text is refused with the remedy."""
+    src = str(save_model(small_lm(vocab=300, d_model=24, d_model2=24), tmp_path / "lm300"))
+    out = str(tmp_path / "m.onnx")
+    assert main(["export", src, "-o", out]) == 0
+    ids = np.random.default_rng(0).integers(0, 300, (6, 33))
+    np.save(tmp_path / "ids.npy", ids)
+    j = tmp_path / "v.json"
+    assert main(["verify", out, "--reference", src, "--data", str(tmp_path / "ids.npy"), "--json", str(j)]) == 0
+    rep = json.loads(j.read_text())
+    assert rep["metrics"]["metric"] == "bits_per_token" and rep["metrics"]["samples"] == 6 * 32
+    text = tmp_path / "t.txt"
+    text.write_bytes(TEXT)
+    assert_user_error(capsys, ["verify", out, "--reference", src, "--data", str(text)], "IDS.npy")
+    np.save(tmp_path / "bad.npy", ids + 300)
+    assert_user_error(capsys, ["verify", out, "--reference", src, "--data", str(tmp_path / "bad.npy")], "[0, 300)")

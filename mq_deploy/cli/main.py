@@ -395,7 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("artifact", help="model.onnx, or a TensorRT engine (.engine/.plan)")
     s.add_argument("--reference", required=True, metavar="DIR",
                    help="the checkpoint it came from (a quantized one runs with fake quantization)")
-    s.add_argument("--data", metavar="PATH", help="text file (LM) or idx directory (Vim); default: the sample's")
+    s.add_argument("--data", metavar="PATH", help="text file (byte LM), token ids .npy [windows, length+1] (any "
+                   "LM), or idx directory (Vim); default: the sample's")
     s.add_argument("--limit", type=int, metavar="N", help="LM windows (default 32) or images (default all)")
     s.add_argument("--seq-len", type=int, default=256, help="LM window length")
     s.add_argument("--batch", type=int)

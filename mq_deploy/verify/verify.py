@@ -81,10 +81,24 @@ def _lm_batches(reference, cfg: VerifyConfig, step: bool):
     from mq_deploy.evaluate import _default_data, lm_windows
 
     loaded = reference.loaded
-    if loaded.config.vocab_size != 256:
-        raise MQUserError("verify's LM data is byte text; this model's vocabulary is not bytes (256)")
-    path = os.path.abspath(cfg.data or _default_data(loaded))
-    w = lm_windows(path, cfg.seq_len, cfg.limit or 32)
+    vocab = loaded.config.vocab_size
+    if cfg.data and cfg.data.endswith(".npy"):      # token ids [n, L+1] from any tokenizer
+        path = os.path.abspath(cfg.data)
+        try:
+            w = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise MQUserError(f"{path}: not a readable .npy array ({e})") from None
+        if w.ndim != 2 or w.shape[1] < 2 or not np.issubdtype(w.dtype, np.integer):
+            raise MQUserError(f"{path}: expected integer token ids [windows, length + 1], got {w.dtype} {list(w.shape)}")
+        if w.min() < 0 or w.max() >= vocab:
+            raise MQUserError(f"{path}: token ids must lie in [0, {vocab})")
+        w = w[:cfg.limit] if cfg.limit else w
+    else:
+        if vocab != 256:
+            raise MQUserError(f"this model's vocabulary ({vocab}) is not bytes, so text cannot be fed as is; pass "
+                              "--data IDS.npy with token ids [windows, length + 1] from its tokenizer")
+        path = os.path.abspath(cfg.data or _default_data(loaded))
+        w = lm_windows(path, cfg.seq_len, cfg.limit or 32)
     m = loaded.config.mixer
     bs = cfg.batch or 8
     for i in range(0, len(w), bs):
@@ -141,7 +155,7 @@ def verify(artifact_runner, reference_runner, cfg: VerifyConfig, progress=None) 
     outputs = {k: compare_outputs(cat[k], cat_ref[k], classes=k == "logits") for k in cat_ref}
     t = np.concatenate(targets)
     if lm:
-        metric = "bits_per_byte"
+        metric = "bits_per_byte" if loaded.config.vocab_size == 256 else "bits_per_token"
         a_val, r_val = _bits_per_byte(cat["logits"], t), _bits_per_byte(cat_ref["logits"], t)
     else:
         metric = "top1"
