@@ -145,3 +145,33 @@ def test_step_entry_point_rejects_sequences(emu):
                                      False, None, torch.float32, None, "cpu")
     assert emu.mq_scan_step_cuda(ctypes.byref(p), None) == native.ERR_INVALID
     assert "seqlen must be 1" in native.last_error(emu)
+
+
+def test_caller_workspace_entry_point(emu, monkeypatch):
+    """mq_scan_cuda_ws (what the TensorRT plugin calls with its enqueue workspace) splits into the given
+    scratch, scans unsplit with too little, and mq_scan_cuda_workspace_size is 0 where nothing splits."""
+    monkeypatch.delenv("MQ_SCAN_CUDA_SPLIT", raising=False)
+    P = ctypes.POINTER(native.MQScanParams)
+    emu.mq_scan_cuda_workspace_size.argtypes = [P]
+    emu.mq_scan_cuda_workspace_size.restype = ctypes.c_size_t
+    emu.mq_scan_cuda_ws.argtypes = [P, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    emu.mq_scan_cuda_ws.restype = ctypes.c_int
+    kw = make(1, 1000, 70, 16, gate=True, h0=True, seed=31)      # splits into 15 segments
+    want_y, want_h = selective_scan_int8_ref(**kw, return_last_state=True)
+    for give in ("enough", "too little"):
+        p, y, h, _keep = native._prepare(
+            kw["qx"], kw["x_scale"], kw["qdelta"], kw["delta_scale"], kw["A"], kw["qB"], kw["B_scale"], kw["qC"],
+            kw["C_scale"], kw["D"], kw["qz"], kw["z_scale"], kw["delta_bias"], True, kw["initial_state"], True,
+            kw["gate_scale"], torch.float32, None, "cpu")
+        need = emu.mq_scan_cuda_workspace_size(ctypes.byref(p))
+        assert need == 15 * 70 * 4 * 17        # segments x channels x (dt sum + 16 state floats)
+        ws = torch.zeros(need if give == "enough" else need // 2, dtype=torch.uint8)
+        assert emu.mq_scan_cuda_ws(ctypes.byref(p), ws.data_ptr(), ws.numel(), None) == 0, native.last_error(emu)
+        check(y, want_y)
+        check(h, want_h, what="h_last")
+        assert (ws.count_nonzero() > 0) == (give == "enough")    # the split used the caller's scratch
+    small = make(8, 40, 70, 16, seed=32)
+    p, *_ = native._prepare(small["qx"], small["x_scale"], small["qdelta"], small["delta_scale"], small["A"],
+                            small["qB"], small["B_scale"], small["qC"], small["C_scale"], small["D"], small["qz"],
+                            small["z_scale"], small["delta_bias"], True, None, False, None, torch.float32, None, "cpu")
+    assert emu.mq_scan_cuda_workspace_size(ctypes.byref(p)) == 0

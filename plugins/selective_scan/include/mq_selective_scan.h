@@ -67,6 +67,11 @@ MQ_SCAN_API void mq_scan_set_contiguous_strides(MQScanParams *p);
 MQ_SCAN_API int mq_scan_validate(const MQScanParams *p);   /* sizes > 0, dstate <= 256, non-null required pointers */
 MQ_SCAN_API int mq_scan_cpu(const MQScanParams *p, int num_threads);      /* num_threads <= 0: hardware concurrency */
 MQ_SCAN_API int mq_scan_cuda(const MQScanParams *p, void *cuda_stream);   /* only in the CUDA library */
+/* Scratch the L-split of mq_scan_cuda needs at these sizes (0: it never splits them); an upper
+ * bound for any pointers. mq_scan_cuda_ws runs the scan with caller-owned scratch (TensorRT's
+ * workspace) instead of allocating it on the stream; with less than that (or NULL) it scans unsplit. */
+MQ_SCAN_API size_t mq_scan_cuda_workspace_size(const MQScanParams *p);
+MQ_SCAN_API int mq_scan_cuda_ws(const MQScanParams *p, void *workspace, size_t workspace_bytes, void *cuda_stream);
 MQ_SCAN_API int mq_scan_step_cuda(const MQScanParams *p, void *cuda_stream); /* decode step: seqlen == 1, h0 read, h_last written (may alias h0) */
 /* Benchmark twin, CUDA library only: the same kernel reading fp16 x, delta, B, C, z (pointers to
  * IEEE half, same layout and strides as the int8 ones in p, which are then ignored; the scales are

@@ -239,43 +239,71 @@ int64_t choose_segments(const MQScanParams &p) {
   return segs < 1 ? 1 : segs;
 }
 
+// Segments of the L-split for p and the scratch bytes they need (per segment and channel: the
+// segment's sum of dt and its end state). {1, 0} when the scan runs unsplit.
+struct SplitPlan {
+  int64_t segs, seg_len;
+  size_t n_dt, bytes;
+};
+
+SplitPlan plan_split(const MQScanParams &p) {
+  SplitPlan pl{choose_segments(p), p.seqlen, 0, 0};
+  if (pl.segs > 1) {
+    pl.seg_len = (p.seqlen + pl.segs - 1) / pl.segs;
+    pl.segs = (p.seqlen + pl.seg_len - 1) / pl.seg_len;
+  }
+  if (pl.segs > 1) {
+    pl.n_dt = static_cast<size_t>(p.batch * pl.segs * p.dim);
+    pl.bytes = pl.n_dt * sizeof(float) * static_cast<size_t>(1 + p.dstate);
+  }
+  return pl;
+}
+
+// workspace: caller-provided scratch of workspace_bytes (TensorRT's enqueue workspace), or nullptr to
+// allocate it stream-ordered here. A workspace that is too small runs the scan unsplit.
 template <int kN, typename TIn>
 int launch_scan(const MQScanParams &p, const TIn *x, const TIn *delta, const TIn *B, const TIn *C, const TIn *z,
-                cudaStream_t stream) {
+                cudaStream_t stream, void *workspace = nullptr, size_t workspace_bytes = 0) {
   const unsigned gx = static_cast<unsigned>((p.dim + kThreads - 1) / kThreads);
-  Split sp;
-  sp.segs = choose_segments(p);
-  if (sp.segs > 1) {
-    sp.seg_len = (p.seqlen + sp.segs - 1) / sp.segs;
-    sp.segs = (p.seqlen + sp.seg_len - 1) / sp.seg_len;
-    const size_t n_dt = static_cast<size_t>(p.batch * sp.segs * p.dim);
-    const size_t bytes = n_dt * sizeof(float) * static_cast<size_t>(1 + p.dstate);
+  const SplitPlan pl = plan_split(p);
+  if (pl.segs > 1) {
+    Split sp;
+    sp.segs = pl.segs;
+    sp.seg_len = pl.seg_len;
     void *ws = nullptr;
-    if (sp.segs > 1 && cudaMallocAsync(&ws, bytes, stream) == cudaSuccess) {
+    bool owned = false;
+    if (workspace != nullptr) {
+      ws = workspace_bytes >= pl.bytes ? workspace : nullptr;
+    } else if (cudaMallocAsync(&ws, pl.bytes, stream) == cudaSuccess) {
+      owned = true;
+    } else {
+      ws = nullptr;
+      (void)cudaGetLastError();   // no stream-ordered allocator here: clear its error, scan unsplit
+    }
+    if (ws != nullptr) {
       sp.ws_dt = static_cast<float *>(ws);
-      sp.ws_h = sp.ws_dt + n_dt;
+      sp.ws_h = sp.ws_dt + pl.n_dt;
       const dim3 g1(gx, static_cast<unsigned>(p.batch), static_cast<unsigned>(sp.segs - 1));
       scan_kernel<kN, TIn, Mode::kLocal><<<g1, kThreads, 0, stream>>>(p, x, delta, B, C, z, sp);
       const dim3 g2(gx, static_cast<unsigned>(p.batch), static_cast<unsigned>(sp.segs));
       scan_kernel<kN, TIn, Mode::kFinish><<<g2, kThreads, 0, stream>>>(p, x, delta, B, C, z, sp);
       const int rc = check_launch("mq_scan_cuda (L-split)");
-      cudaFreeAsync(ws, stream);
+      if (owned) cudaFreeAsync(ws, stream);
       return rc;
     }
-    (void)cudaGetLastError();   // no stream-ordered allocator here: clear its error, scan unsplit
   }
   const dim3 grid(gx, static_cast<unsigned>(p.batch));
   scan_kernel<kN, TIn, Mode::kWhole><<<grid, kThreads, 0, stream>>>(p, x, delta, B, C, z, Split{});
   return check_launch("mq_scan_cuda");
 }
 
-int dispatch_int8(const MQScanParams &p, cudaStream_t s) {
+int dispatch_int8(const MQScanParams &p, cudaStream_t s, void *ws = nullptr, size_t ws_bytes = 0) {
   const int8_t *x = p.x, *dl = p.delta, *B = p.B, *C = p.C, *z = p.z;
-  if (p.dstate <= 16) return launch_scan<16>(p, x, dl, B, C, z, s);
-  if (p.dstate <= 32) return launch_scan<32>(p, x, dl, B, C, z, s);
-  if (p.dstate <= 64) return launch_scan<64>(p, x, dl, B, C, z, s);
-  if (p.dstate <= 128) return launch_scan<128>(p, x, dl, B, C, z, s);   // state spills to local memory
-  return launch_scan<256>(p, x, dl, B, C, z, s);
+  if (p.dstate <= 16) return launch_scan<16>(p, x, dl, B, C, z, s, ws, ws_bytes);
+  if (p.dstate <= 32) return launch_scan<32>(p, x, dl, B, C, z, s, ws, ws_bytes);
+  if (p.dstate <= 64) return launch_scan<64>(p, x, dl, B, C, z, s, ws, ws_bytes);
+  if (p.dstate <= 128) return launch_scan<128>(p, x, dl, B, C, z, s, ws, ws_bytes);   // state spills to local memory
+  return launch_scan<256>(p, x, dl, B, C, z, s, ws, ws_bytes);
 }
 
 }  // namespace
@@ -288,6 +316,32 @@ extern "C" int mq_scan_cuda(const MQScanParams *p, void *cuda_stream) {
     return dispatch_int8(*p, static_cast<cudaStream_t>(cuda_stream));
   } catch (...) {
     return set_error(MQ_SCAN_ERR_INTERNAL, "mq_scan_cuda: unexpected exception");
+  }
+}
+
+extern "C" size_t mq_scan_cuda_workspace_size(const MQScanParams *p) {
+  try {
+    if (p == nullptr || p->batch <= 0 || p->seqlen <= 0 || p->dim <= 0 || p->dstate <= 0) return 0;
+    MQScanParams q = *p;
+    q.h0 = nullptr;   // an upper bound: in-place state (h_last == h0) never splits
+    return plan_split(q).bytes;
+  } catch (...) {
+    return 0;
+  }
+}
+
+extern "C" int mq_scan_cuda_ws(const MQScanParams *p, void *workspace, size_t workspace_bytes, void *cuda_stream) {
+  try {
+    int rc = mq_scan_validate(p);
+    if (rc == MQ_SCAN_OK) rc = check_grid(*p);
+    if (rc != MQ_SCAN_OK) return rc;
+    if (workspace == nullptr) workspace_bytes = 0;
+    // workspace == nullptr with workspace_bytes == 0 and a split wanted: scan unsplit, allocate nothing
+    static char no_workspace;
+    return dispatch_int8(*p, static_cast<cudaStream_t>(cuda_stream),
+                         workspace != nullptr ? workspace : static_cast<void *>(&no_workspace), workspace_bytes);
+  } catch (...) {
+    return set_error(MQ_SCAN_ERR_INTERNAL, "mq_scan_cuda_ws: unexpected exception");
   }
 }
 

@@ -363,10 +363,34 @@ bool SelectiveScanPlugin::supportsFormatCombination(int32_t pos, DynamicPluginTe
   }
 }
 
-size_t SelectiveScanPlugin::getWorkspaceSize(DynamicPluginTensorDesc const* /*inputs*/, int32_t /*nbInputs*/,
+size_t SelectiveScanPlugin::getWorkspaceSize(DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
                                              DynamicPluginTensorDesc const* /*outputs*/,
                                              int32_t /*nbOutputs*/) const noexcept {
-  return 0;
+  // Scratch of the CUDA scan's L-split (per segment: sum of dt and end state), so enqueue never
+  // allocates. The split has more segments at small batch, so take the largest need over the
+  // profile's batch range at its longest sequence and widest channels.
+  try {
+    if (inputs == nullptr || nbInputs != kNB_INPUTS) return 0;
+    Dims const& lo = inputs[kIN_X].min;
+    Dims const& hi = inputs[kIN_X].max;
+    Dims const& a = inputs[kIN_A].max;
+    if (hi.nbDims != 3 || a.nbDims != 2) return 0;
+    MQScanParams p;
+    std::memset(&p, 0, sizeof p);
+    p.seqlen = hi.d[1];
+    p.dim = hi.d[2];
+    p.dstate = a.d[1];
+    size_t most = 0;
+    int64_t const b0 = lo.nbDims == 3 && lo.d[0] > 0 ? lo.d[0] : 1;
+    for (int64_t b = b0; b <= hi.d[0] && b < b0 + 4096; ++b) {
+      p.batch = b;
+      size_t const need = mq_scan_cuda_workspace_size(&p);
+      if (need > most) most = need;
+    }
+    return most;
+  } catch (...) {
+    return 0;
+  }
 }
 
 char const* SelectiveScanPlugin::getTimingCacheID() noexcept { return mDescription.c_str(); }
@@ -402,7 +426,7 @@ int32_t SelectiveScanPlugin::onShapeChange(PluginTensorDesc const* in, int32_t n
 }
 
 int32_t SelectiveScanPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc const* outputDesc,
-                                     void const* const* inputs, void* const* outputs, void* /*workspace*/,
+                                     void const* const* inputs, void* const* outputs, void* workspace,
                                      cudaStream_t stream) noexcept {
   try {
     Dims const& x = inputDesc[kIN_X].dims;
@@ -444,7 +468,10 @@ int32_t SelectiveScanPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTe
     int status = mq_scan_validate(&p);
     if (status == MQ_SCAN_OK) {
       // The decode step kernel is the same recurrence for one token without the chunking.
-      status = p.seqlen == 1 ? mq_scan_step_cuda(&p, stream) : mq_scan_cuda(&p, stream);
+      // The L-split's scratch is TensorRT's workspace (sized by getWorkspaceSize for the profile).
+      status = p.seqlen == 1 ? mq_scan_step_cuda(&p, stream)
+                             : mq_scan_cuda_ws(&p, workspace, workspace != nullptr ? mq_scan_cuda_workspace_size(&p) : 0,
+                                               stream);
     }
     if (status != MQ_SCAN_OK) {
       char const* msg = mq_scan_last_error();

@@ -19,6 +19,8 @@ using namespace nvinfer1;
 
 extern "C" int mq_scan_cuda(const MQScanParams* p, void*) { return mq_scan_cpu(p, 1); }
 extern "C" int mq_scan_step_cuda(const MQScanParams* p, void*) { return mq_scan_cpu(p, 1); }
+extern "C" int mq_scan_cuda_ws(const MQScanParams* p, void*, size_t, void*) { return mq_scan_cpu(p, 1); }
+extern "C" size_t mq_scan_cuda_workspace_size(const MQScanParams* p) { return static_cast<size_t>(p->batch) * 64; }
 extern "C" IPluginRegistry* getPluginRegistry() noexcept { return nullptr; }
 // enqueue's seqlen == 0 pass-through copies h0 to h_last on the stream; host memory here
 extern "C" cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t count, cudaMemcpyKind, cudaStream_t) {
@@ -123,6 +125,16 @@ int main() {
   std::memcpy(big, dyn, sizeof dyn);
   big[5].desc.dims = dims({1, D});  // D with rank 2
   CHECK(build->configurePlugin(big, 10, big + 10, 2) != 0);
+
+  // workspace: the largest scratch need over the profile's batch range (stub: 64 bytes a batch)
+  {
+    DynamicPluginTensorDesc ws[12];
+    std::memcpy(ws, dyn, sizeof ws);
+    ws[0].min = dims({1, L, D});
+    ws[0].max = dims({5, 4 * L, D});
+    CHECK(build->getWorkspaceSize(ws, 10, ws + 10, 2) == 5 * 64);
+    CHECK(build->getWorkspaceSize(ws, 9, ws + 10, 2) == 0);
+  }
 
   // serialization round trip: the fields recreate an equal plugin at run time
   PluginFieldCollection const* ser = run->getFieldsToSerialize();
