@@ -5,6 +5,7 @@ compile check runs when TENSORRT_INCLUDE_DIR names TensorRT's headers."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -411,3 +412,23 @@ def test_plugin_compile_check(script_name):
     res = subprocess.run(["bash", str(script), os.environ["TENSORRT_INCLUDE_DIR"]], capture_output=True, text=True)
     print(res.stdout[-2000:], res.stderr[-4000:])
     assert res.returncode == 0
+
+
+def test_cli_build_tensorrt_maps_flags_and_prints_the_report(tmp_path, fake_trt, capsys):
+    """`mq-deploy build` -> build_engine: trtexec-style flags, the plugin, the engine path, the report."""
+    from mq_deploy.cli.main import main
+
+    model = _scan_model(tmp_path / "m.onnx")
+    lib = tmp_path / "libmq_scan_trt.so"
+    lib.write_bytes(b"")
+    rep = tmp_path / "r.json"
+    argv = ["build", str(model), "--int8", "--plugins", str(lib), "--workspace-mib", "2", "--json", str(rep),
+            "--minShapes", "x:1x1x8,dt:1x1x8,z:1x1x8,Bm:1x1x4,Cm:1x1x4",
+            "--maxShapes", "x:1x64x8,dt:1x64x8,z:1x64x8,Bm:1x64x4,Cm:1x64x4"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert (tmp_path / "m.engine").read_bytes() == b"ENGINE" and "wrote" in out and "plugin nodes" in out
+    assert fake_trt["workspace"] == 2 << 20 and fake_trt["profile"]["x"][2] == (1, 64, 8)
+    assert json.loads(rep.read_text())["scan_nodes"] == 1
+    assert main(argv) == 2                     # the engine exists: only replaced with --overwrite
+    assert "already exists" in capsys.readouterr().err
