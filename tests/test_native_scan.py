@@ -48,6 +48,19 @@ def make(b, L, d, n, z=True, gate=False, h0=False, seed=0):
     return kw
 
 
+def decode_steps(kw, run_step):
+    """Run a scan as L decode steps with the state updated in place: run_step(inputs of step t, state)
+    returns y [b, 1, d]. Returns (y of all steps [b, L, d], final state)."""
+    state = kw["initial_state"].clone()
+    ys = []
+    for t in range(kw["qx"].shape[1]):
+        step = dict(kw, initial_state=state)
+        for k in ("qx", "qdelta", "qB", "qC", "qz"):
+            step[k] = kw[k][:, t:t + 1]
+        ys.append(run_step(step, state))
+    return torch.cat(ys, 1), state
+
+
 def check(got, want, tol=TOL, what="y"):
     e = rel_err(got.float(), want)
     print(f"{what}: rel err {e:.2e} (max |ref| {want.abs().max().item():.3g}, tol {tol:.0e})")
@@ -121,16 +134,13 @@ def test_decode_steps_in_place_equal_the_full_scan():
     b, L, d, n = 2, 12, 19, 16
     kw = make(b, L, d, n, gate=True, h0=True, seed=5)
     want_y, want_h = selective_scan_int8_ref(**kw, return_last_state=True)
-    state = kw["initial_state"].clone()
-    ys = []
-    for t in range(L):
-        step = dict(kw, initial_state=state)
-        for k in ("qx", "qdelta", "qB", "qC", "qz"):
-            step[k] = kw[k][:, t:t + 1]
+    def run_step(step, state):
         y, h = native.selective_scan_int8_native(**step, out_state=state)
         assert h is state
-        ys.append(y)
-    check(torch.cat(ys, 1), want_y)
+        return y
+
+    y, state = decode_steps(kw, run_step)
+    check(y, want_y)
     check(state, want_h, what="state")
 
 

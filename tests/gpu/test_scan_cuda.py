@@ -24,7 +24,7 @@ from mq_deploy.ops.selective_scan import selective_scan_int8_ref  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from conftest import rel_err  # noqa: E402
-from test_native_scan import make  # noqa: E402
+from test_native_scan import decode_steps, make  # noqa: E402
 
 if not os.path.exists(native.cuda_library_path()):
     pytest.skip(f"{native.cuda_library_path()} not built: python -m mq_deploy.ops.native --build --cuda",
@@ -118,17 +118,10 @@ def test_decode_step_in_place_equals_the_full_scan(n):
     b, L, d = 3, 10, 50
     kw = make(b, L, d, n, gate=True, h0=True, seed=7)
     want_y, want_h = selective_scan_int8_ref(**kw, return_last_state=True)
-    dkw = to_dev(kw)
-    state = dkw["initial_state"].clone()
-    ys = []
-    for t in range(L):
-        step = dict(dkw, initial_state=state)
-        for k in ("qx", "qdelta", "qB", "qC", "qz"):
-            step[k] = dkw[k][:, t:t + 1]
-        y, _ = native.selective_scan_int8_cuda(**step, out_state=state, step=True)
-        ys.append(y)
+    y, state = decode_steps(to_dev(kw), lambda step, state: native.selective_scan_int8_cuda(
+        **step, out_state=state, step=True)[0])
     torch.cuda.synchronize()
-    check(torch.cat(ys, 1), want_y)
+    check(y, want_y)
     check(state, want_h, what="state")
 
 

@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.join(HERE, "cuda_emu"))
 from conftest import rel_err  # noqa: E402
 from mq_deploy.ops import native  # noqa: E402
 from mq_deploy.ops.selective_scan import selective_scan_int8_ref  # noqa: E402
-from test_native_scan import make  # noqa: E402
+from test_native_scan import decode_steps, make  # noqa: E402
 
 if shutil.which("g++") is None:
     pytest.skip("no g++ to build the CUDA emulation", allow_module_level=True)
@@ -109,14 +109,8 @@ def test_decode_step_kernel_in_place(emu, n):
     b, L, d = 2, 4, 21      # 42 channels: the last block of 256 threads is partly idle
     kw = make(b, L, d, n, gate=True, h0=True, seed=7)
     want_y, want_h = selective_scan_int8_ref(**kw, return_last_state=True)
-    state = kw["initial_state"].clone()
-    ys = []
-    for t in range(L):
-        step = dict(kw, initial_state=state)
-        for k in ("qx", "qdelta", "qB", "qC", "qz"):
-            step[k] = kw[k][:, t:t + 1]
-        ys.append(run(emu, step, step=True, out_state=state)[0])
-    check(torch.cat(ys, 1), want_y)
+    y, state = decode_steps(kw, lambda step, state: run(emu, step, step=True, out_state=state)[0])
+    check(y, want_y)
     check(state, want_h, what="state")
 
 
