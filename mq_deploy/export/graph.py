@@ -61,26 +61,27 @@ class _Builder:
         self._n += 1
         return f"{hint}_{self._n}"
 
+    def _intern(self, kind, array, hint, make):
+        """The initializer name of `array` (stored as `kind`), made once by make(name)."""
+        key = (kind, array.shape, hashlib.sha1(array.tobytes()).hexdigest())
+        if key not in self._consts:
+            name = self.name(hint)
+            self.inits.append(make(name))
+            self._consts[key] = name
+        return self._consts[key]
+
     def const(self, array, hint="c"):
         from onnx import numpy_helper
 
         array = np.array(array, order="C")     # (ascontiguousarray would make a scalar 1-D)
-        key = (array.dtype.str, array.shape, hashlib.sha1(array.tobytes()).hexdigest())
-        if key not in self._consts:
-            name = self.name(hint)
-            self.inits.append(numpy_helper.from_array(array, name))
-            self._consts[key] = name
-        return self._consts[key]
+        return self._intern(array.dtype.str, array, hint, lambda name: numpy_helper.from_array(array, name))
 
     def int4(self, q: np.ndarray, hint):
         from onnx import TensorProto, helper
 
-        key = ("int4", q.shape, hashlib.sha1(q.astype(np.int8).tobytes()).hexdigest())
-        if key not in self._consts:
-            name = self.name(hint)
-            self.inits.append(helper.make_tensor(name, TensorProto.INT4, q.shape, q.astype(np.int8).ravel().tolist()))
-            self._consts[key] = name
-        return self._consts[key]
+        q = np.array(q, dtype=np.int8, order="C")
+        return self._intern("int4", q, hint,
+                            lambda name: helper.make_tensor(name, TensorProto.INT4, q.shape, q.ravel().tolist()))
 
     def f32(self, t, hint):
         return self.const((t.detach().double().numpy() if torch.is_tensor(t) else np.asarray(t)).astype(np.float32),

@@ -236,16 +236,19 @@ class MambaLM(nn.Module):
             h = layer(h)
         return h
 
-    def forward(self, input_ids, return_state=False):
-        """input_ids [b, L] -> logits [b, L, V]; with return_state also the per-layer decode cache."""
+    def forward(self, input_ids, return_state=False, state=None):
+        """input_ids [b, L] -> logits [b, L, V]; with return_state also the per-layer decode cache.
+
+        state: per-layer (conv_state, ssm_state) to continue from (as init_state / return_state give)."""
         h = self.embedding(input_ids)
         states = []
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
+            st = None if state is None else state[i]
             if return_state:
-                h, st = layer(h, return_state=True)
+                h, st = layer(h, st, return_state=True)
                 states.append(st)
             else:
-                h = layer(h)
+                h = layer(h, st)
         logits = self._head(h)
         return (logits, states) if return_state else logits
 

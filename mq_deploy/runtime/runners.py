@@ -39,16 +39,10 @@ class TorchRunner:
             ids = torch.from_numpy(np.asarray(feeds["input_ids"], np.int64))
             if "conv_state" not in feeds:
                 return {"logits": self.model(ids).numpy()}
-            m = self.model
             cs, ss = torch.from_numpy(feeds["conv_state"]), torch.from_numpy(feeds["ssm_state"])
-            h = m.embedding(ids)
-            new_c, new_s = [], []
-            for i, layer in enumerate(m.layers):
-                h, (c, s) = layer(h, (cs[i], ss[i]), return_state=True)
-                new_c.append(c)
-                new_s.append(s)
-            return {"logits": m._head(h).numpy(), "conv_state_out": torch.stack(new_c).numpy(),
-                    "ssm_state_out": torch.stack(new_s).numpy()}
+            logits, states = self.model(ids, return_state=True, state=list(zip(cs, ss)))
+            return {"logits": logits.numpy(), "conv_state_out": torch.stack([c for c, _ in states]).numpy(),
+                    "ssm_state_out": torch.stack([s for _, s in states]).numpy()}
 
 
 def load_onnx(path: str, load_external_data: bool = True):

@@ -19,21 +19,26 @@ def _progress(total: int, desc: str, enabled: bool | None):
                 leave=False, dynamic_ncols=True)
 
 
+def nats(logits, targets) -> float:
+    """Summed cross-entropy (natural log) of next-token logits [..., V] against targets [...]."""
+    import torch.nn.functional as F
+
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").item()
+
+
 def bits_per_byte(forward, windows: np.ndarray, batch: int = 8, progress: bool | None = None) -> float:
     """windows [n, L+1] of byte ids: score tokens 1..L of each window given the ones before it."""
     import torch
-    import torch.nn.functional as F
 
     w = torch.from_numpy(np.ascontiguousarray(windows).astype(np.int64))
-    nats = 0.0
+    total = 0.0
     with _progress(len(w), "bits/byte", progress) as bar, torch.no_grad():
         for i in range(0, len(w), batch):
             xb = w[i:i + batch]
             logits = torch.as_tensor(forward(xb[:, :-1])).float()
-            nats += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), xb[:, 1:].reshape(-1),
-                                    reduction="sum").item()
+            total += nats(logits, xb[:, 1:])
             bar.update(len(xb))
-    return nats / (w.shape[0] * (w.shape[1] - 1)) / math.log(2)
+    return total / (w.shape[0] * (w.shape[1] - 1)) / math.log(2)
 
 
 def top1(forward, images, labels: np.ndarray, batch: int = 256, progress: bool | None = None) -> float:

@@ -12,6 +12,7 @@ agreement. Checks (each only reported when it applies):
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -69,12 +70,14 @@ def compare_outputs(got: np.ndarray, ref: np.ndarray, classes: bool = True) -> d
     return out
 
 
-def _bits_per_byte(logits: np.ndarray, targets: np.ndarray) -> float:
-    z = logits.reshape(-1, logits.shape[-1]).astype(np.float64)
-    z = z - z.max(-1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
-    nll = -logp[np.arange(len(z)), targets.reshape(-1)]
-    return float(nll.mean() / np.log(2))
+def _bits(logits: np.ndarray, targets: np.ndarray) -> float:
+    """Mean next-token cross-entropy in bits (float64)."""
+    import torch
+
+    from mq_deploy.verify.metrics import nats
+
+    total = nats(torch.from_numpy(logits).double(), torch.from_numpy(np.asarray(targets, np.int64)))
+    return total / targets.size / math.log(2)
 
 
 def _lm_batches(reference, cfg: VerifyConfig, step: bool):
@@ -150,13 +153,14 @@ def verify(artifact_runner, reference_runner, cfg: VerifyConfig, progress=None) 
             bar.update(1)
     if not targets:
         raise MQUserError("verify: the data gave no samples")
-    cat = {k: np.concatenate(v, axis=1 if k.endswith("_state_out") else 0) for k, v in got.items()}
-    cat_ref = {k: np.concatenate(v, axis=1 if k.endswith("_state_out") else 0) for k, v in ref.items()}
+    def joined(parts):   # batches stacked; the states' batch axis is 1 (layers first)
+        return {k: np.concatenate(v, axis=1 if k.endswith("_state_out") else 0) for k, v in parts.items()}
+    cat, cat_ref = joined(got), joined(ref)
     outputs = {k: compare_outputs(cat[k], cat_ref[k], classes=k == "logits") for k in cat_ref}
     t = np.concatenate(targets)
     if lm:
         metric = "bits_per_byte" if loaded.config.vocab_size == 256 else "bits_per_token"
-        a_val, r_val = _bits_per_byte(cat["logits"], t), _bits_per_byte(cat_ref["logits"], t)
+        a_val, r_val = _bits(cat["logits"], t), _bits(cat_ref["logits"], t)
     else:
         metric = "top1"
         a_val = float((cat["logits"].argmax(-1) == t).mean())
