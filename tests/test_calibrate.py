@@ -6,7 +6,7 @@ from mq_deploy.calib.collect import calibrate, image_forward_loop, text_forward_
 from mq_deploy.calib.observers import CovarianceObserver, MinMaxObserver
 from mq_deploy.errors import MQUserError
 
-from test_models import small_lm, small_vim
+from helpers import small_lm, small_vim
 
 
 def test_calibrate_lm_collects_every_point_and_matches_direct_statistics():

@@ -11,20 +11,7 @@ import torch
 from mq_deploy.cli.main import main
 from mq_deploy.models.io import save_model
 
-from test_models import small_lm, small_vim
-
-
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "mq_deploy", *args], capture_output=True, text=True, timeout=300)
-
-
-def assert_user_error(capsys, argv, *needles):
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert "Traceback" not in err
-    for n in needles:
-        assert n in err, err
+from helpers import assert_user_error, run_cli, small_lm, small_vim
 
 
 @pytest.fixture

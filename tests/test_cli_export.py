@@ -9,8 +9,8 @@ import pytest
 from mq_deploy.cli.main import main
 from mq_deploy.models.io import save_model
 
-from test_cli import assert_user_error
-from test_models import small_lm, small_vim
+from helpers import assert_user_error
+from helpers import small_lm, small_vim
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")

@@ -9,7 +9,7 @@ from mq_deploy.calib.collect import text_forward_loop
 from mq_deploy.quant.recipes import RecipeConfig, apply_recipe
 
 from conftest import rel_err
-from test_models import small_lm, small_vim
+from helpers import small_lm, small_vim
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")

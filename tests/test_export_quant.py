@@ -18,7 +18,7 @@ from mq_deploy.quant.fakequant import QuantConfig
 from mq_deploy.quant.recipes import RecipeConfig, apply_recipe
 from mq_deploy.verify.verify import compare_outputs
 
-from test_models import small_lm, small_vim
+from helpers import small_lm, small_vim
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")

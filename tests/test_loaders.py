@@ -15,7 +15,7 @@ from mq_deploy.models.io import save_model
 from mq_deploy.models.loaders import detect_format, load_model
 
 from conftest import rel_err
-from test_models import small_lm, small_vim
+from helpers import small_lm, small_vim
 import reference_impl as ref
 
 transformers = pytest.importorskip("transformers")

@@ -12,18 +12,8 @@ from mq_deploy.models.mamba import MambaLM
 from mq_deploy.models.vim import Vim
 
 import reference_impl as ref
+from helpers import small_lm, small_vim
 from conftest import rel_err
-
-
-def small_lm(**kw):
-    cfg = MambaLMConfig(d_model=kw.pop("d_model", 20), n_layer=kw.pop("n_layer", 2), vocab_size=kw.pop("vocab", 50),
-                        mixer=MixerConfig(d_model=kw.pop("d_model2", 20), **kw))
-    m = MambaLM(cfg)
-    m.reset_parameters(seed=1)
-    with torch.no_grad():  # make every parameter matter (biases and D away from their init)
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return m.eval()
 
 
 def test_lm_matches_independent_reference_float64():
@@ -81,18 +71,6 @@ def test_generate_greedy_matches_argmax_of_full_forward():
         for _ in range(6):
             seq = torch.cat([seq, m(seq)[:, -1].argmax(-1, keepdim=True)], 1)
     assert torch.equal(new, seq[:, 7:])
-
-
-def small_vim(**kw):
-    cfg = VimConfig(d_model=kw.pop("d_model", 24), n_layer=kw.pop("n_layer", 2), num_classes=7, img_size=kw.pop("img", 12),
-                    patch_size=kw.pop("patch", 4), stride=kw.pop("stride", None), in_chans=kw.pop("chans", 1),
-                    image_mean=kw.pop("mean", (0.5,)), image_std=kw.pop("std", (0.5,)))
-    m = Vim(cfg)
-    m.reset_parameters(seed=2)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return m.eval()
 
 
 def test_vim_matches_hustvl_restatement_float64():

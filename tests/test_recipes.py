@@ -9,7 +9,7 @@ from mq_deploy.quant.fakequant import QuantConfig
 from mq_deploy.quant.recipes import RECIPES, RecipeConfig, apply_recipe
 
 from conftest import rel_err
-from test_models import small_lm, small_vim
+from helpers import small_lm, small_vim
 
 TEXT = np.frombuffer(b"And God said, Let there be light: and there was light. " * 30, dtype=np.uint8)
 

@@ -9,7 +9,7 @@ from mq_deploy.ops.selective_scan import selective_scan_int8_ref, selective_scan
 from mq_deploy.transforms import fold
 
 from conftest import rel_err
-from test_models import small_lm
+from helpers import small_lm
 
 
 def codes(t):

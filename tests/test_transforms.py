@@ -6,7 +6,7 @@ from mq_deploy.ops.hadamard import hadamard_matrix
 from mq_deploy.transforms import fold
 
 from conftest import rel_err
-from test_models import small_lm, small_vim
+from helpers import small_lm, small_vim
 
 
 def random_orthogonal(n, seed=0):
