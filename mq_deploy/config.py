@@ -16,6 +16,14 @@ def _positive_int(obj, *names):
             raise MQUserError(f"{type(obj).__name__}.{name} must be a positive integer, got {v!r}")
 
 
+def _positive_float(obj, *names):
+    """eps-like fields: a finite number > 0 (a negative eps makes rsqrt of a negative mean square: NaN)."""
+    for name in names:
+        v = getattr(obj, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise MQUserError(f"{type(obj).__name__}.{name} must be a finite number > 0, got {v!r}")
+
+
 @dataclass
 class MixerConfig:
     """The Mamba1 mixer, as in mamba-ssm's `Mamba` module."""
@@ -29,13 +37,17 @@ class MixerConfig:
     conv_bias: bool = True
     bias: bool = False                  # bias of in_proj and out_proj
     bimamba: bool = False               # Vim "v2": a second, backward scan with its own conv/x/dt/A/D
+    # FalconMamba: weightless RMSNorm on the low-rank dt, B and C right after x_proj (None: plain Mamba1)
+    mixer_rms_eps: float | None = None
 
     def __post_init__(self):
         if self.d_inner is None:
             self.d_inner = self.expand * self.d_model
-        if self.dt_rank == "auto":
+        if self.dt_rank == "auto" and isinstance(self.d_model, int) and not isinstance(self.d_model, bool):
             self.dt_rank = math.ceil(self.d_model / 16)
         _positive_int(self, "d_model", "d_state", "d_conv", "expand", "d_inner", "dt_rank")
+        if self.mixer_rms_eps is not None:
+            _positive_float(self, "mixer_rms_eps")
 
 
 @dataclass
@@ -47,6 +59,7 @@ class MambaLMConfig:
     norm_eps: float = 1e-5
     residual_in_fp32: bool = True
     tie_embeddings: bool = True
+    eos_token_id: int | None = None     # generation stops here (from the HF config or the tokenizer)
     architecture: str = field(default="mamba_lm", init=False)
 
     def __post_init__(self):
@@ -55,6 +68,10 @@ class MambaLMConfig:
         elif isinstance(self.mixer, dict):
             self.mixer = MixerConfig(**self.mixer)
         _positive_int(self, "d_model", "n_layer", "vocab_size")
+        _positive_float(self, "norm_eps")
+        if self.eos_token_id is not None and (isinstance(self.eos_token_id, bool) or not isinstance(self.eos_token_id, int)
+                                              or not 0 <= self.eos_token_id < self.vocab_size):
+            raise MQUserError(f"eos_token_id must be a token id in [0, {self.vocab_size}), got {self.eos_token_id!r}")
         if self.mixer.d_model != self.d_model:
             raise MQUserError(f"mixer.d_model {self.mixer.d_model} != d_model {self.d_model}")
         if self.mixer.bimamba:
@@ -93,6 +110,7 @@ class VimConfig:
             self.mixer = MixerConfig(**self.mixer)
         _positive_int(self, "d_model", "n_layer", "num_classes", "img_size", "patch_size", "stride",
                       "in_chans")
+        _positive_float(self, "norm_eps")
         if self.mixer.d_model != self.d_model:
             raise MQUserError(f"mixer.d_model {self.mixer.d_model} != d_model {self.d_model}")
         if not self.mixer.bimamba:
@@ -102,9 +120,16 @@ class VimConfig:
             self.image_mean = (0.485, 0.456, 0.406) if imagenet else (0.5,) * self.in_chans
         if self.image_std is None:
             self.image_std = (0.229, 0.224, 0.225) if imagenet else (0.5,) * self.in_chans
-        self.image_mean, self.image_std = tuple(self.image_mean), tuple(self.image_std)
-        if len(self.image_mean) != self.in_chans or len(self.image_std) != self.in_chans:
-            raise MQUserError(f"image_mean/image_std need {self.in_chans} entries (one per input channel)")
+        for name in ("image_mean", "image_std"):
+            v = getattr(self, name)
+            if isinstance(v, (str, bytes)) or not hasattr(v, "__len__") or len(v) != self.in_chans:
+                raise MQUserError(f"{name} needs {self.in_chans} entries (one per input channel), got {v!r}")
+            if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v):
+                raise MQUserError(f"{name} must hold finite numbers, got {v!r}")
+        if any(x <= 0 for x in self.image_std):   # pixels are divided by std
+            raise MQUserError(f"image_std entries must be > 0, got {list(self.image_std)}")
+        self.image_mean = tuple(float(x) for x in self.image_mean)
+        self.image_std = tuple(float(x) for x in self.image_std)
         if self.patch_size > self.img_size:
             raise MQUserError(f"patch_size {self.patch_size} > img_size {self.img_size}")
 

@@ -13,6 +13,8 @@ This module is the only place that knows other projects' parameter names.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import math
 import os
@@ -40,87 +42,288 @@ class LoadedModel:
     def architecture(self) -> str:
         return self.config.architecture
 
+    @property
+    def tokenizer_path(self) -> str | None:
+        """The tokenizer.json that came with the checkpoint (None: none bundled)."""
+        rel = (self.extra or {}).get("tokenizer")
+        if not rel:
+            return None
+        base = self.path if os.path.isdir(self.path) else os.path.dirname(self.path)
+        return os.path.normpath(os.path.join(base, rel))
+
+
+# --- paths ---------------------------------------------------------------------------------------
+
+def path_problem(path: str) -> str:
+    """Why `path` cannot be opened, in words: no such file, broken symlink, symlink loop, permission..."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "symlink loop (a link that points back to itself)"
+        if e.errno == errno.ENOENT and os.path.islink(path):
+            return f"broken symlink (to {os.readlink(path)})"
+        return (e.strerror or str(e)).lower()
+    return "cannot be read"
+
+
+def require_file(path: str) -> None:
+    """MQUserError unless path is an existing regular file (named with the real reason)."""
+    if not os.path.isfile(path):
+        if os.path.isdir(path):
+            raise MQUserError(f"{path}: is a directory, not a file")
+        if os.path.exists(path):
+            raise MQUserError(f"{path}: not a regular file")
+        raise MQUserError(f"{path}: {path_problem(path)}")
+
+
+@contextlib.contextmanager
+def native_path(path: str):
+    """A name for `path` that libraries taking UTF-8 strings (safetensors) can open.
+
+    A file name with bytes that are not UTF-8 (Python keeps them as surrogate escapes) is opened here and
+    handed over as /proc/self/fd/N, so it is read, not reported as a corrupt file."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        if not os.path.isdir("/proc/self/fd"):
+            raise MQUserError(f"{os.fsencode(path)!r}: the file name is not valid UTF-8; rename it") from None
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            yield f"/proc/self/fd/{fd}"
+        finally:
+            os.close(fd)
+        return
+    yield path
+
+
+def _shown(path: str) -> str:
+    """A path for messages: printable even when it is not UTF-8."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return os.fsencode(path).decode("utf-8", errors="replace")
+
+
+def weight_file(directory: str, name, listed_in: str | None = None) -> str:
+    """directory/name, refused unless it stays inside the model folder.
+
+    `name` comes from files we do not trust (a shard index): it must be a relative file name without
+    "..", and after resolving symlinks it must lie inside the folder (or in the blobs/ store beside an
+    HF hub cache snapshot, whose files are symlinks into ../../blobs)."""
+    where = listed_in or directory
+    if (not isinstance(name, str) or not name or "\x00" in name or os.path.isabs(name)
+            or any(part == ".." for part in re.split(r"[\\/]", name))):
+        raise MQUserError(f"{where}: weight file {name!r} is not a file name inside the model folder; refused")
+    path = os.path.join(directory, name)
+    root = os.path.realpath(directory)
+    real = os.path.realpath(path)
+    allowed = [root]
+    if os.path.basename(os.path.dirname(root)) == "snapshots":
+        allowed.append(os.path.join(os.path.dirname(os.path.dirname(root)), "blobs"))
+    if not any(real == a or real.startswith(a + os.sep) for a in allowed):
+        raise MQUserError(f"{where}: weight file {name!r} resolves to {real}, outside the model folder {root}; "
+                          "refused")
+    require_file(path)
+    return path
+
 
 # --- raw readers -----------------------------------------------------------------------------------
 
 def _read_json(path: str) -> dict:
+    require_file(path)
     try:
-        with open(path) as f:
-            d = json.load(f)
-    except json.JSONDecodeError as e:
-        raise MQUserError(f"{path}: not valid JSON ({e})") from None
+        with open(path, "rb") as f:
+            d = json.loads(f.read().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MQUserError(f"{_shown(path)}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise MQUserError(f"{_shown(path)}: not valid JSON (nested too deeply)") from None
     except OSError as e:
-        raise MQUserError(f"{path}: cannot read ({e.strerror})") from None
+        raise MQUserError(f"{_shown(path)}: cannot read ({e.strerror})") from None
     if not isinstance(d, dict):
-        raise MQUserError(f"{path}: expected a JSON object")
+        raise MQUserError(f"{_shown(path)}: expected a JSON object")
     return d
 
 
 def read_safetensors(path: str) -> dict:
+    """Every tensor of a (small) safetensors file, e.g. scales; models are read tensor by tensor."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    if not os.path.isfile(path):
-        raise MQUserError(f"{path}: no such file")
+    require_file(path)
     try:
-        return load_file(path)
+        with native_path(path) as p:
+            return load_file(p)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise MQUserError(f"{path}: corrupt or truncated safetensors file ({e})") from None
+        raise MQUserError(f"{_shown(path)}: corrupt or truncated safetensors file ({e})") from None
 
 
-def _read_sharded_safetensors(directory: str, index_name: str) -> dict:
-    index = _read_json(os.path.join(directory, index_name))
+# safetensors dtype names -> what they are; only float tensors are model weights
+_FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+_TORCH_FLOAT = {torch.float16, torch.bfloat16, torch.float32, torch.float64}
+
+
+class TensorSource:
+    """The tensors of a checkpoint, read one at a time: shapes and dtypes first (headers only), then data.
+
+    Keeps peak memory at the model plus one tensor, and lets every shape be checked against the
+    config before anything is allocated."""
+
+    def __init__(self):
+        self.shapes: dict = {}     # name -> tuple
+        self.dtypes: dict = {}     # name -> str (e.g. "BF16", "torch.int8")
+        self.origin: dict = {}     # name -> file, for messages
+
+    def get(self, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def rename(self, rules) -> "TensorSource":
+        """Apply regex (pattern, replacement) rules to the names (first match wins)."""
+        mapping = {}
+        for k in list(self.shapes):
+            new = k
+            for pat, rep in rules:
+                k2, n = re.subn(pat, rep, k)
+                if n:
+                    new = k2
+                    break
+            mapping[new] = k
+        return _Renamed(self, mapping)
+
+    def drop(self, name: str) -> None:
+        for d in (self.shapes, self.dtypes, self.origin):
+            d.pop(name, None)
+
+
+class _Renamed(TensorSource):
+    def __init__(self, base: TensorSource, mapping: dict):
+        super().__init__()
+        self.base, self.mapping = base, mapping
+        for new, old in mapping.items():
+            self.shapes[new], self.dtypes[new], self.origin[new] = base.shapes[old], base.dtypes[old], base.origin[old]
+
+    def get(self, name):
+        return self.base.get(self.mapping[name])
+
+
+class SafetensorsSource(TensorSource):
+    def __init__(self, files):
+        super().__init__()
+        from safetensors import SafetensorError, safe_open
+
+        self._files = {}
+        for path in files:
+            try:
+                with native_path(path) as p, safe_open(p, framework="pt") as f:
+                    for k in f.keys():
+                        sl = f.get_slice(k)
+                        if k in self.shapes:
+                            raise MQUserError(f"{_shown(path)}: tensor {k} is also in {_shown(self.origin[k])}")
+                        self.shapes[k] = tuple(sl.get_shape())
+                        self.dtypes[k] = sl.get_dtype()
+                        self.origin[k] = path
+            except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+                raise MQUserError(f"{_shown(path)}: corrupt or truncated safetensors file ({e})") from None
+
+    def get(self, name):
+        from safetensors import SafetensorError, safe_open
+
+        path = self.origin[name]
+        try:
+            with native_path(path) as p, safe_open(p, framework="pt") as f:
+                return f.get_tensor(name)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise MQUserError(f"{_shown(path)}: corrupt or truncated safetensors file ({e})") from None
+
+
+class DictSource(TensorSource):
+    def __init__(self, sd: dict, path: str):
+        super().__init__()
+        self._sd = sd
+        for k, v in sd.items():
+            if not isinstance(v, torch.Tensor):
+                raise MQUserError(f"{_shown(path)}: entry {k!r} of the state dict is a {type(v).__name__}, not a tensor")
+            self.shapes[k], self.dtypes[k], self.origin[k] = tuple(v.shape), str(v.dtype), path
+
+    def get(self, name):
+        return self._sd[name]
+
+
+def _sharded_source(directory: str, index_name: str) -> SafetensorsSource:
+    index_path = os.path.join(directory, index_name)
+    index = _read_json(index_path)
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
-        raise MQUserError(f"{os.path.join(directory, index_name)}: no weight_map")
-    sd = {}
-    for shard in sorted(set(weight_map.values())):
-        sd.update(read_safetensors(os.path.join(directory, shard)))
-    missing = sorted(set(weight_map) - set(sd))
+        raise MQUserError(f"{index_path}: no weight_map")
+    shards = []
+    for shard in weight_map.values():     # every name is checked before any file is opened
+        path = weight_file(directory, shard, index_path)
+        if path not in shards:
+            shards.append(path)
+    src = SafetensorsSource(sorted(shards))
+    missing = sorted(set(weight_map) - set(src.shapes))
     if missing:
-        raise MQUserError(f"{directory}: tensors listed in {index_name} are in no shard: {missing[:5]}")
-    return sd
+        raise MQUserError(f"{index_path}: tensors listed there are in no shard: {missing[:5]}")
+    return src
 
 
 def read_torch_pickle(path: str):
-    """torch.load with weights_only=True; argparse.Namespace (Vim/DeiT save their args) is allowed."""
-    if not os.path.isfile(path):
-        raise MQUserError(f"{path}: no such file")
+    """torch.load with weights_only=True; argparse.Namespace (Vim/DeiT save their args) is allowed.
+
+    Zip checkpoints are memory-mapped, so tensors are paged in as they are copied into the model."""
+    require_file(path)
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):   # legacy (non-zip) files cannot be mapped
+                    raise
+                return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise MQUserError(f"{path}: refused to unpickle (only tensors and plain containers are loaded "
+        raise MQUserError(f"{_shown(path)}: refused to unpickle (only tensors and plain containers are loaded "
                           f"with weights_only=True): {str(e).splitlines()[0]}") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise MQUserError(f"{path}: corrupt or truncated checkpoint ({str(e).splitlines()[0]})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, UnicodeDecodeError) as e:
+        raise MQUserError(f"{_shown(path)}: corrupt or truncated checkpoint ({str(e).splitlines()[0]})") from None
 
 
 # --- detection -------------------------------------------------------------------------------------
 
+HF_MODEL_TYPES = {"mamba": "hf-mamba", "falcon_mamba": "hf-falcon-mamba"}
+HF_ARCHITECTURES = {"MambaForCausalLM": "hf-mamba", "FalconMambaForCausalLM": "hf-falcon-mamba"}
+
+
 def detect_format(path: str) -> str:
     if not os.path.exists(path):
-        raise MQUserError(f"{path}: no such file or directory")
+        raise MQUserError(f"{_shown(path)}: {path_problem(path)}")
     if os.path.isfile(path):
         if path.endswith((".pth", ".pt", ".bin")):
             return "vim"
-        raise MQUserError(f"{path}: a model is a checkpoint directory or a Vim .pth file")
+        raise MQUserError(f"{_shown(path)}: a model is a checkpoint directory or a Vim .pth file")
+    if not os.path.isdir(path):
+        raise MQUserError(f"{_shown(path)}: not a regular file or a directory")
     cfg_path = os.path.join(path, "config.json")
-    if os.path.isfile(cfg_path):
+    if os.path.lexists(cfg_path):
         cfg = _read_json(cfg_path)
         if FORMAT_KEY in cfg:
             return "mq-deploy"
-        if cfg.get("model_type") == "mamba" or "MambaForCausalLM" in (cfg.get("architectures") or []):
-            return "hf-mamba"
+        archs = cfg.get("architectures") or []
+        if cfg.get("model_type") in HF_MODEL_TYPES:
+            return HF_MODEL_TYPES[cfg["model_type"]]
+        for a in archs if isinstance(archs, list) else []:
+            if a in HF_ARCHITECTURES:
+                return HF_ARCHITECTURES[a]
         if cfg.get("model_type"):
             raise MQUserError(f"{cfg_path}: unsupported model_type {cfg['model_type']!r} "
-                              "(supported: Mamba1 causal LMs and Vision Mamba)")
+                              "(supported: Mamba1 causal LMs (mamba, falcon_mamba) and Vision Mamba)")
         if {"d_model", "n_layer", "vocab_size"} <= set(cfg):
             return "mamba-ssm"
         if _find_pth(path):   # Vim: the .pth holds the weights, config.json only img_size/stride/normalisation
             return "vim"
         raise MQUserError(f"{cfg_path}: cannot tell which model format this is "
-                          "(not mq-deploy, HF transformers Mamba, mamba-ssm or Vim)")
+                          "(not mq-deploy, HF transformers Mamba/FalconMamba, mamba-ssm or Vim)")
     if _find_pth(path):
         return "vim"
     raise MQUserError(f"{path}: no config.json and no .pth checkpoint in this directory")
@@ -130,68 +333,102 @@ def _find_pth(directory: str):
     cands = sorted(f for f in os.listdir(directory) if f.endswith((".pth", ".pt")))
     if len(cands) > 1:
         raise MQUserError(f"{directory}: several checkpoints ({', '.join(cands)}); name one file")
-    return os.path.join(directory, cands[0]) if cands else None
+    return weight_file(directory, cands[0]) if cands else None
 
 
 # --- state dict checks -----------------------------------------------------------------------------
 
-def _load_into(model, sd: dict, source: str, ignore_missing=()):
-    expected = model.state_dict()
-    tied = getattr(model.cfg, "tie_embeddings", False)
+def _config(src: str, make):
+    """Build a config; its validation errors name the file it came from."""
+    try:
+        return make()
+    except MQUserError as e:
+        raise MQUserError(f"{_shown(src)}: {e}") from None
+    except TypeError as e:   # unknown or missing field
+        raise MQUserError(f"{_shown(src)}: invalid config ({e})") from None
+
+
+def _layer_count(names) -> int:
+    idx = [int(m.group(1)) for k in names if (m := re.match(r"layers\.(\d+)\.", k))]
+    return 1 + max(idx) if idx else 0
+
+
+def _load_into(cfg, src: TensorSource, source: str, cfg_source: str | None = None, quant: dict | None = None):
+    """Check every name, shape and dtype of `src` against what `cfg` implies, then allocate the model
+    and copy the tensors in one at a time (converted to float32)."""
+    n_ckpt = _layer_count(src.shapes)
+    if cfg.n_layer != n_ckpt:   # before building even the shapes: n_layer sizes the module list
+        raise MQUserError(f"{_shown(cfg_source or source)}: the config has {cfg.n_layer} layers, the weights in "
+                          f"{_shown(source)} have {n_ckpt}")
+    with torch.device("meta"):     # shapes only: a config asking for 10^9 channels allocates nothing here
+        model = build_model(cfg)
+        if quant is not None:
+            _add_transform_buffers(model, quant)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    tied = getattr(cfg, "tie_embeddings", False)
     if tied:
         expected.pop("lm_head.weight", None)
-        sd.pop("lm_head.weight", None)
-    missing = [k for k in expected if k not in sd and k not in ignore_missing]
-    unexpected = [k for k in sd if k not in expected]
+        src.drop("lm_head.weight")
+    missing = [k for k in expected if k not in src.shapes]
+    unexpected = [k for k in src.shapes if k not in expected]
     if missing or unexpected:
         parts = []
         if missing:
             parts.append(f"missing {len(missing)} tensors (e.g. {', '.join(missing[:3])})")
         if unexpected:
             parts.append(f"unexpected {len(unexpected)} tensors (e.g. {', '.join(unexpected[:3])})")
-        raise MQUserError(f"{source}: state dict does not match its config: " + "; ".join(parts))
-    for k, v in expected.items():
-        if k in sd and tuple(sd[k].shape) != tuple(v.shape):
-            raise MQUserError(f"{source}: tensor {k} has shape {tuple(sd[k].shape)}, "
-                              f"the config implies {tuple(v.shape)}")
-    for k, v in sd.items():
-        if v.is_floating_point() and not torch.isfinite(v).all():
-            raise MQUserError(f"{source}: tensor {k} holds NaN or Inf")
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, strict=False)
+        raise MQUserError(f"{_shown(source)}: state dict does not match its config: " + "; ".join(parts))
+    for k, shape in expected.items():
+        if tuple(src.shapes[k]) != shape:
+            raise MQUserError(f"{_shown(src.origin[k])}: tensor {k} has shape {tuple(src.shapes[k])}, "
+                              f"the config{' in ' + _shown(cfg_source) if cfg_source else ''} implies {shape}")
+    for k, dt in src.dtypes.items():
+        if dt not in _FLOAT_DTYPES and dt not in {str(t) for t in _TORCH_FLOAT}:
+            raise MQUserError(f"{_shown(src.origin[k])}: tensor {k} is stored as {dt}, not as floating point "
+                              "(float16, bfloat16, float32 or float64); integer or packed weights of other "
+                              "quantization tools are not read as values")
+    model = model.to_empty(device="cpu")
+    params = dict(model.named_parameters(remove_duplicate=False))
+    params.update(dict(model.named_buffers()))
+    with torch.no_grad():
+        for k in expected:
+            t = src.get(k)
+            if not torch.isfinite(t).all():
+                raise MQUserError(f"{_shown(src.origin[k])}: tensor {k} holds NaN or Inf")
+            params[k].copy_(t)
+            del t
     if tied:
         model.lm_head.weight = model.embedding.weight
     return model
 
 
-def _rename(sd: dict, rules) -> dict:
-    out = {}
-    for k, v in sd.items():
-        for pat, rep in rules:
-            k2, n = re.subn(pat, rep, k)
-            if n:
-                k = k2
-                break
-        out[k] = v
-    return out
-
-
 # --- formats ---------------------------------------------------------------------------------------
 
+def _with_tokenizer(path: str, extra: dict) -> dict:
+    """extra["tokenizer"]: a tokenizer.json beside the weights (relative to the folder, like eval_data)."""
+    if "tokenizer" not in extra and os.path.isfile(os.path.join(path, "tokenizer.json")):
+        extra = {**extra, "tokenizer": "tokenizer.json"}
+    return extra
+
+
 def _load_ours(path):
-    raw = _read_json(os.path.join(path, "config.json"))
+    cfg_path = os.path.join(path, "config.json")
+    raw = _read_json(cfg_path)
     extra = raw.pop("extra", {}) or {}
+    if not isinstance(extra, dict):
+        raise MQUserError(f"{cfg_path}: 'extra' must be an object")
     quant = raw.pop("quant", None)
     raw.pop(FORMAT_KEY, None)
     raw.pop("mq_deploy_version", None)
-    cfg = config_from_dict(raw)
-    model = build_model(cfg)
+    cfg = _config(cfg_path, lambda: config_from_dict(raw))
     if quant is not None:
         # a quantized checkpoint (mq_deploy.quant.qcheckpoint) carries the transforms' runtime buffers
+        if not isinstance(quant, dict):
+            raise MQUserError(f"{cfg_path}: 'quant' must be an object")
         extra = {**extra, "quant": quant}
-        _add_transform_buffers(model, quant)
-    sd = read_safetensors(os.path.join(path, "model.safetensors"))
-    model = _load_into(model, sd, os.path.join(path, "model.safetensors"))
-    return model, cfg, extra
+    src_file = weight_file(path, "model.safetensors")
+    model = _load_into(cfg, SafetensorsSource([src_file]), src_file, cfg_path, quant)
+    return model, cfg, _with_tokenizer(path, extra)
 
 
 def _add_transform_buffers(model, quant: dict):
@@ -203,48 +440,64 @@ def _add_transform_buffers(model, quant: dict):
             layer.mixer.register_buffer("gate_scale", torch.zeros(di))
 
 
-def _hf_mixer_cfg(c: dict, src: str) -> MixerConfig:
+def _hf_mixer_cfg(c: dict, src: str, falcon: bool) -> MixerConfig:
     if c.get("hidden_act", "silu") not in ("silu", "swish"):
         raise MQUserError(f"{src}: hidden_act {c['hidden_act']!r} is not supported (Mamba1 uses silu)")
     hidden = c.get("hidden_size")
-    if not isinstance(hidden, int):
+    if isinstance(hidden, bool) or not isinstance(hidden, int):
         raise MQUserError(f"{src}: hidden_size missing or not an integer")
-    return MixerConfig(d_model=hidden, d_state=c.get("state_size", 16), d_conv=c.get("conv_kernel", 4),
-                       expand=c.get("expand", 2), d_inner=c.get("intermediate_size"),
-                       dt_rank=c.get("time_step_rank", "auto"), conv_bias=c.get("use_conv_bias", True),
-                       bias=c.get("use_bias", False))
+    return _config(src, lambda: MixerConfig(
+        d_model=hidden, d_state=c.get("state_size", 16), d_conv=c.get("conv_kernel", 4), expand=c.get("expand", 2),
+        d_inner=c.get("intermediate_size"), dt_rank=c.get("time_step_rank", "auto"),
+        conv_bias=c.get("use_conv_bias", True), bias=c.get("use_bias", False),
+        mixer_rms_eps=c.get("mixer_rms_eps", 1e-6) if falcon else None))
 
 
-def _load_hf(path):
+def _eos(c: dict, vocab) -> int | None:
+    eos = c.get("eos_token_id")
+    if isinstance(eos, list) and eos:
+        eos = eos[0]
+    if isinstance(eos, int) and not isinstance(eos, bool) and isinstance(vocab, int) and 0 <= eos < vocab:
+        return eos
+    return None
+
+
+def _load_hf(path, falcon=False):
     cfg_path = os.path.join(path, "config.json")
     c = _read_json(cfg_path)
-    mixer = _hf_mixer_cfg(c, cfg_path)
-    cfg = MambaLMConfig(d_model=mixer.d_model, n_layer=c.get("num_hidden_layers", 0),
-                        vocab_size=c.get("vocab_size", 0), mixer=mixer,
-                        norm_eps=c.get("layer_norm_epsilon", 1e-5),
-                        residual_in_fp32=c.get("residual_in_fp32", True),
-                        tie_embeddings=c.get("tie_word_embeddings", True))
-    if os.path.isfile(os.path.join(path, "model.safetensors")):
-        src = os.path.join(path, "model.safetensors")
-        sd = read_safetensors(src)
-    elif os.path.isfile(os.path.join(path, "model.safetensors.index.json")):
-        src = path
-        sd = _read_sharded_safetensors(path, "model.safetensors.index.json")
-    elif os.path.isfile(os.path.join(path, "pytorch_model.bin")):
-        src = os.path.join(path, "pytorch_model.bin")
+    mixer = _hf_mixer_cfg(c, cfg_path, falcon)
+    vocab = c.get("vocab_size", 0)
+    cfg = _config(cfg_path, lambda: MambaLMConfig(
+        d_model=mixer.d_model, n_layer=c.get("num_hidden_layers", 0), vocab_size=vocab, mixer=mixer,
+        norm_eps=c.get("layer_norm_epsilon", 1e-5), residual_in_fp32=c.get("residual_in_fp32", True),
+        tie_embeddings=c.get("tie_word_embeddings", True), eos_token_id=_eos(c, vocab)))
+    if os.path.lexists(os.path.join(path, "model.safetensors")):
+        src = weight_file(path, "model.safetensors")
+        tensors = SafetensorsSource([src])
+    elif os.path.lexists(os.path.join(path, "model.safetensors.index.json")):
+        src = os.path.join(path, "model.safetensors.index.json")
+        tensors = _sharded_source(path, "model.safetensors.index.json")
+    elif os.path.lexists(os.path.join(path, "pytorch_model.bin")):
+        src = weight_file(path, "pytorch_model.bin")
         sd = read_torch_pickle(src)
+        if not isinstance(sd, dict):
+            raise MQUserError(f"{src}: expected a state dict")
+        tensors = DictSource(sd, src)
     else:
         raise MQUserError(f"{path}: HF Mamba directory without model.safetensors, its index, or pytorch_model.bin")
-    sd = _rename(sd, [(r"^backbone\.embeddings\.", "embedding."), (r"^backbone\.", "")])
-    if not cfg.tie_embeddings and "lm_head.weight" not in sd:
+    tensors = tensors.rename([(r"^backbone\.embeddings\.", "embedding."), (r"^backbone\.", "")])
+    if not cfg.tie_embeddings and "lm_head.weight" not in tensors.shapes:
         raise MQUserError(f"{src}: untied head (tie_word_embeddings false) but no lm_head.weight")
-    return _load_into(build_model(cfg), sd, src), cfg, {}
+    return _load_into(cfg, tensors, src, cfg_path), cfg, _with_tokenizer(path, {})
 
 
 def _load_mamba_ssm(path):
     cfg_path = os.path.join(path, "config.json")
     c = _read_json(cfg_path)
-    ssm_cfg = dict(c.get("ssm_cfg") or {})
+    ssm_cfg = c.get("ssm_cfg") or {}
+    if not isinstance(ssm_cfg, dict):
+        raise MQUserError(f"{cfg_path}: ssm_cfg must be an object")
+    ssm_cfg = dict(ssm_cfg)
     layer = ssm_cfg.pop("layer", "Mamba1")
     if layer != "Mamba1":
         raise MQUserError(f"{cfg_path}: ssm_cfg.layer {layer!r} is not supported (only Mamba1)")
@@ -260,75 +513,103 @@ def _load_mamba_ssm(path):
     if unknown:
         raise MQUserError(f"{cfg_path}: unsupported ssm_cfg keys {sorted(unknown)}")
     d_model = c["d_model"]
-    mixer = MixerConfig(d_model=d_model, **{k: v for k, v in ssm_cfg.items() if k in known})
+    mixer = _config(cfg_path, lambda: MixerConfig(d_model=d_model, **{k: v for k, v in ssm_cfg.items() if k in known}))
     vocab = c["vocab_size"]
     pad = c.get("pad_vocab_size_multiple", 1) or 1
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (vocab, pad)):
+        raise MQUserError(f"{cfg_path}: vocab_size and pad_vocab_size_multiple must be positive integers")
     if vocab % pad:
         vocab += pad - vocab % pad
-    cfg = MambaLMConfig(d_model=d_model, n_layer=c["n_layer"], vocab_size=vocab, mixer=mixer,
-                        norm_eps=c.get("norm_epsilon", 1e-5), residual_in_fp32=c.get("residual_in_fp32", True),
-                        tie_embeddings=c.get("tie_embeddings", True))
+    cfg = _config(cfg_path, lambda: MambaLMConfig(
+        d_model=d_model, n_layer=c["n_layer"], vocab_size=vocab, mixer=mixer, norm_eps=c.get("norm_epsilon", 1e-5),
+        residual_in_fp32=c.get("residual_in_fp32", True), tie_embeddings=c.get("tie_embeddings", True)))
     src = None
     for name in ("pytorch_model.bin", "model.safetensors"):
-        if os.path.isfile(os.path.join(path, name)):
-            src = os.path.join(path, name)
+        if os.path.lexists(os.path.join(path, name)):
+            src = weight_file(path, name)
             break
     if src is None:
         raise MQUserError(f"{path}: mamba-ssm directory without pytorch_model.bin")
-    sd = read_torch_pickle(src) if src.endswith(".bin") else read_safetensors(src)
-    if not isinstance(sd, dict):
-        raise MQUserError(f"{src}: expected a state dict")
-    sd = _rename(sd, [(r"^backbone\.", "")])
-    return _load_into(build_model(cfg), sd, src), cfg, {"vocab_size_unpadded": c["vocab_size"]}
+    if src.endswith(".bin"):
+        sd = read_torch_pickle(src)
+        if not isinstance(sd, dict):
+            raise MQUserError(f"{src}: expected a state dict")
+        tensors = DictSource(sd, src)
+    else:
+        tensors = SafetensorsSource([src])
+    tensors = tensors.rename([(r"^backbone\.", "")])
+    extra = _with_tokenizer(path, {"vocab_size_unpadded": c["vocab_size"]})
+    return _load_into(cfg, tensors, src, cfg_path), cfg, extra
 
 
-def _vim_config_from_state_dict(sd: dict, overrides: dict, src: str) -> VimConfig:
+def _vim_config_from_state_dict(shapes: dict, overrides: dict, src: str, cfg_src: str | None) -> VimConfig:
     try:
-        pw = sd["patch_embed.proj.weight"]
-        d_model, in_chans, patch, _ = pw.shape
-        n_layer = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"layers\.(\d+)\.", k)))
-        di, n = sd["layers.0.mixer.A_log"].shape
-        dt_rank = sd["layers.0.mixer.dt_proj.weight"].shape[1]
-        d_conv = sd["layers.0.mixer.conv1d.weight"].shape[-1]
-        num_classes = sd["head.weight"].shape[0]
-        num_tokens = sd["pos_embed"].shape[1]
-    except (KeyError, ValueError) as e:
-        raise MQUserError(f"{src}: not a Vision Mamba state dict (missing {e})") from None
-    if "cls_token" not in sd:
+        d_model, in_chans, patch, _ = shapes["patch_embed.proj.weight"]
+        n_layer = _layer_count(shapes)
+        di, n = shapes["layers.0.mixer.A_log"]
+        dt_rank = shapes["layers.0.mixer.dt_proj.weight"][1]
+        d_conv = shapes["layers.0.mixer.conv1d.weight"][-1]
+        num_classes = shapes["head.weight"][0]
+        num_tokens = shapes["pos_embed"][1]
+    except (KeyError, ValueError, IndexError) as e:
+        raise MQUserError(f"{src}: not a Vision Mamba state dict (missing or misshapen {e})") from None
+    if "cls_token" not in shapes:
         raise MQUserError(f"{src}: Vim without a class token is not supported")
-    if any(k.startswith(("cls_token_head", "cls_token_tail")) or k.endswith(".gamma") for k in sd):
+    if any(k.startswith(("cls_token_head", "cls_token_tail")) or k.endswith(".gamma") for k in shapes):
         raise MQUserError(f"{src}: double class tokens / layer scale are not supported")
-    if "layers.0.mixer.A_b_log" not in sd or "layers.0.mixer.conv1d_b.weight" not in sd:
+    if "layers.0.mixer.A_b_log" not in shapes or "layers.0.mixer.conv1d_b.weight" not in shapes:
         raise MQUserError(f"{src}: only bimamba v2 Vim checkpoints are supported")
-    if "layers.0.norm.bias" in sd:
+    if "layers.0.norm.bias" in shapes:
         raise MQUserError(f"{src}: LayerNorm Vim (rms_norm false) is not supported")
     stride = overrides.get("stride", patch)
-    grid = math.isqrt(num_tokens - 1)
+    if isinstance(stride, bool) or not isinstance(stride, int) or stride <= 0:
+        raise MQUserError(f"{cfg_src or src}: stride must be a positive integer, got {stride!r}")
+    grid = math.isqrt(num_tokens - 1) if num_tokens >= 1 else 0
     if grid * grid != num_tokens - 1:
         raise MQUserError(f"{src}: pos_embed has {num_tokens} tokens, not a square grid plus one class token")
     img_size = overrides.get("img_size", (grid - 1) * stride + patch)
-    mixer = MixerConfig(d_model=d_model, d_state=n, d_conv=d_conv, d_inner=di, expand=max(1, di // d_model),
-                        dt_rank=dt_rank, conv_bias="layers.0.mixer.conv1d.bias" in sd,
-                        bias="layers.0.mixer.in_proj.bias" in sd, bimamba=True)
+    mixer = _config(cfg_src or src, lambda: MixerConfig(
+        d_model=d_model, d_state=n, d_conv=d_conv, d_inner=di, expand=max(1, di // d_model), dt_rank=dt_rank,
+        conv_bias="layers.0.mixer.conv1d.bias" in shapes, bias="layers.0.mixer.in_proj.bias" in shapes,
+        bimamba=True))
     kw = {k: overrides[k] for k in ("image_mean", "image_std", "norm_eps", "residual_in_fp32") if k in overrides}
-    cfg = VimConfig(d_model=d_model, n_layer=n_layer, num_classes=num_classes, img_size=img_size,
-                    patch_size=patch, stride=stride, in_chans=in_chans, mixer=mixer, **kw)
+    cfg = _config(cfg_src or src, lambda: VimConfig(
+        d_model=d_model, n_layer=n_layer, num_classes=num_classes, img_size=img_size, patch_size=patch,
+        stride=stride, in_chans=in_chans, mixer=mixer, **kw))
     if cfg.num_patches + 1 != num_tokens:
         raise MQUserError(f"{src}: pos_embed has {num_tokens} tokens, img_size {img_size} with patch {patch} "
                           f"and stride {stride} gives {cfg.num_patches + 1}")
     return cfg
 
 
+def _vim_args(ckpt) -> dict:
+    """Normalisation and size from the training args hustvl/DeiT store beside the weights, where present."""
+    args = ckpt.get("args") if isinstance(ckpt, dict) else None
+    if isinstance(args, argparse.Namespace):
+        args = vars(args)
+    if not isinstance(args, dict):
+        return {}
+    out = {}
+    for ours, theirs in (("image_mean", "mean"), ("image_std", "std"), ("image_mean", "image_mean"),
+                         ("image_std", "image_std"), ("img_size", "input_size")):
+        v = args.get(theirs)
+        if v is not None and ours not in out:
+            out[ours] = tuple(v) if isinstance(v, (list, tuple)) else v
+    return out
+
+
 def _load_vim(path):
-    overrides = {}
+    overrides, cfg_path = {}, None
     if os.path.isdir(path):
         cfg_path = os.path.join(path, "config.json")
-        if os.path.isfile(cfg_path):
+        if os.path.lexists(cfg_path):
             c = _read_json(cfg_path)
             overrides = {"img_size": c.get("img_size"), "stride": c.get("stride"),
                          "image_mean": c.get("image_mean"), "image_std": c.get("image_std"),
                          "norm_eps": c.get("norm_epsilon")}
             overrides = {k: v for k, v in overrides.items() if v is not None}
+        else:
+            cfg_path = None
         src = _find_pth(path)
         if src is None:
             raise MQUserError(f"{path}: Vim directory without a .pth checkpoint")
@@ -343,20 +624,26 @@ def _load_vim(path):
         sd = ckpt
     else:
         raise MQUserError(f"{src}: expected a state dict or a dict with a 'model' entry")
-    sd = _rename(dict(sd), [(r"^module\.", "")])
-    cfg = _vim_config_from_state_dict(sd, overrides, src)
-    return _load_into(build_model(cfg), sd, src), cfg, {}
+    overrides = {**_vim_args(ckpt), **overrides}     # a config.json beside the .pth wins over the saved args
+    tensors = DictSource(dict(sd), src).rename([(r"^module\.", "")])
+    cfg = _vim_config_from_state_dict(tensors.shapes, overrides, src, cfg_path)
+    return _load_into(cfg, tensors, src, cfg_path), cfg, {}
 
 
-_LOADERS = {"mq-deploy": _load_ours, "hf-mamba": _load_hf, "mamba-ssm": _load_mamba_ssm, "vim": _load_vim}
+_LOADERS = {"mq-deploy": _load_ours, "hf-mamba": _load_hf, "hf-falcon-mamba": lambda p: _load_hf(p, falcon=True),
+            "mamba-ssm": _load_mamba_ssm, "vim": _load_vim}
 
 
 def load_model(path: str) -> LoadedModel:
-    """Load any supported checkpoint into our PyTorch model (fp32, eval mode)."""
+    """Load any supported checkpoint into our PyTorch model (fp32, eval mode).
+
+    bfloat16 / float16 / float64 weights are converted to float32 tensor by tensor, so peak memory is
+    the float32 model plus one tensor."""
     fmt = detect_format(path)
     try:
         model, cfg, extra = _LOADERS[fmt](path)
     except KeyError as e:
-        raise MQUserError(f"{path}: {fmt} config is missing the field {e}") from None
+        where = os.path.join(path, "config.json") if os.path.isdir(path) else path
+        raise MQUserError(f"{_shown(where)}: {fmt} config is missing the field {e}") from None
     model.eval()
     return LoadedModel(model=model, format=fmt, path=path, config=cfg, extra=extra)

@@ -29,6 +29,12 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(dtype)
 
 
+def weightless_rms_norm(x, eps: float):
+    """FalconMamba's norm of dt, B and C: x / rms(x) over the last axis, computed in at least fp32."""
+    xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
 def _at_least_fp32(t):
     """SSM parameters (A, D, dt bias) are kept in fp32 for half-precision models, as in mamba-ssm."""
     return t if t.dtype == torch.float64 else t.float()
@@ -109,6 +115,8 @@ class MambaMixer(nn.Module):
         cfg = self.cfg
         xc = self._q("x" + s, xc)
         dt, Bm, Cm = torch.split(x_proj(xc), [cfg.dt_rank, cfg.d_state, cfg.d_state], dim=-1)
+        if cfg.mixer_rms_eps is not None:     # FalconMamba
+            dt, Bm, Cm = (weightless_rms_norm(t, cfg.mixer_rms_eps) for t in (dt, Bm, Cm))
         dt = F.linear(self._q("dt_low" + s, dt), dt_proj.weight)
         A = -torch.exp(_at_least_fp32(A_log))
         return (xc, self._q("dt" + s, dt), A, self._q("B" + s, Bm), self._q("C" + s, Cm), _at_least_fp32(D),
