@@ -1,7 +1,8 @@
 """Builds the native selective scan library (plugins/selective_scan) as part of `pip install`.
 
-Everything else about the package is in pyproject.toml. The CPU library goes to mq_deploy/_native/,
-where mq_deploy.ops.native loads it: into the source tree for editable installs, into the wheel
+Everything else about the package is in pyproject.toml. The CPU library and the ONNX Runtime custom-op
+library (libmq_scan_ort.so, no ORT headers needed) go to mq_deploy/_native/, where mq_deploy.ops.native
+finds them: into the source tree for editable installs, into the wheel
 otherwise. A failed native build only warns (the package works without it and its tests skip, saying
 why) unless MQ_REQUIRE_NATIVE=1, which CI sets. MQ_SKIP_NATIVE=1 skips the build.
 """

@@ -1,9 +1,12 @@
-"""libmq_scan_ort.so: mq::SelectiveScan as an ONNX Runtime custom op, against the function body and
-selective_scan_int8_ref.
+"""libmq_scan_ort.so: mq::SelectiveScan and mq::SelectiveScanFloat as ONNX Runtime custom ops, against
+their function bodies, selective_scan_int8_ref and selective_scan_ref.
 
-Skipped unless the library is built (plugins/selective_scan/ort/build.sh; it needs ONNX Runtime's C API
-headers, which no registry package ships). It is looked up at $MQ_SCAN_ORT_LIB, else at
-build/ort/libmq_scan_ort.so, where build.sh puts it. MQ_REQUIRE_ORT_LIB=1 turns the skip into a failure.
+`pip install` builds the library into mq_deploy/_native/ (it needs no ONNX Runtime headers: the C API
+subset it calls is declared in plugins/selective_scan/ort/mq_ort_api.h). It is looked up where
+mq_deploy.ops.native.ort_library_path() says ($MQ_SCAN_ORT_LIB, else mq_deploy/_native/). Skipped when
+it is not built, unless MQ_REQUIRE_NATIVE=1 (CI) or MQ_REQUIRE_ORT_LIB=1, which turn the skip into a
+failure. With $ONNXRUNTIME_INCLUDE_DIR naming a folder with the real onnxruntime_c_api.h, the
+declarations are also checked against it (test_abi_matches_the_real_header).
 
 Tolerances, as rel_err (max |diff| / max |ref|):
   float32 y and h_last: 2e-5, the native-vs-reference bound of test_native_scan (same kernel): both
@@ -21,18 +24,18 @@ import numpy as np
 import pytest
 import torch
 
-from mq_deploy.ops.selective_scan import selective_scan_int8_ref
+from mq_deploy.ops import native
+from mq_deploy.ops.selective_scan import selective_scan_int8_ref, selective_scan_ref
 
 from conftest import REPO, rel_err
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-DEFAULT_LIB = os.path.join(REPO, "build", "ort", "libmq_scan_ort.so")
-LIB = os.environ.get("MQ_SCAN_ORT_LIB") or DEFAULT_LIB
-BUILD_HINT = "plugins/selective_scan/ort/build.sh ORT_INCLUDE_DIR   (see plugins/selective_scan/ort/README.md)"
-pytestmark = pytest.mark.skipif(os.environ.get("MQ_REQUIRE_ORT_LIB") != "1" and not os.path.isfile(LIB),
-                                reason=f"{LIB} is not built: {BUILD_HINT}")
+LIB = native.ort_library_path()
+REQUIRED = os.environ.get("MQ_REQUIRE_ORT_LIB") == "1" or os.environ.get("MQ_REQUIRE_NATIVE") == "1"
+needs_lib = pytest.mark.skipif(not REQUIRED and not os.path.isfile(LIB),
+                               reason=f"{LIB} is not built: {native.BUILD_HINT}")
 
 TOL = 2e-5
 TOL_FP16 = 1e-3
@@ -112,6 +115,7 @@ def check(got, want, tol, what):
 SHAPES = [(1, 1, 8, 16), (2, 37, 33, 16), (2, 300, 70, 16), (3, 5, 7, 64), (1, 40, 3, 256)]
 
 
+@needs_lib
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("gate", [False, True])
 def test_matches_function_body_and_reference(shape, gate):
@@ -126,6 +130,7 @@ def test_matches_function_body_and_reference(shape, gate):
     check(h_last, h_body, TOL, "h_last vs function body")
 
 
+@needs_lib
 def test_library_replaces_the_function_body():
     """Registered, the library's kernel runs: one SelectiveScan node in the profile, no Scan; and a model
     without the body runs only with the library."""
@@ -146,6 +151,7 @@ def test_library_replaces_the_function_body():
     check(y, reference(f)[0], TOL, "y, model without body")
 
 
+@needs_lib
 def test_fp16_output():
     f = feeds(2, 50, 40, 16, seed=3)
     y16, h_last = session(scan_model(out_dtype=10)).run(None, f)
@@ -157,6 +163,7 @@ def test_fp16_output():
     check(y16, y16_body.astype(np.float32), TOL_FP16, "fp16 y vs function body")
 
 
+@needs_lib
 def test_state_carries_across_calls_and_threads_agree():
     """Two chunks with h_last fed back as h0 equal one call; 1 and 2 intra-op threads give the same bits."""
     f = feeds(2, 96, 48, 16, seed=5)
@@ -185,6 +192,7 @@ BAD = {
 }
 
 
+@needs_lib
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_bad_shapes_raise_an_ort_error(case):
     sess = session(scan_model())
@@ -196,6 +204,101 @@ def test_bad_shapes_raise_an_ort_error(case):
 
 @pytest.mark.parametrize("attrs,match", [(dict(out_dtype=7), "out_dtype"), (dict(z_scale=0.0), "z_scale"),
                                          (dict(x_scale=float("nan")), "x_scale")])
+@needs_lib
 def test_bad_attributes_fail_at_session_creation(attrs, match):
     with pytest.raises(Exception, match=match):
         session(scan_model(body=False, attrs=attrs))
+
+
+# ---- mq::SelectiveScanFloat (the FP32 baseline's op) ---------------------------------------------
+
+def float_model(body=True):
+    """One mq::SelectiveScanFloat node (float32 everywhere), with or without its function body."""
+    from onnx import TensorProto as T
+    from onnx import helper as h
+
+    from mq_deploy.export.scan_op import DOMAIN, INPUTS, OP_FLOAT, OUTPUTS, selective_scan_float_function
+
+    node = h.make_node(OP_FLOAT, list(INPUTS), list(OUTPUTS), domain=DOMAIN)
+    graph = h.make_graph([node], "scan_float",
+                         [h.make_tensor_value_info(k, T.FLOAT, list(DIMS[k])) for k in INPUTS],
+                         [h.make_tensor_value_info("y", T.FLOAT, list("bLd")),
+                          h.make_tensor_value_info("h_last", T.FLOAT, list("bdn"))])
+    m = h.make_model(graph, functions=[selective_scan_float_function(21)] if body else [],
+                     opset_imports=[h.make_opsetid("", 21), h.make_opsetid(DOMAIN, 1)], ir_version=10)
+    if body:
+        onnx.checker.check_model(m, full_check=True)
+    return m.SerializeToString()
+
+
+def float_feeds(b, L, d, n, gate=True, seed=0):
+    """The int8 feeds dequantised: the same value ranges, as float32."""
+    f = feeds(b, L, d, n, gate=gate, seed=seed)
+    for k, s in SCALES.items():
+        f[k] = f[k].astype(np.float32) * np.float32(s)
+    return f
+
+
+@needs_lib
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("gate", [False, True])
+def test_float_op_matches_function_body_and_reference(shape, gate):
+    """Same tolerance as the int8 op: float32 on both sides, differing only in summation order and the
+    exp/softplus/sigmoid ulps. The float64 reference (silu gate) bounds both."""
+    f = float_feeds(*shape, gate=gate, seed=sum(shape) + 1)
+    y, h_last = session(float_model()).run(None, f)
+    y_body, h_body = session(float_model(), lib=False).run(None, f)
+    assert y.dtype == np.float32 and y.shape == y_body.shape and h_last.shape == h_body.shape
+    check(y, y_body, TOL, "float op y vs function body")
+    check(h_last, h_body, TOL, "float op h_last vs function body")
+    if not gate:   # selective_scan_ref gates with silu(z), i.e. gate_scale = 1
+        t = {k: torch.from_numpy(v).double() for k, v in f.items()}
+        y_ref, h_ref = selective_scan_ref(t["x"], t["delta"], t["A"], t["B"], t["C"], t["D"], t["z"],
+                                          t["delta_bias"], True, t["h0"], True)
+        check(y, y_ref, TOL, "float op y vs float64 ref")
+        check(h_last, h_ref, TOL, "float op h_last vs float64 ref")
+
+
+@needs_lib
+def test_float_op_replaces_its_function_body():
+    f = float_feeds(2, 64, 40, 16)
+    sess = session(float_model(), profile=True)
+    sess.run(None, f)
+    profile = sess.end_profiling()
+    with open(profile) as fh:
+        ops = {e["args"].get("op_name") for e in json.load(fh) if e.get("cat") == "Node"}
+    os.remove(profile)
+    print("ops in the profile:", ops)
+    assert ops == {"SelectiveScanFloat"}
+    y, _ = session(float_model(body=False)).run(None, f)   # without the body it runs only on the library
+    assert np.isfinite(y).all()
+
+
+@needs_lib
+def test_float_op_bad_shape_is_an_ort_error():
+    f = float_feeds(2, 8, 40, 16)
+    f["B"] = f["B"][:, :, :8].copy()
+    with pytest.raises(Exception, match="B has shape"):
+        session(float_model()).run(None, f)
+
+
+# ---- our C API declarations against the real header ----------------------------------------------
+
+def test_abi_matches_the_real_header():
+    """plugins/selective_scan/ort/ort_abi_check.cpp static_asserts every OrtApi slot, OrtCustomOp field and
+    enum value we use against onnxruntime_c_api.h. Needs that header ($ONNXRUNTIME_INCLUDE_DIR; no
+    registry ships it) and a C++ compiler."""
+    import shutil
+    import subprocess
+
+    inc = os.environ.get("ONNXRUNTIME_INCLUDE_DIR")
+    if not inc or not os.path.isfile(os.path.join(inc, "onnxruntime_c_api.h")):
+        pytest.skip("set ONNXRUNTIME_INCLUDE_DIR to a folder with ONNX Runtime's onnxruntime_c_api.h")
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+    if not cxx:
+        pytest.skip("no C++ compiler")
+    ort_dir = os.path.join(REPO, "plugins", "selective_scan", "ort")
+    r = subprocess.run([cxx, "-std=c++17", "-fsyntax-only", "-I", inc, "-I", ort_dir,
+                        os.path.join(ort_dir, "ort_abi_check.cpp")], capture_output=True, text=True)
+    print(r.stderr[-2000:])
+    assert r.returncode == 0

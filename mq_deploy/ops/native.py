@@ -14,12 +14,11 @@ import ctypes
 import os
 import sys
 
-import torch
-
 from mq_deploy.errors import MQInternalError, MQUserError
-from mq_deploy.ops.selective_scan import _check_shapes
 
 LIB_NAME = "libmq_scan_cpu.so"
+ORT_LIB_NAME = "libmq_scan_ort.so"   # mq::SelectiveScan(Float) custom ops for ONNX Runtime, built beside it
+ORT_LIB_ENV = "MQ_SCAN_ORT_LIB"
 NATIVE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "_native")
 _SOURCE_DIR = os.path.join(os.path.dirname(os.path.dirname(NATIVE_DIR)), "plugins", "selective_scan")
 BUILD_HINT = "python -m mq_deploy.ops.native --build   (from a source checkout; or reinstall: pip install -e .)"
@@ -52,6 +51,18 @@ _load_error = None
 
 def library_path() -> str:
     return os.environ.get("MQ_SCAN_LIB") or os.path.join(NATIVE_DIR, LIB_NAME)
+
+
+def ort_library_path() -> str:
+    """Where the ONNX Runtime custom-op library is looked for: $MQ_SCAN_ORT_LIB, else mq_deploy/_native/."""
+    return os.environ.get(ORT_LIB_ENV) or os.path.join(NATIVE_DIR, ORT_LIB_NAME)
+
+
+def ort_library() -> str | None:
+    """The custom-op library's path when it exists (what the ORT runner registers by default), else None.
+    Torch-free: this module imports torch only where a scan runs."""
+    path = ort_library_path()
+    return path if os.path.isfile(path) else None
 
 
 def _declare(lib):
@@ -110,6 +121,7 @@ def _ptr(t):
 
 
 def _f32(t, name, device):
+    import torch
     if t is None:
         return None
     if t.device != device:
@@ -139,6 +151,10 @@ def _rows(tensors, width):
 def _prepare(qx, x_scale, qdelta, delta_scale, A, qB, B_scale, qC, C_scale, D, qz, z_scale, delta_bias,
              delta_softplus, initial_state, return_last_state, gate_scale, out_dtype, out_state, device_type):
     """Checks the arguments and fills MQScanParams. Returns (params, y, h_last, tensors to keep alive)."""
+    import torch
+
+    from mq_deploy.ops.selective_scan import _check_shapes
+    out_dtype = torch.float32 if out_dtype is None else out_dtype
     for name, q in (("x", qx), ("delta", qdelta), ("B", qB), ("C", qC), ("z", qz)):
         if q is not None:
             if q.dtype != torch.int8:
@@ -198,11 +214,11 @@ def _raise(lib, rc, what):
 def selective_scan_int8_native(qx, x_scale, qdelta, delta_scale, A, qB, B_scale, qC, C_scale, D=None, qz=None,
                                z_scale=None, delta_bias=None, delta_softplus=True, initial_state=None,
                                return_last_state=False, gate_scale=None, *, num_threads=0,
-                               out_dtype=torch.float32, out_state=None):
+                               out_dtype=None, out_state=None):
     """`selective_scan_int8_ref` on the C++ CPU library (CPU tensors). Extra keywords:
 
     num_threads  worker threads (<= 0: all cores)
-    out_dtype    torch.float32 or torch.float16 (the op's out_dtype attribute)
+    out_dtype    torch.float32 (None: the default) or torch.float16 (the op's out_dtype attribute)
     out_state    a float32 contiguous [b, Di, N] tensor to write the last state into; may be
                  initial_state itself (an in-place decode step). Implies return_last_state.
     """
@@ -246,10 +262,12 @@ def load_cuda_library():
 
 def selective_scan_int8_cuda(qx, x_scale, qdelta, delta_scale, A, qB, B_scale, qC, C_scale, D=None, qz=None,
                              z_scale=None, delta_bias=None, delta_softplus=True, initial_state=None,
-                             return_last_state=False, gate_scale=None, *, out_dtype=torch.float32,
+                             return_last_state=False, gate_scale=None, *, out_dtype=None,
                              out_state=None, step=False):
     """`selective_scan_int8_ref` on libmq_scan_cuda.so (CUDA tensors, torch's current stream).
     step=True calls the decode-step entry point (seqlen must be 1)."""
+    import torch
+
     p, y, h_last, _keep = _prepare(qx, x_scale, qdelta, delta_scale, A, qB, B_scale, qC, C_scale, D, qz, z_scale,
                                    delta_bias, delta_softplus, initial_state, return_last_state, gate_scale,
                                    out_dtype, out_state, "cuda")

@@ -1,4 +1,7 @@
-"""Build libmq_scan_cpu.so (and optionally libmq_scan_cuda.so) into a given directory.
+"""Build libmq_scan_cpu.so, libmq_scan_ort.so (and optionally libmq_scan_cuda.so) into a given directory.
+
+libmq_scan_ort.so is the ONNX Runtime custom-op library (ort/); it needs no ONNX Runtime files (its C API
+declarations are in ort/mq_ort_api.h) and finds libmq_scan_cpu.so beside it ($ORIGIN).
 
 Torch-free and stdlib-only, so that setup.py can run it inside pip's isolated build environment and
 `python -m mq_deploy.ops.native --build` can run it from a source checkout. Uses CMake when it is on
@@ -16,6 +19,7 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 CPU_LIB = "libmq_scan_cpu.so"
 CUDA_LIB = "libmq_scan_cuda.so"
+ORT_LIB = "libmq_scan_ort.so"
 
 
 def _run(cmd, log):
@@ -28,7 +32,7 @@ def _build_cmake(out_dir, build_dir, cuda, log):
     _run([cmake, "-S", HERE, "-B", build_dir, "-DCMAKE_BUILD_TYPE=Release",
           f"-DMQ_SCAN_OUTPUT_DIR={out_dir}", f"-DMQ_BUILD_CUDA={'ON' if cuda else 'OFF'}",
           "-DMQ_BUILD_TRT=OFF"], log)
-    targets = ["mq_scan_cpu"] + (["mq_scan_cuda"] if cuda and _cuda_configured(build_dir) else [])
+    targets = ["mq_scan_cpu", "mq_scan_ort"] + (["mq_scan_cuda"] if cuda and _cuda_configured(build_dir) else [])
     _run([cmake, "--build", build_dir, "--parallel", str(os.cpu_count() or 1), "--target", *targets], log)
 
 
@@ -49,11 +53,17 @@ def _build_direct(out_dir, log):
             "-pthread", "-I", os.path.join(HERE, "include"),
             os.path.join(HERE, "src", "scan_cpu.cpp"), os.path.join(HERE, "src", "scan_common.cpp"),
             "-o", os.path.join(out_dir, CPU_LIB)]
-    try:
-        _run(base[:2] + ["-march=native"] + base[2:], log)
-    except subprocess.CalledProcessError:
-        log("-march=native failed; building for the compiler's default target")
-        _run(base, log)
+    ort_dir = os.path.join(HERE, "ort")
+    ort = [cxx, "-O3", "-fno-trapping-math", "-std=c++17", "-fPIC", "-shared", "-fvisibility=hidden",
+           "-I", os.path.join(HERE, "include"), "-I", ort_dir,
+           os.path.join(ort_dir, "mq_scan_ort.cpp"), os.path.join(ort_dir, "scan_float.cpp"),
+           "-L", out_dir, "-l:" + CPU_LIB, "-Wl,-rpath,$ORIGIN", "-Wl,-z,defs", "-o", os.path.join(out_dir, ORT_LIB)]
+    for cmd in (base, ort):
+        try:
+            _run(cmd[:2] + ["-march=native"] + cmd[2:], log)
+        except subprocess.CalledProcessError:
+            log("-march=native failed; building for the compiler's default target")
+            _run(cmd, log)
 
 
 def build(out_dir, build_dir=None, cuda=False, log=None):
@@ -71,7 +81,7 @@ def build(out_dir, build_dir=None, cuda=False, log=None):
         if cuda:
             log("cmake not found: building the CPU library only")
         _build_direct(out_dir, log)
-    return [p for p in (os.path.join(out_dir, CPU_LIB), os.path.join(out_dir, CUDA_LIB)) if os.path.exists(p)]
+    return [p for p in (os.path.join(out_dir, n) for n in (CPU_LIB, ORT_LIB, CUDA_LIB)) if os.path.exists(p)]
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
 // ONNX Runtime custom-op library for mq::SelectiveScan (domain "mq", since version 1) on the CPU EP.
 //
 // Glue only (STYLE 3): it checks shapes, fills MQScanParams and calls mq_scan_cpu from libmq_scan_cpu.so.
-// Written against the plain C API (onnxruntime_c_api.h) so that no C++ exception can cross the ABI:
-// every callback is noexcept, catches everything and reports through an OrtStatus.
+// Written against the plain C API so that no C++ exception can cross the ABI: every callback is
+// noexcept, catches everything and reports through an OrtStatus. The C API subset we call is declared
+// in mq_ort_api.h (slot indices of ORT's versioned function table), so no ORT header is needed to build.
 //
 // API level: we ask ORT for API version 17 (ORT >= 1.17), the first with KernelContext_ParallelFor,
-// InferOutputShapeFn and GetStartVersion; the header may be newer. Work is split over the session's
+// InferOutputShapeFn and GetStartVersion, and call nothing added later. Work is split over the session's
 // intra-op thread pool (ParallelFor over (batch, block of channels)), each piece a single-threaded
 // mq_scan_cpu call, so intra_op_num_threads governs this op like ORT's own kernels.
 //
@@ -21,13 +22,17 @@
 #include <string>
 
 #include "mq_selective_scan.h"
-#include "onnxruntime_c_api.h"
+#include "mq_ort_api.h"
+#include "scan_float.h"
+
+using namespace mq_ort;
 
 namespace {
 
-constexpr uint32_t kOrtApiLevel = 17;
+constexpr uint32_t kOrtApiLevel = kApiVersion;
 constexpr const char *kDomain = "mq";
 constexpr const char *kOpName = "SelectiveScan";
+constexpr const char *kOpNameFloat = "SelectiveScanFloat";   // float32 x, delta, B, C, z; no scales
 constexpr size_t kNumInputs = 10;
 constexpr size_t kNumOutputs = 2;
 constexpr int64_t kChannelsPerTask = 32;   // a multiple of the CPU kernel's 16-channel block
@@ -37,7 +42,7 @@ enum Input { kX, kDelta, kA, kB, kC, kD, kZ, kDeltaBias, kGateScale, kH0 };
 const char *const kInputNames[kNumInputs] = {"x", "delta", "A", "B", "C", "D", "z", "delta_bias", "gate_scale", "h0"};
 const char *const kScaleAttrs[5] = {"x_scale", "delta_scale", "B_scale", "C_scale", "z_scale"};
 
-const OrtApi *g_api = nullptr;
+const Api *g_api = nullptr;
 std::atomic<uint64_t> g_unnamed_dims{0};
 
 bool is_int8_input(size_t i) { return i == kX || i == kDelta || i == kB || i == kC || i == kZ; }
@@ -45,11 +50,15 @@ bool is_int8_input(size_t i) { return i == kX || i == kDelta || i == kB || i == 
 OrtStatus *error(OrtErrorCode code, const std::string &msg) {
   return g_api->CreateStatus(code, ("mq::SelectiveScan: " + msg).c_str());
 }
+OrtStatus *error_float(OrtErrorCode code, const std::string &msg) {
+  return g_api->CreateStatus(code, ("mq::SelectiveScanFloat: " + msg).c_str());
+}
 
 /* for catch blocks: allocates nothing on our side */
 OrtStatus *internal_error(const char *msg) { return g_api->CreateStatus(ORT_FAIL, msg); }
 
 struct Kernel {
+  bool is_float;    // mq::SelectiveScanFloat: no scales, float32 y
   float scale[5];   // x, delta, B, C, z
   int64_t out_dtype;
 };
@@ -171,7 +180,7 @@ OrtStatus *compute(const Kernel &k, OrtKernelContext *ctx) {
 
   const void *data[kNumInputs];
   for (size_t i = 0; i < kNumInputs; ++i)
-    if ((st = g_api->GetTensorData(in[i], &data[i]))) return st;
+    if ((st = g_api->GetTensorMutableData(const_cast<OrtValue *>(in[i]), const_cast<void **>(&data[i])))) return st;
 
   if (b == 0) return nullptr;   // empty outputs
   if (L == 0) {                  // no step: the state passes through
@@ -215,12 +224,76 @@ OrtStatus *compute(const Kernel &k, OrtKernelContext *ctx) {
   return nullptr;
 }
 
+// ---- mq::SelectiveScanFloat ----------------------------------------------------------------------
+
+struct FloatSplit {
+  const mq_scan::FloatScanParams *p;
+  int64_t blocks_per_batch;
+};
+
+void run_float_task(void *user, size_t t) {
+  const FloatSplit &s = *static_cast<const FloatSplit *>(user);
+  const int64_t bi = static_cast<int64_t>(t) / s.blocks_per_batch;
+  const int64_t d0 = (static_cast<int64_t>(t) % s.blocks_per_batch) * kChannelsPerTask;
+  mq_scan::scan_float_slice(*s.p, bi, d0, std::min<int64_t>(kChannelsPerTask, s.p->dim - d0));
+}
+
+OrtStatus *compute_float(OrtKernelContext *ctx) {
+  size_t n_in = 0;
+  OrtStatus *st = g_api->KernelContext_GetInputCount(ctx, &n_in);
+  if (st) return st;
+  if (n_in != kNumInputs) return error_float(ORT_INVALID_ARGUMENT, "expects 10 inputs, got " + std::to_string(n_in));
+  const OrtValue *in[kNumInputs];
+  Shape shape[kNumInputs];
+  for (size_t i = 0; i < kNumInputs; ++i) {
+    if ((st = g_api->KernelContext_GetInput(ctx, i, &in[i]))) return st;
+    if (in[i] == nullptr) return error_float(ORT_INVALID_ARGUMENT, std::string("input ") + kInputNames[i] + " is missing");
+    if ((st = shape_of(in[i], &shape[i]))) return st;
+  }
+  int64_t b = 0, L = 0, D = 0, N = 0;
+  if ((st = check_shapes(shape, &b, &L, &D, &N))) return st;
+  const int64_t y_dims[3] = {b, L, D}, h_dims[3] = {b, D, N};
+  OrtValue *y_val = nullptr, *h_val = nullptr;
+  if ((st = g_api->KernelContext_GetOutput(ctx, 0, y_dims, 3, &y_val))) return st;
+  if ((st = g_api->KernelContext_GetOutput(ctx, 1, h_dims, 3, &h_val))) return st;
+  void *y = nullptr, *h_last = nullptr;
+  if ((st = g_api->GetTensorMutableData(y_val, &y))) return st;
+  if ((st = g_api->GetTensorMutableData(h_val, &h_last))) return st;
+  const float *data[kNumInputs];
+  for (size_t i = 0; i < kNumInputs; ++i) {
+    void *ptr = nullptr;
+    if ((st = g_api->GetTensorMutableData(const_cast<OrtValue *>(in[i]), &ptr))) return st;
+    data[i] = static_cast<const float *>(ptr);
+  }
+  if (b == 0) return nullptr;
+  if (L == 0) {
+    std::memcpy(h_last, data[kH0], static_cast<size_t>(b * D * N) * sizeof(float));
+    return nullptr;
+  }
+  mq_scan::FloatScanParams p;
+  p.batch = b, p.seqlen = L, p.dim = D, p.dstate = N;
+  p.x = data[kX], p.delta = data[kDelta], p.B = data[kB], p.C = data[kC], p.z = data[kZ];
+  p.A = data[kA], p.D = data[kD], p.delta_bias = data[kDeltaBias], p.gate_scale = data[kGateScale];
+  p.h0 = data[kH0];
+  p.y = static_cast<float *>(y);
+  p.h_last = static_cast<float *>(h_last);
+  FloatSplit split{&p, (D + kChannelsPerTask - 1) / kChannelsPerTask};
+  if (b * L * D * N < kSerialBelow) {
+    for (int64_t bi = 0; bi < b; ++bi) mq_scan::scan_float_slice(p, bi, 0, D);
+    return nullptr;
+  }
+  return g_api->KernelContext_ParallelFor(ctx, run_float_task, static_cast<size_t>(b * split.blocks_per_batch), 0,
+                                          &split);
+}
+
 // ---- OrtCustomOp callbacks (all noexcept: nothing may unwind into ORT) --------------------------
 
-OrtStatus *ORT_API_CALL create_kernel(const OrtCustomOp *, const OrtApi *api, const OrtKernelInfo *info,
+OrtStatus *MQ_ORT_CALL create_kernel(const OrtCustomOp *, const OrtApi *, const OrtKernelInfo *info,
                                       void **out) noexcept {
+  const Api *api = g_api;
   try {
     Kernel *k = new Kernel();
+    k->is_float = false;
     for (int i = 0; i < 5; ++i) {
       OrtStatus *st = api->KernelInfoGetAttribute_float(info, kScaleAttrs[i], &k->scale[i]);
       if (st) {
@@ -251,15 +324,16 @@ OrtStatus *ORT_API_CALL create_kernel(const OrtCustomOp *, const OrtApi *api, co
   }
 }
 
-OrtStatus *ORT_API_CALL kernel_compute(void *kernel, OrtKernelContext *ctx) noexcept {
+OrtStatus *MQ_ORT_CALL kernel_compute(void *kernel, OrtKernelContext *ctx) noexcept {
   try {
-    return compute(*static_cast<const Kernel *>(kernel), ctx);
+    const Kernel &k = *static_cast<const Kernel *>(kernel);
+    return k.is_float ? compute_float(ctx) : compute(k, ctx);
   } catch (...) {
     return internal_error("mq::SelectiveScan: internal error (out of memory?) in compute");
   }
 }
 
-void ORT_API_CALL kernel_destroy(void *kernel) noexcept { delete static_cast<Kernel *>(kernel); }
+void MQ_ORT_CALL kernel_destroy(void *kernel) noexcept { delete static_cast<Kernel *>(kernel); }
 
 /* A new type-and-shape: `like`'s dims (values and symbolic names) with element type `type`. */
 OrtStatus *copy_shape(const OrtTensorTypeAndShapeInfo *like, ONNXTensorElementDataType type,
@@ -292,7 +366,23 @@ OrtStatus *copy_shape(const OrtTensorTypeAndShapeInfo *like, ONNXTensorElementDa
 
 /* y: x's shape with out_dtype's element type; h_last: h0's shape, float. The infos that
  * ShapeInferContext_GetInputTypeShape returns belong to the context: never released here. */
-OrtStatus *ORT_API_CALL infer_shapes(const OrtCustomOp *, OrtShapeInferContext *ctx) noexcept {
+OrtStatus *set_output_shapes(OrtShapeInferContext *ctx, int64_t out_dtype) {
+  const size_t from[kNumOutputs] = {kX, kH0};
+  const ONNXTensorElementDataType type[kNumOutputs] = {static_cast<ONNXTensorElementDataType>(out_dtype),
+                                                       ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
+  for (size_t o = 0; o < kNumOutputs; ++o) {
+    OrtTensorTypeAndShapeInfo *in = nullptr, *out = nullptr;
+    OrtStatus *st = g_api->ShapeInferContext_GetInputTypeShape(ctx, from[o], &in);
+    if (st) return st;
+    if ((st = copy_shape(in, type[o], &out))) return st;
+    st = g_api->ShapeInferContext_SetOutputTypeShape(ctx, o, out);
+    g_api->ReleaseTensorTypeAndShapeInfo(out);
+    if (st) return st;
+  }
+  return nullptr;
+}
+
+OrtStatus *MQ_ORT_CALL infer_shapes(const OrtCustomOp *, OrtShapeInferContext *ctx) noexcept {
   try {
     int64_t out_dtype = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
     const OrtOpAttr *attr = nullptr;
@@ -306,50 +396,64 @@ OrtStatus *ORT_API_CALL infer_shapes(const OrtCustomOp *, OrtShapeInferContext *
       if ((st = g_api->ReadOpAttr(attr, ORT_OP_ATTR_INT, &out_dtype, sizeof out_dtype, &len))) return st;
     }
     if ((st = check_out_dtype(out_dtype))) return st;
-    const size_t from[kNumOutputs] = {kX, kH0};
-    const ONNXTensorElementDataType type[kNumOutputs] = {static_cast<ONNXTensorElementDataType>(out_dtype),
-                                                         ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
-    for (size_t o = 0; o < kNumOutputs; ++o) {
-      OrtTensorTypeAndShapeInfo *in = nullptr, *out = nullptr;
-      if ((st = g_api->ShapeInferContext_GetInputTypeShape(ctx, from[o], &in))) return st;
-      if ((st = copy_shape(in, type[o], &out))) return st;
-      st = g_api->ShapeInferContext_SetOutputTypeShape(ctx, o, out);
-      g_api->ReleaseTensorTypeAndShapeInfo(out);
-      if (st) return st;
-    }
-    return nullptr;
+    return set_output_shapes(ctx, out_dtype);
   } catch (...) {
     return internal_error("mq::SelectiveScan: internal error in shape inference");
   }
 }
 
-const char *ORT_API_CALL op_name(const OrtCustomOp *) noexcept { return kOpName; }
-const char *ORT_API_CALL op_ep(const OrtCustomOp *) noexcept { return "CPUExecutionProvider"; }
-size_t ORT_API_CALL input_count(const OrtCustomOp *) noexcept { return kNumInputs; }
-size_t ORT_API_CALL output_count(const OrtCustomOp *) noexcept { return kNumOutputs; }
-ONNXTensorElementDataType ORT_API_CALL input_type(const OrtCustomOp *, size_t i) noexcept {
+OrtStatus *MQ_ORT_CALL infer_shapes_float(const OrtCustomOp *, OrtShapeInferContext *ctx) noexcept {
+  try {
+    return set_output_shapes(ctx, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
+  } catch (...) {
+    return internal_error("mq::SelectiveScanFloat: internal error in shape inference");
+  }
+}
+
+OrtStatus *MQ_ORT_CALL create_kernel_float(const OrtCustomOp *, const OrtApi *, const OrtKernelInfo *,
+                                            void **out) noexcept {
+  try {
+    Kernel *k = new Kernel();
+    k->is_float = true;
+    k->out_dtype = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+    *out = k;
+    return nullptr;
+  } catch (...) {
+    return internal_error("mq::SelectiveScanFloat: internal error (out of memory?) creating the kernel");
+  }
+}
+
+const char *MQ_ORT_CALL op_name(const OrtCustomOp *) noexcept { return kOpName; }
+const char *MQ_ORT_CALL op_name_float(const OrtCustomOp *) noexcept { return kOpNameFloat; }
+const char *MQ_ORT_CALL op_ep(const OrtCustomOp *) noexcept { return "CPUExecutionProvider"; }
+size_t MQ_ORT_CALL input_count(const OrtCustomOp *) noexcept { return kNumInputs; }
+size_t MQ_ORT_CALL output_count(const OrtCustomOp *) noexcept { return kNumOutputs; }
+ONNXTensorElementDataType MQ_ORT_CALL input_type(const OrtCustomOp *, size_t i) noexcept {
   return is_int8_input(i) ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 }
-ONNXTensorElementDataType ORT_API_CALL output_type(const OrtCustomOp *, size_t i) noexcept {
+ONNXTensorElementDataType MQ_ORT_CALL float_type(const OrtCustomOp *, size_t) noexcept {
+  return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+}
+ONNXTensorElementDataType MQ_ORT_CALL output_type(const OrtCustomOp *, size_t i) noexcept {
   return i == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 }
-OrtCustomOpInputOutputCharacteristic ORT_API_CALL required(const OrtCustomOp *, size_t) noexcept {
+OrtCustomOpInputOutputCharacteristic MQ_ORT_CALL required(const OrtCustomOp *, size_t) noexcept {
   return INPUT_OUTPUT_REQUIRED;
 }
-OrtMemType ORT_API_CALL input_memory(const OrtCustomOp *, size_t) noexcept { return OrtMemTypeDefault; }
-int ORT_API_CALL one(const OrtCustomOp *) noexcept { return 1; }
-int ORT_API_CALL start_version(const OrtCustomOp *) noexcept { return 1; }
-int ORT_API_CALL end_version(const OrtCustomOp *) noexcept { return 1 << 30; }   // open-ended, as ORT's default
+OrtMemType MQ_ORT_CALL input_memory(const OrtCustomOp *, size_t) noexcept { return OrtMemTypeDefault; }
+int MQ_ORT_CALL one(const OrtCustomOp *) noexcept { return 1; }
+int MQ_ORT_CALL start_version(const OrtCustomOp *) noexcept { return 1; }
+int MQ_ORT_CALL end_version(const OrtCustomOp *) noexcept { return 1 << 30; }   // open-ended, as ORT's default
 
-OrtCustomOp make_op() {
+OrtCustomOp make_op(bool is_float) {
   OrtCustomOp op;
   std::memset(&op, 0, sizeof op);   // the fields of API levels above kOrtApiLevel stay null
   op.version = kOrtApiLevel;
-  op.GetName = op_name;
+  op.GetName = is_float ? op_name_float : op_name;
   op.GetExecutionProviderType = op_ep;
-  op.GetInputType = input_type;
+  op.GetInputType = is_float ? float_type : input_type;
   op.GetInputTypeCount = input_count;
-  op.GetOutputType = output_type;
+  op.GetOutputType = is_float ? float_type : output_type;
   op.GetOutputTypeCount = output_count;
   op.KernelDestroy = kernel_destroy;
   op.GetInputCharacteristic = required;
@@ -359,29 +463,41 @@ OrtCustomOp make_op() {
   op.GetVariadicInputHomogeneity = one;
   op.GetVariadicOutputMinArity = one;
   op.GetVariadicOutputHomogeneity = one;
-  op.CreateKernelV2 = create_kernel;
+  op.CreateKernelV2 = is_float ? create_kernel_float : create_kernel;
   op.KernelComputeV2 = kernel_compute;
-  op.InferOutputShapeFn = infer_shapes;
+  op.InferOutputShapeFn = is_float ? infer_shapes_float : infer_shapes;
   op.GetStartVersion = start_version;
   op.GetEndVersion = end_version;
   return op;
 }
 
-const OrtCustomOp g_op = make_op();   // must outlive every session that registered it: static
+// must outlive every session that registered them: static
+const OrtCustomOp g_op = make_op(false);
+const OrtCustomOp g_op_float = make_op(true);
 
 }  // namespace
 
-extern "C" MQ_SCAN_API OrtStatus *ORT_API_CALL RegisterCustomOps(OrtSessionOptions *options,
+extern "C" MQ_SCAN_API OrtStatus *MQ_ORT_CALL RegisterCustomOps(OrtSessionOptions *options,
                                                                    const OrtApiBase *api_base) noexcept {
-  const OrtApi *api = api_base->GetApi(kOrtApiLevel);
-  if (api == nullptr) {
+  const OrtApi *table = api_base->GetApi(kOrtApiLevel);
+  if (table == nullptr) {
     const OrtApi *v1 = api_base->GetApi(1);
     char msg[160];
     std::snprintf(msg, sizeof msg, "libmq_scan_ort needs ONNX Runtime >= 1.17 (C API %u), this is %s",
                   static_cast<unsigned>(kOrtApiLevel), api_base->GetVersionString());
-    return v1 ? v1->CreateStatus(ORT_FAIL, msg) : nullptr;
+    if (v1 == nullptr) return nullptr;
+    // slot 0 (CreateStatus) is the one function of every version; read nothing else of an old table
+    const auto create_status = reinterpret_cast<decltype(Api::CreateStatus)>(reinterpret_cast<void *const *>(v1)[0]);
+    return create_status(ORT_FAIL, msg);
   }
-  g_api = api;
+  // one table per process: loaded once (thread-safe static initialisation), whatever registers us
+  static const Api loaded = [table] {
+    Api a;
+    a.load(table);
+    return a;
+  }();
+  g_api = &loaded;
+  const Api *api = g_api;
   // The domain is never released: ORT keeps a pointer to it for the lifetime of the options and of
   // every session made from them, and it is a few bytes per registration. (The C API calls below do
   // not throw.)
@@ -389,5 +505,6 @@ extern "C" MQ_SCAN_API OrtStatus *ORT_API_CALL RegisterCustomOps(OrtSessionOptio
   OrtStatus *st = api->CreateCustomOpDomain(kDomain, &domain);
   if (st) return st;
   if ((st = api->CustomOpDomain_Add(domain, &g_op))) return st;
+  if ((st = api->CustomOpDomain_Add(domain, &g_op_float))) return st;
   return api->AddCustomOpDomain(options, domain);
 }
