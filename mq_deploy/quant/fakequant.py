@@ -29,8 +29,10 @@ class QuantConfig:
     def __post_init__(self):
         if self.wbits not in (4, 8):
             raise MQUserError(f"wbits must be 4 or 8, got {self.wbits}")
-        if self.abits not in (8, 16):
-            raise MQUserError(f"abits must be 8 (or 16 to leave activations nearly exact), got {self.abits}")
+        if self.abits not in (4, 6, 8, 16):
+            # 6 and 4 are fake-quant evaluation only: export (the int8 scan) takes A8
+            raise MQUserError(f"abits must be 8, or 6 / 4 for fake-quant evaluation (16 leaves activations nearly "
+                              f"exact), got {self.abits}")
         if self.act_granularity not in ("per_tensor", "per_token"):
             raise MQUserError(f"act_granularity must be per_tensor or per_token, got {self.act_granularity!r}")
 

@@ -1,85 +1,190 @@
-"""PTQ recipes on the same quant points: fp, rtn, smoothquant, quarot, mambaquant.
+"""PTQ recipes on the same quant points, found through a registry (torchao-style).
 
-Each recipe transforms the model in place (float64 folds), calibrates, rounds the weights and
-attaches activation fake-quant. Order matters and is fixed per recipe:
+A recipe is one function registered with `@register_recipe(name, observers=SPEC)`: it applies the
+recipe's output-preserving transforms to the model in place (float64 folds, calibration passes of
+its own where it needs statistics). Everything after that is shared and recipe-independent:
 
-  rtn          min-max scales, nothing else
-  smoothquant  smoothing at in_proj's input folded into the block norm (the only site whose
-               producer is linear in the input; out_proj's producer is the gate, whose fold is
-               MambaQuant's contribution and belongs to that recipe)
-  quarot       norm fusion, Hadamard rotation of the residual stream and of the low-rank dt between
-               x_proj and dt_proj (offline), online Hadamard before out_proj, min-max scales
-  mambaquant   norm fusion, KLT-enhanced rotation K·H of the residual stream (K from the float64
-               covariance of every in_proj input) and K·H of the low-rank dt (from its own
-               covariance), Smooth-Fused rotation before out_proj (smoothing folded into the gate,
-               then online Hadamard), B/C smoothing folded into x_proj,
-               percentile observers at the heavy-tailed scan and out_proj inputs
+  calibrate_activations  one pass over the calibration data with the observers of the spec (the
+                         recipe's default `observers`, or RecipeConfig.observer), plus the GPTQ
+                         Hessians when asked
+  quantize_calibrated    activation scales for the bit width, weights rounded (RTN or GPTQ) on the
+                         per-channel grid, activation fake-quant attached
+
+so one transform + calibration serves every bit width (`compare` uses that). `apply_recipe` only looks
+the recipe up. Adding a recipe = writing one function; the CLI lists `recipe_names()`.
+
+Importing this module is torch-free (the CLI builds its choices from the registry); the handlers
+import the heavy modules when they run.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
-from mq_deploy.calib.collect import calibrate, mixers
-from mq_deploy.calib.observers import CovarianceObserver, MinMaxObserver, PercentileObserver
+from mq_deploy.calib.spec import PERCENTILE_DEFAULT, ObserverSpec
 from mq_deploy.errors import MQUserError
-from mq_deploy.quant.fakequant import QuantConfig, attach_activation_quant, quantize_weights, scales_from_observers
-from mq_deploy.transforms import fold
-from mq_deploy.transforms.rotations import hadamard_rotation, klt_hadamard_rotation, smoothing_factors
 
-RECIPES = ("fp", "rtn", "smoothquant", "quarot", "mambaquant")
-HEAVY_TAILED = ("x", "x_b", "B", "B_b", "C", "C_b", "dt", "dt_b", "out_proj")
+WEIGHT_ROUNDING = ("rtn", "gptq")
+KLT_SOURCES = ("sum", "last")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    transform: Callable            # transform(model, loop, cfg) -> None, in place, output-preserving
+    observers: str                 # the default --observer spec of the recipe
+    quantized: bool = True         # False: "fp", nothing is rounded
+    summary: str = ""
+
+
+_REGISTRY: dict = {}
+
+
+def register_recipe(name: str, *, observers: str = "minmax", quantized: bool = True):
+    """Decorator: register `fn(model, loop, cfg)` as recipe `name`, calibrated with `observers` by default."""
+    ObserverSpec.parse(observers)   # a bad default is our bug: fail at import time
+
+    def deco(fn):
+        if name in _REGISTRY:
+            raise ValueError(f"recipe {name!r} is already registered")
+        _REGISTRY[name] = Recipe(name, fn, observers, quantized, (fn.__doc__ or "").strip().split("\n")[0])
+        return fn
+    return deco
+
+
+def recipe_names() -> tuple:
+    return tuple(_REGISTRY)
+
+
+def get_recipe(name: str) -> Recipe:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise MQUserError(f"unknown recipe {name!r} (choose from {', '.join(_REGISTRY)})") from None
+
+
+def _default_quant():
+    from mq_deploy.quant.fakequant import QuantConfig
+
+    return QuantConfig()
 
 
 @dataclass
 class RecipeConfig:
     recipe: str = "mambaquant"
-    quant: QuantConfig = field(default_factory=QuantConfig)
+    quant: object = field(default_factory=_default_quant)     # fakequant.QuantConfig
     alpha: float = 0.5                  # smoothing migration strength
-    percentile: float = 99.99           # mambaquant's observer on heavy-tailed points
+    percentile: float = PERCENTILE_DEFAULT   # the P of a `percentile` observer given without one
+    observer: str | None = None         # --observer spec; None: the recipe's default
+    weight_rounding: str = "rtn"        # rtn | gptq
+    klt_source: str = "sum"             # mambaquant's residual K: sum of every layer's in_proj input second
+                                        # moment, or "last": the last layer's alone (the authors' placement)
 
     def __post_init__(self):
-        if self.recipe not in RECIPES:
-            raise MQUserError(f"unknown recipe {self.recipe!r} (choose from {', '.join(RECIPES)})")
+        get_recipe(self.recipe)
         if not 0.0 <= self.alpha <= 1.0:
             raise MQUserError(f"alpha must be in [0, 1], got {self.alpha}")
         if not 90.0 <= self.percentile <= 100.0:
             raise MQUserError(f"percentile must be in [90, 100], got {self.percentile}")
+        if self.observer is not None:
+            ObserverSpec.parse(self.observer)
+        if self.weight_rounding not in WEIGHT_ROUNDING:
+            raise MQUserError(f"--weight-rounding must be one of {', '.join(WEIGHT_ROUNDING)}, "
+                              f"got {self.weight_rounding!r}")
+        if self.klt_source not in KLT_SOURCES:
+            raise MQUserError(f"klt_source must be one of {', '.join(KLT_SOURCES)}, got {self.klt_source!r}")
 
+    def observer_spec(self) -> ObserverSpec:
+        return ObserverSpec.parse(self.observer or get_recipe(self.recipe).observers)
+
+
+# -- shared helpers of the recipes ------------------------------------------------------------------
 
 def _minmax(name):
+    from mq_deploy.calib.observers import MinMaxObserver
+
     return [MinMaxObserver(name)]
-
-
-def _finish(model, loop, cfg: RecipeConfig, make_observers) -> dict:
-    """Calibrate activation scales on the transformed model, then round weights, then attach act quant.
-
-    Activations are calibrated before weight rounding so every recipe sees the same FP activations.
-    """
-    act_scales = {}
-    if cfg.quant.act_granularity == "per_tensor":
-        act_scales = scales_from_observers(calibrate(model, loop, make_observers), cfg.quant.abits)
-    w_scales = quantize_weights(model, cfg.quant.wbits)
-    attach_activation_quant(model, act_scales, cfg.quant)
-    return {"act_scales": act_scales, "weight_scales": w_scales}
-
-
-def _smooth_in_proj(model, loop, alpha):
-    obs = calibrate(model, loop, _minmax)
-    for prefix, mixer in mixers(model):
-        layer = model.layers[int(prefix.split(".")[1])]
-        a = obs[prefix + "in_proj"][0].amax(per_channel=True)
-        w = mixer.in_proj.weight.detach().abs().amax(0)
-        fold.smooth_norm_into_linear(layer.norm, mixer.in_proj, smoothing_factors(a, w, alpha))
-
-
-def _residual_covariance(model, loop):
-    obs = calibrate(model, loop, lambda name: [CovarianceObserver(name)] if name.endswith(".in_proj") else [])
-    return sum(o[0].second_moment() for name, o in obs.items() if o)
 
 
 def _branches(mixer):
     return ("", "_b") if mixer.cfg.bimamba else ("",)
+
+
+def _layer_mixers(model):
+    from mq_deploy.calib.collect import mixers
+
+    return mixers(model)
+
+
+# -- the recipes -------------------------------------------------------------------------------------
+
+@register_recipe("fp", quantized=False)
+def fp(model, loop, cfg):
+    """the floating-point model, untouched"""
+
+
+@register_recipe("rtn")
+def rtn(model, loop, cfg):
+    """round to nearest: min-max scales, no transform"""
+
+
+@register_recipe("smoothquant")
+def smoothquant(model, loop, cfg):
+    """SmoothQuant at in_proj's input, folded into the block norm
+
+    The only site whose producer is linear in the input; out_proj's producer is the gate, whose fold
+    is MambaQuant's contribution and belongs to that recipe.
+    """
+    from mq_deploy.calib.collect import calibrate
+    from mq_deploy.transforms import fold
+    from mq_deploy.transforms.rotations import smoothing_factors
+
+    obs = calibrate(model, loop, _minmax)
+    for prefix, mixer in _layer_mixers(model):
+        layer = model.layers[int(prefix.split(".")[1])]
+        a = obs[prefix + "in_proj"][0].amax(per_channel=True)
+        w = mixer.in_proj.weight.detach().abs().amax(0)
+        fold.smooth_norm_into_linear(layer.norm, mixer.in_proj, smoothing_factors(a, w, cfg.alpha))
+
+
+@register_recipe("quarot")
+def quarot(model, loop, cfg):
+    """QuaRot: Hadamard residual and low-rank-dt rotations (offline), online Hadamard before out_proj"""
+    from mq_deploy.transforms import fold
+    from mq_deploy.transforms.rotations import hadamard_rotation
+
+    fold.fuse_norms(model)
+    fold.rotate_residual(model, hadamard_rotation(model.cfg.d_model))
+    R = hadamard_rotation(model.cfg.mixer.dt_rank)
+    for _, mixer in _layer_mixers(model):
+        for branch in _branches(mixer):
+            fold.rotate_dt_lowrank(mixer, R, branch)
+    _online_out_hadamard(model)
+
+
+def _online_out_hadamard(model):
+    from mq_deploy.transforms import fold
+    from mq_deploy.transforms.rotations import hadamard_rotation
+
+    H = hadamard_rotation(model.cfg.mixer.d_inner)
+    for _, mixer in _layer_mixers(model):
+        fold.set_online_out_rotation(mixer, H)
+
+
+def residual_second_moment(model, loop, source: str = "sum"):
+    """E[x x^T] of the in_proj inputs: summed over every layer, or the last layer's alone."""
+    from mq_deploy.calib.collect import calibrate
+    from mq_deploy.calib.observers import CovarianceObserver
+
+    last = f"layers.{len(model.layers) - 1}.mixer.in_proj"
+
+    def make(name):
+        want = name.endswith(".in_proj") and (source == "sum" or name == last)
+        return [CovarianceObserver(name)] if want else []
+
+    obs = calibrate(model, loop, make)
+    return sum(o[0].second_moment() for o in obs.values() if o)
 
 
 def _smooth_fused_out_proj_and_bc(model, loop, alpha):
@@ -87,12 +192,17 @@ def _smooth_fused_out_proj_and_bc(model, loop, alpha):
 
     One calibration pass serves both: neither smoothing changes the dt path's activations.
     """
+    from mq_deploy.calib.collect import calibrate
+    from mq_deploy.calib.observers import CovarianceObserver, MinMaxObserver
+    from mq_deploy.transforms import fold
+    from mq_deploy.transforms.rotations import klt_hadamard_rotation, smoothing_factors
+
     def make(name):
         obs = [MinMaxObserver(name)]
         return obs + [CovarianceObserver(name)] if name.rsplit(".", 1)[1].startswith("dt_low") else obs
 
     obs = calibrate(model, loop, make)
-    for prefix, mixer in mixers(model):
+    for prefix, mixer in _layer_mixers(model):
         for branch in _branches(mixer):
             fold.rotate_dt_lowrank(mixer, klt_hadamard_rotation(obs[prefix + "dt_low" + branch][1].second_moment()),
                                    branch)
@@ -105,39 +215,132 @@ def _smooth_fused_out_proj_and_bc(model, loop, alpha):
             fold.smooth_scan_bc(mixer, (b.clamp_min(1e-8) / c.clamp_min(1e-8)).sqrt(), branch)
 
 
+@register_recipe("mambaquant", observers="minmax,heavy=percentile")
+def mambaquant(model, loop, cfg):
+    """MambaQuant: KLT·H residual and low-rank-dt rotations, Smooth-Fused rotation before out_proj, B/C smoothing
+
+    K comes from the float64 second moment of the in_proj inputs (cfg.klt_source: all layers summed, or
+    the last layer's); the out_proj smoothing goes into the gate z·sigmoid(s·z), then the online
+    Hadamard; B/C smoothing is folded into x_proj. Observers: percentile (MambaQuant's 99.9999 by
+    default) on the heavy-tailed scan and out_proj inputs, min-max elsewhere.
+    """
+    from mq_deploy.transforms import fold
+    from mq_deploy.transforms.rotations import klt_hadamard_rotation
+
+    fold.fuse_norms(model)
+    fold.rotate_residual(model, klt_hadamard_rotation(residual_second_moment(model, loop, cfg.klt_source)))
+    _smooth_fused_out_proj_and_bc(model, loop, cfg.alpha)
+    _online_out_hadamard(model)
+
+
+# -- calibration and rounding, shared by every recipe ----------------------------------------------
+
+@dataclass
+class Calibrated:
+    """What one calibration pass of a transformed model leaves: observers per point, GPTQ Hessians."""
+    observers: dict
+    hessians: dict
+    spec: ObserverSpec
+    samples: int = 0
+
+
+def _consumer_weights(model) -> dict:
+    """{quant point: weight of the op that reads it} for the `mse-out` observer (scan-only points absent)."""
+    out = {}
+    for prefix, mixer in _layer_mixers(model):
+        out[prefix + "in_proj"] = mixer.in_proj.weight
+        out[prefix + "out_proj"] = mixer.out_proj.weight
+        for b in _branches(mixer):
+            out[prefix + "conv1d" + b] = getattr(mixer, "conv1d" + b).weight
+            out[prefix + "x" + b] = getattr(mixer, "x_proj" + b).weight
+            out[prefix + "dt_low" + b] = getattr(mixer, "dt_proj" + b).weight
+    return out
+
+
+def make_observer(name: str, choice, percentile: float, consumers: dict):
+    from mq_deploy.calib import observers as O
+
+    if choice.kind == "minmax":
+        return O.MinMaxObserver(name)
+    if choice.kind == "percentile":
+        return O.PercentileObserver(name, choice.percentile if choice.percentile is not None else percentile)
+    if choice.kind == "entropy":
+        return O.EntropyObserver(name)
+    if choice.kind == "mse-out" and name in consumers:
+        return O.OutputMSEObserver(name, consumers[name])
+    return O.MSEObserver(name)        # mse, and mse-out at a point only the scan reads
+
+
+def calibrate_activations(model, loop, cfg: RecipeConfig, hessians: bool | None = None) -> Calibrated:
+    """One calibration pass of the transformed model: the spec's observer at every point, and the
+    input second moments of the GPTQ linears when `hessians` (default: cfg.weight_rounding == "gptq")."""
+    from mq_deploy.calib.collect import calibrate
+    from mq_deploy.calib.observers import CovarianceObserver
+    from mq_deploy.quant.gptq import GPTQ_INPUTS
+
+    spec = cfg.observer_spec()
+    hessians = cfg.weight_rounding == "gptq" if hessians is None else hessians
+    consumers = _consumer_weights(model) if "mse-out" in spec.kinds() else {}
+    gptq_points = set(GPTQ_INPUTS.values())
+    per_tensor = cfg.quant.act_granularity == "per_tensor"
+    if not per_tensor and not hessians:
+        return Calibrated({}, {}, spec)
+
+    def make(name):
+        point = name.rsplit(".", 1)[1]
+        obs = [make_observer(name, spec.choice_for(point), cfg.percentile, consumers)] if per_tensor else []
+        if hessians and point in gptq_points:
+            obs.append(CovarianceObserver(name))
+        return obs
+
+    obs = calibrate(model, loop, make)
+    H = {name: next(o for o in lst if isinstance(o, CovarianceObserver)).second_moment()
+         for name, lst in obs.items() if any(isinstance(o, CovarianceObserver) for o in lst)}
+    acts = {name: lst[0] for name, lst in obs.items() if per_tensor}
+    return Calibrated(acts, H, spec, getattr(loop, "samples", 0))
+
+
+def activation_scales(cal: Calibrated, bits: int) -> dict:
+    from mq_deploy.ops.quant import scale_from_amax
+
+    return {name: scale_from_amax(obs.amax(bits), bits) for name, obs in cal.observers.items()}
+
+
+def quantize_calibrated(model, cal: Calibrated, quant, weight_rounding: str = "rtn") -> dict:
+    """Scales for quant.abits, weights rounded to quant.wbits (RTN or GPTQ), activation fake-quant attached.
+
+    Activations were calibrated before any weight rounding, so every recipe sees the same FP activations.
+    """
+    from mq_deploy.quant.fakequant import attach_activation_quant, quantize_weights
+
+    act_scales = activation_scales(cal, quant.abits) if quant.act_granularity == "per_tensor" else {}
+    if weight_rounding == "gptq":
+        from mq_deploy.quant.gptq import gptq_weights
+
+        if not cal.hessians:
+            raise MQUserError("GPTQ weight rounding needs the calibration Hessians (calibrate with hessians=True)")
+        w_scales = gptq_weights(model, cal.hessians, quant.wbits)
+    else:
+        w_scales = quantize_weights(model, quant.wbits)
+    attach_activation_quant(model, act_scales, quant)
+    return {"act_scales": act_scales, "weight_scales": w_scales}
+
+
 def apply_recipe(model, loop, cfg: RecipeConfig, quantize: bool = True) -> dict:
     """Transform + quantize `model` in place; `loop(model)` runs the calibration data. Returns scales.
 
     quantize=False stops after the transforms (the model then computes the FP function).
     """
-    # every fold computes in float64 and stores back in the model's dtype; calibration runs in that dtype
-    if cfg.recipe == "fp":
+    recipe = get_recipe(cfg.recipe)
+    recipe.transform(model, loop, cfg)
+    if not quantize or not recipe.quantized:
         return {"act_scales": {}, "weight_scales": {}}
-    if cfg.recipe == "smoothquant":
-        _smooth_in_proj(model, loop, cfg.alpha)
-    if cfg.recipe in ("quarot", "mambaquant"):
-        fold.fuse_norms(model)
-        if cfg.recipe == "quarot":
-            Q = hadamard_rotation(model.cfg.d_model)
-        else:
-            Q = klt_hadamard_rotation(_residual_covariance(model, loop))
-        fold.rotate_residual(model, Q)
-        if cfg.recipe == "mambaquant":
-            _smooth_fused_out_proj_and_bc(model, loop, cfg.alpha)
-        else:
-            R = hadamard_rotation(model.cfg.mixer.dt_rank)
-            for _, mixer in mixers(model):
-                for branch in _branches(mixer):
-                    fold.rotate_dt_lowrank(mixer, R, branch)
-        H = hadamard_rotation(model.cfg.mixer.d_inner)
-        for _, mixer in mixers(model):
-            fold.set_online_out_rotation(mixer, H)
-    if not quantize:
-        return {"act_scales": {}, "weight_scales": {}}
-    if cfg.recipe == "mambaquant" and cfg.percentile < 100:   # percentile 100 is exactly min-max
-        def make(name):
-            point = name.rsplit(".", 1)[1]
-            return [PercentileObserver(name, cfg.percentile)] if point in HEAVY_TAILED else [MinMaxObserver(name)]
-    else:
-        make = _minmax
-    return _finish(model, loop, cfg, make)
+    return quantize_calibrated(model, calibrate_activations(model, loop, cfg), cfg.quant, cfg.weight_rounding)
+
+
+RECIPES = recipe_names()      # the built-in recipes, in registration order
+HEAVY_TAILED = ("x", "x_b", "B", "B_b", "C", "C_b", "dt", "dt_b", "out_proj")
+
+__all__ = ["Calibrated", "HEAVY_TAILED", "KLT_SOURCES", "RECIPES", "Recipe", "RecipeConfig", "WEIGHT_ROUNDING",
+           "activation_scales", "apply_recipe", "calibrate_activations", "get_recipe", "quantize_calibrated",
+           "recipe_names", "register_recipe", "residual_second_moment"]
