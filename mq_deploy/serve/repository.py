@@ -1,0 +1,652 @@
+"""`mq-deploy triton`: a Triton Inference Server model repository for mq-deploy artifacts.
+
+One model per artifact, `NAME/config.pbtxt` + `NAME/1/<model file>`, and, where they apply:
+- LM decode-step graph -> NAME (sequence batcher; the state of each sequence stays on the server) and
+  NAME_generate (a decoupled BLS Python model that streams one token per response);
+- Vim -> NAME (classifier, labels.txt) and NAME_preprocess (Python: encoded PNG/JPEG -> normalised
+  tensor) + NAME_image (an ensemble of the two);
+- a README at the root (the exact tritonserver commands) and one per model.
+
+Backends: `onnxruntime` (Triton's ORT backend; the op library through model_operations),
+`tensorrt` (a plan from `mq-deploy build`, its shapes and profile taken from the build report JSON),
+`python` (our Python-backend models run the ONNX in ONNX Runtime inside the server: the CPU serving
+path that runs here with pytriton's tritonserver).
+
+How the step graph keeps its state, per backend (see docs/serving.md):
+- onnxruntime / tensorrt: Triton's implicit state. conv_state/conv_state_out and ssm_state/
+  ssm_state_out are `sequence_batching.state` pairs with zero initial state; the server feeds each
+  sequence's last output state back as its next input state. These backends pass every request
+  input to the graph, so no control tensors are declared (the graph has no START input); the START
+  flag resets the state to its initial value, END releases it.
+- python: Triton's Python backend does not implement implicit state (the state input arrives but
+  the backend cannot update it: measured with pytriton's tritonserver), so the model keeps the
+  states itself in a dict keyed by the CONTROL_SEQUENCE_CORRID tensor, with START/END/READY control
+  tensors, and evicts sequences idle longer than max_sequence_idle_microseconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+
+from mq_deploy.errors import MQUserError
+from mq_deploy.serve.pbtxt import Enum, dumps
+
+BACKENDS = ("python", "onnxruntime", "tensorrt")
+ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
+REPO_KIND = "triton-repository"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_MODELS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "triton_models")
+
+# ONNX TensorProto elem_type -> Triton data type
+_TRITON_TYPE = {1: "TYPE_FP32", 2: "TYPE_UINT8", 3: "TYPE_INT8", 5: "TYPE_INT16", 6: "TYPE_INT32", 7: "TYPE_INT64",
+                9: "TYPE_BOOL", 10: "TYPE_FP16", 11: "TYPE_FP64", 16: "TYPE_BF16"}
+_STATE_PAIRS = (("conv_state", "conv_state_out"), ("ssm_state", "ssm_state_out"))
+SEQUENCE_IDLE_US = 60_000_000
+
+
+@dataclass
+class TritonConfig:
+    """What `mq-deploy triton` writes. backend None: onnxruntime for ONNX files, tensorrt for engines."""
+
+    name: str | None = None
+    max_batch: int = 64
+    instances: int = 1
+    backend: str | None = None
+    custom_op_lib: str | None = None
+    labels: str | None = None
+    overwrite: bool = False
+    sequence_idle_us: int = SEQUENCE_IDLE_US
+    max_sequences: int = 64
+
+    def __post_init__(self):
+        for k in ("max_batch", "instances", "sequence_idle_us", "max_sequences"):
+            v = getattr(self, k)
+            lo = 0 if k == "max_batch" else 1
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                flag = "--" + k.replace("_", "-")
+                raise MQUserError(f"{flag} must be an integer >= {lo}, got {v!r}")
+        if self.backend is not None and self.backend not in BACKENDS:
+            raise MQUserError(f"--backend {self.backend!r}: choose one of {', '.join(BACKENDS)}")
+        if self.name is not None and not _NAME_RE.match(self.name):
+            raise MQUserError(f"--name {self.name!r}: a Triton model name is letters, digits, '_', '-' and '.', "
+                              "starting with a letter or digit")
+        for flag, p in (("--custom-op-lib", self.custom_op_lib), ("--labels", self.labels)):
+            if p is not None and not os.path.isfile(p):
+                raise MQUserError(f"{flag} {p}: no such file")
+
+
+@dataclass
+class Tensor:
+    name: str
+    dtype: str            # Triton TYPE_*
+    shape: list           # -1 for dynamic dims
+
+
+@dataclass
+class Artifact:
+    """An mq-deploy ONNX export or TensorRT engine, read for what a Triton config needs."""
+
+    path: str
+    kind: str             # "lm" | "vim"
+    graph: str            # "full" | "step"
+    meta: dict
+    inputs: list
+    outputs: list
+    engine: str | None = None       # a TensorRT plan
+    onnx: str | None = None         # the ONNX file (for an engine: the one it was built from)
+    profile: dict = field(default_factory=dict)   # engine: {input: {"min", "opt", "max"}}
+    plugins: list = field(default_factory=list)
+
+    @property
+    def config(self) -> dict:
+        return self.meta.get("mq.config", {})
+
+
+def _tensors(values) -> list:
+    out = []
+    for v in values:
+        t = v.type.tensor_type
+        dt = _TRITON_TYPE.get(t.elem_type)
+        if dt is None:
+            raise MQUserError(f"tensor {v.name}: ONNX element type {t.elem_type} has no Triton data type")
+        out.append(Tensor(v.name, dt, [d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim]))
+    return out
+
+
+def read_onnx(path: str) -> Artifact:
+    import onnx
+
+    if not os.path.isfile(path):
+        raise MQUserError(f"{path}: no such file")
+    try:
+        proto = onnx.load(path, load_external_data=False)
+    except Exception as e:
+        raise MQUserError(f"{path}: not a readable ONNX model (truncated or corrupt?): {str(e).splitlines()[0]}") \
+            from None
+    meta = {p.key: p.value for p in proto.metadata_props}
+    if "mq.kind" not in meta or "mq.config" not in meta:
+        raise MQUserError(f"{path}: no mq-deploy metadata (mq.kind, mq.config); export it with `mq-deploy export`")
+    try:
+        meta["mq.config"] = json.loads(meta["mq.config"])
+    except ValueError:
+        raise MQUserError(f"{path}: its mq.config metadata is not JSON") from None
+    init = {i.name for i in proto.graph.initializer}
+    a = Artifact(path=path, kind=meta["mq.kind"], graph=meta.get("mq.graph", "full"), meta=meta,
+                 inputs=_tensors(i for i in proto.graph.input if i.name not in init),
+                 outputs=_tensors(proto.graph.output), onnx=path)
+    if a.kind not in ("lm", "vim"):
+        raise MQUserError(f"{path}: mq.kind {a.kind!r} is not served (lm or vim)")
+    if a.graph == "step" and {n for p in _STATE_PAIRS for n in p} - {t.name for t in a.inputs + a.outputs}:
+        raise MQUserError(f"{path}: a decode-step graph must have inputs conv_state, ssm_state and outputs "
+                          "conv_state_out, ssm_state_out")
+    return a
+
+
+def _find_report(engine: str) -> str | None:
+    stem = os.path.splitext(engine)[0]
+    for p in (engine + ".json", stem + ".json", stem + ".report.json"):
+        if os.path.isfile(p):
+            return p
+    return None
+
+
+def read_engine(path: str) -> Artifact:
+    """A TensorRT plan, described by the report `mq-deploy build --json` wrote: input shapes and the
+    optimization profile from the report, output names/types and the metadata from the ONNX it names.
+    `path` is the engine (its report found beside it as ENGINE.json or STEM.json) or the report."""
+    if path.endswith(".json"):
+        report_path = path
+    else:
+        if not os.path.isfile(path):
+            raise MQUserError(f"{path}: no such file")
+        report_path = _find_report(path)
+        if report_path is None:
+            raise MQUserError(f"{path}: a TensorRT engine's shapes cannot be read without TensorRT; pass the build "
+                              "report instead (`mq-deploy build MODEL.onnx ... --json REPORT.json`, then "
+                              "`mq-deploy triton REPORT.json`), or put it beside the engine as "
+                              f"{os.path.basename(path)}.json")
+    try:
+        with open(report_path) as f:
+            report = json.load(f)
+    except (OSError, ValueError) as e:
+        raise MQUserError(f"{report_path}: not a readable build report JSON ({e})") from None
+    if not isinstance(report, dict) or not {"engine", "onnx", "inputs"} <= set(report):
+        raise MQUserError(f"{report_path}: not an `mq-deploy build --json` report (needs engine, onnx, inputs)")
+    here = os.path.dirname(os.path.abspath(report_path))
+    engine = report["engine"] if path.endswith(".json") else path
+    engine = engine if os.path.isabs(engine) else os.path.join(here, engine)
+    onnx_path = report["onnx"] if os.path.isabs(report["onnx"]) else os.path.join(here, report["onnx"])
+    if not os.path.isfile(engine):
+        raise MQUserError(f"{report_path}: its engine {engine} does not exist")
+    if not os.path.isfile(onnx_path):
+        raise MQUserError(f"{report_path}: the ONNX it was built from, {onnx_path}, does not exist (its output names "
+                          "and mq-deploy metadata are read from it)")
+    a = read_onnx(onnx_path)
+    shapes = {i["name"]: list(i["shape"]) for i in report["inputs"]}
+    if set(shapes) != {t.name for t in a.inputs}:
+        raise MQUserError(f"{report_path}: engine inputs {sorted(shapes)} differ from those of {onnx_path} "
+                          f"{sorted(t.name for t in a.inputs)}")
+    for t in a.inputs:
+        t.shape = shapes[t.name]
+    a.engine, a.profile, a.plugins = engine, dict(report.get("profile") or {}), list(report.get("plugins") or [])
+    a.path = path
+    return a
+
+
+def read_artifact(path: str) -> Artifact:
+    if path.endswith(ENGINE_SUFFIXES) or path.endswith(".json"):
+        return read_engine(path)
+    return read_onnx(path)
+
+
+# ---- configs ---------------------------------------------------------------------------------------
+
+def _io(t: Tensor, dims: list, **extra) -> dict:
+    return {"name": t.name, "data_type": Enum(t.dtype), "dims": [int(d) for d in dims], **extra}
+
+
+def _param(key: str, value) -> dict:
+    return {"key": key, "value": {"string_value": str(value)}}
+
+
+def _engine_dims(a: Artifact, t: Tensor) -> list:
+    """Shape of an engine input for the config: fixed where the profile's min == max, else -1."""
+    p = a.profile.get(t.name)
+    if not p:
+        return list(t.shape)
+    return [lo if lo == hi else -1 for lo, hi in zip(p["min"], p["max"])]
+
+
+def _batchable(a: Artifact, backend: str, cfg: TritonConfig) -> int:
+    """max_batch_size: > 0 only when every input and output has a dynamic leading batch dimension
+    (the step graph's states are [layers, batch, ...], so it is never batched by Triton)."""
+    if cfg.max_batch == 0 or a.graph == "step":
+        return 0
+    if any(t.shape[:1] != [-1] for t in a.inputs + a.outputs):
+        return 0
+    if backend == "tensorrt":
+        maxes = [a.profile[t.name]["max"][0] for t in a.inputs if t.name in a.profile]
+        mins = [a.profile[t.name]["min"][0] for t in a.inputs if t.name in a.profile]
+        if not maxes or min(mins) > 1:
+            return 0
+        return min(cfg.max_batch, min(maxes))
+    return cfg.max_batch
+
+
+def _instance_group(backend: str, cfg: TritonConfig, profile: bool = False) -> list:
+    g = {"count": cfg.instances}
+    if backend == "python":
+        g["kind"] = Enum("KIND_CPU")
+    elif backend == "tensorrt":
+        g["kind"] = Enum("KIND_GPU")
+        if profile:
+            g["profile"] = ["0"]
+    return [g]
+
+
+def _sequence_batching(a: Artifact, backend: str, cfg: TritonConfig) -> dict:
+    seq: dict = {"max_sequence_idle_microseconds": cfg.sequence_idle_us,
+                 "oldest": {"max_candidate_sequences": cfg.max_sequences, "max_queue_delay_microseconds": 0}}
+    if backend == "python":
+        seq["control_input"] = [
+            {"name": "START", "control": [{"kind": Enum("CONTROL_SEQUENCE_START"), "int32_false_true": [0, 1]}]},
+            {"name": "END", "control": [{"kind": Enum("CONTROL_SEQUENCE_END"), "int32_false_true": [0, 1]}]},
+            {"name": "READY", "control": [{"kind": Enum("CONTROL_SEQUENCE_READY"), "int32_false_true": [0, 1]}]},
+            {"name": "CORRID", "control": [{"kind": Enum("CONTROL_SEQUENCE_CORRID"), "data_type": Enum("TYPE_UINT64")}]},
+        ]
+        return seq
+    states = []
+    by_name = {t.name: t for t in a.inputs + a.outputs}
+    for inp, out in _STATE_PAIRS:
+        t = by_name[inp]
+        dims = [a.config["n_layer"], 1] + [int(d) for d in t.shape[2:]]
+        states.append({"input_name": inp, "output_name": out, "data_type": Enum(t.dtype), "dims": dims,
+                       "initial_state": {"data_type": Enum(t.dtype), "dims": dims, "zero_data": True,
+                                         "name": f"{inp}_zeros"}})
+    seq["state"] = states
+    return seq
+
+
+def model_config(a: Artifact, name: str, backend: str, cfg: TritonConfig, model_file: str,
+                 op_lib_in_model: str | None = None) -> dict:
+    """The config.pbtxt of one artifact's main model, as a dict (pbtxt.dumps writes it)."""
+    c: dict = {"name": name}
+    if backend == "tensorrt":
+        c["platform"] = "tensorrt_plan"
+    else:
+        c["backend"] = backend
+    if backend != "python":
+        c["default_model_filename"] = model_file
+    mbs = _batchable(a, backend, cfg)
+    c["max_batch_size"] = mbs
+    state_names = {n for p in _STATE_PAIRS for n in p} if a.graph == "step" else set()
+    ins, outs = [], []
+    for t in a.inputs:
+        if t.name in state_names:
+            continue
+        dims = _engine_dims(a, t) if backend == "tensorrt" else list(t.shape)
+        if a.graph == "step":
+            dims = [1] + dims[1:]          # one sequence per request: batch 1
+        ins.append(_io(t, dims[1:] if mbs else dims))
+    for t in a.outputs:
+        if t.name in state_names:
+            continue
+        dims = list(t.shape)
+        if a.graph == "step":
+            dims = [1] + dims[1:]
+        extra = {"label_filename": "labels.txt"} if a.kind == "vim" and t.name == "logits" else {}
+        outs.append(_io(t, dims[1:] if mbs else dims, **extra))
+    c["input"], c["output"] = ins, outs
+    if a.graph == "step":
+        c["sequence_batching"] = _sequence_batching(a, backend, cfg)
+    elif mbs:
+        c["dynamic_batching"] = {"max_queue_delay_microseconds": 500}
+    c["instance_group"] = _instance_group(backend, cfg, profile=bool(a.profile))
+    if backend == "onnxruntime" and cfg.custom_op_lib:
+        c["model_operations"] = {"op_library_filename": [os.path.abspath(cfg.custom_op_lib)]}
+    if backend == "python":
+        params = [_param("onnx_file", model_file), _param("intra_op_threads", 0)]
+        if op_lib_in_model:
+            params.append(_param("custom_op_library", op_lib_in_model))
+        if a.graph == "step":
+            params += [_param("max_sequences", cfg.max_sequences),
+                       _param("sequence_idle_us", cfg.sequence_idle_us),
+                       _param("n_layer", a.config["n_layer"])]
+        c["parameters"] = params
+    return c
+
+
+def generate_config(a: Artifact, name: str, step_model: str, cfg: TritonConfig) -> dict:
+    text = a.meta.get("mq.tokenizer") == "bytes"
+    ins = [{"name": "prompt_ids", "data_type": Enum("TYPE_INT64"), "dims": [-1], "optional": True},
+           {"name": "max_new_tokens", "data_type": Enum("TYPE_INT32"), "dims": [1], "optional": True}]
+    outs = [{"name": "token_id", "data_type": Enum("TYPE_INT64"), "dims": [1]}]
+    if text:
+        ins.insert(0, {"name": "text", "data_type": Enum("TYPE_STRING"), "dims": [1], "optional": True})
+        outs.append({"name": "text", "data_type": Enum("TYPE_STRING"), "dims": [1]})
+    m = a.config["mixer"]
+    return {"name": name, "backend": "python", "max_batch_size": 0, "input": ins, "output": outs,
+            "model_transaction_policy": {"decoupled": True},
+            "instance_group": [{"count": max(cfg.instances, 4), "kind": Enum("KIND_CPU")}],
+            "parameters": [_param("step_model", step_model), _param("vocab_size", a.config["vocab_size"]),
+                           _param("tokenizer", "bytes" if text else "ids"),
+                           _param("n_layer", a.config["n_layer"]), _param("d_inner", m["d_inner"]),
+                           _param("d_conv", m["d_conv"]), _param("d_state", m["d_state"]),
+                           _param("default_max_new_tokens", 64), _param("max_new_tokens_limit", 4096)]}
+
+
+def preprocess_config(a: Artifact, name: str, cfg: TritonConfig) -> dict:
+    c = a.config
+    mbs = cfg.max_batch
+    dims = [c["in_chans"], c["img_size"], c["img_size"]]
+    return {"name": name, "backend": "python", "max_batch_size": mbs,
+            "input": [{"name": "image", "data_type": Enum("TYPE_STRING"), "dims": [1]}],
+            "output": [{"name": "images", "data_type": Enum("TYPE_FP32"), "dims": dims if mbs else [1] + dims}],
+            **({"dynamic_batching": {"max_queue_delay_microseconds": 500}} if mbs else {}),
+            "instance_group": [{"count": cfg.instances, "kind": Enum("KIND_CPU")}],
+            "parameters": [_param("in_chans", c["in_chans"]), _param("img_size", c["img_size"]),
+                           _param("image_mean", json.dumps(list(c["image_mean"]))),
+                           _param("image_std", json.dumps(list(c["image_std"])))]}
+
+
+def ensemble_config(a: Artifact, name: str, preprocess: str, classifier: str, classifier_mbs: int,
+                    cfg: TritonConfig) -> dict:
+    mbs = min(cfg.max_batch, classifier_mbs) if classifier_mbs else 0
+    n = a.config["num_classes"]
+    return {"name": name, "platform": "ensemble", "max_batch_size": mbs,
+            "input": [{"name": "image", "data_type": Enum("TYPE_STRING"), "dims": [1]}],
+            "output": [{"name": "logits", "data_type": Enum("TYPE_FP32"), "dims": [n] if mbs else [1, n]}],
+            "ensemble_scheduling": {"step": [
+                {"model_name": preprocess, "model_version": -1,
+                 "input_map": [{"key": "image", "value": "image"}],
+                 "output_map": [{"key": "images", "value": "preprocessed"}]},
+                {"model_name": classifier, "model_version": -1,
+                 "input_map": [{"key": "images", "value": "preprocessed"}],
+                 "output_map": [{"key": "logits", "value": "logits"}]}]}}
+
+
+# ---- READMEs ---------------------------------------------------------------------------------------
+
+def _root_readme(models: list, repo_name: str, plugins: list, op_lib: str | None) -> str:
+    lines = [f"# Triton model repository (written by mq-deploy)", "",
+             "| model | backend | what |", "|---|---|---|"]
+    lines += [f"| `{m['name']}` | {m['backend']} | {m['what']} |" for m in models]
+    trt = any(m["backend"] == "tensorrt" for m in models)
+    py = any(m["backend"] == "python" for m in models)
+    plugin = plugins[0] if plugins else "/path/to/libmq_scan_trt.so"
+    bc = f" --backend-config=tensorrt,plugins={plugin}" if trt else ""
+    lines += ["", "## Start the server", "",
+              "On this machine (pytriton's tritonserver, Python backend, CPU; loopback only):", "",
+              "```bash", f"mq-deploy serve {repo_name} --http-port 8000 --grpc-port 8001", "```", "",
+              "In NVIDIA's container on a GPU (the repository mounted at /models):", "",
+              "```bash",
+              f"docker run --gpus all --rm -p 8000:8000 -p 8001:8001 -v $PWD/{repo_name}:/models"
+              + (f" -v {os.path.dirname(plugin)}:{os.path.dirname(plugin)}" if trt else "")
+              + " nvcr.io/nvidia/tritonserver:25.01-py3 \\",
+              ("  bash -c 'pip install onnxruntime && " if py else "  ")
+              + f"tritonserver --model-repository=/models{bc}" + ("'" if py else ""),
+              "```", "",
+              "On Jetson (JetPack 6; Triton's Jetson release `tritonserver<ver>-igpu.tar`, from the Triton GitHub "
+              "releases page, unpacked into /opt/tritonserver):", "",
+              "```bash",
+              ("pip3 install onnxruntime numpy   # for the Python-backend models\n" if py else "")
+              + f"/opt/tritonserver/bin/tritonserver --model-repository=$PWD/{repo_name} "
+              "--backend-directory=/opt/tritonserver/backends" + bc, "```", ""]
+    if trt:
+        lines += ["TensorRT engines run the mq::SelectiveScan plugin: load its library with "
+                  f"`--backend-config=tensorrt,plugins={plugin}` (several: separated by ';'), or start the server "
+                  f"with `LD_PRELOAD={plugin}`. The library must be built for the server's TensorRT version "
+                  "(`plugins/selective_scan/trt/README.md`).", ""]
+    if op_lib:
+        lines += [f"ONNX Runtime models load the native scan op from `{os.path.abspath(op_lib)}` "
+                  "(model_operations.op_library_filename): that path must exist on the server.", ""]
+    lines += ["## Query it", "", "```bash", "curl -s localhost:8000/v2/health/ready -o /dev/null -w '%{http_code}\\n'"]
+    for m in models:
+        if m.get("curl"):
+            lines.append(m["curl"])
+    lines += ["```", "", "Each model folder has a README with its inputs, outputs and a tritonclient example.", ""]
+    return "\n".join(lines)
+
+
+def _model_readme(name: str, backend: str, what: str, cfg_text: str, example: str, notes=()) -> str:
+    return "\n".join([f"# {name}", "", f"{what} (backend: {backend})", "", *notes, "",
+                      "## config.pbtxt", "", "```", cfg_text.rstrip(), "```", "",
+                      "## Client", "", "```python", example.rstrip(), "```", ""])
+
+
+def _example_classifier(name: str, a: Artifact, mbs: int) -> str:
+    c = a.config
+    shape = [1, c["in_chans"], c["img_size"], c["img_size"]]
+    return (f"import numpy as np, tritonclient.http as httpclient\n"
+            f"client = httpclient.InferenceServerClient('localhost:8000')\n"
+            f"x = httpclient.InferInput('images', {shape}, 'FP32')\n"
+            f"x.set_data_from_numpy(np.zeros({shape}, np.float32))   # normalised with mean/std {c['image_mean']}/{c['image_std']}\n"
+            f"out = client.infer('{name}', [x], outputs=[httpclient.InferRequestedOutput('logits', class_count=3)])\n"
+            f"print(out.as_numpy('logits'))   # top-3 'score:index:label'")
+
+
+def _example_step(name: str) -> str:
+    return (f"import numpy as np, tritonclient.grpc as grpcclient\n"
+            f"client = grpcclient.InferenceServerClient('localhost:8001')\n"
+            f"def step(ids, start=False, end=False, seq=1234):\n"
+            f"    x = grpcclient.InferInput('input_ids', [1, len(ids)], 'INT64')\n"
+            f"    x.set_data_from_numpy(np.asarray([ids], np.int64))\n"
+            f"    r = client.infer('{name}', [x], sequence_id=seq, sequence_start=start, sequence_end=end)\n"
+            f"    return r.as_numpy('logits')[0, -1]\n"
+            f"logits = step(list(b'And God said'), start=True)   # prefill: the state stays on the server\n"
+            f"logits = step([int(logits.argmax())])                # one decode step\n"
+            f"step([int(logits.argmax())], end=True)               # END releases the sequence's state")
+
+
+def _example_generate(name: str, text: bool) -> str:
+    inp = ("x = grpcclient.InferInput('text', [1], 'BYTES'); x.set_data_from_numpy(np.array([b'And God said'], object))"
+           if text else "x = grpcclient.InferInput('prompt_ids', [3], 'INT64'); "
+                        "x.set_data_from_numpy(np.array([1, 2, 3], np.int64))")
+    return (f"import queue, numpy as np, tritonclient.grpc as grpcclient\n"
+            f"client = grpcclient.InferenceServerClient('localhost:8001')\n"
+            f"q = queue.Queue()\n"
+            f"client.start_stream(callback=lambda result, error: q.put((result, error)))\n"
+            f"{inp}\n"
+            f"n = grpcclient.InferInput('max_new_tokens', [1], 'INT32'); n.set_data_from_numpy(np.array([40], np.int32))\n"
+            f"client.async_stream_infer('{name}', [x, n], enable_empty_final_response=True)\n"
+            f"while True:\n"
+            f"    result, error = q.get()\n"
+            f"    if error: raise error\n"
+            f"    if result.get_response().parameters['triton_final_response'].bool_param: break\n"
+            f"    print(result.as_numpy('token_id')[0], end=' ', flush=True)\n"
+            f"client.stop_stream()")
+
+
+def _example_image(name: str) -> str:
+    return (f"import numpy as np, tritonclient.http as httpclient\n"
+            f"client = httpclient.InferenceServerClient('localhost:8000')\n"
+            f"x = httpclient.InferInput('image', [1, 1], 'BYTES')\n"
+            f"x.set_data_from_numpy(np.array([[open('picture.png', 'rb').read()]], object))\n"
+            f"print(client.infer('{name}', [x]).as_numpy('logits').argmax())")
+
+
+# ---- the writer ------------------------------------------------------------------------------------
+
+def _default_name(path: str) -> str:
+    base = os.path.basename(path)
+    for suf in (".json", ".onnx") + ENGINE_SUFFIXES:
+        if base.endswith(suf):
+            base = base[:-len(suf)]
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", base).strip("._-") or "model"
+    return name if name[0].isalnum() else "m" + name
+
+
+def _labels(a: Artifact, cfg: TritonConfig) -> str:
+    n = a.config["num_classes"]
+    if cfg.labels is None:
+        return "".join(f"{i}\n" for i in range(n))
+    with open(cfg.labels, encoding="utf-8") as f:
+        labels = [line.rstrip("\r\n") for line in f if line.strip()]
+    if len(labels) != n:
+        raise MQUserError(f"--labels {cfg.labels}: {len(labels)} labels, but {a.path} has {n} classes")
+    return "".join(x + "\n" for x in labels)
+
+
+def _copy_onnx(a: Artifact, dest_dir: str) -> str:
+    dst = os.path.join(dest_dir, "model.onnx")
+    shutil.copyfile(a.onnx, dst)
+    data = a.onnx + ".data"
+    if os.path.isfile(data):
+        shutil.copyfile(data, dst + ".data")
+    return "model.onnx"
+
+
+def plan(artifacts, cfg: TritonConfig) -> list:
+    """Check every artifact and flag before anything is written: [(Artifact, name, backend)]."""
+    if not artifacts:
+        raise MQUserError("give at least one artifact (an ONNX export, or a TensorRT engine / its build report)")
+    if cfg.name and len(artifacts) > 1:
+        raise MQUserError(f"--name names one model, but {len(artifacts)} artifacts were given (their file names "
+                          "become the model names)")
+    out, names = [], {}
+    for p in artifacts:
+        a = read_artifact(str(p))
+        backend = cfg.backend or ("tensorrt" if a.engine else "onnxruntime")
+        if a.engine and backend != "tensorrt":
+            raise MQUserError(f"{p}: a TensorRT engine is served by --backend tensorrt, not {backend}; for "
+                              f"--backend {backend} give the ONNX file {a.onnx}")
+        if not a.engine and backend == "tensorrt":
+            raise MQUserError(f"{p}: --backend tensorrt serves an engine; build one first "
+                              f"(`mq-deploy build {p} --int8 --saveEngine MODEL.plan --json MODEL.plan.json`) "
+                              "and pass the engine or its report")
+        if a.graph == "step" and a.config.get("n_layer") is None:
+            raise MQUserError(f"{p}: its mq.config has no n_layer")
+        name = cfg.name or _default_name(str(p))
+        extra = [name]
+        if a.graph == "step":
+            extra.append(name + "_generate")
+        if a.kind == "vim":
+            extra += [name + "_preprocess", name + "_image"]
+        for n in extra:
+            if n in names:
+                raise MQUserError(f"{p}: model name {n!r} is also used by {names[n]}; rename a file or serve them "
+                                  "from two repositories")
+            names[n] = p
+        out.append((a, name, backend))
+    if cfg.custom_op_lib and not any(b in ("python", "onnxruntime") for _, _, b in out):
+        raise MQUserError("--custom-op-lib is the ONNX Runtime op library; no model here uses ONNX Runtime")
+    return out
+
+
+def _write_model(root: str, a: Artifact, name: str, backend: str, cfg: TritonConfig, summary: list) -> None:
+    mdir = os.path.join(root, name)
+    vdir = os.path.join(mdir, "1")
+    os.makedirs(vdir)
+    op_lib = None
+    if backend == "tensorrt":
+        model_file = "model.plan"
+        shutil.copyfile(a.engine, os.path.join(vdir, model_file))
+    else:
+        model_file = _copy_onnx(a, vdir)
+        if backend == "python":
+            role = "ort_step_model.py" if a.graph == "step" else "ort_model.py"
+            shutil.copyfile(os.path.join(_MODELS_DIR, role), os.path.join(vdir, "model.py"))
+            if cfg.custom_op_lib:
+                op_lib = os.path.basename(cfg.custom_op_lib)
+                shutil.copyfile(cfg.custom_op_lib, os.path.join(vdir, op_lib))
+    c = model_config(a, name, backend, cfg, model_file, op_lib)
+    text = dumps(c)
+    with open(os.path.join(mdir, "config.pbtxt"), "w") as f:
+        f.write(text)
+    notes = []
+    if a.kind == "vim":
+        with open(os.path.join(mdir, "labels.txt"), "w") as f:
+            f.write(_labels(a, cfg))
+        what = f"Vision Mamba classifier, {a.config['num_classes']} classes ({a.path})"
+        example = _example_classifier(name, a, c["max_batch_size"])
+        curl = (f"curl -s localhost:8000/v2/models/{name}/infer -d '{{\"inputs\": [{{\"name\": \"images\", "
+                f"\"shape\": [1, {a.config['in_chans']}, {a.config['img_size']}, {a.config['img_size']}], "
+                f"\"datatype\": \"FP32\", \"data\": [{', '.join(['0.0'] * 3)}, ...]}}]}}'   # "
+                f"{a.config['in_chans'] * a.config['img_size'] ** 2} values")
+    elif a.graph == "step":
+        what = f"LM decode step, stateful: the server keeps each sequence's conv/ssm state ({a.path})"
+        example = _example_step(name)
+        notes.append("State: " + ("kept by the model per CORRID (the Python backend has no implicit state)"
+                                  if backend == "python" else
+                                  "Triton implicit state (sequence_batching.state, zero at START)")
+                     + ". Send sequence_id, sequence_start on the first request, sequence_end on the last.")
+        curl = None
+    else:
+        what = f"LM, full sequence: input_ids -> logits ({a.path})"
+        example = ("import numpy as np, tritonclient.http as httpclient\n"
+                   "client = httpclient.InferenceServerClient('localhost:8000')\n"
+                   "ids = np.asarray([list(b'And God said')], np.int64)\n"
+                   f"x = httpclient.InferInput('input_ids', list(ids.shape), 'INT64'); x.set_data_from_numpy(ids)\n"
+                   f"print(client.infer('{name}', [x]).as_numpy('logits').shape)")
+        curl = (f"curl -s localhost:8000/v2/models/{name}/infer -d '{{\"inputs\": [{{\"name\": \"input_ids\", "
+                f"\"shape\": [1, 3], \"datatype\": \"INT64\", \"data\": [65, 110, 100]}}]}}'")
+    if backend == "tensorrt":
+        notes.append("Shapes and the optimization profile come from the build report of the engine "
+                     f"(inputs, profile), output names and types from the ONNX it was built from ({a.onnx}). "
+                     "The engine needs the mq::SelectiveScan plugin: see the repository README.")
+    with open(os.path.join(mdir, "README.md"), "w") as f:
+        f.write(_model_readme(name, backend, what, text, example, notes))
+    summary.append({"name": name, "backend": backend, "what": what, "curl": curl, "config": c,
+                    "max_batch_size": c["max_batch_size"]})
+
+    if a.graph == "step":
+        gname = name + "_generate"
+        gdir = os.path.join(root, gname)
+        os.makedirs(os.path.join(gdir, "1"))
+        shutil.copyfile(os.path.join(_MODELS_DIR, "generate_model.py"), os.path.join(gdir, "1", "model.py"))
+        gc = generate_config(a, gname, name, cfg)
+        gtext = dumps(gc)
+        with open(os.path.join(gdir, "config.pbtxt"), "w") as f:
+            f.write(gtext)
+        text_in = a.meta.get("mq.tokenizer") == "bytes"
+        with open(os.path.join(gdir, "README.md"), "w") as f:
+            f.write(_model_readme(gname, "python, decoupled", f"Streaming generation: a BLS model that prefills "
+                                  f"the prompt and decodes greedily through `{name}` (one sequence per request), "
+                                  "one response per token", gtext, _example_generate(gname, text_in)))
+        summary.append({"name": gname, "backend": "python (decoupled BLS)",
+                        "what": f"streams generated tokens through {name}", "config": gc, "curl": None})
+    if a.kind == "vim":
+        pname, ename = name + "_preprocess", name + "_image"
+        pdir = os.path.join(root, pname)
+        os.makedirs(os.path.join(pdir, "1"))
+        shutil.copyfile(os.path.join(_MODELS_DIR, "image_preprocess.py"), os.path.join(pdir, "1", "model.py"))
+        pc = preprocess_config(a, pname, cfg)
+        with open(os.path.join(pdir, "config.pbtxt"), "w") as f:
+            f.write(dumps(pc))
+        edir = os.path.join(root, ename)
+        os.makedirs(os.path.join(edir, "1"))
+        ec = ensemble_config(a, ename, pname, name, c["max_batch_size"], cfg)
+        etext = dumps(ec)
+        with open(os.path.join(edir, "config.pbtxt"), "w") as f:
+            f.write(etext)
+        with open(os.path.join(edir, "README.md"), "w") as f:
+            f.write(_model_readme(ename, "ensemble", f"encoded PNG/JPEG bytes -> {pname} (decode, resize to "
+                                  f"{a.config['img_size']}, normalise) -> {name}", etext, _example_image(ename),
+                                  ["The preprocessing model needs Pillow in the server's Python."]))
+        summary.append({"name": pname, "backend": "python", "what": "PNG/JPEG bytes -> normalised tensor",
+                        "config": pc, "curl": None})
+        summary.append({"name": ename, "backend": "ensemble", "what": f"{pname} -> {name}", "config": ec,
+                        "curl": None})
+
+
+def write_repository(artifacts, out: str, cfg: TritonConfig | None = None) -> dict:
+    """Write the Triton model repository `out` (refused if it exists, unless cfg.overwrite and it is one we
+    wrote). Returns {"path", "models": [{"name", "backend", "what", "config"}]}."""
+    from mq_deploy.fileio import atomic_dir
+
+    cfg = cfg or TritonConfig()
+    planned = plan(list(artifacts), cfg)
+    inputs = [a.path for a, _, _ in planned] + [a.onnx for a, _, _ in planned] + \
+             [a.engine for a, _, _ in planned if a.engine] + [p for p in (cfg.custom_op_lib, cfg.labels) if p]
+    summary: list = []
+    plugins = sorted({p for a, _, _ in planned for p in a.plugins})
+    with atomic_dir(out, overwrite=cfg.overwrite, inputs=inputs, what="model repository", kind=REPO_KIND) as tmp:
+        for a, name, backend in planned:
+            _write_model(tmp, a, name, backend, cfg, summary)
+        with open(os.path.join(tmp, "README.md"), "w") as f:
+            f.write(_root_readme(summary, os.path.basename(os.path.abspath(out)), plugins, cfg.custom_op_lib))
+    return {"path": os.path.abspath(out), "models": summary}

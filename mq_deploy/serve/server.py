@@ -1,0 +1,265 @@
+"""Start and stop a real `tritonserver` on a model repository.
+
+The server is the one the PyPI package `nvidia-pytriton` ships (`pytriton/tritonserver/bin/
+tritonserver`, Python backend only, runs on a CPU) or any `tritonserver` on PATH / in
+$MQ_TRITONSERVER (NVIDIA's container: /opt/tritonserver/bin/tritonserver).
+
+pytriton keeps one Python-backend stub per Python version (`python_backend_stubs/3.X/`); the stub
+embeds the system's libpython3.X, so the models run in *that* interpreter (Debian: /usr/bin/python3.11),
+which must import numpy and onnxruntime (`.ci/run` installs them). Like pytriton itself, we assemble
+a backend folder (`backends/python/` = libtriton_python.so + the stub + triton_python_backend_utils.py)
+in a temporary folder and point the server at pytriton's bundled libraries with LD_LIBRARY_PATH.
+
+Loopback only by default: `host` is passed as --http-address / --grpc-address.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+
+from mq_deploy.errors import MQUserError
+
+SERVER_ENV = "MQ_TRITONSERVER"          # path of a tritonserver binary to use instead of pytriton's
+STUB_PYTHON_ENV = "MQ_TRITON_PYTHON"    # e.g. "3.11": which pytriton stub (and system libpython) to use
+INSTALL_HINT = ("install a Triton server: `pip install nvidia-pytriton` (its tritonserver runs the Python "
+                "backend on a CPU), or use NVIDIA's container nvcr.io/nvidia/tritonserver:<yy.mm>-py3; "
+                f"or set {SERVER_ENV}=/path/to/tritonserver")
+
+
+def _pytriton_dir() -> str | None:
+    import importlib.util
+
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    d = os.path.join(list(spec.submodule_search_locations)[0], "tritonserver")
+    return d if os.path.isfile(os.path.join(d, "bin", "tritonserver")) else None
+
+
+@dataclass
+class ServerInstall:
+    binary: str
+    backend_dir: str | None = None       # None: the server's own default (/opt/tritonserver/backends)
+    env: dict = field(default_factory=dict)
+    stub_python: str | None = None
+    cleanup: str | None = None           # temporary folder we assembled
+
+    def close(self) -> None:
+        if self.cleanup:
+            shutil.rmtree(self.cleanup, ignore_errors=True)
+            self.cleanup = None
+
+
+def _libpython_present(version: str) -> bool:
+    import ctypes.util
+
+    for d in ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib", "/usr/local/lib", "/lib"):
+        if os.path.exists(os.path.join(d, f"libpython{version}.so.1.0")):
+            return True
+    return ctypes.util.find_library(f"python{version}") is not None
+
+
+def find_server() -> ServerInstall:
+    """The tritonserver to run, with the backend folder and environment it needs."""
+    explicit = os.environ.get(SERVER_ENV)
+    if explicit:
+        if not os.access(explicit, os.X_OK):
+            raise MQUserError(f"${SERVER_ENV}={explicit}: not an executable tritonserver")
+        return ServerInstall(binary=explicit)
+    base = _pytriton_dir()
+    if base is None:
+        found = shutil.which("tritonserver")
+        if found:
+            return ServerInstall(binary=found)
+        raise MQUserError(f"no tritonserver found; {INSTALL_HINT}")
+    stubs = os.path.join(base, "python_backend_stubs")
+    versions = sorted(os.listdir(stubs), key=lambda v: tuple(int(x) for x in v.split(".")), reverse=True) \
+        if os.path.isdir(stubs) else []
+    wanted = os.environ.get(STUB_PYTHON_ENV)
+    if wanted:
+        if wanted not in versions:
+            raise MQUserError(f"${STUB_PYTHON_ENV}={wanted}: pytriton ships stubs for {', '.join(versions)}")
+        version = wanted
+    else:
+        usable = [v for v in versions if _libpython_present(v)]
+        if not usable:
+            raise MQUserError(f"pytriton's Python-backend stubs ({', '.join(versions)}) each need the system's "
+                              "libpython3.X.so.1.0 and none is installed (Debian: apt-get install libpython3.11 "
+                              "python3-numpy)")
+        version = usable[0]
+    tmp = tempfile.mkdtemp(prefix="mq-tritonserver-")
+    py = os.path.join(tmp, "backends", "python")
+    os.makedirs(py)
+    src = os.path.join(base, "backends", "python")
+    for name in os.listdir(src):
+        if name != "__pycache__":
+            shutil.copy2(os.path.join(src, name), py)
+    shutil.copy2(os.path.join(stubs, version, "triton_python_backend_stub"), py)
+    libs = os.path.join(os.path.dirname(os.path.dirname(base)), "nvidia_pytriton.libs")
+    env = {"LD_LIBRARY_PATH": ":".join(p for p in (libs, os.environ.get("LD_LIBRARY_PATH", "")) if p)}
+    # The embedded interpreter finds its prefix (stdlib, site-packages) from the first `python3` on
+    # PATH; under pyenv or a venv that is another installation, whose packages the system libpython
+    # must not mix with. A `python3` -> the system python3.X first on PATH makes it the system's.
+    system_python = shutil.which(f"python{version}", path="/usr/bin:/usr/local/bin:/bin")
+    if system_python:
+        os.makedirs(os.path.join(tmp, "bin"))
+        os.symlink(system_python, os.path.join(tmp, "bin", "python3"))
+        env["PATH"] = os.path.join(tmp, "bin") + os.pathsep + os.environ.get("PATH", "")
+    return ServerInstall(binary=os.path.join(base, "bin", "tritonserver"), backend_dir=os.path.join(tmp, "backends"),
+                         env=env, stub_python=version, cleanup=tmp)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def server_command(install: ServerInstall, repo: str, host: str, http_port: int, grpc_port: int,
+                   extra=()) -> list:
+    cmd = [install.binary, f"--model-repository={os.path.abspath(repo)}",
+           f"--http-address={host}", f"--http-port={http_port}",
+           f"--grpc-address={host}", f"--grpc-port={grpc_port}",
+           "--allow-metrics=false", "--allow-sagemaker=false", "--allow-vertex-ai=false",
+           "--exit-on-error=true", "--strict-readiness=true", "--log-verbose=0"]
+    if install.backend_dir:
+        cmd.append(f"--backend-directory={install.backend_dir}")
+    return cmd + list(extra)
+
+
+class TritonServer:
+    """A tritonserver child process on `host` (loopback by default).
+
+        with TritonServer("repo") as srv:
+            srv.http_url, srv.grpc_url   # "127.0.0.1:PORT"
+    """
+
+    def __init__(self, repo: str, host: str = "127.0.0.1", http_port: int | None = None,
+                 grpc_port: int | None = None, log_path: str | None = None, ready_timeout: float = 120.0,
+                 extra_args=()):
+        if not os.path.isdir(repo):
+            raise MQUserError(f"{repo}: no such model repository folder")
+        if not any(os.path.isfile(os.path.join(repo, d, "config.pbtxt")) for d in os.listdir(repo)):
+            raise MQUserError(f"{repo}: not a Triton model repository (no MODEL/config.pbtxt in it; write one with "
+                              "`mq-deploy triton ARTIFACT -o REPO`)")
+        for what, port in (("--http-port", http_port), ("--grpc-port", grpc_port)):
+            if port is not None and not 0 < port < 65536:
+                raise MQUserError(f"{what} {port}: must lie in 1..65535")
+        self.repo, self.host = repo, host
+        self.http_port = http_port or free_port(host)
+        self.grpc_port = grpc_port or free_port(host)
+        self.log_path, self.ready_timeout, self.extra_args = log_path, ready_timeout, tuple(extra_args)
+        self.proc: subprocess.Popen | None = None
+        self.install: ServerInstall | None = None
+        self._log = None
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.host}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    def command(self) -> list:
+        return server_command(self.install, self.repo, self.host, self.http_port, self.grpc_port, self.extra_args)
+
+    def start(self, wait: bool = True) -> "TritonServer":
+        self.install = find_server()
+        env = {**os.environ, **self.install.env}
+        if self.log_path:
+            self._log = open(self.log_path, "a+b")
+        else:
+            self._log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(self.command(), stdout=self._log, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True)
+        if wait:
+            try:
+                self.wait_ready()
+            except BaseException:
+                self.stop()
+                raise
+        return self
+
+    def log_text(self, tail: int = 4000) -> str:
+        if self._log is None:
+            return ""
+        self._log.flush()
+        self._log.seek(0, os.SEEK_END)
+        size = self._log.tell()
+        self._log.seek(max(0, size - tail))
+        text = self._log.read().decode("utf-8", "replace")
+        self._log.seek(0, os.SEEK_END)
+        return text
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + self.ready_timeout
+        url = f"http://{self.http_url}/v2/health/ready"
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise MQUserError(f"tritonserver exited with status {self.proc.returncode} while loading {self.repo}:"
+                                  f"\n{self.log_text()}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, OSError):
+                pass
+            time.sleep(0.25)
+        raise MQUserError(f"tritonserver did not become ready within {self.ready_timeout:.0f} s:\n{self.log_text()}")
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGINT (Triton's clean shutdown: in-flight requests finish, models unload), then SIGKILL."""
+        code = None
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGINT)
+                try:
+                    self.proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(self.proc.pid, signal.SIGKILL)
+                    self.proc.wait(10)
+            code = self.proc.returncode
+        if self.install is not None:
+            self.install.close()
+        if self._log is not None and not self.log_path:
+            pass   # keep the temporary log readable until the object goes away
+        return code
+
+    def __enter__(self) -> "TritonServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def serve(repo: str, host: str = "127.0.0.1", http_port: int = 8000, grpc_port: int = 8001) -> int:
+    """`mq-deploy serve`: run tritonserver in the foreground until Ctrl-C; return its exit status."""
+    srv = TritonServer(repo, host=host, http_port=http_port, grpc_port=grpc_port)
+    srv.install = find_server()
+    env = {**os.environ, **srv.install.env}
+    cmd = srv.command()
+    print(" ".join(cmd), flush=True)
+    proc = subprocess.Popen(cmd, env=env)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.send_signal(signal.SIGINT)
+        try:
+            return proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait()
+    finally:
+        srv.install.close()

@@ -1,0 +1,107 @@
+"""Triton Python-backend model written by `mq-deploy triton`: streaming generation as a decoupled BLS
+model. Each request is one sequence on the decode-step model named by the `step_model` parameter
+(any backend: Python with its per-CORRID states, or ONNX Runtime / TensorRT with Triton's implicit
+state): the prompt is prefilled in one step request (sequence START), then each new token is one
+step request, and every token goes back to the client as its own response. This is exactly
+`mq-deploy generate` (mq_deploy.runtime.apps.generate) greedy: the same calls on the same graph.
+
+Inputs: text (BYTES [1], byte-level LMs) or prompt_ids (INT64 [n]); max_new_tokens (INT32 [1],
+optional). Outputs per response: token_id (INT64 [1]) and, for byte-level LMs, text (the byte).
+A client that cancels or disconnects stops the loop at the next token; the sequence is then ended
+on the step model so its state is released.
+"""
+
+import json
+import os
+import threading
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.config = json.loads(args["model_config"])
+        self.name = args["model_name"]
+        p = {k: v["string_value"] for k, v in self.config.get("parameters", {}).items()}
+        self.step_model = p["step_model"]
+        self.vocab = int(p["vocab_size"])
+        self.text = p.get("tokenizer") == "bytes"
+        self.default_n = int(p.get("default_max_new_tokens", "64"))
+        self.limit = int(p.get("max_new_tokens_limit", "4096"))
+        self._lock = threading.Lock()
+        # sequence ids of this model: high bit set and the process id in them, so they cannot collide
+        # with ids chosen by clients talking to the step model directly (those are usually small)
+        self._next = (1 << 63) | (os.getpid() & 0xFFFF) << 40 | int.from_bytes(os.urandom(4), "little")
+
+    def _corrid(self):
+        with self._lock:
+            self._next += 1
+            return self._next
+
+    def _prompt(self, request):
+        t = pb_utils.get_input_tensor_by_name(request, "text") if self.text else None
+        ids = pb_utils.get_input_tensor_by_name(request, "prompt_ids")
+        if t is not None and ids is not None:
+            raise ValueError("give text or prompt_ids, not both")
+        if t is not None:
+            v = t.as_numpy().reshape(-1)
+            raw = v[0] if len(v) else b""
+            raw = raw.encode("utf-8") if isinstance(raw, str) else bytes(raw)
+            prompt = list(raw)
+        elif ids is not None:
+            prompt = [int(x) for x in ids.as_numpy().reshape(-1)]
+        else:
+            raise ValueError("no prompt: give " + ("text or " if self.text else "") + "prompt_ids")
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        if min(prompt) < 0 or max(prompt) >= self.vocab:
+            raise ValueError(f"prompt ids must lie in [0, {self.vocab})")
+        n = pb_utils.get_input_tensor_by_name(request, "max_new_tokens")
+        n = self.default_n if n is None else int(n.as_numpy().reshape(-1)[0])
+        if not 0 <= n <= self.limit:
+            raise ValueError(f"max_new_tokens must lie in [0, {self.limit}], got {n}")
+        return prompt, n
+
+    def _step(self, ids, corr, flags):
+        req = pb_utils.InferenceRequest(model_name=self.step_model,
+                                        inputs=[pb_utils.Tensor("input_ids", np.asarray([ids], np.int64))],
+                                        requested_output_names=["logits"], correlation_id=corr, flags=flags)
+        res = req.exec()
+        if res.has_error():
+            raise RuntimeError(f"{self.step_model}: {res.error().message()}")
+        return pb_utils.get_output_tensor_by_name(res, "logits").as_numpy()
+
+    def _generate(self, request, sender):
+        prompt, n = self._prompt(request)
+        corr = self._corrid()
+        START, END = pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_START, pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_END
+        feed = prompt
+        for i in range(n):
+            if sender.is_cancelled():
+                if i:   # release the step model's state of this sequence
+                    self._step([0], corr, END)
+                return
+            flags = (START if i == 0 else 0) | (END if i == n - 1 else 0)
+            logits = self._step(feed, corr, flags)
+            tok = int(logits[0, -1].astype(np.float64).argmax())
+            out = [pb_utils.Tensor("token_id", np.asarray([tok], np.int64))]
+            if self.text:
+                out.append(pb_utils.Tensor("text", np.asarray([bytes([tok])], object)))
+            sender.send(pb_utils.InferenceResponse(output_tensors=out))
+            feed = [tok]
+
+    def execute(self, requests):
+        for r in requests:
+            sender = r.get_response_sender()
+            try:
+                self._generate(r, sender)
+            except Exception as e:
+                if not sender.is_cancelled():
+                    sender.send(pb_utils.InferenceResponse(
+                        error=pb_utils.TritonError(f"{self.name}: {str(e).splitlines()[0]}")),
+                        flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                continue
+            if not sender.is_cancelled():
+                sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        return None
