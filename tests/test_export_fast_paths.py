@@ -91,3 +91,79 @@ def test_rotated_lm_exports_factored_and_matches_pytorch(recipe):
         outs[mode] = torch.from_numpy(sess.run(None, {"input_ids": ids.numpy()})[0])
         print(f"{recipe} {mode}: rel err vs PyTorch {rel_err(outs[mode], want):.2e}")
         assert rel_err(outs[mode], want) < 2e-5
+
+
+# ---- int8 LM head -----------------------------------------------------------------------------------
+
+def test_dynamic_quantize_reference_matches_onnx():
+    """fakequant.dynamic_quantize_linear_ref against ORT's DynamicQuantizeLinear: identical codes, scale
+    and zero point (exact: same float32 formula, round half to even)."""
+    from onnx import TensorProto as T
+    from onnx import helper
+
+    from mq_deploy.quant.fakequant import dynamic_quantize_linear_ref
+
+    g = helper.make_graph([helper.make_node("DynamicQuantizeLinear", ["x"], ["q", "s", "z"])], "dq",
+                          [helper.make_tensor_value_info("x", T.FLOAT, ["n"])],
+                          [helper.make_tensor_value_info("q", T.UINT8, ["n"]),
+                           helper.make_tensor_value_info("s", T.FLOAT, []),
+                           helper.make_tensor_value_info("z", T.UINT8, [])])
+    sess = ort.InferenceSession(helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)],
+                                                  ir_version=10).SerializeToString(),
+                                providers=["CPUExecutionProvider"])
+    for seed, shift in ((0, 0.0), (1, 3.0), (2, -2.0)):
+        x = (torch.randn(4000, generator=torch.Generator().manual_seed(seed)) + shift)
+        q, s, z = sess.run(None, {"x": x.numpy()})
+        rq, rs, rz = dynamic_quantize_linear_ref(x)
+        n_diff = int((torch.from_numpy(q.astype(np.int64)) != rq.long()).sum())
+        print(f"shift {shift}: scale {float(s):.6g} vs {float(rs):.6g}, zp {int(z)} vs {int(rz)}, codes differing {n_diff}")
+        assert float(s) == float(rs) and int(z) == int(rz) and n_diff == 0
+
+
+@pytest.mark.parametrize("act", ["dynamic", "none"])
+@pytest.mark.parametrize("step", [False, True])
+def test_int8_head_export_matches_its_reference(act, step):
+    """The exported int8 head equals fakequant.Int8Head (integer accumulation both sides; float32 rounding
+    of the final scale: 2e-5 as the rest of the graph), and stays close to the float head it replaces.
+    act "none" (DequantizeLinear -> MatMul): ORT >= 1.2x rewrites that pair into MatMulNBits (8 bits),
+    which quantizes the activations blockwise itself, so the graph's own semantics are checked with ORT's
+    optimizations off, and what users get (all optimizations) against the float head: 1e-2, the order of
+    one int8 step of the activations (1/255 of their range) times the weights."""
+    from mq_deploy.export.graph import build_model
+    from mq_deploy.quant.fakequant import Int8Head, quantize_head
+
+    m = small_lm(vocab=256, d_model=24, d_model2=24)    # tied embedding (the default)
+    emb = m.embedding.weight.detach().clone()
+    ids = torch.randint(0, 256, (2, 17))
+    with torch.no_grad():
+        want_fp = m(ids)
+    quantize_head(m, act)
+    assert isinstance(m.lm_head, Int8Head) and torch.equal(m.embedding.weight, emb)   # embedding untouched
+    with torch.no_grad():
+        want = m(ids)
+    proto = build_model(m, step=step)
+    onnx.checker.check_model(proto, full_check=True)
+    kinds = {t.name: t.data_type for t in proto.graph.initializer}
+    assert any(k.startswith("lm_head_q") and v == onnx.TensorProto.INT8 for k, v in kinds.items())
+    assert not any(k.startswith("lm_head_") and list(t.dims) == [24, 256] and t.data_type == onnx.TensorProto.FLOAT
+                   for k, t in ((t.name, t) for t in proto.graph.initializer))
+    so = ort.SessionOptions()
+    if act == "none":
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    feeds = {"input_ids": ids.numpy()}
+    if step:
+        cfg = m.cfg.mixer
+        feeds["conv_state"] = np.zeros((m.cfg.n_layer, 2, cfg.d_inner, cfg.d_conv - 1), np.float32)
+        feeds["ssm_state"] = np.zeros((m.cfg.n_layer, 2, cfg.d_inner, cfg.d_state), np.float32)
+    got = torch.from_numpy(sess.run(None, feeds)[0])
+    e, e_fp = rel_err(got, want), rel_err(got, want_fp)
+    agree = (got.argmax(-1) == want_fp.argmax(-1)).float().mean().item()
+    print(f"act {act} step {step}: vs Int8Head {e:.2e}; vs float head {e_fp:.2e}, top-1 agreement {agree:.3f}")
+    assert e < 2e-5
+    assert e_fp < 1e-2
+    if act == "none":
+        opt = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+        e_opt = rel_err(torch.from_numpy(opt), want_fp)
+        print(f"  optimized (MatMulNBits) vs float head {e_opt:.2e}")
+        assert e_opt < 1e-2

@@ -274,6 +274,27 @@ def _mixer(g: _Graph, mixer, prefix, h, state=None):
     return g.linear(g.qdq(y, prefix + "out_proj"), mixer.out_proj, prefix + "out_proj.weight"), (new_conv, h_last)
 
 
+def _lm_head(b: _Builder, h, head):
+    """float MatMul; or, for a quantize_head'ed model (fakequant.Int8Head), int8 per-channel weights with
+    DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul(x_scale * w_scale) (activations per tensor at
+    run time, uint8), or DequantizeLinear -> MatMul (act "none")."""
+    from onnx import TensorProto
+
+    from mq_deploy.quant.fakequant import Int8Head
+
+    if not isinstance(head, Int8Head):
+        return b.op("MatMul", [h, b.f32(head.weight.t(), "lm_head")], "logits")
+    qw = b.const(np.ascontiguousarray(head.qweight.numpy().T), "lm_head_q")      # [d, V] int8
+    if head.act == "none":
+        w = b.op("DequantizeLinear", [qw, b.f32(head.scale, "lm_head_scale")], "lm_head_dq", axis=1)
+        return b.op("MatMul", [h, w], "logits")
+    hq, hs, hz = b.op("DynamicQuantizeLinear", [h], "head_in_q", n_out=3)
+    acc = b.op("MatMulInteger", [hq, qw, hz, b.const(np.zeros(head.out_features, dtype=np.int8), "lm_head_zp")],
+               "head_acc")
+    acc = b.op("Cast", [acc], "head_acc_f", to=TensorProto.FLOAT)
+    return b.op("Mul", [acc, b.op("Mul", [hs, b.f32(head.scale, "lm_head_scale")])], "logits")
+
+
 def _layers(g: _Graph, model, h, states=None):
     """Residual blocks and the final norm. states: (conv_state, ssm_state) graph inputs stacked over layers."""
     b = g.b
@@ -319,7 +340,7 @@ def build_model(model, quant: QuantSpec | None = None, step: bool = False, opset
             states = ("conv_state", "ssm_state")
         h = b.op("Gather", [b.f32(model.embedding.weight, "embedding"), "input_ids"], axis=0)
         h, new = _layers(g, model, h, states)
-        logits = b.op("MatMul", [h, b.f32(model.lm_head.weight.t(), "lm_head")], "logits")
+        logits = _lm_head(b, h, model.lm_head)
         outputs.append(vi("logits", T.FLOAT, ["batch", "seq", model.cfg.vocab_size]))
         if step:
             for j, (name, shape) in enumerate((("conv_state_out", [m.d_inner, m.d_conv - 1]),

@@ -91,3 +91,55 @@ def scales_from_observers(observers: dict, bits: int) -> dict:
         obs = next(o for o in obs_list if hasattr(o, "amax"))
         out[name] = scale_from_amax(obs.amax(), bits)
     return out
+
+
+# ---- int8 LM head (--quantize-head) ------------------------------------------------------------------
+
+HEAD_ACTS = ("dynamic", "none")
+
+
+def dynamic_quantize_linear_ref(x: torch.Tensor):
+    """ONNX DynamicQuantizeLinear: uint8 codes, per-tensor scale and zero point of the whole tensor
+    (range widened to include 0, scale = range / 255, round half to even, saturate)."""
+    x = x.to(torch.float32)
+    lo, hi = x.min().clamp(max=0.0), x.max().clamp(min=0.0)
+    scale = ((hi - lo) / 255.0).clamp_min(torch.finfo(torch.float32).tiny)
+    zp = torch.clamp(torch.round(-lo / scale), 0, 255)
+    q = torch.clamp(torch.round(x / scale) + zp, 0, 255)
+    return q, scale, zp
+
+
+class Int8Head(torch.nn.Module):
+    """LM head with int8 per-output-channel weights (symmetric, RTN) and, with act="dynamic", its input
+    quantized per tensor at run time as ONNX DynamicQuantizeLinear does: the reference of the exported
+    int8 head (DynamicQuantizeLinear -> MatMulInteger -> scale). Holds its own weight, so a tied
+    embedding stays float."""
+
+    def __init__(self, weight: torch.Tensor, act: str = "dynamic"):
+        super().__init__()
+        if act not in HEAD_ACTS:
+            raise MQUserError(f"head activations must be one of {', '.join(HEAD_ACTS)}, got {act!r}")
+        self.act = act
+        w = weight.detach().to(torch.float32)
+        s = weight_scales(w, 8)
+        self.register_buffer("qweight", torch.clamp(torch.round(w / s[:, None]), -127, 127).to(torch.int8))
+        self.register_buffer("scale", s)
+        self.out_features, self.in_features = w.shape
+
+    def forward(self, x):
+        w = self.qweight.to(torch.float64) * self.scale.to(torch.float64)[:, None]
+        if self.act == "dynamic":
+            q, s, zp = dynamic_quantize_linear_ref(x)
+            x = (q - zp).to(torch.float64) * s.to(torch.float64)
+        return (x.to(torch.float64) @ w.t()).to(torch.float32)
+
+
+def quantize_head(model, act: str = "dynamic") -> Int8Head:
+    """Replace an LM's lm_head by its int8 form (Int8Head); the embedding is left as it is."""
+    head = getattr(model, "lm_head", None)
+    if head is None:
+        raise MQUserError("--quantize-head applies to language models (a model with an lm_head)")
+    if isinstance(head, Int8Head):
+        return head
+    model.lm_head = Int8Head(head.weight, act)
+    return model.lm_head
