@@ -49,3 +49,76 @@ def assert_user_error(capsys, argv, *needles):
     assert "Traceback" not in err
     for n in needles:
         assert n in err, err
+
+
+_TINY_EXPORTS = {}
+
+
+def tiny_exports():
+    """Quantized (mambaquant W8A8) ONNX exports of a tiny byte-level LM (full and decode-step graph)
+    and a tiny Vim: {"lm", "lm_step", "vim", "lm_q", "vim_q"}. Made once per test process (in a
+    temporary folder removed at exit) and shared by the modules that use them."""
+    import atexit
+    import shutil
+    import tempfile
+
+    if not _TINY_EXPORTS:
+        d = tempfile.mkdtemp(prefix="mq-tiny-exports-")
+        atexit.register(shutil.rmtree, d, True)
+        _TINY_EXPORTS.update(_make_tiny_exports(d))
+    return dict(_TINY_EXPORTS)
+
+
+def _make_tiny_exports(d):
+    import os
+
+    import numpy as np
+
+    from mq_deploy.cli.main import main
+    from mq_deploy.data.images import write_idx
+    from mq_deploy.models.io import save_model
+
+    d = str(d)
+    text = os.path.join(d, "text.txt")
+    with open(text, "wb") as f:
+        f.write(b"And God said, Let there be light: and there was light. And God saw the light, that it was good. " * 40)
+    imgs = os.path.join(d, "img")
+    os.makedirs(imgs)
+    rng = np.random.default_rng(0)
+    write_idx(os.path.join(imgs, "calib-images-idx3-ubyte.gz"), rng.integers(0, 255, (16, 12, 12)))
+    write_idx(os.path.join(imgs, "calib-labels-idx1-ubyte.gz"), rng.integers(0, 7, 16))
+    out = {k: os.path.join(d, f) for k, f in (("lm", "lm.onnx"), ("lm_step", "lm_step.onnx"), ("vim", "vim.onnx"),
+                                               ("lm_q", "lm_q"), ("vim_q", "vim_q"))}
+    lm = str(save_model(small_lm(vocab=256, d_model=32, d_model2=32), os.path.join(d, "lm_fp")))
+    assert main(["quantize", lm, "-o", out["lm_q"], "--calib", text, "--calib-samples", "4"]) == 0
+    assert main(["export", out["lm_q"], "-o", out["lm"]]) == 0
+    assert main(["export", out["lm_q"], "-o", out["lm_step"], "--decode-step"]) == 0
+    vim = str(save_model(small_vim(), os.path.join(d, "vim_fp")))
+    assert main(["quantize", vim, "-o", out["vim_q"], "--calib", imgs]) == 0
+    assert main(["export", out["vim_q"], "-o", out["vim"]]) == 0
+    return out
+
+
+# --- issue 9: BPE tokenizers trained here on KJV text (the LM sample's own data slices) ---
+def kjv_slices():
+    """(train text, held-out text): the LM sample's calibration slice and its held-out slice of the KJV."""
+    import os
+
+    d = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "samples", "mamba-byte-lm", "data")
+    return (open(os.path.join(d, "calib.txt"), encoding="utf-8").read(),
+            open(os.path.join(d, "eval.txt"), encoding="utf-8").read())
+
+
+def train_bpe(path, vocab_size=400, text=None):
+    """A GPT-NeoX-style byte-level BPE tokenizer.json (<|endoftext|> = id 0) trained with `tokenizers`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=True)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([text if text is not None else kjv_slices()[0]], trainer)
+    tok.save(str(path))
+    return tok

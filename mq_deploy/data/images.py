@@ -1,8 +1,15 @@
-"""Image data: Fashion-MNIST / MNIST idx files (gzip or raw), as Debian's dataset-fashion-mnist installs them."""
+"""Image data: Fashion-MNIST / MNIST idx files (gzip or raw), as Debian's dataset-fashion-mnist installs them,
+and folders of JPEG/PNG files: the ImageFolder layout (one subfolder per class, labels from the sorted
+class names, as torchvision's ImageFolder) or a flat folder of unlabelled images.
+
+Pictures go through Vim's (DeiT's) eval transform: resize the shorter side to img_size / 0.875 (256 for
+224) with bicubic interpolation, center-crop img_size, then (pixel / 255 - mean) / std per channel.
+"""
 
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import struct
 
@@ -34,7 +41,7 @@ def read_idx(path: str) -> np.ndarray:
         raise MQUserError(f"{path}: truncated idx header")
     shape = struct.unpack(">" + "I" * ndim, data[4:header])
     dtype = np.dtype(_IDX_DTYPES[data[2]])
-    count = int(np.prod(shape)) if shape else 1
+    count = math.prod(shape)      # Python ints: a header of huge dimensions cannot wrap around int64
     if len(data) - header != count * dtype.itemsize:
         raise MQUserError(f"{path}: holds {len(data) - header} data bytes, its header announces "
                           f"{count * dtype.itemsize} (truncated or corrupt)")
@@ -83,3 +90,106 @@ def write_idx(path: str, array: np.ndarray) -> None:
     with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:
         f.write(header + a.tobytes())
     os.replace(tmp, path)
+
+
+# -- folders of pictures -------------------------------------------------------------------------------
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+EVAL_CROP_RATIO = 0.875      # Vim / DeiT: resize to int(224 / 0.875) = 256, crop 224
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_SUFFIXES) and not name.startswith(".")
+
+
+def list_image_folder(path: str):
+    """(files, labels or None, class names or None) of an image folder.
+
+    Subfolders holding images make it an ImageFolder (class index = position in the sorted subfolder
+    names, as torchvision); images directly in it make a flat, unlabelled folder."""
+    if not os.path.isdir(path):
+        raise MQUserError(f"{path}: no such directory")
+    entries = sorted(os.listdir(path))
+    classes = [e for e in entries if os.path.isdir(os.path.join(path, e)) and not e.startswith(".")]
+    flat = [e for e in entries if _is_image(e) and os.path.isfile(os.path.join(path, e))]
+    if classes and not flat:
+        files, labels = [], []
+        for i, c in enumerate(classes):
+            found = []
+            for root, dirs, names in os.walk(os.path.join(path, c), followlinks=True):
+                dirs.sort()
+                found += [os.path.join(root, n) for n in sorted(names) if _is_image(n)]
+            if not found:
+                raise MQUserError(f"{os.path.join(path, c)}: class folder without images (JPEG/PNG)")
+            files += found
+            labels += [i] * len(found)
+        return files, np.asarray(labels, np.int64), classes
+    if flat:
+        return [os.path.join(path, f) for f in flat], None, None
+    raise MQUserError(f"{path}: no images in it (JPEG/PNG files, or class subfolders of them)")
+
+
+def read_picture(path: str, channels: int, size: int, crop_ratio: float = EVAL_CROP_RATIO) -> np.ndarray:
+    """uint8 [C, size, size]: shorter side resized to int(size / crop_ratio) (bicubic), center crop."""
+    try:
+        from PIL import Image
+    except ImportError:
+        raise MQUserError("reading PNG/JPEG images needs Pillow (pip install pillow)") from None
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L" if channels == 1 else "RGB")
+            w, h = im.size
+            short = int(size / crop_ratio)
+            if (w <= h and w != short) or (h < w and h != short):   # torchvision Resize(int) on a PIL image
+                nw, nh = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+                im = im.resize((nw, nh), Image.BICUBIC)
+                w, h = nw, nh
+            top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+            im = im.crop((left, top, left + size, top + size))
+            a = np.asarray(im, dtype=np.uint8)
+    except MQUserError:
+        raise
+    except (OSError, ValueError, SyntaxError) as e:   # PIL: UnidentifiedImageError is an OSError
+        raise MQUserError(f"{path}: cannot read the image ({e})") from None
+    return a[None] if channels == 1 else a.transpose(2, 0, 1)
+
+
+class ImageFolderData:
+    """Images of a folder, read on demand: a slice gives a normalised float32 tensor [n, C, H, W] of those
+    images; an index array gives a reordered view (nothing read). So an ImageNet-sized folder is read
+    one batch at a time by evaluation and calibration alike."""
+
+    def __init__(self, files, channels, size, mean, std):
+        self.files, self.channels, self.size, self.mean, self.std = list(files), channels, size, mean, std
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return to_tensor(self.uint8(index), self.mean, self.std)
+        idx = np.asarray(index).reshape(-1)
+        return ImageFolderData([self.files[int(i)] for i in idx], self.channels, self.size, self.mean, self.std)
+
+    def uint8(self, index=slice(None)) -> np.ndarray:
+        files = self.files[index]
+        if not files:
+            return np.zeros((0, self.channels, self.size, self.size), np.uint8)
+        return np.stack([read_picture(f, self.channels, self.size) for f in files])
+
+
+def spread(n: int, limit: int | None) -> np.ndarray:
+    """`limit` indices spread evenly over n items (an ImageFolder is sorted by class; the first N would be
+    one class)."""
+    if not limit or limit >= n:
+        return np.arange(n)
+    return np.unique(np.linspace(0, n - 1, limit).round().astype(np.int64))
+
+
+def is_image_folder(path: str) -> bool:
+    """A folder of pictures rather than an idx directory."""
+    if not os.path.isdir(path):
+        return False
+    names = os.listdir(path)
+    if any(n.endswith(("-idx3-ubyte", "-idx3-ubyte.gz")) for n in names):
+        return False
+    return True
