@@ -131,7 +131,9 @@ def server_command(install: ServerInstall, repo: str, host: str, http_port: int,
            f"--http-address={host}", f"--http-port={http_port}",
            f"--grpc-address={host}", f"--grpc-port={grpc_port}",
            "--allow-metrics=false", "--allow-sagemaker=false", "--allow-vertex-ai=false",
-           "--exit-on-error=true", "--strict-readiness=true", "--log-verbose=0"]
+           "--exit-on-error=true", "--strict-readiness=true", "--log-verbose=0",
+           # on SIGINT the server waits this long for clients to close their connections
+           "--exit-timeout-secs=10"]
     if install.backend_dir:
         cmd.append(f"--backend-directory={install.backend_dir}")
     return cmd + list(extra)

@@ -1,0 +1,48 @@
+"""`mq-deploy triton` and `mq-deploy serve`: flags mapped onto mq_deploy.serve (which does every check)."""
+
+from __future__ import annotations
+
+
+def register(sub) -> None:
+    s = sub.add_parser("triton", help="write a Triton Inference Server model repository for ONNX exports / engines")
+    s.add_argument("artifacts", nargs="+", metavar="ARTIFACT",
+                   help="ONNX files from `mq-deploy export` (full or --decode-step), TensorRT engines from "
+                        "`mq-deploy build` (with their --json report beside them) or those reports")
+    s.add_argument("-o", "--output", required=True, metavar="REPO", help="the repository folder to write")
+    s.add_argument("--name", help="model name (one artifact only; default: the file name)")
+    s.add_argument("--max-batch", type=int, default=64, metavar="B",
+                   help="max_batch_size with dynamic batching where the graph allows it (0: off)")
+    s.add_argument("--instances", type=int, default=1, metavar="K", help="model instances (instance_group count)")
+    s.add_argument("--backend", choices=["python", "onnxruntime", "tensorrt"],
+                   help="default: onnxruntime for ONNX files, tensorrt for engines; python: Python-backend "
+                        "models that run the ONNX in ONNX Runtime (the CPU path pytriton's server runs)")
+    s.add_argument("--custom-op-lib", metavar="SO", help="the native mq::SelectiveScan ONNX Runtime library")
+    s.add_argument("--labels", metavar="TXT", help="Vim class names, one per line (default: 0..N-1)")
+    s.add_argument("--overwrite", action="store_true", help="replace a repository mq-deploy wrote")
+    s.set_defaults(func=cmd_triton)
+
+    s = sub.add_parser("serve", help="run tritonserver on a model repository (loopback by default)")
+    s.add_argument("repo", metavar="REPO")
+    s.add_argument("--http-port", type=int, default=8000)
+    s.add_argument("--grpc-port", type=int, default=8001)
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
+    s.set_defaults(func=cmd_serve)
+
+
+def cmd_triton(args) -> int:
+    from mq_deploy.serve.repository import TritonConfig, write_repository
+
+    cfg = TritonConfig(name=args.name, max_batch=args.max_batch, instances=args.instances, backend=args.backend,
+                       custom_op_lib=args.custom_op_lib, labels=args.labels, overwrite=args.overwrite)
+    res = write_repository(args.artifacts, args.output, cfg)
+    print(f"wrote {res['path']}: {len(res['models'])} models")
+    for m in res["models"]:
+        print(f"  {m['name']:<28} {m['backend']:<24} {m['what']}")
+    print(f"start it: mq-deploy serve {args.output}   (other servers: {args.output}/README.md)")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from mq_deploy.serve.server import serve
+
+    return serve(args.repo, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port)
