@@ -167,3 +167,21 @@ def test_int8_head_export_matches_its_reference(act, step):
         e_opt = rel_err(torch.from_numpy(opt), want_fp)
         print(f"  optimized (MatMulNBits) vs float head {e_opt:.2e}")
         assert e_opt < 1e-2
+
+
+def test_last_logits_step_graph_equals_the_last_position():
+    from mq_deploy.export.graph import build_model
+
+    m = small_lm(vocab=256, d_model=24, d_model2=24)
+    ids = torch.randint(0, 256, (3, 11))
+    with torch.no_grad():
+        want = m(ids)[:, -1:]
+    cfg = m.cfg.mixer
+    feeds = {"input_ids": ids.numpy(),
+             "conv_state": np.zeros((m.cfg.n_layer, 3, cfg.d_inner, cfg.d_conv - 1), np.float32),
+             "ssm_state": np.zeros((m.cfg.n_layer, 3, cfg.d_inner, cfg.d_state), np.float32)}
+    proto = build_model(m, step=True, last_logits=True)
+    onnx.checker.check_model(proto, full_check=True)
+    got = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    assert got.shape == (3, 1, 256)
+    assert rel_err(torch.from_numpy(got), want) < 2e-5

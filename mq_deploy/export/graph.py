@@ -100,11 +100,13 @@ class _Builder:
     def silu(self, x):
         return self.op("Mul", [x, self.op("Sigmoid", [x])])
 
-    def rms_norm(self, x, norm):
+    def rms_norm(self, x, norm, eps=None):
+        """x / rms(x) * norm.weight; norm None: weightless (FalconMamba's dt/B/C norm) with `eps`."""
         ms = self.op("ReduceMean", [self.op("Mul", [x, x]), self.i64([-1])], keepdims=1)
-        eps = self.f32(np.array(norm.eps), "eps")
+        eps = self.f32(np.array(norm.eps if norm is not None else eps), "eps")
         inv = self.op("Reciprocal", [self.op("Sqrt", [self.op("Add", [ms, eps])])])
-        return self.op("Mul", [self.op("Mul", [x, inv]), self.f32(norm.weight, "norm_w")])
+        y = self.op("Mul", [x, inv])
+        return y if norm is None else self.op("Mul", [y, self.f32(norm.weight, "norm_w")])
 
     def flip_time(self, x):
         return self.op("Slice", [x, self.i64([-1]), self.i64([np.iinfo(np.int64).min]), self.i64([1]),
@@ -192,6 +194,8 @@ def _branch(g: _Graph, mixer, prefix, x, z, s, conv_state=None, ssm_state=None):
         xc = g.dq(x_q, prefix + "x" + s)
     dt_low, Bm, Cm = b.op("Split", [g.linear(xc, getattr(mixer, "x_proj" + s), prefix + f"x_proj{s}.weight"),
                                     b.i64([cfg.dt_rank, cfg.d_state, cfg.d_state])], n_out=3, axis=-1)
+    if cfg.mixer_rms_eps is not None:     # FalconMamba: weightless RMSNorm on dt, B, C (before their quant points)
+        dt_low, Bm, Cm = (b.rms_norm(t, None, cfg.mixer_rms_eps) for t in (dt_low, Bm, Cm))
     dt_proj = getattr(mixer, "dt_proj" + s)
     dt = b.op("MatMul", [g.qdq(dt_low, prefix + "dt_low" + s),
                          g.weight(prefix + f"dt_proj{s}.weight", dt_proj.weight, transpose=True)])
@@ -320,9 +324,11 @@ def _metadata(model, quant, step):
 
 
 def build_model(model, quant: QuantSpec | None = None, step: bool = False, opset: int = OPSET,
-                rotation: str = "factored"):
+                rotation: str = "factored", last_logits: bool = False):
     """ModelProto of a MambaLM (input_ids -> logits) or Vim (images -> logits); see the module doc.
-    rotation: how the online Hadamard before out_proj runs, "factored" (two small MatMuls) or "dense"."""
+    rotation: how the online Hadamard before out_proj runs, "factored" (two small MatMuls) or "dense".
+    last_logits (LMs): logits of the last position only, [batch, 1, V] (what generation reads; a
+    prefill then skips the vocab matmul of every other position)."""
     from onnx import TensorProto as T
     from onnx import helper
 
@@ -340,8 +346,10 @@ def build_model(model, quant: QuantSpec | None = None, step: bool = False, opset
             states = ("conv_state", "ssm_state")
         h = b.op("Gather", [b.f32(model.embedding.weight, "embedding"), "input_ids"], axis=0)
         h, new = _layers(g, model, h, states)
+        if last_logits:
+            h = b.op("Slice", [h, b.i64([-1]), b.i64([np.iinfo(np.int64).max]), b.i64([1])], "last")
         logits = _lm_head(b, h, model.lm_head)
-        outputs.append(vi("logits", T.FLOAT, ["batch", "seq", model.cfg.vocab_size]))
+        outputs.append(vi("logits", T.FLOAT, ["batch", 1 if last_logits else "seq", model.cfg.vocab_size]))
         if step:
             for j, (name, shape) in enumerate((("conv_state_out", [m.d_inner, m.d_conv - 1]),
                                                ("ssm_state_out", [m.d_inner, m.d_state]))):
