@@ -1,7 +1,8 @@
-"""mq_deploy.build.tensorrt without TensorRT: shape specs, the missing-TensorRT error, function-body
-stripping, and build_engine's flow against a stand-in `tensorrt` module that records what the real
-one would be asked. Tests that need TensorRT itself skip when it is not importable; the plugin's
-compile check runs when TENSORRT_INCLUDE_DIR names TensorRT's headers."""
+"""The TensorRT backend without TensorRT: shape specs and the optimization profile (checked before
+TensorRT is touched), function-body stripping (export.surgery), the missing-TensorRT errors, and
+build_engine's option mapping onto Polygraphy's loaders, against stand-in loaders that record what
+Polygraphy would be asked. Tests that need TensorRT itself skip when it is not importable; the
+plugin's compile check runs when TENSORRT_INCLUDE_DIR names TensorRT's headers."""
 
 from __future__ import annotations
 
@@ -18,8 +19,11 @@ import pytest
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper  # noqa: E402
 
-from mq_deploy.build import tensorrt as mtrt  # noqa: E402
+from mq_deploy.backends.trt import build as mtrt  # noqa: E402
+from mq_deploy.backends.trt import plugins as mplugins  # noqa: E402
+from mq_deploy.backends.trt.runner import TensorRTRunner  # noqa: E402
 from mq_deploy.errors import MQUserError  # noqa: E402
+from mq_deploy.export import surgery  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,6 +51,8 @@ def test_parse_shapes_good(spec, want):
     ("input_ids:1x-2", "bad dimensions"),
     ("input_ids:1x2.5", "bad dimensions"),
     ("input_ids:1x1,input_ids:8x256", "appears twice"),
+    ("images:0x1x28x28", "must be >= 1"),
+    ("images:99999999999x1x28x28", "int32 limit"),
 ])
 def test_parse_shapes_bad(spec, needle):
     with pytest.raises(MQUserError, match=needle):
@@ -54,21 +60,25 @@ def test_parse_shapes_bad(spec, needle):
 
 
 def test_profile_shapes_defaults_and_checks():
-    inputs = [("input_ids", (-1, -1)), ("bias", (4,))]
-    prof = mtrt._profile_shapes(inputs, "input_ids:1x1", "input_ids:4x64", "input_ids:8x256")
+    inputs = [("input_ids", (-1, "seq")), ("bias", (4,))]
+    prof = mtrt.profile_shapes(inputs, "input_ids:1x1", "input_ids:4x64", "input_ids:8x256")
     assert prof == {"input_ids": ((1, 1), (4, 64), (8, 256))}
     # trtexec: only max given -> min = opt = max
-    assert mtrt._profile_shapes(inputs, None, None, {"input_ids": [2, 3]}) == {"input_ids": ((2, 3),) * 3}
+    assert mtrt.profile_shapes(inputs, None, None, {"input_ids": [2, 3]}) == {"input_ids": ((2, 3),) * 3}
     with pytest.raises(MQUserError, match="dynamic shape"):
-        mtrt._profile_shapes(inputs, None, None, None)
+        mtrt.profile_shapes(inputs, None, None, None)
     with pytest.raises(MQUserError, match="min <= opt <= max"):
-        mtrt._profile_shapes(inputs, "input_ids:8x8", None, "input_ids:1x1")
+        mtrt.profile_shapes(inputs, "input_ids:8x8", None, "input_ids:1x1")
+    with pytest.raises(MQUserError, match="min <= opt <= max"):     # opt larger than max
+        mtrt.profile_shapes(inputs, None, "input_ids:8x512", "input_ids:8x256")
     with pytest.raises(MQUserError, match="rank"):
-        mtrt._profile_shapes(inputs, None, None, "input_ids:8")
-    with pytest.raises(MQUserError, match="not network inputs"):
-        mtrt._profile_shapes(inputs, None, None, "input_ids:1x1,nope:1")
+        mtrt.profile_shapes(inputs, None, None, "input_ids:8")
+    with pytest.raises(MQUserError, match="--maxShapes names nope, which is not an input"):
+        mtrt.profile_shapes(inputs, None, None, "input_ids:1x1,nope:1")
+    with pytest.raises(MQUserError, match="--optShapes names"):
+        mtrt.profile_shapes(inputs, None, "imgs:1x1", "input_ids:1x1")
     with pytest.raises(MQUserError, match="fixed to 4"):
-        mtrt._profile_shapes(inputs, None, None, "input_ids:1x1,bias:5")
+        mtrt.profile_shapes(inputs, None, None, "input_ids:1x1,bias:5")
 
 
 # ---- models ---------------------------------------------------------------------------------------
@@ -134,7 +144,7 @@ def test_strip_function_bodies(tmp_path):
     path = _scan_model(tmp_path / "m.onnx", with_hadamard=True)
     before = path.read_bytes()
     model = onnx.load(path)
-    stripped, removed = mtrt.strip_function_bodies(model)
+    stripped, removed = surgery.strip_function_bodies(model)
     assert removed == ["SelectiveScan"]
     assert [(f.domain, f.name) for f in stripped.functions] == [("mq", "Hadamard")]  # no plugin: keeps its body
     scan = next(n for n in stripped.graph.node if n.op_type == "SelectiveScan")
@@ -145,20 +155,21 @@ def test_strip_function_bodies(tmp_path):
     assert len(model.functions) == 2
     assert not any(a.name == "plugin_namespace" for n in model.graph.node for a in n.attribute)
     assert path.read_bytes() == before
-    assert mtrt.count_plugin_nodes(model) == 1
+    assert surgery.count_plugin_nodes(model) == 1
 
-    everything, removed_all = mtrt.strip_function_bodies(model, op_types=None)
+    everything, removed_all = surgery.strip_function_bodies(model, op_types=None)
     assert sorted(removed_all) == ["Hadamard", "SelectiveScan"] and len(everything.functions) == 0
-    assert not any(f.domain == "mq" for f in everything.functions)
 
 
-# ---- build_engine without TensorRT ------------------------------------------------------------
+# ---- without TensorRT ---------------------------------------------------------------------------
 
 def test_build_engine_without_tensorrt(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt -> ImportError
     path = _scan_model(tmp_path / "m.onnx")
+    lib = tmp_path / "libmq_scan_trt.so"
+    lib.write_bytes(b"")
     with pytest.raises(MQUserError) as ei:
-        mtrt.build_engine(path, tmp_path / "m.engine")
+        mtrt.build_engine(path, tmp_path / "m.engine", plugins=[lib], max_shapes=_SCAN_MAX)
     msg = str(ei.value)
     assert "pip install tensorrt" in msg and "JetPack" in msg and "TensorRT_ROOT" in msg
     assert not (tmp_path / "m.engine").exists()
@@ -167,228 +178,177 @@ def test_build_engine_without_tensorrt(tmp_path, monkeypatch):
 def test_placeholder_tensorrt_is_refused(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", types.ModuleType("tensorrt"))  # what the PyPI placeholder gives
     with pytest.raises(MQUserError, match="placeholder"):
-        mtrt.build_engine(_plain_model(tmp_path / "p.onnx"), tmp_path / "p.engine")
+        mtrt.build_engine(_plain_model(tmp_path / "p.onnx"), tmp_path / "p.engine", max_shapes="x:4x8")
 
 
 def test_runner_without_tensorrt(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     (tmp_path / "e.engine").write_bytes(b"x")
     with pytest.raises(MQUserError, match="pip install tensorrt"):
-        mtrt.TensorRTRunner(tmp_path / "e.engine")
+        TensorRTRunner(tmp_path / "e.engine")
 
 
-def test_importing_build_is_lean():
-    code = ("import sys, mq_deploy.build.tensorrt; "
-            "bad = [m for m in ('tensorrt', 'torch', 'onnx', 'cuda') if m in sys.modules]; "
+def test_importing_backends_is_lean():
+    code = ("import sys, mq_deploy.backends.trt.build, mq_deploy.backends.trt.runner, mq_deploy.backends.base; "
+            "bad = [m for m in ('tensorrt', 'torch', 'onnx', 'onnxruntime', 'cuda') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 
 
-# ---- build_engine's flow against a stand-in tensorrt module ----------------------------------------
+# ---- build_engine's option mapping onto Polygraphy (stand-in loaders) -----------------------------
 
-class _Enum:
-    def __init__(self, **kw):
-        self.__dict__.update(kw)
+_SCAN_MAX = "x:1x64x8,dt:1x64x8,z:1x64x8,Bm:1x64x4,Cm:1x64x4"
 
 
-def _fake_tensorrt(record: dict):
-    """The slice of the TensorRT 10 Python API that build_engine uses. It records calls; it does not
-    parse or build anything. Real-TensorRT behaviour is covered by test_real_tensorrt_* below."""
+def _fake_tensorrt():
     trt = types.ModuleType("tensorrt")
     trt.__version__ = "10.99-fake"
-
-    class ILogger:
-        INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = range(5)
-
-        def __init__(self):
-            pass
-
-    class Registry:
-        def __init__(self):
-            self.loaded = []
-
-        def load_library(self, path):
-            self.loaded.append(path)
-            record["loaded"] = list(self.loaded)
-            return object()
-
-        def get_creator(self, name, version, namespace):
-            ok = self.loaded and (name, version, namespace) == ("SelectiveScan", "1", "mq")
-            return object() if ok else None
-
-    registry = Registry()
-
-    class Tensor:
-        def __init__(self, name, shape):
-            self.name, self.shape = name, shape
-
-    class Network:
-        def __init__(self, flags):
-            record["network_flags"] = flags
-            self.inputs = []
-
-        @property
-        def num_inputs(self):
-            return len(self.inputs)
-
-        def get_input(self, i):
-            return self.inputs[i]
-
-    class OnnxParser:
-        def __init__(self, network, logger):
-            self.network = network
-            self.num_errors = 0
-
-        def parse_from_file(self, path):
-            m = onnx.load(path)
-            record["parsed_functions"] = [(f.domain, f.name) for f in m.functions]
-            record["parsed_nodes"] = [(n.domain, n.op_type, {a.name for a in n.attribute}) for n in m.graph.node]
-            record["parsed_path"] = path
-            for vi in m.graph.input:
-                dims = [d.dim_value if d.HasField("dim_value") else -1 for d in vi.type.tensor_type.shape.dim]
-                self.network.inputs.append(Tensor(vi.name, dims))
-            return True
-
-    class Profile:
-        def set_shape(self, name, lo, opt, hi):
-            record.setdefault("profile", {})[name] = (tuple(lo), tuple(opt), tuple(hi))
-
-    class Cache:
-        def __init__(self, blob):
-            self.blob = blob
-
-        def serialize(self):
-            return self.blob + b"+new"
-
-    class Config:
-        def __init__(self):
-            self.flags = []
-            self.cache = None
-
-        def set_memory_pool_limit(self, pool, n):
-            record["workspace"] = n
-
-        def set_flag(self, f):
-            self.flags.append(f)
-            record["builder_flags"] = list(self.flags)
-
-        def add_optimization_profile(self, p):
-            record["profiles_added"] = record.get("profiles_added", 0) + 1
-
-        def create_timing_cache(self, blob):
-            record["cache_in"] = blob
-            return Cache(blob)
-
-        def set_timing_cache(self, cache, ignore_mismatch):
-            self.cache = cache
-            return True
-
-        def get_timing_cache(self):
-            return self.cache
-
-    class Builder:
-        def __init__(self, logger):
-            pass
-
-        def create_network(self, flags):
-            return Network(flags)
-
-        def create_builder_config(self):
-            return Config()
-
-        def create_optimization_profile(self):
-            return Profile()
-
-        def build_serialized_network(self, network, config):
-            return b"ENGINE"
-
-    class Inspector:
-        def get_engine_information(self, fmt):
-            return ('{"Layers": [{"Name": "scan", "LayerType": "PluginV3", '
-                    '"Outputs": [{"Format/Datatype": "Row major linear FP32"}]}]}')
-
-    class Engine:
-        def create_engine_inspector(self):
-            return Inspector()
-
-    class Runtime:
-        def __init__(self, logger):
-            pass
-
-        def deserialize_cuda_engine(self, blob):
-            return Engine()
-
-    trt.ILogger, trt.Builder, trt.OnnxParser, trt.Runtime = ILogger, Builder, OnnxParser, Runtime
-    trt.get_plugin_registry = lambda: registry
-    trt.NetworkDefinitionCreationFlag = _Enum(STRONGLY_TYPED=5)
-    trt.MemoryPoolType = _Enum(WORKSPACE=0)
-    trt.BuilderFlag = _Enum(FP16=0, INT8=1)
-    trt.ProfilingVerbosity = _Enum(DETAILED=2)
-    trt.LayerInformationFormat = _Enum(JSON=1)
+    trt.Builder = object
+    trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
+    trt.ProfilingVerbosity = types.SimpleNamespace(DETAILED="DETAILED")
+    trt.LayerInformationFormat = types.SimpleNamespace(JSON="JSON")
+    trt.get_plugin_registry = lambda: types.SimpleNamespace(get_creator=lambda *a: "creator")
     return trt
 
 
 @pytest.fixture
-def fake_trt(monkeypatch):
-    record: dict = {}
-    monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt(record))
-    monkeypatch.setattr(mtrt, "_LOADED_PLUGINS", {})
-    monkeypatch.delenv(mtrt.PLUGIN_ENV, raising=False)
-    monkeypatch.setattr(mtrt, "_PLUGIN_CANDIDATES", ())
-    return record
+def fake_polygraphy(monkeypatch):
+    """Stand-ins for the Polygraphy loaders build_engine calls; they record what they are given and
+    build nothing. Real TensorRT behaviour is covered by test_real_tensorrt_* below."""
+    import polygraphy.backend.trt as ptrt
+
+    rec: dict = {}
+    monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt())
+    monkeypatch.delenv(mplugins.PLUGIN_ENV, raising=False)
+    monkeypatch.setattr(mplugins, "_PLUGIN_CANDIDATES", ())
+    monkeypatch.setattr(mplugins, "register_creators", lambda paths: rec.setdefault("registered", list(paths)))
+
+    class LoadPlugins:
+        def __init__(self, plugins=None, obj=None):
+            rec["loaded"] = list(plugins)
+
+        def __call__(self):
+            return None
+
+    class NetworkFromOnnxPath:
+        def __init__(self, path, strongly_typed=None, **kw):
+            m = onnx.load(path)      # the stripped copy must exist while the parser reads it
+            rec["parsed_functions"] = [f.name for f in m.functions]
+            rec["parsed_nodes"] = [(n.domain, n.op_type, {a.name for a in n.attribute}) for n in m.graph.node]
+            rec["strongly_typed"], rec["parser_path"] = strongly_typed, path
+
+        def __call__(self):
+            return "builder", "network", "parser"
+
+    class _Config:
+        def get_timing_cache(self):
+            return types.SimpleNamespace(serialize=lambda: b"new-cache")
+
+    class CreateConfig:
+        def __init__(self, **kw):
+            rec["config"] = kw
+
+        def __call__(self, builder, network):
+            return _Config()
+
+    class EngineBytesFromNetwork:
+        def __init__(self, network, config=None):
+            rec["network"] = network
+
+        def __call__(self):
+            return b"ENGINE"
+
+    class _Inspector:
+        def get_engine_information(self, fmt):
+            return json.dumps({"Layers": [{"Name": "scan", "LayerType": "PluginV3",
+                                           "Outputs": [{"Format/Datatype": "Row major linear FP32"}]}]})
+
+    class EngineFromBytes:
+        def __init__(self, data):
+            pass
+
+        def __call__(self):
+            return types.SimpleNamespace(create_engine_inspector=_Inspector)
+
+    for name, obj in (("LoadPlugins", LoadPlugins), ("NetworkFromOnnxPath", NetworkFromOnnxPath),
+                      ("CreateConfig", CreateConfig), ("EngineBytesFromNetwork", EngineBytesFromNetwork),
+                      ("EngineFromBytes", EngineFromBytes)):
+        monkeypatch.setattr(ptrt, name, obj)
+    return rec
 
 
-def test_build_engine_flow_with_plugin(tmp_path, fake_trt):
+def test_build_engine_maps_options_onto_polygraphy(tmp_path, fake_polygraphy):
+    rec = fake_polygraphy
     model = _scan_model(tmp_path / "m.onnx")
     before = model.read_bytes()
     lib = tmp_path / "libmq_scan_trt.so"
     lib.write_bytes(b"")
     cache = tmp_path / "timing.cache"
     cache.write_bytes(b"old")
+    (tmp_path / "out").mkdir()
     rep = mtrt.build_engine(model, tmp_path / "out" / "m.engine", plugins=[lib],
                             min_shapes="x:1x1x8,dt:1x1x8,z:1x1x8,Bm:1x1x4,Cm:1x1x4",
                             max_shapes={"x": (1, 64, 8), "dt": (1, 64, 8), "z": (1, 64, 8), "Bm": (1, 64, 4),
                                         "Cm": (1, 64, 4)},
-                            timing_cache=cache, workspace=1 << 20)
+                            timing_cache=str(cache), workspace=1 << 20)
     assert (tmp_path / "out" / "m.engine").read_bytes() == b"ENGINE"
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []   # temp files are gone
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert leftovers == [], leftovers                                            # the parser copy is gone
     assert model.read_bytes() == before
-    assert fake_trt["parsed_functions"] == []                                    # the parser saw no body
-    scan = next(n for n in fake_trt["parsed_nodes"] if n[1] == "SelectiveScan")
+    assert rec["parsed_functions"] == []                                         # the parser saw no body
+    scan = next(n for n in rec["parsed_nodes"] if n[1] == "SelectiveScan")
     assert {"plugin_namespace", "plugin_version", "x_scale", "out_dtype"} <= scan[2]
-    assert fake_trt["loaded"] == [str(lib.resolve())]
-    assert fake_trt["network_flags"] == 1 << 5 and "builder_flags" not in fake_trt  # strongly typed, no flags
-    assert fake_trt["profile"]["x"] == ((1, 1, 8), (1, 64, 8), (1, 64, 8))
-    assert fake_trt["workspace"] == 1 << 20
-    assert fake_trt["cache_in"] == b"old" and cache.read_bytes() == b"old+new"
+    assert rec["loaded"] == rec["registered"] == [str(lib.resolve())]
+    assert rec["strongly_typed"] is True
+    cfg = rec["config"]
+    assert cfg["int8"] is None and cfg["fp16"] is None                          # strongly typed: no flags
+    assert cfg["memory_pool_limits"] == {"WORKSPACE": 1 << 20} and cfg["load_timing_cache"] == str(cache)
+    prof = cfg["profiles"][0]
+    assert tuple(prof["x"].min) == (1, 1, 8) and tuple(prof["x"].opt) == (1, 64, 8) and tuple(prof["x"].max) == (1, 64, 8)
+    assert cache.read_bytes() == b"new-cache"
     assert rep["engine_bytes"] == 6 and rep["scan_nodes"] == 1 and rep["stripped_functions"] == ["SelectiveScan"]
     assert rep["layers"] == [{"name": "scan", "type": "PluginV3", "precision": "float32"}]
     assert rep["strongly_typed"] is True and rep["precision_flags"] == []
+    # the engine is ours now: a second build needs --overwrite, and with it replaces the engine
+    with pytest.raises(MQUserError, match="already exists"):
+        mtrt.build_engine(model, tmp_path / "out" / "m.engine", plugins=[lib], max_shapes=_SCAN_MAX)
+    mtrt.build_engine(model, tmp_path / "out" / "m.engine", plugins=[lib], max_shapes=_SCAN_MAX, overwrite=True)
 
 
-def test_build_engine_needs_plugin_for_scan_nodes(tmp_path, fake_trt):
+def test_build_engine_refuses_before_building(tmp_path, fake_polygraphy):
     model = _scan_model(tmp_path / "m.onnx")
     with pytest.raises(MQUserError, match="mq::SelectiveScan node.*cmake -S plugins/selective_scan"):
-        mtrt.build_engine(model, tmp_path / "m.engine", max_shapes="x:1x4x8")
+        mtrt.build_engine(model, tmp_path / "m.engine", max_shapes=_SCAN_MAX)
     with pytest.raises(MQUserError, match="plugin library not found"):
         mtrt.build_engine(model, tmp_path / "m.engine", plugins=[tmp_path / "nope.so"])
+    user = tmp_path / "user.engine"
+    user.write_bytes(b"not ours")
+    lib = tmp_path / "libmq_scan_trt.so"
+    lib.write_bytes(b"")
+    with pytest.raises(MQUserError, match="not written by mq-deploy"):
+        mtrt.build_engine(model, user, plugins=[lib], max_shapes=_SCAN_MAX, overwrite=True)
+    with pytest.raises(MQUserError, match="input of this command"):
+        mtrt.build_engine(model, model, plugins=[lib], max_shapes=_SCAN_MAX, overwrite=True)
+    assert user.read_bytes() == b"not ours" and "config" not in fake_polygraphy
 
 
-def test_build_engine_plain_model_needs_no_plugin(tmp_path, fake_trt):
+def test_build_engine_plain_model_needs_no_plugin(tmp_path, fake_polygraphy):
     rep = mtrt.build_engine(_plain_model(tmp_path / "p.onnx"), tmp_path / "p.engine", opt_shapes="x:4x8")
-    assert rep["plugins"] == [] and rep["scan_nodes"] == 0 and "loaded" not in fake_trt
-    assert fake_trt["profile"]["x"] == ((4, 8),) * 3
+    assert rep["plugins"] == [] and rep["scan_nodes"] == 0 and "loaded" not in fake_polygraphy
+    prof = fake_polygraphy["config"]["profiles"][0]
+    assert tuple(prof["x"].min) == tuple(prof["x"].max) == (4, 8)
     with pytest.raises(MQUserError, match="dynamic shape"):
         mtrt.build_engine(_plain_model(tmp_path / "p.onnx"), tmp_path / "p2.engine")
 
 
-def test_build_engine_fp16_is_weakly_typed(tmp_path, fake_trt):
+def test_build_engine_fp16_is_weakly_typed(tmp_path, fake_polygraphy):
     lib = tmp_path / "libmq_scan_trt.so"
     lib.write_bytes(b"")
     rep = mtrt.build_engine(_scan_model(tmp_path / "m.onnx"), tmp_path / "m.engine", fp16=True, plugins=[lib],
                             max_shapes="x:1x4x8,dt:1x4x8,z:1x4x8,Bm:1x4x4,Cm:1x4x4")
     assert rep["strongly_typed"] is False and rep["precision_flags"] == ["INT8", "FP16"]
-    assert fake_trt["network_flags"] == 0 and rep["scan_nodes_fp16"] == 1
+    assert fake_polygraphy["strongly_typed"] is False and rep["scan_nodes_fp16"] == 1
+    assert fake_polygraphy["config"]["fp16"] is True and fake_polygraphy["config"]["int8"] is True
     with pytest.raises(MQUserError, match="weakly typed"):
         mtrt.build_engine(_scan_model(tmp_path / "m.onnx"), tmp_path / "m.engine", fp16=True, strongly_typed=True,
                           plugins=[lib])
@@ -402,6 +362,8 @@ def test_real_tensorrt_plain_build(tmp_path):
         pytest.skip("placeholder tensorrt package")
     rep = mtrt.build_engine(_plain_model(tmp_path / "p.onnx"), tmp_path / "p.engine", max_shapes="x:4x8")
     assert rep["engine_bytes"] > 0 and (tmp_path / "p.engine").stat().st_size == rep["engine_bytes"]
+    out = TensorRTRunner(tmp_path / "p.engine").infer({"x": np.array([[-1.0] * 8], np.float32)})
+    assert (out["y"] == 0).all()
 
 
 @pytest.mark.skipif(not os.environ.get("TENSORRT_INCLUDE_DIR"),
@@ -414,7 +376,7 @@ def test_plugin_compile_check(script_name):
     assert res.returncode == 0
 
 
-def test_cli_build_tensorrt_maps_flags_and_prints_the_report(tmp_path, fake_trt, capsys):
+def test_cli_build_tensorrt_maps_flags_and_prints_the_report(tmp_path, fake_polygraphy, capsys):
     """`mq-deploy build` -> build_engine: trtexec-style flags, the plugin, the engine path, the report."""
     from mq_deploy.cli.main import main
 
@@ -423,12 +385,12 @@ def test_cli_build_tensorrt_maps_flags_and_prints_the_report(tmp_path, fake_trt,
     lib.write_bytes(b"")
     rep = tmp_path / "r.json"
     argv = ["build", str(model), "--int8", "--plugins", str(lib), "--workspace-mib", "2", "--json", str(rep),
-            "--minShapes", "x:1x1x8,dt:1x1x8,z:1x1x8,Bm:1x1x4,Cm:1x1x4",
-            "--maxShapes", "x:1x64x8,dt:1x64x8,z:1x64x8,Bm:1x64x4,Cm:1x64x4"]
+            "--minShapes", "x:1x1x8,dt:1x1x8,z:1x1x8,Bm:1x1x4,Cm:1x1x4", "--maxShapes", _SCAN_MAX]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert (tmp_path / "m.engine").read_bytes() == b"ENGINE" and "wrote" in out and "plugin nodes" in out
-    assert fake_trt["workspace"] == 2 << 20 and fake_trt["profile"]["x"][2] == (1, 64, 8)
+    assert fake_polygraphy["config"]["memory_pool_limits"] == {"WORKSPACE": 2 << 20}
     assert json.loads(rep.read_text())["scan_nodes"] == 1
     assert main(argv) == 2                     # the engine exists: only replaced with --overwrite
     assert "already exists" in capsys.readouterr().err
+    assert main(argv + ["--overwrite"]) == 0

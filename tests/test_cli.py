@@ -119,7 +119,7 @@ def test_eval_lm_json(tmp_path, lm_dir, capsys):
     out = tmp_path / "r.json"
     assert main(["eval", lm_dir, "--data", str(text), "--seq-len", "64", "--limit", "5", "--json", str(out)]) == 0
     r = json.loads(out.read_text())
-    assert set(r) == {"metric", "value", "samples"} and r["metric"] == "bits_per_byte"
+    assert set(r) == {"mq_deploy_version", "metric", "value", "samples"} and r["metric"] == "bits_per_byte"
     assert r["samples"] == 5 * 64 and 0 < r["value"] < 16
     assert "bits_per_byte" in capsys.readouterr().out
 
@@ -148,10 +148,12 @@ def test_eval_vim_on_idx(tmp_path):
 
     d = str(save_model(small_vim(), tmp_path / "vim"))
     rng = np.random.default_rng(0)
-    write_idx(str(tmp_path / "t10k-images-idx3-ubyte.gz"), rng.integers(0, 255, (40, 12, 12)))
-    write_idx(str(tmp_path / "t10k-labels-idx1-ubyte.gz"), rng.integers(0, 7, 40))
-    out = tmp_path / "r.json"
-    r = run_cli("eval", d, "--data", str(tmp_path), "--limit", "30", "--json", str(out))
+    data = tmp_path / "data"
+    data.mkdir()
+    write_idx(str(data / "t10k-images-idx3-ubyte.gz"), rng.integers(0, 255, (40, 12, 12)))
+    write_idx(str(data / "t10k-labels-idx1-ubyte.gz"), rng.integers(0, 7, 40))
+    out = tmp_path / "r.json"   # beside the data folder: outputs never land in an input
+    r = run_cli("eval", d, "--data", str(data), "--limit", "30", "--json", str(out))
     assert r.returncode == 0, r.stderr
     res = json.loads(out.read_text())
     assert res["metric"] == "top1" and res["samples"] == 30 and 0 <= res["value"] <= 1

@@ -1,12 +1,15 @@
-"""`mq-deploy` command line. Thin: each subcommand maps flags onto one API call.
+"""`mq-deploy` command line. Thin: each subcommand maps flags onto one library call, which does every
+check (outputs, inputs, values); argument groups are shared between subcommands (STYLE.md 11).
 
-Heavy modules (torch, safetensors) are imported inside the handlers so `mq-deploy --help` stays fast.
+Heavy modules (torch, onnxruntime) are imported inside the handlers so `mq-deploy --help` stays fast.
+Every file a command writes goes through mq_deploy.fileio; `--json` and `-o` are checked before the
+work starts, so a bad path never costs a long run, and never names an input.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import os
 import sys
 
@@ -14,18 +17,170 @@ from mq_deploy import __version__
 from mq_deploy.errors import MQUserError
 
 
-def _write_json_atomic(path: str, obj) -> None:
-    path = os.path.abspath(path)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors as one line (and exit 2) like every other error of ours."""
 
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+class _LazyChoices:
+    """choices= that come from a library registry, imported only when argparse checks a value or
+    prints this subcommand's help (so `mq-deploy --help` imports no torch)."""
+
+    def __init__(self, load):
+        self._load, self._items = load, None
+
+    def _get(self):
+        if self._items is None:
+            self._items = tuple(self._load())
+        return self._items
+
+    def __contains__(self, x):
+        return x in self._get()
+
+    def __iter__(self):
+        return iter(self._get())
+
+    def __len__(self):
+        return len(self._get())
+
+    def __getitem__(self, i):
+        return self._get()[i]
+
+
+def _recipe_names():
+    from mq_deploy.quant.recipes import RECIPES
+
+    return [r for r in RECIPES]
+
+
+# ---- value types (argparse calls them; their errors become one line) -------------------------------
+
+def positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
+    return v
+
+
+def finite_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return v
+
+
+def nonneg_float(text: str) -> float:
+    v = finite_float(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
+# ---- shared argument groups ------------------------------------------------------------------------
+
+def add_output(s, metavar="OUT", required=True, help=None):
+    g = s.add_argument_group("output")
+    g.add_argument("-o", "--output", required=required, metavar=metavar, help=help)
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output, only if mq-deploy wrote it")
+    return g
+
+
+def add_json(s, what="", g=None):
+    g = g or s.add_argument_group("output")
+    g.add_argument("--json", metavar="OUT", help=f"also write {what or 'the result'} as JSON")
+    if not any(a.dest == "overwrite" for a in s._actions):
+        g.add_argument("--overwrite", action="store_true", help="replace an existing JSON file mq-deploy wrote")
+
+
+def add_calib(s):
+    g = s.add_argument_group("calibration")
+    g.add_argument("--calib", metavar="PATH", help="calibration text file / idx directory (default: the sample's)")
+    g.add_argument("--calib-samples", type=positive_int, metavar="N")
+    g.add_argument("--seed", type=int, default=0)
+
+
+def add_eval_data(s, seq_len=1024, limit_help="at most N windows (LM) or images (Vim)"):
+    g = s.add_argument_group("evaluation data")
+    g.add_argument("--data", metavar="PATH", help="text file (LM) or Fashion-MNIST idx directory (Vim); "
+                   "default: the data shipped with a sample model")
+    g.add_argument("--limit", type=positive_int, metavar="N", help=limit_help)
+    g.add_argument("--seq-len", type=positive_int, default=seq_len, help="LM window length")
+    g.add_argument("--batch", type=positive_int)
+    return g
+
+
+def add_runtime(s, ort=True):
+    g = s.add_argument_group("runtime")
+    g.add_argument("--threads", type=positive_int, help="CPU threads (torch / ONNX Runtime intra-op)")
+    if ort:
+        g.add_argument("--custom-op-lib", metavar="SO", help="register a native mq::SelectiveScan library in ORT")
+
+
+def add_recipe(s, quantize=True):
+    from_lib = "fake quantization; `quantize`/`export` take what the int8 scan runs"
+    g = s.add_argument_group("recipe")
+    if quantize:
+        g.add_argument("--recipe", default="mambaquant", choices=_LazyChoices(_recipe_names))
+        g.add_argument("--wbits", type=int, default=8, choices=[4, 8])
+        g.add_argument("--abits", type=int, default=8, choices=[8],
+                       help=f"8 (the artifact's int8 activations; lower bits: `compare --bits`, {from_lib})")
+        g.add_argument("--act-granularity", default="per_tensor", choices=["per_tensor", "per_token"])
+    g.add_argument("--alpha", type=finite_float, default=0.5, help="smoothing migration strength")
+    g.add_argument("--percentile", type=finite_float, default=None,
+                   help="mambaquant observer percentile on heavy-tailed points (100 = min-max; default: the recipe's)")
+    return g
+
+
+# ---- helpers ---------------------------------------------------------------------------------------
+
+def _set_threads(args):
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
+def _json_target(args, inputs):
+    """Check --json before the work (never an input, its folder must exist, no silent overwrite)."""
+    if getattr(args, "json", None):
+        from mq_deploy import fileio
+
+        fileio.check_target(args.json, args.overwrite, [i for i in inputs if i], "JSON report")
+
+
+def _write_json(args, obj, inputs):
+    if getattr(args, "json", None):
+        from mq_deploy import fileio
+
+        fileio.write_json(args.json, obj, overwrite=args.overwrite, inputs=[i for i in inputs if i],
+                          what="JSON report")
+
+
+def _recipe_cfg(args, recipe=None, wbits=8, abits=8, granularity="per_tensor"):
+    from mq_deploy.quant.fakequant import QuantConfig
+    from mq_deploy.quant.recipes import RecipeConfig
+
+    kw = {"alpha": args.alpha}
+    if args.percentile is not None:
+        kw["percentile"] = args.percentile
+    return RecipeConfig(recipe or args.recipe, QuantConfig(wbits, abits, granularity), **kw)
+
+
+# ---- commands --------------------------------------------------------------------------------------
 
 def cmd_info(args) -> int:
     from mq_deploy.models.loaders import load_model
 
+    _json_target(args, [args.model])
     loaded = load_model(args.model)
     cfg = loaded.config
     n_params = sum(p.numel() for p in loaded.model.parameters())
@@ -46,37 +201,32 @@ def cmd_info(args) -> int:
         print(f"quantized:    {quant['recipe']} W{quant['wbits']}A{quant['abits']} ({quant['act_granularity']} "
               f"activations; online out_proj rotation {'on' if quant['online_out_rotation'] else 'off'}, "
               f"gate smoothing {'on' if quant['gate_scale'] else 'off'})")
-    if args.json:
-        _write_json_atomic(args.json, {"format": loaded.format, "parameters": n_params, "config": cfg.to_dict(),
-                                       "quant": quant})
+    _write_json(args, {"format": loaded.format, "parameters": n_params, "config": cfg.to_dict(), "quant": quant},
+                [args.model])
     return 0
 
 
 def cmd_eval(args) -> int:
-    import torch
-
     from mq_deploy.evaluate import EvalConfig, evaluate
     from mq_deploy.quant.qcheckpoint import load
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    inputs = [args.model, args.data]
+    _json_target(args, inputs)
+    _set_threads(args)
     cfg = EvalConfig(data=args.data, limit=args.limit, split=args.split, seq_len=args.seq_len, batch=args.batch)
-    loaded = load(args.model)
-    res = evaluate(loaded, cfg)
+    res = evaluate(load(args.model), cfg)
     print(f"{args.model}: {res['metric']} = {res['value']:.4f} ({res['samples']} samples of {res['data']})")
-    if args.json:
-        _write_json_atomic(args.json, {"metric": res["metric"], "value": res["value"], "samples": res["samples"]})
+    _write_json(args, {"metric": res["metric"], "value": res["value"], "samples": res["samples"]}, inputs)
     return 0
 
 
 def cmd_compare(args) -> int:
-    import torch
-
     from mq_deploy.evaluate import EvalConfig
     from mq_deploy.quant.compare import BITS, RECIPES, CalibConfig, compare, parse_list
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    inputs = [args.model, args.data, args.calib]
+    _json_target(args, inputs)
+    _set_threads(args)
     recipes = parse_list(args.recipes, RECIPES, "recipe")
     bits = parse_list(args.bits, tuple(BITS), "bit width")
     calib = CalibConfig(path=args.calib, samples=args.calib_samples, seed=args.seed)
@@ -85,64 +235,37 @@ def cmd_compare(args) -> int:
 
     def show(r):
         print(f"{r['recipe']:12s} {r['bits']:5s} {r['metric']:14s} {r['value']:9.4f} {r['delta']:+12.4f}", flush=True)
-    table = compare(args.model, recipes, bits, calib, ev, progress=show, alpha=args.alpha, percentile=args.percentile)
-    if args.json:
-        _write_json_atomic(args.json, table)
+    kw = {"alpha": args.alpha}
+    if args.percentile is not None:
+        kw["percentile"] = args.percentile
+    table = compare(args.model, recipes, bits, calib, ev, progress=show, **kw)
+    _write_json(args, table, inputs)
     return 0
 
 
 def cmd_quantize(args) -> int:
-    import torch
+    from mq_deploy.quant.compare import CalibConfig
+    from mq_deploy.quant.qcheckpoint import quantize_to_dir
 
-    from mq_deploy.models.loaders import load_model
-    from mq_deploy.quant.compare import CalibConfig, calibration_loop
-    from mq_deploy.quant.fakequant import QuantConfig
-    from mq_deploy.quant.qcheckpoint import save_quantized
-    from mq_deploy.quant.recipes import RecipeConfig, apply_recipe
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    rcfg = RecipeConfig(args.recipe, QuantConfig(args.wbits, args.abits, args.act_granularity), alpha=args.alpha,
-                        percentile=args.percentile)
-    if os.path.abspath(args.output) == os.path.abspath(args.model):
-        raise MQUserError("the output directory must differ from the input model")
-    if os.path.exists(args.output) and not args.overwrite:
-        raise MQUserError(f"{args.output}: already exists (pass --overwrite to replace it)")
-    loaded = load_model(args.model)
-    loop = calibration_loop(loaded, CalibConfig(path=args.calib, samples=args.calib_samples, seed=args.seed))
-    scales = apply_recipe(loaded.model, loop, rcfg)
-    calib_info = {"source": os.path.abspath(loop.source), "samples": loop.samples, "seed": args.seed}
-    out = save_quantized(loaded.model, args.output, rcfg, scales, calib_info, loaded.extra, args.model,
-                         overwrite=args.overwrite)
-    print(f"wrote {out}: {args.recipe} W{args.wbits}A{args.abits}, calibrated on {loop.samples} samples of "
-          f"{loop.source}")
+    _set_threads(args)
+    rcfg = _recipe_cfg(args, wbits=args.wbits, abits=args.abits, granularity=args.act_granularity)
+    res = quantize_to_dir(args.model, args.output, rcfg,
+                          CalibConfig(path=args.calib, samples=args.calib_samples, seed=args.seed),
+                          overwrite=args.overwrite, seed=args.seed)
+    print(f"wrote {res['path']}: {res['recipe']} W{res['wbits']}A{res['abits']}, calibrated on "
+          f"{res['calibration']['samples']} samples of {res['calibration']['source']}")
     return 0
 
 
 def cmd_inspect(args) -> int:
-    import torch
+    from mq_deploy.quant.inspect import inspect_to_dir
 
-    from mq_deploy.models.loaders import load_model
-    from mq_deploy.quant.compare import CalibConfig, calibration_loop
-    from mq_deploy.quant.inspect import inspect_model, write_report
-    from mq_deploy.quant.recipes import RecipeConfig, apply_recipe
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if os.path.exists(args.output) and not args.overwrite:
-        raise MQUserError(f"{args.output}: already exists (pass --overwrite to replace it)")
-    loaded = load_model(args.model)
-    loop = calibration_loop(loaded, CalibConfig(path=args.calib, samples=args.calib_samples))
-    title = f"{args.model}: activation channels at the matmul inputs"
-    if args.recipe:
-        apply_recipe(loaded.model, loop, RecipeConfig(args.recipe, alpha=args.alpha), quantize=False)
-        title += f" after the {args.recipe} transforms"
-    result = inspect_model(loaded.model, loop, alpha=args.alpha)
-    out = write_report(result, args.output, title, overwrite=args.overwrite)
-    print(f"wrote {out}: {len(result['channels'])} plots and summary.md")
+    _set_threads(args)
+    res = inspect_to_dir(args.model, args.output, recipe=args.recipe, alpha=args.alpha, calib=args.calib,
+                         calib_samples=args.calib_samples, overwrite=args.overwrite)
+    print(f"wrote {res['path']}: {len(res['channels'])} plots and summary.md")
     points = {}
-    for r in result["rows"]:
+    for r in res["rows"]:
         points.setdefault(r["point"], {})[r["view"]] = r
     print(f"{'point':28s} {'view':14s} {'kurtosis':>9s} {'max/med max':>12s} {'max/med var':>12s}")
     for name, per_view in points.items():
@@ -155,38 +278,36 @@ def cmd_inspect(args) -> int:
 def cmd_export(args) -> int:
     from mq_deploy.export.exporter import export
 
+    _json_target(args, [args.model, args.output])
     info = export(args.model, args.output, step=args.decode_step, opset=args.opset, overwrite=args.overwrite)
     ops = ", ".join(f"{k} {v}" for k, v in sorted(info["op_counts"].items(), key=lambda kv: -kv[1])[:8])
     print(f"wrote {info['path']}: {info['graph']} graph of the {info['architecture']} "
           f"({info['quant'] or 'float32'}), {info['nodes']} nodes, {info['bytes'] / 1e6:.2f} MB; {ops}")
-    if args.json:
-        _write_json_atomic(args.json, info)
+    _write_json(args, info, [args.model, args.output])
     return 0
 
 
 def cmd_verify(args) -> int:
-    from mq_deploy.quant.qcheckpoint import load
-    from mq_deploy.runtime.runners import TorchRunner, open_runner
-    from mq_deploy.verify.verify import VerifyConfig, format_report, verify
+    from mq_deploy.verify.verify import VerifyConfig, format_report, verify_paths
 
+    inputs = [args.artifact, args.reference, args.data]
+    _json_target(args, inputs)
+    _set_threads(args)
     cfg = VerifyConfig(data=args.data, limit=args.limit, seq_len=args.seq_len, batch=args.batch, atol=args.atol,
                        rtol=args.rtol, check_error_stat=args.check_error_stat, min_cosine=args.min_cosine,
                        min_top1_agreement=args.min_top1_agreement, max_metric_delta=args.max_metric_delta)
-    artifact = open_runner(args.artifact, custom_op_library=args.custom_op_lib, plugins=args.plugins or (),
-                           threads=args.threads)
-    reference = TorchRunner(load(args.reference))
-    rep = verify(artifact, reference, cfg)
+    rep = verify_paths(args.artifact, args.reference, cfg, custom_op_library=args.custom_op_lib,
+                       plugins=args.plugins or (), threads=args.threads)
     print(format_report(rep, args.artifact, args.reference))
-    if args.json:
-        _write_json_atomic(args.json, {"outputs": rep["outputs"], "metrics": rep["metrics"], "checks": rep["checks"],
-                                       "passed": rep["passed"]})
+    _write_json(args, {k: rep[k] for k in ("outputs", "metrics", "checks", "passed")}, inputs)
     return 0 if rep["passed"] else 1
 
 
 def cmd_generate(args) -> int:
+    from mq_deploy.backends.ort.runner import OrtRunner
     from mq_deploy.runtime.apps import generate
-    from mq_deploy.runtime.runners import OrtRunner
 
+    _json_target(args, [args.model])
     runner = OrtRunner(args.model, custom_op_library=args.custom_op_lib, threads=args.threads)
     byte_level = runner.meta.get("mq.tokenizer") == "bytes"
     if args.prompt_ids is not None:
@@ -223,85 +344,57 @@ def cmd_generate(args) -> int:
     if shown:
         sys.stdout.write(shown.decode("utf-8", errors="replace"))
     sys.stdout.write("\n")
-    if args.json:
-        _write_json_atomic(args.json, {"prompt_ids": prompt, "new_ids": out})
+    _write_json(args, {"prompt_ids": prompt, "new_ids": out}, [args.model])
     return 0
 
 
 def cmd_run(args) -> int:
-    import numpy as np
+    from mq_deploy.runtime.apps import classify_path
 
-    from mq_deploy.runtime.apps import classify, load_images
-    from mq_deploy.runtime.runners import OrtRunner
-
-    runner = OrtRunner(args.model, custom_op_library=args.custom_op_lib, threads=args.threads)
-    cfg = runner.meta.get("mq.config")
-    if runner.meta.get("mq.kind") != "vim" or cfg is None:
-        raise MQUserError(f"{args.model}: `run` classifies images with an exported Vision Mamba "
-                          "(for a language model use `generate`)")
-    images, labels, names = load_images(args.images, cfg["in_chans"], cfg["img_size"])
-    if args.limit:
-        images, names = images[:args.limit], names[:args.limit]
-        labels = None if labels is None else labels[:args.limit]
-    logits = classify(runner, images, cfg["image_mean"], cfg["image_std"], batch=args.batch)
-    pred = logits.argmax(-1)
-    classes = args.class_names.split(",") if args.class_names else None
-    if classes and len(classes) != logits.shape[-1]:
-        raise MQUserError(f"--class-names has {len(classes)} names, the model has {logits.shape[-1]} classes")
+    _json_target(args, [args.model, args.images])
+    res = classify_path(args.model, args.images, limit=args.limit, batch=args.batch, custom_op_library=args.custom_op_lib,
+                        threads=args.threads, class_names=args.class_names.split(",") if args.class_names else None)
+    pred, names, classes = res["predictions"], res["names"], res.get("classes")
     shown = len(pred) if args.show is None else min(args.show, len(pred))
     for name, p in list(zip(names, pred))[:shown]:
         print(f"{name}\t{p}" + (f"\t{classes[p]}" if classes else ""))
     if shown < len(pred):
         print(f"... ({len(pred) - shown} more; --show N prints more)")
-    result = {"predictions": [int(p) for p in pred], "names": names}
-    if labels is not None:
-        acc = float((pred == np.asarray(labels)).mean())
-        print(f"top-1 {acc * 100:.2f}% on {len(pred)} labelled images")
-        result["top1"] = acc
-    if args.json:
-        _write_json_atomic(args.json, result)
+    if "top1" in res:
+        print(f"top-1 {res['top1'] * 100:.2f}% on {len(pred)} labelled images")
+    _write_json(args, {k: res[k] for k in ("predictions", "names", "top1") if k in res}, [args.model, args.images])
     return 0
 
 
 def cmd_build(args) -> int:
-    from mq_deploy.build.tensorrt import parse_shapes
-    from mq_deploy.runtime.runners import load_onnx
-
-    proto = load_onnx(args.model, load_external_data=False)
-    has_qdq = any(n.op_type == "QuantizeLinear" for n in proto.graph.node)
-    if args.int8 and not has_qdq:
-        raise MQUserError(f"{args.model}: --int8 asks for an int8 build, but the graph has no QuantizeLinear nodes "
-                          "(a float32 export); quantize first: mq-deploy quantize MODEL -o QDIR && "
-                          "mq-deploy export QDIR -o model.onnx")
-    shapes = {k: parse_shapes(getattr(args, k)) for k in ("minShapes", "optShapes", "maxShapes")}
     stem = args.model[:-5] if args.model.endswith(".onnx") else args.model
+    out = args.saveEngine or stem + (".ort.onnx" if args.backend == "onnxruntime" else ".engine")
+    _json_target(args, [args.model, out])
     if args.backend == "onnxruntime":
-        from mq_deploy.build.onnxruntime import build_ort
+        from mq_deploy.backends.ort.build import build_onnxruntime
 
-        if args.fp16:
-            raise MQUserError("--fp16 is a TensorRT option; the ONNX Runtime CPU build keeps float32 outside int8")
-        lib = args.plugins[0] if args.plugins else None
-        rep = build_ort(args.model, args.saveEngine or stem + ".ort.onnx", custom_op_library=lib,
-                        shapes=shapes["optShapes"] or None, overwrite=args.overwrite)
+        rep = build_onnxruntime(args.model, out, int8=args.int8, fp16=args.fp16, plugins=args.plugins or (),
+                            min_shapes=args.minShapes, opt_shapes=args.optShapes, max_shapes=args.maxShapes,
+                            overwrite=args.overwrite)
         v = rep["verify"]["outputs"].get("logits", {})
         print(f"wrote {rep['output']}: ONNX Runtime {rep['onnxruntime_version']} optimized model, "
               f"{rep['nodes_before']} -> {rep['nodes_after']} nodes, {rep['bytes'] / 1e6:.2f} MB, "
               f"{rep['build_seconds']:.2f} s")
         top = ", ".join(f"{k} {n}" for k, n in sorted(rep["op_counts"].items(), key=lambda kv: -kv[1])[:10])
         print(f"  ops: {top}")
-        print(f"  verified against {args.model} on {rep['verify']['feeds']}: logits cosine "
-              f"{v.get('cosine_mean', float('nan')):.6f}, top-1 agreement {v.get('top1_agreement', 0) * 100:.2f}%, "
-              f"max abs {v.get('max_abs', float('nan')):.3g}")
+        if v:
+            print(f"  verified against {args.model} on {rep['verify']['feeds']}: logits cosine "
+                  f"{v['cosine_mean']:.6f}, top-1 agreement {v.get('top1_agreement', 1.0) * 100:.2f}%, "
+                  f"max abs {v['max_abs']:.3g}")
     else:
-        from mq_deploy.build.tensorrt import build_engine
+        from mq_deploy.backends.trt.build import EngineBuildConfig, build_engine, check_int8
 
-        out = args.saveEngine or stem + ".engine"
-        if os.path.exists(out) and not args.overwrite:
-            raise MQUserError(f"{out}: already exists (pass --overwrite to replace it)")
-        rep = build_engine(args.model, out, int8=args.int8, fp16=args.fp16, min_shapes=shapes["minShapes"] or None,
-                           opt_shapes=shapes["optShapes"] or None, max_shapes=shapes["maxShapes"] or None,
-                           plugins=args.plugins or (), timing_cache=args.timingCacheFile,
-                           workspace=args.workspace_mib * 2 ** 20 if args.workspace_mib else None)
+        check_int8(args.model, args.int8)
+        cfg = EngineBuildConfig(int8=args.int8, fp16=args.fp16, min_shapes=args.minShapes, opt_shapes=args.optShapes,
+                                max_shapes=args.maxShapes, plugins=args.plugins or (),
+                                timing_cache=args.timingCacheFile, overwrite=args.overwrite,
+                                workspace=args.workspace_mib * 2 ** 20 if args.workspace_mib else None)
+        rep = build_engine(args.model, out, cfg)
         print(f"wrote {rep.get('engine')}: TensorRT {rep.get('tensorrt_version')}, "
               f"{rep.get('engine_bytes', 0) / 1e6:.2f} MB, {rep.get('build_seconds', 0):.1f} s, "
               f"{len(rep.get('layers', []))} layers, {rep.get('scan_nodes')} mq::SelectiveScan plugin nodes")
@@ -309,107 +402,85 @@ def cmd_build(args) -> int:
         for layer in rep.get("layers", []):
             precisions[layer.get("precision")] = precisions.get(layer.get("precision"), 0) + 1
         print("  layer precisions: " + ", ".join(f"{k} {v}" for k, v in precisions.items()))
-    if args.json:
-        _write_json_atomic(args.json, rep)
+    _write_json(args, rep, [args.model, out])
     return 0
 
 
+# ---- parser ----------------------------------------------------------------------------------------
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mq-deploy", description="Quantize and deploy Mamba models (MambaQuant PTQ).")
+    p = _Parser(prog="mq-deploy", description="Quantize and deploy Mamba models (MambaQuant PTQ).")
     p.add_argument("--version", action="version", version=f"mq-deploy {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    model_help = "checkpoint directory (mq-deploy, HF transformers, mamba-ssm) or Vim .pth"
 
     s = sub.add_parser("info", help="describe a model checkpoint (format, architecture, size)")
-    s.add_argument("model", help="checkpoint directory (mq-deploy, HF transformers, mamba-ssm) or Vim .pth")
-    s.add_argument("--json", metavar="OUT", help="also write the description as JSON")
+    s.add_argument("model", help=model_help)
+    add_json(s, "the description")
     s.set_defaults(func=cmd_info)
 
     s = sub.add_parser("eval", help="end metric: bits per byte (LM) or top-1 (Vim)")
-    s.add_argument("model")
-    s.add_argument("--data", metavar="PATH", help="text file (LM) or Fashion-MNIST idx directory (Vim); "
-                   "default: the data shipped with a sample model")
-    s.add_argument("--split", default="test", choices=["test", "train", "calib"], help="Vim idx split")
-    s.add_argument("--limit", type=int, metavar="N", help="at most N windows (LM) or images (Vim)")
-    s.add_argument("--seq-len", type=int, default=1024, help="LM window length in bytes")
-    s.add_argument("--batch", type=int)
-    s.add_argument("--threads", type=int, help="torch CPU threads")
-    s.add_argument("--json", metavar="OUT", help='write {"metric", "value", "samples"}')
+    s.add_argument("model", help=model_help + ", or a quantized checkpoint (fake quantization)")
+    g = add_eval_data(s)
+    g.add_argument("--split", default="test", choices=["test", "train", "calib"], help="Vim idx split")
+    add_runtime(s, ort=False)
+    add_json(s, '{"metric", "value", "samples"}')
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("quantize", help="transform + quantize a model, write a quantized checkpoint directory")
-    s.add_argument("model")
-    s.add_argument("-o", "--output", required=True, metavar="OUTDIR")
-    s.add_argument("--recipe", default="mambaquant", choices=["fp", "rtn", "smoothquant", "quarot", "mambaquant"])
-    s.add_argument("--wbits", type=int, default=8, choices=[4, 8])
-    s.add_argument("--abits", type=int, default=8, choices=[8, 16])
-    s.add_argument("--act-granularity", default="per_tensor", choices=["per_tensor", "per_token"])
-    s.add_argument("--alpha", type=float, default=0.5, help="smoothing migration strength")
-    s.add_argument("--percentile", type=float, default=99.99, help="mambaquant observer percentile")
-    s.add_argument("--calib", metavar="PATH", help="calibration text file / idx directory (default: the sample's)")
-    s.add_argument("--calib-samples", type=int, metavar="N")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--overwrite", action="store_true")
-    s.add_argument("--threads", type=int)
+    s.add_argument("model", help=model_help)
+    add_output(s, "OUTDIR")
+    add_recipe(s)
+    add_calib(s)
+    add_runtime(s, ort=False)
     s.set_defaults(func=cmd_quantize)
 
     s = sub.add_parser("inspect", help="per-channel max/variance plots: raw, Hadamard, KLT·H, smoothing+rotation")
-    s.add_argument("model")
-    s.add_argument("-o", "--output", required=True, metavar="DIR")
-    s.add_argument("--recipe", choices=["rtn", "smoothquant", "quarot", "mambaquant"],
+    s.add_argument("model", help=model_help)
+    add_output(s, "DIR")
+    s.add_argument("--recipe", choices=_LazyChoices(lambda: [r for r in _recipe_names() if r != "fp"]),
                    help="inspect after this recipe's transforms (default: the model as loaded)")
-    s.add_argument("--alpha", type=float, default=0.5)
-    s.add_argument("--calib", metavar="PATH")
-    s.add_argument("--calib-samples", type=int, metavar="N")
-    s.add_argument("--overwrite", action="store_true")
-    s.add_argument("--threads", type=int)
+    s.add_argument("--alpha", type=finite_float, default=0.5)
+    add_calib(s)
+    add_runtime(s, ort=False)
     s.set_defaults(func=cmd_inspect)
 
     s = sub.add_parser("compare", help="table of the end metric per PTQ recipe and bit width (fake quantization)")
-    s.add_argument("model")
+    s.add_argument("model", help=model_help)
     s.add_argument("--recipes", default="fp,rtn,smoothquant,quarot,mambaquant")
-    s.add_argument("--bits", default="w8a8,w4a8")
-    s.add_argument("--alpha", type=float, default=0.5, help="smoothing migration strength")
-    s.add_argument("--percentile", type=float, default=99.99,
-                   help="mambaquant observer percentile on heavy-tailed points (100 = min-max)")
-    s.add_argument("--calib", metavar="PATH", help="calibration text file / idx directory (default: the sample's)")
-    s.add_argument("--calib-samples", type=int, metavar="N")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--data", metavar="PATH")
-    s.add_argument("--split", default="test", choices=["test", "train", "calib"])
-    s.add_argument("--limit", type=int, metavar="N")
-    s.add_argument("--threads", type=int)
-    s.add_argument("--json", metavar="OUT", help='write {"rows": [{"recipe", "bits", "metric", "value", "delta"}]}')
+    s.add_argument("--bits", default="w8a8,w4a8", help="comma-separated wXaY (fake quantization)")
+    add_recipe(s, quantize=False)
+    add_calib(s)
+    g = add_eval_data(s)
+    g.add_argument("--split", default="test", choices=["test", "train", "calib"])
+    add_runtime(s, ort=False)
+    add_json(s, '{"rows": [{"recipe", "bits", "metric", "value", "delta"}]}')
     s.set_defaults(func=cmd_compare)
 
     s = sub.add_parser("export", help="write an ONNX file (QDQ int8/int4 + mq::SelectiveScan, or float32)")
     s.add_argument("model", help="quantized checkpoint directory (mq-deploy quantize) or a float model")
-    s.add_argument("-o", "--output", required=True, metavar="MODEL.onnx")
+    g = add_output(s, "MODEL.onnx")
     s.add_argument("--decode-step", action="store_true",
                    help="LM: the stateful graph (input_ids, conv_state, ssm_state -> logits, new states)")
     s.add_argument("--opset", type=int, default=21, help="ONNX opset (>= 21; default 21)")
-    s.add_argument("--overwrite", action="store_true")
-    s.add_argument("--json", metavar="OUT", help="write the export summary as JSON")
+    add_json(s, "the export summary", g)
     s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("verify", help="run an ONNX file or TensorRT engine against the PyTorch reference")
     s.add_argument("artifact", help="model.onnx, or a TensorRT engine (.engine/.plan)")
     s.add_argument("--reference", required=True, metavar="DIR",
                    help="the checkpoint it came from (a quantized one runs with fake quantization)")
-    s.add_argument("--data", metavar="PATH", help="text file (byte LM), token ids .npy [windows, length+1] (any "
-                   "LM), or idx directory (Vim); default: the sample's")
-    s.add_argument("--limit", type=int, metavar="N", help="LM windows (default 32) or images (default all)")
-    s.add_argument("--seq-len", type=int, default=256, help="LM window length")
-    s.add_argument("--batch", type=int)
-    s.add_argument("--atol", type=float)
-    s.add_argument("--rtol", type=float)
-    s.add_argument("--check-error-stat", default="mean", choices=["max", "mean", "median"])
-    s.add_argument("--min-cosine", type=float, default=0.999)
-    s.add_argument("--min-top1-agreement", type=float, default=0.99)
-    s.add_argument("--max-metric-delta", type=float, default=0.002, help="relative; 0.002 = 0.2%%")
-    s.add_argument("--custom-op-lib", metavar="SO", help="register a native mq::SelectiveScan library in ORT")
+    add_eval_data(s, seq_len=256, limit_help="LM windows (default 32) or images (default all)")
+    g = s.add_argument_group("checks (polygraphy-style)")
+    g.add_argument("--atol", type=nonneg_float)
+    g.add_argument("--rtol", type=nonneg_float)
+    g.add_argument("--check-error-stat", default="mean", choices=["max", "mean", "median"])
+    g.add_argument("--min-cosine", type=finite_float, default=0.999)
+    g.add_argument("--min-top1-agreement", type=finite_float, default=0.99)
+    g.add_argument("--max-metric-delta", type=nonneg_float, default=0.002, help="relative; 0.002 = 0.2%%")
+    add_runtime(s)
     s.add_argument("--plugins", nargs="*", metavar="SO", help="TensorRT plugin libraries (engines)")
-    s.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
-    s.add_argument("--json", metavar="OUT", help='write {"outputs", "metrics", "checks", "passed"}')
+    add_json(s, '{"outputs", "metrics", "checks", "passed"}')
     s.set_defaults(func=cmd_verify)
 
     s = sub.add_parser("generate", help="generate text with an exported decode-step graph in ONNX Runtime")
@@ -417,25 +488,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompt", metavar="TEXT")
     s.add_argument("--prompt-ids", metavar="IDS", help="token ids (comma or space separated) instead of text")
     s.add_argument("--max-new-tokens", type=int, default=64)
-    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    s.add_argument("--temperature", type=nonneg_float, default=0.0, help="0 = greedy")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--ids", action="store_true", help="print token ids instead of text")
-    s.add_argument("--custom-op-lib", metavar="SO")
-    s.add_argument("--threads", type=int)
-    s.add_argument("--json", metavar="OUT")
+    add_runtime(s)
+    add_json(s, '{"prompt_ids", "new_ids"}')
     s.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("run", help="classify images with an exported Vision Mamba in ONNX Runtime")
     s.add_argument("model", metavar="MODEL.onnx")
     s.add_argument("--images", required=True, metavar="PATH",
                    help="image file, directory of images, idx file / directory (Fashion-MNIST) or .npy uint8 array")
-    s.add_argument("--limit", type=int, metavar="N")
+    s.add_argument("--limit", type=positive_int, metavar="N")
     s.add_argument("--show", type=int, default=20, metavar="N", help="print the first N predictions (default 20)")
     s.add_argument("--class-names", metavar="A,B,...")
-    s.add_argument("--batch", type=int, default=64)
-    s.add_argument("--custom-op-lib", metavar="SO")
-    s.add_argument("--threads", type=int)
-    s.add_argument("--json", metavar="OUT", help='write {"predictions", "names", "top1"}')
+    s.add_argument("--batch", type=positive_int, default=64)
+    add_runtime(s)
+    add_json(s, '{"predictions", "names", "top1"}')
     s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("build", help="build a deployable engine: TensorRT (plugin) or an ORT-optimized model")
@@ -443,18 +512,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--backend", default="tensorrt", choices=["tensorrt", "onnxruntime"])
     s.add_argument("--int8", action="store_true", help="int8 build (the graph must carry Q/DQ nodes)")
     s.add_argument("--fp16", action="store_true", help="TensorRT: fp16 outside the int8 layers, fp16 scan output")
-    s.add_argument("--minShapes", metavar="SPEC", help="name:AxB[,name:...] (trtexec syntax)")
-    s.add_argument("--optShapes", metavar="SPEC", help="also the shapes the onnxruntime build verifies with")
-    s.add_argument("--maxShapes", metavar="SPEC")
+    g = s.add_argument_group("shapes (trtexec syntax: name:AxB[,name:...])")
+    g.add_argument("--minShapes", metavar="SPEC")
+    g.add_argument("--optShapes", metavar="SPEC", help="also the shapes the onnxruntime build verifies with")
+    g.add_argument("--maxShapes", metavar="SPEC")
     s.add_argument("--plugins", nargs="*", metavar="SO",
                    help="TensorRT: libmq_scan_trt.so; onnxruntime: libmq_scan_ort.so custom-op library")
-    s.add_argument("--saveEngine", metavar="PATH", help="default: MODEL.engine / MODEL.ort.onnx")
+    g = s.add_argument_group("output")
+    g.add_argument("--saveEngine", metavar="PATH", help="default: MODEL.engine / MODEL.ort.onnx")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing output, only if mq-deploy wrote it")
+    add_json(s, "the build report", g)
     s.add_argument("--timingCacheFile", metavar="PATH")
-    s.add_argument("--workspace-mib", type=int, metavar="MIB", help="TensorRT builder workspace limit")
-    s.add_argument("--overwrite", action="store_true")
-    s.add_argument("--json", metavar="OUT", help="write the build report as JSON")
+    s.add_argument("--workspace-mib", type=positive_int, metavar="MIB", help="TensorRT builder workspace limit")
     s.set_defaults(func=cmd_build)
+
+    for register in _extra_commands():
+        register(sub)
     return p
+
+
+def _extra_commands():
+    """Subcommand groups that live beside their library (each a `register(subparsers)`)."""
+    return []
 
 
 def main(argv=None) -> int:
@@ -471,6 +550,13 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:   # `mq-deploy generate ... | head`: the reader left; not an error of ours
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except OSError:
+            pass
+        return 141
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 
 from mq_deploy.errors import MQUserError
 from mq_deploy.export.graph import OPSET, QuantSpec, build_model
@@ -14,18 +13,19 @@ _EXTERNAL_DATA_BYTES = 1_800_000_000
 
 def quant_spec(loaded) -> QuantSpec | None:
     """The QuantSpec of a quantized checkpoint (None for a float model)."""
-    from mq_deploy.models.loaders import read_safetensors
+    from mq_deploy.quant.qcheckpoint import EXPORT_ABITS, EXPORT_WBITS, QuantizedCheckpoint
 
-    quant = (loaded.extra or {}).get("quant")
-    if quant is None:
+    if not QuantizedCheckpoint.is_quantized(loaded):
         return None
-    if quant.get("act_granularity") != "per_tensor":
-        raise MQUserError(f"{loaded.path}: activations are quantized {quant.get('act_granularity')}; export needs "
+    ckpt = QuantizedCheckpoint.read(loaded)
+    if ckpt.act_granularity != "per_tensor":
+        raise MQUserError(f"{loaded.path}: activations are quantized {ckpt.act_granularity}; export needs "
                           "static per-tensor scales (quantize with --act-granularity per_tensor)")
-    flat = read_safetensors(os.path.join(loaded.path, "scales.safetensors"))
-    return QuantSpec(wbits=quant["wbits"], abits=quant["abits"], recipe=quant.get("recipe", ""),
-                     act_scales={k[4:]: float(v.reshape(-1)[0]) for k, v in flat.items() if k.startswith("act/")},
-                     weight_scales={k[7:]: v for k, v in flat.items() if k.startswith("weight/")})
+    if ckpt.wbits not in EXPORT_WBITS or ckpt.abits not in EXPORT_ABITS:
+        raise MQUserError(f"{loaded.path}: W{ckpt.wbits}A{ckpt.abits} cannot be exported; the artifact takes "
+                          f"W{'/'.join(map(str, EXPORT_WBITS))} A{'/'.join(map(str, EXPORT_ABITS))}")
+    return QuantSpec(wbits=ckpt.wbits, abits=ckpt.abits, recipe=ckpt.quant.get("recipe", ""),
+                     act_scales=ckpt.act_scale_floats(), weight_scales=ckpt.weight_scales)
 
 
 def supported_opsets():
@@ -34,66 +34,74 @@ def supported_opsets():
     return range(21, onnx.defs.onnx_opset_version() + 1)
 
 
-def _check_output_path(model_path: str, out: str, overwrite: bool) -> str:
-    out_abs = os.path.realpath(out)
-    src = os.path.realpath(model_path)
-    if out_abs == src or (os.path.isdir(src) and os.path.dirname(out_abs) == src and os.path.exists(out_abs)
-                          and not out_abs.endswith(".onnx")):
-        raise MQUserError(f"{out}: that is the input model; export never overwrites its input")
+def save_model_atomic(proto, out_path: str, *, overwrite: bool = False, inputs=(), check: bool = True) -> str:
+    """Check the model and write it (and its external-data side file, for models past protobuf's
+    2 GiB) under temporary names beside the destination, then rename both into place."""
+    import onnx
+
+    from mq_deploy import fileio
+
+    out_abs = fileio.check_target(out_path, overwrite, inputs, "ONNX file")
     if os.path.isdir(out_abs):
-        raise MQUserError(f"{out}: is a directory; give the path of the .onnx file to write")
-    if os.path.exists(out_abs) and not overwrite:
-        raise MQUserError(f"{out}: already exists (pass --overwrite to replace it)")
-    if not os.path.isdir(os.path.dirname(out_abs)):
-        raise MQUserError(f"{out}: directory {os.path.dirname(out_abs)} does not exist")
+        raise MQUserError(f"{out_path}: is a folder; give the path of the .onnx file to write")
+    data_target = out_abs + ".data"
+    external = proto.ByteSize() > _EXTERNAL_DATA_BYTES
+    if external:
+        fileio.check_target(data_target, overwrite, inputs, "external data file")
+    with fileio.atomic_path(out_abs, overwrite=overwrite, inputs=inputs, what="ONNX file") as tmp:
+        if not external:
+            onnx.save_model(proto, tmp)
+            if check:
+                onnx.checker.check_model(tmp, full_check=True)
+            return out_abs
+        tmp_data = fileio.temp_path(data_target)
+        with fileio.tracked_temp(tmp_data):
+            onnx.save_model(proto, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=os.path.basename(tmp_data))
+            if check:
+                onnx.checker.check_model(tmp, full_check=True)
+            m = onnx.load(tmp, load_external_data=False)
+            for t in m.graph.initializer:     # point the model at the final side-file name
+                for e in t.external_data:
+                    if e.key == "location":
+                        e.value = os.path.basename(data_target)
+            onnx.save_model(m, tmp)
+            fileio.commit_file(tmp_data, data_target, overwrite, data_target)
     return out_abs
 
 
-def save_model_atomic(proto, out_abs: str, check: bool = True) -> None:
-    """Check the model and write it next to its destination, then rename it into place."""
-    import onnx
+def _carry_tokenizer(proto, loaded, tokenizer: str | None) -> None:
+    """An LM's tokenizer.json travels in the artifact's metadata (mq.tokenizer_json), so `generate` needs
+    nothing but the .onnx file. Byte-level LMs are marked mq.tokenizer = bytes by the graph builder."""
+    if loaded.architecture != "mamba_lm" or not (tokenizer or loaded.tokenizer_path):
+        return
+    from mq_deploy.data.tokenizer import tokenizer_for
 
-    directory = os.path.dirname(out_abs)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".onnx", dir=directory)
-    os.close(fd)
-    data_name = os.path.basename(out_abs) + ".data"
-    external = proto.ByteSize() > _EXTERNAL_DATA_BYTES
-    try:
-        if external:
-            onnx.save_model(proto, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name + ".tmp")
-        else:
-            onnx.save_model(proto, tmp)
-        if check:
-            onnx.checker.check_model(tmp, full_check=True)
-        if external:
-            os.replace(os.path.join(directory, data_name + ".tmp"), os.path.join(directory, data_name))
-            # point the saved model at the final side-file name
-            m = onnx.load(tmp, load_external_data=False)
-            for t in m.graph.initializer:
-                for e in t.external_data:
-                    if e.key == "location":
-                        e.value = data_name
-            onnx.save_model(m, tmp)
-        os.replace(tmp, out_abs)
-    finally:
-        for p in (tmp, os.path.join(directory, data_name + ".tmp")):
-            if os.path.exists(p):
-                os.remove(p)
+    codec = tokenizer_for(loaded, tokenizer)
+    for prop in list(proto.metadata_props):
+        if prop.key == "mq.tokenizer":
+            proto.metadata_props.remove(prop)
+    proto.metadata_props.add(key="mq.tokenizer", value="tokenizers")
+    proto.metadata_props.add(key="mq.tokenizer_json", value=codec.json)
 
 
-def export(model_path: str, out: str, step: bool = False, opset: int = OPSET, overwrite: bool = False) -> dict:
+def export(model_path: str, out: str, step: bool = False, opset: int = OPSET, overwrite: bool = False,
+           tokenizer: str | None = None) -> dict:
     """Export a model directory / checkpoint (FP or quantized) to ONNX; return a summary dict."""
     from mq_deploy.models.loaders import load_model
 
     if opset not in supported_opsets():
         raise MQUserError(f"--opset {opset} is not supported: QDQ int4 and the scan body need opset >= 21, and "
                           f"this onnx package knows up to {supported_opsets()[-1]}")
-    out_abs = _check_output_path(model_path, out, overwrite)
+    from mq_deploy import fileio
+
+    inputs = (model_path,) + ((tokenizer,) if tokenizer else ())
+    fileio.check_target(out, overwrite, inputs, "ONNX file")      # before the long work
     loaded = load_model(model_path)
     spec = quant_spec(loaded)
     proto = build_model(loaded.model, spec, step=step, opset=opset)
-    save_model_atomic(proto, out_abs)
+    _carry_tokenizer(proto, loaded, tokenizer)
+    out_abs = save_model_atomic(proto, out, overwrite=overwrite, inputs=inputs)
     counts: dict = {}
     for n in proto.graph.node:
         key = f"{n.domain}::{n.op_type}" if n.domain else n.op_type

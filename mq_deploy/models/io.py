@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-
 
 from mq_deploy import __version__
-from mq_deploy.errors import MQUserError
+
 
 FORMAT_KEY = "mq_deploy_format"
 FORMAT_VERSION = 1
@@ -40,27 +37,14 @@ def model_state_dict(model) -> dict:
     return {k: v.detach().contiguous() for k, v in sd.items()}
 
 
-def atomic_write_dir(out_dir: str, write_fn, overwrite: bool = False) -> str:
-    """Call write_fn(tmp_dir), then move tmp_dir to out_dir in one rename."""
-    out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir) and not overwrite:
-        raise MQUserError(f"{out_dir}: already exists (pass overwrite to replace it)")
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix="." + os.path.basename(out_dir) + ".", dir=parent)
-    try:
+def atomic_write_dir(out_dir: str, write_fn, overwrite: bool = False, inputs=(), kind: str = "") -> str:
+    """Call write_fn(tmp_dir), then swap tmp_dir into out_dir (mq_deploy.fileio.atomic_dir: never over
+    an input, --overwrite only over a folder mq-deploy wrote)."""
+    from mq_deploy import fileio
+
+    with fileio.atomic_dir(out_dir, overwrite=overwrite, inputs=inputs, kind=kind) as tmp:
         write_fn(tmp)
-        if os.path.exists(out_dir):
-            old = tmp + ".old"
-            os.rename(out_dir, old)
-            os.rename(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return os.path.abspath(out_dir)
 
 
 def _config_dict(model, extra: dict | None) -> dict:
@@ -72,27 +56,27 @@ def _config_dict(model, extra: dict | None) -> dict:
     return cfg
 
 
-def _write_model_files(model, directory: str, extra: dict | None) -> None:
+def _write_model_files(model, directory: str, extra: dict | None, inout: bool = False) -> None:
     """model.safetensors and config.json, each written to a temporary name and renamed into place."""
     from safetensors.torch import save_file
 
-    tmp = os.path.join(directory, ".model.safetensors.tmp")
-    save_file(model_state_dict(model), tmp, metadata={"format": "pt"})
-    os.replace(tmp, os.path.join(directory, "model.safetensors"))
-    tmp = os.path.join(directory, ".config.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(_config_dict(model, extra), f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, os.path.join(directory, "config.json"))
+    from mq_deploy import fileio
+
+    with fileio.atomic_path(os.path.join(directory, "model.safetensors"), overwrite=inout, inout=inout) as tmp:
+        save_file(model_state_dict(model), tmp, metadata={"format": "pt"})
+    fileio.write_text(os.path.join(directory, "config.json"),
+                      json.dumps(_config_dict(model, extra), indent=2, sort_keys=True) + "\n",
+                      overwrite=inout, inout=inout)
 
 
-def save_model(model, out_dir: str, extra: dict | None = None, overwrite: bool = False) -> str:
+def save_model(model, out_dir: str, extra: dict | None = None, overwrite: bool = False, inputs=()) -> str:
     """Write model to a new directory out_dir in our format (atomically); `extra` lands in config.json."""
-    return atomic_write_dir(out_dir, lambda tmp: _write_model_files(model, tmp, extra), overwrite=overwrite)
+    return atomic_write_dir(out_dir, lambda tmp: _write_model_files(model, tmp, extra), overwrite=overwrite,
+                            inputs=inputs, kind="model")
 
 
 def save_weights_into(model, directory: str, extra: dict | None = None) -> None:
     """Replace directory/model.safetensors and config.json in place, file by file atomically
     (training checkpoints into its output folder, which also holds data and logs)."""
     os.makedirs(directory, exist_ok=True)
-    _write_model_files(model, directory, extra)
+    _write_model_files(model, directory, extra, inout=True)

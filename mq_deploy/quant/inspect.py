@@ -123,7 +123,7 @@ def _table(rows) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(result: dict, out_dir: str, title: str, overwrite: bool = False) -> str:
+def write_report(result: dict, out_dir: str, title: str, overwrite: bool = False, inputs=()) -> str:
     def write(tmp):
         for name, per_view in result["channels"].items():
             _plot(os.path.join(tmp, name.replace(".", "_") + ".png"), name, per_view)
@@ -133,4 +133,26 @@ def write_report(result: dict, out_dir: str, title: str, overwrite: bool = False
             json.dump({"rows": result["rows"]}, f, indent=2)
             f.write("\n")
 
-    return atomic_write_dir(out_dir, write, overwrite=overwrite)
+    return atomic_write_dir(out_dir, write, overwrite=overwrite, inputs=inputs, kind="inspect report")
+
+
+def inspect_to_dir(model_path: str, out_dir: str, *, recipe: str | None = None, alpha: float = 0.5,
+                   calib: str | None = None, calib_samples: int | None = None, overwrite: bool = False) -> dict:
+    """`mq-deploy inspect`: channel statistics (optionally after a recipe's transforms) -> a report folder."""
+    from mq_deploy import fileio
+    from mq_deploy.models.loaders import load_model
+    from mq_deploy.quant.compare import CalibConfig, calibration_loop
+    from mq_deploy.quant.recipes import RecipeConfig, apply_recipe
+
+    inputs = [model_path, calib]
+    fileio.check_target(out_dir, overwrite, inputs, "report folder")
+    loaded = load_model(model_path)
+    loop = calibration_loop(loaded, CalibConfig(path=calib, samples=calib_samples))
+    inputs.append(loop.source)
+    title = f"{model_path}: activation channels at the matmul inputs"
+    if recipe:
+        apply_recipe(loaded.model, loop, RecipeConfig(recipe, alpha=alpha), quantize=False)
+        title += f" after the {recipe} transforms"
+    result = inspect_model(loaded.model, loop, alpha=alpha)
+    result["path"] = write_report(result, out_dir, title, overwrite=overwrite, inputs=[i for i in inputs if i])
+    return result

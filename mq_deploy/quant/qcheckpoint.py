@@ -1,10 +1,13 @@
 """Quantized checkpoint directory: what `mq-deploy quantize` writes and `eval` / `export` read.
 
-    config.json      our model config + "quant" (recipe, bits, which runtime transforms exist)
+    config.json        our model config + "quant" (recipe, bits, which runtime transforms exist)
     model.safetensors  transformed weights, already rounded to the integer grid (dequantized fp32),
-                     plus the runtime buffers (online rotation before out_proj, gate smoothing)
+                       plus the runtime buffers (online rotation before out_proj, gate smoothing)
     scales.safetensors "act/<point>" per-tensor activation scales, "weight/<param>" per-channel scales
-    manifest.json    recipe, bits, calibration source and size, seed, tool versions, time
+    manifest.json      recipe, bits, calibration source and size, seed, what the result depends on
+                       (tool versions, torch threads), and the time it was written
+
+`QuantizedCheckpoint` is the only code that reads or writes scales and the manifest.
 """
 
 from __future__ import annotations
@@ -13,63 +16,164 @@ import json
 import os
 import platform
 import time
+from dataclasses import dataclass, field
 
 import torch
 
 from mq_deploy import __version__
 from mq_deploy.errors import MQUserError
-from mq_deploy.models.io import FORMAT_KEY, atomic_write_dir, model_state_dict
-from mq_deploy.quant.fakequant import QuantConfig, attach_activation_quant
+
+# What `mq-deploy export` (and the int8 scan) run: the bit widths a deployable checkpoint may have.
+EXPORT_WBITS = (4, 8)
+EXPORT_ABITS = (8,)
+
+_ACT, _WEIGHT = "act/", "weight/"
+
+
+@dataclass
+class QuantizedCheckpoint:
+    path: str
+    quant: dict                                        # config.json "quant"
+    act_scales: dict = field(default_factory=dict)     # point -> 0-d float tensor
+    weight_scales: dict = field(default_factory=dict)  # parameter name -> per-channel float tensor
+    manifest: dict = field(default_factory=dict)
+
+    @property
+    def wbits(self) -> int:
+        return int(self.quant["wbits"])
+
+    @property
+    def abits(self) -> int:
+        return int(self.quant["abits"])
+
+    @property
+    def act_granularity(self) -> str:
+        return self.quant.get("act_granularity", "per_tensor")
+
+    def act_scale_floats(self) -> dict:
+        return {k: float(v.reshape(-1)[0]) for k, v in self.act_scales.items()}
+
+    # ---- reading ------------------------------------------------------------------------------
+    @staticmethod
+    def is_quantized(loaded) -> bool:
+        return bool((loaded.extra or {}).get("quant"))
+
+    @classmethod
+    def read(cls, loaded) -> "QuantizedCheckpoint":
+        """The scales and manifest of a loaded quantized checkpoint (mq_deploy.models.loaders.load_model)."""
+        from mq_deploy.models.loaders import read_safetensors
+
+        quant = (loaded.extra or {}).get("quant")
+        if not quant:
+            raise MQUserError(f"{loaded.path}: not a quantized checkpoint (no \"quant\" in config.json)")
+        for key in ("wbits", "abits"):
+            if not isinstance(quant.get(key), int):
+                raise MQUserError(f"{os.path.join(loaded.path, 'config.json')}: quant.{key} must be an integer")
+        path = os.path.join(loaded.path, "scales.safetensors")
+        flat = read_safetensors(path)
+        act = {k[len(_ACT):]: v.reshape(()) for k, v in flat.items() if k.startswith(_ACT)}
+        weight = {k[len(_WEIGHT):]: v for k, v in flat.items() if k.startswith(_WEIGHT)}
+        for name, v in list(act.items()) + list(weight.items()):
+            if not v.is_floating_point() or not torch.isfinite(v).all() or (v <= 0).any():
+                raise MQUserError(f"{path}: scale {name} must be finite and positive")
+        if quant.get("act_granularity", "per_tensor") == "per_tensor" and not act:
+            raise MQUserError(f"{path}: no activation scales")
+        manifest = {}
+        mpath = os.path.join(loaded.path, "manifest.json")
+        if os.path.isfile(mpath):
+            try:
+                with open(mpath) as f:
+                    manifest = json.load(f)
+            except ValueError as e:
+                raise MQUserError(f"{mpath}: not valid JSON ({e})") from None
+        return cls(loaded.path, dict(quant), act, weight, manifest)
+
+    # ---- writing ------------------------------------------------------------------------------
+    @staticmethod
+    def write(model, out_dir: str, recipe_cfg, scales: dict, calib_info: dict, source_extra: dict,
+              source_path: str, overwrite: bool = False, inputs=()) -> str:
+        from mq_deploy.models.io import FORMAT_KEY, atomic_write_dir, model_state_dict
+
+        mixer0 = model.layers[0].mixer
+        quant = {"recipe": recipe_cfg.recipe, "wbits": recipe_cfg.quant.wbits, "abits": recipe_cfg.quant.abits,
+                 "act_granularity": recipe_cfg.quant.act_granularity,
+                 "online_out_rotation": mixer0.out_rotation is not None, "gate_scale": mixer0.gate_scale is not None}
+        cfg = model.cfg.to_dict()
+        cfg.update({FORMAT_KEY: 1, "mq_deploy_version": __version__, "quant": quant})
+        out_abs = os.path.abspath(out_dir)
+        src_dir = source_path if os.path.isdir(source_path) else os.path.dirname(source_path)
+        # keep the sample's default eval/calibration data reachable from the new directory
+        cfg["extra"] = {k: os.path.relpath(os.path.join(os.path.abspath(src_dir), v), out_abs)
+                        for k, v in (source_extra or {}).items() if k in ("eval_data", "calib_data")}
+        flat = {f"{_ACT}{k}": v.reshape(1).float() for k, v in scales["act_scales"].items()}
+        flat.update({f"{_WEIGHT}{k}": v.float() for k, v in scales["weight_scales"].items()})
+        settings = {k: getattr(recipe_cfg, k) for k in ("alpha", "percentile", "observer", "weight_rounding")
+                    if hasattr(recipe_cfg, k)}
+        manifest = {"recipe": recipe_cfg.recipe, "wbits": recipe_cfg.quant.wbits, "abits": recipe_cfg.quant.abits,
+                    "act_granularity": recipe_cfg.quant.act_granularity, **settings,
+                    "source_model": os.path.abspath(source_path), "calibration": calib_info,
+                    # the artifacts are byte-identical for the same inputs, seed and these:
+                    "depends_on": {"mq_deploy": __version__, "torch": torch.__version__,
+                                   "python": platform.python_version(), "torch_threads": torch.get_num_threads()},
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+        def write(tmp):
+            from safetensors.torch import save_file
+
+            save_file(model_state_dict(model), os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+            save_file(flat, os.path.join(tmp, "scales.safetensors"))
+            for name, obj in (("config.json", cfg), ("manifest.json", manifest)):
+                with open(os.path.join(tmp, name), "w") as f:
+                    json.dump(obj, f, indent=2, sort_keys=True)
+                    f.write("\n")
+
+        return atomic_write_dir(out_dir, write, overwrite=overwrite, inputs=inputs, kind="quantized checkpoint")
 
 
 def save_quantized(model, out_dir: str, recipe_cfg, scales: dict, calib_info: dict, source_extra: dict,
                    source_path: str, overwrite: bool = False) -> str:
-    mixer0 = model.layers[0].mixer
-    quant = {"recipe": recipe_cfg.recipe, "wbits": recipe_cfg.quant.wbits, "abits": recipe_cfg.quant.abits,
-             "act_granularity": recipe_cfg.quant.act_granularity,
-             "online_out_rotation": mixer0.out_rotation is not None, "gate_scale": mixer0.gate_scale is not None}
-    cfg = model.cfg.to_dict()
-    cfg.update({FORMAT_KEY: 1, "mq_deploy_version": __version__, "quant": quant})
-    out_abs = os.path.abspath(out_dir)
-    src_dir = source_path if os.path.isdir(source_path) else os.path.dirname(source_path)
-    # keep the sample's default eval/calibration data reachable from the new directory
-    cfg["extra"] = {k: os.path.relpath(os.path.join(os.path.abspath(src_dir), v), out_abs)
-                    for k, v in (source_extra or {}).items() if k in ("eval_data", "calib_data")}
-    flat = {f"act/{k}": v.reshape(1).float() for k, v in scales["act_scales"].items()}
-    flat.update({f"weight/{k}": v.float() for k, v in scales["weight_scales"].items()})
-    manifest = {"recipe": recipe_cfg.recipe, "wbits": recipe_cfg.quant.wbits, "abits": recipe_cfg.quant.abits,
-                "act_granularity": recipe_cfg.quant.act_granularity, "alpha": recipe_cfg.alpha,
-                "percentile": recipe_cfg.percentile, "source_model": os.path.abspath(source_path),
-                "calibration": calib_info, "versions": {"mq_deploy": __version__, "torch": torch.__version__,
-                                                        "python": platform.python_version()},
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-
-    def write(tmp):
-        from safetensors.torch import save_file
-
-        save_file(model_state_dict(model), os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        save_file(flat, os.path.join(tmp, "scales.safetensors"))
-        for name, obj in (("config.json", cfg), ("manifest.json", manifest)):
-            with open(os.path.join(tmp, name), "w") as f:
-                json.dump(obj, f, indent=2, sort_keys=True)
-                f.write("\n")
-
-    return atomic_write_dir(out_dir, write, overwrite=overwrite)
+    return QuantizedCheckpoint.write(model, out_dir, recipe_cfg, scales, calib_info, source_extra, source_path,
+                                     overwrite=overwrite, inputs=(source_path,))
 
 
 def load(path: str):
     """load_model, plus activation fake-quant when `path` is a quantized checkpoint."""
-    from mq_deploy.models.loaders import load_model, read_safetensors
+    from mq_deploy.models.loaders import load_model
+    from mq_deploy.quant.fakequant import QuantConfig, attach_activation_quant
 
     loaded = load_model(path)
-    quant = (loaded.extra or {}).get("quant")
-    if quant is None:
+    if not QuantizedCheckpoint.is_quantized(loaded):
         return loaded
-    qcfg = QuantConfig(quant["wbits"], quant["abits"], quant["act_granularity"])
-    scales_path = os.path.join(path, "scales.safetensors")
-    flat = read_safetensors(scales_path)
-    act = {k[len("act/"):]: v.reshape(()) for k, v in flat.items() if k.startswith("act/")}
-    if qcfg.act_granularity == "per_tensor" and not act:
-        raise MQUserError(f"{scales_path}: no activation scales")
-    attach_activation_quant(loaded.model, act, qcfg)
+    ckpt = QuantizedCheckpoint.read(loaded)
+    qcfg = QuantConfig(ckpt.wbits, ckpt.abits, ckpt.act_granularity)
+    attach_activation_quant(loaded.model, ckpt.act_scales, qcfg)
     return loaded
+
+
+def quantize_to_dir(model_path: str, out_dir: str, recipe_cfg, calib_cfg, *, overwrite: bool = False,
+                    seed: int = 0, progress=None) -> dict:
+    """`mq-deploy quantize`: load, calibrate, apply the recipe, write the quantized checkpoint.
+    Every output check happens before the work starts."""
+    from mq_deploy import fileio
+    from mq_deploy.models.loaders import load_model
+    from mq_deploy.quant.compare import calibration_loop
+    from mq_deploy.quant.recipes import apply_recipe
+
+    if recipe_cfg.quant.abits not in EXPORT_ABITS or recipe_cfg.quant.wbits not in EXPORT_WBITS:
+        raise MQUserError(f"W{recipe_cfg.quant.wbits}A{recipe_cfg.quant.abits} cannot be deployed (the int8 scan "
+                          f"and the export take W{'/'.join(map(str, EXPORT_WBITS))} A"
+                          f"{'/'.join(map(str, EXPORT_ABITS))}); lower activation bits are for evaluation only: "
+                          "`mq-deploy compare --bits ...`")
+    inputs = [model_path] + ([calib_cfg.path] if calib_cfg.path else [])
+    fileio.check_target(out_dir, overwrite, inputs, "output folder")
+    torch.manual_seed(seed)
+    loaded = load_model(model_path)
+    loop = calibration_loop(loaded, calib_cfg)
+    inputs.append(loop.source)
+    fileio.check_target(out_dir, overwrite, inputs, "output folder")
+    scales = apply_recipe(loaded.model, loop, recipe_cfg)
+    calib_info = {"source": os.path.abspath(loop.source), "samples": loop.samples, "seed": seed}
+    out = QuantizedCheckpoint.write(loaded.model, out_dir, recipe_cfg, scales, calib_info, loaded.extra, model_path,
+                                    overwrite=overwrite, inputs=inputs)
+    return {"path": out, "recipe": recipe_cfg.recipe, "wbits": recipe_cfg.quant.wbits,
+            "abits": recipe_cfg.quant.abits, "calibration": calib_info}

@@ -18,11 +18,13 @@ def generate(runner, prompt_ids, max_new_tokens: int, temperature: float = 0.0, 
 
     Greedy when temperature is 0, else sampling from softmax(logits / temperature). Returns the new ids."""
     meta = getattr(runner, "meta", {})
-    if meta.get("mq.graph") != "step" or "conv_state" not in runner.inputs:
+    if meta.get("mq.graph") != "step" or "conv_state" not in runner.input_specs:
         raise MQUserError(f"{runner.path}: generate needs the decode-step graph "
                           "(mq-deploy export MODEL -o model_step.onnx --decode-step)")
     if max_new_tokens < 0:
         raise MQUserError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
+    if not (isinstance(temperature, (int, float)) and np.isfinite(temperature) and temperature >= 0):
+        raise MQUserError(f"--temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
     if not len(prompt_ids):
         raise MQUserError("the prompt is empty")
     cfg = meta["mq.config"]
@@ -105,7 +107,7 @@ def classify(runner, images_u8: np.ndarray, mean, std, batch: int = 64) -> np.nd
     """Normalise uint8 images as the model was trained and return logits [n, classes]."""
     from mq_deploy.data.images import to_tensor
 
-    shape = runner.inputs["images"].shape if hasattr(runner, "inputs") else None
+    shape = runner.input_specs["images"].shape if "images" in getattr(runner, "input_specs", {}) else None
     if images_u8.dtype != np.uint8:
         raise MQUserError(f"images must be 8-bit (0..255), got {images_u8.dtype}")
     x = to_tensor(images_u8, mean, std).numpy()
@@ -113,3 +115,27 @@ def classify(runner, images_u8: np.ndarray, mean, std, batch: int = 64) -> np.nd
         raise MQUserError(f"images are {list(x.shape[1:])} (channels, height, width); the model takes "
                           f"{list(shape[1:])}")
     return np.concatenate([runner.infer({"images": x[i:i + batch]})["logits"] for i in range(0, len(x), batch)])
+
+
+def classify_path(model_path: str, images_path: str, *, limit: int | None = None, batch: int = 64,
+                  custom_op_library: str | None = None, threads: int | None = None, class_names=None) -> dict:
+    """`mq-deploy run`: classify the images at `images_path` with an exported Vision Mamba."""
+    from mq_deploy.backends.ort.runner import OrtRunner
+
+    runner = OrtRunner(model_path, custom_op_library=custom_op_library, threads=threads)
+    cfg = runner.meta.get("mq.config")
+    if runner.meta.get("mq.kind") != "vim" or cfg is None:
+        raise MQUserError(f"{model_path}: `run` classifies images with an exported Vision Mamba "
+                          "(for a language model use `generate`)")
+    images, labels, names = load_images(images_path, cfg["in_chans"], cfg["img_size"])
+    if limit:
+        images, names = images[:limit], names[:limit]
+        labels = None if labels is None else labels[:limit]
+    logits = classify(runner, images, cfg["image_mean"], cfg["image_std"], batch=batch)
+    if class_names and len(class_names) != logits.shape[-1]:
+        raise MQUserError(f"--class-names has {len(class_names)} names, the model has {logits.shape[-1]} classes")
+    pred = logits.argmax(-1)
+    res = {"predictions": [int(p) for p in pred], "names": names, "classes": class_names}
+    if labels is not None:
+        res["top1"] = float((pred == np.asarray(labels)).mean())
+    return res

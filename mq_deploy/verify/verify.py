@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mq_deploy.errors import MQUserError
+from mq_deploy.verify.compare import compare_outputs  # noqa: F401  (re-exported)
 
 STATS = ("max", "mean", "median")
 
@@ -35,6 +36,7 @@ class VerifyConfig:
     min_cosine: float = 0.999
     min_top1_agreement: float = 0.99
     max_metric_delta: float = 0.002
+    tokenizer: str | None = None        # LM text: tokenizer.json or its folder (default: the checkpoint's)
 
     def __post_init__(self):
         if self.check_error_stat not in STATS:
@@ -47,27 +49,6 @@ class VerifyConfig:
             raise MQUserError(f"--limit must be positive, got {self.limit}")
         if self.seq_len <= 1:
             raise MQUserError(f"--seq-len must be at least 2, got {self.seq_len}")
-
-
-def compare_outputs(got: np.ndarray, ref: np.ndarray, classes: bool = True) -> dict:
-    """Error statistics of one output (rows = all leading dims, the last dim is the feature/class axis)."""
-    got = np.asarray(got, np.float64)
-    ref = np.asarray(ref, np.float64)
-    if got.shape != ref.shape:
-        raise MQUserError(f"output shapes differ: artifact {list(got.shape)} vs reference {list(ref.shape)}")
-    diff = np.abs(got - ref)
-    floor = max(1e-30, 1e-6 * float(np.abs(ref).max(initial=0.0)))
-    rel = diff / np.maximum(np.abs(ref), floor)
-    g2, r2 = got.reshape(-1, got.shape[-1]), ref.reshape(-1, ref.shape[-1])
-    ng, nr = np.linalg.norm(g2, axis=-1), np.linalg.norm(r2, axis=-1)
-    cos = (g2 * r2).sum(-1) / np.maximum(ng * nr, 1e-30)
-    cos[(ng == 0) & (nr == 0)] = 1.0          # two all-zero rows (e.g. a fresh conv state) agree
-    out = {"max_abs": float(diff.max()), "mean_abs": float(diff.mean()), "median_abs": float(np.median(diff)),
-           "max_rel": float(rel.max()), "mean_rel": float(rel.mean()), "median_rel": float(np.median(rel)),
-           "cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()), "elements": int(diff.size)}
-    if classes:   # the last axis is a class / vocabulary axis
-        out["top1_agreement"] = float((g2.argmax(-1) == r2.argmax(-1)).mean())
-    return out
 
 
 def _bits(logits: np.ndarray, targets: np.ndarray) -> float:
@@ -96,12 +77,12 @@ def _lm_batches(reference, cfg: VerifyConfig, step: bool):
         if w.min() < 0 or w.max() >= vocab:
             raise MQUserError(f"{path}: token ids must lie in [0, {vocab})")
         w = w[:cfg.limit] if cfg.limit else w
-    else:
-        if vocab != 256:
-            raise MQUserError(f"this model's vocabulary ({vocab}) is not bytes, so text cannot be fed as is; pass "
-                              "--data IDS.npy with token ids [windows, length + 1] from its tokenizer")
+    else:   # text through the model's tokenizer (--tokenizer, its tokenizer.json, or bytes for vocab 256)
+        from mq_deploy.data.tokenizer import tokenizer_for
+
+        codec = tokenizer_for(loaded, cfg.tokenizer)
         path = os.path.abspath(cfg.data or _default_data(loaded))
-        w = lm_windows(path, cfg.seq_len, cfg.limit or 32)
+        w = lm_windows(path, cfg.seq_len, cfg.limit or 32, codec)
     m = loaded.config.mixer
     bs = cfg.batch or 8
     for i in range(0, len(w), bs):
@@ -121,6 +102,8 @@ def _vim_batches(reference, cfg: VerifyConfig):
     loaded = reference.loaded
     path = os.path.abspath(cfg.data or _default_data(loaded))
     images, labels = vim_data(loaded, path, "test", cfg.limit)
+    if labels is None:     # a flat image folder: no labels, the outputs are still compared
+        labels = np.full(len(images), -1, np.int64)
     bs = cfg.batch or 64
     for i in range(0, len(labels), bs):
         yield {"images": images[i:i + bs].numpy()}, labels[i:i + bs]
@@ -133,7 +116,7 @@ def verify(artifact_runner, reference_runner, cfg: VerifyConfig, progress=None) 
 
     loaded = reference_runner.loaded
     lm = loaded.architecture == "mamba_lm"
-    step = lm and "conv_state" in getattr(artifact_runner, "inputs", {})
+    step = lm and "conv_state" in artifact_runner.input_specs
     batches = _lm_batches(reference_runner, cfg, step) if lm else _vim_batches(reference_runner, cfg)
     got, ref, targets = {}, {}, []
     data_path = None
@@ -184,6 +167,35 @@ def verify(artifact_runner, reference_runner, cfg: VerifyConfig, progress=None) 
     checks.append({"check": f"{metric}: relative difference <= {cfg.max_metric_delta}", "value": delta,
                    "passed": delta <= cfg.max_metric_delta})
     return {"outputs": outputs, "metrics": metrics, "checks": checks, "passed": all(c["passed"] for c in checks)}
+
+
+def verify_paths(artifact: str, reference: str, cfg: VerifyConfig, *, custom_op_library: str | None = None,
+                 plugins=(), threads: int | None = None) -> dict:
+    """`mq-deploy verify`: open the artifact (ONNX in ONNX Runtime, or a TensorRT engine) and the PyTorch
+    reference checkpoint, check they belong together, and compare them."""
+    from mq_deploy.backends.base import ENGINE_SUFFIXES, open_runner
+    from mq_deploy.quant.qcheckpoint import load
+    from mq_deploy.verify.torch_runner import TorchRunner
+
+    runner = open_runner(artifact, custom_op_library=custom_op_library, plugins=plugins, threads=threads)
+    proto = getattr(runner, "proto", None)
+    if proto is not None and not artifact.endswith(ENGINE_SUFFIXES):
+        from mq_deploy.export.onnx_file import require_mq_export
+
+        require_mq_export(proto, artifact, "verify")
+    loaded = load(reference)
+    kind = runner.meta.get("mq.kind") if runner.meta else None
+    want = {"mamba_lm": "lm", "vim": "vim"}.get(loaded.architecture, loaded.architecture)
+    if kind is not None and kind != want:
+        raise MQUserError(f"{artifact} is a {kind} export but {reference} is a {loaded.architecture} checkpoint; "
+                          "verify an artifact against the checkpoint it was exported from")
+    step = "conv_state" in runner.input_specs
+    ref = TorchRunner(loaded, step=step)
+    names = set(runner.input_specs)
+    if names != set(ref.input_specs):
+        raise MQUserError(f"{artifact} takes inputs {', '.join(sorted(names))}, but the reference {reference} takes "
+                          f"{', '.join(sorted(ref.input_specs))}; they are not the same kind of model")
+    return verify(runner, ref, cfg)
 
 
 def format_report(rep: dict, artifact: str, reference: str) -> str:

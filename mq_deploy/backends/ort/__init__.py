@@ -1,0 +1,1 @@
+"""ONNX Runtime: the session runner (`runner`) and the ORT-optimized model build (`build`)."""

@@ -1,0 +1,52 @@
+"""The PyTorch reference behind the Runner protocol: our model, FP or fake-quantized (a quantized
+checkpoint loaded with mq_deploy.quant.qcheckpoint.load)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mq_deploy.backends.base import Runner, TensorSpec
+
+
+class TorchRunner(Runner):
+    """Feeds: input_ids (LM; with conv_state / ssm_state for the step form) or images (Vim)."""
+
+    def __init__(self, loaded, step: bool = False):
+        self.loaded = loaded
+        self.model = loaded.model.eval()
+        self.name = f"PyTorch reference {loaded.path}"
+        cfg = loaded.config
+        if loaded.architecture == "mamba_lm":
+            m = cfg.mixer
+            self.input_specs = {"input_ids": TensorSpec("input_ids", np.int64, ("batch", "seq"))}
+            self.output_names = ["logits"]
+            if step:
+                self.input_specs.update({
+                    "conv_state": TensorSpec("conv_state", np.float32, (cfg.n_layer, "batch", m.d_inner, m.d_conv - 1)),
+                    "ssm_state": TensorSpec("ssm_state", np.float32, (cfg.n_layer, "batch", m.d_inner, m.d_state))})
+                self.output_names += ["conv_state_out", "ssm_state_out"]
+        else:
+            self.input_specs = {"images": TensorSpec("images", np.float32,
+                                                     ("batch", cfg.in_chans, cfg.img_size, cfg.img_size))}
+            self.output_names = ["logits"]
+
+    def with_step(self, step: bool) -> "TorchRunner":
+        return self if step == ("conv_state" in self.input_specs) else TorchRunner(self.loaded, step=step)
+
+    def infer_impl(self, feeds: dict) -> dict:
+        import torch
+
+        with torch.no_grad():
+            if "images" in feeds:
+                return {"logits": self.model(torch.from_numpy(feeds["images"])).numpy()}
+            ids = torch.from_numpy(feeds["input_ids"])
+            vocab = self.loaded.config.vocab_size
+            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+                from mq_deploy.errors import MQUserError
+                raise MQUserError(f"{self.name}: token ids must lie in [0, {vocab})")
+            if "conv_state" not in feeds:
+                return {"logits": self.model(ids).numpy()}
+            cs, ss = torch.from_numpy(feeds["conv_state"]), torch.from_numpy(feeds["ssm_state"])
+            logits, states = self.model(ids, return_state=True, state=list(zip(cs, ss)))
+            return {"logits": logits.numpy(), "conv_state_out": torch.stack([c for c, _ in states]).numpy(),
+                    "ssm_state_out": torch.stack([s for _, s in states]).numpy()}
