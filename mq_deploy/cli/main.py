@@ -101,20 +101,32 @@ def add_json(s, what="", g=None):
         g.add_argument("--overwrite", action="store_true", help="replace an existing JSON file mq-deploy wrote")
 
 
+def add_tokenizer(s, g=None):
+    """--tokenizer (LM text): once per subcommand, in the first group that reads text."""
+    if any(a.dest == "tokenizer" for a in s._actions):
+        return
+    (g or s).add_argument("--tokenizer", metavar="FILE_OR_DIR",
+                          help="LM: tokenizer.json (or its folder) of the model; default: the one beside the "
+                               "weights / in the artifact; byte-level LMs (vocab 256) need none")
+
+
 def add_calib(s):
     g = s.add_argument_group("calibration")
-    g.add_argument("--calib", metavar="PATH", help="calibration text file / idx directory (default: the sample's)")
+    g.add_argument("--calib", metavar="PATH", help="calibration text file (LM), idx directory or image folder "
+                   "(Vim); default: the sample's")
     g.add_argument("--calib-samples", type=positive_int, metavar="N")
     g.add_argument("--seed", type=int, default=0)
+    add_tokenizer(s, g)
 
 
 def add_eval_data(s, seq_len=1024, limit_help="at most N windows (LM) or images (Vim)"):
     g = s.add_argument_group("evaluation data")
-    g.add_argument("--data", metavar="PATH", help="text file (LM) or Fashion-MNIST idx directory (Vim); "
-                   "default: the data shipped with a sample model")
+    g.add_argument("--data", metavar="PATH", help="text file (LM), or a Fashion-MNIST idx directory or an image "
+                   "folder (ImageFolder layout or flat, JPEG/PNG) (Vim); default: the data shipped with a sample model")
     g.add_argument("--limit", type=positive_int, metavar="N", help=limit_help)
-    g.add_argument("--seq-len", type=positive_int, default=seq_len, help="LM window length")
+    g.add_argument("--seq-len", type=positive_int, default=seq_len, help="LM window length in tokens")
     g.add_argument("--batch", type=positive_int)
+    add_tokenizer(s, g)
     return g
 
 
@@ -210,12 +222,14 @@ def cmd_eval(args) -> int:
     from mq_deploy.evaluate import EvalConfig, evaluate
     from mq_deploy.quant.qcheckpoint import load
 
-    inputs = [args.model, args.data]
+    inputs = [args.model, args.data, args.tokenizer]
     _json_target(args, inputs)
     _set_threads(args)
-    cfg = EvalConfig(data=args.data, limit=args.limit, split=args.split, seq_len=args.seq_len, batch=args.batch)
+    cfg = EvalConfig(data=args.data, limit=args.limit, split=args.split, seq_len=args.seq_len, batch=args.batch,
+                     tokenizer=args.tokenizer)
     res = evaluate(load(args.model), cfg)
-    print(f"{args.model}: {res['metric']} = {res['value']:.4f} ({res['samples']} samples of {res['data']})")
+    ppl = f", perplexity {res['perplexity']:.3f} per token over {res['bytes']} bytes" if "perplexity" in res else ""
+    print(f"{args.model}: {res['metric']} = {res['value']:.4f} ({res['samples']} samples of {res['data']}{ppl})")
     _write_json(args, {"metric": res["metric"], "value": res["value"], "samples": res["samples"]}, inputs)
     return 0
 
@@ -224,13 +238,13 @@ def cmd_compare(args) -> int:
     from mq_deploy.evaluate import EvalConfig
     from mq_deploy.quant.compare import BITS, RECIPES, CalibConfig, compare, parse_list
 
-    inputs = [args.model, args.data, args.calib]
+    inputs = [args.model, args.data, args.calib, args.tokenizer]
     _json_target(args, inputs)
     _set_threads(args)
     recipes = parse_list(args.recipes, RECIPES, "recipe")
     bits = parse_list(args.bits, tuple(BITS), "bit width")
-    calib = CalibConfig(path=args.calib, samples=args.calib_samples, seed=args.seed)
-    ev = EvalConfig(data=args.data, limit=args.limit, split=args.split)
+    calib = CalibConfig(path=args.calib, samples=args.calib_samples, seed=args.seed, tokenizer=args.tokenizer)
+    ev = EvalConfig(data=args.data, limit=args.limit, split=args.split, tokenizer=args.tokenizer)
     print(f"{'recipe':12s} {'bits':5s} {'metric':14s} {'value':>9s} {'delta vs fp':>12s}")
 
     def show(r):
@@ -250,7 +264,8 @@ def cmd_quantize(args) -> int:
     _set_threads(args)
     rcfg = _recipe_cfg(args, wbits=args.wbits, abits=args.abits, granularity=args.act_granularity)
     res = quantize_to_dir(args.model, args.output, rcfg,
-                          CalibConfig(path=args.calib, samples=args.calib_samples, seed=args.seed),
+                          CalibConfig(path=args.calib, samples=args.calib_samples, seed=args.seed,
+                                      tokenizer=args.tokenizer),
                           overwrite=args.overwrite, seed=args.seed)
     print(f"wrote {res['path']}: {res['recipe']} W{res['wbits']}A{res['abits']}, calibrated on "
           f"{res['calibration']['samples']} samples of {res['calibration']['source']}")
@@ -262,7 +277,7 @@ def cmd_inspect(args) -> int:
 
     _set_threads(args)
     res = inspect_to_dir(args.model, args.output, recipe=args.recipe, alpha=args.alpha, calib=args.calib,
-                         calib_samples=args.calib_samples, overwrite=args.overwrite)
+                         calib_samples=args.calib_samples, overwrite=args.overwrite, tokenizer=args.tokenizer)
     print(f"wrote {res['path']}: {len(res['channels'])} plots and summary.md")
     points = {}
     for r in res["rows"]:
@@ -279,7 +294,8 @@ def cmd_export(args) -> int:
     from mq_deploy.export.exporter import export
 
     _json_target(args, [args.model, args.output])
-    info = export(args.model, args.output, step=args.decode_step, opset=args.opset, overwrite=args.overwrite)
+    info = export(args.model, args.output, step=args.decode_step, opset=args.opset, overwrite=args.overwrite,
+                  tokenizer=args.tokenizer)
     ops = ", ".join(f"{k} {v}" for k, v in sorted(info["op_counts"].items(), key=lambda kv: -kv[1])[:8])
     print(f"wrote {info['path']}: {info['graph']} graph of the {info['architecture']} "
           f"({info['quant'] or 'float32'}), {info['nodes']} nodes, {info['bytes'] / 1e6:.2f} MB; {ops}")
@@ -290,12 +306,13 @@ def cmd_export(args) -> int:
 def cmd_verify(args) -> int:
     from mq_deploy.verify.verify import VerifyConfig, format_report, verify_paths
 
-    inputs = [args.artifact, args.reference, args.data]
+    inputs = [args.artifact, args.reference, args.data, args.tokenizer]
     _json_target(args, inputs)
     _set_threads(args)
     cfg = VerifyConfig(data=args.data, limit=args.limit, seq_len=args.seq_len, batch=args.batch, atol=args.atol,
                        rtol=args.rtol, check_error_stat=args.check_error_stat, min_cosine=args.min_cosine,
-                       min_top1_agreement=args.min_top1_agreement, max_metric_delta=args.max_metric_delta)
+                       min_top1_agreement=args.min_top1_agreement, max_metric_delta=args.max_metric_delta,
+                       tokenizer=args.tokenizer)
     rep = verify_paths(args.artifact, args.reference, cfg, custom_op_library=args.custom_op_lib,
                        plugins=args.plugins or (), threads=args.threads)
     print(format_report(rep, args.artifact, args.reference))
@@ -305,46 +322,49 @@ def cmd_verify(args) -> int:
 
 def cmd_generate(args) -> int:
     from mq_deploy.backends.ort.runner import OrtRunner
-    from mq_deploy.runtime.apps import generate
+    from mq_deploy.runtime.apps import generate_text
 
-    _json_target(args, [args.model])
+    _json_target(args, [args.model, args.tokenizer])
     runner = OrtRunner(args.model, custom_op_library=args.custom_op_lib, threads=args.threads)
-    byte_level = runner.meta.get("mq.tokenizer") == "bytes"
+    prompt_ids = None
     if args.prompt_ids is not None:
         try:
-            prompt = [int(t) for t in args.prompt_ids.replace(",", " ").split()]
+            prompt_ids = [int(t) for t in args.prompt_ids.replace(",", " ").split()]
         except ValueError:
             raise MQUserError(f"--prompt-ids must be integers, got {args.prompt_ids!r}") from None
-    elif args.prompt is not None:
-        if not byte_level:
-            raise MQUserError(f"{args.model}: the model's vocabulary is not bytes and no tokenizer is bundled; "
-                              "pass --prompt-ids")
-        prompt = list(args.prompt.encode("utf-8"))
-    else:
+    elif args.prompt is None:
         raise MQUserError("give --prompt TEXT or --prompt-ids IDS")
-    shown = bytearray()
 
-    def show(tok):
-        if byte_level and not args.ids:
-            shown.append(tok)
-            try:   # print whole UTF-8 characters as they complete
-                sys.stdout.write(shown.decode("utf-8"))
-                shown.clear()
-            except UnicodeDecodeError:
-                if len(shown) >= 4:
-                    sys.stdout.write(shown.decode("utf-8", errors="replace"))
-                    shown.clear()
-        else:
-            sys.stdout.write(f"{tok} ")
+    def write(piece):
+        sys.stdout.write(piece)
         sys.stdout.flush()
 
-    if byte_level and not args.ids and args.prompt is not None:
-        sys.stdout.write(args.prompt)
-    out = generate(runner, prompt, args.max_new_tokens, args.temperature, args.seed, on_token=show)
-    if shown:
-        sys.stdout.write(shown.decode("utf-8", errors="replace"))
+    if args.ids:
+        from mq_deploy.runtime.apps import generate
+
+        def show(tok):
+            write(f"{tok} ")
+        from mq_deploy.data.tokenizer import tokenizer_for_artifact
+
+        codec = tokenizer_for_artifact(runner.meta, args.tokenizer, args.model)
+        if prompt_ids is None:
+            if codec is None:
+                raise MQUserError(f"{args.model}: no tokenizer came with the artifact; pass --tokenizer or --prompt-ids")
+            prompt_ids = [int(i) for i in codec.encode(args.prompt)[0]]
+        eos = codec.eos_id if codec is not None else (runner.meta.get("mq.config") or {}).get("eos_token_id")
+        out = generate(runner, prompt_ids, args.max_new_tokens, args.temperature, args.seed, on_token=show, eos_id=eos)
+        res = {"prompt_ids": prompt_ids, "new_ids": out}
+    else:
+        if args.prompt is not None and prompt_ids is None:
+            write(args.prompt)
+        res = generate_text(runner, prompt=args.prompt, prompt_ids=prompt_ids, max_new_tokens=args.max_new_tokens,
+                            temperature=args.temperature, seed=args.seed, tokenizer=args.tokenizer,
+                            write=write)
+        if res["text"] is None:   # no tokenizer and prompt ids: print the ids
+            write(" ".join(str(t) for t in res["new_ids"]))
     sys.stdout.write("\n")
-    _write_json(args, {"prompt_ids": prompt, "new_ids": out}, [args.model])
+    _write_json(args, {k: res[k] for k in ("prompt_ids", "new_ids", "text", "stopped_at_eos") if k in res},
+                [args.model, args.tokenizer])
     return 0
 
 
@@ -463,6 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--decode-step", action="store_true",
                    help="LM: the stateful graph (input_ids, conv_state, ssm_state -> logits, new states)")
     s.add_argument("--opset", type=int, default=21, help="ONNX opset (>= 21; default 21)")
+    add_tokenizer(s)
     add_json(s, "the export summary", g)
     s.set_defaults(func=cmd_export)
 
@@ -491,6 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--temperature", type=nonneg_float, default=0.0, help="0 = greedy")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--ids", action="store_true", help="print token ids instead of text")
+    add_tokenizer(s)
     add_runtime(s)
     add_json(s, '{"prompt_ids", "new_ids"}')
     s.set_defaults(func=cmd_generate)
@@ -533,12 +555,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extra_commands():
     """Subcommand groups that live beside their library (each a `register(subparsers)`)."""
-    return []
+    from mq_deploy.serve.cli import register as serve_commands   # triton, serve
+
+    return [serve_commands]
 
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:        # usage errors (one line, see _Parser.error), --help, --version
+        return e.code if isinstance(e.code, int) else 2
     if not getattr(args, "func", None):
         parser.print_help()
         return 0

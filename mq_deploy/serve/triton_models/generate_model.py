@@ -92,16 +92,19 @@ class TritonPythonModel:
             feed = [tok]
 
     def execute(self, requests):
+        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         for r in requests:
             sender = r.get_response_sender()
             try:
                 self._generate(r, sender)
             except Exception as e:
-                if not sender.is_cancelled():
-                    sender.send(pb_utils.InferenceResponse(
-                        error=pb_utils.TritonError(f"{self.name}: {str(e).splitlines()[0]}")),
-                        flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-                continue
-            if not sender.is_cancelled():
-                sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                response = pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{self.name}: {str(e).splitlines()[0]}"))
+            else:
+                response = None
+            # The final flag goes out even to a cancelled or vanished client: until it is sent the request
+            # stays alive in the server, which then cannot unload this model or shut down cleanly.
+            try:
+                sender.send(response, flags=final) if response is not None else sender.send(flags=final)
+            except Exception:
+                pass
         return None

@@ -1,0 +1,210 @@
+"""`mq-deploy triton`: the repository it writes, every config.pbtxt checked against Triton's own schema
+(tritonclient's model_config_pb2), and the input it refuses. No server here: tests/test_serve_server.py."""
+
+import json
+import os
+
+import pytest
+
+from helpers import assert_user_error, tiny_exports
+
+pytest.importorskip("onnxruntime")
+model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
+from google.protobuf import text_format  # noqa: E402  (tritonclient brings protobuf)
+
+from mq_deploy.serve.repository import TritonConfig, write_repository  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def art():
+    return tiny_exports()
+
+
+def parse(path):
+    """Triton's own parser of config.pbtxt: protobuf text format into ModelConfig (unknown fields,
+    wrong enum symbols or types raise)."""
+    with open(path) as f:
+        return text_format.Parse(f.read(), model_config_pb2.ModelConfig())
+
+
+def parse_repo(repo):
+    cfgs = {}
+    for name in sorted(os.listdir(repo)):
+        p = os.path.join(repo, name, "config.pbtxt")
+        if os.path.isfile(p):
+            cfgs[name] = parse(p)
+            assert cfgs[name].name == name
+            assert os.path.isdir(os.path.join(repo, name, "1"))
+    return cfgs
+
+
+def fake_engine(tmp_path, art, which, profile):
+    """An engine file and the build report `mq-deploy build --json` writes for it. The engine bytes are
+    not a real plan (TensorRT cannot run here): the repository writer only copies them; the shapes come
+    from the report, outputs and metadata from the ONNX the report names."""
+    import onnx
+
+    eng = tmp_path / f"{which}.plan"
+    eng.write_bytes(b"not a real TensorRT plan")
+    proto = onnx.load(art[which], load_external_data=False)
+    init = {i.name for i in proto.graph.initializer}
+    inputs = [{"name": i.name, "shape": [d.dim_value if d.HasField("dim_value") else -1
+                                         for d in i.type.tensor_type.shape.dim]}
+              for i in proto.graph.input if i.name not in init]
+    rep = {"onnx": art[which], "engine": str(eng), "tensorrt_version": "10.16.0", "inputs": inputs,
+           "profile": profile, "plugins": ["/opt/mq/libmq_scan_trt.so"], "warnings": []}
+    (tmp_path / f"{which}.plan.json").write_text(json.dumps(rep))
+    return str(eng)
+
+
+@pytest.mark.parametrize("backend", ["python", "onnxruntime"])
+def test_every_config_parses_against_tritons_schema(art, tmp_path, backend):
+    repo = tmp_path / "repo"
+    res = write_repository([art["vim"], art["lm"], art["lm_step"]], str(repo),
+                           TritonConfig(backend=backend, max_batch=8, instances=2))
+    cfgs = parse_repo(repo)
+    assert set(cfgs) == {"vim", "vim_preprocess", "vim_image", "lm", "lm_step", "lm_step_generate"}
+    assert {m["name"] for m in res["models"]} == set(cfgs)
+    M = model_config_pb2
+
+    vim = cfgs["vim"]
+    assert vim.backend == backend and vim.max_batch_size == 8
+    assert [(i.name, i.data_type, list(i.dims)) for i in vim.input] == [("images", M.TYPE_FP32, [1, 12, 12])]
+    assert vim.output[0].label_filename == "labels.txt" and list(vim.output[0].dims) == [7]
+    assert vim.HasField("dynamic_batching") and vim.instance_group[0].count == 2
+    assert open(repo / "vim" / "labels.txt").read().split() == [str(i) for i in range(7)]
+    assert list(cfgs["lm"].input[0].dims) == [-1] and list(cfgs["lm"].output[0].dims) == [-1, 256]
+
+    step = cfgs["lm_step"]
+    assert step.max_batch_size == 0 and [i.name for i in step.input] == ["input_ids"]
+    assert [o.name for o in step.output] == ["logits"]
+    seq = step.sequence_batching
+    assert seq.max_sequence_idle_microseconds > 0 and seq.HasField("oldest")
+    if backend == "onnxruntime":
+        # implicit state: the server feeds each sequence's *_out back as the next input; zeros at START
+        states = {s.input_name: s for s in seq.state}
+        assert {k: v.output_name for k, v in states.items()} == {"conv_state": "conv_state_out",
+                                                                 "ssm_state": "ssm_state_out"}
+        assert list(states["conv_state"].dims) == [2, 1, 64, 3] and list(states["ssm_state"].dims) == [2, 1, 64, 16]
+        assert all(len(s.initial_state) == 1 and s.initial_state[0].zero_data for s in seq.state)
+        assert not seq.control_input      # ORT passes every request input to the graph, which has no START
+        assert step.default_model_filename == "model.onnx"
+        assert os.path.isfile(repo / "lm_step" / "1" / "model.onnx")
+    else:
+        kinds = {c.name: c.control[0].kind for c in seq.control_input}
+        S = M.ModelSequenceBatching.Control
+        assert kinds == {"START": S.CONTROL_SEQUENCE_START, "END": S.CONTROL_SEQUENCE_END,
+                         "READY": S.CONTROL_SEQUENCE_READY, "CORRID": S.CONTROL_SEQUENCE_CORRID}
+        assert not seq.state
+        assert os.path.isfile(repo / "lm_step" / "1" / "model.py")
+
+    gen = cfgs["lm_step_generate"]
+    assert gen.backend == "python" and gen.model_transaction_policy.decoupled
+    assert {i.name for i in gen.input} == {"text", "prompt_ids", "max_new_tokens"}
+    ens = cfgs["vim_image"]
+    assert ens.platform == "ensemble"
+    assert [s.model_name for s in ens.ensemble_scheduling.step] == ["vim_preprocess", "vim"]
+    readme = (repo / "README.md").read_text()
+    assert "tritonserver --model-repository" in readme and "nvcr.io/nvidia/tritonserver" in readme
+    assert "Jetson" in readme and "mq-deploy serve" in readme
+
+
+def test_onnxruntime_op_library(art, tmp_path):
+    lib = tmp_path / "libmq_scan_ort.so"
+    lib.write_bytes(b"\x7fELF")
+    write_repository([art["lm"]], str(tmp_path / "r1"), TritonConfig(custom_op_lib=str(lib)))
+    cfg = parse(tmp_path / "r1" / "lm" / "config.pbtxt")
+    assert list(cfg.model_operations.op_library_filename) == [str(lib)]
+    write_repository([art["lm"]], str(tmp_path / "r2"), TritonConfig(backend="python", custom_op_lib=str(lib)))
+    cfg = parse(tmp_path / "r2" / "lm" / "config.pbtxt")
+    assert cfg.parameters["custom_op_library"].string_value == "libmq_scan_ort.so"
+    assert (tmp_path / "r2" / "lm" / "1" / "libmq_scan_ort.so").read_bytes() == b"\x7fELF"
+
+
+def test_tensorrt_plan_configs_from_the_build_report(art, tmp_path):
+    vim = fake_engine(tmp_path, art, "vim", {"images": {"min": [1, 1, 12, 12], "opt": [8, 1, 12, 12],
+                                                        "max": [32, 1, 12, 12]}})
+    step = fake_engine(tmp_path, art, "lm_step", {
+        "input_ids": {"min": [1, 1], "opt": [1, 1], "max": [1, 512]},
+        "conv_state": {"min": [2, 1, 64, 3], "opt": [2, 1, 64, 3], "max": [2, 1, 64, 3]},
+        "ssm_state": {"min": [2, 1, 64, 16], "opt": [2, 1, 64, 16], "max": [2, 1, 64, 16]}})
+    repo = tmp_path / "repo"
+    write_repository([vim, step], str(repo), TritonConfig(max_batch=64))
+    cfgs = parse_repo(repo)
+    v = cfgs["vim"]
+    assert v.platform == "tensorrt_plan" and v.default_model_filename == "model.plan"
+    assert v.max_batch_size == 32            # capped by the profile's max batch
+    assert list(v.input[0].dims) == [1, 12, 12] and v.HasField("dynamic_batching")
+    assert v.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
+    assert list(v.instance_group[0].profile) == ["0"]
+    assert (repo / "vim" / "1" / "model.plan").read_bytes() == b"not a real TensorRT plan"
+    s = cfgs["lm_step"]
+    assert s.max_batch_size == 0 and list(s.input[0].dims) == [1, -1]
+    assert {x.input_name for x in s.sequence_batching.state} == {"conv_state", "ssm_state"}
+    readme = (repo / "README.md").read_text()
+    assert "--backend-config=tensorrt,plugins=/opt/mq/libmq_scan_trt.so" in readme and "LD_PRELOAD" in readme
+    # the report itself is an artifact too
+    write_repository([str(tmp_path / "vim.plan.json")], str(tmp_path / "repo2"), TritonConfig(name="cls"))
+    assert parse(tmp_path / "repo2" / "cls" / "config.pbtxt").platform == "tensorrt_plan"
+
+
+def test_labels_file(art, tmp_path):
+    labels = tmp_path / "labels.txt"
+    labels.write_text("\n".join(f"class {i}" for i in range(7)) + "\n")
+    write_repository([art["vim"]], str(tmp_path / "r"), TritonConfig(labels=str(labels), backend="python"))
+    assert (tmp_path / "r" / "vim" / "labels.txt").read_text().splitlines()[3] == "class 3"
+    labels.write_text("a\nb\n")
+    with pytest.raises(Exception, match="2 labels"):
+        write_repository([art["vim"]], str(tmp_path / "r2"), TritonConfig(labels=str(labels)))
+    assert not (tmp_path / "r2").exists()
+
+
+def test_existing_repository_refused_and_overwrite_only_ours(art, tmp_path, capsys):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "keep.txt").write_text("user data")
+    assert_user_error(capsys, ["triton", art["vim"], "-o", repo], "already exists", "--overwrite")
+    assert_user_error(capsys, ["triton", art["vim"], "-o", repo, "--overwrite"], "not written by mq-deploy")
+    assert (repo / "keep.txt").read_text() == "user data"
+    ours = tmp_path / "ours"
+    from mq_deploy.cli.main import main
+
+    assert main(["triton", art["vim"], "-o", str(ours), "--backend", "python"]) == 0
+    assert "vim_image" in capsys.readouterr().out
+    assert_user_error(capsys, ["triton", art["lm"], "-o", ours], "already exists")
+    assert main(["triton", art["lm"], "-o", str(ours), "--overwrite"]) == 0
+    assert sorted(p for p in os.listdir(ours) if not p.startswith(".")) == ["README.md", "lm"]
+
+
+def test_bad_input_is_one_clear_line(art, tmp_path, capsys):
+    out = tmp_path / "r"
+    bogus = tmp_path / "bogus.onnx"
+    bogus.write_bytes(b"garbage")
+    assert_user_error(capsys, ["triton", bogus, "-o", out], "not a readable ONNX")
+    assert_user_error(capsys, ["triton", tmp_path / "missing.onnx", "-o", out], "no such file")
+    assert_user_error(capsys, ["triton", art["vim"], art["lm"], "-o", out, "--name", "x"], "--name names one model")
+    assert_user_error(capsys, ["triton", art["vim"], "-o", out, "--name", "bad name"], "--name")
+    assert_user_error(capsys, ["triton", art["vim"], "-o", out, "--max-batch", "-1"], "--max-batch")
+    assert_user_error(capsys, ["triton", art["vim"], "-o", out, "--instances", "0"], "--instances")
+    assert_user_error(capsys, ["triton", art["vim"], "-o", out, "--backend", "tensorrt"], "mq-deploy build")
+    assert_user_error(capsys, ["triton", art["vim"], "-o", out, "--custom-op-lib", tmp_path / "nope.so"],
+                      "--custom-op-lib")
+    assert_user_error(capsys, ["triton", art["vim"], art["vim"], "-o", out], "also used by")
+    eng = tmp_path / "e.plan"
+    eng.write_bytes(b"x")
+    assert_user_error(capsys, ["triton", eng, "-o", out], "build report")
+    assert not out.exists()
+    # never a repository that holds one of its inputs
+    assert_user_error(capsys, ["triton", art["vim"], "-o", os.path.dirname(art["vim"]), "--overwrite"],
+                      "holds the input")
+    assert_user_error(capsys, ["serve", tmp_path], "not a Triton model repository")
+
+
+def test_the_package_imports_lean():
+    import subprocess
+    import sys
+
+    code = ("import sys, mq_deploy.serve.repository, mq_deploy.serve.server, mq_deploy.serve.cli; "
+            "bad = [m for m in ('torch', 'onnxruntime', 'tritonclient', 'onnx') if m in sys.modules]; "
+            "sys.exit(1 if bad else 0)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -1,0 +1,360 @@
+"""A real tritonserver (pytriton's, Python backend, CPU) serving a repository `mq-deploy triton --backend
+python` wrote, on 127.0.0.1 with free ports, queried over HTTP and gRPC with tritonclient.
+
+Every served output is compared with mq_deploy's ONNX Runtime runner on the same inputs for exact
+equality (the server runs the same ONNX file in the same onnxruntime version with the same session
+options; nothing in between may change a bit). Every client loop is bounded, every call has a timeout.
+
+Skipped where no tritonserver, or no numpy/onnxruntime for its Python stub, is installed, unless
+MQ_REQUIRE_TRITON=1 (CI sets it: there a missing server is a failure, not a skip).
+"""
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from helpers import tiny_exports
+
+pytest.importorskip("onnxruntime")
+httpclient = pytest.importorskip("tritonclient.http")
+grpcclient = pytest.importorskip("tritonclient.grpc")
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+from mq_deploy.errors import MQUserError  # noqa: E402
+from mq_deploy.serve import server as triton  # noqa: E402
+
+TIMEOUT = 60          # seconds, for any one client call
+
+
+def _server_missing():
+    try:
+        inst = triton.find_server()
+    except MQUserError as e:
+        return str(e)
+    try:
+        if inst.stub_python:
+            py = f"/usr/bin/python{inst.stub_python}"
+            r = subprocess.run([py, "-c", "import numpy, onnxruntime"], capture_output=True, text=True)
+            if r.returncode:
+                return f"{py} (the Python-backend stub's interpreter) cannot import numpy and onnxruntime"
+    finally:
+        inst.close()
+    return None
+
+
+_missing = _server_missing()
+if _missing:
+    if os.environ.get("MQ_REQUIRE_TRITON") == "1":
+        raise RuntimeError(f"MQ_REQUIRE_TRITON=1 but: {_missing}")
+    pytest.skip(_missing, allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def art():
+    return tiny_exports()
+
+
+@pytest.fixture(scope="module")
+def ref(art):
+    from mq_deploy.backends.ort.runner import OrtRunner
+
+    return {k: OrtRunner(art[k]) for k in ("vim", "lm", "lm_step")}
+
+
+@pytest.fixture(scope="module")
+def served(art, tmp_path_factory):
+    from mq_deploy.serve.repository import TritonConfig, write_repository
+
+    d = tmp_path_factory.mktemp("served")
+    repo = str(d / "repo")
+    write_repository([art["vim"], art["lm"], art["lm_step"]], repo,
+                     TritonConfig(backend="python", max_batch=8, instances=1))
+    srv = triton.TritonServer(repo, log_path=str(d / "tritonserver.log"))
+    t0 = time.monotonic()
+    srv.start()
+    print(f"tritonserver ready in {time.monotonic() - t0:.1f} s on {srv.http_url} / {srv.grpc_url}")
+    clients = []
+    srv.http = lambda: clients.append(httpclient.InferenceServerClient(srv.http_url, network_timeout=TIMEOUT,
+                                                                       connection_timeout=TIMEOUT)) or clients[-1]
+    srv.grpc = lambda: clients.append(grpcclient.InferenceServerClient(srv.grpc_url)) or clients[-1]
+    yield srv
+    for c in clients:
+        c.close()
+    t0 = time.monotonic()
+    rc = srv.stop()
+    print(f"tritonserver stopped in {time.monotonic() - t0:.1f} s, exit status {rc}")
+    assert rc == 0, srv.log_text()      # a clean shutdown: SIGINT, models unloaded, exit 0
+
+
+def infer(client, model, **arrays):
+    mod = httpclient if isinstance(client, httpclient.InferenceServerClient) else grpcclient
+    inputs = []
+    for name, a in arrays.items():
+        i = mod.InferInput(name, list(a.shape), {np.float32: "FP32", np.int64: "INT64", np.float64: "FP64",
+                                                 np.int32: "INT32"}[a.dtype.type])
+        i.set_data_from_numpy(a)
+        inputs.append(i)
+    kw = {} if mod is httpclient else {"client_timeout": TIMEOUT}
+    return client, mod, inputs, kw
+
+
+def call(client, model, outputs=("logits",), seq=None, **arrays):
+    client, mod, inputs, kw = infer(client, model, **arrays)
+    if seq is not None:
+        kw.update(sequence_id=seq[0], sequence_start=seq[1], sequence_end=seq[2])
+    r = client.infer(model, inputs, **kw)
+    return {o: r.as_numpy(o) for o in outputs}
+
+
+def assert_exact(got, want, what):
+    err = float(np.abs(got.astype(np.float64) - want).max()) if got.shape == want.shape else float("nan")
+    print(f"{what}: max |served - OrtRunner| = {err}")
+    assert got.shape == want.shape and got.dtype == want.dtype
+    assert np.array_equal(got, want), what
+
+
+def test_http_and_grpc_outputs_equal_the_ort_runner(served, ref):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((3, 1, 12, 12)).astype(np.float32)
+    ids = rng.integers(0, 256, (2, 17)).astype(np.int64)
+    want_vim = ref["vim"].infer({"images": x})["logits"]
+    want_lm = ref["lm"].infer({"input_ids": ids})["logits"]
+    for client in (served.http(), served.grpc()):
+        kind = type(client).__module__.split(".")[1]
+        assert_exact(call(client, "vim", images=x)["logits"], want_vim, f"vim over {kind}")
+        assert_exact(call(client, "lm", input_ids=ids)["logits"], want_lm, f"lm over {kind}")
+
+
+def test_eight_concurrent_clients(served, ref):
+    rng = np.random.default_rng(2)
+    work = [[rng.standard_normal((1 + (c + k) % 2, 1, 12, 12)).astype(np.float32) for k in range(6)] for c in range(8)]
+    want = [[ref["vim"].infer({"images": x})["logits"] for x in w] for w in work]
+    ids = [rng.integers(0, 256, (1, 9)).astype(np.int64) for _ in range(8)]
+    want_lm = [ref["lm"].infer({"input_ids": i})["logits"] for i in ids]
+
+    def client_loop(c):
+        client = served.http() if c % 2 else served.grpc()
+        got = [call(client, "vim", images=x)["logits"] for x in work[c]]     # 6 requests, bounded
+        return got, call(client, "lm", input_ids=ids[c])["logits"]
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(client_loop, range(8), timeout=TIMEOUT * 4))
+    for c, (got, got_lm) in enumerate(results):
+        for k, (g, w) in enumerate(zip(got, want[c])):
+            assert_exact(g, w, f"client {c} request {k}")
+        assert_exact(got_lm, want_lm[c], f"client {c} lm")
+
+
+def reference_steps(step_runner, prompt, n):
+    """Logits of a prefill and n greedy decode steps, computed by the ORT runner with explicit states."""
+    from mq_deploy.runtime.apps import generate
+
+    cfg = step_runner.meta["mq.config"]
+    m = cfg["mixer"]
+    feeds = {"input_ids": np.asarray([prompt], np.int64),
+             "conv_state": np.zeros((cfg["n_layer"], 1, m["d_inner"], m["d_conv"] - 1), np.float32),
+             "ssm_state": np.zeros((cfg["n_layer"], 1, m["d_inner"], m["d_state"]), np.float32)}
+    out = []
+    for _ in range(n + 1):
+        r = step_runner.infer(feeds)
+        out.append(r["logits"])
+        tok = int(r["logits"][0, -1].astype(np.float64).argmax())
+        feeds = {"input_ids": np.asarray([[tok]], np.int64), "conv_state": r["conv_state_out"],
+                 "ssm_state": r["ssm_state_out"]}
+    assert [int(o[0, -1].astype(np.float64).argmax()) for o in out[:n]] == generate(step_runner, prompt, n)
+    return out
+
+
+def test_interleaved_sequences_keep_separate_states(served, ref):
+    prompts = [list(b"And God said"), list(b"In the beginning"), list(b"Let there be"), list(b"and the earth")]
+    n = 6
+    want = [reference_steps(ref["lm_step"], p, n) for p in prompts]
+    clients = [served.http(), served.grpc(), served.http(), served.grpc()]
+    seqs = [1001, 1002, 1003, 1004]
+    got = [[] for _ in prompts]
+    feeds = [np.asarray([p], np.int64) for p in prompts]
+    for step in range(n + 1):          # round robin: every sequence advances one step per round
+        for s, client in enumerate(clients):
+            logits = call(client, "lm_step", input_ids=feeds[s], seq=(seqs[s], step == 0, step == n))["logits"]
+            got[s].append(logits)
+            feeds[s] = np.asarray([[int(logits[0, -1].astype(np.float64).argmax())]], np.int64)
+    for s in range(len(prompts)):
+        for k in range(n + 1):
+            assert_exact(got[s][k], want[s][k], f"sequence {seqs[s]} step {k}")
+
+    # the same sequences again, from 4 threads at once: still separate
+    def run(s):
+        out, feed = [], np.asarray([prompts[s]], np.int64)
+        client = served.grpc()
+        for step in range(n + 1):
+            logits = call(client, "lm_step", input_ids=feed, seq=(2000 + s, step == 0, step == n))["logits"]
+            out.append(logits)
+            feed = np.asarray([[int(logits[0, -1].astype(np.float64).argmax())]], np.int64)
+        return out
+
+    with ThreadPoolExecutor(4) as pool:
+        for s, out in enumerate(pool.map(run, range(4), timeout=TIMEOUT * 4)):
+            for k in range(n + 1):
+                assert_exact(out[k], want[s][k], f"threaded sequence {s} step {k}")
+
+
+def stream_generate(client, model, inputs, limit=4096):
+    q = queue.Queue()
+    client.start_stream(callback=lambda result, error: q.put((result, error)))
+    try:
+        client.async_stream_infer(model, inputs, enable_empty_final_response=True)
+        toks = []
+        for _ in range(limit + 2):
+            result, error = q.get(timeout=TIMEOUT)
+            if error is not None:
+                raise error
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                return toks
+            toks.append(int(result.as_numpy("token_id")[0]))
+        raise AssertionError("no final response")
+    finally:
+        client.stop_stream()
+
+
+def gen_inputs(text=None, ids=None, n=None):
+    out = []
+    if text is not None:
+        t = grpcclient.InferInput("text", [1], "BYTES")
+        t.set_data_from_numpy(np.array([text], object))
+        out.append(t)
+    if ids is not None:
+        t = grpcclient.InferInput("prompt_ids", [len(ids)], "INT64")
+        t.set_data_from_numpy(np.asarray(ids, np.int64))
+        out.append(t)
+    if n is not None:
+        t = grpcclient.InferInput("max_new_tokens", [1], "INT32")
+        t.set_data_from_numpy(np.array([n], np.int32))
+        out.append(t)
+    return out
+
+
+def test_streamed_generation_equals_greedy_generate(served, ref):
+    from mq_deploy.runtime.apps import generate
+
+    prompt = b"And God said"
+    want = generate(ref["lm_step"], list(prompt), 24)
+    got = stream_generate(served.grpc(), "lm_step_generate", gen_inputs(text=prompt, n=24))
+    print("served:", got, "\ngreedy:", want)
+    assert got == want
+    ids = [5, 200, 17, 3]
+    assert stream_generate(served.grpc(), "lm_step_generate", gen_inputs(ids=ids, n=10)) == \
+        generate(ref["lm_step"], ids, 10)
+
+
+def test_image_bytes_through_the_ensemble(served, ref, tmp_path):
+    from PIL import Image
+
+    from mq_deploy.runtime.apps import classify, load_images
+
+    rng = np.random.default_rng(3)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (12, 12), dtype=np.uint8), "L").save(tmp_path / f"{i}.png")
+    images, _, names = load_images(str(tmp_path), 1, 12)
+    cfg = ref["vim"].meta["mq.config"]
+    want = classify(ref["vim"], images, cfg["image_mean"], cfg["image_std"])     # what `mq-deploy run` computes
+    client = served.http()
+    raw = np.array([[open(tmp_path / n, "rb").read()] for n in names], object)
+    i = httpclient.InferInput("image", list(raw.shape), "BYTES")
+    i.set_data_from_numpy(raw)
+    got = client.infer("vim_image", [i]).as_numpy("logits")
+    assert_exact(got, want, "PNG bytes -> vim_preprocess -> vim")
+    bad = httpclient.InferInput("image", [1, 1], "BYTES")
+    bad.set_data_from_numpy(np.array([[b"not an image"]], object))
+    with pytest.raises(InferenceServerException, match="cannot decode the image"):
+        client.infer("vim_image", [bad])
+
+
+def test_bad_requests_get_triton_errors_and_the_server_keeps_serving(served, ref):
+    h, g = served.http(), served.grpc()
+    cases = [
+        (lambda c: call(c, "vim", images=np.zeros((1, 1, 5, 5), np.float32)), r"(?i)shape"),
+        (lambda c: call(c, "vim", images=np.zeros((1, 1, 12, 12), np.float64)), r"(?i)FP64|data.?type"),
+        (lambda c: call(c, "no_such_model", images=np.zeros((1, 1, 12, 12), np.float32)), r"no_such_model"),
+        (lambda c: call(c, "lm_step", input_ids=np.zeros((1, 1), np.int64), seq=(777, False, False)),
+         r"START"),
+        (lambda c: call(c, "lm_step", input_ids=np.full((1, 2), 999, np.int64), seq=(778, True, True)),
+         r"input_ids must lie in \[0, 256\)"),
+        (lambda c: call(c, "lm", input_ids=np.zeros((1, 3), np.int32)), r"(?i)INT32|data.?type"),
+    ]
+    for client in (h, g):
+        for fn, pattern in cases:
+            with pytest.raises(InferenceServerException, match=pattern) as e:
+                fn(client)
+            print(type(client).__module__, "->", str(e.value).splitlines()[0])
+    with pytest.raises(InferenceServerException, match="max_new_tokens must lie"):
+        stream_generate(g, "lm_step_generate", gen_inputs(text=b"x", n=-1))
+    with pytest.raises(InferenceServerException, match="give text or prompt_ids"):
+        stream_generate(g, "lm_step_generate", gen_inputs(text=b"x", ids=[1], n=2))
+
+    # a client that goes away mid-stream: cancel after 3 tokens of a long generation
+    q = queue.Queue()
+    c = grpcclient.InferenceServerClient(served.grpc_url)
+    c.start_stream(callback=lambda result, error: q.put((result, error)))
+    c.async_stream_infer("lm_step_generate", gen_inputs(text=b"And God said", n=4000))
+    for _ in range(3):
+        result, error = q.get(timeout=TIMEOUT)
+        assert error is None
+    c.stop_stream(cancel_requests=True)
+    c.close()
+
+    # ... and a client process killed mid-stream (the connection drops without a goodbye)
+    code = ("import numpy as np, tritonclient.grpc as g, time, sys\n"
+            f"c = g.InferenceServerClient('{served.grpc_url}')\n"
+            "c.start_stream(callback=lambda result, error: print('token', flush=True))\n"
+            "t = g.InferInput('text', [1], 'BYTES'); t.set_data_from_numpy(np.array([b'In the'], object))\n"
+            "n = g.InferInput('max_new_tokens', [1], 'INT32'); n.set_data_from_numpy(np.array([4000], np.int32))\n"
+            "c.async_stream_infer('lm_step_generate', [t, n])\n"
+            "time.sleep(120)\n")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        for _ in range(3):
+            assert p.stdout.readline().strip() == "token"
+    finally:
+        p.kill()
+        p.wait(10)
+
+    # the server still serves, and correctly
+    assert h.is_server_ready() and h.is_model_ready("lm_step_generate")
+    from mq_deploy.runtime.apps import generate
+
+    assert stream_generate(g, "lm_step_generate", gen_inputs(text=b"And God", n=8)) == \
+        generate(ref["lm_step"], list(b"And God"), 8)
+    x = np.random.default_rng(4).standard_normal((1, 1, 12, 12)).astype(np.float32)
+    assert_exact(call(h, "vim", images=x)["logits"], ref["vim"].infer({"images": x})["logits"], "vim after errors")
+
+
+def test_mq_deploy_serve_command(served, tmp_path):
+    """`mq-deploy serve REPO --http-port --grpc-port`: serves until SIGINT, then exits 0."""
+    http_port, grpc_port = triton.free_port(), triton.free_port()
+    p = subprocess.Popen([sys.executable, "-m", "mq_deploy", "serve", served.repo, "--http-port", str(http_port),
+                          "--grpc-port", str(grpc_port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        client = httpclient.InferenceServerClient(f"127.0.0.1:{http_port}", network_timeout=10)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and p.poll() is None:
+            try:
+                if client.is_server_ready():
+                    break
+            except Exception:
+                time.sleep(0.3)
+        assert p.poll() is None and client.is_model_ready("vim")
+        client.close()
+        p.send_signal(signal.SIGINT)
+        assert p.wait(60) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(10)
