@@ -8,8 +8,9 @@ class MQError(Exception):
     """Base of every error mq-deploy raises on purpose."""
 
 
-class MQUserError(MQError):
-    """Bad input: a missing or corrupt file, an unsupported config, data out of range."""
+class MQUserError(MQError, ValueError):
+    """Bad input: a missing or corrupt file, an unsupported config, data out of range, or a library
+    call with arguments it cannot take (also a ValueError, so callers that catch those keep working)."""
 
 
 class MQInternalError(MQError):

@@ -25,7 +25,7 @@ import signal
 import stat
 import threading
 
-from mq_deploy.errors import MQUserError
+from mq_deploy.errors import MQInternalError, MQUserError
 
 TMP_TAG = ".mq-tmp-"
 MARKER = ".mq-deploy"          # inside every folder we write
@@ -149,8 +149,10 @@ def _check_target(path: str, out: str, overwrite: bool, inputs, what: str, inout
     if not inout:
         check_output(path, inputs, what)
     parent = os.path.dirname(out)
-    if not os.path.isdir(parent):
-        raise MQUserError(f"{path}: folder {os.path.dirname(os.path.abspath(path))} does not exist")
+    while not os.path.isdir(parent):        # missing folders are created when writing (mkdir -p)
+        if os.path.lexists(parent):
+            raise MQUserError(f"{path}: {parent} is not a folder")
+        parent = os.path.dirname(parent)
     if os.path.lexists(out):
         if not overwrite:
             raise MQUserError(f"{path}: already exists (pass --overwrite to replace it)")
@@ -294,10 +296,11 @@ def atomic_file(path: str, mode: str = "wb", *, overwrite: bool = False, inputs=
     """Yield a file object open on a temporary beside `path`; on success fsync and rename it into
     place. `sidecar` marks formats that cannot carry our marker themselves (engines)."""
     if mode not in ("w", "wb"):
-        raise ValueError(f"atomic_file mode {mode!r}")
+        raise MQInternalError(f"atomic_file mode {mode!r}")
     out = _real(path)
     _check_target(path, out, overwrite, inputs, what, inout)
     _install_handlers()
+    os.makedirs(os.path.dirname(out), exist_ok=True)
     sweep_stale(os.path.dirname(out))
     tmp = temp_path(out)
     with tracked_temp(tmp):
@@ -322,12 +325,12 @@ def atomic_path(path: str, *, overwrite: bool = False, inputs=(), what: str = "o
     out = _real(path)
     _check_target(path, out, overwrite, inputs, what, inout)
     _install_handlers()
+    os.makedirs(os.path.dirname(out), exist_ok=True)
     sweep_stale(os.path.dirname(out))
     tmp = temp_path(out)
     with tracked_temp(tmp):
         yield tmp
         if not os.path.isfile(tmp):
-            from mq_deploy.errors import MQInternalError
             raise MQInternalError(f"atomic_path: nothing was written to {tmp}")
         fd = os.open(tmp, os.O_RDONLY)
         try:
@@ -387,6 +390,7 @@ def atomic_dir(path: str, *, overwrite: bool = False, inputs=(), what: str = "ou
     if os.path.lexists(out) and not os.path.isdir(out):
         raise MQUserError(f"{path}: exists and is not a folder")
     _install_handlers()
+    os.makedirs(os.path.dirname(out), exist_ok=True)
     sweep_stale(os.path.dirname(out))
     tmp = temp_path(out)
     with tracked_temp(tmp):
@@ -395,17 +399,22 @@ def atomic_dir(path: str, *, overwrite: bool = False, inputs=(), what: str = "ou
         yield tmp
         with open(os.path.join(tmp, MARKER), "w") as f:
             f.write(json.dumps({"written_by": "mq-deploy", "version": __version__, "kind": kind}) + "\n")
+        mask = _umask()
         for root, dirs, files in os.walk(tmp):
             for name in files:
                 p = os.path.join(root, name)
                 if os.path.islink(p):
                     continue
+                # writers like safetensors create 0600 files: give them the umask's modes
+                execute = os.stat(p).st_mode & 0o100
+                os.chmod(p, (0o777 if execute else 0o666) & ~mask)
                 fd = os.open(p, os.O_RDONLY)
                 try:
                     os.fsync(fd)
                 finally:
                     os.close(fd)
             for name in dirs:
+                os.chmod(os.path.join(root, name), 0o777 & ~mask)
                 _fsync_dir(os.path.join(root, name))
         _fsync_dir(tmp)
         if overwrite and os.path.lexists(out):

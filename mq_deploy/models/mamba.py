@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from mq_deploy.errors import MQUserError
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -149,7 +151,7 @@ class MambaMixer(nn.Module):
                 return self._out(y), new_state
             return self._out(out)
         if state is not None or return_state:
-            raise ValueError("the bidirectional mixer has no recurrent state")
+            raise MQUserError("the bidirectional mixer has no recurrent state")
         y_f = self._ssm(x, z, "")
         y_b = self._ssm(x.flip(1), z.flip(1), "_b").flip(1)
         return self._out((y_f + y_b) / 2)
@@ -162,7 +164,7 @@ class MambaMixer(nn.Module):
     def step(self, hidden, conv_state, ssm_state):
         """One token. hidden [b, d]; conv_state [b, Di, K-1]; ssm_state [b, Di, N]."""
         if self.cfg.bimamba:
-            raise ValueError("the bidirectional mixer cannot decode step by step")
+            raise MQUserError("the bidirectional mixer cannot decode step by step")
         x, z = self.in_proj(self._q("in_proj", hidden)).chunk(2, dim=-1)
         z = self._q("z", z)
         window = torch.cat([conv_state, self._q("conv1d", x).unsqueeze(-1)], dim=-1)       # [b, Di, K]

@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from mq_deploy.errors import MQUserError
 import torch.nn as nn
 
 from mq_deploy.config import VimConfig
@@ -21,7 +23,7 @@ class PatchEmbed(nn.Module):
     def forward(self, images):
         c = self.cfg
         if images.dim() != 4 or tuple(images.shape[1:]) != (c.in_chans, c.img_size, c.img_size):
-            raise ValueError(f"images must be [b, {c.in_chans}, {c.img_size}, {c.img_size}], "
+            raise MQUserError(f"images must be [b, {c.in_chans}, {c.img_size}, {c.img_size}], "
                              f"got {tuple(images.shape)}")
         return self.proj(images).flatten(2).transpose(1, 2)            # [b, M, d]
 

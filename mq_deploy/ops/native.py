@@ -158,11 +158,11 @@ def _prepare(qx, x_scale, qdelta, delta_scale, A, qB, B_scale, qC, C_scale, D, q
     for name, q in (("x", qx), ("delta", qdelta), ("B", qB), ("C", qC), ("z", qz)):
         if q is not None:
             if q.dtype != torch.int8:
-                raise ValueError(f"{name} must be int8, got {q.dtype}")
+                raise MQUserError(f"{name} must be int8, got {q.dtype}")
             if q.device.type != device_type or q.device != qx.device:
                 raise MQUserError(f"{name} must be a {device_type} tensor on x's device, got {q.device}")
     if (qz is None) != (z_scale is None):
-        raise ValueError("z and z_scale go together")
+        raise MQUserError("z and z_scale go together")
     if not delta_softplus:
         raise MQUserError("the native int8 scan always applies softplus to delta (mq::SelectiveScan semantics)")
     if out_dtype not in (torch.float32, torch.float16):

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import torch
 
+from mq_deploy.errors import MQUserError
+
 
 def qmax(bits: int) -> int:
     if bits not in (2, 3, 4, 5, 6, 7, 8):
-        raise ValueError(f"unsupported bit width {bits}")
+        raise MQUserError(f"unsupported bit width {bits}")
     return 2 ** (bits - 1) - 1
 
 

@@ -27,6 +27,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from mq_deploy.errors import MQUserError
 import torch.nn.functional as F
 
 _LOG2E = 1.0 / math.log(2.0)
@@ -35,23 +37,23 @@ _CHUNK_BYTES = 2**20   # per [T, b, N, Di] temporary: stays in a core's L2 (1 Mi
 
 def _check_shapes(x, delta, A, B, C, D, z, delta_bias, initial_state):
     if x.dim() != 3:
-        raise ValueError(f"x must be [batch, L, Di], got {tuple(x.shape)}")
+        raise MQUserError(f"x must be [batch, L, Di], got {tuple(x.shape)}")
     bsz, seqlen, dim = x.shape
     if delta.shape != x.shape:
-        raise ValueError(f"delta {tuple(delta.shape)} must match x {tuple(x.shape)}")
+        raise MQUserError(f"delta {tuple(delta.shape)} must match x {tuple(x.shape)}")
     if A.dim() != 2 or A.shape[0] != dim:
-        raise ValueError(f"A must be [Di={dim}, N], got {tuple(A.shape)}")
+        raise MQUserError(f"A must be [Di={dim}, N], got {tuple(A.shape)}")
     n = A.shape[1]
     for name, t in (("B", B), ("C", C)):
         if tuple(t.shape) != (bsz, seqlen, n):
-            raise ValueError(f"{name} must be [{bsz}, {seqlen}, {n}], got {tuple(t.shape)}")
+            raise MQUserError(f"{name} must be [{bsz}, {seqlen}, {n}], got {tuple(t.shape)}")
     for name, t in (("D", D), ("delta_bias", delta_bias)):
         if t is not None and tuple(t.shape) != (dim,):
-            raise ValueError(f"{name} must be [{dim}], got {tuple(t.shape)}")
+            raise MQUserError(f"{name} must be [{dim}], got {tuple(t.shape)}")
     if z is not None and z.shape != x.shape:
-        raise ValueError(f"z {tuple(z.shape)} must match x {tuple(x.shape)}")
+        raise MQUserError(f"z {tuple(z.shape)} must match x {tuple(x.shape)}")
     if initial_state is not None and tuple(initial_state.shape) != (bsz, dim, n):
-        raise ValueError(f"initial_state must be [{bsz}, {dim}, {n}], got {tuple(initial_state.shape)}")
+        raise MQUserError(f"initial_state must be [{bsz}, {dim}, {n}], got {tuple(initial_state.shape)}")
 
 
 def _discretize(delta, delta_bias, delta_softplus):
@@ -214,9 +216,9 @@ def selective_scan_int8_ref(qx, x_scale, qdelta, delta_scale, A, qB, B_scale, qC
     """
     for name, q in (("x", qx), ("delta", qdelta), ("B", qB), ("C", qC), ("z", qz)):
         if q is not None and q.dtype != torch.int8:
-            raise ValueError(f"{name} must be int8, got {q.dtype}")
+            raise MQUserError(f"{name} must be int8, got {q.dtype}")
     if (qz is None) != (z_scale is None):
-        raise ValueError("z and z_scale go together")
+        raise MQUserError("z and z_scale go together")
 
     def deq(q, s):
         return q.to(torch.float32) * torch.as_tensor(s, dtype=torch.float32)

@@ -13,10 +13,12 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 
 # -- language models ---------------------------------------------------------------------------------
 def generate(runner, prompt_ids, max_new_tokens: int, temperature: float = 0.0, seed: int = 0,
-             on_token=None) -> list:
+             on_token=None, eos_id: int | None = None) -> list:
     """Prefill the prompt in one call of the step graph, then decode one token per call.
 
-    Greedy when temperature is 0, else sampling from softmax(logits / temperature). Returns the new ids."""
+    Greedy when temperature is 0, else sampling from softmax(logits / temperature). Stops after
+    max_new_tokens or at eos_id (which is returned as the last id, but not passed to on_token).
+    Returns the new ids."""
     meta = getattr(runner, "meta", {})
     if meta.get("mq.graph") != "step" or "conv_state" not in runner.input_specs:
         raise MQUserError(f"{runner.path}: generate needs the decode-step graph "
@@ -37,37 +39,90 @@ def generate(runner, prompt_ids, max_new_tokens: int, temperature: float = 0.0, 
              "ssm_state": np.zeros((cfg["n_layer"], 1, m["d_inner"], m["d_state"]), np.float32)}
     rng = np.random.default_rng(seed)
     out = []
-    for _ in range(max_new_tokens):
-        res = runner.infer(feeds)
-        logits = res["logits"][0, -1].astype(np.float64)
+    # ORT: states stay bound to the session between steps (IOBinding, no numpy round trip)
+    dec = runner.decoder(1) if hasattr(runner, "decoder") and max_new_tokens else None
+    for i in range(max_new_tokens):
+        if dec is not None:
+            logits = (dec.prefill(feeds["input_ids"]) if i == 0 else dec.step([out[-1]]))[0].astype(np.float64)
+        else:
+            res = runner.infer(feeds)
+            logits = res["logits"][0, -1].astype(np.float64)
         if temperature > 0:
             p = np.exp((logits - logits.max()) / temperature)
             tok = int(rng.choice(len(p), p=p / p.sum()))
         else:
             tok = int(logits.argmax())
         out.append(tok)
+        if eos_id is not None and tok == eos_id:
+            break
         if on_token:
             on_token(tok)
-        feeds = {"input_ids": np.asarray([[tok]], np.int64), "conv_state": res["conv_state_out"],
-                 "ssm_state": res["ssm_state_out"]}
+        if dec is None:
+            feeds = {"input_ids": np.asarray([[tok]], np.int64), "conv_state": res["conv_state_out"],
+                     "ssm_state": res["ssm_state_out"]}
     return out
 
 
+def generate_text(runner, prompt: str | None = None, prompt_ids=None, max_new_tokens: int = 64,
+                  temperature: float = 0.0, seed: int = 0, tokenizer: str | None = None, write=None) -> dict:
+    """Generate with the artifact's own tokenizer (or --tokenizer): the prompt is encoded, the new tokens
+    are decoded as they come and handed to write(text) in whole characters, and decoding stops at the
+    EOS id of the config or the tokenizer. Returns {"prompt_ids", "new_ids", "text", "stopped_at_eos"}."""
+    from mq_deploy.data.tokenizer import tokenizer_for_artifact
+
+    meta = getattr(runner, "meta", {})
+    codec = tokenizer_for_artifact(meta, tokenizer, runner.path)
+    if prompt_ids is None:
+        if prompt is None:
+            raise MQUserError("give --prompt TEXT or --prompt-ids IDS")
+        if codec is None:
+            raise MQUserError(f"{runner.path}: the model's vocabulary is not bytes and no tokenizer came with the "
+                              "artifact; pass --tokenizer FILE_OR_DIR or --prompt-ids")
+        prompt_ids = [int(i) for i in codec.encode(prompt)[0]]
+    eos = codec.eos_id if codec is not None else (meta.get("mq.config") or {}).get("eos_token_id")
+    stream = codec.stream() if codec is not None else None
+    pieces = []
+
+    def on_token(tok):
+        if stream is not None:
+            piece = stream.push(tok)
+            if piece:
+                pieces.append(piece)
+                if write:
+                    write(piece)
+
+    out = generate(runner, prompt_ids, max_new_tokens, temperature, seed, on_token=on_token, eos_id=eos)
+    if stream is not None:
+        tail = stream.flush()
+        if tail:
+            pieces.append(tail)
+            if write:
+                write(tail)
+    return {"prompt_ids": list(prompt_ids), "new_ids": out, "text": "".join(pieces) if stream else None,
+            "stopped_at_eos": bool(out) and eos is not None and out[-1] == eos}
+
+
 # -- image classifiers -------------------------------------------------------------------------------
-def _read_picture(path: str, channels: int, size: int) -> np.ndarray:
-    try:
-        from PIL import Image
-    except ImportError:
-        raise MQUserError("reading PNG/JPEG images needs Pillow (pip install pillow)") from None
-    try:
-        with Image.open(path) as im:
-            im = im.convert("L" if channels == 1 else "RGB")
-            if im.size != (size, size):
-                im = im.resize((size, size), Image.BILINEAR)
-            a = np.asarray(im, dtype=np.uint8)
-    except OSError as e:
-        raise MQUserError(f"{path}: cannot read the image ({e})") from None
-    return a if channels == 1 else a.transpose(2, 0, 1)
+class ImageFiles:
+    """uint8 pictures [n, C, H, W] of a folder, read (resize + center crop) as they are sliced."""
+
+    dtype = np.dtype(np.uint8)
+
+    def __init__(self, files, channels, size):
+        self.files, self.channels, self.size = list(files), channels, size
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, index):
+        from mq_deploy.data.images import read_picture
+
+        if isinstance(index, slice):
+            files = self.files[index]
+            if not files:
+                return np.zeros((0, self.channels, self.size, self.size), np.uint8)
+            return np.stack([read_picture(f, self.channels, self.size) for f in files])
+        raise TypeError("ImageFiles takes slices")
 
 
 def load_images(path: str, channels: int, size: int):
@@ -76,10 +131,11 @@ def load_images(path: str, channels: int, size: int):
     from mq_deploy.data.images import _find, load_idx_split, read_idx
 
     if os.path.isdir(path):
-        files = sorted(f for f in os.listdir(path) if f.lower().endswith(IMAGE_SUFFIXES))
-        if files:
-            imgs = [_read_picture(os.path.join(path, f), channels, size) for f in files]
-            return np.stack(imgs), None, files
+        from mq_deploy.data.images import is_image_folder, list_image_folder
+
+        if is_image_folder(path):   # ImageFolder layout (labels) or flat; Vim's resize + center crop
+            files, labels, _ = list_image_folder(path)
+            return ImageFiles(files, channels, size), labels, [os.path.relpath(f, path) for f in files]
         try:
             _find(path, "t10k-images-idx3-ubyte")
         except MQUserError:
@@ -90,7 +146,9 @@ def load_images(path: str, channels: int, size: int):
         raise MQUserError(f"{path}: no such file or directory")
     low = path.lower()
     if low.endswith(IMAGE_SUFFIXES):
-        return _read_picture(path, channels, size)[None], None, [os.path.basename(path)]
+        from mq_deploy.data.images import read_picture
+
+        return read_picture(path, channels, size)[None], None, [os.path.basename(path)]
     if low.endswith(".npy"):
         try:
             a = np.load(path, allow_pickle=False)
@@ -110,11 +168,14 @@ def classify(runner, images_u8: np.ndarray, mean, std, batch: int = 64) -> np.nd
     shape = runner.input_specs["images"].shape if "images" in getattr(runner, "input_specs", {}) else None
     if images_u8.dtype != np.uint8:
         raise MQUserError(f"images must be 8-bit (0..255), got {images_u8.dtype}")
-    x = to_tensor(images_u8, mean, std).numpy()
-    if shape is not None and list(x.shape[1:]) != [d for d in shape[1:]]:
-        raise MQUserError(f"images are {list(x.shape[1:])} (channels, height, width); the model takes "
-                          f"{list(shape[1:])}")
-    return np.concatenate([runner.infer({"images": x[i:i + batch]})["logits"] for i in range(0, len(x), batch)])
+    out = []
+    for i in range(0, len(images_u8), batch):     # folders are read one batch at a time
+        x = to_tensor(images_u8[i:i + batch], mean, std).numpy()
+        if shape is not None and list(x.shape[1:]) != [d for d in shape[1:]]:
+            raise MQUserError(f"images are {list(x.shape[1:])} (channels, height, width); the model takes "
+                              f"{list(shape[1:])}")
+        out.append(runner.infer({"images": x})["logits"])
+    return np.concatenate(out)
 
 
 def classify_path(model_path: str, images_path: str, *, limit: int | None = None, batch: int = 64,
@@ -128,7 +189,14 @@ def classify_path(model_path: str, images_path: str, *, limit: int | None = None
         raise MQUserError(f"{model_path}: `run` classifies images with an exported Vision Mamba "
                           "(for a language model use `generate`)")
     images, labels, names = load_images(images_path, cfg["in_chans"], cfg["img_size"])
-    if limit:
+    if limit and isinstance(images, ImageFiles):   # a class-sorted folder: spread the subset over it
+        from mq_deploy.data.images import spread
+
+        keep = spread(len(images), limit)
+        images = ImageFiles([images.files[i] for i in keep], images.channels, images.size)
+        names = [names[i] for i in keep]
+        labels = None if labels is None else labels[keep]
+    elif limit:
         images, names = images[:limit], names[:limit]
         labels = None if labels is None else labels[:limit]
     logits = classify(runner, images, cfg["image_mean"], cfg["image_std"], batch=batch)

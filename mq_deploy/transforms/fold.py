@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from mq_deploy.errors import MQUserError
+
 from mq_deploy.models.mamba import MambaLM, MambaMixer
 
 
@@ -86,7 +88,7 @@ def rotate_embeddings(model, Q) -> None:
 def _check_norms_fused(model) -> None:
     norms = [layer.norm for layer in model.layers] + [model.norm_f]
     if any(not torch.all(n.weight == 1) for n in norms):
-        raise ValueError("rotate_residual needs fused norms (call fuse_norms first): "
+        raise MQUserError("rotate_residual needs fused norms (call fuse_norms first): "
                          "a weighted RMSNorm does not commute with a rotation")
 
 
@@ -143,7 +145,7 @@ def smooth_out_proj_into_gate(mixer: MambaMixer, s) -> None:
         _assign(mixer.in_proj.bias, b)
     w_out = _f64(mixer.out_proj.weight)
     if mixer.out_rotation is not None:
-        raise ValueError("smooth before setting the online out_proj rotation (smooth, then rotate)")
+        raise MQUserError("smooth before setting the online out_proj rotation (smooth, then rotate)")
     _assign(mixer.out_proj.weight, w_out * s)
     prev = mixer.gate_scale
     mixer.register_buffer("gate_scale", (s if prev is None else _f64(prev) * s).to(mixer.out_proj.weight.dtype))

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from mq_deploy.errors import MQUserError
+
 from mq_deploy.ops.hadamard import hadamard_matrix
 
 
@@ -38,7 +40,7 @@ def smoothing_factors(act_amax: torch.Tensor, weight_amax: torch.Tensor, alpha: 
                       eps: float = 1e-8) -> torch.Tensor:
     """SmoothQuant factors s = max|X|^alpha / max|W|^(1-alpha) per input channel (x / s, W * s)."""
     if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        raise MQUserError(f"alpha must be in [0, 1], got {alpha}")
     a = act_amax.to(torch.float64).clamp_min(eps)
     w = weight_amax.to(torch.float64).clamp_min(eps)
     return a.pow(alpha) / w.pow(1 - alpha)
