@@ -122,3 +122,38 @@ def train_bpe(path, vocab_size=400, text=None):
     tok.train_from_iterator([text if text is not None else kjv_slices()[0]], trainer)
     tok.save(str(path))
     return tok
+
+
+# ---- native scan inputs (CPU library, emulated CUDA, real CUDA tests) -------------------------
+
+def q8(*shape, g):
+    return torch.randint(-127, 128, shape, dtype=torch.int8, generator=g)
+
+
+def make(b, L, d, n, z=True, gate=False, h0=False, seed=0):
+    """Fresh random codes and float parameters, scales picked so dt = softplus(.) spans ~0.05..3."""
+    g = torch.Generator().manual_seed(seed)
+    kw = dict(qx=q8(b, L, d, g=g), x_scale=0.02, qdelta=q8(b, L, d, g=g), delta_scale=0.015,
+              A=-torch.rand(d, n, generator=g) * 2 - 0.05, qB=q8(b, L, n, g=g), B_scale=0.03,
+              qC=q8(b, L, n, g=g), C_scale=0.025, D=torch.randn(d, generator=g),
+              delta_bias=torch.randn(d, generator=g) * 0.5 - 1.0)
+    if z:
+        kw.update(qz=q8(b, L, d, g=g), z_scale=0.03)
+    if gate:
+        kw["gate_scale"] = torch.rand(d, generator=g) * 1.5 + 0.25
+    if h0:
+        kw["initial_state"] = torch.randn(b, d, n, generator=g)
+    return kw
+
+
+def decode_steps(kw, run_step):
+    """Run a scan as L decode steps with the state updated in place: run_step(inputs of step t, state)
+    returns y [b, 1, d]. Returns (y of all steps [b, L, d], final state)."""
+    state = kw["initial_state"].clone()
+    ys = []
+    for t in range(kw["qx"].shape[1]):
+        step = dict(kw, initial_state=state)
+        for k in ("qx", "qdelta", "qB", "qC", "qz"):
+            step[k] = kw[k][:, t:t + 1]
+        ys.append(run_step(step, state))
+    return torch.cat(ys, 1), state

@@ -24,7 +24,7 @@ from mq_deploy.ops.selective_scan import selective_scan_int8_ref  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from conftest import rel_err  # noqa: E402
-from test_native_scan import decode_steps, make  # noqa: E402
+from helpers import decode_steps, make  # noqa: E402
 
 if not os.path.exists(native.cuda_library_path()):
     pytest.skip(f"{native.cuda_library_path()} not built: python -m mq_deploy.ops.native --build --cuda",

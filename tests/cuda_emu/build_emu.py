@@ -7,7 +7,7 @@ import shutil
 import subprocess
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PLUGIN = os.path.join(HERE, "..", "..", "..", "plugins", "selective_scan")
+PLUGIN = os.path.join(HERE, "..", "..", "plugins", "selective_scan")
 LAUNCH = re.compile(r"(\w+(?:<[^;<>]*>)?)<<<(.*?)>>>\((.*?)\);", re.S)
 
 
