@@ -130,7 +130,7 @@ def test_eval_needs_data_for_foreign_models(capsys, lm_dir):
 
 def test_eval_rejects_non_byte_vocab(capsys, tmp_path):
     d = str(save_model(small_lm(vocab=50), tmp_path / "lm50"))
-    assert_user_error(capsys, ["eval", d, "--data", __file__], "vocab 256")
+    assert_user_error(capsys, ["eval", d, "--data", __file__], "pass --tokenizer")
 
 
 def test_eval_vim_bad_data_dir(capsys, tmp_path):

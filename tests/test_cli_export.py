@@ -274,6 +274,6 @@ def test_verify_token_ids_for_non_byte_vocabularies(tmp_path, capsys):
     assert rep["metrics"]["metric"] == "bits_per_token" and rep["metrics"]["samples"] == 6 * 32
     text = tmp_path / "t.txt"
     text.write_bytes(TEXT)
-    assert_user_error(capsys, ["verify", out, "--reference", src, "--data", str(text)], "IDS.npy")
+    assert_user_error(capsys, ["verify", out, "--reference", src, "--data", str(text)], "pass --tokenizer")
     np.save(tmp_path / "bad.npy", ids + 300)
     assert_user_error(capsys, ["verify", out, "--reference", src, "--data", str(tmp_path / "bad.npy")], "[0, 300)")

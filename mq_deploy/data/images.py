@@ -129,7 +129,8 @@ def list_image_folder(path: str):
 
 
 def read_picture(path: str, channels: int, size: int, crop_ratio: float = EVAL_CROP_RATIO) -> np.ndarray:
-    """uint8 [C, size, size]: shorter side resized to int(size / crop_ratio) (bicubic), center crop."""
+    """uint8 [C, size, size]: shorter side resized to int(size / crop_ratio) (bicubic), center crop.
+    A picture that already has the model's size is taken as it is."""
     try:
         from PIL import Image
     except ImportError:
@@ -139,6 +140,8 @@ def read_picture(path: str, channels: int, size: int, crop_ratio: float = EVAL_C
             im = im.convert("L" if channels == 1 else "RGB")
             w, h = im.size
             short = int(size / crop_ratio)
+            if (w, h) == (size, size):    # already the model's input size (e.g. a Fashion-MNIST PNG): as is
+                short = size
             if (w <= h and w != short) or (h < w and h != short):   # torchvision Resize(int) on a PIL image
                 nw, nh = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
                 im = im.resize((nw, nh), Image.BICUBIC)
@@ -186,10 +189,20 @@ def spread(n: int, limit: int | None) -> np.ndarray:
 
 
 def is_image_folder(path: str) -> bool:
-    """A folder of pictures rather than an idx directory."""
+    """A folder of pictures (flat, or class subfolders holding pictures) rather than an idx directory.
+    A folder with neither is an error that names both layouts."""
     if not os.path.isdir(path):
         return False
     names = os.listdir(path)
-    if any(n.endswith(("-idx3-ubyte", "-idx3-ubyte.gz")) for n in names):
+    if any(n.endswith(("-idx3-ubyte", "-idx3-ubyte.gz", "-idx1-ubyte", "-idx1-ubyte.gz")) for n in names):
         return False
-    return True
+    if any(_is_image(n) for n in names):
+        return True
+    for n in names:
+        sub = os.path.join(path, n)
+        if os.path.isdir(sub) and not n.startswith("."):
+            for _, _, files in os.walk(sub, followlinks=True):
+                if any(_is_image(f) for f in files):
+                    return True
+    raise MQUserError(f"{path}: no images in it (JPEG/PNG files, flat or in class subfolders) and no idx files "
+                      "(t10k-images-idx3-ubyte[.gz] etc., the layout of Debian's dataset-fashion-mnist)")

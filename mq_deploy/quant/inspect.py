@@ -137,17 +137,18 @@ def write_report(result: dict, out_dir: str, title: str, overwrite: bool = False
 
 
 def inspect_to_dir(model_path: str, out_dir: str, *, recipe: str | None = None, alpha: float = 0.5,
-                   calib: str | None = None, calib_samples: int | None = None, overwrite: bool = False) -> dict:
+                   calib: str | None = None, calib_samples: int | None = None, overwrite: bool = False,
+                   tokenizer: str | None = None) -> dict:
     """`mq-deploy inspect`: channel statistics (optionally after a recipe's transforms) -> a report folder."""
     from mq_deploy import fileio
     from mq_deploy.models.loaders import load_model
     from mq_deploy.quant.compare import CalibConfig, calibration_loop
     from mq_deploy.quant.recipes import RecipeConfig, apply_recipe
 
-    inputs = [model_path, calib]
+    inputs = [model_path, calib, tokenizer]
     fileio.check_target(out_dir, overwrite, inputs, "report folder")
     loaded = load_model(model_path)
-    loop = calibration_loop(loaded, CalibConfig(path=calib, samples=calib_samples))
+    loop = calibration_loop(loaded, CalibConfig(path=calib, samples=calib_samples, tokenizer=tokenizer))
     inputs.append(loop.source)
     title = f"{model_path}: activation channels at the matmul inputs"
     if recipe:

@@ -102,9 +102,9 @@ class QuantizedCheckpoint:
         cfg.update({FORMAT_KEY: 1, "mq_deploy_version": __version__, "quant": quant})
         out_abs = os.path.abspath(out_dir)
         src_dir = source_path if os.path.isdir(source_path) else os.path.dirname(source_path)
-        # keep the sample's default eval/calibration data reachable from the new directory
+        # keep the sample's default eval/calibration data and the tokenizer reachable from the new directory
         cfg["extra"] = {k: os.path.relpath(os.path.join(os.path.abspath(src_dir), v), out_abs)
-                        for k, v in (source_extra or {}).items() if k in ("eval_data", "calib_data")}
+                        for k, v in (source_extra or {}).items() if k in ("eval_data", "calib_data", "tokenizer")}
         flat = {f"{_ACT}{k}": v.reshape(1).float() for k, v in scales["act_scales"].items()}
         flat.update({f"{_WEIGHT}{k}": v.float() for k, v in scales["weight_scales"].items()})
         settings = {k: getattr(recipe_cfg, k) for k in ("alpha", "percentile", "observer", "weight_rounding")
@@ -168,6 +168,9 @@ def quantize_to_dir(model_path: str, out_dir: str, recipe_cfg, calib_cfg, *, ove
     fileio.check_target(out_dir, overwrite, inputs, "output folder")
     torch.manual_seed(seed)
     loaded = load_model(model_path)
+    if getattr(calib_cfg, "tokenizer", None):   # the checkpoint remembers the tokenizer it was calibrated with
+        inputs.append(calib_cfg.tokenizer)
+        loaded.extra = {**(loaded.extra or {}), "tokenizer": os.path.abspath(calib_cfg.tokenizer)}
     loop = calibration_loop(loaded, calib_cfg)
     inputs.append(loop.source)
     fileio.check_target(out_dir, overwrite, inputs, "output folder")
