@@ -1,0 +1,234 @@
+"""Serving load: a real tritonserver (pytriton's, Python backend, CPU) on 127.0.0.1 serving the two
+shipped samples (MambaQuant W8A8, exported with mq-deploy), at concurrency 1, 4 and 16.
+
+- Vim: images/s and per-request latency p50/p99; each request is one Fashion-MNIST test image (so the
+  dynamic batcher has something to merge under load), over gRPC.
+- LM: streamed generation through NAME_generate (decoupled BLS over the stateful step model): tokens/s
+  over all streams, inter-token latency p50/p99 and time to the first token.
+Beside each: the same work in-process through mq_deploy's OrtRunner (no server, one caller), so the
+ratio is the price (or gain) of serving. Every loop is bounded (--requests, --streams, --tokens).
+
+    python bench/serve.py [--requests 256] [--streams 2] [--tokens 32] [--instances 2] [--json OUT]
+        [--vim VIM.onnx --lm-step LM_STEP.onnx]   # default: quantize + export the samples (--workdir keeps them)
+
+Timings on a shared machine are noisy: the load average is printed beside every row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def pct(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+
+
+def load():
+    return "load %.1f %.1f %.1f" % os.getloadavg()
+
+
+def export_samples(d):
+    from mq_deploy.cli.main import main
+
+    vim, lm = os.path.join(d, "vim.onnx"), os.path.join(d, "lm_step.onnx")
+    if os.path.isfile(vim) and os.path.isfile(lm):
+        return vim, lm
+    os.makedirs(d, exist_ok=True)
+    for sample, q, out, extra in (("vim-fashion-mnist", "vim-q", vim, []), ("mamba-byte-lm", "lm-q", lm, ["--decode-step"])):
+        assert main(["quantize", os.path.join(ROOT, "samples", sample), "-o", os.path.join(d, q)]) == 0
+        assert main(["export", os.path.join(d, q), "-o", out, *extra]) == 0
+    return vim, lm
+
+
+def vim_images(vim_onnx, n):
+    from mq_deploy.backends.ort.runner import OrtRunner
+    from mq_deploy.data.images import load_idx_split, to_tensor
+
+    meta = OrtRunner(vim_onnx).meta["mq.config"]
+    images, _ = load_idx_split(os.path.join(ROOT, "samples", "vim-fashion-mnist", "data"), "test")
+    return to_tensor(images[:n], meta["image_mean"], meta["image_std"]).numpy()
+
+
+def bench_vim(url, x, concurrency, requests):
+    import tritonclient.grpc as grpcclient
+
+    per = max(1, requests // concurrency)
+    lat = []
+    lock = threading.Lock()
+
+    def worker(c):
+        client = grpcclient.InferenceServerClient(url)
+        inp = grpcclient.InferInput("images", [1, *x.shape[1:]], "FP32")
+        mine = []
+        try:
+            for k in range(per):
+                inp.set_data_from_numpy(x[(c * per + k) % len(x)][None])
+                t = time.perf_counter()
+                client.infer("vim", [inp], client_timeout=60)
+                mine.append(time.perf_counter() - t)
+        finally:
+            client.close()
+        with lock:
+            lat.extend(mine)
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(worker, range(concurrency)))
+    wall = time.perf_counter() - t0
+    return {"images_per_s": len(lat) / wall, "p50_ms": pct(lat, 50) * 1e3, "p99_ms": pct(lat, 99) * 1e3,
+            "requests": len(lat)}
+
+
+def direct_vim(vim_onnx, x, requests):
+    from mq_deploy.backends.ort.runner import OrtRunner
+
+    r = OrtRunner(vim_onnx)
+    r.infer({"images": x[:1]})
+    lat = []
+    t0 = time.perf_counter()
+    for k in range(requests):
+        t = time.perf_counter()
+        r.infer({"images": x[k % len(x)][None]})
+        lat.append(time.perf_counter() - t)
+    wall = time.perf_counter() - t0
+    return {"images_per_s": requests / wall, "p50_ms": pct(lat, 50) * 1e3, "p99_ms": pct(lat, 99) * 1e3}
+
+
+PROMPTS = [b"And God said", b"In the beginning", b"And the LORD spake", b"Blessed are", b"Now the serpent",
+           b"And it came to pass", b"The LORD is my", b"For God so loved"]
+
+
+def bench_lm(url, concurrency, streams_per_client, tokens):
+    import tritonclient.grpc as grpcclient
+
+    gaps, firsts, counts = [], [], []
+    lock = threading.Lock()
+
+    def worker(c):
+        client = grpcclient.InferenceServerClient(url)
+        try:
+            for s in range(streams_per_client):
+                q = queue.Queue()
+                client.start_stream(callback=lambda result, error: q.put((time.perf_counter(), result, error)))
+                t = grpcclient.InferInput("text", [1], "BYTES")
+                t.set_data_from_numpy(np.array([PROMPTS[(c + s) % len(PROMPTS)]], object))
+                n = grpcclient.InferInput("max_new_tokens", [1], "INT32")
+                n.set_data_from_numpy(np.array([tokens], np.int32))
+                t0 = time.perf_counter()
+                client.async_stream_infer("lm_step_generate", [t, n], enable_empty_final_response=True)
+                stamps = []
+                for _ in range(tokens + 1):
+                    when, result, error = q.get(timeout=120)
+                    if error is not None:
+                        raise error
+                    if result.get_response().parameters["triton_final_response"].bool_param:
+                        break
+                    stamps.append(when)
+                client.stop_stream()
+                with lock:
+                    firsts.append(stamps[0] - t0)
+                    gaps.extend(np.diff(stamps).tolist())
+                    counts.append(len(stamps))
+        finally:
+            client.close()
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(worker, range(concurrency)))
+    wall = time.perf_counter() - t0
+    return {"tokens_per_s": sum(counts) / wall, "inter_token_p50_ms": pct(gaps, 50) * 1e3,
+            "inter_token_p99_ms": pct(gaps, 99) * 1e3, "first_token_p50_ms": pct(firsts, 50) * 1e3,
+            "streams": len(counts), "tokens": sum(counts)}
+
+
+def direct_lm(step_onnx, streams, tokens):
+    from mq_deploy.backends.ort.runner import OrtRunner
+    from mq_deploy.runtime.apps import generate
+
+    r = OrtRunner(step_onnx)
+    generate(r, list(PROMPTS[0]), 2)
+    t0 = time.perf_counter()
+    for s in range(streams):
+        generate(r, list(PROMPTS[s % len(PROMPTS)]), tokens)
+    wall = time.perf_counter() - t0
+    return {"tokens_per_s": streams * tokens / wall}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--vim", help="Vim ONNX export (default: quantize + export samples/vim-fashion-mnist)")
+    ap.add_argument("--lm-step", help="LM decode-step ONNX export (default: from samples/mamba-byte-lm)")
+    ap.add_argument("--requests", type=int, default=256, help="Vim requests per concurrency level")
+    ap.add_argument("--streams", type=int, default=2, help="generation streams per client per level")
+    ap.add_argument("--tokens", type=int, default=32, help="tokens per stream")
+    ap.add_argument("--instances", type=int, default=2, help="model instances (Vim, step, generate >= 4)")
+    ap.add_argument("--concurrency", default="1,4,16")
+    ap.add_argument("--workdir", help="keep the sample exports here and reuse them on the next run")
+    ap.add_argument("--json", metavar="OUT")
+    args = ap.parse_args(argv)
+    levels = [int(c) for c in args.concurrency.split(",")]
+
+    from mq_deploy.serve.repository import TritonConfig, write_repository
+    from mq_deploy.serve.server import TritonServer
+
+    with tempfile.TemporaryDirectory(prefix="mq-bench-serve-") as d:
+        vim, lm = args.vim, args.lm_step
+        if vim and os.path.basename(vim) != "vim.onnx" or lm and os.path.basename(lm) != "lm_step.onnx":
+            for src, dst in ((vim, "vim.onnx"), (lm, "lm_step.onnx")):
+                if src:
+                    os.symlink(os.path.abspath(src), os.path.join(d, dst))
+            vim, lm = vim and os.path.join(d, "vim.onnx"), lm and os.path.join(d, "lm_step.onnx")
+        if not (vim and lm):
+            t = time.perf_counter()
+            ev, el = export_samples(args.workdir or d)
+            vim, lm = vim or ev, lm or el
+            print(f"quantized + exported the samples in {time.perf_counter() - t:.0f} s")
+        repo = os.path.join(d, "repo")
+        # names from the file names: vim (+ vim_preprocess, vim_image) and lm_step (+ lm_step_generate)
+        write_repository([vim, lm], repo, TritonConfig(backend="python", max_batch=16, instances=args.instances))
+        x = vim_images(vim, 512)
+        rows = {"vim": [], "lm": [], "machine": {"cpus": os.cpu_count()}}
+        print(f"direct (in-process OrtRunner, one caller)  [{load()}]")
+        dv = direct_vim(vim, x, min(args.requests, 128))
+        dl = direct_lm(lm, 2, args.tokens)
+        print(f"  vim {dv['images_per_s']:8.1f} images/s  p50 {dv['p50_ms']:.2f} ms  p99 {dv['p99_ms']:.2f} ms")
+        print(f"  lm  {dl['tokens_per_s']:8.1f} tokens/s")
+        rows["direct"] = {"vim": dv, "lm": dl}
+        with TritonServer(repo, log_path=os.path.join(d, "server.log")) as srv:
+            for c in levels:
+                r = bench_vim(srv.grpc_url, x, c, args.requests)
+                r.update(concurrency=c, vs_direct=r["images_per_s"] / dv["images_per_s"], load=os.getloadavg())
+                rows["vim"].append(r)
+                print(f"served vim  c={c:<3} {r['images_per_s']:8.1f} images/s ({r['vs_direct']:.2f}x direct)  "
+                      f"p50 {r['p50_ms']:7.2f} ms  p99 {r['p99_ms']:7.2f} ms  [{load()}]", flush=True)
+            for c in levels:
+                r = bench_lm(srv.grpc_url, c, args.streams, args.tokens)
+                r.update(concurrency=c, vs_direct=r["tokens_per_s"] / dl["tokens_per_s"], load=os.getloadavg())
+                rows["lm"].append(r)
+                print(f"served lm   c={c:<3} {r['tokens_per_s']:8.1f} tokens/s ({r['vs_direct']:.2f}x direct)  "
+                      f"inter-token p50 {r['inter_token_p50_ms']:6.2f} ms  p99 {r['inter_token_p99_ms']:7.2f} ms  "
+                      f"first token p50 {r['first_token_p50_ms']:7.2f} ms  [{load()}]", flush=True)
+    if args.json:
+        from mq_deploy.fileio import write_json
+
+        write_json(args.json, rows, overwrite=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
