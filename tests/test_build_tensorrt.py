@@ -394,3 +394,31 @@ def test_cli_build_tensorrt_maps_flags_and_prints_the_report(tmp_path, fake_poly
     assert main(argv) == 2                     # the engine exists: only replaced with --overwrite
     assert "already exists" in capsys.readouterr().err
     assert main(argv + ["--overwrite"]) == 0
+
+
+def test_polygraphy_data_loader_drives_polygraphy_run(tmp_path):
+    """The workflow of docs/tensorrt.md on the ONNX Runtime side: NVIDIA's `polygraphy run` with our
+    data-loader script saves inputs and outputs; a second run compares against them. (The TensorRT
+    side, `--model-type engine --trt --load-inputs --load-outputs`, needs TensorRT.)"""
+    import shutil
+
+    from helpers import tiny_exports
+
+    if shutil.which("polygraphy") is None:
+        pytest.skip("polygraphy CLI not on PATH")
+    onnx_path = tiny_exports()["lm"]
+    loader = subprocess.run([sys.executable, "-m", "mq_deploy.backends.trt.polygraphy_data_loader"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    env = dict(os.environ, MQ_ONNX=onnx_path, MQ_SHAPES="input_ids:2x24", MQ_ITERATIONS="2")
+    first = subprocess.run(["polygraphy", "run", onnx_path, "--onnxrt", "--data-loader-script", loader,
+                            "--save-inputs", str(tmp_path / "in.json"), "--save-outputs", str(tmp_path / "out.json")],
+                           capture_output=True, text=True, env=env, timeout=300)
+    assert first.returncode == 0 and "PASSED" in first.stdout, first.stdout[-2000:] + first.stderr[-2000:]
+    again = subprocess.run(["polygraphy", "run", onnx_path, "--onnxrt", "--load-inputs", str(tmp_path / "in.json"),
+                            "--load-outputs", str(tmp_path / "out.json"), "--atol", "1e-5", "--rtol", "1e-5"],
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "PASSED" in again.stdout, again.stdout[-2000:]
+    from polygraphy.json import load_json
+
+    feeds = load_json(str(tmp_path / "in.json"))
+    assert len(feeds) == 2 and feeds[0]["input_ids"].shape == (2, 24) and feeds[0]["input_ids"].max() < 256

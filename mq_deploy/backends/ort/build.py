@@ -18,43 +18,11 @@ import numpy as np
 from mq_deploy.errors import MQUserError
 
 
-MAX_FEED_BYTES = 1 << 30     # sample feeds the build verifies with (larger shapes are a typo, not a test)
-
-
 def sample_feeds(runner, shapes: dict | None = None, seed: int = 0) -> dict:
-    """Feeds for every input of an mq-deploy graph: shapes from `shapes` (name -> tuple) or defaults."""
-    rng = np.random.default_rng(seed)
-    cfg = runner.meta.get("mq.config") or {}
-    shapes = dict(shapes or {})
-    unknown = sorted(set(shapes) - set(runner.input_specs))
-    if unknown:
-        raise MQUserError(f"--optShapes names {', '.join(unknown)}, not an input of {runner.path}; inputs are "
-                          f"{', '.join(runner.input_specs)}")
-    feeds, planned, batch = {}, {}, 2
-    for name, spec in runner.input_specs.items():
-        shape = shapes.get(name)
-        if shape is None:
-            shape = [d if isinstance(d, int) else batch if d == "batch" else 64 for d in spec.shape]
-        shape = tuple(int(s) for s in shape)
-        if len(shape) != len(spec.shape) or any(isinstance(w, int) and g != w for g, w in zip(shape, spec.shape)):
-            raise MQUserError(f"--optShapes {name}:{'x'.join(map(str, shape))} does not fit the input "
-                              f"{spec.describe()}")
-        planned[name] = shape
-        batch = shape[0] if name in ("input_ids", "images") else batch
-    nbytes = sum(int(np.prod(s, dtype=np.float64)) * np.dtype(runner.input_specs[n].dtype or np.float32).itemsize
-                 for n, s in planned.items())
-    if nbytes > MAX_FEED_BYTES:
-        raise MQUserError(f"the sample feeds of --optShapes would take {nbytes / 2 ** 30:.1f} GiB (limit "
-                          f"{MAX_FEED_BYTES / 2 ** 30:.0f} GiB); give the shapes to verify the build with, e.g. "
-                          + ",".join(f"{n}:{'x'.join(map(str, (min(s[0], 8),) + s[1:]))}" for n, s in planned.items()))
-    for name, shape in planned.items():
-        if name == "input_ids":
-            feeds[name] = rng.integers(0, cfg.get("vocab_size", 2), shape).astype(np.int64)
-        elif name.endswith("_state"):
-            feeds[name] = np.zeros(shape, np.float32)
-        else:
-            feeds[name] = rng.standard_normal(shape).astype(np.float32)
-    return feeds
+    """Feeds for every input of an mq-deploy graph open in `runner` (see backends.feeds)."""
+    from mq_deploy.backends.feeds import sample_feeds as feeds
+
+    return feeds(runner.input_specs, runner.meta, shapes, seed, what=runner.path)
 
 
 def build_ort(onnx_path: str, out_path: str, *, custom_op_library: str | None = None, shapes: dict | None = None,

@@ -1,5 +1,6 @@
-"""An ONNX file in ONNX Runtime (CPU): the mq::SelectiveScan function bodies, or the native custom-op
-library when one is registered (`custom_op_library`, or $MQ_SCAN_ORT_LIB)."""
+"""An ONNX file in ONNX Runtime (CPU): the native custom-op library (mq::SelectiveScan and
+mq::SelectiveScanFloat) when it is there (`custom_op_library`, $MQ_SCAN_ORT_LIB, else the one `pip install`
+built into mq_deploy/_native/), or the ops' function bodies (custom_op_library=False: --no-native)."""
 
 from __future__ import annotations
 
@@ -50,19 +51,33 @@ def session_options(threads: int | None = None, *, spin: bool = False, optimize:
     return so
 
 
-class OrtRunner(Runner):
-    """An ONNX file in ONNX Runtime (CPU). custom_op_library: a native mq::SelectiveScan library."""
+def default_library(custom_op_library=None):
+    """The custom-op library to register: the one given, else $MQ_SCAN_ORT_LIB, else mq_deploy/_native's
+    when it was built; False: none (the function bodies)."""
+    if custom_op_library is False:
+        return None
+    if custom_op_library:
+        return custom_op_library
+    from mq_deploy.ops.native import ort_library   # torch-free
 
-    def __init__(self, path: str, custom_op_library: str | None = None, threads: int | None = None,
+    return os.environ.get(ORT_LIB_ENV) or ort_library()
+
+
+class OrtRunner(Runner):
+    """An ONNX file in ONNX Runtime (CPU). custom_op_library: a native mq::SelectiveScan library (default:
+    the built one, see default_library; False: none)."""
+
+    def __init__(self, path: str, custom_op_library: str | None | bool = None, threads: int | None = None,
                  optimized_model_path: str | None = None, optimize: bool = True, spin: bool = False):
         import onnxruntime as ort
 
         self.path = self.name = path
-        custom_op_library = custom_op_library or os.environ.get(ORT_LIB_ENV) or None
+        custom_op_library = default_library(custom_op_library)
         self.custom_op_library = custom_op_library
-        self.proto = load_onnx(path, load_external_data=False)
-        self.meta = metadata(self.proto)
-        missing = missing_functions(self.proto)
+        proto = load_onnx(path, load_external_data=False)   # not kept: inline weights would stay resident
+        self.meta = metadata(proto)
+        missing = missing_functions(proto)
+        del proto
         if missing and not custom_op_library:
             raise MQUserError(f"{path}: the graph uses {', '.join(missing)} with no function body in the file, and "
                               "no plugin library was given; re-export it with `mq-deploy export` (which embeds the "
@@ -78,6 +93,15 @@ class OrtRunner(Runner):
                             for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
 
+    @property
+    def proto(self):
+        """The ModelProto without external data, read again on each use (the runner keeps none resident)."""
+        return load_onnx(self.path, load_external_data=False)
+
+    def decoder(self, batch: int = 1):
+        """Zero-copy decode on this step graph (OrtDecoder)."""
+        return OrtDecoder(self, batch)
+
     def infer_impl(self, feeds: dict) -> dict:
         try:
             outs = self.session.run(self.output_names, feeds)
@@ -86,3 +110,74 @@ class OrtRunner(Runner):
                               f"{ {k: list(v.shape) for k, v in feeds.items()} }: "
                               f"{(str(e).splitlines() or [''])[0][:300]}") from None
         return dict(zip(self.output_names, outs))
+
+
+class OrtDecoder:
+    """Decode steps of a step graph with the states bound as ORT values (IOBinding): the state outputs of
+    step t are the state inputs of step t+1 (two buffers per state, swapped), never copied through numpy.
+
+        dec = runner.decoder(batch)
+        logits = dec.prefill(ids)          # [batch, L] -> last-position logits [batch, V] (numpy)
+        logits = dec.step(tokens)          # [batch] -> [batch, V]
+    """
+
+    def __init__(self, runner: OrtRunner, batch: int = 1):
+        specs = runner.input_specs
+        if "conv_state" not in specs or "ssm_state" not in specs:
+            raise MQUserError(f"{runner.path}: not a decode-step graph (no conv_state / ssm_state inputs)")
+        cfg = runner.meta.get("mq.config") or {}
+        if not cfg:
+            raise MQUserError(f"{runner.path}: the step graph has no mq.config metadata; re-export it")
+        m = cfg["mixer"]
+        self.runner, self.batch, self.sess = runner, batch, runner.session
+        self.shapes = {"conv_state": (cfg["n_layer"], batch, m["d_inner"], m["d_conv"] - 1),
+                       "ssm_state": (cfg["n_layer"], batch, m["d_inner"], m["d_state"])}
+        self.vocab = cfg["vocab_size"]
+        self._io = None
+
+    def _run(self, feeds):
+        return self.runner.infer(feeds)
+
+    def prefill(self, ids) -> np.ndarray:
+        import onnxruntime as ort
+
+        ids = np.asarray(ids, np.int64)
+        if ids.ndim != 2 or ids.shape[0] != self.batch:
+            raise MQUserError(f"prefill ids must be [{self.batch}, L], got {list(ids.shape)}")
+        feeds = {"input_ids": ids, **{k: np.zeros(s, np.float32) for k, s in self.shapes.items()}}
+        res = self._run(feeds)
+        # the states' two buffers: [0] from the prefill's outputs (kept alive here), [1] preallocated
+        self._arrays = [res["conv_state_out"], res["ssm_state_out"]]
+        self._bufs = [[ort.OrtValue.ortvalue_from_numpy(a) for a in self._arrays],
+                      [ort.OrtValue.ortvalue_from_shape_and_type(self.shapes[k], np.float32)
+                       for k in ("conv_state", "ssm_state")]]
+        self._tok = np.zeros((self.batch, 1), np.int64)
+        self._logits = ort.OrtValue.ortvalue_from_shape_and_type((self.batch, 1, self.vocab), np.float32)
+        io = self.sess.io_binding()
+        io.bind_ortvalue_input("input_ids", ort.OrtValue.ortvalue_from_numpy(self._tok))   # shares _tok's memory
+        io.bind_ortvalue_output("logits", self._logits)
+        self._io, self._cur = io, 0
+        return res["logits"][:, -1]
+
+    def step(self, tokens) -> np.ndarray:
+        if self._io is None:
+            raise MQUserError("OrtDecoder.step before prefill")
+        self._tok[:, 0] = np.asarray(tokens, np.int64).reshape(self.batch)
+        cur, nxt = self._bufs[self._cur], self._bufs[1 - self._cur]
+        io = self._io
+        io.bind_ortvalue_input("conv_state", cur[0])
+        io.bind_ortvalue_input("ssm_state", cur[1])
+        io.bind_ortvalue_output("conv_state_out", nxt[0])
+        io.bind_ortvalue_output("ssm_state_out", nxt[1])
+        try:
+            self.sess.run_with_iobinding(io)
+        except Exception as e:
+            raise MQUserError(f"{self.runner.path}: ONNX Runtime failed on a decode step: "
+                              f"{(str(e).splitlines() or [''])[0][:300]}") from None
+        self._cur = 1 - self._cur
+        return np.array(self._logits.numpy()[:, -1])   # a copy: the bound buffer is rewritten next step
+
+    def states(self) -> dict:
+        """The current states as numpy copies (for checks)."""
+        cur = self._bufs[self._cur]
+        return {"conv_state_out": np.array(cur[0].numpy()), "ssm_state_out": np.array(cur[1].numpy())}

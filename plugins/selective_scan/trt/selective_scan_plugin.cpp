@@ -7,6 +7,7 @@
 #include "mq_selective_scan.h"
 
 #include <cmath>
+#include <cstdlib>
 #include <cstdio>
 #include <cstring>
 #include <exception>
@@ -593,7 +594,39 @@ SelectiveScanPluginCreator& theCreator() {
   static SelectiveScanPluginCreator creator;
   return creator;
 }
+/* Self-registration on dlopen, so loaders that only dlopen find the creator: Polygraphy's
+ * LoadPlugins and `polygraphy run --plugins`, trtexec --staticPlugins, Triton's LD_PRELOAD. TensorRT's
+ * IPluginRegistry::loadLibrary (trtexec --dynamicPlugins, Triton's plugins= backend config) dlopens
+ * the library too and then registers what getCreators returns: getCreators first takes back the
+ * creator registered here, so it is never registered twice. MQ_SCAN_TRT_NO_AUTOREGISTER=1 turns it off. */
+bool gAutoRegistered{false};
+
+struct AutoRegister {
+  AutoRegister() noexcept {
+    try {
+      if (std::getenv("MQ_SCAN_TRT_NO_AUTOREGISTER") != nullptr) return;
+      nvinfer1::IPluginRegistry* registry = getPluginRegistry();
+      if (registry == nullptr || registry->getCreator(kPLUGIN_NAME, kPLUGIN_VERSION, kPLUGIN_NAMESPACE) != nullptr) {
+        return;
+      }
+      gAutoRegistered = registry->registerCreator(theCreator(), kPLUGIN_NAMESPACE);
+    } catch (...) {
+      gAutoRegistered = false;  // never throw out of a library constructor
+    }
+  }
+};
+AutoRegister const gAutoRegister;
+
 }  // namespace
+
+void takeBackAutoRegistration() noexcept {
+  try {
+    if (!gAutoRegistered) return;
+    nvinfer1::IPluginRegistry* registry = getPluginRegistry();
+    if (registry != nullptr && registry->deregisterCreator(theCreator())) gAutoRegistered = false;
+  } catch (...) {
+  }
+}
 
 }  // namespace trt
 }  // namespace mq
@@ -602,6 +635,7 @@ SelectiveScanPluginCreator& theCreator() {
 
 extern "C" MQ_TRT_EXPORT nvinfer1::IPluginCreatorInterface* const* getCreators(int32_t& nbCreators) {
   try {
+    mq::trt::takeBackAutoRegistration();
     static nvinfer1::IPluginCreatorInterface* const kCreators[] = {&mq::trt::theCreator()};
     nbCreators = 1;
     return kCreators;
