@@ -358,3 +358,20 @@ def test_mq_deploy_serve_command(served, tmp_path):
         if p.poll() is None:
             p.kill()
             p.wait(10)
+
+
+def test_the_repository_readme_curl_commands_work(served):
+    """The README `mq-deploy triton` writes gives one curl call per model; each runs as written."""
+    import shutil
+
+    if not shutil.which("curl"):
+        pytest.skip("no curl")
+    with open(os.path.join(served.repo, "README.md")) as f:
+        cmds = [line.strip() for line in f if line.startswith("curl ")]
+    assert len(cmds) >= 4
+    for cmd in cmds:
+        cmd = cmd.replace("localhost:8000", served.http_url)
+        r = subprocess.run(["bash", "-c", cmd + " --max-time 60"], capture_output=True, text=True, timeout=90)
+        print(cmd[:100], "->", r.stdout[:160])
+        assert r.returncode == 0 and "error" not in r.stdout, (cmd, r.stdout, r.stderr)
+        assert r.stdout.strip() in ("200",) or '"outputs"' in r.stdout or r.stdout.startswith("data: ")

@@ -563,10 +563,11 @@ def _write_model(root: str, a: Artifact, name: str, backend: str, cfg: TritonCon
             f.write(_labels(a, cfg))
         what = f"Vision Mamba classifier, {a.config['num_classes']} classes ({a.path})"
         example = _example_classifier(name, a, c["max_batch_size"])
-        curl = (f"curl -s localhost:8000/v2/models/{name}/infer -d '{{\"inputs\": [{{\"name\": \"images\", "
-                f"\"shape\": [1, {a.config['in_chans']}, {a.config['img_size']}, {a.config['img_size']}], "
-                f"\"datatype\": \"FP32\", \"data\": [{', '.join(['0.0'] * 3)}, ...]}}]}}'   # "
-                f"{a.config['in_chans'] * a.config['img_size'] ** 2} values")
+        n = a.config["in_chans"] * a.config["img_size"] ** 2
+        curl = (f'curl -s localhost:8000/v2/models/{name}/infer -d "{{\\"inputs\\": [{{\\"name\\": \\"images\\", '
+                f'\\"shape\\": [1, {a.config["in_chans"]}, {a.config["img_size"]}, {a.config["img_size"]}], '
+                f'\\"datatype\\": \\"FP32\\", \\"data\\": [$(python3 -c \'print(",".join(["0"] * {n}))\')]}}], '
+                f'\\"outputs\\": [{{\\"name\\": \\"logits\\", \\"parameters\\": {{\\"classification\\": 3}}}}]}}"')
     elif a.graph == "step":
         what = f"LM decode step, stateful: the server keeps each sequence's conv/ssm state ({a.path})"
         example = _example_step(name)
@@ -607,8 +608,11 @@ def _write_model(root: str, a: Artifact, name: str, backend: str, cfg: TritonCon
             f.write(_model_readme(gname, "python, decoupled", f"Streaming generation: a BLS model that prefills "
                                   f"the prompt and decodes greedily through `{name}` (one sequence per request), "
                                   "one response per token", gtext, _example_generate(gname, text_in)))
+        prompt = '"text": "And God said"' if text_in else '"prompt_ids": [1, 2, 3]'
         summary.append({"name": gname, "backend": "python (decoupled BLS)",
-                        "what": f"streams generated tokens through {name}", "config": gc, "curl": None})
+                        "what": f"streams generated tokens through {name}", "config": gc,
+                        "curl": f"curl -s -N localhost:8000/v2/models/{gname}/generate_stream "
+                                f"-d '{{{prompt}, \"max_new_tokens\": 40}}'"})
     if a.kind == "vim":
         pname, ename = name + "_preprocess", name + "_image"
         pdir = os.path.join(root, pname)
