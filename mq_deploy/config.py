@@ -156,3 +156,9 @@ def config_from_dict(d: dict):
     except TypeError as e:  # unknown or missing field
         raise MQUserError(f"invalid {arch} config: {e}") from None
     raise MQUserError(f"unknown architecture {arch!r} (expected 'mamba_lm' or 'vim')")
+
+
+# What the deployable artifact runs (the int8 scan and `mq-deploy export`): quantize and export take
+# these; lower activation bits exist only as fake quantization (`mq-deploy compare --bits`).
+EXPORT_WBITS = (4, 8)
+EXPORT_ABITS = (8,)

@@ -23,9 +23,7 @@ import torch
 from mq_deploy import __version__
 from mq_deploy.errors import MQUserError
 
-# What `mq-deploy export` (and the int8 scan) run: the bit widths a deployable checkpoint may have.
-EXPORT_WBITS = (4, 8)
-EXPORT_ABITS = (8,)
+from mq_deploy.config import EXPORT_ABITS, EXPORT_WBITS  # noqa: F401  (the bit widths a deployable checkpoint has)
 
 _ACT, _WEIGHT = "act/", "weight/"
 
