@@ -135,6 +135,9 @@ def add_runtime(s, ort=True):
     g.add_argument("--threads", type=positive_int, help="CPU threads (torch / ONNX Runtime intra-op)")
     if ort:
         g.add_argument("--custom-op-lib", metavar="SO", help="register a native mq::SelectiveScan library in ORT")
+        g.add_argument("--no-native", action="store_true",
+                       help="ORT: run the mq ops' function bodies, not the native custom-op library that "
+                            "pip install builds (used by default when present)")
 
 
 def add_recipe(s, quantize=True):
@@ -290,12 +293,17 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def _ort_lib(args):
+    """--custom-op-lib, or False (no library at all) with --no-native."""
+    return False if getattr(args, "no_native", False) else args.custom_op_lib
+
+
 def cmd_export(args) -> int:
     from mq_deploy.export.exporter import export
 
     _json_target(args, [args.model, args.output])
     info = export(args.model, args.output, step=args.decode_step, opset=args.opset, overwrite=args.overwrite,
-                  tokenizer=args.tokenizer)
+                  tokenizer=args.tokenizer, quantize_head=args.quantize_head)
     ops = ", ".join(f"{k} {v}" for k, v in sorted(info["op_counts"].items(), key=lambda kv: -kv[1])[:8])
     print(f"wrote {info['path']}: {info['graph']} graph of the {info['architecture']} "
           f"({info['quant'] or 'float32'}), {info['nodes']} nodes, {info['bytes'] / 1e6:.2f} MB; {ops}")
@@ -313,7 +321,7 @@ def cmd_verify(args) -> int:
                        rtol=args.rtol, check_error_stat=args.check_error_stat, min_cosine=args.min_cosine,
                        min_top1_agreement=args.min_top1_agreement, max_metric_delta=args.max_metric_delta,
                        tokenizer=args.tokenizer)
-    rep = verify_paths(args.artifact, args.reference, cfg, custom_op_library=args.custom_op_lib,
+    rep = verify_paths(args.artifact, args.reference, cfg, custom_op_library=_ort_lib(args),
                        plugins=args.plugins or (), threads=args.threads)
     print(format_report(rep, args.artifact, args.reference))
     _write_json(args, {k: rep[k] for k in ("outputs", "metrics", "checks", "passed")}, inputs)
@@ -325,7 +333,7 @@ def cmd_generate(args) -> int:
     from mq_deploy.runtime.apps import generate_text
 
     _json_target(args, [args.model, args.tokenizer])
-    runner = OrtRunner(args.model, custom_op_library=args.custom_op_lib, threads=args.threads)
+    runner = OrtRunner(args.model, custom_op_library=_ort_lib(args), threads=args.threads)
     prompt_ids = None
     if args.prompt_ids is not None:
         try:
@@ -372,7 +380,7 @@ def cmd_run(args) -> int:
     from mq_deploy.runtime.apps import classify_path
 
     _json_target(args, [args.model, args.images])
-    res = classify_path(args.model, args.images, limit=args.limit, batch=args.batch, custom_op_library=args.custom_op_lib,
+    res = classify_path(args.model, args.images, limit=args.limit, batch=args.batch, custom_op_library=_ort_lib(args),
                         threads=args.threads, class_names=args.class_names.split(",") if args.class_names else None)
     pred, names, classes = res["predictions"], res["names"], res.get("classes")
     shown = len(pred) if args.show is None else min(args.show, len(pred))
@@ -483,6 +491,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--decode-step", action="store_true",
                    help="LM: the stateful graph (input_ids, conv_state, ssm_state -> logits, new states)")
     s.add_argument("--opset", type=int, default=21, help="ONNX opset (>= 21; default 21)")
+    s.add_argument("--quantize-head", action="store_true",
+                   help="LM: int8 per-channel lm_head weights with int8 activations per tensor at run time "
+                        "(DynamicQuantizeLinear + MatMulInteger); the embedding stays float")
     add_tokenizer(s)
     add_json(s, "the export summary", g)
     s.set_defaults(func=cmd_export)

@@ -86,8 +86,9 @@ def _carry_tokenizer(proto, loaded, tokenizer: str | None) -> None:
 
 
 def export(model_path: str, out: str, step: bool = False, opset: int = OPSET, overwrite: bool = False,
-           tokenizer: str | None = None) -> dict:
-    """Export a model directory / checkpoint (FP or quantized) to ONNX; return a summary dict."""
+           tokenizer: str | None = None, quantize_head: bool = False) -> dict:
+    """Export a model directory / checkpoint (FP or quantized) to ONNX; return a summary dict.
+    quantize_head: the LM head as int8 (fakequant.quantize_head; verify's reference does the same)."""
     from mq_deploy.models.loaders import load_model
 
     if opset not in supported_opsets():
@@ -99,6 +100,10 @@ def export(model_path: str, out: str, step: bool = False, opset: int = OPSET, ov
     fileio.check_target(out, overwrite, inputs, "ONNX file")      # before the long work
     loaded = load_model(model_path)
     spec = quant_spec(loaded)
+    if quantize_head:
+        from mq_deploy.quant.fakequant import quantize_head as int8_head
+
+        int8_head(loaded.model)
     proto = build_model(loaded.model, spec, step=step, opset=opset)
     _carry_tokenizer(proto, loaded, tokenizer)
     out_abs = save_model_atomic(proto, out, overwrite=overwrite, inputs=inputs)
