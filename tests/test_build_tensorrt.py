@@ -320,7 +320,7 @@ def test_build_engine_refuses_before_building(tmp_path, fake_polygraphy):
     with pytest.raises(MQUserError, match="mq::SelectiveScan node.*cmake -S plugins/selective_scan"):
         mtrt.build_engine(model, tmp_path / "m.engine", max_shapes=_SCAN_MAX)
     with pytest.raises(MQUserError, match="plugin library not found"):
-        mtrt.build_engine(model, tmp_path / "m.engine", plugins=[tmp_path / "nope.so"])
+        mtrt.build_engine(model, tmp_path / "m.engine", plugins=[tmp_path / "nope.so"], max_shapes=_SCAN_MAX)
     user = tmp_path / "user.engine"
     user.write_bytes(b"not ours")
     lib = tmp_path / "libmq_scan_trt.so"

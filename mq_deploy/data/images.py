@@ -86,10 +86,12 @@ def write_idx(path: str, array: np.ndarray) -> None:
     """Write a uint8 array as a gzip idx file (atomically)."""
     a = np.ascontiguousarray(array, dtype=np.uint8)
     header = bytes([0, 0, 0x08, a.ndim]) + struct.pack(">" + "I" * a.ndim, *a.shape)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:
+    from mq_deploy import fileio
+
+    # a data file the caller (tests, the samples' data preparation) replaces on purpose
+    with fileio.atomic_file(path, "wb", overwrite=True, inout=True) as raw, \
+            gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:
         f.write(header + a.tobytes())
-    os.replace(tmp, path)
 
 
 # -- folders of pictures -------------------------------------------------------------------------------

@@ -97,7 +97,7 @@ def as_shapes(value, what: str) -> dict[str, tuple[int, ...]]:
     raise MQUserError(f"{what} must be a 'name:AxB,...' string or a dict name -> shape, got {type(value).__name__}")
 
 
-def profile_shapes(inputs, min_shapes=None, opt_shapes=None, max_shapes=None) -> dict:
+def profile_shapes(inputs, min_shapes=None, opt_shapes=None, max_shapes=None, require_all: bool = True) -> dict:
     """(min, opt, max) per input from trtexec-style specs. `inputs`: [(name, shape)], shape entries
     ints (fixed) or -1 / None / str (dynamic). Missing min and max default to opt and a missing opt
     to max (as trtexec); every dynamic input needs at least one of them; names must be inputs."""
@@ -114,7 +114,7 @@ def profile_shapes(inputs, min_shapes=None, opt_shapes=None, max_shapes=None) ->
         shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in shape)
         dynamic = any(d < 0 for d in shape)
         if not (name in mins or name in opts or name in maxs):
-            if dynamic:
+            if dynamic and require_all:
                 raise MQUserError(
                     f"input {name!r} has dynamic shape {list(shape)} (-1 = set at run time) and no shape was given; "
                     f"pass min/opt/max shapes, e.g. --minShapes {name}:{'x'.join('1' if d < 0 else str(d) for d in shape)}"
@@ -226,7 +226,7 @@ def plan_build(onnx_path, out_path, cfg: EngineBuildConfig) -> dict:
     import onnx
 
     from mq_deploy import fileio
-    from mq_deploy.backends.trt.plugins import BUILD_PLUGIN_HINT, PLUGIN_LIBRARY, find_plugin_library
+    from mq_deploy.backends.trt.plugins import find_plugin_library
     from mq_deploy.export.onnx_file import graph_inputs, load_onnx
 
     onnx_path, out_path = os.fspath(onnx_path), os.fspath(out_path)
@@ -239,11 +239,9 @@ def plan_build(onnx_path, out_path, cfg: EngineBuildConfig) -> dict:
     stripped, removed = strip_function_bodies(model)
     n_fp16 = set_scan_out_dtype(stripped, onnx.TensorProto.FLOAT16) if (cfg.fp16 and not cfg.strongly_typed) else 0
     plugin_paths = find_plugin_library(cfg.plugins)
-    if n_scan and not plugin_paths:
-        raise MQUserError(f"{onnx_path} has {n_scan} mq::SelectiveScan node(s), which TensorRT runs through the "
-                          f"plugin library {PLUGIN_LIBRARY}, and none was found; {BUILD_PLUGIN_HINT}")
     names = [(n, s) for n, _, s in graph_inputs(model)]
-    profile = profile_shapes(names, cfg.min_shapes, cfg.opt_shapes, cfg.max_shapes)
+    # every given shape is checked now; a dynamic input left without one only after TensorRT is found
+    profile = profile_shapes(names, cfg.min_shapes, cfg.opt_shapes, cfg.max_shapes, require_all=False)
     warnings = []
     if cfg.int8 and not any(n.op_type == "QuantizeLinear" for n in model.graph.node) and not n_scan:
         warnings.append("int8 requested but the ONNX has no QuantizeLinear node: a strongly typed network of it "
@@ -253,12 +251,22 @@ def plan_build(onnx_path, out_path, cfg: EngineBuildConfig) -> dict:
             "plugins": plugin_paths, "warnings": warnings}
 
 
+def require_plugin(plan: dict, onnx_path) -> None:
+    from mq_deploy.backends.trt.plugins import BUILD_PLUGIN_HINT, PLUGIN_LIBRARY
+
+    if plan["scan_nodes"] and not plan["plugins"]:
+        raise MQUserError(f"{onnx_path} has {plan['scan_nodes']} mq::SelectiveScan node(s), which TensorRT runs "
+                          f"through the plugin library {PLUGIN_LIBRARY}, and none was found; {BUILD_PLUGIN_HINT}")
+
+
 def build_engine(onnx_path, out_path, cfg: EngineBuildConfig | None = None, **kw) -> dict:
     """Build a serialized TensorRT engine from an mq-deploy ONNX file (not modified) and write it
     atomically; returns the report (engine path and size, build seconds, inputs, profile, layers)."""
     cfg = cfg or EngineBuildConfig(**kw)
     plan = plan_build(onnx_path, out_path, cfg)
     trt = import_tensorrt()
+    require_plugin(plan, onnx_path)
+    profile_shapes(plan["inputs"], cfg.min_shapes, cfg.opt_shapes, cfg.max_shapes)
     from polygraphy.backend.trt import (CreateConfig, EngineBytesFromNetwork, EngineFromBytes, NetworkFromOnnxPath,
                                         Profile)
     from polygraphy.exception import PolygraphyException
