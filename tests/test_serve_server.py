@@ -42,9 +42,9 @@ def _server_missing():
     try:
         if inst.stub_python:
             py = f"/usr/bin/python{inst.stub_python}"
-            r = subprocess.run([py, "-c", "import numpy, onnxruntime"], capture_output=True, text=True)
+            r = subprocess.run([py, "-c", "import numpy, onnxruntime, tokenizers, PIL"], capture_output=True, text=True)
             if r.returncode:
-                return f"{py} (the Python-backend stub's interpreter) cannot import numpy and onnxruntime"
+                return f"{py} (the Python-backend stub's interpreter) cannot import numpy, onnxruntime, tokenizers and PIL"
     finally:
         inst.close()
     return None
@@ -70,12 +70,40 @@ def ref(art):
 
 
 @pytest.fixture(scope="module")
-def served(art, tmp_path_factory):
+def bpe_step(tmp_path_factory):
+    """The decode-step export of an HF MambaForCausalLM (save_pretrained) with its own BPE tokenizer.json,
+    which the export carries in its metadata."""
+    import torch
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("tokenizers")
+    from helpers import train_bpe
+
+    from mq_deploy.cli.main import main
+
+    root = tmp_path_factory.mktemp("bpe")
+    d = root / "hf"
+    d.mkdir()
+    tok = train_bpe(d / "tokenizer.json", vocab_size=300, text="In the beginning God created the heaven. " * 50
+                    + "Naïve café — 日本語 🙂 " * 20)
+    cfg = transformers.MambaConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, num_hidden_layers=2,
+                                   state_size=8, eos_token_id=0)
+    torch.manual_seed(0)
+    m = transformers.MambaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    m.save_pretrained(d)
+    assert main(["export", str(d), "-o", str(root / "bpe_step.onnx"), "--decode-step"]) == 0
+    return str(root / "bpe_step.onnx")
+
+
+@pytest.fixture(scope="module")
+def served(art, bpe_step, tmp_path_factory):
     from mq_deploy.serve.repository import TritonConfig, write_repository
 
     d = tmp_path_factory.mktemp("served")
     repo = str(d / "repo")
-    write_repository([art["vim"], art["lm"], art["lm_step"]], repo,
+    write_repository([art["vim"], art["lm"], art["lm_step"], bpe_step], repo,
                      TritonConfig(backend="python", max_batch=8, instances=1))
     srv = triton.TritonServer(repo, log_path=str(d / "tritonserver.log"))
     t0 = time.monotonic()
@@ -206,7 +234,8 @@ def test_interleaved_sequences_keep_separate_states(served, ref):
                 assert_exact(out[k], want[s][k], f"threaded sequence {s} step {k}")
 
 
-def stream_generate(client, model, inputs, limit=4096):
+def stream_generate(client, model, inputs, limit=4096, texts=None):
+    """Token ids of one streamed generation (and, into `texts`, each response's text)."""
     q = queue.Queue()
     client.start_stream(callback=lambda result, error: q.put((result, error)))
     try:
@@ -219,6 +248,8 @@ def stream_generate(client, model, inputs, limit=4096):
             if result.get_response().parameters["triton_final_response"].bool_param:
                 return toks
             toks.append(int(result.as_numpy("token_id")[0]))
+            if texts is not None:
+                texts.append(result.as_numpy("text")[0])
         raise AssertionError("no final response")
     finally:
         client.stop_stream()
@@ -252,6 +283,21 @@ def test_streamed_generation_equals_greedy_generate(served, ref):
     ids = [5, 200, 17, 3]
     assert stream_generate(served.grpc(), "lm_step_generate", gen_inputs(ids=ids, n=10)) == \
         generate(ref["lm_step"], ids, 10)
+
+
+def test_generation_with_the_artifacts_own_bpe_tokenizer(served, bpe_step):
+    """Text in, text out through the tokenizer.json the export carries; equal to `mq-deploy generate`
+    (generate_text: same ids, same text pieces, same stop at EOS)."""
+    from mq_deploy.backends.ort.runner import OrtRunner
+    from mq_deploy.runtime.apps import generate_text
+
+    prompt = "In the beginning — café 🙂"
+    want = generate_text(OrtRunner(bpe_step), prompt=prompt, max_new_tokens=40)
+    texts = []
+    got = stream_generate(served.grpc(), "bpe_step_generate", gen_inputs(text=prompt.encode(), n=40), texts=texts)
+    print("served:", got, repr(b"".join(texts).decode()), "\nwant:  ", want["new_ids"], repr(want["text"]))
+    assert got == want["new_ids"]
+    assert b"".join(texts).decode("utf-8") == want["text"]
 
 
 def test_image_bytes_through_the_ensemble(served, ref, tmp_path):

@@ -320,8 +320,22 @@ def model_config(a: Artifact, name: str, backend: str, cfg: TritonConfig, model_
     return c
 
 
+def tokenizer_of(a: Artifact):
+    """(kind, eos id) of the artifact's tokenizer: "bytes", "tokenizers" (its tokenizer.json is in the
+    metadata) or "ids" (none: the generate model takes prompt_ids only)."""
+    kind = a.meta.get("mq.tokenizer")
+    if kind == "bytes":
+        return "bytes", a.config.get("eos_token_id")
+    if a.meta.get("mq.tokenizer_json"):
+        from mq_deploy.data.tokenizer import tokenizer_for_artifact
+
+        return "tokenizers", tokenizer_for_artifact(a.meta, None, a.path).eos_id
+    return "ids", a.config.get("eos_token_id")
+
+
 def generate_config(a: Artifact, name: str, step_model: str, cfg: TritonConfig) -> dict:
-    text = a.meta.get("mq.tokenizer") == "bytes"
+    kind, eos = tokenizer_of(a)
+    text = kind != "ids"
     ins = [{"name": "prompt_ids", "data_type": Enum("TYPE_INT64"), "dims": [-1], "optional": True},
            {"name": "max_new_tokens", "data_type": Enum("TYPE_INT32"), "dims": [1], "optional": True}]
     outs = [{"name": "token_id", "data_type": Enum("TYPE_INT64"), "dims": [1]}]
@@ -333,7 +347,7 @@ def generate_config(a: Artifact, name: str, step_model: str, cfg: TritonConfig) 
             "model_transaction_policy": {"decoupled": True},
             "instance_group": [{"count": max(cfg.instances, 4), "kind": Enum("KIND_CPU")}],
             "parameters": [_param("step_model", step_model), _param("vocab_size", a.config["vocab_size"]),
-                           _param("tokenizer", "bytes" if text else "ids"),
+                           _param("tokenizer", kind), _param("eos_id", "" if eos is None else int(eos)),
                            _param("n_layer", a.config["n_layer"]), _param("d_inner", m["d_inner"]),
                            _param("d_conv", m["d_conv"]), _param("d_state", m["d_state"]),
                            _param("default_max_new_tokens", 64), _param("max_new_tokens_limit", 4096)]}
@@ -599,11 +613,14 @@ def _write_model(root: str, a: Artifact, name: str, backend: str, cfg: TritonCon
         gdir = os.path.join(root, gname)
         os.makedirs(os.path.join(gdir, "1"))
         shutil.copyfile(os.path.join(_MODELS_DIR, "generate_model.py"), os.path.join(gdir, "1", "model.py"))
+        if tokenizer_of(a)[0] == "tokenizers":
+            with open(os.path.join(gdir, "1", "tokenizer.json"), "w", encoding="utf-8") as f:
+                f.write(a.meta["mq.tokenizer_json"])
         gc = generate_config(a, gname, name, cfg)
         gtext = dumps(gc)
         with open(os.path.join(gdir, "config.pbtxt"), "w") as f:
             f.write(gtext)
-        text_in = a.meta.get("mq.tokenizer") == "bytes"
+        text_in = tokenizer_of(a)[0] != "ids"
         with open(os.path.join(gdir, "README.md"), "w") as f:
             f.write(_model_readme(gname, "python, decoupled", f"Streaming generation: a BLS model that prefills "
                                   f"the prompt and decodes greedily through `{name}` (one sequence per request), "

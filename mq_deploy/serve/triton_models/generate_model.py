@@ -5,8 +5,12 @@ state): the prompt is prefilled in one step request (sequence START), then each 
 step request, and every token goes back to the client as its own response. This is exactly
 `mq-deploy generate` (mq_deploy.runtime.apps.generate) greedy: the same calls on the same graph.
 
-Inputs: text (BYTES [1], byte-level LMs) or prompt_ids (INT64 [n]); max_new_tokens (INT32 [1],
-optional). Outputs per response: token_id (INT64 [1]) and, for byte-level LMs, text (the byte).
+Inputs: text (BYTES [1]; for byte-level LMs, and for LMs whose tokenizer.json came with the export,
+encoded with the `tokenizers` package) or prompt_ids (INT64 [n]); max_new_tokens (INT32 [1],
+optional). Outputs per response: token_id (INT64 [1]) and, where there is a tokenizer, text: the
+new characters (a byte-level LM: the byte itself; a BPE tokenizer: the decoded suffix, held back
+while it ends inside a multi-byte character, as `mq-deploy generate` prints it). Generation stops
+after max_new_tokens or at the EOS id (sent as the last token, with no text), as generate does.
 A client that cancels or disconnects stops the loop at the next token; the sequence is then ended
 on the step model so its state is released.
 """
@@ -19,6 +23,38 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 
+class _Stream:
+    """Text of the new ids as it becomes whole characters: decode the ids so far and send the new suffix
+    unless it ends in U+FFFD (a byte-level piece that splits a UTF-8 sequence). The same rule as
+    mq_deploy.data.tokenizer's stream, so the served text equals `mq-deploy generate`'s."""
+
+    def __init__(self, tok):
+        self.tok, self.ids, self.sent = tok, [], 0
+        self._prefix_ids, self._prefix_len = [], 0
+
+    def _text(self):
+        return self.tok.decode(self._prefix_ids + self.ids, skip_special_tokens=False)[self._prefix_len:]
+
+    def push(self, token_id):
+        self.ids.append(int(token_id))
+        text = self._text()
+        if text.endswith("\ufffd"):
+            return ""
+        piece = text[self.sent:]
+        self.sent = len(text)
+        if len(self.ids) > 64:   # bounded decoding cost: restart from a short context
+            keep = self.ids[-4:]
+            self._prefix_ids = keep
+            self._prefix_len = len(self.tok.decode(keep, skip_special_tokens=False))
+            self.ids, self.sent = [], 0
+        return piece
+
+    def flush(self):
+        text = self._text()
+        piece, self.sent = text[self.sent:], len(text)
+        return piece
+
+
 class TritonPythonModel:
     def initialize(self, args):
         self.config = json.loads(args["model_config"])
@@ -26,7 +62,19 @@ class TritonPythonModel:
         p = {k: v["string_value"] for k, v in self.config.get("parameters", {}).items()}
         self.step_model = p["step_model"]
         self.vocab = int(p["vocab_size"])
-        self.text = p.get("tokenizer") == "bytes"
+        self.tokenizer = p.get("tokenizer", "ids")
+        self.text = self.tokenizer in ("bytes", "tokenizers")
+        self.eos = int(p["eos_id"]) if p.get("eos_id") else None
+        self.tok = None
+        if self.tokenizer == "tokenizers":
+            try:
+                from tokenizers import Tokenizer
+            except ImportError:
+                raise pb_utils.TritonModelException(
+                    f"{self.name}: the server's Python cannot import tokenizers (pip install tokenizers), "
+                    "which encodes this LM's text")
+            self.tok = Tokenizer.from_file(os.path.join(args["model_repository"], args["model_version"],
+                                                        "tokenizer.json"))
         self.default_n = int(p.get("default_max_new_tokens", "64"))
         self.limit = int(p.get("max_new_tokens_limit", "4096"))
         self._lock = threading.Lock()
@@ -48,7 +96,14 @@ class TritonPythonModel:
             v = t.as_numpy().reshape(-1)
             raw = v[0] if len(v) else b""
             raw = raw.encode("utf-8") if isinstance(raw, str) else bytes(raw)
-            prompt = list(raw)
+            if self.tok is not None:
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"text is not valid UTF-8 ({e})") from None
+                prompt = list(self.tok.encode(text, add_special_tokens=False).ids)
+            else:
+                prompt = list(raw)
         elif ids is not None:
             prompt = [int(x) for x in ids.as_numpy().reshape(-1)]
         else:
@@ -76,7 +131,7 @@ class TritonPythonModel:
         prompt, n = self._prompt(request)
         corr = self._corrid()
         START, END = pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_START, pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_END
-        feed = prompt
+        feed, stream = prompt, _Stream(self.tok)
         for i in range(n):
             if sender.is_cancelled():
                 if i:   # release the step model's state of this sequence
@@ -86,9 +141,20 @@ class TritonPythonModel:
             logits = self._step(feed, corr, flags)
             tok = int(logits[0, -1].astype(np.float64).argmax())
             out = [pb_utils.Tensor("token_id", np.asarray([tok], np.int64))]
+            eos = self.eos is not None and tok == self.eos
             if self.text:
-                out.append(pb_utils.Tensor("text", np.asarray([bytes([tok])], object)))
+                if self.tok is None:
+                    piece = b"" if eos else bytes([tok])
+                else:
+                    piece = b"" if eos else stream.push(tok).encode("utf-8")
+                    if eos or i == n - 1:
+                        piece += stream.flush().encode("utf-8")
+                out.append(pb_utils.Tensor("text", np.asarray([piece], object)))
             sender.send(pb_utils.InferenceResponse(output_tensors=out))
+            if eos:
+                if i < n - 1:
+                    self._step([0], corr, END)
+                return
             feed = [tok]
 
     def execute(self, requests):
