@@ -11,11 +11,12 @@ from typing import Callable
 import torch
 
 from mq_deploy.calib.observers import Observer
+from mq_deploy.models.points import mixer_prefix
 
 
 def mixers(model):
     """(prefix, mixer) for every Mamba mixer of an LM or a Vim."""
-    return [(f"layers.{i}.mixer.", layer.mixer) for i, layer in enumerate(model.layers)]
+    return [(mixer_prefix(i), layer.mixer) for i, layer in enumerate(model.layers)]
 
 
 def calibrate(model, forward_loop: Callable, make_observers: Callable[[str], list]) -> dict:

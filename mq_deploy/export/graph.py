@@ -25,9 +25,9 @@ import numpy as np
 import torch
 
 from mq_deploy.errors import MQInternalError, MQUserError
-from mq_deploy.export.scan_op import (DOMAIN, OP, OP_FLOAT, selective_scan_float_function,
-                                      selective_scan_function)
+from mq_deploy.export.scan_op import DOMAIN, OP, OP_FLOAT, selective_scan_float_function, selective_scan_function
 from mq_deploy.models.mamba import MambaLM
+from mq_deploy.models.points import mixer_prefix, weight_key
 
 OPSET = 21
 IR_VERSION = 10          # what ONNX Runtime >= 1.18 loads
@@ -184,7 +184,7 @@ def _branch(g: _Graph, mixer, prefix, x, z, s, conv_state=None, ssm_state=None):
         xt = b.op("Concat", [conv_state, xt], axis=2)                                 # [b, Di, K-1+L]
         n = b.op("Gather", [b.op("Shape", [xt]), b.i64([2])], axis=0)
         new_conv = b.op("Slice", [xt, b.op("Sub", [n, b.i64([k - 1])]), n, b.i64([2])], "conv_state")
-    w = g.weight(prefix + f"conv1d{s}.weight", conv.weight, transpose=False)
+    w = g.weight(weight_key(prefix, "conv1d", s), conv.weight, transpose=False)
     conv_in = [xt, w] + ([b.f32(conv.bias, "conv_b")] if conv.bias is not None else [])
     xc = b.op("Conv", conv_in, group=cfg.d_inner, kernel_shape=[k], pads=[0, 0] if conv_state is not None
               else [k - 1, 0])
@@ -192,13 +192,13 @@ def _branch(g: _Graph, mixer, prefix, x, z, s, conv_state=None, ssm_state=None):
     if g.quant is not None:
         x_q = g.q(xc, prefix + "x" + s)
         xc = g.dq(x_q, prefix + "x" + s)
-    dt_low, Bm, Cm = b.op("Split", [g.linear(xc, getattr(mixer, "x_proj" + s), prefix + f"x_proj{s}.weight"),
+    dt_low, Bm, Cm = b.op("Split", [g.linear(xc, getattr(mixer, "x_proj" + s), weight_key(prefix, "x_proj", s)),
                                     b.i64([cfg.dt_rank, cfg.d_state, cfg.d_state])], n_out=3, axis=-1)
     if cfg.mixer_rms_eps is not None:     # FalconMamba: weightless RMSNorm on dt, B, C (before their quant points)
         dt_low, Bm, Cm = (b.rms_norm(t, None, cfg.mixer_rms_eps) for t in (dt_low, Bm, Cm))
     dt_proj = getattr(mixer, "dt_proj" + s)
     dt = b.op("MatMul", [g.qdq(dt_low, prefix + "dt_low" + s),
-                         g.weight(prefix + f"dt_proj{s}.weight", dt_proj.weight, transpose=True)])
+                         g.weight(weight_key(prefix, "dt_proj", s), dt_proj.weight, transpose=True)])
     A = -torch.exp(getattr(mixer, "A_b_log" if s else "A_log").detach().double())
     if ssm_state is None:   # zero initial state [batch, Di, N] from the runtime batch size
         ssm_state = b.op("ConstantOfShape", [b.op("Concat", [b.batch_dim(x), b.i64([cfg.d_inner, cfg.d_state])],
@@ -228,7 +228,7 @@ def hadamard_factors(R) -> tuple | None:
     """(P, Q), with R = P kron Q, P a Sylvester matrix of size a and Q a Hadamard of size n / a (both
     normalised), when R is the normalised Hadamard matrix of its size (as the recipes' online rotation
     is), with a + n / a smallest; else None. Checked elementwise against R (float32 tolerance)."""
-    from mq_deploy.ops.hadamard import has_hadamard, hadamard_matrix
+    from mq_deploy.ops.hadamard import hadamard_matrix, has_hadamard
 
     R = R.detach().double().numpy() if torch.is_tensor(R) else np.asarray(R, dtype=np.float64)
     n = R.shape[0]
@@ -264,7 +264,7 @@ def _online_rotation(b: _Builder, y, R, mode="factored"):
 def _mixer(g: _Graph, mixer, prefix, h, state=None):
     b = g.b
     h = g.qdq(h, prefix + "in_proj")
-    x, z = b.op("Split", [g.linear(h, mixer.in_proj, prefix + "in_proj.weight"), b.i64([mixer.cfg.d_inner] * 2)],
+    x, z = b.op("Split", [g.linear(h, mixer.in_proj, weight_key(prefix, "in_proj")), b.i64([mixer.cfg.d_inner] * 2)],
                 n_out=2, axis=-1)
     if g.quant is not None:
         z = g.q(z, prefix + "z")             # the scan takes z as int8 straight from its QuantizeLinear
@@ -275,7 +275,7 @@ def _mixer(g: _Graph, mixer, prefix, h, state=None):
         y = b.op("Mul", [b.op("Add", [y, b.flip_time(y_b)]), b.f32(np.array(0.5), "half")])
     if mixer.out_rotation is not None:
         y = _online_rotation(b, y, mixer.out_rotation, g.rotation)
-    return g.linear(g.qdq(y, prefix + "out_proj"), mixer.out_proj, prefix + "out_proj.weight"), (new_conv, h_last)
+    return g.linear(g.qdq(y, prefix + "out_proj"), mixer.out_proj, weight_key(prefix, "out_proj")), (new_conv, h_last)
 
 
 def _lm_head(b: _Builder, h, head):
@@ -307,7 +307,7 @@ def _layers(g: _Graph, model, h, states=None):
         st = None
         if states is not None:
             st = tuple(b.op("Gather", [s, b.i64(i)], axis=0) for s in states)
-        out, new_st = _mixer(g, layer.mixer, f"layers.{i}.mixer.", b.rms_norm(h, layer.norm), st)
+        out, new_st = _mixer(g, layer.mixer, mixer_prefix(i), b.rms_norm(h, layer.norm), st)
         h = b.op("Add", [h, out], "residual")
         new.append(new_st)
     return b.rms_norm(h, model.norm_f), new

@@ -15,6 +15,7 @@ import torch
 
 from mq_deploy.calib.collect import mixers
 from mq_deploy.errors import MQUserError
+from mq_deploy.models.points import weight_key
 from mq_deploy.ops.quant import fake_quantize, qmax, scale_from_amax, weight_scales
 
 WEIGHT_SITES = ("in_proj", "conv1d", "x_proj", "dt_proj", "out_proj")
@@ -56,7 +57,7 @@ def quantize_weights(model, bits: int) -> dict:
         for site, mod in weight_modules(mixer):
             s = weight_scales(mod.weight, bits)
             mod.weight.copy_(fake_quantize(mod.weight, s, bits, axis=0))
-            scales[f"{prefix}{site}.weight"] = s
+            scales[weight_key(prefix, site)] = s
     return scales
 
 
