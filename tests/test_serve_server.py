@@ -383,7 +383,7 @@ def test_bad_requests_get_triton_errors_and_the_server_keeps_serving(served, ref
 
 
 def test_mq_deploy_serve_command(served, tmp_path):
-    """`mq-deploy serve REPO --http-port --grpc-port`: serves until SIGINT, then exits 0."""
+    """`mq-deploy serve REPO --http-port --grpc-port`: serves until SIGINT/SIGTERM, then exits 0."""
     http_port, grpc_port = triton.free_port(), triton.free_port()
     p = subprocess.Popen([sys.executable, "-m", "mq_deploy", "serve", served.repo, "--http-port", str(http_port),
                           "--grpc-port", str(grpc_port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -398,7 +398,7 @@ def test_mq_deploy_serve_command(served, tmp_path):
                 time.sleep(0.3)
         assert p.poll() is None and client.is_model_ready("vim")
         client.close()
-        p.send_signal(signal.SIGINT)
+        p.send_signal(signal.SIGTERM)      # passed on to tritonserver as its graceful shutdown
         assert p.wait(60) == 0
     finally:
         if p.poll() is None:

@@ -247,21 +247,28 @@ class TritonServer:
 
 
 def serve(repo: str, host: str = "127.0.0.1", http_port: int = 8000, grpc_port: int = 8001) -> int:
-    """`mq-deploy serve`: run tritonserver in the foreground until Ctrl-C; return its exit status."""
+    """`mq-deploy serve`: run tritonserver in the foreground until SIGINT or SIGTERM, which are passed on
+    to it (Triton's graceful shutdown); return its exit status."""
     srv = TritonServer(repo, host=host, http_port=http_port, grpc_port=grpc_port)
     srv.install = find_server()
     env = {**os.environ, **srv.install.env}
     cmd = srv.command()
     print(" ".join(cmd), flush=True)
-    proc = subprocess.Popen(cmd, env=env)
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+
+    def forward(signum, frame):
+        # also when this process was started in the background with SIGINT ignored (`cmd &` in a script)
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGINT)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        proc.send_signal(signal.SIGINT)
-        try:
-            return proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            return proc.wait()
+        code = proc.wait()
+        return code if code >= 0 else 128 - code
     finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
         srv.install.close()
