@@ -209,7 +209,10 @@ def _smooth_fused_out_proj_and_bc(model, loop, alpha):
         a = obs[prefix + "out_proj"][0].amax(per_channel=True)
         w = mixer.out_proj.weight.detach().abs().amax(0)
         fold.smooth_out_proj_into_gate(mixer, smoothing_factors(a, w, alpha))
-        for branch in _branches(mixer):
+        # FalconMamba normalises B and C (weightless RMSNorm) after x_proj: a per-channel factor folded into
+        # x_proj's rows would change the norm's denominator, so the output would not be preserved. The B/C
+        # smoothing is skipped there (the normed B, C have unit RMS per token, the outlier it targets is smaller).
+        for branch in _branches(mixer) if mixer.cfg.mixer_rms_eps is None else ():
             b = obs[prefix + "B" + branch][0].amax(per_channel=True)
             c = obs[prefix + "C" + branch][0].amax(per_channel=True)
             fold.smooth_scan_bc(mixer, (b.clamp_min(1e-8) / c.clamp_min(1e-8)).sqrt(), branch)
