@@ -41,3 +41,39 @@ def test_nan_in_calibration_names_layer_and_point():
     with pytest.raises(MQUserError, match=r"NaN .* layers\.1\.mixer\.dt_low"):
         calibrate(m, text_forward_loop(tokens, 32, 2), lambda name: [MinMaxObserver(name)])
     assert all(layer.mixer.act_hook is None for layer in m.layers)
+
+
+def test_calibration_split_holds_out_data_calibration_never_sees():
+    """Defaults are chosen on the held-out part of the calibration data: disjoint from what calibrates."""
+    from conftest import LM_SAMPLE, VIM_SAMPLE
+    from mq_deploy.data.text import read_bytes
+    from mq_deploy.models.loaders import load_model
+    from mq_deploy.quant.compare import CalibConfig, calibration_loop, calibration_split
+
+    lm = load_model(LM_SAMPLE)
+    loop, held = calibration_split(lm, CalibConfig(samples=8, seq_len=256))
+    text = read_bytes(f"{LM_SAMPLE}/data/calib.txt")
+    assert held[0] == "lm" and held[1].shape[1] == 1025 and len(held[1]) == (len(text) - 8 * 256 - 2) // 1024
+    assert np.array_equal(held[1][0], text[8 * 256 + 1:8 * 256 + 1 + 1025])    # starts after the calibration bytes
+    assert held[2].tolist() == [1024] * len(held[1])                           # bytes each window predicts
+
+    vim = load_model(VIM_SAMPLE)
+    seen = []
+
+    class Probe:
+        def __call__(self, x):
+            seen.append(x)
+            return torch.zeros(len(x), 10)
+
+    probe = Probe()
+    probe.patch_embed = vim.model.patch_embed
+    loop, held = calibration_split(vim, CalibConfig(samples=100))
+    loop(probe)
+    calib = torch.cat(seen)
+    assert len(calib) == 100 and held[0] == "vim" and len(held[1]) == len(held[2]) == 1024 - 100
+    flat_c, flat_h = calib.reshape(100, -1), held[1].reshape(len(held[1]), -1)
+    assert not any(torch.equal(flat_h[i], flat_c[j]) for i in range(0, len(flat_h), 37) for j in range(100))
+    # calibration_loop is the same loop (same seeded shuffle): quantize and compare calibrate alike
+    seen.clear()
+    calibration_loop(vim, CalibConfig(samples=100))(probe)
+    assert torch.equal(torch.cat(seen), calib)
