@@ -1,13 +1,14 @@
 """ONNX Runtime latency: the int8 (QDQ + mq::SelectiveScan) graph vs the FP32 graph of the same sample.
 
 Side by side in one run, same machine, same threads: LM at batch 1 and 8 (L = 256), Vim at batch 32.
-Both graphs run the scan through its ONNX function body (a Scan) unless --custom-op-lib names the
-native mq::SelectiveScan library; it serves only the int8 graph (the FP32 graph's scan has no native
-twin), so that row compares the deployable int8 artifact with the FP32 baseline, not int8 with int8.
+Two equal-footing pairs: both graphs with their scans as ONNX function bodies (a Scan), and both with
+the native custom-op library (mq::SelectiveScan for int8, mq::SelectiveScanFloat for FP32; default: the
+one `pip install` builds into mq_deploy/_native/, or --custom-op-lib). The int8 graph with native ops
+is also timed with the dense online Hadamard (one [Di, Di] MatMul) in place of the factored one.
 With --profile, ORT's per-node profile is summed by op type (top-level nodes; a Scan counts its body)
 to show where the time goes.
 
-    python bench/ort.py [--threads 2] [--runs 10] [--profile] [--custom-op-lib build/ort/libmq_scan_ort.so]
+    python bench/ort.py [--threads 2] [--runs 10] [--profile] [--custom-op-lib SO]
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def main():
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--profile", action="store_true", help="print ORT's time per op type of each graph")
-    ap.add_argument("--custom-op-lib", help="native mq::SelectiveScan library for the int8 graph")
+    ap.add_argument("--custom-op-lib", help="native custom-op library (default: mq_deploy/_native's)")
     ap.add_argument("--workdir", help="keep the quantized checkpoints and ONNX files here")
     args = ap.parse_args()
 
@@ -86,7 +87,14 @@ def main():
     import torch
 
     from mq_deploy.cli.main import main as cli
-    from mq_deploy.export.exporter import export
+    from mq_deploy.export.exporter import export, quant_spec, save_model_atomic
+    from mq_deploy.export.graph import build_model
+    from mq_deploy.models.loaders import load_model
+    from mq_deploy.ops.native import ort_library, ort_library_path
+
+    lib = args.custom_op_lib or ort_library()
+    if lib is None:
+        raise SystemExit(f"{ort_library_path()} is not built: python -m mq_deploy.ops.native --build")
 
     torch.set_num_threads(args.threads)
     work = args.workdir or tempfile.mkdtemp(prefix="mq-bench-ort-")
@@ -94,9 +102,10 @@ def main():
     cases = [("lm", os.path.join(ROOT, "samples", "mamba-byte-lm"), [("batch 1, L 256", (1, 256)),
                                                                       ("batch 8, L 256", (8, 256))]),
              ("vim", os.path.join(ROOT, "samples", "vim-fashion-mnist"), [("batch 32", (32,))])]
-    print(f"onnxruntime {ort.__version__}, {args.threads} threads, median of {args.runs} runs; scan: "
-          f"{'native custom op (int8 graph)' if args.custom_op_lib else 'ONNX function body (Scan)'}")
-    print(f"{'model':5s} {'shape':16s} {'fp32 ms':>9s} {'int8 ms':>9s} {'fp32/int8':>10s}")
+    print(f"onnxruntime {ort.__version__}, {args.threads} threads, median of {args.runs} runs; native: {lib}; "
+          f"load {os.getloadavg()[0]:.2f}")
+    print(f"{'model':5s} {'shape':16s} | {'body: fp32':>10s} {'int8':>7s} {'ratio':>6s} | {'native: fp32':>12s} "
+          f"{'int8':>7s} {'ratio':>6s} | {'int8 dense H':>12s} | load")
     rng = np.random.default_rng(0)
     for kind, sample, shapes in cases:
         q = os.path.join(work, f"{kind}_w8")
@@ -106,23 +115,30 @@ def main():
         for tag, src in (("fp32", sample), ("int8", q)):
             paths[tag] = os.path.join(work, f"{kind}_{tag}.onnx")
             export(src, paths[tag], overwrite=True)
-        sess = {"fp32": session(paths["fp32"], args.threads),
-                "int8": session(paths["int8"], args.threads, custom_op_lib=args.custom_op_lib)}
+        loaded = load_model(q)
+        paths["int8_dense"] = os.path.join(work, f"{kind}_int8_denseH.onnx")
+        save_model_atomic(build_model(loaded.model, quant_spec(loaded), rotation="dense"), paths["int8_dense"],
+                          overwrite=True)
+        del loaded
+        sess = {"fp32": session(paths["fp32"], args.threads), "int8": session(paths["int8"], args.threads),
+                "fp32 native": session(paths["fp32"], args.threads, custom_op_lib=lib),
+                "int8 native": session(paths["int8"], args.threads, custom_op_lib=lib),
+                "int8 native dense": session(paths["int8_dense"], args.threads, custom_op_lib=lib)}
         for label, shape in shapes:
             if kind == "lm":
                 feeds = {"input_ids": rng.integers(0, 256, shape).astype(np.int64)}
             else:
                 feeds = {"images": rng.standard_normal((shape[0], 1, 28, 28)).astype(np.float32)}
-            t = {k: latency(s, feeds, args.runs) for k, s in sess.items()}
-            print(f"{kind:5s} {label:16s} {t['fp32'] * 1e3:9.1f} {t['int8'] * 1e3:9.1f} {t['fp32'] / t['int8']:9.2f}x",
-                  flush=True)
+            t = {k: latency(s, feeds, args.runs) * 1e3 for k, s in sess.items()}
+            print(f"{kind:5s} {label:16s} | {t['fp32']:10.1f} {t['int8']:7.1f} {t['fp32'] / t['int8']:5.2f}x | "
+                  f"{t['fp32 native']:12.1f} {t['int8 native']:7.1f} {t['fp32 native'] / t['int8 native']:5.2f}x | "
+                  f"{t['int8 native dense']:12.1f} | {os.getloadavg()[0]:.2f}", flush=True)
             if args.profile:
                 for tag in ("fp32", "int8"):
-                    ops = profile_by_op(paths[tag], feeds, args.threads,
-                                        args.custom_op_lib if tag == "int8" else None)
+                    ops = profile_by_op(paths[tag], feeds, args.threads, lib)
                     total = sum(ops.values())
                     top = ", ".join(f"{k} {v:.1f} ({v / total * 100:.0f}%)" for k, v in list(ops.items())[:6])
-                    print(f"      {tag} ms by op: {top}")
+                    print(f"      {tag} native ms by op: {top}")
 
 
 if __name__ == "__main__":
