@@ -14,6 +14,7 @@ import os
 import sys
 
 from mq_deploy import __version__
+from mq_deploy.config import EXPORT_ABITS, EXPORT_WBITS
 from mq_deploy.errors import MQUserError
 
 
@@ -50,9 +51,9 @@ class _LazyChoices:
 
 
 def _recipe_names():
-    from mq_deploy.quant.recipes import RECIPES
+    from mq_deploy.quant.recipes import recipe_names   # the registry (torch-free)
 
-    return [r for r in RECIPES]
+    return list(recipe_names())
 
 
 # ---- value types (argparse calls them; their errors become one line) -------------------------------
@@ -145,13 +146,22 @@ def add_recipe(s, quantize=True):
     g = s.add_argument_group("recipe")
     if quantize:
         g.add_argument("--recipe", default="mambaquant", choices=_LazyChoices(_recipe_names))
-        g.add_argument("--wbits", type=int, default=8, choices=[4, 8])
-        g.add_argument("--abits", type=int, default=8, choices=[8],
+        g.add_argument("--wbits", type=int, default=8, choices=EXPORT_WBITS)
+        g.add_argument("--abits", type=int, default=8, choices=EXPORT_ABITS,
                        help=f"8 (the artifact's int8 activations; lower bits: `compare --bits`, {from_lib})")
         g.add_argument("--act-granularity", default="per_tensor", choices=["per_tensor", "per_token"])
     g.add_argument("--alpha", type=finite_float, default=0.5, help="smoothing migration strength")
     g.add_argument("--percentile", type=finite_float, default=None,
-                   help="mambaquant observer percentile on heavy-tailed points (100 = min-max; default: the recipe's)")
+                   help="the P of a `percentile` observer given without one (100 = min-max; default 99.9999, "
+                        "MambaQuant's)")
+    g.add_argument("--observer", metavar="SPEC", default=None,
+                   help="activation observers: KIND[,POINT=KIND...] with KIND minmax|percentile[:P]|mse|mse-out|"
+                        "entropy and POINT in_proj|conv1d|x|dt_low|dt|B|C|z|out_proj (+_b: Vim backward) or heavy "
+                        "(x,dt,B,C,out_proj); default: the recipe's (mambaquant: minmax,heavy=percentile)")
+    g.add_argument("--weight-rounding", default="rtn", choices=["rtn", "gptq"],
+                   help="rtn, or GPTQ on the same per-channel grid (after the rotations; Hessians from calibration)")
+    g.add_argument("--klt-source", default="sum", choices=["sum", "last"],
+                   help="mambaquant's residual KLT: every layer's in_proj input summed, or the last layer's")
     return g
 
 
@@ -184,7 +194,8 @@ def _recipe_cfg(args, recipe=None, wbits=8, abits=8, granularity="per_tensor"):
     from mq_deploy.quant.fakequant import QuantConfig
     from mq_deploy.quant.recipes import RecipeConfig
 
-    kw = {"alpha": args.alpha}
+    kw = {"alpha": args.alpha, "observer": args.observer, "weight_rounding": args.weight_rounding,
+          "klt_source": args.klt_source}
     if args.percentile is not None:
         kw["percentile"] = args.percentile
     return RecipeConfig(recipe or args.recipe, QuantConfig(wbits, abits, granularity), **kw)
@@ -247,15 +258,22 @@ def cmd_compare(args) -> int:
     recipes = parse_list(args.recipes, RECIPES, "recipe")
     bits = parse_list(args.bits, tuple(BITS), "bit width")
     calib = CalibConfig(path=args.calib, samples=args.calib_samples, seed=args.seed, tokenizer=args.tokenizer)
-    ev = EvalConfig(data=args.data, limit=args.limit, split=args.split, tokenizer=args.tokenizer)
-    print(f"{'recipe':12s} {'bits':5s} {'metric':14s} {'value':>9s} {'delta vs fp':>12s}")
+    ev = EvalConfig(data=args.data, limit=args.limit, split=args.split, seq_len=args.seq_len, batch=args.batch,
+                    tokenizer=args.tokenizer)
+    print(f"{'recipe':12s} {'bits':5s} {'metric':14s} {'value':>9s} {'delta vs fp':>12s} {'95% interval':>20s}")
 
     def show(r):
-        print(f"{r['recipe']:12s} {r['bits']:5s} {r['metric']:14s} {r['value']:9.4f} {r['delta']:+12.4f}", flush=True)
-    kw = {"alpha": args.alpha}
+        lo, hi = r["delta_ci95"]
+        print(f"{r['recipe']:12s} {r['bits']:5s} {r['metric']:14s} {r['value']:9.4f} {r['delta']:+12.4f} "
+              f"[{lo:+.4f}, {hi:+.4f}]", flush=True)
+    kw = {"alpha": args.alpha, "observer": args.observer, "weight_rounding": args.weight_rounding,
+          "klt_source": args.klt_source}
     if args.percentile is not None:
         kw["percentile"] = args.percentile
     table = compare(args.model, recipes, bits, calib, ev, progress=show, **kw)
+    for p in table["pairs"]:
+        lo, hi = p["diff_ci95"]
+        print(f"{p['a']} - {p['b']} at {p['bits']}: {p['diff']:+.4f} [{lo:+.4f}, {hi:+.4f}]")
     _write_json(args, table, inputs)
     return 0
 
@@ -476,13 +494,15 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("compare", help="table of the end metric per PTQ recipe and bit width (fake quantization)")
     s.add_argument("model", help=model_help)
     s.add_argument("--recipes", default="fp,rtn,smoothquant,quarot,mambaquant")
-    s.add_argument("--bits", default="w8a8,w4a8", help="comma-separated wXaY (fake quantization)")
+    s.add_argument("--bits", default="w8a8,w4a8", help="comma-separated: w8a8,w4a8,w8a6,w4a6,w8a4 (fake quantization; "
+                   "A6/A4 are evaluation only, export takes A8)")
     add_recipe(s, quantize=False)
     add_calib(s)
     g = add_eval_data(s)
     g.add_argument("--split", default="test", choices=["test", "train", "calib"])
     add_runtime(s, ort=False)
-    add_json(s, '{"rows": [{"recipe", "bits", "metric", "value", "delta"}]}')
+    add_json(s, '{"rows": [{"recipe", "bits", "metric", "value", "ci95", "delta", "delta_ci95", ...}], "pairs": '
+                '[mambaquant - quarot per bits, with diff_ci95]} (paired bootstrap, 1000 resamples)')
     s.set_defaults(func=cmd_compare)
 
     s = sub.add_parser("export", help="write an ONNX file (QDQ int8/int4 + mq::SelectiveScan, or float32)")
