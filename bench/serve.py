@@ -63,7 +63,7 @@ def vim_images(vim_onnx, n):
     from mq_deploy.backends.ort.runner import OrtRunner
     from mq_deploy.data.images import load_idx_split, to_tensor
 
-    meta = OrtRunner(vim_onnx).meta["mq.config"]
+    meta = OrtRunner(vim_onnx, custom_op_library=False).meta["mq.config"]
     images, _ = load_idx_split(os.path.join(ROOT, "samples", "vim-fashion-mnist", "data"), "test")
     return to_tensor(images[:n], meta["image_mean"], meta["image_std"]).numpy()
 
@@ -98,10 +98,10 @@ def bench_vim(url, x, concurrency, requests):
             "requests": len(lat)}
 
 
-def direct_vim(vim_onnx, x, requests):
+def direct_vim(vim_onnx, x, requests, lib):
     from mq_deploy.backends.ort.runner import OrtRunner
 
-    r = OrtRunner(vim_onnx)
+    r = OrtRunner(vim_onnx, custom_op_library=lib or False)
     for k in range(8):
         r.infer({"images": x[k][None]})
     lat = []
@@ -161,11 +161,11 @@ def bench_lm(url, concurrency, streams_per_client, tokens):
             "streams": len(counts), "tokens": sum(counts)}
 
 
-def direct_lm(step_onnx, streams, tokens):
+def direct_lm(step_onnx, streams, tokens, lib):
     from mq_deploy.backends.ort.runner import OrtRunner
     from mq_deploy.runtime.apps import generate
 
-    r = OrtRunner(step_onnx)
+    r = OrtRunner(step_onnx, custom_op_library=lib or False)
     for p in PROMPTS:               # warm: ONNX Runtime plans each new input shape (prompt length) once
         generate(r, list(p), 2)
     firsts = []
@@ -189,6 +189,7 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, default=32, help="tokens per stream")
     ap.add_argument("--instances", type=int, default=2, help="model instances (Vim, step, generate >= 4)")
     ap.add_argument("--concurrency", default="1,4,16")
+    ap.add_argument("--no-native", action="store_true", help="scans as ONNX function bodies on both sides")
     ap.add_argument("--workdir", help="keep the sample exports here and reuse them on the next run")
     ap.add_argument("--json", metavar="OUT")
     args = ap.parse_args(argv)
@@ -210,13 +211,21 @@ def main(argv=None):
             vim, lm = vim or ev, lm or el
             print(f"quantized + exported the samples in {time.perf_counter() - t:.0f} s")
         repo = os.path.join(d, "repo")
+        # Both sides run the scans the same way: the native mq::SelectiveScan library when pip install built
+        # it (OrtRunner's default, registered by the served models through --custom-op-lib), else the
+        # function bodies.
+        from mq_deploy.ops.native import ort_library
+
+        lib = None if args.no_native else ort_library()
+        print(f"scans: {'native library ' + lib if lib else 'ONNX function bodies'}")
         # names from the file names: vim (+ vim_preprocess, vim_image) and lm_step (+ lm_step_generate)
-        write_repository([vim, lm], repo, TritonConfig(backend="python", max_batch=16, instances=args.instances))
+        write_repository([vim, lm], repo, TritonConfig(backend="python", max_batch=16, instances=args.instances,
+                                                       custom_op_lib=lib))
         x = vim_images(vim, 512)
-        rows = {"vim": [], "lm": [], "machine": {"cpus": os.cpu_count()}}
+        rows = {"vim": [], "lm": [], "machine": {"cpus": os.cpu_count()}, "native_library": lib}
         print(f"direct (in-process OrtRunner, one caller)  [{load()}]")
-        dv = direct_vim(vim, x, min(args.requests, 128))
-        dl = direct_lm(lm, 4, args.tokens)
+        dv = direct_vim(vim, x, min(args.requests, 128), lib)
+        dl = direct_lm(lm, 4, args.tokens, lib)
         print(f"  vim {dv['images_per_s']:8.1f} images/s  p50 {dv['p50_ms']:.2f} ms  p99 {dv['p99_ms']:.2f} ms")
         print(f"  lm  {dl['tokens_per_s']:8.1f} tokens/s  first token p50 {dl['first_token_p50_ms']:.2f} ms")
         rows["direct"] = {"vim": dv, "lm": dl}

@@ -111,14 +111,19 @@ def test_every_config_parses_against_tritons_schema(art, tmp_path, backend):
 
 def test_onnxruntime_op_library(art, tmp_path):
     lib = tmp_path / "libmq_scan_ort.so"
-    lib.write_bytes(b"\x7fELF")
+    lib.write_bytes(b"\x7fELF...libmq_scan_cpu.so\0...")      # names its dependency as a NEEDED entry does
+    (tmp_path / "libmq_scan_cpu.so").write_bytes(b"\x7fELF cpu")
+    (tmp_path / "libother.so").write_bytes(b"\x7fELF other")
     write_repository([art["lm"]], str(tmp_path / "r1"), TritonConfig(custom_op_lib=str(lib)))
     cfg = parse(tmp_path / "r1" / "lm" / "config.pbtxt")
     assert list(cfg.model_operations.op_library_filename) == [str(lib)]
     write_repository([art["lm"]], str(tmp_path / "r2"), TritonConfig(backend="python", custom_op_lib=str(lib)))
     cfg = parse(tmp_path / "r2" / "lm" / "config.pbtxt")
     assert cfg.parameters["custom_op_library"].string_value == "libmq_scan_ort.so"
-    assert (tmp_path / "r2" / "lm" / "1" / "libmq_scan_ort.so").read_bytes() == b"\x7fELF"
+    assert (tmp_path / "r2" / "lm" / "1" / "libmq_scan_ort.so").read_bytes() == lib.read_bytes()
+    # its dependency travels with it (RUNPATH $ORIGIN), nothing else from that folder
+    assert (tmp_path / "r2" / "lm" / "1" / "libmq_scan_cpu.so").read_bytes() == b"\x7fELF cpu"
+    assert not (tmp_path / "r2" / "lm" / "1" / "libother.so").exists()
 
 
 def test_tensorrt_plan_configs_from_the_build_report(art, tmp_path):

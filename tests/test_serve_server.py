@@ -66,7 +66,9 @@ def art():
 def ref(art):
     from mq_deploy.backends.ort.runner import OrtRunner
 
-    return {k: OrtRunner(art[k]) for k in ("vim", "lm", "lm_step")}
+    # like for like: the served models run the scans' function bodies (no --custom-op-lib); the native
+    # library has its own test below
+    return {k: OrtRunner(art[k], custom_op_library=False) for k in ("vim", "lm", "lm_step")}
 
 
 @pytest.fixture(scope="module")
@@ -292,7 +294,7 @@ def test_generation_with_the_artifacts_own_bpe_tokenizer(served, bpe_step):
     from mq_deploy.runtime.apps import generate_text
 
     prompt = "In the beginning — café 🙂"
-    want = generate_text(OrtRunner(bpe_step), prompt=prompt, max_new_tokens=40)
+    want = generate_text(OrtRunner(bpe_step, custom_op_library=False), prompt=prompt, max_new_tokens=40)
     texts = []
     got = stream_generate(served.grpc(), "bpe_step_generate", gen_inputs(text=prompt.encode(), n=40), texts=texts)
     print("served:", got, repr(b"".join(texts).decode()), "\nwant:  ", want["new_ids"], repr(want["text"]))
@@ -382,13 +384,23 @@ def test_bad_requests_get_triton_errors_and_the_server_keeps_serving(served, ref
     assert_exact(call(h, "vim", images=x)["logits"], ref["vim"].infer({"images": x})["logits"], "vim after errors")
 
 
-def test_mq_deploy_serve_command(served, tmp_path):
-    """`mq-deploy serve REPO --http-port --grpc-port`: serves until SIGINT/SIGTERM, then exits 0."""
+def test_mq_deploy_serve_command_and_the_native_scan_library(art, tmp_path):
+    """`mq-deploy triton ... --custom-op-lib` then `mq-deploy serve REPO --http-port --grpc-port`: the
+    Python-backend models register the native mq::SelectiveScan library (when pip install built it),
+    served outputs equal OrtRunner's with that library, and the server exits 0 on SIGTERM."""
+    from mq_deploy.backends.ort.runner import OrtRunner
+    from mq_deploy.cli.main import main
+    from mq_deploy.ops.native import ort_library
+
+    lib = ort_library()
+    repo = tmp_path / "repo"
+    argv = ["triton", art["vim"], art["lm"], "-o", str(repo), "--backend", "python"]
+    assert main(argv + (["--custom-op-lib", lib] if lib else [])) == 0
     http_port, grpc_port = triton.free_port(), triton.free_port()
-    p = subprocess.Popen([sys.executable, "-m", "mq_deploy", "serve", served.repo, "--http-port", str(http_port),
+    p = subprocess.Popen([sys.executable, "-m", "mq_deploy", "serve", str(repo), "--http-port", str(http_port),
                           "--grpc-port", str(grpc_port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        client = httpclient.InferenceServerClient(f"127.0.0.1:{http_port}", network_timeout=10)
+        client = httpclient.InferenceServerClient(f"127.0.0.1:{http_port}", network_timeout=TIMEOUT)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and p.poll() is None:
             try:
@@ -397,6 +409,15 @@ def test_mq_deploy_serve_command(served, tmp_path):
             except Exception:
                 time.sleep(0.3)
         assert p.poll() is None and client.is_model_ready("vim")
+        rng = np.random.default_rng(5)
+        x = rng.standard_normal((2, 1, 12, 12)).astype(np.float32)
+        ids = rng.integers(0, 256, (1, 33)).astype(np.int64)
+        what = "native scan library" if lib else "function bodies (no native library built)"
+        assert_exact(call(client, "vim", images=x)["logits"],
+                     OrtRunner(art["vim"], custom_op_library=lib or False).infer({"images": x})["logits"], f"vim, {what}")
+        assert_exact(call(client, "lm", input_ids=ids)["logits"],
+                     OrtRunner(art["lm"], custom_op_library=lib or False).infer({"input_ids": ids})["logits"],
+                     f"lm, {what}")
         client.close()
         p.send_signal(signal.SIGTERM)      # passed on to tritonserver as its graceful shutdown
         assert p.wait(60) == 0
@@ -404,6 +425,8 @@ def test_mq_deploy_serve_command(served, tmp_path):
         if p.poll() is None:
             p.kill()
             p.wait(10)
+    if not lib:
+        pytest.skip("served and checked with function bodies; the native library part needs libmq_scan_ort.so")
 
 
 def test_the_repository_readme_curl_commands_work(served):

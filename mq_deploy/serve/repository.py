@@ -505,6 +505,21 @@ def _labels(a: Artifact, cfg: TritonConfig) -> str:
     return "".join(x + "\n" for x in labels)
 
 
+def _sibling_deps(lib: str) -> list:
+    """Shared libraries beside `lib` that it links (libmq_scan_ort.so needs libmq_scan_cpu.so, found
+    through RUNPATH $ORIGIN): copied with it so the copy in the model folder loads."""
+    folder = os.path.dirname(os.path.abspath(lib))
+    with open(lib, "rb") as f:
+        data = f.read()
+    deps = []
+    for name in sorted(os.listdir(folder)):
+        p = os.path.join(folder, name)
+        if (p != os.path.abspath(lib) and ".so" in name and os.path.isfile(p)
+                and name.encode() + b"\0" in data):       # a NEEDED entry is a NUL-terminated name
+            deps.append(p)
+    return deps
+
+
 def _copy_onnx(a: Artifact, dest_dir: str) -> str:
     dst = os.path.join(dest_dir, "model.onnx")
     shutil.copyfile(a.onnx, dst)
@@ -566,7 +581,8 @@ def _write_model(root: str, a: Artifact, name: str, backend: str, cfg: TritonCon
             shutil.copyfile(os.path.join(_MODELS_DIR, role), os.path.join(vdir, "model.py"))
             if cfg.custom_op_lib:
                 op_lib = os.path.basename(cfg.custom_op_lib)
-                shutil.copyfile(cfg.custom_op_lib, os.path.join(vdir, op_lib))
+                for lib in [cfg.custom_op_lib] + _sibling_deps(cfg.custom_op_lib):
+                    shutil.copyfile(lib, os.path.join(vdir, os.path.basename(lib)))
     c = model_config(a, name, backend, cfg, model_file, op_lib)
     text = dumps(c)
     with open(os.path.join(mdir, "config.pbtxt"), "w") as f:
