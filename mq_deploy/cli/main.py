@@ -160,8 +160,9 @@ def add_recipe(s, quantize=True):
                         "(x,dt,B,C,out_proj); default: the recipe's (mambaquant: minmax,heavy=percentile)")
     g.add_argument("--weight-rounding", default="rtn", choices=["rtn", "gptq"],
                    help="rtn, or GPTQ on the same per-channel grid (after the rotations; Hessians from calibration)")
-    g.add_argument("--klt-source", default="sum", choices=["sum", "last"],
-                   help="mambaquant's residual KLT: every layer's in_proj input summed, or the last layer's")
+    g.add_argument("--klt-source", default="last", choices=["last", "sum"],
+                   help="mambaquant's residual KLT: from the last layer's in_proj input (default, the authors'), "
+                        "or every layer's summed")
     return g
 
 
@@ -615,6 +616,10 @@ def main(argv=None) -> int:
         except OSError:
             pass
         return 141
+    except OSError as e:      # the system refused a read or write (permissions, read-only, disk full)
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"mq-deploy {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -214,7 +214,7 @@ def quantized_copy(model, cal, wbits: int, abits: int, weight_rounding: str = "r
 
 def compare(model_path: str, recipes, bits, calib: CalibConfig, eval_cfg, progress=None, alpha: float = 0.5,
             percentile: float | None = None, observer: str | None = None, weight_rounding: str = "rtn",
-            klt_source: str = "sum", resamples: int = 1000, seed: int = 0, data=None) -> dict:
+            klt_source: str = "last", resamples: int = 1000, seed: int = 0, data=None) -> dict:
     """Evaluate every recipe at every bit width on the same samples. Returns {"rows": [...], "pairs": [...]}.
 
     `observer` overrides every recipe's default observers; `data` (as eval_data returns it) replaces the

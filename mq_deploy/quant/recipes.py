@@ -78,8 +78,9 @@ class RecipeConfig:
     percentile: float = PERCENTILE_DEFAULT   # the P of a `percentile` observer given without one
     observer: str | None = None         # --observer spec; None: the recipe's default
     weight_rounding: str = "rtn"        # rtn | gptq
-    klt_source: str = "sum"             # mambaquant's residual K: sum of every layer's in_proj input second
-                                        # moment, or "last": the last layer's alone (the authors' placement)
+    klt_source: str = "last"            # mambaquant's residual K: "last": the last layer's in_proj input second
+                                        # moment (the authors' placement), or "sum" over every layer; "last" was
+                                        # chosen on held-out calibration data (bench/choose_defaults.py)
 
     def __post_init__(self):
         get_recipe(self.recipe)
@@ -222,10 +223,12 @@ def _smooth_fused_out_proj_and_bc(model, loop, alpha):
 def mambaquant(model, loop, cfg):
     """MambaQuant: KLT·H residual and low-rank-dt rotations, Smooth-Fused rotation before out_proj, B/C smoothing
 
-    K comes from the float64 second moment of the in_proj inputs (cfg.klt_source: all layers summed, or
-    the last layer's); the out_proj smoothing goes into the gate z·sigmoid(s·z), then the online
+    K comes from the float64 second moment of the in_proj inputs (cfg.klt_source: the last layer's, or
+    all layers summed); the out_proj smoothing goes into the gate z·sigmoid(s·z), then the online
     Hadamard; B/C smoothing is folded into x_proj. Observers: percentile (MambaQuant's 99.9999 by
-    default) on the heavy-tailed scan and out_proj inputs, min-max elsewhere.
+    default) on the heavy-tailed scan and out_proj inputs, min-max elsewhere. Both defaults (observers,
+    KLT placement) were chosen on held-out calibration data, never the evaluation set
+    (bench/choose_defaults.py, docs/results.md).
     """
     from mq_deploy.transforms import fold
     from mq_deploy.transforms.rotations import klt_hadamard_rotation
