@@ -185,3 +185,36 @@ def test_last_logits_step_graph_equals_the_last_position():
     got = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
     assert got.shape == (3, 1, 256)
     assert rel_err(torch.from_numpy(got), want) < 2e-5
+
+
+@pytest.mark.parametrize("wbits", [8, 4])
+def test_small_weights_float_is_the_same_function_without_their_dequantize(wbits):
+    """small_weights="float" stores conv1d / x_proj / dt_proj as q * s in float32, bitwise what their
+    DequantizeLinear computes: with ORT's optimizations off both graphs give identical logits; with
+    them on, only kernel choice differs (rel err < 1e-5). The other weights keep their int8/int4 + DQ."""
+    from mq_deploy.export.graph import QuantSpec, build_model
+    from mq_deploy.quant.fakequant import QuantConfig
+
+    m = small_lm(vocab=256, d_model=24, d_model2=24)
+    scales = apply_recipe(m, text_forward_loop(TEXT, 32, 4), RecipeConfig("mambaquant", QuantConfig(wbits, 8)))
+    spec = QuantSpec(wbits, 8, {k: float(v) for k, v in scales["act_scales"].items()}, scales["weight_scales"],
+                     "mambaquant")
+    protos = {k: build_model(m, spec, step=True, small_weights=k) for k in ("qdq", "float")}
+    n_dq = {k: sum(1 for n in p.graph.node if n.op_type == "DequantizeLinear" and n.input[0].startswith("wq"))
+            for k, p in protos.items()}
+    assert n_dq["float"] == n_dq["qdq"] - 3 * m.cfg.n_layer, n_dq     # conv1d, x_proj, dt_proj per layer
+    cfg = m.cfg.mixer
+    feeds = {"input_ids": np.random.default_rng(0).integers(0, 256, (2, 9)).astype(np.int64),
+             "conv_state": np.random.default_rng(1).standard_normal((m.cfg.n_layer, 2, cfg.d_inner,
+                                                                     cfg.d_conv - 1)).astype(np.float32),
+             "ssm_state": np.zeros((m.cfg.n_layer, 2, cfg.d_inner, cfg.d_state), np.float32)}
+    for level, tol in ((ort.GraphOptimizationLevel.ORT_DISABLE_ALL, 0.0),
+                       (ort.GraphOptimizationLevel.ORT_ENABLE_ALL, 1e-5)):
+        so = ort.SessionOptions()
+        so.graph_optimization_level = level
+        outs = {k: ort.InferenceSession(p.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, feeds)
+                for k, p in protos.items()}
+        for i in range(3):
+            e = rel_err(torch.from_numpy(outs["float"][i]), torch.from_numpy(outs["qdq"][i]))
+            print(f"W{wbits} {level}: output {i} float vs qdq small weights {e:.2e}")
+            assert e <= tol

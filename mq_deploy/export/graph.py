@@ -119,12 +119,17 @@ class _Builder:
 class _Graph:
     """The model-specific part: float or quantized weights and activations."""
 
-    def __init__(self, b: _Builder, quant: QuantSpec | None, rotation: str = "factored"):
-        self.b, self.quant, self.rotation = b, quant, rotation
+    def __init__(self, b: _Builder, quant: QuantSpec | None, rotation: str = "factored", small_weights: str = "qdq"):
+        if small_weights not in SMALL_WEIGHTS:
+            raise MQUserError(f"small_weights must be one of {', '.join(SMALL_WEIGHTS)}, got {small_weights!r}")
+        self.b, self.quant, self.rotation, self.small_weights = b, quant, rotation, small_weights
 
     # -- weights -------------------------------------------------------------------------------------
-    def weight(self, name, w: torch.Tensor, transpose: bool):
-        """Float weight, or int8/int4 + per-channel DequantizeLinear. transpose: store [in, out] for MatMul."""
+    def weight(self, name, w: torch.Tensor, transpose: bool, small: bool = False):
+        """Float weight, or int8/int4 + per-channel DequantizeLinear. transpose: store [in, out] for MatMul.
+        small (conv1d, x_proj, dt_proj) with small_weights "float": the dequantized values q * s as a
+        float32 constant (bitwise what the DequantizeLinear computes), since ORT fuses none of these
+        three into an integer kernel and would dequantize them again on every run (SMALL_WEIGHTS)."""
         b = self.b
         if self.quant is None:
             return b.f32(w.t() if transpose else w, "w")
@@ -138,13 +143,16 @@ class _Graph:
         if q.abs().max().item() > qm or err > 1e-5 * max(1e-30, w64.abs().max().item()):
             raise MQInternalError(f"{name}: the stored weight is not on its W{self.quant.wbits} grid (off by {err:.2e})")
         q = q.to(torch.int8)
+        if small and self.small_weights == "float":
+            wf = q.to(torch.float32) * s64.to(torch.float32).reshape([-1] + [1] * (w64.dim() - 1))
+            return b.const(np.ascontiguousarray((wf.t() if transpose else wf).numpy()), "w_deq")
         if transpose:
             q = q.t()
         qn = (b.int4(q.numpy(), "wq") if self.quant.wbits == 4 else b.const(q.numpy(), "wq"))
         return b.op("DequantizeLinear", [qn, b.f32(s64, "w_scale")], "w_dq", axis=1 if transpose else 0)
 
-    def linear(self, x, lin, name):
-        y = self.b.op("MatMul", [x, self.weight(name, lin.weight, transpose=True)])
+    def linear(self, x, lin, name, small=False):
+        y = self.b.op("MatMul", [x, self.weight(name, lin.weight, transpose=True, small=small)])
         return self.b.op("Add", [y, self.b.f32(lin.bias, "bias")]) if lin.bias is not None else y
 
     # -- activations ---------------------------------------------------------------------------------
@@ -184,7 +192,7 @@ def _branch(g: _Graph, mixer, prefix, x, z, s, conv_state=None, ssm_state=None):
         xt = b.op("Concat", [conv_state, xt], axis=2)                                 # [b, Di, K-1+L]
         n = b.op("Gather", [b.op("Shape", [xt]), b.i64([2])], axis=0)
         new_conv = b.op("Slice", [xt, b.op("Sub", [n, b.i64([k - 1])]), n, b.i64([2])], "conv_state")
-    w = g.weight(weight_key(prefix, "conv1d", s), conv.weight, transpose=False)
+    w = g.weight(weight_key(prefix, "conv1d", s), conv.weight, transpose=False, small=True)
     conv_in = [xt, w] + ([b.f32(conv.bias, "conv_b")] if conv.bias is not None else [])
     xc = b.op("Conv", conv_in, group=cfg.d_inner, kernel_shape=[k], pads=[0, 0] if conv_state is not None
               else [k - 1, 0])
@@ -192,13 +200,13 @@ def _branch(g: _Graph, mixer, prefix, x, z, s, conv_state=None, ssm_state=None):
     if g.quant is not None:
         x_q = g.q(xc, prefix + "x" + s)
         xc = g.dq(x_q, prefix + "x" + s)
-    dt_low, Bm, Cm = b.op("Split", [g.linear(xc, getattr(mixer, "x_proj" + s), weight_key(prefix, "x_proj", s)),
+    dt_low, Bm, Cm = b.op("Split", [g.linear(xc, getattr(mixer, "x_proj" + s), weight_key(prefix, "x_proj", s), small=True),
                                     b.i64([cfg.dt_rank, cfg.d_state, cfg.d_state])], n_out=3, axis=-1)
     if cfg.mixer_rms_eps is not None:     # FalconMamba: weightless RMSNorm on dt, B, C (before their quant points)
         dt_low, Bm, Cm = (b.rms_norm(t, None, cfg.mixer_rms_eps) for t in (dt_low, Bm, Cm))
     dt_proj = getattr(mixer, "dt_proj" + s)
     dt = b.op("MatMul", [g.qdq(dt_low, prefix + "dt_low" + s),
-                         g.weight(weight_key(prefix, "dt_proj", s), dt_proj.weight, transpose=True)])
+                         g.weight(weight_key(prefix, "dt_proj", s), dt_proj.weight, transpose=True, small=True)])
     A = -torch.exp(getattr(mixer, "A_b_log" if s else "A_log").detach().double())
     if ssm_state is None:   # zero initial state [batch, Di, N] from the runtime batch size
         ssm_state = b.op("ConstantOfShape", [b.op("Concat", [b.batch_dim(x), b.i64([cfg.d_inner, cfg.d_state])],
@@ -222,6 +230,11 @@ def _branch(g: _Graph, mixer, prefix, x, z, s, conv_state=None, ssm_state=None):
 
 
 ROTATIONS = ("factored", "dense")
+# "qdq": every quantized weight as int8/int4 + DequantizeLinear (what TensorRT fuses). "float": conv1d,
+# x_proj and dt_proj as their dequantized float32 values. In ORT 1.32 none of those three becomes an
+# integer kernel (x_proj's int8 input also feeds the scan op; the conv has a float input), so their
+# DequantizeLinear ran on every call: 28 % of a mamba-130m W8A8 decode step in the profile.
+SMALL_WEIGHTS = ("qdq", "float")
 
 
 def hadamard_factors(R) -> tuple | None:
@@ -324,16 +337,16 @@ def _metadata(model, quant, step):
 
 
 def build_model(model, quant: QuantSpec | None = None, step: bool = False, opset: int = OPSET,
-                rotation: str = "factored", last_logits: bool = False):
+                rotation: str = "factored", last_logits: bool = False, small_weights: str = "qdq"):
     """ModelProto of a MambaLM (input_ids -> logits) or Vim (images -> logits); see the module doc.
     rotation: how the online Hadamard before out_proj runs, "factored" (two small MatMuls) or "dense".
     last_logits (LMs): logits of the last position only, [batch, 1, V] (what generation reads; a
-    prefill then skips the vocab matmul of every other position)."""
+    prefill then skips the vocab matmul of every other position). small_weights: see SMALL_WEIGHTS."""
     from onnx import TensorProto as T
     from onnx import helper
 
     b = _Builder(opset)
-    g = _Graph(b, quant, rotation)
+    g = _Graph(b, quant, rotation, small_weights)
     vi = helper.make_tensor_value_info
     outputs = []
     if isinstance(model, MambaLM):
