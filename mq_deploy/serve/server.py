@@ -235,9 +235,7 @@ class TritonServer:
             code = self.proc.returncode
         if self.install is not None:
             self.install.close()
-        if self._log is not None and not self.log_path:
-            pass   # keep the temporary log readable until the object goes away
-        return code
+        return code    # the log stays readable (log_text) until this object goes away
 
     def __enter__(self) -> "TritonServer":
         return self.start()
