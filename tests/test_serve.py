@@ -187,6 +187,7 @@ def test_bad_input_is_one_clear_line(art, tmp_path, capsys):
     bogus.write_bytes(b"garbage")
     assert_user_error(capsys, ["triton", bogus, "-o", out], "not a readable ONNX")
     assert_user_error(capsys, ["triton", tmp_path / "missing.onnx", "-o", out], "no such file")
+    assert_user_error(capsys, ["triton", art["lm_q"], "-o", out], "is a folder", "mq-deploy export")
     assert_user_error(capsys, ["triton", art["vim"], art["lm"], "-o", out, "--name", "x"], "--name names one model")
     assert_user_error(capsys, ["triton", art["vim"], "-o", out, "--name", "bad name"], "--name")
     assert_user_error(capsys, ["triton", art["vim"], "-o", out, "--max-batch", "-1"], "--max-batch")

@@ -120,6 +120,9 @@ def _tensors(values) -> list:
 def read_onnx(path: str) -> Artifact:
     import onnx
 
+    if os.path.isdir(path):
+        raise MQUserError(f"{path}: is a folder; serve its ONNX export (`mq-deploy export {path} -o MODEL.onnx`, "
+                          "with --decode-step for an LM's stateful step graph)")
     if not os.path.isfile(path):
         raise MQUserError(f"{path}: no such file")
     try:
