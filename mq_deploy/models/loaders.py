@@ -595,6 +595,10 @@ def _vim_args(ckpt) -> dict:
         v = args.get(theirs)
         if v is not None and ours not in out:
             out[ours] = tuple(v) if isinstance(v, (list, tuple)) else v
+    # the "+" models say their stride only in their name: vim_tiny_patch16_stride8_224_bimambav2_...
+    m = re.search(r"stride(\d+)", str(args.get("model", "")))
+    if m:
+        out["stride"] = int(m.group(1))
     return out
 
 

@@ -1,0 +1,162 @@
+"""Vim at ImageNet shape: hustvl-keyed .pth files made here (Vim-T: 224 px, patch 16, 197 tokens, depth 24;
+the stride-8 "+" variant), JPEG/PNG folders in the ImageFolder layout and flat, Vim's eval transform,
+and eval / quantize / verify / run on such folders through the real command line."""
+
+import argparse
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from mq_deploy.config import MixerConfig, VimConfig
+from mq_deploy.data.images import list_image_folder, read_picture
+from mq_deploy.errors import MQUserError
+from mq_deploy.models.loaders import load_model
+from mq_deploy.models.vim import Vim
+
+from conftest import rel_err
+from helpers import assert_user_error
+import reference_impl as ref
+
+PIL = pytest.importorskip("PIL.Image")
+
+
+def hustvl_pth(path, d_model=192, depth=24, stride=16, classes=1000, name="vim_tiny_patch16_224_bimambav2"):
+    """A .pth as hustvl/Vim's main.py saves it: {"model": state_dict, "args": Namespace, "epoch", ...}."""
+    cfg = VimConfig(d_model=d_model, n_layer=depth, num_classes=classes, img_size=224, patch_size=16, stride=stride,
+                    in_chans=3, mixer=MixerConfig(d_model=d_model, d_state=16, expand=2, bimamba=True))
+    m = Vim(cfg)
+    m.reset_parameters(seed=3)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    sd = {k: v.clone() for k, v in m.state_dict().items()}
+    torch.save({"model": sd, "optimizer": {}, "epoch": 299,
+                "args": argparse.Namespace(model=name, input_size=224, batch_size=128)}, path)
+    return sd
+
+
+def test_vim_t_224_and_stride8(tmp_path):
+    sd = hustvl_pth(tmp_path / "vim_t.pth")
+    loaded = load_model(str(tmp_path / "vim_t.pth"))
+    cfg = loaded.config
+    assert (cfg.img_size, cfg.patch_size, cfg.stride, cfg.num_patches + 1, cfg.n_layer, cfg.d_model) == \
+           (224, 16, 16, 197, 24, 192)
+    assert cfg.image_mean == (0.485, 0.456, 0.406) and cfg.image_std == (0.229, 0.224, 0.225)
+    x = torch.randn(1, 3, 224, 224)
+    # parity on the first 2 of the 24 layers (the whole depth costs minutes in the step-by-step reference)
+    sd2 = {k: v for k, v in sd.items() if not k.startswith("layers.") or int(k.split(".")[1]) < 2}
+    torch.save({"model": sd2}, tmp_path / "vim_t_2.pth")
+    two = load_model(str(tmp_path / "vim_t_2.pth"))
+    with torch.no_grad():
+        e = rel_err(two.model(x), ref.vim_forward(sd2, x, 16, 16, cfg.mixer.dt_rank, 16))
+    print(f"Vim-T 224 (2 layers): rel err vs the hustvl reference {e:.2e}")
+    assert e < 1e-4
+    # the "+" model: stride 8, 27 x 27 patches + class token; the stride comes from the saved model name
+    sd8 = hustvl_pth(tmp_path / "vim_t_plus.pth", depth=2, stride=8, name="vim_tiny_patch16_stride8_224_bimambav2")
+    c8 = load_model(str(tmp_path / "vim_t_plus.pth"))
+    assert (c8.config.stride, c8.config.num_patches + 1) == (8, 730)
+    with torch.no_grad():
+        e = rel_err(c8.model(x), ref.vim_forward(sd8, x, 16, 8, c8.config.mixer.dt_rank, 16))
+    assert e < 1e-4
+
+
+def _picture(path, w, h, seed):
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    a[: h // 2] //= 2       # some structure, so resizing matters
+    PIL.fromarray(a).save(path)
+    return a
+
+
+def image_folder(root, classes=("n01440764", "n01443537", "n01484850"), per_class=3):
+    """ImageNet-style folder: class subfolders of JPEGs and PNGs of various sizes."""
+    sizes = [(300, 260), (256, 320), (500, 375), (224, 224), (240, 400)]
+    k = 0
+    for c in classes:
+        os.makedirs(os.path.join(root, c))
+        for i in range(per_class):
+            w, h = sizes[k % len(sizes)]
+            _picture(os.path.join(root, c, f"img_{i}.{'JPEG' if k % 2 else 'png'}"), w, h, k)
+            k += 1
+    return root
+
+
+def test_eval_transform_is_vims(tmp_path):
+    """Resize the shorter side to 256 (bicubic), center-crop 224, as torchvision's Resize(256) +
+    CenterCrop(224) on a PIL image (torchvision is not installed here: its arithmetic, written out)."""
+    a = _picture(tmp_path / "x.png", 300, 260, 0)
+    got = read_picture(str(tmp_path / "x.png"), 3, 224)
+    im = PIL.fromarray(a).resize((int(256 * 300 / 260), 256), PIL.BICUBIC)     # 295 x 256
+    left, top = int(round((295 - 224) / 2.0)), int(round((256 - 224) / 2.0))   # 36, 16
+    want = np.asarray(im)[top:top + 224, left:left + 224].transpose(2, 0, 1)
+    assert got.shape == (3, 224, 224) and np.array_equal(got, want)
+    a = _picture(tmp_path / "tall.jpg", 256, 320, 1)
+    assert read_picture(str(tmp_path / "tall.jpg"), 3, 224).shape == (3, 224, 224)
+
+
+def test_image_folder_layouts_and_errors(tmp_path):
+    root = image_folder(str(tmp_path / "val"))
+    files, labels, classes = list_image_folder(root)
+    assert classes == ["n01440764", "n01443537", "n01484850"] and list(labels) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i in range(2):
+        _picture(flat / f"p{i}.jpg", 260, 300, i)
+    files, labels, classes = list_image_folder(str(flat))
+    assert len(files) == 2 and labels is None
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MQUserError, match="no images in it"):
+        list_image_folder(str(tmp_path / "empty"))
+    (flat / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    with pytest.raises(MQUserError, match="broken.jpg: cannot read the image"):
+        read_picture(str(flat / "broken.jpg"), 3, 224)
+    os.makedirs(tmp_path / "val" / "n09999999")
+    with pytest.raises(MQUserError, match="n09999999: class folder without images"):
+        list_image_folder(root)
+
+
+@pytest.fixture(scope="module")
+def vim_small(tmp_path_factory):
+    d = tmp_path_factory.mktemp("vim224")
+    hustvl_pth(d / "vim.pth", d_model=64, depth=2, classes=3)
+    return d
+
+
+def test_cli_on_image_folders(vim_small, capsys):
+    from mq_deploy.cli.main import main
+    from mq_deploy.evaluate import EvalConfig, evaluate
+
+    d = vim_small
+    val = image_folder(str(d / "val"))
+    pth = str(d / "vim.pth")
+    out = d / "eval.json"
+    assert main(["eval", pth, "--data", val, "--json", str(out)]) == 0
+    top1 = json.loads(out.read_text())["value"]
+    # top-1 by hand from the same transform
+    loaded = load_model(pth)
+    files, labels, _ = list_image_folder(val)
+    x = torch.from_numpy(np.stack([read_picture(f, 3, 224) for f in files])).float() / 255
+    x = (x - torch.tensor(loaded.config.image_mean).view(1, 3, 1, 1)) / torch.tensor(loaded.config.image_std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        want = float((loaded.model(x).argmax(-1).numpy() == labels).mean())
+    assert top1 == want
+    assert evaluate(loaded, EvalConfig(data=val, limit=3))["samples"] == 3    # spread over the classes
+    q, onnx_path = str(d / "q"), str(d / "vim.onnx")
+    assert main(["quantize", pth, "-o", q, "--calib", val, "--calib-samples", "6"]) == 0
+    assert main(["export", q, "-o", onnx_path]) == 0
+    vj = d / "verify.json"
+    code = main(["verify", onnx_path, "--reference", q, "--data", val, "--json", str(vj)])
+    rep = json.loads(vj.read_text())
+    print(f"verify on the folder: {rep['outputs']['logits']['cosine_mean']:.6f} cosine, code {code}")
+    assert rep["metrics"]["samples"] == 9 and rep["outputs"]["logits"]["cosine_mean"] > 0.99
+    capsys.readouterr()
+    assert main(["run", onnx_path, "--images", val]) == 0
+    printed = capsys.readouterr().out
+    assert "n01440764/img_0.png" in printed and "top-1" in printed
+    assert main(["run", onnx_path, "--images", os.path.join(val, "n01443537")]) == 0   # a flat folder
+    assert "top-1" not in capsys.readouterr().out
+    os.makedirs(d / "nothing", exist_ok=True)
+    assert_user_error(capsys, ["eval", pth, "--data", str(d / "nothing")], "no images in it")
