@@ -136,18 +136,24 @@ def _sidecar(path: str) -> str:
     return os.path.join(d, f".{b}{MARKER}")
 
 
-def check_target(path: str, overwrite: bool = False, inputs=(), what: str = "output", inout: bool = False) -> str:
+def check_target(path: str, overwrite: bool = False, inputs=(), what: str = "output", inout: bool = False,
+                 folder: bool = False) -> str:
     """Everything a writer checks before it starts (call it early, before long work): the output is
     no input, its folder exists, and an existing file is only replaced with overwrite when it is ours
     (`inout`: a file this command reads and updates, like a timing cache, may be any regular file)."""
     out = _real(path)
-    _check_target(path, out, overwrite, inputs, what, inout)
+    _check_target(path, out, overwrite, inputs, what, inout, folder)
     return out
 
 
-def _check_target(path: str, out: str, overwrite: bool, inputs, what: str, inout: bool = False) -> None:
+def _check_target(path: str, out: str, overwrite: bool, inputs, what: str, inout: bool = False,
+                  folder: bool = False) -> None:
     if not inout:
         check_output(path, inputs, what)
+    if not folder and (os.fspath(path).endswith(os.sep) or os.path.isdir(out)):
+        raise MQUserError(f"{path}: is a folder; give the path of the file to write")
+    if folder and os.path.lexists(out) and not os.path.isdir(out):
+        raise MQUserError(f"{path}: exists and is not a folder")
     parent = os.path.dirname(out)
     while not os.path.isdir(parent):        # missing folders are created when writing (mkdir -p)
         if os.path.lexists(parent):
@@ -259,6 +265,14 @@ def tracked_temp(p: str):
             _live.discard(p)
 
 
+def _create(path: str, make):
+    """Create a temporary; the system's refusal names the target, not the temporary."""
+    try:
+        return make()
+    except OSError as e:
+        raise MQUserError(f"{path}: cannot write there ({e.strerror or e})") from None
+
+
 def _fsync_dir(folder: str) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
@@ -304,7 +318,7 @@ def atomic_file(path: str, mode: str = "wb", *, overwrite: bool = False, inputs=
     sweep_stale(os.path.dirname(out))
     tmp = temp_path(out)
     with tracked_temp(tmp):
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        fd = _create(path, lambda: os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             yield f
             f.flush()
@@ -386,15 +400,13 @@ def atomic_dir(path: str, *, overwrite: bool = False, inputs=(), what: str = "ou
     from mq_deploy import __version__
 
     out = _real(path)
-    _check_target(path, out, overwrite, inputs, what)
-    if os.path.lexists(out) and not os.path.isdir(out):
-        raise MQUserError(f"{path}: exists and is not a folder")
+    _check_target(path, out, overwrite, inputs, what, folder=True)
     _install_handlers()
     os.makedirs(os.path.dirname(out), exist_ok=True)
     sweep_stale(os.path.dirname(out))
     tmp = temp_path(out)
     with tracked_temp(tmp):
-        os.mkdir(tmp, 0o777)
+        _create(path, lambda: os.mkdir(tmp, 0o777))
         os.chmod(tmp, 0o777 & ~_umask())
         yield tmp
         with open(os.path.join(tmp, MARKER), "w") as f:

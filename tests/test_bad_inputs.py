@@ -126,7 +126,13 @@ CASES = {
         lambda ws: [ws["d"] / "models"], "holds the input"),
     "--json onto an existing folder that is no input": (
         lambda ws: ["info", ws["lm"], "--json", os.path.dirname(_user_file(ws, "y")), "--overwrite"],
-        lambda ws: [ws["d"] / "files"], "not written by mq-deploy"),
+        lambda ws: [ws["d"] / "files"], "is a folder"),
+    "export -o DIR/ (a folder, for a file)": (
+        lambda ws: ["export", ws["lm_q"], "-o", str(ws["d"] / "newdir") + "/"],
+        lambda ws: [ws["lm_q"]], "is a folder"),
+    "quantize -o where the system refuses": (
+        lambda ws: ["quantize", ws["lm"], "-o", "/proc/mq-deploy-test", "--calib", ws["text"]],
+        lambda ws: [ws["lm"]], "cannot write there"),
     # ---- silent wrong results before -------------------------------------------------------------
     "eval of finite weights that overflow to NaN": (
         lambda ws: ["eval", ws["huge"], "--data", ws["text"], "--seq-len", "32", "--limit", "2"],
@@ -157,6 +163,47 @@ CASES = {
     "verify: a corrupt ONNX": (
         lambda ws: ["verify", _user_file(ws, "bad.onnx", b"\x08\x07garbage" * 10), "--reference", ws["lm_q"]],
         lambda ws: [ws["lm_q"]], "not a readable ONNX model"),
+    # --- loaders and data (issue 9 session) ---
+    "HF shard index pointing at ../x": (
+        lambda ws: ["info", _hf_index(ws, "dotdot", "../outside.safetensors")],
+        lambda ws: [ws["d"] / "loader"], "is not a file name inside the model folder; refused"),
+    "HF shard index pointing at /etc/passwd": (
+        lambda ws: ["info", _hf_index(ws, "abs", "/etc/passwd")],
+        lambda ws: [ws["d"] / "loader"], "is not a file name inside the model folder; refused"),
+    "HF shard that is a symlink out of the folder": (
+        lambda ws: ["info", _hf_shard_link(ws)],
+        lambda ws: [ws["d"] / "loader"], "outside the model folder"),
+    "int8 tensor in a float checkpoint": (
+        lambda ws: ["info", _lm_variant(ws, "int8", tensor=("layers.0.mixer.in_proj.weight", "int8"))],
+        lambda ws: [ws["d"] / "loader"], "is stored as I8, not as floating point"),
+    "norm_eps: -1": (
+        lambda ws: ["info", _lm_variant(ws, "eps", config={"norm_eps": -1})],
+        lambda ws: [ws["d"] / "loader"], "config.json: MambaLMConfig.norm_eps must be a finite number > 0"),
+    "Vim image_std with a 0": (
+        lambda ws: ["info", _vim_variant(ws, {"image_std": [0.0]})],
+        lambda ws: [ws["d"] / "loader"], "image_std entries must be > 0"),
+    "LM config d_model 10^9 (checked before allocating)": (
+        lambda ws: ["info", _lm_variant(ws, "huge_d", config={"d_model": 10**9, "mixer": {"d_model": 10**9}})],
+        lambda ws: [ws["d"] / "loader"], "the config in"),
+    "LM config n_layer 10^9": (
+        lambda ws: ["info", _lm_variant(ws, "huge_n", config={"n_layer": 10**9})],
+        lambda ws: [ws["d"] / "loader"], "the config has 1000000000 layers"),
+    "HF config with a bad field names config.json": (
+        lambda ws: ["info", _hf_config(ws, {"num_hidden_layers": -3})],
+        lambda ws: [ws["d"] / "loader"], "config.json: MambaLMConfig.n_layer must be a positive integer"),
+    "idx header whose dimensions overflow int64": (
+        lambda ws: ["eval", ws["vim"], "--data", _idx_overflow(ws)],
+        lambda ws: [ws["d"] / "loader"], "its header announces"),
+    "a symlink loop as the model": (
+        lambda ws: ["info", _loop(ws)],
+        lambda ws: [ws["d"] / "loader"], "symlink loop"),
+    "a corrupt tokenizer.json": (
+        lambda ws: ["eval", ws["lm"], "--data", ws["text"], "--tokenizer",
+                    _user_file(ws, "tokenizer.json", b'{"model": {"type": "BPE"}}')],
+        lambda ws: [ws["d"] / "files"], "not a valid `tokenizers` tokenizer.json"),
+    "an empty image folder": (
+        lambda ws: ["eval", ws["vim"], "--data", _empty_dir(ws)],
+        lambda ws: [ws["d"] / "loader"], "no images in it"),
 }
 
 
@@ -194,6 +241,124 @@ def _foreign_onnx(ws):
     m.ir_version = 10
     onnx.save(m, p)
     return str(p)
+
+
+# --- loaders and data (issue 9 session): builders of bad checkpoints -------------------------------
+def _loader_dir(ws, name):
+    d = ws["d"] / "loader" / name
+    d.parent.mkdir(exist_ok=True)
+    return d
+
+
+def _hf_base(ws):
+    """A sharded HF Mamba folder written by transformers (made once)."""
+    base = ws["d"] / "loader" / "hf_base"
+    if not base.exists():
+        import torch
+        import transformers
+
+        base.parent.mkdir(exist_ok=True)
+        m = transformers.MambaForCausalLM(transformers.MambaConfig(vocab_size=50, hidden_size=16,
+                                                                   num_hidden_layers=2, state_size=4))
+        import contextlib
+        import io
+
+        with contextlib.redirect_stderr(io.StringIO()):     # its progress bar is not our message
+            m.to(torch.float32).save_pretrained(base, max_shard_size="20KB")
+    return base
+
+
+def _hf_index(ws, name, shard):
+    d = _loader_dir(ws, "hf_" + name)
+    if not d.exists():
+        shutil.copytree(_hf_base(ws), d)
+        idx = json.loads((d / "model.safetensors.index.json").read_text())
+        first = sorted(idx["weight_map"])[0]
+        idx["weight_map"][first] = shard
+        (d / "model.safetensors.index.json").write_text(json.dumps(idx))
+    return str(d)
+
+
+def _hf_shard_link(ws):
+    d = _loader_dir(ws, "hf_link")
+    if not d.exists():
+        shutil.copytree(_hf_base(ws), d)
+        shard = sorted(f for f in os.listdir(d) if f.endswith(".safetensors"))[0]
+        outside = ws["d"] / "loader" / "outside.safetensors"
+        shutil.copy(d / shard, outside)
+        os.remove(d / shard)
+        os.symlink(outside, d / shard)
+    return str(d)
+
+
+def _hf_config(ws, change):
+    d = _loader_dir(ws, "hf_cfg")
+    if not d.exists():
+        shutil.copytree(_hf_base(ws), d)
+        cfg = json.loads((d / "config.json").read_text())
+        cfg.update(change)
+        (d / "config.json").write_text(json.dumps(cfg))
+    return str(d)
+
+
+def _lm_variant(ws, name, config=None, tensor=None):
+    """Our LM folder with config.json fields changed, or one tensor stored in another dtype."""
+    d = _loader_dir(ws, "lm_" + name)
+    if not d.exists():
+        shutil.copytree(ws["lm"], d)
+        if config:
+            cfg = json.loads((d / "config.json").read_text())
+            for k, v in config.items():
+                if isinstance(v, dict):
+                    cfg[k].update(v)
+                else:
+                    cfg[k] = v
+            (d / "config.json").write_text(json.dumps(cfg))
+        if tensor:
+            import torch
+            from safetensors.torch import load_file, save_file
+
+            sd = load_file(d / "model.safetensors")
+            sd[tensor[0]] = (sd[tensor[0]] * 100).round().clamp(-127, 127).to(getattr(torch, tensor[1]))
+            save_file(sd, d / "model.safetensors")
+    return str(d)
+
+
+def _vim_variant(ws, config):
+    d = _loader_dir(ws, "vim_cfg")
+    if not d.exists():
+        shutil.copytree(ws["vim"], d)
+        cfg = json.loads((d / "config.json").read_text())
+        cfg.update(config)
+        (d / "config.json").write_text(json.dumps(cfg))
+    return str(d)
+
+
+def _idx_overflow(ws):
+    import struct
+
+    d = _loader_dir(ws, "idx_overflow")
+    if not d.exists():
+        d.mkdir()
+        # 4 dimensions of 2^32 - 1: their product wraps around int64 (np.prod) to a small number
+        (d / "t10k-images-idx3-ubyte").write_bytes(bytes([0, 0, 8, 4]) + struct.pack(">IIII", *[2**32 - 1] * 4)
+                                                   + b"\x00" * 64)
+        (d / "t10k-labels-idx1-ubyte").write_bytes(bytes([0, 0, 8, 1]) + struct.pack(">I", 1) + b"\x00")
+    return str(d)
+
+
+def _loop(ws):
+    p = ws["d"] / "loader" / "loop"
+    p.parent.mkdir(exist_ok=True)
+    if not os.path.islink(p):
+        os.symlink(p, p)
+    return str(p)
+
+
+def _empty_dir(ws):
+    d = _loader_dir(ws, "empty")
+    d.mkdir(exist_ok=True)
+    return str(d)
 
 
 @pytest.fixture(scope="module")

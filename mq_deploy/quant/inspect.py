@@ -146,7 +146,7 @@ def inspect_to_dir(model_path: str, out_dir: str, *, recipe: str | None = None, 
     from mq_deploy.quant.recipes import RecipeConfig, apply_recipe
 
     inputs = [model_path, calib, tokenizer]
-    fileio.check_target(out_dir, overwrite, inputs, "report folder")
+    fileio.check_target(out_dir, overwrite, inputs, "report folder", folder=True)
     loaded = load_model(model_path)
     loop = calibration_loop(loaded, CalibConfig(path=calib, samples=calib_samples, tokenizer=tokenizer))
     inputs.append(loop.source)

@@ -163,7 +163,7 @@ def quantize_to_dir(model_path: str, out_dir: str, recipe_cfg, calib_cfg, *, ove
                           f"{'/'.join(map(str, EXPORT_ABITS))}); lower activation bits are for evaluation only: "
                           "`mq-deploy compare --bits ...`")
     inputs = [model_path] + ([calib_cfg.path] if calib_cfg.path else [])
-    fileio.check_target(out_dir, overwrite, inputs, "output folder")
+    fileio.check_target(out_dir, overwrite, inputs, "output folder", folder=True)
     torch.manual_seed(seed)
     loaded = load_model(model_path)
     if getattr(calib_cfg, "tokenizer", None):   # the checkpoint remembers the tokenizer it was calibrated with
@@ -171,7 +171,7 @@ def quantize_to_dir(model_path: str, out_dir: str, recipe_cfg, calib_cfg, *, ove
         loaded.extra = {**(loaded.extra or {}), "tokenizer": os.path.abspath(calib_cfg.tokenizer)}
     loop = calibration_loop(loaded, calib_cfg)
     inputs.append(loop.source)
-    fileio.check_target(out_dir, overwrite, inputs, "output folder")
+    fileio.check_target(out_dir, overwrite, inputs, "output folder", folder=True)
     scales = apply_recipe(loaded.model, loop, recipe_cfg)
     calib_info = {"source": os.path.abspath(loop.source), "samples": loop.samples, "seed": seed}
     out = QuantizedCheckpoint.write(loaded.model, out_dir, recipe_cfg, scales, calib_info, loaded.extra, model_path,
