@@ -1,0 +1,197 @@
+"""Real-size shapes through the whole pipeline: mamba-130m / 790m / 2.8b (random init written by
+transformers' own save_pretrained, sharded; bf16 for 2.8b, with a BPE tokenizer.json beside it).
+
+Stages, each the real command line in its own process (wall time and that process's peak RSS):
+  make      transformers builds the model and save_pretrained writes it (sharded)
+  info      mq-deploy info DIR
+  quantize  mq-deploy quantize DIR --recipe mambaquant (>= 8 calibration windows of 512 tokens)
+  export    mq-deploy export QDIR -o model.onnx (external data past 2 GB)
+  verify    mq-deploy verify model.onnx --reference QDIR (2 windows of 512 tokens)
+  build     mq-deploy build model.onnx --backend onnxruntime
+
+    python bench/scale.py --shapes 130m,790m --workdir /tmp/mq-scale --json scale.json
+
+Timings are on a shared 2-core machine: noisy; the load average is printed beside every row.
+Goals (issue 9): quantize peak RSS <= fp32 model size + 3 GiB; export <= fp32 size + int8 size + 2 GiB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+SHAPES = {   # the state-spaces/mamba-*-hf configs (vocab 50280, d_state 16, d_conv 4, expand 2); tiny: a smoke run
+    "tiny": dict(hidden_size=64, num_hidden_layers=2),
+    "130m": dict(hidden_size=768, num_hidden_layers=24),
+    "370m": dict(hidden_size=1024, num_hidden_layers=48),
+    "790m": dict(hidden_size=1536, num_hidden_layers=48),
+    "1.4b": dict(hidden_size=2048, num_hidden_layers=48),
+    "2.8b": dict(hidden_size=2560, num_hidden_layers=64),
+}
+HALF = {"2.8b": "bfloat16", "1.4b": "bfloat16"}
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KJV = os.path.join(REPO, "samples", "mamba-byte-lm", "data")
+
+# runs one stage in a fresh interpreter and reports its own peak RSS (ru_maxrss, KiB on Linux)
+_CHILD = r"""
+import json, resource, sys, time
+t0 = time.time()
+kind = sys.argv[1]
+rc = 0
+if kind == "cli":
+    from mq_deploy.cli.main import main
+    rc = main(sys.argv[2:])
+else:
+    import runpy
+    sys.argv = sys.argv[2:]
+    runpy.run_path(sys.argv[0], run_name="__main__")
+print("@@STAGE " + json.dumps({"rc": rc, "seconds": time.time() - t0,
+                                "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+sys.exit(rc or 0)
+"""
+
+_MAKE = r"""
+import os, sys, torch, transformers
+out, hidden, layers, dtype, shard = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+cfg = transformers.MambaConfig(vocab_size=50280, hidden_size=hidden, num_hidden_layers=layers, state_size=16,
+                               expand=2, conv_kernel=4, eos_token_id=0, pad_token_id=0, bos_token_id=0)
+torch.manual_seed(0)
+dt = getattr(torch, dtype)
+torch.set_default_dtype(dt)      # build and initialise directly in the stored dtype: one copy in memory
+m = transformers.MambaForCausalLM(cfg).eval()
+m.save_pretrained(out, max_shard_size=shard)
+"""
+
+
+def _free_gib():
+    with open("/proc/meminfo") as f:
+        info = {line.split(":")[0]: int(line.split()[1]) for line in f}
+    return info["MemAvailable"] / 2**20
+
+
+def _parameters(folder):
+    """Parameter count from the safetensors headers (nothing loaded)."""
+    import math
+
+    from safetensors import safe_open
+
+    n = 0
+    for f in sorted(os.listdir(folder)):
+        if f.endswith(".safetensors"):
+            with safe_open(os.path.join(folder, f), framework="pt") as st:
+                n += sum(math.prod(st.get_slice(k).get_shape()) for k in st.keys())
+    return n
+
+
+def run_stage(name, argv, kind="cli", log=None):
+    cmd = [sys.executable, "-c", _CHILD, kind, *argv]
+    t0 = time.time()
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    res = {"stage": name, "rc": p.returncode, "seconds": time.time() - t0, "peak_rss_gib": None,
+           "load": round(os.getloadavg()[0], 2)}
+    for line in p.stdout.splitlines():
+        if line.startswith("@@STAGE "):
+            res.update({k: v for k, v in json.loads(line[8:]).items() if k == "peak_rss_gib"})
+    out_lines = [ln for ln in (p.stdout + p.stderr).splitlines() if not ln.startswith("@@STAGE ")]
+    res["tail"] = out_lines[-6:]
+    if log:
+        with open(log, "a") as f:
+            f.write(f"$ {' '.join(argv)}\n" + "\n".join(out_lines) + "\n\n")
+    return res
+
+
+def train_tokenizer(path, vocab_size=4000):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=True)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train([os.path.join(KJV, "calib.txt")], trainer)
+    tok.save(path)
+
+
+def bench_shape(shape, workdir, calib_windows, keep, log, stages_wanted=None):
+    d = os.path.join(workdir, shape)
+    if os.path.exists(d):
+        shutil.rmtree(d)
+    os.makedirs(d)
+    model, q, onnx_path = os.path.join(d, "hf"), os.path.join(d, "q"), os.path.join(d, "model.onnx")
+    hidden, layers = SHAPES[shape]["hidden_size"], SHAPES[shape]["num_hidden_layers"]
+    dtype = HALF.get(shape, "float32")
+    info = {"shape": shape, "d_model": hidden, "n_layer": layers, "stored_dtype": dtype,
+            "free_gib_at_start": round(_free_gib(), 1), "stages": []}
+    script = os.path.join(d, "make.py")
+    with open(script, "w") as f:
+        f.write(_MAKE)
+    stages = [
+        ("make", ["python", script, model, str(hidden), str(layers), dtype, "2GB"], "script"),
+        ("info", ["info", model], "cli"),
+        ("quantize", ["quantize", model, "-o", q, "--recipe", "mambaquant", "--calib",
+                      os.path.join(KJV, "calib.txt"), "--calib-samples", str(calib_windows)], "cli"),
+        ("export", ["export", q, "-o", onnx_path], "cli"),
+        ("verify", ["verify", onnx_path, "--reference", q, "--data", os.path.join(KJV, "eval.txt"),
+                    "--limit", "2", "--seq-len", "512", "--batch", "1"], "cli"),
+        ("build", ["build", onnx_path, "--backend", "onnxruntime", "--optShapes", "input_ids:1x64"], "cli"),
+    ]
+    for name, argv, kind in stages:
+        if stages_wanted and name not in stages_wanted:
+            continue
+        if name == "info":   # the tokenizer goes beside the weights, as in the hub folders
+            train_tokenizer(os.path.join(model, "tokenizer.json"))
+        r = run_stage(name, argv[1:] if kind == "script" else argv, kind, log)
+        if name == "make":
+            r["files"] = sorted(os.listdir(model)) if os.path.isdir(model) else []
+            info["parameters"] = _parameters(model)
+            info["fp32_gib"] = info["parameters"] * 4 / 2**30
+        if name == "export" and os.path.exists(onnx_path):
+            r["onnx_gib"] = os.path.getsize(onnx_path) / 2**30
+            data = onnx_path + ".data"
+            r["external_data_gib"] = os.path.getsize(data) / 2**30 if os.path.exists(data) else 0.0
+        info["stages"].append(r)
+        print(f"{shape:5s} {name:9s} rc {r['rc']}  {r['seconds']:8.1f} s  peak RSS "
+              f"{(r['peak_rss_gib'] or 0):6.2f} GiB  load {r['load']}  " + (r["tail"][-1][:110] if r["tail"] else ""),
+              flush=True)
+        if r["rc"] not in (0, 1):     # verify exits 1 when a check fails; the pipeline goes on
+            print("\n".join(r["tail"]), flush=True)
+            break
+    if not keep:
+        shutil.rmtree(d, ignore_errors=True)
+    return info
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="130m")
+    ap.add_argument("--workdir", default="/tmp/mq-scale")
+    ap.add_argument("--calib-windows", type=int, default=8, help="calibration windows of 512 tokens (>= 8)")
+    ap.add_argument("--keep", action="store_true", help="keep the model folders and artifacts")
+    ap.add_argument("--stages", help="only these stages (comma-separated; make must come first on a fresh workdir)")
+    ap.add_argument("--json", metavar="OUT")
+    args = ap.parse_args()
+    os.makedirs(args.workdir, exist_ok=True)
+    log = os.path.join(args.workdir, "scale.log")
+    rows = []
+    for shape in args.shapes.split(","):
+        rows.append(bench_shape(shape, args.workdir, args.calib_windows, args.keep, log,
+                                args.stages.split(",") if args.stages else None))
+        if args.json:
+            from mq_deploy.fileio import write_json
+
+            write_json(args.json, {"rows": rows, "nproc": os.cpu_count()}, overwrite=True)
+    print(f"\n{'shape':6s} {'stage':9s} {'rc':>3s} {'wall s':>9s} {'peak RSS GiB':>13s}  (fp32 model GiB)")
+    for info in rows:
+        for r in info["stages"]:
+            print(f"{info['shape']:6s} {r['stage']:9s} {r['rc']:3d} {r['seconds']:9.1f} "
+                  f"{(r['peak_rss_gib'] or 0):13.2f}  ({info.get('fp32_gib', 0):.2f})")
+
+
+if __name__ == "__main__":
+    main()
