@@ -134,3 +134,34 @@ def test_loading_streams_tensor_by_tensor(tmp_path, monkeypatch):
     load_model(str(tmp_path))
     print(f"peak tensors alive: {peak[0]}")
     assert peak[0] == 1
+
+
+def test_hub_cache_snapshot_symlinks_load(tmp_path):
+    """The HF hub cache keeps snapshots/<rev>/<file> as symlinks into ../../blobs: that layout loads,
+    while a symlink anywhere else out of the folder is refused (test_bad_inputs)."""
+    m = hf_lm(hidden_size=16, num_hidden_layers=2)
+    src = tmp_path / "saved"
+    m.save_pretrained(src, max_shard_size="20KB")
+    repo = tmp_path / "models--x--y"
+    (repo / "blobs").mkdir(parents=True)
+    snap = repo / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    for i, f in enumerate(sorted(os.listdir(src))):
+        os.rename(src / f, repo / "blobs" / f"blob{i}")
+        os.symlink(os.path.join("..", "..", "blobs", f"blob{i}"), snap / f)
+    loaded = load_model(str(snap))
+    ids = torch.randint(0, 61, (1, 9))
+    with torch.no_grad():
+        assert rel_err(loaded.model(ids), m(ids).logits) <= 1e-4
+
+
+def test_non_utf8_path_is_read(tmp_path):
+    """A folder whose name is not UTF-8 (bytes kept as surrogate escapes) is read, not called corrupt."""
+    m = hf_lm(hidden_size=16, num_hidden_layers=1)
+    d = os.path.join(os.fsdecode(bytes(tmp_path)), os.fsdecode(b"mod\xe9le"))
+    m.save_pretrained(tmp_path / "ascii")
+    os.rename(tmp_path / "ascii", d)
+    loaded = load_model(d)
+    ids = torch.randint(0, 61, (1, 5))
+    with torch.no_grad():
+        assert rel_err(loaded.model(ids), m(ids).logits) <= 1e-4
