@@ -135,3 +135,37 @@ def test_stream_decode_never_splits_a_character(tmp_path):
         pieces = [s.push(int(i)) for i in ids_c] + [s.flush()]
         assert "".join(pieces) == text
         assert not any("\ufffd" in p for p in pieces)
+
+
+def test_export_carries_the_tokenizer_and_generate_streams_text(bpe_dir, tmp_path, capsys):
+    """`generate model_step.onnx --prompt TEXT` needs nothing but the artifact: the tokenizer.json rides in
+    its metadata; the printed text equals the tokenizer's decode of the new ids; EOS stops the loop."""
+    import json
+
+    from mq_deploy.backends.ort.runner import OrtRunner
+    from mq_deploy.cli.main import main
+    from mq_deploy.runtime.apps import generate
+
+    d, m, text = bpe_dir
+    step = tmp_path / "step.onnx"
+    assert main(["export", str(d), "-o", str(step), "--decode-step"]) == 0
+    capsys.readouterr()
+    out_json = tmp_path / "g.json"
+    assert main(["generate", str(step), "--prompt", "And God said", "--max-new-tokens", "12",
+                 "--json", str(out_json)]) == 0
+    printed = capsys.readouterr().out
+    res = json.loads(out_json.read_text())
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(d / "tokenizer.json"))
+    assert res["prompt_ids"] == tok.encode("And God said").ids
+    assert printed == "And God said" + tok.decode(res["new_ids"]) + "\n"
+    # transformers' greedy continuation of the same prompt gives the same ids
+    with torch.no_grad():
+        want = m.generate(torch.tensor([res["prompt_ids"]]), max_new_tokens=len(res["new_ids"]), do_sample=False,
+                          eos_token_id=None, pad_token_id=0)[0, len(res["prompt_ids"]):].tolist()
+    assert res["new_ids"] == want[:len(res["new_ids"])]
+    # EOS: the loop ends at it
+    runner = OrtRunner(str(step))
+    first = generate(runner, res["prompt_ids"], 5)[0]
+    assert generate(runner, res["prompt_ids"], 5, eos_id=first) == [first]
