@@ -69,8 +69,8 @@ class MambaLMConfig:
             self.mixer = MixerConfig(**self.mixer)
         _positive_int(self, "d_model", "n_layer", "vocab_size")
         _positive_float(self, "norm_eps")
-        if self.eos_token_id is not None and (isinstance(self.eos_token_id, bool) or not isinstance(self.eos_token_id, int)
-                                              or not 0 <= self.eos_token_id < self.vocab_size):
+        eos = self.eos_token_id
+        if eos is not None and (isinstance(eos, bool) or not isinstance(eos, int) or not 0 <= eos < self.vocab_size):
             raise MQUserError(f"eos_token_id must be a token id in [0, {self.vocab_size}), got {self.eos_token_id!r}")
         if self.mixer.d_model != self.d_model:
             raise MQUserError(f"mixer.d_model {self.mixer.d_model} != d_model {self.d_model}")

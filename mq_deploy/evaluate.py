@@ -83,8 +83,14 @@ def lm_metrics(forward, w: np.ndarray, nbytes: np.ndarray, batch: int = 8, progr
 def vim_data(loaded, path: str, split: str, limit: int | None):
     """(images, labels) for a Vim: an idx directory (Fashion-MNIST) or an image folder (ImageFolder layout
     or flat; labels None for a flat one). Folder images are read batch by batch as they are sliced."""
-    from mq_deploy.data.images import ImageFolderData, is_image_folder, list_image_folder, load_idx_split, spread
-    from mq_deploy.data.images import to_tensor
+    from mq_deploy.data.images import (
+        ImageFolderData,
+        is_image_folder,
+        list_image_folder,
+        load_idx_split,
+        spread,
+        to_tensor,
+    )
 
     cfg = loaded.config
     if is_image_folder(path):

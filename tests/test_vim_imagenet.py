@@ -16,9 +16,9 @@ from mq_deploy.errors import MQUserError
 from mq_deploy.models.loaders import load_model
 from mq_deploy.models.vim import Vim
 
+import reference_impl as ref
 from conftest import rel_err
 from helpers import assert_user_error
-import reference_impl as ref
 
 PIL = pytest.importorskip("PIL.Image")
 
@@ -139,7 +139,8 @@ def test_cli_on_image_folders(vim_small, capsys):
     loaded = load_model(pth)
     files, labels, _ = list_image_folder(val)
     x = torch.from_numpy(np.stack([read_picture(f, 3, 224) for f in files])).float() / 255
-    x = (x - torch.tensor(loaded.config.image_mean).view(1, 3, 1, 1)) / torch.tensor(loaded.config.image_std).view(1, 3, 1, 1)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (loaded.config.image_mean, loaded.config.image_std))
+    x = (x - mean) / std
     with torch.no_grad():
         want = float((loaded.model(x).argmax(-1).numpy() == labels).mean())
     assert top1 == want

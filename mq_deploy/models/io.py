@@ -12,7 +12,6 @@ import os
 
 from mq_deploy import __version__
 
-
 FORMAT_KEY = "mq_deploy_format"
 FORMAT_VERSION = 1
 

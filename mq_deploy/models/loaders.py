@@ -244,7 +244,8 @@ class DictSource(TensorSource):
         self._sd = sd
         for k, v in sd.items():
             if not isinstance(v, torch.Tensor):
-                raise MQUserError(f"{_shown(path)}: entry {k!r} of the state dict is a {type(v).__name__}, not a tensor")
+                raise MQUserError(f"{_shown(path)}: entry {k!r} of the state dict is a {type(v).__name__}, "
+                                  "not a tensor")
             self.shapes[k], self.dtypes[k], self.origin[k] = tuple(v.shape), str(v.dtype), path
 
     def get(self, name):

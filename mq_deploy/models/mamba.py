@@ -9,12 +9,11 @@ from __future__ import annotations
 import math
 
 import torch
-
-from mq_deploy.errors import MQUserError
 import torch.nn as nn
 import torch.nn.functional as F
 
 from mq_deploy.config import MambaLMConfig, MixerConfig
+from mq_deploy.errors import MQUserError
 from mq_deploy.ops.selective_scan import selective_scan, selective_state_update
 
 

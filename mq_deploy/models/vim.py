@@ -6,11 +6,10 @@ from __future__ import annotations
 import math
 
 import torch
-
-from mq_deploy.errors import MQUserError
 import torch.nn as nn
 
 from mq_deploy.config import VimConfig
+from mq_deploy.errors import MQUserError
 from mq_deploy.models.mamba import Block, RMSNorm, init_weights
 
 
