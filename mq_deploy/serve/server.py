@@ -15,6 +15,7 @@ Loopback only by default: `host` is passed as --http-address / --grpc-address.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import shutil
@@ -119,6 +120,17 @@ def find_server() -> ServerInstall:
                          env=env, stub_python=version, cleanup=tmp)
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM (Triton's graceful shutdown) when the starting process dies,
+    even by SIGKILL, so a crashed test run or benchmark leaves no server listening."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
@@ -184,7 +196,8 @@ class TritonServer:
         else:
             self._log = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(self.command(), stdout=self._log, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=_die_with_parent)
+        atexit.register(self.stop)      # a script that ends without stop() leaves no server behind
         if wait:
             try:
                 self.wait_ready()
