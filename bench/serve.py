@@ -21,10 +21,8 @@ Timings on a shared machine are noisy: the load average is printed beside every 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import queue
-import statistics
 import sys
 import tempfile
 import threading
@@ -51,7 +49,8 @@ def export_samples(d):
 
     vim, lm = os.path.join(d, "vim.onnx"), os.path.join(d, "lm_step.onnx")
     os.makedirs(d, exist_ok=True)
-    for sample, q, out, extra in (("vim-fashion-mnist", "vim-q", vim, []), ("mamba-byte-lm", "lm-q", lm, ["--decode-step"])):
+    jobs = (("vim-fashion-mnist", "vim-q", vim, []), ("mamba-byte-lm", "lm-q", lm, ["--decode-step"]))
+    for sample, q, out, extra in jobs:
         if os.path.isfile(out):
             continue
         assert main(["quantize", os.path.join(ROOT, "samples", sample), "-o", os.path.join(d, q), "--overwrite"]) == 0
@@ -129,7 +128,7 @@ def bench_lm(url, concurrency, streams_per_client, tokens):
         try:
             for s in range(streams_per_client):
                 q = queue.Queue()
-                client.start_stream(callback=lambda result, error: q.put((time.perf_counter(), result, error)))
+                client.start_stream(callback=lambda result, error, q=q: q.put((time.perf_counter(), result, error)))
                 t = grpcclient.InferInput("text", [1], "BYTES")
                 t.set_data_from_numpy(np.array([PROMPTS[(c + s) % len(PROMPTS)]], object))
                 n = grpcclient.InferInput("max_new_tokens", [1], "INT32")

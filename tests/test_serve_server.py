@@ -14,7 +14,6 @@ import queue
 import signal
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -44,7 +43,8 @@ def _server_missing():
             py = f"/usr/bin/python{inst.stub_python}"
             r = subprocess.run([py, "-c", "import numpy, onnxruntime, tokenizers, PIL"], capture_output=True, text=True)
             if r.returncode:
-                return f"{py} (the Python-backend stub's interpreter) cannot import numpy, onnxruntime, tokenizers and PIL"
+                return f"{py} (the Python-backend stub's interpreter) cannot import numpy, onnxruntime, " \
+                       "tokenizers and PIL"
     finally:
         inst.close()
     return None
@@ -78,9 +78,9 @@ def bpe_step(tmp_path_factory):
     import torch
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("tokenizers")
-    from helpers import train_bpe
-
     from mq_deploy.cli.main import main
+
+    from helpers import train_bpe
 
     root = tmp_path_factory.mktemp("bpe")
     d = root / "hf"
@@ -414,7 +414,8 @@ def test_mq_deploy_serve_command_and_the_native_scan_library(art, tmp_path):
         ids = rng.integers(0, 256, (1, 33)).astype(np.int64)
         what = "native scan library" if lib else "function bodies (no native library built)"
         assert_exact(call(client, "vim", images=x)["logits"],
-                     OrtRunner(art["vim"], custom_op_library=lib or False).infer({"images": x})["logits"], f"vim, {what}")
+                     OrtRunner(art["vim"], custom_op_library=lib or False).infer({"images": x})["logits"],
+                     f"vim, {what}")
         assert_exact(call(client, "lm", input_ids=ids)["logits"],
                      OrtRunner(art["lm"], custom_op_library=lib or False).infer({"input_ids": ids})["logits"],
                      f"lm, {what}")

@@ -587,7 +587,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extra_commands():
     """Subcommand groups that live beside their library (each a `register(subparsers)`)."""
-    from mq_deploy.serve.cli import register as serve_commands   # triton, serve
+    from mq_deploy.serve.cli import register as serve_commands  # triton, serve
 
     return [serve_commands]
 

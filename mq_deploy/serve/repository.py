@@ -259,7 +259,8 @@ def _sequence_batching(a: Artifact, backend: str, cfg: TritonConfig) -> dict:
             {"name": "START", "control": [{"kind": Enum("CONTROL_SEQUENCE_START"), "int32_false_true": [0, 1]}]},
             {"name": "END", "control": [{"kind": Enum("CONTROL_SEQUENCE_END"), "int32_false_true": [0, 1]}]},
             {"name": "READY", "control": [{"kind": Enum("CONTROL_SEQUENCE_READY"), "int32_false_true": [0, 1]}]},
-            {"name": "CORRID", "control": [{"kind": Enum("CONTROL_SEQUENCE_CORRID"), "data_type": Enum("TYPE_UINT64")}]},
+            {"name": "CORRID",
+             "control": [{"kind": Enum("CONTROL_SEQUENCE_CORRID"), "data_type": Enum("TYPE_UINT64")}]},
         ]
         return seq
     states = []
@@ -389,7 +390,7 @@ def ensemble_config(a: Artifact, name: str, preprocess: str, classifier: str, cl
 # ---- READMEs ---------------------------------------------------------------------------------------
 
 def _root_readme(models: list, repo_name: str, plugins: list, op_lib: str | None) -> str:
-    lines = [f"# Triton model repository (written by mq-deploy)", "",
+    lines = ["# Triton model repository (written by mq-deploy)", "",
              "| model | backend | what |", "|---|---|---|"]
     lines += [f"| `{m['name']}` | {m['backend']} | {m['what']} |" for m in models]
     trt = any(m["backend"] == "tensorrt" for m in models)
@@ -441,7 +442,8 @@ def _example_classifier(name: str, a: Artifact, mbs: int) -> str:
     return (f"import numpy as np, tritonclient.http as httpclient\n"
             f"client = httpclient.InferenceServerClient('localhost:8000')\n"
             f"x = httpclient.InferInput('images', {shape}, 'FP32')\n"
-            f"x.set_data_from_numpy(np.zeros({shape}, np.float32))   # normalised with mean/std {c['image_mean']}/{c['image_std']}\n"
+            f"x.set_data_from_numpy(np.zeros({shape}, np.float32))   "
+            f"# normalised with mean/std {c['image_mean']}/{c['image_std']}\n"
             f"out = client.infer('{name}', [x], outputs=[httpclient.InferRequestedOutput('logits', class_count=3)])\n"
             f"print(out.as_numpy('logits'))   # top-3 'score:index:label'")
 
@@ -468,7 +470,8 @@ def _example_generate(name: str, text: bool) -> str:
             f"q = queue.Queue()\n"
             f"client.start_stream(callback=lambda result, error: q.put((result, error)))\n"
             f"{inp}\n"
-            f"n = grpcclient.InferInput('max_new_tokens', [1], 'INT32'); n.set_data_from_numpy(np.array([40], np.int32))\n"
+            f"n = grpcclient.InferInput('max_new_tokens', [1], 'INT32')\n"
+            f"n.set_data_from_numpy(np.array([40], np.int32))\n"
             f"client.async_stream_infer('{name}', [x, n], enable_empty_final_response=True)\n"
             f"while True:\n"
             f"    result, error = q.get()\n"

@@ -72,7 +72,7 @@ class TritonPythonModel:
             except ImportError:
                 raise pb_utils.TritonModelException(
                     f"{self.name}: the server's Python cannot import tokenizers (pip install tokenizers), "
-                    "which encodes this LM's text")
+                    "which encodes this LM's text") from None
             self.tok = Tokenizer.from_file(os.path.join(args["model_repository"], args["model_version"],
                                                         "tokenizer.json"))
         self.default_n = int(p.get("default_max_new_tokens", "64"))
@@ -164,7 +164,8 @@ class TritonPythonModel:
             try:
                 self._generate(r, sender)
             except Exception as e:
-                response = pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{self.name}: {str(e).splitlines()[0]}"))
+                message = f"{self.name}: {str(e).splitlines()[0]}"
+                response = pb_utils.InferenceResponse(error=pb_utils.TritonError(message))
             else:
                 response = None
             # The final flag goes out even to a cancelled or vanished client: until it is sent the request

@@ -22,7 +22,7 @@ def make_session(model_dir, params, model_name):
         raise pb_utils.TritonModelException(
             f"{model_name}: the server's Python cannot import onnxruntime; install it for the interpreter the "
             "Python backend embeds (Debian: /usr/bin/python3.11 -m pip install --break-system-packages "
-            "onnxruntime; NVIDIA's container: pip install onnxruntime)")
+            "onnxruntime; NVIDIA's container: pip install onnxruntime)") from None
     so = ort.SessionOptions()
     threads = int(params.get("intra_op_threads", "0") or 0)
     if threads:
