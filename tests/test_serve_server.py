@@ -445,3 +445,20 @@ def test_the_repository_readme_curl_commands_work(served):
         print(cmd[:100], "->", r.stdout[:160])
         assert r.returncode == 0 and "error" not in r.stdout, (cmd, r.stdout, r.stderr)
         assert r.stdout.strip() in ("200",) or '"outputs"' in r.stdout or r.stdout.startswith("data: ")
+
+
+def test_the_served_configs_parse_against_tritons_schema(served):
+    """The repository this server loaded, BPE generate model (tokenizer.json, eos_id) included."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    names = sorted(n for n in os.listdir(served.repo) if os.path.isfile(os.path.join(served.repo, n, "config.pbtxt")))
+    assert "bpe_step_generate" in names and len(names) == 8
+    for n in names:
+        with open(os.path.join(served.repo, n, "config.pbtxt")) as f:
+            cfg = text_format.Parse(f.read(), model_config_pb2.ModelConfig())
+        assert cfg.name == n
+    with open(os.path.join(served.repo, "bpe_step_generate", "config.pbtxt")) as f:
+        gen = text_format.Parse(f.read(), model_config_pb2.ModelConfig())
+    assert gen.parameters["tokenizer"].string_value == "tokenizers" and gen.parameters["eos_id"].string_value == "0"
+    assert os.path.isfile(os.path.join(served.repo, "bpe_step_generate", "1", "tokenizer.json"))
