@@ -1,6 +1,6 @@
 """Render `mq-deploy compare --json` tables as the markdown of docs/results.md (rows x bit widths, intervals).
 
-    python bench/ptq_tables.py docs/compare_mamba-byte-lm.json [more.json ...]
+    python bench/ptq_tables.py docs/ptq_mamba-byte-lm.json [more.json ...]
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ def render(table) -> str:
                 "| bits | difference [95 % interval] |", "|---|---:|"]
         for p in table["pairs"]:
             lo, hi = p["diff_ci95"]
-            out.append(f"| {p['bits'].upper()} | {p['diff'] * scale:+.4f} [{lo * scale:+.4f}, {hi * scale:+.4f}] |")
+            d = 4 if lm else 2
+            out.append(f"| {p['bits'].upper()} | {p['diff'] * scale:+.{d}f} [{lo * scale:+.{d}f}, {hi * scale:+.{d}f}] |")
     return "\n".join(out)
 
 
