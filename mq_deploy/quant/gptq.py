@@ -59,7 +59,8 @@ def gptq_quantize_ref(w: torch.Tensor, H: torch.Tensor, bits: int, scale: torch.
 
 def gptq_quantize(w: torch.Tensor, H: torch.Tensor, bits: int, scale: torch.Tensor | None = None,
                   damp: float = 0.01, block: int = 128) -> torch.Tensor:
-    """GPTQ with lazy batch updates: exact same arithmetic as the reference, columns in blocks."""
+    """GPTQ with lazy batch updates (columns in blocks, the updates of later blocks deferred): the
+    reference's math with float64 sums in another order."""
     scale = weight_scales(w, bits) if scale is None else scale
     W, Hinv, s = _prepare(w, H, scale, damp)
     q = qmax(bits)
