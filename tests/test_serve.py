@@ -206,6 +206,20 @@ def test_bad_input_is_one_clear_line(art, tmp_path, capsys):
     assert_user_error(capsys, ["serve", tmp_path], "not a Triton model repository")
 
 
+def test_serve_refuses_backends_this_server_lacks(art, tmp_path, capsys):
+    """pytriton's tritonserver has the Python backend only: an onnxruntime / tensorrt repository is
+    refused before the server starts, with the fix."""
+    from mq_deploy.errors import MQUserError
+    from mq_deploy.serve.server import find_server
+
+    try:
+        find_server().close()
+    except MQUserError as e:
+        pytest.skip(str(e))
+    write_repository([art["vim"]], str(tmp_path / "ort"), TritonConfig(backend="onnxruntime"))
+    assert_user_error(capsys, ["serve", tmp_path / "ort"], "needs Triton's onnxruntime backend", "--backend python")
+
+
 def test_the_package_imports_lean():
     import subprocess
     import sys

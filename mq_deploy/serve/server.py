@@ -18,6 +18,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -131,6 +132,31 @@ def _die_with_parent() -> None:
         pass
 
 
+_BACKEND_RE = re.compile(r'^\s*(backend|platform)\s*:\s*"([^"]+)"', re.M)
+
+
+def check_backends(repo: str, install: ServerInstall) -> None:
+    """pytriton's server has the Python backend only: refuse, before starting it, a repository whose
+    models need another backend (the server would fail to load them with a long log)."""
+    if install.backend_dir is None:       # another server: it knows its own backends
+        return
+    have = set(os.listdir(install.backend_dir))
+    for name in sorted(os.listdir(repo)):
+        cfg = os.path.join(repo, name, "config.pbtxt")
+        if not os.path.isfile(cfg):
+            continue
+        with open(cfg, encoding="utf-8") as f:
+            found = dict(m.groups() for m in _BACKEND_RE.finditer(f.read()))
+        platform = found.get("platform")
+        backend = found.get("backend") or {"ensemble": None, "tensorrt_plan": "tensorrt",
+                                           "onnxruntime_onnx": "onnxruntime"}.get(platform, platform)
+        if backend and backend not in have:
+            raise MQUserError(f"{repo}: model {name} needs Triton's {backend} backend, which this tritonserver "
+                              f"(pytriton's, backends: {', '.join(sorted(have))}) does not have; write the repository "
+                              "with `mq-deploy triton ... --backend python` to serve it here, or run NVIDIA's "
+                              f"container (the commands are in {os.path.join(repo, 'README.md')})")
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
@@ -190,6 +216,11 @@ class TritonServer:
 
     def start(self, wait: bool = True) -> "TritonServer":
         self.install = find_server()
+        try:
+            check_backends(self.repo, self.install)
+        except MQUserError:
+            self.install.close()
+            raise
         env = {**os.environ, **self.install.env}
         if self.log_path:
             self._log = open(self.log_path, "a+b")
@@ -262,6 +293,11 @@ def serve(repo: str, host: str = "127.0.0.1", http_port: int = 8000, grpc_port: 
     to it (Triton's graceful shutdown); return its exit status."""
     srv = TritonServer(repo, host=host, http_port=http_port, grpc_port=grpc_port)
     srv.install = find_server()
+    try:
+        check_backends(repo, srv.install)
+    except MQUserError:
+        srv.install.close()
+        raise
     env = {**os.environ, **srv.install.env}
     cmd = srv.command()
     print(" ".join(cmd), flush=True)
