@@ -150,11 +150,27 @@ def make_gguf(work, hf, bins, src):
     return out
 
 
+def external_data(path):
+    """The model re-saved with its weights in a side file (NAME_ext.onnx + NAME_ext.data): ONNX Runtime
+    then maps the weights instead of holding the protobuf and a parsed copy (peak RSS of the 130m W8A8
+    session 489 -> 228 MiB)."""
+    import onnx
+
+    ext = path[:-len(".onnx")] + "_ext.onnx"
+    if not os.path.isfile(ext):
+        m = onnx.load(path)
+        data = os.path.basename(ext)[:-len(".onnx")] + ".data"
+        onnx.save(m, ext + ".tmp", save_as_external_data=True, all_tensors_to_one_file=True, location=data,
+                  size_threshold=1024)
+        os.replace(ext + ".tmp", ext)
+    return ext
+
+
 def make_onnx(work, hf, threads):
-    """FP32 and W8A8 decode-step graphs with last-position logits (cached)."""
+    """FP32 and W8A8 decode-step graphs with last-position logits (cached), weights as external data."""
     out = {"fp32": os.path.join(work, "fp32_step.onnx"), "w8a8": os.path.join(work, "w8a8_step.onnx")}
     if all(os.path.isfile(p) for p in out.values()):
-        return out
+        return {k: external_data(p) for k, p in out.items()}
     import numpy as np
     import torch
 
@@ -179,7 +195,7 @@ def make_onnx(work, hf, threads):
         quantize_head(model, "dynamic")
         spec = QuantSpec(8, 8, scales["act_scales"], scales["weight_scales"], "mambaquant")
         save_model_atomic(build_model(model, spec, step=True, last_logits=True), out["w8a8"], overwrite=True)
-    return out
+    return {k: external_data(p) for k, p in out.items()}
 
 
 # ---- workers: one row each, in a fresh process -------------------------------------------------------
@@ -405,7 +421,7 @@ def main(argv=None):
                    check=True)
     bins = os.path.join(shared, "llama-build", "bin")
     gguf = {q: os.path.join(work, f"model-{q}.gguf") for q in ("F32", "Q8_0", "Q4_0")} if want_llama else None
-    onnx = {"fp32": os.path.join(work, "fp32_step.onnx"), "w8a8": os.path.join(work, "w8a8_step.onnx")}
+    onnx = {"fp32": os.path.join(work, "fp32_step_ext.onnx"), "w8a8": os.path.join(work, "w8a8_step_ext.onnx")}
 
     from importlib.metadata import version
 
@@ -443,12 +459,18 @@ def main(argv=None):
                              peak_rss_mib=round(best["peak_rss_mib"], 1), load_before=best["load_before"],
                              load_after=best["load_after"],
                              attempts=[round(t["tokens_per_s"], 2) for t in tries]))
+            if a.json:   # after every row: a long run interrupted keeps what it measured
+                from mq_deploy.fileio import write_json
+
+                write_json(a.json, {"shape": a.shape, "threads": a.threads, "onnxruntime": ort_version,
+                                    "llama_cpp_python": LLAMA_CPP_PYTHON, "complete": False, "rows": rows},
+                           overwrite=True)
     summary(rows)
     if a.json:
         from mq_deploy.fileio import write_json
 
         write_json(a.json, {"shape": a.shape, "threads": a.threads, "onnxruntime": ort_version,
-                            "llama_cpp_python": LLAMA_CPP_PYTHON, "rows": rows}, overwrite=True)
+                            "llama_cpp_python": LLAMA_CPP_PYTHON, "complete": True, "rows": rows}, overwrite=True)
         print(f"wrote {a.json}")
     return 0
 
