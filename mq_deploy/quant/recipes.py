@@ -76,7 +76,7 @@ class RecipeConfig:
     quant: object = field(default_factory=_default_quant)     # fakequant.QuantConfig
     alpha: float = 0.5                  # smoothing migration strength
     percentile: float = PERCENTILE_DEFAULT   # the P of a `percentile` observer given without one
-    observer: str | None = None         # --observer spec; None: the recipe's default
+    observer: str | None = None         # --observer spec; None: the recipe's default (resolved on creation)
     weight_rounding: str = "rtn"        # rtn | gptq
     klt_source: str = "last"            # mambaquant's residual K: "last": the last layer's in_proj input second
                                         # moment (the authors' placement), or "sum" over every layer; "last" was
@@ -88,8 +88,8 @@ class RecipeConfig:
             raise MQUserError(f"alpha must be in [0, 1], got {self.alpha}")
         if not 90.0 <= self.percentile <= 100.0:
             raise MQUserError(f"percentile must be in [90, 100], got {self.percentile}")
-        if self.observer is not None:
-            ObserverSpec.parse(self.observer)
+        # resolved here, so a quantized checkpoint's manifest names the observers it was calibrated with
+        self.observer = str(ObserverSpec.parse(self.observer or get_recipe(self.recipe).observers))
         if self.weight_rounding not in WEIGHT_ROUNDING:
             raise MQUserError(f"--weight-rounding must be one of {', '.join(WEIGHT_ROUNDING)}, "
                               f"got {self.weight_rounding!r}")
@@ -97,7 +97,7 @@ class RecipeConfig:
             raise MQUserError(f"klt_source must be one of {', '.join(KLT_SOURCES)}, got {self.klt_source!r}")
 
     def observer_spec(self) -> ObserverSpec:
-        return ObserverSpec.parse(self.observer or get_recipe(self.recipe).observers)
+        return ObserverSpec.parse(self.observer)
 
 
 # -- shared helpers of the recipes ------------------------------------------------------------------
