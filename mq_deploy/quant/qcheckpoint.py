@@ -21,9 +21,8 @@ from dataclasses import dataclass, field
 import torch
 
 from mq_deploy import __version__
-from mq_deploy.errors import MQUserError
-
 from mq_deploy.config import EXPORT_ABITS, EXPORT_WBITS  # noqa: F401  (the bit widths a deployable checkpoint has)
+from mq_deploy.errors import MQUserError
 
 _ACT, _WEIGHT = "act/", "weight/"
 
@@ -105,8 +104,8 @@ class QuantizedCheckpoint:
                         for k, v in (source_extra or {}).items() if k in ("eval_data", "calib_data", "tokenizer")}
         flat = {f"{_ACT}{k}": v.reshape(1).float() for k, v in scales["act_scales"].items()}
         flat.update({f"{_WEIGHT}{k}": v.float() for k, v in scales["weight_scales"].items()})
-        settings = {k: getattr(recipe_cfg, k) for k in ("alpha", "percentile", "observer", "weight_rounding")
-                    if hasattr(recipe_cfg, k)}
+        settings = {k: getattr(recipe_cfg, k) for k in ("alpha", "percentile", "observer", "weight_rounding",
+                                                         "klt_source") if hasattr(recipe_cfg, k)}
         manifest = {"recipe": recipe_cfg.recipe, "wbits": recipe_cfg.quant.wbits, "abits": recipe_cfg.quant.abits,
                     "act_granularity": recipe_cfg.quant.act_granularity, **settings,
                     "source_model": os.path.abspath(source_path), "calibration": calib_info,
