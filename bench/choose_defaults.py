@@ -17,7 +17,6 @@ the same way with the chosen observer.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time

@@ -16,9 +16,10 @@ import sys
 
 import pytest
 
-from helpers import run_cli, small_lm, small_vim, tiny_exports
 from mq_deploy.cli.main import main
 from mq_deploy.models.io import save_model
+
+from helpers import run_cli, small_lm, small_vim, tiny_exports
 
 
 def _snapshot(paths) -> dict:

@@ -45,10 +45,11 @@ def test_nan_in_calibration_names_layer_and_point():
 
 def test_calibration_split_holds_out_data_calibration_never_sees():
     """Defaults are chosen on the held-out part of the calibration data: disjoint from what calibrates."""
-    from conftest import LM_SAMPLE, VIM_SAMPLE
     from mq_deploy.data.text import read_bytes
     from mq_deploy.models.loaders import load_model
     from mq_deploy.quant.compare import CalibConfig, calibration_loop, calibration_split
+
+    from conftest import LM_SAMPLE, VIM_SAMPLE
 
     lm = load_model(LM_SAMPLE)
     loop, held = calibration_split(lm, CalibConfig(samples=8, seq_len=256))

@@ -9,8 +9,7 @@ import pytest
 from mq_deploy.cli.main import main
 from mq_deploy.models.io import save_model
 
-from helpers import assert_user_error
-from helpers import small_lm, small_vim
+from helpers import assert_user_error, small_lm, small_vim
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -121,8 +120,8 @@ def test_bad_onnx_files(lm, tmp_path, capsys):
 
 
 def test_wrong_feeds(lm):
-    from mq_deploy.errors import MQUserError
     from mq_deploy.backends.ort.runner import OrtRunner
+    from mq_deploy.errors import MQUserError
 
     r = OrtRunner(lm["onnx"])
     ids = np.zeros((1, 5), np.int64)

@@ -6,9 +6,10 @@ import hashlib
 import json
 import os
 
-from helpers import small_lm
 from mq_deploy.cli.main import main
 from mq_deploy.models.io import save_model
+
+from helpers import small_lm
 
 
 def _sha(p):

@@ -23,8 +23,16 @@ def model_with_scan_node(int8: bool, scales=None, out_dtype=1):
     from onnx import TensorProto as T
     from onnx import helper as h
 
-    from mq_deploy.export.scan_op import (DOMAIN, INPUTS, INT8_INPUTS, OP, OP_FLOAT, OUTPUTS,
-                                          selective_scan_float_function, selective_scan_function)
+    from mq_deploy.export.scan_op import (
+        DOMAIN,
+        INPUTS,
+        INT8_INPUTS,
+        OP,
+        OP_FLOAT,
+        OUTPUTS,
+        selective_scan_float_function,
+        selective_scan_function,
+    )
 
     attrs = {f"{k}_scale": float(v) for k, v in (scales or {}).items()}
     if out_dtype != 1:

@@ -50,6 +50,8 @@ TEXT = np.frombuffer(b"In the beginning God created the heaven and the earth. An
 def test_gptq_checkpoint_exports_on_the_same_int4_grid_and_runs_in_ort():
     onnx = pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
+    import copy
+
     from onnx import numpy_helper
 
     from mq_deploy.calib.collect import text_forward_loop
@@ -59,8 +61,6 @@ def test_gptq_checkpoint_exports_on_the_same_int4_grid_and_runs_in_ort():
     from mq_deploy.verify.verify import compare_outputs
 
     from helpers import small_lm
-
-    import copy
 
     m = small_lm(vocab=256, d_model=32, d_model2=32)
     rtn = copy.deepcopy(m)

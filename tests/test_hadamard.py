@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from mq_deploy.errors import MQUserError
-from mq_deploy.ops.hadamard import has_hadamard, hadamard_matrix, known_orders
+from mq_deploy.ops.hadamard import hadamard_matrix, has_hadamard, known_orders
 
 
 @pytest.mark.parametrize("n", [1, 2, 4, 12, 20, 28, 36, 40, 192, 384, 768, 1536, 640])

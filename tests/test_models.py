@@ -7,13 +7,9 @@ Tolerances: float64 comparisons of the same math in a different order agree to ~
 
 import torch
 
-from mq_deploy.config import MambaLMConfig, MixerConfig, VimConfig
-from mq_deploy.models.mamba import MambaLM
-from mq_deploy.models.vim import Vim
-
 import reference_impl as ref
-from helpers import small_lm, small_vim
 from conftest import rel_err
+from helpers import small_lm, small_vim
 
 
 def test_lm_matches_independent_reference_float64():

@@ -18,9 +18,10 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "cuda_emu"))
 
-from conftest import rel_err  # noqa: E402
 from mq_deploy.ops import native  # noqa: E402
 from mq_deploy.ops.selective_scan import selective_scan_int8_ref  # noqa: E402
+
+from conftest import rel_err  # noqa: E402
 from helpers import decode_steps, make  # noqa: E402
 
 if shutil.which("g++") is None:

@@ -51,7 +51,7 @@ class _LazyChoices:
 
 
 def _recipe_names():
-    from mq_deploy.quant.recipes import recipe_names   # the registry (torch-free)
+    from mq_deploy.quant.recipes import recipe_names  # the registry (torch-free)
 
     return list(recipe_names())
 
@@ -214,7 +214,8 @@ def cmd_info(args) -> int:
     m = cfg.mixer
     print(f"model:        {args.model}")
     print(f"format:       {loaded.format}")
-    print(f"architecture: {cfg.architecture} ({'Vision Mamba, bimamba v2' if cfg.architecture == 'vim' else 'Mamba1 causal LM'})")
+    kind = "Vision Mamba, bimamba v2" if cfg.architecture == "vim" else "Mamba1 causal LM"
+    print(f"architecture: {cfg.architecture} ({kind})")
     print(f"parameters:   {n_params:,}")
     print(f"layers:       {cfg.n_layer}  d_model {cfg.d_model}  d_inner {m.d_inner}  d_state {m.d_state}  "
           f"d_conv {m.d_conv}  dt_rank {m.dt_rank}")
@@ -376,7 +377,8 @@ def cmd_generate(args) -> int:
         codec = tokenizer_for_artifact(runner.meta, args.tokenizer, args.model)
         if prompt_ids is None:
             if codec is None:
-                raise MQUserError(f"{args.model}: no tokenizer came with the artifact; pass --tokenizer or --prompt-ids")
+                raise MQUserError(f"{args.model}: no tokenizer came with the artifact; pass --tokenizer or "
+                                  "--prompt-ids")
             prompt_ids = [int(i) for i in codec.encode(args.prompt)[0]]
         eos = codec.eos_id if codec is not None else (runner.meta.get("mq.config") or {}).get("eos_token_id")
         out = generate(runner, prompt_ids, args.max_new_tokens, args.temperature, args.seed, on_token=show, eos_id=eos)

@@ -8,7 +8,8 @@ constructions from quadratic residues modulo a prime:
   Paley II  p = 1 (mod 4) prime  ->  order 2 (p + 1)    (12, 28, 36, 60, 76, ...)
 
 and take the Kronecker product with a Sylvester matrix. Each small factor is checked (H H^T = m I)
-when built; a Kronecker product of orthogonal factors is orthogonal. A size with no construction is an error, never a silent substitute.
+when built; a Kronecker product of orthogonal factors is orthogonal. A size with no construction is an
+error, never a silent substitute.
 """
 
 from __future__ import annotations

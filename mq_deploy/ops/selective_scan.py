@@ -27,9 +27,9 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from mq_deploy.errors import MQUserError
-import torch.nn.functional as F
 
 _LOG2E = 1.0 / math.log(2.0)
 _CHUNK_BYTES = 2**20   # per [T, b, N, Di] temporary: stays in a core's L2 (1 MiB here)

@@ -33,7 +33,8 @@ class CalibConfig:
     samples: int | None = None        # LM: windows of seq_len bytes (default 32); Vim: images (default 256)
     seq_len: int = 512
     seed: int = 0
-    tokenizer: str | None = None      # LM: tokenizer.json or its folder (default: the checkpoint's; bytes for vocab 256)
+    tokenizer: str | None = None      # LM: tokenizer.json or its folder (default: the checkpoint's;
+                                      # bytes for vocab 256)
 
     def __post_init__(self):
         if self.samples is not None and self.samples <= 0:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import torch
 
 from mq_deploy.errors import MQUserError
-
 from mq_deploy.models.mamba import MambaLM, MambaMixer
 
 
@@ -166,6 +165,8 @@ def smooth_scan_bc(mixer: MambaMixer, s, branch: str = "") -> None:
     _assign(x_proj.weight, w)
 
 
-__all__ = ["fuse_norm_into_linear", "smooth_norm_into_linear", "untie_lm_head", "fuse_norms", "rotate_linear_input", "rotate_linear_output",
-           "rotate_embeddings", "rotate_residual", "rotate_dt_lowrank", "set_online_out_rotation", "smooth_out_proj_into_gate",
-           "smooth_scan_bc"]
+__all__ = [
+    "fuse_norm_into_linear", "smooth_norm_into_linear", "untie_lm_head", "fuse_norms", "rotate_linear_input",
+    "rotate_linear_output", "rotate_embeddings", "rotate_residual", "rotate_dt_lowrank", "set_online_out_rotation",
+    "smooth_out_proj_into_gate", "smooth_scan_bc",
+]

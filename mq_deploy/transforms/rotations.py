@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 
 from mq_deploy.errors import MQUserError
-
 from mq_deploy.ops.hadamard import hadamard_matrix
 
 

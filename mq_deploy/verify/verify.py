@@ -73,7 +73,8 @@ def _lm_batches(reference, cfg: VerifyConfig, step: bool):
         except (OSError, ValueError) as e:
             raise MQUserError(f"{path}: not a readable .npy array ({e})") from None
         if w.ndim != 2 or w.shape[1] < 2 or not np.issubdtype(w.dtype, np.integer):
-            raise MQUserError(f"{path}: expected integer token ids [windows, length + 1], got {w.dtype} {list(w.shape)}")
+            raise MQUserError(f"{path}: expected integer token ids [windows, length + 1], got {w.dtype} "
+                              f"{list(w.shape)}")
         if w.min() < 0 or w.max() >= vocab:
             raise MQUserError(f"{path}: token ids must lie in [0, {vocab})")
         w = w[:cfg.limit] if cfg.limit else w

@@ -65,7 +65,8 @@ def build_ort(onnx_path: str, out_path: str, *, custom_op_library: str | None = 
                 failed.append(f"{k} cosine {o['cosine_mean']:.6f} (need >= {min_cosine}), top-1 agreement "
                               f"{o.get('top1_agreement', 1.0):.4f} (need >= {min_top1_agreement})")
         if failed:
-            raise MQUserError(f"the optimized model disagrees with {onnx_path}: {'; '.join(failed)}; nothing was written")
+            raise MQUserError(f"the optimized model disagrees with {onnx_path}: {'; '.join(failed)}; "
+                              "nothing was written")
         ops = op_counts(built.proto)
         del built
     return {"backend": "onnxruntime", "onnxruntime_version": ort.__version__, "input": os.path.abspath(onnx_path),

@@ -58,7 +58,7 @@ def default_library(custom_op_library=None):
         return None
     if custom_op_library:
         return custom_op_library
-    from mq_deploy.ops.native import ort_library   # torch-free
+    from mq_deploy.ops.native import ort_library  # torch-free
 
     return os.environ.get(ORT_LIB_ENV) or ort_library()
 

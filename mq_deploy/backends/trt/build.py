@@ -117,7 +117,8 @@ def profile_shapes(inputs, min_shapes=None, opt_shapes=None, max_shapes=None, re
             if dynamic and require_all:
                 raise MQUserError(
                     f"input {name!r} has dynamic shape {list(shape)} (-1 = set at run time) and no shape was given; "
-                    f"pass min/opt/max shapes, e.g. --minShapes {name}:{'x'.join('1' if d < 0 else str(d) for d in shape)}"
+                    f"pass min/opt/max shapes, e.g. --minShapes "
+                    f"{name}:{'x'.join('1' if d < 0 else str(d) for d in shape)}"
                     f" --maxShapes {name}:<largest>")
             continue
         opt = opts.get(name) or maxs.get(name) or mins.get(name)
@@ -267,8 +268,13 @@ def build_engine(onnx_path, out_path, cfg: EngineBuildConfig | None = None, **kw
     trt = import_tensorrt()
     require_plugin(plan, onnx_path)
     profile_shapes(plan["inputs"], cfg.min_shapes, cfg.opt_shapes, cfg.max_shapes)
-    from polygraphy.backend.trt import (CreateConfig, EngineBytesFromNetwork, EngineFromBytes, NetworkFromOnnxPath,
-                                        Profile)
+    from polygraphy.backend.trt import (
+        CreateConfig,
+        EngineBytesFromNetwork,
+        EngineFromBytes,
+        NetworkFromOnnxPath,
+        Profile,
+    )
     from polygraphy.exception import PolygraphyException
 
     from mq_deploy import fileio
@@ -336,7 +342,8 @@ def check_int8(onnx_path: str, int8: bool) -> None:
     """--int8 on a float32 export is a mistake worth one line, before any build starts."""
     from mq_deploy.export.onnx_file import load_onnx
 
-    if int8 and not any(n.op_type == "QuantizeLinear" for n in load_onnx(onnx_path, load_external_data=False).graph.node):
+    nodes = load_onnx(onnx_path, load_external_data=False).graph.node if int8 else ()
+    if int8 and not any(n.op_type == "QuantizeLinear" for n in nodes):
         raise MQUserError(f"{onnx_path}: --int8 asks for an int8 build, but the graph has no QuantizeLinear nodes "
                           "(a float32 export); quantize first: mq-deploy quantize MODEL -o QDIR && "
                           "mq-deploy export QDIR -o model.onnx")
