@@ -120,9 +120,10 @@ def train_tokenizer(path, vocab_size=4000):
 
 def bench_shape(shape, workdir, calib_windows, keep, log, stages_wanted=None):
     d = os.path.join(workdir, shape)
-    if os.path.exists(d):
-        shutil.rmtree(d)
-    os.makedirs(d)
+    if stages_wanted is None or "make" in stages_wanted:   # a fresh folder; later stages reuse a kept one
+        if os.path.exists(d):
+            shutil.rmtree(d)
+        os.makedirs(d)
     model, q, onnx_path = os.path.join(d, "hf"), os.path.join(d, "q"), os.path.join(d, "model.onnx")
     hidden, layers = SHAPES[shape]["hidden_size"], SHAPES[shape]["num_hidden_layers"]
     dtype = HALF.get(shape, "float32")
@@ -144,8 +145,8 @@ def bench_shape(shape, workdir, calib_windows, keep, log, stages_wanted=None):
     for name, argv, kind in stages:
         if stages_wanted and name not in stages_wanted:
             continue
-        if name == "info":   # the tokenizer goes beside the weights, as in the hub folders
-            train_tokenizer(os.path.join(model, "tokenizer.json"))
+        if name == "info" and not os.path.exists(os.path.join(model, "tokenizer.json")):
+            train_tokenizer(os.path.join(model, "tokenizer.json"))   # beside the weights, as in the hub folders
         r = run_stage(name, argv[1:] if kind == "script" else argv, kind, log)
         if name == "make":
             r["files"] = sorted(os.listdir(model)) if os.path.isdir(model) else []
