@@ -4,8 +4,8 @@ came from, per recipe and depth, on random-init transformers Mamba models (hidde
     python bench/qdq_drift.py --layers 2,6,12 --recipes rtn,quarot,mambaquant [--json out.json]
 
 Prints the logits' mean cosine and top-1 agreement (graph vs fake quant), and the same for the fake-
-quantized model against itself with its embeddings scaled by 1 + 1e-6 (how sensitive the PyTorch side
-is to a perturbation far below any rounding step). Load average beside each row: timings are noisy here.
+quantized model against itself with independent noise of 1e-6 relative added to its embeddings (how
+sensitive the PyTorch side is to a perturbation of the size of float rounding). Load average beside each row: timings are noisy here.
 """
 
 import argparse
@@ -39,7 +39,8 @@ def run(layers, recipe, hidden=768, vocab=4000):
     got = sess.run(None, {"input_ids": ids})[0]
     with torch.no_grad():
         want = lm(torch.from_numpy(ids)).numpy()
-        lm.embedding.weight.mul_(1 + 1e-6)
+        w = lm.embedding.weight
+        w.add_(torch.randn(w.shape, generator=torch.Generator().manual_seed(1)) * 1e-6 * w.abs())
         pert = lm(torch.from_numpy(ids)).numpy()
     c, p = compare_outputs(got, want), compare_outputs(pert, want)
     return {"layers": layers, "recipe": recipe, "graph_cosine": c["cosine_mean"], "graph_top1": c["top1_agreement"],
