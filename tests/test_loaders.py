@@ -14,9 +14,9 @@ import torch
 from mq_deploy.models.io import save_model
 from mq_deploy.models.loaders import detect_format, load_model
 
+import reference_impl as ref
 from conftest import rel_err
 from helpers import small_lm, small_vim
-import reference_impl as ref
 
 transformers = pytest.importorskip("transformers")
 
@@ -34,7 +34,7 @@ def hf_model(**kw):
     cfg.update(kw)
     m = transformers.MambaForCausalLM(transformers.MambaConfig(**cfg)).eval()
     with torch.no_grad():  # move D, biases and norms off their init so every tensor matters
-        for name, p in m.named_parameters():
+        for p in m.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     return m
 

@@ -141,7 +141,8 @@ class _Graph:
         qm = 2 ** (self.quant.wbits - 1) - 1
         err = (q * s64.reshape([-1] + [1] * (w64.dim() - 1)) - w64).abs().max().item()
         if q.abs().max().item() > qm or err > 1e-5 * max(1e-30, w64.abs().max().item()):
-            raise MQInternalError(f"{name}: the stored weight is not on its W{self.quant.wbits} grid (off by {err:.2e})")
+            raise MQInternalError(f"{name}: the stored weight is not on its W{self.quant.wbits} grid "
+                                  f"(off by {err:.2e})")
         q = q.to(torch.int8)
         if small and self.small_weights == "float":
             wf = q.to(torch.float32) * s64.to(torch.float32).reshape([-1] + [1] * (w64.dim() - 1))
@@ -200,7 +201,8 @@ def _branch(g: _Graph, mixer, prefix, x, z, s, conv_state=None, ssm_state=None):
     if g.quant is not None:
         x_q = g.q(xc, prefix + "x" + s)
         xc = g.dq(x_q, prefix + "x" + s)
-    dt_low, Bm, Cm = b.op("Split", [g.linear(xc, getattr(mixer, "x_proj" + s), weight_key(prefix, "x_proj", s), small=True),
+    x_dbc = g.linear(xc, getattr(mixer, "x_proj" + s), weight_key(prefix, "x_proj", s), small=True)
+    dt_low, Bm, Cm = b.op("Split", [x_dbc,
                                     b.i64([cfg.dt_rank, cfg.d_state, cfg.d_state])], n_out=3, axis=-1)
     if cfg.mixer_rms_eps is not None:     # FalconMamba: weightless RMSNorm on dt, B, C (before their quant points)
         dt_low, Bm, Cm = (b.rms_norm(t, None, cfg.mixer_rms_eps) for t in (dt_low, Bm, Cm))
