@@ -22,16 +22,10 @@ CALIB = os.path.join(HERE, "..", "samples", "mamba-byte-lm", "data", "calib.txt"
 
 
 def _train_tokenizer(path, vocab_size):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from mq_deploy.data.tokenizer import train_byte_level_bpe
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=True)
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train([CALIB], trainer)
-    tok.save(path)
+    with open(CALIB, encoding="utf-8") as f:
+        train_byte_level_bpe(path, [f.read()], vocab_size)
 
 
 def main():

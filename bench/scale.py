@@ -106,16 +106,10 @@ def run_stage(name, argv, kind="cli", log=None):
 
 
 def train_tokenizer(path, vocab_size=4000):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from mq_deploy.data.tokenizer import train_byte_level_bpe
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=True)
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train([os.path.join(KJV, "calib.txt")], trainer)
-    tok.save(path)
+    with open(os.path.join(KJV, "calib.txt"), encoding="utf-8") as f:
+        train_byte_level_bpe(path, [f.read()], vocab_size)
 
 
 def bench_shape(shape, workdir, calib_windows, keep, log, stages_wanted=None):

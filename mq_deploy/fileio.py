@@ -304,6 +304,17 @@ def commit_file(tmp: str, out: str, overwrite: bool, path: str | None = None) ->
 
 # ---- the public writers ------------------------------------------------------------------------
 
+def _prepare(path: str, overwrite: bool, inputs, what: str, inout: bool = False, folder: bool = False):
+    """Every writer's start: the checks, signal handling, the target's folder, a sweep of dead
+    writers' temporaries there, and this writer's temporary name. Returns (target, temporary)."""
+    out = _real(path)
+    _check_target(path, out, overwrite, inputs, what, inout, folder)
+    _install_handlers()
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    sweep_stale(os.path.dirname(out))
+    return out, temp_path(out)
+
+
 @contextlib.contextmanager
 def atomic_file(path: str, mode: str = "wb", *, overwrite: bool = False, inputs=(), what: str = "output",
                 sidecar: bool = False, inout: bool = False):
@@ -311,12 +322,7 @@ def atomic_file(path: str, mode: str = "wb", *, overwrite: bool = False, inputs=
     place. `sidecar` marks formats that cannot carry our marker themselves (engines)."""
     if mode not in ("w", "wb"):
         raise MQInternalError(f"atomic_file mode {mode!r}")
-    out = _real(path)
-    _check_target(path, out, overwrite, inputs, what, inout)
-    _install_handlers()
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    sweep_stale(os.path.dirname(out))
-    tmp = temp_path(out)
+    out, tmp = _prepare(path, overwrite, inputs, what, inout)
     with tracked_temp(tmp):
         fd = _create(path, lambda: os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
@@ -336,12 +342,7 @@ def atomic_path(path: str, *, overwrite: bool = False, inputs=(), what: str = "o
                 inout: bool = False):
     """Like atomic_file, for writers that want a path (onnx.save, safetensors): yield the temporary
     path; the caller writes a complete file there; it is then fsynced and renamed into place."""
-    out = _real(path)
-    _check_target(path, out, overwrite, inputs, what, inout)
-    _install_handlers()
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    sweep_stale(os.path.dirname(out))
-    tmp = temp_path(out)
+    out, tmp = _prepare(path, overwrite, inputs, what, inout)
     with tracked_temp(tmp):
         yield tmp
         if not os.path.isfile(tmp):
@@ -399,12 +400,7 @@ def atomic_dir(path: str, *, overwrite: bool = False, inputs=(), what: str = "ou
     the folder into place (an old folder of ours is exchanged atomically, then removed)."""
     from mq_deploy import __version__
 
-    out = _real(path)
-    _check_target(path, out, overwrite, inputs, what, folder=True)
-    _install_handlers()
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    sweep_stale(os.path.dirname(out))
-    tmp = temp_path(out)
+    out, tmp = _prepare(path, overwrite, inputs, what, folder=True)
     with tracked_temp(tmp):
         _create(path, lambda: os.mkdir(tmp, 0o777))
         os.chmod(tmp, 0o777 & ~_umask())

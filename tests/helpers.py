@@ -111,17 +111,9 @@ def kjv_slices():
 
 def train_bpe(path, vocab_size=400, text=None):
     """A GPT-NeoX-style byte-level BPE tokenizer.json (<|endoftext|> = id 0) trained with `tokenizers`."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from mq_deploy.data.tokenizer import train_byte_level_bpe
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=True)
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator([text if text is not None else kjv_slices()[0]], trainer)
-    tok.save(str(path))
-    return tok
+    return train_byte_level_bpe(path, [text if text is not None else kjv_slices()[0]], vocab_size)
 
 
 # ---- native scan inputs (CPU library, emulated CUDA, real CUDA tests) -------------------------

@@ -237,3 +237,21 @@ def encode_file(codec, path: str, min_tokens: int = 2) -> tuple[np.ndarray, np.n
     if len(ids) < min_tokens:
         raise MQUserError(f"{path}: too short for a language model ({len(ids)} tokens)")
     return ids, nbytes
+
+
+def train_byte_level_bpe(path: str, texts, vocab_size: int):
+    """A GPT-NeoX-style byte-level BPE tokenizer.json (<|endoftext|> = id 0) trained with `tokenizers`
+    on `texts` (strings), for tests, benchmarks and models that have none. Returns the Tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    from mq_deploy import fileio
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=True)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(list(texts), trainer)
+    fileio.write_text(str(path), tok.to_str(), overwrite=True, inout=True)
+    return tok
