@@ -585,6 +585,7 @@ def _write_model(root: str, a: Artifact, name: str, backend: str, cfg: TritonCon
         if backend == "python":
             role = "ort_step_model.py" if a.graph == "step" else "ort_model.py"
             shutil.copyfile(os.path.join(_MODELS_DIR, role), os.path.join(vdir, "model.py"))
+            shutil.copyfile(os.path.join(_MODELS_DIR, "mq_ort_session.py"), os.path.join(vdir, "mq_ort_session.py"))
             if cfg.custom_op_lib:
                 op_lib = os.path.basename(cfg.custom_op_lib)
                 for lib in [cfg.custom_op_lib] + _sibling_deps(cfg.custom_op_lib):

@@ -16,29 +16,14 @@ Response: logits FP32 [1, seq, vocab], computed exactly as mq_deploy's OrtRunner
 import collections
 import json
 import os
+import sys
 import time
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-
-def make_session(model_dir, params, model_name):
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise pb_utils.TritonModelException(
-            f"{model_name}: the server's Python cannot import onnxruntime; install it for the interpreter the "
-            "Python backend embeds (Debian: /usr/bin/python3.11 -m pip install --break-system-packages "
-            "onnxruntime; NVIDIA's container: pip install onnxruntime)") from None
-    so = ort.SessionOptions()
-    threads = int(params.get("intra_op_threads", "0") or 0)
-    if threads:
-        so.intra_op_num_threads = threads
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    lib = params.get("custom_op_library")
-    if lib:
-        so.register_custom_ops_library(os.path.join(model_dir, lib))
-    return ort.InferenceSession(os.path.join(model_dir, params["onnx_file"]), so, providers=["CPUExecutionProvider"])
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # mq_ort_session.py is copied beside us
+from mq_ort_session import make_session, parameters  # noqa: E402
 
 
 def _control(request, name):
@@ -50,7 +35,7 @@ class TritonPythonModel:
     def initialize(self, args):
         self.config = json.loads(args["model_config"])
         self.name = args["model_name"]
-        params = {k: v["string_value"] for k, v in self.config.get("parameters", {}).items()}
+        params = parameters(self.config)
         model_dir = os.path.join(args["model_repository"], args["model_version"])
         self.session = make_session(model_dir, params, self.name)
         self.max_sequences = int(params.get("max_sequences", "64"))
