@@ -24,7 +24,7 @@ def run(layers, recipe, hidden=768, vocab=4000):
     from mq_deploy.models.loaders import load_model
     from mq_deploy.quant.fakequant import QuantConfig
     from mq_deploy.quant.recipes import RecipeConfig, apply_recipe
-    from mq_deploy.verify.verify import compare_outputs
+    from mq_deploy.verify.compare import compare_outputs
 
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as d:

@@ -16,7 +16,7 @@ import torch
 from mq_deploy.calib.collect import image_forward_loop, text_forward_loop
 from mq_deploy.quant.fakequant import QuantConfig
 from mq_deploy.quant.recipes import RecipeConfig, apply_recipe
-from mq_deploy.verify.verify import compare_outputs
+from mq_deploy.verify.compare import compare_outputs
 
 from helpers import small_lm, small_vim
 

@@ -15,7 +15,7 @@ from mq_deploy.calib.collect import text_forward_loop
 from mq_deploy.models.loaders import load_model
 from mq_deploy.quant.fakequant import QuantConfig
 from mq_deploy.quant.recipes import RecipeConfig, apply_recipe
-from mq_deploy.verify.verify import compare_outputs
+from mq_deploy.verify.compare import compare_outputs
 
 from conftest import rel_err
 

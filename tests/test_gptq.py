@@ -58,7 +58,7 @@ def test_gptq_checkpoint_exports_on_the_same_int4_grid_and_runs_in_ort():
     from mq_deploy.export.graph import QuantSpec, build_model
     from mq_deploy.quant.fakequant import QuantConfig
     from mq_deploy.quant.recipes import RecipeConfig, apply_recipe
-    from mq_deploy.verify.verify import compare_outputs
+    from mq_deploy.verify.compare import compare_outputs
 
     from helpers import small_lm
 

@@ -41,9 +41,7 @@ def save_model_atomic(proto, out_path: str, *, overwrite: bool = False, inputs=(
 
     from mq_deploy import fileio
 
-    out_abs = fileio.check_target(out_path, overwrite, inputs, "ONNX file")
-    if os.path.isdir(out_abs):
-        raise MQUserError(f"{out_path}: is a folder; give the path of the .onnx file to write")
+    out_abs = fileio.check_target(out_path, overwrite, inputs, "ONNX file")     # a folder is refused there
     data_target = out_abs + ".data"
     external = proto.ByteSize() > _EXTERNAL_DATA_BYTES
     if external:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mq_deploy.errors import MQUserError
-from mq_deploy.verify.compare import compare_outputs  # noqa: F401  (re-exported)
+from mq_deploy.verify.compare import compare_outputs
 
 STATS = ("max", "mean", "median")
 

@@ -88,7 +88,6 @@ class OrtRunner(Runner):
             self.session = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
         except Exception as e:
             raise MQUserError(f"{path}: ONNX Runtime cannot load it: {(str(e).splitlines() or [''])[0]}") from None
-        self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.input_specs = {i.name: TensorSpec(i.name, _NP_OF_ORT.get(i.type), tuple(i.shape))
                             for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
