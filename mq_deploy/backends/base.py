@@ -11,6 +11,7 @@ feed is one line naming the input for PyTorch, ONNX Runtime and TensorRT alike.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -72,8 +73,6 @@ class Runner:
 
 def open_runner(path: str, custom_op_library: str | None = None, plugins=(), threads: int | None = None) -> Runner:
     """OrtRunner for an ONNX file, TensorRTRunner for an engine (.engine / .plan / .trt)."""
-    import os
-
     if not os.path.isfile(path):
         raise MQUserError(f"{path}: no such file")
     if path.endswith(ENGINE_SUFFIXES):
