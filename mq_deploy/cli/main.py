@@ -594,7 +594,25 @@ def _extra_commands():
     return [serve_commands]
 
 
+def _return_freed_memory() -> None:
+    """glibc raises its mmap threshold as large blocks are freed, up to 32 MiB, after which the model-sized
+    temporaries of load / fold / calibration stay in the heap when freed and add up in RSS (a 1536-wide
+    model quantized at 2.39 GB peak, 2.02 GB with a fixed 8 MiB threshold, same speed). A fixed threshold:
+    unless the user set MALLOC_MMAP_THRESHOLD_ themselves; nothing on other C libraries."""
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") or not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        if hasattr(libc, "gnu_get_libc_version"):
+            libc.mallopt(-3, 8 << 20)     # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def main(argv=None) -> int:
+    _return_freed_memory()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

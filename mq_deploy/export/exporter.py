@@ -104,6 +104,7 @@ def export(model_path: str, out: str, step: bool = False, opset: int = OPSET, ov
         int8_head(loaded.model)
     proto = build_model(loaded.model, spec, step=step, opset=opset)
     _carry_tokenizer(proto, loaded, tokenizer)
+    loaded.model = None      # the float model is in the proto now: not held while it is serialized and checked
     out_abs = save_model_atomic(proto, out, overwrite=overwrite, inputs=inputs)
     counts: dict = {}
     for n in proto.graph.node:

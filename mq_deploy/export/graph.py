@@ -63,7 +63,7 @@ class _Builder:
 
     def _intern(self, kind, array, hint, make):
         """The initializer name of `array` (stored as `kind`), made once by make(name)."""
-        key = (kind, array.shape, hashlib.sha1(array.tobytes()).hexdigest())
+        key = (kind, array.shape, hashlib.sha1(memoryview(array).cast("B")).hexdigest())   # no copy of the bytes
         if key not in self._consts:
             name = self.name(hint)
             self.inits.append(make(name))
@@ -73,7 +73,7 @@ class _Builder:
     def const(self, array, hint="c"):
         from onnx import numpy_helper
 
-        array = np.array(array, order="C")     # (ascontiguousarray would make a scalar 1-D)
+        array = np.asarray(array, order="C")   # no copy when already C-contiguous (ascontiguousarray would make a scalar 1-D)
         return self._intern(array.dtype.str, array, hint, lambda name: numpy_helper.from_array(array, name))
 
     def int4(self, q: np.ndarray, hint):
@@ -84,8 +84,11 @@ class _Builder:
                             lambda name: helper.make_tensor(name, TensorProto.INT4, q.shape, q.ravel().tolist()))
 
     def f32(self, t, hint):
-        return self.const((t.detach().double().numpy() if torch.is_tensor(t) else np.asarray(t)).astype(np.float32),
-                          hint)
+        # float64 -> float32 rounds as numpy's astype would; float32 / bf16 / fp16 convert exactly. Never via a
+        # float64 copy: a vocabulary-sized embedding would take 2x its float32 size for nothing.
+        if torch.is_tensor(t):
+            return self.const(t.detach().to(torch.float32).contiguous().numpy(), hint)
+        return self.const(np.asarray(t).astype(np.float32), hint)
 
     def op(self, op_type, inputs, hint=None, n_out=1, domain=None, **attrs):
         from onnx import helper

@@ -26,11 +26,24 @@ def _assign(param, value):
         param.copy_(value.to(param.dtype))
 
 
+_ROW_BLOCK_BYTES = 64 << 20    # float64 rows per block of _update_rows: the temporaries of a 50k-row head stay small
+
+
+def _update_rows(param, fn) -> None:
+    """param <- fn(float64 param), a block of rows at a time: fn must act on each row alone (W @ Q, W * w).
+    A vocabulary-sized embedding or head is never held in float64 whole (2.8b: 1 GiB per copy)."""
+    rows = max(1, _ROW_BLOCK_BYTES // max(1, 8 * param[0].numel()))
+    with torch.no_grad():
+        for i in range(0, param.shape[0], rows):
+            blk = param[i:i + rows]
+            blk.copy_(fn(_f64(blk)).to(param.dtype))
+
+
 def fuse_norm_into_linear(norm, linears) -> None:
     """norm(x) W^T = (x / rms(x)) (W diag(w))^T: move the norm weight into every reader, set it to 1."""
     w = _f64(norm.weight)
     for lin in linears:
-        _assign(lin.weight, _f64(lin.weight) * w)
+        _update_rows(lin.weight, lambda r: r * w)
     _assign(norm.weight, torch.ones_like(w))
 
 
@@ -38,7 +51,7 @@ def smooth_norm_into_linear(norm, lin, s) -> None:
     """SmoothQuant at a norm -> linear site: the norm's output channels / s, the linear's columns * s."""
     s = _f64(s)
     _assign(norm.weight, _f64(norm.weight) / s)
-    _assign(lin.weight, _f64(lin.weight) * s)
+    _update_rows(lin.weight, lambda r: r * s)
 
 
 def untie_lm_head(model: MambaLM) -> None:
@@ -61,7 +74,7 @@ def fuse_norms(model) -> None:
 
 def rotate_linear_input(lin, Q) -> None:
     """The input of `lin` becomes x Q: y = (x Q) (W Q)^T."""
-    _assign(lin.weight, _f64(lin.weight) @ Q)
+    _update_rows(lin.weight, lambda r: r @ Q)
 
 
 def rotate_linear_output(lin, Q) -> None:
@@ -74,7 +87,7 @@ def rotate_linear_output(lin, Q) -> None:
 def rotate_embeddings(model, Q) -> None:
     """Writers at the bottom of the stream: token embedding, or patch embedding + class token + positions."""
     if isinstance(model, MambaLM):
-        _assign(model.embedding.weight, _f64(model.embedding.weight) @ Q)
+        _update_rows(model.embedding.weight, lambda r: r @ Q)
         return
     conv = model.patch_embed.proj
     _assign(conv.weight, torch.einsum("i...,ij->j...", _f64(conv.weight), Q))
