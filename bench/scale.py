@@ -109,6 +109,16 @@ def run_stage(name, argv, kind="cli", log=None):
     return res
 
 
+def _wait_while_paused(workdir):
+    """`touch WORKDIR/PAUSE` holds the run between stages (to measure something else on an idle machine);
+    removing it resumes. Stage timings never include the pause."""
+    flag = os.path.join(workdir, "PAUSE")
+    if os.path.exists(flag):
+        print(f"paused ({flag} exists)", flush=True)
+        while os.path.exists(flag):
+            time.sleep(5)
+
+
 def train_tokenizer(path, vocab_size=4000):
     from mq_deploy.data.tokenizer import train_byte_level_bpe
 
@@ -143,6 +153,7 @@ def bench_shape(shape, workdir, calib_windows, keep, log, stages_wanted=None):
     for name, argv, kind in stages:
         if stages_wanted and name not in stages_wanted:
             continue
+        _wait_while_paused(workdir)
         if name == "info" and not os.path.exists(os.path.join(model, "tokenizer.json")):
             train_tokenizer(os.path.join(model, "tokenizer.json"))   # beside the weights, as in the hub folders
         r = run_stage(name, argv[1:] if kind == "script" else argv, kind, log)
