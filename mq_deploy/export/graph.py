@@ -26,6 +26,7 @@ import torch
 
 from mq_deploy.errors import MQInternalError, MQUserError
 from mq_deploy.export.scan_op import DOMAIN, OP, OP_FLOAT, selective_scan_float_function, selective_scan_function
+from mq_deploy.export.state_update_op import OP_UPDATE, OP_UPDATE_FLOAT, state_update_function
 from mq_deploy.models.mamba import MambaLM
 from mq_deploy.models.points import mixer_prefix, weight_key
 
@@ -73,7 +74,7 @@ class _Builder:
     def const(self, array, hint="c"):
         from onnx import numpy_helper
 
-        array = np.asarray(array, order="C")   # no copy when already C-contiguous (ascontiguousarray would make a scalar 1-D)
+        array = np.asarray(array, order="C")   # no copy if C-contiguous (ascontiguousarray would make a scalar 1-D)
         return self._intern(array.dtype.str, array, hint, lambda name: numpy_helper.from_array(array, name))
 
     def int4(self, q: np.ndarray, hint):
@@ -122,10 +123,12 @@ class _Builder:
 class _Graph:
     """The model-specific part: float or quantized weights and activations."""
 
-    def __init__(self, b: _Builder, quant: QuantSpec | None, rotation: str = "factored", small_weights: str = "qdq"):
+    def __init__(self, b: _Builder, quant: QuantSpec | None, rotation: str = "factored", small_weights: str = "qdq",
+                 fused_step: bool = True):
         if small_weights not in SMALL_WEIGHTS:
             raise MQUserError(f"small_weights must be one of {', '.join(SMALL_WEIGHTS)}, got {small_weights!r}")
         self.b, self.quant, self.rotation, self.small_weights = b, quant, rotation, small_weights
+        self.fused_step = fused_step
 
     # -- weights -------------------------------------------------------------------------------------
     def weight(self, name, w: torch.Tensor, transpose: bool, small: bool = False):
@@ -136,6 +139,17 @@ class _Graph:
         b = self.b
         if self.quant is None:
             return b.f32(w.t() if transpose else w, "w")
+        q, s64 = self.grid(name, w)
+        if small and self.small_weights == "float":
+            wf = q.to(torch.float32) * s64.to(torch.float32).reshape([-1] + [1] * (q.dim() - 1))
+            return b.const(np.ascontiguousarray((wf.t() if transpose else wf).numpy()), "w_deq")
+        if transpose:
+            q = q.t()
+        qn = (b.int4(q.numpy(), "wq") if self.quant.wbits == 4 else b.const(q.numpy(), "wq"))
+        return b.op("DequantizeLinear", [qn, b.f32(s64, "w_scale")], "w_dq", axis=1 if transpose else 0)
+
+    def grid(self, name, w: torch.Tensor):
+        """(q int8 tensor, per-output-channel float64 scales) of a quantized weight, checked on its grid."""
         s = self.quant.weight_scales.get(name)
         if s is None:
             raise MQUserError(f"the quantized checkpoint has no scale for weight {name}")
@@ -146,14 +160,7 @@ class _Graph:
         if q.abs().max().item() > qm or err > 1e-5 * max(1e-30, w64.abs().max().item()):
             raise MQInternalError(f"{name}: the stored weight is not on its W{self.quant.wbits} grid "
                                   f"(off by {err:.2e})")
-        q = q.to(torch.int8)
-        if small and self.small_weights == "float":
-            wf = q.to(torch.float32) * s64.to(torch.float32).reshape([-1] + [1] * (w64.dim() - 1))
-            return b.const(np.ascontiguousarray((wf.t() if transpose else wf).numpy()), "w_deq")
-        if transpose:
-            q = q.t()
-        qn = (b.int4(q.numpy(), "wq") if self.quant.wbits == 4 else b.const(q.numpy(), "wq"))
-        return b.op("DequantizeLinear", [qn, b.f32(s64, "w_scale")], "w_dq", axis=1 if transpose else 0)
+        return q.to(torch.int8), s64
 
     def linear(self, x, lin, name, small=False):
         y = self.b.op("MatMul", [x, self.weight(name, lin.weight, transpose=True, small=small)])
@@ -234,6 +241,34 @@ def _branch(g: _Graph, mixer, prefix, x, z, s, conv_state=None, ssm_state=None):
     return y, new_conv, h_last
 
 
+def _fused_branch(g: _Graph, mixer, prefix, x, z, conv_state, ssm_state):
+    """The decode-step form of _branch (forward direction): one mq::SelectiveStateUpdate(Float) node
+    (state_update_op.py). Returns (y, new_conv_state, h_last)."""
+    b, cfg = g.b, mixer.cfg
+    conv, x_proj, dt_proj = mixer.conv1d, mixer.x_proj, mixer.dt_proj
+    di, k = cfg.d_inner, cfg.d_conv
+    conv_b = b.f32(conv.bias if conv.bias is not None else torch.zeros(di), "conv_b")
+    A = -torch.exp(mixer.A_log.detach().double())
+    gate = mixer.gate_scale if mixer.gate_scale is not None else torch.ones(di)
+    tail = [b.f32(dt_proj.bias, "dt_bias"), b.f32(A, "A"), b.f32(mixer.D, "D"), b.f32(gate, "gate_scale")]
+    attrs = {} if cfg.mixer_rms_eps is None else {"norm_eps": float(cfg.mixer_rms_eps)}
+    if g.quant is None:
+        ins = [x, z, conv_state, ssm_state, b.f32(conv.weight.reshape(di, k), "conv_w"), conv_b,
+               b.f32(x_proj.weight, "x_proj_w"), b.f32(dt_proj.weight.t(), "dt_proj_w")] + tail
+        return b.op(OP_UPDATE_FLOAT, ins, "state_update", n_out=3, domain=DOMAIN, **attrs)
+    qc, sc = g.grid(weight_key(prefix, "conv1d"), conv.weight)
+    conv_w = (qc.to(torch.float32) * sc.to(torch.float32).reshape(-1, 1, 1)).reshape(di, k)   # what DQ computes
+    qx, sx = g.grid(weight_key(prefix, "x_proj"), x_proj.weight)
+    qd, sd = g.grid(weight_key(prefix, "dt_proj"), dt_proj.weight)
+    ins = [x, z, conv_state, ssm_state, b.f32(conv_w, "conv_w"), conv_b, b.const(qx.numpy(), "x_proj_q"),
+           b.f32(sx, "x_proj_scale"), b.const(np.ascontiguousarray(qd.numpy().T), "dt_proj_q"),
+           b.f32(sd, "dt_proj_scale")] + tail
+    points = {"conv_scale": "conv1d", "x_scale": "x", "dt_low_scale": "dt_low", "delta_scale": "dt",
+              "B_scale": "B", "C_scale": "C", "z_scale": "z"}
+    attrs.update({a: g._scale(prefix + p) for a, p in points.items()})
+    return b.op(OP_UPDATE, ins, "state_update", n_out=3, domain=DOMAIN, **attrs)
+
+
 ROTATIONS = ("factored", "dense")
 # "qdq": every quantized weight as int8/int4 + DequantizeLinear (what TensorRT fuses). "float": conv1d,
 # x_proj and dt_proj as their dequantized float32 values. In ORT 1.32 none of those three becomes an
@@ -287,7 +322,10 @@ def _mixer(g: _Graph, mixer, prefix, h, state=None):
     if g.quant is not None:
         z = g.q(z, prefix + "z")             # the scan takes z as int8 straight from its QuantizeLinear
     conv_state, ssm_state = state if state is not None else (None, None)
-    y, new_conv, h_last = _branch(g, mixer, prefix, x, z, "", conv_state, ssm_state)
+    if state is not None and g.fused_step and not mixer.cfg.bimamba:
+        y, new_conv, h_last = _fused_branch(g, mixer, prefix, x, z, conv_state, ssm_state)
+    else:
+        y, new_conv, h_last = _branch(g, mixer, prefix, x, z, "", conv_state, ssm_state)
     if mixer.cfg.bimamba:
         y_b, _, _ = _branch(g, mixer, prefix, b.flip_time(x), b.flip_time(z), "_b")
         y = b.op("Mul", [b.op("Add", [y, b.flip_time(y_b)]), b.f32(np.array(0.5), "half")])
@@ -342,16 +380,19 @@ def _metadata(model, quant, step):
 
 
 def build_model(model, quant: QuantSpec | None = None, step: bool = False, opset: int = OPSET,
-                rotation: str = "factored", last_logits: bool = False, small_weights: str = "qdq"):
+                rotation: str = "factored", last_logits: bool = False, small_weights: str = "qdq",
+                fused_step: bool = True):
     """ModelProto of a MambaLM (input_ids -> logits) or Vim (images -> logits); see the module doc.
     rotation: how the online Hadamard before out_proj runs, "factored" (two small MatMuls) or "dense".
     last_logits (LMs): logits of the last position only, [batch, 1, V] (what generation reads; a
-    prefill then skips the vocab matmul of every other position). small_weights: see SMALL_WEIGHTS."""
+    prefill then skips the vocab matmul of every other position). small_weights: see SMALL_WEIGHTS.
+    fused_step (step graphs): each layer's conv, x_proj, dt_proj and scan as one mq::SelectiveStateUpdate
+    (state_update_op.py); False: the same ops unfused, as in the full graph."""
     from onnx import TensorProto as T
     from onnx import helper
 
     b = _Builder(opset)
-    g = _Graph(b, quant, rotation, small_weights)
+    g = _Graph(b, quant, rotation, small_weights, fused_step)
     vi = helper.make_tensor_value_info
     outputs = []
     if isinstance(model, MambaLM):
@@ -399,8 +440,10 @@ def build_model(model, quant: QuantSpec | None = None, step: bool = False, opset
     b.nodes.append(helper.make_node("Identity", [logits], ["logits"]))
     graph = helper.make_graph(b.nodes, "mq_deploy_" + ("int8" if quant else "fp32"), inputs, outputs,
                               initializer=b.inits)
-    fn = selective_scan_function(opset) if quant else selective_scan_float_function(opset)
-    proto = helper.make_model(graph, functions=[fn], ir_version=IR_VERSION,
+    fns = [selective_scan_function(opset) if quant else selective_scan_float_function(opset)]
+    if any(n.op_type in (OP_UPDATE, OP_UPDATE_FLOAT) for n in b.nodes):
+        fns.append(state_update_function(model.cfg.mixer, quant is not None, opset))
+    proto = helper.make_model(graph, functions=fns, ir_version=IR_VERSION,
                               opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(DOMAIN, 1)],
                               producer_name="mq-deploy")
     for k, v in _metadata(model, quant, step).items():

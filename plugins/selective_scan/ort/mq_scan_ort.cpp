@@ -24,6 +24,7 @@
 #include "mq_selective_scan.h"
 #include "mq_ort_api.h"
 #include "scan_float.h"
+#include "state_update.h"
 
 using namespace mq_ort;
 
@@ -286,6 +287,208 @@ OrtStatus *compute_float(OrtKernelContext *ctx) {
                                           &split);
 }
 
+// ---- mq::SelectiveStateUpdate / mq::SelectiveStateUpdateFloat (state_update.h) -----------------
+
+OrtStatus *copy_shape(const OrtTensorTypeAndShapeInfo *like, ONNXTensorElementDataType type,
+                      OrtTensorTypeAndShapeInfo **out);   // below, with the scan's shape inference
+
+constexpr const char *kUpdateName = "SelectiveStateUpdate";
+constexpr const char *kUpdateNameFloat = "SelectiveStateUpdateFloat";
+constexpr size_t kUpdateInputs = 14, kUpdateInputsFloat = 12, kUpdateOutputs = 3;
+const char *const kUpdateInputNames[kUpdateInputs] = {
+    "x", "z", "conv_state", "ssm_state", "conv_w", "conv_b", "x_proj_w", "x_proj_scale", "dt_proj_w",
+    "dt_proj_scale", "delta_bias", "A", "D", "gate_scale"};
+const char *const kUpdateInputNamesFloat[kUpdateInputsFloat] = {
+    "x", "z", "conv_state", "ssm_state", "conv_w", "conv_b", "x_proj_w", "dt_proj_w", "delta_bias", "A", "D",
+    "gate_scale"};
+const char *const kUpdateScaleAttrs[7] = {"conv_scale", "x_scale", "dt_low_scale", "delta_scale",
+                                          "B_scale", "C_scale", "z_scale"};
+
+struct UpdateKernel {
+  bool is_float;
+  float scale[7];   // kUpdateScaleAttrs order (int8 op)
+  float norm_eps;   // < 0: none
+};
+
+OrtStatus *update_error(bool is_float, OrtErrorCode code, const std::string &msg) {
+  return g_api->CreateStatus(code, (std::string("mq::") + (is_float ? kUpdateNameFloat : kUpdateName) + ": " + msg).c_str());
+}
+
+bool is_int8_update_input(size_t i) { return i == 1 || i == 6 || i == 8; }
+
+struct PoolCall {
+  OrtKernelContext *ctx;
+  OrtStatus *status;
+};
+
+void ort_parallel_for(void *pool, void (*fn)(void *, size_t), size_t n, void *user) {
+  PoolCall &c = *static_cast<PoolCall *>(pool);
+  if (c.status) return;   // an earlier pass failed to start: skip the rest
+  c.status = g_api->KernelContext_ParallelFor(c.ctx, fn, n, 0, user);
+}
+
+OrtStatus *compute_update(const UpdateKernel &k, OrtKernelContext *ctx) {
+  const bool fl = k.is_float;
+  const size_t want_in = fl ? kUpdateInputsFloat : kUpdateInputs;
+  const char *const *names = fl ? kUpdateInputNamesFloat : kUpdateInputNames;
+  size_t n_in = 0;
+  OrtStatus *st = g_api->KernelContext_GetInputCount(ctx, &n_in);
+  if (st) return st;
+  if (n_in != want_in) return update_error(fl, ORT_INVALID_ARGUMENT, "expects " + std::to_string(want_in) +
+                                                                      " inputs, got " + std::to_string(n_in));
+  const OrtValue *in[kUpdateInputs];
+  Shape sh[kUpdateInputs];
+  const void *data[kUpdateInputs];
+  for (size_t i = 0; i < want_in; ++i) {
+    if ((st = g_api->KernelContext_GetInput(ctx, i, &in[i]))) return st;
+    if (in[i] == nullptr) return update_error(fl, ORT_INVALID_ARGUMENT, std::string("input ") + names[i] + " is missing");
+    if ((st = shape_of(in[i], &sh[i]))) return st;
+    if ((st = g_api->GetTensorMutableData(const_cast<OrtValue *>(in[i]), const_cast<void **>(&data[i])))) return st;
+  }
+  // index of each named input in this op's list
+  const size_t iX = 0, iZ = 1, iConv = 2, iSsm = 3, iCw = 4, iCb = 5, iXw = 6;
+  const size_t iXs = fl ? 0 : 7, iDw = fl ? 7 : 8, iDs = fl ? 0 : 9, iBias = fl ? 8 : 10, iA = fl ? 9 : 11;
+  const size_t iD = fl ? 10 : 12, iG = fl ? 11 : 13;
+  if (sh[iX].rank != 3) return update_error(fl, ORT_INVALID_ARGUMENT, "x must be [b, L, Di], got " + str(sh[iX]));
+  if (sh[iConv].rank != 3 || sh[iA].rank != 2 || sh[iXw].rank != 2)
+    return update_error(fl, ORT_INVALID_ARGUMENT, "conv_state must be [b, Di, K-1], A [Di, N], x_proj_w [R+2N, Di]; got " +
+                                                      str(sh[iConv]) + ", " + str(sh[iA]) + ", " + str(sh[iXw]));
+  const int64_t b = sh[iX].d[0], L = sh[iX].d[1], Di = sh[iX].d[2], K = sh[iConv].d[2] + 1, N = sh[iA].d[1];
+  const int64_t O = sh[iXw].d[0], R = O - 2 * N;
+  if (R < 1) return update_error(fl, ORT_INVALID_ARGUMENT, "x_proj_w has " + std::to_string(O) + " rows, fewer than 2 N + 1 = " +
+                                                            std::to_string(2 * N + 1));
+  struct Want { size_t i; Shape s; };
+  const Want want[] = {{iZ, {{b, L, Di}, 3}}, {iConv, {{b, Di, K - 1}, 3}}, {iSsm, {{b, Di, N}, 3}}, {iCw, {{Di, K}, 2}},
+                       {iCb, {{Di}, 1}}, {iXw, {{O, Di}, 2}}, {iDw, {{R, Di}, 2}}, {iBias, {{Di}, 1}}, {iA, {{Di, N}, 2}},
+                       {iD, {{Di}, 1}}, {iG, {{Di}, 1}}};
+  for (const Want &w : want) {
+    bool same = sh[w.i].rank == w.s.rank;
+    for (size_t d = 0; same && d < w.s.rank; ++d) same = sh[w.i].d[d] == w.s.d[d];
+    if (!same)
+      return update_error(fl, ORT_INVALID_ARGUMENT, std::string(names[w.i]) + " has shape " + str(sh[w.i]) + ", expected " +
+                                                        str(w.s) + " from x " + str(sh[iX]) + ", conv_state, A and x_proj_w");
+  }
+  if (!fl) {
+    const Want scales[] = {{iXs, {{O}, 1}}, {iDs, {{Di}, 1}}};
+    for (const Want &w : scales)
+      if (sh[w.i].rank != 1 || sh[w.i].d[0] != w.s.d[0])
+        return update_error(fl, ORT_INVALID_ARGUMENT, std::string(names[w.i]) + " has shape " + str(sh[w.i]) +
+                                                          ", expected " + str(w.s));
+  }
+  const int64_t y_dims[3] = {b, L, Di}, c_dims[3] = {b, Di, K - 1}, h_dims[3] = {b, Di, N};
+  OrtValue *out[kUpdateOutputs] = {nullptr, nullptr, nullptr};
+  if ((st = g_api->KernelContext_GetOutput(ctx, 0, y_dims, 3, &out[0]))) return st;
+  if ((st = g_api->KernelContext_GetOutput(ctx, 1, c_dims, 3, &out[1]))) return st;
+  if ((st = g_api->KernelContext_GetOutput(ctx, 2, h_dims, 3, &out[2]))) return st;
+  float *outp[kUpdateOutputs];
+  for (size_t o = 0; o < kUpdateOutputs; ++o)
+    if ((st = g_api->GetTensorMutableData(out[o], reinterpret_cast<void **>(&outp[o])))) return st;
+
+  mq_scan::StateUpdateParams p;
+  std::memset(&p, 0, sizeof p);
+  p.is_float = fl;
+  p.batch = b, p.seqlen = L, p.dim = Di, p.dstate = N, p.dt_rank = R, p.dconv = K;
+  auto f = [&](size_t i) { return static_cast<const float *>(data[i]); };
+  auto q = [&](size_t i) { return static_cast<const int8_t *>(data[i]); };
+  p.x = f(iX);
+  if (fl) {
+    p.z_f = f(iZ), p.xw_f = f(iXw), p.dtw_f = f(iDw);
+  } else {
+    p.z_q = q(iZ), p.xw_q = q(iXw), p.xw_scale = f(iXs), p.dtw_q = q(iDw), p.dtw_scale = f(iDs);
+    p.conv_scale = k.scale[0], p.x_scale = k.scale[1], p.dt_low_scale = k.scale[2], p.delta_scale = k.scale[3];
+    p.B_scale = k.scale[4], p.C_scale = k.scale[5], p.z_scale = k.scale[6];
+  }
+  p.conv_state = f(iConv), p.ssm_state = f(iSsm), p.conv_w = f(iCw), p.conv_b = f(iCb);
+  p.delta_bias = f(iBias), p.A = f(iA), p.D = f(iD), p.gate_scale = f(iG);
+  p.norm_eps = k.norm_eps;
+  p.y = outp[0], p.conv_state_out = outp[1], p.ssm_state_out = outp[2];
+  PoolCall pool{ctx, nullptr};
+  std::string message;
+  const int rc = mq_scan::state_update(p, ort_parallel_for, &pool, &message);
+  if (pool.status) return pool.status;
+  if (rc != 0) return update_error(fl, ORT_INVALID_ARGUMENT, message);
+  return nullptr;
+}
+
+OrtStatus *create_update_kernel_impl(bool is_float, const OrtKernelInfo *info, void **out) {
+  UpdateKernel *k = new UpdateKernel();
+  k->is_float = is_float;
+  if (!is_float) {
+    for (int i = 0; i < 7; ++i) {
+      OrtStatus *st = g_api->KernelInfoGetAttribute_float(info, kUpdateScaleAttrs[i], &k->scale[i]);
+      if (st) {
+        g_api->ReleaseStatus(st);
+        delete k;
+        return update_error(is_float, ORT_INVALID_ARGUMENT, std::string("missing float attribute ") + kUpdateScaleAttrs[i]);
+      }
+      if (!(k->scale[i] > 0.f && std::isfinite(k->scale[i]))) {
+        const float v = k->scale[i];
+        delete k;
+        return update_error(is_float, ORT_INVALID_ARGUMENT, std::string("attribute ") + kUpdateScaleAttrs[i] +
+                                                                " must be finite and > 0, got " + std::to_string(v));
+      }
+    }
+  }
+  OrtStatus *st = g_api->KernelInfoGetAttribute_float(info, "norm_eps", &k->norm_eps);
+  if (st) {   // absent: no dt/B/C norm
+    g_api->ReleaseStatus(st);
+    k->norm_eps = -1.f;
+  } else if (!(k->norm_eps >= 0.f && std::isfinite(k->norm_eps))) {
+    const float v = k->norm_eps;
+    delete k;
+    return update_error(is_float, ORT_INVALID_ARGUMENT, "attribute norm_eps must be finite and >= 0, got " + std::to_string(v));
+  }
+  *out = k;
+  return nullptr;
+}
+
+OrtStatus *MQ_ORT_CALL create_update_kernel(const OrtCustomOp *, const OrtApi *, const OrtKernelInfo *info,
+                                             void **out) noexcept {
+  try {
+    return create_update_kernel_impl(false, info, out);
+  } catch (...) {
+    return internal_error("mq::SelectiveStateUpdate: internal error (out of memory?) creating the kernel");
+  }
+}
+
+OrtStatus *MQ_ORT_CALL create_update_kernel_float(const OrtCustomOp *, const OrtApi *, const OrtKernelInfo *info,
+                                                   void **out) noexcept {
+  try {
+    return create_update_kernel_impl(true, info, out);
+  } catch (...) {
+    return internal_error("mq::SelectiveStateUpdateFloat: internal error (out of memory?) creating the kernel");
+  }
+}
+
+OrtStatus *MQ_ORT_CALL update_compute(void *kernel, OrtKernelContext *ctx) noexcept {
+  try {
+    return compute_update(*static_cast<const UpdateKernel *>(kernel), ctx);
+  } catch (...) {
+    return internal_error("mq::SelectiveStateUpdate: internal error (out of memory?) in compute");
+  }
+}
+
+void MQ_ORT_CALL update_destroy(void *kernel) noexcept { delete static_cast<UpdateKernel *>(kernel); }
+
+/* outputs: y like x, conv_state_out like conv_state, ssm_state_out like ssm_state (all float) */
+OrtStatus *MQ_ORT_CALL infer_update_shapes(const OrtCustomOp *, OrtShapeInferContext *ctx) noexcept {
+  try {
+    const size_t from[kUpdateOutputs] = {0, 2, 3};
+    for (size_t o = 0; o < kUpdateOutputs; ++o) {
+      OrtTensorTypeAndShapeInfo *in = nullptr, *out = nullptr;
+      OrtStatus *st = g_api->ShapeInferContext_GetInputTypeShape(ctx, from[o], &in);
+      if (st) return st;
+      if ((st = copy_shape(in, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, &out))) return st;
+      st = g_api->ShapeInferContext_SetOutputTypeShape(ctx, o, out);
+      g_api->ReleaseTensorTypeAndShapeInfo(out);
+      if (st) return st;
+    }
+    return nullptr;
+  } catch (...) {
+    return internal_error("mq::SelectiveStateUpdate: internal error in shape inference");
+  }
+}
+
 // ---- OrtCustomOp callbacks (all noexcept: nothing may unwind into ORT) --------------------------
 
 OrtStatus *MQ_ORT_CALL create_kernel(const OrtCustomOp *, const OrtApi *, const OrtKernelInfo *info,
@@ -471,9 +674,34 @@ OrtCustomOp make_op(bool is_float) {
   return op;
 }
 
+const char *MQ_ORT_CALL update_name(const OrtCustomOp *) noexcept { return kUpdateName; }
+const char *MQ_ORT_CALL update_name_float(const OrtCustomOp *) noexcept { return kUpdateNameFloat; }
+size_t MQ_ORT_CALL update_input_count(const OrtCustomOp *) noexcept { return kUpdateInputs; }
+size_t MQ_ORT_CALL update_input_count_float(const OrtCustomOp *) noexcept { return kUpdateInputsFloat; }
+size_t MQ_ORT_CALL update_output_count(const OrtCustomOp *) noexcept { return kUpdateOutputs; }
+ONNXTensorElementDataType MQ_ORT_CALL update_input_type(const OrtCustomOp *, size_t i) noexcept {
+  return is_int8_update_input(i) ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+}
+
+OrtCustomOp make_update_op(bool is_float) {
+  OrtCustomOp op = make_op(is_float);
+  op.GetName = is_float ? update_name_float : update_name;
+  op.GetInputType = is_float ? float_type : update_input_type;
+  op.GetInputTypeCount = is_float ? update_input_count_float : update_input_count;
+  op.GetOutputType = float_type;
+  op.GetOutputTypeCount = update_output_count;
+  op.KernelDestroy = update_destroy;
+  op.CreateKernelV2 = is_float ? create_update_kernel_float : create_update_kernel;
+  op.KernelComputeV2 = update_compute;
+  op.InferOutputShapeFn = infer_update_shapes;
+  return op;
+}
+
 // must outlive every session that registered them: static
 const OrtCustomOp g_op = make_op(false);
 const OrtCustomOp g_op_float = make_op(true);
+const OrtCustomOp g_update_op = make_update_op(false);
+const OrtCustomOp g_update_op_float = make_update_op(true);
 
 }  // namespace
 
@@ -506,5 +734,7 @@ extern "C" MQ_SCAN_API OrtStatus *MQ_ORT_CALL RegisterCustomOps(OrtSessionOption
   if (st) return st;
   if ((st = api->CustomOpDomain_Add(domain, &g_op))) return st;
   if ((st = api->CustomOpDomain_Add(domain, &g_op_float))) return st;
+  if ((st = api->CustomOpDomain_Add(domain, &g_update_op))) return st;
+  if ((st = api->CustomOpDomain_Add(domain, &g_update_op_float))) return st;
   return api->AddCustomOpDomain(options, domain);
 }

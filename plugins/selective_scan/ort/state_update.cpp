@@ -1,0 +1,382 @@
+// The fused decode-state update (state_update.h). Three passes over a call's tokens, each split into
+// independent tasks: (A) per block of channels, the conv-state shift, the depthwise conv, SiLU and the
+// x quant point; (B) per token, x_proj (a dot over all channels) with the dt/B/C quant points; (C) per
+// block of channels, dt_proj and then the scan itself from the ssm state. At decode sizes (b * L * Di
+// below kSerialBelow) everything runs on the calling thread: the work is a few microseconds per layer
+// and a thread-pool handoff would cost more.
+#include "state_update.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <mutex>
+#include <new>
+#include <vector>
+
+#include "mq_selective_scan.h"
+#include "scan_float.h"
+
+namespace mq_scan {
+namespace {
+
+constexpr int64_t kBlock = 64;              // channels per task of passes A and C
+constexpr int64_t kTokensPerTask = 16;      // tokens per task of pass B
+constexpr int64_t kSerialBelow = int64_t{1} << 16;
+constexpr int kMaxConv = 16;                // d_conv limit (Mamba uses 4)
+
+constexpr int64_t kDecodeMaxL = 8;           // up to this many tokens pass C scans channel by channel
+
+/* ONNX QuantizeLinear to int8 with zero point 0: round half to even of v / scale, saturated (branch-free,
+ * so that the loops over a block vectorise) */
+inline int8_t quantize(float v, float scale) {
+  const float r = std::nearbyint(v / scale);
+  return static_cast<int8_t>(r < -128.f ? -128.f : (r > 127.f ? 127.f : r));
+}
+
+inline float silu(float v) { return v * sigmoid(v); }
+
+// Dot products: `omp simd` (-fopenmp-simd, no OpenMP runtime) lets the float one reassociate its sum into
+// vector lanes; without it GCC keeps the sequential order and the loop scalar.
+inline float dot(const float *__restrict a, const float *__restrict b, int64_t n) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+inline int32_t dot(const int8_t *__restrict a, const int8_t *__restrict b, int64_t n) {
+  int32_t s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += static_cast<int32_t>(a[i]) * static_cast<int32_t>(b[i]);
+  return s;
+}
+
+struct Work {
+  const StateUpdateParams *p;
+  int64_t blocks, chunks, n_out;
+  // int8 op scratch
+  std::vector<int8_t> u_q, delta_q, B_q, C_q, dtl_q;
+  // float op scratch
+  std::vector<float> u_f, delta_f, B_f, C_f, dtl_f;
+  std::vector<int> failed;   // per task of pass C (the scan reports through mq_scan_last_error)
+  std::mutex mu;
+  std::string message;
+};
+
+// ---- pass A: conv-state shift, depthwise conv, SiLU, x quant point ------------------------------
+
+void pass_conv(void *user, size_t task) {
+  Work &w = *static_cast<Work *>(user);
+  const StateUpdateParams &p = *w.p;
+  const int64_t bi = static_cast<int64_t>(task) / w.blocks;
+  const int64_t d0 = (static_cast<int64_t>(task) % w.blocks) * kBlock;
+  const int64_t nd = std::min(kBlock, p.dim - d0);
+  const int64_t K = p.dconv, Di = p.dim, L = p.seqlen;
+  // win[k][j]: the last K-1 conv inputs of channel d0 + j, oldest first
+  alignas(64) float win[kMaxConv][kBlock];
+  alignas(64) float wk[kMaxConv][kBlock];
+  alignas(64) float bias[kBlock], cur[kBlock];
+  for (int64_t j = 0; j < kBlock; ++j) {
+    const bool live = j < nd;
+    for (int64_t k = 0; k < K; ++k) wk[k][j] = live ? p.conv_w[(d0 + j) * K + k] : 0.f;
+    for (int64_t k = 0; k + 1 < K; ++k) win[k][j] = live ? p.conv_state[((bi * Di) + d0 + j) * (K - 1) + k] : 0.f;
+    bias[j] = live ? p.conv_b[d0 + j] : 0.f;
+    cur[j] = 0.f;
+  }
+  const size_t nf = sizeof(float) * static_cast<size_t>(nd);
+  alignas(64) float acc[kBlock];
+  alignas(64) int8_t uq[kBlock];
+  const float cs = p.conv_scale, xs = p.x_scale;
+  for (int64_t t = 0; t < L; ++t) {
+    const int64_t o = (bi * L + t) * Di + d0;
+    std::memcpy(cur, p.x + o, nf);   // lanes >= nd keep 0 (set above) or an earlier row's value: never stored
+    if (!p.is_float)
+      for (int64_t j = 0; j < kBlock; ++j) cur[j] = static_cast<float>(quantize(cur[j], cs)) * cs;
+    for (int64_t j = 0; j < kBlock; ++j) acc[j] = bias[j];
+    for (int64_t k = 0; k + 1 < K; ++k)
+      for (int64_t j = 0; j < kBlock; ++j) acc[j] += wk[k][j] * win[k][j];
+    for (int64_t j = 0; j < kBlock; ++j) acc[j] = silu(acc[j] + wk[K - 1][j] * cur[j]);
+    for (int64_t k = 0; k + 2 < K; ++k)
+      for (int64_t j = 0; j < kBlock; ++j) win[k][j] = win[k + 1][j];
+    if (K > 1)
+      for (int64_t j = 0; j < kBlock; ++j) win[K - 2][j] = cur[j];
+    if (p.is_float) {
+      std::memcpy(w.u_f.data() + o, acc, nf);
+    } else {
+      for (int64_t j = 0; j < kBlock; ++j) uq[j] = quantize(acc[j], xs);
+      std::memcpy(w.u_q.data() + o, uq, static_cast<size_t>(nd));
+    }
+  }
+  for (int64_t j = 0; j < nd; ++j)
+    for (int64_t k = 0; k + 1 < K; ++k) p.conv_state_out[((bi * Di) + d0 + j) * (K - 1) + k] = win[k][j];
+}
+
+// ---- pass B: x_proj, FalconMamba's norms, the dt_low / B / C quant points -------------------------
+
+void rms_normalize(float *v, int64_t n, float eps) {
+  float ss = 0.f;
+  for (int64_t i = 0; i < n; ++i) ss += v[i] * v[i];
+  const float inv = 1.f / std::sqrt(ss / static_cast<float>(n) + eps);
+  for (int64_t i = 0; i < n; ++i) v[i] *= inv;
+}
+
+void pass_xproj(void *user, size_t task) {
+  Work &w = *static_cast<Work *>(user);
+  const StateUpdateParams &p = *w.p;
+  const int64_t bi = static_cast<int64_t>(task) / w.chunks;
+  const int64_t t0 = (static_cast<int64_t>(task) % w.chunks) * kTokensPerTask;
+  const int64_t t1 = std::min(p.seqlen, t0 + kTokensPerTask);
+  const int64_t Di = p.dim, R = p.dt_rank, N = p.dstate, O = w.n_out;
+  std::vector<float> v(static_cast<size_t>(O));
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t row = bi * p.seqlen + t;
+    if (p.is_float) {
+      const float *u = w.u_f.data() + row * Di;
+      for (int64_t o = 0; o < O; ++o) v[o] = dot(u, p.xw_f + o * Di, Di);
+    } else {
+      const int8_t *u = w.u_q.data() + row * Di;
+      for (int64_t o = 0; o < O; ++o)
+        v[o] = static_cast<float>(dot(u, p.xw_q + o * Di, Di)) * (p.x_scale * p.xw_scale[o]);
+    }
+    float *dtl = v.data(), *Bv = v.data() + R, *Cv = v.data() + R + N;
+    if (p.norm_eps >= 0.f) {
+      rms_normalize(dtl, R, p.norm_eps);
+      rms_normalize(Bv, N, p.norm_eps);
+      rms_normalize(Cv, N, p.norm_eps);
+    }
+    if (p.is_float) {
+      std::memcpy(w.dtl_f.data() + row * R, dtl, sizeof(float) * static_cast<size_t>(R));
+      std::memcpy(w.B_f.data() + row * N, Bv, sizeof(float) * static_cast<size_t>(N));
+      std::memcpy(w.C_f.data() + row * N, Cv, sizeof(float) * static_cast<size_t>(N));
+    } else {
+      for (int64_t r = 0; r < R; ++r) w.dtl_q[row * R + r] = quantize(dtl[r], p.dt_low_scale);
+      for (int64_t n = 0; n < N; ++n) {
+        w.B_q[row * N + n] = quantize(Bv[n], p.B_scale);
+        w.C_q[row * N + n] = quantize(Cv[n], p.C_scale);
+      }
+    }
+  }
+}
+
+// ---- pass C: dt_proj and the scan of a block of channels ----------------------------------------
+
+/* The scan of a few tokens with each channel's state row h[0..N) contiguous (the layout of ssm_state): the
+ * library's block kernel transposes every state in and out, which dominates at L = 1. Sub-blocks of kSub
+ * channels: the per-channel scalars (dt, x, gate) vectorise across channels, the state update across n.
+ * NT: N as a compile-time constant (16, every Mamba1 checkpoint: one vector per state row), or 0. */
+constexpr int64_t kSub = 16;
+
+/* C . h summed as a halving tree (vectorises; differs from a sequential sum by float rounding only) */
+template <int64_t NT>
+inline float tree_sum(float *v, int64_t n) {
+  if constexpr (NT == 16) {
+    for (int k = 0; k < 8; ++k) v[k] += v[k + 8];
+    for (int k = 0; k < 4; ++k) v[k] += v[k + 4];
+    return (v[0] + v[2]) + (v[1] + v[3]);
+  } else {
+    for (; n > 1 && n % 2 == 0; n /= 2)
+      for (int64_t k = 0; k < n / 2; ++k) v[k] += v[k + n / 2];
+    float sum = 0.f;
+    for (int64_t k = 0; k < n; ++k) sum += v[k];
+    return sum;
+  }
+}
+
+template <int64_t NT>
+void scan_channels_n(Work &w, int64_t bi, int64_t d0, int64_t nd) {
+  const StateUpdateParams &p = *w.p;
+  const int64_t Di = p.dim, N = NT > 0 ? NT : p.dstate, L = p.seqlen;
+  constexpr int64_t kRow = NT > 0 ? NT : MQ_SCAN_MAX_DSTATE;
+  alignas(64) float Bd[kDecodeMaxL][kRow], Cd[kDecodeMaxL][kRow];
+  for (int64_t t = 0; t < L; ++t) {
+    const int64_t row = bi * L + t;
+    for (int64_t n = 0; n < N; ++n) {
+      Bd[t][n] = p.is_float ? w.B_f[row * N + n] : dequant(w.B_q[row * N + n], p.B_scale);
+      Cd[t][n] = p.is_float ? w.C_f[row * N + n] : dequant(w.C_q[row * N + n], p.C_scale);
+    }
+  }
+  alignas(64) float h[kSub][kRow], a2[kSub][kRow];
+  alignas(64) float xv[kSub], dt[kSub], dtx[kSub], g[kSub], acc[kSub] = {}, out[kSub];
+  alignas(64) float bias[kSub], Dv[kSub], gs[kSub], raw_x[kSub], raw_d[kSub], raw_z[kSub];
+  const float xs = p.is_float ? 1.f : p.x_scale, ds = p.is_float ? 1.f : p.delta_scale;
+  const float zs = p.is_float ? 1.f : p.z_scale;
+  for (int64_t s0 = d0; s0 < d0 + nd; s0 += kSub) {
+    const int64_t ns = std::min(kSub, d0 + nd - s0);
+    for (int64_t j = 0; j < kSub; ++j) {
+      const bool live = j < ns;
+      bias[j] = live ? p.delta_bias[s0 + j] : 0.f;
+      Dv[j] = live ? p.D[s0 + j] : 0.f;
+      gs[j] = live ? p.gate_scale[s0 + j] : 1.f;
+      raw_x[j] = raw_d[j] = raw_z[j] = 0.f;
+    }
+    for (int64_t j = 0; j < ns; ++j) {
+      const float *__restrict h0 = p.ssm_state + (bi * Di + s0 + j) * N, *__restrict A = p.A + (s0 + j) * N;
+      for (int64_t n = 0; n < N; ++n) {
+        h[j][n] = h0[n];
+        a2[j][n] = A[n] * kLog2e;
+      }
+    }
+    for (int64_t t = 0; t < L; ++t) {
+      const int64_t o = (bi * L + t) * Di + s0;
+      if (p.is_float) {
+        for (int64_t j = 0; j < ns; ++j) raw_x[j] = w.u_f[o + j], raw_d[j] = w.delta_f[o + j], raw_z[j] = p.z_f[o + j];
+      } else {
+        for (int64_t j = 0; j < ns; ++j) raw_x[j] = w.u_q[o + j], raw_d[j] = w.delta_q[o + j], raw_z[j] = p.z_q[o + j];
+      }
+      for (int64_t j = 0; j < kSub; ++j) {   // as scan_block: dequant, discretize, dt * x, gate
+        xv[j] = raw_x[j] * xs;
+        dt[j] = discretize(raw_d[j] * ds, bias[j]);
+        dtx[j] = dt[j] * xv[j];
+        g[j] = gate(raw_z[j] * zs, gs[j]);
+      }
+      const float *__restrict Bt = Bd[t], *__restrict Ct = Cd[t];
+      for (int64_t j = 0; j < ns; ++j) {
+        float *__restrict hj = h[j];
+        const float *__restrict aj = a2[j];
+        const float dtj = dt[j], dtxj = dtx[j];
+        alignas(64) float prod[kRow];
+        for (int64_t n = 0; n < N; ++n) {
+          const float hn = state_update(hj[n], dtj, aj[n], dtxj, Bt[n]);
+          hj[n] = hn;
+          prod[n] = hn * Ct[n];
+        }
+        acc[j] = tree_sum<NT>(prod, N);
+      }
+      for (int64_t j = 0; j < kSub; ++j) out[j] = finish(acc[j], xv[j], Dv[j], g[j]);
+      for (int64_t j = 0; j < ns; ++j) p.y[o + j] = out[j];
+    }
+    for (int64_t j = 0; j < ns; ++j) {
+      float *__restrict ho = p.ssm_state_out + (bi * Di + s0 + j) * N;
+      for (int64_t n = 0; n < N; ++n) ho[n] = h[j][n];
+    }
+  }
+}
+
+void scan_channels(Work &w, int64_t bi, int64_t d0, int64_t nd) {
+  if (w.p->dstate == 16)
+    scan_channels_n<16>(w, bi, d0, nd);
+  else
+    scan_channels_n<0>(w, bi, d0, nd);
+}
+
+void pass_scan(void *user, size_t task) {
+  Work &w = *static_cast<Work *>(user);
+  const StateUpdateParams &p = *w.p;
+  const int64_t bi = static_cast<int64_t>(task) / w.blocks;
+  const int64_t d0 = (static_cast<int64_t>(task) % w.blocks) * kBlock;
+  const int64_t nd = std::min(kBlock, p.dim - d0);
+  const int64_t Di = p.dim, R = p.dt_rank, N = p.dstate, L = p.seqlen;
+  // dt_proj as R outer-product rows over the block's channels (dt_proj_w is [R, Di]): long, contiguous
+  // inner loops, exact int32 sums
+  alignas(64) int32_t iacc[kBlock];
+  alignas(64) float facc[kBlock];
+  alignas(64) int8_t dq[kBlock];
+  for (int64_t t = 0; t < L; ++t) {
+    const int64_t row = bi * L + t;
+    if (p.is_float) {
+      const float *dl = w.dtl_f.data() + row * R;
+      for (int64_t j = 0; j < kBlock; ++j) facc[j] = 0.f;
+      for (int64_t r = 0; r < R; ++r) {
+        const float a = dl[r], *__restrict wr = p.dtw_f + r * Di + d0;
+        for (int64_t j = 0; j < nd; ++j) facc[j] += a * wr[j];
+      }
+      std::memcpy(w.delta_f.data() + row * Di + d0, facc, sizeof(float) * static_cast<size_t>(nd));
+    } else {
+      const int8_t *dl = w.dtl_q.data() + row * R;
+      for (int64_t j = 0; j < kBlock; ++j) iacc[j] = 0;
+      for (int64_t r = 0; r < R; ++r) {
+        const int32_t a = dl[r];
+        const int8_t *__restrict wr = p.dtw_q + r * Di + d0;
+        for (int64_t j = 0; j < nd; ++j) iacc[j] += a * static_cast<int32_t>(wr[j]);
+      }
+      const float s = p.dt_low_scale;
+      for (int64_t j = 0; j < nd; ++j) dq[j] = quantize(static_cast<float>(iacc[j]) * (s * p.dtw_scale[d0 + j]), p.delta_scale);
+      std::memcpy(w.delta_q.data() + row * Di + d0, dq, static_cast<size_t>(nd));
+    }
+  }
+  if (L <= kDecodeMaxL) {
+    scan_channels(w, bi, d0, nd);
+    return;
+  }
+  if (p.is_float) {
+    FloatScanParams s;
+    s.batch = p.batch, s.seqlen = L, s.dim = Di, s.dstate = N;
+    s.x = w.u_f.data(), s.delta = w.delta_f.data(), s.B = w.B_f.data(), s.C = w.C_f.data(), s.z = p.z_f;
+    s.A = p.A, s.D = p.D, s.delta_bias = p.delta_bias, s.gate_scale = p.gate_scale;
+    s.h0 = p.ssm_state, s.y = p.y, s.h_last = p.ssm_state_out;
+    scan_float_slice(s, bi, d0, nd);
+    return;
+  }
+  MQScanParams s;
+  std::memset(&s, 0, sizeof s);
+  s.batch = 1, s.seqlen = L, s.dim = nd, s.dstate = N;
+  s.x_batch_stride = L * Di, s.x_l_stride = Di, s.bc_batch_stride = L * N, s.bc_l_stride = N;
+  s.y_batch_stride = L * Di, s.y_l_stride = Di;
+  const int64_t xo = bi * L * Di + d0, bco = bi * L * N, so = (bi * Di + d0) * N;
+  s.x = w.u_q.data() + xo, s.delta = w.delta_q.data() + xo, s.z = p.z_q + xo;
+  s.B = w.B_q.data() + bco, s.C = w.C_q.data() + bco;
+  s.x_scale = p.x_scale, s.delta_scale = p.delta_scale, s.B_scale = p.B_scale, s.C_scale = p.C_scale;
+  s.z_scale = p.z_scale;
+  s.A = p.A + d0 * N, s.D = p.D + d0, s.delta_bias = p.delta_bias + d0, s.gate_scale = p.gate_scale + d0;
+  s.h0 = p.ssm_state + so, s.h_last = p.ssm_state_out + so;
+  s.y = p.y + xo;
+  if (mq_scan_cpu(&s, 1) != MQ_SCAN_OK) {
+    w.failed[task] = 1;
+    std::lock_guard<std::mutex> lock(w.mu);
+    if (w.message.empty()) w.message = mq_scan_last_error();   // thread-local in the worker: copied here
+  }
+}
+
+void serial_for(void *, void (*fn)(void *, size_t), size_t n, void *user) {
+  for (size_t i = 0; i < n; ++i) fn(user, i);
+}
+
+}  // namespace
+
+int state_update(const StateUpdateParams &p, ParallelFor parallel_for, void *pool, std::string *error) {
+  if (p.dconv < 1 || p.dconv > kMaxConv) {
+    *error = "d_conv must be in [1, " + std::to_string(kMaxConv) + "], got " + std::to_string(p.dconv);
+    return 1;
+  }
+  if (p.dstate < 1 || p.dstate > MQ_SCAN_MAX_DSTATE || p.dt_rank < 1 || p.dim < 1) {
+    *error = "need Di >= 1, dt_rank >= 1 and 1 <= d_state <= " + std::to_string(MQ_SCAN_MAX_DSTATE);
+    return 1;
+  }
+  const int64_t b = p.batch, L = p.seqlen, Di = p.dim, N = p.dstate, R = p.dt_rank, K = p.dconv;
+  if (b == 0) return 0;
+  if (L == 0) {   // no token: the states pass through
+    std::memcpy(p.conv_state_out, p.conv_state, sizeof(float) * static_cast<size_t>(b * Di * (K - 1)));
+    std::memcpy(p.ssm_state_out, p.ssm_state, sizeof(float) * static_cast<size_t>(b * Di * N));
+    return 0;
+  }
+  Work w;
+  w.p = &p;
+  w.blocks = (Di + kBlock - 1) / kBlock;
+  w.chunks = (L + kTokensPerTask - 1) / kTokensPerTask;
+  w.n_out = R + 2 * N;
+  const size_t rows = static_cast<size_t>(b * L);
+  try {
+    if (p.is_float) {
+      w.u_f.resize(rows * Di), w.delta_f.resize(rows * Di), w.B_f.resize(rows * N), w.C_f.resize(rows * N);
+      w.dtl_f.resize(rows * R);
+    } else {
+      w.u_q.resize(rows * Di), w.delta_q.resize(rows * Di), w.B_q.resize(rows * N), w.C_q.resize(rows * N);
+      w.dtl_q.resize(rows * R);
+    }
+    w.failed.assign(static_cast<size_t>(b * w.blocks), 0);
+  } catch (const std::bad_alloc &) {
+    *error = "out of memory for the scratch of " + std::to_string(b * L) + " tokens";
+    return 1;
+  }
+  if (b * L * Di < kSerialBelow || parallel_for == nullptr) parallel_for = serial_for;
+  parallel_for(pool, pass_conv, static_cast<size_t>(b * w.blocks), &w);
+  parallel_for(pool, pass_xproj, static_cast<size_t>(b * w.chunks), &w);
+  parallel_for(pool, pass_scan, static_cast<size_t>(b * w.blocks), &w);
+  if (std::any_of(w.failed.begin(), w.failed.end(), [](int f) { return f != 0; })) {
+    *error = w.message.empty() ? "the scan failed" : w.message;
+    return 1;
+  }
+  return 0;
+}
+
+}  // namespace mq_scan
