@@ -10,9 +10,10 @@ is saved beside them), same thread count:
                                            convert_hf_to_gguf.py, timed with llama-bench (batch 1) and
                                            llama-batched-bench (decode at batch 8)
   mq-deploy PyTorch fp32                   our MambaLM loaded from the same folder
-  mq-deploy ONNX FP32 / W8A8, ORT          the decode-step graph (last-position logits) on ONNX Runtime,
-    (Scan body | native)                   with the function bodies (Scan) or the native custom-op library
-                                           (mq::SelectiveScan / mq::SelectiveScanFloat); W8A8: MambaQuant
+  mq-deploy ONNX FP32 / W8A8, ORT          the decode-step graph (last-position logits; each layer's conv,
+    (Scan body | native)                   x_proj, dt_proj and scan one mq::SelectiveStateUpdate(Float)) on
+                                           ONNX Runtime, with the function bodies (Scan) or the native
+                                           custom-op library (the same ops natively); W8A8: MambaQuant
                                            recipe, int8 LM head (DynamicQuantizeLinear + MatMulInteger),
                                            factored online Hadamard
 
@@ -168,7 +169,8 @@ def external_data(path):
 
 def make_onnx(work, hf, threads):
     """FP32 and W8A8 decode-step graphs with last-position logits (cached), weights as external data."""
-    out = {"fp32": os.path.join(work, "fp32_step.onnx"), "w8a8": os.path.join(work, "w8a8_step.onnx")}
+    # "_fused": step graphs with mq::SelectiveStateUpdate(Float) (graphs cached before it are not reused)
+    out = {"fp32": os.path.join(work, "fp32_step_fused.onnx"), "w8a8": os.path.join(work, "w8a8_step_fused.onnx")}
     if all(os.path.isfile(p) for p in out.values()):
         return {k: external_data(p) for k, p in out.items()}
     import numpy as np
