@@ -154,6 +154,9 @@ CASES = {
     "generate --temperature nan": (
         lambda ws: ["generate", ws["lm_step"], "--prompt-ids", "1 2 3", "--temperature", "nan"],
         lambda ws: [ws["lm_step"]], "finite"),
+    "generate --prompt on a full graph (nothing echoed)": (
+        lambda ws: ["generate", ws["lm_onnx"], "--prompt", "In the beginning"],
+        lambda ws: [ws["lm_onnx"]], "needs the decode-step graph"),
     # ---- messages --------------------------------------------------------------------------------
     "verify a foreign ONNX": (
         lambda ws: ["verify", _foreign_onnx(ws), "--reference", ws["lm_q"]],
@@ -383,6 +386,8 @@ def test_bad_input(case, ws2, capsys):
     assert "Traceback" not in cap.err
     assert len(err.splitlines()) == 1, err          # one clear line
     assert needle in err, err
+    if argv[0] == "generate":
+        assert not cap.out, cap.out                 # a refused generation prints nothing (not even the prompt)
     assert _snapshot(watched) == before             # inputs and their neighbours untouched
     leftovers = [p for p in _snapshot([ws2["d"]]) if ".mq-tmp-" in p]
     assert not leftovers, leftovers

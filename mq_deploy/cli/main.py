@@ -384,11 +384,9 @@ def cmd_generate(args) -> int:
         out = generate(runner, prompt_ids, args.max_new_tokens, args.temperature, args.seed, on_token=show, eos_id=eos)
         res = {"prompt_ids": prompt_ids, "new_ids": out}
     else:
-        if args.prompt is not None and prompt_ids is None:
-            write(args.prompt)
         res = generate_text(runner, prompt=args.prompt, prompt_ids=prompt_ids, max_new_tokens=args.max_new_tokens,
                             temperature=args.temperature, seed=args.seed, tokenizer=args.tokenizer,
-                            write=write)
+                            write=write, echo_prompt=prompt_ids is None)
         if res["text"] is None:   # no tokenizer and prompt ids: print the ids
             write(" ".join(str(t) for t in res["new_ids"]))
     sys.stdout.write("\n")

@@ -12,13 +12,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 
 
 # -- language models ---------------------------------------------------------------------------------
-def generate(runner, prompt_ids, max_new_tokens: int, temperature: float = 0.0, seed: int = 0,
-             on_token=None, eos_id: int | None = None) -> list:
-    """Prefill the prompt in one call of the step graph, then decode one token per call.
-
-    Greedy when temperature is 0, else sampling from softmax(logits / temperature). Stops after
-    max_new_tokens or at eos_id (which is returned as the last id, but not passed to on_token).
-    Returns the new ids."""
+def check_generation(runner, prompt_ids, max_new_tokens: int, temperature: float) -> dict:
+    """Everything generate() refuses, checked before any output: returns the artifact's mq.config."""
     meta = getattr(runner, "meta", {})
     if meta.get("mq.graph") != "step" or "conv_state" not in runner.input_specs:
         raise MQUserError(f"{runner.path}: generate needs the decode-step graph "
@@ -30,10 +25,21 @@ def generate(runner, prompt_ids, max_new_tokens: int, temperature: float = 0.0, 
     if not len(prompt_ids):
         raise MQUserError("the prompt is empty")
     cfg = meta["mq.config"]
-    m = cfg["mixer"]
     vocab = cfg["vocab_size"]
     if max(prompt_ids) >= vocab or min(prompt_ids) < 0:
         raise MQUserError(f"prompt ids must lie in [0, {vocab})")
+    return cfg
+
+
+def generate(runner, prompt_ids, max_new_tokens: int, temperature: float = 0.0, seed: int = 0,
+             on_token=None, eos_id: int | None = None) -> list:
+    """Prefill the prompt in one call of the step graph, then decode one token per call.
+
+    Greedy when temperature is 0, else sampling from softmax(logits / temperature). Stops after
+    max_new_tokens or at eos_id (which is returned as the last id, but not passed to on_token).
+    Returns the new ids."""
+    cfg = check_generation(runner, prompt_ids, max_new_tokens, temperature)
+    m = cfg["mixer"]
     feeds = {"input_ids": np.asarray([prompt_ids], np.int64),
              "conv_state": np.zeros((cfg["n_layer"], 1, m["d_inner"], m["d_conv"] - 1), np.float32),
              "ssm_state": np.zeros((cfg["n_layer"], 1, m["d_inner"], m["d_state"]), np.float32)}
@@ -64,10 +70,12 @@ def generate(runner, prompt_ids, max_new_tokens: int, temperature: float = 0.0, 
 
 
 def generate_text(runner, prompt: str | None = None, prompt_ids=None, max_new_tokens: int = 64,
-                  temperature: float = 0.0, seed: int = 0, tokenizer: str | None = None, write=None) -> dict:
+                  temperature: float = 0.0, seed: int = 0, tokenizer: str | None = None, write=None,
+                  echo_prompt: bool = False) -> dict:
     """Generate with the artifact's own tokenizer (or --tokenizer): the prompt is encoded, the new tokens
     are decoded as they come and handed to write(text) in whole characters, and decoding stops at the
-    EOS id of the config or the tokenizer. Returns {"prompt_ids", "new_ids", "text", "stopped_at_eos"}."""
+    EOS id of the config or the tokenizer. echo_prompt: write the prompt text first, once every check has
+    passed (a refused graph or flag prints nothing). Returns {"prompt_ids", "new_ids", "text", "stopped_at_eos"}."""
     from mq_deploy.data.tokenizer import tokenizer_for_artifact
 
     meta = getattr(runner, "meta", {})
@@ -79,6 +87,9 @@ def generate_text(runner, prompt: str | None = None, prompt_ids=None, max_new_to
             raise MQUserError(f"{runner.path}: the model's vocabulary is not bytes and no tokenizer came with the "
                               "artifact; pass --tokenizer FILE_OR_DIR or --prompt-ids")
         prompt_ids = [int(i) for i in codec.encode(prompt)[0]]
+    check_generation(runner, prompt_ids, max_new_tokens, temperature)
+    if echo_prompt and prompt is not None and write:
+        write(prompt)
     eos = codec.eos_id if codec is not None else (meta.get("mq.config") or {}).get("eos_token_id")
     stream = codec.stream() if codec is not None else None
     pieces = []
