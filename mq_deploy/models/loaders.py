@@ -370,6 +370,8 @@ def _load_into(cfg, src: TensorSource, source: str, cfg_source: str | None = Non
     if tied:
         expected.pop("lm_head.weight", None)
         src.drop("lm_head.weight")
+    for k in [k for k in src.shapes if k.endswith(".mixer.out_rotation") and quant is not None]:
+        src.drop(k)   # earlier mq-deploy checkpoints stored the (rebuilt) Hadamard matrix in every layer
     missing = [k for k in expected if k not in src.shapes]
     unexpected = [k for k in src.shapes if k not in expected]
     if missing or unexpected:
@@ -400,6 +402,8 @@ def _load_into(cfg, src: TensorSource, source: str, cfg_source: str | None = Non
             del t
     if tied:
         model.lm_head.weight = model.embedding.weight
+    if quant is not None and quant.get("online_out_rotation"):
+        _set_out_rotations(model)
     return model
 
 
@@ -435,10 +439,18 @@ def _load_ours(path):
 def _add_transform_buffers(model, quant: dict):
     di = model.cfg.mixer.d_inner
     for layer in model.layers:
-        if quant.get("online_out_rotation"):
-            layer.mixer.register_buffer("out_rotation", torch.zeros(di, di))
         if quant.get("gate_scale"):
             layer.mixer.register_buffer("gate_scale", torch.zeros(di))
+
+
+def _set_out_rotations(model) -> None:
+    """The online rotation before out_proj of a quantized checkpoint: the normalised Hadamard matrix of
+    d_inner (not stored in the file), one tensor shared by every layer."""
+    from mq_deploy.ops.hadamard import hadamard_matrix
+
+    H = torch.from_numpy(hadamard_matrix(model.cfg.mixer.d_inner)).to(torch.float32)
+    for layer in model.layers:
+        layer.mixer.register_buffer("out_rotation", H, persistent=False)
 
 
 def _hf_mixer_cfg(c: dict, src: str, falcon: bool) -> MixerConfig:

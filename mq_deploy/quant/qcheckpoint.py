@@ -92,6 +92,7 @@ class QuantizedCheckpoint:
         from mq_deploy.models.io import FORMAT_KEY, atomic_write_dir, model_state_dict
 
         mixer0 = model.layers[0].mixer
+        _check_out_rotations(model)
         quant = {"recipe": recipe_cfg.recipe, "wbits": recipe_cfg.quant.wbits, "abits": recipe_cfg.quant.abits,
                  "act_granularity": recipe_cfg.quant.act_granularity,
                  "online_out_rotation": mixer0.out_rotation is not None, "gate_scale": mixer0.gate_scale is not None}
@@ -177,3 +178,19 @@ def quantize_to_dir(model_path: str, out_dir: str, recipe_cfg, calib_cfg, *, ove
                                     overwrite=overwrite, inputs=inputs)
     return {"path": out, "recipe": recipe_cfg.recipe, "wbits": recipe_cfg.quant.wbits,
             "abits": recipe_cfg.quant.abits, "calibration": calib_info}
+
+
+def _check_out_rotations(model) -> None:
+    """The online rotations are not written with the weights: the loader rebuilds them as the Hadamard
+    matrix of d_inner (models.loaders._set_out_rotations). Anything else cannot be recorded that way."""
+    from mq_deploy.errors import MQInternalError
+    from mq_deploy.ops.hadamard import hadamard_matrix
+
+    rots = [layer.mixer.out_rotation for layer in model.layers]
+    if all(r is None for r in rots):
+        return
+    H = torch.from_numpy(hadamard_matrix(model.cfg.mixer.d_inner)).to(torch.float32)
+    for i, r in enumerate(rots):
+        if r is None or not torch.equal(r.to(torch.float32), H):
+            raise MQInternalError(f"layer {i}: the online out_proj rotation is not the Hadamard matrix of d_inner; "
+                                  "a quantized checkpoint records only that one")

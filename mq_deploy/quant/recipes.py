@@ -168,9 +168,10 @@ def _online_out_hadamard(model):
     from mq_deploy.transforms import fold
     from mq_deploy.transforms.rotations import hadamard_rotation
 
-    H = hadamard_rotation(model.cfg.mixer.d_inner)
+    H = hadamard_rotation(model.cfg.mixer.d_inner).double()
+    shared = H.to(model.layers[0].mixer.out_proj.weight.dtype)      # one buffer for every layer
     for _, mixer in _layer_mixers(model):
-        fold.set_online_out_rotation(mixer, H)
+        fold.set_online_out_rotation(mixer, H, runtime=shared)
 
 
 def residual_second_moment(model, loop, source: str = "sum"):

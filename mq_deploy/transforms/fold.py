@@ -115,15 +115,19 @@ def rotate_residual(model, Q) -> None:
     rotate_linear_input(model.lm_head if isinstance(model, MambaLM) else model.head, Q)
 
 
-def set_online_out_rotation(mixer: MambaMixer, H) -> None:
+def set_online_out_rotation(mixer: MambaMixer, H, runtime: torch.Tensor | None = None) -> None:
     """Online rotation before out_proj: the mixer computes out_proj(y H) with out_proj W <- W H.
 
     H stays a runtime op (a buffer applied to the activation) so the quantizer sees y H, whose channel
-    distribution is flatter than y's; the product is unchanged in exact arithmetic.
+    distribution is flatter than y's; the product is unchanged in exact arithmetic. runtime: the buffer to
+    use (H in the weight dtype), so that every layer shares one; H is not saved with the weights (a
+    quantized checkpoint records that it is the Hadamard matrix and the loader rebuilds it): d_inner^2 per
+    layer would be 6.7 GB of one matrix at the 2.8b shape.
     """
     H = _f64(H)
     rotate_linear_input(mixer.out_proj, H)
-    mixer.register_buffer("out_rotation", H.to(mixer.out_proj.weight.dtype), persistent=True)
+    buf = runtime if runtime is not None else H.to(mixer.out_proj.weight.dtype)
+    mixer.register_buffer("out_rotation", buf, persistent=False)
 
 
 def rotate_dt_lowrank(mixer: MambaMixer, R, branch: str = "") -> None:
