@@ -61,6 +61,16 @@ def _calib_images(loaded, path: str, seed: int):
     return images[perm], (None if labels is None else labels[perm.numpy()])
 
 
+# Calibration activations per forward: at most 8 windows x 512 tokens x d_inner 1536 (mamba-130m) values
+# per [batch, L, d_inner] tensor (25 MB), so wider models take fewer windows per batch (2.8b: 2) and the
+# activations stay ~constant next to the weights.
+CALIB_BATCH_VALUES = 8 * 512 * 1536
+
+
+def calibration_batch(model, seq_len: int) -> int:
+    return max(1, min(8, CALIB_BATCH_VALUES // max(1, seq_len * model.cfg.mixer.d_inner)))
+
+
 def calibration_loop(loaded, cfg: CalibConfig):
     """A forward loop over the calibration data of `loaded` (a LoadedModel)."""
     return calibration_split(loaded, cfg)[0]
@@ -79,7 +89,7 @@ def calibration_split(loaded, cfg: CalibConfig, heldout_seq_len: int = 1024):
 
         tokens, nbytes = encode_file(tokenizer_for(loaded, cfg.tokenizer), path)   # never bytes as token ids
         n = cfg.samples or 32
-        loop = text_forward_loop(tokens, cfg.seq_len, n)
+        loop = text_forward_loop(tokens, cfg.seq_len, n, batch=calibration_batch(loaded.model, cfg.seq_len))
         rest, rest_bytes = tokens[n * cfg.seq_len + 1:], nbytes[n * cfg.seq_len + 1:]
         held = (("lm", windows(rest, heldout_seq_len), windows(rest_bytes, heldout_seq_len)[:, 1:].sum(1))
                 if len(rest) > heldout_seq_len + 1 else None)
