@@ -105,11 +105,12 @@ class _Builder:
         return self.op("Mul", [x, self.op("Sigmoid", [x])])
 
     def rms_norm(self, x, norm, eps=None):
-        """x / rms(x) * norm.weight; norm None: weightless (FalconMamba's dt/B/C norm) with `eps`."""
-        ms = self.op("ReduceMean", [self.op("Mul", [x, x]), self.i64([-1])], keepdims=1)
+        """x / rms(x) * norm.weight; norm None: weightless (FalconMamba's dt/B/C norm) with `eps`.
+        Written as Pow -> ReduceMean -> Add -> Sqrt -> Div -> Mul, the pattern ONNX Runtime fuses into one
+        SimplifiedLayerNormalization node (6 nodes less per layer in every session)."""
+        ms = self.op("ReduceMean", [self.op("Pow", [x, self.f32(np.array(2.0), "two")]), self.i64([-1])], keepdims=1)
         eps = self.f32(np.array(norm.eps if norm is not None else eps), "eps")
-        inv = self.op("Reciprocal", [self.op("Sqrt", [self.op("Add", [ms, eps])])])
-        y = self.op("Mul", [x, inv])
+        y = self.op("Div", [x, self.op("Sqrt", [self.op("Add", [ms, eps])])])
         return y if norm is None else self.op("Mul", [y, self.f32(norm.weight, "norm_w")])
 
     def flip_time(self, x):
@@ -241,9 +242,9 @@ def _branch(g: _Graph, mixer, prefix, x, z, s, conv_state=None, ssm_state=None):
     return y, new_conv, h_last
 
 
-def _fused_branch(g: _Graph, mixer, prefix, x, z, conv_state, ssm_state):
+def _fused_branch(g: _Graph, mixer, prefix, x, z, conv_state, ssm_state, layer: int):
     """The decode-step form of _branch (forward direction): one mq::SelectiveStateUpdate(Float) node
-    (state_update_op.py). Returns (y, new_conv_state, h_last)."""
+    (state_update_op.py) reading layer `layer` of the stacked states. Returns (y, new_conv_state, h_last)."""
     b, cfg = g.b, mixer.cfg
     conv, x_proj, dt_proj = mixer.conv1d, mixer.x_proj, mixer.dt_proj
     di, k = cfg.d_inner, cfg.d_conv
@@ -251,7 +252,9 @@ def _fused_branch(g: _Graph, mixer, prefix, x, z, conv_state, ssm_state):
     A = -torch.exp(mixer.A_log.detach().double())
     gate = mixer.gate_scale if mixer.gate_scale is not None else torch.ones(di)
     tail = [b.f32(dt_proj.bias, "dt_bias"), b.f32(A, "A"), b.f32(mixer.D, "D"), b.f32(gate, "gate_scale")]
-    attrs = {} if cfg.mixer_rms_eps is None else {"norm_eps": float(cfg.mixer_rms_eps)}
+    attrs = {"layer": int(layer)}
+    if cfg.mixer_rms_eps is not None:
+        attrs["norm_eps"] = float(cfg.mixer_rms_eps)
     if g.quant is None:
         ins = [x, z, conv_state, ssm_state, b.f32(conv.weight.reshape(di, k), "conv_w"), conv_b,
                b.f32(x_proj.weight, "x_proj_w"), b.f32(dt_proj.weight.t(), "dt_proj_w")] + tail
@@ -321,10 +324,11 @@ def _mixer(g: _Graph, mixer, prefix, h, state=None):
                 n_out=2, axis=-1)
     if g.quant is not None:
         z = g.q(z, prefix + "z")             # the scan takes z as int8 straight from its QuantizeLinear
-    conv_state, ssm_state = state if state is not None else (None, None)
     if state is not None and g.fused_step and not mixer.cfg.bimamba:
-        y, new_conv, h_last = _fused_branch(g, mixer, prefix, x, z, conv_state, ssm_state)
+        (conv_state, ssm_state), layer = state
+        y, new_conv, h_last = _fused_branch(g, mixer, prefix, x, z, conv_state, ssm_state, layer)
     else:
+        conv_state, ssm_state = state if state is not None else (None, None)
         y, new_conv, h_last = _branch(g, mixer, prefix, x, z, "", conv_state, ssm_state)
     if mixer.cfg.bimamba:
         y_b, _, _ = _branch(g, mixer, prefix, b.flip_time(x), b.flip_time(z), "_b")
@@ -361,7 +365,9 @@ def _layers(g: _Graph, model, h, states=None):
     new = []
     for i, layer in enumerate(model.layers):
         st = None
-        if states is not None:
+        if states is not None and g.fused_step and not layer.mixer.cfg.bimamba:
+            st = (states, i)        # the fused op reads its layer of the stacked states itself
+        elif states is not None:
             st = tuple(b.op("Gather", [s, b.i64(i)], axis=0) for s in states)
         out, new_st = _mixer(g, layer.mixer, mixer_prefix(i), b.rms_norm(h, layer.norm), st)
         h = b.op("Add", [h, out], "residual")

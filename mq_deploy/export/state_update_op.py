@@ -11,8 +11,10 @@ library (ORT inlines the body) and is the kernel's reference.
     mq::SelectiveStateUpdate (domain "mq", version 1)
     inputs   0 x              float [b, L, Di]    in_proj's x half
              1 z              int8  [b, L, Di]    in_proj's z half after its QuantizeLinear
-             2 conv_state     float [b, Di, K-1]  the last K-1 conv inputs (after the conv1d quant point)
-             3 ssm_state      float [b, Di, N]
+             2 conv_state     float [n_layer, b, Di, K-1]  every layer's last K-1 conv inputs (after the
+                                  conv1d quant point): the step graph's stacked input; the op reads
+                                  conv_state[layer]
+             3 ssm_state      float [n_layer, b, Di, N]     likewise, ssm_state[layer]
              4 conv_w         float [Di, K]       the dequantized int8 conv weights (q * scale)
              5 conv_b         float [Di]
              6 x_proj_w       int8  [R+2N, Di]    per output row scales in 7
@@ -26,15 +28,18 @@ library (ORT inlines the body) and is the kernel's reference.
     outputs  0 y              float [b, L, Di]
              1 conv_state_out float [b, Di, K-1]
              2 ssm_state_out  float [b, Di, N]
-    attributes conv_scale, x_scale, dt_low_scale, delta_scale, B_scale, C_scale, z_scale (float,
-             per-tensor, zero point 0); norm_eps (float, FalconMamba only: the weightless RMSNorm on
-             dt_low, B and C)
+    attributes layer (int: which slice of the stacked states); conv_scale, x_scale, dt_low_scale,
+             delta_scale, B_scale, C_scale, z_scale (float, per-tensor, zero point 0); norm_eps (float,
+             FalconMamba only: the weightless RMSNorm on dt_low, B and C)
 
-    xin = qdq(x, conv_scale); seq = [conv_state | xin] along time; conv_state_out = its last K-1
+    xin = qdq(x, conv_scale); seq = [conv_state[layer] | xin] along time; conv_state_out = its last K-1
     u = q(silu(conv(seq) + conv_b), x_scale)
     dt_low, B, C = split(dq(u) dq(x_proj_w)^T); FalconMamba: each / rms
     delta = q(qdq(dt_low, dt_low_scale) dq(dt_proj_w)^T, delta_scale); B, C -> q(., B/C_scale)
-    y, ssm_state_out = mq::SelectiveScan(u, delta, A, B, C, D, z, delta_bias, gate_scale, ssm_state)
+    y, ssm_state_out = mq::SelectiveScan(u, delta, A, B, C, D, z, delta_bias, gate_scale, ssm_state[layer])
+
+Reading the layer's slice inside the op spares the step graph a Gather (which ONNX Runtime turns into a
+Split and a Squeeze per layer) of each state.
 
 mq::SelectiveStateUpdateFloat is the FP32 baseline's: float z, x_proj_w [R+2N, Di] and dt_proj_w [R, Di]
 (inputs 0-6, then dt_proj_w, delta_bias, A, D, gate_scale: 12 inputs), no quant points, and
@@ -93,10 +98,15 @@ def state_update_function(cfg, quantized: bool, opset: int = 21):
     if quantized:
         for a in SCALE_ATTRS:
             ref(a + "_t", a)
+    layer = h.make_node("Constant", [], ["layer_t"])
+    layer.attribute.append(h.make_attribute_ref("value_int", AttributeProto.INT, ref_attr_name="layer"))
+    nodes.append(layer)
+    node("Gather", ["conv_state", "layer_t"], "conv_l", axis=0)                           # [b, Di, K-1]
+    node("Gather", ["ssm_state", "layer_t"], "ssm_l", axis=0)                             # [b, Di, N]
     xt = node("Transpose", ["x"], "xt", perm=[0, 2, 1])                                   # [b, Di, L]
     if quantized:
         xt = dq(q(xt, "conv_scale_t", "xt_q"), "conv_scale_t", "xt_dq")
-    node("Concat", ["conv_state", xt], "seq", axis=2)                                     # [b, Di, K-1+L]
+    node("Concat", ["conv_l", xt], "seq", axis=2)                                     # [b, Di, K-1+L]
     node("Shape", [xt], "L", start=2, end=3)
     node("Slice", ["seq", "L", const("big", np.array([np.iinfo(np.int64).max])), const("ax2", np.array([2]))],
          "conv_state_out")
@@ -129,15 +139,15 @@ def state_update_function(cfg, quantized: bool, opset: int = 21):
     node("MatMul", [dt_low, dw], "delta")
     if quantized:
         scan_in = [u_in, q("delta", "delta_scale_t", "delta_q"), "A", q(Bm, "B_scale_t", "B_q"),
-                   q(Cm, "C_scale_t", "C_q"), "D", "z", "delta_bias", "gate_scale", "ssm_state"]
+                   q(Cm, "C_scale_t", "C_q"), "D", "z", "delta_bias", "gate_scale", "ssm_l"]
         scan = h.make_node(OP, scan_in, ["y", "ssm_state_out"], domain=DOMAIN)
         for n in ("x", "delta", "B", "C", "z"):
             scan.attribute.append(h.make_attribute_ref(f"{n}_scale", AttributeProto.FLOAT, ref_attr_name=f"{n}_scale"))
     else:
-        scan = h.make_node(OP_FLOAT, [u, "delta", "A", Bm, Cm, "D", "z", "delta_bias", "gate_scale", "ssm_state"],
+        scan = h.make_node(OP_FLOAT, [u, "delta", "A", Bm, Cm, "D", "z", "delta_bias", "gate_scale", "ssm_l"],
                            ["y", "ssm_state_out"], domain=DOMAIN)
     nodes.append(scan)
-    attrs = list(SCALE_ATTRS) if quantized else []
+    attrs = ["layer"] + (list(SCALE_ATTRS) if quantized else [])
     if cfg.mixer_rms_eps is not None:
         attrs.append("norm_eps")
     return h.make_function(DOMAIN, OP_UPDATE if quantized else OP_UPDATE_FLOAT,

@@ -290,7 +290,7 @@ OrtStatus *compute_float(OrtKernelContext *ctx) {
 // ---- mq::SelectiveStateUpdate / mq::SelectiveStateUpdateFloat (state_update.h) -----------------
 
 OrtStatus *copy_shape(const OrtTensorTypeAndShapeInfo *like, ONNXTensorElementDataType type,
-                      OrtTensorTypeAndShapeInfo **out);   // below, with the scan's shape inference
+                      OrtTensorTypeAndShapeInfo **out, size_t skip = 0);   // below, with the scan's shape inference
 
 constexpr const char *kUpdateName = "SelectiveStateUpdate";
 constexpr const char *kUpdateNameFloat = "SelectiveStateUpdateFloat";
@@ -306,6 +306,7 @@ const char *const kUpdateScaleAttrs[7] = {"conv_scale", "x_scale", "dt_low_scale
 
 struct UpdateKernel {
   bool is_float;
+  int64_t layer;    // the slice of the stacked states
   float scale[7];   // kUpdateScaleAttrs order (int8 op)
   float norm_eps;   // < 0: none
 };
@@ -350,15 +351,20 @@ OrtStatus *compute_update(const UpdateKernel &k, OrtKernelContext *ctx) {
   const size_t iXs = fl ? 0 : 7, iDw = fl ? 7 : 8, iDs = fl ? 0 : 9, iBias = fl ? 8 : 10, iA = fl ? 9 : 11;
   const size_t iD = fl ? 10 : 12, iG = fl ? 11 : 13;
   if (sh[iX].rank != 3) return update_error(fl, ORT_INVALID_ARGUMENT, "x must be [b, L, Di], got " + str(sh[iX]));
-  if (sh[iConv].rank != 3 || sh[iA].rank != 2 || sh[iXw].rank != 2)
-    return update_error(fl, ORT_INVALID_ARGUMENT, "conv_state must be [b, Di, K-1], A [Di, N], x_proj_w [R+2N, Di]; got " +
-                                                      str(sh[iConv]) + ", " + str(sh[iA]) + ", " + str(sh[iXw]));
-  const int64_t b = sh[iX].d[0], L = sh[iX].d[1], Di = sh[iX].d[2], K = sh[iConv].d[2] + 1, N = sh[iA].d[1];
+  if (sh[iConv].rank != 4 || sh[iA].rank != 2 || sh[iXw].rank != 2)
+    return update_error(fl, ORT_INVALID_ARGUMENT, "conv_state must be [n_layer, b, Di, K-1], A [Di, N], x_proj_w "
+                                                  "[R+2N, Di]; got " + str(sh[iConv]) + ", " + str(sh[iA]) + ", " + str(sh[iXw]));
+  const int64_t b = sh[iX].d[0], L = sh[iX].d[1], Di = sh[iX].d[2], K = sh[iConv].d[3] + 1, N = sh[iA].d[1];
+  const int64_t n_layer = sh[iConv].d[0];
+  if (k.layer < 0 || k.layer >= n_layer)
+    return update_error(fl, ORT_INVALID_ARGUMENT, "attribute layer " + std::to_string(k.layer) + " is outside the " +
+                                                      std::to_string(n_layer) + " layers of conv_state");
   const int64_t O = sh[iXw].d[0], R = O - 2 * N;
   if (R < 1) return update_error(fl, ORT_INVALID_ARGUMENT, "x_proj_w has " + std::to_string(O) + " rows, fewer than 2 N + 1 = " +
                                                             std::to_string(2 * N + 1));
   struct Want { size_t i; Shape s; };
-  const Want want[] = {{iZ, {{b, L, Di}, 3}}, {iConv, {{b, Di, K - 1}, 3}}, {iSsm, {{b, Di, N}, 3}}, {iCw, {{Di, K}, 2}},
+  const Want want[] = {{iZ, {{b, L, Di}, 3}}, {iConv, {{n_layer, b, Di, K - 1}, 4}}, {iSsm, {{n_layer, b, Di, N}, 4}},
+                       {iCw, {{Di, K}, 2}},
                        {iCb, {{Di}, 1}}, {iXw, {{O, Di}, 2}}, {iDw, {{R, Di}, 2}}, {iBias, {{Di}, 1}}, {iA, {{Di, N}, 2}},
                        {iD, {{Di}, 1}}, {iG, {{Di}, 1}}};
   for (const Want &w : want) {
@@ -398,7 +404,8 @@ OrtStatus *compute_update(const UpdateKernel &k, OrtKernelContext *ctx) {
     p.conv_scale = k.scale[0], p.x_scale = k.scale[1], p.dt_low_scale = k.scale[2], p.delta_scale = k.scale[3];
     p.B_scale = k.scale[4], p.C_scale = k.scale[5], p.z_scale = k.scale[6];
   }
-  p.conv_state = f(iConv), p.ssm_state = f(iSsm), p.conv_w = f(iCw), p.conv_b = f(iCb);
+  p.conv_state = f(iConv) + k.layer * b * Di * (K - 1), p.ssm_state = f(iSsm) + k.layer * b * Di * N;
+  p.conv_w = f(iCw), p.conv_b = f(iCb);
   p.delta_bias = f(iBias), p.A = f(iA), p.D = f(iD), p.gate_scale = f(iG);
   p.norm_eps = k.norm_eps;
   p.y = outp[0], p.conv_state_out = outp[1], p.ssm_state_out = outp[2];
@@ -413,6 +420,12 @@ OrtStatus *compute_update(const UpdateKernel &k, OrtKernelContext *ctx) {
 OrtStatus *create_update_kernel_impl(bool is_float, const OrtKernelInfo *info, void **out) {
   UpdateKernel *k = new UpdateKernel();
   k->is_float = is_float;
+  OrtStatus *lst = g_api->KernelInfoGetAttribute_int64(info, "layer", &k->layer);
+  if (lst) {
+    g_api->ReleaseStatus(lst);
+    delete k;
+    return update_error(is_float, ORT_INVALID_ARGUMENT, "missing int attribute layer");
+  }
   if (!is_float) {
     for (int i = 0; i < 7; ++i) {
       OrtStatus *st = g_api->KernelInfoGetAttribute_float(info, kUpdateScaleAttrs[i], &k->scale[i]);
@@ -470,15 +483,15 @@ OrtStatus *MQ_ORT_CALL update_compute(void *kernel, OrtKernelContext *ctx) noexc
 
 void MQ_ORT_CALL update_destroy(void *kernel) noexcept { delete static_cast<UpdateKernel *>(kernel); }
 
-/* outputs: y like x, conv_state_out like conv_state, ssm_state_out like ssm_state (all float) */
+/* outputs: y like x, conv_state_out / ssm_state_out like one layer of conv_state / ssm_state (all float) */
 OrtStatus *MQ_ORT_CALL infer_update_shapes(const OrtCustomOp *, OrtShapeInferContext *ctx) noexcept {
   try {
-    const size_t from[kUpdateOutputs] = {0, 2, 3};
+    const size_t from[kUpdateOutputs] = {0, 2, 3}, skip[kUpdateOutputs] = {0, 1, 1};   // states: one layer
     for (size_t o = 0; o < kUpdateOutputs; ++o) {
       OrtTensorTypeAndShapeInfo *in = nullptr, *out = nullptr;
       OrtStatus *st = g_api->ShapeInferContext_GetInputTypeShape(ctx, from[o], &in);
       if (st) return st;
-      if ((st = copy_shape(in, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, &out))) return st;
+      if ((st = copy_shape(in, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, &out, skip[o]))) return st;
       st = g_api->ShapeInferContext_SetOutputTypeShape(ctx, o, out);
       g_api->ReleaseTensorTypeAndShapeInfo(out);
       if (st) return st;
@@ -540,15 +553,18 @@ void MQ_ORT_CALL kernel_destroy(void *kernel) noexcept { delete static_cast<Kern
 
 /* A new type-and-shape: `like`'s dims (values and symbolic names) with element type `type`. */
 OrtStatus *copy_shape(const OrtTensorTypeAndShapeInfo *like, ONNXTensorElementDataType type,
-                      OrtTensorTypeAndShapeInfo **out) {
-  size_t rank = 0;
-  OrtStatus *st = g_api->GetDimensionsCount(like, &rank);
+                      OrtTensorTypeAndShapeInfo **out, size_t skip) {
+  size_t full = 0;
+  OrtStatus *st = g_api->GetDimensionsCount(like, &full);
   if (st) return st;
-  if (rank > 4) return error(ORT_INVALID_ARGUMENT, "an input has rank " + std::to_string(rank));
-  int64_t dims[4];
-  const char *names[4] = {nullptr, nullptr, nullptr, nullptr};
-  if ((st = g_api->GetDimensions(like, dims, rank))) return st;
-  if ((st = g_api->GetSymbolicDimensions(like, names, rank))) return st;
+  if (full > 4 || full < skip) return error(ORT_INVALID_ARGUMENT, "an input has rank " + std::to_string(full));
+  int64_t all_dims[4];
+  const char *all_names[4] = {nullptr, nullptr, nullptr, nullptr};
+  if ((st = g_api->GetDimensions(like, all_dims, full))) return st;
+  if ((st = g_api->GetSymbolicDimensions(like, all_names, full))) return st;
+  const size_t rank = full - skip;   // the leading `skip` dims dropped
+  int64_t *dims = all_dims + skip;
+  const char **names = all_names + skip;
   // ORT writes an unnamed dim as dim_value (-1 when unknown): name the unknown ones instead, uniquely,
   // so that they stay unknown downstream
   std::string fresh[4];
