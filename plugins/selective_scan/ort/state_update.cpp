@@ -65,23 +65,24 @@ struct Work {
 
 // ---- pass A: conv-state shift, depthwise conv, SiLU, x quant point ------------------------------
 
-void pass_conv(void *user, size_t task) {
-  Work &w = *static_cast<Work *>(user);
+/* KT: d_conv as a compile-time constant (4, every Mamba checkpoint), or 0 */
+template <int64_t KT>
+void pass_conv_k(Work &w, size_t task) {
   const StateUpdateParams &p = *w.p;
   const int64_t bi = static_cast<int64_t>(task) / w.blocks;
   const int64_t d0 = (static_cast<int64_t>(task) % w.blocks) * kBlock;
   const int64_t nd = std::min(kBlock, p.dim - d0);
-  const int64_t K = p.dconv, Di = p.dim, L = p.seqlen;
-  // win[k][j]: the last K-1 conv inputs of channel d0 + j, oldest first
-  alignas(64) float win[kMaxConv][kBlock];
-  alignas(64) float wk[kMaxConv][kBlock];
-  alignas(64) float bias[kBlock], cur[kBlock];
-  for (int64_t j = 0; j < kBlock; ++j) {
-    const bool live = j < nd;
-    for (int64_t k = 0; k < K; ++k) wk[k][j] = live ? p.conv_w[(d0 + j) * K + k] : 0.f;
-    for (int64_t k = 0; k + 1 < K; ++k) win[k][j] = live ? p.conv_state[((bi * Di) + d0 + j) * (K - 1) + k] : 0.f;
-    bias[j] = live ? p.conv_b[d0 + j] : 0.f;
-    cur[j] = 0.f;
+  const int64_t K = KT > 0 ? KT : p.dconv, Di = p.dim, L = p.seqlen;
+  // win[k][j]: the last K-1 conv inputs of channel d0 + j, oldest first (lanes >= nd stay 0)
+  alignas(64) float win[kMaxConv][kBlock] = {};
+  alignas(64) float wk[kMaxConv][kBlock] = {};
+  alignas(64) float bias[kBlock] = {}, cur[kBlock] = {};
+  const float *__restrict cw = p.conv_w + d0 * K;
+  const float *__restrict cst = p.conv_state + (bi * Di + d0) * (K - 1);
+  for (int64_t j = 0; j < nd; ++j) {      // [channel][tap] in memory -> [tap][channel] here
+    for (int64_t k = 0; k < K; ++k) wk[k][j] = cw[j * K + k];
+    for (int64_t k = 0; k + 1 < K; ++k) win[k][j] = cst[j * (K - 1) + k];
+    bias[j] = p.conv_b[d0 + j];
   }
   const size_t nf = sizeof(float) * static_cast<size_t>(nd);
   alignas(64) float acc[kBlock];
@@ -107,8 +108,17 @@ void pass_conv(void *user, size_t task) {
       std::memcpy(w.u_q.data() + o, uq, static_cast<size_t>(nd));
     }
   }
+  float *__restrict cso = p.conv_state_out + (bi * Di + d0) * (K - 1);
   for (int64_t j = 0; j < nd; ++j)
-    for (int64_t k = 0; k + 1 < K; ++k) p.conv_state_out[((bi * Di) + d0 + j) * (K - 1) + k] = win[k][j];
+    for (int64_t k = 0; k + 1 < K; ++k) cso[j * (K - 1) + k] = win[k][j];
+}
+
+void pass_conv(void *user, size_t task) {
+  Work &w = *static_cast<Work *>(user);
+  if (w.p->dconv == 4)
+    pass_conv_k<4>(w, task);
+  else
+    pass_conv_k<0>(w, task);
 }
 
 // ---- pass B: x_proj, FalconMamba's norms, the dt_low / B / C quant points -------------------------
@@ -170,9 +180,22 @@ constexpr int64_t kSub = 16;
 template <int64_t NT>
 inline float tree_sum(float *v, int64_t n) {
   if constexpr (NT == 16) {
+#if defined(__GNUC__)
+    // in registers: halving through memory stalls on store forwarding (a vector store read back in halves)
+    typedef float v16 __attribute__((vector_size(64)));
+    typedef float v8 __attribute__((vector_size(32)));
+    typedef float v4 __attribute__((vector_size(16)));
+    v16 a;
+    std::memcpy(&a, v, sizeof a);
+    const v8 s8 = __builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7) +
+                  __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15);
+    const v4 s4 = __builtin_shufflevector(s8, s8, 0, 1, 2, 3) + __builtin_shufflevector(s8, s8, 4, 5, 6, 7);
+    return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+#else
     for (int k = 0; k < 8; ++k) v[k] += v[k + 8];
     for (int k = 0; k < 4; ++k) v[k] += v[k + 4];
     return (v[0] + v[2]) + (v[1] + v[3]);
+#endif
   } else {
     for (; n > 1 && n % 2 == 0; n /= 2)
       for (int64_t k = 0; k < n / 2; ++k) v[k] += v[k + n / 2];
