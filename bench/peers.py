@@ -167,10 +167,15 @@ def external_data(path):
     return ext
 
 
+def onnx_sources(work):
+    """The cached step graphs (inline weights); the rows run their _ext copies (external_data). "_fused":
+    step graphs with mq::SelectiveStateUpdate(Float); graphs cached before it are not reused."""
+    return {"fp32": os.path.join(work, "fp32_step_fused.onnx"), "w8a8": os.path.join(work, "w8a8_step_fused.onnx")}
+
+
 def make_onnx(work, hf, threads):
     """FP32 and W8A8 decode-step graphs with last-position logits (cached), weights as external data."""
-    # "_fused": step graphs with mq::SelectiveStateUpdate(Float) (graphs cached before it are not reused)
-    out = {"fp32": os.path.join(work, "fp32_step_fused.onnx"), "w8a8": os.path.join(work, "w8a8_step_fused.onnx")}
+    out = onnx_sources(work)
     if all(os.path.isfile(p) for p in out.values()):
         return {k: external_data(p) for k, p in out.items()}
     import numpy as np
@@ -423,7 +428,7 @@ def main(argv=None):
                    check=True)
     bins = os.path.join(shared, "llama-build", "bin")
     gguf = {q: os.path.join(work, f"model-{q}.gguf") for q in ("F32", "Q8_0", "Q4_0")} if want_llama else None
-    onnx = {"fp32": os.path.join(work, "fp32_step_ext.onnx"), "w8a8": os.path.join(work, "w8a8_step_ext.onnx")}
+    onnx = {k: p[:-len(".onnx")] + "_ext.onnx" for k, p in onnx_sources(work).items()}   # what make_onnx wrote
 
     from importlib.metadata import version
 
