@@ -54,8 +54,13 @@ class QuantSpec:
 class _Builder:
     """Collects nodes and initializers with unique names; identical constants are stored once."""
 
-    def __init__(self, opset):
-        self.nodes, self.inits, self._n, self._consts = [], [], 0, {}
+    def __init__(self, opset, inits=None):
+        """inits: the repeated initializer field of the ModelProto being built (each tensor is made in place:
+        collecting them in a list and passing it to make_graph / make_model would copy every weight twice)."""
+        from onnx import ModelProto
+
+        self.nodes, self._n, self._consts = [], 0, {}
+        self.inits = inits if inits is not None else ModelProto().graph.initializer
         self.opset = opset
 
     def name(self, hint):
@@ -67,7 +72,7 @@ class _Builder:
         key = (kind, array.shape, hashlib.sha1(memoryview(array).cast("B")).hexdigest())   # no copy of the bytes
         if key not in self._consts:
             name = self.name(hint)
-            self.inits.append(make(name))
+            self.inits.add().CopyFrom(make(name))   # one tensor's copy at a time, freed at once
             self._consts[key] = name
         return self._consts[key]
 
@@ -397,7 +402,10 @@ def build_model(model, quant: QuantSpec | None = None, step: bool = False, opset
     from onnx import TensorProto as T
     from onnx import helper
 
-    b = _Builder(opset)
+    from onnx import ModelProto
+
+    proto = ModelProto()
+    b = _Builder(opset, proto.graph.initializer)
     g = _Graph(b, quant, rotation, small_weights, fused_step)
     vi = helper.make_tensor_value_info
     outputs = []
@@ -444,14 +452,19 @@ def build_model(model, quant: QuantSpec | None = None, step: bool = False, opset
         inputs = [vi("images", T.FLOAT, ["batch", cfg.in_chans, cfg.img_size, cfg.img_size])]
         outputs.append(vi("logits", T.FLOAT, ["batch", cfg.num_classes]))
     b.nodes.append(helper.make_node("Identity", [logits], ["logits"]))
-    graph = helper.make_graph(b.nodes, "mq_deploy_" + ("int8" if quant else "fp32"), inputs, outputs,
-                              initializer=b.inits)
+    # the ModelProto is filled in place (what helper.make_graph + make_model would build, without their copies)
+    graph = proto.graph
+    graph.name = "mq_deploy_" + ("int8" if quant else "fp32")
+    graph.node.extend(b.nodes)
+    graph.input.extend(inputs)
+    graph.output.extend(outputs)
     fns = [selective_scan_function(opset) if quant else selective_scan_float_function(opset)]
     if any(n.op_type in (OP_UPDATE, OP_UPDATE_FLOAT) for n in b.nodes):
         fns.append(state_update_function(model.cfg.mixer, quant is not None, opset))
-    proto = helper.make_model(graph, functions=fns, ir_version=IR_VERSION,
-                              opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(DOMAIN, 1)],
-                              producer_name="mq-deploy")
+    proto.functions.extend(fns)
+    proto.ir_version = IR_VERSION
+    proto.opset_import.extend([helper.make_opsetid("", opset), helper.make_opsetid(DOMAIN, 1)])
+    proto.producer_name = "mq-deploy"
     for k, v in _metadata(model, quant, step).items():
         proto.metadata_props.add(key=k, value=v)
     return proto
