@@ -399,10 +399,8 @@ def build_model(model, quant: QuantSpec | None = None, step: bool = False, opset
     prefill then skips the vocab matmul of every other position). small_weights: see SMALL_WEIGHTS.
     fused_step (step graphs): each layer's conv, x_proj, dt_proj and scan as one mq::SelectiveStateUpdate
     (state_update_op.py); False: the same ops unfused, as in the full graph."""
+    from onnx import ModelProto, helper
     from onnx import TensorProto as T
-    from onnx import helper
-
-    from onnx import ModelProto
 
     proto = ModelProto()
     b = _Builder(opset, proto.graph.initializer)
