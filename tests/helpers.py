@@ -149,3 +149,18 @@ def decode_steps(kw, run_step):
             step[k] = kw[k][:, t:t + 1]
         ys.append(run_step(step, state))
     return torch.cat(ys, 1), state
+
+
+def ort_lib_marker():
+    """(path of libmq_scan_ort.so, pytest skip mark for tests that need it). Skipped when it is not built,
+    unless MQ_REQUIRE_NATIVE=1 (CI) or MQ_REQUIRE_ORT_LIB=1 turn the skip into a failure."""
+    import os
+
+    import pytest
+
+    from mq_deploy.ops import native
+
+    lib = native.ort_library_path()
+    required = os.environ.get("MQ_REQUIRE_ORT_LIB") == "1" or os.environ.get("MQ_REQUIRE_NATIVE") == "1"
+    return lib, pytest.mark.skipif(not required and not os.path.isfile(lib),
+                                   reason=f"{lib} is not built: {native.BUILD_HINT}")

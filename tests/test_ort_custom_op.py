@@ -24,18 +24,15 @@ import numpy as np
 import pytest
 import torch
 
-from mq_deploy.ops import native
 from mq_deploy.ops.selective_scan import selective_scan_int8_ref, selective_scan_ref
 
 from conftest import REPO, rel_err
+from helpers import ort_lib_marker
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-LIB = native.ort_library_path()
-REQUIRED = os.environ.get("MQ_REQUIRE_ORT_LIB") == "1" or os.environ.get("MQ_REQUIRE_NATIVE") == "1"
-needs_lib = pytest.mark.skipif(not REQUIRED and not os.path.isfile(LIB),
-                               reason=f"{LIB} is not built: {native.BUILD_HINT}")
+LIB, needs_lib = ort_lib_marker()
 
 TOL = 2e-5
 TOL_FP16 = 1e-3

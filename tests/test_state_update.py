@@ -18,17 +18,12 @@ import os
 import numpy as np
 import pytest
 
-from mq_deploy.ops import native
-
-from helpers import small_lm
+from helpers import ort_lib_marker, small_lm
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-LIB = native.ort_library_path()
-REQUIRED = os.environ.get("MQ_REQUIRE_ORT_LIB") == "1" or os.environ.get("MQ_REQUIRE_NATIVE") == "1"
-needs_lib = pytest.mark.skipif(not REQUIRED and not os.path.isfile(LIB),
-                               reason=f"{LIB} is not built: {native.BUILD_HINT}")
+LIB, needs_lib = ort_lib_marker()
 
 
 def _session(proto, lib):
