@@ -145,10 +145,10 @@ class _Graph:
         b = self.b
         if self.quant is None:
             return b.f32(w.t() if transpose else w, "w")
-        q, s64 = self.grid(name, w)
         if small and self.small_weights == "float":
-            wf = q.to(torch.float32) * s64.to(torch.float32).reshape([-1] + [1] * (q.dim() - 1))
+            wf = self.dequantized(name, w)
             return b.const(np.ascontiguousarray((wf.t() if transpose else wf).numpy()), "w_deq")
+        q, s64 = self.grid(name, w)
         if transpose:
             q = q.t()
         qn = (b.int4(q.numpy(), "wq") if self.quant.wbits == 4 else b.const(q.numpy(), "wq"))
@@ -167,6 +167,11 @@ class _Graph:
             raise MQInternalError(f"{name}: the stored weight is not on its W{self.quant.wbits} grid "
                                   f"(off by {err:.2e})")
         return q.to(torch.int8), s64
+
+    def dequantized(self, name, w: torch.Tensor) -> torch.Tensor:
+        """q * s of a quantized weight in float32: bitwise what its per-channel DequantizeLinear computes."""
+        q, s64 = self.grid(name, w)
+        return q.to(torch.float32) * s64.to(torch.float32).reshape([-1] + [1] * (q.dim() - 1))
 
     def linear(self, x, lin, name, small=False):
         y = self.b.op("MatMul", [x, self.weight(name, lin.weight, transpose=True, small=small)])
@@ -192,6 +197,14 @@ class _Graph:
 
     def qdq(self, x, point):
         return x if self.quant is None else self.dq(self.q(x, point), point)
+
+
+def _scan_constants(b: _Builder, mixer, s: str = "") -> dict:
+    """The scan's float inputs of branch s: A = -exp(A_log), D, the dt bias, the gate's smoothing factor."""
+    A = -torch.exp(getattr(mixer, "A_b_log" if s else "A_log").detach().double())
+    gate = mixer.gate_scale if mixer.gate_scale is not None else torch.ones(mixer.cfg.d_inner)
+    return {"A": b.f32(A, "A"), "D": b.f32(getattr(mixer, "D" + s), "D"),
+            "dt_bias": b.f32(getattr(mixer, "dt_proj" + s).bias, "dt_bias"), "gate_scale": b.f32(gate, "gate_scale")}
 
 
 def _branch(g: _Graph, mixer, prefix, x, z, s, conv_state=None, ssm_state=None):
@@ -225,14 +238,12 @@ def _branch(g: _Graph, mixer, prefix, x, z, s, conv_state=None, ssm_state=None):
     dt_proj = getattr(mixer, "dt_proj" + s)
     dt = b.op("MatMul", [g.qdq(dt_low, prefix + "dt_low" + s),
                          g.weight(weight_key(prefix, "dt_proj", s), dt_proj.weight, transpose=True, small=True)])
-    A = -torch.exp(getattr(mixer, "A_b_log" if s else "A_log").detach().double())
     if ssm_state is None:   # zero initial state [batch, Di, N] from the runtime batch size
         ssm_state = b.op("ConstantOfShape", [b.op("Concat", [b.batch_dim(x), b.i64([cfg.d_inner, cfg.d_state])],
                                                   axis=0)],
                          value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]))
-    gate = mixer.gate_scale if mixer.gate_scale is not None else torch.ones(cfg.d_inner)
-    params = [b.f32(A, "A"), b.f32(getattr(mixer, "D" + s), "D"), b.f32(dt_proj.bias, "dt_bias"),
-              b.f32(gate, "gate_scale")]
+    c = _scan_constants(b, mixer, s)
+    params = [c["A"], c["D"], c["dt_bias"], c["gate_scale"]]
     if g.quant is None:
         ins = [xc, dt, params[0], Bm, Cm, params[1], z, params[2], params[3], ssm_state]
         y, h_last = b.op(OP_FLOAT, ins, "scan", n_out=2, domain=DOMAIN)
@@ -254,9 +265,8 @@ def _fused_branch(g: _Graph, mixer, prefix, x, z, conv_state, ssm_state, layer: 
     conv, x_proj, dt_proj = mixer.conv1d, mixer.x_proj, mixer.dt_proj
     di, k = cfg.d_inner, cfg.d_conv
     conv_b = b.f32(conv.bias if conv.bias is not None else torch.zeros(di), "conv_b")
-    A = -torch.exp(mixer.A_log.detach().double())
-    gate = mixer.gate_scale if mixer.gate_scale is not None else torch.ones(di)
-    tail = [b.f32(dt_proj.bias, "dt_bias"), b.f32(A, "A"), b.f32(mixer.D, "D"), b.f32(gate, "gate_scale")]
+    c = _scan_constants(b, mixer)
+    tail = [c["dt_bias"], c["A"], c["D"], c["gate_scale"]]
     attrs = {"layer": int(layer)}
     if cfg.mixer_rms_eps is not None:
         attrs["norm_eps"] = float(cfg.mixer_rms_eps)
@@ -264,8 +274,7 @@ def _fused_branch(g: _Graph, mixer, prefix, x, z, conv_state, ssm_state, layer: 
         ins = [x, z, conv_state, ssm_state, b.f32(conv.weight.reshape(di, k), "conv_w"), conv_b,
                b.f32(x_proj.weight, "x_proj_w"), b.f32(dt_proj.weight.t(), "dt_proj_w")] + tail
         return b.op(OP_UPDATE_FLOAT, ins, "state_update", n_out=3, domain=DOMAIN, **attrs)
-    qc, sc = g.grid(weight_key(prefix, "conv1d"), conv.weight)
-    conv_w = (qc.to(torch.float32) * sc.to(torch.float32).reshape(-1, 1, 1)).reshape(di, k)   # what DQ computes
+    conv_w = g.dequantized(weight_key(prefix, "conv1d"), conv.weight).reshape(di, k)
     qx, sx = g.grid(weight_key(prefix, "x_proj"), x_proj.weight)
     qd, sd = g.grid(weight_key(prefix, "dt_proj"), dt_proj.weight)
     ins = [x, z, conv_state, ssm_state, b.f32(conv_w, "conv_w"), conv_b, b.const(qx.numpy(), "x_proj_q"),
