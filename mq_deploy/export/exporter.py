@@ -36,34 +36,30 @@ def supported_opsets():
 
 def save_model_atomic(proto, out_path: str, *, overwrite: bool = False, inputs=(), check: bool = True) -> str:
     """Check the model and write it (and its external-data side file, for models past protobuf's
-    2 GiB) under temporary names beside the destination, then rename both into place."""
+    2 GiB) under temporary names beside the destination, then rename both into place. The model is
+    written a tensor at a time (onnx_file.write_model): never serialized whole, and not changed."""
     import onnx
 
     from mq_deploy import fileio
+    from mq_deploy.export.onnx_file import initializer_bytes, repoint_external, write_model
 
     out_abs = fileio.check_target(out_path, overwrite, inputs, "ONNX file")     # a folder is refused there
     data_target = out_abs + ".data"
-    external = proto.ByteSize() > _EXTERNAL_DATA_BYTES
+    external = initializer_bytes(proto) > _EXTERNAL_DATA_BYTES
     if external:
         fileio.check_target(data_target, overwrite, inputs, "external data file")
     with fileio.atomic_path(out_abs, overwrite=overwrite, inputs=inputs, what="ONNX file") as tmp:
         if not external:
-            onnx.save_model(proto, tmp)
+            write_model(proto, tmp)
             if check:
                 onnx.checker.check_model(tmp, full_check=True)
             return out_abs
         tmp_data = fileio.temp_path(data_target)
         with fileio.tracked_temp(tmp_data):
-            onnx.save_model(proto, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=os.path.basename(tmp_data))
+            shell = write_model(proto, tmp, tmp_data)
             if check:
                 onnx.checker.check_model(tmp, full_check=True)
-            m = onnx.load(tmp, load_external_data=False)
-            for t in m.graph.initializer:     # point the model at the final side-file name
-                for e in t.external_data:
-                    if e.key == "location":
-                        e.value = os.path.basename(data_target)
-            onnx.save_model(m, tmp)
+            repoint_external(shell, tmp, os.path.basename(data_target))     # the final side-file name
             fileio.commit_file(tmp_data, data_target, overwrite, data_target)
     return out_abs
 

@@ -70,3 +70,126 @@ def graph_inputs(model) -> list:
         dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim)
         out.append((vi.name, tt.elem_type, dims))
     return out
+
+
+# ---- writing ------------------------------------------------------------------------------------
+# protobuf's upb runtime serializes a whole message for SerializeToString and for ByteSize alike, into an
+# arena that grows by doubling and is then copied into a bytes object: about 3x the model's size at once
+# (a 1.24 GiB model peaked 3.6 GiB above it). The writer below never serializes the model whole: the model
+# without its initializers goes out first, then each initializer on its own. On the wire, a message field
+# that occurs more than once is merged, and repeated fields inside it are appended in order, so the graph
+# field written again per initializer parses back to the same model (every protobuf parser does this).
+
+EXTERNAL_MIN_BYTES = 1024          # smaller tensors stay in the model file (onnx's own default)
+_ALIGN_ABOVE, _ALIGN = 1 << 20, 1 << 16   # tensors past 1 MiB start on a 64 KiB boundary of the side file
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        out.append(low | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _length_delimited(number: int, payload: bytes) -> bytes:
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _is_repeated(field) -> bool:
+    rep = getattr(field, "is_repeated", None)        # protobuf >= 5.29; .label before that
+    return rep if isinstance(rep, bool) else field.label == field.LABEL_REPEATED
+
+
+def _copy_fields(src, dst, skip=()) -> None:
+    """dst gets src's set fields but those named in skip (each copied, none shared)."""
+    for field, value in src.ListFields():
+        if field.name in skip:
+            continue
+        if _is_repeated(field):
+            getattr(dst, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(dst, field.name).CopyFrom(value)
+        else:
+            setattr(dst, field.name, value)
+
+
+def _shell(proto):
+    """A copy of the model without its initializers (nodes, functions, metadata: the small part)."""
+    import onnx
+
+    shell = onnx.ModelProto()
+    _copy_fields(proto, shell, skip=("graph",))
+    _copy_fields(proto.graph, shell.graph, skip=("initializer",))
+    return shell
+
+
+def initializer_bytes(proto) -> int:
+    """The serialized size of the model's initializers, one tensor at a time."""
+    return sum(t.ByteSize() for t in proto.graph.initializer)
+
+
+def write_model(proto, path: str, data_path: str | None = None):
+    """Write `proto` to `path` (a new file) holding at most one tensor's serialization beside it.
+    With data_path, tensors of >= EXTERNAL_MIN_BYTES raw data go to that new side file, and the model
+    points at it by its base name. Returns the model as written when it has a side file (the initializers
+    carry only their external-data entries: small), for `repoint_external`; else None. `proto` is not
+    changed."""
+    import onnx
+
+    shell = _shell(proto)
+    graph_no = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
+    init_no = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
+    try:
+        if data_path is None:
+            with open(path, "xb") as f:
+                f.write(shell.SerializeToString())
+                for t in proto.graph.initializer:
+                    f.write(_length_delimited(graph_no, _length_delimited(init_no, t.SerializeToString())))
+                _sync(f)
+            return None
+        location = os.path.basename(data_path)
+        with open(data_path, "xb") as data:
+            offset = 0
+            for t in proto.graph.initializer:
+                raw = t.raw_data if t.HasField("raw_data") else b""
+                entry = shell.graph.initializer.add()
+                if len(raw) < EXTERNAL_MIN_BYTES:
+                    entry.CopyFrom(t)
+                    continue
+                if len(raw) > _ALIGN_ABOVE and offset % _ALIGN:
+                    pad = _ALIGN - offset % _ALIGN
+                    data.write(bytes(pad))
+                    offset += pad
+                data.write(raw)
+                _copy_fields(t, entry, skip=("raw_data", "data_location", "external_data"))
+                entry.data_location = onnx.TensorProto.EXTERNAL
+                for key, value in (("location", location), ("offset", offset), ("length", len(raw))):
+                    entry.external_data.add(key=key, value=str(value))
+                offset += len(raw)
+                del raw
+            _sync(data)
+        with open(path, "xb") as f:
+            f.write(shell.SerializeToString())
+            _sync(f)
+        return shell
+    except OSError as e:
+        raise MQUserError(f"{path}: cannot write the ONNX model ({e.strerror or e})") from None
+
+
+def _sync(f) -> None:
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def repoint_external(shell, path: str, location: str) -> None:
+    """Rewrite model file `path` (written by write_model with a side file) to name side file `location`."""
+    for t in shell.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = location
+    with open(path, "r+b") as f:
+        f.write(shell.SerializeToString())
+        f.truncate()
+        _sync(f)
