@@ -294,12 +294,13 @@ def build_engine(onnx_path, out_path, cfg: EngineBuildConfig | None = None, **kw
         if plan["scan_nodes"] and scan_creator(trt) is None:
             raise MQUserError(f"loaded {', '.join(plan['plugins'])} but no mq::SelectiveScan creator is registered "
                               f"in TensorRT: is it an {PLUGIN_LIBRARY} built from this mq-deploy?")
-        # The parser reads a file, so external-data locations resolve: a stripped copy beside the original.
-        import onnx
+        # The parser reads a file, so external-data locations resolve: a stripped copy beside the original
+        # (written a tensor at a time: an inline model is not serialized whole beside itself).
+        from mq_deploy.export.onnx_file import write_model
 
         parser_copy = fileio.temp_path(os.path.abspath(os.fspath(onnx_path)))
         try:
-            onnx.save(plan["model"], parser_copy)
+            write_model(plan["model"], parser_copy)
             builder, network, parser = NetworkFromOnnxPath(parser_copy, strongly_typed=cfg.strongly_typed)()
         finally:
             if os.path.exists(parser_copy):
