@@ -425,12 +425,13 @@ def test_stale_temporaries_of_a_killed_export_are_swept(ws2, tmp_path):
 
 def test_sigkill_mid_export_leaves_only_a_recognisable_temporary(ws2, tmp_path):
     out = tmp_path / "m.onnx"
-    code = ("import onnx, time\n"
+    code = ("import time\n"
             "import mq_deploy.export.exporter as ex\n"
-            "real = onnx.save_model\n"
+            "import mq_deploy.export.onnx_file as of\n"
+            "real = of.write_model\n"
             "def slow(*a, **k):\n"
             "    real(*a, **k); print('saved', flush=True); time.sleep(60)\n"
-            "onnx.save_model = slow\n"
+            "of.write_model = slow\n"
             f"ex.export({ws2['lm_q']!r}, {str(out)!r})\n")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "saved"
