@@ -101,6 +101,24 @@ def test_graph_size_does_not_depend_on_sequence_length():
     assert len(proto.graph.node) == n_nodes
 
 
+@pytest.mark.parametrize("step", [False, True])
+def test_consuming_build_gives_the_same_graph(step):
+    """build_model(consume=True), what export uses to bound its memory, writes the same ModelProto and
+    releases every residual block of the model it read."""
+    import copy
+
+    from mq_deploy.export.graph import build_model
+
+    m, scales = quantized_lm()
+    spec = spec_of(scales, 8, "mambaquant")
+    want = build_model(m, spec, step=step)
+    used = copy.deepcopy(m)
+    got = build_model(used, spec, step=step, consume=True)
+    assert got == want
+    assert all(isinstance(layer, torch.nn.Identity) for layer in used.layers)
+    assert not any(isinstance(layer, torch.nn.Identity) for layer in m.layers)
+
+
 @pytest.mark.parametrize("quant", [False, True])
 def test_step_graph_equals_full_graph(quant):
     """Prefill of a prompt, then one token a call, gives the full graph's logits at every position."""

@@ -98,9 +98,9 @@ def export(model_path: str, out: str, step: bool = False, opset: int = OPSET, ov
         from mq_deploy.quant.fakequant import quantize_head as int8_head
 
         int8_head(loaded.model)
-    proto = build_model(loaded.model, spec, step=step, opset=opset)
+    proto = build_model(loaded.model, spec, step=step, opset=opset, consume=True)
     _carry_tokenizer(proto, loaded, tokenizer)
-    loaded.model = None      # the float model is in the proto now: not held while it is serialized and checked
+    loaded.model = None      # the rest of the float model (embedding, head): not held while the proto is written
     out_abs = save_model_atomic(proto, out, overwrite=overwrite, inputs=inputs)
     counts: dict = {}
     for n in proto.graph.node:

@@ -373,8 +373,9 @@ def _lm_head(b: _Builder, h, head):
     return b.op("Mul", [acc, b.op("Mul", [hs, b.f32(head.scale, "lm_head_scale")])], "logits")
 
 
-def _layers(g: _Graph, model, h, states=None):
-    """Residual blocks and the final norm. states: (conv_state, ssm_state) graph inputs stacked over layers."""
+def _layers(g: _Graph, model, h, states=None, consume: bool = False):
+    """Residual blocks and the final norm. states: (conv_state, ssm_state) graph inputs stacked over layers.
+    consume: each block is released from the model once it is in the graph (build_model)."""
     b = g.b
     new = []
     for i, layer in enumerate(model.layers):
@@ -386,6 +387,8 @@ def _layers(g: _Graph, model, h, states=None):
         out, new_st = _mixer(g, layer.mixer, mixer_prefix(i), b.rms_norm(h, layer.norm), st)
         h = b.op("Add", [h, out], "residual")
         new.append(new_st)
+        if consume:
+            model.layers[i] = torch.nn.Identity()
     return b.rms_norm(h, model.norm_f), new
 
 
@@ -401,13 +404,15 @@ def _metadata(model, quant, step):
 
 def build_model(model, quant: QuantSpec | None = None, step: bool = False, opset: int = OPSET,
                 rotation: str = "factored", last_logits: bool = False, small_weights: str = "qdq",
-                fused_step: bool = True):
+                fused_step: bool = True, consume: bool = False):
     """ModelProto of a MambaLM (input_ids -> logits) or Vim (images -> logits); see the module doc.
     rotation: how the online Hadamard before out_proj runs, "factored" (two small MatMuls) or "dense".
     last_logits (LMs): logits of the last position only, [batch, 1, V] (what generation reads; a
     prefill then skips the vocab matmul of every other position). small_weights: see SMALL_WEIGHTS.
     fused_step (step graphs): each layer's conv, x_proj, dt_proj and scan as one mq::SelectiveStateUpdate
-    (state_update_op.py); False: the same ops unfused, as in the full graph."""
+    (state_update_op.py); False: the same ops unfused, as in the full graph. consume: the model's residual
+    blocks are released as they go into the graph, so its float weights and their int8 copies are not all
+    held at once (the model cannot run afterwards; export drops it anyway)."""
     from onnx import ModelProto, helper
     from onnx import TensorProto as T
 
@@ -425,7 +430,7 @@ def build_model(model, quant: QuantSpec | None = None, step: bool = False, opset
                        vi("ssm_state", T.FLOAT, [model.cfg.n_layer, "batch", m.d_inner, m.d_state])]
             states = ("conv_state", "ssm_state")
         h = b.op("Gather", [b.f32(model.embedding.weight, "embedding"), "input_ids"], axis=0)
-        h, new = _layers(g, model, h, states)
+        h, new = _layers(g, model, h, states, consume)
         if last_logits:
             h = b.op("Slice", [h, b.i64([-1]), b.i64([np.iinfo(np.int64).max]), b.i64([1])], "last")
         logits = _lm_head(b, h, model.lm_head)
@@ -451,7 +456,7 @@ def build_model(model, quant: QuantSpec | None = None, step: bool = False, opset
         head = b.op("Slice", [p, b.i64([0]), b.i64([pos]), b.i64([1])])
         tail = b.op("Slice", [p, b.i64([pos]), b.i64([cfg.num_patches]), b.i64([1])])
         h = b.op("Add", [b.op("Concat", [head, cls, tail], axis=1), b.f32(model.pos_embed, "pos_embed")])
-        h, _ = _layers(g, model, h)
+        h, _ = _layers(g, model, h, consume=consume)
         feat = b.op("Gather", [h, b.i64(pos)], axis=1)
         logits = b.op("MatMul", [feat, b.f32(model.head.weight.t(), "head")])
         if model.head.bias is not None:
