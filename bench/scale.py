@@ -35,6 +35,7 @@ SHAPES = {   # the state-spaces/mamba-*-hf configs (vocab 50280, d_state 16, d_c
 }
 HALF = {"2.8b": "bfloat16", "1.4b": "bfloat16"}
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)     # this checkout's mq_deploy, as the stages (run with cwd REPO) use
 KJV = os.path.join(REPO, "samples", "mamba-byte-lm", "data")
 
 # runs one stage in a fresh interpreter and reports its own peak RSS (ru_maxrss, KiB on Linux)
