@@ -93,8 +93,12 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
-def _length_delimited(number: int, payload: bytes) -> bytes:
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+def _write_nested(f, outer: int, inner: int, payload: bytes) -> None:
+    """Field `outer` holding field `inner` holding payload, on the wire; the payload is not copied."""
+    head = _varint(inner << 3 | 2) + _varint(len(payload))
+    f.write(_varint(outer << 3 | 2) + _varint(len(head) + len(payload)))
+    f.write(head)
+    f.write(payload)
 
 
 def _is_repeated(field) -> bool:
@@ -146,7 +150,7 @@ def write_model(proto, path: str, data_path: str | None = None):
             with open(path, "xb") as f:
                 f.write(shell.SerializeToString())
                 for t in proto.graph.initializer:
-                    f.write(_length_delimited(graph_no, _length_delimited(init_no, t.SerializeToString())))
+                    _write_nested(f, graph_no, init_no, t.SerializeToString())
                 _sync(f)
             return None
         location = os.path.basename(data_path)
