@@ -80,9 +80,10 @@ def lm_metrics(forward, w: np.ndarray, nbytes: np.ndarray, batch: int = 8, progr
             "tokens": tokens, "bytes": covered, "nats": total}
 
 
-def vim_data(loaded, path: str, split: str, limit: int | None):
+def vim_data(loaded, path: str, split: str, limit: int | None, scoring: bool = True):
     """(images, labels) for a Vim: an idx directory (Fashion-MNIST) or an image folder (ImageFolder layout
-    or flat; labels None for a flat one). Folder images are read batch by batch as they are sliced."""
+    or flat; labels None for a flat one). Folder images are read batch by batch as they are sliced.
+    scoring: the labels will be scored (a folder with fewer classes than the model gets a note)."""
     from mq_deploy.data.images import (
         ImageFolderData,
         is_image_folder,
@@ -101,6 +102,13 @@ def vim_data(loaded, path: str, split: str, limit: int | None):
             labels = labels[keep]
             if len(classes) > cfg.num_classes:
                 raise MQUserError(f"{path}: {len(classes)} class folders, the model has {cfg.num_classes} classes")
+            if scoring and len(classes) < cfg.num_classes:
+                import sys
+
+                print(f"note: {path}: {len(classes)} class folders for a model of {cfg.num_classes} classes; "
+                      f"labels are the folders' sorted positions 0..{len(classes) - 1} (as torchvision's "
+                      "ImageFolder), so top-1 is right only if they are the model's first classes in that order",
+                      file=sys.stderr)
         return ImageFolderData(files, cfg.in_chans, cfg.img_size, cfg.image_mean, cfg.image_std), labels
     images, labels = load_idx_split(path, split)
     if limit:

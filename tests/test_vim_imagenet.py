@@ -63,6 +63,26 @@ def test_vim_t_224_and_stride8(tmp_path):
     assert e < 1e-4
 
 
+def test_stride8_weights_without_args(tmp_path, capsys):
+    """A bare state dict of a "+" model (no args to name the stride): its 27 x 27 grid is hustvl's 224 px at
+    stride 8, said on stderr; a config.json beside it decides otherwise."""
+    sd8 = hustvl_pth(tmp_path / "plus.pth", depth=1, stride=8, name="vim_tiny_patch16_stride8_224_bimambav2")
+    torch.save({"model": sd8}, tmp_path / "bare.pth")
+    cfg = load_model(str(tmp_path / "bare.pth")).config
+    assert (cfg.img_size, cfg.stride, cfg.num_patches + 1) == (224, 8, 730)
+    assert "taken as 224 px at stride 8" in capsys.readouterr().err
+    folder = tmp_path / "at432"
+    folder.mkdir()
+    torch.save({"model": sd8}, folder / "weights.pth")
+    (folder / "config.json").write_text(json.dumps({"img_size": 432, "stride": 16}))
+    cfg = load_model(str(folder)).config
+    assert (cfg.img_size, cfg.stride) == (432, 16) and capsys.readouterr().err == ""
+    sd16 = hustvl_pth(tmp_path / "t.pth", depth=1)
+    torch.save({"model": sd16}, tmp_path / "bare16.pth")
+    cfg = load_model(str(tmp_path / "bare16.pth")).config
+    assert (cfg.img_size, cfg.stride) == (224, 16) and capsys.readouterr().err == ""
+
+
 def _picture(path, w, h, seed):
     rng = np.random.default_rng(seed)
     a = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
@@ -161,3 +181,22 @@ def test_cli_on_image_folders(vim_small, capsys):
     assert "top-1" not in capsys.readouterr().out
     os.makedirs(d / "nothing", exist_ok=True)
     assert_user_error(capsys, ["eval", pth, "--data", str(d / "nothing")], "no images in it")
+
+
+def test_calibration_on_a_flat_folder(vim_small, tmp_path, capsys):
+    """A flat folder (no labels) larger than --calib-samples calibrates quantize and inspect; asking for more
+    images than it holds says how many were used."""
+    from mq_deploy.cli.main import main
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i in range(5):
+        _picture(flat / f"p{i}.{'jpg' if i % 2 else 'png'}", 260 + 10 * i, 300, i)
+    pth = str(vim_small / "vim.pth")
+    assert main(["quantize", pth, "-o", str(tmp_path / "q"), "--calib", str(flat), "--calib-samples", "3"]) == 0
+    manifest = json.loads((tmp_path / "q" / "manifest.json").read_text())
+    assert manifest["calibration"]["samples"] == 3
+    assert main(["inspect", pth, "-o", str(tmp_path / "rep"), "--calib", str(flat), "--calib-samples", "2"]) == 0
+    capsys.readouterr()
+    assert main(["quantize", pth, "-o", str(tmp_path / "q9"), "--calib", str(flat), "--calib-samples", "9"]) == 0
+    assert "holds 5 images: calibrating on 5, not 9" in capsys.readouterr().err

@@ -30,8 +30,8 @@ EXPORTABLE_ABITS = (8,)
 @dataclass
 class CalibConfig:
     path: str | None = None           # text file (LM) / idx directory (Vim); default: the sample's calib data
-    samples: int | None = None        # LM: windows of seq_len bytes (default 32); Vim: images (default 256)
-    seq_len: int = 512
+    samples: int | None = None        # LM: windows of seq_len tokens (default 32); Vim: images (default 256)
+    seq_len: int = 512                # LM: calibration window in tokens
     seed: int = 0
     tokenizer: str | None = None      # LM: tokenizer.json or its folder (default: the checkpoint's;
                                       # bytes for vocab 256)
@@ -39,6 +39,8 @@ class CalibConfig:
     def __post_init__(self):
         if self.samples is not None and self.samples <= 0:
             raise MQUserError(f"--calib-samples must be positive, got {self.samples}")
+        if self.seq_len <= 0:
+            raise MQUserError(f"the calibration window (--seq-len) must be positive, got {self.seq_len}")
 
 
 def _calib_path(loaded, cfg: CalibConfig) -> str:
@@ -56,7 +58,7 @@ def _calib_images(loaded, path: str, seed: int):
     from mq_deploy.evaluate import vim_data
 
     split = "calib" if os.path.exists(os.path.join(path, "calib-images-idx3-ubyte.gz")) else "train"
-    images, labels = vim_data(loaded, path, split, None)
+    images, labels = vim_data(loaded, path, split, None, scoring=False)
     perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
     return images[perm], (None if labels is None else labels[perm.numpy()])
 
@@ -65,6 +67,12 @@ def _calib_images(loaded, path: str, seed: int):
 # per [batch, L, d_inner] tensor (25 MB), so wider models take fewer windows per batch (2.8b: 2) and the
 # activations stay ~constant next to the weights.
 CALIB_BATCH_VALUES = 8 * 512 * 1536
+
+
+def _note(msg: str) -> None:
+    import sys
+
+    print(f"note: {msg}", file=sys.stderr)
 
 
 def calibration_batch(model, seq_len: int) -> int:
@@ -88,7 +96,15 @@ def calibration_split(loaded, cfg: CalibConfig, heldout_seq_len: int = 1024):
         from mq_deploy.data.tokenizer import encode_file, tokenizer_for
 
         tokens, nbytes = encode_file(tokenizer_for(loaded, cfg.tokenizer), path)   # never bytes as token ids
+        have = (len(tokens) - 1) // cfg.seq_len
+        if have < 1:
+            raise MQUserError(f"{path}: {len(tokens)} tokens, shorter than one calibration window of "
+                              f"{cfg.seq_len + 1} (lower --seq-len, or give more text)")
         n = cfg.samples or 32
+        if n > have:
+            if cfg.samples:      # asked for (the default 32 quietly takes what there is; the manifest says how many)
+                _note(f"{path} holds {have} windows of {cfg.seq_len} tokens: calibrating on {have}, not {n}")
+            n = have
         loop = text_forward_loop(tokens, cfg.seq_len, n, batch=calibration_batch(loaded.model, cfg.seq_len))
         rest, rest_bytes = tokens[n * cfg.seq_len + 1:], nbytes[n * cfg.seq_len + 1:]
         held = (("lm", windows(rest, heldout_seq_len), windows(rest_bytes, heldout_seq_len)[:, 1:].sum(1))
@@ -96,8 +112,10 @@ def calibration_split(loaded, cfg: CalibConfig, heldout_seq_len: int = 1024):
     else:
         images, labels = _calib_images(loaded, path, cfg.seed)
         n = cfg.samples or 256
+        if cfg.samples and n > len(images):
+            _note(f"{path} holds {len(images)} images: calibrating on {len(images)}, not {n}")
         loop = image_forward_loop(images, n)
-        held = ("vim", images[n:], labels[n:]) if len(images) > n else None
+        held = ("vim", images[n:], labels[n:]) if len(images) > n and labels is not None else None   # flat: unlabelled
     loop.source = path
     return loop, held
 
@@ -187,7 +205,8 @@ def paired_stats(score, ref, idx) -> dict:
     out = {"value": value, "ci95": interval(v), "delta": value - base, "delta_ci95": interval(v - r)}
     if base != 0:
         out["relative"] = value / base - 1
-        out["relative_ci95"] = interval(v / r - 1)
+        if (r != 0).all():      # a resample can score 0 (top-1 on a few images): no relative interval then
+            out["relative_ci95"] = interval(v / r - 1)
     return out
 
 
