@@ -1,6 +1,7 @@
 """The command line as a user meets it: clear one-line errors for bad input, JSON outputs, lean imports."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -119,8 +120,10 @@ def test_eval_lm_json(tmp_path, lm_dir, capsys):
     out = tmp_path / "r.json"
     assert main(["eval", lm_dir, "--data", str(text), "--seq-len", "64", "--limit", "5", "--json", str(out)]) == 0
     r = json.loads(out.read_text())
-    assert set(r) == {"mq_deploy_version", "metric", "value", "samples"} and r["metric"] == "bits_per_byte"
-    assert r["samples"] == 5 * 64 and 0 < r["value"] < 16
+    assert set(r) == {"mq_deploy_version", "metric", "value", "samples", "perplexity", "bytes"}
+    assert r["metric"] == "bits_per_byte" and r["samples"] == 5 * 64 and 0 < r["value"] < 16
+    # a byte LM: one token per byte, so the perplexity per token is 2 ** bits per byte
+    assert r["bytes"] == 5 * 64 and abs(math.log2(r["perplexity"]) - r["value"]) < 1e-9
     assert "bits_per_byte" in capsys.readouterr().out
 
 

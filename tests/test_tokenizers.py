@@ -169,3 +169,56 @@ def test_export_carries_the_tokenizer_and_generate_streams_text(bpe_dir, tmp_pat
     runner = OrtRunner(str(step))
     first = generate(runner, res["prompt_ids"], 5)[0]
     assert generate(runner, res["prompt_ids"], 5, eos_id=first) == [first]
+
+
+def test_quantized_folder_carries_its_tokenizer_and_calibration_window(bpe_dir, tmp_path, capsys):
+    """quantize --seq-len counts tokens; the quantized folder holds a copy of the tokenizer.json, so it
+    still evaluates and exports when moved away from its source; the manifest records window and tokenizer."""
+    import json
+    import shutil
+
+    from mq_deploy.cli.main import main
+
+    from helpers import assert_user_error
+
+    d, m, text = bpe_dir
+    short = tmp_path / "short.txt"
+    short.write_text(kjv_slices()[0][:1500], encoding="utf-8")
+    from mq_deploy.data.tokenizer import encode_file
+
+    n_tokens = len(encode_file(read_tokenizer(str(d)), str(short))[0])
+    q = tmp_path / "q"
+    assert main(["quantize", str(d), "-o", str(q), "--calib", str(short), "--seq-len", "64",
+                 "--calib-samples", "1000"]) == 0
+    err = capsys.readouterr().err
+    have = (n_tokens - 1) // 64
+    assert f"holds {have} windows of 64 tokens: calibrating on {have}, not 1000" in err
+    manifest = json.loads((q / "manifest.json").read_text())
+    assert manifest["calibration"]["seq_len"] == 64 and manifest["calibration"]["samples"] == have
+    assert manifest["calibration"]["tokenizer"] == str(d / "tokenizer.json")
+    assert (q / "tokenizer.json").read_text(encoding="utf-8") == (d / "tokenizer.json").read_text(encoding="utf-8")
+    moved = tmp_path / "elsewhere" / "q"
+    shutil.copytree(q, moved)
+    shutil.rmtree(q)
+    want = evaluate(load_model(str(d)), EvalConfig(data=str(text), limit=2, seq_len=128))["value"]
+    got = evaluate(load_model(str(moved)), EvalConfig(data=str(text), limit=2, seq_len=128))["value"]
+    assert abs(got - want) / want < 0.02       # W8A8 of the same model, same tokens
+    assert main(["export", str(moved), "-o", str(tmp_path / "m.onnx")]) == 0
+    # too short for one window: the file and the remedy are named
+    assert_user_error(capsys, ["quantize", str(d), "-o", str(tmp_path / "q2"), "--calib", str(short),
+                               "--seq-len", "4096"], "lower --seq-len")
+    assert not (tmp_path / "q2").exists()
+
+
+def test_a_checkpoint_whose_tokenizer_is_gone_names_the_remedy(bpe_dir, tmp_path):
+    """A folder written before quantize copied the tokenizer (extra.tokenizer a relative path), moved."""
+    import shutil
+
+    d, _, _ = bpe_dir
+    src = tmp_path / "src"
+    shutil.copytree(d, src)
+    (src / "tokenizer.json").unlink()
+    loaded = load_model(str(src))
+    loaded.extra = {**(loaded.extra or {}), "tokenizer": "../hf/tokenizer.json"}
+    with pytest.raises(MQUserError, match="pass --tokenizer"):
+        tokenizer_for(loaded)

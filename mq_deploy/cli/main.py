@@ -111,11 +111,16 @@ def add_tokenizer(s, g=None):
                                "weights / in the artifact; byte-level LMs (vocab 256) need none")
 
 
-def add_calib(s):
+def add_calib(s, seq_len_flag: bool = True):
+    """seq_len_flag: the calibration window is also `--seq-len` (commands without evaluation windows)."""
     g = s.add_argument_group("calibration")
     g.add_argument("--calib", metavar="PATH", help="calibration text file (LM), idx directory or image folder "
                    "(Vim); default: the sample's")
-    g.add_argument("--calib-samples", type=positive_int, metavar="N")
+    g.add_argument("--calib-samples", type=positive_int, metavar="N",
+                   help="LM: windows (default 32); Vim: images (default 256)")
+    names = ("--calib-seq-len", "--seq-len") if seq_len_flag else ("--calib-seq-len",)
+    g.add_argument(*names, dest="calib_seq_len", type=positive_int, default=512, metavar="N",
+                   help="LM: calibration window length in tokens (default 512)")
     g.add_argument("--seed", type=int, default=0)
     add_tokenizer(s, g)
 
@@ -246,7 +251,8 @@ def cmd_eval(args) -> int:
     res = evaluate(load(args.model), cfg)
     ppl = f", perplexity {res['perplexity']:.3f} per token over {res['bytes']} bytes" if "perplexity" in res else ""
     print(f"{args.model}: {res['metric']} = {res['value']:.4f} ({res['samples']} samples of {res['data']}{ppl})")
-    _write_json(args, {"metric": res["metric"], "value": res["value"], "samples": res["samples"]}, inputs)
+    _write_json(args, {k: res[k] for k in ("metric", "value", "samples", "perplexity", "tokens", "bytes")
+                       if k in res}, inputs)
     return 0
 
 
@@ -259,7 +265,8 @@ def cmd_compare(args) -> int:
     _set_threads(args)
     recipes = parse_list(args.recipes, RECIPES, "recipe")
     bits = parse_list(args.bits, tuple(BITS), "bit width")
-    calib = CalibConfig(path=args.calib, samples=args.calib_samples, seed=args.seed, tokenizer=args.tokenizer)
+    calib = CalibConfig(path=args.calib, samples=args.calib_samples, seed=args.seed, tokenizer=args.tokenizer,
+                        seq_len=args.calib_seq_len)
     ev = EvalConfig(data=args.data, limit=args.limit, split=args.split, seq_len=args.seq_len, batch=args.batch,
                     tokenizer=args.tokenizer)
     print(f"{'recipe':12s} {'bits':5s} {'metric':14s} {'value':>9s} {'delta vs fp':>12s} {'95% interval':>20s}")
@@ -288,7 +295,7 @@ def cmd_quantize(args) -> int:
     rcfg = _recipe_cfg(args, wbits=args.wbits, abits=args.abits, granularity=args.act_granularity)
     res = quantize_to_dir(args.model, args.output, rcfg,
                           CalibConfig(path=args.calib, samples=args.calib_samples, seed=args.seed,
-                                      tokenizer=args.tokenizer),
+                                      tokenizer=args.tokenizer, seq_len=args.calib_seq_len),
                           overwrite=args.overwrite, seed=args.seed)
     print(f"wrote {res['path']}: {res['recipe']} W{res['wbits']}A{res['abits']}, calibrated on "
           f"{res['calibration']['samples']} samples of {res['calibration']['source']}")
@@ -300,7 +307,8 @@ def cmd_inspect(args) -> int:
 
     _set_threads(args)
     res = inspect_to_dir(args.model, args.output, recipe=args.recipe, alpha=args.alpha, calib=args.calib,
-                         calib_samples=args.calib_samples, overwrite=args.overwrite, tokenizer=args.tokenizer)
+                         calib_samples=args.calib_samples, overwrite=args.overwrite, tokenizer=args.tokenizer,
+                         calib_seq_len=args.calib_seq_len)
     print(f"wrote {res['path']}: {len(res['channels'])} plots and summary.md")
     points = {}
     for r in res["rows"]:
@@ -498,7 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--bits", default="w8a8,w4a8", help="comma-separated: w8a8,w4a8,w8a6,w4a6,w8a4 (fake quantization; "
                    "A6/A4 are evaluation only, export takes A8)")
     add_recipe(s, quantize=False)
-    add_calib(s)
+    add_calib(s, seq_len_flag=False)      # --seq-len is the evaluation window here
     g = add_eval_data(s)
     g.add_argument("--split", default="test", choices=["test", "train", "calib"])
     add_runtime(s, ort=False)

@@ -42,7 +42,7 @@ def windows(tokens: np.ndarray, seq_len: int) -> np.ndarray:
     """Non-overlapping windows of seq_len + 1 tokens (inputs and shifted targets); the tail is dropped."""
     n = (len(tokens) - 1) // seq_len
     if n < 1:
-        raise MQUserError(f"text of {len(tokens)} bytes is shorter than one window of {seq_len + 1}")
+        raise MQUserError(f"text of {len(tokens)} tokens is shorter than one window of {seq_len + 1}")
     idx = np.arange(n)[:, None] * seq_len + np.arange(seq_len + 1)[None, :]
     return tokens[idx]
 

@@ -189,6 +189,9 @@ def tokenizer_for(loaded, tokenizer: str | None = None):
     cfg = loaded.config
     eos = getattr(cfg, "eos_token_id", None)
     path = tokenizer or loaded.tokenizer_path
+    if path and not tokenizer and not os.path.exists(path):
+        raise MQUserError(f"{loaded.path}: its tokenizer {path} is gone (was the checkpoint moved away from "
+                          "it?); pass --tokenizer FILE_OR_DIR")
     if path:
         codec = read_tokenizer(path, eos)
         check_fits(codec, cfg.vocab_size, loaded.path)

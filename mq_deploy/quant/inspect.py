@@ -138,7 +138,7 @@ def write_report(result: dict, out_dir: str, title: str, overwrite: bool = False
 
 def inspect_to_dir(model_path: str, out_dir: str, *, recipe: str | None = None, alpha: float = 0.5,
                    calib: str | None = None, calib_samples: int | None = None, overwrite: bool = False,
-                   tokenizer: str | None = None) -> dict:
+                   tokenizer: str | None = None, calib_seq_len: int = 512) -> dict:
     """`mq-deploy inspect`: channel statistics (optionally after a recipe's transforms) -> a report folder."""
     from mq_deploy import fileio
     from mq_deploy.models.loaders import load_model
@@ -148,7 +148,8 @@ def inspect_to_dir(model_path: str, out_dir: str, *, recipe: str | None = None, 
     inputs = [model_path, calib, tokenizer]
     fileio.check_target(out_dir, overwrite, inputs, "report folder", folder=True)
     loaded = load_model(model_path)
-    loop = calibration_loop(loaded, CalibConfig(path=calib, samples=calib_samples, tokenizer=tokenizer))
+    loop = calibration_loop(loaded, CalibConfig(path=calib, samples=calib_samples, tokenizer=tokenizer,
+                                                seq_len=calib_seq_len))
     inputs.append(loop.source)
     title = f"{model_path}: activation channels at the matmul inputs"
     if recipe:

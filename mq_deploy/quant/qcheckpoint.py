@@ -88,7 +88,9 @@ class QuantizedCheckpoint:
     # ---- writing ------------------------------------------------------------------------------
     @staticmethod
     def write(model, out_dir: str, recipe_cfg, scales: dict, calib_info: dict, source_extra: dict,
-              source_path: str, overwrite: bool = False, inputs=()) -> str:
+              source_path: str, overwrite: bool = False, inputs=(), tokenizer_json: str | None = None) -> str:
+        """tokenizer_json: the LM's tokenizer.json text, written into the folder (which then needs nothing
+        beside it, as a hub folder)."""
         from mq_deploy.models.io import FORMAT_KEY, atomic_write_dir, model_state_dict
 
         mixer0 = model.layers[0].mixer
@@ -103,6 +105,8 @@ class QuantizedCheckpoint:
         # keep the sample's default eval/calibration data and the tokenizer reachable from the new directory
         cfg["extra"] = {k: os.path.relpath(os.path.join(os.path.abspath(src_dir), v), out_abs)
                         for k, v in (source_extra or {}).items() if k in ("eval_data", "calib_data", "tokenizer")}
+        if tokenizer_json is not None:
+            cfg["extra"]["tokenizer"] = "tokenizer.json"
         flat = {f"{_ACT}{k}": v.reshape(1).float() for k, v in scales["act_scales"].items()}
         flat.update({f"{_WEIGHT}{k}": v.float() for k, v in scales["weight_scales"].items()})
         settings = {k: getattr(recipe_cfg, k) for k in ("alpha", "percentile", "observer", "weight_rounding",
@@ -124,6 +128,9 @@ class QuantizedCheckpoint:
                 with open(os.path.join(tmp, name), "w") as f:
                     json.dump(obj, f, indent=2, sort_keys=True)
                     f.write("\n")
+            if tokenizer_json is not None:
+                with open(os.path.join(tmp, "tokenizer.json"), "w", encoding="utf-8") as f:
+                    f.write(tokenizer_json)
 
         return atomic_write_dir(out_dir, write, overwrite=overwrite, inputs=inputs, kind="quantized checkpoint")
 
@@ -166,16 +173,26 @@ def quantize_to_dir(model_path: str, out_dir: str, recipe_cfg, calib_cfg, *, ove
     fileio.check_target(out_dir, overwrite, inputs, "output folder", folder=True)
     torch.manual_seed(seed)
     loaded = load_model(model_path)
-    if getattr(calib_cfg, "tokenizer", None):   # the checkpoint remembers the tokenizer it was calibrated with
-        inputs.append(calib_cfg.tokenizer)
-        loaded.extra = {**(loaded.extra or {}), "tokenizer": os.path.abspath(calib_cfg.tokenizer)}
+    tokenizer = getattr(calib_cfg, "tokenizer", None)
+    if tokenizer:
+        inputs.append(tokenizer)
+    tokenizer_json = None   # the checkpoint carries the tokenizer it was calibrated with (a copy, not a path)
+    if loaded.architecture == "mamba_lm" and (tokenizer or loaded.tokenizer_path):
+        from mq_deploy.data.tokenizer import tokenizer_for
+
+        codec = tokenizer_for(loaded, tokenizer)
+        tokenizer_json = codec.json
+        inputs.append(codec.source)
     loop = calibration_loop(loaded, calib_cfg)
     inputs.append(loop.source)
     fileio.check_target(out_dir, overwrite, inputs, "output folder", folder=True)
     scales = apply_recipe(loaded.model, loop, recipe_cfg)
     calib_info = {"source": os.path.abspath(loop.source), "samples": loop.samples, "seed": seed}
+    if loaded.architecture == "mamba_lm":
+        calib_info["seq_len"] = calib_cfg.seq_len
+        calib_info["tokenizer"] = "bytes" if tokenizer_json is None else os.path.abspath(codec.source)
     out = QuantizedCheckpoint.write(loaded.model, out_dir, recipe_cfg, scales, calib_info, loaded.extra, model_path,
-                                    overwrite=overwrite, inputs=inputs)
+                                    overwrite=overwrite, inputs=inputs, tokenizer_json=tokenizer_json)
     return {"path": out, "recipe": recipe_cfg.recipe, "wbits": recipe_cfg.quant.wbits,
             "abits": recipe_cfg.quant.abits, "calibration": calib_info}
 
