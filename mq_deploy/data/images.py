@@ -61,7 +61,7 @@ def load_idx_split(directory: str, split: str = "test"):
     if split not in _SPLIT_PREFIX:
         raise MQUserError(f"unknown split {split!r} (expected one of {', '.join(_SPLIT_PREFIX)})")
     if not os.path.isdir(directory):
-        raise MQUserError(f"{directory}: no such directory")
+        raise MQUserError(_not_a_folder(directory))
     prefix = _SPLIT_PREFIX[split]
     images = read_idx(_find(directory, f"{prefix}-images-idx3-ubyte"))
     labels = read_idx(_find(directory, f"{prefix}-labels-idx1-ubyte"))
@@ -103,13 +103,20 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_SUFFIXES) and not name.startswith(".")
 
 
+def _not_a_folder(path: str) -> str:
+    if os.path.isfile(path):
+        return (f"{path}: a file, but Vision Mamba data is a folder (of images, or of Fashion-MNIST idx files); "
+                "text is for language models")
+    return f"{path}: no such directory"
+
+
 def list_image_folder(path: str):
     """(files, labels or None, class names or None) of an image folder.
 
     Subfolders holding images make it an ImageFolder (class index = position in the sorted subfolder
     names, as torchvision); images directly in it make a flat, unlabelled folder."""
     if not os.path.isdir(path):
-        raise MQUserError(f"{path}: no such directory")
+        raise MQUserError(_not_a_folder(path))
     entries = sorted(os.listdir(path))
     classes = [e for e in entries if os.path.isdir(os.path.join(path, e)) and not e.startswith(".")]
     flat = [e for e in entries if _is_image(e) and os.path.isfile(os.path.join(path, e))]

@@ -574,12 +574,14 @@ def _vim_config_from_state_dict(shapes: dict, overrides: dict, src: str, cfg_src
         raise MQUserError(f"{src}: only bimamba v2 Vim checkpoints are supported")
     if "layers.0.norm.bias" in shapes:
         raise MQUserError(f"{src}: LayerNorm Vim (rms_norm false) is not supported")
-    stride = overrides.get("stride", patch)
-    if isinstance(stride, bool) or not isinstance(stride, int) or stride <= 0:
-        raise MQUserError(f"{cfg_src or src}: stride must be a positive integer, got {stride!r}")
     grid = math.isqrt(num_tokens - 1) if num_tokens >= 1 else 0
     if grid * grid != num_tokens - 1:
         raise MQUserError(f"{src}: pos_embed has {num_tokens} tokens, not a square grid plus one class token")
+    stride = overrides.get("stride")
+    if stride is None:
+        stride = _default_stride(src, patch, grid, overrides.get("img_size"))
+    if isinstance(stride, bool) or not isinstance(stride, int) or stride <= 0:
+        raise MQUserError(f"{cfg_src or src}: stride must be a positive integer, got {stride!r}")
     img_size = overrides.get("img_size", (grid - 1) * stride + patch)
     mixer = _config(cfg_src or src, lambda: MixerConfig(
         d_model=d_model, d_state=n, d_conv=d_conv, d_inner=di, expand=max(1, di // d_model), dt_rank=dt_rank,
@@ -593,6 +595,23 @@ def _vim_config_from_state_dict(shapes: dict, overrides: dict, src: str, cfg_src
         raise MQUserError(f"{src}: pos_embed has {num_tokens} tokens, img_size {img_size} with patch {patch} "
                           f"and stride {stride} gives {cfg.num_patches + 1}")
     return cfg
+
+
+def _default_stride(src, patch: int, grid: int, img_size) -> int:
+    """The stride when nothing states it: the one that puts the patch grid on the image size when that is
+    known, else on hustvl's 224 px (the "+" models are 224 px at stride 8, which a file without `args` only
+    shows by its grid: 27 x 27 for patch 16), else the patch size."""
+    size = img_size if isinstance(img_size, int) and not isinstance(img_size, bool) else 224
+    if grid > 1 and (size - patch) % (grid - 1) == 0 and 0 < (size - patch) // (grid - 1) <= patch:
+        stride = (size - patch) // (grid - 1)
+        if stride != patch and img_size is None:
+            import sys
+
+            print(f"note: {src}: a {grid}x{grid} patch grid with patch {patch} and no stride given: taken as "
+                  f"{size} px at stride {stride} (hustvl's \"+\" models); a config.json with img_size and stride "
+                  "beside the .pth says otherwise", file=sys.stderr)
+        return stride
+    return patch
 
 
 def _vim_args(ckpt) -> dict:
