@@ -103,7 +103,9 @@ class MQDeployLM(LM):
         """(sum of log p(continuation | context), is the continuation the greedy one)."""
         if not continuation_ids:
             return 0.0, True
-        seq = (context_ids + continuation_ids)[-(self.max_length + 1):]
+        # context cut to max_length from the left; a longer continuation is scored whole (a recurrent model
+        # has no position limit), with at least one token of context before it
+        seq = (context_ids + continuation_ids)[-(max(self.max_length, len(continuation_ids)) + 1):]
         inp = np.asarray([seq[:-1]], np.int64)
         logp = _log_softmax(self._forward(inp)[0])[-len(continuation_ids):]
         cont = np.asarray(continuation_ids)

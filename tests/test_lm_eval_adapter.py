@@ -108,6 +108,12 @@ def test_loglikelihood_matches_transformers_and_onnx(setup, tmp_path):
     whole = ours.loglikelihood_rolling([Req(text)])[0]
     print(f"rolling loglik: max_length 32 {short:.3f}, 2048 {whole:.3f}")
     assert whole < 0 and abs(short - whole) / abs(whole) < 0.2
+    # a continuation longer than max_length is scored whole, after one token of context (not an IndexError)
+    ctx = next(w for w in ("And", "The", "I", "A", "a", "t") if len(tok.encode(w).ids) == 1)
+    cont = " the beginning God created the heaven and the earth."
+    assert len(tok.encode(cont).ids) > 8
+    long_cont = MQDeployLM(path=str(d / "hf"), max_length=8).loglikelihood([Req(ctx, cont)])[0][0]
+    assert abs(long_cont - _reference_loglik(m, tok, ctx, cont)) <= 1e-4 * abs(long_cont)
     out = ours.generate_until([Req("And God said", {"until": ["\n"], "max_gen_toks": 8})])[0]
     assert isinstance(out, str) and "\n" not in out
 
