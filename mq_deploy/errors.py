@@ -20,3 +20,11 @@ class MQInternalError(MQError):
 def user_check(cond: bool, message: str) -> None:
     if not cond:
         raise MQUserError(message)
+
+
+def note(message: str) -> None:
+    """Something the user should know that is not an error (a default we chose, data we shortened): one
+    line on stderr, so stdout stays the command's result."""
+    import sys
+
+    print(f"note: {message}", file=sys.stderr)

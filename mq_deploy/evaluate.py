@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mq_deploy.errors import MQUserError
+from mq_deploy.errors import MQUserError, note
 
 
 @dataclass
@@ -103,12 +103,9 @@ def vim_data(loaded, path: str, split: str, limit: int | None, scoring: bool = T
             if len(classes) > cfg.num_classes:
                 raise MQUserError(f"{path}: {len(classes)} class folders, the model has {cfg.num_classes} classes")
             if scoring and len(classes) < cfg.num_classes:
-                import sys
-
-                print(f"note: {path}: {len(classes)} class folders for a model of {cfg.num_classes} classes; "
-                      f"labels are the folders' sorted positions 0..{len(classes) - 1} (as torchvision's "
-                      "ImageFolder), so top-1 is right only if they are the model's first classes in that order",
-                      file=sys.stderr)
+                note(f"{path}: {len(classes)} class folders for a model of {cfg.num_classes} classes; labels are "
+                     f"the folders' sorted positions 0..{len(classes) - 1} (as torchvision's ImageFolder), so "
+                     "top-1 is right only if they are the model's first classes in that order")
         return ImageFolderData(files, cfg.in_chans, cfg.img_size, cfg.image_mean, cfg.image_std), labels
     images, labels = load_idx_split(path, split)
     if limit:

@@ -251,7 +251,7 @@ def cmd_eval(args) -> int:
     res = evaluate(load(args.model), cfg)
     ppl = f", perplexity {res['perplexity']:.3f} per token over {res['bytes']} bytes" if "perplexity" in res else ""
     print(f"{args.model}: {res['metric']} = {res['value']:.4f} ({res['samples']} samples of {res['data']}{ppl})")
-    _write_json(args, {k: res[k] for k in ("metric", "value", "samples", "perplexity", "tokens", "bytes")
+    _write_json(args, {k: res[k] for k in ("metric", "value", "samples", "perplexity", "bytes")
                        if k in res}, inputs)
     return 0
 

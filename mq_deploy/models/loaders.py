@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from mq_deploy.config import MambaLMConfig, MixerConfig, VimConfig, config_from_dict
-from mq_deploy.errors import MQUserError
+from mq_deploy.errors import MQUserError, note
 from mq_deploy.models.io import FORMAT_KEY, build_model
 
 
@@ -605,11 +605,9 @@ def _default_stride(src, patch: int, grid: int, img_size) -> int:
     if grid > 1 and (size - patch) % (grid - 1) == 0 and 0 < (size - patch) // (grid - 1) <= patch:
         stride = (size - patch) // (grid - 1)
         if stride != patch and img_size is None:
-            import sys
-
-            print(f"note: {src}: a {grid}x{grid} patch grid with patch {patch} and no stride given: taken as "
-                  f"{size} px at stride {stride} (hustvl's \"+\" models); a config.json with img_size and stride "
-                  "beside the .pth says otherwise", file=sys.stderr)
+            note(f"{src}: a {grid}x{grid} patch grid with patch {patch} and no stride given: taken as {size} px "
+                 f"at stride {stride} (hustvl's \"+\" models); a config.json with img_size and stride beside the "
+                 ".pth says otherwise")
         return stride
     return patch
 

@@ -19,7 +19,7 @@ import os
 import time
 from dataclasses import dataclass
 
-from mq_deploy.errors import MQUserError
+from mq_deploy.errors import MQUserError, note
 from mq_deploy.quant.recipes import RECIPES, RecipeConfig, recipe_names
 
 # fake-quant settings; A6 / A4 are evaluation only (export and the int8 scan take A8)
@@ -69,12 +69,6 @@ def _calib_images(loaded, path: str, seed: int):
 CALIB_BATCH_VALUES = 8 * 512 * 1536
 
 
-def _note(msg: str) -> None:
-    import sys
-
-    print(f"note: {msg}", file=sys.stderr)
-
-
 def calibration_batch(model, seq_len: int) -> int:
     return max(1, min(8, CALIB_BATCH_VALUES // max(1, seq_len * model.cfg.mixer.d_inner)))
 
@@ -103,7 +97,7 @@ def calibration_split(loaded, cfg: CalibConfig, heldout_seq_len: int = 1024):
         n = cfg.samples or 32
         if n > have:
             if cfg.samples:      # asked for (the default 32 quietly takes what there is; the manifest says how many)
-                _note(f"{path} holds {have} windows of {cfg.seq_len} tokens: calibrating on {have}, not {n}")
+                note(f"{path} holds {have} windows of {cfg.seq_len} tokens: calibrating on {have}, not {n}")
             n = have
         loop = text_forward_loop(tokens, cfg.seq_len, n, batch=calibration_batch(loaded.model, cfg.seq_len))
         rest, rest_bytes = tokens[n * cfg.seq_len + 1:], nbytes[n * cfg.seq_len + 1:]
@@ -113,7 +107,7 @@ def calibration_split(loaded, cfg: CalibConfig, heldout_seq_len: int = 1024):
         images, labels = _calib_images(loaded, path, cfg.seed)
         n = cfg.samples or 256
         if cfg.samples and n > len(images):
-            _note(f"{path} holds {len(images)} images: calibrating on {len(images)}, not {n}")
+            note(f"{path} holds {len(images)} images: calibrating on {len(images)}, not {n}")
         loop = image_forward_loop(images, n)
         held = ("vim", images[n:], labels[n:]) if len(images) > n and labels is not None else None   # flat: unlabelled
     loop.source = path
