@@ -89,7 +89,8 @@ def calibration_split(loaded, cfg: CalibConfig, heldout_seq_len: int = 1024):
         from mq_deploy.data.text import windows
         from mq_deploy.data.tokenizer import encode_file, tokenizer_for
 
-        tokens, nbytes = encode_file(tokenizer_for(loaded, cfg.tokenizer), path)   # never bytes as token ids
+        codec = tokenizer_for(loaded, cfg.tokenizer)
+        tokens, nbytes = encode_file(codec, path)   # never bytes as token ids
         have = (len(tokens) - 1) // cfg.seq_len
         if have < 1:
             raise MQUserError(f"{path}: {len(tokens)} tokens, shorter than one calibration window of "
@@ -100,6 +101,7 @@ def calibration_split(loaded, cfg: CalibConfig, heldout_seq_len: int = 1024):
                 note(f"{path} holds {have} windows of {cfg.seq_len} tokens: calibrating on {have}, not {n}")
             n = have
         loop = text_forward_loop(tokens, cfg.seq_len, n, batch=calibration_batch(loaded.model, cfg.seq_len))
+        loop.codec = codec        # what the text was tokenized with (quantize keeps a copy of it)
         rest, rest_bytes = tokens[n * cfg.seq_len + 1:], nbytes[n * cfg.seq_len + 1:]
         held = (("lm", windows(rest, heldout_seq_len), windows(rest_bytes, heldout_seq_len)[:, 1:].sum(1))
                 if len(rest) > heldout_seq_len + 1 else None)

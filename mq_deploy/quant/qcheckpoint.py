@@ -173,18 +173,15 @@ def quantize_to_dir(model_path: str, out_dir: str, recipe_cfg, calib_cfg, *, ove
     fileio.check_target(out_dir, overwrite, inputs, "output folder", folder=True)
     torch.manual_seed(seed)
     loaded = load_model(model_path)
-    tokenizer = getattr(calib_cfg, "tokenizer", None)
-    if tokenizer:
-        inputs.append(tokenizer)
-    tokenizer_json = None   # the checkpoint carries the tokenizer it was calibrated with (a copy, not a path)
-    if loaded.architecture == "mamba_lm" and (tokenizer or loaded.tokenizer_path):
-        from mq_deploy.data.tokenizer import tokenizer_for
-
-        codec = tokenizer_for(loaded, tokenizer)
-        tokenizer_json = codec.json
-        inputs.append(codec.source)
+    if getattr(calib_cfg, "tokenizer", None):
+        inputs.append(calib_cfg.tokenizer)
     loop = calibration_loop(loaded, calib_cfg)
     inputs.append(loop.source)
+    codec = getattr(loop, "codec", None)
+    tokenizer_json = None   # the checkpoint carries the tokenizer it was calibrated with (a copy, not a path)
+    if codec is not None and codec.kind == "tokenizers":
+        tokenizer_json = codec.json
+        inputs.append(codec.source)
     fileio.check_target(out_dir, overwrite, inputs, "output folder", folder=True)
     scales = apply_recipe(loaded.model, loop, recipe_cfg)
     calib_info = {"source": os.path.abspath(loop.source), "samples": loop.samples, "seed": seed}
