@@ -413,9 +413,12 @@ def atomic_dir(path: str, *, overwrite: bool = False, inputs=(), what: str = "ou
                 p = os.path.join(root, name)
                 if os.path.islink(p):
                     continue
-                # writers like safetensors create 0600 files: give them the umask's modes
-                execute = os.stat(p).st_mode & 0o100
-                os.chmod(p, (0o777 if execute else 0o666) & ~mask)
+                with _lock:
+                    copied = os.path.abspath(p) in _copied
+                    _copied.discard(os.path.abspath(p))
+                if not copied:   # writers like safetensors create 0600 files: give them the umask's modes
+                    execute = os.stat(p).st_mode & 0o100
+                    os.chmod(p, (0o777 if execute else 0o666) & ~mask)
                 fd = os.open(p, os.O_RDONLY)
                 try:
                     os.fsync(fd)
@@ -448,3 +451,24 @@ def atomic_dir(path: str, *, overwrite: bool = False, inputs=(), what: str = "ou
 
 def mode_bits(path: str) -> int:
     return stat.S_IMODE(os.stat(path).st_mode)
+
+
+_copied: set = set()     # files copy_file made inside folders being written: atomic_dir keeps their modes
+
+
+def copy_file(src: str, dst: str) -> str:
+    """Copy a regular file as `cp` does: the bytes, and the source's permission bits masked by the umask
+    (a private 0600 model stays 0600 in a repository). `dst` must not exist yet (it is created
+    exclusively, never through a link); it is normally inside a folder that atomic_dir is writing."""
+    st = os.stat(src)
+    if not stat.S_ISREG(st.st_mode):
+        raise MQUserError(f"{src}: not a regular file")
+    mode = stat.S_IMODE(st.st_mode) & 0o777 & ~_umask()
+    with open(src, "rb") as fin:
+        fd = _create(dst, lambda: os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+        with os.fdopen(fd, "wb") as fout:
+            shutil.copyfileobj(fin, fout, 1 << 20)
+    os.chmod(dst, mode)
+    with _lock:
+        _copied.add(os.path.abspath(dst))
+    return dst
