@@ -1,6 +1,6 @@
 """CPU forward latency: our Mamba1 vs HF transformers' MambaForCausalLM, same weights, side by side.
 
-    python bench/forward.py [--layers 24 --d-model 768 --seq-len 256 --batch 1 --repeats 3]
+    python bench/forward.py [--layers 24 --d-model 768 --seq-len 256 --batch 1 --repeats 3] [--json OUT]
 
 Default is the mamba-130m shape (d_model 768, 24 layers, vocab 50280). The HF model is random-init,
 saved with save_pretrained and loaded by our loader, so both run the same weights; the script prints
@@ -14,6 +14,7 @@ import tempfile
 import time
 
 import torch
+from benchmeta import RunMeta, write
 
 
 def main():
@@ -25,7 +26,9 @@ def main():
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", metavar="OUT", help="write the figures and the run's load here")
     args = ap.parse_args()
+    meta = RunMeta()
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -62,6 +65,12 @@ def main():
         print(f"  {k:13s} median {med[k] * 1e3:8.1f} ms  ({tok / med[k]:8.0f} tok/s)  runs: "
               + ", ".join(f"{t * 1e3:.0f}" for t in times[k]))
     print(f"speed-up ours vs transformers: {med['transformers'] / med['ours']:.2f}x")
+    if args.json:
+        write(args.json, {"d_model": args.d_model, "n_layer": args.layers, "vocab": args.vocab, "batch": args.batch,
+                          "seq_len": args.seq_len, "threads": torch.get_num_threads(), "logits_rel_err": err,
+                          "median_ms": {k: v * 1e3 for k, v in med.items()},
+                          "runs_ms": {k: [t * 1e3 for t in v] for k, v in times.items()},
+                          "speedup": med["transformers"] / med["ours"]}, meta)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ is also timed with the dense online Hadamard (one [Di, Di] MatMul) in place of t
 With --profile, ORT's per-node profile is summed by op type (top-level nodes; a Scan counts its body)
 to show where the time goes.
 
-    python bench/ort.py [--threads 2] [--runs 10] [--profile] [--custom-op-lib SO]
+    python bench/ort.py [--threads 2] [--runs 10] [--profile] [--custom-op-lib SO] [--json OUT]
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import tempfile
 import time
 
 import numpy as np
+from benchmeta import RunMeta, write
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -81,7 +82,9 @@ def main():
     ap.add_argument("--profile", action="store_true", help="print ORT's time per op type of each graph")
     ap.add_argument("--custom-op-lib", help="native custom-op library (default: mq_deploy/_native's)")
     ap.add_argument("--workdir", help="keep the quantized checkpoints and ONNX files here")
+    ap.add_argument("--json", metavar="OUT", help="write the figures and the run's load here")
     args = ap.parse_args()
+    meta = RunMeta()
 
     import onnxruntime as ort
     import torch
@@ -107,6 +110,7 @@ def main():
     print(f"{'model':5s} {'shape':16s} | {'body: fp32':>10s} {'int8':>7s} {'ratio':>6s} | {'native: fp32':>12s} "
           f"{'int8':>7s} {'ratio':>6s} | {'int8 dense H':>12s} | load")
     rng = np.random.default_rng(0)
+    rows = []
     for kind, sample, shapes in cases:
         q = os.path.join(work, f"{kind}_w8")
         if not os.path.isdir(q):
@@ -133,12 +137,19 @@ def main():
             print(f"{kind:5s} {label:16s} | {t['fp32']:10.1f} {t['int8']:7.1f} {t['fp32'] / t['int8']:5.2f}x | "
                   f"{t['fp32 native']:12.1f} {t['int8 native']:7.1f} {t['fp32 native'] / t['int8 native']:5.2f}x | "
                   f"{t['int8 native dense']:12.1f} | {os.getloadavg()[0]:.2f}", flush=True)
+            row = {"model": kind, "case": label, "shape": list(shape), "ms": t, "load": round(os.getloadavg()[0], 2)}
             if args.profile:
-                for tag in ("fp32", "int8"):
-                    ops = profile_by_op(paths[tag], feeds, args.threads, lib)
+                row["profile_ms_by_op"] = {}
+                for tag, native_lib in (("fp32", None), ("int8", None), ("fp32 native", lib), ("int8 native", lib)):
+                    ops = profile_by_op(paths[tag.split()[0]], feeds, args.threads, native_lib)
+                    row["profile_ms_by_op"][tag] = ops
                     total = sum(ops.values())
                     top = ", ".join(f"{k} {v:.1f} ({v / total * 100:.0f}%)" for k, v in list(ops.items())[:6])
-                    print(f"      {tag} native ms by op: {top}")
+                    print(f"      {tag} ms by op: {top}")
+            rows.append(row)
+    if args.json:
+        write(args.json, {"onnxruntime": ort.__version__, "threads": args.threads, "runs": args.runs,
+                          "statistic": "median", "rows": rows}, meta)
 
 
 if __name__ == "__main__":

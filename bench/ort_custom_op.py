@@ -1,7 +1,7 @@
 """ONNX Runtime (CPU) time of mq::SelectiveScan graphs: function body vs the custom-op library, side by side.
 
     python bench/ort_custom_op.py [--lib mq_deploy/_native/libmq_scan_ort.so] [--threads N] [--repeats 5]
-                                  [--checkpoint /tmp/lm_w8 --seq 256 --batch 1]
+                                  [--checkpoint /tmp/lm_w8 --seq 256 --batch 1] [--json OUT]
 
 Each model runs in two sessions with the same options and inputs: one without the library (ORT inlines
 the model-local function: DequantizeLinear + ONNX Scan, a subgraph per time step) and one with
@@ -24,6 +24,7 @@ import time
 
 import numpy as np
 import onnxruntime as ort
+from benchmeta import RunMeta, write
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tests"))
@@ -59,7 +60,12 @@ def compare(name, model, feed, lib, threads, repeats):
     err = float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
     print(f"{name:<40} | {t_body * 1e3:>10.1f} {t_lib * 1e3:>10.2f} | {t_body / t_lib:>7.1f}x | {err:.1e}",
           flush=True)
+    ROWS.append({"model": name, "body_ms": t_body * 1e3, "lib_ms": t_lib * 1e3, "speedup": t_body / t_lib,
+                 "rel_err": err})
     return t_lib
+
+
+ROWS: list = []
 
 
 def exported_graph(checkpoint, out_dir):
@@ -81,7 +87,9 @@ def main():
     ap.add_argument("--checkpoint", help="quantized checkpoint to export and time as a full graph")
     ap.add_argument("--batch", type=int, default=1, help="full graph: batch")
     ap.add_argument("--seq", type=int, default=256, help="full graph: sequence length")
+    ap.add_argument("--json", metavar="OUT", help="write the figures and the run's load here")
     a = ap.parse_args()
+    meta = RunMeta()
     if not os.path.isfile(a.lib):
         raise SystemExit(f"{a.lib} is not built: python -m mq_deploy.ops.native --build (or pip install -e .)")
     print(f"onnxruntime {ort.__version__}, CPU EP, intra_op_num_threads={a.threads}, best of {a.repeats} runs; "
@@ -93,11 +101,16 @@ def main():
         tf = compare(f"1 SelectiveScanFloat b{b} L{L} D{d} N{n}", float_model(), float_feeds(b, L, d, n), a.lib,
                      a.threads, a.repeats)
         print(f"{'  int8 / float32 native (equal footing)':<40} | {tf / t8:>21.2f}x faster int8", flush=True)
+        ROWS.append({"model": f"int8 / float32 native b{b} L{L} D{d} N{n}", "b_l_d_n": [b, L, d, n],
+                     "int8_vs_float_native": tf / t8})
     if a.checkpoint:
         with tempfile.TemporaryDirectory(prefix="mq_ort_bench_") as tmp:
             path = exported_graph(a.checkpoint, tmp)
             ids = np.random.default_rng(0).integers(0, 256, (a.batch, a.seq), dtype=np.int64)
             compare(f"exported graph b{a.batch} seq{a.seq}", path, {"input_ids": ids}, a.lib, a.threads, a.repeats)
+    if a.json:
+        write(a.json, {"onnxruntime": ort.__version__, "threads": a.threads, "repeats": a.repeats, "statistic": "best",
+                       "rows": ROWS}, meta)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Wall time and peak RSS of `mq-deploy quantize --recipe mambaquant` on a 130m-size model.
 
-    python bench/quantize.py [--layers 24 --d-model 768 --calib-samples 32 --seq-len 512]
+    python bench/quantize.py [--layers 24 --d-model 768 --calib-samples 32 --seq-len 512] [--json OUT]
 
 A random-init Mamba1 LM of the mamba-130m shape (d_model 768, 24 layers, vocab 50280) is written to a
 temporary directory with a byte-level BPE tokenizer (4000 tokens, trained here with `tokenizers` on the
@@ -16,6 +16,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from benchmeta import RunMeta, write
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CALIB = os.path.join(HERE, "..", "samples", "mamba-byte-lm", "data", "calib.txt")
@@ -36,7 +38,9 @@ def main():
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--recipe", default="mambaquant")
+    ap.add_argument("--json", metavar="OUT", help="write the figures and the run's load here")
     args = ap.parse_args()
+    meta = RunMeta()
 
     from mq_deploy.config import MambaLMConfig
     from mq_deploy.models.io import save_model
@@ -54,6 +58,7 @@ def main():
                "--calib", CALIB, "--calib-samples", str(args.calib_samples), "-o", os.path.join(d, "q")]
         if args.vocab != 256:      # byte-level LMs take bytes; any other vocabulary its tokenizer
             cmd[-2:-2] = ["--tokenizer", tok]
+        load_at_start = os.getloadavg()[0]
         t = time.perf_counter()
         subprocess.run(cmd, check=True)   # as a user runs it: no allocator tuning
         wall = time.perf_counter() - t
@@ -62,6 +67,11 @@ def main():
           f"{args.calib_samples} x {args.seq_len} calibration tokens")
     print(f"  wall {wall:.1f} s (goal <= 300 s: {wall / 300:.2f} of it), peak RSS {rss_gb:.2f} GiB "
           f"(goal <= 6 GB: {rss_gb * 2**30 / 6e9:.2f} of it)")
+    if args.json:
+        write(args.json, {"recipe": args.recipe, "d_model": args.d_model, "n_layer": args.layers, "vocab": args.vocab,
+                          "calib_samples": args.calib_samples, "seq_len": args.seq_len, "wall_s": wall,
+                          "peak_rss_gib": rss_gb, "load_at_start": load_at_start,
+                          "goals": {"wall_s": 300, "peak_rss_bytes": 6e9}}, meta)
 
 
 if __name__ == "__main__":

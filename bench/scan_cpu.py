@@ -1,6 +1,6 @@
 """The native int8 CPU scan (libmq_scan_cpu.so) against the PyTorch paths, tokens per second.
 
-    python bench/scan_cpu.py [--threads N] [--repeats 5]
+    python bench/scan_cpu.py [--threads N] [--repeats 5] [--json OUT]
 
 Variants, on the same inputs (int8 codes + scales; the float paths get the dequantized tensors, the
 dequantization not timed), checked against each other before timing:
@@ -15,6 +15,7 @@ import argparse
 import time
 
 import torch
+from benchmeta import RunMeta, write
 
 from mq_deploy.ops import native
 from mq_deploy.ops.selective_scan import selective_scan, selective_scan_int8_ref
@@ -48,13 +49,16 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--json", metavar="OUT", help="write the figures and the run's load here")
     a = ap.parse_args()
+    meta = RunMeta()
     if not native.available():
         raise SystemExit(native.unavailable_reason())
     torch.set_num_threads(a.threads)
     print(f"threads={a.threads}; tokens/s = batch*L / best of {a.repeats} runs")
     print(f"{'b':>2} {'L':>5} {'D':>5} {'N':>3} | {'native':>10} {'fast-fp32':>10} {'int8-ref':>10} | "
           f"{'native/fast':>11} {'native/ref':>10} | rel err vs ref")
+    rows = []
     with torch.no_grad():
         for b, L, d, n in SHAPES:
             kw = inputs(b, L, d, n)
@@ -69,7 +73,12 @@ def main():
             t_ref = timed(lambda: selective_scan_int8_ref(**kw), max(1, a.repeats // 2))
             tps = [b * L / t for t in (t_nat, t_fast, t_ref)]
             print(f"{b:>2} {L:>5} {d:>5} {n:>3} | {tps[0]:>10.0f} {tps[1]:>10.0f} {tps[2]:>10.0f} | "
-                  f"{t_fast / t_nat:>10.1f}x {t_ref / t_nat:>9.1f}x | {err:.1e}")
+                  f"{t_fast / t_nat:>10.1f}x {t_ref / t_nat:>9.1f}x | {err:.1e}", flush=True)
+            rows.append({"b": b, "L": L, "D": d, "N": n,
+                         "tokens_per_s": {"native": tps[0], "fast_fp32": tps[1], "int8_ref": tps[2]},
+                         "native_vs_fast": t_fast / t_nat, "native_vs_ref": t_ref / t_nat, "rel_err": err})
+    if a.json:
+        write(a.json, {"threads": a.threads, "repeats": a.repeats, "rows": rows}, meta)
 
 
 if __name__ == "__main__":

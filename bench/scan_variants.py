@@ -1,6 +1,6 @@
 """Why the fast CPU scan is a time-step loop: it against vectorised alternatives, side by side.
 
-    python bench/scan_variants.py [--threads 2]
+    python bench/scan_variants.py [--threads 2] [--json OUT]
 
 Variants, all on the same inputs, checked against selective_scan_ref before timing:
   step-loop      mq_deploy.ops.selective_scan (time-major [L, b, N, Di], one fused update a step)
@@ -19,6 +19,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from benchmeta import RunMeta, write
 
 from mq_deploy.ops.selective_scan import selective_scan, selective_scan_ref
 
@@ -81,7 +82,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json", metavar="OUT", help="write the figures and the run's load here")
     args = ap.parse_args()
+    meta = RunMeta()
     if args.threads:
         torch.set_num_threads(args.threads)
     variants = {"step-loop": selective_scan, "chunked-par": chunked_parallel, "log-scan": log_scan,
@@ -90,6 +93,7 @@ def main():
               ("130m layer, 1x256", (1, 256, 1536, 16))]
     print(f"torch threads {torch.get_num_threads()}; time per call (ms), median of {args.repeats}; "
           "ratio = variant / step-loop")
+    rows = []
     with torch.inference_mode():
         for name, shape in shapes:
             a = inputs(*shape)
@@ -100,7 +104,13 @@ def main():
                 row[vname] = (timeit(fn, a, args.repeats), err)
             base = row["step-loop"][0]
             print(f"{name:26s} " + "  ".join(f"{k} {t * 1e3:8.1f} ({t / base:5.1f}x, err {e:.0e})"
-                                              for k, (t, e) in row.items()))
+                                              for k, (t, e) in row.items()), flush=True)
+            rows.append({"shape": name, "b_l_d_n": list(shape),
+                         "ms": {k: t * 1e3 for k, (t, _) in row.items()},
+                         "vs_step_loop": {k: t / base for k, (t, _) in row.items()},
+                         "rel_err": {k: e for k, (_, e) in row.items()}})
+    if args.json:
+        write(args.json, {"threads": torch.get_num_threads(), "repeats": args.repeats, "rows": rows}, meta)
 
 
 if __name__ == "__main__":
