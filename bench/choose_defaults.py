@@ -21,6 +21,8 @@ import os
 import sys
 import time
 
+from benchmeta import RunMeta
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -101,6 +103,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.time()
+    meta = RunMeta()
     samples = {s: os.path.join(ROOT, "samples", s) for s in ("mamba-byte-lm", "vim-fashion-mnist")}
     report = {"load_before": os.getloadavg(), "observers": {}, "klt": {}}
     for name, path in samples.items():
@@ -122,7 +125,7 @@ def main():
     if args.json:
         from mq_deploy.fileio import write_json
 
-        write_json(args.json, report, overwrite=True)
+        write_json(args.json, {**report, "run": meta.finish()}, overwrite=True)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,8 @@ import sys
 import tarfile
 import time
 
+from benchmeta import RunMeta
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -403,6 +405,7 @@ def main(argv=None):
         print(json.dumps({"tokens_per_s": fn(w["system"], w["case"], w["batch"], w["path"], a.threads, a.runs)}))
         return 0
 
+    meta = RunMeta()
     max_load = a.max_load if a.max_load is not None else 1.5 * a.threads
     systems = SYSTEMS if not a.systems else [s.strip() for s in a.systems.split(";")]
     for s in systems:
@@ -470,14 +473,16 @@ def main(argv=None):
                 from mq_deploy.fileio import write_json
 
                 write_json(a.json, {"shape": a.shape, "threads": a.threads, "onnxruntime": ort_version,
-                                    "llama_cpp_python": LLAMA_CPP_PYTHON, "complete": False, "rows": rows},
+                                    "llama_cpp_python": LLAMA_CPP_PYTHON, "complete": False, "rows": rows,
+                                    "run": meta.info},
                            overwrite=True)
     summary(rows)
     if a.json:
         from mq_deploy.fileio import write_json
 
         write_json(a.json, {"shape": a.shape, "threads": a.threads, "onnxruntime": ort_version,
-                            "llama_cpp_python": LLAMA_CPP_PYTHON, "complete": True, "rows": rows}, overwrite=True)
+                            "llama_cpp_python": LLAMA_CPP_PYTHON, "complete": True, "rows": rows,
+                            "run": meta.finish()}, overwrite=True)
         print(f"wrote {a.json}")
     return 0
 

@@ -12,6 +12,8 @@ import argparse
 import os
 import tempfile
 
+from benchmeta import RunMeta
+
 
 def run(layers, recipe, hidden=768, vocab=4000):
     import numpy as np
@@ -54,6 +56,7 @@ def main():
     ap.add_argument("--recipes", default="rtn,quarot,mambaquant")
     ap.add_argument("--json")
     args = ap.parse_args()
+    meta = RunMeta()
     rows = []
     print(f"{'layers':>6s} {'recipe':12s} {'graph cos':>10s} {'top-1':>6s} {'perturbed cos':>14s} {'load':>5s}")
     for n in map(int, args.layers.split(",")):
@@ -65,7 +68,7 @@ def main():
     if args.json:
         from mq_deploy.fileio import write_json
 
-        write_json(args.json, {"rows": rows}, overwrite=True)
+        write_json(args.json, {"rows": rows, "run": meta.finish()}, overwrite=True)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ import subprocess
 import sys
 import time
 
+from benchmeta import RunMeta
+
 SHAPES = {   # the state-spaces/mamba-*-hf configs (vocab 50280, d_state 16, d_conv 4, expand 2); tiny: a smoke run
     "tiny": dict(hidden_size=64, num_hidden_layers=2),
     "130m": dict(hidden_size=768, num_hidden_layers=24),
@@ -187,6 +189,7 @@ def main():
     ap.add_argument("--stages", help="only these stages (comma-separated; make must come first on a fresh workdir)")
     ap.add_argument("--json", metavar="OUT")
     args = ap.parse_args()
+    meta = RunMeta()
     os.makedirs(args.workdir, exist_ok=True)
     log = os.path.join(args.workdir, "scale.log")
     rows = []
@@ -196,7 +199,12 @@ def main():
         if args.json:
             from mq_deploy.fileio import write_json
 
-            write_json(args.json, {"rows": rows, "nproc": os.cpu_count()}, overwrite=True)
+            write_json(args.json, {"rows": rows, "nproc": os.cpu_count(), "run": {**meta.info, "partial": True}},
+                       overwrite=True)
+    if args.json:
+        from mq_deploy.fileio import write_json
+
+        write_json(args.json, {"rows": rows, "nproc": os.cpu_count(), "run": meta.finish()}, overwrite=True)
     print(f"\n{'shape':6s} {'stage':9s} {'rc':>3s} {'wall s':>9s} {'peak RSS GiB':>13s}  (fp32 model GiB)")
     for info in rows:
         for r in info["stages"]:

@@ -30,6 +30,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+from benchmeta import RunMeta
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -193,6 +194,7 @@ def main(argv=None):
     ap.add_argument("--json", metavar="OUT")
     args = ap.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
+    meta = RunMeta()
 
     from mq_deploy.serve.repository import TritonConfig, write_repository
     from mq_deploy.serve.server import TritonServer
@@ -221,7 +223,8 @@ def main(argv=None):
         write_repository([vim, lm], repo, TritonConfig(backend="python", max_batch=16, instances=args.instances,
                                                        custom_op_lib=lib))
         x = vim_images(vim, 512)
-        rows = {"vim": [], "lm": [], "machine": {"cpus": os.cpu_count()}, "native_library": lib}
+        rows = {"vim": [], "lm": [], "machine": {"cpus": os.cpu_count()},
+                "native_library": lib and (os.path.relpath(lib, ROOT) if lib.startswith(ROOT + os.sep) else lib)}
         print(f"direct (in-process OrtRunner, one caller)  [{load()}]")
         dv = direct_vim(vim, x, min(args.requests, 128), lib)
         dl = direct_lm(lm, 4, args.tokens, lib)
@@ -247,7 +250,7 @@ def main(argv=None):
     if args.json:
         from mq_deploy.fileio import write_json
 
-        write_json(args.json, rows, overwrite=True)
+        write_json(args.json, {**rows, "run": meta.finish()}, overwrite=True)
     return 0
 
 
