@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,11 +29,11 @@ class EvalConfig:
 
 
 def _default_data(loaded, key="eval_data"):
-    rel = (loaded.extra or {}).get(key)
-    if rel is None or not os.path.isdir(loaded.path):
+    path = loaded.data_path(key)
+    if path is None:
         raise MQUserError(f"{loaded.path}: no default evaluation data; pass --data "
                           "(a text file for a language model, an idx directory for Vim)")
-    return os.path.normpath(os.path.join(loaded.path, rel))
+    return path
 
 
 def lm_windows(path: str, seq_len: int, limit: int | None, codec=None):

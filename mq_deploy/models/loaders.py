@@ -43,13 +43,55 @@ class LoadedModel:
         return self.config.architecture
 
     @property
+    def folder(self) -> str:
+        return self.path if os.path.isdir(self.path) else os.path.dirname(self.path)
+
+    @property
     def tokenizer_path(self) -> str | None:
         """The tokenizer.json that came with the checkpoint (None: none bundled)."""
-        rel = (self.extra or {}).get("tokenizer")
-        if not rel:
-            return None
-        base = self.path if os.path.isdir(self.path) else os.path.dirname(self.path)
-        return os.path.normpath(os.path.join(base, rel))
+        return confined_extra(self.folder, self.extra, "tokenizer")
+
+    def data_path(self, key: str) -> str | None:
+        """The checkpoint's default data (`eval_data`, `calib_data`): a path inside its folder; for a
+        quantized checkpoint, the one its source model declares inside the source's folder."""
+        own = confined_extra(self.folder, self.extra, key)
+        if own is not None or not (self.extra or {}).get("source"):
+            return own
+        src = confined_extra(self.folder, self.extra, "source", confine=False)
+        cfg_path = os.path.join(src, "config.json")
+        if not os.path.isfile(cfg_path):
+            return None          # the source model was moved: the caller asks for --data / --calib
+        raw = _read_json(cfg_path)
+        if FORMAT_KEY not in raw:
+            raise MQUserError(f"{_shown(os.path.join(self.folder, 'config.json'))}: extra.source {src} is not an "
+                              "mq-deploy model folder")
+        return confined_extra(src, raw.get("extra"), key)
+
+
+_EXTRA_PATHS = ("eval_data", "calib_data", "tokenizer", "source")
+
+
+def confined_extra(folder: str, extra, key: str, confine: bool = True) -> str | None:
+    """A path that a checkpoint's config.json names (read back, so untrusted): a relative path that stays
+    inside `folder` once links are resolved, or one clear error. `confine=False` (a quantized
+    checkpoint's pointer to its source model) only checks the type."""
+    if extra is None:
+        return None
+    where = _shown(os.path.join(folder, "config.json"))
+    if not isinstance(extra, dict):
+        raise MQUserError(f"{where}: 'extra' must be an object")
+    rel = extra.get(key)
+    if rel is None or rel == "":
+        return None
+    if not isinstance(rel, str) or "\0" in rel:
+        raise MQUserError(f"{where}: extra.{key} must be a path (a string), got {rel!r}")
+    path = os.path.normpath(os.path.join(folder, rel))
+    if confine:
+        real, base = os.path.realpath(path), os.path.realpath(folder)
+        if os.path.isabs(rel) or not (real == base or real.startswith(base.rstrip(os.sep) + os.sep)):
+            raise MQUserError(f"{where}: extra.{key} {rel!r} lies outside the model's folder; paths in a "
+                              "checkpoint's config are confined to its folder (pass the file on the command line)")
+    return path
 
 
 # --- paths ---------------------------------------------------------------------------------------

@@ -46,10 +46,10 @@ class CalibConfig:
 def _calib_path(loaded, cfg: CalibConfig) -> str:
     if cfg.path is not None:
         return cfg.path
-    rel = (loaded.extra or {}).get("calib_data")
-    if rel is None:
+    path = loaded.data_path("calib_data")
+    if path is None:
         raise MQUserError(f"{loaded.path}: no default calibration data; pass --calib")
-    return os.path.join(loaded.path, rel)
+    return path
 
 
 def _calib_images(loaded, path: str, seed: int):

@@ -102,9 +102,11 @@ class QuantizedCheckpoint:
         cfg.update({FORMAT_KEY: 1, "mq_deploy_version": __version__, "quant": quant})
         out_abs = os.path.abspath(out_dir)
         src_dir = source_path if os.path.isdir(source_path) else os.path.dirname(source_path)
-        # keep the sample's default eval/calibration data and the tokenizer reachable from the new directory
-        cfg["extra"] = {k: os.path.relpath(os.path.join(os.path.abspath(src_dir), v), out_abs)
-                        for k, v in (source_extra or {}).items() if k in ("eval_data", "calib_data", "tokenizer")}
+        # the source model's default eval/calibration data stay reachable: through `source`, and only the
+        # paths the source's own config declares inside its folder (LoadedModel.data_path)
+        cfg["extra"] = {}
+        if any(k in (source_extra or {}) for k in ("eval_data", "calib_data")):
+            cfg["extra"]["source"] = os.path.relpath(os.path.abspath(src_dir), out_abs)
         if tokenizer_json is not None:
             cfg["extra"]["tokenizer"] = "tokenizer.json"
         flat = {f"{_ACT}{k}": v.reshape(1).float() for k, v in scales["act_scales"].items()}
