@@ -104,17 +104,105 @@ def image_folder(root, classes=("n01440764", "n01443537", "n01484850"), per_clas
     return root
 
 
-def test_eval_transform_is_vims(tmp_path):
-    """Resize the shorter side to 256 (bicubic), center-crop 224, as torchvision's Resize(256) +
-    CenterCrop(224) on a PIL image (torchvision is not installed here: its arithmetic, written out)."""
-    a = _picture(tmp_path / "x.png", 300, 260, 0)
-    got = read_picture(str(tmp_path / "x.png"), 3, 224)
-    im = PIL.fromarray(a).resize((int(256 * 300 / 260), 256), PIL.BICUBIC)     # 295 x 256
-    left, top = int(round((295 - 224) / 2.0)), int(round((256 - 224) / 2.0))   # 36, 16
-    want = np.asarray(im)[top:top + 224, left:left + 224].transpose(2, 0, 1)
-    assert got.shape == (3, 224, 224) and np.array_equal(got, want)
-    a = _picture(tmp_path / "tall.jpg", 256, 320, 1)
-    assert read_picture(str(tmp_path / "tall.jpg"), 3, 224).shape == (3, 224, 224)
+def hustvl_eval(path, size=224, crop_ratio=0.875, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
+    """hustvl/Vim's datasets.build_transform(is_train=False, input_size=224) on the RGB image its loader makes
+    (torchvision's pil_loader: convert("RGB")), written out independently of mq_deploy: Resize(int(size /
+    crop_ratio), bicubic) on the shorter side (torchvision's output-size arithmetic, and no resize when the
+    size already matches), CenterCrop(size) (offsets by Python's round), ToTensor, Normalize; in torch float32.
+    torchvision is not installed here."""
+    im = PIL.open(path).convert("RGB")
+    w, h = im.size
+    target = int(size / crop_ratio)                  # 256
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = target, int(target * long / short)
+    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    if (new_w, new_h) != (w, h):
+        im = im.resize((new_w, new_h), PIL.BICUBIC)
+    a = np.array(im)                                 # [H, W, 3]
+    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+    a = a[top:top + size, left:left + size]
+    x = torch.from_numpy(a).permute(2, 0, 1).contiguous().to(torch.float32).div(255)
+    return x.sub(torch.tensor(mean).view(3, 1, 1)).div(torch.tensor(std).view(3, 1, 1)), a.transpose(2, 0, 1)
+
+
+def odd_pictures(root):
+    """JPEGs and PNGs of the sizes and modes that trip a transform: exactly 224, off by one, landscape,
+    portrait, grey, RGBA."""
+    rng = np.random.default_rng(7)
+    os.makedirs(root, exist_ok=True)
+    out = []
+    for w, h, mode, ext in [(224, 224, "RGB", "jpg"), (300, 200, "RGB", "jpg"), (225, 224, "RGB", "jpg"),
+                            (500, 375, "RGB", "jpg"), (200, 300, "RGB", "jpg"), (256, 256, "RGB", "png"),
+                            (240, 320, "L", "png"), (320, 240, "RGBA", "png"), (224, 224, "L", "jpg")]:
+        chans = {"RGB": 3, "L": 1, "RGBA": 4}[mode]
+        a = rng.integers(0, 256, (h, w, chans), dtype=np.uint8)
+        a[: h // 3] //= 3                             # structure, so where the crop lands matters
+        if mode == "RGBA":
+            a[..., 3] = rng.integers(0, 256, (h, w), dtype=np.uint8)   # alpha, dropped by convert("RGB")
+        p = os.path.join(root, f"{w}x{h}_{mode}.{ext}")
+        PIL.fromarray(a[..., 0] if chans == 1 else a, mode).save(p)
+        out.append(p)
+    return out
+
+
+def test_eval_transform_is_hustvls(tmp_path):
+    """Every Vim path reads a picture through data/picture.py; on 224-px models it equals hustvl's eval
+    transform bit for bit, a picture that is already 224 x 224 included (it is resized to 256 and cropped,
+    as in hustvl, not taken as it is)."""
+    from mq_deploy.data.images import ImageFolderData
+    from mq_deploy.data.picture import transform_for
+
+    assert transform_for(224) == {"resize": 256, "crop": 224, "exact_as_is": False}
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    files = odd_pictures(str(tmp_path / "odd"))
+    got_x = ImageFolderData(files, 3, 224, mean, std)[:]            # eval / calibration / verify
+    for i, f in enumerate(files):
+        want_x, want_u8 = hustvl_eval(f)
+        got = read_picture(f, 3, 224)                                # run
+        diff = int(np.abs(got.astype(int) - want_u8).max())
+        print(f"{os.path.basename(f)}: max |ours - hustvl| = {diff} (uint8), tensor {float((got_x[i] - want_x).abs().max())}")
+        assert got.shape == (3, 224, 224) and np.array_equal(got, want_u8), f
+        assert torch.equal(got_x[i], want_x), f
+    # the 224 x 224 JPEG: not the picture as it was
+    raw = np.asarray(PIL.open(files[0]).convert("RGB")).transpose(2, 0, 1)
+    assert not np.array_equal(read_picture(files[0], 3, 224), raw)
+
+
+def test_small_models_keep_their_transform(tmp_path):
+    """28 px (the Fashion-MNIST sample): hustvl resizes nothing at <= 32 px, so a 28 x 28 picture is taken
+    as it is; a picture of another size is resized (shorter side 32, bicubic) and center-cropped."""
+    from mq_deploy.data.picture import transform_for
+
+    assert transform_for(28) == {"resize": 32, "crop": 28, "exact_as_is": True}
+    rng = np.random.default_rng(1)
+    a = rng.integers(0, 256, (28, 28), dtype=np.uint8)
+    PIL.fromarray(a, "L").save(tmp_path / "a.png")
+    assert np.array_equal(read_picture(str(tmp_path / "a.png"), 1, 28), a[None])
+    b = rng.integers(0, 256, (30, 40), dtype=np.uint8)             # 40 wide, 30 high
+    PIL.fromarray(b, "L").save(tmp_path / "b.png")
+    want = np.asarray(PIL.fromarray(b, "L").resize((42, 32), PIL.BICUBIC))[2:30, 7:35]   # int(32*40/30) = 42
+    assert np.array_equal(read_picture(str(tmp_path / "b.png"), 1, 28), want[None])
+
+
+def test_pictures_that_cannot_be_read_safely(tmp_path):
+    """A PNG header announcing 100000 x 100000 pixels (a decompression bomb) is refused before decoding;
+    so is a truncated file."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 100000, 100000, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    with pytest.raises(MQUserError, match=r"bomb.png: too many pixels"):
+        read_picture(str(bomb), 3, 224)
+    good = tmp_path / "good.jpg"
+    _picture(good, 300, 260, 0)
+    (tmp_path / "cut.jpg").write_bytes(good.read_bytes()[:200])
+    with pytest.raises(MQUserError, match=r"cut.jpg: cannot read the image"):
+        read_picture(str(tmp_path / "cut.jpg"), 3, 224)
 
 
 def test_image_folder_layouts_and_errors(tmp_path):

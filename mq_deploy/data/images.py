@@ -2,8 +2,8 @@
 and folders of JPEG/PNG files: the ImageFolder layout (one subfolder per class, labels from the sorted
 class names, as torchvision's ImageFolder) or a flat folder of unlabelled images.
 
-Pictures go through Vim's (DeiT's) eval transform: resize the shorter side to img_size / 0.875 (256 for
-224) with bicubic interpolation, center-crop img_size, then (pixel / 255 - mean) / std per channel.
+Pictures go through the one eval transform of mq_deploy/data/picture.py (hustvl/Vim's: shorter side to
+256 bicubic, center crop 224, for 224-px models), then (pixel / 255 - mean) / std per channel.
 """
 
 from __future__ import annotations
@@ -71,15 +71,15 @@ def load_idx_split(directory: str, split: str = "test"):
 
 
 def to_tensor(images_u8: np.ndarray, mean, std):
-    """uint8 [n, H, W] or [n, C, H, W] -> normalised float32 torch tensor [n, C, H, W]."""
+    """uint8 [n, H, W] or [n, C, H, W] -> normalised float32 torch tensor [n, C, H, W] (picture.normalize)."""
     import torch
 
-    x = torch.from_numpy(np.array(images_u8, dtype=np.uint8)).float().div_(255.0)  # a writable copy
-    if x.dim() == 3:
-        x = x.unsqueeze(1)
-    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-    return (x - m) / s
+    from mq_deploy.data import picture
+
+    try:
+        return torch.from_numpy(picture.normalize(images_u8, mean, std))
+    except picture.PictureError as e:
+        raise MQUserError(str(e)) from None
 
 
 def write_idx(path: str, array: np.ndarray) -> None:
@@ -96,7 +96,6 @@ def write_idx(path: str, array: np.ndarray) -> None:
 
 # -- folders of pictures -------------------------------------------------------------------------------
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-EVAL_CROP_RATIO = 0.875      # Vim / DeiT: resize to int(224 / 0.875) = 256, crop 224
 
 
 def _is_image(name: str) -> bool:
@@ -137,32 +136,18 @@ def list_image_folder(path: str):
     raise MQUserError(f"{path}: no images in it (JPEG/PNG files, or class subfolders of them)")
 
 
-def read_picture(path: str, channels: int, size: int, crop_ratio: float = EVAL_CROP_RATIO) -> np.ndarray:
-    """uint8 [C, size, size]: shorter side resized to int(size / crop_ratio) (bicubic), center crop.
-    A picture that already has the model's size is taken as it is."""
+def read_picture(path: str, channels: int, size: int) -> np.ndarray:
+    """uint8 [C, size, size]: the picture at `path` through the eval transform (picture.transform_for)."""
     try:
-        from PIL import Image
+        import PIL  # noqa: F401
     except ImportError:
         raise MQUserError("reading PNG/JPEG images needs Pillow (pip install pillow)") from None
+    from mq_deploy.data import picture
+
     try:
-        with Image.open(path) as im:
-            im = im.convert("L" if channels == 1 else "RGB")
-            w, h = im.size
-            short = int(size / crop_ratio)
-            if (w, h) == (size, size):    # already the model's input size (e.g. a Fashion-MNIST PNG): as is
-                short = size
-            if (w <= h and w != short) or (h < w and h != short):   # torchvision Resize(int) on a PIL image
-                nw, nh = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
-                im = im.resize((nw, nh), Image.BICUBIC)
-                w, h = nw, nh
-            top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
-            im = im.crop((left, top, left + size, top + size))
-            a = np.asarray(im, dtype=np.uint8)
-    except MQUserError:
-        raise
-    except (OSError, ValueError, SyntaxError) as e:   # PIL: UnidentifiedImageError is an OSError
-        raise MQUserError(f"{path}: cannot read the image ({e})") from None
-    return a[None] if channels == 1 else a.transpose(2, 0, 1)
+        return picture.decode(path, channels, size)
+    except picture.PictureError as e:
+        raise MQUserError(f"{path}: {e}") from None
 
 
 class ImageFolderData:
