@@ -29,7 +29,7 @@ POINTS = ("in_proj", "conv1d", "x", "dt_low", "dt", "B", "C", "z", "out_proj")
 HEAVY_TAILED = ("x", "dt", "B", "C", "out_proj")
 
 # MambaQuant's own calibration clips activations at the 99.9999th percentile of |x| (MambaQuant/MambaQuant,
-# quantize/quantizer.py; DESIGN §6). Quamba uses 99.999-99.9995 on the SSM input.
+# quantize/quantizer.py). Quamba uses 99.999-99.9995 on the SSM input.
 PERCENTILE_DEFAULT = 99.9999
 
 

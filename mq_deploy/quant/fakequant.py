@@ -1,4 +1,4 @@
-"""Fake quantization of a Mamba / Vim model at DESIGN §3's quant points.
+"""Fake quantization of a Mamba / Vim model at MambaQuant's quant points (MambaMixer.QUANT_POINTS).
 
 Weights (per output channel, symmetric) of in_proj, conv1d, x_proj, dt_proj, out_proj (and the Vim
 backward branch's conv1d_b, x_proj_b, dt_proj_b) are replaced by their dequantized values; the
