@@ -1,6 +1,6 @@
 """An independent re-statement of mamba-ssm / hustvl-Vim forward math, in their own layout
 (channels-first [b, D, L], nn.Conv1d with padding, einsum scan), used only by tests to check our
-channels-last models. Written from DESIGN.md §2, sharing no code with mq_deploy.models."""
+channels-last models. Written from mamba-ssm's published Mamba equations, sharing no code with mq_deploy.models."""
 
 import torch
 import torch.nn.functional as F
