@@ -1,0 +1,1148 @@
+"""Regenerate the figures of README.md and docs/ from the JSONs the benches wrote, or check that they agree.
+
+    python bench/report.py            # rewrite every generated region in place
+    python bench/report.py --check    # exit 1 at the first disagreement, in one line naming file and line
+
+A generated region is text between two HTML comments (invisible in the rendered page):
+
+    <!-- report:NAME SOURCE.json [SOURCE.json ...] [key=value ...] -->
+    ... what report.py writes ...
+    <!-- /report -->
+
+Block regions have their markers on lines of their own; inline regions sit inside a line (a table cell, a
+sentence). NAME is one of the renderers below (`python bench/report.py --list`), SOURCEs are paths from the
+repository root (JSON files a bench script or an mq-deploy command wrote), and key=value arguments (shell
+quoting) pick what to render.
+
+--check also fails on, in README.md and every docs/**/*.md:
+- a relative link, or a repository path named in the text (`docs/x.json`, `bench/y.py`, globs too), that
+  does not exist; an absolute path into a home or work folder, or a DESIGN.md / STYLE.md the repository
+  does not have (a document may cite only what a clone holds);
+- a figure outside every region in a paragraph that cites a JSON or a bench script: a decimal number, or a
+  number with a unit (%, x, ms, s, min, GiB, MiB, tok/s, ...). Such a paragraph says where its numbers come
+  from, so they must be generated. Code spans, link targets and fenced blocks are not prose and are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+import os
+import re
+import shlex
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from ptq_tables import fmt_delta  # noqa: E402  (one formatter for the PTQ cells)
+from ptq_tables import render as ptq_render  # noqa: E402
+
+
+class ReportError(Exception):
+    """A region that cannot be rendered (missing JSON, key, bad argument): one line, with where."""
+
+
+RENDERERS: dict = {}
+
+
+def renderer(fn):
+    RENDERERS[fn.__name__] = fn
+    return fn
+
+
+# ---- small helpers ---------------------------------------------------------------------------------------
+
+def get(obj, path: str):
+    """`a/b[k=v&k2=v2]/c[0]`: dict keys separated by '/', a list element by index or by equal fields."""
+    cur = obj
+    for part in [p for p in re.split(r"/(?![^\[]*\])", path) if p]:
+        m = re.fullmatch(r"([^\[]*)((?:\[[^\]]*\])*)", part)
+        key, sels = m.group(1), re.findall(r"\[([^\]]*)\]", m.group(2))
+        if key:
+            if not isinstance(cur, dict) or key not in cur:
+                raise ReportError(f"no key {key!r} (path {path!r})")
+            cur = cur[key]
+        for sel in sels:
+            if not isinstance(cur, list):
+                raise ReportError(f"[{sel}] on a non-list (path {path!r})")
+            if re.fullmatch(r"-?\d+", sel):
+                try:
+                    cur = cur[int(sel)]
+                except IndexError:
+                    raise ReportError(f"index {sel} out of range (path {path!r})") from None
+                continue
+            want = dict(kv.split("=", 1) for kv in sel.split("&"))
+            hits = [e for e in cur if isinstance(e, dict) and all(str(e.get(k)) == v for k, v in want.items())]
+            if len(hits) != 1:
+                raise ReportError(f"[{sel}] matches {len(hits)} elements, not 1 (path {path!r})")
+            cur = hits[0]
+    return cur
+
+
+def num(x, fmt: str) -> str:
+    return format(x, fmt)
+
+
+def signed0(x, fmt: str) -> str:
+    """A signed figure that prints a zero without its sign (0.00, not +0.00 or -0.00)."""
+    s = format(x, fmt)
+    return s[1:] if s[:1] in "+-" and float(s.replace(",", "")) == 0 else s
+
+
+def loads(obj) -> list:
+    """Every 1-minute load average a JSON records: `run.load` min/max, load / load_before / load_after /
+    load_at_start as a number or as os.getloadavg()'s triple (its first element)."""
+    out = []
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if k == "load" and isinstance(v, dict) and "min" in v:
+                out += [v["min"], v["max"]]
+            elif k.startswith("load") and isinstance(v, (int, float)) and not isinstance(v, bool):
+                out.append(v)
+            elif k.startswith("load") and isinstance(v, list) and v and isinstance(v[0], (int, float)):
+                out.append(v[0])
+            else:
+                out += loads(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            out += loads(v)
+    return out
+
+
+def load_range(*objs) -> str:
+    vals = [v for o in objs for v in loads(o)]
+    if not vals:
+        raise ReportError("the JSON records no load average")
+    lo, hi = min(vals), max(vals)
+    return f"{lo:.1f}" if round(lo, 1) == round(hi, 1) else f"{lo:.1f}-{hi:.1f}"
+
+
+def ptq_row(table, recipe, bits):
+    return get(table, f"rows[recipe={recipe}&bits={bits}]")
+
+
+def is_lm(table):
+    return table["metric"] == "bits_per_byte"
+
+
+def span(values, fmt=".1f", sep="-"):
+    lo, hi = min(values), max(values)
+    return format(lo, fmt) if format(lo, fmt) == format(hi, fmt) else f"{format(lo, fmt)}{sep}{format(hi, fmt)}"
+
+
+# ---- generic ---------------------------------------------------------------------------------------------
+
+@renderer
+def value(src, path, fmt="", scale="1", suffix=""):
+    """One number (or string) of the first source: path=a/b[k=v]/c, fmt (format spec), scale, suffix."""
+    v = get(src[0], path)
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        v = v * float(scale) if scale != "1" else v
+        return (signed0(v, fmt) if fmt.startswith("+") else num(v, fmt)) + suffix
+    return str(v) + suffix
+
+
+@renderer
+def ratio(src, a, b, fmt=".2f", suffix="x"):
+    """value(a) / value(b) of the first source (a=path b=path)."""
+    return num(get(src[0], a) / get(src[0], b), fmt) + suffix
+
+
+@renderer
+def load(src):
+    """The 1-minute load-average range recorded anywhere in the sources."""
+    return load_range(*src)
+
+
+# ---- PTQ (mq-deploy compare --json) ----------------------------------------------------------------------
+
+@renderer
+def ptq_table(src):
+    """docs/results.md's recipe x bits table with intervals (bench/ptq_tables.py's rendering)."""
+    return ptq_render(src[0])
+
+
+@renderer
+def ptq(src, recipe, bits, what="cell", d=None):
+    """One cell of a compare JSON. what: cell (change + interval), delta (signed change), abs (unsigned),
+    ci (interval), value (the metric: bits/byte, or top-1 in %), paper ("91.2 (-0.5)" / "+1.99 %")."""
+    t = src[0]
+    r = ptq_row(t, recipe, bits)
+    lm = is_lm(t)
+    if what == "cell":
+        return fmt_delta(r, lm)
+    k = "relative" if lm else "delta"
+    dd = int(d) if d is not None else 2
+    unit = " %" if lm else ""
+    if what == "delta":
+        return num(r[k] * 100, f"+.{dd}f") + unit
+    if what == "abs":
+        return num(abs(r[k]) * 100, f".{dd}f") + unit
+    if what == "ci":
+        lo, hi = r[k + "_ci95"]
+        return f"[{num(lo * 100, f'+.{dd}f')}, {num(hi * 100, f'+.{dd}f')}]"
+    if what == "value":
+        return num(r["value"], f".{d or 4}f") if lm else num(r["value"] * 100, f".{dd}f")
+    if what == "paper":
+        if lm:
+            return num(r["relative"] * 100, "+.2f") + " %"
+        return f"{num(r['value'] * 100, '.1f')} ({num(r['delta'] * 100, '+.1f')})"
+    raise ReportError(f"ptq: what={what!r} is not one of cell, delta, abs, ci, value, paper")
+
+
+@renderer
+def ptq_pair(src, bits, what="cell"):
+    """MambaQuant minus QuaRot of a compare JSON at `bits`: cell (diff + interval), diff, abs, ci."""
+    t = src[0]
+    p = get(t, f"pairs[bits={bits}]")
+    lm = is_lm(t)
+    scale, dd = (1, 4) if lm else (100, 2)
+    lo, hi = p["diff_ci95"]
+    ci = f"[{num(lo * scale, f'+.{dd}f')}, {num(hi * scale, f'+.{dd}f')}]"
+    if what == "cell":
+        return f"{num(p['diff'] * scale, f'+.{dd}f')} {ci}"
+    if what == "diff":
+        return num(p["diff"] * scale, f"+.{dd}f")
+    if what == "abs":
+        return num(abs(p["diff"]) * scale, f".{dd}f")
+    if what == "ci":
+        return ci
+    raise ReportError(f"ptq_pair: what={what!r} is not one of cell, diff, abs, ci")
+
+
+@renderer
+def ptq_span(src, recipes, bits, d="0"):
+    """The range of |change vs FP| over recipes x bits of a compare JSON ("22-25" %, or points)."""
+    t = src[0]
+    k = "relative" if is_lm(t) else "delta"
+    vals = [abs(ptq_row(t, r, b)[k]) * 100 for r in recipes.split(",") for b in bits.split(",")]
+    return span(vals, f".{d}f")
+
+
+@renderer
+def ptq_pair_sig(src, better="a"):
+    """The settings where MambaQuant minus QuaRot is resolved in MambaQuant's favour (interval clear of 0),
+    as "W8A8, W8A6 and W8A4", or "none"."""
+    t = src[0]
+    lm = is_lm(t)
+    hits = [p["bits"].upper() for p in t["pairs"]
+            if (p["diff_ci95"][1] < 0 if lm else p["diff_ci95"][0] > 0)]
+    if not hits:
+        return "none"
+    return hits[0] if len(hits) == 1 else ", ".join(hits[:-1]) + " and " + hits[-1]
+
+
+@renderer
+def ptq_diff(src, recipe, bits, what="change", d=None):
+    """Source 1's cell minus source 2's, same recipe and bits: what=change (relative %, or points) or value."""
+    a, b = (ptq_row(t, recipe, bits) for t in src[:2])
+    if what == "value":
+        return num(a["value"] - b["value"], f"+.{d or 4}f")
+    k = "relative" if is_lm(src[0]) else "delta"
+    return num((a[k] - b[k]) * 100, f"+.{d or 2}f") + (" %" if is_lm(src[0]) else "")
+
+
+PAPER_ROWS = [   # the MambaQuant paper (ICLR 2025) and the logs in its authors' repository: cited, not measured
+    ("Vim-T, ImageNet (24 layers, 197 tokens), paper", "76.1", ["37.4 (-38.7)", "37.7 (-38.4)", "59.3 (-16.8)",
+                                                               "75.6 (-0.5)", "52.7 (-23.4)", "72.1 (-4.0)"]),
+    ("Vim-T, authors' repo log", "76.1", ["", "", "", "75.4 (-0.7)", "", "72.1 (-4.0)"]),
+    ("Vim-S, authors' repo log", "80.5", ["", "", "", "80.3 (-0.2)", "", "79.4 (-1.1)"]),
+    ("Vim-B, authors' repo log", "81.9", ["", "", "", "80.1 (-1.8)", "", "79.6 (-2.3)"]),
+]
+PAPER_COLS = [("rtn", "w8a8"), ("smoothquant", "w8a8"), ("quarot", "w8a8"), ("mambaquant", "w8a8"),
+              ("quarot", "w4a8"), ("mambaquant", "w4a8")]
+
+
+@renderer
+def paper_table(src):
+    """The authors' figures (cited in PAPER_ROWS) beside ours from the compare JSONs (Vim, then LM)."""
+    vim, lm = src
+    out = ["| model | FP | W8A8 RTN | W8A8 SmoothQuant | W8A8 QuaRot | W8A8 MambaQuant | W4A8 QuaRot "
+           "| W4A8 MambaQuant |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for label, fp, cells in PAPER_ROWS:
+        out.append(f"| {label} | {fp} | " + " | ".join(cells) + " |")
+    fp_v = ptq_row(vim, "fp", "fp")["value"] * 100
+    out.append(f"| **ours**: Vim, Fashion-MNIST (4 layers, 17 tokens; {vim['samples']} test images) | {fp_v:.1f} | "
+               + " | ".join(ptq([vim], r, b, "paper") for r, b in PAPER_COLS) + " |")
+    out.append(f"| **ours**: byte LM, KJV (4 layers, 1024 tokens; bits/byte, relative) | "
+               f"{ptq_row(lm, 'fp', 'fp')['value']:.4f} | " + " | ".join(ptq([lm], r, b, "paper") for r, b in PAPER_COLS)
+               + " |")
+    out.append(f"| **ours**: Vim at W8A4 (evaluation only) | {fp_v:.1f} | "
+               + " | ".join(ptq([vim], r, "w8a4", "paper") for r in ("rtn", "smoothquant", "quarot", "mambaquant"))
+               + " | | |")
+    return "\n".join(out)
+
+
+def _bold_min_row(rows, chosen):
+    """Bold the chosen row's label and each of its cells that is strictly the smallest of its column."""
+    out = []
+    for label, cells, key in rows:
+        fmt = []
+        for j, (txt, v) in enumerate(cells):
+            others = [c[j][1] for lab, c, k in rows if k != key]
+            best = key == chosen and all(round(v, 6) < round(o, 6) for o in others)
+            fmt.append(f"**{txt}**" if best else txt)
+        out.append(f"| {'**' + label + '**' if key == chosen else label} | " + " | ".join(fmt) + " |")
+    return out
+
+
+OBSERVER_LABELS = {   # choose_defaults.json candidate -> the row label in docs/results.md
+    "minmax": "min-max everywhere",
+    "percentile 99.99 (heavy)": "percentile 99.99 (heavy) — our old default",
+    "percentile 99.9999 (heavy; the authors')": "percentile 99.9999 (heavy) — the authors'",
+    "mse (heavy)": "mse (heavy)",
+    "mse (all)": "mse (every point)",
+    "mse-out (all)": "mse-out (every point; consumer-output MSE)",
+    "entropy (heavy)": "entropy (heavy; TensorRT's KL calibrator)",
+}
+KLT_LABELS = {"sum": "sum over layers (ours, before)", "last": "last layer (the authors')"}
+SAMPLES = ("mamba-byte-lm", "vim-fashion-mnist")
+
+
+def _loss_cells(per_sample):
+    cells = []
+    for s in SAMPLES:
+        for b in ("w8a8", "w4a8"):
+            v = per_sample[s][b]["loss"]
+            cells.append((signed0(v, "+.3f") + " %" if s == "mamba-byte-lm" else signed0(v, "+.2f"), v))
+    return cells
+
+
+@renderer
+def defaults_observers(src):
+    """bench/choose_defaults.py: loss of every observer candidate on held-out calibration data."""
+    d = src[0]
+    rows = []
+    for key, label in OBSERVER_LABELS.items():
+        per = {s: d["observers"][s]["candidates"][key] for s in SAMPLES}
+        m = d["mean_loss"][key]
+        rows.append((label, _loss_cells(per) + [(num(m, ".3f"), m)], key))
+    head = ["| observer (points it covers; min-max elsewhere) | LM W8A8 | LM W4A8 | Vim W8A8 | Vim W4A8 | mean loss |",
+            "|---|---:|---:|---:|---:|---:|"]
+    return "\n".join(head + _bold_min_row(rows, d["chosen_observer"]["label"]))
+
+
+@renderer
+def defaults_klt(src):
+    """bench/choose_defaults.py: K from the sum over layers vs the last layer, same held-out data."""
+    d = src[0]
+    rows = []
+    for key, label in KLT_LABELS.items():
+        per = {s: d["klt"][s][key] for s in SAMPLES}
+        m = d["klt_mean_loss"][key]
+        rows.append((label, _loss_cells(per) + [(num(m, ".3f"), m)], key))
+    head = ["| K from | LM W8A8 | LM W4A8 | Vim W8A8 | Vim W4A8 | mean loss |", "|---|---:|---:|---:|---:|---:|"]
+    return "\n".join(head + _bold_min_row(rows, d["chosen_klt_source"]))
+
+
+@renderer
+def klt_eval_table(src):
+    """MambaQuant with K from the last layer (default, sources 1 and 3) vs the sum (sources 2 and 4)."""
+    lm_last, lm_sum, vim_last, vim_sum = src
+    out = ["| sample | K from | W8A8 | W4A8 | W8A4 |", "|---|---|---:|---:|---:|"]
+    for name, t, label in (("LM", lm_last, "last layer (default)"), ("LM", lm_sum, "sum over layers"),
+                           ("Vim", vim_last, "last layer (default)"), ("Vim", vim_sum, "sum over layers")):
+        cells = [fmt_delta(ptq_row(t, "mambaquant", b), is_lm(t)) for b in ("w8a8", "w4a8", "w8a4")]
+        out.append(f"| {name} | {label} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+@renderer
+def gptq_table(src):
+    """RTN (sources 1 and 3) vs GPTQ (sources 2 and 4) weight rounding at W4, QuaRot and MambaQuant."""
+    lm_rtn, lm_gptq, vim_rtn, vim_gptq = src
+    out = ["| sample | recipe | W4A8 RTN | W4A8 GPTQ | W4A6 RTN | W4A6 GPTQ |", "|---|---|---:|---:|---:|---:|"]
+    for name, rtn, gptq in (("LM", lm_rtn, lm_gptq), ("Vim", vim_rtn, vim_gptq)):
+        for recipe in ("quarot", "mambaquant"):
+            cells = [fmt_delta(ptq_row(t, recipe, b), is_lm(t)) for b in ("w4a8", "w4a6") for t in (rtn, gptq)]
+            out.append(f"| {name} | {recipe} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+# ---- mq-deploy inspect (summary.json) --------------------------------------------------------------------
+
+@renderer
+def inspect_table(src):
+    """The table `mq-deploy inspect` writes as summary.md, from its summary.json."""
+    lines = ["| point | view | kurtosis | max/median channel max | max/median channel variance |",
+             "|---|---|---:|---:|---:|"]
+    for r in src[0]["rows"]:
+        lines.append(f"| {r['point']} | {r['view']} | {r['kurtosis']:.2f} | {r['max_median_channel_max']:.2f} | "
+                     f"{r['max_median_channel_var']:.2f} |")
+    return "\n".join(lines)
+
+
+def _sig3(v):
+    """Three significant figures, as docs/results.md quotes kurtosis and channel ratios (14410, 78.6, 8.98)."""
+    if v >= 1000:
+        return f"{v:.0f}"
+    return f"{v:.{max(0, 2 - int(math.floor(math.log10(abs(v)))))}f}" if v else "0"
+
+
+@renderer
+def inspect_row(src, point, what):
+    """One row's views of an inspect summary: what=kurtosis|max (raw / H / KLT·H / smooth+KLT·H) or var
+    (raw / KLT·H)."""
+    views = ("raw", "hadamard", "klt_hadamard", "smooth_rotate") if what != "var" else ("raw", "klt_hadamard")
+    key = {"kurtosis": "kurtosis", "max": "max_median_channel_max", "var": "max_median_channel_var"}[what]
+    return " / ".join(_sig3(get(src[0], f"rows[point={point}&view={v}]")[key]) for v in views)
+
+
+INSPECT_ROWS = [(0, "Vim", "layers.2.mixer.out_proj", "out_proj input, layer 2"),
+                (0, "Vim", "layers.0.mixer.in_proj", "in_proj input, layer 0"),
+                (1, "LM", "layers.2.mixer.out_proj", "out_proj input, layer 2"),
+                (1, "LM", "layers.0.mixer.x", "x (scan input), layer 0")]
+
+
+@renderer
+def inspect_summary(src):
+    """docs/results.md's excerpt of the two inspect summaries (Vim first, LM second)."""
+    out = ["| sample | point | kurtosis: raw / H / KLT·H / smooth+KLT·H | max/median channel max: raw / H / KLT·H / "
+           "smooth+KLT·H | max/median channel variance: raw / KLT·H |", "|---|---|---|---|---|"]
+    for i, sample, point, label in INSPECT_ROWS:
+        cells = [inspect_row([src[i]], point, w) for w in ("kurtosis", "max", "var")]
+        out.append(f"| {sample} | {label} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+@renderer
+def inspect_span(src, view, what, fmt=".2f", only=""):
+    """The range of one statistic at one view over the rows of INSPECT_ROWS whose point contains `only`
+    (what: kurtosis, max, var)."""
+    key = {"kurtosis": "kurtosis", "max": "max_median_channel_max", "var": "max_median_channel_var"}[what]
+    vals = [get(src[i], f"rows[point={point}&view={view}]")[key] for i, _, point, _ in INSPECT_ROWS if only in point]
+    return span(vals, fmt)
+
+
+# ---- bench/scale.py --------------------------------------------------------------------------------------
+
+def _scale_stage(runs, shape, stage):
+    """The stage row of the LAST source that has it (later rounds override earlier ones) and that source."""
+    found = None
+    for path, run in runs:
+        for row in run.get("rows", []):
+            if row["shape"] != shape:
+                continue
+            for s in row["stages"]:
+                if s["stage"] == stage:
+                    found = (s, row, path)
+    if found is None:
+        raise ReportError(f"no {shape} {stage} row in the scale sources")
+    return found
+
+
+def _tail_find(stage, pattern):
+    for line in stage.get("tail", []):
+        m = re.search(pattern, line)
+        if m:
+            return m
+    return None
+
+
+def _scale_params(runs, shape):
+    for _, run in runs:
+        for row in run.get("rows", []):
+            if row["shape"] == shape and "parameters" in row:
+                return row["parameters"], row["fp32_gib"]
+    raise ReportError(f"no {shape} make row with its parameter count")
+
+
+def _scale_notes(runs, shape, stage, s, fp32):
+    notes = []
+    if stage == "make":
+        shards = [f for f in s.get("files", []) if f.endswith(".safetensors")]
+        dtype = _scale_stage(runs, shape, "make")[1]["stored_dtype"]
+        notes.append(f"{len(shards)} shard{'s' if len(shards) != 1 else ''} ({dtype})")
+    elif stage == "quantize":
+        goal = fp32 + 3
+        notes.append(f"goal <= {fp32:.2f} + 3 = {goal:.2f} GiB: **{'met' if s['peak_rss_gib'] <= goal else 'missed'}**")
+    elif stage == "export":
+        size = s["onnx_gib"] + s["external_data_gib"]
+        where = f"{s['external_data_gib']:.2f} GiB external data" if s["external_data_gib"] else \
+            f"{s['onnx_gib']:.2f} GiB .onnx"
+        goal = fp32 + size + 2
+        notes.append(f"{where}; goal {fp32:.2f} + {size:.2f} + 2 = {goal:.2f} GiB: "
+                     f"**{'met' if s['peak_rss_gib'] <= goal else 'missed'}**")
+    elif stage == "verify":
+        m = _tail_find(s, r"cosine mean ([\d.]+).*top-1 agreement ([\d.]+)%")
+        b = _tail_find(s, r"relative difference ([\d.]+)%")
+        ok = any(line.strip() == "PASSED" for line in s.get("tail", []))
+        if m:
+            notes.append(f"{'PASSED' if ok else 'FAILED'}: logits cosine {m.group(1)}, top-1 agreement "
+                         f"{float(m.group(2)):.0f} %" + (f", bits/token {b.group(1)} % apart" if b else ""))
+    elif stage == "build":
+        m = _tail_find(s, r"(\d+) -> (\d+) nodes")
+        c = _tail_find(s, r"cosine ([\d.]+)")
+        if m:
+            notes.append(f"{m.group(1)} -> {m.group(2)} nodes" + (f", equal to its input (cosine {c.group(1)})"
+                                                                   if c else ""))
+    return notes
+
+
+@renderer
+def scale_table(src, sources, shapes="130m,790m,2.8b"):
+    """bench/scale.py rows; for each (shape, stage) the last source holding it wins (sources in order)."""
+    paths = sources.split(",")
+    runs = list(zip(paths, src))
+    out = ["| shape | parameters (fp32 GiB) | stage | rc | wall s | peak RSS GiB | load | from | notes |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for shape in shapes.split(","):
+        params, fp32 = _scale_params(runs, shape)
+        first = True
+        for stage in ("make", "info", "quantize", "export", "verify", "build"):
+            s, row, path = _scale_stage(runs, shape, stage)
+            notes = _scale_notes(runs, shape, stage, s, fp32)
+            head = f"| {shape} | {params / 1e6:.1f} M ({fp32:.2f}) |" if first else "| | |"
+            first = False
+            out.append(f"{head} {stage} | {s['rc']} | {s['seconds']:.1f} | {s['peak_rss_gib']:.2f} | {s['load']:.1f} | "
+                       f"`{os.path.basename(path)}` | {'; '.join(notes)} |")
+    return "\n".join(out)
+
+
+@renderer
+def scale_stage(src, shape, stage, what="peak_rss_gib", fmt=".2f"):
+    """One stage figure of one bench/scale.py JSON (what: peak_rss_gib, seconds, load)."""
+    return num(_scale_stage([("", src[0])], shape, stage)[0][what], fmt)
+
+
+@renderer
+def scale_margins(src, sources, stage, shapes="130m,790m,2.8b"):
+    """Peak RSS above the goal's base for each shape: quantize over fp32; export over fp32 + the ONNX size."""
+    runs = list(zip(sources.split(","), src))
+    out = []
+    for shape in shapes.split(","):
+        _, fp32 = _scale_params(runs, shape)
+        s = _scale_stage(runs, shape, stage)[0]
+        base = fp32 + (s["onnx_gib"] + s["external_data_gib"] if stage == "export" else 0)
+        out.append(num(s["peak_rss_gib"] - base, "+.2f"))
+    return " / ".join(out)
+
+
+# ---- bench/peers.py --------------------------------------------------------------------------------------
+
+PEER_ORDER = ["mq-deploy ONNX W8A8, ORT + native ops", "mq-deploy ONNX FP32, ORT + native ops",
+              "mq-deploy ONNX W8A8, ORT (Scan body)", "mq-deploy ONNX FP32, ORT (Scan body)", "mq-deploy PyTorch fp32",
+              "llama.cpp Q8_0", "llama.cpp Q4_0", "llama.cpp F32", "transformers fp32"]
+PEER_CASES = [("prefill-256", 1), ("prefill-1024", 1), ("decode-128", 1), ("decode-128", 8)]
+
+
+def _peer_rows(src):
+    """(label, {(case, batch): row}) per system per source; an ONNX system is labelled with its graph (the
+    source's `graph` field) since two sources ran two versions of the step graph."""
+    out = []
+    for run in src:
+        graph = run.get("rederived", {}).get("onnx_graph")
+        systems = [s for s in PEER_ORDER if any(r["system"] == s for r in run["rows"])]
+        for s in systems:
+            label = f"{s} ({graph})" if graph and "ONNX" in s else s
+            out.append((label, s, {(r["case"], r["batch"]): r for r in run["rows"] if r["system"] == s}))
+    return out
+
+
+def _tps(v, case="decode"):
+    return f"{v:.0f}" if case.startswith("prefill") else f"{v:.1f}"
+
+
+@renderer
+def peers_table(src, bold="1"):
+    """tokens/s and peak RSS per system and case; the sources' rows in order (the first source's first row
+    bold)."""
+    out = ["| system | prefill 256 tok/s | prefill 1024 tok/s | decode-128 b1 tok/s | decode-128 b8 tok/s "
+           "| peak RSS MiB | load |", "|---|---|---|---|---|---|---|"]
+    for i, (label, _, by) in enumerate(_peer_rows(src)):
+        b = "**" if i == 0 and bold == "1" else ""
+        cells = [f"{b}{_tps(by[c]['tokens_per_s'], c[0])}{b}" if c in by else "–" for c in PEER_CASES]
+        rss = [r["peak_rss_mib"] for r in by.values()]
+        out.append(f"| {b}{label}{b} | " + " | ".join(cells) + f" | {min(rss):.0f}–{max(rss):.0f} | "
+                   f"{load_range(list(by.values()))} |")
+    return "\n".join(out)
+
+
+def _peer(src, system, case, batch, graph=None):
+    for label, s, by in _peer_rows(src):
+        if s == system and (graph is None or f"({graph})" in label) and (case, int(batch)) in by:
+            return by[(case, int(batch))]
+    raise ReportError(f"no peers row {system!r} {case} b{batch}" + (f" ({graph})" if graph else ""))
+
+
+W8 = "mq-deploy ONNX W8A8, ORT + native ops"
+FP = "mq-deploy ONNX FP32, ORT + native ops"
+Q8 = "llama.cpp Q8_0"
+TF = "transformers fp32"
+FUSED = "fused step graph"
+
+
+@renderer
+def peers_cell(src):
+    """README's Benchmarks cell: W8A8 (fused step graph) against llama.cpp Q8_0."""
+    w = {c: _peer(src, W8, c[0], c[1], FUSED) for c in PEER_CASES}
+    q = {c: _peer(src, Q8, c[0], c[1]) for c in PEER_CASES}
+    rss_w = [r["peak_rss_mib"] for r in w.values()]
+    rss_q = [r["peak_rss_mib"] for r in q.values()]
+    return (f"W8A8 (fused step graph) vs llama.cpp Q8_0: prefill 256 {_tps(w[PEER_CASES[0]]['tokens_per_s'], 'prefill')} vs "
+            f"{_tps(q[PEER_CASES[0]]['tokens_per_s'], 'prefill')} tok/s, decode b1 {_tps(w[PEER_CASES[2]]['tokens_per_s'])} vs "
+            f"{_tps(q[PEER_CASES[2]]['tokens_per_s'])}, b8 {_tps(w[PEER_CASES[3]]['tokens_per_s'])} vs "
+            f"{_tps(q[PEER_CASES[3]]['tokens_per_s'])}, peak RSS {min(rss_w):.0f}–{max(rss_w):.0f} vs "
+            f"{min(rss_q):.0f}–{max(rss_q):.0f} MiB (load {load_range(list(w.values()) + list(q.values()))})")
+
+
+@renderer
+def peers_goals(src):
+    """The goals of the peers comparison, each met or missed, from the rows."""
+    def t(system, c, graph=None):
+        return _peer(src, system, c[0], c[1], graph)["tokens_per_s"]
+
+    def verdict(ok):
+        return "**met**" if all(ok) else ("**missed**" if not any(ok) else "**met except {}**")
+
+    p256, p1024, d1, d8 = PEER_CASES
+    w = {c: t(W8, c, FUSED) for c in PEER_CASES}
+    out = []
+    r = [w[c] / t(TF, c) for c in (p256, p1024)]
+    out.append(f"- Prefill ≥ 3x transformers fp32: {verdict([x >= 3 for x in r])}, {r[0]:.1f}x (L 256) and "
+               f"{r[1]:.1f}x (L 1024).")
+    r = [w[c] / t(Q8, c) for c in (p256, p1024)]
+    out.append(f"- Prefill ahead of llama.cpp Q8_0: {verdict([x > 1 for x in r])}, {r[0]:.1f}x and {r[1]:.1f}x.")
+    r = [w[c] / t(Q8, c) for c in (d1, d8)]
+    out.append(f"- Decode ahead of llama.cpp Q8_0: {verdict([x > 1 for x in r])}, {r[0]:.2f}x at batch 1 "
+               f"({_tps(w[d1])} vs {_tps(t(Q8, d1))} tok/s) and {r[1]:.2f}x at batch 8 ({_tps(w[d8])} vs "
+               f"{_tps(t(Q8, d8))}).")
+    names = {p256: "prefill 256", p1024: "prefill 1024", d1: "decode b1", d8: "decode b8"}
+    parts, missed = [], []
+    for c in PEER_CASES:
+        fps = [r for label, s, by in _peer_rows(src) if s == FP and c in by for r in [by[c]["tokens_per_s"]]]
+        best = max(fps)
+        x = w[c] / best
+        parts.append(f"{names[c]} **{x:.2f}x** (vs {_tps(best, c[0])})")
+        if x < 1.5:
+            missed.append(f"{names[c]}, missed by {(1 - x / 1.5) * 100:.0f} %")
+    v = "**met**" if not missed else ("**missed**" if len(missed) == len(parts) else
+                                      "**met except " + "; ".join(missed) + "**")
+    out.append("- int8 ≥ 1.5x our own FP32 on equal footing (both with native ops, each against the faster FP32 "
+               "step graph for the case): " + ", ".join(parts) + f": {v}.")
+    parts, ok = [], []
+    for c in PEER_CASES:
+        a, b = _peer(src, W8, c[0], c[1], FUSED)["peak_rss_mib"], _peer(src, Q8, c[0], c[1])["peak_rss_mib"]
+        ok.append(a <= 2 * b)
+        parts.append(f"{a / b:.2f}x ({names[c]}, {a:.0f} vs {b:.0f} MiB)")
+    out.append(f"- Peak RSS ≤ 2x llama.cpp Q8_0: {verdict(ok).format('some')} in every case: " + ", ".join(parts) + ".")
+    return "\n".join(out)
+
+
+@renderer
+def peers_ms_per_token(src, system, case="decode-128", batch="1", graph=None):
+    """Milliseconds per decode step of one row (1000 / tokens/s at batch 1)."""
+    r = _peer(src, system, case, batch, graph)
+    return f"{1000 / r['tokens_per_s'] * int(batch):.1f} ms"
+
+
+# ---- bench/serve.py --------------------------------------------------------------------------------------
+
+@renderer
+def serve_vim_table(src):
+    d = src[0]
+    dv = d["direct"]["vim"]
+    out = ["| Vim | images/s | p50 | p99 | vs direct | load |", "|---|---|---|---|---|---|",
+           f"| direct OrtRunner, batch 1 | {dv['images_per_s']:.1f} | {dv['p50_ms']:.1f} ms | {dv['p99_ms']:.1f} ms "
+           f"| 1.00x | |"]
+    for r in d["vim"]:
+        out.append(f"| served, concurrency {r['concurrency']} | {r['images_per_s']:.1f} | {r['p50_ms']:.1f} ms | "
+                   f"{r['p99_ms']:.1f} ms | {r['vs_direct']:.2f}x | {r['load'][0]:.1f} |")
+    return "\n".join(out)
+
+
+@renderer
+def serve_lm_table(src):
+    d = src[0]
+    dl = d["direct"]["lm"]
+    out = ["| LM generation | tokens/s | first token p50 | inter-token p50 / p99 | vs direct | load |",
+           "|---|---|---|---|---|---|",
+           f"| direct `generate`, one stream at a time | {dl['tokens_per_s']:.1f} | "
+           f"{_ms(dl['first_token_p50_ms'])} | | 1.00x | |"]
+    for r in d["lm"]:
+        n = r["concurrency"]
+        out.append(f"| served, {n} stream{'s' if n > 1 else ''} | {r['tokens_per_s']:.1f} | "
+                   f"{_ms(r['first_token_p50_ms'])} | {r['inter_token_p50_ms']:.1f} / {r['inter_token_p99_ms']:.1f} ms | "
+                   f"{r['vs_direct']:.2f}x | {r['load'][0]:.1f} |")
+    return "\n".join(out)
+
+
+def _ms(v):
+    return f"{v:.0f} ms" if v >= 100 else f"{v:.1f} ms"
+
+
+@renderer
+def serve_summary(src):
+    """One sentence of a serve JSON: direct and served throughput per level, and the ratios."""
+    d = src[0]
+    v, lm = d["vim"], d["lm"]
+    return (f"Vim direct {d['direct']['vim']['images_per_s']:.1f} images/s; served "
+            + ", ".join(f"{r['images_per_s']:.1f} (c={r['concurrency']})" for r in v) + ", which is "
+            + " / ".join(f"{r['vs_direct']:.2f}x" for r in v)
+            + f". LM direct {d['direct']['lm']['tokens_per_s']:.1f} tokens/s; served "
+            + " / ".join(f"{r['tokens_per_s']:.1f}" for r in lm) + ", which is "
+            + " / ".join(f"{r['vs_direct']:.2f}x" for r in lm) + f" (load {load_range(d)})")
+
+
+@renderer
+def serve_range(src, kind, levels="1"):
+    """The vs-direct range over the sources at the given concurrency levels (kind: vim, lm or vim,lm)."""
+    want = {int(x) for x in levels.split(",")}
+    vals = [r["vs_direct"] for d in src for k in kind.split(",") for r in d[k] if r["concurrency"] in want]
+    return span(vals, ".2f") + "x"
+
+
+# ---- README's Benchmarks table ---------------------------------------------------------------------------
+
+@renderer
+def forward_cell(src):
+    d = src[0]
+    return (f"ours {d['median_ms']['ours']:.0f} ms, transformers {d['median_ms']['transformers']:.0f} ms: "
+            f"**{d['speedup']:.2f}x** (load {load_range(d)})")
+
+
+@renderer
+def quantize_cell(src):
+    d = src[0]
+    return (f"{d['wall_s']:.1f} s wall, {d['peak_rss_gib']:.2f} GiB peak RSS (goals {d['goals']['wall_s']:.0f} s, "
+            f"{d['goals']['peak_rss_bytes'] / 1e9:.0f} GB: {'met' if _quantize_met(d) else 'missed'}; load "
+            f"{load_range(d)})")
+
+
+def _quantize_met(d):
+    return d["wall_s"] <= d["goals"]["wall_s"] and d["peak_rss_gib"] * 2**30 <= d["goals"]["peak_rss_bytes"]
+
+
+@renderer
+def scan_variants_cell(src):
+    d = src[0]
+    r = {k: [row["vs_step_loop"][k] for row in d["rows"]] for k in ("chunked-par", "log-scan", "reference")}
+    wins = all(v > 1 for vs in r.values() for v in vs)
+    return (("the step loop wins at every shape" if wins else "the step loop does not win everywhere")
+            + f": chunked-parallel {span(r['chunked-par'], '.0f')}x slower, doubling scan "
+            f"{span(r['log-scan'], '.0f')}x slower, the reference loop {span(r['reference'], '.1f')}x slower "
+            f"(load {load_range(d)})")
+
+
+@renderer
+def scan_cpu_cell(src, b="1", L="1024", D="1536"):
+    d = src[0]
+    r = get(d, f"rows[b={b}&L={L}&D={D}]")
+    t = r["tokens_per_s"]
+    return (f"b{b} L{L} D{D} N{r['N']}: {t['native']:,.0f} tok/s native vs {t['fast_fp32']:,.0f} fast fp32 torch "
+            f"({r['native_vs_fast']:.1f}x) vs {t['int8_ref']:,.0f} int8 reference ({r['native_vs_ref']:.1f}x) "
+            f"(load {load_range(d)})")
+
+
+@renderer
+def ort_custom_op_cell(src):
+    d = src[0]
+    rows = d["rows"]
+    i8 = get(d, "rows[model=1 SelectiveScan b1 L1024 D768 N16]")
+    fl = get(d, "rows[model=1 SelectiveScanFloat b1 L1024 D768 N16]")
+    eq = [r["int8_vs_float_native"] for r in rows if "int8_vs_float_native" in r]
+    return (f"int8 op b1 L1024 D768: {i8['speedup']:.1f}x, float op: {fl['speedup']:.1f}x; native int8 vs native "
+            f"float op: {span(eq, '.2f')}x (load {load_range(d)})")
+
+
+# ---- bench/ort.py ----------------------------------------------------------------------------------------
+
+ORT_GOAL = 1.5    # int8 over FP32 on equal footing (both with native ops): the goal the table is read against
+
+
+def _ort_label(r, short=False):
+    lm = r["model"] == "lm"
+    if short:
+        return f"{'LM' if lm else 'Vim'} b{r['shape'][0]}"
+    return f"{'LM' if lm else 'Vim'}, {r['case']}"
+
+
+@renderer
+def ort_table(src):
+    """bench/ort.py: FP32 and int8 graphs, function bodies vs native ops, and the dense online Hadamard."""
+    out = ["| case | body: FP32 | body: int8 | ratio | native: FP32 | native: int8 | **ratio (equal footing)** "
+           "| int8, dense Hadamard | load |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in src[0]["rows"]:
+        t = r["ms"]
+        out.append(f"| {_ort_label(r)} | {t['fp32']:.1f} ms | {t['int8']:.1f} ms | {t['fp32'] / t['int8']:.2f}x | "
+                   f"{t['fp32 native']:.1f} ms | {t['int8 native']:.1f} ms | "
+                   f"**{t['fp32 native'] / t['int8 native']:.2f}x** | {t['int8 native dense']:.1f} ms | {r['load']:.1f} |")
+    return "\n".join(out)
+
+
+@renderer
+def ort_cell(src):
+    """README's Benchmarks cell for bench/ort.py."""
+    d = src[0]
+    body = ", ".join(f"{_ort_label(r, True)} {r['ms']['fp32'] / r['ms']['int8']:.2f}x" for r in d["rows"])
+    nat = ", ".join(f"{_ort_label(r, True)} **{r['ms']['fp32 native'] / r['ms']['int8 native']:.2f}x**"
+                    for r in d["rows"])
+    return f"function bodies on both sides: {body}; native ops on both sides: {nat} (load {load_range(d)})"
+
+
+def _share(ops, names):
+    total = sum(ops.values())
+    return sum(v for k, v in ops.items() if k in names) / total * 100 if total else 0.0
+
+
+SCAN_OPS = ("Scan", "SelectiveScan", "SelectiveScanFloat")
+MATMUL_OPS = ("MatMul", "MatMulIntegerToFloat", "MatMulInteger", "DynamicQuantizeMatMul", "Gemm")
+
+
+@renderer
+def ort_prose(src):
+    """What the bench/ort.py run says: equal-footing ratios against the goal, and the dense Hadamard."""
+    d = src[0]
+    rows = d["rows"]
+    eq = {_ort_label(r, True): r["ms"]["fp32 native"] / r["ms"]["int8 native"] for r in rows}
+    missed = [f"by {(1 - v / ORT_GOAL) * 100:.0f} % at {k}" for k, v in eq.items() if v < ORT_GOAL]
+    verdict = "met everywhere" if not missed else ("missed " + ", ".join(missed))
+    dense = []
+    for r in rows:
+        t = r["ms"]
+        x = t["int8 native dense"] / t["int8 native"]
+        dense.append(f"{x:.2f}x {'faster' if x > 1 else 'slower'} than the dense product at {_ort_label(r, True)} "
+                     f"({t['int8 native dense']:.1f} -> {t['int8 native']:.1f} ms)")
+    out = [f"With the same kind of scan on both sides the int8 artifact is {span(list(eq.values()), '.2f')}x faster "
+           f"than its FP32 twin at these small shapes (goal {ORT_GOAL}x: {verdict}). With function bodies on "
+           f"both sides the ratio is {span([r['ms']['fp32'] / r['ms']['int8'] for r in rows], '.2f')}x. The "
+           f"factored online Hadamard (two small MatMuls in place of one [384, 384] product) is "
+           + "; ".join(dense) + f". One run of the script at a 1-minute load average of {load_range(d)}: compare "
+           "within a row."]
+    prof = [r for r in rows if "profile_ms_by_op" in r]
+    if prof:
+        body = [_share(r["profile_ms_by_op"][k], SCAN_OPS) for r in prof for k in ("fp32", "int8")]
+        nat = [_share(r["profile_ms_by_op"][k], SCAN_OPS) for r in prof for k in ("fp32 native", "int8 native")]
+        mm = [_share(r["profile_ms_by_op"][k], MATMUL_OPS) for r in prof for k in ("fp32 native", "int8 native")]
+        out.append("")
+        out.append(f"Where the time goes (`--profile`, ORT's per-node profile summed by op type): with function "
+                   f"bodies the ONNX `Scan` is {span(body, '.0f')} % of the time in both graphs; with the native ops "
+                   f"the scan op is {span(nat, '.0f')} % and the matmuls {span(mm, '.0f')} %.")
+    return "\n".join(out)
+
+
+@renderer
+def ort_profile(src):
+    """README's paragraph on where ORT's time goes, from bench/ort.py --profile."""
+    d = src[0]
+    prof = [r for r in d["rows"] if "profile_ms_by_op" in r]
+    if not prof:
+        raise ReportError("the bench/ort.py run has no --profile data")
+    body = [_share(r["profile_ms_by_op"][k], SCAN_OPS) for r in prof for k in ("fp32", "int8")]
+    nat = [_share(r["profile_ms_by_op"][k], SCAN_OPS) for r in prof for k in ("fp32 native", "int8 native")]
+    mm8 = [_share(r["profile_ms_by_op"]["int8 native"], MATMUL_OPS) for r in prof]
+    return (f"Where the ORT time goes (`bench/ort.py --profile`, `docs/ort.json`, load {load_range(d)}): with "
+            f"function bodies the ONNX `Scan` is {span(body, '.0f')} % of the time in both graphs (a per-step "
+            f"subgraph of small nodes), so int8 matmuls (fused by ORT into `MatMulIntegerToFloat`; this CPU has "
+            f"AVX-512 VNNI) cannot show. With the native ops on both sides (equal footing) the scan op takes "
+            f"{span(nat, '.0f')} % and costs the same for int8 and float inputs (`bench/ort_custom_op.py`), so "
+            f"int8 pays only in the matmuls, {span(mm8, '.0f')} % of the int8 graph's time at these small "
+            f"shapes; at the 130m shape the int8 step graph's gains are in the peers goals of `docs/results.md`.")
+
+
+# ---- mq-deploy verify (bench/verify_samples.py, bench/quickstart.py) -------------------------------------
+
+def _metric(m, v):
+    return f"top-1 {v * 100:.2f} %" if m == "top1" else f"{v:.4f}"
+
+
+def _verify_cells(rep):
+    lg = rep["outputs"]["logits"]
+    m = rep["metrics"]
+    unit = "" if m["metric"] == "top1" else f" {m['metric'].replace('_per_', '/').replace('bits/byte', 'bits/byte')}"
+    return [f"{lg['cosine_mean']:.6f} ({lg['cosine_min']:.4f})", f"{lg['top1_agreement'] * 100:.2f} %",
+            f"{_metric(m['metric'], m['artifact'])} / {_metric(m['metric'], m['reference'])}{unit}",
+            f"{m['rel_delta'] * 100:.3f} %", f"{m['samples']:,}", "PASSED" if rep["passed"] else "FAILED"]
+
+
+VERIFY_HEAD = ["logits cosine (worst row)", "top-1 agreement", "end metric: ORT int8 / fake quant",
+               "relative difference", "samples", "verify"]
+
+
+@renderer
+def verify_table(src):
+    """bench/verify_samples.py: one row per case, from verify's own --json report."""
+    out = ["| case | " + " | ".join(VERIFY_HEAD) + " | load |", "|---|" + "---|" * (len(VERIFY_HEAD) + 1)]
+    for r in src[0]["rows"]:
+        out.append(f"| `{r['case']}` | " + " | ".join(_verify_cells(r["report"])) + f" | {r['load_at_start']:.1f} |")
+    return "\n".join(out)
+
+
+@renderer
+def verify_case(src, case):
+    """One case of bench/verify_samples.py as a sentence."""
+    rep = get(src[0], f"rows[case={case}]")["report"]
+    c = _verify_cells(rep)
+    return (f"{'passes' if rep['passed'] else 'FAILS'} (logits cosine {rep['outputs']['logits']['cosine_mean']:.6f}, "
+            f"top-1 agreement {c[1]}, {c[2]}, {c[3]} apart, on {c[4]} samples)")
+
+
+def readme_quickstart_command():
+    from quickstart import readme_command
+
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        return readme_command(f.read())
+
+
+def _duration(s):
+    m, sec = divmod(int(round(s)), 60)
+    return f"{m} min {sec} s" if m else f"{sec} s"
+
+
+@renderer
+def quickstart_time(src):
+    """README's first command from a clean clone in a fresh venv (bench/quickstart.py), with its load; fails
+    when README's command is no longer the one that was timed."""
+    d = src[0]
+    if d["command"] != readme_quickstart_command():
+        raise ReportError("README's quick-start command is not the one docs/quickstart.json timed: run "
+                          "python bench/quickstart.py --json docs/quickstart.json")
+    if d["rc"]:
+        return f"FAILED (exit {d['rc']} at `{d['steps'][-1]['command']}`)"
+    pip = sum(r["seconds"] for r in d["steps"] if r["command"].startswith("pip "))
+    return (f"{_duration(d['command_seconds'])} on 2 cores, of which `pip install` {_duration(pip)}, at a 1-minute "
+            f"load average of {load_range(d['run'])}")
+
+
+@renderer
+def quickstart_verify(src):
+    """The verify reports of README's first command (bench/quickstart.py)."""
+    out = ["| command | " + " | ".join(VERIFY_HEAD) + " |", "|---|" + "---|" * len(VERIFY_HEAD)]
+    for v in src[0]["verify"]:
+        out.append(f"| `{v['command']}` | " + " | ".join(_verify_cells(v["report"])) + " |")
+    return "\n".join(out)
+
+
+# ---- samples' training logs ------------------------------------------------------------------------------
+
+@renderer
+def train_metric(src, fmt=".3f"):
+    """A sample's held-out metric from its train_log.json (LM bits/byte; Vim last epoch's test top-1 in %)."""
+    d = src[0]
+    if "heldout_bits_per_byte" in d:
+        return num(d["heldout_bits_per_byte"], fmt)
+    return num(d["epochs"][-1]["test_top1"] * 100, fmt)
+
+
+# ---- documents, regions and checks -----------------------------------------------------------------------
+
+MARK = re.compile(r"<!-- report:(\S+)([^>]*?)-->(.*?)<!-- /report -->", re.S)
+OPEN = re.compile(r"<!-- report:")
+FENCE = re.compile(r"^(```|~~~).*?^\1[ \t]*$", re.S | re.M)
+FIGURE = re.compile(r"(?<![\w.\-/])[-+−]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?\s?(?:%|x(?![\w])|×|ms\b|s\b|min\b"
+                    r"|GiB\b|MiB\b|GB\b|MB\b|tok/s|tokens/s|images/s|bits/byte\b|points?\b)|(?<![\w.\-/])\d+\.\d+(?![\w.])")
+VERSIONED = re.compile(r"(?:Runtime|onnxruntime|TensorRT|torch|Python|CUDA|JetPack|nvcc|opset|IR version|"
+                       r"transformers|llama-cpp-python)\s+[\d., and]*$")
+CITES = re.compile(r"(?:docs|samples|bench)/[\w.\-/*]*\.json\b|bench/\w+\.py")   # a figure source named
+REPO_PATH = re.compile(r"(?<![\w./\-])((?:docs|bench|mq_deploy|plugins|samples|tests|\.ci)/[\w.\-/*]*[\w*])")
+OUTSIDE = re.compile(r"(?<![\w.])(/(?:work|home|root|Users)/[^\s`)]*|\bDESIGN\.md\b|\bSTYLE\.md\b|\bDESIGN §)")
+
+
+def documents():
+    return ["README.md"] + sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "**", "*.md"),
+                                                                              recursive=True))
+
+
+def line_of(text, pos):
+    return text.count("\n", 0, pos) + 1
+
+
+def parse_args(argstr):
+    try:
+        toks = shlex.split(argstr)
+    except ValueError as e:
+        raise ReportError(f"marker arguments: {e}") from None
+    sources, params = [], {}
+    for t in toks:
+        if "=" in t:
+            k, v = t.split("=", 1)
+            params[k] = v
+        else:
+            sources.append(t)
+    return sources, params
+
+
+_json_cache: dict = {}
+
+
+def load_json(rel):
+    path = os.path.normpath(os.path.join(ROOT, rel))
+    if not path.startswith(ROOT + os.sep):
+        raise ReportError(f"{rel}: outside the repository")
+    if path not in _json_cache:
+        try:
+            with open(path, encoding="utf-8") as f:
+                _json_cache[path] = json.load(f)
+        except FileNotFoundError:
+            raise ReportError(f"{rel}: no such file") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ReportError(f"{rel}: not a readable JSON file ({e})") from None
+    return _json_cache[path]
+
+
+def render_region(name, argstr):
+    if name not in RENDERERS:
+        raise ReportError(f"unknown region kind {name!r} (python bench/report.py --list)")
+    sources, params = parse_args(argstr)
+    if "sources" in params:      # renderers that need the paths themselves get them too
+        sources = sources or params["sources"].split(",")
+    data = [load_json(s) for s in sources]
+    try:
+        return RENDERERS[name](data, **params)
+    except ReportError:
+        raise
+    except TypeError as e:
+        raise ReportError(f"{name}: {e}") from None
+    except (KeyError, IndexError, ValueError, ZeroDivisionError) as e:
+        raise ReportError(f"{name} on {', '.join(sources)}: {type(e).__name__} {e}") from None
+
+
+def regenerate(doc, text, errors=None):
+    """The document with every region re-rendered. A region that cannot be rendered raises ReportError naming
+    doc:line, or, when `errors` is a list, is left as it is and its error appended there."""
+    out, pos = [], 0
+    for m in MARK.finditer(text):
+        where = f"{doc}:{line_of(text, m.start())}"
+        if OPEN.search(m.group(3)):
+            raise ReportError(f"{where}: region not closed before the next one opens")
+        name, argstr, body = m.group(1), m.group(2), m.group(3)
+        block = body.startswith("\n")
+        try:
+            new = render_region(name, argstr)
+            if not block and "\n" in new:
+                raise ReportError(f"{name} renders several lines: use a block region")
+        except ReportError as e:
+            if errors is None:
+                raise ReportError(f"{where}: {e}") from None
+            errors.append(f"{where}: {e}")
+            new = body.strip("\n") if block else body
+        new_body = "\n" + new.strip("\n") + "\n" if block else new
+        out.append(text[pos:m.start(3)] + new_body)
+        pos = m.end(3)
+    out.append(text[pos:])
+    new_text = "".join(out)
+    stray = OPEN.search(MARK.sub("", new_text))
+    if stray:
+        raise ReportError(f"{doc}:{line_of(new_text, stray.start())}: a region opens and never closes")
+    return new_text
+
+
+def first_difference(doc, old, new):
+    """The first line where a region's text differs: 'doc:line: ...' with what it says and what it should."""
+    for i, (a, b) in enumerate(zip(old.splitlines(), new.splitlines()), 1):
+        if a != b:
+            k = next((j for j in range(min(len(a), len(b))) if a[j] != b[j]), min(len(a), len(b)))
+            lo = max(0, k - 30)
+            return (f"{doc}:{i}: the document says {a[lo:k + 40]!r} where its JSON gives {b[lo:k + 40]!r} "
+                    f"(python bench/report.py rewrites it)")
+    return f"{doc}: a region's line count differs from its JSON's rendering (python bench/report.py rewrites it)"
+
+
+def prose(text):
+    """Text with fenced blocks blanked (lines kept), regions, comments, code spans and link targets removed."""
+    text = FENCE.sub(lambda m: "\n" * m.group(0).count("\n"), text)
+    text = MARK.sub(lambda m: "\n" * m.group(0).count("\n"), text)
+    text = re.sub(r"<!--.*?-->", "", text, flags=re.S)
+    return text
+
+
+def check_links(doc, text):
+    """Every relative link and repository path exists; no path outside the repository."""
+    base = os.path.dirname(os.path.join(ROOT, doc))
+    body = re.sub(r"<!--.*?-->", lambda m: " " * len(m.group(0)), text, flags=re.S)
+    for m in OUTSIDE.finditer(body):
+        return f"{doc}:{line_of(text, m.start())}: cites {m.group(1)!r}, which is not in the repository"
+    for m in re.finditer(r"\]\(([^)\s]+)\)", body):
+        target = m.group(1).split("#")[0]
+        if not target or re.match(r"[a-z]+:", target):
+            continue
+        path = os.path.normpath(os.path.join(base, target))
+        if not path.startswith(ROOT + os.sep) or not os.path.exists(path):
+            return f"{doc}:{line_of(text, m.start())}: link to {target!r}, which does not exist in the repository"
+    for m in REPO_PATH.finditer(body):
+        p = m.group(1).split("::")[0].rstrip(".")
+        if p.endswith((".so", ".so.1")) or "_native/" in p:    # built by pip install, not part of a clone
+            continue
+        hits = glob.glob(os.path.join(ROOT, p)) if "*" in p else ([p] if os.path.exists(os.path.join(ROOT, p)) else [])
+        if not hits:
+            return f"{doc}:{line_of(text, m.start())}: names {p!r}, which does not exist in the repository"
+    return None
+
+
+def check_strays(doc, text):
+    """A paragraph that cites a JSON or a bench script holds no figure outside a region."""
+    clean = prose(text)
+    code_free = re.sub(r"`[^`\n]*`", lambda m: " " * len(m.group(0)), clean)
+    code_free = re.sub(r"\]\([^)]*\)", "]", code_free)
+    pos = 0
+    for para in re.split(r"\n[ \t]*\n", clean):
+        start = clean.find(para, pos)
+        pos = start + len(para)
+        if not CITES.search(para):
+            continue
+        chunk = code_free[start:start + len(para)]
+        for m in FIGURE.finditer(chunk):
+            if VERSIONED.search(chunk[max(0, m.start() - 40):m.start()]):
+                continue          # a version number (ONNX Runtime 1.32, TensorRT 10.3, 10.16 and 11.1)
+            return (f"{doc}:{line_of(clean, start + m.start())}: {m.group(0).strip()!r} is a figure outside any "
+                    f"report region in a paragraph that cites a JSON or bench script: generate it from the JSON")
+    return None
+
+
+def run(check: bool, docs=None) -> int:
+    """--check: the first problem, one line, exit 1. Otherwise rewrite every region that renders, then list
+    what could not be rendered and what the checks find (exit 1 if anything)."""
+    problems = []
+    for doc in docs or documents():
+        path = os.path.join(ROOT, doc)
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        try:
+            new = regenerate(doc, text, None if check else problems)
+        except ReportError as e:
+            print(e, file=sys.stderr)
+            return 1
+        if check:
+            msg = (first_difference(doc, text, new) if new != text else None) or check_links(doc, text) or \
+                check_strays(doc, text)
+            if msg:
+                print(msg, file=sys.stderr)
+                return 1
+            continue
+        if new != text:
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.report-")
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(new)
+            os.chmod(tmp, os.stat(path).st_mode & 0o777)
+            os.replace(tmp, path)
+            print(f"rewrote {doc}")
+        problems += [m for m in (check_links(doc, new), check_strays(doc, new)) if m]
+    for p in problems:
+        print(p, file=sys.stderr)
+    return 1 if problems else 0
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="change nothing; exit 1 at the first disagreement")
+    ap.add_argument("--list", action="store_true", help="the region kinds and what they render")
+    ap.add_argument("--root", help=argparse.SUPPRESS)    # tests: a copy of the tree
+    ap.add_argument("docs", nargs="*", help="documents to process (default: README.md and docs/**/*.md)")
+    a = ap.parse_args(argv)
+    global ROOT
+    if a.root:
+        ROOT = os.path.abspath(a.root)
+        _json_cache.clear()
+    if a.list:
+        for name, fn in RENDERERS.items():
+            print(f"{name:22s} {(fn.__doc__ or '').strip().splitlines()[0] if fn.__doc__ else ''}")
+        return 0
+    return run(a.check, a.docs or None)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
