@@ -37,6 +37,17 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
+def _int_arg(name: str, value, lo: int) -> int:
+    """A model_args integer (lm-eval passes strings or numbers): one line when it is not one >= lo."""
+    try:
+        v = int(str(value).strip())
+    except ValueError:
+        raise MQUserError(f"model_args {name} must be an integer, got {value!r}") from None
+    if v < lo:
+        raise MQUserError(f"model_args {name} must be at least {lo}, got {v}")
+    return v
+
+
 @register_model("mq-deploy", "mq_deploy")
 class MQDeployLM(LM):
     """path: a checkpoint folder (quantized ones run with fake quantization) or an exported .onnx
@@ -47,23 +58,22 @@ class MQDeployLM(LM):
         if LM is object:
             raise MQUserError("the lm-eval adapter needs lm-evaluation-harness: pip install lm-eval")
         super().__init__()
-        self.path, self.max_length = path, int(max_length)
-        if self.max_length < 2:
-            raise MQUserError(f"max_length must be at least 2, got {max_length}")
+        self.path, self.max_length = path, _int_arg("max_length", max_length, 2)
+        threads = None if threads is None else _int_arg("threads", threads, 1)
         if str(path).endswith(".onnx"):
             from mq_deploy.backends.ort.runner import OrtRunner
             from mq_deploy.data.tokenizer import tokenizer_for_artifact
 
             runner = OrtRunner(path, custom_op_library=custom_op_lib, threads=threads)
-            if runner.meta.get("mq.kind") != "lm":
+            if runner.artifact.kind != "lm":
                 raise MQUserError(f"{path}: not an exported language model")
             if "conv_state" in runner.input_specs:
                 raise MQUserError(f"{path}: a decode-step graph; lm-eval scores the full graph (export without "
                                   "--decode-step)")
-            self.codec = tokenizer_for_artifact(runner.meta, tokenizer, path)
+            self.codec = tokenizer_for_artifact(runner.artifact, tokenizer, path)
             if self.codec is None:
                 raise MQUserError(f"{path}: no tokenizer came with the artifact; pass tokenizer=FILE_OR_DIR")
-            self.vocab_size = runner.meta["mq.config"]["vocab_size"]
+            self.vocab_size = runner.artifact.config.vocab_size
             self._forward = lambda ids: runner.infer({"input_ids": ids})["logits"]
         else:
             import torch
@@ -72,7 +82,9 @@ class MQDeployLM(LM):
             from mq_deploy.quant.qcheckpoint import load
 
             if threads:
-                torch.set_num_threads(int(threads))
+                from mq_deploy.backends.base import check_threads
+
+                torch.set_num_threads(check_threads(threads, "model_args threads"))
             loaded = load(path)
             if loaded.architecture != "mamba_lm":
                 raise MQUserError(f"{path}: not a language model")

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from mq_deploy.cli.main import main
@@ -209,6 +210,287 @@ CASES = {
         lambda ws: ["eval", ws["vim"], "--data", _empty_dir(ws)],
         lambda ws: [ws["d"] / "loader"], "no images in it"),
 }
+
+# --- issue 20, by class: a case not listed here but of the same class must end the same way -----------
+# class: an artifact's mq.* metadata is untrusted input (parsed once, config_from_dict + type checks, and
+# checked against the graph's own input/output shapes)
+_META = {
+    "image_std a string": ("vim_onnx", {"image_std": "abc"}),
+    "image_std 0": ("vim_onnx", {"image_std": [0.0]}),
+    "image_std NaN": ("vim_onnx", {"image_std": [float("nan")]}),
+    "image_std negative": ("vim_onnx", {"image_std": [-0.5]}),
+    "image_mean Infinity": ("vim_onnx", {"image_mean": [float("inf")]}),
+    "image_std of 3 entries for 1 channel": ("vim_onnx", {"image_std": [0.5, 0.5, 0.5]}),
+    "img_size -5": ("vim_onnx", {"img_size": -5}),
+    "img_size 10^9": ("vim_onnx", {"img_size": 10**9}),
+    "num_classes other than the graph's": ("vim_onnx", {"num_classes": 1000}),
+    "in_chans a string": ("vim_onnx", {"in_chans": "1"}),
+    "n_layer 10^9": ("lm_step", {"n_layer": 10**9}),
+    "d_inner 10^9": ("lm_step", {"mixer": {"d_inner": 10**9}}),
+    "d_state other than the graph's": ("lm_step", {"mixer": {"d_state": 3}}),
+    "vocab_size a float": ("lm_step", {"vocab_size": 256.0}),
+    "an unknown config field": ("lm_step", {"layers_extra": 1}),
+}
+_RAW_META = {   # the metadata strings themselves
+    "mq.config not JSON": ("vim_onnx", "mq.config", "{not json"),
+    "mq.config a JSON list": ("vim_onnx", "mq.config", "[1, 2]"),
+    "mq.kind unknown": ("vim_onnx", "mq.kind", "toaster"),
+    "mq.kind lm on a Vim": ("vim_onnx", "mq.kind", "lm"),
+    "mq.graph unknown": ("lm_step", "mq.graph", "sideways"),
+    "mq.graph full on a step graph": ("lm_step", "mq.graph", "full"),
+    "mq.tokenizer unknown": ("lm_step", "mq.tokenizer", "rot13"),
+    "mq.quant not an object": ("lm_step", "mq.quant", "[8, 8]"),
+    "mq.quant wbits a string": ("lm_step", "mq.quant", '{"recipe": "rtn", "wbits": "8", "abits": 8}'),
+}
+
+
+def _edited(ws, src_key, name, edit):
+    """A copy of one of the tiny exports with `edit(model)` applied (made once)."""
+    import onnx
+
+    d = ws["d"] / "edited"
+    d.mkdir(exist_ok=True)
+    p = d / (name.replace(" ", "_").replace("/", "_") + ".onnx")
+    if not p.exists():
+        m = onnx.load(ws[src_key])
+        edit(m)
+        onnx.save(m, p)
+    return str(p)
+
+
+def _set_meta(model, key, value):
+    for prop in model.metadata_props:
+        if prop.key == key:
+            prop.value = value
+            return
+    model.metadata_props.add(key=key, value=value)
+
+
+def _meta_config(ws, name, src_key, change):
+    def edit(m):
+        cfg = json.loads(next(p.value for p in m.metadata_props if p.key == "mq.config"))
+        for k, v in change.items():
+            if isinstance(v, dict):
+                cfg[k].update(v)
+            else:
+                cfg[k] = v
+        _set_meta(m, "mq.config", json.dumps(cfg))     # NaN / Infinity as Python's json writes them
+    return _edited(ws, src_key, "meta " + name, edit)
+
+
+def _artifact_argv(ws, src_key, path):
+    if src_key == "vim_onnx":
+        return ["run", path, "--images", _npy(ws, "ok", np.zeros((2, 12, 12), np.uint8)), "--no-native"]
+    return ["generate", path, "--prompt", "In the beginning", "--max-new-tokens", "4", "--no-native"]
+
+
+for _name, (_key, _change) in _META.items():
+    CASES[f"metadata: {_name}"] = (
+        lambda ws, n=_name, k=_key, c=_change: _artifact_argv(ws, k, _meta_config(ws, n, k, c)),
+        lambda ws: [ws["d"] / "edited"], "metadata")
+for _name, (_key, _meta_key, _value) in _RAW_META.items():
+    CASES[f"metadata: {_name}"] = (
+        lambda ws, n=_name, k=_key, mk=_meta_key, v=_value:
+            _artifact_argv(ws, k, _edited(ws, k, "raw " + n, lambda m: _set_meta(m, mk, v))),
+        lambda ws: [ws["d"] / "edited"], "metadata")
+CASES["metadata: a tokenizer with an empty vocabulary inside the artifact"] = (
+    lambda ws: _artifact_argv(ws, "lm_step", _edited(ws, "lm_step", "empty tokenizer", lambda m: (
+        _set_meta(m, "mq.tokenizer", "tokenizers"), _set_meta(m, "mq.tokenizer_json", json.dumps(_EMPTY_BPE))))),
+    lambda ws: [ws["d"] / "edited"], "empty vocabulary")
+CASES["verify: an artifact with image_std 0 (verify checks what run applies)"] = (
+    lambda ws: ["verify", _meta_config(ws, "image_std 0", "vim_onnx", {"image_std": [0.0]}), "--reference",
+                ws["vim_q"], "--data", _idx(ws, "ok", [0, 1, 2, 3])],
+    lambda ws: [ws["d"] / "edited"], "image_std entries must be > 0")
+
+# class: mq:: node attributes (and Q/DQ scales) are checked when the file is opened, whichever path runs
+# (the function bodies would run a NaN scale silently; the native op refuses it)
+_ATTRS = {
+    "x_scale NaN": ("vim_onnx", "SelectiveScan", "x_scale", float("nan")),
+    "x_scale inf": ("vim_onnx", "SelectiveScan", "x_scale", float("inf")),
+    "delta_scale 0": ("vim_onnx", "SelectiveScan", "delta_scale", 0.0),
+    "B_scale negative": ("vim_onnx", "SelectiveScan", "B_scale", -0.1),
+    "C_scale missing": ("vim_onnx", "SelectiveScan", "C_scale", None),
+    "state update conv_scale NaN": ("lm_step", "SelectiveStateUpdate", "conv_scale", float("nan")),
+    "state update layer 99": ("lm_step", "SelectiveStateUpdate", "layer", 99),
+}
+
+
+def _attr_edit(op, attr, value):
+    def edit(m):
+        from onnx import helper
+
+        node = next(n for n in m.graph.node if n.domain == "mq" and n.op_type == op)
+        keep = [a for a in node.attribute if a.name != attr]
+        del node.attribute[:]
+        node.attribute.extend(keep)
+        if value is not None:
+            node.attribute.append(helper.make_attribute(attr, value))
+    return edit
+
+
+for _name, (_key, _op, _attr, _value) in _ATTRS.items():
+    for _native in (False, True):
+        CASES[f"node attribute: {_name}{' (native op library)' if _native else ' (function body)'}"] = (
+            lambda ws, n=_name, k=_key, o=_op, a=_attr, v=_value, nat=_native:
+                [x for x in _artifact_argv(ws, k, _edited(ws, k, "attr " + n, _attr_edit(o, a, v)))
+                 if not (nat and x == "--no-native")],
+            lambda ws: [ws["d"] / "edited"], "the file was edited or corrupted")
+CASES["a QuantizeLinear / DequantizeLinear scale of NaN"] = (
+    lambda ws: _artifact_argv(ws, "vim_onnx", _edited(ws, "vim_onnx", "dq nan", _dq_scale_nan)),
+    lambda ws: [ws["d"] / "edited"], "non-finite")
+
+
+def _dq_scale_nan(m):
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in m.graph.initializer}
+    node = next(n for n in m.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear") and n.input[1] in inits)
+    t = inits[node.input[1]]
+    a = numpy_helper.to_array(t).copy()
+    a.flat[0] = np.nan
+    t.CopyFrom(numpy_helper.from_array(a, t.name))
+
+
+# class: arrays given as data (.npy for run and verify): empty, wrongly typed or shaped, unreadable
+_RUN_NPY = {
+    "empty 1-D": np.zeros((0,), np.uint8),
+    "no images [0, 12, 12]": np.zeros((0, 12, 12), np.uint8),
+    "a zero-sized picture [2, 0, 12]": np.zeros((2, 0, 12), np.uint8),
+    "float pixels": np.zeros((2, 12, 12), np.float32),
+    "bool pixels": np.zeros((2, 12, 12), bool),
+    "5-D": np.zeros((2, 1, 1, 12, 12), np.uint8),
+    "1-D": np.zeros((12,), np.uint8),
+    "the wrong picture size": np.zeros((2, 20, 20), np.uint8),
+    "truncated file": b"\x93NUMPY\x01\x00v\x00{'descr': '|u1', 'fortran_order': False, 'shape': (9, 12, 12), }",
+    "an object array": np.array([None, 1], dtype=object),
+}
+_VERIFY_NPY = {
+    "empty [0, 5]": np.zeros((0, 5), np.int64),
+    "windows of one token [3, 1]": np.zeros((3, 1), np.int64),
+    "float ids": np.zeros((2, 5), np.float32),
+    "negative ids": np.full((2, 5), -1, np.int64),
+    "ids past the vocabulary": np.full((2, 5), 256, np.int64),
+    "1-D ids": np.zeros((5,), np.int64),
+    "3-D ids": np.zeros((1, 2, 5), np.int64),
+    "truncated file": b"\x93NUMPY\x01\x00v\x00{'descr': '<i8', 'fortran_order': False, 'shape': (9, 12), }",
+}
+
+
+def _npy(ws, name, value):
+    d = ws["d"] / "npy"
+    d.mkdir(exist_ok=True)
+    p = d / (name.replace(" ", "_").replace("/", "_") + ".npy")
+    if not p.exists():
+        if isinstance(value, bytes):
+            p.write_bytes(value.ljust(127) + b"\n" + b"\x00" * 10)
+        else:
+            np.save(p, value, allow_pickle=value.dtype == object)
+    return str(p)
+
+
+for _name, _value in _RUN_NPY.items():
+    CASES[f"run --images .npy: {_name}"] = (
+        lambda ws, n=_name, v=_value: ["run", ws["vim_onnx"], "--images", _npy(ws, "run " + n, v)],
+        lambda ws: [ws["d"] / "npy", ws["vim_onnx"]], ".npy")
+for _name, _value in _VERIFY_NPY.items():
+    CASES[f"verify --data .npy: {_name}"] = (
+        lambda ws, n=_name, v=_value: ["verify", ws["lm_onnx"], "--reference", ws["lm_q"], "--data",
+                                       _npy(ws, "verify " + n, v)],
+        lambda ws: [ws["d"] / "npy", ws["lm_q"]], ".npy")
+
+# class: labels are checked against the model's classes where they are scored
+CASES["run: idx labels past the model's classes"] = (
+    lambda ws: ["run", ws["vim_onnx"], "--images", _idx(ws, "bad", [0, 1, 12, 3])],
+    lambda ws: [ws["d"] / "idx"], "outside the model's 7 classes")
+CASES["verify: idx labels past the model's classes"] = (
+    lambda ws: ["verify", ws["vim_onnx"], "--reference", ws["vim_q"], "--data", _idx(ws, "bad", [0, 1, 12, 3])],
+    lambda ws: [ws["d"] / "idx"], "out of range for 7 classes")
+CASES["run --class-names of the wrong length (before any work)"] = (
+    lambda ws: ["run", ws["vim_onnx"], "--images", _idx(ws, "ok", [0, 1, 2, 3]), "--class-names", "a,b"],
+    lambda ws: [ws["d"] / "idx"], "the model has 7 classes")
+
+
+def _idx(ws, name, labels):
+    from mq_deploy.data.images import write_idx
+
+    d = ws["d"] / "idx" / name
+    if not d.exists():
+        d.mkdir(parents=True)
+        write_idx(str(d / "t10k-images-idx3-ubyte.gz"), np.random.default_rng(0).integers(0, 255, (len(labels), 12, 12)))
+        write_idx(str(d / "t10k-labels-idx1-ubyte.gz"), np.asarray(labels, np.uint8))
+    return str(d)
+
+
+# class: degenerate tokenizer.json files (read from --tokenizer or from an artifact)
+_EMPTY_BPE = {"version": "1.0", "added_tokens": [], "model": {"type": "BPE", "vocab": {}, "merges": []}}
+_TOKENIZERS = {
+    "an empty BPE vocabulary": (_EMPTY_BPE, "empty vocabulary"),
+    "an empty Unigram vocabulary": ({"version": "1.0", "model": {"type": "Unigram", "unk_id": None, "vocab": []}},
+                                    "empty vocabulary"),
+    "a WordLevel model whose unknown token is missing": (
+        {"version": "1.0", "model": {"type": "WordLevel", "vocab": {"a": 0, "b": 1}, "unk_token": "zz"}},
+        "the tokenizer cannot encode this text"),
+    "a tokenizer.json that is JSON null": (None, "not a valid `tokenizers` tokenizer.json"),
+    "a tokenizer.json that is a JSON list": ([1, 2], "not a valid `tokenizers` tokenizer.json"),
+    "ids past the model's vocabulary": (
+        {"version": "1.0", "model": {"type": "WordLevel", "vocab": {"a": 0, "[UNK]": 5000}, "unk_token": "[UNK]"}},
+        "embeds only 256 tokens"),
+}
+for _name, (_tok, _needle) in _TOKENIZERS.items():
+    CASES[f"eval --tokenizer: {_name}"] = (
+        lambda ws, n=_name, t=_tok: ["eval", ws["lm"], "--data", ws["text"], "--tokenizer",
+                                     _user_file(ws, "tok_" + n.replace(" ", "_") + ".json", json.dumps(t).encode())],
+        lambda ws: [ws["d"] / "files"], _needle)
+    CASES[f"generate --tokenizer: {_name}"] = (
+        lambda ws, n=_name, t=_tok: ["generate", ws["lm_step"], "--prompt", "In the beginning", "--tokenizer",
+                                     _user_file(ws, "tok_" + n.replace(" ", "_") + ".json", json.dumps(t).encode())],
+        lambda ws: [ws["d"] / "files"], _needle)
+
+# class: numeric flags are range-checked where each flag group is declared (before any work)
+_FLAGS = {
+    "generate --seed -1": (lambda ws: ["generate", ws["lm_step"], "--prompt-ids", "1 2", "--seed", "-1"],
+                           "from 0 to 4294967295"),
+    "generate --seed 2^40": (lambda ws: ["generate", ws["lm_step"], "--prompt-ids", "1 2", "--seed", str(2**40)],
+                             "from 0 to 4294967295"),
+    "quantize --seed -1": (lambda ws: ["quantize", ws["lm"], "-o", str(ws["d"] / "q_seed"), "--calib", ws["text"],
+                                       "--seed", "-1"], "from 0 to 4294967295"),
+    "generate --max-new-tokens 10^9": (lambda ws: ["generate", ws["lm_step"], "--prompt-ids", "1 2",
+                                                   "--max-new-tokens", "1000000000"], "from 0 to 4096"),
+    "generate --max-new-tokens -1": (lambda ws: ["generate", ws["lm_step"], "--prompt-ids", "1 2",
+                                                 "--max-new-tokens", "-1"], "from 0 to 4096"),
+    "generate --prompt X --prompt-ids 1": (lambda ws: ["generate", ws["lm_step"], "--prompt", "X", "--prompt-ids",
+                                                       "1"], "not allowed with argument --prompt"),
+    "generate with no prompt": (lambda ws: ["generate", ws["lm_step"]], "--prompt --prompt-ids"),
+    "generate --threads 100000": (lambda ws: ["generate", ws["lm_step"], "--prompt-ids", "1", "--threads", "100000"],
+                                  "per CPU"),
+    "run --threads 100000": (lambda ws: ["run", ws["vim_onnx"], "--images", _idx(ws, "ok", [0, 1, 2, 3]),
+                                         "--threads", "100000"], "per CPU"),
+    "verify --threads 100000": (lambda ws: ["verify", ws["lm_onnx"], "--reference", ws["lm_q"], "--threads",
+                                            "100000"], "per CPU"),
+    "eval --threads 100000": (lambda ws: ["eval", ws["lm"], "--data", ws["text"], "--threads", "100000"], "per CPU"),
+    "quantize --threads 100000": (lambda ws: ["quantize", ws["lm"], "-o", str(ws["d"] / "q_thr"), "--calib",
+                                              ws["text"], "--threads", "100000"], "per CPU"),
+    "run --show -3": (lambda ws: ["run", ws["vim_onnx"], "--images", _idx(ws, "ok", [0, 1, 2, 3]), "--show", "-3"],
+                      "must be an integer >= 0"),
+    "verify --min-cosine -5": (lambda ws: ["verify", ws["lm_onnx"], "--reference", ws["lm_q"], "--min-cosine", "-5"],
+                               "--min-cosine must be"),
+    "verify --min-cosine 1.5": (lambda ws: ["verify", ws["lm_onnx"], "--reference", ws["lm_q"], "--min-cosine",
+                                            "1.5"], "--min-cosine must be"),
+    "verify --min-top1-agreement 2": (lambda ws: ["verify", ws["lm_onnx"], "--reference", ws["lm_q"],
+                                                  "--min-top1-agreement", "2"], "--min-top1-agreement must be"),
+    "verify --min-top1-agreement -1": (lambda ws: ["verify", ws["lm_onnx"], "--reference", ws["lm_q"],
+                                                   "--min-top1-agreement", "-1"], "--min-top1-agreement must be"),
+    "verify --max-metric-delta -1": (lambda ws: ["verify", ws["lm_onnx"], "--reference", ws["lm_q"],
+                                                 "--max-metric-delta", "-1"], "must be >= 0"),
+    "verify --atol -0.1": (lambda ws: ["verify", ws["lm_onnx"], "--reference", ws["lm_q"], "--atol", "-0.1"],
+                           "must be >= 0"),
+    "verify --rtol nan": (lambda ws: ["verify", ws["lm_onnx"], "--reference", ws["lm_q"], "--rtol", "nan"],
+                          "finite"),
+    "verify --seq-len 1": (lambda ws: ["verify", ws["lm_onnx"], "--reference", ws["lm_q"], "--seq-len", "1"],
+                           "--seq-len must be at least 2"),
+}
+for _name, (_argv, _needle) in _FLAGS.items():
+    CASES[f"flag: {_name}"] = (_argv, lambda ws: [ws["d"] / "models"], _needle)
 
 
 def _copy(ws, key):
@@ -494,3 +776,43 @@ def test_json_written_before_work_is_checked(ws2, tmp_path):
     assert main(["export", ws2["lm_q"], "-o", str(out), "--json", str(rep)]) == 0
     assert json.loads(rep.read_text())["path"] == str(out)
     assert sorted(os.listdir(tmp_path)) == ["m.onnx", "no"]
+
+
+def _bad_op(m):
+    next(n for n in m.graph.node if n.op_type == "Transpose").op_type = "NoSuchOp"
+
+
+def test_onnx_runtime_adds_no_log_line_of_its_own(ws2, capfd):
+    """ONNX Runtime logs a coloured line of its own (to the process's stderr, below Python) before it raises
+    (here: a token id past the embedding, which only the runtime sees); we report the error ourselves, so
+    nothing of ORT's reaches stderr, and a file it cannot load is our one line."""
+    from mq_deploy.backends.ort.runner import OrtRunner
+    from mq_deploy.errors import MQUserError
+
+    runner = OrtRunner(ws2["lm_onnx"], custom_op_library=False)
+    with pytest.raises(MQUserError, match="ONNX Runtime failed on inputs"):
+        runner.infer({"input_ids": np.array([[1, 999]], np.int64)})
+    err = capfd.readouterr().err
+    assert err == "", err
+    bad = _edited(ws2, "vim_onnx", "unknown op", _bad_op)
+    code = main(["run", bad, "--images", _idx(ws2, "ok", [0, 1, 2, 3]), "--no-native"])
+    err = capfd.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and "ONNX Runtime cannot load it" in err and "[E:" not in err, err
+
+
+def test_a_generation_refused_after_the_checks_prints_nothing(ws2, monkeypatch, capsys):
+    """The prompt is echoed only once the prefill has run: a failure there leaves stdout empty."""
+    from mq_deploy.backends.ort.runner import OrtDecoder
+    from mq_deploy.errors import MQUserError
+
+    def failing_prefill(self, ids):
+        raise MQUserError("ONNX Runtime failed on the prefill (simulated)")
+    monkeypatch.setattr(OrtDecoder, "prefill", failing_prefill)
+    code = main(["generate", ws2["lm_step"], "--prompt", "In the beginning", "--max-new-tokens", "3"])
+    cap = capsys.readouterr()
+    assert code == 2 and "simulated" in cap.err
+    assert cap.out == "", cap.out
+    monkeypatch.undo()
+    assert main(["generate", ws2["lm_step"], "--prompt", "In the beginning", "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.startswith("In the beginning")

@@ -219,6 +219,9 @@ def test_a_checkpoint_whose_tokenizer_is_gone_names_the_remedy(bpe_dir, tmp_path
     shutil.copytree(d, src)
     (src / "tokenizer.json").unlink()
     loaded = load_model(str(src))
-    loaded.extra = {**(loaded.extra or {}), "tokenizer": "../hf/tokenizer.json"}
+    loaded.extra = {**(loaded.extra or {}), "tokenizer": "tokenizer.json"}
     with pytest.raises(MQUserError, match="pass --tokenizer"):
+        tokenizer_for(loaded)
+    loaded.extra = {**(loaded.extra or {}), "tokenizer": "../hf/tokenizer.json"}   # paths stay inside the folder
+    with pytest.raises(MQUserError, match="lies outside the model's folder"):
         tokenizer_for(loaded)

@@ -7,13 +7,17 @@
 
 `check_feeds` is the only place that validates names, dtypes, ranks and fixed dimensions, so a wrong
 feed is one line naming the input for PyTorch, ONNX Runtime and TensorRT alike.
+
+`parse_metadata` is the only reader of an artifact's mq.* metadata: everything in it is untrusted (a file
+can be edited), so the model config goes through config.config_from_dict and every other key is type- and
+value-checked; runners expose the result as `runner.artifact` (ArtifactMeta).
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -32,12 +36,154 @@ class TensorSpec:
         return f"{self.name} {np.dtype(self.dtype).name}[{', '.join(str(d) for d in self.shape)}]"
 
 
+THREADS_PER_CPU = 4      # --threads past this many per CPU only slows ORT / torch (100000 took minutes to start)
+
+
+def max_threads() -> int:
+    """The largest --threads accepted: THREADS_PER_CPU x the CPUs this process may run on."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return THREADS_PER_CPU * max(cpus, 1)
+
+
+def check_threads(threads, flag: str = "--threads") -> int:
+    """A thread count for torch or ONNX Runtime: an integer in [1, max_threads()]."""
+    top = max_threads()
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= top:
+        raise MQUserError(f"{flag} must be an integer from 1 to {top} ({THREADS_PER_CPU} per CPU of the "
+                          f"{top // THREADS_PER_CPU} this process may use), got {threads!r}")
+    return threads
+
+
+GRAPHS = ("full", "step")
+KINDS = {"lm": "mamba_lm", "vim": "vim"}          # mq.kind -> the config's architecture
+TOKENIZERS = ("bytes", "tokenizers")
+
+
+@dataclass(frozen=True)
+class ArtifactMeta:
+    """An artifact's mq.* metadata, validated (parse_metadata). All None for a file mq-deploy did not write
+    (or a TensorRT engine, which carries none)."""
+
+    kind: str | None = None                 # "lm" | "vim"
+    graph: str | None = None                # "full" | "step"
+    config: Any = None                      # MambaLMConfig | VimConfig (config.config_from_dict)
+    quant: dict | None = None               # {"recipe": str, "wbits": int, "abits": int}
+    tokenizer: str | None = None            # "bytes" | "tokenizers" (then tokenizer_json holds it)
+    tokenizer_json: str | None = None
+    custom_op_library: str | None = None    # build --backend onnxruntime --plugins: the library it needs
+
+
+def parse_metadata(meta: dict, path: str) -> ArtifactMeta:
+    """The mq.* metadata of the ONNX file `path` (as export.onnx_file.metadata decodes it) -> ArtifactMeta,
+    or one line naming the file and the key whose value is invalid."""
+    def bad(key, why):
+        raise MQUserError(f"{path}: its ONNX metadata is invalid ({key}: {why}); was the file edited? "
+                          "Export it again with `mq-deploy export`")
+
+    def text(key, choices=None):
+        v = meta.get(key)
+        if v is None or v == "":
+            return None
+        if not isinstance(v, str):
+            bad(key, f"expected a string, got {type(v).__name__}")
+        if choices is not None and v not in choices:
+            bad(key, f"{v[:40]!r} is not one of {', '.join(choices)}")
+        return v
+
+    from mq_deploy.config import config_from_dict
+
+    kind = text("mq.kind", tuple(KINDS))
+    graph = text("mq.graph", GRAPHS)
+    cfg = meta.get("mq.config")
+    config = None
+    if cfg not in (None, ""):
+        if not isinstance(cfg, dict):
+            bad("mq.config", f"expected a JSON object, got {type(cfg).__name__}")
+        try:
+            config = config_from_dict(cfg)
+        except MQUserError as e:
+            bad("mq.config", str(e))
+        except (TypeError, ValueError, OverflowError) as e:    # a value of the wrong type deep inside
+            bad("mq.config", f"{type(e).__name__}: {str(e)[:200]}")
+    if kind is not None and config is None:
+        bad("mq.config", f"missing (mq.kind is {kind!r})")
+    if config is not None and kind is not None and KINDS[kind] != config.architecture:
+        bad("mq.kind", f"{kind!r} but mq.config describes a {config.architecture}")
+    if graph == "step" and config is not None and config.architecture != "mamba_lm":
+        bad("mq.graph", "a decode-step graph of a model that is not a language model")
+    quant = meta.get("mq.quant")
+    if quant in (None, ""):
+        quant = None
+    elif not (isinstance(quant, dict) and isinstance(quant.get("recipe"), str)
+              and all(isinstance(quant.get(k), int) and not isinstance(quant.get(k), bool)
+                      and 1 <= quant.get(k) <= 16 for k in ("wbits", "abits"))):
+        bad("mq.quant", f"expected {{\"recipe\": str, \"wbits\": int, \"abits\": int}}, got {str(quant)[:80]}")
+    tokenizer = text("mq.tokenizer", TOKENIZERS)
+    tokenizer_json = text("mq.tokenizer_json")
+    if tokenizer == "bytes" and config is not None and getattr(config, "vocab_size", 256) != 256:
+        bad("mq.tokenizer", f"bytes, but the vocabulary has {config.vocab_size} entries")
+    if tokenizer == "tokenizers" and not tokenizer_json:
+        bad("mq.tokenizer", "tokenizers, but mq.tokenizer_json is missing")
+    if tokenizer_json and config is not None and config.architecture != "mamba_lm":
+        bad("mq.tokenizer_json", "a tokenizer in an image model")
+    lib = text("mq.custom_op_library")
+    return ArtifactMeta(kind=kind, graph=graph, config=config, quant=quant, tokenizer=tokenizer,
+                        tokenizer_json=tokenizer_json, custom_op_library=lib)
+
+
+def expected_io(config, graph: str | None) -> dict:
+    """{name: shape} of the inputs and outputs an export of `config` has (ints fixed, None dynamic): what
+    runners check the graph against, so metadata and graph cannot disagree."""
+    if config is None:
+        return {}
+    if config.architecture == "vim":
+        return {"images": (None, config.in_chans, config.img_size, config.img_size),
+                "logits": (None, config.num_classes)}
+    m = config.mixer
+    out = {"input_ids": (None, None), "logits": (None, None, config.vocab_size)}
+    if graph == "step":
+        conv = (config.n_layer, None, m.d_inner, m.d_conv - 1)
+        ssm = (config.n_layer, None, m.d_inner, m.d_state)
+        out.update(conv_state=conv, ssm_state=ssm, conv_state_out=conv, ssm_state_out=ssm)
+    return out
+
+
+def check_io(artifact: ArtifactMeta, inputs: Mapping[str, tuple], outputs: Mapping[str, tuple], path: str) -> None:
+    """The graph's inputs must be those its metadata implies (mq.config and mq.graph), and the fixed
+    dimensions of its inputs and outputs ({name: dims}, str/None for dynamic ones) those of the config."""
+    expected = expected_io(artifact.config, artifact.graph)
+    if not expected:
+        return
+    want_inputs = {n for n in expected if n in ("input_ids", "images", "conv_state", "ssm_state")}
+    if set(inputs) != want_inputs:
+        raise MQUserError(f"{path}: its metadata (mq.kind {artifact.kind}, mq.graph {artifact.graph}) and its graph "
+                          f"disagree: the graph takes {', '.join(sorted(inputs))}, the metadata implies "
+                          f"{', '.join(sorted(want_inputs))}; export it again")
+    shapes = {**outputs, **inputs}
+    for name, want in expected.items():
+        got = shapes.get(name)
+        if got is None:
+            raise MQUserError(f"{path}: its graph has no output {name!r}, which its metadata (mq.config) implies; "
+                              "export it again with `mq-deploy export`")
+        fixed = [g if isinstance(g, int) and g >= 0 else None for g in got]
+        if len(fixed) != len(want) or any(w is not None and g is not None and g != w for g, w in zip(fixed, want)):
+            raise MQUserError(f"{path}: its metadata (mq.config) and its graph disagree: {name} is "
+                              f"{[g if g is not None else '?' for g in fixed]} in the graph, "
+                              f"{[w if w is not None else '?' for w in want]} by the config; export it again")
+
+
 class Runner:
-    """Base: subclasses set `name`, `input_specs`, `output_names` and implement `infer_impl`."""
+    """Base: subclasses set `name`, `input_specs`, `output_names` and implement `infer_impl`; `meta` (the
+    raw mq.* metadata, {} when none) and `artifact` (the same, validated) where the format carries it."""
 
     name = "runner"
     input_specs: dict
     output_names: list
+    meta: dict = {}
+    artifact: ArtifactMeta = ArtifactMeta()
 
     def check_feeds(self, feeds: Mapping[str, np.ndarray]) -> dict:
         specs = self.input_specs

@@ -10,12 +10,15 @@ from mq_deploy.errors import MQUserError
 MAX_FEED_BYTES = 1 << 30     # larger sample feeds are a typo in a shape, not a test
 
 
-def sample_feeds(specs: dict, meta: dict, shapes: dict | None = None, seed: int = 0, what: str = "the model") -> dict:
-    """specs: {name: TensorSpec}; meta: the export's mq.* metadata; shapes: {name: tuple} overrides
-    (dynamic dims default to batch 2 and length 64). Token ids lie in the vocabulary, states are zero,
-    images standard normal."""
+def sample_feeds(specs: dict, meta, shapes: dict | None = None, seed: int = 0, what: str = "the model") -> dict:
+    """specs: {name: TensorSpec}; meta: the export's ArtifactMeta, or its raw mq.* metadata (validated here);
+    shapes: {name: tuple} overrides (dynamic dims default to batch 2 and length 64). Token ids lie in the
+    vocabulary, states are zero, images standard normal."""
+    from mq_deploy.backends.base import ArtifactMeta, parse_metadata
+
+    art = meta if isinstance(meta, ArtifactMeta) else parse_metadata(meta or {}, what)
+    vocab = getattr(art.config, "vocab_size", 2)
     rng = np.random.default_rng(seed)
-    cfg = meta.get("mq.config") or {}
     shapes = dict(shapes or {})
     unknown = sorted(set(shapes) - set(specs))
     if unknown:
@@ -42,7 +45,7 @@ def sample_feeds(specs: dict, meta: dict, shapes: dict | None = None, seed: int 
     feeds = {}
     for name, shape in planned.items():
         if name == "input_ids":
-            feeds[name] = rng.integers(0, cfg.get("vocab_size", 2), shape).astype(np.int64)
+            feeds[name] = rng.integers(0, vocab, shape).astype(np.int64)
         elif name.endswith("_state"):
             feeds[name] = np.zeros(shape, np.float32)
         else:

@@ -85,6 +85,53 @@ def nonneg_float(text: str) -> float:
     return v
 
 
+def int_range(lo: int, hi=None):
+    """argparse type: an integer in [lo, hi]; hi may be a callable (a bound another module owns, imported
+    only when the flag is given)."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        top = hi() if callable(hi) else hi
+        if v < lo or (top is not None and v > top):
+            raise argparse.ArgumentTypeError(f"must be an integer from {lo} to {top}, got {v}" if top is not None
+                                             else f"must be an integer >= {lo}, got {v}")
+        return v
+    return parse
+
+
+def threads_int(text: str) -> int:
+    """--threads: 1 .. backends.base.max_threads() (a few per CPU; more only slows ORT and torch down)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
+    from mq_deploy.backends.base import check_threads
+
+    try:
+        return check_threads(v, "it")
+    except MQUserError as e:
+        raise argparse.ArgumentTypeError(str(e).replace("it must", "must", 1)) from None
+
+
+def _max_seed():
+    from mq_deploy.runtime.apps import MAX_SEED
+
+    return MAX_SEED
+
+
+def _max_new_tokens():
+    from mq_deploy.runtime.apps import MAX_NEW_TOKENS
+
+    return MAX_NEW_TOKENS
+
+
+seed_int = int_range(0, _max_seed)
+
+
 # ---- shared argument groups ------------------------------------------------------------------------
 
 def add_output(s, metavar="OUT", required=True, help=None):
@@ -121,7 +168,7 @@ def add_calib(s, seq_len_flag: bool = True):
     names = ("--calib-seq-len", "--seq-len") if seq_len_flag else ("--calib-seq-len",)
     g.add_argument(*names, dest="calib_seq_len", type=positive_int, default=512, metavar="N",
                    help="LM: calibration window length in tokens (default 512)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=seed_int, default=0)
     add_tokenizer(s, g)
 
 
@@ -138,7 +185,7 @@ def add_eval_data(s, seq_len=1024, limit_help="at most N windows (LM) or images 
 
 def add_runtime(s, ort=True):
     g = s.add_argument_group("runtime")
-    g.add_argument("--threads", type=positive_int, help="CPU threads (torch / ONNX Runtime intra-op)")
+    g.add_argument("--threads", type=threads_int, help="CPU threads (torch / ONNX Runtime intra-op; at most 4 per CPU)")
     if ort:
         g.add_argument("--custom-op-lib", metavar="SO", help="register a native mq::SelectiveScan library in ORT")
         g.add_argument("--no-native", action="store_true",
@@ -361,45 +408,26 @@ def cmd_generate(args) -> int:
     from mq_deploy.runtime.apps import generate_text
 
     _json_target(args, [args.model, args.tokenizer])
-    runner = OrtRunner(args.model, custom_op_library=_ort_lib(args), threads=args.threads)
     prompt_ids = None
     if args.prompt_ids is not None:
         try:
             prompt_ids = [int(t) for t in args.prompt_ids.replace(",", " ").split()]
         except ValueError:
             raise MQUserError(f"--prompt-ids must be integers, got {args.prompt_ids!r}") from None
-    elif args.prompt is None:
-        raise MQUserError("give --prompt TEXT or --prompt-ids IDS")
+    runner = OrtRunner(args.model, custom_op_library=_ort_lib(args), threads=args.threads)
 
     def write(piece):
         sys.stdout.write(piece)
         sys.stdout.flush()
 
-    if args.ids:
-        from mq_deploy.runtime.apps import generate
-
-        def show(tok):
-            write(f"{tok} ")
-        from mq_deploy.data.tokenizer import tokenizer_for_artifact
-
-        codec = tokenizer_for_artifact(runner.meta, args.tokenizer, args.model)
-        if prompt_ids is None:
-            if codec is None:
-                raise MQUserError(f"{args.model}: no tokenizer came with the artifact; pass --tokenizer or "
-                                  "--prompt-ids")
-            prompt_ids = [int(i) for i in codec.encode(args.prompt)[0]]
-        eos = codec.eos_id if codec is not None else (runner.meta.get("mq.config") or {}).get("eos_token_id")
-        out = generate(runner, prompt_ids, args.max_new_tokens, args.temperature, args.seed, on_token=show, eos_id=eos)
-        res = {"prompt_ids": prompt_ids, "new_ids": out}
-    else:
-        res = generate_text(runner, prompt=args.prompt, prompt_ids=prompt_ids, max_new_tokens=args.max_new_tokens,
-                            temperature=args.temperature, seed=args.seed, tokenizer=args.tokenizer,
-                            write=write, echo_prompt=prompt_ids is None)
-        if res["text"] is None:   # no tokenizer and prompt ids: print the ids
-            write(" ".join(str(t) for t in res["new_ids"]))
+    res = generate_text(runner, prompt=args.prompt if prompt_ids is None else None, prompt_ids=prompt_ids,
+                        max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
+                        tokenizer=args.tokenizer, write=write, echo_prompt=not args.ids, write_ids=args.ids)
+    if res["text"] is None and not args.ids:   # no tokenizer and prompt ids: print the ids
+        write(" ".join(str(t) for t in res["new_ids"]))
     sys.stdout.write("\n")
-    _write_json(args, {k: res[k] for k in ("prompt_ids", "new_ids", "text", "stopped_at_eos") if k in res},
-                [args.model, args.tokenizer])
+    _write_json(args, {k: res[k] for k in ("prompt_ids", "new_ids", "text", "stopped_at_eos")
+                       if k in res and not (k == "text" and res[k] is None)}, [args.model, args.tokenizer])
     return 0
 
 
@@ -546,11 +574,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("generate", help="generate text with an exported decode-step graph in ONNX Runtime")
     s.add_argument("model", metavar="MODEL_STEP.onnx")
-    s.add_argument("--prompt", metavar="TEXT")
-    s.add_argument("--prompt-ids", metavar="IDS", help="token ids (comma or space separated) instead of text")
-    s.add_argument("--max-new-tokens", type=int, default=64)
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("--prompt", metavar="TEXT")
+    g.add_argument("--prompt-ids", metavar="IDS", help="token ids (comma or space separated) instead of text")
+    s.add_argument("--max-new-tokens", type=int_range(0, _max_new_tokens), default=64, help="0 .. 4096 (default 64)")
     s.add_argument("--temperature", type=nonneg_float, default=0.0, help="0 = greedy")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=seed_int, default=0)
     s.add_argument("--ids", action="store_true", help="print token ids instead of text")
     add_tokenizer(s)
     add_runtime(s)
@@ -562,7 +591,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--images", required=True, metavar="PATH",
                    help="image file, directory of images, idx file / directory (Fashion-MNIST) or .npy uint8 array")
     s.add_argument("--limit", type=positive_int, metavar="N")
-    s.add_argument("--show", type=int, default=20, metavar="N", help="print the first N predictions (default 20)")
+    s.add_argument("--show", type=int_range(0), default=20, metavar="N",
+                   help="print the first N predictions (default 20)")
     s.add_argument("--class-names", metavar="A,B,...")
     s.add_argument("--batch", type=positive_int, default=64)
     add_runtime(s)

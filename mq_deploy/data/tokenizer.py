@@ -46,15 +46,35 @@ class ByteCodec:
         return _ByteStream()
 
 
+def _guarded(source: str, what: str, fn, *args, **kw):
+    """Call into `tokenizers` (Rust): its errors are plain Exceptions, and a panic is pyo3's PanicException,
+    a BaseException; both become one line naming the tokenizer file."""
+    try:
+        return fn(*args, **kw)
+    except (KeyboardInterrupt, SystemExit, GeneratorExit, MemoryError, MQUserError):
+        raise
+    except BaseException as e:      # noqa: B036 (PanicException is no Exception)
+        first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise MQUserError(f"{source}: the tokenizer cannot {what} ({first})") from None
+
+
 class TokenizersCodec:
-    """A `tokenizers` Tokenizer (tokenizer.json, e.g. GPT-NeoX's byte-level BPE of the Mamba models)."""
+    """A `tokenizers` Tokenizer (tokenizer.json, e.g. GPT-NeoX's byte-level BPE of the Mamba models).
+    A degenerate one (an empty vocabulary, ids that do not fit int32) is refused here; one that cannot
+    encode a text (a WordLevel / Unigram model whose unknown token is missing) is refused when it meets it."""
 
     kind = "tokenizers"
+    MAX_ID = 2 ** 31 - 2         # ids are int64 in our graphs, but no real vocabulary comes near this
 
     def __init__(self, tok, json_text: str, source: str, eos_id: int | None = None):
         self.tok, self.json, self.source = tok, json_text, source
-        vocab = tok.get_vocab(with_added_tokens=True)
-        self.max_id = max(vocab.values()) if vocab else -1
+        vocab = _guarded(source, "list its vocabulary", tok.get_vocab, with_added_tokens=True)
+        if not vocab:
+            raise MQUserError(f"{source}: the tokenizer has an empty vocabulary; it cannot encode any text")
+        self.max_id = max(vocab.values())
+        if min(vocab.values()) < 0 or self.max_id > self.MAX_ID:
+            raise MQUserError(f"{source}: the tokenizer has ids from {min(vocab.values())} to {self.max_id}; "
+                              f"ids must lie in [0, {self.MAX_ID}]")
         self.vocab_size = self.max_id + 1
         if eos_id is None:
             eos_id = next((vocab[n] for n in EOS_NAMES if n in vocab), None)
@@ -66,12 +86,13 @@ class TokenizersCodec:
                 data = bytes(data).decode("utf-8")
             except UnicodeDecodeError as e:
                 raise MQUserError(f"the text is not valid UTF-8 ({e}); a BPE tokenizer reads text") from None
-        enc = self.tok.encode(data, add_special_tokens=False)
+        enc = _guarded(self.source, "encode this text", self.tok.encode, data, add_special_tokens=False)
         ids = np.asarray(enc.ids, np.int64)
         return ids, covered_bytes(data, enc.offsets)
 
     def decode(self, ids) -> str:
-        return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
+        return _guarded(self.source, "decode these ids", self.tok.decode, [int(i) for i in ids],
+                        skip_special_tokens=False)
 
     def stream(self) -> "TextStream":
         return _TokenizersStream(self)
@@ -171,9 +192,11 @@ def tokenizer_from_json(text: str, source: str, eos_id: int | None = None) -> To
         raise MQUserError("BPE tokenizers need the `tokenizers` package (pip install tokenizers)") from None
     try:
         tok = Tokenizer.from_str(text)
-    except Exception as e:   # tokenizers raises plain Exception for malformed files
-        raise MQUserError(f"{source}: not a valid `tokenizers` tokenizer.json ({str(e).splitlines()[0][:200]})") \
-            from None
+    except (KeyboardInterrupt, SystemExit, MemoryError):
+        raise
+    except BaseException as e:   # noqa: B036 (plain Exception for malformed files, PanicException for worse)
+        raise MQUserError(f"{source}: not a valid `tokenizers` tokenizer.json "
+                          f"({(str(e).splitlines() or [type(e).__name__])[0][:200]})") from None
     return TokenizersCodec(tok, text, source, eos_id)
 
 
@@ -202,20 +225,25 @@ def tokenizer_for(loaded, tokenizer: str | None = None):
                       "no tokenizer came with it; pass --tokenizer FILE_OR_DIR (its tokenizer.json)")
 
 
-def tokenizer_for_artifact(meta: dict, tokenizer: str | None = None, source: str = "the artifact"):
-    """The codec an exported graph carries in its metadata (or --tokenizer, which wins)."""
-    cfg = meta.get("mq.config") or {}
-    eos = cfg.get("eos_token_id")
+def tokenizer_for_artifact(meta, tokenizer: str | None = None, source: str = "the artifact"):
+    """The codec an exported graph carries in its metadata (or --tokenizer, which wins). meta: the runner's
+    ArtifactMeta, or the raw mq.* metadata dict (validated here)."""
+    from mq_deploy.backends.base import ArtifactMeta, parse_metadata
+
+    art = meta if isinstance(meta, ArtifactMeta) else parse_metadata(meta or {}, source)
+    cfg = art.config
+    vocab = getattr(cfg, "vocab_size", None)
+    eos = getattr(cfg, "eos_token_id", None)
     if tokenizer:
         codec = read_tokenizer(tokenizer, eos)
-    elif meta.get("mq.tokenizer") == "bytes":
+    elif art.tokenizer == "bytes":
         return ByteCodec(eos)
-    elif meta.get("mq.tokenizer_json"):
-        codec = tokenizer_from_json(meta["mq.tokenizer_json"], f"{source} (its tokenizer)", eos)
+    elif art.tokenizer_json:
+        codec = tokenizer_from_json(art.tokenizer_json, f"{source} (its tokenizer)", eos)
     else:
         return None
-    if cfg.get("vocab_size"):
-        check_fits(codec, cfg["vocab_size"], source)
+    if vocab:
+        check_fits(codec, vocab, source)
     return codec
 
 

@@ -12,20 +12,29 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 
 
 # -- language models ---------------------------------------------------------------------------------
-def check_generation(runner, prompt_ids, max_new_tokens: int, temperature: float) -> dict:
-    """Everything generate() refuses, checked before any output: returns the artifact's mq.config."""
-    meta = getattr(runner, "meta", {})
-    if meta.get("mq.graph") != "step" or "conv_state" not in runner.input_specs:
+MAX_NEW_TOKENS = 4096       # the most tokens one generation may ask for (the Triton generate model's limit too)
+MAX_SEED = 2 ** 32 - 1
+
+
+def check_generation(runner, prompt_ids, max_new_tokens: int, temperature: float, seed: int = 0):
+    """Everything generate() refuses, checked before any output: returns the artifact's config
+    (MambaLMConfig, validated from its metadata by the runner)."""
+    art = runner.artifact
+    if art.graph != "step" or "conv_state" not in runner.input_specs:
         raise MQUserError(f"{runner.path}: generate needs the decode-step graph "
                           "(mq-deploy export MODEL -o model_step.onnx --decode-step)")
-    if max_new_tokens < 0:
-        raise MQUserError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
-    if not (isinstance(temperature, (int, float)) and np.isfinite(temperature) and temperature >= 0):
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
+            or not 0 <= max_new_tokens <= MAX_NEW_TOKENS:
+        raise MQUserError(f"--max-new-tokens must be an integer from 0 to {MAX_NEW_TOKENS}, got {max_new_tokens!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not np.isfinite(temperature) \
+            or temperature < 0:
         raise MQUserError(f"--temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise MQUserError(f"--seed must be an integer from 0 to {MAX_SEED}, got {seed!r}")
     if not len(prompt_ids):
         raise MQUserError("the prompt is empty")
-    cfg = meta["mq.config"]
-    vocab = cfg["vocab_size"]
+    cfg = art.config
+    vocab = cfg.vocab_size
     if max(prompt_ids) >= vocab or min(prompt_ids) < 0:
         raise MQUserError(f"prompt ids must lie in [0, {vocab})")
     return cfg
@@ -38,11 +47,11 @@ def generate(runner, prompt_ids, max_new_tokens: int, temperature: float = 0.0, 
     Greedy when temperature is 0, else sampling from softmax(logits / temperature). Stops after
     max_new_tokens or at eos_id (which is returned as the last id, but not passed to on_token).
     Returns the new ids."""
-    cfg = check_generation(runner, prompt_ids, max_new_tokens, temperature)
-    m = cfg["mixer"]
+    from mq_deploy.backends.ort.runner import state_shapes
+
+    check_generation(runner, prompt_ids, max_new_tokens, temperature, seed)
     feeds = {"input_ids": np.asarray([prompt_ids], np.int64),
-             "conv_state": np.zeros((cfg["n_layer"], 1, m["d_inner"], m["d_conv"] - 1), np.float32),
-             "ssm_state": np.zeros((cfg["n_layer"], 1, m["d_inner"], m["d_state"]), np.float32)}
+             **{k: np.zeros(s, np.float32) for k, s in state_shapes(runner, 1).items()}}
     rng = np.random.default_rng(seed)
     out = []
     # ORT: states stay bound to the session between steps (IOBinding, no numpy round trip)
@@ -53,6 +62,9 @@ def generate(runner, prompt_ids, max_new_tokens: int, temperature: float = 0.0, 
         else:
             res = runner.infer(feeds)
             logits = res["logits"][0, -1].astype(np.float64)
+        if not np.isfinite(logits).all():
+            raise MQUserError(f"{runner.path}: the model's logits are not finite at new token {i + 1}; its weights "
+                              "or scales overflow float32 (check the checkpoint it was exported from)")
         if temperature > 0:
             p = np.exp((logits - logits.max()) / temperature)
             tok = int(rng.choice(len(p), p=p / p.sum()))
@@ -71,44 +83,54 @@ def generate(runner, prompt_ids, max_new_tokens: int, temperature: float = 0.0, 
 
 def generate_text(runner, prompt: str | None = None, prompt_ids=None, max_new_tokens: int = 64,
                   temperature: float = 0.0, seed: int = 0, tokenizer: str | None = None, write=None,
-                  echo_prompt: bool = False) -> dict:
+                  echo_prompt: bool = False, write_ids: bool = False) -> dict:
     """Generate with the artifact's own tokenizer (or --tokenizer): the prompt is encoded, the new tokens
     are decoded as they come and handed to write(text) in whole characters, and decoding stops at the
-    EOS id of the config or the tokenizer. echo_prompt: write the prompt text first, once every check has
-    passed (a refused graph or flag prints nothing). Returns {"prompt_ids", "new_ids", "text", "stopped_at_eos"}."""
+    EOS id of the config or the tokenizer. Give exactly one of prompt and prompt_ids. echo_prompt: write the
+    prompt text first, once the prefill has run (a refused graph, flag or prompt prints nothing). write_ids:
+    write each new id ("12 ") instead of text. Returns {"prompt_ids", "new_ids", "text", "stopped_at_eos"}."""
     from mq_deploy.data.tokenizer import tokenizer_for_artifact
 
-    meta = getattr(runner, "meta", {})
-    codec = tokenizer_for_artifact(meta, tokenizer, runner.path)
+    if (prompt is None) == (prompt_ids is None):
+        raise MQUserError("give --prompt TEXT or --prompt-ids IDS" if prompt is None else
+                          "give either --prompt TEXT or --prompt-ids IDS, not both")
+    art = runner.artifact
+    codec = tokenizer_for_artifact(art, tokenizer, runner.path)
     if prompt_ids is None:
-        if prompt is None:
-            raise MQUserError("give --prompt TEXT or --prompt-ids IDS")
         if codec is None:
             raise MQUserError(f"{runner.path}: the model's vocabulary is not bytes and no tokenizer came with the "
                               "artifact; pass --tokenizer FILE_OR_DIR or --prompt-ids")
         prompt_ids = [int(i) for i in codec.encode(prompt)[0]]
-    check_generation(runner, prompt_ids, max_new_tokens, temperature)
-    if echo_prompt and prompt is not None and write:
-        write(prompt)
-    eos = codec.eos_id if codec is not None else (meta.get("mq.config") or {}).get("eos_token_id")
-    stream = codec.stream() if codec is not None else None
+    check_generation(runner, prompt_ids, max_new_tokens, temperature, seed)
+    eos = codec.eos_id if codec is not None else art.config.eos_token_id
+    stream = codec.stream() if codec is not None and not write_ids else None
     pieces = []
+    echo = [bool(echo_prompt and prompt is not None and write)]
+
+    def emit(piece):
+        if echo[0]:      # the prefill has run: the prompt goes out before the first new text
+            echo[0] = False
+            write(prompt)
+        if piece and write:
+            write(piece)
 
     def on_token(tok):
-        if stream is not None:
+        if write_ids:
+            emit(f"{tok} ")
+        elif stream is not None:
             piece = stream.push(tok)
             if piece:
                 pieces.append(piece)
-                if write:
-                    write(piece)
+                emit(piece)
 
     out = generate(runner, prompt_ids, max_new_tokens, temperature, seed, on_token=on_token, eos_id=eos)
     if stream is not None:
         tail = stream.flush()
         if tail:
             pieces.append(tail)
-            if write:
-                write(tail)
+        emit(tail)
+    else:
+        emit("")
     return {"prompt_ids": list(prompt_ids), "new_ids": out, "text": "".join(pieces) if stream else None,
             "stopped_at_eos": bool(out) and eos is not None and out[-1] == eos}
 
@@ -162,29 +184,36 @@ def load_images(path: str, channels: int, size: int):
         return read_picture(path, channels, size)[None], None, [os.path.basename(path)]
     if low.endswith(".npy"):
         try:
-            a = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise MQUserError(f"{path}: not a readable .npy array ({e})") from None
+            a = np.load(path, allow_pickle=False, mmap_mode="r")
+        except (OSError, ValueError, EOFError) as e:
+            why = (str(e).splitlines() or [type(e).__name__])[0][:200]
+            raise MQUserError(f"{path}: not a readable .npy array ({why})") from None
     else:
         a = read_idx(path)
+    if a.dtype != np.uint8 or a.ndim not in (2, 3, 4) or 0 in a.shape[1:]:
+        raise MQUserError(f"{path}: expected uint8 pixels [H, W], [n, H, W] or [n, C, H, W], got {a.dtype} "
+                          f"{list(a.shape)}")
     if a.ndim == 2:
         a = a[None]
     return a, None, [str(i) for i in range(len(a))]
 
 
-def classify(runner, images_u8: np.ndarray, mean, std, batch: int = 64) -> np.ndarray:
-    """Normalise uint8 images as the model was trained and return logits [n, classes]."""
+def classify(runner, images_u8: np.ndarray, mean, std, batch: int = 64, source: str | None = None) -> np.ndarray:
+    """Normalise uint8 images as the model was trained and return logits [n, classes]. source: where the
+    images came from (named in errors)."""
     from mq_deploy.data.images import to_tensor
 
     shape = runner.input_specs["images"].shape if "images" in getattr(runner, "input_specs", {}) else None
     if images_u8.dtype != np.uint8:
         raise MQUserError(f"images must be 8-bit (0..255), got {images_u8.dtype}")
+    if not len(images_u8):
+        raise MQUserError("no images to classify")
     out = []
     for i in range(0, len(images_u8), batch):     # folders are read one batch at a time
         x = to_tensor(images_u8[i:i + batch], mean, std).numpy()
         if shape is not None and list(x.shape[1:]) != [d for d in shape[1:]]:
-            raise MQUserError(f"images are {list(x.shape[1:])} (channels, height, width); the model takes "
-                              f"{list(shape[1:])}")
+            raise MQUserError(f"{source + ': ' if source else ''}images are {list(x.shape[1:])} (channels, height, "
+                              f"width); the model takes {list(shape[1:])}")
         out.append(runner.infer({"images": x})["logits"])
     return np.concatenate(out)
 
@@ -195,11 +224,23 @@ def classify_path(model_path: str, images_path: str, *, limit: int | None = None
     from mq_deploy.backends.ort.runner import OrtRunner
 
     runner = OrtRunner(model_path, custom_op_library=custom_op_library, threads=threads)
-    cfg = runner.meta.get("mq.config")
-    if runner.meta.get("mq.kind") != "vim" or cfg is None:
+    cfg = runner.artifact.config          # validated: image size, mean and std finite, std > 0
+    if runner.artifact.kind != "vim" or cfg is None:
         raise MQUserError(f"{model_path}: `run` classifies images with an exported Vision Mamba "
                           "(for a language model use `generate`)")
-    images, labels, names = load_images(images_path, cfg["in_chans"], cfg["img_size"])
+    if class_names and len(class_names) != cfg.num_classes:
+        raise MQUserError(f"--class-names has {len(class_names)} names, the model has {cfg.num_classes} classes")
+    images, labels, names = load_images(images_path, cfg.in_chans, cfg.img_size)
+    if not len(images):
+        raise MQUserError(f"{images_path}: holds no images")
+    if labels is not None:
+        labels = np.asarray(labels)
+        if len(labels) != len(images):
+            raise MQUserError(f"{images_path}: {len(labels)} labels for {len(images)} images")
+        if len(labels) and (labels.min() < 0 or labels.max() >= cfg.num_classes):
+            bad = labels.max() if labels.max() >= cfg.num_classes else labels.min()
+            raise MQUserError(f"{images_path}: label {bad} is outside the model's {cfg.num_classes} classes "
+                              f"(0..{cfg.num_classes - 1}); top-1 against it would be meaningless")
     if limit and isinstance(images, ImageFiles):   # a class-sorted folder: spread the subset over it
         from mq_deploy.data.images import spread
 
@@ -210,9 +251,7 @@ def classify_path(model_path: str, images_path: str, *, limit: int | None = None
     elif limit:
         images, names = images[:limit], names[:limit]
         labels = None if labels is None else labels[:limit]
-    logits = classify(runner, images, cfg["image_mean"], cfg["image_std"], batch=batch)
-    if class_names and len(class_names) != logits.shape[-1]:
-        raise MQUserError(f"--class-names has {len(class_names)} names, the model has {logits.shape[-1]} classes")
+    logits = classify(runner, images, cfg.image_mean, cfg.image_std, batch=batch, source=images_path)
     pred = logits.argmax(-1)
     res = {"predictions": [int(p) for p in pred], "names": names, "classes": class_names}
     if labels is not None:

@@ -39,15 +39,30 @@ class VerifyConfig:
     tokenizer: str | None = None        # LM text: tokenizer.json or its folder (default: the checkpoint's)
 
     def __post_init__(self):
+        """Every threshold and size of the verify flag group is range-checked here, once: a gate that no
+        output can fail (--min-cosine -5, a negative tolerance) is refused, not silently passed."""
         if self.check_error_stat not in STATS:
             raise MQUserError(f"--check-error-stat must be one of {', '.join(STATS)}, got {self.check_error_stat!r}")
+
+        def number(name, v, lo=0.0, hi=None, why=""):
+            flag = "--" + name.replace("_", "-")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < lo \
+                    or (hi is not None and v > hi):
+                rng = f"from {lo:g} to {hi:g}" if hi is not None else f">= {lo:g}"
+                raise MQUserError(f"{flag} must be a finite number {rng}{why}, got {v}")
+
         for name in ("atol", "rtol"):
+            if getattr(self, name) is not None:
+                number(name, getattr(self, name))
+        number("min_cosine", self.min_cosine, 0.0, 1.0, " (a mean cosine; below 0 it would pass outputs that point "
+               "the other way)")
+        number("min_top1_agreement", self.min_top1_agreement, 0.0, 1.0, " (a fraction: 0.99 = 99 %)")
+        number("max_metric_delta", self.max_metric_delta, 0.0, None, " (relative: 0.002 = 0.2 %)")
+        for name in ("limit", "batch"):
             v = getattr(self, name)
-            if v is not None and not v >= 0:
-                raise MQUserError(f"--{name} must be >= 0, got {v}")
-        if self.limit is not None and self.limit <= 0:
-            raise MQUserError(f"--limit must be positive, got {self.limit}")
-        if self.seq_len <= 1:
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+                raise MQUserError(f"--{name} must be a positive integer, got {v}")
+        if isinstance(self.seq_len, bool) or not isinstance(self.seq_len, int) or self.seq_len <= 1:
             raise MQUserError(f"--seq-len must be at least 2, got {self.seq_len}")
 
 
@@ -70,10 +85,11 @@ def _lm_batches(reference, cfg: VerifyConfig, step: bool):
         path = os.path.abspath(cfg.data)
         try:
             w = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise MQUserError(f"{path}: not a readable .npy array ({e})") from None
-        if w.ndim != 2 or w.shape[1] < 2 or not np.issubdtype(w.dtype, np.integer):
-            raise MQUserError(f"{path}: expected integer token ids [windows, length + 1], got {w.dtype} "
+        except (OSError, ValueError, EOFError) as e:
+            why = (str(e).splitlines() or [type(e).__name__])[0][:200]
+            raise MQUserError(f"{path}: not a readable .npy array ({why})") from None
+        if w.ndim != 2 or w.shape[0] < 1 or w.shape[1] < 2 or not np.issubdtype(w.dtype, np.integer):
+            raise MQUserError(f"{path}: expected integer token ids [windows >= 1, length + 1 >= 2], got {w.dtype} "
                               f"{list(w.shape)}")
         if w.min() < 0 or w.max() >= vocab:
             raise MQUserError(f"{path}: token ids must lie in [0, {vocab})")

@@ -22,7 +22,7 @@ def sample_feeds(runner, shapes: dict | None = None, seed: int = 0) -> dict:
     """Feeds for every input of an mq-deploy graph open in `runner` (see backends.feeds)."""
     from mq_deploy.backends.feeds import sample_feeds as feeds
 
-    return feeds(runner.input_specs, runner.meta, shapes, seed, what=runner.path)
+    return feeds(runner.input_specs, runner.artifact, shapes, seed, what=runner.path)
 
 
 def build_ort(onnx_path: str, out_path: str, *, custom_op_library: str | None = None, shapes: dict | None = None,

@@ -8,9 +8,13 @@ import os
 
 import numpy as np
 
-from mq_deploy.backends.base import Runner, TensorSpec
+from mq_deploy.backends.base import Runner, TensorSpec, check_io, parse_metadata
 from mq_deploy.errors import MQUserError
 from mq_deploy.export.onnx_file import load_onnx, metadata, missing_functions
+
+# ONNX Runtime logs its own (coloured) line for an error before raising it; we turn every such exception
+# into one line of ours, so its log shows fatal messages only (4 = ORT_LOGGING_LEVEL_FATAL)
+ORT_LOG_SEVERITY = 4
 
 ORT_LIB_ENV = "MQ_SCAN_ORT_LIB"      # the native mq::SelectiveScan custom-op library, used when set
 
@@ -24,11 +28,12 @@ def session_options(threads: int | None = None, *, spin: bool = False, optimize:
                     level: str | None = None):
     import onnxruntime as ort
 
+    from mq_deploy.backends.base import check_threads
+
     so = ort.SessionOptions()
+    so.log_severity_level = ORT_LOG_SEVERITY
     if threads is not None:
-        if not isinstance(threads, int) or threads < 1:
-            raise MQUserError(f"--threads must be a positive integer, got {threads!r}")
-        so.intra_op_num_threads = threads
+        so.intra_op_num_threads = check_threads(threads)
     if not spin:
         # ORT's pool busy-waits after each run by default, which starves the PyTorch reference that
         # verify runs in between (2 cores: 10x slower). Benchmarks pass spin=True.
@@ -75,10 +80,23 @@ class OrtRunner(Runner):
         custom_op_library = default_library(custom_op_library)
         self.custom_op_library = custom_op_library
         proto = load_onnx(path, load_external_data=False)   # not kept: inline weights would stay resident
-        self.meta = metadata(proto)
+        try:
+            meta = metadata(proto)
+        except MQUserError as e:
+            raise MQUserError(f"{path}: its ONNX metadata is invalid: {e}") from None
+        self.artifact = parse_metadata(meta, path)
+        if self.artifact.config is not None:     # the validated config, for readers of meta["mq.config"]
+            meta["mq.config"] = self.artifact.config.to_dict()
+        self.meta = meta
+        check_mq_nodes(proto, path, self.artifact.config)
         missing = missing_functions(proto)
         del proto
         if missing and not custom_op_library:
+            need = self.artifact.custom_op_library
+            if need:
+                raise MQUserError(f"{path}: its {', '.join(missing)} nodes are native (no function body; it was "
+                                  f"built with the custom-op library {need}); pass --custom-op-lib PATH of that "
+                                  "library, or build it again without --plugins")
             raise MQUserError(f"{path}: the graph uses {', '.join(missing)} with no function body in the file, and "
                               "no plugin library was given; re-export it with `mq-deploy export` (which embeds the "
                               "bodies) or pass --custom-op-lib PATH of the native mq::SelectiveScan library")
@@ -91,6 +109,10 @@ class OrtRunner(Runner):
         self.input_specs = {i.name: TensorSpec(i.name, _NP_OF_ORT.get(i.type), tuple(i.shape))
                             for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
+        check_io(self.artifact, {k: v.shape for k, v in self.input_specs.items()},
+                 {o.name: tuple(o.shape) for o in self.session.get_outputs()}, path)
+        self._run_options = ort.RunOptions()
+        self._run_options.log_severity_level = ORT_LOG_SEVERITY
 
     @property
     def proto(self):
@@ -103,12 +125,79 @@ class OrtRunner(Runner):
 
     def infer_impl(self, feeds: dict) -> dict:
         try:
-            outs = self.session.run(self.output_names, feeds)
+            outs = self.session.run(self.output_names, feeds, self._run_options)
         except Exception as e:   # a shape the graph cannot take (e.g. seq 0), out of memory
             raise MQUserError(f"{self.path}: ONNX Runtime failed on inputs "
                               f"{ {k: list(v.shape) for k, v in feeds.items()} }: "
                               f"{(str(e).splitlines() or [''])[0][:300]}") from None
         return dict(zip(self.output_names, outs))
+
+
+def check_mq_nodes(proto, path: str, config=None) -> None:
+    """The attributes of the graph's mq:: nodes, as the native ops check them when they load (the function
+    bodies would run a NaN or negative scale silently): *_scale finite and > 0, norm_eps finite and >= 0,
+    out_dtype 1 (float) or 10 (float16), layer inside the stacked states; every scale the op's contract
+    names present. Also the inline scales of QuantizeLinear / DequantizeLinear: finite and > 0."""
+    import math
+
+    from onnx import AttributeProto, numpy_helper
+
+    from mq_deploy.export import scan_op, state_update_op
+
+    required = {scan_op.OP: scan_op.SCALE_ATTRS, state_update_op.OP_UPDATE: state_update_op.SCALE_ATTRS + ("layer",),
+                state_update_op.OP_UPDATE_FLOAT: ("layer",)}
+    n_layer = getattr(config, "n_layer", None)
+
+    def bad(node, why):
+        op = f"{node.domain}::{node.op_type}"
+        what = f"node {node.name} ({op})" if node.name else f"a {op} node"
+        raise MQUserError(f"{path}: {what} {why}; the file was edited or corrupted (export it again with "
+                          "`mq-deploy export`)")
+
+    for node in proto.graph.node:
+        if node.domain != scan_op.DOMAIN:
+            continue
+        attrs = {a.name: a for a in node.attribute}
+        for name in required.get(node.op_type, ()):
+            if name not in attrs:
+                bad(node, f"has no attribute {name}")
+        for name, a in attrs.items():
+            if name.endswith("_scale") or name == "norm_eps":
+                v = a.f if a.type == AttributeProto.FLOAT else None
+                ok = v is not None and math.isfinite(v) and (v > 0 if name != "norm_eps" else v >= 0)
+                if not ok:
+                    bad(node, f"attribute {name} must be a finite float {'>= 0' if name == 'norm_eps' else '> 0'}, "
+                              f"got {v if v is not None else AttributeProto.AttributeType.Name(a.type)}")
+            elif name == "out_dtype" and not (a.type == AttributeProto.INT and a.i in (1, 10)):
+                bad(node, f"attribute out_dtype must be 1 (float) or 10 (float16), got {a.i}")
+            elif name == "layer" and not (a.type == AttributeProto.INT and a.i >= 0
+                                          and (n_layer is None or a.i < n_layer)):
+                bad(node, f"attribute layer {a.i} is outside the {n_layer or '?'} stacked layers")
+    inits = {t.name: t for t in proto.graph.initializer}
+    for node in proto.graph.node:
+        if node.domain in ("", "ai.onnx") and node.op_type in ("QuantizeLinear", "DequantizeLinear") \
+                and len(node.input) > 1 and node.input[1] in inits:
+            t = inits[node.input[1]]
+            if t.data_location == 1:          # external data is not read here
+                continue
+            scale = numpy_helper.to_array(t).astype(np.float64)
+            if scale.size and not (np.isfinite(scale).all() and (scale > 0).all()):
+                raise MQUserError(f"{path}: the scale {t.name} of a {node.op_type} node holds "
+                                  f"{'non-finite' if not np.isfinite(scale).all() else 'zero or negative'} values; "
+                                  "the file was edited or corrupted (export it again with `mq-deploy export`)")
+
+
+def state_shapes(runner, batch: int) -> dict:
+    """{"conv_state": shape, "ssm_state": shape} of a step graph at `batch`, from its inputs (whose fixed
+    dimensions the runner checked against the metadata's config)."""
+    out = {}
+    for name in ("conv_state", "ssm_state"):
+        dims = runner.input_specs[name].shape
+        if len(dims) != 4 or not all(isinstance(d, int) and d > 0 for i, d in enumerate(dims) if i != 1):
+            raise MQUserError(f"{runner.path}: the step graph's {name} input is {list(dims)}; expected [layers, "
+                              "batch, channels, width] with fixed layers, channels and width")
+        out[name] = (dims[0], batch) + tuple(dims[2:])
+    return out
 
 
 class OrtDecoder:
@@ -124,14 +213,12 @@ class OrtDecoder:
         specs = runner.input_specs
         if "conv_state" not in specs or "ssm_state" not in specs:
             raise MQUserError(f"{runner.path}: not a decode-step graph (no conv_state / ssm_state inputs)")
-        cfg = runner.meta.get("mq.config") or {}
-        if not cfg:
+        cfg = runner.artifact.config
+        if cfg is None:
             raise MQUserError(f"{runner.path}: the step graph has no mq.config metadata; re-export it")
-        m = cfg["mixer"]
         self.runner, self.batch, self.sess = runner, batch, runner.session
-        self.shapes = {"conv_state": (cfg["n_layer"], batch, m["d_inner"], m["d_conv"] - 1),
-                       "ssm_state": (cfg["n_layer"], batch, m["d_inner"], m["d_state"])}
-        self.vocab = cfg["vocab_size"]
+        self.shapes = state_shapes(runner, batch)
+        self.vocab = cfg.vocab_size
         self._io = None
 
     def _run(self, feeds):
@@ -169,7 +256,7 @@ class OrtDecoder:
         io.bind_ortvalue_output("conv_state_out", nxt[0])
         io.bind_ortvalue_output("ssm_state_out", nxt[1])
         try:
-            self.sess.run_with_iobinding(io)
+            self.sess.run_with_iobinding(io, self.runner._run_options)
         except Exception as e:
             raise MQUserError(f"{self.runner.path}: ONNX Runtime failed on a decode step: "
                               f"{(str(e).splitlines() or [''])[0][:300]}") from None
