@@ -38,23 +38,36 @@ def parse_repo(repo):
     return cfgs
 
 
-def fake_engine(tmp_path, art, which, profile):
-    """An engine file and the build report `mq-deploy build --json` writes for it. The engine bytes are
-    not a real plan (TensorRT cannot run here): the repository writer only copies them; the shapes come
-    from the report, outputs and metadata from the ONNX the report names."""
+def fake_engine(tmp_path, art, which, profile, plugins=("/opt/mq/libmq_scan_trt.so",)):
+    """An engine file and the build report `mq-deploy build --json` writes for it, laid out as `mq-deploy build
+    DIR/m.onnx --saveEngine DIR/m.plan --json DIR/m.plan.json` leaves them (absolute paths, one folder). The
+    engine bytes are not a real plan (TensorRT cannot run here): the repository writer only copies them;
+    the shapes come from the report, outputs and metadata from the ONNX the report names."""
+    import shutil
+
     import onnx
 
     eng = tmp_path / f"{which}.plan"
     eng.write_bytes(b"not a real TensorRT plan")
+    onnx_copy = tmp_path / f"{which}.onnx"
+    shutil.copyfile(art[which], onnx_copy)
     proto = onnx.load(art[which], load_external_data=False)
     init = {i.name for i in proto.graph.initializer}
     inputs = [{"name": i.name, "shape": [d.dim_value if d.HasField("dim_value") else -1
                                          for d in i.type.tensor_type.shape.dim]}
               for i in proto.graph.input if i.name not in init]
-    rep = {"onnx": art[which], "engine": str(eng), "tensorrt_version": "10.16.0", "inputs": inputs,
-           "profile": profile, "plugins": ["/opt/mq/libmq_scan_trt.so"], "warnings": []}
+    rep = {"onnx": str(onnx_copy), "engine": str(eng), "tensorrt_version": "10.16.0", "inputs": inputs,
+           "profile": profile, "plugins": list(plugins), "warnings": []}
     (tmp_path / f"{which}.plan.json").write_text(json.dumps(rep))
     return str(eng)
+
+
+def shared_object(path, needed=()):
+    """A file with the header of an x86-64 ELF shared object (ET_DYN) and, as a NEEDED entry names its
+    dependencies, their NUL-terminated names."""
+    header = b"\x7fELF" + bytes([2, 1, 1, 0]) + bytes(8) + (3).to_bytes(2, "little") + (62).to_bytes(2, "little")
+    path.write_bytes(header + bytes(44) + b"".join(n.encode() + b"\0" for n in needed))
+    return path
 
 
 @pytest.mark.parametrize("backend", ["python", "onnxruntime"])
@@ -110,8 +123,7 @@ def test_every_config_parses_against_tritons_schema(art, tmp_path, backend):
 
 
 def test_onnxruntime_op_library(art, tmp_path):
-    lib = tmp_path / "libmq_scan_ort.so"
-    lib.write_bytes(b"\x7fELF...libmq_scan_cpu.so\0...")      # names its dependency as a NEEDED entry does
+    lib = shared_object(tmp_path / "libmq_scan_ort.so", needed=["libmq_scan_cpu.so"])
     (tmp_path / "libmq_scan_cpu.so").write_bytes(b"\x7fELF cpu")
     (tmp_path / "libother.so").write_bytes(b"\x7fELF other")
     write_repository([art["lm"]], str(tmp_path / "r1"), TritonConfig(custom_op_lib=str(lib)))

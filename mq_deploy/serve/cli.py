@@ -22,10 +22,14 @@ def register(sub) -> None:
     s.set_defaults(func=cmd_triton)
 
     s = sub.add_parser("serve", help="run tritonserver on a model repository (loopback by default)")
-    s.add_argument("repo", metavar="REPO")
+    s.add_argument("repo", metavar="REPO", nargs="?")
     s.add_argument("--http-port", type=int, default=8000)
     s.add_argument("--grpc-port", type=int, default=8001)
+    s.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics there (default off)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
+    s.add_argument("--setup", action="store_true",
+                   help="first install what is missing: tritonclient, pytriton's tritonserver (--no-deps) and the "
+                        "packages its Python-backend stub imports (apt as root, pip); idempotent")
     s.set_defaults(func=cmd_serve)
 
 
@@ -43,6 +47,17 @@ def cmd_triton(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    from mq_deploy.errors import MQUserError
+
+    if args.setup:
+        from mq_deploy.serve.install import setup
+
+        setup()
+        if args.repo is None:
+            return 0
+    elif args.repo is None:
+        raise MQUserError("give the model repository to serve (REPO), or --setup to install the server")
     from mq_deploy.serve.server import serve
 
-    return serve(args.repo, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port)
+    return serve(args.repo, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
+                 metrics_port=args.metrics_port)

@@ -27,9 +27,10 @@ How the step graph keeps its state, per backend (see docs/serving.md):
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
-import shutil
+import shlex
 from dataclasses import dataclass, field
 
 from mq_deploy.errors import MQUserError
@@ -46,6 +47,35 @@ _TRITON_TYPE = {1: "TYPE_FP32", 2: "TYPE_UINT8", 3: "TYPE_INT8", 5: "TYPE_INT16"
                 9: "TYPE_BOOL", 10: "TYPE_FP16", 11: "TYPE_FP64", 16: "TYPE_BF16"}
 _STATE_PAIRS = (("conv_state", "conv_state_out"), ("ssm_state", "ssm_state_out"))
 SEQUENCE_IDLE_US = 60_000_000
+INT32_MAX = 2 ** 31 - 1           # max_batch_size, instance counts, dims: int32 / int64 fields of Triton's ModelConfig
+UINT64_MAX = 2 ** 64 - 1          # max_sequence_idle_microseconds
+_PICTURE = os.path.normpath(os.path.join(_MODELS_DIR, "..", "..", "data", "picture.py"))  # the one image transform
+
+
+def _short(v, n: int = 60) -> str:
+    r = repr(v)
+    return r if len(r) <= n else r[:n] + "..."
+
+
+def check_shared_library(flag: str, path: str) -> None:
+    """A file that a server can dlopen: an ELF shared object (ET_DYN). The library may be meant for
+    another machine (a Jetson), so its architecture is not checked here."""
+    if "\n" in path or "\r" in path:
+        raise MQUserError(f"{flag} {_short(path)}: a path with a line break cannot be written into a config")
+    if not os.path.isfile(path):
+        raise MQUserError(f"{flag} {path}: no such file")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(18)
+    except OSError as e:
+        raise MQUserError(f"{flag} {path}: cannot read it ({e.strerror or e})") from None
+    if head[:4] != b"\x7fELF" or len(head) < 18 or head[5] not in (1, 2):
+        raise MQUserError(f"{flag} {path}: not a shared library (no ELF header); give the libmq_scan_ort.so "
+                          "that `pip install` builds into mq_deploy/_native/")
+    e_type = int.from_bytes(head[16:18], "little" if head[5] == 1 else "big")
+    if e_type != 3:
+        raise MQUserError(f"{flag} {path}: an ELF file but not a shared library (ELF type {e_type}, a shared "
+                          "object is 3)")
 
 
 @dataclass
@@ -66,17 +96,20 @@ class TritonConfig:
         for k in ("max_batch", "instances", "sequence_idle_us", "max_sequences"):
             v = getattr(self, k)
             lo = 0 if k == "max_batch" else 1
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            hi = UINT64_MAX if k == "sequence_idle_us" else INT32_MAX
+            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
                 flag = "--" + k.replace("_", "-")
-                raise MQUserError(f"{flag} must be an integer >= {lo}, got {v!r}")
+                raise MQUserError(f"{flag} must be an integer in [{lo}, {hi}] (a field of Triton's model config), "
+                                  f"got {_short(v)}")
         if self.backend is not None and self.backend not in BACKENDS:
             raise MQUserError(f"--backend {self.backend!r}: choose one of {', '.join(BACKENDS)}")
         if self.name is not None and not _NAME_RE.match(self.name):
             raise MQUserError(f"--name {self.name!r}: a Triton model name is letters, digits, '_', '-' and '.', "
                               "starting with a letter or digit")
-        for flag, p in (("--custom-op-lib", self.custom_op_lib), ("--labels", self.labels)):
-            if p is not None and not os.path.isfile(p):
-                raise MQUserError(f"{flag} {p}: no such file")
+        if self.custom_op_lib is not None:
+            check_shared_library("--custom-op-lib", self.custom_op_lib)
+        if self.labels is not None and not os.path.isfile(self.labels):
+            raise MQUserError(f"--labels {self.labels}: no such file")
 
 
 @dataclass
@@ -100,6 +133,7 @@ class Artifact:
     onnx: str | None = None         # the ONNX file (for an engine: the one it was built from)
     profile: dict = field(default_factory=dict)   # engine: {input: {"min", "opt", "max"}}
     plugins: list = field(default_factory=list)
+    data_files: list = field(default_factory=list)  # the ONNX's external-data files, relative to its folder
 
     @property
     def config(self) -> dict:
@@ -115,6 +149,94 @@ def _tensors(values) -> list:
             raise MQUserError(f"tensor {v.name}: ONNX element type {t.elem_type} has no Triton data type")
         out.append(Tensor(v.name, dt, [d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim]))
     return out
+
+
+def _inside(path: str, folder: str) -> bool:
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _all_tensors(graph):
+    """Every TensorProto of a graph: initializers, sparse initializers, node attributes, subgraphs."""
+    yield from graph.initializer
+    for sp in graph.sparse_initializer:
+        yield sp.values
+        yield sp.indices
+    for node in graph.node:
+        for at in node.attribute:
+            if at.HasField("t"):
+                yield at.t
+            yield from at.tensors
+            if at.HasField("g"):
+                yield from _all_tensors(at.g)
+            for g in at.graphs:
+                yield from _all_tensors(g)
+
+
+def _external_data_files(proto, path: str) -> list:
+    """The external-data files the ONNX names, each a relative path that must stay inside the ONNX's
+    folder (the locations are untrusted metadata: `../../etc/shadow` would be copied into the repository)."""
+    import onnx
+
+    folder = os.path.dirname(os.path.abspath(path))
+    tensors = list(_all_tensors(proto.graph))
+    for f in proto.functions:
+        for node in f.node:
+            for at in node.attribute:
+                if at.HasField("t"):
+                    tensors.append(at.t)
+    found = set()
+    for t in tensors:
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        loc = next((e.value for e in t.external_data if e.key == "location"), "")
+        norm = os.path.normpath(loc) if loc else ""
+        if (not norm or "\0" in loc or "\n" in loc or os.path.isabs(loc) or norm == "." or norm.split(os.sep)[0] == ".."
+                or not _inside(os.path.join(folder, norm), folder)):
+            raise MQUserError(f"{path}: tensor {_short(t.name, 40)} keeps its data at {_short(loc)}, outside the "
+                              "ONNX file's folder; an external-data file must lie beside the ONNX file")
+        if not os.path.isfile(os.path.join(folder, norm)):
+            raise MQUserError(f"{path}: its external-data file {norm} is missing (it must lie beside the ONNX file)")
+        found.add(norm)
+    return sorted(found)
+
+
+def _int_field(path: str, cfg: dict, key: str, lo: int, hi: int, where: str = "mq.config") -> int:
+    v = cfg.get(key)
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise MQUserError(f"{path}: its {where} metadata {key} must be an integer in [{lo}, {hi}], got {_short(v)}; "
+                          "re-export it with `mq-deploy export`")
+    return v
+
+
+def _check_config(path: str, kind: str, graph: str, cfg) -> None:
+    """The mq.config fields a repository is written from, checked as untrusted input (ranges before any
+    allocation: a labels file of num_classes lines, state dims of n_layer)."""
+    if not isinstance(cfg, dict):
+        raise MQUserError(f"{path}: its mq.config metadata is not a JSON object; re-export it with `mq-deploy export`")
+    if kind == "vim":
+        _int_field(path, cfg, "num_classes", 1, 1_000_000)
+        chans = _int_field(path, cfg, "in_chans", 1, 4)
+        _int_field(path, cfg, "img_size", 1, 16384)
+        for key, lo in (("image_mean", -math.inf), ("image_std", 0.0)):
+            v = cfg.get(key)
+            if (not isinstance(v, list) or len(v) not in (1, chans)
+                    or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > lo
+                               for x in v)):
+                what = "positive" if lo == 0.0 else "finite"
+                raise MQUserError(f"{path}: its mq.config metadata {key} must be a list of 1 or {chans} {what} "
+                                  f"numbers, got {_short(v)}; re-export it with `mq-deploy export`")
+    elif graph == "step":
+        _int_field(path, cfg, "n_layer", 1, 4096)
+        _int_field(path, cfg, "vocab_size", 1, 1 << 24)
+        mixer = cfg.get("mixer")
+        if not isinstance(mixer, dict):
+            raise MQUserError(f"{path}: its mq.config metadata has no mixer object; re-export it with "
+                              "`mq-deploy export`")
+        for key in ("d_inner", "d_conv", "d_state"):
+            _int_field(path, mixer, key, 1, 1 << 20, "mq.config mixer")
+        if cfg.get("eos_token_id") is not None:
+            _int_field(path, cfg, "eos_token_id", 0, cfg["vocab_size"] - 1)
 
 
 def read_onnx(path: str) -> Artifact:
@@ -142,10 +264,14 @@ def read_onnx(path: str) -> Artifact:
                  inputs=_tensors(i for i in proto.graph.input if i.name not in init),
                  outputs=_tensors(proto.graph.output), onnx=path)
     if a.kind not in ("lm", "vim"):
-        raise MQUserError(f"{path}: mq.kind {a.kind!r} is not served (lm or vim)")
+        raise MQUserError(f"{path}: mq.kind {_short(a.kind)} is not served (lm or vim)")
+    if a.graph not in ("full", "step"):
+        raise MQUserError(f"{path}: mq.graph {_short(a.graph)} is not a graph mq-deploy writes (full or step)")
     if a.graph == "step" and {n for p in _STATE_PAIRS for n in p} - {t.name for t in a.inputs + a.outputs}:
         raise MQUserError(f"{path}: a decode-step graph must have inputs conv_state, ssm_state and outputs "
                           "conv_state_out, ssm_state_out")
+    _check_config(path, a.kind, a.graph, meta["mq.config"])
+    a.data_files = _external_data_files(proto, path)
     return a
 
 
@@ -157,10 +283,78 @@ def _find_report(engine: str) -> str | None:
     return None
 
 
+_LAYOUT_HINT = ("keep the engine, the ONNX it was built from and the report in one folder (`mq-deploy build "
+                "DIR/MODEL.onnx --int8 --saveEngine DIR/MODEL.plan --json DIR/MODEL.plan.json`)")
+
+
+def _report_file(report_path: str, here: str, key: str, value) -> str:
+    """A path named by a build report (untrusted): relative to the report's folder, and inside it."""
+    if not isinstance(value, str) or not value or "\0" in value or "\n" in value:
+        raise MQUserError(f"{report_path}: its {key!r} must be a file path, got {_short(value)}")
+    p = value if os.path.isabs(value) else os.path.join(here, value)
+    if not _inside(p, here):
+        raise MQUserError(f"{report_path}: its {key} {_short(value)} lies outside the report's folder {here}; a build "
+                          f"report is trusted only for files beside it: {_LAYOUT_HINT}")
+    return os.path.realpath(p)
+
+
+def _report_shape(report_path: str, what: str, v, lo: int) -> list:
+    if (not isinstance(v, list) or not v or len(v) > 16
+            or not all(isinstance(d, int) and not isinstance(d, bool) and lo <= d <= INT32_MAX for d in v)):
+        raise MQUserError(f"{report_path}: {what} must be a list of 1 to 16 integers >= {lo}, got {_short(v)}")
+    return list(v)
+
+
+def check_report(report_path: str, report) -> dict:
+    """The fields of an `mq-deploy build --json` report that `triton` uses, validated as untrusted input:
+    {"engine": str, "onnx": str, "inputs": [{"name", "shape"}], "profile": {name: {"min", "opt", "max"}},
+    "plugins": [str]}."""
+    if not isinstance(report, dict) or not {"engine", "onnx", "inputs"} <= set(report):
+        raise MQUserError(f"{report_path}: not an `mq-deploy build --json` report (needs engine, onnx, inputs)")
+    inputs = report["inputs"]
+    if not isinstance(inputs, list) or not inputs or len(inputs) > 1024:
+        raise MQUserError(f"{report_path}: its inputs must be a non-empty list of {{name, shape}}, got "
+                          f"{_short(inputs)}")
+    shapes = {}
+    for i in inputs:
+        if not isinstance(i, dict) or not isinstance(i.get("name"), str) or not i["name"] or i["name"] in shapes:
+            raise MQUserError(f"{report_path}: each of its inputs must be {{\"name\": a new string, \"shape\": "
+                              f"[ints]}}, got {_short(i)}")
+        shapes[i["name"]] = _report_shape(report_path, f"input {i['name']!r} shape", i.get("shape"), -1)
+    profile = report.get("profile") or {}
+    if not isinstance(profile, dict):
+        raise MQUserError(f"{report_path}: its profile must be an object {{input: {{min, opt, max}}}}, got "
+                          f"{_short(profile)}")
+    checked = {}
+    for name, p in profile.items():
+        if name not in shapes:
+            raise MQUserError(f"{report_path}: its profile names {_short(name)}, which is not one of its inputs")
+        if not isinstance(p, dict):
+            raise MQUserError(f"{report_path}: profile of {name!r} must be {{min, opt, max}}, got {_short(p)}")
+        lo, opt, hi = (_report_shape(report_path, f"profile {name!r} {k}", p.get(k), 0) for k in ("min", "opt", "max"))
+        if not len(lo) == len(opt) == len(hi) == len(shapes[name]) or \
+                not all(a <= b <= c for a, b, c in zip(lo, opt, hi)):
+            raise MQUserError(f"{report_path}: profile of {name!r} must have min <= opt <= max, each of rank "
+                              f"{len(shapes[name])}, got {_short(p, 120)}")
+        checked[name] = {"min": lo, "opt": opt, "max": hi}
+    plugins = report.get("plugins") or []
+    if not isinstance(plugins, list) or not all(isinstance(x, str) and x for x in plugins) or len(plugins) > 64:
+        raise MQUserError(f"{report_path}: its plugins must be a list of library paths, got {_short(plugins)}")
+    for x in plugins:
+        bad = next((c for c in ("\0", "\n", "\r", ";", ",") if c in x), None)
+        if bad:
+            raise MQUserError(f"{report_path}: plugin path {_short(x)} holds {bad!r}, which Triton's "
+                              "--backend-config=tensorrt,plugins=... cannot express (';' separates libraries, ',' "
+                              "settings); rename the library's path")
+    return {"engine": report["engine"], "onnx": report["onnx"], "shapes": shapes, "profile": checked,
+            "plugins": list(plugins)}
+
+
 def read_engine(path: str) -> Artifact:
     """A TensorRT plan, described by the report `mq-deploy build --json` wrote: input shapes and the
     optimization profile from the report, output names/types and the metadata from the ONNX it names.
-    `path` is the engine (its report found beside it as ENGINE.json or STEM.json) or the report."""
+    `path` is the engine (its report found beside it as ENGINE.json or STEM.json) or the report. The
+    report is untrusted: the files it names must lie in its own folder."""
     if path.endswith(".json"):
         report_path = path
     else:
@@ -173,29 +367,32 @@ def read_engine(path: str) -> Artifact:
                               "`mq-deploy triton REPORT.json`), or put it beside the engine as "
                               f"{os.path.basename(path)}.json")
     try:
-        with open(report_path) as f:
+        with open(report_path, encoding="utf-8") as f:
             report = json.load(f)
     except (OSError, ValueError) as e:
         raise MQUserError(f"{report_path}: not a readable build report JSON ({e})") from None
-    if not isinstance(report, dict) or not {"engine", "onnx", "inputs"} <= set(report):
-        raise MQUserError(f"{report_path}: not an `mq-deploy build --json` report (needs engine, onnx, inputs)")
+    rep = check_report(report_path, report)
     here = os.path.dirname(os.path.abspath(report_path))
-    engine = report["engine"] if path.endswith(".json") else path
-    engine = engine if os.path.isabs(engine) else os.path.join(here, engine)
-    onnx_path = report["onnx"] if os.path.isabs(report["onnx"]) else os.path.join(here, report["onnx"])
+    engine = _report_file(report_path, here, "engine", rep["engine"])
+    if not path.endswith(".json"):      # the engine named on the command line is the one served
+        engine = os.path.abspath(path)
+    onnx_path = _report_file(report_path, here, "onnx", rep["onnx"])
     if not os.path.isfile(engine):
         raise MQUserError(f"{report_path}: its engine {engine} does not exist")
     if not os.path.isfile(onnx_path):
         raise MQUserError(f"{report_path}: the ONNX it was built from, {onnx_path}, does not exist (its output names "
                           "and mq-deploy metadata are read from it)")
     a = read_onnx(onnx_path)
-    shapes = {i["name"]: list(i["shape"]) for i in report["inputs"]}
+    shapes = rep["shapes"]
     if set(shapes) != {t.name for t in a.inputs}:
         raise MQUserError(f"{report_path}: engine inputs {sorted(shapes)} differ from those of {onnx_path} "
                           f"{sorted(t.name for t in a.inputs)}")
     for t in a.inputs:
+        if len(shapes[t.name]) != len(t.shape):
+            raise MQUserError(f"{report_path}: input {t.name} has rank {len(shapes[t.name])}, in {onnx_path} "
+                              f"{len(t.shape)}")
         t.shape = shapes[t.name]
-    a.engine, a.profile, a.plugins = engine, dict(report.get("profile") or {}), list(report.get("plugins") or [])
+    a.engine, a.profile, a.plugins = engine, rep["profile"], rep["plugins"]
     a.path = path
     return a
 
@@ -389,36 +586,73 @@ def ensemble_config(a: Artifact, name: str, preprocess: str, classifier: str, cl
 
 # ---- READMEs ---------------------------------------------------------------------------------------
 
-def _root_readme(models: list, repo_name: str, plugins: list, op_lib: str | None) -> str:
+# The READMEs' shell lines: every value that comes from a file or a flag goes through shlex.quote for the
+# shell that reads it (twice for the command inside `bash -c '...'`). What no quoting can express in the
+# program that finally reads the value (a line break; ',' or ';' inside --backend-config; ':' inside
+# docker's -v or LD_PRELOAD) is refused, or its line left out, never written broken.
+CONTAINER = "nvcr.io/nvidia/tritonserver:25.01-py3"
+PIP_NAMES = {"PIL": "pillow"}       # import name -> pip package, where they differ
+
+
+def _q(value: str) -> str:
+    return shlex.quote(value)
+
+
+def _refuse_unwritable(what: str, value: str, forbid: str = "", why: str = "") -> None:
+    bad = next((c for c in ("\0", "\n", "\r") + tuple(forbid) if c in value), None)
+    if bad is not None:
+        raise MQUserError(f"{what} {_short(value)} holds {bad!r}, which the repository README's server commands "
+                          f"cannot express{why}; choose another name")
+
+
+def _pip_names(modules) -> list:
+    return sorted({PIP_NAMES.get(m, m) for m in modules})
+
+
+def _root_readme(models: list, repo_name: str, plugins: list, op_lib: str | None, python_modules: dict) -> str:
     lines = ["# Triton model repository (written by mq-deploy)", "",
              "| model | backend | what |", "|---|---|---|"]
     lines += [f"| `{m['name']}` | {m['backend']} | {m['what']} |" for m in models]
     trt = any(m["backend"] == "tensorrt" for m in models)
-    py = any(m["backend"] == "python" for m in models)
-    plugin = plugins[0] if plugins else "/path/to/libmq_scan_trt.so"
-    bc = f" --backend-config=tensorrt,plugins={plugin}" if trt else ""
+    plugins = list(plugins) or (["/path/to/libmq_scan_trt.so"] if trt else [])
+    repo_arg = repo_name if not repo_name.startswith("-") else "./" + repo_name
+    bc = [f"--backend-config=tensorrt,plugins={';'.join(plugins)}"] if trt else []
+    server_args = ["--model-repository=/models", *bc]
+    pip = _pip_names(set().union(*python_modules.values())) if python_modules else []
+    mounts = [f"{repo_name}:/models"]
+    if trt:
+        mounts += sorted({f"{os.path.dirname(p)}:{os.path.dirname(p)}" for p in plugins})
+    docker = ["docker", "run", "--gpus", "all", "--rm", "-p", "8000:8000", "-p", "8001:8001"]
+    docker_line = " ".join(_q(x) for x in docker) + " -v \"$PWD\"/" + _q(mounts[0]) + \
+        "".join(" -v " + _q(m) for m in mounts[1:]) + " " + CONTAINER + " \\"
+    inner = " ".join(_q(x) for x in ["tritonserver", *server_args])
+    if pip:
+        inner = " ".join(_q(x) for x in ["pip", "install", *pip]) + " && " + inner
+        docker_line += "\n  bash -c " + _q(inner)
+    else:
+        docker_line += "\n  " + inner
+    jetson = "/opt/tritonserver/bin/tritonserver --model-repository=\"$PWD\"/" + _q(repo_name) + \
+        " --backend-directory=/opt/tritonserver/backends" + "".join(" " + _q(x) for x in bc)
+    if pip:
+        jetson = " ".join(_q(x) for x in ["pip3", "install", *pip]) + "   # for the Python-backend models\n" + jetson
     lines += ["", "## Start the server", "",
-              "On this machine (pytriton's tritonserver, Python backend, CPU; loopback only):", "",
-              "```bash", f"mq-deploy serve {repo_name} --http-port 8000 --grpc-port 8001", "```", "",
-              "In NVIDIA's container on a GPU (the repository mounted at /models):", "",
-              "```bash",
-              f"docker run --gpus all --rm -p 8000:8000 -p 8001:8001 -v $PWD/{repo_name}:/models"
-              + (f" -v {os.path.dirname(plugin)}:{os.path.dirname(plugin)}" if trt else "")
-              + " nvcr.io/nvidia/tritonserver:25.01-py3 \\",
-              ("  bash -c 'pip install onnxruntime && " if py else "  ")
-              + f"tritonserver --model-repository=/models{bc}" + ("'" if py else ""),
-              "```", "",
+              "On this machine (pytriton's tritonserver, Python backend, CPU; loopback only; `mq-deploy serve "
+              "--setup` installs it):", "",
+              "```bash", f"mq-deploy serve {_q(repo_arg)} --http-port 8000 --grpc-port 8001", "```", "",
+              "In NVIDIA's container on a GPU (the repository mounted at /models; run from its parent folder):", "",
+              "```bash", docker_line, "```", "",
               "On Jetson (JetPack 6; Triton's Jetson release `tritonserver<ver>-igpu.tar`, from the Triton GitHub "
               "releases page, unpacked into /opt/tritonserver):", "",
-              "```bash",
-              ("pip3 install onnxruntime numpy   # for the Python-backend models\n" if py else "")
-              + f"/opt/tritonserver/bin/tritonserver --model-repository=$PWD/{repo_name} "
-              "--backend-directory=/opt/tritonserver/backends" + bc, "```", ""]
+              "```bash", jetson, "```", ""]
     if trt:
-        lines += ["TensorRT engines run the mq::SelectiveScan plugin: load its library with "
-                  f"`--backend-config=tensorrt,plugins={plugin}` (several: separated by ';'), or start the server "
-                  f"with `LD_PRELOAD={plugin}`. The library must be built for the server's TensorRT version "
-                  "(`plugins/selective_scan/trt/README.md`).", ""]
+        lines += ["TensorRT engines run the mq::SelectiveScan plugin: the commands above load its library with "
+                  "`--backend-config=tensorrt,plugins=...` (several: separated by ';'). The library must be built for "
+                  "the server's TensorRT version (`plugins/selective_scan/trt/README.md`)."]
+        if not any(c in p for p in plugins for c in ": \t"):     # LD_PRELOAD splits on ':' and blanks
+            lines += ["Or preload it:", "", "```bash",
+                      "LD_PRELOAD=" + _q(":".join(plugins)) + " /opt/tritonserver/bin/tritonserver "
+                      "--model-repository=\"$PWD\"/" + _q(repo_name), "```"]
+        lines.append("")
     if op_lib:
         lines += [f"ONNX Runtime models load the native scan op from `{os.path.abspath(op_lib)}` "
                   "(model_operations.op_library_filename): that path must exist on the server.", ""]
@@ -428,6 +662,15 @@ def _root_readme(models: list, repo_name: str, plugins: list, op_lib: str | None
             lines.append(m["curl"])
     lines += ["```", "", "Each model folder has a README with its inputs, outputs and a tritonclient example.", ""]
     return "\n".join(lines)
+
+
+def _curl(name: str, body: dict | None = None, body_code: str | None = None, stream: bool = False) -> str:
+    """One curl line for the README: a JSON body quoted for the shell, or made by a python3 one-liner."""
+    url = f"localhost:8000/v2/models/{name}/" + ("generate_stream" if stream else "infer")
+    head = ["curl", "-s"] + (["-N"] if stream else []) + [url]
+    if body_code is not None:
+        return " ".join(_q(x) for x in ["python3", "-c", body_code]) + " | " + " ".join(_q(x) for x in head) + " -d @-"
+    return " ".join(_q(x) for x in head + ["-d", json.dumps(body)])
 
 
 def _model_readme(name: str, backend: str, what: str, cfg_text: str, example: str, notes=()) -> str:
@@ -526,12 +769,22 @@ def _sibling_deps(lib: str) -> list:
     return deps
 
 
+def _copy(src: str, dst: str) -> None:
+    """Every file a repository takes from elsewhere (engines, ONNX files and their data, libraries, our own
+    model code) is copied as `cp` does: the source's permission bits masked by the umask."""
+    from mq_deploy.fileio import copy_file
+
+    copy_file(src, dst)
+
+
 def _copy_onnx(a: Artifact, dest_dir: str) -> str:
-    dst = os.path.join(dest_dir, "model.onnx")
-    shutil.copyfile(a.onnx, dst)
-    data = a.onnx + ".data"
-    if os.path.isfile(data):
-        shutil.copyfile(data, dst + ".data")
+    """The ONNX as model.onnx, and its external-data files under the names it gives them (relative to it)."""
+    _copy(a.onnx, os.path.join(dest_dir, "model.onnx"))
+    src_dir = os.path.dirname(os.path.abspath(a.onnx))
+    for rel in a.data_files:
+        dst = os.path.join(dest_dir, rel)
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        _copy(os.path.join(src_dir, rel), dst)
     return "model.onnx"
 
 
@@ -553,8 +806,6 @@ def plan(artifacts, cfg: TritonConfig) -> list:
             raise MQUserError(f"{p}: --backend tensorrt serves an engine; build one first "
                               f"(`mq-deploy build {p} --int8 --saveEngine MODEL.plan --json MODEL.plan.json`) "
                               "and pass the engine or its report")
-        if a.graph == "step" and a.config.get("n_layer") is None:
-            raise MQUserError(f"{p}: its mq.config has no n_layer")
         name = cfg.name or _default_name(str(p))
         extra = [name]
         if a.graph == "step":
@@ -579,17 +830,17 @@ def _write_model(root: str, a: Artifact, name: str, backend: str, cfg: TritonCon
     op_lib = None
     if backend == "tensorrt":
         model_file = "model.plan"
-        shutil.copyfile(a.engine, os.path.join(vdir, model_file))
+        _copy(a.engine, os.path.join(vdir, model_file))
     else:
         model_file = _copy_onnx(a, vdir)
         if backend == "python":
             role = "ort_step_model.py" if a.graph == "step" else "ort_model.py"
-            shutil.copyfile(os.path.join(_MODELS_DIR, role), os.path.join(vdir, "model.py"))
-            shutil.copyfile(os.path.join(_MODELS_DIR, "mq_ort_session.py"), os.path.join(vdir, "mq_ort_session.py"))
+            _copy(os.path.join(_MODELS_DIR, role), os.path.join(vdir, "model.py"))
+            _copy(os.path.join(_MODELS_DIR, "mq_ort_session.py"), os.path.join(vdir, "mq_ort_session.py"))
             if cfg.custom_op_lib:
                 op_lib = os.path.basename(cfg.custom_op_lib)
                 for lib in [cfg.custom_op_lib] + _sibling_deps(cfg.custom_op_lib):
-                    shutil.copyfile(lib, os.path.join(vdir, os.path.basename(lib)))
+                    _copy(lib, os.path.join(vdir, os.path.basename(lib)))
     c = model_config(a, name, backend, cfg, model_file, op_lib)
     text = dumps(c)
     with open(os.path.join(mdir, "config.pbtxt"), "w") as f:
@@ -600,11 +851,11 @@ def _write_model(root: str, a: Artifact, name: str, backend: str, cfg: TritonCon
             f.write(_labels(a, cfg))
         what = f"Vision Mamba classifier, {a.config['num_classes']} classes ({a.path})"
         example = _example_classifier(name, a, c["max_batch_size"])
-        n = a.config["in_chans"] * a.config["img_size"] ** 2
-        curl = (f'curl -s localhost:8000/v2/models/{name}/infer -d "{{\\"inputs\\": [{{\\"name\\": \\"images\\", '
-                f'\\"shape\\": [1, {a.config["in_chans"]}, {a.config["img_size"]}, {a.config["img_size"]}], '
-                f'\\"datatype\\": \\"FP32\\", \\"data\\": [$(python3 -c \'print(",".join(["0"] * {n}))\')]}}], '
-                f'\\"outputs\\": [{{\\"name\\": \\"logits\\", \\"parameters\\": {{\\"classification\\": 3}}}}]}}"')
+        shape = [1, a.config["in_chans"], a.config["img_size"], a.config["img_size"]]
+        body = ('import json; print(json.dumps({"inputs": [{"name": "images", "shape": %s, "datatype": "FP32", '
+                '"data": [0] * %d}], "outputs": [{"name": "logits", "parameters": {"classification": 3}}]}))'
+                % (shape, math.prod(shape)))
+        curl = _curl(name, body_code=body)
     elif a.graph == "step":
         what = f"LM decode step, stateful: the server keeps each sequence's conv/ssm state ({a.path})"
         example = _example_step(name)
@@ -620,8 +871,8 @@ def _write_model(root: str, a: Artifact, name: str, backend: str, cfg: TritonCon
                    "ids = np.asarray([list(b'And God said')], np.int64)\n"
                    f"x = httpclient.InferInput('input_ids', list(ids.shape), 'INT64'); x.set_data_from_numpy(ids)\n"
                    f"print(client.infer('{name}', [x]).as_numpy('logits').shape)")
-        curl = (f"curl -s localhost:8000/v2/models/{name}/infer -d '{{\"inputs\": [{{\"name\": \"input_ids\", "
-                f"\"shape\": [1, 3], \"datatype\": \"INT64\", \"data\": [65, 110, 100]}}]}}'")
+        curl = _curl(name, {"inputs": [{"name": "input_ids", "shape": [1, 3], "datatype": "INT64",
+                                         "data": [65, 110, 100]}]})
     if backend == "tensorrt":
         notes.append("Shapes and the optimization profile come from the build report of the engine "
                      f"(inputs, profile), output names and types from the ONNX it was built from ({a.onnx}). "
@@ -635,7 +886,7 @@ def _write_model(root: str, a: Artifact, name: str, backend: str, cfg: TritonCon
         gname = name + "_generate"
         gdir = os.path.join(root, gname)
         os.makedirs(os.path.join(gdir, "1"))
-        shutil.copyfile(os.path.join(_MODELS_DIR, "generate_model.py"), os.path.join(gdir, "1", "model.py"))
+        _copy(os.path.join(_MODELS_DIR, "generate_model.py"), os.path.join(gdir, "1", "model.py"))
         if tokenizer_of(a)[0] == "tokenizers":
             with open(os.path.join(gdir, "1", "tokenizer.json"), "w", encoding="utf-8") as f:
                 f.write(a.meta["mq.tokenizer_json"])
@@ -648,16 +899,16 @@ def _write_model(root: str, a: Artifact, name: str, backend: str, cfg: TritonCon
             f.write(_model_readme(gname, "python, decoupled", f"Streaming generation: a BLS model that prefills "
                                   f"the prompt and decodes greedily through `{name}` (one sequence per request), "
                                   "one response per token", gtext, _example_generate(gname, text_in)))
-        prompt = '"text": "And God said"' if text_in else '"prompt_ids": [1, 2, 3]'
+        prompt = {"text": "And God said"} if text_in else {"prompt_ids": [1, 2, 3]}
         summary.append({"name": gname, "backend": "python (decoupled BLS)",
                         "what": f"streams generated tokens through {name}", "config": gc,
-                        "curl": f"curl -s -N localhost:8000/v2/models/{gname}/generate_stream "
-                                f"-d '{{{prompt}, \"max_new_tokens\": 40}}'"})
+                        "curl": _curl(gname, {**prompt, "max_new_tokens": 40}, stream=True)})
     if a.kind == "vim":
         pname, ename = name + "_preprocess", name + "_image"
         pdir = os.path.join(root, pname)
         os.makedirs(os.path.join(pdir, "1"))
-        shutil.copyfile(os.path.join(_MODELS_DIR, "image_preprocess.py"), os.path.join(pdir, "1", "model.py"))
+        _copy(os.path.join(_MODELS_DIR, "image_preprocess.py"), os.path.join(pdir, "1", "model.py"))
+        _copy(_PICTURE, os.path.join(pdir, "1", "mq_picture.py"))      # the transform of `run`, verbatim
         pc = preprocess_config(a, pname, cfg)
         with open(os.path.join(pdir, "config.pbtxt"), "w") as f:
             f.write(dumps(pc))
@@ -668,9 +919,10 @@ def _write_model(root: str, a: Artifact, name: str, backend: str, cfg: TritonCon
         with open(os.path.join(edir, "config.pbtxt"), "w") as f:
             f.write(etext)
         with open(os.path.join(edir, "README.md"), "w") as f:
-            f.write(_model_readme(ename, "ensemble", f"encoded PNG/JPEG bytes -> {pname} (decode, resize to "
-                                  f"{a.config['img_size']}, normalise) -> {name}", etext, _example_image(ename),
-                                  ["The preprocessing model needs Pillow in the server's Python."]))
+            f.write(_model_readme(ename, "ensemble", f"encoded PNG/JPEG bytes -> {pname} (decode, the eval transform "
+                                  f"of `mq-deploy run` for {a.config['img_size']} px, normalise) -> {name}", etext,
+                                  _example_image(ename), ["The preprocessing model needs numpy and Pillow in the "
+                                                          "server's Python (`mq-deploy serve --setup`)."]))
         summary.append({"name": pname, "backend": "python", "what": "PNG/JPEG bytes -> normalised tensor",
                         "config": pc, "curl": None})
         summary.append({"name": ename, "backend": "ensemble", "what": f"{pname} -> {name}", "config": ec,
@@ -684,13 +936,20 @@ def write_repository(artifacts, out: str, cfg: TritonConfig | None = None) -> di
 
     cfg = cfg or TritonConfig()
     planned = plan(list(artifacts), cfg)
-    inputs = [a.path for a, _, _ in planned] + [a.onnx for a, _, _ in planned] + \
+    data = [os.path.join(os.path.dirname(os.path.abspath(a.onnx)), f) for a, _, _ in planned for f in a.data_files]
+    inputs = [a.path for a, _, _ in planned] + [a.onnx for a, _, _ in planned] + data + \
              [a.engine for a, _, _ in planned if a.engine] + [p for p in (cfg.custom_op_lib, cfg.labels) if p]
     summary: list = []
     plugins = sorted({p for a, _, _ in planned for p in a.plugins})
+    repo_name = os.path.basename(os.path.abspath(out))
+    _refuse_unwritable("the repository name", repo_name, ":", " (docker's -v splits on ':')")
+    for p in plugins:
+        _refuse_unwritable("the plugin path", p, ":", " (docker's -v splits on ':')")
     with atomic_dir(out, overwrite=cfg.overwrite, inputs=inputs, what="model repository", kind=REPO_KIND) as tmp:
         for a, name, backend in planned:
             _write_model(tmp, a, name, backend, cfg, summary)
+        from mq_deploy.serve.server import python_model_imports
+
         with open(os.path.join(tmp, "README.md"), "w") as f:
-            f.write(_root_readme(summary, os.path.basename(os.path.abspath(out)), plugins, cfg.custom_op_lib))
+            f.write(_root_readme(summary, repo_name, plugins, cfg.custom_op_lib, python_model_imports(tmp)))
     return {"path": os.path.abspath(out), "models": summary}

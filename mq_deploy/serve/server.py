@@ -6,7 +6,8 @@ $MQ_TRITONSERVER (NVIDIA's container: /opt/tritonserver/bin/tritonserver).
 
 pytriton keeps one Python-backend stub per Python version (`python_backend_stubs/3.X/`); the stub
 embeds the system's libpython3.X, so the models run in *that* interpreter (Debian: /usr/bin/python3.11),
-which must import numpy and onnxruntime (`.ci/run` installs them). Like pytriton itself, we assemble
+which must import what the models import (numpy, onnxruntime, PIL, tokenizers): checked before the server
+starts, installed by `mq-deploy serve --setup` (mq_deploy/serve/setup.py). Like pytriton itself, we assemble
 a backend folder (`backends/python/` = libtriton_python.so + the stub + triton_python_backend_utils.py)
 in a temporary folder and point the server at pytriton's bundled libraries with LD_LIBRARY_PATH.
 
@@ -33,9 +34,11 @@ from mq_deploy.errors import MQUserError
 
 SERVER_ENV = "MQ_TRITONSERVER"          # path of a tritonserver binary to use instead of pytriton's
 STUB_PYTHON_ENV = "MQ_TRITON_PYTHON"    # e.g. "3.11": which pytriton stub (and system libpython) to use
-INSTALL_HINT = ("install a Triton server: `pip install nvidia-pytriton` (its tritonserver runs the Python "
-                "backend on a CPU), or use NVIDIA's container nvcr.io/nvidia/tritonserver:<yy.mm>-py3; "
-                f"or set {SERVER_ENV}=/path/to/tritonserver")
+INSTALL_HINT = ("install a Triton server: `mq-deploy serve --setup` (pytriton's tritonserver, which runs the "
+                "Python backend on a CPU, and what its Python needs), or use NVIDIA's container "
+                f"nvcr.io/nvidia/tritonserver:<yy.mm>-py3; or set {SERVER_ENV}=/path/to/tritonserver")
+APT_PACKAGES = {"numpy": "python3-numpy", "PIL": "python3-pil"}   # the stub's Python: Debian's builds
+PIP_PINNED = ("onnxruntime", "tokenizers")      # the stub's Python: our versions, so served outputs equal ours
 
 
 def _pytriton_dir() -> str | None:
@@ -96,8 +99,8 @@ def find_server() -> ServerInstall:
         usable = [v for v in versions if _libpython_present(v)]
         if not usable:
             raise MQUserError(f"pytriton's Python-backend stubs ({', '.join(versions)}) each need the system's "
-                              "libpython3.X.so.1.0 and none is installed (Debian: apt-get install libpython3.11 "
-                              "python3-numpy)")
+                              "libpython3.X.so.1.0 and none is installed; run `mq-deploy serve --setup` (Debian: "
+                              "apt-get install libpython3.11 python3-numpy)")
         version = usable[0]
     tmp = tempfile.mkdtemp(prefix="mq-tritonserver-")
     py = os.path.join(tmp, "backends", "python")
@@ -112,7 +115,7 @@ def find_server() -> ServerInstall:
     # The embedded interpreter finds its prefix (stdlib, site-packages) from the first `python3` on
     # PATH; under pyenv or a venv that is another installation, whose packages the system libpython
     # must not mix with. A `python3` -> the system python3.X first on PATH makes it the system's.
-    system_python = shutil.which(f"python{version}", path="/usr/bin:/usr/local/bin:/bin")
+    system_python = stub_interpreter(version)
     if system_python:
         os.makedirs(os.path.join(tmp, "bin"))
         os.symlink(system_python, os.path.join(tmp, "bin", "python3"))
@@ -135,26 +138,147 @@ def _die_with_parent() -> None:
 _BACKEND_RE = re.compile(r'^\s*(backend|platform)\s*:\s*"([^"]+)"', re.M)
 
 
+def _model_backends(repo: str):
+    """(model name, backend) of every model folder of a repository, from its config.pbtxt."""
+    for name in sorted(os.listdir(repo)):
+        cfg = os.path.join(repo, name, "config.pbtxt")
+        if not os.path.isfile(cfg):
+            continue
+        with open(cfg, encoding="utf-8", errors="replace") as f:
+            found = dict(m.groups() for m in _BACKEND_RE.finditer(f.read()))
+        platform = found.get("platform")
+        yield name, found.get("backend") or {"ensemble": None, "tensorrt_plan": "tensorrt",
+                                             "onnxruntime_onnx": "onnxruntime"}.get(platform, platform)
+
+
+def python_model_imports(repo: str) -> dict:
+    """{model: third-party modules} of the repository's Python-backend models: the imports of their .py
+    files (parsed, never run), less the standard library, Triton's own module and files beside them.
+    Ours need numpy, onnxruntime (ORT models), PIL (image preprocessing), tokenizers (BPE generation)."""
+    import ast
+    import sys
+
+    out = {}
+    for name, backend in _model_backends(repo):
+        if backend != "python":
+            continue
+        mdir = os.path.join(repo, name)
+        sources = []
+        for version in sorted(os.listdir(mdir)):
+            vdir = os.path.join(mdir, version)
+            if version.isdigit() and os.path.isdir(vdir):
+                sources += [os.path.join(vdir, f) for f in sorted(os.listdir(vdir)) if f.endswith(".py")]
+        local = {os.path.basename(f)[:-3] for f in sources}
+        mods = set()
+        for src in sources:
+            try:
+                with open(src, encoding="utf-8") as f:
+                    tree = ast.parse(f.read(), src)
+            except (OSError, SyntaxError, ValueError):
+                continue        # the server reports a model it cannot load; nothing to check here
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Import):
+                    mods |= {a.name.split(".")[0] for a in node.names}
+                elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                    mods.add(node.module.split(".")[0])
+        mods -= set(sys.stdlib_module_names) | {"triton_python_backend_utils", "__future__"} | local
+        if mods:
+            out[name] = mods
+    return out
+
+
+def stub_interpreter(version: str) -> str | None:
+    """The system python3.X whose libpython pytriton's stub embeds."""
+    return shutil.which(f"python{version}", path="/usr/bin:/usr/local/bin:/bin")
+
+
+def install_commands(python: str, modules) -> list:
+    """The commands that give `python` (the stub's interpreter) the modules: Debian's numpy and Pillow,
+    our own onnxruntime and tokenizers versions (so served outputs equal ours), anything else from pip."""
+    from importlib import metadata
+
+    apt = sorted({APT_PACKAGES[m] for m in modules if m in APT_PACKAGES})
+    pip = []
+    for m in sorted(set(modules) - set(APT_PACKAGES)):
+        try:
+            pip.append(f"{m}=={metadata.version(m)}" if m in PIP_PINNED else m)
+        except metadata.PackageNotFoundError:
+            pip.append(m)
+    cmds = []
+    if apt:
+        cmds.append("apt-get install -y " + " ".join(apt))
+    if pip:
+        cmds.append(f"{python} -m pip install --break-system-packages " + " ".join(pip))
+    return cmds
+
+
+def check_stub_python(repo: str, install: "ServerInstall") -> None:
+    """Before pytriton's server starts: the interpreter its Python-backend stub embeds imports what the
+    repository's Python models import; else one line naming what is missing and the commands that fix it
+    (instead of a Triton log of failed model loads)."""
+    if install.stub_python is None:      # another server (NVIDIA's container): its Python is its own
+        return
+    needs = python_model_imports(repo)
+    modules = sorted(set().union(*needs.values())) if needs else []
+    if not modules:
+        return
+    python = stub_interpreter(install.stub_python)
+    if python is None:
+        raise MQUserError(f"pytriton's Python-backend stub embeds Python {install.stub_python}, and there is no "
+                          f"python{install.stub_python} in /usr/bin; run `mq-deploy serve --setup`")
+    code = ("import importlib, sys\n"
+            "for m in sys.argv[1:]:\n"
+            "    try:\n"
+            "        importlib.import_module(m)\n"
+            "    except Exception:\n"
+            "        print(m)\n")
+    env = {**os.environ, **install.env}
+    try:
+        r = subprocess.run([python, "-c", code, *modules], capture_output=True, text=True, env=env, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise MQUserError(f"cannot run {python} (the Python-backend stub's interpreter): {e}") from None
+    missing = r.stdout.split() if r.returncode == 0 else modules
+    if missing:
+        users = sorted(n for n, m in needs.items() if set(m) & set(missing))
+        raise MQUserError(f"{python} (the interpreter pytriton's Python-backend stub embeds) cannot import "
+                          f"{', '.join(missing)}, needed by {', '.join(users)}; run `mq-deploy serve --setup`, or: "
+                          + "; ".join(install_commands(python, missing)))
+
+
 def check_backends(repo: str, install: ServerInstall) -> None:
     """pytriton's server has the Python backend only: refuse, before starting it, a repository whose
     models need another backend (the server would fail to load them with a long log)."""
     if install.backend_dir is None:       # another server: it knows its own backends
         return
     have = set(os.listdir(install.backend_dir))
-    for name in sorted(os.listdir(repo)):
-        cfg = os.path.join(repo, name, "config.pbtxt")
-        if not os.path.isfile(cfg):
-            continue
-        with open(cfg, encoding="utf-8") as f:
-            found = dict(m.groups() for m in _BACKEND_RE.finditer(f.read()))
-        platform = found.get("platform")
-        backend = found.get("backend") or {"ensemble": None, "tensorrt_plan": "tensorrt",
-                                           "onnxruntime_onnx": "onnxruntime"}.get(platform, platform)
+    for name, backend in _model_backends(repo):
         if backend and backend not in have:
             raise MQUserError(f"{repo}: model {name} needs Triton's {backend} backend, which this tritonserver "
                               f"(pytriton's, backends: {', '.join(sorted(have))}) does not have; write the repository "
                               "with `mq-deploy triton ... --backend python` to serve it here, or run NVIDIA's "
                               f"container (the commands are in {os.path.join(repo, 'README.md')})")
+
+
+def check_ports(host: str, ports: dict) -> None:
+    """{flag: port}: each in 1..65535, no two the same, each free on `host`; checked before the server
+    starts (tritonserver answers a clash with its whole usage text)."""
+    seen = {}
+    for flag, port in ports.items():
+        if port is None:
+            continue
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+            raise MQUserError(f"{flag} {port}: must lie in 1..65535")
+        if port in seen:
+            raise MQUserError(f"{seen[port]} and {flag} are both {port}: the server needs a port for each")
+        seen[port] = flag
+    for port, flag in seen.items():
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)     # as the server: TIME_WAIT is no clash
+            try:
+                s.bind((host, port))
+            except OSError as e:
+                raise MQUserError(f"{flag} {port}: cannot listen on {host}:{port} ({e.strerror or e}); is another "
+                                  "server running there? choose another port") from None
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -164,11 +288,13 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def server_command(install: ServerInstall, repo: str, host: str, http_port: int, grpc_port: int,
-                   extra=()) -> list:
+                   extra=(), metrics_port: int | None = None) -> list:
+    metrics = ["--allow-metrics=false"] if metrics_port is None else \
+        ["--allow-metrics=true", f"--metrics-address={host}", f"--metrics-port={metrics_port}"]
     cmd = [install.binary, f"--model-repository={os.path.abspath(repo)}",
            f"--http-address={host}", f"--http-port={http_port}",
            f"--grpc-address={host}", f"--grpc-port={grpc_port}",
-           "--allow-metrics=false", "--allow-sagemaker=false", "--allow-vertex-ai=false",
+           *metrics, "--allow-sagemaker=false", "--allow-vertex-ai=false",
            "--exit-on-error=true", "--strict-readiness=true", "--log-verbose=0",
            # on SIGINT the server waits this long for clients to close their connections
            "--exit-timeout-secs=10"]
@@ -186,18 +312,20 @@ class TritonServer:
 
     def __init__(self, repo: str, host: str = "127.0.0.1", http_port: int | None = None,
                  grpc_port: int | None = None, log_path: str | None = None, ready_timeout: float = 120.0,
-                 extra_args=()):
+                 extra_args=(), metrics_port: int | None = None):
         if not os.path.isdir(repo):
             raise MQUserError(f"{repo}: no such model repository folder")
         if not any(os.path.isfile(os.path.join(repo, d, "config.pbtxt")) for d in os.listdir(repo)):
             raise MQUserError(f"{repo}: not a Triton model repository (no MODEL/config.pbtxt in it; write one with "
                               "`mq-deploy triton ARTIFACT -o REPO`)")
-        for what, port in (("--http-port", http_port), ("--grpc-port", grpc_port)):
-            if port is not None and not 0 < port < 65536:
-                raise MQUserError(f"{what} {port}: must lie in 1..65535")
+        ports = {"--http-port": http_port, "--grpc-port": grpc_port, "--metrics-port": metrics_port}
+        check_ports(host, {k: v for k, v in ports.items() if v is not None})
         self.repo, self.host = repo, host
         self.http_port = http_port or free_port(host)
         self.grpc_port = grpc_port or free_port(host)
+        while self.grpc_port in (self.http_port, metrics_port):
+            self.grpc_port = free_port(host)
+        self.metrics_port = metrics_port
         self.log_path, self.ready_timeout, self.extra_args = log_path, ready_timeout, tuple(extra_args)
         self.proc: subprocess.Popen | None = None
         self.install: ServerInstall | None = None
@@ -212,16 +340,23 @@ class TritonServer:
         return f"{self.host}:{self.grpc_port}"
 
     def command(self) -> list:
-        return server_command(self.install, self.repo, self.host, self.http_port, self.grpc_port, self.extra_args)
+        return server_command(self.install, self.repo, self.host, self.http_port, self.grpc_port, self.extra_args,
+                              self.metrics_port)
 
-    def start(self, wait: bool = True) -> "TritonServer":
+    def prepare(self) -> dict:
+        """Find the server and check, before it starts, everything that would otherwise end in its log: the
+        backends the models need, the stub's Python, the ports. Returns the server's environment."""
         self.install = find_server()
         try:
             check_backends(self.repo, self.install)
+            check_stub_python(self.repo, self.install)
         except MQUserError:
             self.install.close()
             raise
-        env = {**os.environ, **self.install.env}
+        return {**os.environ, **self.install.env}
+
+    def start(self, wait: bool = True) -> "TritonServer":
+        env = self.prepare()
         if self.log_path:
             self._log = open(self.log_path, "a+b")
         else:
@@ -288,17 +423,12 @@ class TritonServer:
         self.stop()
 
 
-def serve(repo: str, host: str = "127.0.0.1", http_port: int = 8000, grpc_port: int = 8001) -> int:
+def serve(repo: str, host: str = "127.0.0.1", http_port: int = 8000, grpc_port: int = 8001,
+          metrics_port: int | None = None) -> int:
     """`mq-deploy serve`: run tritonserver in the foreground until SIGINT or SIGTERM, which are passed on
     to it (Triton's graceful shutdown); return its exit status."""
-    srv = TritonServer(repo, host=host, http_port=http_port, grpc_port=grpc_port)
-    srv.install = find_server()
-    try:
-        check_backends(repo, srv.install)
-    except MQUserError:
-        srv.install.close()
-        raise
-    env = {**os.environ, **srv.install.env}
+    srv = TritonServer(repo, host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port)
+    env = srv.prepare()
     cmd = srv.command()
     print(" ".join(cmd), flush=True)
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
