@@ -33,8 +33,13 @@
 #define MQ_SCAN_API
 #endif
 
+/* C++ sees every entry point as noexcept: a definition that is not is a compile error, and a throw that
+ * escaped one would end the process at the boundary instead of unwinding into C, ctypes or TensorRT. */
 #ifdef __cplusplus
+#define MQ_SCAN_NOEXCEPT noexcept
 extern "C" {
+#else
+#define MQ_SCAN_NOEXCEPT
 #endif
 
 #define MQ_SCAN_VERSION "0.1.0"
@@ -62,24 +67,24 @@ typedef struct MQScanParams {
 } MQScanParams;
 
 /* helper: fill strides for contiguous tensors */
-MQ_SCAN_API void mq_scan_set_contiguous_strides(MQScanParams *p);
+MQ_SCAN_API void mq_scan_set_contiguous_strides(MQScanParams *p) MQ_SCAN_NOEXCEPT;
 /* returns 0 on success, nonzero error code; message via mq_scan_last_error() (thread-local) */
-MQ_SCAN_API int mq_scan_validate(const MQScanParams *p);   /* sizes > 0, dstate <= 256, non-null required pointers */
-MQ_SCAN_API int mq_scan_cpu(const MQScanParams *p, int num_threads);      /* num_threads <= 0: hardware concurrency */
-MQ_SCAN_API int mq_scan_cuda(const MQScanParams *p, void *cuda_stream);   /* only in the CUDA library */
+MQ_SCAN_API int mq_scan_validate(const MQScanParams *p) MQ_SCAN_NOEXCEPT;   /* sizes > 0, dstate <= 256, non-null required pointers */
+MQ_SCAN_API int mq_scan_cpu(const MQScanParams *p, int num_threads) MQ_SCAN_NOEXCEPT;      /* num_threads <= 0: hardware concurrency */
+MQ_SCAN_API int mq_scan_cuda(const MQScanParams *p, void *cuda_stream) MQ_SCAN_NOEXCEPT;   /* only in the CUDA library */
 /* Scratch the L-split of mq_scan_cuda needs at these sizes (0: it never splits them); an upper
  * bound for any pointers. mq_scan_cuda_ws runs the scan with caller-owned scratch (TensorRT's
  * workspace) instead of allocating it on the stream; with less than that (or NULL) it scans unsplit. */
-MQ_SCAN_API size_t mq_scan_cuda_workspace_size(const MQScanParams *p);
-MQ_SCAN_API int mq_scan_cuda_ws(const MQScanParams *p, void *workspace, size_t workspace_bytes, void *cuda_stream);
-MQ_SCAN_API int mq_scan_step_cuda(const MQScanParams *p, void *cuda_stream); /* decode step: seqlen == 1, h0 read, h_last written (may alias h0) */
+MQ_SCAN_API size_t mq_scan_cuda_workspace_size(const MQScanParams *p) MQ_SCAN_NOEXCEPT;
+MQ_SCAN_API int mq_scan_cuda_ws(const MQScanParams *p, void *workspace, size_t workspace_bytes, void *cuda_stream) MQ_SCAN_NOEXCEPT;
+MQ_SCAN_API int mq_scan_step_cuda(const MQScanParams *p, void *cuda_stream) MQ_SCAN_NOEXCEPT; /* decode step: seqlen == 1, h0 read, h_last written (may alias h0) */
 /* Benchmark twin, CUDA library only: the same kernel reading fp16 x, delta, B, C, z (pointers to
  * IEEE half, same layout and strides as the int8 ones in p, which are then ignored; the scales are
  * ignored too). Exists to measure what int8 inputs buy; not part of the op. */
 MQ_SCAN_API int mq_scan_cuda_f16in(const MQScanParams *p, const void *x, const void *delta, const void *B,
-                       const void *C, const void *z, void *cuda_stream);
-MQ_SCAN_API const char *mq_scan_last_error(void);
-MQ_SCAN_API const char *mq_scan_version(void);
+                       const void *C, const void *z, void *cuda_stream) MQ_SCAN_NOEXCEPT;
+MQ_SCAN_API const char *mq_scan_last_error(void) MQ_SCAN_NOEXCEPT;
+MQ_SCAN_API const char *mq_scan_version(void) MQ_SCAN_NOEXCEPT;
 
 #ifdef __cplusplus
 }  /* extern "C" */

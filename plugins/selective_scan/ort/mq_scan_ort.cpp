@@ -130,8 +130,10 @@ struct Split {
   std::string message;
 };
 
-/* One task: batch element t / blocks_per_batch, channels [d0, d0 + kChannelsPerTask) of it. */
-void run_task(void *user, size_t t) {
+/* One task: batch element t / blocks_per_batch, channels [d0, d0 + kChannelsPerTask) of it. Runs on ORT's
+ * thread pool, where an escaping exception ends the process: noexcept, and the one thing here that can
+ * throw (copying the message) is caught and replaced by a fixed one. */
+void run_task(void *user, size_t t) noexcept {
   Split &s = *static_cast<Split *>(user);
   const MQScanParams &p = *s.p;
   const int64_t bi = static_cast<int64_t>(t) / s.blocks_per_batch;
@@ -148,8 +150,12 @@ void run_task(void *user, size_t t) {
   q.h0 = p.h0 + so, q.h_last = p.h_last + so;
   q.y = static_cast<char *>(p.y) + static_cast<size_t>(bi * p.y_batch_stride + d0) * s.y_elem_size;
   if (mq_scan_cpu(&q, 1) != MQ_SCAN_OK && s.failed.exchange(1) == 0) {
-    std::lock_guard<std::mutex> lock(s.mu);
-    s.message = mq_scan_last_error();   // thread-local in the worker: copy it here
+    try {
+      std::lock_guard<std::mutex> lock(s.mu);
+      s.message = mq_scan_last_error();   // thread-local in the worker: copy it here
+    } catch (...) {
+      s.failed.store(2);                  // compute() reports without the worker's text
+    }
   }
 }
 
@@ -221,7 +227,9 @@ OrtStatus *compute(const Kernel &k, OrtKernelContext *ctx) {
   if ((st = g_api->KernelContext_ParallelFor(ctx, run_task, static_cast<size_t>(b * split.blocks_per_batch), 0,
                                              &split)))
     return st;
-  if (split.failed.load()) return error(ORT_FAIL, split.message);
+  const int failed = split.failed.load();
+  if (failed == 1) return error(ORT_FAIL, split.message);
+  if (failed != 0) return internal_error("mq::SelectiveScan: the scan of a slice failed (out of memory?)");
   return nullptr;
 }
 
@@ -232,7 +240,7 @@ struct FloatSplit {
   int64_t blocks_per_batch;
 };
 
-void run_float_task(void *user, size_t t) {
+void run_float_task(void *user, size_t t) noexcept {   // on ORT's thread pool: nothing here throws
   const FloatSplit &s = *static_cast<const FloatSplit *>(user);
   const int64_t bi = static_cast<int64_t>(t) / s.blocks_per_batch;
   const int64_t d0 = (static_cast<int64_t>(t) % s.blocks_per_batch) * kChannelsPerTask;
@@ -322,7 +330,7 @@ struct PoolCall {
   OrtStatus *status;
 };
 
-void ort_parallel_for(void *pool, void (*fn)(void *, size_t), size_t n, void *user) {
+void ort_parallel_for(void *pool, void (*fn)(void *, size_t) noexcept, size_t n, void *user) noexcept {
   PoolCall &c = *static_cast<PoolCall *>(pool);
   if (c.status) return;   // an earlier pass failed to start: skip the rest
   c.status = g_api->KernelContext_ParallelFor(c.ctx, fn, n, 0, user);
@@ -413,7 +421,8 @@ OrtStatus *compute_update(const UpdateKernel &k, OrtKernelContext *ctx) {
   std::string message;
   const int rc = mq_scan::state_update(p, ort_parallel_for, &pool, &message);
   if (pool.status) return pool.status;
-  if (rc != 0) return update_error(fl, ORT_INVALID_ARGUMENT, message);
+  if (rc != 0)
+    return update_error(fl, rc == mq_scan::kStateUpdateNoMemory ? ORT_FAIL : ORT_INVALID_ARGUMENT, message);
   return nullptr;
 }
 

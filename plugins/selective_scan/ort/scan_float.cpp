@@ -13,7 +13,7 @@ namespace {
 
 constexpr int kBlock = 16;
 
-void scan_block(const FloatScanParams &p, int64_t b, int64_t d0, int nd) {
+void scan_block(const FloatScanParams &p, int64_t b, int64_t d0, int nd) noexcept {
   const int64_t N = p.dstate, Dm = p.dim;
   alignas(64) float h[MQ_SCAN_MAX_DSTATE][kBlock];
   alignas(64) float A2[MQ_SCAN_MAX_DSTATE][kBlock];
@@ -64,7 +64,7 @@ void scan_block(const FloatScanParams &p, int64_t b, int64_t d0, int nd) {
 
 }  // namespace
 
-void scan_float_slice(const FloatScanParams &p, int64_t b, int64_t d0, int64_t nd) {
+void scan_float_slice(const FloatScanParams &p, int64_t b, int64_t d0, int64_t nd) noexcept {
   for (int64_t d = d0; d < d0 + nd; d += kBlock)
     scan_block(p, b, d, static_cast<int>(std::min<int64_t>(kBlock, d0 + nd - d)));
 }

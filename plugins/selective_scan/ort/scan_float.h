@@ -16,8 +16,9 @@ struct FloatScanParams {
   float *y, *h_last;                              // [b, L, D], [b, D, N]
 };
 
-// Channels [d0, d0 + nd) of batch element b, single-threaded; nd <= 256.
-void scan_float_slice(const FloatScanParams &p, int64_t b, int64_t d0, int64_t nd);
+// Channels [d0, d0 + nd) of batch element b, single-threaded; nd <= 256. Runs on ORT's thread pool: never
+// throws (no allocation).
+void scan_float_slice(const FloatScanParams &p, int64_t b, int64_t d0, int64_t nd) noexcept;
 
 }  // namespace mq_scan
 

@@ -8,10 +8,17 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstdio>
 #include <cstring>
+#include <exception>
 #include <mutex>
 #include <new>
 #include <vector>
+
+#if defined(__unix__) || defined(__APPLE__)
+#include <unistd.h>
+#endif
 
 #include "mq_selective_scan.h"
 #include "scan_float.h"
@@ -58,6 +65,7 @@ struct Work {
   std::vector<int8_t> u_q, delta_q, B_q, C_q, dtl_q;
   // float op scratch
   std::vector<float> u_f, delta_f, B_f, C_f, dtl_f;
+  std::vector<float> proj;   // pass B: one x_proj output row (n_out values) per task
   std::vector<int> failed;   // per task of pass C (the scan reports through mq_scan_last_error)
   std::mutex mu;
   std::string message;
@@ -67,7 +75,7 @@ struct Work {
 
 /* KT: d_conv as a compile-time constant (4, every Mamba checkpoint), or 0 */
 template <int64_t KT>
-void pass_conv_k(Work &w, size_t task) {
+void pass_conv_k(Work &w, size_t task) noexcept {
   const StateUpdateParams &p = *w.p;
   const int64_t bi = static_cast<int64_t>(task) / w.blocks;
   const int64_t d0 = (static_cast<int64_t>(task) % w.blocks) * kBlock;
@@ -113,7 +121,7 @@ void pass_conv_k(Work &w, size_t task) {
     for (int64_t k = 0; k + 1 < K; ++k) cso[j * (K - 1) + k] = win[k][j];
 }
 
-void pass_conv(void *user, size_t task) {
+void pass_conv(void *user, size_t task) noexcept {
   Work &w = *static_cast<Work *>(user);
   if (w.p->dconv == 4)
     pass_conv_k<4>(w, task);
@@ -123,21 +131,21 @@ void pass_conv(void *user, size_t task) {
 
 // ---- pass B: x_proj, FalconMamba's norms, the dt_low / B / C quant points -------------------------
 
-void rms_normalize(float *v, int64_t n, float eps) {
+void rms_normalize(float *v, int64_t n, float eps) noexcept {
   float ss = 0.f;
   for (int64_t i = 0; i < n; ++i) ss += v[i] * v[i];
   const float inv = 1.f / std::sqrt(ss / static_cast<float>(n) + eps);
   for (int64_t i = 0; i < n; ++i) v[i] *= inv;
 }
 
-void pass_xproj(void *user, size_t task) {
+void pass_xproj(void *user, size_t task) noexcept {
   Work &w = *static_cast<Work *>(user);
   const StateUpdateParams &p = *w.p;
   const int64_t bi = static_cast<int64_t>(task) / w.chunks;
   const int64_t t0 = (static_cast<int64_t>(task) % w.chunks) * kTokensPerTask;
   const int64_t t1 = std::min(p.seqlen, t0 + kTokensPerTask);
   const int64_t Di = p.dim, R = p.dt_rank, N = p.dstate, O = w.n_out;
-  std::vector<float> v(static_cast<size_t>(O));
+  float *v = w.proj.data() + static_cast<size_t>(task) * static_cast<size_t>(O);   // this task's row
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t row = bi * p.seqlen + t;
     if (p.is_float) {
@@ -148,7 +156,7 @@ void pass_xproj(void *user, size_t task) {
       for (int64_t o = 0; o < O; ++o)
         v[o] = static_cast<float>(dot(u, p.xw_q + o * Di, Di)) * (p.x_scale * p.xw_scale[o]);
     }
-    float *dtl = v.data(), *Bv = v.data() + R, *Cv = v.data() + R + N;
+    float *dtl = v, *Bv = v + R, *Cv = v + R + N;
     if (p.norm_eps >= 0.f) {
       rms_normalize(dtl, R, p.norm_eps);
       rms_normalize(Bv, N, p.norm_eps);
@@ -178,7 +186,7 @@ constexpr int64_t kSub = 16;
 
 /* C . h summed as a halving tree (vectorises; differs from a sequential sum by float rounding only) */
 template <int64_t NT>
-inline float tree_sum(float *v, int64_t n) {
+inline float tree_sum(float *v, int64_t n) noexcept {
   if constexpr (NT == 16) {
 #if defined(__GNUC__)
     // in registers: halving through memory stalls on store forwarding (a vector store read back in halves)
@@ -206,7 +214,7 @@ inline float tree_sum(float *v, int64_t n) {
 }
 
 template <int64_t NT>
-void scan_channels_n(Work &w, int64_t bi, int64_t d0, int64_t nd) {
+void scan_channels_n(Work &w, int64_t bi, int64_t d0, int64_t nd) noexcept {
   const StateUpdateParams &p = *w.p;
   const int64_t Di = p.dim, N = NT > 0 ? NT : p.dstate, L = p.seqlen;
   constexpr int64_t kRow = NT > 0 ? NT : MQ_SCAN_MAX_DSTATE;
@@ -275,14 +283,14 @@ void scan_channels_n(Work &w, int64_t bi, int64_t d0, int64_t nd) {
   }
 }
 
-void scan_channels(Work &w, int64_t bi, int64_t d0, int64_t nd) {
+void scan_channels(Work &w, int64_t bi, int64_t d0, int64_t nd) noexcept {
   if (w.p->dstate == 16)
     scan_channels_n<16>(w, bi, d0, nd);
   else
     scan_channels_n<0>(w, bi, d0, nd);
 }
 
-void pass_scan(void *user, size_t task) {
+void pass_scan(void *user, size_t task) noexcept {
   Work &w = *static_cast<Work *>(user);
   const StateUpdateParams &p = *w.p;
   const int64_t bi = static_cast<int64_t>(task) / w.blocks;
@@ -345,13 +353,40 @@ void pass_scan(void *user, size_t task) {
   s.y = p.y + xo;
   if (mq_scan_cpu(&s, 1) != MQ_SCAN_OK) {
     w.failed[task] = 1;
-    std::lock_guard<std::mutex> lock(w.mu);
-    if (w.message.empty()) w.message = mq_scan_last_error();   // thread-local in the worker: copied here
+    try {
+      std::lock_guard<std::mutex> lock(w.mu);
+      if (w.message.empty()) w.message = mq_scan_last_error();   // thread-local in the worker: copied here
+    } catch (...) {   // the text could not be copied: state_update reports "the scan failed"
+    }
   }
 }
 
-void serial_for(void *, void (*fn)(void *, size_t), size_t n, void *user) {
+void serial_for(void *, TaskFn fn, size_t n, void *user) noexcept {
   for (size_t i = 0; i < n; ++i) fn(user, i);
+}
+
+/* a * b, false when it overflows (sizes come from tensors: their product need not fit) */
+bool mul(size_t a, size_t b, size_t *out) {
+  if (a != 0 && b > SIZE_MAX / a) return false;
+  *out = a * b;
+  return true;
+}
+
+/* The machine's physical memory in bytes (0: unknown). A scratch larger than it can never be had; on a
+ * system that overcommits, asking anyway would be granted and then fail page by page in the OOM killer. */
+size_t physical_memory() {
+#if defined(_SC_PHYS_PAGES) && defined(_SC_PAGE_SIZE)
+  const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
+  size_t bytes = 0;
+  if (pages > 0 && page > 0 && mul(static_cast<size_t>(pages), static_cast<size_t>(page), &bytes)) return bytes;
+#endif
+  return 0;
+}
+
+std::string gib(double bytes) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.1f GiB", bytes / 1073741824.0);
+  return buf;
 }
 
 }  // namespace
@@ -359,11 +394,11 @@ void serial_for(void *, void (*fn)(void *, size_t), size_t n, void *user) {
 int state_update(const StateUpdateParams &p, ParallelFor parallel_for, void *pool, std::string *error) {
   if (p.dconv < 1 || p.dconv > kMaxConv) {
     *error = "d_conv must be in [1, " + std::to_string(kMaxConv) + "], got " + std::to_string(p.dconv);
-    return 1;
+    return kStateUpdateInvalid;
   }
   if (p.dstate < 1 || p.dstate > MQ_SCAN_MAX_DSTATE || p.dt_rank < 1 || p.dim < 1) {
     *error = "need Di >= 1, dt_rank >= 1 and 1 <= d_state <= " + std::to_string(MQ_SCAN_MAX_DSTATE);
-    return 1;
+    return kStateUpdateInvalid;
   }
   const int64_t b = p.batch, L = p.seqlen, Di = p.dim, N = p.dstate, R = p.dt_rank, K = p.dconv;
   if (b == 0) return 0;
@@ -377,7 +412,28 @@ int state_update(const StateUpdateParams &p, ParallelFor parallel_for, void *poo
   w.blocks = (Di + kBlock - 1) / kBlock;
   w.chunks = (L + kTokensPerTask - 1) / kTokensPerTask;
   w.n_out = R + 2 * N;
-  const size_t rows = static_cast<size_t>(b * L);
+  // Every scratch buffer is sized (with overflow checks) and checked against the machine before anything is
+  // allocated: R comes from x_proj_w's rows and b * L from x, so a tiny model with a huge dt_rank (or many
+  // tokens) asks for rows * R values that real tensors of a few MiB never hold.
+  const size_t rows = static_cast<size_t>(b) * static_cast<size_t>(L);
+  const size_t elem = p.is_float ? sizeof(float) : sizeof(int8_t);
+  const size_t per_row = 2 * static_cast<size_t>(Di) + 2 * static_cast<size_t>(N) + static_cast<size_t>(R);
+  const size_t pass_b_tasks = static_cast<size_t>(b) * static_cast<size_t>(w.chunks);
+  size_t row_values = 0, row_bytes = 0, proj_values = 0, proj_bytes = 0, total = 0;
+  const bool fits = mul(rows, per_row, &row_values) && mul(row_values, elem, &row_bytes) &&
+                    mul(pass_b_tasks, static_cast<size_t>(w.n_out), &proj_values) &&
+                    mul(proj_values, sizeof(float), &proj_bytes) && row_bytes <= SIZE_MAX - proj_bytes;
+  total = fits ? row_bytes + proj_bytes : SIZE_MAX;
+  const std::string what = "the scratch of " + std::to_string(b * L) + " tokens x (2 Di + 2 N + dt_rank = " +
+                           std::to_string(per_row) + (p.is_float ? " float" : " int8") + " values; Di " +
+                           std::to_string(Di) + ", N " + std::to_string(N) + ", dt_rank " + std::to_string(R) +
+                           " from x_proj_w's rows)";
+  const size_t ram = physical_memory();
+  if (!fits || (ram != 0 && total > ram)) {
+    *error = what + (fits ? " is " + gib(static_cast<double>(total)) : std::string(" overflows size_t")) +
+             (ram != 0 ? ", more than this machine's " + gib(static_cast<double>(ram)) + " of memory" : std::string());
+    return kStateUpdateNoMemory;
+  }
   try {
     if (p.is_float) {
       w.u_f.resize(rows * Di), w.delta_f.resize(rows * Di), w.B_f.resize(rows * N), w.C_f.resize(rows * N);
@@ -386,18 +442,19 @@ int state_update(const StateUpdateParams &p, ParallelFor parallel_for, void *poo
       w.u_q.resize(rows * Di), w.delta_q.resize(rows * Di), w.B_q.resize(rows * N), w.C_q.resize(rows * N);
       w.dtl_q.resize(rows * R);
     }
+    w.proj.resize(proj_values);
     w.failed.assign(static_cast<size_t>(b * w.blocks), 0);
-  } catch (const std::bad_alloc &) {
-    *error = "out of memory for the scratch of " + std::to_string(b * L) + " tokens";
-    return 1;
+  } catch (const std::exception &) {   // bad_alloc, length_error
+    *error = "out of memory allocating " + gib(static_cast<double>(total)) + " for " + what;
+    return kStateUpdateNoMemory;
   }
   if (b * L * Di < kSerialBelow || parallel_for == nullptr) parallel_for = serial_for;
   parallel_for(pool, pass_conv, static_cast<size_t>(b * w.blocks), &w);
-  parallel_for(pool, pass_xproj, static_cast<size_t>(b * w.chunks), &w);
+  parallel_for(pool, pass_xproj, pass_b_tasks, &w);
   parallel_for(pool, pass_scan, static_cast<size_t>(b * w.blocks), &w);
   if (std::any_of(w.failed.begin(), w.failed.end(), [](int f) { return f != 0; })) {
     *error = w.message.empty() ? "the scan failed" : w.message;
-    return 1;
+    return kStateUpdateInvalid;
   }
   return 0;
 }

@@ -40,10 +40,19 @@ struct StateUpdateParams {
   float *y, *conv_state_out, *ssm_state_out;             // [b, L, Di], [b, Di, K-1], [b, Di, N]
 };
 
-// Runs fn(user, i) for i in [0, n): the caller's thread pool (ORT's ParallelFor) or a plain loop.
-using ParallelFor = void (*)(void *pool, void (*fn)(void *, size_t), size_t n, void *user);
+// Runs fn(user, i) for i in [0, n): the caller's thread pool (ORT's ParallelFor) or a plain loop. The tasks are
+// noexcept (an exception on ORT's pool threads ends the process): they allocate nothing and report failures
+// through flags that state_update reads after the pool returns.
+using TaskFn = void (*)(void *user, size_t task) noexcept;
+using ParallelFor = void (*)(void *pool, TaskFn fn, size_t n, void *user) noexcept;
 
-// 0 on success; else the message is in *error. Scratch is allocated here (b * L * (2 Di + 2 N + R) values).
+constexpr int kStateUpdateInvalid = 1;   // the inputs are wrong (shapes, sizes): *error says how
+constexpr int kStateUpdateNoMemory = 2;  // the scratch cannot be had: *error says how much
+
+// 0 on success; else kStateUpdateInvalid or kStateUpdateNoMemory, with the message in *error. All scratch
+// (b * L * (2 Di + 2 N + R) values, plus one x_proj row per task of pass B) is allocated here, on the
+// calling thread, before any task runs; a size beyond the machine's physical memory is refused before
+// allocating, a failed allocation is reported, never thrown.
 int state_update(const StateUpdateParams &p, ParallelFor parallel_for, void *pool, std::string *error);
 
 }  // namespace mq_scan

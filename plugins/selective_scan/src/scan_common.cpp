@@ -29,7 +29,7 @@ void clear_error() { g_last_error.clear(); }
 
 extern "C" {
 
-void mq_scan_set_contiguous_strides(MQScanParams *p) {
+void mq_scan_set_contiguous_strides(MQScanParams *p) noexcept {
   if (p == nullptr) return;
   p->x_l_stride = p->dim;
   p->x_batch_stride = p->seqlen * p->dim;
@@ -39,7 +39,7 @@ void mq_scan_set_contiguous_strides(MQScanParams *p) {
   p->y_batch_stride = p->seqlen * p->dim;
 }
 
-int mq_scan_validate(const MQScanParams *p) {
+int mq_scan_validate(const MQScanParams *p) noexcept {
   using mq_scan::set_error;
   mq_scan::clear_error();
   if (p == nullptr) return set_error(MQ_SCAN_ERR_INVALID, "params pointer is NULL");
@@ -77,8 +77,8 @@ int mq_scan_validate(const MQScanParams *p) {
   return MQ_SCAN_OK;
 }
 
-const char *mq_scan_last_error(void) { return g_last_error.c_str(); }
+const char *mq_scan_last_error(void) noexcept { return g_last_error.c_str(); }
 
-const char *mq_scan_version(void) { return MQ_SCAN_VERSION; }
+const char *mq_scan_version(void) noexcept { return MQ_SCAN_VERSION; }
 
 }  // extern "C"

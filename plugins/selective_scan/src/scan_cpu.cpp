@@ -18,7 +18,7 @@ namespace {
 
 constexpr int kBlock = 16;
 
-void scan_block(const MQScanParams &p, int64_t b, int64_t d0) {
+void scan_block(const MQScanParams &p, int64_t b, int64_t d0) noexcept {
   using namespace mq_scan;
   const int64_t N = p.dstate;
   const int nd = static_cast<int>(std::min<int64_t>(kBlock, p.dim - d0));
@@ -97,13 +97,14 @@ void scan_block(const MQScanParams &p, int64_t b, int64_t d0) {
       for (int64_t n = 0; n < N; ++n) p.h_last[(b * p.dim + d0 + j) * N + n] = h[n][j];
 }
 
-void run_items(const MQScanParams &p, int64_t first, int64_t stride, int64_t count, int64_t blocks_per_batch) {
+// the body of each std::thread: an exception escaping it would call std::terminate, so nothing here throws
+void run_items(const MQScanParams &p, int64_t first, int64_t stride, int64_t count, int64_t blocks_per_batch) noexcept {
   for (int64_t i = first; i < count; i += stride) scan_block(p, i / blocks_per_batch, (i % blocks_per_batch) * kBlock);
 }
 
 }  // namespace
 
-extern "C" int mq_scan_cpu(const MQScanParams *p, int num_threads) {
+extern "C" int mq_scan_cpu(const MQScanParams *p, int num_threads) noexcept {
   try {
     const int rc = mq_scan_validate(p);
     if (rc != MQ_SCAN_OK) return rc;

@@ -308,7 +308,7 @@ int dispatch_int8(const MQScanParams &p, cudaStream_t s, void *ws = nullptr, siz
 
 }  // namespace
 
-extern "C" int mq_scan_cuda(const MQScanParams *p, void *cuda_stream) {
+extern "C" int mq_scan_cuda(const MQScanParams *p, void *cuda_stream) noexcept {
   try {
     int rc = mq_scan_validate(p);
     if (rc == MQ_SCAN_OK) rc = check_grid(*p);
@@ -319,7 +319,7 @@ extern "C" int mq_scan_cuda(const MQScanParams *p, void *cuda_stream) {
   }
 }
 
-extern "C" size_t mq_scan_cuda_workspace_size(const MQScanParams *p) {
+extern "C" size_t mq_scan_cuda_workspace_size(const MQScanParams *p) noexcept {
   try {
     if (p == nullptr || p->batch <= 0 || p->seqlen <= 0 || p->dim <= 0 || p->dstate <= 0) return 0;
     MQScanParams q = *p;
@@ -330,7 +330,8 @@ extern "C" size_t mq_scan_cuda_workspace_size(const MQScanParams *p) {
   }
 }
 
-extern "C" int mq_scan_cuda_ws(const MQScanParams *p, void *workspace, size_t workspace_bytes, void *cuda_stream) {
+extern "C" int mq_scan_cuda_ws(const MQScanParams *p, void *workspace, size_t workspace_bytes,
+                               void *cuda_stream) noexcept {
   try {
     int rc = mq_scan_validate(p);
     if (rc == MQ_SCAN_OK) rc = check_grid(*p);
@@ -345,7 +346,7 @@ extern "C" int mq_scan_cuda_ws(const MQScanParams *p, void *workspace, size_t wo
   }
 }
 
-extern "C" int mq_scan_step_cuda(const MQScanParams *p, void *cuda_stream) {
+extern "C" int mq_scan_step_cuda(const MQScanParams *p, void *cuda_stream) noexcept {
   try {
     const int rc = mq_scan_validate(p);
     if (rc != MQ_SCAN_OK) return rc;
@@ -370,7 +371,7 @@ extern "C" int mq_scan_step_cuda(const MQScanParams *p, void *cuda_stream) {
 }
 
 extern "C" int mq_scan_cuda_f16in(const MQScanParams *p, const void *x, const void *delta, const void *B,
-                                  const void *C, const void *z, void *cuda_stream) {
+                                  const void *C, const void *z, void *cuda_stream) noexcept {
   try {
     if (p == nullptr || x == nullptr || delta == nullptr || B == nullptr || C == nullptr)
       return set_error(MQ_SCAN_ERR_INVALID, "mq_scan_cuda_f16in: params and the x, delta, B, C pointers are required");

@@ -7,6 +7,7 @@
 #include "mq_selective_scan.h"
 
 #include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <cstdio>
 #include <cstring>
@@ -164,6 +165,30 @@ std::string checkTypes(DataType const* types, int32_t n, ScanAttributes const& a
   return {};
 }
 
+/* Scratch of the CUDA scan's L-split (per segment: sum of dt and end state) for a build profile, so that
+ * enqueue never allocates. The split has more segments at small batch, so take the largest need over the
+ * profile's batch range at its longest sequence and widest channels. 0 where nothing splits. */
+size_t workspaceForProfile(DynamicPluginTensorDesc const* inputs, int32_t nbInputs) noexcept {
+  if (inputs == nullptr || nbInputs != kNB_INPUTS) return 0;
+  Dims const& lo = inputs[kIN_X].min;
+  Dims const& hi = inputs[kIN_X].max;
+  Dims const& a = inputs[kIN_A].max;
+  if (hi.nbDims != 3 || a.nbDims != 2) return 0;
+  MQScanParams p;
+  std::memset(&p, 0, sizeof p);
+  p.seqlen = hi.d[1];
+  p.dim = hi.d[2];
+  p.dstate = a.d[1];
+  size_t most = 0;
+  int64_t const b0 = lo.nbDims == 3 && lo.d[0] > 0 ? lo.d[0] : 1;
+  for (int64_t b = b0; b <= hi.d[0] && b < b0 + 4096; ++b) {
+    p.batch = b;
+    size_t const need = mq_scan_cuda_workspace_size(&p);
+    if (need > most) most = need;
+  }
+  return most;
+}
+
 }  // namespace
 
 char const* lastError() noexcept { return tLastError.c_str(); }
@@ -209,6 +234,7 @@ SelectiveScanPlugin::SelectiveScanPlugin(SelectiveScanPlugin const& other)
       nvinfer1::IPluginV3OneBuild(other),
       nvinfer1::IPluginV3OneRuntime(other),
       mAttrs(other.mAttrs),
+      mWorkspaceBytes(other.mWorkspaceBytes),
       mDescription(other.mDescription),
       mErrorRecorder(other.mErrorRecorder) {
   buildFieldsToSerialize();
@@ -222,6 +248,8 @@ void SelectiveScanPlugin::buildFieldsToSerialize() {
   mFields.emplace_back("C_scale", &mAttrs.C_scale, PluginFieldType::kFLOAT32, 1);
   mFields.emplace_back("z_scale", &mAttrs.z_scale, PluginFieldType::kFLOAT32, 1);
   mFields.emplace_back("out_dtype", &mAttrs.out_dtype, PluginFieldType::kINT32, 1);
+  // points at the member: a size recorded after construction (getWorkspaceSize) is what gets serialized
+  mFields.emplace_back(kWORKSPACE_FIELD, &mWorkspaceBytes, PluginFieldType::kINT64, 1);
   mFieldCollection.nbFields = static_cast<int32_t>(mFields.size());
   mFieldCollection.fields = mFields.data();
 }
@@ -290,6 +318,9 @@ int32_t SelectiveScanPlugin::configurePlugin(DynamicPluginTensorDesc const* in, 
       report("configurePlugin", err);
       return 1;
     }
+    // the profile's workspace, as getWorkspaceSize reports it: whichever clone TensorRT asks for the size
+    // and whichever it serializes, a configured plugin carries the size TensorRT allocates
+    recordWorkspace(workspaceForProfile(in, nbInputs));
     return 0;
   } catch (std::exception const& e) {
     report("configurePlugin", e.what());
@@ -364,34 +395,21 @@ bool SelectiveScanPlugin::supportsFormatCombination(int32_t pos, DynamicPluginTe
   }
 }
 
+/* The size given to TensorRT is the size enqueue may use, whatever the environment says at run time
+ * (MQ_SCAN_CUDA_SPLIT changes the split plan, and so mq_scan_cuda_workspace_size): it is recorded here
+ * and serialized with the plugin. Over several profiles the smallest is kept, so enqueue never claims more
+ * than TensorRT allocated for any of them; a plan that needs more scans unsplit. */
+void SelectiveScanPlugin::recordWorkspace(size_t bytes) const noexcept {
+  int64_t const b = bytes > static_cast<size_t>(INT64_MAX) ? INT64_MAX : static_cast<int64_t>(bytes);
+  if (mWorkspaceBytes < 0 || b < mWorkspaceBytes) mWorkspaceBytes = b;
+}
+
 size_t SelectiveScanPlugin::getWorkspaceSize(DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
                                              DynamicPluginTensorDesc const* /*outputs*/,
                                              int32_t /*nbOutputs*/) const noexcept {
-  // Scratch of the CUDA scan's L-split (per segment: sum of dt and end state), so enqueue never
-  // allocates. The split has more segments at small batch, so take the largest need over the
-  // profile's batch range at its longest sequence and widest channels.
-  try {
-    if (inputs == nullptr || nbInputs != kNB_INPUTS) return 0;
-    Dims const& lo = inputs[kIN_X].min;
-    Dims const& hi = inputs[kIN_X].max;
-    Dims const& a = inputs[kIN_A].max;
-    if (hi.nbDims != 3 || a.nbDims != 2) return 0;
-    MQScanParams p;
-    std::memset(&p, 0, sizeof p);
-    p.seqlen = hi.d[1];
-    p.dim = hi.d[2];
-    p.dstate = a.d[1];
-    size_t most = 0;
-    int64_t const b0 = lo.nbDims == 3 && lo.d[0] > 0 ? lo.d[0] : 1;
-    for (int64_t b = b0; b <= hi.d[0] && b < b0 + 4096; ++b) {
-      p.batch = b;
-      size_t const need = mq_scan_cuda_workspace_size(&p);
-      if (need > most) most = need;
-    }
-    return most;
-  } catch (...) {
-    return 0;
-  }
+  size_t const bytes = workspaceForProfile(inputs, nbInputs);
+  if (inputs != nullptr && nbInputs == kNB_INPUTS) recordWorkspace(bytes);
+  return bytes;
 }
 
 char const* SelectiveScanPlugin::getTimingCacheID() noexcept { return mDescription.c_str(); }
@@ -469,10 +487,10 @@ int32_t SelectiveScanPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTe
     int status = mq_scan_validate(&p);
     if (status == MQ_SCAN_OK) {
       // The decode step kernel is the same recurrence for one token without the chunking.
-      // The L-split's scratch is TensorRT's workspace (sized by getWorkspaceSize for the profile).
+      // The L-split's scratch is TensorRT's workspace, of the size getWorkspaceSize gave at build time
+      // (serialized with the plugin); a split that needs more than that scans unsplit.
       status = p.seqlen == 1 ? mq_scan_step_cuda(&p, stream)
-                             : mq_scan_cuda_ws(&p, workspace, workspace != nullptr ? mq_scan_cuda_workspace_size(&p) : 0,
-                                               stream);
+                             : mq_scan_cuda_ws(&p, workspace, workspace != nullptr ? workspaceBytes() : 0, stream);
     }
     if (status != MQ_SCAN_OK) {
       char const* msg = mq_scan_last_error();
@@ -536,6 +554,20 @@ bool readFloat(PluginField const& f, float& value, std::string& err) {
   }
 }
 
+bool readInt64(PluginField const& f, int64_t& value, std::string& err) {
+  if (f.data == nullptr || f.length != 1) {
+    err = std::string("field ") + f.name + " must be one integer";
+    return false;
+  }
+  switch (f.type) {
+    case PluginFieldType::kINT64: value = *static_cast<int64_t const*>(f.data); return true;
+    case PluginFieldType::kINT32: value = *static_cast<int32_t const*>(f.data); return true;
+    default: err = std::string("field ") + f.name + " must be int64, got field type " +
+                   std::to_string(static_cast<int32_t>(f.type));
+      return false;
+  }
+}
+
 bool readInt(PluginField const& f, int32_t& value, std::string& err) {
   if (f.data == nullptr || f.length != 1) {
     err = std::string("attribute ") + f.name + " must be one integer";
@@ -557,6 +589,7 @@ IPluginV3* SelectiveScanPluginCreator::createPlugin(char const* name, PluginFiel
   std::string const where = std::string("createPlugin(") + (name != nullptr ? name : "") + ")";
   try {
     ScanAttributes attrs;
+    int64_t workspace = -1;   // absent (an engine built before the field existed): enqueue never splits
     std::string err;
     for (int32_t i = 0; fc != nullptr && i < fc->nbFields && err.empty(); ++i) {
       PluginField const& f = fc->fields[i];
@@ -568,6 +601,7 @@ IPluginV3* SelectiveScanPluginCreator::createPlugin(char const* name, PluginFiel
       else if (key == "C_scale") readFloat(f, attrs.C_scale, err);
       else if (key == "z_scale") readFloat(f, attrs.z_scale, err);
       else if (key == "out_dtype") readInt(f, attrs.out_dtype, err);
+      else if (key == kWORKSPACE_FIELD) readInt64(f, workspace, err);
       // other fields (none today) are ignored so newer engines' extra fields do not break loading
     }
     if (err.empty()) err = attrs.check();
@@ -575,7 +609,9 @@ IPluginV3* SelectiveScanPluginCreator::createPlugin(char const* name, PluginFiel
       logError(std::string(kPLUGIN_NAMESPACE) + "::" + kPLUGIN_NAME + " " + where + ": " + err);
       return nullptr;
     }
-    return new SelectiveScanPlugin(attrs);
+    auto* plugin = new SelectiveScanPlugin(attrs);
+    plugin->setWorkspaceBytes(workspace);
+    return plugin;
   } catch (std::exception const& e) {
     logError(where + ": " + e.what());
   } catch (...) {
@@ -646,8 +682,11 @@ extern "C" MQ_TRT_EXPORT nvinfer1::IPluginCreatorInterface* const* getCreators(i
 }
 
 extern "C" MQ_TRT_EXPORT void setLoggerFinder(nvinfer1::ILoggerFinder* finder) {
-  std::lock_guard<std::mutex> lock(mq::trt::gLoggerMutex);
-  if (mq::trt::gLoggerFinder == nullptr && finder != nullptr) mq::trt::gLoggerFinder = finder;
+  try {   // std::mutex::lock may throw std::system_error: never across the C boundary
+    std::lock_guard<std::mutex> lock(mq::trt::gLoggerMutex);
+    if (mq::trt::gLoggerFinder == nullptr && finder != nullptr) mq::trt::gLoggerFinder = finder;
+  } catch (...) {
+  }
 }
 
 extern "C" MQ_TRT_EXPORT int32_t mq_scan_trt_register_creators(void) {

@@ -16,6 +16,10 @@
 namespace mq {
 namespace trt {
 
+/* Serialized plugin field (not an ONNX attribute, so not in the creator's field names): the enqueue
+ * workspace size in bytes, as getWorkspaceSize returned it when the engine was built. */
+constexpr char const* kWORKSPACE_FIELD = "workspace_bytes";
+
 /* The ONNX parser looks the creator up by (node.op_type, attribute plugin_version or "1",
  * attribute plugin_namespace or ""); mq-deploy's TensorRT build writes plugin_namespace="mq" on
  * every mq::SelectiveScan node when it strips the function bodies. */
@@ -104,11 +108,20 @@ class SelectiveScanPlugin final : public nvinfer1::IPluginV3,
   nvinfer1::IPluginV3* attachToContext(nvinfer1::IPluginResourceContext* context) noexcept override;
   nvinfer1::PluginFieldCollection const* getFieldsToSerialize() noexcept override;
 
+  /* Workspace bytes this plugin may use in enqueue: what getWorkspaceSize told TensorRT at build time
+   * (serialized with the plugin as field "workspace_bytes"), never recomputed at run time. */
+  size_t workspaceBytes() const noexcept { return mWorkspaceBytes > 0 ? static_cast<size_t>(mWorkspaceBytes) : 0; }
+  void setWorkspaceBytes(int64_t bytes) noexcept { mWorkspaceBytes = bytes; }
+
  private:
   void buildFieldsToSerialize();
   void report(std::string const& where, std::string const& message) const noexcept;
+  void recordWorkspace(size_t bytes) const noexcept;
 
   ScanAttributes mAttrs;
+  /* -1 until a build-time query sized it (then the smallest size reported to TensorRT for any profile,
+   * so never more than it allocated), or the serialized value at run time; mutable: getWorkspaceSize is const */
+  mutable int64_t mWorkspaceBytes{-1};
   std::string mDescription;  // "x_scale=... out_dtype=1": timing cache id and engine-inspector metadata
   std::vector<nvinfer1::PluginField> mFields;
   nvinfer1::PluginFieldCollection mFieldCollection{};

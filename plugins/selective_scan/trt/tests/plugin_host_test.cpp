@@ -10,6 +10,7 @@
 
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <random>
 #include <string>
@@ -17,10 +18,22 @@
 
 using namespace nvinfer1;
 
-extern "C" int mq_scan_cuda(const MQScanParams* p, void*) { return mq_scan_cpu(p, 1); }
-extern "C" int mq_scan_step_cuda(const MQScanParams* p, void*) { return mq_scan_cpu(p, 1); }
-extern "C" int mq_scan_cuda_ws(const MQScanParams* p, void*, size_t, void*) { return mq_scan_cpu(p, 1); }
-extern "C" size_t mq_scan_cuda_workspace_size(const MQScanParams* p) { return static_cast<size_t>(p->batch) * 64; }
+extern "C" int mq_scan_cuda(const MQScanParams* p, void*) noexcept { return mq_scan_cpu(p, 1); }
+extern "C" int mq_scan_step_cuda(const MQScanParams* p, void*) noexcept { return mq_scan_cpu(p, 1); }
+// what enqueue handed the CUDA library as its scratch, for the workspace checks below
+static void* gWsPtr = nullptr;
+static size_t gWsBytes = 0;
+extern "C" int mq_scan_cuda_ws(const MQScanParams* p, void* ws, size_t bytes, void*) noexcept {
+  gWsPtr = ws;
+  gWsBytes = bytes;
+  return mq_scan_cpu(p, 1);
+}
+// 64 bytes a batch row, and none when MQ_SCAN_CUDA_SPLIT=0 turns the split off: environment-dependent, as
+// the real library's plan is
+extern "C" size_t mq_scan_cuda_workspace_size(const MQScanParams* p) noexcept {
+  char const* split = std::getenv("MQ_SCAN_CUDA_SPLIT");
+  return split != nullptr && split[0] == '0' ? 0 : static_cast<size_t>(p->batch) * 64;
+}
 extern "C" IPluginRegistry* getPluginRegistry() noexcept { return nullptr; }
 // enqueue's seqlen == 0 pass-through copies h0 to h_last on the stream; host memory here
 extern "C" cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t count, cudaMemcpyKind, cudaStream_t) {
@@ -138,7 +151,7 @@ int main() {
 
   // serialization round trip: the fields recreate an equal plugin at run time
   PluginFieldCollection const* ser = run->getFieldsToSerialize();
-  CHECK(ser->nbFields == 6);
+  CHECK(ser->nbFields == 7);   // the six attributes and workspace_bytes
   IPluginV3* restored = creator.createPlugin("scan0", ser, TensorRTPhase::kRUNTIME);
   CHECK(restored != nullptr);
   IPluginV3* attached = static_cast<IPluginV3OneRuntime*>(restored->getCapabilityInterface(PluginCapabilityType::kRUNTIME))
@@ -199,6 +212,80 @@ int main() {
   desc[9].dims = dims({b, D, N + 2});
   CHECK(rrun->onShapeChange(desc, 10, desc + 10, 2) != 0);
   CHECK(std::strstr(mq_scan_trt_last_error(), "h0") != nullptr);
+
+  // workspace contract: enqueue uses the size getWorkspaceSize gave TensorRT at build time (serialized as
+  // "workspace_bytes"), never one recomputed at run time, where the environment may plan another split
+  {
+    auto fieldOf = [](PluginFieldCollection const* fc, char const* name) -> PluginField const* {
+      for (int32_t i = 0; i < fc->nbFields; ++i)
+        if (std::strcmp(fc->fields[i].name, name) == 0) return &fc->fields[i];
+      return nullptr;
+    };
+    desc[9].dims = dims({b, D, N});   // undo the bad shape above
+    DynamicPluginTensorDesc prof[12];
+    std::memcpy(prof, dyn, sizeof prof);
+    prof[0].min = dims({1, L, D});
+    prof[0].max = dims({5, L, D});   // the stub's plan: 64 bytes a batch row, so 320 at batch 5
+    std::vector<unsigned char> ws(320);
+    for (char const* buildEnv : {"auto", "0"}) {
+      bool const split = std::strcmp(buildEnv, "0") != 0;
+      if (split) unsetenv("MQ_SCAN_CUDA_SPLIT");
+      else setenv("MQ_SCAN_CUDA_SPLIT", "0", 1);
+      IPluginV3* bp = make(creator, 1, 0.01F);
+      auto* bb = static_cast<IPluginV3OneBuild*>(bp->getCapabilityInterface(PluginCapabilityType::kBUILD));
+      auto* br = static_cast<IPluginV3OneRuntime*>(bp->getCapabilityInterface(PluginCapabilityType::kRUNTIME));
+      CHECK(bb->configurePlugin(prof, 10, prof + 10, 2) == 0);
+      size_t const given = bb->getWorkspaceSize(prof, 10, prof + 10, 2);
+      CHECK(given == (split ? 320U : 0U));
+      PluginFieldCollection const* fc = br->getFieldsToSerialize();
+      PluginField const* wf = fieldOf(fc, "workspace_bytes");
+      CHECK(wf != nullptr && wf->type == PluginFieldType::kINT64 && wf->length == 1);
+      if (wf != nullptr) CHECK(*static_cast<int64_t const*>(wf->data) == static_cast<int64_t>(given));
+      // deserialize and run under the other setting: the run-time plan (none, or 128 bytes at batch 2) must not
+      // replace what TensorRT allocated (320 bytes, or none, though TensorRT may still pass a pointer)
+      if (split) setenv("MQ_SCAN_CUDA_SPLIT", "0", 1);
+      else unsetenv("MQ_SCAN_CUDA_SPLIT");
+      IPluginV3* rp = creator.createPlugin("scan0", fc, TensorRTPhase::kRUNTIME);
+      CHECK(rp != nullptr);
+      IPluginV3* ra = static_cast<IPluginV3OneRuntime*>(rp->getCapabilityInterface(PluginCapabilityType::kRUNTIME))
+                          ->attachToContext(nullptr);
+      auto* rr = static_cast<IPluginV3OneRuntime*>(ra->getCapabilityInterface(PluginCapabilityType::kRUNTIME));
+      CHECK(rr->onShapeChange(desc, 10, desc + 10, 2) == 0);
+      gWsPtr = nullptr;
+      gWsBytes = 12345;
+      CHECK(rr->enqueue(desc, desc + 10, ins, outs, ws.data(), nullptr) == 0);
+      std::printf("workspace: built with MQ_SCAN_CUDA_SPLIT=%s, getWorkspaceSize %zu, enqueue passed %zu bytes\n",
+                  buildEnv, given, gWsBytes);
+      CHECK(gWsBytes == given);
+      CHECK(gWsPtr == ws.data());
+      delete ra;
+      delete rp;
+      delete bp;
+    }
+    unsetenv("MQ_SCAN_CUDA_SPLIT");
+    // two profiles: the smaller size is kept (never more than TensorRT allocated for either)
+    IPluginV3* two = make(creator, 1, 0.01F);
+    auto* tb = static_cast<IPluginV3OneBuild*>(two->getCapabilityInterface(PluginCapabilityType::kBUILD));
+    DynamicPluginTensorDesc small[12];
+    std::memcpy(small, prof, sizeof small);
+    small[0].max = dims({2, L, D});
+    CHECK(tb->getWorkspaceSize(prof, 10, prof + 10, 2) == 320);
+    CHECK(tb->getWorkspaceSize(small, 10, small + 10, 2) == 128);
+    PluginField const* tf = fieldOf(static_cast<IPluginV3OneRuntime*>(two->getCapabilityInterface(
+                                        PluginCapabilityType::kRUNTIME))->getFieldsToSerialize(), "workspace_bytes");
+    CHECK(tf != nullptr && *static_cast<int64_t const*>(tf->data) == 128);
+    // an engine serialized without the field (or a plugin never sized): enqueue claims no workspace
+    IPluginV3* old = make(creator, 1, 0.01F);
+    IPluginV3* oa = static_cast<IPluginV3OneRuntime*>(old->getCapabilityInterface(PluginCapabilityType::kRUNTIME))
+                        ->attachToContext(nullptr);
+    gWsBytes = 12345;
+    CHECK(static_cast<IPluginV3OneRuntime*>(oa->getCapabilityInterface(PluginCapabilityType::kRUNTIME))
+              ->enqueue(desc, desc + 10, ins, outs, ws.data(), nullptr) == 0);
+    CHECK(gWsBytes == 0);
+    delete oa;
+    delete old;
+    delete two;
+  }
 
   delete attached;
   delete restored;
