@@ -138,6 +138,32 @@ def make(b, L, d, n, z=True, gate=False, h0=False, seed=0):
     return kw
 
 
+BIG_BIAS = 24.0   # delta_bias of every third channel in with_edges: delta + bias in (22, 26)
+
+
+def with_edges(kw, seed=0):
+    """make()'s inputs with the values its draws never reach: -128 (QuantizeLinear's lowest code; q8 draws
+    -127..127) in about a tenth of every int8 input, its first and last element included, and a delta_bias
+    of BIG_BIAS on every third channel, so that delta + bias > 20 there (torch's softplus returns its input
+    above 20; the kernels compute max(v, 0) + log1p(exp(-|v|)) everywhere). Returns (inputs, mask of the
+    large-dt channels) so tests can check those channels and the others apart: they differ in magnitude."""
+    g = torch.Generator().manual_seed(seed + 7919)
+    out = dict(kw)
+    for k in ("qx", "qdelta", "qB", "qC", "qz"):
+        if out.get(k) is not None:
+            q = out[k].clone()
+            q[torch.rand(q.shape, generator=g) < 0.1] = -128
+            flat = q.view(-1)
+            flat[0] = flat[-1] = -128
+            out[k] = q
+    big = torch.zeros(kw["qx"].shape[-1], dtype=torch.bool)
+    big[::3] = True
+    bias = out["delta_bias"].clone() if out.get("delta_bias") is not None else torch.zeros(big.shape)
+    bias[big] = BIG_BIAS
+    out["delta_bias"] = bias
+    return out, big
+
+
 def decode_steps(kw, run_step):
     """Run a scan as L decode steps with the state updated in place: run_step(inputs of step t, state)
     returns y [b, 1, d]. Returns (y of all steps [b, L, d], final state)."""

@@ -19,7 +19,7 @@ from mq_deploy.ops import native
 from mq_deploy.ops.selective_scan import selective_scan_int8_ref
 
 from conftest import rel_err
-from helpers import decode_steps, make, q8
+from helpers import decode_steps, make, q8, with_edges
 
 # CI installs with MQ_REQUIRE_NATIVE=1: there a missing library fails the tests instead of skipping them
 needs_lib = pytest.mark.skipif(os.environ.get("MQ_REQUIRE_NATIVE") != "1" and not native.available(),
@@ -53,6 +53,29 @@ def test_matches_reference(shape, z, gate, h0):
     check(h, want_h, what="h_last")
     y_only = native.selective_scan_int8_native(**kw)
     assert torch.equal(y_only, y)
+
+
+# partial and full 16-channel blocks, N = 16, an odd N and the maximum; b * L * d * N above 65536 in the
+# last two, so the library runs them on two threads
+EDGE_SHAPES = [(2, 37, 33, 16), (1, 50, 17, 7), (3, 60, 40, 64), (1, 70, 5, 256)]
+
+
+@needs_lib
+@pytest.mark.parametrize("shape", EDGE_SHAPES, ids=lambda s: "b%d-L%d-d%d-n%d" % s)
+def test_edge_codes_and_large_dt(shape):
+    """-128 in every int8 input and delta + delta_bias > 20 on every third channel (softplus's linear
+    range), against the reference; the large-dt channels (|y| in the thousands) and the others are checked
+    apart, so that neither hides the other's error. Same tolerance: nothing saturates in float32."""
+    kw, big = with_edges(make(*shape, gate=True, h0=True, seed=41))
+    v = kw["qdelta"].float() * kw["delta_scale"] + kw["delta_bias"]
+    assert all((kw[k] == -128).any() for k in ("qx", "qdelta", "qB", "qC", "qz"))
+    assert (v[..., big] > 20).all() and (v[..., ~big] < 20).all()
+    want_y, want_h = selective_scan_int8_ref(**kw, return_last_state=True)
+    y, h = native.selective_scan_int8_native(**kw, return_last_state=True, num_threads=2)
+    check(y[..., big], want_y[..., big], what="y, delta + bias > 20")
+    check(y[..., ~big], want_y[..., ~big], what="y, other channels")
+    check(h[:, big], want_h[:, big], what="h_last, delta + bias > 20")
+    check(h[:, ~big], want_h[:, ~big], what="h_last, other channels")
 
 
 @needs_lib
@@ -190,28 +213,59 @@ def test_op_yaml_agrees_with_the_plugin_yaml():
     assert a["input_dim_constraints"][-1] == f"A_1 <= {native.MAX_DSTATE}"
 
 
+# A C program fills every input of the ABI (D, z, delta_bias, gate_scale and h0 included) from formulas that
+# c_program_inputs() repeats in Python: int8 codes over the whole range (-128 first), dyadic floats (exact in
+# both languages) and one channel with delta_bias 24 (softplus's linear range). It prints y and h_last.
 C_PROGRAM = r"""
 #include <stdio.h>
 #include <string.h>
 #include "mq_selective_scan.h"
+enum { NB = 2, NL = 3, ND = 5, NN = 4 };
+static int8_t code(int i, int a, int c) { return (int8_t)((i * a + c) % 256 - 128); }
 int main(void) {
-  int8_t x[2 * 3 * 5] = {1, -2, 3, 4, -5}, bc[2 * 3 * 4] = {7, -1, 2, 3};
-  float A[5 * 4], y[2 * 3 * 5], h[2 * 5 * 4];
-  for (int i = 0; i < 20; ++i) A[i] = -0.5f - 0.1f * (float)i;
+  int8_t x[NB * NL * ND], dl[NB * NL * ND], z[NB * NL * ND], B[NB * NL * NN], C[NB * NL * NN];
+  float A[ND * NN], D[ND], bias[ND], gs[ND], h0[NB * ND * NN], y[NB * NL * ND], h[NB * ND * NN];
+  int i;
+  for (i = 0; i < NB * NL * ND; ++i) { x[i] = code(i, 37, 0); dl[i] = code(i, 53, 11); z[i] = code(i, 13, 7); }
+  for (i = 0; i < NB * NL * NN; ++i) { B[i] = code(i, 29, 5); C[i] = code(i, 71, 3); }
+  for (i = 0; i < ND * NN; ++i) A[i] = -(float)(i + 1) / 8.0f;
+  for (i = 0; i < ND; ++i) { D[i] = (float)(i - 2) / 4.0f; bias[i] = i == 0 ? 24.0f : (float)(i - 4) / 4.0f; gs[i] = (float)(i + 2) / 4.0f; }
+  for (i = 0; i < NB * ND * NN; ++i) h0[i] = (float)(i % 17 - 8) / 16.0f;
   MQScanParams p;
   memset(&p, 0, sizeof p);
-  p.batch = 2; p.seqlen = 3; p.dim = 5; p.dstate = 4;
-  p.x = x; p.delta = x; p.B = bc; p.C = bc;
-  p.x_scale = p.delta_scale = p.B_scale = p.C_scale = 0.1f;
-  p.A = A; p.y = y; p.h_last = h;
+  p.batch = NB; p.seqlen = NL; p.dim = ND; p.dstate = NN;
+  p.x = x; p.delta = dl; p.B = B; p.C = C; p.z = z;
+  p.x_scale = 0.02f; p.delta_scale = 0.015f; p.B_scale = 0.03f; p.C_scale = 0.025f; p.z_scale = 0.03f;
+  p.A = A; p.D = D; p.delta_bias = bias; p.gate_scale = gs; p.h0 = h0; p.y = y; p.h_last = h;
   if (mq_scan_validate(&p) != MQ_SCAN_ERR_INVALID) return 2;          /* strides not set yet */
   if (strstr(mq_scan_last_error(), "strides") == NULL) return 3;
   mq_scan_set_contiguous_strides(&p);
   if (mq_scan_cpu(&p, 2) != MQ_SCAN_OK) { puts(mq_scan_last_error()); return 4; }
-  printf("%s %.6f %.6f\n", mq_scan_version(), y[0], h[0]);
+  printf("%s\n", mq_scan_version());
+  for (i = 0; i < NB * NL * ND; ++i) printf("%.9g\n", y[i]);
+  for (i = 0; i < NB * ND * NN; ++i) printf("%.9g\n", h[i]);
   return 0;
 }
 """
+
+
+def c_program_inputs():
+    """The C program's inputs, computed the same way, as selective_scan_int8_ref arguments."""
+    b, L, d, n = 2, 3, 5, 4
+
+    def code(count, a, c):
+        return torch.tensor([(i * a + c) % 256 - 128 for i in range(count)], dtype=torch.int8)
+
+    i = torch.arange(d, dtype=torch.float32)
+    bias = (i - 4) / 4
+    bias[0] = 24.0
+    return dict(qx=code(b * L * d, 37, 0).view(b, L, d), x_scale=0.02,
+                qdelta=code(b * L * d, 53, 11).view(b, L, d), delta_scale=0.015,
+                A=-(torch.arange(d * n, dtype=torch.float32) + 1).view(d, n) / 8,
+                qB=code(b * L * n, 29, 5).view(b, L, n), B_scale=0.03, qC=code(b * L * n, 71, 3).view(b, L, n),
+                C_scale=0.025, D=(i - 2) / 4, qz=code(b * L * d, 13, 7).view(b, L, d), z_scale=0.03,
+                delta_bias=bias, gate_scale=(i + 2) / 4,
+                initial_state=((torch.arange(b * d * n) % 17 - 8) / 16).float().view(b, d, n))
 
 
 @needs_lib
@@ -230,9 +284,18 @@ def test_header_is_a_c_abi(tmp_path):
                     str(src), lib, f"-Wl,-rpath,{os.path.dirname(lib)}", "-o", str(exe)], check=True)
     out = subprocess.run([str(exe)], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
-    version, y0, h0 = out.stdout.split()
+    version, *values = out.stdout.split()
     assert version == native.load_library().mq_scan_version().decode()
-    assert float(y0) != 0.0 and float(h0) != 0.0
+    kw = c_program_inputs()
+    assert (kw["qx"] == -128).any() and (kw["qdelta"][..., 0] * kw["delta_scale"] + kw["delta_bias"][0] > 20).all()
+    want_y, want_h = selective_scan_int8_ref(**kw, return_last_state=True)
+    values = torch.tensor([float(v) for v in values])
+    assert values.numel() == want_y.numel() + want_h.numel()
+    # %.9g round-trips float32 exactly, so the bound is the library's (TOL); channel 0 (dt > 20) apart
+    y, h = values[:want_y.numel()].view_as(want_y), values[want_y.numel():].view_as(want_h)
+    check(y[..., 0], want_y[..., 0], what="C program y, channel 0 (dt > 20)")
+    check(y[..., 1:], want_y[..., 1:], what="C program y, channels 1-4")
+    check(h, want_h, what="C program h_last")
 
 
 @needs_lib

@@ -27,7 +27,7 @@ import torch
 from mq_deploy.ops.selective_scan import selective_scan_int8_ref, selective_scan_ref
 
 from conftest import REPO, rel_err
-from helpers import ort_lib_marker
+from helpers import ort_lib_marker, with_edges
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -125,6 +125,43 @@ def test_matches_function_body_and_reference(shape, gate):
     check(h_last, h_ref, TOL, "h_last vs int8 ref")
     check(y, y_body, TOL, "y vs function body")
     check(h_last, h_body, TOL, "h_last vs function body")
+
+
+_NAMES = dict(x="qx", delta="qdelta", B="qB", C="qC", z="qz", delta_bias="delta_bias")
+
+
+def edge_feeds(b, L, d, n, seed):
+    """feeds() with helpers.with_edges applied: -128 in every int8 input, delta_bias 24 on every third
+    channel (delta + bias > 20). Returns (feeds, mask of those channels)."""
+    f = feeds(b, L, d, n, seed=seed)
+    kw, big = with_edges({_NAMES[k]: torch.from_numpy(f[k]) for k in _NAMES}, seed)
+    return dict(f, **{k: kw[v].numpy() for k, v in _NAMES.items()}), big.numpy()
+
+
+def check_apart(got, want, big, tol, what, axis):
+    """check() on the large-dt channels and on the others separately (|y| differs by ~10x between them)."""
+    got, want = np.asarray(got, dtype=np.float32), np.asarray(torch.as_tensor(want), dtype=np.float32)
+    for sel, name in ((big, "delta + bias > 20"), (~big, "other channels")):
+        check(np.compress(sel, got, axis), np.compress(sel, want, axis), tol, f"{what}, {name}")
+
+
+# serial and ORT-thread-pool sizes; N = 16, a non-power of two, the maximum
+EDGE_SHAPES = [(2, 37, 33, 16), (2, 300, 70, 16), (3, 5, 7, 40), (1, 40, 3, 256)]
+
+
+@needs_lib
+@pytest.mark.parametrize("shape", EDGE_SHAPES)
+def test_edge_codes_and_large_dt(shape):
+    """-128 codes and softplus's linear range (delta + bias > 20): the op against the int8 reference and its
+    own function body, same tolerance."""
+    f, big = edge_feeds(*shape, seed=sum(shape) + 2)
+    y, h_last = session(scan_model(), threads=2).run(None, f)
+    y_body, h_body = session(scan_model(), lib=False).run(None, f)
+    y_ref, h_ref = reference(f)
+    check_apart(y, y_ref, big, TOL, "y vs int8 ref", 2)
+    check_apart(h_last, h_ref, big, TOL, "h_last vs int8 ref", 1)
+    check_apart(y, y_body, big, TOL, "y vs function body", 2)
+    check_apart(h_last, h_body, big, TOL, "h_last vs function body", 1)
 
 
 @needs_lib
@@ -254,6 +291,25 @@ def test_float_op_matches_function_body_and_reference(shape, gate):
                                           t["delta_bias"], True, t["h0"], True)
         check(y, y_ref, TOL, "float op y vs float64 ref")
         check(h_last, h_ref, TOL, "float op h_last vs float64 ref")
+
+
+@needs_lib
+@pytest.mark.parametrize("shape", EDGE_SHAPES)
+def test_float_op_edge_values_and_large_dt(shape):
+    """The float op on -128 * scale values and delta + bias > 20: against its body and the float64 reference."""
+    f, big = edge_feeds(*shape, seed=sum(shape) + 3)
+    for k, s in SCALES.items():
+        f[k] = f[k].astype(np.float32) * np.float32(s)
+    f["gate_scale"] = np.ones_like(f["gate_scale"])    # selective_scan_ref's gate: silu(z)
+    y, h_last = session(float_model(), threads=2).run(None, f)
+    y_body, h_body = session(float_model(), lib=False).run(None, f)
+    t = {k: torch.from_numpy(v).double() for k, v in f.items()}
+    y_ref, h_ref = selective_scan_ref(t["x"], t["delta"], t["A"], t["B"], t["C"], t["D"], t["z"], t["delta_bias"],
+                                      True, t["h0"], True)
+    check_apart(y, y_body, big, TOL, "float op y vs function body", 2)
+    check_apart(h_last, h_body, big, TOL, "float op h_last vs function body", 1)
+    check_apart(y, y_ref, big, TOL, "float op y vs float64 ref", 2)
+    check_apart(h_last, h_ref, big, TOL, "float op h_last vs float64 ref", 1)
 
 
 @needs_lib

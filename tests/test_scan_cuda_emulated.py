@@ -22,7 +22,7 @@ from mq_deploy.ops import native  # noqa: E402
 from mq_deploy.ops.selective_scan import selective_scan_int8_ref  # noqa: E402
 
 from conftest import rel_err  # noqa: E402
-from helpers import decode_steps, make  # noqa: E402
+from helpers import decode_steps, make, with_edges  # noqa: E402
 
 if shutil.which("g++") is None:
     pytest.skip("no g++ to build the CUDA emulation", allow_module_level=True)
@@ -65,9 +65,11 @@ def check(got, want, tol=TOL, what="y"):
 
 
 # chunks are 2048 / kN steps; (1, 1000, 70, 16) splits into 15 segments, (2, 129, 130, 16) into 2
-# (d straddles two 128-channel blocks), (3, 300, 77, 64) into 4; N = 7 and 40 pad, 200 uses kN = 256
+# (d straddles two 128-channel blocks), (3, 300, 77, 64) into 4. Every instantiation of the scan kernel:
+# kN = 16 (N 16, and 7 padded), 32 (N 24 padded), 64 (N 64, and 40 padded), 128 (N 100 padded, state
+# spilled), 256 (N 200 padded)
 SHAPES = [(1, 1, 1, 16), (2, 129, 130, 16), (3, 300, 77, 64), (1, 65, 33, 7), (2, 40, 20, 40),
-          (1, 20, 9, 200), (1, 1000, 70, 16)]
+          (1, 20, 9, 200), (1, 1000, 70, 16), (1, 70, 20, 24), (1, 40, 9, 100)]
 
 
 @pytest.mark.parametrize("split", ["auto", "0"])
@@ -82,6 +84,33 @@ def test_scan_kernel_logic(emu, shape, split, monkeypatch):
     y, h = run(emu, kw)
     check(y, want_y)
     check(h, want_h, what="h_last")
+
+
+# one shape per scan-kernel instantiation (kN 16, 32, 64, 128, 256), the first two long enough to split
+EDGE_SHAPES = [(1, 300, 40, 16), (1, 200, 20, 24), (2, 70, 33, 64), (1, 40, 9, 100), (1, 20, 9, 200)]
+
+
+@pytest.mark.parametrize("shape", EDGE_SHAPES, ids=lambda s: "b%d-L%d-d%d-n%d" % s)
+def test_edge_codes_and_large_dt(emu, shape, monkeypatch):
+    """-128 in every int8 input and delta + bias > 20 on every third channel (helpers.with_edges), the large-dt
+    channels and the others checked apart; same tolerance."""
+    monkeypatch.delenv("MQ_SCAN_CUDA_SPLIT", raising=False)
+    kw, big = with_edges(make(*shape, gate=True, h0=True, seed=43))
+    want_y, want_h = selective_scan_int8_ref(**kw, return_last_state=True)
+    y, h = run(emu, kw)
+    for sel, part in ((big, "delta + bias > 20"), (~big, "other channels")):
+        check(y[..., sel], want_y[..., sel], what=f"y, {part}")
+        check(h[:, sel], want_h[:, sel], what=f"h_last, {part}")
+
+
+def test_decode_step_kernel_edges(emu):
+    """The step kernel (N <= 32) on -128 codes and delta + bias > 20."""
+    kw, big = with_edges(make(2, 3, 21, 16, gate=True, h0=True, seed=44))
+    want_y, want_h = selective_scan_int8_ref(**kw, return_last_state=True)
+    y, state = decode_steps(kw, lambda step, state: run(emu, step, step=True, out_state=state)[0])
+    for sel, part in ((big, "delta + bias > 20"), (~big, "other channels")):
+        check(y[..., sel], want_y[..., sel], what=f"y, {part}")
+        check(state[:, sel], want_h[:, sel], what=f"state, {part}")
 
 
 def test_no_z_no_state_fp16_and_strides(emu):
@@ -104,6 +133,7 @@ def test_no_z_no_state_fp16_and_strides(emu):
     check(run(emu, nz)[0], selective_scan_int8_ref(**nz))
 
 
+# the step kernel's lane counts (np = 16, 8 for N 5, 32) and the scan-kernel fallback above 32 (N 64)
 @pytest.mark.parametrize("n", [16, 5, 32, 64])
 def test_decode_step_kernel_in_place(emu, n):
     b, L, d = 2, 4, 21      # 42 channels: the last block of 256 threads is partly idle

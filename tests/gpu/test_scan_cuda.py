@@ -24,7 +24,7 @@ from mq_deploy.ops.selective_scan import selective_scan_int8_ref  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from conftest import rel_err  # noqa: E402
-from helpers import decode_steps, make  # noqa: E402
+from helpers import decode_steps, make, with_edges  # noqa: E402
 
 if not os.path.exists(native.cuda_library_path()):
     pytest.skip(f"{native.cuda_library_path()} not built: python -m mq_deploy.ops.native --build --cuda",
@@ -45,11 +45,12 @@ def check(got, want, tol=TOL, what="y"):
 
 
 # chunk lengths are 2048 / kN (128 steps at N = 16, 32 at N = 64): lengths straddle them; d straddles
-# the 128-channel block; N = 7 and 40 use padded states, N = 200 the spilling 256 instantiation.
+# the 128-channel block; N = 7, 24, 40 and 100 use padded states of the 16, 32, 64 and 128 instantiations,
+# N = 200 the spilling 256 one: every instantiation of the scan kernel.
 # Small batch * D with L >= 128 takes the L-split (segments of >= 64 steps, two passes): b1-L1000
 # cuts into 15 uneven segments, b2-L129 into 2, b3-L300 into 4; "split=0" runs the same unsplit.
 SHAPES = [(1, 1, 1, 16), (2, 129, 130, 16), (3, 300, 77, 64), (1, 65, 33, 7), (2, 40, 20, 40), (1, 20, 9, 200),
-          (1, 1000, 70, 16), (1, 200, 150, 200)]
+          (1, 1000, 70, 16), (1, 200, 150, 200), (1, 300, 20, 24), (2, 150, 40, 100)]
 
 
 @pytest.fixture(params=["split=auto", "split=0"])
@@ -71,6 +72,35 @@ def test_scan_matches_reference(shape, z, gate, h0, split):
     torch.cuda.synchronize()
     check(y, want_y)
     check(h, want_h, what="h_last")
+
+
+@pytest.mark.parametrize("shape", [(1, 300, 40, 16), (1, 200, 20, 24), (2, 70, 33, 64), (1, 150, 9, 100),
+                                   (1, 20, 9, 200)], ids=lambda s: "b%d-L%d-d%d-n%d" % s)
+def test_edge_codes_and_large_dt(shape, split):
+    """-128 in every int8 input and delta + bias > 20 on every third channel (helpers.with_edges), one shape
+    per instantiation, split and unsplit; the large-dt channels and the others checked apart, same tolerance."""
+    kw, big = with_edges(make(*shape, gate=True, h0=True, seed=43))
+    want_y, want_h = selective_scan_int8_ref(**kw, return_last_state=True)
+    y, h = native.selective_scan_int8_cuda(**to_dev(kw), return_last_state=True)
+    torch.cuda.synchronize()
+    y, h = y.cpu(), h.cpu()
+    for sel, part in ((big, "delta + bias > 20"), (~big, "other channels")):
+        check(y[..., sel], want_y[..., sel], what=f"y, {part}")
+        check(h[:, sel], want_h[:, sel], what=f"h_last, {part}")
+
+
+@pytest.mark.parametrize("n", [16, 5, 64])
+def test_decode_step_edges(n):
+    """The step kernel (N <= 32) and its scan-kernel fallback (N 64) on -128 codes and delta + bias > 20."""
+    kw, big = with_edges(make(2, 3, 21, n, gate=True, h0=True, seed=44))
+    want_y, want_h = selective_scan_int8_ref(**kw, return_last_state=True)
+    y, state = decode_steps(to_dev(kw), lambda step, state: native.selective_scan_int8_cuda(
+        **step, out_state=state, step=True)[0])
+    torch.cuda.synchronize()
+    y, state = y.cpu(), state.cpu()
+    for sel, part in ((big, "delta + bias > 20"), (~big, "other channels")):
+        check(y[..., sel], want_y[..., sel], what=f"y, {part}")
+        check(state[:, sel], want_h[:, sel], what=f"state, {part}")
 
 
 def test_split_and_unsplit_agree_closely(monkeypatch):
