@@ -285,6 +285,30 @@ def test_external_data_is_copied_under_its_own_name_and_confined(art, tmp_path, 
     assert_user_error(capsys, ["triton", d / "evil.onnx", "-o", tmp_path / "r2"], "outside the ONNX file's folder")
 
 
+@pytest.mark.parametrize("which,key,value", [("vim", "image_std", "0.5"), ("vim", "num_classes", 10 ** 12),
+                                              ("vim", "img_size", -5), ("lm_step", "n_layer", 10 ** 9)])
+def test_onnx_metadata_is_untrusted(art, tmp_path, capsys, which, key, value):
+    """Metadata an edited file carries (a labels file of 10^12 lines, state dims of 10^9 layers) is one line."""
+    import onnx
+
+    m = onnx.load(art[which])
+    for p in m.metadata_props:
+        if p.key == "mq.config":
+            cfg = json.loads(p.value)
+            cfg[key] = value
+            p.value = json.dumps(cfg)
+    onnx.save_model(m, str(tmp_path / "edited.onnx"))
+    # the one parser of ONNX metadata refuses it (checked first: a writer that trusted 10^12 classes would
+    # spend minutes on labels.txt)
+    from mq_deploy.backends.base import parse_metadata
+    from mq_deploy.export.onnx_file import metadata
+
+    with pytest.raises(MQUserError, match=key):
+        parse_metadata(metadata(m), "edited.onnx")
+    assert_user_error(capsys, ["triton", tmp_path / "edited.onnx", "-o", tmp_path / "r"], "edited.onnx", key)
+    assert not (tmp_path / "r").exists()
+
+
 # ---- flags and the server's preconditions -----------------------------------------------------------
 
 def test_flags_beyond_tritons_fields_and_libraries_that_are_not(art, tmp_path, capsys):

@@ -263,14 +263,13 @@ def cmd_info(args) -> int:
     loaded = load_model(args.model)
     cfg = loaded.config
     n_params = sum(p.numel() for p in loaded.model.parameters())
-    m = cfg.mixer
+    family = loaded.model.layers[0].mixer.family
     print(f"model:        {args.model}")
     print(f"format:       {loaded.format}")
-    kind = "Vision Mamba, bimamba v2" if cfg.architecture == "vim" else "Mamba1 causal LM"
+    kind = "Vision Mamba, bimamba v2" if cfg.architecture == "vim" else f"{family.name} causal LM"
     print(f"architecture: {cfg.architecture} ({kind})")
     print(f"parameters:   {n_params:,}")
-    print(f"layers:       {cfg.n_layer}  d_model {cfg.d_model}  d_inner {m.d_inner}  d_state {m.d_state}  "
-          f"d_conv {m.d_conv}  dt_rank {m.dt_rank}")
+    print(f"layers:       {cfg.n_layer}  d_model {cfg.d_model}  {family.describe(cfg.mixer)}")
     if cfg.architecture == "mamba_lm":
         print(f"vocab:        {cfg.vocab_size}  ({'tied' if cfg.tie_embeddings else 'untied'} head)")
     else:
@@ -278,9 +277,9 @@ def cmd_info(args) -> int:
               f"{cfg.stride}, {cfg.num_patches} patches + middle class token; {cfg.num_classes} classes")
     quant = (loaded.extra or {}).get("quant")
     if quant:
+        extra = f", gate smoothing {'on' if quant['gate_scale'] else 'off'}" if "gate_scale" in quant else ""
         print(f"quantized:    {quant['recipe']} W{quant['wbits']}A{quant['abits']} ({quant['act_granularity']} "
-              f"activations; online out_proj rotation {'on' if quant['online_out_rotation'] else 'off'}, "
-              f"gate smoothing {'on' if quant['gate_scale'] else 'off'})")
+              f"activations; online out_proj rotation {'on' if quant['online_out_rotation'] else 'off'}{extra})")
     _write_json(args, {"format": loaded.format, "parameters": n_params, "config": cfg.to_dict(), "quant": quant},
                 [args.model])
     return 0

@@ -201,44 +201,6 @@ def _external_data_files(proto, path: str) -> list:
     return sorted(found)
 
 
-def _int_field(path: str, cfg: dict, key: str, lo: int, hi: int, where: str = "mq.config") -> int:
-    v = cfg.get(key)
-    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-        raise MQUserError(f"{path}: its {where} metadata {key} must be an integer in [{lo}, {hi}], got {_short(v)}; "
-                          "re-export it with `mq-deploy export`")
-    return v
-
-
-def _check_config(path: str, kind: str, graph: str, cfg) -> None:
-    """The mq.config fields a repository is written from, checked as untrusted input (ranges before any
-    allocation: a labels file of num_classes lines, state dims of n_layer)."""
-    if not isinstance(cfg, dict):
-        raise MQUserError(f"{path}: its mq.config metadata is not a JSON object; re-export it with `mq-deploy export`")
-    if kind == "vim":
-        _int_field(path, cfg, "num_classes", 1, 1_000_000)
-        chans = _int_field(path, cfg, "in_chans", 1, 4)
-        _int_field(path, cfg, "img_size", 1, 16384)
-        for key, lo in (("image_mean", -math.inf), ("image_std", 0.0)):
-            v = cfg.get(key)
-            if (not isinstance(v, list) or len(v) not in (1, chans)
-                    or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > lo
-                               for x in v)):
-                what = "positive" if lo == 0.0 else "finite"
-                raise MQUserError(f"{path}: its mq.config metadata {key} must be a list of 1 or {chans} {what} "
-                                  f"numbers, got {_short(v)}; re-export it with `mq-deploy export`")
-    elif graph == "step":
-        _int_field(path, cfg, "n_layer", 1, 4096)
-        _int_field(path, cfg, "vocab_size", 1, 1 << 24)
-        mixer = cfg.get("mixer")
-        if not isinstance(mixer, dict):
-            raise MQUserError(f"{path}: its mq.config metadata has no mixer object; re-export it with "
-                              "`mq-deploy export`")
-        for key in ("d_inner", "d_conv", "d_state"):
-            _int_field(path, mixer, key, 1, 1 << 20, "mq.config mixer")
-        if cfg.get("eos_token_id") is not None:
-            _int_field(path, cfg, "eos_token_id", 0, cfg["vocab_size"] - 1)
-
-
 def read_onnx(path: str) -> Artifact:
     import onnx
 
@@ -252,25 +214,22 @@ def read_onnx(path: str) -> Artifact:
     except Exception as e:
         raise MQUserError(f"{path}: not a readable ONNX model (truncated or corrupt?): {str(e).splitlines()[0]}") \
             from None
-    meta = {p.key: p.value for p in proto.metadata_props}
+    from mq_deploy.backends.base import parse_metadata
+    from mq_deploy.export.onnx_file import metadata
+
+    meta = metadata(proto)
     if "mq.kind" not in meta or "mq.config" not in meta:
         raise MQUserError(f"{path}: no mq-deploy metadata (mq.kind, mq.config); export it with `mq-deploy export`")
-    try:
-        meta["mq.config"] = json.loads(meta["mq.config"])
-    except ValueError:
-        raise MQUserError(f"{path}: its mq.config metadata is not JSON") from None
+    parsed = parse_metadata(meta, path)      # untrusted: every value type- and range-checked, one line if not
+    meta["mq.config"] = parsed.config.to_dict()
+    meta["mq.graph"] = parsed.graph or "full"
     init = {i.name for i in proto.graph.initializer}
-    a = Artifact(path=path, kind=meta["mq.kind"], graph=meta.get("mq.graph", "full"), meta=meta,
+    a = Artifact(path=path, kind=parsed.kind, graph=meta["mq.graph"], meta=meta,
                  inputs=_tensors(i for i in proto.graph.input if i.name not in init),
                  outputs=_tensors(proto.graph.output), onnx=path)
-    if a.kind not in ("lm", "vim"):
-        raise MQUserError(f"{path}: mq.kind {_short(a.kind)} is not served (lm or vim)")
-    if a.graph not in ("full", "step"):
-        raise MQUserError(f"{path}: mq.graph {_short(a.graph)} is not a graph mq-deploy writes (full or step)")
     if a.graph == "step" and {n for p in _STATE_PAIRS for n in p} - {t.name for t in a.inputs + a.outputs}:
         raise MQUserError(f"{path}: a decode-step graph must have inputs conv_state, ssm_state and outputs "
                           "conv_state_out, ssm_state_out")
-    _check_config(path, a.kind, a.graph, meta["mq.config"])
     a.data_files = _external_data_files(proto, path)
     return a
 
