@@ -70,6 +70,7 @@ class RunMeta:
             "dirty": bool(_git("status", "--porcelain", "--untracked-files=no", "--", "mq_deploy", "bench",
                                "plugins", "pyproject.toml")),
             "nproc": os.cpu_count(),
+            "nice": os.nice(0),      # a bench may run at a raised priority on a shared machine: say so
             "cpu": _cpu_model(),
             "python": platform.python_version(),
             "versions": _versions(packages),
