@@ -375,7 +375,13 @@ def test_serve_names_what_the_stubs_python_lacks(art, tmp_path, capsys):
     (repo / "mine" / "config.pbtxt").write_text('name: "mine"\nbackend: "python"\nmax_batch_size: 0\n')
     (mine / "model.py").write_text("import numpy\nimport surely_not_installed_xyz.sub\nfrom . import helper\n")
     assert_user_error(capsys, ["serve", repo], "cannot import surely_not_installed_xyz, needed by mine",
-                      "mq-deploy serve --setup", "-m pip install --break-system-packages surely_not_installed_xyz")
+                      "install it: ", "-m pip install --break-system-packages surely_not_installed_xyz")
+    # a module `--setup` installs is named with `--setup` (PIL here is what `from PIL import Image` needs)
+    from mq_deploy.serve.server import install_commands
+
+    assert install_commands("/usr/bin/python3.11", ["PIL", "onnxruntime"]) == [
+        "apt-get install -y python3-pil",
+        f"/usr/bin/python3.11 -m pip install --break-system-packages onnxruntime=={__import__('onnxruntime').__version__}"]
 
 
 def test_setup_is_idempotent():

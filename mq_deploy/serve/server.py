@@ -240,8 +240,10 @@ def check_stub_python(repo: str, install: "ServerInstall") -> None:
     missing = r.stdout.split() if r.returncode == 0 else modules
     if missing:
         users = sorted(n for n, m in needs.items() if set(m) & set(missing))
+        ours = set(missing) <= set(APT_PACKAGES) | set(PIP_PINNED)     # what `--setup` installs
         raise MQUserError(f"{python} (the interpreter pytriton's Python-backend stub embeds) cannot import "
-                          f"{', '.join(missing)}, needed by {', '.join(users)}; run `mq-deploy serve --setup`, or: "
+                          f"{', '.join(missing)}, needed by {', '.join(users)}; "
+                          + ("run `mq-deploy serve --setup`, or: " if ours else "install it: ")
                           + "; ".join(install_commands(python, missing)))
 
 
