@@ -121,6 +121,12 @@ def load_range(*objs) -> str:
     return f"{lo:.1f}" if round(lo, 1) == round(hi, 1) else f"{lo:.1f}-{hi:.1f}"
 
 
+def _load_nice(d):
+    """"load 6.3-8.7" and, where the bench ran at a raised priority, "at nice -10"."""
+    nice = d.get("run", {}).get("nice")
+    return f"load {load_range(d)}" + (f", at nice {nice}" if nice else "")
+
+
 def ptq_row(table, recipe, bits):
     return get(table, f"rows[recipe={recipe}&bits={bits}]")
 
@@ -443,12 +449,26 @@ def _tail_find(stage, pattern):
     return None
 
 
+def mamba_parameters(d_model, n_layer, vocab=50280, d_state=16, d_conv=4, expand=2):
+    """Parameters of a Mamba1 LM with a tied head (bench/scale.py's MambaConfig), from its config."""
+    di, r = expand * d_model, -(-d_model // 16)
+    layer = (d_model * 2 * di + di * d_conv + di + di * (r + 2 * d_state) + r * di + di + di * d_state + di
+             + di * d_model + d_model)
+    return vocab * d_model + n_layer * layer + d_model
+
+
 def _scale_params(runs, shape):
+    """(parameters, fp32 GiB, computed?) of a shape: the make stage's count, else computed from the config."""
     for _, run in runs:
         for row in run.get("rows", []):
             if row["shape"] == shape and "parameters" in row:
-                return row["parameters"], row["fp32_gib"]
-    raise ReportError(f"no {shape} make row with its parameter count")
+                return row["parameters"], row["fp32_gib"], False
+    for _, run in runs:
+        for row in run.get("rows", []):
+            if row["shape"] == shape and "d_model" in row:
+                n = mamba_parameters(row["d_model"], row["n_layer"])
+                return n, n * 4 / 2**30, True
+    raise ReportError(f"no {shape} row with its parameter count or shape")
 
 
 def _scale_notes(runs, shape, stage, s, fp32):
@@ -456,7 +476,9 @@ def _scale_notes(runs, shape, stage, s, fp32):
     if stage == "make":
         shards = [f for f in s.get("files", []) if f.endswith(".safetensors")]
         dtype = _scale_stage(runs, shape, "make")[1]["stored_dtype"]
-        notes.append(f"{len(shards)} shard{'s' if len(shards) != 1 else ''} ({dtype})")
+        notes.append(f"{len(shards)} shard{'s' if len(shards) != 1 else ''} ({dtype})" if shards else dtype)
+    elif stage == "info" and "peak_rss_gib" in s:
+        notes.append(f"the fp32 model + {s['peak_rss_gib'] - fp32:.2f} GiB")
     elif stage == "quantize":
         goal = fp32 + 3
         notes.append(f"goal <= {fp32:.2f} + 3 = {goal:.2f} GiB: **{'met' if s['peak_rss_gib'] <= goal else 'missed'}**")
@@ -484,21 +506,21 @@ def _scale_notes(runs, shape, stage, s, fp32):
 
 
 @renderer
-def scale_table(src, sources, shapes="130m,790m,2.8b"):
+def scale_table(src, paths, shapes="130m,790m,2.8b"):
     """bench/scale.py rows; for each (shape, stage) the last source holding it wins (sources in order)."""
-    paths = sources.split(",")
     runs = list(zip(paths, src))
     out = ["| shape | parameters (fp32 GiB) | stage | rc | wall s | peak RSS GiB | load | from | notes |",
            "|---|---|---|---|---|---|---|---|---|"]
     for shape in shapes.split(","):
-        params, fp32 = _scale_params(runs, shape)
+        params, fp32, computed = _scale_params(runs, shape)
         first = True
         for stage in ("make", "info", "quantize", "export", "verify", "build"):
             s, row, path = _scale_stage(runs, shape, stage)
             notes = _scale_notes(runs, shape, stage, s, fp32)
-            head = f"| {shape} | {params / 1e6:.1f} M ({fp32:.2f}) |" if first else "| | |"
+            head = f"| {shape} | {params / 1e6:.1f} M{'*' if computed else ''} ({fp32:.2f}) |" if first else "| | |"
             first = False
-            out.append(f"{head} {stage} | {s['rc']} | {s['seconds']:.1f} | {s['peak_rss_gib']:.2f} | {s['load']:.1f} | "
+            ld = f"{s['load']:.1f}" if "load" in s else "not recorded"
+            out.append(f"{head} {stage} | {s['rc']} | {s['seconds']:.1f} | {s['peak_rss_gib']:.2f} | {ld} | "
                        f"`{os.path.basename(path)}` | {'; '.join(notes)} |")
     return "\n".join(out)
 
@@ -510,16 +532,21 @@ def scale_stage(src, shape, stage, what="peak_rss_gib", fmt=".2f"):
 
 
 @renderer
-def scale_margins(src, sources, stage, shapes="130m,790m,2.8b"):
-    """Peak RSS above the goal's base for each shape: quantize over fp32; export over fp32 + the ONNX size."""
-    runs = list(zip(sources.split(","), src))
-    out = []
-    for shape in shapes.split(","):
-        _, fp32 = _scale_params(runs, shape)
-        s = _scale_stage(runs, shape, stage)[0]
-        base = fp32 + (s["onnx_gib"] + s["external_data_gib"] if stage == "export" else 0)
-        out.append(num(s["peak_rss_gib"] - base, "+.2f"))
-    return " / ".join(out)
+def scale_goals(src, paths, shapes="130m,790m,2.8b"):
+    """Whether every memory goal is met, and the peak RSS above each goal's base per shape: quantize over the
+    fp32 model (goal + 3 GiB), export over fp32 + the ONNX size (goal + 2 GiB)."""
+    runs = list(zip(paths, src))
+    margins, ok = {"quantize": [], "export": []}, []
+    for stage, slack in (("quantize", 3), ("export", 2)):
+        for shape in shapes.split(","):
+            _, fp32, _ = _scale_params(runs, shape)
+            s = _scale_stage(runs, shape, stage)[0]
+            base = fp32 + (s["onnx_gib"] + s["external_data_gib"] if stage == "export" else 0)
+            margins[stage].append(num(s["peak_rss_gib"] - base, ".2f"))
+            ok.append(s["peak_rss_gib"] - base <= slack)
+    head = "Every goal is met" if all(ok) else f"{sum(ok)} of {len(ok)} goals are met"
+    return (f"{head}: quantize peaks at fp32 + {' / '.join(margins['quantize'])} GiB (goal + 3), export at fp32 + "
+            f"int8 + {' / '.join(margins['export'])} GiB (goal + 2)")
 
 
 # ---- bench/peers.py --------------------------------------------------------------------------------------
@@ -597,7 +624,7 @@ def peers_goals(src):
         return _peer(src, system, c[0], c[1], graph)["tokens_per_s"]
 
     def verdict(ok):
-        return "**met**" if all(ok) else ("**missed**" if not any(ok) else "**met except {}**")
+        return "**met**" if all(ok) else ("**missed**" if not any(ok) else f"**met in {sum(ok)} of {len(ok)}**")
 
     p256, p1024, d1, d8 = PEER_CASES
     w = {c: t(W8, c, FUSED) for c in PEER_CASES}
@@ -629,7 +656,8 @@ def peers_goals(src):
         a, b = _peer(src, W8, c[0], c[1], FUSED)["peak_rss_mib"], _peer(src, Q8, c[0], c[1])["peak_rss_mib"]
         ok.append(a <= 2 * b)
         parts.append(f"{a / b:.2f}x ({names[c]}, {a:.0f} vs {b:.0f} MiB)")
-    out.append(f"- Peak RSS ≤ 2x llama.cpp Q8_0: {verdict(ok).format('some')} in every case: " + ", ".join(parts) + ".")
+    out.append(f"- Peak RSS ≤ 2x llama.cpp Q8_0: {verdict(ok)}{' in every case' if all(ok) else ''}: "
+               + ", ".join(parts) + ".")
     return "\n".join(out)
 
 
@@ -702,15 +730,14 @@ def serve_range(src, kind, levels="1"):
 def forward_cell(src):
     d = src[0]
     return (f"ours {d['median_ms']['ours']:.0f} ms, transformers {d['median_ms']['transformers']:.0f} ms: "
-            f"**{d['speedup']:.2f}x** (load {load_range(d)})")
+            f"**{d['speedup']:.2f}x** ({_load_nice(d)})")
 
 
 @renderer
 def quantize_cell(src):
     d = src[0]
     return (f"{d['wall_s']:.1f} s wall, {d['peak_rss_gib']:.2f} GiB peak RSS (goals {d['goals']['wall_s']:.0f} s, "
-            f"{d['goals']['peak_rss_bytes'] / 1e9:.0f} GB: {'met' if _quantize_met(d) else 'missed'}; load "
-            f"{load_range(d)})")
+            f"{d['goals']['peak_rss_bytes'] / 1e9:.0f} GB: {'met' if _quantize_met(d) else 'missed'}; {_load_nice(d)})")
 
 
 def _quantize_met(d):
@@ -719,13 +746,13 @@ def _quantize_met(d):
 
 @renderer
 def scan_variants_cell(src):
+    """README's Benchmarks cell for bench/scan_variants.py: each variant's time over the step loop's."""
     d = src[0]
     r = {k: [row["vs_step_loop"][k] for row in d["rows"]] for k in ("chunked-par", "log-scan", "reference")}
     wins = all(v > 1 for vs in r.values() for v in vs)
-    return (("the step loop wins at every shape" if wins else "the step loop does not win everywhere")
-            + f": chunked-parallel {span(r['chunked-par'], '.0f')}x slower, doubling scan "
-            f"{span(r['log-scan'], '.0f')}x slower, the reference loop {span(r['reference'], '.1f')}x slower "
-            f"(load {load_range(d)})")
+    return (("the step loop is the fastest at every shape" if wins else "the step loop is not the fastest at every shape")
+            + f"; time over the step loop's: chunked-parallel {span(r['chunked-par'], '.0f')}x, doubling scan "
+            f"{span(r['log-scan'], '.0f')}x, the reference loop {span(r['reference'], '.1f')}x ({_load_nice(d)})")
 
 
 @renderer
@@ -735,7 +762,7 @@ def scan_cpu_cell(src, b="1", L="1024", D="1536"):
     t = r["tokens_per_s"]
     return (f"b{b} L{L} D{D} N{r['N']}: {t['native']:,.0f} tok/s native vs {t['fast_fp32']:,.0f} fast fp32 torch "
             f"({r['native_vs_fast']:.1f}x) vs {t['int8_ref']:,.0f} int8 reference ({r['native_vs_ref']:.1f}x) "
-            f"(load {load_range(d)})")
+            f"({_load_nice(d)})")
 
 
 @renderer
@@ -746,7 +773,7 @@ def ort_custom_op_cell(src):
     fl = get(d, "rows[model=1 SelectiveScanFloat b1 L1024 D768 N16]")
     eq = [r["int8_vs_float_native"] for r in rows if "int8_vs_float_native" in r]
     return (f"int8 op b1 L1024 D768: {i8['speedup']:.1f}x, float op: {fl['speedup']:.1f}x; native int8 vs native "
-            f"float op: {span(eq, '.2f')}x (load {load_range(d)})")
+            f"float op: {span(eq, '.2f')}x ({_load_nice(d)})")
 
 
 # ---- bench/ort.py ----------------------------------------------------------------------------------------
@@ -781,7 +808,7 @@ def ort_cell(src):
     body = ", ".join(f"{_ort_label(r, True)} {r['ms']['fp32'] / r['ms']['int8']:.2f}x" for r in d["rows"])
     nat = ", ".join(f"{_ort_label(r, True)} **{r['ms']['fp32 native'] / r['ms']['int8 native']:.2f}x**"
                     for r in d["rows"])
-    return f"function bodies on both sides: {body}; native ops on both sides: {nat} (load {load_range(d)})"
+    return f"function bodies on both sides: {body}; native ops on both sides: {nat} ({_load_nice(d)})"
 
 
 def _share(ops, names):
@@ -811,7 +838,7 @@ def ort_prose(src):
            f"than its FP32 twin at these small shapes (goal {ORT_GOAL}x: {verdict}). With function bodies on "
            f"both sides the ratio is {span([r['ms']['fp32'] / r['ms']['int8'] for r in rows], '.2f')}x. The "
            f"factored online Hadamard (two small MatMuls in place of one [384, 384] product) is "
-           + "; ".join(dense) + f". One run of the script at a 1-minute load average of {load_range(d)}: compare "
+           + "; ".join(dense) + f". One run of the script ({_load_nice(d)}): compare "
            "within a row."]
     prof = [r for r in rows if "profile_ms_by_op" in r]
     if prof:
@@ -835,7 +862,7 @@ def ort_profile(src):
     body = [_share(r["profile_ms_by_op"][k], SCAN_OPS) for r in prof for k in ("fp32", "int8")]
     nat = [_share(r["profile_ms_by_op"][k], SCAN_OPS) for r in prof for k in ("fp32 native", "int8 native")]
     mm8 = [_share(r["profile_ms_by_op"]["int8 native"], MATMUL_OPS) for r in prof]
-    return (f"Where the ORT time goes (`bench/ort.py --profile`, `docs/ort.json`, load {load_range(d)}): with "
+    return (f"Where the ORT time goes (`bench/ort.py --profile`, `docs/ort.json`, {_load_nice(d)}): with "
             f"function bodies the ONNX `Scan` is {span(body, '.0f')} % of the time in both graphs (a per-step "
             f"subgraph of small nodes), so int8 matmuls (fused by ORT into `MatMulIntegerToFloat`; this CPU has "
             f"AVX-512 VNNI) cannot show. With the native ops on both sides (equal footing) the scan op takes "
@@ -901,11 +928,12 @@ def quickstart_time(src):
     if d["command"] != readme_quickstart_command():
         raise ReportError("README's quick-start command is not the one docs/quickstart.json timed: run "
                           "python bench/quickstart.py --json docs/quickstart.json")
-    if d["rc"]:
-        return f"FAILED (exit {d['rc']} at `{d['steps'][-1]['command']}`)"
     pip = sum(r["seconds"] for r in d["steps"] if r["command"].startswith("pip "))
-    return (f"{_duration(d['command_seconds'])} on 2 cores, of which `pip install` {_duration(pip)}, at a 1-minute "
-            f"load average of {load_range(d['run'])}")
+    took = (f"{_duration(d['command_seconds'])} on 2 cores, of which `pip install` {_duration(pip)}, at a 1-minute "
+            f"load average of {load_range(d['run'])} (commit {d['commit'][:7]})")
+    if d["rc"]:
+        return f"{took}, and **failed**: `{d['steps'][-1]['command']}` exited {d['rc']}"
+    return took
 
 
 @renderer
@@ -988,9 +1016,9 @@ def render_region(name, argstr):
     if name not in RENDERERS:
         raise ReportError(f"unknown region kind {name!r} (python bench/report.py --list)")
     sources, params = parse_args(argstr)
-    if "sources" in params:      # renderers that need the paths themselves get them too
-        sources = sources or params["sources"].split(",")
     data = [load_json(s) for s in sources]
+    if "paths" in RENDERERS[name].__code__.co_varnames[:RENDERERS[name].__code__.co_argcount]:
+        params["paths"] = sources       # a renderer that names its sources gets their paths too
     try:
         return RENDERERS[name](data, **params)
     except ReportError:
