@@ -8,15 +8,37 @@ from dataclasses import dataclass, field
 
 from mq_deploy.errors import MQUserError
 
+# Upper bounds of config fields, checked before anything is allocated (a config is read back from
+# files we did not write: a d_inner of 1e9 must be one clear line, not a 4 TiB allocation attempt). They
+# are far above every released model (mamba-2.8b: d_model 2560, 64 layers; Jamba: 72 layers; vocab 256k).
+MAX_WIDTH = 1 << 17          # d_model, d_inner, dt_rank, heads x head_dim
+MAX_LAYERS = 1024
+MAX_VOCAB = 1 << 22
+MAX_STATE = 1024             # d_state
+MAX_CONV = 64                # d_conv
+MAX_CLASSES = 1 << 20
+MAX_IMAGE = 8192             # img_size in pixels
+MAX_CHANNELS = 64
 
-def _positive_int(obj, *names):
+
+def check_int(obj, name: str, lo: int = 1, hi: int = MAX_WIDTH) -> None:
+    """An integer field (a JSON true is not 1) within [lo, hi]."""
+    v = getattr(obj, name)
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise MQUserError(f"{type(obj).__name__}.{name} must be an integer, got {v!r}")
+    if not lo <= v <= hi:
+        raise MQUserError(f"{type(obj).__name__}.{name} must be in [{lo}, {hi}], got {v}")
+
+
+def check_bool(obj, *names) -> None:
+    """A boolean field must be a boolean: the string "false" is truthy, so it would silently mean true."""
     for name in names:
         v = getattr(obj, name)
-        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-            raise MQUserError(f"{type(obj).__name__}.{name} must be a positive integer, got {v!r}")
+        if not isinstance(v, bool):
+            raise MQUserError(f"{type(obj).__name__}.{name} must be true or false (a JSON boolean), got {v!r}")
 
 
-def _positive_float(obj, *names):
+def check_positive_float(obj, *names):
     """eps-like fields: a finite number > 0 (a negative eps makes rsqrt of a negative mean square: NaN)."""
     for name in names:
         v = getattr(obj, name)
@@ -25,37 +47,11 @@ def _positive_float(obj, *names):
 
 
 @dataclass
-class MixerConfig:
-    """The Mamba1 mixer, as in mamba-ssm's `Mamba` module."""
-
-    d_model: int
-    d_state: int = 16
-    d_conv: int = 4
-    expand: int = 2
-    d_inner: int | None = None          # default expand * d_model (HF calls it intermediate_size)
-    dt_rank: int | str = "auto"         # "auto" -> ceil(d_model / 16)
-    conv_bias: bool = True
-    bias: bool = False                  # bias of in_proj and out_proj
-    bimamba: bool = False               # Vim "v2": a second, backward scan with its own conv/x/dt/A/D
-    # FalconMamba: weightless RMSNorm on the low-rank dt, B and C right after x_proj (None: plain Mamba1)
-    mixer_rms_eps: float | None = None
-
-    def __post_init__(self):
-        if self.d_inner is None:
-            self.d_inner = self.expand * self.d_model
-        if self.dt_rank == "auto" and isinstance(self.d_model, int) and not isinstance(self.d_model, bool):
-            self.dt_rank = math.ceil(self.d_model / 16)
-        _positive_int(self, "d_model", "d_state", "d_conv", "expand", "d_inner", "dt_rank")
-        if self.mixer_rms_eps is not None:
-            _positive_float(self, "mixer_rms_eps")
-
-
-@dataclass
 class MambaLMConfig:
     d_model: int
     n_layer: int
     vocab_size: int
-    mixer: MixerConfig = None  # type: ignore[assignment]
+    mixer: object = None                # a registered family's mixer config (or its dict)
     norm_eps: float = 1e-5
     residual_in_fp32: bool = True
     tie_embeddings: bool = True
@@ -63,22 +59,22 @@ class MambaLMConfig:
     architecture: str = field(default="mamba_lm", init=False)
 
     def __post_init__(self):
-        if self.mixer is None:
-            self.mixer = MixerConfig(d_model=self.d_model)
-        elif isinstance(self.mixer, dict):
-            self.mixer = MixerConfig(**self.mixer)
-        _positive_int(self, "d_model", "n_layer", "vocab_size")
-        _positive_float(self, "norm_eps")
+        self.mixer = _mixer(self.mixer, self.d_model)
+        check_int(self, "d_model")
+        check_int(self, "n_layer", 1, MAX_LAYERS)
+        check_int(self, "vocab_size", 1, MAX_VOCAB)
+        check_bool(self, "residual_in_fp32", "tie_embeddings")
+        check_positive_float(self, "norm_eps")
         eos = self.eos_token_id
         if eos is not None and (isinstance(eos, bool) or not isinstance(eos, int) or not 0 <= eos < self.vocab_size):
             raise MQUserError(f"eos_token_id must be a token id in [0, {self.vocab_size}), got {self.eos_token_id!r}")
         if self.mixer.d_model != self.d_model:
             raise MQUserError(f"mixer.d_model {self.mixer.d_model} != d_model {self.d_model}")
-        if self.mixer.bimamba:
+        if getattr(self.mixer, "bimamba", False):
             raise MQUserError("a causal LM cannot use the bidirectional (bimamba) mixer")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return _to_dict(self)
 
 
 @dataclass
@@ -92,7 +88,7 @@ class VimConfig:
     patch_size: int = 16
     stride: int | None = None           # default patch_size
     in_chans: int = 3
-    mixer: MixerConfig = None  # type: ignore[assignment]
+    mixer: object = None                # a registered family's mixer config (or its dict)
     norm_eps: float = 1e-5
     residual_in_fp32: bool = True
     # preprocessing applied by the data pipeline: (pixel / 255 - mean) / std, per channel
@@ -104,16 +100,18 @@ class VimConfig:
     def __post_init__(self):
         if self.stride is None:
             self.stride = self.patch_size
-        if self.mixer is None:
-            self.mixer = MixerConfig(d_model=self.d_model, bimamba=True)
-        elif isinstance(self.mixer, dict):
-            self.mixer = MixerConfig(**self.mixer)
-        _positive_int(self, "d_model", "n_layer", "num_classes", "img_size", "patch_size", "stride",
-                      "in_chans")
-        _positive_float(self, "norm_eps")
+        self.mixer = _mixer(self.mixer, self.d_model, bimamba=True)
+        check_int(self, "d_model")
+        check_int(self, "n_layer", 1, MAX_LAYERS)
+        check_int(self, "num_classes", 1, MAX_CLASSES)
+        for name in ("img_size", "patch_size", "stride"):
+            check_int(self, name, 1, MAX_IMAGE)
+        check_int(self, "in_chans", 1, MAX_CHANNELS)
+        check_bool(self, "residual_in_fp32")
+        check_positive_float(self, "norm_eps")
         if self.mixer.d_model != self.d_model:
             raise MQUserError(f"mixer.d_model {self.mixer.d_model} != d_model {self.d_model}")
-        if not self.mixer.bimamba:
+        if not getattr(self.mixer, "bimamba", False):
             raise MQUserError("Vim needs the bidirectional mixer (mixer.bimamba = true)")
         imagenet = self.in_chans == 3
         if self.image_mean is None:
@@ -142,10 +140,34 @@ class VimConfig:
         return self.grid * self.grid
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return _to_dict(self)
+
+
+def _mixer(m, d_model: int, **default):
+    """A model config's `mixer`: a registered family's config object, from its dict, or Mamba1's default."""
+    from mq_deploy.families import family_of, mixer_config_from_dict
+
+    if m is None:
+        from mq_deploy.families.mamba1.config import MixerConfig
+
+        return MixerConfig(d_model=d_model, **default)
+    if isinstance(m, dict):
+        return mixer_config_from_dict(m)
+    family_of(m)          # refuses an object of no registered family
+    return m
+
+
+def _to_dict(cfg) -> dict:
+    d = dataclasses.asdict(cfg)
+    d["mixer"] = cfg.mixer.to_dict()
+    return d
 
 
 def config_from_dict(d: dict):
+    """The one validator of a model config read back from a file (a checkpoint's config.json, an ONNX
+    file's mq.config metadata): every field type- and range-checked; unknown fields refused."""
+    if not isinstance(d, dict):
+        raise MQUserError(f"a model config must be a JSON object, got {type(d).__name__}")
     d = dict(d)
     arch = d.pop("architecture", None)
     try:

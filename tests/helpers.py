@@ -5,7 +5,8 @@ import sys
 
 import torch
 
-from mq_deploy.config import MambaLMConfig, MixerConfig, VimConfig
+from mq_deploy.config import MambaLMConfig, VimConfig
+from mq_deploy.families.mamba1 import MixerConfig
 from mq_deploy.models.mamba import MambaLM
 from mq_deploy.models.vim import Vim
 
@@ -15,9 +16,10 @@ def small_lm(**kw):
                         mixer=MixerConfig(d_model=kw.pop("d_model2", 20), **kw))
     m = MambaLM(cfg)
     m.reset_parameters(seed=1)
+    g = torch.Generator().manual_seed(3)      # the same model in every test and every order of tests
     with torch.no_grad():  # make every parameter matter (biases and D away from their init)
         for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.05)
     return m.eval()
 
 
@@ -27,9 +29,10 @@ def small_vim(**kw):
                     image_mean=kw.pop("mean", (0.5,)), image_std=kw.pop("std", (0.5,)))
     m = Vim(cfg)
     m.reset_parameters(seed=2)
+    g = torch.Generator().manual_seed(4)
     with torch.no_grad():
         for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.05)
     return m.eval()
 
 
@@ -190,3 +193,15 @@ def ort_lib_marker():
     required = os.environ.get("MQ_REQUIRE_ORT_LIB") == "1" or os.environ.get("MQ_REQUIRE_NATIVE") == "1"
     return lib, pytest.mark.skipif(not required and not os.path.isfile(lib),
                                    reason=f"{lib} is not built: {native.BUILD_HINT}")
+
+
+def ort_session(model, so=None):
+    """An ONNX Runtime CPU session with mq-deploy's session options (the exact int8 GEMM on CPUs without
+    VNNI: backends.ort.runner.EXACT_INT8_CONFIG); `model` a ModelProto, bytes or path."""
+    import onnxruntime as ort
+
+    from mq_deploy.backends.ort.runner import exact_int8
+
+    if hasattr(model, "SerializeToString"):
+        model = model.SerializeToString()
+    return ort.InferenceSession(model, exact_int8(so or ort.SessionOptions()), providers=["CPUExecutionProvider"])

@@ -14,7 +14,7 @@ def test_calibrate_lm_collects_every_point_and_matches_direct_statistics():
     tokens = np.frombuffer(b"In the beginning God created the heaven and the earth. " * 40, dtype=np.uint8)
     loop = text_forward_loop(tokens, seq_len=64, n_samples=6, batch=4)
     obs = calibrate(m, loop, lambda name: [MinMaxObserver(name), CovarianceObserver(name)])
-    names = {f"layers.{i}.mixer.{p}" for i in range(2) for p in m.layers[0].mixer.QUANT_POINTS}
+    names = {f"layers.{i}.mixer.{p}" for i in range(2) for p in m.layers[0].mixer.family.points}
     assert set(obs) == names and loop.samples == 6
     # the in_proj input of layer 0 is norm(embedding): recompute it directly
     ids = torch.from_numpy(tokens[: 6 * 64].astype(np.int64).reshape(6, 64))

@@ -92,7 +92,7 @@ def test_invalid_config_value(capsys, lm_dir):
     cfg = json.load(open(cfg_path))
     cfg["n_layer"] = 0
     json.dump(cfg, open(cfg_path, "w"))
-    assert_user_error(capsys, ["info", lm_dir], "n_layer must be a positive integer")
+    assert_user_error(capsys, ["info", lm_dir], "n_layer must be in [1, 1024], got 0")
 
 
 class _Evil:

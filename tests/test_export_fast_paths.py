@@ -16,7 +16,7 @@ from mq_deploy.ops.hadamard import hadamard_matrix
 from mq_deploy.quant.recipes import RecipeConfig, apply_recipe
 
 from conftest import rel_err
-from helpers import small_lm
+from helpers import ort_session, small_lm
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -52,7 +52,7 @@ def test_factored_hadamard_equals_the_dense_product(n, factors):
     # O(a^2 + q^2) weights, never n^2 (equal factors are one deduplicated constant)
     assert set(sizes) == {factors[0] ** 2, factors[1] ** 2} and len(sizes) <= 2
     y = np.random.default_rng(n).standard_normal((2, 5, n)).astype(np.float32)
-    got = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"y": y})[0]
+    got = ort_session(m.SerializeToString()).run(None, {"y": y})[0]
     dense = ort.InferenceSession(_rotation_model(n, "dense").SerializeToString(),
                                  providers=["CPUExecutionProvider"]).run(None, {"y": y})[0]
     ref = torch.from_numpy(y).double() @ torch.from_numpy(hadamard_matrix(n))
@@ -87,7 +87,7 @@ def test_rotated_lm_exports_factored_and_matches_pytorch(recipe):
         onnx.checker.check_model(proto, full_check=True)
         n_big = sum(1 for t in proto.graph.initializer if list(t.dims) == [48, 48])
         assert n_big == (0 if mode == "factored" else 1), mode
-        sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        sess = ort_session(proto.SerializeToString())
         outs[mode] = torch.from_numpy(sess.run(None, {"input_ids": ids.numpy()})[0])
         print(f"{recipe} {mode}: rel err vs PyTorch {rel_err(outs[mode], want):.2e}")
         assert rel_err(outs[mode], want) < 2e-5
@@ -150,7 +150,7 @@ def test_int8_head_export_matches_its_reference(act, step):
     so = ort.SessionOptions()
     if act == "none":
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sess = ort_session(proto.SerializeToString(), so)
     feeds = {"input_ids": ids.numpy()}
     if step:
         cfg = m.cfg.mixer
@@ -163,7 +163,7 @@ def test_int8_head_export_matches_its_reference(act, step):
     assert e < 2e-5
     assert e_fp < 1e-2
     if act == "none":
-        opt = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+        opt = ort_session(proto.SerializeToString()).run(None, feeds)[0]
         e_opt = rel_err(torch.from_numpy(opt), want_fp)
         print(f"  optimized (MatMulNBits) vs float head {e_opt:.2e}")
         assert e_opt < 1e-2
@@ -182,7 +182,7 @@ def test_last_logits_step_graph_equals_the_last_position():
              "ssm_state": np.zeros((m.cfg.n_layer, 3, cfg.d_inner, cfg.d_state), np.float32)}
     proto = build_model(m, step=True, last_logits=True)
     onnx.checker.check_model(proto, full_check=True)
-    got = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    got = ort_session(proto.SerializeToString()).run(None, feeds)[0]
     assert got.shape == (3, 1, 256)
     assert rel_err(torch.from_numpy(got), want) < 2e-5
 
@@ -212,7 +212,7 @@ def test_small_weights_float_is_the_same_function_without_their_dequantize(wbits
                        (ort.GraphOptimizationLevel.ORT_ENABLE_ALL, 1e-5)):
         so = ort.SessionOptions()
         so.graph_optimization_level = level
-        outs = {k: ort.InferenceSession(p.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, feeds)
+        outs = {k: ort_session(p.SerializeToString(), so).run(None, feeds)
                 for k, p in protos.items()}
         for i in range(3):
             e = rel_err(torch.from_numpy(outs["float"][i]), torch.from_numpy(outs["qdq"][i]))

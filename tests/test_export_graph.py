@@ -9,7 +9,7 @@ from mq_deploy.calib.collect import text_forward_loop
 from mq_deploy.quant.recipes import RecipeConfig, apply_recipe
 
 from conftest import rel_err
-from helpers import small_lm, small_vim
+from helpers import ort_session, small_lm, small_vim
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -21,7 +21,7 @@ def session(model):
     proto = build_fp_model(model)
     onnx.checker.check_model(proto, full_check=True)
     assert proto.ir_version == 10 and {o.domain: o.version for o in proto.opset_import}[""] == 21
-    return proto, ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return proto, ort_session(proto.SerializeToString())
 
 
 @pytest.mark.parametrize("kw", [{}, {"bias": True, "conv_bias": False}])

@@ -18,7 +18,7 @@ from mq_deploy.quant.fakequant import QuantConfig
 from mq_deploy.quant.recipes import RecipeConfig, apply_recipe
 from mq_deploy.verify.compare import compare_outputs
 
-from helpers import small_lm, small_vim
+from helpers import ort_session, small_lm, small_vim
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -42,7 +42,7 @@ def spec_of(scales, wbits, recipe):
 
 def session(proto):
     onnx.checker.check_model(proto, full_check=True)
-    return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return ort_session(proto.SerializeToString())
 
 
 def text_ids(n, L, seed=0):

@@ -12,6 +12,8 @@ import torch
 from mq_deploy.ops.quant import quantize
 from mq_deploy.ops.selective_scan import selective_scan_int8_ref, selective_scan_ref
 
+from helpers import ort_session
+
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
@@ -47,7 +49,7 @@ def model_with_scan_node(int8: bool, scales=None, out_dtype=1):
     m = h.make_model(graph, functions=[fn], opset_imports=[h.make_opsetid("", 21), h.make_opsetid(DOMAIN, 1)],
                      ir_version=10)
     onnx.checker.check_model(m, full_check=True)
-    return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    return ort_session(m.SerializeToString())
 
 
 def random_inputs(shape, seed=0, gate=False):

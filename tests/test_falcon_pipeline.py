@@ -18,6 +18,7 @@ from mq_deploy.quant.recipes import RecipeConfig, apply_recipe
 from mq_deploy.verify.compare import compare_outputs
 
 from conftest import rel_err
+from helpers import ort_session
 
 transformers = pytest.importorskip("transformers")
 onnx = pytest.importorskip("onnx")
@@ -54,7 +55,7 @@ def test_transforms_preserve_falcon_in_float64(falcon_dir, recipe):
 
 def _session(proto):
     onnx.checker.check_model(proto, full_check=True)
-    return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return ort_session(proto.SerializeToString())
 
 
 def test_fp_export_carries_the_norms(falcon_dir):

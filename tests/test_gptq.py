@@ -8,6 +8,8 @@ import torch
 from mq_deploy.ops.quant import weight_scales
 from mq_deploy.quant.gptq import gptq_quantize, gptq_quantize_ref
 
+from helpers import ort_session
+
 
 def correlated(n, d, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -49,7 +51,7 @@ TEXT = np.frombuffer(b"In the beginning God created the heaven and the earth. An
 
 def test_gptq_checkpoint_exports_on_the_same_int4_grid_and_runs_in_ort():
     onnx = pytest.importorskip("onnx")
-    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxruntime")
     import copy
 
     from onnx import numpy_helper
@@ -81,7 +83,7 @@ def test_gptq_checkpoint_exports_on_the_same_int4_grid_and_runs_in_ort():
     assert q_in_proj.abs().max() <= 7
     assert any(np.array_equal(numpy_helper.to_array(t).astype(np.int64), q_in_proj.numpy().astype(np.int64))
                for t in ints if tuple(t.dims) == tuple(q_in_proj.shape))
-    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    sess = ort_session(proto.SerializeToString())
     ids = np.stack([TEXT[i:i + 48] for i in (0, 100, 200, 300)]).astype(np.int64)
     got = sess.run(None, {"input_ids": ids})[0]
     with torch.no_grad():

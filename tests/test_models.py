@@ -103,13 +103,13 @@ def test_act_hook_sees_every_quant_point():
     m.layers[0].mixer.act_hook = hook
     with torch.no_grad():
         m(torch.randint(0, 50, (2, 5)))
-    assert set(seen) == set(m.layers[0].mixer.QUANT_POINTS)
+    assert set(seen) == set(m.layers[0].mixer.family.points)
     di, n, r = m.cfg.mixer.d_inner, m.cfg.mixer.d_state, m.cfg.mixer.dt_rank
     assert seen["x"] == (2, 5, di) and seen["B"] == (2, 5, n) and seen["dt_low"] == (2, 5, r)
     seen.clear()
     with torch.no_grad():
         m.step(torch.randint(0, 50, (2,)), m.init_state(2))
-    assert set(seen) == set(m.layers[0].mixer.QUANT_POINTS)
+    assert set(seen) == set(m.layers[0].mixer.family.points)
 
     v = small_vim()
     seen.clear()
@@ -117,7 +117,7 @@ def test_act_hook_sees_every_quant_point():
     with torch.no_grad():
         v(torch.randn(2, 1, 12, 12))
     branch = {p + "_b" for p in ("conv1d", "x", "dt_low", "dt", "B", "C")}
-    assert set(seen) == set(v.layers[1].mixer.QUANT_POINTS) | branch
+    assert set(seen) == set(v.layers[1].mixer.family.points) | branch
 
 
 def test_act_hook_changes_output_consistently_in_step_and_full():

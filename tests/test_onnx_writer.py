@@ -13,6 +13,8 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 from mq_deploy.errors import MQUserError  # noqa: E402
 from mq_deploy.export.onnx_file import EXTERNAL_MIN_BYTES, initializer_bytes, repoint_external, write_model  # noqa: E402
 
+from helpers import ort_session
+
 
 def _model():
     """Initializers of every kind the writer must keep: raw float and int8 data of several sizes (one past
@@ -79,15 +81,15 @@ def test_side_file_round_trip(tmp_path):
 
 
 def test_runs_in_onnxruntime_as_written(tmp_path):
-    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxruntime")
     model = _model()
     x = np.random.default_rng(1).standard_normal((2, 600)).astype(np.float32)
-    want = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+    want = ort_session(model).run(None, {"x": x})[0]
     write_model(model, str(tmp_path / "a.onnx"))
     shell = write_model(model, str(tmp_path / "b.onnx"), str(tmp_path / "b.bin"))
     repoint_external(shell, str(tmp_path / "b.onnx"), "b.bin")
     for name in ("a.onnx", "b.onnx"):
-        got = ort.InferenceSession(str(tmp_path / name)).run(None, {"x": x})[0]
+        got = ort_session(str(tmp_path / name)).run(None, {"x": x})[0]
         np.testing.assert_array_equal(got, want)
 
 

@@ -27,7 +27,7 @@ import torch
 from mq_deploy.ops.selective_scan import selective_scan_int8_ref, selective_scan_ref
 
 from conftest import REPO, rel_err
-from helpers import ort_lib_marker, with_edges
+from helpers import ort_lib_marker, ort_session, with_edges
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -74,7 +74,7 @@ def session(model, lib=True, threads=None, profile=False):
     if profile:
         so.enable_profiling = True
         so.profile_file_prefix = os.path.join(os.environ.get("TMPDIR", "/tmp"), "mq_scan_ort_profile")
-    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+    return ort_session(model, so)
 
 
 def feeds(b, L, d, n, gate=True, seed=0):

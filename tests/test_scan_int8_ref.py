@@ -4,9 +4,9 @@ the x, dt, B, C, z quant points) must compute exactly what it computes on the in
 import pytest
 import torch
 
+from mq_deploy.families.mamba1 import folds as m1_folds
 from mq_deploy.ops.quant import quantize, scale_from_amax
 from mq_deploy.ops.selective_scan import selective_scan_int8_ref, selective_scan_ref
-from mq_deploy.transforms import fold
 
 from conftest import rel_err
 from helpers import small_lm
@@ -24,7 +24,7 @@ def test_mixer_fake_quant_scan_equals_int8_reference(gated):
     m = small_lm(d_state=16)
     mixer = m.layers[0].mixer
     if gated:
-        fold.smooth_out_proj_into_gate(mixer, torch.rand(mixer.cfg.d_inner) * 2 + 0.5)
+        m1_folds.smooth_out_proj_into_gate(mixer, torch.rand(mixer.cfg.d_inner) * 2 + 0.5)
     codes_seen, scales, y_model = {}, {}, {}
 
     def hook(name, t):   # per-tensor scales from this very batch, then round and keep the codes

@@ -28,7 +28,7 @@ plugins/selective_scan/ort/state_update.cpp).
 import numpy as np
 import pytest
 
-from helpers import ort_lib_marker, small_lm
+from helpers import ort_lib_marker, ort_session, small_lm
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -41,7 +41,7 @@ def _session(proto, lib):
     so.intra_op_num_threads = 2
     if lib:
         so.register_custom_ops_library(LIB)
-    return ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return ort_session(proto.SerializeToString(), so)
 
 
 def _quantized(m):

@@ -2,6 +2,7 @@
 
 import torch
 
+from mq_deploy.families.mamba1 import folds as m1_folds
 from mq_deploy.ops.hadamard import hadamard_matrix
 from mq_deploy.transforms import fold
 
@@ -113,7 +114,7 @@ def test_rotate_dt_lowrank_lm_and_vim():
             r = model.cfg.mixer.dt_rank
             for i, layer in enumerate(model.layers):
                 for branch in (["", "_b"] if model.cfg.mixer.bimamba else [""]):
-                    fold.rotate_dt_lowrank(layer.mixer, random_orthogonal(r, seed=i), branch)
+                    m1_folds.rotate_dt_lowrank(layer.mixer, random_orthogonal(r, seed=i), branch)
         assert rel_err(m(ids), want_m) < 1e-10 and rel_err(v(x), want_v) < 1e-10
         states = m.init_state(2, dtype=torch.float64)
         for t in range(ids.shape[1]):
@@ -133,9 +134,9 @@ def test_smooth_fused_gate_and_scan_bc_then_rotate():
             di, n = model.cfg.mixer.d_inner, model.cfg.mixer.d_state
             for layer in model.layers:
                 mixer = layer.mixer
-                fold.smooth_out_proj_into_gate(mixer, torch.rand(di, generator=g, dtype=torch.float64) * 4 + 0.2)
+                m1_folds.smooth_out_proj_into_gate(mixer, torch.rand(di, generator=g, dtype=torch.float64) * 4 + 0.2)
                 for branch in (["", "_b"] if model.cfg.mixer.bimamba else [""]):
-                    fold.smooth_scan_bc(mixer, torch.rand(n, generator=g, dtype=torch.float64) * 4 + 0.2, branch)
+                    m1_folds.smooth_scan_bc(mixer, torch.rand(n, generator=g, dtype=torch.float64) * 4 + 0.2, branch)
                 fold.set_online_out_rotation(mixer, torch.from_numpy(hadamard_matrix(di)))
         assert rel_err(m(ids), want_m) < 1e-10 and rel_err(v(x), want_v) < 1e-10
         states = m.init_state(2, dtype=torch.float64)

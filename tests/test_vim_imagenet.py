@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from mq_deploy.config import MixerConfig, VimConfig
+from mq_deploy.config import VimConfig
 from mq_deploy.data.images import list_image_folder, read_picture
 from mq_deploy.errors import MQUserError
+from mq_deploy.families.mamba1 import MixerConfig
 from mq_deploy.models.loaders import load_model
 from mq_deploy.models.vim import Vim
 

@@ -142,12 +142,12 @@ def expected_io(config, graph: str | None) -> dict:
     if config.architecture == "vim":
         return {"images": (None, config.in_chans, config.img_size, config.img_size),
                 "logits": (None, config.num_classes)}
-    m = config.mixer
+    from mq_deploy.families import family_of
+
     out = {"input_ids": (None, None), "logits": (None, None, config.vocab_size)}
-    if graph == "step":
-        conv = (config.n_layer, None, m.d_inner, m.d_conv - 1)
-        ssm = (config.n_layer, None, m.d_inner, m.d_state)
-        out.update(conv_state=conv, ssm_state=ssm, conv_state_out=conv, ssm_state_out=ssm)
+    if graph == "step":            # the family's states (mq_deploy.families), stacked over layers
+        for spec in family_of(config).states(config.mixer):
+            out[spec.name] = out[spec.name + "_out"] = (config.n_layer, None, *spec.shape)
     return out
 
 
@@ -157,7 +157,7 @@ def check_io(artifact: ArtifactMeta, inputs: Mapping[str, tuple], outputs: Mappi
     expected = expected_io(artifact.config, artifact.graph)
     if not expected:
         return
-    want_inputs = {n for n in expected if n in ("input_ids", "images", "conv_state", "ssm_state")}
+    want_inputs = {n for n in expected if n in ("input_ids", "images") or n + "_out" in expected}
     if set(inputs) != want_inputs:
         raise MQUserError(f"{path}: its metadata (mq.kind {artifact.kind}, mq.graph {artifact.graph}) and its graph "
                           f"disagree: the graph takes {', '.join(sorted(inputs))}, the metadata implies "

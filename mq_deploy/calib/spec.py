@@ -1,10 +1,11 @@
 """Which observer calibrates which activation quant point: the `--observer` syntax.
 
 A spec is a comma-separated list. An item without `=` sets the default for every point; `POINT=KIND`
-overrides it at one point of every layer. Points are the mixer's quant points (in_proj, conv1d, x,
-dt_low, dt, B, C, z, out_proj); `x` also covers the Vim's backward branch `x_b`, which `x_b=...`
-overrides alone; `heavy` names the heavy-tailed points (the scan inputs x, dt, B, C and out_proj's
-input, both branches). Later items win over earlier ones at the same specificity.
+overrides it at one point of every layer. Points are the mixer families' quant points (Mamba1: in_proj,
+conv1d, x, dt_low, dt, B, C, z, out_proj; mq_deploy.families); `x` also covers the Vim's backward branch
+`x_b`, which `x_b=...` overrides alone; `heavy` names the heavy-tailed points each family declares (Mamba1:
+the scan inputs x, dt, B, C and out_proj's input, both branches). Later items win over earlier ones at
+the same specificity.
 
     minmax                                 min-max everywhere
     minmax,heavy=percentile:99.9999        MambaQuant's own observers (see PERCENTILE_DEFAULT)
@@ -23,10 +24,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mq_deploy.errors import MQUserError
+from mq_deploy.families import all_points, heavy_tailed_points
 
 KINDS = ("minmax", "percentile", "mse", "mse-out", "entropy")
-POINTS = ("in_proj", "conv1d", "x", "dt_low", "dt", "B", "C", "z", "out_proj")
-HEAVY_TAILED = ("x", "dt", "B", "C", "out_proj")
 
 # MambaQuant's own calibration clips activations at the 99.9999th percentile of |x| (MambaQuant/MambaQuant,
 # quantize/quantizer.py). Quamba uses 99.999-99.9995 on the SSM input.
@@ -77,18 +77,20 @@ class ObserverSpec:
                 continue
             point = point.strip()
             base = point[:-2] if point.endswith("_b") else point
-            if point != "heavy" and base not in POINTS:
+            points = all_points()
+            if point != "heavy" and base not in points:
                 raise MQUserError(f"--observer {text!r}: unknown quant point {point!r} (choose from "
-                                  f"{', '.join(POINTS)}, their _b twins, or heavy)")
+                                  f"{', '.join(points)}, their _b twins, or heavy)")
             overrides.append((point, _parse_choice(choice, text)))
         return cls(default or ObserverChoice("minmax"), tuple(overrides))
 
     def choice_for(self, point: str) -> ObserverChoice:
         """The observer of one point ("x", "x_b", "out_proj", ...): exact name > base name > heavy > default."""
         base = point[:-2] if point.endswith("_b") else point
+        heavy = base in heavy_tailed_points()
         rank, best = 0, self.default
         for name, choice in self.overrides:
-            r = 3 if name == point else 2 if name == base else 1 if name == "heavy" and base in HEAVY_TAILED else 0
+            r = 3 if name == point else 2 if name == base else 1 if name == "heavy" and heavy else 0
             if r and r >= rank:
                 rank, best = r, choice
         return best
@@ -100,4 +102,4 @@ class ObserverSpec:
         return ",".join([str(self.default)] + [f"{p}={c}" for p, c in self.overrides])
 
 
-__all__ = ["KINDS", "POINTS", "HEAVY_TAILED", "PERCENTILE_DEFAULT", "ObserverChoice", "ObserverSpec"]
+__all__ = ["KINDS", "PERCENTILE_DEFAULT", "ObserverChoice", "ObserverSpec"]

@@ -25,10 +25,10 @@ import numpy as np
 import torch
 
 from mq_deploy.errors import MQInternalError, MQUserError
-from mq_deploy.export.scan_op import DOMAIN, OP, OP_FLOAT, selective_scan_float_function, selective_scan_function
-from mq_deploy.export.state_update_op import OP_UPDATE, OP_UPDATE_FLOAT, state_update_function
+from mq_deploy.export.scan_op import DOMAIN
+from mq_deploy.families import family_of
 from mq_deploy.models.mamba import MambaLM
-from mq_deploy.models.points import mixer_prefix, weight_key
+from mq_deploy.models.points import mixer_prefix
 
 OPSET = 21
 IR_VERSION = 10          # what ONNX Runtime >= 1.18 loads
@@ -106,6 +106,21 @@ class _Builder:
     def i64(self, values, hint="i"):
         return self.const(np.asarray(values, dtype=np.int64), hint)
 
+    def own(self, array, hint):
+        """An initializer of this node's alone (never shared, as const's identical constants are)."""
+        from onnx import numpy_helper
+
+        name = self.name(hint)
+        self.inits.add().CopyFrom(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def axis_zero_point(self, n: int):
+        """The explicit int8 zero points (all 0) of a per-axis weight DequantizeLinear of n channels: ONNX
+        Runtime's exact int8 GEMM on CPUs without VNNI (backends.ort.runner.EXACT_INT8_CONFIG) converts the
+        weights and zero points to u8 in place, so it fails on an implicit zero point, and on a weight or zero
+        point another DequantizeLinear shares: both are the node's own."""
+        return self.own(np.zeros(n, dtype=np.int8), "w_zp")
+
     def silu(self, x):
         return self.op("Mul", [x, self.op("Sigmoid", [x])])
 
@@ -151,8 +166,11 @@ class _Graph:
         q, s64 = self.grid(name, w)
         if transpose:
             q = q.t()
-        qn = (b.int4(q.numpy(), "wq") if self.quant.wbits == 4 else b.const(q.numpy(), "wq"))
-        return b.op("DequantizeLinear", [qn, b.f32(s64, "w_scale")], "w_dq", axis=1 if transpose else 0)
+        if self.quant.wbits == 4:
+            return b.op("DequantizeLinear", [b.int4(q.numpy(), "wq"), b.f32(s64, "w_scale")], "w_dq",
+                        axis=1 if transpose else 0)
+        return b.op("DequantizeLinear", [b.own(q.numpy(), "wq"), b.f32(s64, "w_scale"), b.axis_zero_point(len(s64))],
+                    "w_dq", axis=1 if transpose else 0)
 
     def grid(self, name, w: torch.Tensor):
         """(q int8 tensor, per-output-channel float64 scales) of a quantized weight, checked on its grid."""
@@ -198,92 +216,8 @@ class _Graph:
     def qdq(self, x, point):
         return x if self.quant is None else self.dq(self.q(x, point), point)
 
-
-def _scan_constants(b: _Builder, mixer, s: str = "") -> dict:
-    """The scan's float inputs of branch s: A = -exp(A_log), D, the dt bias, the gate's smoothing factor."""
-    A = -torch.exp(getattr(mixer, "A_b_log" if s else "A_log").detach().double())
-    gate = mixer.gate_scale if mixer.gate_scale is not None else torch.ones(mixer.cfg.d_inner)
-    return {"A": b.f32(A, "A"), "D": b.f32(getattr(mixer, "D" + s), "D"),
-            "dt_bias": b.f32(getattr(mixer, "dt_proj" + s).bias, "dt_bias"), "gate_scale": b.f32(gate, "gate_scale")}
-
-
-def _branch(g: _Graph, mixer, prefix, x, z, s, conv_state=None, ssm_state=None):
-    """conv -> silu -> x_proj -> dt_proj -> scan of one direction. x float [b, L, Di]; z float or int8.
-
-    Returns (y, new_conv_state or None, h_last)."""
-    from onnx import TensorProto, helper
-
-    b, cfg = g.b, mixer.cfg
-    conv = getattr(mixer, "conv1d" + s)
-    k = cfg.d_conv
-    xt = g.qdq(b.op("Transpose", [x], perm=[0, 2, 1]), prefix + "conv1d" + s)        # [b, Di, L]
-    new_conv = None
-    if conv_state is not None:
-        xt = b.op("Concat", [conv_state, xt], axis=2)                                 # [b, Di, K-1+L]
-        n = b.op("Gather", [b.op("Shape", [xt]), b.i64([2])], axis=0)
-        new_conv = b.op("Slice", [xt, b.op("Sub", [n, b.i64([k - 1])]), n, b.i64([2])], "conv_state")
-    w = g.weight(weight_key(prefix, "conv1d", s), conv.weight, transpose=False, small=True)
-    conv_in = [xt, w] + ([b.f32(conv.bias, "conv_b")] if conv.bias is not None else [])
-    xc = b.op("Conv", conv_in, group=cfg.d_inner, kernel_shape=[k], pads=[0, 0] if conv_state is not None
-              else [k - 1, 0])
-    xc = b.silu(b.op("Transpose", [xc], perm=[0, 2, 1]))
-    if g.quant is not None:
-        x_q = g.q(xc, prefix + "x" + s)
-        xc = g.dq(x_q, prefix + "x" + s)
-    x_dbc = g.linear(xc, getattr(mixer, "x_proj" + s), weight_key(prefix, "x_proj", s), small=True)
-    dt_low, Bm, Cm = b.op("Split", [x_dbc,
-                                    b.i64([cfg.dt_rank, cfg.d_state, cfg.d_state])], n_out=3, axis=-1)
-    if cfg.mixer_rms_eps is not None:     # FalconMamba: weightless RMSNorm on dt, B, C (before their quant points)
-        dt_low, Bm, Cm = (b.rms_norm(t, None, cfg.mixer_rms_eps) for t in (dt_low, Bm, Cm))
-    dt_proj = getattr(mixer, "dt_proj" + s)
-    dt = b.op("MatMul", [g.qdq(dt_low, prefix + "dt_low" + s),
-                         g.weight(weight_key(prefix, "dt_proj", s), dt_proj.weight, transpose=True, small=True)])
-    if ssm_state is None:   # zero initial state [batch, Di, N] from the runtime batch size
-        ssm_state = b.op("ConstantOfShape", [b.op("Concat", [b.batch_dim(x), b.i64([cfg.d_inner, cfg.d_state])],
-                                                  axis=0)],
-                         value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]))
-    c = _scan_constants(b, mixer, s)
-    params = [c["A"], c["D"], c["dt_bias"], c["gate_scale"]]
-    if g.quant is None:
-        ins = [xc, dt, params[0], Bm, Cm, params[1], z, params[2], params[3], ssm_state]
-        y, h_last = b.op(OP_FLOAT, ins, "scan", n_out=2, domain=DOMAIN)
-        return y, new_conv, h_last
-    pts = {n: prefix + n + s for n in ("x", "dt", "B", "C")}
-    pts["z"] = prefix + "z"
-    ins = [x_q, g.q(dt, pts["dt"]), params[0], g.q(Bm, pts["B"]), g.q(Cm, pts["C"]), params[1], z, params[2],
-           params[3], ssm_state]
-    attrs = {f"{n}_scale": g._scale(p) for n, p in (("x", pts["x"]), ("delta", pts["dt"]), ("B", pts["B"]),
-                                                     ("C", pts["C"]), ("z", pts["z"]))}
-    y, h_last = b.op(OP, ins, "scan", n_out=2, domain=DOMAIN, **attrs)
-    return y, new_conv, h_last
-
-
-def _fused_branch(g: _Graph, mixer, prefix, x, z, conv_state, ssm_state, layer: int):
-    """The decode-step form of _branch (forward direction): one mq::SelectiveStateUpdate(Float) node
-    (state_update_op.py) reading layer `layer` of the stacked states. Returns (y, new_conv_state, h_last)."""
-    b, cfg = g.b, mixer.cfg
-    conv, x_proj, dt_proj = mixer.conv1d, mixer.x_proj, mixer.dt_proj
-    di, k = cfg.d_inner, cfg.d_conv
-    conv_b = b.f32(conv.bias if conv.bias is not None else torch.zeros(di), "conv_b")
-    c = _scan_constants(b, mixer)
-    tail = [c["dt_bias"], c["A"], c["D"], c["gate_scale"]]
-    attrs = {"layer": int(layer)}
-    if cfg.mixer_rms_eps is not None:
-        attrs["norm_eps"] = float(cfg.mixer_rms_eps)
-    if g.quant is None:
-        ins = [x, z, conv_state, ssm_state, b.f32(conv.weight.reshape(di, k), "conv_w"), conv_b,
-               b.f32(x_proj.weight, "x_proj_w"), b.f32(dt_proj.weight.t(), "dt_proj_w")] + tail
-        return b.op(OP_UPDATE_FLOAT, ins, "state_update", n_out=3, domain=DOMAIN, **attrs)
-    conv_w = g.dequantized(weight_key(prefix, "conv1d"), conv.weight).reshape(di, k)
-    qx, sx = g.grid(weight_key(prefix, "x_proj"), x_proj.weight)
-    qd, sd = g.grid(weight_key(prefix, "dt_proj"), dt_proj.weight)
-    ins = [x, z, conv_state, ssm_state, b.f32(conv_w, "conv_w"), conv_b, b.const(qx.numpy(), "x_proj_q"),
-           b.f32(sx, "x_proj_scale"), b.const(np.ascontiguousarray(qd.numpy().T), "dt_proj_q"),
-           b.f32(sd, "dt_proj_scale")] + tail
-    points = {"conv_scale": "conv1d", "x_scale": "x", "dt_low_scale": "dt_low", "delta_scale": "dt",
-              "B_scale": "B", "C_scale": "C", "z_scale": "z"}
-    attrs.update({a: g._scale(prefix + p) for a, p in points.items()})
-    return b.op(OP_UPDATE, ins, "state_update", n_out=3, domain=DOMAIN, **attrs)
+    def online_rotation(self, y, R):
+        return _online_rotation(self.b, y, R, self.rotation)
 
 
 ROTATIONS = ("factored", "dense")
@@ -331,27 +265,6 @@ def _online_rotation(b: _Builder, y, R, mode="factored"):
     return b.op("Reshape", [ypq, b.i64([0, 0, a * q])], "rot_join")
 
 
-def _mixer(g: _Graph, mixer, prefix, h, state=None):
-    b = g.b
-    h = g.qdq(h, prefix + "in_proj")
-    x, z = b.op("Split", [g.linear(h, mixer.in_proj, weight_key(prefix, "in_proj")), b.i64([mixer.cfg.d_inner] * 2)],
-                n_out=2, axis=-1)
-    if g.quant is not None:
-        z = g.q(z, prefix + "z")             # the scan takes z as int8 straight from its QuantizeLinear
-    if state is not None and g.fused_step and not mixer.cfg.bimamba:
-        (conv_state, ssm_state), layer = state
-        y, new_conv, h_last = _fused_branch(g, mixer, prefix, x, z, conv_state, ssm_state, layer)
-    else:
-        conv_state, ssm_state = state if state is not None else (None, None)
-        y, new_conv, h_last = _branch(g, mixer, prefix, x, z, "", conv_state, ssm_state)
-    if mixer.cfg.bimamba:
-        y_b, _, _ = _branch(g, mixer, prefix, b.flip_time(x), b.flip_time(z), "_b")
-        y = b.op("Mul", [b.op("Add", [y, b.flip_time(y_b)]), b.f32(np.array(0.5), "half")])
-    if mixer.out_rotation is not None:
-        y = _online_rotation(b, y, mixer.out_rotation, g.rotation)
-    return g.linear(g.qdq(y, prefix + "out_proj"), mixer.out_proj, weight_key(prefix, "out_proj")), (new_conv, h_last)
-
-
 def _lm_head(b: _Builder, h, head):
     """float MatMul; or, for a quantize_head'ed model (fakequant.Int8Head), int8 per-channel weights with
     DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul(x_scale * w_scale) (activations per tensor at
@@ -364,7 +277,8 @@ def _lm_head(b: _Builder, h, head):
         return b.op("MatMul", [h, b.f32(head.weight.t(), "lm_head")], "logits")
     qw = b.const(np.ascontiguousarray(head.qweight.numpy().T), "lm_head_q")      # [d, V] int8
     if head.act == "none":
-        w = b.op("DequantizeLinear", [qw, b.f32(head.scale, "lm_head_scale")], "lm_head_dq", axis=1)
+        w = b.op("DequantizeLinear", [qw, b.f32(head.scale, "lm_head_scale"), b.axis_zero_point(head.out_features)],
+                 "lm_head_dq", axis=1)
         return b.op("MatMul", [h, w], "logits")
     hq, hs, hz = b.op("DynamicQuantizeLinear", [h], "head_in_q", n_out=3)
     acc = b.op("MatMulInteger", [hq, qw, hz, b.const(np.zeros(head.out_features, dtype=np.int8), "lm_head_zp")],
@@ -374,17 +288,19 @@ def _lm_head(b: _Builder, h, head):
 
 
 def _layers(g: _Graph, model, h, states=None, consume: bool = False):
-    """Residual blocks and the final norm. states: (conv_state, ssm_state) graph inputs stacked over layers.
-    consume: each block is released from the model once it is in the graph (build_model)."""
+    """Residual blocks and the final norm; each mixer is emitted by its family (families/<name>/export.py).
+    states: the step graph's state inputs (names), stacked over layers. consume: each block is released
+    from the model once it is in the graph (build_model)."""
     b = g.b
     new = []
     for i, layer in enumerate(model.layers):
+        impl = layer.mixer.family.module()
         st = None
-        if states is not None and g.fused_step and not layer.mixer.cfg.bimamba:
+        if states is not None and g.fused_step and impl.FUSED_STEP:
             st = (states, i)        # the fused op reads its layer of the stacked states itself
         elif states is not None:
-            st = tuple(b.op("Gather", [s, b.i64(i)], axis=0) for s in states)
-        out, new_st = _mixer(g, layer.mixer, mixer_prefix(i), b.rms_norm(h, layer.norm), st)
+            st = (tuple(b.op("Gather", [s, b.i64(i)], axis=0) for s in states), None)
+        out, new_st = impl.emit(g, layer.mixer, mixer_prefix(i), b.rms_norm(h, layer.norm), st)
         h = b.op("Add", [h, out], "residual")
         new.append(new_st)
         if consume:
@@ -421,14 +337,17 @@ def build_model(model, quant: QuantSpec | None = None, step: bool = False, opset
     g = _Graph(b, quant, rotation, small_weights, fused_step)
     vi = helper.make_tensor_value_info
     outputs = []
+    family = family_of(model.cfg)
+    mixer_cfg = model.cfg.mixer
     if isinstance(model, MambaLM):
-        m = model.cfg.mixer
         inputs = [vi("input_ids", T.INT64, ["batch", "seq"])]
         states = None
+        specs = family.states(mixer_cfg)
         if step:
-            inputs += [vi("conv_state", T.FLOAT, [model.cfg.n_layer, "batch", m.d_inner, m.d_conv - 1]),
-                       vi("ssm_state", T.FLOAT, [model.cfg.n_layer, "batch", m.d_inner, m.d_state])]
-            states = ("conv_state", "ssm_state")
+            if not specs:
+                raise MQUserError(f"a {family.name} model without a recurrent state has no decode-step graph")
+            inputs += [vi(s.name, T.FLOAT, [model.cfg.n_layer, "batch", *s.shape]) for s in specs]
+            states = tuple(s.name for s in specs)
         h = b.op("Gather", [b.f32(model.embedding.weight, "embedding"), "input_ids"], axis=0)
         h, new = _layers(g, model, h, states, consume)
         if last_logits:
@@ -436,12 +355,12 @@ def build_model(model, quant: QuantSpec | None = None, step: bool = False, opset
         logits = _lm_head(b, h, model.lm_head)
         outputs.append(vi("logits", T.FLOAT, ["batch", 1 if last_logits else "seq", model.cfg.vocab_size]))
         if step:
-            for j, (name, shape) in enumerate((("conv_state_out", [m.d_inner, m.d_conv - 1]),
-                                               ("ssm_state_out", [m.d_inner, m.d_state]))):
+            for j, spec in enumerate(specs):
+                name = spec.name + "_out"
                 parts = [b.op("Unsqueeze", [st[j], b.i64([0])]) for st in new]
                 b.op("Concat", parts, axis=0)
                 b.nodes[-1].output[0] = name
-                outputs.append(vi(name, T.FLOAT, [model.cfg.n_layer, "batch"] + shape))
+                outputs.append(vi(name, T.FLOAT, [model.cfg.n_layer, "batch", *spec.shape]))
     else:
         if step:
             raise MQUserError("a Vision Mamba (bidirectional) has no decode-step graph")
@@ -470,10 +389,8 @@ def build_model(model, quant: QuantSpec | None = None, step: bool = False, opset
     graph.node.extend(b.nodes)
     graph.input.extend(inputs)
     graph.output.extend(outputs)
-    fns = [selective_scan_function(opset) if quant else selective_scan_float_function(opset)]
-    if any(n.op_type in (OP_UPDATE, OP_UPDATE_FLOAT) for n in b.nodes):
-        fns.append(state_update_function(model.cfg.mixer, quant is not None, opset))
-    proto.functions.extend(fns)
+    op_types = {n.op_type for n in b.nodes if n.domain == DOMAIN}
+    proto.functions.extend(family.module().functions(mixer_cfg, quant is not None, op_types, opset))
     proto.ir_version = IR_VERSION
     proto.opset_import.extend([helper.make_opsetid("", opset), helper.make_opsetid(DOMAIN, 1)])
     proto.producer_name = "mq-deploy"

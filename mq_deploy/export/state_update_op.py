@@ -93,7 +93,13 @@ def state_update_function(cfg, quantized: bool, opset: int = 21):
         return node("QuantizeLinear", [x, scale, zp], out)
 
     def dq(x, scale, out, **attrs):
-        return node("DequantizeLinear", [x, scale] + ([zp] if not attrs else []), out, **attrs)
+        if not attrs:
+            return node("DequantizeLinear", [x, scale, zp], out)
+        # per axis: explicit zero points of the weight's own, as export writes them (export/graph.py
+        # _Builder.axis_zero_point: ONNX Runtime's exact int8 GEMM without VNNI needs them)
+        axis_zp = node("ConstantOfShape", [node("Shape", [scale], f"{out}_zp_shape")], f"{out}_zp",
+                       value=numpy_helper.from_array(np.zeros(1, dtype=np.int8), "zero"))
+        return node("DequantizeLinear", [x, scale, axis_zp], out, **attrs)
 
     if quantized:
         for a in SCALE_ATTRS:

@@ -16,16 +16,44 @@ FORMAT_KEY = "mq_deploy_format"
 FORMAT_VERSION = 1
 
 
-def build_model(cfg):
+def _model_class(cfg):
     from mq_deploy.config import MambaLMConfig, VimConfig
 
     if isinstance(cfg, MambaLMConfig):
         from mq_deploy.models.mamba import MambaLM
-        return MambaLM(cfg)
+        return MambaLM
     if isinstance(cfg, VimConfig):
         from mq_deploy.models.vim import Vim
-        return Vim(cfg)
+        return Vim
     raise TypeError(f"not a model config: {type(cfg).__name__}")
+
+
+def parameter_bytes(cfg) -> int:
+    """Bytes of the float32 model `cfg` describes, counted on the meta device (nothing allocated)."""
+    import torch
+
+    with torch.device("meta"):
+        m = _model_class(cfg)(cfg)
+    return 4 * sum(p.numel() for p in m.parameters())
+
+
+def _memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def build_model(cfg):
+    """The model of `cfg` in float32, after checking that it fits in this machine's memory (a config we
+    read back may describe a model of any size: one clear line, not an allocation that kills us)."""
+    need, have = parameter_bytes(cfg), _memory_bytes()
+    if have and need > have:
+        from mq_deploy.errors import MQUserError
+
+        raise MQUserError(f"the model this config describes needs {need / 2**30:.1f} GiB of float32 weights, more "
+                          f"than this machine's {have / 2**30:.1f} GiB of memory")
+    return _model_class(cfg)(cfg)
 
 
 def model_state_dict(model) -> dict:

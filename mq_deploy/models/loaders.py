@@ -1,13 +1,16 @@
-"""Checkpoint loaders. The format is detected from what the path holds:
+"""Checkpoint loading: format detection, safe readers, and the checks every format shares.
+
+The format is detected from what the path holds:
 
 | format      | what is there                                                                 |
 |-------------|-------------------------------------------------------------------------------|
 | mq-deploy   | config.json with "mq_deploy_format" + model.safetensors                       |
-| hf-mamba    | config.json with model_type "mamba" + model.safetensors (or a sharded index) |
-| mamba-ssm   | config.json with d_model/n_layer/vocab_size + pytorch_model.bin               |
+| hf-*        | config.json with a model_type (or architectures entry) a family registers      |
+| mamba-ssm*  | config.json with d_model/n_layer/vocab_size (ssm_cfg.layer names the family)   |
 | vim         | a .pth/.pt file (hustvl/Vim: {"model": state_dict, ...}), or a folder with one|
 
-This module is the only place that knows other projects' parameter names.
+Each family's checkpoint formats (mq_deploy.families: config parsing and key maps, the only code that
+knows other projects' parameter names) live in its own folder and use the readers here.
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ import argparse
 import contextlib
 import errno
 import json
-import math
 import os
 import pickle
 import re
@@ -25,8 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-from mq_deploy.config import MambaLMConfig, MixerConfig, VimConfig, config_from_dict
-from mq_deploy.errors import MQUserError, note
+from mq_deploy.config import config_from_dict
+from mq_deploy.errors import MQUserError
 from mq_deploy.models.io import FORMAT_KEY, build_model
 
 
@@ -61,9 +63,9 @@ class LoadedModel:
         cfg_path = os.path.join(src, "config.json")
         if not os.path.isfile(cfg_path):
             return None          # the source model was moved: the caller asks for --data / --calib
-        raw = _read_json(cfg_path)
+        raw = read_json(cfg_path)
         if FORMAT_KEY not in raw:
-            raise MQUserError(f"{_shown(os.path.join(self.folder, 'config.json'))}: extra.source {src} is not an "
+            raise MQUserError(f"{shown(os.path.join(self.folder, 'config.json'))}: extra.source {src} is not an "
                               "mq-deploy model folder")
         return confined_extra(src, raw.get("extra"), key)
 
@@ -77,7 +79,7 @@ def confined_extra(folder: str, extra, key: str, confine: bool = True) -> str | 
     checkpoint's pointer to its source model) only checks the type."""
     if extra is None:
         return None
-    where = _shown(os.path.join(folder, "config.json"))
+    where = shown(os.path.join(folder, "config.json"))
     if not isinstance(extra, dict):
         raise MQUserError(f"{where}: 'extra' must be an object")
     rel = extra.get(key)
@@ -139,7 +141,7 @@ def native_path(path: str):
     yield path
 
 
-def _shown(path: str) -> str:
+def shown(path: str) -> str:
     """A path for messages: printable even when it is not UTF-8."""
     try:
         path.encode("utf-8")
@@ -173,19 +175,19 @@ def weight_file(directory: str, name, listed_in: str | None = None) -> str:
 
 # --- raw readers -----------------------------------------------------------------------------------
 
-def _read_json(path: str) -> dict:
+def read_json(path: str) -> dict:
     require_file(path)
     try:
         with open(path, "rb") as f:
             d = json.loads(f.read().decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MQUserError(f"{_shown(path)}: not valid JSON ({e})") from None
+        raise MQUserError(f"{shown(path)}: not valid JSON ({e})") from None
     except RecursionError:
-        raise MQUserError(f"{_shown(path)}: not valid JSON (nested too deeply)") from None
+        raise MQUserError(f"{shown(path)}: not valid JSON (nested too deeply)") from None
     except OSError as e:
-        raise MQUserError(f"{_shown(path)}: cannot read ({e.strerror})") from None
+        raise MQUserError(f"{shown(path)}: cannot read ({e.strerror})") from None
     if not isinstance(d, dict):
-        raise MQUserError(f"{_shown(path)}: expected a JSON object")
+        raise MQUserError(f"{shown(path)}: expected a JSON object")
     return d
 
 
@@ -199,7 +201,7 @@ def read_safetensors(path: str) -> dict:
         with native_path(path) as p:
             return load_file(p)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise MQUserError(f"{_shown(path)}: corrupt or truncated safetensors file ({e})") from None
+        raise MQUserError(f"{shown(path)}: corrupt or truncated safetensors file ({e})") from None
 
 
 # safetensors dtype names -> what they are; only float tensors are model weights
@@ -262,12 +264,12 @@ class SafetensorsSource(TensorSource):
                     for k in f.keys():
                         sl = f.get_slice(k)
                         if k in self.shapes:
-                            raise MQUserError(f"{_shown(path)}: tensor {k} is also in {_shown(self.origin[k])}")
+                            raise MQUserError(f"{shown(path)}: tensor {k} is also in {shown(self.origin[k])}")
                         self.shapes[k] = tuple(sl.get_shape())
                         self.dtypes[k] = sl.get_dtype()
                         self.origin[k] = path
             except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-                raise MQUserError(f"{_shown(path)}: corrupt or truncated safetensors file ({e})") from None
+                raise MQUserError(f"{shown(path)}: corrupt or truncated safetensors file ({e})") from None
 
     def get(self, name):
         from safetensors import SafetensorError, safe_open
@@ -277,7 +279,7 @@ class SafetensorsSource(TensorSource):
             with native_path(path) as p, safe_open(p, framework="pt") as f:
                 return f.get_tensor(name)
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise MQUserError(f"{_shown(path)}: corrupt or truncated safetensors file ({e})") from None
+            raise MQUserError(f"{shown(path)}: corrupt or truncated safetensors file ({e})") from None
 
 
 class DictSource(TensorSource):
@@ -286,7 +288,7 @@ class DictSource(TensorSource):
         self._sd = sd
         for k, v in sd.items():
             if not isinstance(v, torch.Tensor):
-                raise MQUserError(f"{_shown(path)}: entry {k!r} of the state dict is a {type(v).__name__}, "
+                raise MQUserError(f"{shown(path)}: entry {k!r} of the state dict is a {type(v).__name__}, "
                                   "not a tensor")
             self.shapes[k], self.dtypes[k], self.origin[k] = tuple(v.shape), str(v.dtype), path
 
@@ -294,9 +296,9 @@ class DictSource(TensorSource):
         return self._sd[name]
 
 
-def _sharded_source(directory: str, index_name: str) -> SafetensorsSource:
+def sharded_source(directory: str, index_name: str) -> SafetensorsSource:
     index_path = os.path.join(directory, index_name)
-    index = _read_json(index_path)
+    index = read_json(index_path)
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise MQUserError(f"{index_path}: no weight_map")
@@ -326,53 +328,67 @@ def read_torch_pickle(path: str):
                     raise
                 return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise MQUserError(f"{_shown(path)}: refused to unpickle (only tensors and plain containers are loaded "
+        raise MQUserError(f"{shown(path)}: refused to unpickle (only tensors and plain containers are loaded "
                           f"with weights_only=True): {str(e).splitlines()[0]}") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, UnicodeDecodeError) as e:
-        raise MQUserError(f"{_shown(path)}: corrupt or truncated checkpoint ({str(e).splitlines()[0]})") from None
+        raise MQUserError(f"{shown(path)}: corrupt or truncated checkpoint ({str(e).splitlines()[0]})") from None
 
 
 # --- detection -------------------------------------------------------------------------------------
 
-HF_MODEL_TYPES = {"mamba": "hf-mamba", "falcon_mamba": "hf-falcon-mamba"}
-HF_ARCHITECTURES = {"MambaForCausalLM": "hf-mamba", "FalconMambaForCausalLM": "hf-falcon-mamba"}
+def _formats() -> dict:
+    from mq_deploy.families import checkpoint_formats
+
+    return {f.name: f for f in checkpoint_formats()}
 
 
 def detect_format(path: str) -> str:
     if not os.path.exists(path):
-        raise MQUserError(f"{_shown(path)}: {path_problem(path)}")
+        raise MQUserError(f"{shown(path)}: {path_problem(path)}")
     if os.path.isfile(path):
         if path.endswith((".pth", ".pt", ".bin")):
             return "vim"
-        raise MQUserError(f"{_shown(path)}: a model is a checkpoint directory or a Vim .pth file")
+        raise MQUserError(f"{shown(path)}: a model is a checkpoint directory or a Vim .pth file")
     if not os.path.isdir(path):
-        raise MQUserError(f"{_shown(path)}: not a regular file or a directory")
+        raise MQUserError(f"{shown(path)}: not a regular file or a directory")
     cfg_path = os.path.join(path, "config.json")
     if os.path.lexists(cfg_path):
-        cfg = _read_json(cfg_path)
+        cfg = read_json(cfg_path)
         if FORMAT_KEY in cfg:
             return "mq-deploy"
-        archs = cfg.get("architectures") or []
-        if cfg.get("model_type") in HF_MODEL_TYPES:
-            return HF_MODEL_TYPES[cfg["model_type"]]
+        formats = _formats().values()
+        model_type, archs = cfg.get("model_type"), cfg.get("architectures") or []
+        for f in formats:
+            if model_type in f.hf_model_types:
+                return f.name
         for a in archs if isinstance(archs, list) else []:
-            if a in HF_ARCHITECTURES:
-                return HF_ARCHITECTURES[a]
-        if cfg.get("model_type"):
-            raise MQUserError(f"{cfg_path}: unsupported model_type {cfg['model_type']!r} "
-                              "(supported: Mamba1 causal LMs (mamba, falcon_mamba) and Vision Mamba)")
+            for f in formats:
+                if a in f.hf_architectures:
+                    return f.name
+        if model_type:
+            known = sorted(t for f in formats for t in f.hf_model_types)
+            raise MQUserError(f"{cfg_path}: unsupported model_type {model_type!r} (supported: {', '.join(known)}, "
+                              "and Vision Mamba .pth checkpoints)")
         if {"d_model", "n_layer", "vocab_size"} <= set(cfg):
-            return "mamba-ssm"
-        if _find_pth(path):   # Vim: the .pth holds the weights, config.json only img_size/stride/normalisation
+            ssm_cfg = cfg.get("ssm_cfg") or {}
+            if not isinstance(ssm_cfg, dict):
+                raise MQUserError(f"{cfg_path}: ssm_cfg must be an object")
+            layer = ssm_cfg.get("layer", "Mamba1")
+            for f in formats:
+                if layer in f.ssm_layers:
+                    return f.name
+            known = sorted(v for f in formats for v in f.ssm_layers)
+            raise MQUserError(f"{cfg_path}: ssm_cfg.layer {layer!r} is not supported (supported: {', '.join(known)})")
+        if find_pth(path):   # Vim: the .pth holds the weights, config.json only img_size/stride/normalisation
             return "vim"
         raise MQUserError(f"{cfg_path}: cannot tell which model format this is "
                           "(not mq-deploy, HF transformers Mamba/FalconMamba, mamba-ssm or Vim)")
-    if _find_pth(path):
+    if find_pth(path):
         return "vim"
     raise MQUserError(f"{path}: no config.json and no .pth checkpoint in this directory")
 
 
-def _find_pth(directory: str):
+def find_pth(directory: str):
     cands = sorted(f for f in os.listdir(directory) if f.endswith((".pth", ".pt")))
     if len(cands) > 1:
         raise MQUserError(f"{directory}: several checkpoints ({', '.join(cands)}); name one file")
@@ -381,28 +397,102 @@ def _find_pth(directory: str):
 
 # --- state dict checks -----------------------------------------------------------------------------
 
-def _config(src: str, make):
+def config_for(src: str, make):
     """Build a config; its validation errors name the file it came from."""
     try:
         return make()
     except MQUserError as e:
-        raise MQUserError(f"{_shown(src)}: {e}") from None
+        raise MQUserError(f"{shown(src)}: {e}") from None
     except TypeError as e:   # unknown or missing field
-        raise MQUserError(f"{_shown(src)}: invalid config ({e})") from None
+        raise MQUserError(f"{shown(src)}: invalid config ({e})") from None
 
 
-def _layer_count(names) -> int:
+def json_flag(c: dict, key: str, default: bool, src: str) -> bool:
+    """A boolean read from someone else's config: a JSON boolean, or one clear error ("false" as a
+    string is truthy and would silently mean true)."""
+    v = c.get(key, default)
+    if not isinstance(v, bool):
+        raise MQUserError(f"{shown(src)}: {key} must be true or false (a JSON boolean), got {v!r}")
+    return v
+
+
+def eos_token(c: dict, vocab) -> int | None:
+    """An HF config's eos_token_id (the first of a list) when it is a token id of the vocabulary."""
+    eos = c.get("eos_token_id")
+    if isinstance(eos, list) and eos:
+        eos = eos[0]
+    if isinstance(eos, int) and not isinstance(eos, bool) and isinstance(vocab, int) and 0 <= eos < vocab:
+        return eos
+    return None
+
+
+def hf_tensor_source(path: str, what: str):
+    """(file named in messages, TensorSource) of an HF transformers folder: model.safetensors, a sharded
+    index, or pytorch_model.bin."""
+    if os.path.lexists(os.path.join(path, "model.safetensors")):
+        src = weight_file(path, "model.safetensors")
+        return src, SafetensorsSource([src])
+    if os.path.lexists(os.path.join(path, "model.safetensors.index.json")):
+        return os.path.join(path, "model.safetensors.index.json"), sharded_source(path, "model.safetensors.index.json")
+    if os.path.lexists(os.path.join(path, "pytorch_model.bin")):
+        src = weight_file(path, "pytorch_model.bin")
+        sd = read_torch_pickle(src)
+        if not isinstance(sd, dict):
+            raise MQUserError(f"{src}: expected a state dict")
+        return src, DictSource(sd, src)
+    raise MQUserError(f"{path}: {what} directory without model.safetensors, its index, or pytorch_model.bin")
+
+
+def mamba_ssm_tensor_source(path: str):
+    """(file, TensorSource) of a mamba-ssm folder (pytorch_model.bin, or model.safetensors), keys without
+    the `backbone.` prefix."""
+    for name in ("pytorch_model.bin", "model.safetensors"):
+        if os.path.lexists(os.path.join(path, name)):
+            src = weight_file(path, name)
+            break
+    else:
+        raise MQUserError(f"{path}: mamba-ssm directory without pytorch_model.bin")
+    if src.endswith(".bin"):
+        sd = read_torch_pickle(src)
+        if not isinstance(sd, dict):
+            raise MQUserError(f"{src}: expected a state dict")
+        tensors = DictSource(sd, src)
+    else:
+        tensors = SafetensorsSource([src])
+    return src, tensors.rename([(r"^backbone\.", "")])
+
+
+def check_mamba_ssm_backbone(c: dict, cfg_path: str) -> None:
+    """What mamba-ssm's MixerModel may hold that a pure SSM LM of ours has not."""
+    if c.get("attn_layer_idx"):
+        raise MQUserError(f"{cfg_path}: hybrid attention layers (attn_layer_idx) are not supported")
+    if c.get("d_intermediate", 0):
+        raise MQUserError(f"{cfg_path}: MLP blocks (d_intermediate > 0) are not supported")
+    if not json_flag(c, "rms_norm", True, cfg_path):
+        raise MQUserError(f"{cfg_path}: LayerNorm models (rms_norm false) are not supported, only RMSNorm")
+
+
+def padded_vocab(c: dict, cfg_path: str) -> int:
+    """mamba-ssm's vocabulary: vocab_size rounded up to pad_vocab_size_multiple (the embedding's rows)."""
+    vocab = c.get("vocab_size")
+    pad = c.get("pad_vocab_size_multiple", 1) or 1
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (vocab, pad)):
+        raise MQUserError(f"{cfg_path}: vocab_size and pad_vocab_size_multiple must be positive integers")
+    return vocab + (pad - vocab % pad) % pad
+
+
+def layer_count(names) -> int:
     idx = [int(m.group(1)) for k in names if (m := re.match(r"layers\.(\d+)\.", k))]
     return 1 + max(idx) if idx else 0
 
 
-def _load_into(cfg, src: TensorSource, source: str, cfg_source: str | None = None, quant: dict | None = None):
+def load_into(cfg, src: TensorSource, source: str, cfg_source: str | None = None, quant: dict | None = None):
     """Check every name, shape and dtype of `src` against what `cfg` implies, then allocate the model
     and copy the tensors in one at a time (converted to float32)."""
-    n_ckpt = _layer_count(src.shapes)
+    n_ckpt = layer_count(src.shapes)
     if cfg.n_layer != n_ckpt:   # before building even the shapes: n_layer sizes the module list
-        raise MQUserError(f"{_shown(cfg_source or source)}: the config has {cfg.n_layer} layers, the weights in "
-                          f"{_shown(source)} have {n_ckpt}")
+        raise MQUserError(f"{shown(cfg_source or source)}: the config has {cfg.n_layer} layers, the weights in "
+                          f"{shown(source)} have {n_ckpt}")
     with torch.device("meta"):     # shapes only: a config asking for 10^9 channels allocates nothing here
         model = build_model(cfg)
         if quant is not None:
@@ -422,14 +512,14 @@ def _load_into(cfg, src: TensorSource, source: str, cfg_source: str | None = Non
             parts.append(f"missing {len(missing)} tensors (e.g. {', '.join(missing[:3])})")
         if unexpected:
             parts.append(f"unexpected {len(unexpected)} tensors (e.g. {', '.join(unexpected[:3])})")
-        raise MQUserError(f"{_shown(source)}: state dict does not match its config: " + "; ".join(parts))
+        raise MQUserError(f"{shown(source)}: state dict does not match its config: " + "; ".join(parts))
     for k, shape in expected.items():
         if tuple(src.shapes[k]) != shape:
-            raise MQUserError(f"{_shown(src.origin[k])}: tensor {k} has shape {tuple(src.shapes[k])}, "
-                              f"the config{' in ' + _shown(cfg_source) if cfg_source else ''} implies {shape}")
+            raise MQUserError(f"{shown(src.origin[k])}: tensor {k} has shape {tuple(src.shapes[k])}, "
+                              f"the config{' in ' + shown(cfg_source) if cfg_source else ''} implies {shape}")
     for k, dt in src.dtypes.items():
         if dt not in _FLOAT_DTYPES and dt not in {str(t) for t in _TORCH_FLOAT}:
-            raise MQUserError(f"{_shown(src.origin[k])}: tensor {k} is stored as {dt}, not as floating point "
+            raise MQUserError(f"{shown(src.origin[k])}: tensor {k} is stored as {dt}, not as floating point "
                               "(float16, bfloat16, float32 or float64); integer or packed weights of other "
                               "quantization tools are not read as values")
     model = model.to_empty(device="cpu")
@@ -439,7 +529,7 @@ def _load_into(cfg, src: TensorSource, source: str, cfg_source: str | None = Non
         for k in expected:
             t = src.get(k)
             if not torch.isfinite(t).all():
-                raise MQUserError(f"{_shown(src.origin[k])}: tensor {k} holds NaN or Inf")
+                raise MQUserError(f"{shown(src.origin[k])}: tensor {k} holds NaN or Inf")
             params[k].copy_(t)
             del t
     if tied:
@@ -451,7 +541,7 @@ def _load_into(cfg, src: TensorSource, source: str, cfg_source: str | None = Non
 
 # --- formats ---------------------------------------------------------------------------------------
 
-def _with_tokenizer(path: str, extra: dict) -> dict:
+def with_tokenizer(path: str, extra: dict) -> dict:
     """extra["tokenizer"]: a tokenizer.json beside the weights (relative to the folder, like eval_data)."""
     if "tokenizer" not in extra and os.path.isfile(os.path.join(path, "tokenizer.json")):
         extra = {**extra, "tokenizer": "tokenizer.json"}
@@ -460,254 +550,42 @@ def _with_tokenizer(path: str, extra: dict) -> dict:
 
 def _load_ours(path):
     cfg_path = os.path.join(path, "config.json")
-    raw = _read_json(cfg_path)
+    raw = read_json(cfg_path)
     extra = raw.pop("extra", {}) or {}
     if not isinstance(extra, dict):
         raise MQUserError(f"{cfg_path}: 'extra' must be an object")
     quant = raw.pop("quant", None)
     raw.pop(FORMAT_KEY, None)
     raw.pop("mq_deploy_version", None)
-    cfg = _config(cfg_path, lambda: config_from_dict(raw))
+    cfg = config_for(cfg_path, lambda: config_from_dict(raw))
     if quant is not None:
         # a quantized checkpoint (mq_deploy.quant.qcheckpoint) carries the transforms' runtime buffers
         if not isinstance(quant, dict):
             raise MQUserError(f"{cfg_path}: 'quant' must be an object")
         extra = {**extra, "quant": quant}
     src_file = weight_file(path, "model.safetensors")
-    model = _load_into(cfg, SafetensorsSource([src_file]), src_file, cfg_path, quant)
-    return model, cfg, _with_tokenizer(path, extra)
+    model = load_into(cfg, SafetensorsSource([src_file]), src_file, cfg_path, quant)
+    return model, cfg, with_tokenizer(path, extra)
 
 
 def _add_transform_buffers(model, quant: dict):
-    di = model.cfg.mixer.d_inner
     for layer in model.layers:
-        if quant.get("gate_scale"):
-            layer.mixer.register_buffer("gate_scale", torch.zeros(di))
+        layer.mixer.family.module().add_runtime_buffers(layer.mixer, quant)
 
 
 def _set_out_rotations(model) -> None:
     """The online rotation before out_proj of a quantized checkpoint: the normalised Hadamard matrix of
-    d_inner (not stored in the file), one tensor shared by every layer."""
+    out_proj's input width (not stored in the file), one tensor per width shared by every layer."""
     from mq_deploy.ops.hadamard import hadamard_matrix
 
-    H = torch.from_numpy(hadamard_matrix(model.cfg.mixer.d_inner)).to(torch.float32)
+    shared = {}
     for layer in model.layers:
-        layer.mixer.register_buffer("out_rotation", H, persistent=False)
+        n = layer.mixer.out_proj.in_features
+        if n not in shared:
+            shared[n] = torch.from_numpy(hadamard_matrix(n)).to(torch.float32)
+        layer.mixer.register_buffer("out_rotation", shared[n], persistent=False)
 
 
-def _hf_mixer_cfg(c: dict, src: str, falcon: bool) -> MixerConfig:
-    if c.get("hidden_act", "silu") not in ("silu", "swish"):
-        raise MQUserError(f"{src}: hidden_act {c['hidden_act']!r} is not supported (Mamba1 uses silu)")
-    hidden = c.get("hidden_size")
-    if isinstance(hidden, bool) or not isinstance(hidden, int):
-        raise MQUserError(f"{src}: hidden_size missing or not an integer")
-    return _config(src, lambda: MixerConfig(
-        d_model=hidden, d_state=c.get("state_size", 16), d_conv=c.get("conv_kernel", 4), expand=c.get("expand", 2),
-        d_inner=c.get("intermediate_size"), dt_rank=c.get("time_step_rank", "auto"),
-        conv_bias=c.get("use_conv_bias", True), bias=c.get("use_bias", False),
-        mixer_rms_eps=c.get("mixer_rms_eps", 1e-6) if falcon else None))
-
-
-def _eos(c: dict, vocab) -> int | None:
-    eos = c.get("eos_token_id")
-    if isinstance(eos, list) and eos:
-        eos = eos[0]
-    if isinstance(eos, int) and not isinstance(eos, bool) and isinstance(vocab, int) and 0 <= eos < vocab:
-        return eos
-    return None
-
-
-def _load_hf(path, falcon=False):
-    cfg_path = os.path.join(path, "config.json")
-    c = _read_json(cfg_path)
-    mixer = _hf_mixer_cfg(c, cfg_path, falcon)
-    vocab = c.get("vocab_size", 0)
-    cfg = _config(cfg_path, lambda: MambaLMConfig(
-        d_model=mixer.d_model, n_layer=c.get("num_hidden_layers", 0), vocab_size=vocab, mixer=mixer,
-        norm_eps=c.get("layer_norm_epsilon", 1e-5), residual_in_fp32=c.get("residual_in_fp32", True),
-        tie_embeddings=c.get("tie_word_embeddings", True), eos_token_id=_eos(c, vocab)))
-    if os.path.lexists(os.path.join(path, "model.safetensors")):
-        src = weight_file(path, "model.safetensors")
-        tensors = SafetensorsSource([src])
-    elif os.path.lexists(os.path.join(path, "model.safetensors.index.json")):
-        src = os.path.join(path, "model.safetensors.index.json")
-        tensors = _sharded_source(path, "model.safetensors.index.json")
-    elif os.path.lexists(os.path.join(path, "pytorch_model.bin")):
-        src = weight_file(path, "pytorch_model.bin")
-        sd = read_torch_pickle(src)
-        if not isinstance(sd, dict):
-            raise MQUserError(f"{src}: expected a state dict")
-        tensors = DictSource(sd, src)
-    else:
-        raise MQUserError(f"{path}: HF Mamba directory without model.safetensors, its index, or pytorch_model.bin")
-    tensors = tensors.rename([(r"^backbone\.embeddings\.", "embedding."), (r"^backbone\.", "")])
-    if not cfg.tie_embeddings and "lm_head.weight" not in tensors.shapes:
-        raise MQUserError(f"{src}: untied head (tie_word_embeddings false) but no lm_head.weight")
-    return _load_into(cfg, tensors, src, cfg_path), cfg, _with_tokenizer(path, {})
-
-
-def _load_mamba_ssm(path):
-    cfg_path = os.path.join(path, "config.json")
-    c = _read_json(cfg_path)
-    ssm_cfg = c.get("ssm_cfg") or {}
-    if not isinstance(ssm_cfg, dict):
-        raise MQUserError(f"{cfg_path}: ssm_cfg must be an object")
-    ssm_cfg = dict(ssm_cfg)
-    layer = ssm_cfg.pop("layer", "Mamba1")
-    if layer != "Mamba1":
-        raise MQUserError(f"{cfg_path}: ssm_cfg.layer {layer!r} is not supported (only Mamba1)")
-    if c.get("attn_layer_idx"):
-        raise MQUserError(f"{cfg_path}: hybrid attention layers (attn_layer_idx) are not supported")
-    if c.get("d_intermediate", 0):
-        raise MQUserError(f"{cfg_path}: MLP blocks (d_intermediate > 0) are not supported")
-    if not c.get("rms_norm", True):
-        raise MQUserError(f"{cfg_path}: LayerNorm models (rms_norm false) are not supported, only RMSNorm")
-    known = {"d_state", "d_conv", "expand", "dt_rank", "conv_bias", "bias"}
-    ignored = {"dt_min", "dt_max", "dt_init", "dt_scale", "dt_init_floor", "use_fast_path"}
-    unknown = set(ssm_cfg) - known - ignored
-    if unknown:
-        raise MQUserError(f"{cfg_path}: unsupported ssm_cfg keys {sorted(unknown)}")
-    d_model = c["d_model"]
-    mixer = _config(cfg_path, lambda: MixerConfig(d_model=d_model, **{k: v for k, v in ssm_cfg.items() if k in known}))
-    vocab = c["vocab_size"]
-    pad = c.get("pad_vocab_size_multiple", 1) or 1
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (vocab, pad)):
-        raise MQUserError(f"{cfg_path}: vocab_size and pad_vocab_size_multiple must be positive integers")
-    if vocab % pad:
-        vocab += pad - vocab % pad
-    cfg = _config(cfg_path, lambda: MambaLMConfig(
-        d_model=d_model, n_layer=c["n_layer"], vocab_size=vocab, mixer=mixer, norm_eps=c.get("norm_epsilon", 1e-5),
-        residual_in_fp32=c.get("residual_in_fp32", True), tie_embeddings=c.get("tie_embeddings", True)))
-    src = None
-    for name in ("pytorch_model.bin", "model.safetensors"):
-        if os.path.lexists(os.path.join(path, name)):
-            src = weight_file(path, name)
-            break
-    if src is None:
-        raise MQUserError(f"{path}: mamba-ssm directory without pytorch_model.bin")
-    if src.endswith(".bin"):
-        sd = read_torch_pickle(src)
-        if not isinstance(sd, dict):
-            raise MQUserError(f"{src}: expected a state dict")
-        tensors = DictSource(sd, src)
-    else:
-        tensors = SafetensorsSource([src])
-    tensors = tensors.rename([(r"^backbone\.", "")])
-    extra = _with_tokenizer(path, {"vocab_size_unpadded": c["vocab_size"]})
-    return _load_into(cfg, tensors, src, cfg_path), cfg, extra
-
-
-def _vim_config_from_state_dict(shapes: dict, overrides: dict, src: str, cfg_src: str | None) -> VimConfig:
-    try:
-        d_model, in_chans, patch, _ = shapes["patch_embed.proj.weight"]
-        n_layer = _layer_count(shapes)
-        di, n = shapes["layers.0.mixer.A_log"]
-        dt_rank = shapes["layers.0.mixer.dt_proj.weight"][1]
-        d_conv = shapes["layers.0.mixer.conv1d.weight"][-1]
-        num_classes = shapes["head.weight"][0]
-        num_tokens = shapes["pos_embed"][1]
-    except (KeyError, ValueError, IndexError) as e:
-        raise MQUserError(f"{src}: not a Vision Mamba state dict (missing or misshapen {e})") from None
-    if "cls_token" not in shapes:
-        raise MQUserError(f"{src}: Vim without a class token is not supported")
-    if any(k.startswith(("cls_token_head", "cls_token_tail")) or k.endswith(".gamma") for k in shapes):
-        raise MQUserError(f"{src}: double class tokens / layer scale are not supported")
-    if "layers.0.mixer.A_b_log" not in shapes or "layers.0.mixer.conv1d_b.weight" not in shapes:
-        raise MQUserError(f"{src}: only bimamba v2 Vim checkpoints are supported")
-    if "layers.0.norm.bias" in shapes:
-        raise MQUserError(f"{src}: LayerNorm Vim (rms_norm false) is not supported")
-    grid = math.isqrt(num_tokens - 1) if num_tokens >= 1 else 0
-    if grid * grid != num_tokens - 1:
-        raise MQUserError(f"{src}: pos_embed has {num_tokens} tokens, not a square grid plus one class token")
-    stride = overrides.get("stride")
-    if stride is None:
-        stride = _default_stride(src, patch, grid, overrides.get("img_size"))
-    if isinstance(stride, bool) or not isinstance(stride, int) or stride <= 0:
-        raise MQUserError(f"{cfg_src or src}: stride must be a positive integer, got {stride!r}")
-    img_size = overrides.get("img_size", (grid - 1) * stride + patch)
-    mixer = _config(cfg_src or src, lambda: MixerConfig(
-        d_model=d_model, d_state=n, d_conv=d_conv, d_inner=di, expand=max(1, di // d_model), dt_rank=dt_rank,
-        conv_bias="layers.0.mixer.conv1d.bias" in shapes, bias="layers.0.mixer.in_proj.bias" in shapes,
-        bimamba=True))
-    kw = {k: overrides[k] for k in ("image_mean", "image_std", "norm_eps", "residual_in_fp32") if k in overrides}
-    cfg = _config(cfg_src or src, lambda: VimConfig(
-        d_model=d_model, n_layer=n_layer, num_classes=num_classes, img_size=img_size, patch_size=patch,
-        stride=stride, in_chans=in_chans, mixer=mixer, **kw))
-    if cfg.num_patches + 1 != num_tokens:
-        raise MQUserError(f"{src}: pos_embed has {num_tokens} tokens, img_size {img_size} with patch {patch} "
-                          f"and stride {stride} gives {cfg.num_patches + 1}")
-    return cfg
-
-
-def _default_stride(src, patch: int, grid: int, img_size) -> int:
-    """The stride when nothing states it: the one that puts the patch grid on the image size when that is
-    known, else on hustvl's 224 px (the "+" models are 224 px at stride 8, which a file without `args` only
-    shows by its grid: 27 x 27 for patch 16), else the patch size."""
-    size = img_size if isinstance(img_size, int) and not isinstance(img_size, bool) else 224
-    if grid > 1 and (size - patch) % (grid - 1) == 0 and 0 < (size - patch) // (grid - 1) <= patch:
-        stride = (size - patch) // (grid - 1)
-        if stride != patch and img_size is None:
-            note(f"{src}: a {grid}x{grid} patch grid with patch {patch} and no stride given: taken as {size} px "
-                 f"at stride {stride} (hustvl's \"+\" models); a config.json with img_size and stride beside the "
-                 ".pth says otherwise")
-        return stride
-    return patch
-
-
-def _vim_args(ckpt) -> dict:
-    """Normalisation and size from the training args hustvl/DeiT store beside the weights, where present."""
-    args = ckpt.get("args") if isinstance(ckpt, dict) else None
-    if isinstance(args, argparse.Namespace):
-        args = vars(args)
-    if not isinstance(args, dict):
-        return {}
-    out = {}
-    for ours, theirs in (("image_mean", "mean"), ("image_std", "std"), ("image_mean", "image_mean"),
-                         ("image_std", "image_std"), ("img_size", "input_size")):
-        v = args.get(theirs)
-        if v is not None and ours not in out:
-            out[ours] = tuple(v) if isinstance(v, (list, tuple)) else v
-    # the "+" models say their stride only in their name: vim_tiny_patch16_stride8_224_bimambav2_...
-    m = re.search(r"stride(\d+)", str(args.get("model", "")))
-    if m:
-        out["stride"] = int(m.group(1))
-    return out
-
-
-def _load_vim(path):
-    overrides, cfg_path = {}, None
-    if os.path.isdir(path):
-        cfg_path = os.path.join(path, "config.json")
-        if os.path.lexists(cfg_path):
-            c = _read_json(cfg_path)
-            overrides = {"img_size": c.get("img_size"), "stride": c.get("stride"),
-                         "image_mean": c.get("image_mean"), "image_std": c.get("image_std"),
-                         "norm_eps": c.get("norm_epsilon")}
-            overrides = {k: v for k, v in overrides.items() if v is not None}
-        else:
-            cfg_path = None
-        src = _find_pth(path)
-        if src is None:
-            raise MQUserError(f"{path}: Vim directory without a .pth checkpoint")
-    else:
-        src = path
-    ckpt = read_torch_pickle(src)
-    if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict):
-        sd = ckpt["model"]
-    elif isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict):
-        sd = ckpt["state_dict"]
-    elif isinstance(ckpt, dict) and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
-        sd = ckpt
-    else:
-        raise MQUserError(f"{src}: expected a state dict or a dict with a 'model' entry")
-    overrides = {**_vim_args(ckpt), **overrides}     # a config.json beside the .pth wins over the saved args
-    tensors = DictSource(dict(sd), src).rename([(r"^module\.", "")])
-    cfg = _vim_config_from_state_dict(tensors.shapes, overrides, src, cfg_path)
-    return _load_into(cfg, tensors, src, cfg_path), cfg, {}
-
-
-_LOADERS = {"mq-deploy": _load_ours, "hf-mamba": _load_hf, "hf-falcon-mamba": lambda p: _load_hf(p, falcon=True),
-            "mamba-ssm": _load_mamba_ssm, "vim": _load_vim}
 
 
 def load_model(path: str) -> LoadedModel:
@@ -717,9 +595,9 @@ def load_model(path: str) -> LoadedModel:
     the float32 model plus one tensor."""
     fmt = detect_format(path)
     try:
-        model, cfg, extra = _LOADERS[fmt](path)
+        model, cfg, extra = _load_ours(path) if fmt == "mq-deploy" else _formats()[fmt].load(path)
     except KeyError as e:
         where = os.path.join(path, "config.json") if os.path.isdir(path) else path
-        raise MQUserError(f"{_shown(where)}: {fmt} config is missing the field {e}") from None
+        raise MQUserError(f"{shown(where)}: {fmt} config is missing the field {e}") from None
     model.eval()
     return LoadedModel(model=model, format=fmt, path=path, config=cfg, extra=extra)

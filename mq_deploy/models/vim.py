@@ -10,7 +10,8 @@ import torch.nn as nn
 
 from mq_deploy.config import VimConfig
 from mq_deploy.errors import MQUserError
-from mq_deploy.models.mamba import Block, RMSNorm, init_weights
+from mq_deploy.models.layers import RMSNorm
+from mq_deploy.models.mamba import Block, init_weights
 
 
 class PatchEmbed(nn.Module):

@@ -1,8 +1,8 @@
-"""Fake quantization of a Mamba / Vim model at MambaQuant's quant points (MambaMixer.QUANT_POINTS).
+"""Fake quantization at the quant points each mixer family declares (mq_deploy.families).
 
-Weights (per output channel, symmetric) of in_proj, conv1d, x_proj, dt_proj, out_proj (and the Vim
-backward branch's conv1d_b, x_proj_b, dt_proj_b) are replaced by their dequantized values; the
-integer scales are kept for export. Activations at every point of MambaMixer.QUANT_POINTS are
+Weights (per output channel, symmetric) of the family's weight sites (Mamba1: in_proj, conv1d, x_proj,
+dt_proj, out_proj, and the Vim backward branch's conv1d_b, x_proj_b, dt_proj_b) are replaced by their
+dequantized values; the integer scales are kept for export. Activations at every quant point are
 rounded by the mixer's act_hook with static per-tensor scales from calibration, or per token at
 run time. Embeddings, norms, heads, A, D and the dt bias stay floating point.
 """
@@ -17,8 +17,6 @@ from mq_deploy.calib.collect import mixers
 from mq_deploy.errors import MQUserError
 from mq_deploy.models.points import weight_key
 from mq_deploy.ops.quant import fake_quantize, qmax, scale_from_amax, weight_scales
-
-WEIGHT_SITES = ("in_proj", "conv1d", "x_proj", "dt_proj", "out_proj")
 
 
 @dataclass
@@ -38,23 +36,12 @@ class QuantConfig:
             raise MQUserError(f"act_granularity must be per_tensor or per_token, got {self.act_granularity!r}")
 
 
-def weight_modules(mixer):
-    """(site name, module) of every quantized weight of one mixer."""
-    out = []
-    for site in WEIGHT_SITES:
-        for suffix in ("", "_b") if site in ("conv1d", "x_proj", "dt_proj") else ("",):
-            mod = getattr(mixer, site + suffix, None)
-            if mod is not None:
-                out.append((site + suffix, mod))
-    return out
-
-
 @torch.no_grad()
 def quantize_weights(model, bits: int) -> dict:
     """Round every quantized weight in place; return {param name: per-channel scale}."""
     scales = {}
     for prefix, mixer in mixers(model):
-        for site, mod in weight_modules(mixer):
+        for site, mod in mixer.weight_modules():
             s = weight_scales(mod.weight, bits)
             mod.weight.copy_(fake_quantize(mod.weight, s, bits, axis=0))
             scales[weight_key(prefix, site)] = s

@@ -22,10 +22,6 @@ import torch
 
 from mq_deploy.ops.quant import qmax, weight_scales
 
-# linear site -> the quant point that is its input
-GPTQ_INPUTS = {"in_proj": "in_proj", "x_proj": "x", "dt_proj": "dt_low", "out_proj": "out_proj",
-               "x_proj_b": "x_b", "dt_proj_b": "dt_low_b"}
-
 
 def _prepare(w, H, scale, damp):
     W = w.detach().to(torch.float64).clone()
@@ -86,13 +82,13 @@ def gptq_weights(model, hessians: dict, bits: int) -> dict:
     return {param name: per-channel scale}, the same dict `fakequant.quantize_weights` returns."""
     from mq_deploy.calib.collect import mixers
     from mq_deploy.ops.quant import fake_quantize
-    from mq_deploy.quant.fakequant import weight_modules
 
     scales = {}
     for prefix, mixer in mixers(model):
-        for site, mod in weight_modules(mixer):
+        inputs = mixer.family.gptq_inputs           # linear site -> the quant point that is its input
+        for site, mod in mixer.weight_modules():
             s = weight_scales(mod.weight, bits)
-            H = hessians.get(prefix + GPTQ_INPUTS[site]) if site in GPTQ_INPUTS else None
+            H = hessians.get(prefix + inputs[site]) if site in inputs else None
             if H is None:
                 new = fake_quantize(mod.weight, s, bits, axis=0)
             else:
@@ -102,4 +98,4 @@ def gptq_weights(model, hessians: dict, bits: int) -> dict:
     return scales
 
 
-__all__ = ["GPTQ_INPUTS", "gptq_quantize", "gptq_quantize_ref", "gptq_weights"]
+__all__ = ["gptq_quantize", "gptq_quantize_ref", "gptq_weights"]

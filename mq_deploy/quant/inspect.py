@@ -26,8 +26,6 @@ from mq_deploy.models.io import atomic_write_dir
 from mq_deploy.ops.hadamard import has_hadamard
 from mq_deploy.transforms.rotations import hadamard_rotation, klt_basis, smoothing_factors
 
-POINTS = {"in_proj": "in_proj", "x": "x_proj", "out_proj": "out_proj"}   # point -> consuming linear
-
 
 class RowSampleObserver(Observer):
     """Keeps at most `limit` rows, an evenly strided subsample of every batch (memory stays bounded)."""
@@ -71,16 +69,18 @@ def views(X: torch.Tensor, second_moment: torch.Tensor, w_amax: torch.Tensor, x_
 
 def inspect_model(model, loop, alpha: float = 0.5):
     """Return {"rows": [...], "channels": {point: {view: (max per channel, var per channel)}}}."""
+    plotted = {prefix: dict(mixer.family.inspect) for prefix, mixer in mixers(model)}   # point -> consuming linear
+
     def make(name):
-        point = name.rsplit(".", 1)[1]
-        if point not in POINTS:
+        prefix, _, point = name.rpartition(".")
+        if point not in plotted[prefix + "."]:
             return []
         return [RowSampleObserver(name), CovarianceObserver(name), MinMaxObserver(name)]
 
     obs = calibrate(model, loop, make)
     rows, channels = [], {}
     for prefix, mixer in mixers(model):
-        for point, consumer in POINTS.items():
+        for point, consumer in plotted[prefix].items():
             name = prefix + point
             sample, cov, mm = obs[name]
             w_amax = getattr(mixer, consumer).weight.detach().double().abs().amax(0)

@@ -97,7 +97,8 @@ class QuantizedCheckpoint:
         _check_out_rotations(model)
         quant = {"recipe": recipe_cfg.recipe, "wbits": recipe_cfg.quant.wbits, "abits": recipe_cfg.quant.abits,
                  "act_granularity": recipe_cfg.quant.act_granularity,
-                 "online_out_rotation": mixer0.out_rotation is not None, "gate_scale": mixer0.gate_scale is not None}
+                 "online_out_rotation": mixer0.out_rotation is not None,
+                 **mixer0.family.module().quant_flags(mixer0)}
         cfg = model.cfg.to_dict()
         cfg.update({FORMAT_KEY: 1, "mq_deploy_version": __version__, "quant": quant})
         out_abs = os.path.abspath(out_dir)
@@ -164,8 +165,12 @@ def quantize_to_dir(model_path: str, out_dir: str, recipe_cfg, calib_cfg, *, ove
     from mq_deploy import fileio
     from mq_deploy.models.loaders import load_model
     from mq_deploy.quant.compare import calibration_loop
-    from mq_deploy.quant.recipes import apply_recipe
+    from mq_deploy.quant.recipes import apply_recipe, get_recipe
 
+    if not get_recipe(recipe_cfg.recipe).quantized:
+        raise MQUserError(f"--recipe {recipe_cfg.recipe}: quantize writes a quantized checkpoint and this recipe "
+                          "rounds nothing; the float model is the input itself (use it with eval / export directly, "
+                          "or compare it with `mq-deploy compare --recipes fp,...`)")
     if recipe_cfg.quant.abits not in EXPORT_ABITS or recipe_cfg.quant.wbits not in EXPORT_WBITS:
         raise MQUserError(f"W{recipe_cfg.quant.wbits}A{recipe_cfg.quant.abits} cannot be deployed (the int8 scan "
                           f"and the export take W{'/'.join(map(str, EXPORT_WBITS))} A"
@@ -198,15 +203,16 @@ def quantize_to_dir(model_path: str, out_dir: str, recipe_cfg, calib_cfg, *, ove
 
 def _check_out_rotations(model) -> None:
     """The online rotations are not written with the weights: the loader rebuilds them as the Hadamard
-    matrix of d_inner (models.loaders._set_out_rotations). Anything else cannot be recorded that way."""
+    matrix of out_proj's input width (models.loaders._set_out_rotations). Anything else cannot be recorded
+    that way."""
     from mq_deploy.errors import MQInternalError
     from mq_deploy.ops.hadamard import hadamard_matrix
 
     rots = [layer.mixer.out_rotation for layer in model.layers]
     if all(r is None for r in rots):
         return
-    H = torch.from_numpy(hadamard_matrix(model.cfg.mixer.d_inner)).to(torch.float32)
-    for i, r in enumerate(rots):
+    for i, (layer, r) in enumerate(zip(model.layers, rots)):
+        H = torch.from_numpy(hadamard_matrix(layer.mixer.out_proj.in_features)).to(torch.float32)
         if r is None or not torch.equal(r.to(torch.float32), H):
             raise MQInternalError(f"layer {i}: the online out_proj rotation is not the Hadamard matrix of d_inner; "
                                   "a quantized checkpoint records only that one")

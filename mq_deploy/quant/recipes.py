@@ -108,14 +108,16 @@ def _minmax(name):
     return [MinMaxObserver(name)]
 
 
-def _branches(mixer):
-    return ("", "_b") if mixer.cfg.bimamba else ("",)
-
-
 def _layer_mixers(model):
     from mq_deploy.calib.collect import mixers
 
     return mixers(model)
+
+
+def _point_of(name: str) -> tuple:
+    """("layers.3.mixer.", "x_b") of a full quant point name."""
+    prefix, _, point = name.rpartition(".")
+    return prefix + ".", point
 
 
 # -- the recipes -------------------------------------------------------------------------------------
@@ -157,10 +159,8 @@ def quarot(model, loop, cfg):
 
     fold.fuse_norms(model)
     fold.rotate_residual(model, hadamard_rotation(model.cfg.d_model))
-    R = hadamard_rotation(model.cfg.mixer.dt_rank)
     for _, mixer in _layer_mixers(model):
-        for branch in _branches(mixer):
-            fold.rotate_dt_lowrank(mixer, R, branch)
+        mixer.family.module().quarot_fold(mixer)     # the family's own rotations (Mamba1: the low-rank dt)
     _online_out_hadamard(model)
 
 
@@ -168,10 +168,13 @@ def _online_out_hadamard(model):
     from mq_deploy.transforms import fold
     from mq_deploy.transforms.rotations import hadamard_rotation
 
-    H = hadamard_rotation(model.cfg.mixer.d_inner).double()
-    shared = H.to(model.layers[0].mixer.out_proj.weight.dtype)      # one buffer for every layer
+    shared = {}                                                       # one buffer per size, for every layer
     for _, mixer in _layer_mixers(model):
-        fold.set_online_out_rotation(mixer, H, runtime=shared)
+        n = mixer.out_proj.in_features
+        if n not in shared:
+            H = hadamard_rotation(n).double()
+            shared[n] = (H, H.to(mixer.out_proj.weight.dtype))
+        fold.set_online_out_rotation(mixer, shared[n][0], runtime=shared[n][1])
 
 
 def residual_second_moment(model, loop, source: str = "sum"):
@@ -189,44 +192,30 @@ def residual_second_moment(model, loop, source: str = "sum"):
     return sum(o[0].second_moment() for o in obs.values() if o)
 
 
-def _smooth_fused_out_proj_and_bc(model, loop, alpha):
-    """Smooth-Fused rotation's smoothing (gate and B/C) and the KLT·H rotation of the low-rank dt.
-
-    One calibration pass serves both: neither smoothing changes the dt path's activations.
-    """
+def _family_folds(model, loop, cfg):
+    """Each mixer's MambaQuant folds (families/<name>/folds.py), from one calibration pass of the model in
+    which every mixer's family chooses the observers of its own points."""
     from mq_deploy.calib.collect import calibrate
-    from mq_deploy.calib.observers import CovarianceObserver, MinMaxObserver
-    from mq_deploy.transforms import fold
-    from mq_deploy.transforms.rotations import klt_hadamard_rotation, smoothing_factors
+
+    impls = {prefix: mixer.family.module() for prefix, mixer in _layer_mixers(model)}
 
     def make(name):
-        obs = [MinMaxObserver(name)]
-        return obs + [CovarianceObserver(name)] if name.rsplit(".", 1)[1].startswith("dt_low") else obs
+        prefix, point = _point_of(name)
+        return impls[prefix].mambaquant_observers(point)
 
     obs = calibrate(model, loop, make)
     for prefix, mixer in _layer_mixers(model):
-        for branch in _branches(mixer):
-            fold.rotate_dt_lowrank(mixer, klt_hadamard_rotation(obs[prefix + "dt_low" + branch][1].second_moment()),
-                                   branch)
-        a = obs[prefix + "out_proj"][0].amax(per_channel=True)
-        w = mixer.out_proj.weight.detach().abs().amax(0)
-        fold.smooth_out_proj_into_gate(mixer, smoothing_factors(a, w, alpha))
-        # FalconMamba normalises B and C (weightless RMSNorm) after x_proj: a per-channel factor folded into
-        # x_proj's rows would change the norm's denominator, so the output would not be preserved. The B/C
-        # smoothing is skipped there (the normed B, C have unit RMS per token, the outlier it targets is smaller).
-        for branch in _branches(mixer) if mixer.cfg.mixer_rms_eps is None else ():
-            b = obs[prefix + "B" + branch][0].amax(per_channel=True)
-            c = obs[prefix + "C" + branch][0].amax(per_channel=True)
-            fold.smooth_scan_bc(mixer, (b.clamp_min(1e-8) / c.clamp_min(1e-8)).sqrt(), branch)
+        impls[prefix].mambaquant_fold(mixer, prefix, obs, cfg)
 
 
 @register_recipe("mambaquant", observers="minmax,heavy=percentile")
 def mambaquant(model, loop, cfg):
-    """MambaQuant: KLT·H residual and low-rank-dt rotations, Smooth-Fused rotation before out_proj, B/C smoothing
+    """MambaQuant: KLT·H residual rotation, the family's KLT·H / Smooth-Fused folds, online Hadamard before out_proj
 
     K comes from the float64 second moment of the in_proj inputs (cfg.klt_source: the last layer's, or
-    all layers summed); the out_proj smoothing goes into the gate z·sigmoid(s·z), then the online
-    Hadamard; B/C smoothing is folded into x_proj. Observers: percentile (MambaQuant's 99.9999 by
+    all layers summed). Each family then folds its own sites from one calibration pass (Mamba1: KLT·H of
+    the low-rank dt, the out_proj smoothing into the gate z·sigmoid(s·z), B/C smoothing into x_proj), and
+    the online Hadamard goes before out_proj. Observers: percentile (MambaQuant's 99.9999 by
     default) on the heavy-tailed scan and out_proj inputs, min-max elsewhere. Both defaults (observers,
     KLT placement) were chosen on held-out calibration data, never the evaluation set
     (bench/choose_defaults.py, docs/results.md).
@@ -236,7 +225,7 @@ def mambaquant(model, loop, cfg):
 
     fold.fuse_norms(model)
     fold.rotate_residual(model, klt_hadamard_rotation(residual_second_moment(model, loop, cfg.klt_source)))
-    _smooth_fused_out_proj_and_bc(model, loop, cfg.alpha)
+    _family_folds(model, loop, cfg)
     _online_out_hadamard(model)
 
 
@@ -255,12 +244,10 @@ def _consumer_weights(model) -> dict:
     """{quant point: weight of the op that reads it} for the `mse-out` observer (scan-only points absent)."""
     out = {}
     for prefix, mixer in _layer_mixers(model):
-        out[prefix + "in_proj"] = mixer.in_proj.weight
-        out[prefix + "out_proj"] = mixer.out_proj.weight
-        for b in _branches(mixer):
-            out[prefix + "conv1d" + b] = getattr(mixer, "conv1d" + b).weight
-            out[prefix + "x" + b] = getattr(mixer, "x_proj" + b).weight
-            out[prefix + "dt_low" + b] = getattr(mixer, "dt_proj" + b).weight
+        for point, site in mixer.family.consumers.items():
+            mod = getattr(mixer, site, None)
+            if mod is not None:
+                out[prefix + point] = mod.weight
     return out
 
 
@@ -283,20 +270,19 @@ def calibrate_activations(model, loop, cfg: RecipeConfig, hessians: bool | None 
     input second moments of the GPTQ linears when `hessians` (default: cfg.weight_rounding == "gptq")."""
     from mq_deploy.calib.collect import calibrate
     from mq_deploy.calib.observers import CovarianceObserver
-    from mq_deploy.quant.gptq import GPTQ_INPUTS
 
     spec = cfg.observer_spec()
     hessians = cfg.weight_rounding == "gptq" if hessians is None else hessians
     consumers = _consumer_weights(model) if "mse-out" in spec.kinds() else {}
-    gptq_points = set(GPTQ_INPUTS.values())
+    gptq_points = {prefix: set(mixer.family.gptq_inputs.values()) for prefix, mixer in _layer_mixers(model)}
     per_tensor = cfg.quant.act_granularity == "per_tensor"
     if not per_tensor and not hessians:
         return Calibrated({}, {}, spec)
 
     def make(name):
-        point = name.rsplit(".", 1)[1]
+        prefix, point = _point_of(name)
         obs = [make_observer(name, spec.choice_for(point), cfg.percentile, consumers)] if per_tensor else []
-        if hessians and point in gptq_points:
+        if hessians and point in gptq_points[prefix]:
             obs.append(CovarianceObserver(name))
         return obs
 
@@ -346,8 +332,7 @@ def apply_recipe(model, loop, cfg: RecipeConfig, quantize: bool = True) -> dict:
 
 
 RECIPES = recipe_names()      # the built-in recipes, in registration order
-HEAVY_TAILED = ("x", "x_b", "B", "B_b", "C", "C_b", "dt", "dt_b", "out_proj")
 
-__all__ = ["Calibrated", "HEAVY_TAILED", "KLT_SOURCES", "RECIPES", "Recipe", "RecipeConfig", "WEIGHT_ROUNDING",
+__all__ = ["Calibrated", "KLT_SOURCES", "RECIPES", "Recipe", "RecipeConfig", "WEIGHT_ROUNDING",
            "activation_scales", "apply_recipe", "calibrate_activations", "get_recipe", "quantize_calibrated",
            "recipe_names", "register_recipe", "residual_second_moment"]

@@ -23,6 +23,23 @@ _NP_OF_ORT = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tenso
               "tensor(double)": np.float64, "tensor(bool)": np.bool_}
 
 
+# ONNX Runtime fuses Q -> DQ -> MatMul <- DQ(int8 weight) into an int8 GEMM. On x86 CPUs without VNNI
+# (AVX2 only: AMD Zen 2/3, older Intel) its u8 x s8 kernel sums pairs of products in int16 (vpmaddubsw) and
+# saturates: measured here (AMD EPYC, AVX2) the W8A8 sample LM's logits were off by up to 0.4 (cosine
+# 0.998 against the fake-quantized model) while the unfused graph is exact. This session option makes ORT
+# convert the weights to u8 and use its u8 x u8 kernel on those CPUs (23.9 vs 21.5 ms on a 256 x 512 x
+# 1024 QDQ MatMul here, float 34.9 ms); on VNNI CPUs it changes nothing. ORT's conversion needs the
+# per-axis weight zero points written explicitly, which export does (export/graph.py _Graph.weight).
+EXACT_INT8_CONFIG = {"session.x64quantprecision": "1"}
+
+
+def exact_int8(so):
+    """Set EXACT_INT8_CONFIG on ORT SessionOptions `so` (every session mq-deploy makes)."""
+    for k, v in EXACT_INT8_CONFIG.items():
+        so.add_session_config_entry(k, v)
+    return so
+
+
 def session_options(threads: int | None = None, *, spin: bool = False, optimize: bool = True,
                     custom_op_library: str | None = None, optimized_model_path: str | None = None,
                     level: str | None = None):
@@ -32,6 +49,7 @@ def session_options(threads: int | None = None, *, spin: bool = False, optimize:
 
     so = ort.SessionOptions()
     so.log_severity_level = ORT_LOG_SEVERITY
+    exact_int8(so)
     if threads is not None:
         so.intra_op_num_threads = check_threads(threads)
     if not spin:
@@ -142,10 +160,11 @@ def check_mq_nodes(proto, path: str, config=None) -> None:
 
     from onnx import AttributeProto, numpy_helper
 
-    from mq_deploy.export import scan_op, state_update_op
+    from mq_deploy.export import scan_op, ssd_op, state_update_op
 
     required = {scan_op.OP: scan_op.SCALE_ATTRS, state_update_op.OP_UPDATE: state_update_op.SCALE_ATTRS + ("layer",),
-                state_update_op.OP_UPDATE_FLOAT: ("layer",)}
+                state_update_op.OP_UPDATE_FLOAT: ("layer",),
+                ssd_op.OP: ssd_op.SCALE_ATTRS + ssd_op.SHAPE_ATTRS, ssd_op.OP_FLOAT: ssd_op.SHAPE_ATTRS}
     n_layer = getattr(config, "n_layer", None)
 
     def bad(node, why):
@@ -162,12 +181,21 @@ def check_mq_nodes(proto, path: str, config=None) -> None:
             if name not in attrs:
                 bad(node, f"has no attribute {name}")
         for name, a in attrs.items():
-            if name.endswith("_scale") or name == "norm_eps":
+            if name.endswith("_scale") and a.type == AttributeProto.FLOATS:     # per channel (mq::SSDScan)
+                vals = list(a.floats)
+                if not vals or not all(math.isfinite(v) and v > 0 for v in vals):
+                    bad(node, f"attribute {name} must hold finite floats > 0, got "
+                              f"{next((v for v in vals if not (math.isfinite(v) and v > 0)), 'none')}")
+            elif name.endswith("_scale") or name in ("norm_eps", "dt_min"):
                 v = a.f if a.type == AttributeProto.FLOAT else None
-                ok = v is not None and math.isfinite(v) and (v > 0 if name != "norm_eps" else v >= 0)
+                ok = v is not None and math.isfinite(v) and (v > 0 if name.endswith("_scale") else v >= 0)
                 if not ok:
-                    bad(node, f"attribute {name} must be a finite float {'>= 0' if name == 'norm_eps' else '> 0'}, "
-                              f"got {v if v is not None else AttributeProto.AttributeType.Name(a.type)}")
+                    bad(node, f"attribute {name} must be a finite float {'> 0' if name.endswith('_scale') else '>= 0'}"
+                              f", got {v if v is not None else AttributeProto.AttributeType.Name(a.type)}")
+            elif name == "dt_max" and not (a.type == AttributeProto.FLOAT and a.f > 0 and not math.isnan(a.f)):
+                bad(node, f"attribute dt_max must be a float > 0 (inf: no limit), got {a.f}")
+            elif name in ssd_op.SHAPE_ATTRS and not (a.type == AttributeProto.INT and 0 < a.i <= 1 << 20):
+                bad(node, f"attribute {name} must be a positive integer, got {a.i}")
             elif name == "out_dtype" and not (a.type == AttributeProto.INT and a.i in (1, 10)):
                 bad(node, f"attribute out_dtype must be 1 (float) or 10 (float16), got {a.i}")
             elif name == "layer" and not (a.type == AttributeProto.INT and a.i >= 0
@@ -193,9 +221,9 @@ def state_shapes(runner, batch: int) -> dict:
     out = {}
     for name in ("conv_state", "ssm_state"):
         dims = runner.input_specs[name].shape
-        if len(dims) != 4 or not all(isinstance(d, int) and d > 0 for i, d in enumerate(dims) if i != 1):
+        if len(dims) < 3 or not all(isinstance(d, int) and d > 0 for i, d in enumerate(dims) if i != 1):
             raise MQUserError(f"{runner.path}: the step graph's {name} input is {list(dims)}; expected [layers, "
-                              "batch, channels, width] with fixed layers, channels and width")
+                              "batch, ...] with every dimension but the batch fixed")
         out[name] = (dims[0], batch) + tuple(dims[2:])
     return out
 

@@ -22,8 +22,10 @@ def make_session(model_dir, params, model_name):
     threads = int(params.get("intra_op_threads", "0") or 0)
     if threads:
         so.intra_op_num_threads = threads
-    # as OrtRunner: no busy-waiting of the intra-op pool between runs (it starves other instances)
+    # as OrtRunner: no busy-waiting of the intra-op pool between runs (it starves other instances), and
+    # the exact int8 GEMM on CPUs without VNNI (mq_deploy.backends.ort.runner.EXACT_INT8_CONFIG)
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.x64quantprecision", "1")
     lib = params.get("custom_op_library")
     if lib:
         so.register_custom_ops_library(os.path.join(model_dir, lib))

@@ -1,0 +1,167 @@
+"""Model families as plug-ins: each mixer kind (Mamba1, Mamba2, ...) is declared once, here, and every
+other stage asks its declaration instead of naming a parameter.
+
+A family folder (`mq_deploy/families/<name>/`) registers, in its torch-free `__init__.py`:
+- its mixer config (a validated dataclass; `kind` in a config dict says which family reads it);
+- its quant points (one list: calibration, fake quant, GPTQ, inspect, the exporter and the
+  `--observer` syntax all read it), the heavy-tailed ones, its quantized weight sites and the point
+  each one reads (GPTQ, mse-out), and the points `inspect` plots;
+- its decode state (names and per-layer shapes: what step graphs take and runtimes allocate);
+- its verify tolerances;
+- the checkpoint formats it reads (HF model types, mamba-ssm `ssm_cfg.layer` values, files);
+- `impl`: the module with the torch side, imported only when needed: the `Mixer` module, the fold
+  hooks per recipe (`quarot_fold`, `mambaquant_hook`), the ONNX emitters (`emit`, `functions`), the
+  runtime buffers of a quantized checkpoint, and the checkpoint loaders.
+
+Importing this package is torch-free, so the CLI can list families and validate point names.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+from mq_deploy.errors import MQUserError
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    """One recurrent state of a mixer: the step graph's input `name` (its output is `name`_out), shaped
+    [layers, batch, *shape] there; `shape` is one layer's, for one sequence."""
+    name: str
+    shape: tuple
+
+
+@dataclass(frozen=True)
+class CheckpointFormat:
+    """A checkpoint layout a family reads. `loader` is "module:function", function(path) returning
+    (model, config, extra); the other fields tell detection which folders are this format's."""
+    name: str                                 # LoadedModel.format, e.g. "hf-mamba"
+    family: str
+    loader: str
+    hf_model_types: tuple = ()                # config.json model_type values
+    hf_architectures: tuple = ()              # config.json architectures entries
+    ssm_layers: tuple = ()                    # mamba-ssm config.json ssm_cfg.layer values
+
+    def load(self, path: str):
+        module, fn = self.loader.split(":")
+        return getattr(importlib.import_module(module), fn)(path)
+
+
+@dataclass(frozen=True, eq=False)
+class Family:
+    name: str                                 # the `kind` a mixer config dict carries
+    config: type                              # the mixer config dataclass
+    impl: str                                 # module of the torch side (see the package doc)
+    points: tuple                             # activation quant points of one mixer (one scan direction)
+    heavy_tailed: tuple                       # those calibrated with the percentile observer by mambaquant
+    weight_sites: tuple                       # quantized weights: module names inside the mixer
+    gptq_inputs: dict                         # weight site -> the quant point that is its input
+    consumers: dict                           # quant point -> the weight site that reads it (mse-out)
+    inspect: tuple                            # (point, its consumer site) plotted by `inspect`
+    states: Callable                          # states(config) -> [StateSpec] (empty: no decode step)
+    tolerances: dict = field(default_factory=dict)   # verify's defaults for this family's artifacts
+    branch_points: tuple = ()                 # points a second scan direction repeats with suffix "_b"
+    branch_sites: tuple = ()                  # weight sites the second direction repeats
+    has_branch: Callable = staticmethod(lambda cfg: False)   # has_branch(config): the "_b" direction exists
+    formats: tuple = ()                       # CheckpointFormats
+    describe: Callable = staticmethod(lambda cfg: "")   # describe(config): its shape in one line (`info`)
+
+    def module(self):
+        return importlib.import_module(self.impl)
+
+    def point_names(self, cfg) -> tuple:
+        """Every quant point of one mixer of config `cfg`, both directions."""
+        return self.points + (tuple(p + "_b" for p in self.branch_points) if self.has_branch(cfg) else ())
+
+    def site_names(self, cfg) -> tuple:
+        """Every quantized weight site of one mixer of config `cfg` (a site's "_b" twin right after it)."""
+        b = self.has_branch(cfg)
+        return tuple(n for s in self.weight_sites for n in ((s, s + "_b") if b and s in self.branch_sites else (s,)))
+
+
+_FAMILIES: dict = {}
+_BUILTIN = ("mamba1", "mamba2")
+_loaded = False
+
+
+def register_family(fam: Family) -> Family:
+    if fam.name in _FAMILIES:
+        raise ValueError(f"family {fam.name!r} is already registered")
+    for f in fam.formats:
+        if f.family != fam.name:
+            raise ValueError(f"format {f.name} declares family {f.family!r}, registered under {fam.name!r}")
+    _FAMILIES[fam.name] = fam
+    return fam
+
+
+def _load_builtin() -> None:
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        for name in _BUILTIN:
+            importlib.import_module(f"mq_deploy.families.{name}")
+
+
+def families() -> tuple:
+    _load_builtin()
+    return tuple(_FAMILIES.values())
+
+
+def get_family(name) -> Family:
+    _load_builtin()
+    fam = _FAMILIES.get(name) if isinstance(name, str) else None
+    if fam is None:
+        raise MQUserError(f"unsupported mixer kind {name!r} (supported: {', '.join(_FAMILIES)})")
+    return fam
+
+
+def family_of(cfg) -> Family:
+    """The family of a mixer config object (or of a model config's mixer)."""
+    _load_builtin()
+    cfg = getattr(cfg, "mixer", cfg)
+    for fam in _FAMILIES.values():
+        if isinstance(cfg, fam.config):
+            return fam
+    raise MQUserError(f"no registered family takes a {type(cfg).__name__}")
+
+
+def mixer_config_from_dict(d):
+    """A mixer config from its dict (a config file's `mixer`): `kind` names the family (Mamba1 when absent,
+    as every file written before families existed)."""
+    if not isinstance(d, dict):
+        raise MQUserError(f"mixer must be an object, got {d!r}")
+    d = dict(d)
+    fam = get_family(d.pop("kind", "mamba1"))
+    try:
+        return fam.config(**d)
+    except TypeError as e:       # an unknown or missing field
+        raise MQUserError(f"invalid {fam.name} mixer config ({e})") from None
+
+
+def all_points() -> tuple:
+    """Every base quant point name of every family (the `--observer` syntax validates against these)."""
+    seen = []
+    for fam in families():
+        for p in fam.points:
+            if p not in seen:
+                seen.append(p)
+    return tuple(seen)
+
+
+def heavy_tailed_points() -> tuple:
+    seen = []
+    for fam in families():
+        for p in fam.heavy_tailed:
+            if p not in seen:
+                seen.append(p)
+    return tuple(seen)
+
+
+def checkpoint_formats() -> tuple:
+    return tuple(f for fam in families() for f in fam.formats)
+
+
+__all__ = ["CheckpointFormat", "Family", "StateSpec", "all_points", "checkpoint_formats", "families", "family_of",
+           "get_family", "heavy_tailed_points", "mixer_config_from_dict", "register_family"]

@@ -1,0 +1,46 @@
+"""The Mamba1 mixer config (mamba-ssm's `Mamba` module; FalconMamba and Vim are its variants)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from mq_deploy.config import MAX_CONV, MAX_STATE, MAX_WIDTH, check_bool, check_int, check_positive_float
+
+
+@dataclass
+class MixerConfig:
+    """The Mamba1 mixer, as in mamba-ssm's `Mamba` module."""
+
+    d_model: int
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 2
+    d_inner: int | None = None          # default expand * d_model (HF calls it intermediate_size)
+    dt_rank: int | str = "auto"         # "auto" -> ceil(d_model / 16)
+    conv_bias: bool = True
+    bias: bool = False                  # bias of in_proj and out_proj
+    bimamba: bool = False               # Vim "v2": a second, backward scan with its own conv/x/dt/A/D
+    # FalconMamba: weightless RMSNorm on the low-rank dt, B and C right after x_proj (None: plain Mamba1)
+    mixer_rms_eps: float | None = None
+
+    def __post_init__(self):
+        if self.d_inner is None and isinstance(self.expand, int) and isinstance(self.d_model, int):
+            self.d_inner = self.expand * self.d_model
+        if self.dt_rank == "auto" and isinstance(self.d_model, int) and not isinstance(self.d_model, bool):
+            self.dt_rank = math.ceil(self.d_model / 16)
+        for name, hi in (("d_model", MAX_WIDTH), ("d_state", MAX_STATE), ("d_conv", MAX_CONV), ("expand", 64),
+                         ("d_inner", MAX_WIDTH), ("dt_rank", MAX_WIDTH)):
+            check_int(self, name, 1, hi)
+        check_bool(self, "conv_bias", "bias", "bimamba")
+        if self.mixer_rms_eps is not None:
+            check_positive_float(self, "mixer_rms_eps")
+
+    @property
+    def out_features(self) -> int:
+        """Width of out_proj's input (where the online rotation acts)."""
+        return self.d_inner
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)      # no "kind": Mamba1 is what a mixer dict without one means
