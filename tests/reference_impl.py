@@ -65,3 +65,65 @@ def vim_forward(sd, images, patch, stride, dt_rank, n, eps=1e-5):
         hidden = mixer_cf(sd, f"layers.{i}.mixer.", rms(residual, sd[f"layers.{i}.norm.weight"], eps), dt_rank, n, True)
     out = rms(residual + hidden, sd["norm_f.weight"], eps)
     return F.linear(out[:, pos], sd["head.weight"], sd["head.bias"])
+
+
+# ---- Mamba2 (mamba-ssm's Mamba2 module), written from its equations: in_proj -> [z, xBC, dt], depthwise
+# causal conv + SiLU on xBC, SSD recurrence per head with group-shared B/C, RMSNormGated per group of
+# d_ssm / ngroups channels (norm_before_gate: norm(y) * silu(z), else norm(y * silu(z))), out_proj. ----
+
+def mamba2_mixer_cf(sd, p, h, headdim, ngroups, d_state, norm_before_gate=False, rmsnorm=True, eps=1e-5,
+                    dt_limit=(0.0, float("inf"))):
+    """h [b, L, d] -> [b, L, d], a per-step loop in the layout mamba-ssm's reference uses."""
+    zxbcdt = h @ sd[p + "in_proj.weight"].t()
+    if p + "in_proj.bias" in sd:
+        zxbcdt = zxbcdt + sd[p + "in_proj.bias"]
+    nheads = sd[p + "A_log"].shape[0]
+    d_ssm = nheads * headdim
+    z, xBC, dt = torch.split(zxbcdt, [d_ssm, d_ssm + 2 * ngroups * d_state, nheads], dim=-1)
+    L = xBC.shape[1]
+    w = sd[p + "conv1d.weight"]
+    xBC = F.conv1d(xBC.transpose(1, 2), w, sd.get(p + "conv1d.bias"), padding=w.shape[-1] - 1,
+                   groups=w.shape[0])[..., :L].transpose(1, 2)
+    xBC = F.silu(xBC)
+    x, B, C = torch.split(xBC, [d_ssm, ngroups * d_state, ngroups * d_state], dim=-1)
+    b = x.shape[0]
+    x = x.reshape(b, L, nheads, headdim)
+    B = B.reshape(b, L, ngroups, d_state)
+    C = C.reshape(b, L, ngroups, d_state)
+    dt = F.softplus(dt + sd[p + "dt_bias"]).clamp(dt_limit[0], dt_limit[1])
+    A = -torch.exp(sd[p + "A_log"])
+    state = x.new_zeros(b, nheads, headdim, d_state)
+    heads_per_group = nheads // ngroups
+    ys = []
+    for t in range(L):
+        for hh in range(nheads):
+            g = hh // heads_per_group
+            state[:, hh] = (torch.exp(dt[:, t, hh] * A[hh])[:, None, None] * state[:, hh]
+                            + dt[:, t, hh][:, None, None] * x[:, t, hh][:, :, None] * B[:, t, g][:, None, :])
+        ys.append(torch.einsum("bhpn,bhn->bhp", state, C[:, t].repeat_interleave(heads_per_group, dim=1)))
+    y = torch.stack(ys, 1) + x * sd[p + "D"][:, None]
+    y = y.reshape(b, L, d_ssm)
+    if not rmsnorm:
+        y = y * F.silu(z)
+    else:
+        gs = d_ssm // ngroups
+        t_ = y if norm_before_gate else y * F.silu(z)
+        t_ = t_.reshape(b, L, ngroups, gs)
+        t_ = (t_ * torch.rsqrt(t_.pow(2).mean(-1, keepdim=True) + eps)).reshape(b, L, d_ssm) * sd[p + "norm.weight"]
+        y = t_ * F.silu(z) if norm_before_gate else t_
+    out = y @ sd[p + "out_proj.weight"].t()
+    if p + "out_proj.bias" in sd:
+        out = out + sd[p + "out_proj.bias"]
+    return out
+
+
+def mamba2_lm_forward_ssm(sd, ids, n_layer, headdim, ngroups, d_state, norm_before_gate=False, rmsnorm=True,
+                          eps_block=1e-5):
+    """mamba-ssm's MambaLMHeadModel with Mamba2 mixers (keys backbone.*; residual in fp32, pre-norm)."""
+    h = sd["backbone.embedding.weight"][ids]
+    for i in range(n_layer):
+        p = f"backbone.layers.{i}."
+        h = h + mamba2_mixer_cf(sd, p + "mixer.", rms(h, sd[p + "norm.weight"], eps_block), headdim, ngroups, d_state,
+                                norm_before_gate, rmsnorm)
+    h = rms(h, sd["backbone.norm_f.weight"], eps_block)
+    return h @ sd.get("lm_head.weight", sd["backbone.embedding.weight"]).t()

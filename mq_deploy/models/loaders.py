@@ -361,14 +361,14 @@ def detect_format(path: str) -> str:
         for f in formats:
             if model_type in f.hf_model_types:
                 return f.name
+        if model_type:       # a model_type we do not know is refused, whatever its architectures say
+            known = sorted(t for f in formats for t in f.hf_model_types)
+            raise MQUserError(f"{cfg_path}: unsupported model_type {model_type!r} (supported: {', '.join(known)}, "
+                              "and Vision Mamba .pth checkpoints)")
         for a in archs if isinstance(archs, list) else []:
             for f in formats:
                 if a in f.hf_architectures:
                     return f.name
-        if model_type:
-            known = sorted(t for f in formats for t in f.hf_model_types)
-            raise MQUserError(f"{cfg_path}: unsupported model_type {model_type!r} (supported: {', '.join(known)}, "
-                              "and Vision Mamba .pth checkpoints)")
         if {"d_model", "n_layer", "vocab_size"} <= set(cfg):
             ssm_cfg = cfg.get("ssm_cfg") or {}
             if not isinstance(ssm_cfg, dict):
@@ -486,6 +486,23 @@ def layer_count(names) -> int:
     return 1 + max(idx) if idx else 0
 
 
+def _config_label(cfg, cfg_source: str | None) -> str:
+    """What the config says the model is, for a mismatch message: its model_type (if the file has one) and the
+    mixer family it was read as."""
+    from mq_deploy.families import family_of
+
+    label = f"a {family_of(cfg).name} model"
+    if cfg_source and cfg_source.endswith(".json"):
+        try:
+            with open(cfg_source, "rb") as f:
+                mt = json.loads(f.read()).get("model_type")
+            if isinstance(mt, str):
+                label = f"model_type {mt!r}, {label}"
+        except (OSError, ValueError, AttributeError):
+            pass
+    return label
+
+
 def load_into(cfg, src: TensorSource, source: str, cfg_source: str | None = None, quant: dict | None = None):
     """Check every name, shape and dtype of `src` against what `cfg` implies, then allocate the model
     and copy the tensors in one at a time (converted to float32)."""
@@ -512,11 +529,13 @@ def load_into(cfg, src: TensorSource, source: str, cfg_source: str | None = None
             parts.append(f"missing {len(missing)} tensors (e.g. {', '.join(missing[:3])})")
         if unexpected:
             parts.append(f"unexpected {len(unexpected)} tensors (e.g. {', '.join(unexpected[:3])})")
-        raise MQUserError(f"{shown(source)}: state dict does not match its config: " + "; ".join(parts))
+        raise MQUserError(f"{shown(source)}: state dict does not match its config ({_config_label(cfg, cfg_source)}): "
+                          + "; ".join(parts))
     for k, shape in expected.items():
         if tuple(src.shapes[k]) != shape:
             raise MQUserError(f"{shown(src.origin[k])}: tensor {k} has shape {tuple(src.shapes[k])}, "
-                              f"the config{' in ' + shown(cfg_source) if cfg_source else ''} implies {shape}")
+                              f"the config{' in ' + shown(cfg_source) if cfg_source else ''} "
+                              f"({_config_label(cfg, cfg_source)}) implies {shape}")
     for k, dt in src.dtypes.items():
         if dt not in _FLOAT_DTYPES and dt not in {str(t) for t in _TORCH_FLOAT}:
             raise MQUserError(f"{shown(src.origin[k])}: tensor {k} is stored as {dt}, not as floating point "

@@ -7,9 +7,10 @@ import torch
 
 from mq_deploy.export.scan_op import DOMAIN
 from mq_deploy.export.ssd_op import OP, OP_FLOAT, ssd_scan_float_function, ssd_scan_function
+from mq_deploy.export.ssd_state_update_op import OP_UPDATE, OP_UPDATE_FLOAT, ssd_state_update_function
 from mq_deploy.models.points import weight_key
 
-FUSED_STEP = False     # step graphs: the conv-state shift, conv and mq::SSDScan per layer, as in the full graph
+FUSED_STEP = True      # step graphs: one mq::SSDStateUpdate per layer reads its layer of the stacked states
 
 
 def _gated_norm(g, mixer, y, z):
@@ -28,18 +29,50 @@ def _gated_norm(g, mixer, y, z):
     return b.op("Mul", [t, gate]) if cfg.norm_before_gate else t
 
 
+def _scan_attrs(g, cfg, prefix) -> dict:
+    attrs = {"heads": cfg.n_heads, "head_dim": cfg.head_dim, "groups": cfg.n_groups, "d_state": cfg.d_state,
+             "chunk": cfg.chunk_size, "dt_min": float(cfg.dt_min),
+             "dt_max": float("inf") if cfg.dt_max is None else float(cfg.dt_max)}
+    if g.quant is not None:
+        attrs.update({f"{n}_scale": [g._scale(prefix + n)] for n in ("x", "dt", "B", "C")})
+    return attrs
+
+
+def _fused(g, mixer, prefix, xbc, dt, states, layer: int):
+    """The decode-step form: one mq::SSDStateUpdate(Float) node (ssd_state_update_op.py) reading layer
+    `layer` of the stacked states. Returns (y, new conv state, last ssm state)."""
+    b, cfg = g.b, mixer.cfg
+    conv = mixer.conv1d
+    if g.quant is None:
+        w = conv.weight.reshape(cfg.conv_dim, cfg.d_conv)
+    else:
+        w = g.dequantized(weight_key(prefix, "conv1d"), conv.weight).reshape(cfg.conv_dim, cfg.d_conv)
+    conv_b = b.f32(conv.bias if conv.bias is not None else torch.zeros(cfg.conv_dim), "conv_b")
+    ins = [xbc, g.q(dt, prefix + "dt") if g.quant is not None else dt, *states, b.f32(w, "conv_w"), conv_b,
+           b.f32(-torch.exp(mixer.A_log.detach().double()), "A"), b.f32(mixer.D, "D"), b.f32(mixer.dt_bias, "dt_bias")]
+    attrs = {"layer": int(layer), **_scan_attrs(g, cfg, prefix)}
+    if g.quant is not None:
+        attrs["conv_scale"] = g._scale(prefix + "conv1d")
+    return b.op(OP_UPDATE if g.quant is not None else OP_UPDATE_FLOAT, ins, "ssd_update", n_out=3, domain=DOMAIN,
+                **attrs)
+
+
 def emit(g, mixer, prefix, h, state=None):
     """One Mamba2 mixer: h (the block norm's output) -> (out_proj output, (new conv state, last ssm state)).
-    state: None (full graph) or (this layer's (conv_state, ssm_state), None) in a step graph."""
+    state: None (full graph); in a step graph (stacked state inputs, layer index) when g.fused_step, else
+    (this layer's (conv_state, ssm_state), None)."""
     from onnx import TensorProto, helper
 
     b, cfg = g.b, mixer.cfg
     di, H, P, G, N, K = cfg.d_inner, cfg.n_heads, cfg.head_dim, cfg.n_groups, cfg.d_state, cfg.d_conv
-    conv_state, ssm_state = state[0] if state is not None else (None, None)
     h = g.qdq(h, prefix + "in_proj")
     z, xbc, dt = b.op("Split", [g.linear(h, mixer.in_proj, weight_key(prefix, "in_proj")),
                                 b.i64([di, cfg.conv_dim, H])], n_out=3, axis=-1)
     z = g.qdq(z, prefix + "z")
+    if state is not None and state[1] is not None:
+        y, new_conv, h_last = _fused(g, mixer, prefix, xbc, dt, state[0], state[1])
+        return _finish(g, mixer, prefix, y, z), (new_conv, h_last)
+    conv_state, ssm_state = state[0] if state is not None else (None, None)
     xt = g.qdq(b.op("Transpose", [xbc], perm=[0, 2, 1]), prefix + "conv1d")        # [b, conv_dim, L]
     new_conv = None
     if conv_state is not None:
@@ -58,24 +91,29 @@ def emit(g, mixer, prefix, h, state=None):
                          value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]))
     A = b.f32(-torch.exp(mixer.A_log.detach().double()), "A")
     consts = [b.f32(mixer.D, "D"), b.f32(mixer.dt_bias, "dt_bias"), ssm_state]
-    attrs = {"heads": H, "head_dim": P, "groups": G, "d_state": N, "chunk": cfg.chunk_size,
-             "dt_min": float(cfg.dt_min), "dt_max": float("inf") if cfg.dt_max is None else float(cfg.dt_max)}
+    attrs = _scan_attrs(g, cfg, prefix)
     if g.quant is None:
         y, h_last = b.op(OP_FLOAT, [x, dt, A, Bm, Cm, *consts], "ssd", n_out=2, domain=DOMAIN, **attrs)
     else:
-        pts = {n: prefix + n for n in ("x", "dt", "B", "C")}
-        ins = [g.q(x, pts["x"]), g.q(dt, pts["dt"]), A, g.q(Bm, pts["B"]), g.q(Cm, pts["C"]), *consts]
-        attrs.update({f"{n}_scale": [g._scale(p)] for n, p in pts.items()})
+        q = {n: prefix + n for n in ("x", "dt", "B", "C")}
+        ins = [g.q(x, q["x"]), g.q(dt, q["dt"]), A, g.q(Bm, q["B"]), g.q(Cm, q["C"]), *consts]
         y, h_last = b.op(OP, ins, "ssd", n_out=2, domain=DOMAIN, **attrs)
+    return _finish(g, mixer, prefix, y, z), (new_conv, h_last)
+
+
+def _finish(g, mixer, prefix, y, z):
+    """The gated norm, the online rotation, out_proj."""
     y = _gated_norm(g, mixer, y, z)
     if mixer.out_rotation is not None:
         y = g.online_rotation(y, mixer.out_rotation)
-    out = g.linear(g.qdq(y, prefix + "out_proj"), mixer.out_proj, weight_key(prefix, "out_proj"))
-    return out, (new_conv, h_last)
+    return g.linear(g.qdq(y, prefix + "out_proj"), mixer.out_proj, weight_key(prefix, "out_proj"))
 
 
 def functions(mixer_cfg, quantized: bool, op_types: set, opset: int) -> list:
-    return [ssd_scan_function(opset) if quantized else ssd_scan_float_function(opset)]
+    fns = [ssd_scan_function(opset) if quantized else ssd_scan_float_function(opset)]
+    if op_types & {OP_UPDATE, OP_UPDATE_FLOAT}:
+        fns.append(ssd_state_update_function(mixer_cfg, quantized, opset))
+    return fns
 
 
 __all__ = ["FUSED_STEP", "emit", "functions"]
