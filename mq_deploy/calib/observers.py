@@ -285,3 +285,25 @@ class CovarianceObserver(Observer):
     def covariance(self) -> torch.Tensor:
         mu = self.mean()
         return self.outer / self.count - torch.outer(mu, mu)
+
+
+class GroupedObserver(Observer):
+    """One observer per group of consecutive channels (the last axis split into `groups` equal parts):
+    `amax(bits)` is a vector [groups]. Per-head / per-SSD-group activation scales (QuantConfig.ssm_scales)."""
+
+    def __init__(self, name: str, groups: int, make):
+        super().__init__(name)
+        self.groups = groups
+        self.parts = [make(f"{name}[{g}]") for g in range(groups)]
+
+    def collect(self, x):
+        if x.shape[-1] % self.groups:
+            raise MQUserError(f"calibration: quant point {self.name} has {x.shape[-1]} channels, not a multiple "
+                              f"of its {self.groups} scale groups")
+        for part, xs in zip(self.parts, x.chunk(self.groups, dim=-1)):
+            part.collect(xs)
+        self.count = self.parts[0].count
+
+    def amax(self, bits: int = 8) -> torch.Tensor:
+        return torch.stack([torch.as_tensor(p.amax(bits), dtype=torch.float64).reshape(()) for p in self.parts])
+

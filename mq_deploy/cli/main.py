@@ -193,6 +193,12 @@ def add_runtime(s, ort=True):
                             "pip install builds (used by default when present)")
 
 
+def _points_help() -> str:
+    from mq_deploy.families import families
+
+    return "; ".join(f"{f.name}: {'|'.join(f.points)}" for f in families())
+
+
 def add_recipe(s, quantize=True):
     from_lib = "fake quantization; `quantize`/`export` take what the int8 scan runs"
     g = s.add_argument_group("recipe")
@@ -202,14 +208,18 @@ def add_recipe(s, quantize=True):
         g.add_argument("--abits", type=int, default=8, choices=EXPORT_ABITS,
                        help=f"8 (the artifact's int8 activations; lower bits: `compare --bits`, {from_lib})")
         g.add_argument("--act-granularity", default="per_tensor", choices=["per_tensor", "per_token"])
+        g.add_argument("--ssm-scales", default="per_tensor", choices=["per_tensor", "grouped"],
+                       help="the scan inputs' static scales: one per tensor, or one per group of channels where the "
+                            "family has groups (Mamba2: x and dt per head, B and C per SSD group, as Quamba2)")
     g.add_argument("--alpha", type=finite_float, default=0.5, help="smoothing migration strength")
     g.add_argument("--percentile", type=finite_float, default=None,
                    help="the P of a `percentile` observer given without one (100 = min-max; default 99.9999, "
                         "MambaQuant's)")
     g.add_argument("--observer", metavar="SPEC", default=None,
                    help="activation observers: KIND[,POINT=KIND...] with KIND minmax|percentile[:P]|mse|mse-out|"
-                        "entropy and POINT in_proj|conv1d|x|dt_low|dt|B|C|z|out_proj (+_b: Vim backward) or heavy "
-                        "(x,dt,B,C,out_proj); default: the recipe's (mambaquant: minmax,heavy=percentile)")
+                        f"entropy and POINT a quant point of the model's family ({_points_help()}; +_b: Vim backward) "
+                        "or heavy (each family's heavy-tailed points); default: the recipe's (mambaquant: "
+                        "minmax,heavy=percentile)")
     g.add_argument("--weight-rounding", default="rtn", choices=["rtn", "gptq"],
                    help="rtn, or GPTQ on the same per-channel grid (after the rotations; Hessians from calibration)")
     g.add_argument("--klt-source", default="last", choices=["last", "sum"],
@@ -243,7 +253,7 @@ def _write_json(args, obj, inputs):
                           what="JSON report")
 
 
-def _recipe_cfg(args, recipe=None, wbits=8, abits=8, granularity="per_tensor"):
+def _recipe_cfg(args, recipe=None, wbits=8, abits=8, granularity="per_tensor", ssm_scales="per_tensor"):
     from mq_deploy.quant.fakequant import QuantConfig
     from mq_deploy.quant.recipes import RecipeConfig
 
@@ -251,7 +261,7 @@ def _recipe_cfg(args, recipe=None, wbits=8, abits=8, granularity="per_tensor"):
           "klt_source": args.klt_source}
     if args.percentile is not None:
         kw["percentile"] = args.percentile
-    return RecipeConfig(recipe or args.recipe, QuantConfig(wbits, abits, granularity), **kw)
+    return RecipeConfig(recipe or args.recipe, QuantConfig(wbits, abits, granularity, ssm_scales), **kw)
 
 
 # ---- commands --------------------------------------------------------------------------------------
@@ -278,6 +288,7 @@ def cmd_info(args) -> int:
     quant = (loaded.extra or {}).get("quant")
     if quant:
         extra = f", gate smoothing {'on' if quant['gate_scale'] else 'off'}" if "gate_scale" in quant else ""
+        extra += f", scan input scales {quant['ssm_scales']}" if "ssm_scales" in quant else ""
         print(f"quantized:    {quant['recipe']} W{quant['wbits']}A{quant['abits']} ({quant['act_granularity']} "
               f"activations; online out_proj rotation {'on' if quant['online_out_rotation'] else 'off'}{extra})")
     _write_json(args, {"format": loaded.format, "parameters": n_params, "config": cfg.to_dict(), "quant": quant},
@@ -315,17 +326,18 @@ def cmd_compare(args) -> int:
                         seq_len=args.calib_seq_len)
     ev = EvalConfig(data=args.data, limit=args.limit, split=args.split, seq_len=args.seq_len, batch=args.batch,
                     tokenizer=args.tokenizer)
-    print(f"{'recipe':12s} {'bits':5s} {'metric':14s} {'value':>9s} {'delta vs fp':>12s} {'95% interval':>20s}")
+    print(f"{'recipe':19s} {'bits':5s} {'metric':14s} {'value':>9s} {'delta vs fp':>12s} {'95% interval':>20s}")
 
     def show(r):
         lo, hi = r["delta_ci95"]
-        print(f"{r['recipe']:12s} {r['bits']:5s} {r['metric']:14s} {r['value']:9.4f} {r['delta']:+12.4f} "
+        print(f"{r['recipe']:19s} {r['bits']:5s} {r['metric']:14s} {r['value']:9.4f} {r['delta']:+12.4f} "
               f"[{lo:+.4f}, {hi:+.4f}]", flush=True)
     kw = {"alpha": args.alpha, "observer": args.observer, "weight_rounding": args.weight_rounding,
           "klt_source": args.klt_source}
     if args.percentile is not None:
         kw["percentile"] = args.percentile
-    table = compare(args.model, recipes, bits, calib, ev, progress=show, **kw)
+    modes = parse_list(args.ssm_scales, ("per_tensor", "grouped"), "scale granularity")
+    table = compare(args.model, recipes, bits, calib, ev, progress=show, ssm_scales=modes, **kw)
     for p in table["pairs"]:
         lo, hi = p["diff_ci95"]
         print(f"{p['a']} - {p['b']} at {p['bits']}: {p['diff']:+.4f} [{lo:+.4f}, {hi:+.4f}]")
@@ -338,7 +350,8 @@ def cmd_quantize(args) -> int:
     from mq_deploy.quant.qcheckpoint import quantize_to_dir
 
     _set_threads(args)
-    rcfg = _recipe_cfg(args, wbits=args.wbits, abits=args.abits, granularity=args.act_granularity)
+    rcfg = _recipe_cfg(args, wbits=args.wbits, abits=args.abits, granularity=args.act_granularity,
+                       ssm_scales=args.ssm_scales)
     res = quantize_to_dir(args.model, args.output, rcfg,
                           CalibConfig(path=args.calib, samples=args.calib_samples, seed=args.seed,
                                       tokenizer=args.tokenizer, seq_len=args.calib_seq_len),
@@ -532,6 +545,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--recipes", default="fp,rtn,smoothquant,quarot,mambaquant")
     s.add_argument("--bits", default="w8a8,w4a8", help="comma-separated: w8a8,w4a8,w8a6,w4a6,w8a4 (fake quantization; "
                    "A6/A4 are evaluation only, export takes A8)")
+    s.add_argument("--ssm-scales", default="per_tensor", metavar="LIST",
+                   help="comma-separated granularities of the scan inputs' scales to compare: per_tensor,grouped "
+                        "(grouped rows are labelled RECIPE/grouped)")
     add_recipe(s, quantize=False)
     add_calib(s, seq_len_flag=False)      # --seq-len is the evaluation window here
     g = add_eval_data(s)

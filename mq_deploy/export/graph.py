@@ -39,7 +39,7 @@ class QuantSpec:
     """What the exporter needs from a quantized checkpoint."""
     wbits: int
     abits: int
-    act_scales: dict = field(default_factory=dict)       # quant point -> float scale
+    act_scales: dict = field(default_factory=dict)       # quant point -> float scale (a list: one per group)
     weight_scales: dict = field(default_factory=dict)    # parameter name -> per-channel scale tensor
     recipe: str = ""
 
@@ -200,18 +200,38 @@ class _Graph:
         s = self.quant.act_scales.get(point)
         if s is None:
             raise MQUserError(f"the quantized checkpoint has no activation scale for {point}")
+        if isinstance(s, (list, tuple)):
+            raise MQInternalError(f"{point} has per-group scales where the exporter takes one per tensor")
         return float(s)
 
-    def q(self, x, point):
-        """int8 QuantizeLinear of x at a quant point."""
-        b = self.b
-        return b.op("QuantizeLinear", [x, b.f32(np.array(self._scale(point)), "a_scale"),
-                                       b.const(np.array(0, dtype=np.int8), "zp")], "q")
+    def scales(self, point, channels: int) -> list:
+        """The scales of a point as a list: [one] per tensor, or one per channel (a per-group scale expanded
+        over its channels) for points calibrated per group (QuantConfig.ssm_scales "grouped")."""
+        s = self.quant.act_scales.get(point)
+        if s is None:
+            raise MQUserError(f"the quantized checkpoint has no activation scale for {point}")
+        if not isinstance(s, (list, tuple)):
+            return [float(s)]
+        if channels % len(s):
+            raise MQUserError(f"{point}: {len(s)} scale groups do not divide its {channels} channels")
+        return [float(v) for v in s for _ in range(channels // len(s))]
 
-    def dq(self, q, point):
+    def _qparams(self, point, channels):
         b = self.b
-        return b.op("DequantizeLinear", [q, b.f32(np.array(self._scale(point)), "a_scale"),
-                                         b.const(np.array(0, dtype=np.int8), "zp")], "dq")
+        if channels is None or not isinstance(self.quant.act_scales.get(point), (list, tuple)):
+            return [b.f32(np.array(self._scale(point)), "a_scale"), b.const(np.array(0, dtype=np.int8), "zp")], {}
+        s = np.asarray(self.scales(point, channels), dtype=np.float32)
+        return [b.const(s, "a_scale"), b.const(np.zeros(channels, dtype=np.int8), "zp")], {"axis": -1}
+
+    def q(self, x, point, channels=None):
+        """int8 QuantizeLinear of x at a quant point (per channel of the last axis where the point has
+        per-group scales; `channels` is that axis' size)."""
+        params, axis = self._qparams(point, channels)
+        return self.b.op("QuantizeLinear", [x, *params], "q", **axis)
+
+    def dq(self, q, point, channels=None):
+        params, axis = self._qparams(point, channels)
+        return self.b.op("DequantizeLinear", [q, *params], "dq", **axis)
 
     def qdq(self, x, point):
         return x if self.quant is None else self.dq(self.q(x, point), point)

@@ -67,6 +67,9 @@ class Family:
     has_branch: Callable = staticmethod(lambda cfg: False)   # has_branch(config): the "_b" direction exists
     formats: tuple = ()                       # CheckpointFormats
     describe: Callable = staticmethod(lambda cfg: "")   # describe(config): its shape in one line (`info`)
+    # scale_groups(config, point): equal groups of channels that get a scale each when activations are
+    # quantized with QuantConfig.ssm_scales "grouped" (per head, per SSD group); 1: per tensor
+    scale_groups: Callable = staticmethod(lambda cfg, point: 1)
 
     def module(self):
         return importlib.import_module(self.impl)

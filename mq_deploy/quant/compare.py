@@ -240,13 +240,17 @@ def quantized_copy(model, cal, wbits: int, abits: int, weight_rounding: str = "r
 
 def compare(model_path: str, recipes, bits, calib: CalibConfig, eval_cfg, progress=None, alpha: float = 0.5,
             percentile: float | None = None, observer: str | None = None, weight_rounding: str = "rtn",
-            klt_source: str = "last", resamples: int = 1000, seed: int = 0, data=None) -> dict:
+            klt_source: str = "last", resamples: int = 1000, seed: int = 0, data=None,
+            ssm_scales=("per_tensor",)) -> dict:
     """Evaluate every recipe at every bit width on the same samples. Returns {"rows": [...], "pairs": [...]}.
 
     `observer` overrides every recipe's default observers; `data` (as eval_data returns it) replaces the
-    evaluation set (calibration_split's held-out part, for choosing defaults)."""
+    evaluation set (calibration_split's held-out part, for choosing defaults). `ssm_scales`: the scan
+    inputs' scale granularities to compare (QuantConfig.ssm_scales; each calibrates anew); a row of a
+    granularity other than per_tensor is labelled RECIPE/GRANULARITY."""
     from mq_deploy.calib.spec import PERCENTILE_DEFAULT
     from mq_deploy.models.loaders import load_model
+    from mq_deploy.quant.fakequant import SSM_SCALES, QuantConfig
 
     percentile = PERCENTILE_DEFAULT if percentile is None else percentile
     for b in bits:
@@ -269,24 +273,35 @@ def compare(model_path: str, recipes, bits, calib: CalibConfig, eval_cfg, progre
             progress(row)
 
     add("fp", "fp", fp_scores, time.time() - t0)
+    for mode in ssm_scales:
+        if mode not in SSM_SCALES:
+            raise MQUserError(f"unknown scale granularity {mode!r} (choose from {', '.join(SSM_SCALES)})")
     for recipe in recipes:
         if recipe == "fp":
             continue
-        rcfg = RecipeConfig(recipe, alpha=alpha, percentile=percentile, observer=observer,
-                            weight_rounding=weight_rounding, klt_source=klt_source)
-        t0 = time.time()
-        prepared, cal = prepared_recipe(model_path, rcfg, calib, hessians=weight_rounding == "gptq")
-        t_cal = time.time() - t0
-        for b in bits:
-            t1 = time.time()
-            m = quantized_copy(prepared.model, cal, *BITS[b], weight_rounding)
-            _, *s = score_samples(m, data, eval_cfg.batch)
-            add(recipe, b, s, t_cal + time.time() - t1, {"observer": str(cal.spec), "weight_rounding": weight_rounding})
-            t_cal = 0.0
+        for mode in ssm_scales:
+            rcfg = RecipeConfig(recipe, QuantConfig(ssm_scales=mode), alpha=alpha, percentile=percentile,
+                                observer=observer, weight_rounding=weight_rounding, klt_source=klt_source)
+            label = recipe if mode == "per_tensor" else f"{recipe}/{mode}"
+            t0 = time.time()
+            prepared, cal = prepared_recipe(model_path, rcfg, calib, hessians=weight_rounding == "gptq")
+            t_cal = time.time() - t0
+            for b in bits:
+                t1 = time.time()
+                m = quantized_copy(prepared.model, cal, *BITS[b], weight_rounding)
+                _, *s = score_samples(m, data, eval_cfg.batch)
+                add(label, b, s, t_cal + time.time() - t1, {"observer": str(cal.spec), "weight_rounding":
+                                                            weight_rounding, "ssm_scales": mode})
+                t_cal = 0.0
     pairs = []
     for b in bits:
-        if ("mambaquant", b) in scores and ("quarot", b) in scores:
-            pairs.append(pair_row("mambaquant", "quarot", b, scores, idx))
+        for mode in ssm_scales:
+            sfx = "" if mode == "per_tensor" else f"/{mode}"
+            if (f"mambaquant{sfx}", b) in scores and (f"quarot{sfx}", b) in scores:
+                pairs.append(pair_row(f"mambaquant{sfx}", f"quarot{sfx}", b, scores, idx))
+        for recipe in recipes:
+            if len(ssm_scales) > 1 and (f"{recipe}/grouped", b) in scores and (recipe, b) in scores:
+                pairs.append(pair_row(f"{recipe}/grouped", recipe, b, scores, idx))
     return {"model": model_path, "metric": metric, "samples": int(len(fp_scores[0])), "resamples": resamples,
             "rows": rows, "pairs": pairs}
 

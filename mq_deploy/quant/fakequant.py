@@ -18,12 +18,26 @@ from mq_deploy.errors import MQUserError
 from mq_deploy.models.points import weight_key
 from mq_deploy.ops.quant import fake_quantize, qmax, scale_from_amax, weight_scales
 
+SSM_SCALES = ("per_tensor", "grouped")
+
+
+def channel_scales(s: torch.Tensor, channels: int) -> torch.Tensor:
+    """A per-tensor scale (0-d or one value) as it is, a per-group vector [G] expanded to [channels]."""
+    if s.numel() == 1:
+        return s.reshape(())
+    if channels % s.numel():
+        raise MQUserError(f"{channels} channels are not a multiple of {s.numel()} scale groups")
+    return s.reshape(-1).repeat_interleave(channels // s.numel())
+
 
 @dataclass
 class QuantConfig:
     wbits: int = 8
     abits: int = 8
     act_granularity: str = "per_tensor"   # "per_tensor" (static, calibrated) or "per_token" (dynamic)
+    # static scales of the scan's inputs: one per tensor, or "grouped": one per group of channels where the
+    # family declares groups (Mamba2: x and dt per head, B and C per SSD group; Family.scale_groups)
+    ssm_scales: str = "per_tensor"
 
     def __post_init__(self):
         if self.wbits not in (4, 8):
@@ -34,6 +48,8 @@ class QuantConfig:
                               f"exact), got {self.abits}")
         if self.act_granularity not in ("per_tensor", "per_token"):
             raise MQUserError(f"act_granularity must be per_tensor or per_token, got {self.act_granularity!r}")
+        if self.ssm_scales not in SSM_SCALES:
+            raise MQUserError(f"ssm_scales must be one of {', '.join(SSM_SCALES)}, got {self.ssm_scales!r}")
 
 
 @torch.no_grad()
@@ -68,7 +84,7 @@ def attach_activation_quant(model, act_scales: dict | None, cfg: QuantConfig) ->
             s = act_scales.get(prefix + name)
             if s is None:
                 raise MQUserError(f"no calibrated scale for quant point {prefix + name}")
-            return fake_quantize(t, s, cfg.abits, full_range=True)   # as QuantizeLinear saturates
+            return fake_quantize(t, channel_scales(s, t.shape[-1]), cfg.abits, full_range=True)   # as QuantizeLinear
         mixer.act_hook = hook
 
 

@@ -48,7 +48,13 @@ class QuantizedCheckpoint:
         return self.quant.get("act_granularity", "per_tensor")
 
     def act_scale_floats(self) -> dict:
-        return {k: float(v.reshape(-1)[0]) for k, v in self.act_scales.items()}
+        """{point: float} for per-tensor scales, {point: [floats]} for per-group ones (ssm_scales grouped)."""
+        return {k: float(v) if v.numel() == 1 else [float(x) for x in v.reshape(-1)]
+                for k, v in self.act_scales.items()}
+
+    @property
+    def ssm_scales(self) -> str:
+        return self.quant.get("ssm_scales", "per_tensor")
 
     # ---- reading ------------------------------------------------------------------------------
     @staticmethod
@@ -68,7 +74,8 @@ class QuantizedCheckpoint:
                 raise MQUserError(f"{os.path.join(loaded.path, 'config.json')}: quant.{key} must be an integer")
         path = os.path.join(loaded.path, "scales.safetensors")
         flat = read_safetensors(path)
-        act = {k[len(_ACT):]: v.reshape(()) for k, v in flat.items() if k.startswith(_ACT)}
+        act = {k[len(_ACT):]: v.reshape(()) if v.numel() == 1 else v.reshape(-1) for k, v in flat.items()
+               if k.startswith(_ACT)}
         weight = {k[len(_WEIGHT):]: v for k, v in flat.items() if k.startswith(_WEIGHT)}
         for name, v in list(act.items()) + list(weight.items()):
             if not v.is_floating_point() or not torch.isfinite(v).all() or (v <= 0).any():
@@ -99,6 +106,8 @@ class QuantizedCheckpoint:
                  "act_granularity": recipe_cfg.quant.act_granularity,
                  "online_out_rotation": mixer0.out_rotation is not None,
                  **mixer0.family.module().quant_flags(mixer0)}
+        if recipe_cfg.quant.ssm_scales != "per_tensor":
+            quant["ssm_scales"] = recipe_cfg.quant.ssm_scales
         cfg = model.cfg.to_dict()
         cfg.update({FORMAT_KEY: 1, "mq_deploy_version": __version__, "quant": quant})
         out_abs = os.path.abspath(out_dir)
@@ -110,7 +119,7 @@ class QuantizedCheckpoint:
             cfg["extra"]["source"] = os.path.relpath(os.path.abspath(src_dir), out_abs)
         if tokenizer_json is not None:
             cfg["extra"]["tokenizer"] = "tokenizer.json"
-        flat = {f"{_ACT}{k}": v.reshape(1).float() for k, v in scales["act_scales"].items()}
+        flat = {f"{_ACT}{k}": v.reshape(-1).float() for k, v in scales["act_scales"].items()}
         flat.update({f"{_WEIGHT}{k}": v.float() for k, v in scales["weight_scales"].items()})
         settings = {k: getattr(recipe_cfg, k) for k in ("alpha", "percentile", "observer", "weight_rounding",
                                                          "klt_source") if hasattr(recipe_cfg, k)}
@@ -153,7 +162,7 @@ def load(path: str):
     if not QuantizedCheckpoint.is_quantized(loaded):
         return loaded
     ckpt = QuantizedCheckpoint.read(loaded)
-    qcfg = QuantConfig(ckpt.wbits, ckpt.abits, ckpt.act_granularity)
+    qcfg = QuantConfig(ckpt.wbits, ckpt.abits, ckpt.act_granularity, ckpt.ssm_scales)
     attach_activation_quant(loaded.model, ckpt.act_scales, qcfg)
     return loaded
 

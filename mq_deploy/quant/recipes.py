@@ -275,13 +275,24 @@ def calibrate_activations(model, loop, cfg: RecipeConfig, hessians: bool | None 
     hessians = cfg.weight_rounding == "gptq" if hessians is None else hessians
     consumers = _consumer_weights(model) if "mse-out" in spec.kinds() else {}
     gptq_points = {prefix: set(mixer.family.gptq_inputs.values()) for prefix, mixer in _layer_mixers(model)}
+    groups = {}                               # per-group scales (QuantConfig.ssm_scales "grouped")
+    if cfg.quant.ssm_scales == "grouped":
+        groups = {prefix: (mixer.family, mixer.cfg) for prefix, mixer in _layer_mixers(model)}
     per_tensor = cfg.quant.act_granularity == "per_tensor"
     if not per_tensor and not hessians:
         return Calibrated({}, {}, spec)
 
     def make(name):
+        from mq_deploy.calib.observers import GroupedObserver
+
         prefix, point = _point_of(name)
-        obs = [make_observer(name, spec.choice_for(point), cfg.percentile, consumers)] if per_tensor else []
+        choice = spec.choice_for(point)
+        n_groups = groups[prefix][0].scale_groups(groups[prefix][1], point) if prefix in groups else 1
+        obs = []
+        if per_tensor and n_groups > 1:
+            obs = [GroupedObserver(name, n_groups, lambda n: make_observer(n, choice, cfg.percentile, {}))]
+        elif per_tensor:
+            obs = [make_observer(name, choice, cfg.percentile, consumers)]
         if hessians and point in gptq_points[prefix]:
             obs.append(CovarianceObserver(name))
         return obs

@@ -502,14 +502,11 @@ def generate_config(a: Artifact, name: str, step_model: str, cfg: TritonConfig) 
     if text:
         ins.insert(0, {"name": "text", "data_type": Enum("TYPE_STRING"), "dims": [1], "optional": True})
         outs.append({"name": "text", "data_type": Enum("TYPE_STRING"), "dims": [1]})
-    m = a.config["mixer"]
     return {"name": name, "backend": "python", "max_batch_size": 0, "input": ins, "output": outs,
             "model_transaction_policy": {"decoupled": True},
             "instance_group": [{"count": max(cfg.instances, 4), "kind": Enum("KIND_CPU")}],
             "parameters": [_param("step_model", step_model), _param("vocab_size", a.config["vocab_size"]),
                            _param("tokenizer", kind), _param("eos_id", "" if eos is None else int(eos)),
-                           _param("n_layer", a.config["n_layer"]), _param("d_inner", m["d_inner"]),
-                           _param("d_conv", m["d_conv"]), _param("d_state", m["d_state"]),
                            _param("default_max_new_tokens", 64), _param("max_new_tokens_limit", 4096)]}
 
 

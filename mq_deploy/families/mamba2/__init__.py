@@ -20,6 +20,8 @@ FAMILY = register_family(Family(
     states=lambda cfg: [StateSpec("conv_state", (cfg.conv_dim, cfg.d_conv - 1)),
                         StateSpec("ssm_state", (cfg.n_heads, cfg.head_dim, cfg.d_state))],
     tolerances={"min_cosine": 0.999, "min_top1_agreement": 0.99, "max_metric_delta": 0.002},
+    # Quamba2's granularity: x and dt one scale per head, B and C one per SSD group
+    scale_groups=lambda c, point: {"x": c.n_heads, "dt": c.n_heads, "B": c.n_groups, "C": c.n_groups}.get(point, 1),
     describe=lambda c: (f"Mamba2: d_inner {c.d_inner}  heads {c.n_heads} x head_dim {c.head_dim}  groups "
                         f"{c.n_groups}  d_state {c.d_state}  d_conv {c.d_conv}"),
     formats=(

@@ -34,7 +34,9 @@ def _scan_attrs(g, cfg, prefix) -> dict:
              "chunk": cfg.chunk_size, "dt_min": float(cfg.dt_min),
              "dt_max": float("inf") if cfg.dt_max is None else float(cfg.dt_max)}
     if g.quant is not None:
-        attrs.update({f"{n}_scale": [g._scale(prefix + n)] for n in ("x", "dt", "B", "C")})
+        gn = cfg.n_groups * cfg.d_state
+        channels = {"x": cfg.d_inner, "dt": cfg.n_heads, "B": gn, "C": gn}
+        attrs.update({f"{n}_scale": g.scales(prefix + n, c) for n, c in channels.items()})
     return attrs
 
 
@@ -48,7 +50,8 @@ def _fused(g, mixer, prefix, xbc, dt, states, layer: int):
     else:
         w = g.dequantized(weight_key(prefix, "conv1d"), conv.weight).reshape(cfg.conv_dim, cfg.d_conv)
     conv_b = b.f32(conv.bias if conv.bias is not None else torch.zeros(cfg.conv_dim), "conv_b")
-    ins = [xbc, g.q(dt, prefix + "dt") if g.quant is not None else dt, *states, b.f32(w, "conv_w"), conv_b,
+    ins = [xbc, g.q(dt, prefix + "dt", cfg.n_heads) if g.quant is not None else dt, *states, b.f32(w, "conv_w"),
+           conv_b,
            b.f32(-torch.exp(mixer.A_log.detach().double()), "A"), b.f32(mixer.D, "D"), b.f32(mixer.dt_bias, "dt_bias")]
     attrs = {"layer": int(layer), **_scan_attrs(g, cfg, prefix)}
     if g.quant is not None:
@@ -96,7 +99,7 @@ def emit(g, mixer, prefix, h, state=None):
         y, h_last = b.op(OP_FLOAT, [x, dt, A, Bm, Cm, *consts], "ssd", n_out=2, domain=DOMAIN, **attrs)
     else:
         q = {n: prefix + n for n in ("x", "dt", "B", "C")}
-        ins = [g.q(x, q["x"]), g.q(dt, q["dt"]), A, g.q(Bm, q["B"]), g.q(Cm, q["C"]), *consts]
+        ins = [g.q(x, q["x"], di), g.q(dt, q["dt"], H), A, g.q(Bm, q["B"], G * N), g.q(Cm, q["C"], G * N), *consts]
         y, h_last = b.op(OP, ins, "ssd", n_out=2, domain=DOMAIN, **attrs)
     return _finish(g, mixer, prefix, y, z), (new_conv, h_last)
 

@@ -41,7 +41,7 @@ class TritonPythonModel:
         self.max_sequences = int(params.get("max_sequences", "64"))
         self.idle_s = int(params.get("sequence_idle_us", "60000000")) / 1e6
         shapes = {i.name: i.shape for i in self.session.get_inputs()}
-        # [layers, batch, d_inner, k]: batch 1 per sequence
+        # the states as the step graph declares them, [layers, batch, ...]: batch 1 per sequence
         self.state_shapes = {n: [1 if j == 1 else int(d) for j, d in enumerate(shapes[n])]
                              for n in ("conv_state", "ssm_state")}
         self.vocab = int(self.session.get_outputs()[0].shape[-1])
