@@ -51,15 +51,29 @@ class MambaLMConfig:
     d_model: int
     n_layer: int
     vocab_size: int
-    mixer: object = None                # a registered family's mixer config (or its dict)
+    mixer: object = None                # a registered family's mixer config (or its dict), in every layer
     norm_eps: float = 1e-5
     residual_in_fp32: bool = True
     tie_embeddings: bool = True
     eos_token_id: int | None = None     # generation stops here (from the HF config or the tokenizer)
+    # a hybrid (Nemotron-H, ...): one block config per layer, of any registered family (then `mixer` is None)
+    layers: list | None = None
     architecture: str = field(default="mamba_lm", init=False)
 
     def __post_init__(self):
-        self.mixer = _mixer(self.mixer, self.d_model)
+        if self.layers is not None:
+            if self.mixer is not None:
+                raise MQUserError("give either mixer (every layer) or layers (one per layer), not both")
+            if not isinstance(self.layers, list) or not self.layers:
+                raise MQUserError(f"layers must be a non-empty list of block configs, got {self.layers!r}")
+            self.layers = _layer_list(self.layers, self.d_model)
+            for i, m in enumerate(self.layers):
+                if m.d_model != self.d_model:
+                    raise MQUserError(f"layers[{i}].d_model {m.d_model} != d_model {self.d_model}")
+            if isinstance(self.n_layer, int) and self.n_layer != len(self.layers):
+                raise MQUserError(f"n_layer {self.n_layer} != {len(self.layers)} entries in layers")
+        else:
+            self.mixer = _mixer(self.mixer, self.d_model)
         check_int(self, "d_model")
         check_int(self, "n_layer", 1, MAX_LAYERS)
         check_int(self, "vocab_size", 1, MAX_VOCAB)
@@ -68,10 +82,14 @@ class MambaLMConfig:
         eos = self.eos_token_id
         if eos is not None and (isinstance(eos, bool) or not isinstance(eos, int) or not 0 <= eos < self.vocab_size):
             raise MQUserError(f"eos_token_id must be a token id in [0, {self.vocab_size}), got {self.eos_token_id!r}")
-        if self.mixer.d_model != self.d_model:
+        if self.mixer is not None and self.mixer.d_model != self.d_model:
             raise MQUserError(f"mixer.d_model {self.mixer.d_model} != d_model {self.d_model}")
-        if getattr(self.mixer, "bimamba", False):
+        if any(getattr(m, "bimamba", False) for m in self.layer_configs()):
             raise MQUserError("a causal LM cannot use the bidirectional (bimamba) mixer")
+
+    def layer_configs(self) -> list:
+        """The block config of every layer."""
+        return list(self.layers) if self.layers is not None else [self.mixer] * self.n_layer
 
     def to_dict(self) -> dict:
         return _to_dict(self)
@@ -131,6 +149,9 @@ class VimConfig:
         if self.patch_size > self.img_size:
             raise MQUserError(f"patch_size {self.patch_size} > img_size {self.img_size}")
 
+    def layer_configs(self) -> list:
+        return [self.mixer] * self.n_layer
+
     @property
     def grid(self) -> int:
         return (self.img_size - self.patch_size) // self.stride + 1
@@ -157,9 +178,33 @@ def _mixer(m, d_model: int, **default):
     return m
 
 
+def _layer_list(layers, d_model) -> list:
+    """Block configs from their dicts; identical dicts share one config object."""
+    from mq_deploy.families import mixer_config_from_dict
+
+    seen, out = {}, []
+    for i, m in enumerate(layers):
+        if isinstance(m, dict):
+            key = repr(sorted(m.items()))
+            if key not in seen:
+                try:
+                    seen[key] = mixer_config_from_dict(m)
+                except MQUserError as e:
+                    raise MQUserError(f"layers[{i}]: {e}") from None
+            out.append(seen[key])
+        else:
+            out.append(_mixer(m, d_model))
+    return out
+
+
 def _to_dict(cfg) -> dict:
     d = dataclasses.asdict(cfg)
-    d["mixer"] = cfg.mixer.to_dict()
+    if getattr(cfg, "layers", None) is not None:
+        d["mixer"] = None
+        d["layers"] = [m.to_dict() for m in cfg.layers]
+    else:
+        d["mixer"] = cfg.mixer.to_dict()
+        d.pop("layers", None)      # homogeneous models keep the files they always had
     return d
 
 

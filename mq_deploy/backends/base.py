@@ -142,13 +142,20 @@ def expected_io(config, graph: str | None) -> dict:
     if config.architecture == "vim":
         return {"images": (None, config.in_chans, config.img_size, config.img_size),
                 "logits": (None, config.num_classes)}
-    from mq_deploy.families import family_of
+    from mq_deploy.families import state_inputs
 
     out = {"input_ids": (None, None), "logits": (None, None, config.vocab_size)}
-    if graph == "step":            # the family's states (mq_deploy.families), stacked over layers
-        for spec in family_of(config).states(config.mixer):
-            out[spec.name] = out[spec.name + "_out"] = (config.n_layer, None, *spec.shape)
+    if graph == "step":            # the states' layout (mq_deploy.families.state_inputs)
+        for si in state_inputs(config):
+            dims = tuple(d if isinstance(d, int) else None for d in si.dims)
+            out[si.name] = out[si.output] = dims
     return out
+
+
+def _state_names(config) -> set:
+    from mq_deploy.families import state_inputs
+
+    return {si.name for si in state_inputs(config)} if config is not None and config.architecture != "vim" else set()
 
 
 def check_io(artifact: ArtifactMeta, inputs: Mapping[str, tuple], outputs: Mapping[str, tuple], path: str) -> None:
@@ -157,7 +164,7 @@ def check_io(artifact: ArtifactMeta, inputs: Mapping[str, tuple], outputs: Mappi
     expected = expected_io(artifact.config, artifact.graph)
     if not expected:
         return
-    want_inputs = {n for n in expected if n in ("input_ids", "images") or n + "_out" in expected}
+    want_inputs = {n for n in expected if n in ("input_ids", "images") or n in _state_names(artifact.config)}
     if set(inputs) != want_inputs:
         raise MQUserError(f"{path}: its metadata (mq.kind {artifact.kind}, mq.graph {artifact.graph}) and its graph "
                           f"disagree: the graph takes {', '.join(sorted(inputs))}, the metadata implies "

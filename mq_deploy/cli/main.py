@@ -273,13 +273,25 @@ def cmd_info(args) -> int:
     loaded = load_model(args.model)
     cfg = loaded.config
     n_params = sum(p.numel() for p in loaded.model.parameters())
-    family = loaded.model.layers[0].mixer.family
+    from mq_deploy.families import family_of
+
+    kinds = {}                          # distinct block configs in layer order -> their layers
+    for i, m in enumerate(cfg.layer_configs()):
+        kinds.setdefault(id(m), (m, []))[1].append(i)
+    names = sorted({family_of(m).name for m, _ in kinds.values()})
     print(f"model:        {args.model}")
     print(f"format:       {loaded.format}")
-    kind = "Vision Mamba, bimamba v2" if cfg.architecture == "vim" else f"{family.name} causal LM"
+    kind = ("Vision Mamba, bimamba v2" if cfg.architecture == "vim" else
+            f"{names[0]} causal LM" if len(names) == 1 else f"hybrid causal LM: {', '.join(names)}")
     print(f"architecture: {cfg.architecture} ({kind})")
     print(f"parameters:   {n_params:,}")
-    print(f"layers:       {cfg.n_layer}  d_model {cfg.d_model}  {family.describe(cfg.mixer)}")
+    if len(kinds) == 1:
+        (m, _), = kinds.values()
+        print(f"layers:       {cfg.n_layer}  d_model {cfg.d_model}  {family_of(m).describe(m)}")
+    else:
+        print(f"layers:       {cfg.n_layer}  d_model {cfg.d_model}")
+        for m, idx in kinds.values():
+            print(f"  {len(idx):3d} x {family_of(m).describe(m)}  (layers {', '.join(map(str, idx))})")
     if cfg.architecture == "mamba_lm":
         print(f"vocab:        {cfg.vocab_size}  ({'tied' if cfg.tie_embeddings else 'untied'} head)")
     else:

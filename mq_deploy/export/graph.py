@@ -26,7 +26,7 @@ import torch
 
 from mq_deploy.errors import MQInternalError, MQUserError
 from mq_deploy.export.scan_op import DOMAIN
-from mq_deploy.families import family_of
+from mq_deploy.families import family_of, state_inputs
 from mq_deploy.models.mamba import MambaLM
 from mq_deploy.models.points import mixer_prefix
 
@@ -307,19 +307,28 @@ def _lm_head(b: _Builder, h, head):
     return b.op("Mul", [acc, b.op("Mul", [hs, b.f32(head.scale, "lm_head_scale")])], "logits")
 
 
-def _layers(g: _Graph, model, h, states=None, consume: bool = False):
+def _layer_state(g: _Graph, layout, i: int, fused: bool):
+    """What layer i's emitter gets of the step graph's states (families.state_inputs): (names of its
+    stacked inputs, its index in them) for a fused step op that reads its layer itself, else (its state
+    tensors in its family's order, None): a Gather of each stacked input, or its own per-layer inputs."""
+    mine = sorted((si for si in layout if i in si.layers), key=lambda si: si.position)
+    if not mine:
+        return None
+    if fused and all(si.spec.stacked for si in mine):
+        return tuple(si.name for si in mine), mine[0].layers.index(i)
+    return tuple(g.b.op("Gather", [si.name, g.b.i64(si.layers.index(i))], axis=0) if si.spec.stacked else si.name
+                 for si in mine), None
+
+
+def _layers(g: _Graph, model, h, layout=None, consume: bool = False):
     """Residual blocks and the final norm; each mixer is emitted by its family (families/<name>/export.py).
-    states: the step graph's state inputs (names), stacked over layers. consume: each block is released
-    from the model once it is in the graph (build_model)."""
+    layout: the step graph's state inputs (families.state_inputs), None for the full graph. consume: each
+    block is released from the model once it is in the graph (build_model)."""
     b = g.b
     new = []
     for i, layer in enumerate(model.layers):
         impl = layer.mixer.family.module()
-        st = None
-        if states is not None and g.fused_step and impl.FUSED_STEP:
-            st = (states, i)        # the fused op reads its layer of the stacked states itself
-        elif states is not None:
-            st = (tuple(b.op("Gather", [s, b.i64(i)], axis=0) for s in states), None)
+        st = None if layout is None else _layer_state(g, layout, i, g.fused_step and impl.FUSED_STEP)
         out, new_st = impl.emit(g, layer.mixer, mixer_prefix(i), b.rms_norm(h, layer.norm), st)
         h = b.op("Add", [h, out], "residual")
         new.append(new_st)
@@ -357,30 +366,31 @@ def build_model(model, quant: QuantSpec | None = None, step: bool = False, opset
     g = _Graph(b, quant, rotation, small_weights, fused_step)
     vi = helper.make_tensor_value_info
     outputs = []
-    family = family_of(model.cfg)
-    mixer_cfg = model.cfg.mixer
+    layer_cfgs = model.cfg.layer_configs()
     if isinstance(model, MambaLM):
         inputs = [vi("input_ids", T.INT64, ["batch", "seq"])]
-        states = None
-        specs = family.states(mixer_cfg)
+        layout = None
         if step:
-            if not specs:
-                raise MQUserError(f"a {family.name} model without a recurrent state has no decode-step graph")
-            inputs += [vi(s.name, T.FLOAT, [model.cfg.n_layer, "batch", *s.shape]) for s in specs]
-            states = tuple(s.name for s in specs)
+            layout = state_inputs(model.cfg)
+            if not layout:
+                raise MQUserError("a model without a recurrent state or cache has no decode-step graph")
+            inputs += [vi(si.name, T.FLOAT, list(si.dims)) for si in layout]
         h = b.op("Gather", [b.f32(model.embedding.weight, "embedding"), "input_ids"], axis=0)
-        h, new = _layers(g, model, h, states, consume)
+        h, new = _layers(g, model, h, layout, consume)
         if last_logits:
             h = b.op("Slice", [h, b.i64([-1]), b.i64([np.iinfo(np.int64).max]), b.i64([1])], "last")
         logits = _lm_head(b, h, model.lm_head)
         outputs.append(vi("logits", T.FLOAT, ["batch", 1 if last_logits else "seq", model.cfg.vocab_size]))
-        if step:
-            for j, spec in enumerate(specs):
-                name = spec.name + "_out"
-                parts = [b.op("Unsqueeze", [st[j], b.i64([0])]) for st in new]
+        for si in layout or ():
+            if si.spec.stacked:
+                parts = [b.op("Unsqueeze", [new[i][si.position], b.i64([0])]) for i in si.layers]
                 b.op("Concat", parts, axis=0)
-                b.nodes[-1].output[0] = name
-                outputs.append(vi(name, T.FLOAT, [model.cfg.n_layer, "batch", *spec.shape]))
+                dims = list(si.dims)
+            else:
+                b.op("Identity", [new[si.layers[0]][si.position]])
+                dims = ["total" if d == "past" else d for d in si.dims]
+            b.nodes[-1].output[0] = si.output
+            outputs.append(vi(si.output, T.FLOAT, dims))
     else:
         if step:
             raise MQUserError("a Vision Mamba (bidirectional) has no decode-step graph")
@@ -410,7 +420,14 @@ def build_model(model, quant: QuantSpec | None = None, step: bool = False, opset
     graph.input.extend(inputs)
     graph.output.extend(outputs)
     op_types = {n.op_type for n in b.nodes if n.domain == DOMAIN}
-    proto.functions.extend(family.module().functions(mixer_cfg, quant is not None, op_types, opset))
+    done = set()
+    for m in layer_cfgs:          # each family's function bodies once (per distinct block config)
+        key = (family_of(m).name, repr(m))
+        if key not in done:
+            done.add(key)
+            for fn in family_of(m).module().functions(m, quant is not None, op_types, opset):
+                if all(f.name != fn.name or f.domain != fn.domain for f in proto.functions):
+                    proto.functions.append(fn)
     proto.ir_version = IR_VERSION
     proto.opset_import.extend([helper.make_opsetid("", opset), helper.make_opsetid(DOMAIN, 1)])
     proto.producer_name = "mq-deploy"

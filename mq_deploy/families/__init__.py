@@ -27,10 +27,30 @@ from mq_deploy.errors import MQUserError
 
 @dataclass(frozen=True)
 class StateSpec:
-    """One recurrent state of a mixer: the step graph's input `name` (its output is `name`_out), shaped
-    [layers, batch, *shape] there; `shape` is one layer's, for one sequence."""
+    """One recurrent state of a mixer, `shape` one layer's for one sequence. Stacked (an SSM's fixed-size
+    state): the step graph has one input `name` [layers of the family, batch, *shape] and one output
+    `name`_out. Not stacked (an attention layer's KV cache, whose `shape` holds None for its growing
+    length): one input `name`_LAYER [batch, *shape] per layer and one output `output`_LAYER."""
     name: str
     shape: tuple
+    stacked: bool = True
+    output: str | None = None
+
+    @property
+    def output_name(self) -> str:
+        return self.output or self.name + "_out"
+
+
+@dataclass(frozen=True)
+class StateInput:
+    """One state input of a step graph (state_inputs): its name, the output that carries it on, its
+    dimensions ("batch", and "past" for a cache's growing length), the layers it holds and its spec."""
+    name: str
+    output: str
+    dims: tuple
+    layers: tuple
+    spec: StateSpec
+    position: int            # the spec's place in its family's states (the mixer's state tuple)
 
 
 @dataclass(frozen=True)
@@ -66,6 +86,7 @@ class Family:
     branch_sites: tuple = ()                  # weight sites the second direction repeats
     has_branch: Callable = staticmethod(lambda cfg: False)   # has_branch(config): the "_b" direction exists
     formats: tuple = ()                       # CheckpointFormats
+    input_point: str = "in_proj"              # the point that sees the block norm's output (MambaQuant's KLT source)
     describe: Callable = staticmethod(lambda cfg: "")   # describe(config): its shape in one line (`info`)
     # scale_groups(config, point): equal groups of channels that get a scale each when activations are
     # quantized with QuantConfig.ssm_scales "grouped" (per head, per SSD group); 1: per tensor
@@ -85,7 +106,8 @@ class Family:
 
 
 _FAMILIES: dict = {}
-_BUILTIN = ("mamba1", "mamba2")
+_FORMATS: list = []         # checkpoint formats of models built from several families (hybrids)
+_BUILTIN = ("mamba1", "mamba2", "attention", "mlp", "nemotron_h")
 _loaded = False
 
 
@@ -97,6 +119,14 @@ def register_family(fam: Family) -> Family:
             raise ValueError(f"format {f.name} declares family {f.family!r}, registered under {fam.name!r}")
     _FAMILIES[fam.name] = fam
     return fam
+
+
+def register_format(fmt: CheckpointFormat) -> CheckpointFormat:
+    """A checkpoint format whose models mix families (a hybrid's HF model type)."""
+    if any(f.name == fmt.name for f in _FORMATS):
+        raise ValueError(f"format {fmt.name!r} is already registered")
+    _FORMATS.append(fmt)
+    return fmt
 
 
 def _load_builtin() -> None:
@@ -162,9 +192,34 @@ def heavy_tailed_points() -> tuple:
     return tuple(seen)
 
 
+def state_inputs(model_cfg) -> list:
+    """The step graph's state inputs of a causal model config, in graph order: each stacked spec once for
+    the layers of its family (first layers first), then each per-layer spec per layer. The one place the
+    layout of decode states is decided: export, runners, verify and the PyTorch reference read it."""
+    layers = model_cfg.layer_configs()
+    stacked, per_layer, seen = {}, [], {}
+    for i, cfg in enumerate(layers):
+        fam = family_of(cfg)
+        for pos, spec in enumerate(fam.states(cfg)):
+            if spec.stacked:
+                key = spec.name
+                if key in stacked and seen[key] != (fam.name, tuple(spec.shape)):
+                    raise MQUserError(f"layers {stacked[key][0]} and {i}: two kinds of {spec.name} "
+                                      f"({seen[key]} and {(fam.name, tuple(spec.shape))}) cannot share a stacked state")
+                seen[key] = (fam.name, tuple(spec.shape))
+                stacked.setdefault(key, ([], spec, pos))[0].append(i)
+            else:
+                dims = ("batch",) + tuple("past" if d is None else d for d in spec.shape)
+                per_layer.append(StateInput(f"{spec.name}_{i}", f"{spec.output_name}_{i}", dims, (i,), spec, pos))
+    out = [StateInput(name, spec.output_name, (len(idx), "batch", *spec.shape), tuple(idx), spec, pos)
+           for name, (idx, spec, pos) in stacked.items()]
+    return out + per_layer
+
+
 def checkpoint_formats() -> tuple:
-    return tuple(f for fam in families() for f in fam.formats)
+    return tuple(f for fam in families() for f in fam.formats) + tuple(_FORMATS)
 
 
-__all__ = ["CheckpointFormat", "Family", "StateSpec", "all_points", "checkpoint_formats", "families", "family_of",
-           "get_family", "heavy_tailed_points", "mixer_config_from_dict", "register_family"]
+__all__ = ["CheckpointFormat", "Family", "StateInput", "StateSpec", "all_points", "checkpoint_formats", "families",
+           "family_of", "get_family", "heavy_tailed_points", "mixer_config_from_dict", "register_family",
+           "register_format", "state_inputs"]

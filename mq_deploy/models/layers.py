@@ -56,7 +56,8 @@ class MixerBase(nn.Module):
     - `act_hook(name, tensor) -> tensor` sees every quant point (calibration observes, fake quant rounds);
     - `readers()` / `writers()`: the linears that read the block norm's output and write the residual
       stream (residual rotations and norm fusion fold into them);
-    - `out_proj` and the `out_rotation` buffer: the optional online rotation of out_proj's input."""
+    - `out_linear` (out_proj; attention's o_proj, an MLP's down_proj) and the `out_rotation` buffer: the
+      optional online rotation of its input."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -78,11 +79,16 @@ class MixerBase(nn.Module):
         return [self.in_proj]
 
     def writers(self) -> list:
-        return [self.out_proj]
+        return [self.out_linear]
+
+    @property
+    def out_linear(self):
+        """The linear whose input the online rotation acts on (and that writes the residual stream)."""
+        return self.out_proj
 
     def weight_modules(self) -> list:
         """(site name, module) of every quantized weight, in the family's order."""
-        return [(s, getattr(self, s)) for s in self.family.site_names(self.cfg)]
+        return [(s, getattr(self, s)) for s in self.family.site_names(self.cfg) if getattr(self, s, None) is not None]
 
     def _rotate_out(self, y):
         return y if self.out_rotation is None else y @ self.out_rotation

@@ -599,7 +599,9 @@ def _set_out_rotations(model) -> None:
 
     shared = {}
     for layer in model.layers:
-        n = layer.mixer.out_proj.in_features
+        if layer.mixer.out_linear is None:
+            continue
+        n = layer.mixer.out_linear.in_features
         if n not in shared:
             shared[n] = torch.from_numpy(hadamard_matrix(n)).to(torch.float32)
         layer.mixer.register_buffer("out_rotation", shared[n], persistent=False)

@@ -65,7 +65,7 @@ class MambaLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embedding = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.layers = nn.ModuleList(Block(cfg.mixer, cfg.norm_eps, cfg.residual_in_fp32) for _ in range(cfg.n_layer))
+        self.layers = nn.ModuleList(Block(m, cfg.norm_eps, cfg.residual_in_fp32) for m in cfg.layer_configs())
         self.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -101,12 +101,12 @@ class MambaLM(nn.Module):
         return (logits, states) if return_state else logits
 
     def init_state(self, batch: int, dtype=torch.float32, device=None):
-        """Zero decode states: per layer, one tensor [batch, *shape] per StateSpec of the family."""
+        """Empty decode states: per layer, one tensor [batch, *shape] per StateSpec of its family (zeros; a
+        cache's growing length 0)."""
         from mq_deploy.families import family_of
 
-        specs = family_of(self.cfg).states(self.cfg.mixer)
-        return [tuple(torch.zeros(batch, *s.shape, dtype=dtype, device=device) for s in specs)
-                for _ in range(self.cfg.n_layer)]
+        return [tuple(torch.zeros(batch, *(0 if d is None else d for d in s.shape), dtype=dtype, device=device)
+                      for s in family_of(m).states(m)) for m in self.cfg.layer_configs()]
 
     def step(self, token, states):
         """token [b] -> (logits [b, V], new states)."""

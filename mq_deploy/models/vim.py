@@ -35,7 +35,7 @@ class Vim(nn.Module):
         self.patch_embed = PatchEmbed(cfg)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.d_model))
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches + 1, cfg.d_model))
-        self.layers = nn.ModuleList(Block(cfg.mixer, cfg.norm_eps, cfg.residual_in_fp32) for _ in range(cfg.n_layer))
+        self.layers = nn.ModuleList(Block(m, cfg.norm_eps, cfg.residual_in_fp32) for m in cfg.layer_configs())
         self.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.head = nn.Linear(cfg.d_model, cfg.num_classes)
 

@@ -70,7 +70,8 @@ CALIB_BATCH_VALUES = 8 * 512 * 1536
 
 
 def calibration_batch(model, seq_len: int) -> int:
-    return max(1, min(8, CALIB_BATCH_VALUES // max(1, seq_len * model.cfg.mixer.d_inner)))
+    width = max(m.out_features for m in model.cfg.layer_configs())      # the widest block activation
+    return max(1, min(8, CALIB_BATCH_VALUES // max(1, seq_len * width)))
 
 
 def calibration_loop(loaded, cfg: CalibConfig):

@@ -100,12 +100,13 @@ class QuantizedCheckpoint:
         beside it, as a hub folder)."""
         from mq_deploy.models.io import FORMAT_KEY, atomic_write_dir, model_state_dict
 
-        mixer0 = model.layers[0].mixer
+        mixers = [layer.mixer for layer in model.layers]
         _check_out_rotations(model)
         quant = {"recipe": recipe_cfg.recipe, "wbits": recipe_cfg.quant.wbits, "abits": recipe_cfg.quant.abits,
                  "act_granularity": recipe_cfg.quant.act_granularity,
-                 "online_out_rotation": mixer0.out_rotation is not None,
-                 **mixer0.family.module().quant_flags(mixer0)}
+                 "online_out_rotation": any(m.out_rotation is not None for m in mixers)}
+        for m in mixers:           # each family's own runtime buffers (Mamba1: the gate smoothing)
+            quant.update(m.family.module().quant_flags(m))
         if recipe_cfg.quant.ssm_scales != "per_tensor":
             quant["ssm_scales"] = recipe_cfg.quant.ssm_scales
         cfg = model.cfg.to_dict()
@@ -221,7 +222,9 @@ def _check_out_rotations(model) -> None:
     if all(r is None for r in rots):
         return
     for i, (layer, r) in enumerate(zip(model.layers, rots)):
-        H = torch.from_numpy(hadamard_matrix(layer.mixer.out_proj.in_features)).to(torch.float32)
+        if r is None and layer.mixer.out_linear is None:
+            continue
+        H = torch.from_numpy(hadamard_matrix(layer.mixer.out_linear.in_features)).to(torch.float32)
         if r is None or not torch.equal(r.to(torch.float32), H):
             raise MQInternalError(f"layer {i}: the online out_proj rotation is not the Hadamard matrix of d_inner; "
                                   "a quantized checkpoint records only that one")

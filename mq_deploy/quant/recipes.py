@@ -114,6 +114,14 @@ def _layer_mixers(model):
     return mixers(model)
 
 
+def torch_max(tensors):
+    """The elementwise max of same-shaped tensors."""
+    out = None
+    for t in tensors:
+        out = t if out is None else out.maximum(t)
+    return out
+
+
 def _point_of(name: str) -> tuple:
     """("layers.3.mixer.", "x_b") of a full quant point name."""
     prefix, _, point = name.rpartition(".")
@@ -134,7 +142,7 @@ def rtn(model, loop, cfg):
 
 @register_recipe("smoothquant")
 def smoothquant(model, loop, cfg):
-    """SmoothQuant at in_proj's input, folded into the block norm
+    """SmoothQuant at every block's input (in_proj's; q/k/v's; up/gate's), folded into the block norm
 
     The only site whose producer is linear in the input; out_proj's producer is the gate, whose fold
     is MambaQuant's contribution and belongs to that recipe.
@@ -146,9 +154,10 @@ def smoothquant(model, loop, cfg):
     obs = calibrate(model, loop, _minmax)
     for prefix, mixer in _layer_mixers(model):
         layer = model.layers[int(prefix.split(".")[1])]
-        a = obs[prefix + "in_proj"][0].amax(per_channel=True)
-        w = mixer.in_proj.weight.detach().abs().amax(0)
-        fold.smooth_norm_into_linear(layer.norm, mixer.in_proj, smoothing_factors(a, w, cfg.alpha))
+        readers = mixer.readers()
+        a = obs[prefix + mixer.family.input_point][0].amax(per_channel=True)
+        w = torch_max(lin.weight.detach().abs().amax(0) for lin in readers)
+        fold.smooth_norm_into_linear(layer.norm, readers, smoothing_factors(a, w, cfg.alpha))
 
 
 @register_recipe("quarot")
@@ -170,22 +179,26 @@ def _online_out_hadamard(model):
 
     shared = {}                                                       # one buffer per size, for every layer
     for _, mixer in _layer_mixers(model):
-        n = mixer.out_proj.in_features
+        if mixer.out_linear is None:          # a block with no output projection to rotate before
+            continue
+        n = mixer.out_linear.in_features
         if n not in shared:
             H = hadamard_rotation(n).double()
-            shared[n] = (H, H.to(mixer.out_proj.weight.dtype))
+            shared[n] = (H, H.to(mixer.out_linear.weight.dtype))
         fold.set_online_out_rotation(mixer, shared[n][0], runtime=shared[n][1])
 
 
 def residual_second_moment(model, loop, source: str = "sum"):
-    """E[x x^T] of the in_proj inputs: summed over every layer, or the last layer's alone."""
+    """E[x x^T] of every block's input (the normalised residual stream: a family's input_point, in_proj's
+    input for the Mamba mixers): summed over every layer, or the last layer's alone."""
     from mq_deploy.calib.collect import calibrate
     from mq_deploy.calib.observers import CovarianceObserver
 
-    last = f"layers.{len(model.layers) - 1}.mixer.in_proj"
+    inputs = {prefix + mixer.family.input_point for prefix, mixer in _layer_mixers(model)}
+    last = f"layers.{len(model.layers) - 1}.mixer.{model.layers[-1].mixer.family.input_point}"
 
     def make(name):
-        want = name.endswith(".in_proj") and (source == "sum" or name == last)
+        want = name in inputs and (source == "sum" or name == last)
         return [CovarianceObserver(name)] if want else []
 
     obs = calibrate(model, loop, make)

@@ -48,11 +48,12 @@ def fuse_norm_into_linear(norm, linears) -> None:
     assign(norm.weight, torch.ones_like(w))
 
 
-def smooth_norm_into_linear(norm, lin, s) -> None:
-    """SmoothQuant at a norm -> linear site: the norm's output channels / s, the linear's columns * s."""
+def smooth_norm_into_linear(norm, linears, s) -> None:
+    """SmoothQuant at a norm -> linear(s) site: the norm's output channels / s, every reader's columns * s."""
     s = f64(s)
     assign(norm.weight, f64(norm.weight) / s)
-    _update_rows(lin.weight, lambda r: r * s)
+    for lin in linears if isinstance(linears, (list, tuple)) else [linears]:
+        _update_rows(lin.weight, lambda r: r * s)
 
 
 def untie_lm_head(model: MambaLM) -> None:
@@ -128,8 +129,8 @@ def set_online_out_rotation(mixer, H, runtime: torch.Tensor | None = None) -> No
     layer would be 6.7 GB of one matrix at the 2.8b shape.
     """
     H = f64(H)
-    rotate_linear_input(mixer.out_proj, H)
-    buf = runtime if runtime is not None else H.to(mixer.out_proj.weight.dtype)
+    rotate_linear_input(mixer.out_linear, H)
+    buf = runtime if runtime is not None else H.to(mixer.out_linear.weight.dtype)
     mixer.register_buffer("out_rotation", buf, persistent=False)
 
 

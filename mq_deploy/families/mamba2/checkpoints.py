@@ -39,7 +39,7 @@ def _json_float(x):
     return x
 
 
-def _dt_limit(v, key: str, src: str) -> dict:
+def dt_limit(v, key: str, src: str) -> dict:
     """time_step_limit / dt_limit [lo, hi] (hi infinite: no limit) as the config's dt_min / dt_max."""
     if v is None:
         return {}
@@ -68,7 +68,7 @@ def _mixer_from_hf(c: dict, src: str) -> Mamba2Config:
     if isinstance(expand, (int, float)) and not isinstance(expand, bool) and expand * hidden != d_inner:
         raise MQUserError(f"{shown(src)}: hidden_size {hidden} x expand {expand} != num_heads {heads} x head_dim "
                           f"{head_dim}")
-    limits = _dt_limit(c.get("time_step_limit"), "time_step_limit", src)
+    limits = dt_limit(c.get("time_step_limit"), "time_step_limit", src)
     return config_for(src, lambda: Mamba2Config(
         d_model=hidden, d_state=c.get("state_size", 128), d_conv=c.get("conv_kernel", 4),
         expand=max(1, d_inner // hidden), head_dim=head_dim, n_groups=c.get("n_groups", 1), d_inner=d_inner,
@@ -121,7 +121,7 @@ def load_mamba_ssm(path):
         raise MQUserError(f"{cfg_path}: ssm_cfg.d_ssm {d_ssm!r} != d_inner {d_inner} (an MLP part inside the mixer, "
                           "d_mlp > 0) is not supported")
     groups = ssm_cfg.get("ngroups", 1)
-    limits = _dt_limit(ssm_cfg.get("dt_limit"), "ssm_cfg.dt_limit", cfg_path)
+    limits = dt_limit(ssm_cfg.get("dt_limit"), "ssm_cfg.dt_limit", cfg_path)
     mixer = config_for(cfg_path, lambda: Mamba2Config(
         d_model=d_model, d_state=ssm_cfg.get("d_state", 128), d_conv=ssm_cfg.get("d_conv", 4), expand=expand,
         head_dim=ssm_cfg.get("headdim", 64), n_groups=groups, conv_bias=ssm_cfg.get("conv_bias", True),
