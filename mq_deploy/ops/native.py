@@ -78,6 +78,8 @@ def _declare(lib):
     lib.mq_scan_last_error.restype = ctypes.c_char_p
     lib.mq_scan_version.argtypes = []
     lib.mq_scan_version.restype = ctypes.c_char_p
+    if hasattr(lib, "mq_ssd_validate"):         # libraries built before mq::SSDScan have the Mamba1 scan only
+        _declare_ssd(lib)
     return lib
 
 
@@ -229,6 +231,143 @@ def selective_scan_int8_native(qx, x_scale, qdelta, delta_scale, A, qB, B_scale,
     rc = lib.mq_scan_cpu(ctypes.byref(p), int(num_threads))
     if rc != 0:
         _raise(lib, rc, "mq_scan_cpu")
+    return (y, h_last) if (return_last_state or out_state is not None) else y
+
+
+# --- mq::SSDScan (Mamba2), same libraries -------------------------------------------------------------
+
+class MQSSDParams(ctypes.Structure):
+    """Mirror of MQSSDParams in plugins/selective_scan/include/mq_ssd.h (same field order)."""
+    _fields_ = [
+        ("batch", ctypes.c_int64), ("seqlen", ctypes.c_int64), ("heads", ctypes.c_int64),
+        ("head_dim", ctypes.c_int64), ("groups", ctypes.c_int64), ("dstate", ctypes.c_int64),
+        ("in_float", ctypes.c_int32),
+        ("x", _p), ("dt", _p), ("B", _p), ("C", _p),
+        ("x_scale", ctypes.c_float), ("dt_scale", ctypes.c_float), ("B_scale", ctypes.c_float),
+        ("C_scale", ctypes.c_float),
+        ("x_scales", _p), ("dt_scales", _p), ("B_scales", _p), ("C_scales", _p),
+        ("A", _p), ("D", _p), ("dt_bias", _p), ("dt_min", ctypes.c_float), ("dt_max", ctypes.c_float),
+        ("h0", _p), ("y", _p), ("h_last", _p),
+        ("x_batch_stride", ctypes.c_int64), ("x_l_stride", ctypes.c_int64),
+        ("dt_batch_stride", ctypes.c_int64), ("dt_l_stride", ctypes.c_int64),
+        ("bc_batch_stride", ctypes.c_int64), ("bc_l_stride", ctypes.c_int64),
+        ("y_batch_stride", ctypes.c_int64), ("y_l_stride", ctypes.c_int64),
+    ]
+
+
+def _declare_ssd(lib):
+    P = ctypes.POINTER(MQSSDParams)
+    names = ["mq_ssd_validate"] + [n for n in ("mq_ssd_cpu",) if hasattr(lib, n)]
+    for n in names:
+        fn = getattr(lib, n)
+        fn.argtypes = [P] if n == "mq_ssd_validate" else [P, ctypes.c_int]
+        fn.restype = ctypes.c_int
+    lib.mq_ssd_set_contiguous_strides.argtypes = [P]
+    lib.mq_ssd_set_contiguous_strides.restype = None
+    if hasattr(lib, "mq_ssd_cuda"):
+        for fn in (lib.mq_ssd_cuda, lib.mq_ssd_step_cuda):
+            fn.argtypes = [P, ctypes.c_void_p]
+            fn.restype = ctypes.c_int
+        lib.mq_ssd_cuda_workspace_size.argtypes = [P]
+        lib.mq_ssd_cuda_workspace_size.restype = ctypes.c_size_t
+        lib.mq_ssd_cuda_ws.argtypes = [P, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+        lib.mq_ssd_cuda_ws.restype = ctypes.c_int
+    return lib
+
+
+def _ssd_scale(scale, channels, name, device):
+    """(per-tensor value, per-channel tensor or None) of a scale given as a number or one value per channel."""
+    import torch
+
+    t = torch.as_tensor(scale, dtype=torch.float32)
+    if t.numel() == 1:
+        return float(t.reshape(())), None
+    if t.dim() != 1 or t.numel() != channels:
+        raise MQUserError(f"{name} must be one value or {channels} (one per channel of the last axis), "
+                          f"got shape {list(t.shape)}")
+    return 1.0, t.to(device).contiguous()
+
+
+def _ssd_prepare(x, dt, A, B, C, D, dt_bias, dt_limit, initial_state, return_last_state, scales, out_state,
+                 device_type):
+    """Checks the arguments and fills MQSSDParams. x [b, L, H, P], dt [b, L, H], B, C [b, L, G, N], int8 with
+    `scales` {x, dt, B, C} or float (scales None). Returns (params, y, h_last, tensors to keep alive)."""
+    import math
+
+    import torch
+
+    from mq_deploy.ops.ssd import _check
+    _check(x, dt, A, B, C, D, dt_bias, initial_state)
+    in_float = scales is None
+    want = torch.float32 if in_float else torch.int8
+    for name, t in (("x", x), ("dt", dt), ("B", B), ("C", C)):
+        if not in_float and t.dtype != want:            # float inputs of any float dtype are converted below
+            raise MQUserError(f"{name} must be int8, got {t.dtype}")
+        if t.device.type != device_type or t.device != x.device:
+            raise MQUserError(f"{name} must be a {device_type} tensor on x's device, got {t.device}")
+    b, L, H, P = x.shape
+    G, N = B.shape[2], B.shape[3]
+    if N > MAX_DSTATE:
+        raise MQUserError(f"d_state={N} exceeds the native SSD scan's maximum {MAX_DSTATE}")
+    dev = x.device
+    x, dt, B, C = (t.detach().to(want).contiguous() for t in (x, dt, B, C))
+    A, D, dt_bias = _f32(A, "A", dev), _f32(D, "D", dev), _f32(dt_bias, "dt_bias", dev)
+    lo, hi = dt_limit
+    lo = 0.0 if lo is None else float(lo)
+    hi = math.inf if hi is None else float(hi)
+    h0 = _f32(initial_state, "initial_state", dev)
+    if out_state is not None:
+        if (out_state.dtype != torch.float32 or not out_state.is_contiguous() or out_state.device != dev
+                or tuple(out_state.shape) != (b, H, P, N)):
+            raise MQUserError(f"out_state must be a contiguous float32 tensor [{b}, {H}, {P}, {N}] on {dev}")
+        if initial_state is not None and out_state.data_ptr() == initial_state.data_ptr():
+            h0 = out_state          # in place: each state element is read before it is written
+    y = torch.empty(b, L, H, P, dtype=torch.float32, device=dev)
+    h_last = out_state if out_state is not None else (
+        torch.empty(b, H, P, N, dtype=torch.float32, device=dev) if return_last_state else None)
+    p = MQSSDParams(batch=b, seqlen=L, heads=H, head_dim=P, groups=G, dstate=N, in_float=int(in_float),
+                    x=_ptr(x), dt=_ptr(dt), B=_ptr(B), C=_ptr(C), A=_ptr(A), D=_ptr(D), dt_bias=_ptr(dt_bias),
+                    dt_min=lo, dt_max=hi, h0=_ptr(h0), y=_ptr(y), h_last=_ptr(h_last),
+                    x_batch_stride=L * H * P, x_l_stride=H * P, dt_batch_stride=L * H, dt_l_stride=H,
+                    bc_batch_stride=L * G * N, bc_l_stride=G * N, y_batch_stride=L * H * P, y_l_stride=H * P)
+    keep = [x, dt, B, C, A, D, dt_bias, h0]
+    if not in_float:
+        for name, channels in (("x", H * P), ("dt", H), ("B", G * N), ("C", G * N)):
+            value, per_channel = _ssd_scale(scales[name], channels, f"{name}_scale", dev)
+            setattr(p, f"{name}_scale", value)
+            setattr(p, f"{name}_scales", _ptr(per_channel))
+            keep.append(per_channel)
+    return p, y, h_last, keep
+
+
+def ssd_scan_int8_native(qx, x_scale, qdt, dt_scale, A, qB, B_scale, qC, C_scale, D=None, dt_bias=None,
+                         dt_limit=(0.0, None), initial_state=None, return_last_state=False, *, num_threads=0,
+                         out_state=None):
+    """`mq_deploy.ops.ssd.ssd_scan_int8_ref` on the C++ CPU library (CPU tensors). Extra keywords:
+    num_threads (<= 0: all cores); out_state, a contiguous float32 [b, H, P, N] tensor to write the last state
+    into (may be initial_state itself: an in-place decode step; implies return_last_state)."""
+    scales = dict(x=x_scale, dt=dt_scale, B=B_scale, C=C_scale)
+    p, y, h_last, _keep = _ssd_prepare(qx, qdt, A, qB, qC, D, dt_bias, dt_limit, initial_state, return_last_state,
+                                       scales, out_state, "cpu")
+    lib = load_library()
+    rc = lib.mq_ssd_cpu(ctypes.byref(p), int(num_threads))
+    if rc != 0:
+        _raise(lib, rc, "mq_ssd_cpu")
+    return (y, h_last) if (return_last_state or out_state is not None) else y
+
+
+def ssd_scan_native(x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=True, dt_limit=(0.0, None),
+                    initial_state=None, return_last_state=False, chunk_size=None, *, num_threads=0, out_state=None):
+    """`mq_deploy.ops.ssd.ssd_scan_ref` on the C++ CPU library, float32 (mq::SSDScanFloat's kernel);
+    chunk_size is accepted for the common signature and unused."""
+    if not dt_softplus:
+        raise MQUserError("the native SSD scan always applies softplus to dt (mq::SSDScan semantics)")
+    p, y, h_last, _keep = _ssd_prepare(x, dt, A, B, C, D, dt_bias, dt_limit, initial_state, return_last_state,
+                                       None, out_state, "cpu")
+    lib = load_library()
+    rc = lib.mq_ssd_cpu(ctypes.byref(p), int(num_threads))
+    if rc != 0:
+        _raise(lib, rc, "mq_ssd_cpu")
     return (y, h_last) if (return_last_state or out_state is not None) else y
 
 

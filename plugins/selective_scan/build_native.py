@@ -52,12 +52,14 @@ def _build_direct(out_dir, log):
     base = [cxx, "-O3", "-fno-trapping-math", "-std=c++17", "-fPIC", "-shared", "-fvisibility=hidden",
             "-pthread", "-I", os.path.join(HERE, "include"),
             os.path.join(HERE, "src", "scan_cpu.cpp"), os.path.join(HERE, "src", "scan_common.cpp"),
+            os.path.join(HERE, "src", "ssd_cpu.cpp"), os.path.join(HERE, "src", "ssd_common.cpp"),
             "-o", os.path.join(out_dir, CPU_LIB)]
     ort_dir = os.path.join(HERE, "ort")
     ort = [cxx, "-O3", "-fno-trapping-math", "-fopenmp-simd", "-std=c++17", "-fPIC", "-shared", "-fvisibility=hidden",
            "-I", os.path.join(HERE, "include"), "-I", ort_dir,
            os.path.join(ort_dir, "mq_scan_ort.cpp"), os.path.join(ort_dir, "scan_float.cpp"),
-           os.path.join(ort_dir, "state_update.cpp"),
+           os.path.join(ort_dir, "state_update.cpp"), os.path.join(ort_dir, "ssd_ops.cpp"),
+           os.path.join(ort_dir, "ssd_update.cpp"),
            "-L", out_dir, "-l:" + CPU_LIB, "-Wl,-rpath,$ORIGIN", "-Wl,-z,defs", "-o", os.path.join(out_dir, ORT_LIB)]
     for cmd in (base, ort):
         try:

@@ -1,4 +1,4 @@
-// A CPU stand-in for the few CUDA features scan_cuda.cu uses, so that its kernels' indexing, chunking,
+// A CPU stand-in for the few CUDA features scan_cuda.cu and ssd_cuda.cu use, so that its kernels' indexing, chunking,
 // L-split and decode-step logic run (slowly) where no GPU is: every block of a launch runs in turn,
 // its threads as std::threads, __syncthreads as a std::barrier, __shared__ as a static (one block
 // at a time), warp shuffles through a block-wide buffer. Math is the header's host path (polynomial
@@ -18,7 +18,7 @@
 #define __host__
 #define __forceinline__ inline
 #define __shared__ static
-#define __launch_bounds__(x)
+#define __launch_bounds__(...)
 #define __align__(n) __attribute__((aligned(n)))
 
 struct dim3 {
