@@ -124,6 +124,8 @@ struct OrtCustomOp {
     (OrtKernelContext * ctx, size_t index, const int64_t *dims, size_t count, OrtValue **out))              \
   X(93, ReleaseStatus, void, (OrtStatus * status))                                                          \
   X(99, ReleaseTensorTypeAndShapeInfo, void, (OrtTensorTypeAndShapeInfo * info))                            \
+  X(162, KernelInfoGetAttributeArray_float, OrtStatus *,                                                    \
+    (const OrtKernelInfo *info, const char *name, float *out, size_t *size))                                \
   X(268, ShapeInferContext_GetInputTypeShape, OrtStatus *,                                                  \
     (const OrtShapeInferContext *ctx, size_t index, OrtTensorTypeAndShapeInfo **info))                      \
   X(269, ShapeInferContext_GetAttribute, OrtStatus *,                                                       \

@@ -1,4 +1,5 @@
-// ONNX Runtime custom-op library for mq::SelectiveScan (domain "mq", since version 1) on the CPU EP.
+// ONNX Runtime custom-op library for mq::SelectiveScan (domain "mq", since version 1) on the CPU EP; the Mamba2
+// ops (mq::SSDScan, mq::SSDStateUpdate and their Float twins) are in ssd_ops.cpp and registered below too.
 //
 // Glue only (STYLE 3): it checks shapes, fills MQScanParams and calls mq_scan_cpu from libmq_scan_cpu.so.
 // Written against the plain C API so that no C++ exception can cross the ABI: every callback is
@@ -24,6 +25,7 @@
 #include "mq_selective_scan.h"
 #include "mq_ort_api.h"
 #include "scan_float.h"
+#include "ssd_ops.h"
 #include "state_update.h"
 
 using namespace mq_ort;
@@ -761,5 +763,9 @@ extern "C" MQ_SCAN_API OrtStatus *MQ_ORT_CALL RegisterCustomOps(OrtSessionOption
   if ((st = api->CustomOpDomain_Add(domain, &g_op_float))) return st;
   if ((st = api->CustomOpDomain_Add(domain, &g_update_op))) return st;
   if ((st = api->CustomOpDomain_Add(domain, &g_update_op_float))) return st;
+  size_t n_ssd = 0;   // mq::SSDScan(Float), mq::SSDStateUpdate(Float): ssd_ops.cpp
+  const OrtCustomOp *const *ssd = mq_scan::ssd_custom_ops(api, &n_ssd);
+  for (size_t i = 0; i < n_ssd; ++i)
+    if ((st = api->CustomOpDomain_Add(domain, ssd[i]))) return st;
   return api->AddCustomOpDomain(options, domain);
 }

@@ -361,6 +361,10 @@ void pass_scan(void *user, size_t task) noexcept {
   }
 }
 
+}  // namespace
+
+// ---- helpers shared with ssd_update.cpp (declared in state_update.h) -----------------------------
+
 void serial_for(void *, TaskFn fn, size_t n, void *user) noexcept {
   for (size_t i = 0; i < n; ++i) fn(user, i);
 }
@@ -388,8 +392,6 @@ std::string gib(double bytes) {
   std::snprintf(buf, sizeof buf, "%.1f GiB", bytes / 1073741824.0);
   return buf;
 }
-
-}  // namespace
 
 int state_update(const StateUpdateParams &p, ParallelFor parallel_for, void *pool, std::string *error) {
   if (p.dconv < 1 || p.dconv > kMaxConv) {

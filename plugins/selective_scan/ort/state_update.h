@@ -55,6 +55,13 @@ constexpr int kStateUpdateNoMemory = 2;  // the scratch cannot be had: *error sa
 // allocating, a failed allocation is reported, never thrown.
 int state_update(const StateUpdateParams &p, ParallelFor parallel_for, void *pool, std::string *error);
 
+// Helpers of the fused updates (state_update.cpp): fn(user, i) for i < n on the calling thread; a * b, false when it
+// overflows; the machine's physical memory in bytes (0: unknown); bytes as "x.y GiB".
+void serial_for(void *pool, TaskFn fn, size_t n, void *user) noexcept;
+bool mul(size_t a, size_t b, size_t *out);
+size_t physical_memory();
+std::string gib(double bytes);
+
 }  // namespace mq_scan
 
 #endif  // MQ_STATE_UPDATE_H_
