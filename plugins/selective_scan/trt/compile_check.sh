@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Compile the TensorRT plugin to an object file against a TensorRT include directory, without
+# Compile the TensorRT plugins (SelectiveScan, SSDScan) to object files against a TensorRT include directory, without
 # TensorRT libraries or a GPU: proves the plugin implements the IPluginV3 interfaces of those
 # headers (every pure virtual overridden, signatures matching) and exports getCreators.
 #
@@ -25,11 +25,13 @@ OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT
 
 # -isystem: warnings inside TensorRT's headers (deprecations, unused parameters) are theirs, not ours.
-set -x
-"$CXX" -std=c++17 -O2 -Wall -Wextra -Werror -fPIC -fvisibility=hidden \
-  -I "$HERE" -I "$HERE/../include" -isystem "$TRT_INC" -isystem "$CUDA_INC" \
-  -c "$HERE/selective_scan_plugin.cpp" -o "$OUT/selective_scan_plugin.o"
-set +x
+for src in selective_scan_plugin ssd_scan_plugin; do
+  set -x
+  "$CXX" -std=c++17 -O2 -Wall -Wextra -Werror -fPIC -fvisibility=hidden \
+    -I "$HERE" -I "$HERE/../include" -isystem "$TRT_INC" -isystem "$CUDA_INC" \
+    -c "$HERE/$src.cpp" -o "$OUT/$src.o"
+  set +x
+done
 
 missing=0
 for sym in getCreators setLoggerFinder mq_scan_trt_register_creators; do
@@ -38,7 +40,14 @@ for sym in getCreators setLoggerFinder mq_scan_trt_register_creators; do
     missing=1
   fi
 done
+# the SSDScan plugin's creator, which getCreators returns: defined in its object, used by the other
+# (nm's output read whole first: grep -q closing the pipe early would fail it under pipefail)
+ssd_syms=$(nm -C --defined-only "$OUT/ssd_scan_plugin.o")
+if ! grep -q "T mq::trt::ssdScanCreator()" <<<"$ssd_syms"; then
+  echo "error: mq::trt::ssdScanCreator() is not defined in ssd_scan_plugin.o" >&2
+  missing=1
+fi
 [[ $missing -eq 0 ]] || exit 1
 version=$(grep -hE '^#define (NV_TENSORRT|TRT)_(MAJOR|MINOR|PATCH)[A-Z_]* [0-9]+' "$TRT_INC/NvInferVersion.h" \
           | awk '{print $3}' | head -3 | paste -sd.)
-echo "OK: selective_scan_plugin.cpp compiled against TensorRT $version headers in $TRT_INC"
+echo "OK: selective_scan_plugin.cpp and ssd_scan_plugin.cpp compiled against TensorRT $version headers in $TRT_INC"

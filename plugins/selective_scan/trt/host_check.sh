@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Build and run tests/plugin_host_test.cpp: the plugin driven as TensorRT drives it, with the CUDA
+# Build and run tests/plugin_host_test.cpp and tests/ssd_plugin_host_test.cpp: each plugin driven as TensorRT
+# drives it, with the CUDA
 # entry points replaced by the CPU scan, against TensorRT's headers only (no libnvinfer, no GPU).
 #
 #   plugins/selective_scan/trt/host_check.sh TENSORRT_INCLUDE_DIR [CUDA_INCLUDE_DIR]
@@ -15,10 +16,14 @@ SRC=$HERE/../src
 CXX=${CXX:-g++}
 OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT
-set -x
-"$CXX" -std=c++17 -O1 -g -Wall -Wextra -Werror -fsanitize=address,undefined -fno-sanitize-recover=undefined \
-  -I "$HERE" -I "$HERE/../include" -I "$SRC" -isystem "$TRT_INC" -isystem "$CUDA_INC" \
-  "$HERE/tests/plugin_host_test.cpp" "$HERE/selective_scan_plugin.cpp" "$SRC/scan_cpu.cpp" "$SRC/scan_common.cpp" \
-  -pthread -o "$OUT/plugin_host_test"
-set +x
-"$OUT/plugin_host_test"
+# one program per plugin; each links the whole plugin library (both plugins) and the CPU kernels
+for test in plugin_host_test ssd_plugin_host_test; do
+  set -x
+  "$CXX" -std=c++17 -O1 -g -Wall -Wextra -Werror -fsanitize=address,undefined -fno-sanitize-recover=undefined \
+    -I "$HERE" -I "$HERE/../include" -I "$SRC" -isystem "$TRT_INC" -isystem "$CUDA_INC" \
+    "$HERE/tests/$test.cpp" "$HERE/selective_scan_plugin.cpp" "$HERE/ssd_scan_plugin.cpp" \
+    "$SRC/scan_cpu.cpp" "$SRC/scan_common.cpp" "$SRC/ssd_cpu.cpp" "$SRC/ssd_common.cpp" \
+    -pthread -o "$OUT/$test"
+  set +x
+  "$OUT/$test"
+done

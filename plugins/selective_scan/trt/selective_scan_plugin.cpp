@@ -3,6 +3,7 @@
  * TensorRT logger (and the context's error recorder at run time) and come back as a non-zero status.
  */
 #include "selective_scan_plugin.h"
+#include "ssd_scan_plugin.h"
 
 #include "mq_selective_scan.h"
 
@@ -41,6 +42,8 @@ std::mutex gLoggerMutex;
 nvinfer1::ILoggerFinder* gLoggerFinder{nullptr};
 thread_local std::string tLastError;
 
+}  // namespace
+
 void logError(std::string const& message) noexcept {
   try {
     tLastError = message;
@@ -58,6 +61,8 @@ void logError(std::string const& message) noexcept {
     // Nothing left to report with; the caller still returns a failure status.
   }
 }
+
+namespace {
 
 /* ---- descriptions of the I/O ------------------------------------------------------------------ */
 
@@ -630,24 +635,31 @@ SelectiveScanPluginCreator& theCreator() {
   static SelectiveScanPluginCreator creator;
   return creator;
 }
-/* Self-registration on dlopen, so loaders that only dlopen find the creator: Polygraphy's
+/* Self-registration on dlopen, so loaders that only dlopen find the creators: Polygraphy's
  * LoadPlugins and `polygraphy run --plugins`, trtexec --staticPlugins, Triton's LD_PRELOAD. TensorRT's
  * IPluginRegistry::loadLibrary (trtexec --dynamicPlugins, Triton's plugins= backend config) dlopens
  * the library too and then registers what getCreators returns: getCreators first takes back the
- * creator registered here, so it is never registered twice. MQ_SCAN_TRT_NO_AUTOREGISTER=1 turns it off. */
-bool gAutoRegistered{false};
+ * creators registered here, so none is registered twice. MQ_SCAN_TRT_NO_AUTOREGISTER=1 turns it off. */
+constexpr int32_t kNB_CREATORS = 2;   // SelectiveScan (Mamba1), SSDScan (Mamba2)
+bool gAutoRegistered[kNB_CREATORS] = {false, false};
+
+nvinfer1::IPluginCreatorV3One& creatorAt(int32_t i) {
+  if (i == 0) return theCreator();
+  return ssdScanCreator();
+}
 
 struct AutoRegister {
   AutoRegister() noexcept {
     try {
       if (std::getenv("MQ_SCAN_TRT_NO_AUTOREGISTER") != nullptr) return;
       nvinfer1::IPluginRegistry* registry = getPluginRegistry();
-      if (registry == nullptr || registry->getCreator(kPLUGIN_NAME, kPLUGIN_VERSION, kPLUGIN_NAMESPACE) != nullptr) {
-        return;
+      if (registry == nullptr) return;
+      for (int32_t i = 0; i < kNB_CREATORS; ++i) {
+        nvinfer1::IPluginCreatorV3One& c = creatorAt(i);
+        if (registry->getCreator(c.getPluginName(), c.getPluginVersion(), kPLUGIN_NAMESPACE) != nullptr) continue;
+        gAutoRegistered[i] = registry->registerCreator(c, kPLUGIN_NAMESPACE);
       }
-      gAutoRegistered = registry->registerCreator(theCreator(), kPLUGIN_NAMESPACE);
-    } catch (...) {
-      gAutoRegistered = false;  // never throw out of a library constructor
+    } catch (...) {   // never throw out of a library constructor
     }
   }
 };
@@ -657,9 +669,10 @@ AutoRegister const gAutoRegister;
 
 void takeBackAutoRegistration() noexcept {
   try {
-    if (!gAutoRegistered) return;
     nvinfer1::IPluginRegistry* registry = getPluginRegistry();
-    if (registry != nullptr && registry->deregisterCreator(theCreator())) gAutoRegistered = false;
+    if (registry == nullptr) return;
+    for (int32_t i = 0; i < kNB_CREATORS; ++i)
+      if (gAutoRegistered[i] && registry->deregisterCreator(creatorAt(i))) gAutoRegistered[i] = false;
   } catch (...) {
   }
 }
@@ -672,8 +685,8 @@ void takeBackAutoRegistration() noexcept {
 extern "C" MQ_TRT_EXPORT nvinfer1::IPluginCreatorInterface* const* getCreators(int32_t& nbCreators) {
   try {
     mq::trt::takeBackAutoRegistration();
-    static nvinfer1::IPluginCreatorInterface* const kCreators[] = {&mq::trt::theCreator()};
-    nbCreators = 1;
+    static nvinfer1::IPluginCreatorInterface* const kCreators[] = {&mq::trt::theCreator(), &mq::trt::ssdScanCreator()};
+    nbCreators = 2;
     return kCreators;
   } catch (...) {
     nbCreators = 0;
@@ -696,10 +709,15 @@ extern "C" MQ_TRT_EXPORT int32_t mq_scan_trt_register_creators(void) {
       mq::trt::logError("mq_scan_trt_register_creators: getPluginRegistry() returned null");
       return 1;
     }
-    if (registry->getCreator(mq::trt::kPLUGIN_NAME, mq::trt::kPLUGIN_VERSION, mq::trt::kPLUGIN_NAMESPACE) != nullptr) {
-      return 0;  // already there (loadLibrary or an earlier call)
+    int32_t rc = 0;
+    for (int32_t i = 0; i < mq::trt::kNB_CREATORS; ++i) {
+      nvinfer1::IPluginCreatorV3One& c = mq::trt::creatorAt(i);
+      if (registry->getCreator(c.getPluginName(), c.getPluginVersion(), mq::trt::kPLUGIN_NAMESPACE) != nullptr) {
+        continue;  // already there (loadLibrary or an earlier call)
+      }
+      if (!registry->registerCreator(c, mq::trt::kPLUGIN_NAMESPACE)) rc = 1;
     }
-    return registry->registerCreator(mq::trt::theCreator(), mq::trt::kPLUGIN_NAMESPACE) ? 0 : 1;
+    return rc;
   } catch (std::exception const& e) {
     mq::trt::logError(std::string("mq_scan_trt_register_creators: ") + e.what());
   } catch (...) {

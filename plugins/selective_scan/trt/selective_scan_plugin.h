@@ -148,6 +148,9 @@ class SelectiveScanPluginCreator final : public nvinfer1::IPluginCreatorV3One {
 /* The last error this library reported on the calling thread ("" if none); also sent to the
  * TensorRT logger. */
 char const* lastError() noexcept;
+/* Reports an error of either plugin: the calling thread's last error, and the logger TensorRT handed over
+ * through setLoggerFinder (stderr if none). */
+void logError(std::string const& message) noexcept;
 
 }  // namespace trt
 }  // namespace mq
@@ -166,8 +169,8 @@ extern "C" MQ_TRT_EXPORT nvinfer1::IPluginCreatorInterface* const* getCreators(i
 extern "C" MQ_TRT_EXPORT void setLoggerFinder(nvinfer1::ILoggerFinder* finder);
 
 /* For hosts that dlopen the library themselves (ctypes) instead of calling loadLibrary: registers
- * the creator with the process-wide registry of the libnvinfer this library is linked to.
- * Returns 0 on success (also when already registered), 1 otherwise. */
+ * the creators (SelectiveScan and SSDScan, namespace "mq") with the process-wide registry of the libnvinfer
+ * this library is linked to. Returns 0 on success (also when already registered), 1 otherwise. */
 extern "C" MQ_TRT_EXPORT int32_t mq_scan_trt_register_creators(void);
 extern "C" MQ_TRT_EXPORT char const* mq_scan_trt_last_error(void);
 

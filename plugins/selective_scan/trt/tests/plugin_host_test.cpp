@@ -3,7 +3,7 @@
  * mq_scan_cuda / mq_scan_step_cuda replaced by the CPU implementation (same params struct), so
  * enqueue runs on host buffers. The output is compared with a direct mq_scan_cpu call whose params
  * are filled here by name, which catches any mix-up of input positions in the plugin.
- * Built and run by ../host_check.sh. */
+ * Built and run by ../host_check.sh (with ssd_plugin_host_test.cpp, the same for the SSDScan plugin). */
 #include "selective_scan_plugin.h"
 
 #include "mq_selective_scan.h"
@@ -18,28 +18,7 @@
 
 using namespace nvinfer1;
 
-extern "C" int mq_scan_cuda(const MQScanParams* p, void*) noexcept { return mq_scan_cpu(p, 1); }
-extern "C" int mq_scan_step_cuda(const MQScanParams* p, void*) noexcept { return mq_scan_cpu(p, 1); }
-// what enqueue handed the CUDA library as its scratch, for the workspace checks below
-static void* gWsPtr = nullptr;
-static size_t gWsBytes = 0;
-extern "C" int mq_scan_cuda_ws(const MQScanParams* p, void* ws, size_t bytes, void*) noexcept {
-  gWsPtr = ws;
-  gWsBytes = bytes;
-  return mq_scan_cpu(p, 1);
-}
-// 64 bytes a batch row, and none when MQ_SCAN_CUDA_SPLIT=0 turns the split off: environment-dependent, as
-// the real library's plan is
-extern "C" size_t mq_scan_cuda_workspace_size(const MQScanParams* p) noexcept {
-  char const* split = std::getenv("MQ_SCAN_CUDA_SPLIT");
-  return split != nullptr && split[0] == '0' ? 0 : static_cast<size_t>(p->batch) * 64;
-}
-extern "C" IPluginRegistry* getPluginRegistry() noexcept { return nullptr; }
-// enqueue's seqlen == 0 pass-through copies h0 to h_last on the stream; host memory here
-extern "C" cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t count, cudaMemcpyKind, cudaStream_t) {
-  std::memcpy(dst, src, count);
-  return cudaSuccess;
-}
+#include "host_stubs.h"   // the CUDA library's entry points on the CPU (gWsPtr, gWsBytes: what enqueue passed)
 
 static int gFailures = 0;
 #define CHECK(cond)                                                              \
@@ -69,7 +48,7 @@ static IPluginV3* make(IPluginCreatorV3One& creator, int32_t outDtype, float xs)
 int main() {
   int32_t n = 0;
   IPluginCreatorInterface* const* creators = getCreators(n);
-  CHECK(n == 1);
+  CHECK(n == 2);   // SelectiveScan, SSDScan (ssd_plugin_host_test.cpp)
   auto& creator = *static_cast<IPluginCreatorV3One*>(creators[0]);
   CHECK(std::string(creator.getPluginName()) == "SelectiveScan");
   CHECK(std::string(creator.getPluginVersion()) == "1");
