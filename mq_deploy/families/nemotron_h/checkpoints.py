@@ -99,12 +99,13 @@ def load_hf(path):
 
     layers = [block(k) for k in kinds]
     vocab = c.get("vocab_size", 0)
-    cfg = config_for(cfg_path, lambda: MambaLMConfig(
-        d_model=d, n_layer=len(layers), vocab_size=vocab, layers=layers, norm_eps=eps,
-        residual_in_fp32=c.get("residual_in_fp32", False), tie_embeddings=c.get("tie_word_embeddings", False),
-        eos_token_id=eos_token(c, vocab)))
+    json_flag(c, "tie_word_embeddings", False, cfg_path)
     src, tensors = hf_tensor_source(path, "HF Nemotron-H")
     tensors = tensors.rename([(r"^(model|backbone)\.embeddings\.", "embedding."), (r"^(model|backbone)\.", "")])
-    if not cfg.tie_embeddings and "lm_head.weight" not in tensors.shapes:
-        raise MQUserError(f"{src}: untied head (tie_word_embeddings false) but no lm_head.weight")
+    # transformers' NemotronHForCausalLM ties nothing (tie_word_embeddings or not): a head in the file is
+    # used as it is; only a file without one reads the embedding as its head
+    tied = "lm_head.weight" not in tensors.shapes
+    cfg = config_for(cfg_path, lambda: MambaLMConfig(
+        d_model=d, n_layer=len(layers), vocab_size=vocab, layers=layers, norm_eps=eps,
+        residual_in_fp32=c.get("residual_in_fp32", False), tie_embeddings=tied, eos_token_id=eos_token(c, vocab)))
     return load_into(cfg, tensors, src, cfg_path), cfg, with_tokenizer(path, {})

@@ -1,0 +1,180 @@
+"""Hybrid models (issue 19), from folders transformers writes: Nemotron-H (Mamba2, attention without
+positions, squared-ReLU MLP in the order of its pattern). Parity with transformers' own model, the decode
+step (SSM states and KV caches) against the full sequence, the state layout, export in ONNX Runtime
+(full and step), the recipes' transforms in float64, W8A8 through the command line, and bad input.
+
+Tolerances: float32 parity <= 1e-4 relative (issue 19's goal; measured ~5e-7); float32 forms summing in
+another order <= 2e-5; float64 transforms <= 1e-10."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from mq_deploy.cli.main import main
+from mq_deploy.families import state_inputs
+from mq_deploy.models.loaders import load_model
+
+from helpers import assert_user_error, ort_session
+
+transformers = pytest.importorskip("transformers")
+
+NEMOTRON = {    # name: NemotronHConfig kwargs
+    "M-M*-M*": dict(hybrid_override_pattern="M-M*-M*", num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                    intermediate_size=128, mamba_num_heads=8, mamba_head_dim=16, ssm_state_size=16, n_groups=2),
+    "*M-gqa1-bias": dict(hybrid_override_pattern="*M-", num_attention_heads=4, num_key_value_heads=1, head_dim=8,
+                         intermediate_size=96, mamba_num_heads=4, mamba_head_dim=32, ssm_state_size=8, n_groups=1,
+                         use_bias=True, mlp_bias=True, tie_word_embeddings=True),
+    "MM*MM-hd12": dict(hybrid_override_pattern="MM*MM-", num_attention_heads=2, num_key_value_heads=2, head_dim=32,
+                       intermediate_size=64, mamba_num_heads=8, mamba_head_dim=12, ssm_state_size=32, n_groups=4,
+                       conv_kernel=3),
+}
+
+
+def _rel(a, b) -> float:
+    a, b = torch.as_tensor(np.asarray(a)), torch.as_tensor(np.asarray(b))
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def _nemotron(tmp, name="M-M*-M*", vocab=97, dtype=None):
+    torch.manual_seed(0)
+    cfg = transformers.NemotronHConfig(vocab_size=vocab, hidden_size=64, expand=2, chunk_size=8,
+                                       **{"conv_kernel": 4, **NEMOTRON[name]})
+    m = transformers.NemotronHForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    path = os.path.join(str(tmp), name.replace("*", "A"))
+    if dtype is not None:
+        m = m.to(dtype)
+        m.save_pretrained(path, max_shard_size="60KB")
+        return m.float(), path
+    m.save_pretrained(path)
+    return m, path
+
+
+@pytest.mark.parametrize("name", list(NEMOTRON))
+def test_nemotron_h_matches_transformers_and_steps_match(name, tmp_path):
+    ref, path = _nemotron(tmp_path, name)
+    loaded = load_model(path)
+    assert loaded.format == "hf-nemotron-h"
+    kinds = [layer.mixer.family.name for layer in loaded.model.layers]
+    assert kinds == [{"M": "mamba2", "*": "attention", "-": "mlp"}[c] for c in NEMOTRON[name]["hybrid_override_pattern"]]
+    ids = torch.randint(0, 97, (2, 19), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = ref(ids).logits
+        got = loaded.model(ids)
+        _, st = loaded.model(ids[:, :7], return_state=True)
+        steps = []
+        for t in range(7, 19):
+            lg, st = loaded.model.step(ids[:, t], st)
+            steps.append(lg)
+    print(name, "parity", _rel(got, want), "step", _rel(torch.stack(steps, 1), got[:, 7:]))
+    assert _rel(got, want) <= 1e-4
+    assert _rel(torch.stack(steps, 1), got[:, 7:]) <= 2e-5
+
+
+def test_sharded_bf16_nemotron_h(tmp_path):
+    ref, path = _nemotron(tmp_path, dtype=torch.bfloat16)
+    assert os.path.isfile(os.path.join(path, "model.safetensors.index.json"))
+    ids = torch.randint(0, 97, (1, 9))
+    with torch.no_grad():
+        assert _rel(load_model(path).model(ids), ref(ids).logits) <= 1e-4
+
+
+def test_state_layout_stacks_ssm_states_and_keeps_caches_per_layer(tmp_path):
+    _, path = _nemotron(tmp_path)
+    cfg = load_model(path).config
+    layout = {si.name: si for si in state_inputs(cfg)}
+    assert list(layout) == ["conv_state", "ssm_state", "past_key_3", "past_value_3", "past_key_6", "past_value_6"]
+    assert layout["ssm_state"].layers == (0, 2, 5) and layout["ssm_state"].dims == (3, "batch", 8, 16, 16)
+    assert layout["past_key_6"].dims == ("batch", 2, "past", 16) and layout["past_key_6"].output == "present_key_6"
+
+
+@pytest.mark.parametrize("name", ["M-M*-M*", "*M-gqa1-bias"])
+def test_fp32_export_full_and_step(name, tmp_path):
+    from mq_deploy.export.graph import build_model
+
+    _, path = _nemotron(tmp_path, name)
+    loaded = load_model(path)
+    ids = torch.randint(0, 97, (2, 17), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = loaded.model(ids).numpy()
+    got = ort_session(build_model(loaded.model)).run(["logits"], {"input_ids": ids.numpy()})[0]
+    print("full", _rel(got, want))
+    assert _rel(got, want) <= 2e-5
+    step = ort_session(build_model(loaded.model, step=True))
+    layout = state_inputs(loaded.config)
+    feeds = {si.name: np.zeros([2 if d == "batch" else 0 if d == "past" else d for d in si.dims], np.float32)
+             for si in layout}
+    names = ["logits"] + [si.output for si in layout]
+    res = step.run(names, {"input_ids": ids[:, :6].numpy(), **feeds})
+    outs = [res[0]]
+    for t in range(6, 17):
+        res = step.run(names, {"input_ids": ids[:, t:t + 1].numpy(), **{si.name: r for si, r in zip(layout, res[1:])}})
+        outs.append(res[0])
+    print("step", _rel(np.concatenate(outs, 1), want))
+    assert _rel(np.concatenate(outs, 1), want) <= 2e-5
+    assert res[layout.index(next(si for si in layout if si.name.startswith("past_key"))) + 1].shape[2] == 17
+
+
+@pytest.mark.parametrize("recipe", ["smoothquant", "quarot", "mambaquant"])
+def test_recipe_transforms_preserve_the_hybrid(tmp_path, recipe):
+    """One residual rotation through every block kind, the online Hadamard before out_proj, o_proj and
+    down_proj, Mamba2's Smooth-Fused fold: the function unchanged in float64."""
+    from mq_deploy.calib.collect import text_forward_loop
+    from mq_deploy.quant.recipes import RecipeConfig, apply_recipe
+
+    _, path = _nemotron(tmp_path)
+    m = load_model(path).model.double()
+    ids = torch.randint(0, 97, (2, 15), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        before = m(ids)
+    tokens = np.random.default_rng(0).integers(0, 97, 4000)
+    apply_recipe(m, text_forward_loop(tokens, 32, 4), RecipeConfig(recipe), quantize=False)
+    with torch.no_grad():
+        after = m(ids)
+    print(recipe, _rel(after, before))
+    assert _rel(after, before) <= 1e-10
+    if recipe != "smoothquant":
+        assert all(layer.mixer.out_rotation is not None for layer in m.layers)
+
+
+def _text(tmp_path):
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = tmp_path / "text.txt"
+    with open(os.path.join(here, "samples", "mamba-byte-lm", "data", "calib.txt"), "rb") as f:
+        p.write_bytes(f.read()[:40000])
+    return str(p)
+
+
+@pytest.mark.parametrize("recipe", ["rtn", "mambaquant"])
+def test_w8a8_hybrid_through_the_command_line(tmp_path, recipe, capsys):
+    _, path = _nemotron(tmp_path, vocab=256)
+    text = _text(tmp_path)
+    q = str(tmp_path / "q")
+    assert main(["quantize", path, "-o", q, "--recipe", recipe, "--calib", text, "--calib-samples", "4",
+                 "--seq-len", "64"]) == 0
+    for flags, name in (([], "m.onnx"), (["--decode-step"], "step.onnx")):
+        assert main(["export", q, "-o", str(tmp_path / name), *flags]) == 0
+        capsys.readouterr()
+        assert main(["verify", str(tmp_path / name), "--reference", q, "--data", text, "--limit", "4",
+                     "--seq-len", "64"]) == 0
+        assert "PASSED" in capsys.readouterr().out
+
+
+def test_bad_patterns_and_layer_kinds_are_one_line(tmp_path, capsys):
+    _, path = _nemotron(tmp_path)
+    cfg_path = os.path.join(path, "config.json")
+    base = json.load(open(cfg_path))
+    for change, needle in (({"layers_block_type": ["linear_attention", "cross_attention"]}, "'cross_attention'"),
+                           ({"layers_block_type": None, "hybrid_override_pattern": "M-X"}, "character 'X'"),
+                           ({"layers_block_type": ["linear_attention", "moe"]}, "MoE layers"),
+                           ({"attention_bias": True}, "attention_bias"),
+                           ({"num_key_value_heads": 3}, "key/value heads")):
+        json.dump({**base, **change}, open(cfg_path, "w"))
+        assert_user_error(capsys, ["info", path], needle)
