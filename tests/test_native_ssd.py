@@ -758,7 +758,8 @@ def test_cuda_entry_points_refuse(emu):
 @pytest.fixture(scope="module")
 def mamba2_exports(tmp_path_factory):
     """A random Mamba2ForCausalLM written by transformers (2 groups, head_dim 12, a time_step_limit), quantized
-    (W8A8 mambaquant) and exported by the CLI: full and decode-step graphs, W8A8 and FP32."""
+    (W8A8 mambaquant, per-tensor and --ssm-scales grouped) and exported by the CLI: full and decode-step graphs,
+    W8A8 and FP32."""
     transformers = pytest.importorskip("transformers")
     from mq_deploy.cli.main import main
 
@@ -774,16 +775,21 @@ def mamba2_exports(tmp_path_factory):
     model.save_pretrained(d / "hf")
     text = d / "calib.txt"
     text.write_bytes(b"In the beginning God created the heaven and the earth. And the earth was without form. " * 30)
-    out = {"hf": str(d / "hf"), "q": str(d / "q")}
-    assert main(["quantize", out["hf"], "-o", out["q"], "--calib", str(text), "--calib-samples", "4",
-                 "--seq-len", "64"]) == 0
+    out = {"hf": str(d / "hf"), "q": str(d / "q"), "qg": str(d / "qg")}
+    for q, extra in (("q", []), ("qg", ["--ssm-scales", "grouped"])):   # grouped: per-channel scale attributes
+        assert main(["quantize", out["hf"], "-o", out[q], "--calib", str(text), "--calib-samples", "4",
+                     "--seq-len", "64", *extra]) == 0
     for name, src, extra in (("w8", out["q"], []), ("w8_step", out["q"], ["--decode-step"]),
+                             ("w8g", out["qg"], []), ("w8g_step", out["qg"], ["--decode-step"]),
                              ("fp", out["hf"], []), ("fp_step", out["hf"], ["--decode-step"])):
         out[name] = str(d / f"{name}.onnx")
         assert main(["export", src, "-o", out[name], *extra]) == 0
         nodes = [n for n in onnx.load(out[name]).graph.node if n.domain == "mq"]
         assert nodes and all(onnx.helper.get_attribute_value(next(a for a in n.attribute if a.name == "dt_max")) == 2.0
                              for n in nodes)   # the checkpoint's time_step_limit reaches the ops
+        if name.startswith("w8g"):   # one scale per channel: 96 for x (8 heads of 12), 32 for B (2 groups of 16)
+            scales = {a.name: len(a.floats) for a in nodes[0].attribute if a.name.endswith("_scale")}
+            assert scales["x_scale"] == 96 and scales["dt_scale"] == 8 and scales["B_scale"] == 32, scales
     return out
 
 
@@ -812,10 +818,10 @@ def _uses_native_ops(path, ops):
 
 
 @needs_lib
-@pytest.mark.parametrize("kind,tol", [("w8", 1e-2), ("fp", 1e-5)], ids=["W8A8", "FP32"])
+@pytest.mark.parametrize("kind,tol", [("w8", 1e-2), ("w8g", 1e-2), ("fp", 1e-5)], ids=["W8A8", "W8A8-grouped", "FP32"])
 def test_model_full_graph_native_equals_function_bodies(mamba2_exports, kind, tol):
     path = mamba2_exports[kind]
-    assert _uses_native_ops(path, {"SSDScan" if kind == "w8" else "SSDScanFloat"})
+    assert _uses_native_ops(path, {"SSDScanFloat" if kind == "fp" else "SSDScan"})
     ids = np.random.default_rng(0).integers(0, 256, (3, 41)).astype(np.int64)    # L past the chunk (16)
     nat, body = _runners(path)
     got, want = nat.infer({"input_ids": ids})["logits"], body.infer({"input_ids": ids})["logits"]
@@ -825,13 +831,14 @@ def test_model_full_graph_native_equals_function_bodies(mamba2_exports, kind, to
 
 
 @needs_lib
-@pytest.mark.parametrize("kind,tol", [("w8_step", 1e-2), ("fp_step", 1e-5)], ids=["W8A8", "FP32"])
+@pytest.mark.parametrize("kind,tol", [("w8_step", 1e-2), ("w8g_step", 1e-2), ("fp_step", 1e-5)],
+                         ids=["W8A8", "W8A8-grouped", "FP32"])
 def test_model_decode_steps_native_equal_function_bodies(mamba2_exports, kind, tol):
     """A prefill of 20 tokens through the step graph, then 5 decode steps, carrying the states: native vs
     function bodies on logits and both states at every call; and the native steps' last logits against the
     native full graph's."""
     path = mamba2_exports[kind]
-    assert _uses_native_ops(path, {"SSDStateUpdate" if kind == "w8_step" else "SSDStateUpdateFloat"})
+    assert _uses_native_ops(path, {"SSDStateUpdateFloat" if kind == "fp_step" else "SSDStateUpdate"})
     nat, body = _runners(path)
     specs = nat.input_specs
     b = 2
