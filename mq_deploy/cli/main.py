@@ -493,6 +493,12 @@ def cmd_build(args) -> int:
             print(f"  verified against {args.model} on {rep['verify']['feeds']}: logits cosine "
                   f"{v['cosine_mean']:.6f}, top-1 agreement {v.get('top1_agreement', 1.0) * 100:.2f}%, "
                   f"max abs {v['max_abs']:.3g}")
+        if rep.get("requires_custom_op_library"):
+            print(f"  needs the custom-op library {rep['requires_custom_op_library']} wherever it runs (its mq:: "
+                  "ops are native nodes; recorded in its metadata as mq.custom_op_library); build without "
+                  "--plugins for a file that runs in any ONNX Runtime")
+        else:
+            print("  runs in any ONNX Runtime: the mq:: ops' function bodies are inlined (no custom-op library)")
     else:
         from mq_deploy.backends.trt.build import EngineBuildConfig, build_engine, check_int8
 
@@ -636,7 +642,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--optShapes", metavar="SPEC", help="also the shapes the onnxruntime build verifies with")
     g.add_argument("--maxShapes", metavar="SPEC")
     s.add_argument("--plugins", nargs="*", metavar="SO",
-                   help="TensorRT: libmq_scan_trt.so; onnxruntime: libmq_scan_ort.so custom-op library")
+                   help="TensorRT: libmq_scan_trt.so; onnxruntime: libmq_scan_ort.so custom-op library (the mq:: ops "
+                        "stay native and the output needs that library; default: their bodies are inlined and the "
+                        "output runs in any ONNX Runtime)")
     g = s.add_argument_group("output")
     g.add_argument("--saveEngine", metavar="PATH", help="default: MODEL.engine / MODEL.ort.onnx")
     g.add_argument("--overwrite", action="store_true", help="replace an existing output, only if mq-deploy wrote it")

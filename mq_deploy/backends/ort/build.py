@@ -3,9 +3,13 @@
 ONNX Runtime applies its graph optimizations (QDQ fusion into MatMulIntegerToFloat / QLinear ops,
 constant folding, function inlining) once and saves the result, so a server loads it without
 re-optimizing. The level is "extended", not "all": "all" adds layout transforms tied to this CPU's
-instruction set, and the artifact should run on any x86-64 / ARM machine. With a custom-op library
-the mq::SelectiveScan nodes stay native nodes (their bodies are not inlined), and the saved model
-then needs that library wherever it runs.
+instruction set, and the artifact should run on any x86-64 / ARM machine.
+
+By default no custom-op library is registered: ORT inlines the mq:: ops' function bodies and the saved
+model runs in any ONNX Runtime (checked: it must hold no mq:: node). With `--plugins libmq_scan_ort.so`
+the mq:: nodes stay native (their bodies are dropped), and the saved model then needs that library
+wherever it runs: its name is recorded in the model's metadata (mq.custom_op_library, which OrtRunner
+names when it is missing) and in the build report (requires_custom_op_library).
 """
 
 from __future__ import annotations
@@ -33,12 +37,19 @@ def build_ort(onnx_path: str, out_path: str, *, custom_op_library: str | None = 
 
     from mq_deploy import fileio
     from mq_deploy.backends.ort.runner import OrtRunner, session_options
+    from mq_deploy.export.onnx_file import load_onnx, missing_functions, write_model
     from mq_deploy.export.surgery import op_counts
     from mq_deploy.verify.compare import compare_outputs
 
     inputs = [onnx_path, onnx_path + ".data"] + ([custom_op_library] if custom_op_library else [])
     out_abs = fileio.check_target(out_path, overwrite, inputs, "optimized model")
-    src = OrtRunner(onnx_path, custom_op_library=custom_op_library)
+    if not custom_op_library:
+        missing = missing_functions(load_onnx(onnx_path, load_external_data=False))
+        if missing:
+            raise MQUserError(f"{onnx_path}: its {', '.join(missing)} nodes have no function body to inline; export it "
+                              "again with `mq-deploy export`, or pass --plugins libmq_scan_ort.so (the optimized "
+                              "model then needs that library wherever it runs)")
+    src = OrtRunner(onnx_path, custom_op_library=custom_op_library or False)
     feeds = sample_feeds(src, shapes)
     want = src.infer(feeds)
     bad = [k for k, v in want.items() if not np.isfinite(v).all()]
@@ -54,7 +65,18 @@ def build_ort(onnx_path: str, out_path: str, *, custom_op_library: str | None = 
         except Exception as e:
             raise MQUserError(f"{onnx_path}: ONNX Runtime cannot optimize it: {str(e).splitlines()[0]}") from None
         seconds = time.perf_counter() - t0
-        built = OrtRunner(tmp, custom_op_library=src.custom_op_library)
+        needs = os.path.basename(custom_op_library) if custom_op_library else None
+        proto = load_onnx(tmp)
+        native = sorted({f"{n.domain}::{n.op_type}" for n in proto.graph.node if n.domain == "mq"})
+        if native and not needs:
+            raise MQUserError(f"ONNX Runtime kept {', '.join(native)} nodes without a custom-op library; the optimized "
+                              "model would not run anywhere; nothing was written")
+        if needs:        # the file says which library it needs (OrtRunner names it when it is missing)
+            proto.metadata_props.add(key="mq.custom_op_library", value=needs)
+            os.remove(tmp)
+            write_model(proto, tmp)
+        del proto
+        built = OrtRunner(tmp, custom_op_library=src.custom_op_library or False)
         got = built.infer(feeds)
         outputs = {k: compare_outputs(got[k], want[k], classes=k == "logits") for k in want}
         failed = []
@@ -72,7 +94,7 @@ def build_ort(onnx_path: str, out_path: str, *, custom_op_library: str | None = 
     return {"backend": "onnxruntime", "onnxruntime_version": ort.__version__, "input": os.path.abspath(onnx_path),
             "output": out_abs, "bytes": os.path.getsize(out_abs), "build_seconds": seconds,
             "nodes_before": len(src.proto.graph.node), "nodes_after": sum(ops.values()), "op_counts": ops,
-            "custom_op_library": src.custom_op_library,
+            "custom_op_library": src.custom_op_library, "requires_custom_op_library": needs,
             "verify": {"feeds": {k: list(v.shape) for k, v in feeds.items()}, "outputs": outputs, "passed": True}}
 
 
