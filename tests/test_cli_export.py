@@ -36,7 +36,7 @@ def test_verify_passes_and_writes_json(lm, capsys):
                  "8", "--json", str(out)])
     printed = capsys.readouterr().out
     rep = json.loads(out.read_text())
-    assert set(rep) == {"mq_deploy_version", "outputs", "metrics", "checks", "passed"}
+    assert set(rep) == {"mq_deploy_version", "outputs", "metrics", "checks", "passed", "verdict", "noise_floor"}
     assert code == 0 and rep["passed"] and "PASSED" in printed, printed
     o = rep["outputs"]["logits"]
     assert o["cosine_mean"] >= 0.999 and o["top1_agreement"] >= 0.99

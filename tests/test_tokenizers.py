@@ -225,3 +225,47 @@ def test_a_checkpoint_whose_tokenizer_is_gone_names_the_remedy(bpe_dir, tmp_path
     loaded.extra = {**(loaded.extra or {}), "tokenizer": "../hf/tokenizer.json"}   # paths stay inside the folder
     with pytest.raises(MQUserError, match="lies outside the model's folder"):
         tokenizer_for(loaded)
+
+
+def test_verify_reports_bits_per_byte_as_eval_does(bpe_dir, tmp_path, capsys):
+    """verify scores text as eval does: bits per byte over the bytes the tokens cover (same value as eval of
+    the reference, same data and windows); token ids from a .npy have no text, so it says bits per token.
+    The artifact's tokenizer (what generate uses) must encode the data as the reference's does."""
+    import json
+
+    import onnx
+
+    from mq_deploy.cli.main import main
+    from mq_deploy.evaluate import lm_token_windows
+
+    d, _, text = bpe_dir
+    onnx_path = tmp_path / "m.onnx"
+    assert main(["export", str(d), "-o", str(onnx_path)]) == 0
+    rep = tmp_path / "v.json"
+    assert main(["verify", str(onnx_path), "--reference", str(d), "--data", str(text), "--seq-len", "128",
+                 "--limit", "6", "--json", str(rep)]) == 0
+    printed = capsys.readouterr().out
+    r = json.loads(rep.read_text())
+    want = evaluate(load_model(str(d)), EvalConfig(data=str(text), seq_len=128, limit=6))
+    m = r["metrics"]
+    print(m, want["value"], want["bytes"])
+    assert m["metric"] == "bits_per_byte" and "bits per byte" in printed
+    assert m["bytes"] == want["bytes"] and abs(m["reference"] - want["value"]) <= 1e-9 * want["value"]
+    assert m["bytes"] > m["samples"]           # a BPE token covers more than one byte: not bits per token
+    # token ids: no text, bits per token, and the report says so
+    w, _ = lm_token_windows(str(text), 128, 6, read_tokenizer(str(d / "tokenizer.json")))
+    np.save(tmp_path / "ids.npy", w)
+    assert main(["verify", str(onnx_path), "--reference", str(d), "--data", str(tmp_path / "ids.npy"),
+                 "--json", str(rep), "--overwrite"]) == 0
+    printed = capsys.readouterr().out
+    r = json.loads(rep.read_text())
+    assert r["metrics"]["metric"] == "bits_per_token" and "no text to count bytes in" in printed
+    # an artifact carrying another tokenizer: generate would encode differently; verify fails that check
+    other = train_bpe(tmp_path / "other.json", vocab_size=300, text=kjv_slices()[0][:50000])
+    model = onnx.load(str(onnx_path))
+    next(p for p in model.metadata_props if p.key == "mq.tokenizer_json").value = other.to_str()
+    onnx.save(model, str(tmp_path / "other_tok.onnx"))
+    assert main(["verify", str(tmp_path / "other_tok.onnx"), "--reference", str(d), "--data", str(text),
+                 "--seq-len", "128", "--limit", "6", "--json", str(rep), "--overwrite"]) == 1
+    r = json.loads(rep.read_text())
+    assert [c["kind"] for c in r["checks"] if not c["passed"]] == ["preprocessing"]

@@ -411,7 +411,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from mq_deploy.verify.verify import VerifyConfig, format_report, verify_paths
+    from mq_deploy.verify.verify import VERDICTS, VerifyConfig, format_report, verify_paths
 
     inputs = [args.artifact, args.reference, args.data, args.tokenizer]
     _json_target(args, inputs)
@@ -423,8 +423,9 @@ def cmd_verify(args) -> int:
     rep = verify_paths(args.artifact, args.reference, cfg, custom_op_library=_ort_lib(args),
                        plugins=args.plugins or (), threads=args.threads)
     print(format_report(rep, args.artifact, args.reference))
-    _write_json(args, {k: rep[k] for k in ("outputs", "metrics", "checks", "passed")}, inputs)
-    return 0 if rep["passed"] else 1
+    _write_json(args, {k: rep[k] for k in ("outputs", "metrics", "checks", "passed", "verdict", "noise_floor")},
+                inputs)
+    return VERDICTS[rep["verdict"]]
 
 
 def cmd_generate(args) -> int:
@@ -588,7 +589,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_json(s, "the export summary", g)
     s.set_defaults(func=cmd_export)
 
-    s = sub.add_parser("verify", help="run an ONNX file or TensorRT engine against the PyTorch reference")
+    s = sub.add_parser("verify", help="run an ONNX file or TensorRT engine against the PyTorch reference",
+                       description="Exit 0: PASSED; 1: FAILED; 3: WITHIN NOISE FLOOR (a gate failed, but the artifact "
+                                   "deviates from the reference no more than 3x as much as the reference deviates from "
+                                   "itself under another valid rounding order: the model is too sensitive for the "
+                                   "gates); 2: bad input.")
     s.add_argument("artifact", help="model.onnx, or a TensorRT engine (.engine/.plan)")
     s.add_argument("--reference", required=True, metavar="DIR",
                    help="the checkpoint it came from (a quantized one runs with fake quantization)")
@@ -602,7 +607,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-metric-delta", type=nonneg_float, default=0.002, help="relative; 0.002 = 0.2%%")
     add_runtime(s)
     s.add_argument("--plugins", nargs="*", metavar="SO", help="TensorRT plugin libraries (engines)")
-    add_json(s, '{"outputs", "metrics", "checks", "passed"}')
+    add_json(s, '{"outputs", "metrics", "checks", "passed", "verdict", "noise_floor"}')
     s.set_defaults(func=cmd_verify)
 
     s = sub.add_parser("generate", help="generate text with an exported decode-step graph in ONNX Runtime")

@@ -3,6 +3,8 @@ checkpoint loaded with mq_deploy.quant.qcheckpoint.load)."""
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 from mq_deploy.backends.base import Runner, TensorSpec
@@ -29,6 +31,39 @@ class TorchRunner(Runner):
             self.input_specs = {"images": TensorSpec("images", np.float32,
                                                      ("batch", cfg.in_chans, cfg.img_size, cfg.img_size))}
             self.output_names = ["logits"]
+
+    @contextlib.contextmanager
+    def perturbed(self, rel: float, seed: int = 0):
+        """Within the block, the reference runs under another valid rounding order: every quantizer's input
+        (each mixer's act_hook) or, in a float model, every mixer's input is multiplied by (1 +- rel), the sign
+        drawn per element (rel = 2^-23 moves each float32 value by one or two units of its last place, as a
+        different summation order does). What verify's noise floor measures."""
+        import torch
+
+        from mq_deploy.calib.collect import mixers
+
+        g = torch.Generator().manual_seed(seed)
+
+        def jitter(t):
+            if not torch.is_floating_point(t):
+                return t
+            sign = torch.randint(0, 2, t.shape, generator=g).to(t.dtype) * 2 - 1
+            return t * (1 + rel * sign)
+
+        undo = []
+        try:
+            for _, mixer in mixers(self.model):
+                hook = getattr(mixer, "act_hook", None)
+                if hook is not None:
+                    mixer.act_hook = lambda name, t, hook=hook: hook(name, jitter(t))
+                    undo.append(lambda mixer=mixer, hook=hook: setattr(mixer, "act_hook", hook))
+                else:
+                    h = mixer.register_forward_pre_hook(lambda mod, args: (jitter(args[0]),) + tuple(args[1:]))
+                    undo.append(h.remove)
+            yield self
+        finally:
+            for u in reversed(undo):
+                u()
 
     def with_step(self, step: bool) -> "TorchRunner":
         return self if step == ("conv_state" in self.input_specs) else TorchRunner(self.loaded, step=step)

@@ -7,7 +7,29 @@ agreement. Checks (each only reported when it applies):
 - --atol / --rtol with --check-error-stat (max, mean or median), as polygraphy does: an output passes
   when stat(|a - r|) <= atol or stat(|a - r| / |r|) <= rtol;
 - mean cosine >= --min-cosine (default 0.999) and top-1 agreement >= --min-top1-agreement (0.99);
-- end-metric relative difference <= --max-metric-delta (0.002, i.e. 0.2 %).
+- end-metric relative difference <= --max-metric-delta (0.002, i.e. 0.2 %);
+- the preprocessing the artifact carries for `run` and Triton (Vim: image size, channels, mean, std in its
+  metadata; LM: the tokenizer it carries, which must encode the data as the reference's does) equals the
+  reference's. (Metadata that is invalid in itself, a std of 0 or NaN, is refused when the file is opened.)
+
+End metric: top-1 (Vim); bits per byte for text data, as `mq-deploy eval` reports it (the NLL in bits of
+the predicted tokens over the UTF-8 bytes they cover, from the tokenizer's offsets); bits per token only
+for `--data IDS.npy`, which has no text to count bytes in (the report says which).
+
+The noise floor. A quantized model rounds at every quant point, so a tiny difference in float rounding
+order (ONNX Runtime sums in another order than PyTorch) flips a few int8 codes, and a deep or untrained
+model can amplify those flips until the gates fail although the export is right. When a gate fails,
+verify measures how far the reference moves from itself under another valid rounding order: every
+quantizer's input (or, in a float model, every mixer's input) multiplied by (1 +- e), the sign drawn per
+element, e = 2^-23 (NOISE_REL: one or two units in the last place of a float32, as another summation
+order gives). One draw varies a lot on a chaotic model, so the reference runs NOISE_DRAWS (3) times and
+the floor is the worst deviation of each statistic (on the first NOISE_SAMPLES = 256 images or windows,
+which bounds its cost at three more reference passes over them). Each failed check is then compared with the same
+statistic of the floor: when the artifact's deviation is at most NOISE_FACTOR (3) times the reference's
+own (top-1: disagreeing rows <= 3 x the reference's + 1), the verdict is WITHIN NOISE FLOOR
+(exit 3): the model is too sensitive for the gates and the artifact is as close to the reference as the
+reference is to itself. Otherwise FAILED (exit 1). Models whose gates pass (the trained samples) are
+judged by the gates alone (PASSED, exit 0) and the noise floor is not measured.
 """
 
 from __future__ import annotations
@@ -22,6 +44,11 @@ from mq_deploy.errors import MQUserError
 from mq_deploy.verify.compare import compare_outputs
 
 STATS = ("max", "mean", "median")
+NOISE_REL = 2.0 ** -23          # float32's machine epsilon: one unit of rounding
+NOISE_FACTOR = 3.0              # a failed check within 3x the reference's own deviation is the model's sensitivity
+NOISE_DRAWS = 3                 # perturbed reference runs; the floor is the worst of them (one draw varies a lot)
+NOISE_SAMPLES = 256             # the floor is measured on the first batches holding this many images / windows
+VERDICTS = {"passed": 0, "failed": 1, "within_noise_floor": 3}     # verdict -> exit code of `mq-deploy verify`
 
 
 @dataclass
@@ -66,18 +93,18 @@ class VerifyConfig:
             raise MQUserError(f"--seq-len must be at least 2, got {self.seq_len}")
 
 
-def _bits(logits: np.ndarray, targets: np.ndarray) -> float:
-    """Mean next-token cross-entropy in bits (float64)."""
+def _bits(logits: np.ndarray, targets: np.ndarray, nbytes: int | None = None) -> float:
+    """Next-token cross-entropy in bits (float64), per byte covered when nbytes is given, else per token."""
     import torch
 
     from mq_deploy.verify.metrics import nats
 
     total = nats(torch.from_numpy(logits).double(), torch.from_numpy(np.asarray(targets, np.int64)))
-    return total / targets.size / math.log(2)
+    return total / math.log(2) / (nbytes if nbytes else targets.size)
 
 
 def _lm_batches(reference, cfg: VerifyConfig, step: bool):
-    from mq_deploy.evaluate import _default_data, lm_windows
+    from mq_deploy.evaluate import _default_data
 
     loaded = reference.loaded
     vocab = loaded.config.vocab_size
@@ -94,12 +121,14 @@ def _lm_batches(reference, cfg: VerifyConfig, step: bool):
         if w.min() < 0 or w.max() >= vocab:
             raise MQUserError(f"{path}: token ids must lie in [0, {vocab})")
         w = w[:cfg.limit] if cfg.limit else w
+        nbytes = None               # token ids only: no text to count bytes in
     else:   # text through the model's tokenizer (--tokenizer, its tokenizer.json, or bytes for vocab 256)
         from mq_deploy.data.tokenizer import tokenizer_for
+        from mq_deploy.evaluate import lm_token_windows
 
         codec = tokenizer_for(loaded, cfg.tokenizer)
         path = os.path.abspath(cfg.data or _default_data(loaded))
-        w = lm_windows(path, cfg.seq_len, cfg.limit or 32, codec)
+        w, nbytes = lm_token_windows(path, cfg.seq_len, cfg.limit or 32, codec)
     m = loaded.config.mixer
     bs = cfg.batch or 8
     for i in range(0, len(w), bs):
@@ -109,7 +138,7 @@ def _lm_batches(reference, cfg: VerifyConfig, step: bool):
             n = len(ids)
             feeds["conv_state"] = np.zeros((loaded.config.n_layer, n, m.d_inner, m.d_conv - 1), np.float32)
             feeds["ssm_state"] = np.zeros((loaded.config.n_layer, n, m.d_inner, m.d_state), np.float32)
-        yield feeds, w[i:i + bs, 1:]
+        yield feeds, (w[i:i + bs, 1:], None if nbytes is None else int(nbytes[i:i + bs, 1:].sum()))
     yield None, path
 
 
@@ -123,22 +152,80 @@ def _vim_batches(reference, cfg: VerifyConfig):
         labels = np.full(len(images), -1, np.int64)
     bs = cfg.batch or 64
     for i in range(0, len(labels), bs):
-        yield {"images": images[i:i + bs].numpy()}, labels[i:i + bs]
+        yield {"images": images[i:i + bs].numpy()}, (labels[i:i + bs], None)
     yield None, path
 
 
+def _batches(reference_runner, cfg: VerifyConfig, step: bool):
+    loaded = reference_runner.loaded
+    if loaded.architecture == "mamba_lm":
+        return _lm_batches(reference_runner, cfg, step)
+    return _vim_batches(reference_runner, cfg)
+
+
+def _joined(parts: dict) -> dict:
+    """Batches stacked; the states' batch axis is 1 (layers first)."""
+    return {k: np.concatenate(v, axis=1 if k.endswith("_out") and k != "logits" else 0) for k, v in parts.items()}
+
+
+def _end_metric(loaded, logits, targets, nbytes):
+    if loaded.architecture == "mamba_lm":
+        return _bits(logits, targets, nbytes)
+    return float((logits.argmax(-1) == targets).mean())
+
+
+def _checks(outputs: dict, delta: float, metric: str, cfg: VerifyConfig) -> list:
+    checks = []
+    for name, o in outputs.items():
+        if cfg.atol is not None or cfg.rtol is not None:
+            s = cfg.check_error_stat
+            ok_abs = cfg.atol is not None and o[f"{s}_abs"] <= cfg.atol
+            ok_rel = cfg.rtol is not None and o[f"{s}_rel"] <= cfg.rtol
+            checks.append({"check": f"{name}: {s} abs <= {cfg.atol} or {s} rel <= {cfg.rtol}", "kind": "tolerance",
+                           "output": name, "value": [o[f"{s}_abs"], o[f"{s}_rel"]], "passed": bool(ok_abs or ok_rel)})
+        if name == "logits":
+            checks.append({"check": f"{name}: mean cosine >= {cfg.min_cosine}", "kind": "cosine", "output": name,
+                           "value": o["cosine_mean"], "passed": o["cosine_mean"] >= cfg.min_cosine})
+            checks.append({"check": f"{name}: top-1 agreement >= {cfg.min_top1_agreement}", "kind": "top1",
+                           "output": name, "value": o["top1_agreement"],
+                           "passed": o["top1_agreement"] >= cfg.min_top1_agreement})
+    checks.append({"check": f"{metric}: relative difference <= {cfg.max_metric_delta}", "kind": "metric",
+                   "value": delta, "passed": delta <= cfg.max_metric_delta})
+    return checks
+
+
+def _deviation(check: dict, outputs: dict, delta: float, cfg: VerifyConfig) -> float:
+    """How far from the reference a check measured (0 = identical), for comparing with the noise floor."""
+    kind = check["kind"]
+    if kind == "metric":
+        return delta
+    o = outputs[check["output"]]
+    if kind == "cosine":
+        return max(0.0, 1.0 - o["cosine_mean"])
+    if kind == "top1":
+        return 1.0 - o["top1_agreement"]
+    s = cfg.check_error_stat       # tolerance: the smaller of the two normalised misses
+    return min(o[f"{s}_abs"] / cfg.atol if cfg.atol else math.inf, o[f"{s}_rel"] / cfg.rtol if cfg.rtol else math.inf)
+
+
+def _within_floor(check: dict, artifact: float, noise: float, rows: int) -> bool:
+    if check["kind"] == "top1":     # disagreeing rows are counts: one row of slack
+        return round(artifact * rows) <= NOISE_FACTOR * round(noise * rows) + 1
+    return artifact <= NOISE_FACTOR * noise
+
+
 def verify(artifact_runner, reference_runner, cfg: VerifyConfig, progress=None) -> dict:
-    """Run both runners over the data; return {"outputs", "metrics", "checks", "passed", ...}."""
+    """Run both runners over the data; return {"outputs", "metrics", "checks", "passed", "verdict",
+    "noise_floor"} (see the module doc for the verdicts)."""
     from tqdm import tqdm
 
     loaded = reference_runner.loaded
     lm = loaded.architecture == "mamba_lm"
     step = lm and "conv_state" in artifact_runner.input_specs
-    batches = _lm_batches(reference_runner, cfg, step) if lm else _vim_batches(reference_runner, cfg)
-    got, ref, targets = {}, {}, []
+    got, ref, targets, nbytes = {}, {}, [], []
     data_path = None
     with tqdm(desc="verify", unit="batch", disable=None if progress is None else not progress, leave=False) as bar:
-        for feeds, target in batches:
+        for feeds, target in _batches(reference_runner, cfg, step):
             if feeds is None:
                 data_path = target
                 break
@@ -149,41 +236,124 @@ def verify(artifact_runner, reference_runner, cfg: VerifyConfig, progress=None) 
                     raise MQUserError(f"the artifact has no output {name!r} (it has {', '.join(a)})")
                 got.setdefault(name, []).append(np.asarray(a[name]))
                 ref.setdefault(name, []).append(np.asarray(r[name]))
-            targets.append(np.asarray(target))
+            targets.append(np.asarray(target[0]))
+            nbytes.append(target[1])
             bar.update(1)
     if not targets:
         raise MQUserError("verify: the data gave no samples")
-    def joined(parts):   # batches stacked; the states' batch axis is 1 (layers first)
-        return {k: np.concatenate(v, axis=1 if k.endswith("_state_out") else 0) for k, v in parts.items()}
-    cat, cat_ref = joined(got), joined(ref)
+    cat, cat_ref = _joined(got), _joined(ref)
     outputs = {k: compare_outputs(cat[k], cat_ref[k], classes=k == "logits") for k in cat_ref}
     t = np.concatenate(targets)
-    if lm:
-        metric = "bits_per_byte" if loaded.config.vocab_size == 256 else "bits_per_token"
-        a_val, r_val = _bits(cat["logits"], t), _bits(cat_ref["logits"], t)
-    else:
-        metric = "top1"
-        a_val = float((cat["logits"].argmax(-1) == t).mean())
-        r_val = float((cat_ref["logits"].argmax(-1) == t).mean())
+    total_bytes = None if any(b is None for b in nbytes) else int(sum(nbytes))
+    metric = ("bits_per_byte" if total_bytes else "bits_per_token") if lm else "top1"
+    a_val, r_val = _end_metric(loaded, cat["logits"], t, total_bytes), _end_metric(loaded, cat_ref["logits"], t,
+                                                                                   total_bytes)
     delta = abs(a_val - r_val) / max(abs(r_val), 1e-12)
     metrics = {"metric": metric, "artifact": a_val, "reference": r_val, "rel_delta": delta, "samples": int(t.size),
                "data": data_path}
-    checks = []
-    for name, o in outputs.items():
-        if cfg.atol is not None or cfg.rtol is not None:
-            s = cfg.check_error_stat
-            ok_abs = cfg.atol is not None and o[f"{s}_abs"] <= cfg.atol
-            ok_rel = cfg.rtol is not None and o[f"{s}_rel"] <= cfg.rtol
-            checks.append({"check": f"{name}: {s} abs <= {cfg.atol} or {s} rel <= {cfg.rtol}",
-                           "value": [o[f"{s}_abs"], o[f"{s}_rel"]], "passed": bool(ok_abs or ok_rel)})
-        if name == "logits":
-            checks.append({"check": f"{name}: mean cosine >= {cfg.min_cosine}", "value": o["cosine_mean"],
-                           "passed": o["cosine_mean"] >= cfg.min_cosine})
-            checks.append({"check": f"{name}: top-1 agreement >= {cfg.min_top1_agreement}",
-                           "value": o["top1_agreement"], "passed": o["top1_agreement"] >= cfg.min_top1_agreement})
-    checks.append({"check": f"{metric}: relative difference <= {cfg.max_metric_delta}", "value": delta,
-                   "passed": delta <= cfg.max_metric_delta})
-    return {"outputs": outputs, "metrics": metrics, "checks": checks, "passed": all(c["passed"] for c in checks)}
+    if lm:
+        metrics["bytes"] = total_bytes
+    checks = _checks(outputs, delta, metric, cfg) + preprocessing_checks(artifact_runner, reference_runner, cfg)
+    verdict, floor = "passed", None
+    failed = [c for c in checks if not c["passed"]]
+    if failed:
+        verdict = "failed"
+        if all("kind" in c and c["kind"] != "preprocessing" for c in failed):
+            nb = next((i + 1 for i in range(len(targets)) if sum(len(x) for x in targets[:i + 1]) >= NOISE_SAMPLES),
+                      len(targets))
+            sub_ref = _joined({k: v[:nb] for k, v in ref.items()})
+            sub_bytes = None if total_bytes is None else int(sum(nbytes[:nb]))
+            floor = noise_floor(reference_runner, cfg, step, sub_ref, np.concatenate(targets[:nb]), sub_bytes,
+                                progress, max_batches=nb)
+            rows = int(np.prod(sub_ref["logits"].shape[:-1]))
+            for c in failed:
+                c["artifact_deviation"] = _deviation(c, outputs, delta, cfg)
+                c["noise_deviation"] = _deviation(c, floor["outputs"], floor["rel_delta"], cfg)
+                c["within_noise_floor"] = _within_floor(c, c["artifact_deviation"], c["noise_deviation"], rows)
+            if all(c["within_noise_floor"] for c in failed):
+                verdict = "within_noise_floor"
+    return {"outputs": outputs, "metrics": metrics, "checks": checks, "passed": verdict == "passed",
+            "verdict": verdict, "noise_floor": floor}
+
+
+def _worst(stats: list) -> dict:
+    """Per-output statistics of several draws -> the worst of each (smallest cosine / agreement, largest error)."""
+    out = {}
+    for name in stats[0]:
+        out[name] = {k: (min if k.startswith(("cosine", "top1")) else max)(s[name][k] for s in stats)
+                     for k in stats[0][name]}
+    return out
+
+
+def noise_floor(reference_runner, cfg: VerifyConfig, step: bool, ref_out: dict, targets, total_bytes,
+                progress=None, max_batches: int | None = None) -> dict:
+    """The reference against itself under another valid rounding order (TorchRunner.perturbed with NOISE_REL),
+    NOISE_DRAWS times, on the first max_batches batches of the data (ref_out, targets and total_bytes are
+    those batches'): {"outputs": the worst per-output statistics, "rel_delta": the largest end-metric
+    difference, "rel", "draws", "factor", "samples"}. Per-output statistics are means or rates, so they
+    compare with the artifact's over all of the data."""
+    from tqdm import tqdm
+
+    loaded = reference_runner.loaded
+    r_val = _end_metric(loaded, ref_out["logits"], targets, total_bytes)
+    stats, deltas = [], []
+    for seed in range(NOISE_DRAWS):
+        parts = {}
+        with reference_runner.perturbed(NOISE_REL, seed=seed), \
+                tqdm(desc=f"noise floor {seed + 1}/{NOISE_DRAWS}", unit="batch",
+                     disable=None if progress is None else not progress, leave=False) as bar:
+            for i, (feeds, _) in enumerate(_batches(reference_runner, cfg, step)):
+                if feeds is None or (max_batches is not None and i >= max_batches):
+                    break
+                for name, v in reference_runner.infer(feeds).items():
+                    parts.setdefault(name, []).append(np.asarray(v))
+                bar.update(1)
+        noisy = _joined(parts)
+        stats.append({k: compare_outputs(noisy[k], ref_out[k], classes=k == "logits") for k in ref_out})
+        n_val = _end_metric(loaded, noisy["logits"], targets, total_bytes)
+        deltas.append(abs(n_val - r_val) / max(abs(r_val), 1e-12))
+    return {"outputs": _worst(stats), "rel_delta": max(deltas), "rel": NOISE_REL, "draws": NOISE_DRAWS,
+            "factor": NOISE_FACTOR, "samples": int(len(targets))}
+
+
+def preprocessing_checks(artifact_runner, reference_runner, cfg: VerifyConfig) -> list:
+    """What `run` and Triton take from the artifact rather than from the reference: a Vim's image size,
+    channels, mean and std (its metadata), an LM's tokenizer (it must encode the data as the reference's
+    tokenizer does). Verify feeds both runners the same tensors, so only this check sees them."""
+    art = getattr(artifact_runner, "artifact", None)
+    acfg = getattr(art, "config", None)
+    loaded = reference_runner.loaded
+    rcfg = loaded.config
+    if acfg is None:                 # a TensorRT engine carries no metadata
+        return []
+    out = []
+    if loaded.architecture == "vim":
+        fields = ("in_chans", "img_size", "image_mean", "image_std")
+        diff = [f"{f} {getattr(acfg, f)} (reference {getattr(rcfg, f)})" for f in fields
+                if not np.allclose(np.asarray(getattr(acfg, f), np.float64), np.asarray(getattr(rcfg, f), np.float64),
+                                   rtol=1e-6, atol=0)]
+        out.append({"check": "preprocessing: the artifact's image size, channels, mean and std equal the reference's"
+                             + (f" ({'; '.join(diff)})" if diff else ""), "kind": "preprocessing", "value": diff,
+                    "passed": not diff})
+    elif cfg.data is None or not cfg.data.endswith(".npy"):
+        from mq_deploy.data.tokenizer import read_text_file, tokenizer_for, tokenizer_for_artifact
+
+        theirs = tokenizer_for_artifact(art, None, artifact_runner.path)
+        if theirs is None:
+            out.append({"check": "preprocessing: the artifact carries a tokenizer (generate and Triton need one)",
+                        "kind": "preprocessing", "value": None, "passed": False})
+            return out
+        from mq_deploy.evaluate import _default_data
+
+        ours = tokenizer_for(loaded, cfg.tokenizer)
+        raw = read_text_file(os.path.abspath(cfg.data or _default_data(loaded)))[:1 << 16]
+        text = raw if ours.kind == theirs.kind == "bytes" else raw.decode("utf-8", errors="ignore")
+        a_ids, r_ids = theirs.encode(text)[0], ours.encode(text)[0]
+        same = len(a_ids) == len(r_ids) and bool((a_ids == r_ids).all())
+        out.append({"check": "preprocessing: the artifact's tokenizer encodes the data as the reference's does "
+                             f"({len(r_ids)} tokens of its first {len(raw)} bytes)", "kind": "preprocessing",
+                    "value": same, "passed": same})
+    return out
 
 
 def verify_paths(artifact: str, reference: str, cfg: VerifyConfig, *, custom_op_library: str | None = None,
@@ -201,7 +371,7 @@ def verify_paths(artifact: str, reference: str, cfg: VerifyConfig, *, custom_op_
 
         require_mq_export(proto, artifact, "verify")
     loaded = load(reference)
-    kind = runner.meta.get("mq.kind") if runner.meta else None
+    kind = runner.artifact.kind
     want = {"mamba_lm": "lm", "vim": "vim"}.get(loaded.architecture, loaded.architecture)
     if kind is not None and kind != want:
         raise MQUserError(f"{artifact} is a {kind} export but {reference} is a {loaded.architecture} checkpoint; "
@@ -215,6 +385,12 @@ def verify_paths(artifact: str, reference: str, cfg: VerifyConfig, *, custom_op_
     return verify(runner, ref, cfg)
 
 
+METRIC_WORDS = {"bits_per_byte": "bits per byte (NLL in bits of the predicted tokens / the UTF-8 bytes they "
+                                   "cover, as `mq-deploy eval` reports)",
+                "bits_per_token": "bits per token (token ids given as .npy: no text to count bytes in)",
+                "top1": "top-1 accuracy"}
+
+
 def format_report(rep: dict, artifact: str, reference: str) -> str:
     lines = [f"verify {artifact} against {reference}"]
     for name, o in rep["outputs"].items():
@@ -223,9 +399,30 @@ def format_report(rep: dict, artifact: str, reference: str) -> str:
                      f"(min {o['cosine_min']:.4f})"
                      + (f"  top-1 agreement {o['top1_agreement'] * 100:.2f}%" if "top1_agreement" in o else ""))
     m = rep["metrics"]
-    lines.append(f"  {m['metric']}: artifact {m['artifact']:.4f}  reference {m['reference']:.4f}  "
-                 f"(relative difference {m['rel_delta'] * 100:.3f}%, {m['samples']} samples of {m['data']})")
+    lines.append(f"  {METRIC_WORDS.get(m['metric'], m['metric'])}: artifact {m['artifact']:.4f}  reference "
+                 f"{m['reference']:.4f}  (relative difference {m['rel_delta'] * 100:.3f}%, {m['samples']} "
+                 f"{'tokens' if m['metric'].startswith('bits') else 'samples'}"
+                 + (f" covering {m['bytes']} bytes" if m.get("bytes") else "") + f" of {m['data']})")
     for c in rep["checks"]:
-        lines.append(f"  [{'PASS' if c['passed'] else 'FAIL'}] {c['check']}")
-    lines.append("PASSED" if rep["passed"] else "FAILED")
+        note = ""
+        if "within_noise_floor" in c:
+            note = (f"  (artifact {c['artifact_deviation']:.3g} vs the reference's own {c['noise_deviation']:.3g}: "
+                    f"{'within' if c['within_noise_floor'] else 'beyond'} {NOISE_FACTOR:g}x)")
+        lines.append(f"  [{'PASS' if c['passed'] else 'FAIL'}] {c['check']}{note}")
+    floor = rep.get("noise_floor")
+    if floor:
+        lo = floor["outputs"].get("logits", {})
+        lines.append(f"  noise floor (the reference against itself, each quantizer input x (1 +- {floor['rel']:.3g}), "
+                     f"worst of {floor['draws']} draws on {floor['samples']} samples): logits cosine mean "
+                     f"{lo.get('cosine_mean', float('nan')):.6f}, "
+                     "top-1 agreement "
+                     f"{lo.get('top1_agreement', float('nan')) * 100:.2f}%, {m['metric']} relative difference "
+                     f"{floor['rel_delta'] * 100:.3f}%")
+    verdict = rep.get("verdict", "passed" if rep["passed"] else "failed")
+    if verdict == "within_noise_floor":
+        lines.append("WITHIN NOISE FLOOR: the gates cannot be met on this model; the artifact deviates from the "
+                     f"reference no more than {NOISE_FACTOR:g}x as much as the reference deviates from itself under "
+                     "another valid rounding order (the model's sensitivity, not an export error)")
+    else:
+        lines.append(verdict.upper())
     return "\n".join(lines)
