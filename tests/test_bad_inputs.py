@@ -816,3 +816,17 @@ def test_a_generation_refused_after_the_checks_prints_nothing(ws2, monkeypatch, 
     monkeypatch.undo()
     assert main(["generate", ws2["lm_step"], "--prompt", "In the beginning", "--max-new-tokens", "3"]) == 0
     assert capsys.readouterr().out.startswith("In the beginning")
+
+
+@pytest.mark.parametrize("args, needle", [({"max_length": "abc"}, "max_length must be an integer"),
+                                          ({"max_length": "1"}, "max_length must be at least 2"),
+                                          ({"threads": "100000"}, "per CPU"),
+                                          ({"threads": "0"}, "threads must be at least 1")])
+def test_lm_eval_model_args_are_checked(ws2, args, needle):
+    """lm-eval hands model_args over as strings: each is one clear line, not a ValueError traceback."""
+    pytest.importorskip("lm_eval")
+    from mq_deploy.errors import MQUserError
+    from mq_deploy.lm_eval_adapter import MQDeployLM
+
+    with pytest.raises(MQUserError, match=needle):
+        MQDeployLM(path=ws2["lm_onnx"], **args)
