@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # The GPU checks in one go, for the first time a task draws a GPU machine (budget: < 8 minutes on an H200):
 #   1. build libmq_scan_cuda.so for this machine's GPU only (its compute capability; ~1 min),
-#   2. run tests/gpu (the real CUDA kernels against selective_scan_int8_ref, and the emulated kernels),
-#   3. run bench/scan_gpu.py (bandwidth against a device copy, int8 vs the fp16-input twin),
-#   4. write everything to one JSON file (default: $OUT/gpu_check.json when $OUT is set, else
+#   2. run tests/gpu (the real CUDA kernels against selective_scan_int8_ref and ssd_scan_int8_ref),
+#   3. run bench/scan_gpu.py (Mamba1: bandwidth against a device copy, int8 vs the fp16-input twin),
+#   4. run bench/ssd_bench.py --gpu (Mamba2 at the mamba2-130m layer: chunked prefill with and without the
+#      L-split, the decode step kernel, L steps in a row against one prefill),
+#   5. write everything to one JSON file (default: $OUT/gpu_check.json when $OUT is set, else
 #      build/gpu-check/gpu_check.json), also when a step fails: each step has its own status.
 #
 #   bench/gpu_check.sh [JSON_OUT]
 #
-# Each step runs under its own time limit (GPU_CHECK_BUILD_S, GPU_CHECK_TESTS_S, GPU_CHECK_BENCH_S;
-# defaults 240, 180, 120 s) so the whole stays under 8 minutes. Needs nvcc, cmake, and a torch with CUDA.
+# Each step runs under its own time limit (GPU_CHECK_BUILD_S, GPU_CHECK_TESTS_S, GPU_CHECK_BENCH_S,
+# GPU_CHECK_SSD_S; defaults 240, 180, 120, 90 s); a run that passes takes well under 8 minutes (one architecture
+# to build). Needs nvcc, cmake, and a torch with CUDA.
 # Exit status: 0 when every step passed, 1 otherwise.
 set -uo pipefail
 
@@ -24,6 +27,7 @@ py="${PYTHON:-python}"
 build_s="${GPU_CHECK_BUILD_S:-240}"
 tests_s="${GPU_CHECK_TESTS_S:-180}"
 bench_s="${GPU_CHECK_BENCH_S:-120}"
+ssd_s="${GPU_CHECK_SSD_S:-90}"
 
 now() { date +%s; }
 start_all=$(now)
@@ -97,10 +101,26 @@ fi
 bench_time=$(( $(now) - t ))
 echo "bench/scan_gpu.py: $bench_status in ${bench_time} s"
 
-# ---- 4. JSON ---------------------------------------------------------------------------------------
+# ---- 4. bench/ssd_bench.py --gpu (Mamba2) ----------------------------------------------------------
+t=$(now)
+ssd_status="skipped"
+rm -f "$work/ssd_bench.json"
+if [[ "$build_status" == "ok" ]]; then
+    if timeout "$ssd_s" "$py" bench/ssd_bench.py --gpu --iters 50 --json "$work/ssd_bench.json" >"$work/ssd_bench.log" 2>&1; then
+        ssd_status="ok"
+    else
+        ssd_status="failed (rc $?)"
+    fi
+    cat "$work/ssd_bench.log"
+fi
+ssd_time=$(( $(now) - t ))
+echo "bench/ssd_bench.py --gpu: $ssd_status in ${ssd_time} s"
+
+# ---- 5. JSON ---------------------------------------------------------------------------------------
 total=$(( $(now) - start_all ))
 GPU="$gpu" ARCH="$arch" BUILD="$build_status" BUILD_T="$build_time" TESTS="$tests_status" TESTS_T="$tests_time" \
-BENCH="$bench_status" BENCH_T="$bench_time" TOTAL="$total" WORK="$work" JSON="$json" "$py" - <<'EOF'
+BENCH="$bench_status" BENCH_T="$bench_time" SSD="$ssd_status" SSD_T="$ssd_time" TOTAL="$total" WORK="$work" \
+JSON="$json" "$py" - <<'EOF'
 import json, os, re
 import xml.etree.ElementTree as ET
 
@@ -143,6 +163,13 @@ out = {"gpu": e["GPU"], "arch": e["ARCH"], "total_s": int(e["TOTAL"]),
        "bench_scan_gpu": {"status": e["BENCH"], "seconds": int(e["BENCH_T"]), "rows": rows,
                           "parity_rel_err": float(parity[1]) if parity else None,
                           "log": read("bench.log")[-4000:]}}
+try:
+    with open(os.path.join(work, "ssd_bench.json")) as f:
+        ssd = json.load(f)
+except (OSError, ValueError):
+    ssd = None
+out["bench_ssd_gpu"] = {"status": e["SSD"], "seconds": int(e["SSD_T"]), "figures": ssd,
+                        "log": read("ssd_bench.log")[-4000:]}
 tmp = e["JSON"] + ".tmp"
 with open(tmp, "w") as f:
     json.dump(out, f, indent=1)
@@ -150,4 +177,4 @@ os.replace(tmp, e["JSON"])
 print("wrote", e["JSON"])
 EOF
 echo "total: ${total} s"
-[[ "$build_status" == "ok" && "$tests_status" == "ok" && "$bench_status" == "ok" ]]
+[[ "$build_status" == "ok" && "$tests_status" == "ok" && "$bench_status" == "ok" && "$ssd_status" == "ok" ]]

@@ -420,6 +420,32 @@ def selective_scan_int8_cuda(qx, x_scale, qdelta, delta_scale, A, qB, B_scale, q
     return (y, h_last) if (return_last_state or out_state is not None) else y
 
 
+def ssd_scan_int8_cuda(qx, x_scale, qdt, dt_scale, A, qB, B_scale, qC, C_scale, D=None, dt_bias=None,
+                       dt_limit=(0.0, None), initial_state=None, return_last_state=False, *, out_state=None,
+                       step=False, workspace=None):
+    """`mq_deploy.ops.ssd.ssd_scan_int8_ref` on libmq_scan_cuda.so (CUDA tensors, torch's current stream; per-channel
+    scales go to the device). step=True: the decode-step kernel (L must be 1); workspace: a CUDA uint8 tensor handed
+    to mq_ssd_cuda_ws as the L-split's scratch (what the TensorRT plugin does) instead of a stream allocation."""
+    import torch
+
+    scales = dict(x=x_scale, dt=dt_scale, B=B_scale, C=C_scale)
+    p, y, h_last, _keep = _ssd_prepare(qx, qdt, A, qB, qC, D, dt_bias, dt_limit, initial_state, return_last_state,
+                                       scales, out_state, "cuda")
+    lib = load_cuda_library()
+    stream = ctypes.c_void_p(torch.cuda.current_stream(qx.device).cuda_stream)
+    with torch.cuda.device(qx.device):      # the library launches on the thread's current device
+        if step:
+            rc, name = lib.mq_ssd_step_cuda(ctypes.byref(p), stream), "mq_ssd_step_cuda"
+        elif workspace is not None:
+            name = "mq_ssd_cuda_ws"
+            rc = lib.mq_ssd_cuda_ws(ctypes.byref(p), workspace.data_ptr(), workspace.numel(), stream)
+        else:
+            rc, name = lib.mq_ssd_cuda(ctypes.byref(p), stream), "mq_ssd_cuda"
+    if rc != 0:
+        _raise(lib, rc, name)
+    return (y, h_last) if (return_last_state or out_state is not None) else y
+
+
 def build(cuda: bool = False, out_dir: str = NATIVE_DIR) -> list[str]:
     """Rebuild the native libraries from plugins/selective_scan (source checkouts only)."""
     script = os.path.join(_SOURCE_DIR, "build_native.py")
