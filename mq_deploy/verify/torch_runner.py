@@ -18,15 +18,16 @@ class TorchRunner(Runner):
         self.model = loaded.model.eval()
         self.name = f"PyTorch reference {loaded.path}"
         cfg = loaded.config
+        self.step = step
         if loaded.architecture == "mamba_lm":
-            m = cfg.mixer
+            from mq_deploy.families import state_inputs
+
             self.input_specs = {"input_ids": TensorSpec("input_ids", np.int64, ("batch", "seq"))}
             self.output_names = ["logits"]
-            if step:
-                self.input_specs.update({
-                    "conv_state": TensorSpec("conv_state", np.float32, (cfg.n_layer, "batch", m.d_inner, m.d_conv - 1)),
-                    "ssm_state": TensorSpec("ssm_state", np.float32, (cfg.n_layer, "batch", m.d_inner, m.d_state))})
-                self.output_names += ["conv_state_out", "ssm_state_out"]
+            self.layout = state_inputs(cfg) if step else []      # as the step graph lays its states out
+            for si in self.layout:
+                self.input_specs[si.name] = TensorSpec(si.name, np.float32, si.dims)
+                self.output_names.append(si.output)
         else:
             self.input_specs = {"images": TensorSpec("images", np.float32,
                                                      ("batch", cfg.in_chans, cfg.img_size, cfg.img_size))}
@@ -66,7 +67,7 @@ class TorchRunner(Runner):
                 u()
 
     def with_step(self, step: bool) -> "TorchRunner":
-        return self if step == ("conv_state" in self.input_specs) else TorchRunner(self.loaded, step=step)
+        return self if step == self.step else TorchRunner(self.loaded, step=step)
 
     def infer_impl(self, feeds: dict) -> dict:
         import torch
@@ -79,9 +80,17 @@ class TorchRunner(Runner):
             if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
                 from mq_deploy.errors import MQUserError
                 raise MQUserError(f"{self.name}: token ids must lie in [0, {vocab})")
-            if "conv_state" not in feeds:
+            if not self.step:
                 return {"logits": self.model(ids).numpy()}
-            cs, ss = torch.from_numpy(feeds["conv_state"]), torch.from_numpy(feeds["ssm_state"])
-            logits, states = self.model(ids, return_state=True, state=list(zip(cs, ss)))
-            return {"logits": logits.numpy(), "conv_state_out": torch.stack([c for c, _ in states]).numpy(),
-                    "ssm_state_out": torch.stack([s for _, s in states]).numpy()}
+            per_layer = [{} for _ in self.model.layers]          # layer -> {position in its states: tensor}
+            for si in self.layout:
+                t = torch.from_numpy(feeds[si.name])
+                for j, i in enumerate(si.layers):
+                    per_layer[i][si.position] = t[j] if si.spec.stacked else t
+            state = [tuple(d[k] for k in sorted(d)) for d in per_layer]
+            logits, states = self.model(ids, return_state=True, state=state)
+            out = {"logits": logits.numpy()}
+            for si in self.layout:
+                parts = [states[i][si.position] for i in si.layers]
+                out[si.output] = (torch.stack(parts) if si.spec.stacked else parts[0]).numpy()
+            return out

@@ -129,15 +129,16 @@ def _lm_batches(reference, cfg: VerifyConfig, step: bool):
         codec = tokenizer_for(loaded, cfg.tokenizer)
         path = os.path.abspath(cfg.data or _default_data(loaded))
         w, nbytes = lm_token_windows(path, cfg.seq_len, cfg.limit or 32, codec)
-    m = loaded.config.mixer
+    from mq_deploy.families import state_inputs
+
+    states = state_inputs(loaded.config) if step else []
     bs = cfg.batch or 8
     for i in range(0, len(w), bs):
         ids = np.ascontiguousarray(w[i:i + bs, :-1]).astype(np.int64)
         feeds = {"input_ids": ids}
-        if step:
-            n = len(ids)
-            feeds["conv_state"] = np.zeros((loaded.config.n_layer, n, m.d_inner, m.d_conv - 1), np.float32)
-            feeds["ssm_state"] = np.zeros((loaded.config.n_layer, n, m.d_inner, m.d_state), np.float32)
+        for si in states:         # empty states (zeros, a cache's length 0), laid out as the step graph's
+            feeds[si.name] = np.zeros([len(ids) if d == "batch" else 0 if d == "past" else d for d in si.dims],
+                                      np.float32)
         yield feeds, (w[i:i + bs, 1:], None if nbytes is None else int(nbytes[i:i + bs, 1:].sum()))
     yield None, path
 
