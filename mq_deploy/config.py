@@ -58,6 +58,11 @@ class MambaLMConfig:
     eos_token_id: int | None = None     # generation stops here (from the HF config or the tokenizer)
     # a hybrid (Nemotron-H, ...): one block config per layer, of any registered family (then `mixer` is None)
     layers: list | None = None
+    # muP scalars (Granite-4.0-H): embeddings * embedding_multiplier, each block's output * residual_multiplier
+    # before the residual add, logits / logits_scaling
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    logits_scaling: float = 1.0
     architecture: str = field(default="mamba_lm", init=False)
 
     def __post_init__(self):
@@ -78,7 +83,7 @@ class MambaLMConfig:
         check_int(self, "n_layer", 1, MAX_LAYERS)
         check_int(self, "vocab_size", 1, MAX_VOCAB)
         check_bool(self, "residual_in_fp32", "tie_embeddings")
-        check_positive_float(self, "norm_eps")
+        check_positive_float(self, "norm_eps", "embedding_multiplier", "residual_multiplier", "logits_scaling")
         eos = self.eos_token_id
         if eos is not None and (isinstance(eos, bool) or not isinstance(eos, int) or not 0 <= eos < self.vocab_size):
             raise MQUserError(f"eos_token_id must be a token id in [0, {self.vocab_size}), got {self.eos_token_id!r}")
@@ -205,6 +210,9 @@ def _to_dict(cfg) -> dict:
     else:
         d["mixer"] = cfg.mixer.to_dict()
         d.pop("layers", None)      # homogeneous models keep the files they always had
+    for k in ("embedding_multiplier", "residual_multiplier", "logits_scaling"):
+        if d.get(k) == 1.0:
+            d.pop(k)
     return d
 
 

@@ -178,3 +178,62 @@ def test_bad_patterns_and_layer_kinds_are_one_line(tmp_path, capsys):
                            ({"num_key_value_heads": 3}, "key/value heads")):
         json.dump({**base, **change}, open(cfg_path, "w"))
         assert_user_error(capsys, ["info", path], needle)
+
+
+# ---- Granite-4.0-H (dense): each HF layer a Mamba2 or attention block plus a shared SwiGLU MLP, muP scalars ----
+
+GRANITE = {
+    "rope-muP": dict(layer_types=["mamba", "mamba", "attention", "mamba"], position_embedding_type="rope",
+                     embedding_multiplier=12.0, residual_multiplier=0.22, logits_scaling=4.0, attention_multiplier=0.03),
+    "nope-gqa4-bias": dict(layer_types=["attention", "mamba"], position_embedding_type="nope", num_key_value_heads=1,
+                           attention_bias=True),
+}
+
+
+def _granite(tmp, name, vocab=97):
+    torch.manual_seed(0)
+    cfg = transformers.GraniteMoeHybridConfig(
+        vocab_size=vocab, hidden_size=64, num_hidden_layers=len(GRANITE[name]["layer_types"]),
+        **{"num_attention_heads": 4, "num_key_value_heads": 2, "shared_intermediate_size": 96, "num_local_experts": 0,
+           "mamba_n_heads": 8, "mamba_d_head": 16, "mamba_d_state": 16, "mamba_n_groups": 2, "mamba_expand": 2,
+           "mamba_chunk_size": 8, **GRANITE[name]})
+    m = transformers.GraniteMoeHybridForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    path = os.path.join(str(tmp), "granite-" + name)
+    m.save_pretrained(path)
+    return m, path
+
+
+@pytest.mark.parametrize("name", list(GRANITE))
+def test_granite_h_matches_transformers_steps_and_exports(name, tmp_path):
+    from mq_deploy.export.graph import build_model
+
+    ref, path = _granite(tmp_path, name)
+    loaded = load_model(path)
+    assert loaded.format == "hf-granite-h"
+    assert [layer.mixer.family.name for layer in loaded.model.layers][1::2] == ["mlp"] * len(GRANITE[name]["layer_types"])
+    ids = torch.randint(0, 97, (2, 19), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want, got = ref(ids).logits, loaded.model(ids)
+        _, st = loaded.model(ids[:, :7], return_state=True)
+        steps = []
+        for t in range(7, 19):
+            lg, st = loaded.model.step(ids[:, t], st)
+            steps.append(lg)
+    onnx_full = ort_session(build_model(loaded.model)).run(["logits"], {"input_ids": ids.numpy()})[0]
+    print(name, "parity", _rel(got, want), "step", _rel(torch.stack(steps, 1), got[:, 7:]), "onnx", _rel(onnx_full, got))
+    assert _rel(got, want) <= 1e-4
+    assert _rel(torch.stack(steps, 1), got[:, 7:]) <= 2e-5
+    assert _rel(onnx_full, got) <= 2e-5
+
+
+def test_granite_moe_is_refused_in_one_line(tmp_path, capsys):
+    _, path = _granite(tmp_path, "nope-gqa4-bias")
+    cfg_path = os.path.join(path, "config.json")
+    cfg = json.load(open(cfg_path))
+    json.dump({**cfg, "num_local_experts": 4}, open(cfg_path, "w"))
+    assert_user_error(capsys, ["info", path], "num_local_experts 4")
+    json.dump({**cfg, "layer_types": ["mamba", "sliding_attention"]}, open(cfg_path, "w"))
+    assert_user_error(capsys, ["info", path], "'sliding_attention'")

@@ -330,6 +330,8 @@ def _layers(g: _Graph, model, h, layout=None, consume: bool = False):
         impl = layer.mixer.family.module()
         st = None if layout is None else _layer_state(g, layout, i, g.fused_step and impl.FUSED_STEP)
         out, new_st = impl.emit(g, layer.mixer, mixer_prefix(i), b.rms_norm(h, layer.norm), st)
+        if layer.residual_multiplier != 1.0:
+            out = b.op("Mul", [out, b.f32(np.array(layer.residual_multiplier), "residual_multiplier")])
         h = b.op("Add", [h, out], "residual")
         new.append(new_st)
         if consume:
@@ -376,10 +378,14 @@ def build_model(model, quant: QuantSpec | None = None, step: bool = False, opset
                 raise MQUserError("a model without a recurrent state or cache has no decode-step graph")
             inputs += [vi(si.name, T.FLOAT, list(si.dims)) for si in layout]
         h = b.op("Gather", [b.f32(model.embedding.weight, "embedding"), "input_ids"], axis=0)
+        if model.cfg.embedding_multiplier != 1.0:
+            h = b.op("Mul", [h, b.f32(np.array(model.cfg.embedding_multiplier), "embedding_multiplier")])
         h, new = _layers(g, model, h, layout, consume)
         if last_logits:
             h = b.op("Slice", [h, b.i64([-1]), b.i64([np.iinfo(np.int64).max]), b.i64([1])], "last")
         logits = _lm_head(b, h, model.lm_head)
+        if model.cfg.logits_scaling != 1.0:
+            logits = b.op("Div", [logits, b.f32(np.array(model.cfg.logits_scaling), "logits_scaling")])
         outputs.append(vi("logits", T.FLOAT, ["batch", 1 if last_logits else "seq", model.cfg.vocab_size]))
         for si in layout or ():
             if si.spec.stacked:

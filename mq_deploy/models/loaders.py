@@ -236,6 +236,12 @@ class TensorSource:
             mapping[new] = k
         return _Renamed(self, mapping)
 
+    def split_rows(self, pattern: str, parts) -> "TensorSource":
+        """Every tensor whose name matches regex `pattern` (fused weights: Granite's input_linear holds gate and
+        up) replaced by row slices: parts [(replacement name, fraction index, fraction count)], each the
+        index-th of count equal row blocks. Shapes are checked before anything is read."""
+        return _RowSplit(self, pattern, parts)
+
     def drop(self, name: str) -> None:
         for d in (self.shapes, self.dtypes, self.origin):
             d.pop(name, None)
@@ -250,6 +256,31 @@ class _Renamed(TensorSource):
 
     def get(self, name):
         return self.base.get(self.mapping[name])
+
+
+class _RowSplit(TensorSource):
+    def __init__(self, base: TensorSource, pattern: str, parts):
+        super().__init__()
+        self.base, self.slices = base, {}
+        for k in base.shapes:
+            if not re.search(pattern, k):
+                self.shapes[k], self.dtypes[k], self.origin[k] = base.shapes[k], base.dtypes[k], base.origin[k]
+                continue
+            rows = base.shapes[k][0] if base.shapes[k] else 0
+            for rep, idx, count in parts:
+                if rows % count:
+                    raise MQUserError(f"{shown(base.origin[k])}: tensor {k} has {rows} rows, not {count} equal parts")
+                new = re.sub(pattern, rep, k)
+                n = rows // count
+                self.slices[new] = (k, idx * n, (idx + 1) * n)
+                self.shapes[new] = (n,) + tuple(base.shapes[k][1:])
+                self.dtypes[new], self.origin[new] = base.dtypes[k], base.origin[k]
+
+    def get(self, name):
+        if name in self.slices:
+            k, a, b = self.slices[name]
+            return self.base.get(k)[a:b]
+        return self.base.get(name)
 
 
 class SafetensorsSource(TensorSource):

@@ -21,25 +21,27 @@ def make_mixer(mixer_cfg) -> MixerBase:
 class Block(nn.Module):
     """Pre-norm residual block: h + mixer(norm(h)); the residual stream stays fp32 if asked."""
 
-    def __init__(self, mixer_cfg, norm_eps: float, residual_in_fp32: bool):
+    def __init__(self, mixer_cfg, norm_eps: float, residual_in_fp32: bool, residual_multiplier: float = 1.0):
         super().__init__()
         self.norm = RMSNorm(mixer_cfg.d_model, norm_eps)
         self.mixer = make_mixer(mixer_cfg)
         self.residual_in_fp32 = residual_in_fp32
+        self.residual_multiplier = residual_multiplier
 
-    def _residual(self, h):
-        return at_least_fp32(h) if self.residual_in_fp32 else h
+    def _add(self, h, out):
+        h = at_least_fp32(h) if self.residual_in_fp32 else h
+        return h + (out if self.residual_multiplier == 1.0 else out * self.residual_multiplier)
 
     def forward(self, h, state=None, return_state=False):
         out = self.mixer(self.norm(h.to(self.norm.weight.dtype)), state, return_state)
         if return_state:
             out, new_state = out
-            return self._residual(h) + out, new_state
-        return self._residual(h) + out
+            return self._add(h, out), new_state
+        return self._add(h, out)
 
     def step(self, h, *states):
         out, *states = self.mixer.step(self.norm(h.to(self.norm.weight.dtype)), *states)
-        return (self._residual(h) + out, *states)
+        return (self._add(h, out), *states)
 
 
 def init_weights(model: nn.Module, n_layer: int, generator=None):
@@ -65,7 +67,8 @@ class MambaLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embedding = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.layers = nn.ModuleList(Block(m, cfg.norm_eps, cfg.residual_in_fp32) for m in cfg.layer_configs())
+        self.layers = nn.ModuleList(Block(m, cfg.norm_eps, cfg.residual_in_fp32, cfg.residual_multiplier)
+                                    for m in cfg.layer_configs())
         self.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -75,11 +78,16 @@ class MambaLM(nn.Module):
         init_weights(self, self.cfg.n_layer, torch.Generator().manual_seed(seed))
 
     def _head(self, h):
-        return self.lm_head(self.norm_f(h.to(self.norm_f.weight.dtype)))
+        logits = self.lm_head(self.norm_f(h.to(self.norm_f.weight.dtype)))
+        return logits if self.cfg.logits_scaling == 1.0 else logits / self.cfg.logits_scaling
+
+    def _embed(self, input_ids):
+        h = self.embedding(input_ids)
+        return h if self.cfg.embedding_multiplier == 1.0 else h * self.cfg.embedding_multiplier
 
     def backbone(self, input_ids):
         """Hidden states before norm_f and the head (what calibration needs; skips the vocab matmul)."""
-        h = self.embedding(input_ids)
+        h = self._embed(input_ids)
         for layer in self.layers:
             h = layer(h)
         return h
@@ -87,8 +95,8 @@ class MambaLM(nn.Module):
     def forward(self, input_ids, return_state=False, state=None):
         """input_ids [b, L] -> logits [b, L, V]; with return_state also the per-layer decode cache.
 
-        state: per-layer (conv_state, ssm_state) to continue from (as init_state / return_state give)."""
-        h = self.embedding(input_ids)
+        state: per-layer states to continue from (as init_state / return_state give)."""
+        h = self._embed(input_ids)
         states = []
         for i, layer in enumerate(self.layers):
             st = None if state is None else state[i]
@@ -110,7 +118,7 @@ class MambaLM(nn.Module):
 
     def step(self, token, states):
         """token [b] -> (logits [b, V], new states)."""
-        h = self.embedding(token)
+        h = self._embed(token)
         new = []
         for layer, st in zip(self.layers, states):
             h, *st = layer.step(h, *st)
