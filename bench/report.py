@@ -164,6 +164,20 @@ def load(src):
     return load_range(*src)
 
 
+@renderer
+def command(src, paths):
+    """The command line that wrote the source (from its `run` record), its --json naming the source itself."""
+    run = src[0].get("run")
+    if not run or not run.get("bench"):
+        raise ReportError(f"{paths[0]} records no command line (no 'run')")
+    argv = list(run["argv"])
+    if "--json" in argv and argv.index("--json") + 1 < len(argv):
+        argv[argv.index("--json") + 1] = paths[0]
+    argv = [a for i, a in enumerate(argv) if not (a == "--workdir" or (i and argv[i - 1] == "--workdir"))]
+    nice = f"nice -n {run['nice']} " if run.get("nice") else ""
+    return f"`{nice}python {run['bench']} {' '.join(shlex.quote(a) for a in argv)}`"
+
+
 # ---- PTQ (mq-deploy compare --json) ----------------------------------------------------------------------
 
 @renderer
@@ -828,17 +842,20 @@ def ort_prose(src):
     eq = {_ort_label(r, True): r["ms"]["fp32 native"] / r["ms"]["int8 native"] for r in rows}
     missed = [f"by {(1 - v / ORT_GOAL) * 100:.0f} % at {k}" for k, v in eq.items() if v < ORT_GOAL]
     verdict = "met everywhere" if not missed else ("missed " + ", ".join(missed))
-    dense = []
+    dense, faster = [], []
     for r in rows:
         t = r["ms"]
         x = t["int8 native dense"] / t["int8 native"]
-        dense.append(f"{x:.2f}x {'faster' if x > 1 else 'slower'} than the dense product at {_ort_label(r, True)} "
-                     f"({t['int8 native dense']:.1f} -> {t['int8 native']:.1f} ms)")
+        faster.append(x > 1)
+        dense.append(f"{x:.2f}x at {_ort_label(r, True)} ({t['int8 native dense']:.1f} -> {t['int8 native']:.1f} ms)")
+    where = ("faster than the dense product in every case" if all(faster) else
+             "slower than the dense product in every case" if not any(faster) else
+             "faster than the dense product in some cases, slower in others")
     out = [f"With the same kind of scan on both sides the int8 artifact is {span(list(eq.values()), '.2f')}x faster "
            f"than its FP32 twin at these small shapes (goal {ORT_GOAL}x: {verdict}). With function bodies on "
            f"both sides the ratio is {span([r['ms']['fp32'] / r['ms']['int8'] for r in rows], '.2f')}x. The "
-           f"factored online Hadamard (two small MatMuls in place of one [384, 384] product) is "
-           + "; ".join(dense) + f". One run of the script ({_load_nice(d)}): compare "
+           f"factored online Hadamard (two small MatMuls in place of one [384, 384] product) is {where} (dense "
+           f"time over factored): " + ", ".join(dense) + f". One run of the script ({_load_nice(d)}): compare "
            "within a row."]
     prof = [r for r in rows if "profile_ms_by_op" in r]
     if prof:
@@ -850,6 +867,14 @@ def ort_prose(src):
                    f"bodies the ONNX `Scan` is {span(body, '.0f')} % of the time in both graphs; with the native ops "
                    f"the scan op is {span(nat, '.0f')} % and the matmuls {span(mm, '.0f')} %.")
     return "\n".join(out)
+
+
+def _simd(d):
+    flags = d.get("run", {}).get("cpu_flags")
+    if flags is None:
+        return "the JSON does not record the CPU's SIMD flags"
+    return "this CPU has AVX-512 VNNI" if "avx512_vnni" in flags else (
+        "this CPU has AVX-VNNI" if "avx_vnni" in flags else "this CPU has no VNNI, only " + ", ".join(flags).upper())
 
 
 @renderer
@@ -864,26 +889,27 @@ def ort_profile(src):
     mm8 = [_share(r["profile_ms_by_op"]["int8 native"], MATMUL_OPS) for r in prof]
     return (f"Where the ORT time goes (`bench/ort.py --profile`, `docs/ort.json`, {_load_nice(d)}): with "
             f"function bodies the ONNX `Scan` is {span(body, '.0f')} % of the time in both graphs (a per-step "
-            f"subgraph of small nodes), so int8 matmuls (fused by ORT into `MatMulIntegerToFloat`; this CPU has "
-            f"AVX-512 VNNI) cannot show. With the native ops on both sides (equal footing) the scan op takes "
-            f"{span(nat, '.0f')} % and costs the same for int8 and float inputs (`bench/ort_custom_op.py`), so "
-            f"int8 pays only in the matmuls, {span(mm8, '.0f')} % of the int8 graph's time at these small "
-            f"shapes; at the 130m shape the int8 step graph's gains are in the peers goals of `docs/results.md`.")
+            f"subgraph of small nodes), so int8 matmuls (fused by ORT into `MatMulIntegerToFloat`; {_simd(d)}) "
+            f"cannot show. With the native ops on both sides (equal footing) the scan op takes "
+            f"{span(nat, '.0f')} % and the matmuls {span(mm8, '.0f')} % of the int8 graph's time at these small "
+            f"shapes (the int8 and float scan kernels alone: `bench/ort_custom_op.py`); at the 130m shape the int8 "
+            f"step graph's gains are in the peers goals of `docs/results.md`.")
 
 
 # ---- mq-deploy verify (bench/verify_samples.py, bench/quickstart.py) -------------------------------------
 
 def _metric(m, v):
-    return f"top-1 {v * 100:.2f} %" if m == "top1" else f"{v:.4f}"
+    return f"{v * 100:.2f} %" if m == "top1" else f"{v:.4f}"
 
 
 def _verify_cells(rep):
     lg = rep["outputs"]["logits"]
     m = rep["metrics"]
-    unit = "" if m["metric"] == "top1" else f" {m['metric'].replace('_per_', '/').replace('bits/byte', 'bits/byte')}"
+    unit = " top-1" if m["metric"] == "top1" else f" {m['metric'].replace('_per_', '/')}"
     return [f"{lg['cosine_mean']:.6f} ({lg['cosine_min']:.4f})", f"{lg['top1_agreement'] * 100:.2f} %",
             f"{_metric(m['metric'], m['artifact'])} / {_metric(m['metric'], m['reference'])}{unit}",
-            f"{m['rel_delta'] * 100:.3f} %", f"{m['samples']:,}", "PASSED" if rep["passed"] else "FAILED"]
+            f"{m['rel_delta'] * 100:.3f} %", f"{m['samples']:,}",
+            rep.get("verdict") or ("PASSED" if rep["passed"] else "FAILED")]
 
 
 VERIFY_HEAD = ["logits cosine (worst row)", "top-1 agreement", "end metric: ORT int8 / fake quant",
@@ -904,7 +930,7 @@ def verify_case(src, case):
     """One case of bench/verify_samples.py as a sentence."""
     rep = get(src[0], f"rows[case={case}]")["report"]
     c = _verify_cells(rep)
-    return (f"{'passes' if rep['passed'] else 'FAILS'} (logits cosine {rep['outputs']['logits']['cosine_mean']:.6f}, "
+    return (f"{c[5]} (logits cosine {rep['outputs']['logits']['cosine_mean']:.6f}, "
             f"top-1 agreement {c[1]}, {c[2]}, {c[3]} apart, on {c[4]} samples)")
 
 
@@ -1062,11 +1088,22 @@ def regenerate(doc, text, errors=None):
 def first_difference(doc, old, new):
     """The first line where a region's text differs: 'doc:line: ...' with what it says and what it should."""
     for i, (a, b) in enumerate(zip(old.splitlines(), new.splitlines()), 1):
-        if a != b:
-            k = next((j for j in range(min(len(a), len(b))) if a[j] != b[j]), min(len(a), len(b)))
+        if a == b:
+            continue
+        k = next((j for j in range(min(len(a), len(b))) if a[j] != b[j]), min(len(a), len(b)))
+        ra = next((m for m in MARK.finditer(a) if m.start(3) <= k <= m.end(3)), None)
+        rb = next((m for m in MARK.finditer(b) if m.start(3) <= k <= m.end(3)), None)
+        if ra and rb:      # an inline region: show its text, and which region it is
+            said, gives = ra.group(3), rb.group(3)
+            where = f"region {ra.group(1)}{ra.group(2).rstrip()}"
+        else:
             lo = max(0, k - 30)
-            return (f"{doc}:{i}: the document says {a[lo:k + 40]!r} where its JSON gives {b[lo:k + 40]!r} "
-                    f"(python bench/report.py rewrites it)")
+            said, gives = a[lo:k + 40], b[lo:k + 40]
+            pos = sum(len(line) + 1 for line in old.splitlines()[:i - 1])
+            blk = next((m for m in MARK.finditer(old) if m.start() <= pos <= m.end()), None)
+            where = f"region {blk.group(1)}{blk.group(2).rstrip()}" if blk else "a region"
+        return (f"{doc}:{i}: {where} says {said!r} where its JSON gives {gives!r} "
+                f"(python bench/report.py rewrites it)")
     return f"{doc}: a region's line count differs from its JSON's rendering (python bench/report.py rewrites it)"
 
 
@@ -1083,7 +1120,7 @@ def check_links(doc, text):
     base = os.path.dirname(os.path.join(ROOT, doc))
     body = re.sub(r"<!--.*?-->", lambda m: " " * len(m.group(0)), text, flags=re.S)
     for m in OUTSIDE.finditer(body):
-        return f"{doc}:{line_of(text, m.start())}: cites {m.group(1)!r}, which is not in the repository"
+        return f"{doc}:{line_of(text, m.start())}: cites {m.group(1).rstrip('.,;:')!r}, which is not in the repository"
     for m in re.finditer(r"\]\(([^)\s]+)\)", body):
         target = m.group(1).split("#")[0]
         if not target or re.match(r"[a-z]+:", target):
