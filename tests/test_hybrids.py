@@ -237,3 +237,38 @@ def test_granite_moe_is_refused_in_one_line(tmp_path, capsys):
     assert_user_error(capsys, ["info", path], "num_local_experts 4")
     json.dump({**cfg, "layer_types": ["mamba", "sliding_attention"]}, open(cfg_path, "w"))
     assert_user_error(capsys, ["info", path], "'sliding_attention'")
+
+
+# ---- Bamba: Mamba2 or (at attn_layer_indices) attention with partial RoPE, each with a SwiGLU feed-forward ----
+
+@pytest.mark.parametrize("attn", [[2], [0, 3]])
+def test_bamba_matches_transformers_steps_and_exports(tmp_path, attn):
+    from mq_deploy.export.graph import build_model
+
+    torch.manual_seed(0)
+    cfg = transformers.BambaConfig(vocab_size=97, hidden_size=64, num_hidden_layers=4, attn_layer_indices=attn,
+                                   num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, mamba_n_heads=8,
+                                   mamba_d_head=16, mamba_d_state=16, mamba_n_groups=2, mamba_expand=2,
+                                   mamba_chunk_size=8)
+    ref = transformers.BambaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    path = str(tmp_path / "bamba")
+    ref.save_pretrained(path)
+    loaded = load_model(path)
+    assert loaded.format == "hf-bamba"
+    assert loaded.config.layer_configs()[2 * attn[0]].rope_dim == 8          # partial_rotary_factor 0.5 of 16
+    ids = torch.randint(0, 97, (2, 19), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want, got = ref(ids).logits, loaded.model(ids)
+        _, st = loaded.model(ids[:, :7], return_state=True)
+        steps = []
+        for t in range(7, 19):
+            lg, st = loaded.model.step(ids[:, t], st)
+            steps.append(lg)
+    onnx_full = ort_session(build_model(loaded.model)).run(["logits"], {"input_ids": ids.numpy()})[0]
+    print(attn, "parity", _rel(got, want), "step", _rel(torch.stack(steps, 1), got[:, 7:]), "onnx", _rel(onnx_full, got))
+    assert _rel(got, want) <= 1e-4
+    assert _rel(torch.stack(steps, 1), got[:, 7:]) <= 2e-5
+    assert _rel(onnx_full, got) <= 2e-5

@@ -107,7 +107,7 @@ class Family:
 
 _FAMILIES: dict = {}
 _FORMATS: list = []         # checkpoint formats of models built from several families (hybrids)
-_BUILTIN = ("mamba1", "mamba2", "attention", "mlp", "nemotron_h", "granite_h")
+_BUILTIN = ("mamba1", "mamba2", "attention", "mlp", "nemotron_h", "granite_h", "bamba")
 _loaded = False
 
 

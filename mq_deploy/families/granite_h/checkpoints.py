@@ -35,6 +35,35 @@ def _rope_theta(c: dict) -> float:
     return c.get("rope_theta", 10000.0)
 
 
+def paired_layers(kinds, mamba, attention, mlp) -> list:
+    """Our blocks of HF hybrids whose layer i is a mixer (Mamba2 or attention) then an MLP: 2i and 2i + 1."""
+    return [b for k in kinds for b in ((mamba if k == "mamba2" else attention), mlp)]
+
+
+def paired_rules(n_layers: int, prefix: str, mixer: str, mixer_norm: str, mlp: str, mlp_norm: str) -> list:
+    """Key renames for paired_layers: HF layer i's mixer / its norm -> our block 2i, its MLP / norm -> 2i + 1."""
+    rules = []
+    for i in range(n_layers):
+        rules += [(rf"^{prefix}\.layers\.{i}\.{mixer_norm}\.", f"layers.{2 * i}.norm."),
+                  (rf"^{prefix}\.layers\.{i}\.{mixer}\.", f"layers.{2 * i}.mixer."),
+                  (rf"^{prefix}\.layers\.{i}\.{mlp_norm}\.", f"layers.{2 * i + 1}.norm."),
+                  (rf"^{prefix}\.layers\.{i}\.{mlp}\.", f"layers.{2 * i + 1}.mixer.")]
+    return rules
+
+
+def mamba2_of(c: dict, d, eps, limits) -> Mamba2Config:
+    """The Mamba2 mixer of Granite-4.0-H and Bamba configs (mamba_* keys; gated norm per group, gate first)."""
+    mh, md = c.get("mamba_n_heads", 128), c.get("mamba_d_head", 64)
+    groups = c.get("mamba_n_groups", 1)
+    return Mamba2Config(
+        d_model=d, d_state=c.get("mamba_d_state", 128), d_conv=c.get("mamba_d_conv", 4),
+        expand=c.get("mamba_expand", 2), head_dim=md, n_groups=groups,
+        d_inner=mh * md if isinstance(mh, int) and isinstance(md, int) else None,
+        conv_bias=c.get("mamba_conv_bias", True), bias=c.get("mamba_proj_bias", False),
+        rmsnorm=True, norm_before_gate=False, norm_groups=groups, norm_eps=eps,
+        chunk_size=c.get("mamba_chunk_size", 256), **limits)
+
+
 def load_hf(path):
     cfg_path = os.path.join(path, "config.json")
     c = read_json(cfg_path)
@@ -59,23 +88,15 @@ def load_hf(path):
         theta = _rope_theta(c)
     except MQUserError as e:
         raise MQUserError(f"{shown(cfg_path)}: {e}") from None
-    mh, md = c.get("mamba_n_heads", 128), c.get("mamba_d_head", 64)
-    groups = c.get("mamba_n_groups", 1)
     limits = dt_limit(c.get("time_step_limit"), "time_step_limit", cfg_path)
-    mamba = config_for(cfg_path, lambda: Mamba2Config(
-        d_model=d, d_state=c.get("mamba_d_state", 128), d_conv=c.get("mamba_d_conv", 4),
-        expand=c.get("mamba_expand", 2), head_dim=md, n_groups=groups,
-        d_inner=mh * md if isinstance(mh, int) and isinstance(md, int) else None,
-        conv_bias=c.get("mamba_conv_bias", True), bias=c.get("mamba_proj_bias", False),
-        rmsnorm=True, norm_before_gate=False, norm_groups=groups, norm_eps=eps,
-        chunk_size=c.get("mamba_chunk_size", 256), **limits))
+    mamba = config_for(cfg_path, lambda: mamba2_of(c, d, eps, limits))
     attention = config_for(cfg_path, lambda: AttentionConfig(
         d_model=d, n_heads=heads, n_kv_heads=c.get("num_key_value_heads", heads), head_dim=head_dim,
         qkv_bias=bias, out_bias=bias, rope_dim=head_dim if pos == "rope" else 0, rope_theta=theta,
         scaling=c.get("attention_multiplier", 1.0)))
     mlp = config_for(cfg_path, lambda: MLPConfig(d_model=d, d_ff=c.get("shared_intermediate_size", 1024),
                                                  act="silu", gated=True, bias=False))
-    layers = [b for t in types for b in ((mamba if _KINDS[t] == "mamba2" else attention), mlp)]
+    layers = paired_layers([_KINDS[t] for t in types], mamba, attention, mlp)
     vocab = c.get("vocab_size", 0)
     cfg = config_for(cfg_path, lambda: MambaLMConfig(
         d_model=d, n_layer=len(layers), vocab_size=vocab, layers=layers, norm_eps=eps, residual_in_fp32=False,
@@ -84,14 +105,10 @@ def load_hf(path):
         logits_scaling=c.get("logits_scaling", 1.0)))
     src, tensors = hf_tensor_source(path, "HF Granite-4.0-H")
     rules = [(r"^model\.embed_tokens\.", "embedding."), (r"^model\.norm\.", "norm_f.")]
-    for i in range(len(types)):
-        rules += [(rf"^model\.layers\.{i}\.input_layernorm\.", f"layers.{2 * i}.norm."),
-                  (rf"^model\.layers\.{i}\.(mamba|self_attn)\.", f"layers.{2 * i}.mixer."),
-                  (rf"^model\.layers\.{i}\.post_attention_layernorm\.", f"layers.{2 * i + 1}.norm."),
-                  (rf"^model\.layers\.{i}\.shared_mlp\.output_linear\.", f"layers.{2 * i + 1}.mixer.down_proj."),
-                  (rf"^model\.layers\.{i}\.shared_mlp\.input_linear\.", f"layers.{2 * i + 1}.mixer.input_linear.")]
-    tensors = tensors.rename(rules).split_rows(r"\.mixer\.input_linear\.", [(".mixer.gate_proj.", 0, 2),
-                                                                            (".mixer.up_proj.", 1, 2)])
+    rules += paired_rules(len(types), "model", "(mamba|self_attn)", "input_layernorm", "shared_mlp",
+                          "post_attention_layernorm")
+    tensors = tensors.rename(rules).rename([(r"\.mixer\.output_linear\.", ".mixer.down_proj.")]).split_rows(
+        r"\.mixer\.input_linear\.", [(".mixer.gate_proj.", 0, 2), (".mixer.up_proj.", 1, 2)])
     if not cfg.tie_embeddings and "lm_head.weight" not in tensors.shapes:
         raise MQUserError(f"{src}: untied head (tie_word_embeddings false) but no lm_head.weight")
     return load_into(cfg, tensors, src, cfg_path), cfg, with_tokenizer(path, {})
