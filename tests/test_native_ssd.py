@@ -794,9 +794,13 @@ def mamba2_exports(tmp_path_factory):
 
 
 def _runners(path):
-    from mq_deploy.backends.ort.runner import OrtRunner
+    """(OrtRunner as mq-deploy makes it, with the library it registers by default; one on the function bodies)"""
+    from mq_deploy.backends.ort.runner import ORT_LIB_ENV, OrtRunner
 
-    return OrtRunner(path, custom_op_library=LIB), OrtRunner(path, custom_op_library=False)
+    native_runner = OrtRunner(path)
+    if not os.environ.get(ORT_LIB_ENV):
+        assert native_runner.custom_op_library == LIB     # the default: mq_deploy/_native's library
+    return native_runner, OrtRunner(path, custom_op_library=False)
 
 
 def _uses_native_ops(path, ops):

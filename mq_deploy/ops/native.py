@@ -1,8 +1,9 @@
-"""ctypes binding of the native int8 selective scan (libmq_scan_cpu.so), same signature as the reference.
+"""ctypes binding of the native int8 scans (libmq_scan_cpu.so), same signatures as the references.
 
 `selective_scan_int8_native` takes exactly the arguments of `selective_scan_int8_ref` (plus
 `num_threads`, `out_dtype` and `out_state`) and runs plugins/selective_scan's C++ implementation on CPU
-tensors. The library is loaded lazily from $MQ_SCAN_LIB, else from mq_deploy/_native/, where
+tensors; `ssd_scan_int8_native` / `ssd_scan_native` do the same for Mamba2's `ssd_scan_int8_ref` /
+`ssd_scan_ref` (mq_ssd.h). The library is loaded lazily from $MQ_SCAN_LIB, else from mq_deploy/_native/, where
 `pip install` puts it. Rebuild it from a source checkout with
 
     python -m mq_deploy.ops.native --build          # add --cuda for libmq_scan_cuda.so as well
@@ -17,7 +18,7 @@ import sys
 from mq_deploy.errors import MQInternalError, MQUserError
 
 LIB_NAME = "libmq_scan_cpu.so"
-ORT_LIB_NAME = "libmq_scan_ort.so"   # mq::SelectiveScan(Float) custom ops for ONNX Runtime, built beside it
+ORT_LIB_NAME = "libmq_scan_ort.so"   # mq::SelectiveScan / mq::SSDScan custom ops for ONNX Runtime, built beside it
 ORT_LIB_ENV = "MQ_SCAN_ORT_LIB"
 NATIVE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "_native")
 _SOURCE_DIR = os.path.join(os.path.dirname(os.path.dirname(NATIVE_DIR)), "plugins", "selective_scan")
