@@ -158,3 +158,29 @@ def test_export_refuses_what_it_cannot_express():
         QuantSpec(8, 16)
     with pytest.raises(MQUserError, match="decode-step"):
         build_model(small_vim(), None, step=True)
+
+
+def test_files_exported_before_the_explicit_zero_points_still_run_exactly(tmp_path):
+    """An export without the per-axis weight zero points (as mq-deploy wrote them before) runs in OrtRunner
+    with the int8 MatMuls unfused (exact on every CPU), not with an ORT error."""
+    from mq_deploy.backends.ort.runner import OrtRunner
+    from mq_deploy.export.graph import build_model
+
+    m, scales = quantized_lm("rtn", 8)
+    proto = build_model(m, spec_of(scales, 8, "rtn"))
+    zps = {t.name for t in proto.graph.initializer if t.name.startswith("w_zp")}
+    for node in proto.graph.node:
+        if node.op_type == "DequantizeLinear" and len(node.input) == 3 and node.input[2] in zps:
+            del node.input[2]
+    kept = [t for t in proto.graph.initializer if t.name not in zps]
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(kept)
+    path = tmp_path / "old.onnx"
+    onnx.save(proto, str(path))
+    ids = text_ids(4, 48)
+    got = OrtRunner(str(path), custom_op_library=False).infer({"input_ids": ids})["logits"]
+    with torch.no_grad():
+        want = m(torch.from_numpy(ids)).numpy()
+    c = compare_outputs(got, want)
+    print(c)
+    assert c["cosine_mean"] >= 0.99999 and c["top1_agreement"] == 1.0, c

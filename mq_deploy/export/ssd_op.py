@@ -24,7 +24,7 @@ Runtime or any conformant runtime runs it with no plugin; a native library may b
     h_t = exp(dt_t * A) * h_{t-1} + dt_t * x_t (outer) B_t          per head
     y_t = h_t . C_t + D * x_t
 
-The body is the chunked (SSD) form: inside chunks of Q = min(chunk, L) steps a masked matmul
+The body is the chunked (SSD) form: inside chunks of Q = max(1, min(chunk, L)) steps a masked matmul
 (C B^T o decay) (dt x), across chunks the recurrence as an ONNX Scan over the chunks. The int8 inputs come
 straight from QuantizeLinear nodes (Q -> mq::SSDScan, never DQ -> op).
 
@@ -123,7 +123,7 @@ def _float_nodes(b: _Nodes, x, dt, B, C, y="y"):
     d = b.op("Softplus", [b.op("Add", [dt, "dt_bias"])])
     d = b.op("Min", [b.op("Max", [d, b.attr("value_float", "dt_min")]), b.attr("value_float", "dt_max")])
     # chunks of Q = min(chunk, L) steps; L padded with zeros to a multiple of Q (dt = 0 steps change nothing)
-    Q = b.op("Min", [b.op("Unsqueeze", [b.attr("value_int", "chunk"), b.ints([0])]), L])
+    Q = b.op("Max", [b.op("Min", [b.op("Unsqueeze", [b.attr("value_int", "chunk"), b.ints([0])]), L]), b.ints([1])])
     pad = b.op("Mod", [b.op("Sub", [Q, b.op("Mod", [L, Q])]), Q])
     nc = b.op("Div", [b.op("Add", [L, pad]), Q])
     pads = b.op("Concat", [b.ints([0, 0, 0, 0]), pad, b.ints([0])], axis=0)

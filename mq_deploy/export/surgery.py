@@ -6,7 +6,7 @@ onnxOpImporters.cpp) dispatches each node by op_type alone: a built-in importer 
 model-local function of that name (it inlines the body), and only then the plugin registry with
 (name = node.op_type, version = attribute `plugin_version` or "1", namespace = attribute
 `plugin_namespace` or ""). The node's ONNX domain plays no part. So a TensorRT build
-  1. removes the FunctionProto bodies of the ops that have a plugin (mq::SelectiveScan), or the
+  1. removes the FunctionProto bodies of the ops that have a plugin (mq::SelectiveScan, mq::SSDScan), or the
      parser would inline the float Scan body instead of calling the plugin;
   2. writes plugin_namespace="mq" and plugin_version="1" on those nodes, because the creator in
      libmq_scan_trt.so is registered in namespace "mq" (not "", which would let any other library's
@@ -20,7 +20,8 @@ from __future__ import annotations
 from typing import Iterable
 
 PLUGIN_DOMAIN = "mq"
-PLUGIN_OPS = ("SelectiveScan",)          # mq ops implemented by libmq_scan_trt.so
+PLUGIN_OPS = ("SelectiveScan", "SSDScan")          # mq ops implemented by libmq_scan_trt.so
+OUT_DTYPE_OPS = ("SelectiveScan",)                  # those with an out_dtype attribute (the fp16 output)
 PLUGIN_NAMESPACE = "mq"                  # creator namespace in selective_scan_plugin.h
 PLUGIN_VERSION = "1"
 
@@ -91,7 +92,7 @@ def set_scan_out_dtype(model, out_dtype: int) -> int:
 
     n, ys = 0, set()
     for node in all_nodes(model):
-        if node.domain != PLUGIN_DOMAIN or node.op_type not in PLUGIN_OPS:
+        if node.domain != PLUGIN_DOMAIN or node.op_type not in OUT_DTYPE_OPS:
             continue
         for attr in list(node.attribute):
             if attr.name == "out_dtype":

@@ -20,7 +20,7 @@ def check_generation(runner, prompt_ids, max_new_tokens: int, temperature: float
     """Everything generate() refuses, checked before any output: returns the artifact's config
     (MambaLMConfig, validated from its metadata by the runner)."""
     art = runner.artifact
-    if art.graph != "step" or "conv_state" not in runner.input_specs:
+    if art.graph != "step":
         raise MQUserError(f"{runner.path}: generate needs the decode-step graph "
                           "(mq-deploy export MODEL -o model_step.onnx --decode-step)")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
@@ -47,11 +47,11 @@ def generate(runner, prompt_ids, max_new_tokens: int, temperature: float = 0.0, 
     Greedy when temperature is 0, else sampling from softmax(logits / temperature). Stops after
     max_new_tokens or at eos_id (which is returned as the last id, but not passed to on_token).
     Returns the new ids."""
-    from mq_deploy.backends.ort.runner import state_shapes
+    from mq_deploy.backends.ort.runner import empty_states, state_layout
 
     check_generation(runner, prompt_ids, max_new_tokens, temperature, seed)
-    feeds = {"input_ids": np.asarray([prompt_ids], np.int64),
-             **{k: np.zeros(s, np.float32) for k, s in state_shapes(runner, 1).items()}}
+    layout = state_layout(runner)
+    feeds = {"input_ids": np.asarray([prompt_ids], np.int64), **empty_states(runner, 1)}
     rng = np.random.default_rng(seed)
     out = []
     # ORT: states stay bound to the session between steps (IOBinding, no numpy round trip)
@@ -76,8 +76,7 @@ def generate(runner, prompt_ids, max_new_tokens: int, temperature: float = 0.0, 
         if on_token:
             on_token(tok)
         if dec is None:
-            feeds = {"input_ids": np.asarray([[tok]], np.int64), "conv_state": res["conv_state_out"],
-                     "ssm_state": res["ssm_state_out"]}
+            feeds = {"input_ids": np.asarray([[tok]], np.int64), **{name: res[out] for name, out, _ in layout}}
     return out
 
 

@@ -34,6 +34,7 @@ import shlex
 from dataclasses import dataclass, field
 
 from mq_deploy.errors import MQUserError
+from mq_deploy.runtime.apps import MAX_NEW_TOKENS
 from mq_deploy.serve.pbtxt import Enum, dumps
 
 BACKENDS = ("python", "onnxruntime", "tensorrt")
@@ -45,7 +46,6 @@ _MODELS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "triton_m
 # ONNX TensorProto elem_type -> Triton data type
 _TRITON_TYPE = {1: "TYPE_FP32", 2: "TYPE_UINT8", 3: "TYPE_INT8", 5: "TYPE_INT16", 6: "TYPE_INT32", 7: "TYPE_INT64",
                 9: "TYPE_BOOL", 10: "TYPE_FP16", 11: "TYPE_FP64", 16: "TYPE_BF16"}
-_STATE_PAIRS = (("conv_state", "conv_state_out"), ("ssm_state", "ssm_state_out"))
 SEQUENCE_IDLE_US = 60_000_000
 INT32_MAX = 2 ** 31 - 1           # max_batch_size, instance counts, dims: int32 / int64 fields of Triton's ModelConfig
 UINT64_MAX = 2 ** 64 - 1          # max_sequence_idle_microseconds
@@ -134,6 +134,9 @@ class Artifact:
     profile: dict = field(default_factory=dict)   # engine: {input: {"min", "opt", "max"}}
     plugins: list = field(default_factory=list)
     data_files: list = field(default_factory=list)  # the ONNX's external-data files, relative to its folder
+    # a step graph's states: (input, output, fixed) from its family layout (mq_deploy.families.state_inputs);
+    # fixed: an SSM's state of constant shape, not a KV cache that grows along the sequence
+    states: list = field(default_factory=list)
 
     @property
     def config(self) -> dict:
@@ -227,9 +230,16 @@ def read_onnx(path: str) -> Artifact:
     a = Artifact(path=path, kind=parsed.kind, graph=meta["mq.graph"], meta=meta,
                  inputs=_tensors(i for i in proto.graph.input if i.name not in init),
                  outputs=_tensors(proto.graph.output), onnx=path)
-    if a.graph == "step" and {n for p in _STATE_PAIRS for n in p} - {t.name for t in a.inputs + a.outputs}:
-        raise MQUserError(f"{path}: a decode-step graph must have inputs conv_state, ssm_state and outputs "
-                          "conv_state_out, ssm_state_out")
+    if a.graph == "step":
+        from mq_deploy.families import state_inputs
+
+        a.states = [(si.name, si.output, si.spec.stacked) for si in state_inputs(parsed.config)]
+        names = {t.name for t in a.inputs + a.outputs}
+        missing = [n for i, o, _ in a.states for n in (i, o) if n not in names]
+        if missing or not a.states:
+            raise MQUserError(f"{path}: a decode-step graph of this model has the state inputs/outputs "
+                              f"{', '.join(n for i, o, _ in a.states for n in (i, o))}; missing "
+                              f"{', '.join(missing) or 'all'}")
     a.data_files = _external_data_files(proto, path)
     return a
 
@@ -421,9 +431,9 @@ def _sequence_batching(a: Artifact, backend: str, cfg: TritonConfig) -> dict:
         return seq
     states = []
     by_name = {t.name: t for t in a.inputs + a.outputs}
-    for inp, out in _STATE_PAIRS:
+    for inp, out, _ in a.states:            # all fixed here (plan refuses growing caches for these backends)
         t = by_name[inp]
-        dims = [a.config["n_layer"], 1] + [int(d) for d in t.shape[2:]]
+        dims = [int(t.shape[0]), 1] + [int(d) for d in t.shape[2:]]
         states.append({"input_name": inp, "output_name": out, "data_type": Enum(t.dtype), "dims": dims,
                        "initial_state": {"data_type": Enum(t.dtype), "dims": dims, "zero_data": True,
                                          "name": f"{inp}_zeros"}})
@@ -443,7 +453,7 @@ def model_config(a: Artifact, name: str, backend: str, cfg: TritonConfig, model_
         c["default_model_filename"] = model_file
     mbs = _batchable(a, backend, cfg)
     c["max_batch_size"] = mbs
-    state_names = {n for p in _STATE_PAIRS for n in p} if a.graph == "step" else set()
+    state_names = {n for i, o, _ in a.states for n in (i, o)}
     ins, outs = [], []
     for t in a.inputs:
         if t.name in state_names:
@@ -475,7 +485,7 @@ def model_config(a: Artifact, name: str, backend: str, cfg: TritonConfig, model_
         if a.graph == "step":
             params += [_param("max_sequences", cfg.max_sequences),
                        _param("sequence_idle_us", cfg.sequence_idle_us),
-                       _param("n_layer", a.config["n_layer"])]
+                       _param("states", json.dumps([[i, o] for i, o, _ in a.states]))]
         c["parameters"] = params
     return c
 
@@ -507,7 +517,7 @@ def generate_config(a: Artifact, name: str, step_model: str, cfg: TritonConfig) 
             "instance_group": [{"count": max(cfg.instances, 4), "kind": Enum("KIND_CPU")}],
             "parameters": [_param("step_model", step_model), _param("vocab_size", a.config["vocab_size"]),
                            _param("tokenizer", kind), _param("eos_id", "" if eos is None else int(eos)),
-                           _param("default_max_new_tokens", 64), _param("max_new_tokens_limit", 4096)]}
+                           _param("default_max_new_tokens", 64), _param("max_new_tokens_limit", MAX_NEW_TOKENS)]}
 
 
 def preprocess_config(a: Artifact, name: str, cfg: TritonConfig) -> dict:
@@ -762,6 +772,10 @@ def plan(artifacts, cfg: TritonConfig) -> list:
             raise MQUserError(f"{p}: --backend tensorrt serves an engine; build one first "
                               f"(`mq-deploy build {p} --int8 --saveEngine MODEL.plan --json MODEL.plan.json`) "
                               "and pass the engine or its report")
+        if backend != "python" and any(not fixed for _, _, fixed in a.states):
+            raise MQUserError(f"{p}: its attention layers' KV caches grow along the sequence, and Triton's implicit "
+                              f"state (what --backend {backend} keeps states in) takes fixed shapes here; serve it "
+                              "with --backend python, whose model keeps each sequence's states itself")
         name = cfg.name or _default_name(str(p))
         extra = [name]
         if a.graph == "step":

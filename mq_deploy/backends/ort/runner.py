@@ -33,23 +33,40 @@ _NP_OF_ORT = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tenso
 EXACT_INT8_CONFIG = {"session.x64quantprecision": "1"}
 
 
-def exact_int8(so):
-    """Set EXACT_INT8_CONFIG on ORT SessionOptions `so` (every session mq-deploy makes)."""
+def exact_int8(so, implicit_zero_points: bool = False):
+    """Set EXACT_INT8_CONFIG on ORT SessionOptions `so` (every session mq-deploy makes). A file exported before
+    the explicit zero points (implicit_zero_points) cannot take that conversion: its int8 MatMuls are left
+    unfused instead (session.disable_quant_qdq: the weights dequantized to float, exact on every CPU, slower)."""
+    if implicit_zero_points:
+        so.add_session_config_entry("session.disable_quant_qdq", "1")
+        return so
     for k, v in EXACT_INT8_CONFIG.items():
         so.add_session_config_entry(k, v)
     return so
 
 
+def has_implicit_axis_zero_points(proto) -> bool:
+    """A per-axis int8 DequantizeLinear of an initializer without its zero point (files exported before
+    mq-deploy wrote them explicitly)."""
+    inits = {t.name: t for t in proto.graph.initializer}
+    for node in proto.graph.node:
+        if node.op_type == "DequantizeLinear" and len(node.input) == 2 and node.input[0] in inits \
+                and inits[node.input[0]].data_type == 3 and any(a.name == "axis" for a in node.attribute):
+            return True
+    return any(n.op_type == "DequantizeLinear" and len(n.input) == 2 and any(a.name == "axis" for a in n.attribute)
+               for f in proto.functions for n in f.node)
+
+
 def session_options(threads: int | None = None, *, spin: bool = False, optimize: bool = True,
                     custom_op_library: str | None = None, optimized_model_path: str | None = None,
-                    level: str | None = None):
+                    level: str | None = None, implicit_zero_points: bool = False):
     import onnxruntime as ort
 
     from mq_deploy.backends.base import check_threads
 
     so = ort.SessionOptions()
     so.log_severity_level = ORT_LOG_SEVERITY
-    exact_int8(so)
+    exact_int8(so, implicit_zero_points)
     if threads is not None:
         so.intra_op_num_threads = check_threads(threads)
     if not spin:
@@ -108,6 +125,7 @@ class OrtRunner(Runner):
         self.meta = meta
         check_mq_nodes(proto, path, self.artifact.config)
         missing = missing_functions(proto)
+        implicit_zp = has_implicit_axis_zero_points(proto)
         del proto
         if missing and not custom_op_library:
             need = self.artifact.custom_op_library
@@ -119,7 +137,7 @@ class OrtRunner(Runner):
                               "no plugin library was given; re-export it with `mq-deploy export` (which embeds the "
                               "bodies) or pass --custom-op-lib PATH of the native mq::SelectiveScan library")
         so = session_options(threads, spin=spin, optimize=optimize, custom_op_library=custom_op_library,
-                             optimized_model_path=optimized_model_path)
+                             optimized_model_path=optimized_model_path, implicit_zero_points=implicit_zp)
         try:
             self.session = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
         except Exception as e:
@@ -215,22 +233,40 @@ def check_mq_nodes(proto, path: str, config=None) -> None:
                                   "the file was edited or corrupted (export it again with `mq-deploy export`)")
 
 
-def state_shapes(runner, batch: int) -> dict:
-    """{"conv_state": shape, "ssm_state": shape} of a step graph at `batch`, from its inputs (whose fixed
-    dimensions the runner checked against the metadata's config)."""
-    out = {}
-    for name in ("conv_state", "ssm_state"):
-        dims = runner.input_specs[name].shape
-        if len(dims) < 3 or not all(isinstance(d, int) and d > 0 for i, d in enumerate(dims) if i != 1):
-            raise MQUserError(f"{runner.path}: the step graph's {name} input is {list(dims)}; expected [layers, "
-                              "batch, ...] with every dimension but the batch fixed")
-        out[name] = (dims[0], batch) + tuple(dims[2:])
+def state_layout(runner) -> list:
+    """[(input, output, dims)] of a step graph's states: which input each output carries on
+    (mq_deploy.families.state_inputs of its metadata's config) and the input's dimensions as the graph declares
+    them (None: the batch, or a cache's growing length), checked against each other."""
+    from mq_deploy.families import state_inputs
+
+    cfg = runner.artifact.config
+    if cfg is None or runner.artifact.graph != "step":
+        raise MQUserError(f"{runner.path}: not a decode-step graph (export it with --decode-step)")
+    out = []
+    for si in state_inputs(cfg):
+        spec = runner.input_specs.get(si.name)
+        if spec is None or si.output not in runner.output_names:
+            raise MQUserError(f"{runner.path}: the step graph has no {si.name} input / {si.output} output its "
+                              "metadata implies; export it again")
+        dims = tuple(d if isinstance(d, int) and d > 0 else None for d in spec.shape)
+        if len(dims) != len(si.dims) or any(w != g for w, g in zip(si.dims, dims) if isinstance(w, int)):
+            raise MQUserError(f"{runner.path}: the step graph's {si.name} input is {list(spec.shape)}, its metadata "
+                              f"implies {list(si.dims)}; export it again")
+        out.append((si.name, si.output, tuple(None if isinstance(d, str) else d for d in si.dims)))
     return out
+
+
+def empty_states(runner, batch: int) -> dict:
+    """{input: zeros} of a step graph's states for a fresh sequence (a cache's length 0)."""
+    return {name: np.zeros([batch if i == dims.index(None) else 0 if d is None else d for i, d in enumerate(dims)],
+                           np.float32)
+            for name, _, dims in state_layout(runner)}
 
 
 class OrtDecoder:
     """Decode steps of a step graph with the states bound as ORT values (IOBinding): the state outputs of
-    step t are the state inputs of step t+1 (two buffers per state, swapped), never copied through numpy.
+    step t are the state inputs of step t+1, never copied through numpy. A fixed-size state (an SSM's)
+    uses two buffers, swapped; a growing one (a KV cache) is the buffer ORT allocated for the output.
 
         dec = runner.decoder(batch)
         logits = dec.prefill(ids)          # [batch, L] -> last-position logits [batch, V] (numpy)
@@ -238,19 +274,16 @@ class OrtDecoder:
     """
 
     def __init__(self, runner: OrtRunner, batch: int = 1):
-        specs = runner.input_specs
-        if "conv_state" not in specs or "ssm_state" not in specs:
-            raise MQUserError(f"{runner.path}: not a decode-step graph (no conv_state / ssm_state inputs)")
-        cfg = runner.artifact.config
-        if cfg is None:
-            raise MQUserError(f"{runner.path}: the step graph has no mq.config metadata; re-export it")
+        self.layout = state_layout(runner)
         self.runner, self.batch, self.sess = runner, batch, runner.session
-        self.shapes = state_shapes(runner, batch)
-        self.vocab = cfg.vocab_size
+        self.vocab = runner.artifact.config.vocab_size
         self._io = None
 
-    def _run(self, feeds):
-        return self.runner.infer(feeds)
+    def _fixed(self, dims) -> bool:
+        return dims.count(None) == 1          # only the batch is free
+
+    def _shape(self, dims):
+        return [self.batch if d is None else d for d in dims]
 
     def prefill(self, ids) -> np.ndarray:
         import onnxruntime as ort
@@ -258,40 +291,46 @@ class OrtDecoder:
         ids = np.asarray(ids, np.int64)
         if ids.ndim != 2 or ids.shape[0] != self.batch:
             raise MQUserError(f"prefill ids must be [{self.batch}, L], got {list(ids.shape)}")
-        feeds = {"input_ids": ids, **{k: np.zeros(s, np.float32) for k, s in self.shapes.items()}}
-        res = self._run(feeds)
-        # the states' two buffers: [0] from the prefill's outputs (kept alive here), [1] preallocated
-        self._arrays = [res["conv_state_out"], res["ssm_state_out"]]
-        self._bufs = [[ort.OrtValue.ortvalue_from_numpy(a) for a in self._arrays],
-                      [ort.OrtValue.ortvalue_from_shape_and_type(self.shapes[k], np.float32)
-                       for k in ("conv_state", "ssm_state")]]
+        res = self.runner.infer({"input_ids": ids, **empty_states(self.runner, self.batch)})
+        self._arrays = [res[out] for _, out, _ in self.layout]                 # kept alive: bound below
+        self._cur = {name: ort.OrtValue.ortvalue_from_numpy(a) for (name, _, _), a in zip(self.layout, self._arrays)}
+        self._spare = {name: ort.OrtValue.ortvalue_from_shape_and_type(self._shape(dims), np.float32)
+                       for name, _, dims in self.layout if self._fixed(dims)}
         self._tok = np.zeros((self.batch, 1), np.int64)
         self._logits = ort.OrtValue.ortvalue_from_shape_and_type((self.batch, 1, self.vocab), np.float32)
         io = self.sess.io_binding()
         io.bind_ortvalue_input("input_ids", ort.OrtValue.ortvalue_from_numpy(self._tok))   # shares _tok's memory
         io.bind_ortvalue_output("logits", self._logits)
-        self._io, self._cur = io, 0
+        self._io = io
         return res["logits"][:, -1]
 
     def step(self, tokens) -> np.ndarray:
         if self._io is None:
             raise MQUserError("OrtDecoder.step before prefill")
         self._tok[:, 0] = np.asarray(tokens, np.int64).reshape(self.batch)
-        cur, nxt = self._bufs[self._cur], self._bufs[1 - self._cur]
         io = self._io
-        io.bind_ortvalue_input("conv_state", cur[0])
-        io.bind_ortvalue_input("ssm_state", cur[1])
-        io.bind_ortvalue_output("conv_state_out", nxt[0])
-        io.bind_ortvalue_output("ssm_state_out", nxt[1])
+        io.clear_binding_outputs()
+        io.bind_ortvalue_output("logits", self._logits)
+        for name, out, dims in self.layout:
+            io.bind_ortvalue_input(name, self._cur[name])
+            if self._fixed(dims):
+                io.bind_ortvalue_output(out, self._spare[name])
+            else:
+                io.bind_output(out, "cpu")            # a cache grows: ORT allocates its next buffer
         try:
             self.sess.run_with_iobinding(io, self.runner._run_options)
         except Exception as e:
             raise MQUserError(f"{self.runner.path}: ONNX Runtime failed on a decode step: "
                               f"{(str(e).splitlines() or [''])[0][:300]}") from None
-        self._cur = 1 - self._cur
+        grown = iter(io.get_outputs()[1:])             # the outputs in binding order, after the logits
+        for name, _, dims in self.layout:
+            value = next(grown)
+            if self._fixed(dims):
+                self._cur[name], self._spare[name] = self._spare[name], self._cur[name]
+            else:
+                self._cur[name] = value
         return np.array(self._logits.numpy()[:, -1])   # a copy: the bound buffer is rewritten next step
 
     def states(self) -> dict:
-        """The current states as numpy copies (for checks)."""
-        cur = self._bufs[self._cur]
-        return {"conv_state_out": np.array(cur[0].numpy()), "ssm_state_out": np.array(cur[1].numpy())}
+        """The current states as numpy copies (for checks), by output name."""
+        return {out: np.array(self._cur[name].numpy()) for name, out, _ in self.layout}

@@ -41,15 +41,22 @@ class TritonPythonModel:
         self.max_sequences = int(params.get("max_sequences", "64"))
         self.idle_s = int(params.get("sequence_idle_us", "60000000")) / 1e6
         shapes = {i.name: i.shape for i in self.session.get_inputs()}
-        # the states as the step graph declares them, [layers, batch, ...]: batch 1 per sequence
-        self.state_shapes = {n: [1 if j == 1 else int(d) for j, d in enumerate(shapes[n])]
-                             for n in ("conv_state", "ssm_state")}
+        # the states: [input, output] pairs `mq-deploy triton` wrote from the model family's layout, shaped as
+        # the step graph declares them with batch 1 per sequence (SSM states [layers, batch, ...], fixed) and a
+        # KV cache's growing length 0 at a sequence's start
+        self.pairs = [tuple(p) for p in json.loads(params["states"])]
+        self.empty = {}
+        for name, _ in self.pairs:
+            dims = shapes[name]
+            batch_axis = next(j for j, d in enumerate(dims) if not isinstance(d, int))
+            self.empty[name] = [1 if j == batch_axis else int(d) if isinstance(d, int) else 0
+                                for j, d in enumerate(dims)]
         self.vocab = int(self.session.get_outputs()[0].shape[-1])
-        self.states = collections.OrderedDict()    # corrid -> (conv_state, ssm_state, last use)
+        self.states = collections.OrderedDict()    # corrid -> ({input: state}, last use)
 
     def _evict(self, now):
         while self.states:
-            corr, (_, _, t) = next(iter(self.states.items()))
+            corr, (_, t) = next(iter(self.states.items()))
             if now - t > self.idle_s or len(self.states) > self.max_sequences:
                 del self.states[corr]
             else:
@@ -73,19 +80,18 @@ class TritonPythonModel:
             raise ValueError(f"input_ids must lie in [0, {self.vocab}), got values in [{ids.min()}, {ids.max()}]")
         now = time.monotonic()
         if start:
-            conv = np.zeros(self.state_shapes["conv_state"], np.float32)
-            ssm = np.zeros(self.state_shapes["ssm_state"], np.float32)
+            state = {name: np.zeros(shape, np.float32) for name, shape in self.empty.items()}
         else:
             entry = self.states.get(corr)
             if entry is None:
                 raise ValueError(f"sequence {corr} has no state on the server: its first request must set "
                                  f"sequence_start, and it must not stay idle longer than {self.idle_s:.0f} s")
-            conv, ssm, _ = entry
-        logits, conv, ssm = self.session.run(["logits", "conv_state_out", "ssm_state_out"],
-                                             {"input_ids": ids, "conv_state": conv, "ssm_state": ssm})
+            state = entry[0]
+        res = self.session.run(["logits"] + [out for _, out in self.pairs], {"input_ids": ids, **state})
+        logits = res[0]
         self.states.pop(corr, None)
         if not end:
-            self.states[corr] = (conv, ssm, now)
+            self.states[corr] = ({name: r for (name, _), r in zip(self.pairs, res[1:])}, now)
         self._evict(now)
         return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("logits", logits)])
 
