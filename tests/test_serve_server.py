@@ -9,6 +9,7 @@ Skipped where no tritonserver, or no numpy/onnxruntime for its Python stub, is i
 MQ_REQUIRE_TRITON=1 (CI sets it: there a missing server is a failure, not a skip).
 """
 
+import json
 import os
 import queue
 import signal
@@ -142,13 +143,47 @@ def vim224(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def served(art, bpe_step, vim224, tmp_path_factory):
+def family_steps(tmp_path_factory):
+    """W8A8 decode-step exports of a Mamba2 and a Nemotron-H hybrid (Mamba2 + attention + MLP: SSM states and
+    a KV cache per attention layer), from folders transformers wrote: {"m2_step": path, "nh_step": path}."""
+    import torch
+    transformers = pytest.importorskip("transformers")
+    from mq_deploy.cli.main import main
+
+    root = tmp_path_factory.mktemp("families")
+    text = root / "text.txt"
+    text.write_bytes(b"In the beginning God created the heaven and the earth. And God said, Let there be light. " * 60)
+    torch.manual_seed(0)
+    models = {
+        "m2_step": transformers.Mamba2ForCausalLM(transformers.Mamba2Config(
+            vocab_size=256, hidden_size=32, num_heads=4, head_dim=16, state_size=8, num_hidden_layers=2,
+            n_groups=2, chunk_size=8)),
+        "nh_step": transformers.NemotronHForCausalLM(transformers.NemotronHConfig(
+            vocab_size=256, hidden_size=32, hybrid_override_pattern="M*-M", num_attention_heads=4,
+            num_key_value_heads=2, head_dim=8, intermediate_size=64, mamba_num_heads=4, mamba_head_dim=16,
+            ssm_state_size=8, n_groups=2, chunk_size=8))}
+    out = {}
+    for name, m in models.items():
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+        m.save_pretrained(root / name)
+        q = str(root / f"{name}_q")
+        assert main(["quantize", str(root / name), "-o", q, "--calib", str(text), "--calib-samples", "2",
+                     "--seq-len", "64"]) == 0
+        out[name] = str(root / f"{name}.onnx")
+        assert main(["export", q, "-o", out[name], "--decode-step"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def served(art, bpe_step, vim224, family_steps, tmp_path_factory):
     from mq_deploy.serve.repository import TritonConfig, write_repository
 
     d = tmp_path_factory.mktemp("served")
     repo = str(d / "repo")
-    write_repository([art["vim"], art["lm"], art["lm_step"], bpe_step, vim224[1]], repo,
-                     TritonConfig(backend="python", max_batch=8, instances=1))
+    write_repository([art["vim"], art["lm"], art["lm_step"], bpe_step, vim224[1], family_steps["m2_step"],
+                      family_steps["nh_step"]], repo, TritonConfig(backend="python", max_batch=8, instances=1))
     srv = triton.TritonServer(repo, log_path=str(d / "tritonserver.log"))
     t0 = time.monotonic()
     srv.start()
@@ -227,20 +262,17 @@ def test_eight_concurrent_clients(served, ref):
 
 def reference_steps(step_runner, prompt, n):
     """Logits of a prefill and n greedy decode steps, computed by the ORT runner with explicit states."""
+    from mq_deploy.backends.ort.runner import empty_states, state_layout
     from mq_deploy.runtime.apps import generate
 
-    cfg = step_runner.meta["mq.config"]
-    m = cfg["mixer"]
-    feeds = {"input_ids": np.asarray([prompt], np.int64),
-             "conv_state": np.zeros((cfg["n_layer"], 1, m["d_inner"], m["d_conv"] - 1), np.float32),
-             "ssm_state": np.zeros((cfg["n_layer"], 1, m["d_inner"], m["d_state"]), np.float32)}
+    layout = state_layout(step_runner)
+    feeds = {"input_ids": np.asarray([prompt], np.int64), **empty_states(step_runner, 1)}
     out = []
     for _ in range(n + 1):
         r = step_runner.infer(feeds)
         out.append(r["logits"])
         tok = int(r["logits"][0, -1].astype(np.float64).argmax())
-        feeds = {"input_ids": np.asarray([[tok]], np.int64), "conv_state": r["conv_state_out"],
-                 "ssm_state": r["ssm_state_out"]}
+        feeds = {"input_ids": np.asarray([[tok]], np.int64), **{name: r[o] for name, o, _ in layout}}
     assert [int(o[0, -1].astype(np.float64).argmax()) for o in out[:n]] == generate(step_runner, prompt, n)
     return out
 
@@ -276,6 +308,35 @@ def test_interleaved_sequences_keep_separate_states(served, ref):
         for s, out in enumerate(pool.map(run, range(4), timeout=TIMEOUT * 4)):
             for k in range(n + 1):
                 assert_exact(out[k], want[s][k], f"threaded sequence {s} step {k}")
+
+
+@pytest.mark.parametrize("model", ["m2_step", "nh_step"])
+def test_mamba2_and_hybrid_step_graphs_served(served, family_steps, model):
+    """A Mamba2 and a hybrid (SSM states plus growing KV caches) decode step served: interleaved sequences
+    each equal to the ORT runner's own steps, and streamed generation equal to `generate`."""
+    from mq_deploy.backends.ort.runner import OrtRunner
+    from mq_deploy.runtime.apps import generate, generate_text
+
+    runner = OrtRunner(family_steps[model], custom_op_library=False)
+    prompts = [list(b"And God said"), list(b"Let there"), list(b"In the beginning")]
+    n = 5
+    want = [reference_steps(runner, p, n) for p in prompts]
+    client = served.grpc()
+    feeds = [np.asarray([p], np.int64) for p in prompts]
+    for step in range(n + 1):
+        for s in range(len(prompts)):
+            logits = call(client, model, input_ids=feeds[s], seq=(3000 + s, step == 0, step == n))["logits"]
+            assert_exact(logits, want[s][step], f"{model} sequence {s} step {step}")
+            feeds[s] = np.asarray([[int(logits[0, -1].astype(np.float64).argmax())]], np.int64)
+    got = stream_generate(served.grpc(), f"{model}_generate", gen_inputs(text=b"And God said", n=12))
+    assert got == generate(runner, list(b"And God said"), 12)
+    # random weights emit bytes >= 0x80 that no character holds alone: each response's text is still whole
+    # UTF-8 (a lone byte made the curl client's JSON invalid), and all of it is generate's text
+    texts = []
+    got = stream_generate(served.grpc(), f"{model}_generate", gen_inputs(text=b"And God said", n=40), texts=texts)
+    want = generate_text(runner, prompt="And God said", max_new_tokens=40)
+    assert got == want["new_ids"] and max(got) >= 0x80
+    assert "".join(t.decode("utf-8") for t in texts) == want["text"]
 
 
 def stream_generate(client, model, inputs, limit=4096, texts=None):
@@ -528,6 +589,9 @@ def test_the_repository_readme_curl_commands_work(served):
         print(cmd[:100], "->", r.stdout[:160])
         assert r.returncode == 0 and "error" not in r.stdout, (cmd, r.stdout, r.stderr)
         assert r.stdout.strip() in ("200",) or '"outputs"' in r.stdout or r.stdout.startswith("data: ")
+        for line in r.stdout.splitlines():      # each streamed event is valid JSON
+            if line.startswith("data: "):
+                json.loads(line[len("data: "):])
 
 
 def test_the_served_configs_parse_against_tritons_schema(served):
@@ -536,7 +600,7 @@ def test_the_served_configs_parse_against_tritons_schema(served):
     from tritonclient.grpc import model_config_pb2
 
     names = sorted(n for n in os.listdir(served.repo) if os.path.isfile(os.path.join(served.repo, n, "config.pbtxt")))
-    assert "bpe_step_generate" in names and "vim224_image" in names and len(names) == 11
+    assert "bpe_step_generate" in names and "vim224_image" in names and len(names) == 15, names
     for n in names:
         with open(os.path.join(served.repo, n, "config.pbtxt")) as f:
             cfg = text_format.Parse(f.read(), model_config_pb2.ModelConfig())

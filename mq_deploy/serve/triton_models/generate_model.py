@@ -8,13 +8,16 @@ step request, and every token goes back to the client as its own response. This 
 Inputs: text (BYTES [1]; for byte-level LMs, and for LMs whose tokenizer.json came with the export,
 encoded with the `tokenizers` package) or prompt_ids (INT64 [n]); max_new_tokens (INT32 [1],
 optional). Outputs per response: token_id (INT64 [1]) and, where there is a tokenizer, text: the
-new characters (a byte-level LM: the byte itself; a BPE tokenizer: the decoded suffix, held back
-while it ends inside a multi-byte character, as `mq-deploy generate` prints it). Generation stops
+new characters as UTF-8, held back while they end inside a multi-byte character (a byte-level LM:
+an incremental UTF-8 decoder, bytes that no character can hold become U+FFFD; a BPE tokenizer: the
+decoded suffix), as `mq-deploy generate` prints them; never a lone byte of a character, which would
+make the JSON response invalid). Generation stops
 after max_new_tokens or at the EOS id (sent as the last token, with no text), as generate does.
 A client that cancels or disconnects stops the loop at the next token; the sequence is then ended
 on the step model so its state is released.
 """
 
+import codecs
 import json
 import os
 import threading
@@ -53,6 +56,20 @@ class _Stream:
         text = self._text()
         piece, self.sent = text[self.sent:], len(text)
         return piece
+
+
+class _ByteStream:
+    """A byte-level LM's text: each id is one byte, decoded incrementally as mq_deploy.data.tokenizer's
+    byte stream does."""
+
+    def __init__(self):
+        self._dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token_id):
+        return self._dec.decode(bytes([int(token_id)]))
+
+    def flush(self):
+        return self._dec.decode(b"", final=True)
 
 
 class TritonPythonModel:
@@ -131,7 +148,7 @@ class TritonPythonModel:
         prompt, n = self._prompt(request)
         corr = self._corrid()
         START, END = pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_START, pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_END
-        feed, stream = prompt, _Stream(self.tok)
+        feed, stream = prompt, (_ByteStream() if self.tok is None else _Stream(self.tok))
         for i in range(n):
             if sender.is_cancelled():
                 if i:   # release the step model's state of this sequence
@@ -143,12 +160,9 @@ class TritonPythonModel:
             out = [pb_utils.Tensor("token_id", np.asarray([tok], np.int64))]
             eos = self.eos is not None and tok == self.eos
             if self.text:
-                if self.tok is None:
-                    piece = b"" if eos else bytes([tok])
-                else:
-                    piece = b"" if eos else stream.push(tok).encode("utf-8")
-                    if eos or i == n - 1:
-                        piece += stream.flush().encode("utf-8")
+                piece = b"" if eos else stream.push(tok).encode("utf-8")
+                if eos or i == n - 1:
+                    piece += stream.flush().encode("utf-8")
                 out.append(pb_utils.Tensor("text", np.asarray([piece], object)))
             sender.send(pb_utils.InferenceResponse(output_tensors=out))
             if eos:
