@@ -2,6 +2,7 @@
 --weight-rounding) as a user meets them: JSON with intervals, one-line refusals of what cannot deploy."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from mq_deploy.cli.main import main
 from mq_deploy.models.io import save_model
 from mq_deploy.quant.compare import bootstrap_indices, paired_stats
 
+from conftest import LM_SAMPLE
 from helpers import assert_user_error, small_lm
 
 TEXT = b"Thou shalt love thy neighbour as thyself. And the second is like unto it. " * 60
@@ -37,12 +39,14 @@ def test_paired_bootstrap_interval_covers_the_truth_and_is_tighter_than_unpaired
     assert st["relative"] == pytest.approx(shifted.mean() / base.mean() - 1)
 
 
-def test_compare_low_bits_json_carries_intervals_and_the_mambaquant_quarot_pair(tmp_path, lm_dir, capsys):
-    text = tmp_path / "t.txt"
-    text.write_bytes(TEXT)
+def test_compare_low_bits_json_carries_intervals_and_the_mambaquant_quarot_pair(tmp_path, capsys):
+    # the trained sample, not a random model: on random weights (8.4 bits/byte) A4's cost is noise and the
+    # ordering below would be a coin toss
+    data = os.path.join(LM_SAMPLE, "data")
     out = tmp_path / "table.json"
-    argv = ["compare", lm_dir, "--recipes", "quarot,mambaquant", "--bits", "w8a8,w8a4", "--calib", str(text),
-            "--calib-samples", "2", "--data", str(text), "--limit", "3", "--seq-len", "128",
+    argv = ["compare", LM_SAMPLE, "--recipes", "quarot,mambaquant", "--bits", "w8a8,w8a4",
+            "--calib", os.path.join(data, "calib.txt"), "--calib-samples", "2", "--data", os.path.join(data, "eval.txt"),
+            "--limit", "3", "--seq-len", "128",
             "--observer", "minmax,heavy=mse", "--json", str(out)]
     assert main(argv) == 0
     table = json.loads(out.read_text())
