@@ -138,3 +138,50 @@ def test_simple_evaluate_on_a_local_json_task(setup):
                              task_manager=tm)["results"]["kjv_mc"]["acc,none"]
     print(f"acc: mq-deploy {acc:.4f}, by hand {np.mean(correct):.4f}, lm-eval HF model {theirs:.4f}")
     assert math.isclose(acc, np.mean(correct)) and math.isclose(acc, theirs)
+
+
+def _family_model(kind, vocab):
+    torch.manual_seed(0)
+    if kind == "mamba2":
+        cfg = transformers.Mamba2Config(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, expand=2, num_heads=8,
+                                        head_dim=16, state_size=16, n_groups=2, chunk_size=8, eos_token_id=0)
+        m = transformers.Mamba2ForCausalLM(cfg)
+    else:   # a Nemotron-H hybrid: Mamba2, MLP and attention with a KV cache
+        cfg = transformers.NemotronHConfig(vocab_size=vocab, hidden_size=64, expand=2, chunk_size=8, conv_kernel=4,
+                                           hybrid_override_pattern="M-M*", num_attention_heads=4,
+                                           num_key_value_heads=2, head_dim=16, intermediate_size=128,
+                                           mamba_num_heads=8, mamba_head_dim=16, ssm_state_size=16, n_groups=2,
+                                           eos_token_id=0)
+        m = transformers.NemotronHForCausalLM(cfg)
+    m = m.eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return m
+
+
+@pytest.mark.parametrize("kind", ["mamba2", "nemotron_h"])
+def test_mamba2_and_hybrid_loglikelihoods_match_transformers_and_onnx(setup, tmp_path, kind):
+    """The adapter on a Mamba2 and a hybrid folder written by transformers, and on their ONNX exports."""
+    from tokenizers import Tokenizer
+
+    from mq_deploy.export.exporter import export
+
+    d, _, docs, _ = setup
+    tok = Tokenizer.from_file(str(d / "hf" / "tokenizer.json"))
+    m = _family_model(kind, tok.get_vocab_size())
+    path = tmp_path / kind
+    m.save_pretrained(path)
+    tok.save(str(path / "tokenizer.json"))
+    reqs = [Req(doc["context"], " " + c) for doc in docs[:2] for c in doc["choices"]]
+    got = MQDeployLM(path=str(path)).loglikelihood(reqs)
+    want = [_reference_loglik(m, tok, r.args[0], r.args[1]) for r in reqs]
+    err = max(abs(g - w) / abs(w) for (g, _), w in zip(got, want))
+    print(f"{kind}: loglikelihood rel err vs transformers {err:.2e}")
+    assert err <= 1e-4
+    onnx_path = tmp_path / f"{kind}.onnx"
+    export(str(path), str(onnx_path))
+    got_onnx = MQDeployLM(path=str(onnx_path)).loglikelihood(reqs)
+    err = max(abs(g - w) / abs(w) for (g, _), (w, _) in zip(got_onnx, got))
+    print(f"{kind}: ONNX artifact vs PyTorch rel err {err:.2e}")
+    assert err <= 1e-4
