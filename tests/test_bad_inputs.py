@@ -830,3 +830,40 @@ def test_lm_eval_model_args_are_checked(ws2, args, needle):
 
     with pytest.raises(MQUserError, match=needle):
         MQDeployLM(path=ws2["lm_onnx"], **args)
+
+
+def test_a_kv_cache_of_the_wrong_length_or_layout_is_refused_in_one_line(tmp_path):
+    """A hybrid's step graph: every cache's 'past' length and every state's 'batch' must agree; a cache whose
+    layout swaps heads and positions is refused on its fixed dimension. (ONNX Runtime ran mismatched past
+    lengths without complaint: each layer concatenated its own cache.)"""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from mq_deploy.backends.ort.runner import OrtRunner, empty_states
+    from mq_deploy.errors import MQUserError
+    from mq_deploy.export.exporter import export
+
+    torch.manual_seed(0)
+    cfg = transformers.NemotronHConfig(vocab_size=97, hidden_size=64, expand=2, chunk_size=8, conv_kernel=4,
+                                       hybrid_override_pattern="M*M*", num_attention_heads=4, num_key_value_heads=2,
+                                       head_dim=16, intermediate_size=128, mamba_num_heads=8, mamba_head_dim=16,
+                                       ssm_state_size=16, n_groups=2)
+    transformers.NemotronHForCausalLM(cfg).save_pretrained(tmp_path / "hf")
+    export(str(tmp_path / "hf"), str(tmp_path / "s.onnx"), step=True)
+    r = OrtRunner(str(tmp_path / "s.onnx"), custom_op_library=False)
+    out = r.infer({"input_ids": np.array([[1, 2, 3]]), **empty_states(r, 1)})
+    feeds = {"input_ids": np.array([[4]]), "conv_state": out["conv_state_out"], "ssm_state": out["ssm_state_out"]}
+    feeds.update({f"past_{kv}_{i}": out[f"present_{kv}_{i}"] for kv in ("key", "value") for i in (1, 3)})
+    r.infer(feeds)                                                    # consistent: runs
+    cases = {
+        "past_key_3": (feeds["past_key_3"][:, :, :2], "dimension 'past' is 3 in input past_key_1 but 2 in input "
+                                                      "past_key_3"),
+        "past_value_1": (np.concatenate([feeds["past_value_1"]] * 2), "dimension 'batch' is 1"),
+        "past_value_3": (feeds["past_value_3"].transpose(0, 2, 1, 3).copy(), "past_value_3 dimension 1 must be 2"),
+    }
+    for name, (bad, want) in cases.items():
+        with pytest.raises(MQUserError) as e:
+            r.infer({**feeds, name: bad})
+        msg = str(e.value)
+        print(msg)
+        assert want in msg and "\n" not in msg

@@ -201,6 +201,7 @@ class Runner:
             parts += [f"unknown {', '.join(unknown)}"] if unknown else []
             raise MQUserError(f"{self.name}: inputs are {', '.join(sorted(specs))}; " + "; ".join(parts))
         out = {}
+        named = {}      # a named dimension ('batch', a cache's 'past') is one size across every input
         for name, value in feeds.items():
             spec = specs[name]
             arr = np.asarray(value)
@@ -214,6 +215,11 @@ class Runner:
                 if isinstance(want, int) and want >= 0 and got != want:
                     raise MQUserError(f"{self.name}: input {name} dimension {dim} must be {want} "
                                       f"({list(spec.shape)}), got shape {list(arr.shape)}")
+                if isinstance(want, str) and want:
+                    first = named.setdefault(want, (got, name))
+                    if first[0] != got:
+                        raise MQUserError(f"{self.name}: dimension '{want}' is {first[0]} in input {first[1]} but "
+                                          f"{got} in input {name} (shape {list(arr.shape)}); every input must agree")
             out[name] = np.ascontiguousarray(arr)
         return out
 
