@@ -107,7 +107,8 @@ class Family:
 
 _FAMILIES: dict = {}
 _FORMATS: list = []         # checkpoint formats of models built from several families (hybrids)
-_BUILTIN = ("mamba1", "mamba2", "attention", "mlp", "nemotron_h", "granite_h", "bamba")
+_BUILTIN = ("mamba1", "mamba2", "attention", "mlp", "nemotron_h", "granite_h", "bamba", "parallel",
+            "falcon_h1")
 _loaded = False
 
 
