@@ -522,7 +522,8 @@ def _config_label(cfg, cfg_source: str | None) -> str:
     mixer family it was read as."""
     from mq_deploy.families import family_of
 
-    label = f"a {family_of(cfg).name} model"
+    names = sorted({family_of(m).name for m in cfg.layer_configs()})
+    label = f"a {names[0]} model" if len(names) == 1 else f"a hybrid model ({', '.join(names)})"
     if cfg_source and cfg_source.endswith(".json"):
         try:
             with open(cfg_source, "rb") as f:

@@ -91,16 +91,17 @@ def _mamba(c: dict, d: int, eps, src: str) -> Mamba2Config:
     groups = c.get("mamba_n_groups", 1)
     in_bias = json_flag(c, "mamba_proj_bias", False, src)
     out_bias = json_flag(c, "projectors_bias", False, src)
+    conv_bias = json_flag(c, "mamba_conv_bias", True, src)
+    rmsnorm = json_flag(c, "mamba_rms_norm", False, src)
+    before_gate = json_flag(c, "mamba_norm_before_gate", True, src)
     limits = dt_limit(c.get("time_step_limit"), "time_step_limit", src)
     return config_for(src, lambda: Mamba2Config(
         d_model=d, d_state=c.get("mamba_d_state", 256), d_conv=c.get("mamba_d_conv", 4),
-        expand=max(1, d_ssm // d), head_dim=head_dim, n_groups=groups, d_inner=d_ssm,
-        conv_bias=json_flag(c, "mamba_conv_bias", True, src),
+        expand=max(1, d_ssm // d), head_dim=head_dim, n_groups=groups, d_inner=d_ssm, conv_bias=conv_bias,
         bias=in_bias or out_bias,            # the one without a bias in the file reads zeros (_ZeroBiases)
         # FalconH1RMSNormGated: groups of d_ssm / n_groups channels, eps rms_norm_eps; the norm is optional
         # (mamba_rms_norm; without it y * silu(z)) and applies the gate after it by default
-        rmsnorm=json_flag(c, "mamba_rms_norm", False, src),
-        norm_before_gate=json_flag(c, "mamba_norm_before_gate", True, src), norm_groups=groups, norm_eps=eps,
+        rmsnorm=rmsnorm, norm_before_gate=before_gate, norm_groups=groups, norm_eps=eps,
         chunk_size=c.get("mamba_chunk_size", 256), **limits))
 
 
@@ -204,12 +205,14 @@ def load_hf(path):
     mult = multipliers(c, cfg_path)
     attention, mamba = _attention(c, d, cfg_path), _mamba(c, d, eps, cfg_path)
     block = config_for(cfg_path, lambda: ParallelConfig(d_model=d, attention=attention, mamba=mamba))
+    mlp_bias = json_flag(c, "mlp_bias", False, cfg_path)
+    tied = json_flag(c, "tie_word_embeddings", False, cfg_path)
     mlp = config_for(cfg_path, lambda: MLPConfig(d_model=d, d_ff=c.get("intermediate_size", 14336), act="silu",
-                                                 gated=True, bias=json_flag(c, "mlp_bias", False, cfg_path)))
+                                                 gated=True, bias=mlp_bias))
     vocab = c.get("vocab_size", 0)
     cfg = config_for(cfg_path, lambda: MambaLMConfig(
         d_model=d, n_layer=2 * n, vocab_size=vocab, layers=[block, mlp] * n, norm_eps=eps, residual_in_fp32=False,
-        tie_embeddings=json_flag(c, "tie_word_embeddings", False, cfg_path), eos_token_id=eos_token(c, vocab),
+        tie_embeddings=tied, eos_token_id=eos_token(c, vocab),
         embedding_multiplier=mult["embedding_multiplier"], logits_scaling=1.0 / mult["lm_head_multiplier"]))
     src, tensors = hf_tensor_source(path, "HF Falcon-H1")
     tensors = tensors.rename(_rules(n))
