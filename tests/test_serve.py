@@ -240,3 +240,83 @@ def test_the_package_imports_lean():
             "bad = [m for m in ('torch', 'onnxruntime', 'tritonclient', 'onnx') if m in sys.modules]; "
             "sys.exit(1 if bad else 0)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+@pytest.fixture(scope="module")
+def hybrid_step(tmp_path_factory):
+    """A W8A8 decode-step export of a Nemotron-H hybrid (Mamba2 + attention with a KV cache + MLP) written by
+    transformers: (step ONNX, its quantized checkpoint)."""
+    import torch
+    transformers = pytest.importorskip("transformers")
+    from mq_deploy.cli.main import main
+
+    root = tmp_path_factory.mktemp("hybrid")
+    text = root / "text.txt"
+    text.write_bytes(b"In the beginning God created the heaven and the earth. And God said, Let there be light. " * 60)
+    torch.manual_seed(0)
+    m = transformers.NemotronHForCausalLM(transformers.NemotronHConfig(
+        vocab_size=256, hidden_size=32, hybrid_override_pattern="M*-M*", num_attention_heads=4, num_key_value_heads=2,
+        head_dim=8, intermediate_size=64, mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=8, n_groups=2,
+        chunk_size=8))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    m.save_pretrained(root / "hf")
+    q = str(root / "q")
+    assert main(["quantize", str(root / "hf"), "-o", q, "--calib", str(text), "--calib-samples", "2",
+                 "--seq-len", "64"]) == 0
+    step = str(root / "step.onnx")
+    assert main(["export", q, "-o", step, "--decode-step"]) == 0
+    return step, q
+
+
+def test_hybrid_kv_caches_as_tritons_implicit_state(hybrid_step, tmp_path, capsys):
+    """--backend onnxruntime: the KV caches are variable-size implicit states (schema-checked); the model file is
+    the kv_sentinel copy. Triton's start (each variable dimension 1, zeros: core's SequenceStates::Initialize)
+    and its feedback of every *_out are run here in ONNX Runtime on that copy: the logits equal the export's
+    own decode, bit for bit, and the copy is refused where a cache slot would be misread."""
+    import numpy as np
+
+    from mq_deploy.backends.ort.runner import OrtRunner, empty_states
+    from mq_deploy.runtime.apps import generate
+
+    from helpers import ort_session
+
+    step, q = hybrid_step
+    repo = tmp_path / "repo"
+    write_repository([step], str(repo), TritonConfig(backend="onnxruntime"))
+    cfg = parse_repo(repo)["step"]
+    states = {s.input_name: s for s in cfg.sequence_batching.state}
+    assert list(states["past_key_1"].dims) == [1, 2, -1, 8] and states["past_key_1"].output_name == "present_key_1"
+    assert list(states["past_key_1"].initial_state[0].dims) == [1, 2, 1, 8]
+    assert list(states["ssm_state"].dims)[1] == 1 and -1 not in states["ssm_state"].dims
+    assert set(states) == {"conv_state", "ssm_state", "past_key_1", "past_value_1", "past_key_4", "past_value_4"}
+    copy = str(repo / "step" / "1" / "model.onnx")
+
+    # Triton, emulated: zeros of the initial_state dims at START, then each output state fed back
+    sess = ort_session(copy)
+    prompt, n = list(b"And God said"), 8
+    feeds = {name: np.zeros(list(s.initial_state[0].dims), np.float32) for name, s in states.items()}
+    served, ids = [], prompt
+    for _ in range(n):
+        outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"input_ids": np.asarray([ids]), **feeds})))
+        tok = int(outs["logits"][0, -1].astype(np.float64).argmax())
+        served.append(tok)
+        feeds = {name: outs[s.output_name] for name, s in states.items()}
+        ids = [tok]
+    assert feeds["past_key_4"].shape[2] == 1 + len(prompt) + n - 1
+    want = generate(OrtRunner(step, custom_op_library=False), prompt, n)
+    print("served:", served, "\nexport:", want)
+    assert served == want
+    # the copy run through OrtRunner starts its caches at the one slot, and generates the same
+    runner = OrtRunner(copy, custom_op_library=False)
+    assert empty_states(runner, 1)["past_key_1"].shape == (1, 2, 1, 8)
+    assert generate(runner, prompt, n) == want
+    # the copy is not an export: verify and triton refuse it in one line
+    assert_user_error(capsys, ["verify", copy, "--reference", q], "Triton repository's copy")
+    assert_user_error(capsys, ["triton", copy, "-o", str(tmp_path / "again")], "Triton repository's copy")
+    # TensorRT engines are built from the export, without the slot: refused with the way out
+    shapes = {"min": [1, 1], "opt": [1, 1], "max": [1, 64]}
+    eng = fake_engine(tmp_path, {"nh": step}, "nh", {"input_ids": shapes})
+    assert_user_error(capsys, ["triton", eng, "-o", str(tmp_path / "trt")], "KV caches grow",
+                      "--backend onnxruntime or python")

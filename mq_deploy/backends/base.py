@@ -74,6 +74,7 @@ class ArtifactMeta:
     tokenizer: str | None = None            # "bytes" | "tokenizers" (then tokenizer_json holds it)
     tokenizer_json: str | None = None
     custom_op_library: str | None = None    # build --backend onnxruntime --plugins: the library it needs
+    kv_cache: str | None = None             # "sentinel": a Triton repository's copy (serve.kv_sentinel)
 
 
 def parse_metadata(meta: dict, path: str) -> ArtifactMeta:
@@ -130,8 +131,11 @@ def parse_metadata(meta: dict, path: str) -> ArtifactMeta:
     if tokenizer_json and config is not None and config.architecture != "mamba_lm":
         bad("mq.tokenizer_json", "a tokenizer in an image model")
     lib = text("mq.custom_op_library")
+    kv_cache = text("mq.kv_cache", ("sentinel",))
+    if kv_cache is not None and graph != "step":
+        bad("mq.kv_cache", "a KV-cache layout on a graph that is not a decode step")
     return ArtifactMeta(kind=kind, graph=graph, config=config, quant=quant, tokenizer=tokenizer,
-                        tokenizer_json=tokenizer_json, custom_op_library=lib)
+                        tokenizer_json=tokenizer_json, custom_op_library=lib, kv_cache=kv_cache)
 
 
 def expected_io(config, graph: str | None) -> dict:

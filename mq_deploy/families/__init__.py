@@ -108,7 +108,7 @@ class Family:
 _FAMILIES: dict = {}
 _FORMATS: list = []         # checkpoint formats of models built from several families (hybrids)
 _BUILTIN = ("mamba1", "mamba2", "attention", "mlp", "nemotron_h", "granite_h", "bamba", "parallel",
-            "falcon_h1")
+            "falcon_h1", "moe")
 _loaded = False
 
 
@@ -215,6 +215,17 @@ def state_inputs(model_cfg) -> list:
     out = [StateInput(name, spec.output_name, (len(idx), "batch", *spec.shape), tuple(idx), spec, pos)
            for name, (idx, spec, pos) in stacked.items()]
     return out + per_layer
+
+
+def zero_states(model_cfg, batch: int, cache_slots: int = 0) -> dict:
+    """{input: float32 zeros} of a fresh sequence's states in the step graph's layout (state_inputs): an SSM's
+    state all zeros, a KV cache `cache_slots` long (0; 1 for a Triton repository's copy, whose caches carry the
+    one slot Triton's implicit state starts a variable-size state with, never attended)."""
+    import numpy as np
+
+    return {si.name: np.zeros([batch if d == "batch" else cache_slots if d == "past" else d for d in si.dims],
+                              np.float32)
+            for si in state_inputs(model_cfg)}
 
 
 def checkpoint_formats() -> tuple:

@@ -137,6 +137,7 @@ class Artifact:
     # a step graph's states: (input, output, fixed) from its family layout (mq_deploy.families.state_inputs);
     # fixed: an SSM's state of constant shape, not a KV cache that grows along the sequence
     states: list = field(default_factory=list)
+    cache_axes: dict = field(default_factory=dict)  # a KV cache input -> its growing axis
 
     @property
     def config(self) -> dict:
@@ -224,6 +225,9 @@ def read_onnx(path: str) -> Artifact:
     if "mq.kind" not in meta or "mq.config" not in meta:
         raise MQUserError(f"{path}: no mq-deploy metadata (mq.kind, mq.config); export it with `mq-deploy export`")
     parsed = parse_metadata(meta, path)      # untrusted: every value type- and range-checked, one line if not
+    if parsed.kv_cache == "sentinel":
+        raise MQUserError(f"{path}: a Triton repository's copy of a step graph (its KV caches carry Triton's start "
+                          "slot); give the export it was written from")
     meta["mq.config"] = parsed.config.to_dict()
     meta["mq.graph"] = parsed.graph or "full"
     init = {i.name for i in proto.graph.initializer}
@@ -234,6 +238,7 @@ def read_onnx(path: str) -> Artifact:
         from mq_deploy.families import state_inputs
 
         a.states = [(si.name, si.output, si.spec.stacked) for si in state_inputs(parsed.config)]
+        a.cache_axes = {si.name: si.dims.index("past") for si in state_inputs(parsed.config) if "past" in si.dims}
         names = {t.name for t in a.inputs + a.outputs}
         missing = [n for i, o, _ in a.states for n in (i, o) if n not in names]
         if missing or not a.states:
@@ -431,11 +436,17 @@ def _sequence_batching(a: Artifact, backend: str, cfg: TritonConfig) -> dict:
         return seq
     states = []
     by_name = {t.name: t for t in a.inputs + a.outputs}
-    for inp, out, _ in a.states:            # all fixed here (plan refuses growing caches for these backends)
+    for inp, out, fixed in a.states:
         t = by_name[inp]
-        dims = [int(t.shape[0]), 1] + [int(d) for d in t.shape[2:]]
+        if fixed:        # an SSM state [layers, batch, ...]: one sequence per request
+            dims = [int(t.shape[0]), 1] + [int(d) for d in t.shape[2:]]
+            start = dims
+        else:            # a KV cache [batch, kv_heads, past, head_dim] of the serve.kv_sentinel copy: Triton
+            # starts its variable length at 1, the slot that copy never attends
+            dims = [1] + [d if isinstance(d, int) and d > 0 else -1 for d in t.shape[1:]]
+            start = [1 if d == -1 else d for d in dims]
         states.append({"input_name": inp, "output_name": out, "data_type": Enum(t.dtype), "dims": dims,
-                       "initial_state": {"data_type": Enum(t.dtype), "dims": dims, "zero_data": True,
+                       "initial_state": {"data_type": Enum(t.dtype), "dims": start, "zero_data": True,
                                          "name": f"{inp}_zeros"}})
     seq["state"] = states
     return seq
@@ -772,10 +783,11 @@ def plan(artifacts, cfg: TritonConfig) -> list:
             raise MQUserError(f"{p}: --backend tensorrt serves an engine; build one first "
                               f"(`mq-deploy build {p} --int8 --saveEngine MODEL.plan --json MODEL.plan.json`) "
                               "and pass the engine or its report")
-        if backend != "python" and any(not fixed for _, _, fixed in a.states):
-            raise MQUserError(f"{p}: its attention layers' KV caches grow along the sequence, and Triton's implicit "
-                              f"state (what --backend {backend} keeps states in) takes fixed shapes here; serve it "
-                              "with --backend python, whose model keeps each sequence's states itself")
+        if backend == "tensorrt" and any(not fixed for _, _, fixed in a.states):
+            raise MQUserError(f"{p}: its attention layers' KV caches grow along the sequence; Triton's implicit "
+                              "state starts them one slot long, which the ONNX copy of --backend onnxruntime "
+                              "handles (serve.kv_sentinel) but an engine built from the export does not; serve "
+                              "the ONNX with --backend onnxruntime or python")
         name = cfg.name or _default_name(str(p))
         extra = [name]
         if a.graph == "step":
@@ -803,6 +815,11 @@ def _write_model(root: str, a: Artifact, name: str, backend: str, cfg: TritonCon
         _copy(a.engine, os.path.join(vdir, model_file))
     else:
         model_file = _copy_onnx(a, vdir)
+        caches = [(i, o) for i, o, fixed in a.states if not fixed]
+        if backend == "onnxruntime" and caches:     # Triton's implicit state: the copy with the cache slot
+            from mq_deploy.serve.kv_sentinel import write_sentinel_copy
+
+            write_sentinel_copy(a.onnx, os.path.join(vdir, model_file), [(i, o, a.cache_axes[i]) for i, o in caches])
         if backend == "python":
             role = "ort_step_model.py" if a.graph == "step" else "ort_model.py"
             _copy(os.path.join(_MODELS_DIR, role), os.path.join(vdir, "model.py"))
@@ -831,7 +848,10 @@ def _write_model(root: str, a: Artifact, name: str, backend: str, cfg: TritonCon
         example = _example_step(name)
         notes.append("State: " + ("kept by the model per CORRID (the Python backend has no implicit state)"
                                   if backend == "python" else
-                                  "Triton implicit state (sequence_batching.state, zero at START)")
+                                  "Triton implicit state (sequence_batching.state, zero at START" +
+                                  ("; each KV cache starts as the one zero slot Triton gives a variable-size state, "
+                                   "which this copy of the graph never attends: mq_deploy/serve/kv_sentinel.py)"
+                                   if any(not f for _, _, f in a.states) else ")"))
                      + ". Send sequence_id, sequence_start on the first request, sequence_end on the last.")
         curl = None
     else:

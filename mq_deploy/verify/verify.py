@@ -129,16 +129,14 @@ def _lm_batches(reference, cfg: VerifyConfig, step: bool):
         codec = tokenizer_for(loaded, cfg.tokenizer)
         path = os.path.abspath(cfg.data or _default_data(loaded))
         w, nbytes = lm_token_windows(path, cfg.seq_len, cfg.limit or 32, codec)
-    from mq_deploy.families import state_inputs
+    from mq_deploy.families import zero_states
 
-    states = state_inputs(loaded.config) if step else []
     bs = cfg.batch or 8
     for i in range(0, len(w), bs):
         ids = np.ascontiguousarray(w[i:i + bs, :-1]).astype(np.int64)
         feeds = {"input_ids": ids}
-        for si in states:         # empty states (zeros, a cache's length 0), laid out as the step graph's
-            feeds[si.name] = np.zeros([len(ids) if d == "batch" else 0 if d == "past" else d for d in si.dims],
-                                      np.float32)
+        if step:                  # empty states (zeros, a cache's length 0), laid out as the step graph's
+            feeds.update(zero_states(loaded.config, len(ids)))
         yield feeds, (w[i:i + bs, 1:], None if nbytes is None else int(nbytes[i:i + bs, 1:].sum()))
     yield None, path
 
@@ -215,6 +213,12 @@ def _within_floor(check: dict, artifact: float, noise: float, rows: int) -> bool
     return artifact <= NOISE_FACTOR * noise
 
 
+def _is_step(runner) -> bool:
+    """A decode-step graph: its metadata says so (a TensorRT engine carries none: its state inputs do)."""
+    art = getattr(runner, "artifact", None)
+    return getattr(art, "graph", None) == "step" or "conv_state" in runner.input_specs
+
+
 def verify(artifact_runner, reference_runner, cfg: VerifyConfig, progress=None) -> dict:
     """Run both runners over the data; return {"outputs", "metrics", "checks", "passed", "verdict",
     "noise_floor"} (see the module doc for the verdicts)."""
@@ -222,7 +226,7 @@ def verify(artifact_runner, reference_runner, cfg: VerifyConfig, progress=None) 
 
     loaded = reference_runner.loaded
     lm = loaded.architecture == "mamba_lm"
-    step = lm and "conv_state" in artifact_runner.input_specs
+    step = lm and _is_step(artifact_runner)
     got, ref, targets, nbytes = {}, {}, [], []
     data_path = None
     with tqdm(desc="verify", unit="batch", disable=None if progress is None else not progress, leave=False) as bar:
@@ -377,7 +381,10 @@ def verify_paths(artifact: str, reference: str, cfg: VerifyConfig, *, custom_op_
     if kind is not None and kind != want:
         raise MQUserError(f"{artifact} is a {kind} export but {reference} is a {loaded.architecture} checkpoint; "
                           "verify an artifact against the checkpoint it was exported from")
-    step = "conv_state" in runner.input_specs
+    if getattr(runner.artifact, "kv_cache", None) == "sentinel":
+        raise MQUserError(f"{artifact} is a Triton repository's copy of a step graph (its KV caches carry the slot "
+                          "Triton's implicit state starts with); verify the export it was written from")
+    step = _is_step(runner)
     ref = TorchRunner(loaded, step=step)
     names = set(runner.input_specs)
     if names != set(ref.input_specs):

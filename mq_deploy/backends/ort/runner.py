@@ -257,10 +257,13 @@ def state_layout(runner) -> list:
 
 
 def empty_states(runner, batch: int) -> dict:
-    """{input: zeros} of a step graph's states for a fresh sequence (a cache's length 0)."""
-    return {name: np.zeros([batch if i == dims.index(None) else 0 if d is None else d for i, d in enumerate(dims)],
-                           np.float32)
-            for name, _, dims in state_layout(runner)}
+    """{input: zeros} of a step graph's states for a fresh sequence (families.zero_states: a cache's length 0,
+    or the one unattended slot of a Triton repository's copy)."""
+    from mq_deploy.families import zero_states
+
+    state_layout(runner)            # the graph agrees with its metadata's layout
+    slots = 1 if runner.artifact.kv_cache == "sentinel" else 0
+    return zero_states(runner.artifact.config, batch, cache_slots=slots)
 
 
 class OrtDecoder:
