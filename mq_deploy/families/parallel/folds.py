@@ -21,12 +21,12 @@ from mq_deploy.families.mamba2 import folds as mamba2
 
 
 def _rotate_children(mixer) -> None:
+    from mq_deploy.families.parallel.mixer import shared_hadamard
     from mq_deploy.transforms import fold
-    from mq_deploy.transforms.rotations import hadamard_rotation
 
     for child in mixer.children_mixers():
-        H = hadamard_rotation(child.out_linear.in_features).double()
-        fold.set_online_out_rotation(child, H, runtime=H.to(child.out_linear.weight.dtype))
+        n, dtype = child.out_linear.in_features, child.out_linear.weight.dtype
+        fold.set_online_out_rotation(child, shared_hadamard(n, torch.float64), runtime=shared_hadamard(n, dtype))
 
 
 def quarot_fold(mixer) -> None:

@@ -5,6 +5,8 @@ their weights under the flat site names the family declares (q_proj, ..., in_pro
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from mq_deploy.families.attention.mixer import Attention
@@ -12,6 +14,19 @@ from mq_deploy.families.mamba2.mixer import Mamba2Mixer
 from mq_deploy.families.parallel.config import ParallelConfig
 from mq_deploy.models.layers import MixerBase
 from mq_deploy.ops.hadamard import hadamard_matrix
+
+_HADAMARD = weakref.WeakValueDictionary()     # (n, dtype) -> the one runtime matrix the live models share
+
+
+def shared_hadamard(n: int, dtype) -> torch.Tensor:
+    """The normalised Hadamard matrix of size n in `dtype`, one tensor for every block that uses it (as the
+    recipes share one per width: a matrix per layer would cost d_ssm^2 per layer for nothing)."""
+    key = (n, dtype)
+    H = _HADAMARD.get(key)
+    if H is None:
+        H = torch.from_numpy(hadamard_matrix(n)).to(dtype)
+        _HADAMARD[key] = H
+    return H
 
 
 def _child(name: str, attr: str):
@@ -67,10 +82,9 @@ class ParallelMixer(MixerBase):
         # here once the model is materialised (to_empty): the Hadamard matrices are not stored in the file
         out = super()._apply(fn, recurse)
         if self._hadamard_pending and self.self_attn.out_rotation.device.type != "meta":
-            with torch.no_grad():
-                for child in self.children_mixers():
-                    r = child.out_rotation
-                    r.copy_(torch.from_numpy(hadamard_matrix(r.shape[0])).to(r.dtype))
+            for child in self.children_mixers():
+                r = child.out_rotation
+                child.register_buffer("out_rotation", shared_hadamard(r.shape[0], r.dtype), persistent=False)
             self._hadamard_pending = False
         return out
 
