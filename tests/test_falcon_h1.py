@@ -226,6 +226,7 @@ def test_quantized_checkpoint_rebuilds_both_online_rotations(tmp_path):
     attn, mamba = qm.layers[0].mixer.children_mixers()
     assert torch.equal(attn.out_rotation, torch.from_numpy(hadamard_matrix(64)).float())
     assert torch.equal(mamba.out_rotation, torch.from_numpy(hadamard_matrix(128)).float())
+    assert mamba.out_rotation is qm.layers[2].mixer.mamba.out_rotation          # one matrix per width
     ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(0))
 
     def cos():
@@ -246,6 +247,7 @@ def test_bad_falcon_h1_configs_are_one_line(tmp_path, capsys):
     for change, *needles in (({"layers_block_type": ["hybrid", "attention"]}, "layers_block_type entry 'attention'"),
                            ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
                            ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, "rope_type 'yarn'"),
+                           ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope_scaling {'type': 'dynamic'"),
                            ({"ssm_multipliers": [1.0, 2.0]}, "ssm_multipliers must list 5"),
                            ({"mlp_multipliers": [1.0, "2"]}, "mlp_multipliers"),
                            ({"key_multiplier": None}, "key_multiplier must be a finite number"),

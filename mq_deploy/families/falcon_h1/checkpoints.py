@@ -115,6 +115,10 @@ def _attention(c: dict, d: int, src: str) -> AttentionConfig:
     if params.get("rope_type", "default") != "default":
         raise MQUserError(f"{shown(src)}: rope_parameters.rope_type {params['rope_type']!r} is not supported "
                           "(default RoPE only)")
+    legacy = c.get("rope_scaling")          # configs written before rope_parameters
+    if legacy is not None and (not isinstance(legacy, dict)
+                               or legacy.get("rope_type", legacy.get("type", "default")) != "default"):
+        raise MQUserError(f"{shown(src)}: rope_scaling {legacy!r} is not supported (default RoPE only)")
     bias = json_flag(c, "attention_bias", False, src)
     # transformers' FalconH1 rotates every dimension of a head (partial_rotary_factor is not read)
     return config_for(src, lambda: AttentionConfig(
