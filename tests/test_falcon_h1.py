@@ -115,6 +115,27 @@ def test_the_multipliers_are_folded_not_ignored(tmp_path):
     assert model.cfg.embedding_multiplier == 3.0 and model.cfg.logits_scaling == 4.0
 
 
+def test_parallel_block_hooks_every_declared_point_and_site(tmp_path):
+    """The block's one act_hook sees exactly the points its family declares (both children's, flat names), and
+    its weight sites are the children's own linears (what fake quant, GPTQ and the exporter's scales name)."""
+    from mq_deploy.families import get_family
+
+    _, path = _falcon(tmp_path)
+    m = load_model(path).model
+    block = m.layers[0].mixer
+    seen = []
+    block.act_hook = lambda name, t: seen.append(name) or t
+    with torch.no_grad():
+        m(torch.randint(0, 97, (1, 5)))
+    block.act_hook = None
+    assert set(seen) == set(get_family("parallel").points) and block.self_attn.act_hook is None
+    sites = dict(block.weight_modules())
+    assert list(sites) == ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "conv1d", "out_proj"]
+    assert sites["o_proj"] is block.self_attn.o_proj and sites["out_proj"] is block.mamba.out_proj
+    assert block.readers() == [block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj,
+                               block.mamba.in_proj]
+
+
 def test_sharded_bf16_falcon_h1(tmp_path):
     ref, path = _falcon(tmp_path, "g1-norm-mup-tied-bias", dtype=torch.bfloat16)
     assert os.path.isfile(os.path.join(path, "model.safetensors.index.json"))
