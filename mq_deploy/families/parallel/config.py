@@ -16,7 +16,7 @@ def _child(v, cls, name: str, kind: str):
     if isinstance(v, cls):
         return v
     if not isinstance(v, dict):
-        raise MQUserError(f"ParallelConfig.{name} must be a {kind} block config (an object), got {v!r}")
+        raise MQUserError(f"ParallelConfig.{name} must be the {kind} block's config (an object), got {v!r}")
     d = dict(v)
     if d.pop("kind", kind) != kind:
         raise MQUserError(f"ParallelConfig.{name}.kind must be {kind!r}, got {v.get('kind')!r}")
