@@ -867,3 +867,31 @@ def test_a_kv_cache_of_the_wrong_length_or_layout_is_refused_in_one_line(tmp_pat
         msg = str(e.value)
         print(msg)
         assert want in msg and "\n" not in msg
+
+
+def test_a_prompt_past_the_attention_layers_position_limit_is_refused(tmp_path, capsys):
+    """An attention layer with max_positions: PyTorch (eval/verify) and generate on the ONNX step graph refuse
+    a sequence past it in one line naming the limit."""
+    import torch
+
+    from mq_deploy.config import MambaLMConfig
+    from mq_deploy.families.attention.config import AttentionConfig
+    from mq_deploy.families.mamba2.config import Mamba2Config
+    from mq_deploy.models.mamba import MambaLM
+
+    cfg = MambaLMConfig(d_model=32, n_layer=2, vocab_size=256, layers=[
+        Mamba2Config(d_model=32, d_state=8, head_dim=16, n_groups=1, chunk_size=8),
+        AttentionConfig(d_model=32, n_heads=2, n_kv_heads=1, head_dim=16, rope_dim=16, max_positions=16)])
+    model = MambaLM(cfg)
+    model.reset_parameters(0)
+    path = save_model(model, tmp_path / "m")
+    step = tmp_path / "s.onnx"
+    assert main(["export", str(path), "-o", str(step), "--decode-step"]) == 0
+    capsys.readouterr()
+    assert main(["generate", str(step), "--prompt-ids", "1,2,3", "--max-new-tokens", "13"]) == 0
+    code = main(["generate", str(step), "--prompt-ids", "1,2,3", "--max-new-tokens", "14"])
+    err = capsys.readouterr().err.strip()
+    print(err)
+    assert code == 2 and "limit of 16 positions" in err and "\n" not in err
+    with pytest.raises(Exception, match="limit of 16"):
+        model(torch.zeros(1, 17, dtype=torch.long))

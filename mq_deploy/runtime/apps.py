@@ -37,6 +37,10 @@ def check_generation(runner, prompt_ids, max_new_tokens: int, temperature: float
     vocab = cfg.vocab_size
     if max(prompt_ids) >= vocab or min(prompt_ids) < 0:
         raise MQUserError(f"prompt ids must lie in [0, {vocab})")
+    limits = [m.max_positions for m in cfg.layer_configs() if getattr(m, "max_positions", None)]
+    if limits and len(prompt_ids) + max_new_tokens > min(limits):
+        raise MQUserError(f"the prompt's {len(prompt_ids)} tokens and --max-new-tokens {max_new_tokens} exceed the "
+                          f"model's limit of {min(limits)} positions (max_positions of its attention layers)")
     return cfg
 
 
