@@ -173,7 +173,7 @@ def test_bad_patterns_and_layer_kinds_are_one_line(tmp_path, capsys):
     base = json.load(open(cfg_path))
     for change, needle in (({"layers_block_type": ["linear_attention", "cross_attention"]}, "'cross_attention'"),
                            ({"layers_block_type": None, "hybrid_override_pattern": "M-X"}, "character 'X'"),
-                           ({"layers_block_type": ["linear_attention", "moe"]}, "MoE layers"),
+                           ({"layers_block_type": ["linear_attention", "moe"], "num_experts_per_tok": 9}, "top_k 9"),
                            ({"attention_bias": True}, "attention_bias"),
                            ({"num_key_value_heads": 3}, "key/value heads")):
         json.dump({**base, **change}, open(cfg_path, "w"))
@@ -229,12 +229,15 @@ def test_granite_h_matches_transformers_steps_and_exports(name, tmp_path):
     assert _rel(onnx_full, got) <= 2e-5
 
 
-def test_granite_moe_is_refused_in_one_line(tmp_path, capsys):
+def test_granite_bad_moe_and_layer_kinds_are_one_line(tmp_path, capsys):
+    """MoE folders load (tests/test_moe.py); a dense folder that claims experts, or bad MoE settings, are one line."""
     _, path = _granite(tmp_path, "nope-gqa4-bias")
     cfg_path = os.path.join(path, "config.json")
     cfg = json.load(open(cfg_path))
     json.dump({**cfg, "num_local_experts": 4}, open(cfg_path, "w"))
-    assert_user_error(capsys, ["info", path], "num_local_experts 4")
+    assert_user_error(capsys, ["info", path], "missing")
+    json.dump({**cfg, "num_local_experts": 4, "num_experts_per_tok": 5}, open(cfg_path, "w"))
+    assert_user_error(capsys, ["info", path], "top_k 5")
     json.dump({**cfg, "layer_types": ["mamba", "sliding_attention"]}, open(cfg_path, "w"))
     assert_user_error(capsys, ["info", path], "'sliding_attention'")
 

@@ -1,6 +1,7 @@
 """Granite-4.0-H HF folders: config parsing and key map. HF layer i is our blocks 2i (its Mamba2 mixer or
-attention, input_layernorm) and 2i + 1 (its shared_mlp, post_attention_layernorm); input_linear's rows are
-[gate | up]. Readers and checks are mq_deploy.models.loaders'."""
+attention, input_layernorm) and 2i + 1 (its shared_mlp, post_attention_layernorm; with num_local_experts > 0
+an MoE block: block_sparse_moe and the shared_mlp as its shared expert); input_linear's rows are [gate | up]
+(per expert in block_sparse_moe's [experts, 2 * d_ff, d]). Readers and checks are mq_deploy.models.loaders'."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from mq_deploy.families.attention.config import AttentionConfig
 from mq_deploy.families.mamba2.checkpoints import dt_limit
 from mq_deploy.families.mamba2.config import Mamba2Config
 from mq_deploy.families.mlp.config import MLPConfig
+from mq_deploy.families.moe.checkpoints import ExpertsSource
+from mq_deploy.families.moe.config import MoEConfig
 from mq_deploy.models.loaders import (
     config_for,
     eos_token,
@@ -71,13 +74,12 @@ def load_hf(path):
     if not isinstance(types, list) or not types or any(t not in _KINDS for t in types):
         bad = types if not isinstance(types, list) else next((t for t in types if t not in _KINDS), types)
         raise MQUserError(f"{shown(cfg_path)}: layer_types must list mamba / attention layers, got {bad!r}")
-    experts = c.get("num_local_experts", 0)
-    if experts not in (0, None):
-        raise MQUserError(f"{shown(cfg_path)}: num_local_experts {experts!r}: MoE layers are not supported yet "
-                          "(dense Granite-4.0-H models are)")
+    experts = c.get("num_local_experts", 0) or 0
+    if isinstance(experts, bool) or not isinstance(experts, int) or experts < 0:
+        raise MQUserError(f"{shown(cfg_path)}: num_local_experts must be an integer >= 0, got {experts!r}")
     if c.get("hidden_act", "silu") not in ("silu", "swish"):
         raise MQUserError(f"{shown(cfg_path)}: hidden_act {c['hidden_act']!r} is not supported (silu)")
-    pos = c.get("position_embedding_type", "rope")
+    pos = c.get("position_embedding_type") or "nope"       # transformers: RoPE only when it says "rope"
     if pos not in ("rope", "nope"):
         raise MQUserError(f"{shown(cfg_path)}: position_embedding_type {pos!r} is not supported (rope, nope)")
     d, eps = c.get("hidden_size"), c.get("rms_norm_eps", 1e-6)
@@ -94,8 +96,14 @@ def load_hf(path):
         d_model=d, n_heads=heads, n_kv_heads=c.get("num_key_value_heads", heads), head_dim=head_dim,
         qkv_bias=bias, out_bias=bias, rope_dim=head_dim if pos == "rope" else 0, rope_theta=theta,
         scaling=c.get("attention_multiplier", 1.0)))
-    mlp = config_for(cfg_path, lambda: MLPConfig(d_model=d, d_ff=c.get("shared_intermediate_size", 1024),
-                                                 act="silu", gated=True, bias=False))
+    if experts:     # GraniteMoeHybridMoE (router top-k, softmax over those k; SwiGLU experts) + shared_mlp
+        mlp = config_for(cfg_path, lambda: MoEConfig(
+            d_model=d, n_experts=experts, top_k=c.get("num_experts_per_tok", 2), d_ff=c.get("intermediate_size", 1024),
+            act="silu", gated=True, router="topk_softmax", shared_d_ff=c.get("shared_intermediate_size", 1024),
+            shared_act="silu", shared_gated=True))
+    else:
+        mlp = config_for(cfg_path, lambda: MLPConfig(d_model=d, d_ff=c.get("shared_intermediate_size", 1024),
+                                                     act="silu", gated=True, bias=False))
     layers = paired_layers([_KINDS[t] for t in types], mamba, attention, mlp)
     vocab = c.get("vocab_size", 0)
     cfg = config_for(cfg_path, lambda: MambaLMConfig(
@@ -105,10 +113,20 @@ def load_hf(path):
         logits_scaling=c.get("logits_scaling", 1.0)))
     src, tensors = hf_tensor_source(path, "HF Granite-4.0-H")
     rules = [(r"^model\.embed_tokens\.", "embedding."), (r"^model\.norm\.", "norm_f.")]
+    if experts:     # the routed experts under their own names first (rename: the first matching rule wins)
+        rules += [(rf"^model\.layers\.{i}\.block_sparse_moe\.", f"layers.{2 * i + 1}.mixer.experts_")
+                  for i in range(len(types))]
     rules += paired_rules(len(types), "model", "(mamba|self_attn)", "input_layernorm", "shared_mlp",
                           "post_attention_layernorm")
-    tensors = tensors.rename(rules).rename([(r"\.mixer\.output_linear\.", ".mixer.down_proj.")]).split_rows(
-        r"\.mixer\.input_linear\.", [(".mixer.gate_proj.", 0, 2), (".mixer.up_proj.", 1, 2)])
+    gate, up, down = ("shared_gate", "shared_up", "shared_down") if experts else ("gate_proj", "up_proj", "down_proj")
+    tensors = tensors.rename(rules).rename([(r"\.mixer\.output_linear\.", f".mixer.{down}.")]).split_rows(
+        r"\.mixer\.input_linear\.", [(f".mixer.{gate}.", 0, 2), (f".mixer.{up}.", 1, 2)])
+    if experts:
+        tensors = ExpertsSource(
+            tensors.rename([(r"\.mixer\.experts_router\.layer\.", ".mixer.router.")]),
+            flatten=[(r"\.mixer\.experts_output_linear\.weight$", ".mixer.down_proj.weight")],
+            split=[(r"\.mixer\.experts_input_linear\.weight$",
+                    [(".mixer.gate_proj.weight", 0, 2), (".mixer.up_proj.weight", 1, 2)])])
     if not cfg.tie_embeddings and "lm_head.weight" not in tensors.shapes:
         raise MQUserError(f"{src}: untied head (tie_word_embeddings false) but no lm_head.weight")
     return load_into(cfg, tensors, src, cfg_path), cfg, with_tokenizer(path, {})

@@ -1,6 +1,6 @@
 """NVIDIA Nemotron-H (transformers' NemotronHForCausalLM, model_type nemotron_h): a hybrid LM whose layers
-are Mamba2 mixers, attention (no positions) and squared-ReLU MLPs, in the order its pattern gives. A
-checkpoint format over the mamba2, attention and mlp families."""
+are Mamba2 mixers, attention (no positions), squared-ReLU MLPs and MoE blocks, in the order its pattern gives. A
+checkpoint format over the mamba2, attention, mlp and moe families."""
 
 from mq_deploy.families import CheckpointFormat, register_format
 

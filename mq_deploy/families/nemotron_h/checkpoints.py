@@ -11,6 +11,8 @@ from mq_deploy.families.attention.config import AttentionConfig
 from mq_deploy.families.mamba2.checkpoints import dt_limit
 from mq_deploy.families.mamba2.config import Mamba2Config
 from mq_deploy.families.mlp.config import MLPConfig
+from mq_deploy.families.moe.checkpoints import ExpertsSource
+from mq_deploy.families.moe.config import MoEConfig
 from mq_deploy.models.loaders import (
     config_for,
     eos_token,
@@ -46,11 +48,26 @@ def layer_kinds(c: dict, src: str) -> list:
         if bad is not None:
             raise MQUserError(f"{shown(src)}: hybrid_override_pattern character {bad!r} is not a known layer kind "
                               "(M Mamba2, * attention, - MLP, E MoE)")
-    kinds = [_PATTERN[ch] for ch in pattern]
-    if "moe" in kinds:
-        raise MQUserError(f"{shown(src)}: MoE layers (E in the pattern, layer {kinds.index('moe')}) are not "
-                          "supported yet")
-    return kinds
+    return [_PATTERN[ch] for ch in pattern]
+
+
+def moe_of(c: dict, d, src: str) -> MoEConfig:
+    """NemotronHMoE: sigmoid router with e_score_correction_bias and group-limited choice, squared-ReLU
+    experts without biases, one shared expert (moe_shared_expert_intermediate_size, mlp_bias)."""
+    if c.get("moe_latent_size") is not None:
+        raise MQUserError(f"{shown(src)}: moe_latent_size {c['moe_latent_size']!r}: latent expert projections "
+                          "are not supported")
+    if c.get("scoring_func", "sigmoid") != "sigmoid":
+        raise MQUserError(f"{shown(src)}: scoring_func {c['scoring_func']!r} is not Nemotron-H's router (sigmoid)")
+    act = c.get("mlp_hidden_act", "relu2")
+    return MoEConfig(
+        d_model=d, n_experts=c.get("n_routed_experts", c.get("num_local_experts", 8)),
+        top_k=c.get("num_experts_per_tok", 2), d_ff=c.get("moe_intermediate_size", 7688), act=act, gated=False,
+        router="sigmoid", norm_topk_prob=json_flag(c, "norm_topk_prob", True, src),
+        routed_scaling_factor=c.get("routed_scaling_factor", 1.0), n_group=c.get("n_group", 1),
+        topk_group=c.get("topk_group", 1), score_correction_bias=True,
+        shared_d_ff=c.get("moe_shared_expert_intermediate_size", 7688), shared_act=act, shared_gated=False,
+        shared_bias=json_flag(c, "mlp_bias", False, src))
 
 
 def _get(c, key, default=None):
@@ -91,6 +108,8 @@ def load_hf(path):
                 blocks[kind] = config_for(cfg_path, lambda: AttentionConfig(
                     d_model=d, n_heads=_get(c, "num_attention_heads", 32), n_kv_heads=_get(c, "num_key_value_heads", 8),
                     head_dim=_get(c, "head_dim", 128), rope_dim=0))          # Nemotron-H: no positional encoding
+            elif kind == "moe":
+                blocks[kind] = config_for(cfg_path, lambda: moe_of(c, d, cfg_path))
             else:
                 blocks[kind] = config_for(cfg_path, lambda: MLPConfig(
                     d_model=d, d_ff=_get(c, "intermediate_size", 21504), act=_get(c, "mlp_hidden_act", "relu2"),
@@ -102,6 +121,15 @@ def load_hf(path):
     json_flag(c, "tie_word_embeddings", False, cfg_path)
     src, tensors = hf_tensor_source(path, "HF Nemotron-H")
     tensors = tensors.rename([(r"^(model|backbone)\.embeddings\.", "embedding."), (r"^(model|backbone)\.", "")])
+    if "moe" in kinds:
+        tensors = ExpertsSource(
+            tensors.rename([(r"\.mixer\.gate\.weight$", ".mixer.router.weight"),
+                            (r"\.mixer\.gate\.e_score_correction_bias$", ".mixer.e_score_correction_bias"),
+                            (r"\.mixer\.shared_experts\.up_proj\.", ".mixer.shared_up."),
+                            (r"\.mixer\.shared_experts\.down_proj\.", ".mixer.shared_down.")]),
+            stack=[(r"^(?P<pre>layers\.\d+\.mixer\.)experts\.(?P<e>\d+)\.(?P<p>up_proj|down_proj)\.weight$",
+                    r"\g<pre>\g<p>.weight")],
+            flatten=[(r"^(layers\.\d+\.mixer\.)experts\.(up_proj|down_proj)$", r"\1\2.weight")])
     # transformers' NemotronHForCausalLM ties nothing (tie_word_embeddings or not): a head in the file is
     # used as it is; only a file without one reads the embedding as its head
     tied = "lm_head.weight" not in tensors.shapes
