@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 
 from mq_deploy.config import MAX_CONV, MAX_STATE, MAX_WIDTH, check_bool, check_int, check_positive_float
+from mq_deploy.errors import MQUserError
 
 
 @dataclass
@@ -24,6 +25,9 @@ class MixerConfig:
     bimamba: bool = False               # Vim "v2": a second, backward scan with its own conv/x/dt/A/D
     # FalconMamba: weightless RMSNorm on the low-rank dt, B and C right after x_proj (None: plain Mamba1)
     mixer_rms_eps: float | None = None
+    # Jamba: those three norms carry weights (dt_layernorm, b_layernorm, c_layernorm; eps mixer_rms_eps).
+    # Off by default and left out of to_dict when off, so every existing artifact stays byte-identical
+    inner_norm_weights: bool = False
 
     def __post_init__(self):
         if self.d_inner is None and isinstance(self.expand, int) and isinstance(self.d_model, int):
@@ -36,6 +40,10 @@ class MixerConfig:
         check_bool(self, "conv_bias", "bias", "bimamba")
         if self.mixer_rms_eps is not None:
             check_positive_float(self, "mixer_rms_eps")
+        check_bool(self, "inner_norm_weights")
+        if self.inner_norm_weights and (self.mixer_rms_eps is None or self.bimamba):
+            raise MQUserError("MixerConfig.inner_norm_weights: weighted dt/B/C norms need mixer_rms_eps (their eps) "
+                              "and a causal mixer (not bimamba)")
 
     @property
     def out_features(self) -> int:
@@ -43,4 +51,7 @@ class MixerConfig:
         return self.d_inner
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)      # no "kind": Mamba1 is what a mixer dict without one means
+        d = dataclasses.asdict(self)         # no "kind": Mamba1 is what a mixer dict without one means
+        if not d["inner_norm_weights"]:
+            del d["inner_norm_weights"]
+        return d

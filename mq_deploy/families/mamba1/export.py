@@ -46,7 +46,9 @@ def _branch(g, mixer, prefix, x, z, s, conv_state=None, ssm_state=None):
     dt_low, Bm, Cm = b.op("Split", [x_dbc,
                                     b.i64([cfg.dt_rank, cfg.d_state, cfg.d_state])], n_out=3, axis=-1)
     if cfg.mixer_rms_eps is not None:     # FalconMamba: weightless RMSNorm on dt, B, C (before their quant points)
-        dt_low, Bm, Cm = (b.rms_norm(t, None, cfg.mixer_rms_eps) for t in (dt_low, Bm, Cm))
+        norms = ((mixer.dt_layernorm, mixer.b_layernorm, mixer.c_layernorm) if cfg.inner_norm_weights
+                 else (None, None, None))       # Jamba: the same norms with weights
+        dt_low, Bm, Cm = (b.rms_norm(t, n, cfg.mixer_rms_eps) for t, n in zip((dt_low, Bm, Cm), norms))
     dt_proj = getattr(mixer, "dt_proj" + s)
     dt = b.op("MatMul", [g.qdq(dt_low, prefix + "dt_low" + s),
                          g.weight(weight_key(prefix, "dt_proj", s), dt_proj.weight, transpose=True, small=True)])
@@ -111,6 +113,10 @@ def emit(g, mixer, prefix, h, state=None):
                 n_out=2, axis=-1)
     if g.quant is not None:
         z = g.q(z, prefix + "z")             # the scan takes z as int8 straight from its QuantizeLinear
+    if state is not None and state[1] is not None and mixer.cfg.inner_norm_weights:
+        # the fused state-update op has no norm weights: this layer's states gathered, the unfused ops
+        names, layer = state
+        state = (tuple(b.op("Gather", [n, b.i64(layer)], axis=0) for n in names), None)
     if state is not None and state[1] is not None:
         (conv_state, ssm_state), layer = state
         y, new_conv, h_last = _fused_branch(g, mixer, prefix, x, z, conv_state, ssm_state, layer)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from mq_deploy.errors import MQUserError
-from mq_deploy.transforms.fold import assign, f64, rotate_linear_input
+from mq_deploy.transforms.fold import assign, f64, fuse_norm_into_linear, rotate_linear_input
 
 
 def _branches(mixer):
@@ -30,6 +30,9 @@ def rotate_dt_lowrank(mixer, R, branch: str = "") -> None:
     R = f64(R)
     r = mixer.cfg.dt_rank
     x_proj, dt_proj = getattr(mixer, "x_proj" + branch), getattr(mixer, "dt_proj" + branch)
+    if mixer.cfg.inner_norm_weights:
+        # Jamba's weighted dt norm: its weight into dt_proj's columns first (the weightless norm commutes with R)
+        fuse_norm_into_linear(mixer.dt_layernorm, [dt_proj])
     w = f64(x_proj.weight)
     w[:r] = R.t() @ w[:r]
     assign(x_proj.weight, w)
@@ -66,6 +69,10 @@ def smooth_scan_bc(mixer, s, branch: str = "") -> None:
     """
     s = f64(s)
     cfg = mixer.cfg
+    if cfg.inner_norm_weights:      # B, C = weight * norm(x_proj rows): scale the norms' weights
+        assign(mixer.b_layernorm.weight, f64(mixer.b_layernorm.weight) / s)
+        assign(mixer.c_layernorm.weight, f64(mixer.c_layernorm.weight) * s)
+        return
     x_proj = getattr(mixer, "x_proj" + branch)
     w = f64(x_proj.weight)
     r, n = cfg.dt_rank, cfg.d_state
@@ -105,7 +112,8 @@ def mambaquant_fold(mixer, prefix: str, obs: dict, cfg) -> None:
     # FalconMamba normalises B and C (weightless RMSNorm) after x_proj: a per-channel factor folded into
     # x_proj's rows would change the norm's denominator, so the output would not be preserved. The B/C
     # smoothing is skipped there (the normed B, C have unit RMS per token, the outlier it targets is smaller).
-    for branch in _branches(mixer) if mixer.cfg.mixer_rms_eps is None else ():
+    # Jamba's B and C norms have weights: the factors fold into those weights, after the norm.
+    for branch in _branches(mixer) if mixer.cfg.mixer_rms_eps is None or mixer.cfg.inner_norm_weights else ():
         b = obs[prefix + "B" + branch][0].amax(per_channel=True)
         c = obs[prefix + "C" + branch][0].amax(per_channel=True)
         smooth_scan_bc(mixer, (b.clamp_min(1e-8) / c.clamp_min(1e-8)).sqrt(), branch)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from mq_deploy.errors import MQUserError
 from mq_deploy.families.mamba1.config import MixerConfig
-from mq_deploy.models.layers import MixerBase, at_least_fp32, causal_conv1d, weightless_rms_norm
+from mq_deploy.models.layers import MixerBase, RMSNorm, at_least_fp32, causal_conv1d, weightless_rms_norm
 from mq_deploy.ops.selective_scan import selective_scan, selective_state_update
 
 
@@ -33,6 +33,10 @@ class MambaMixer(MixerBase):
             setattr(self, ("A_b_log" if s else "A_log"), nn.Parameter(torch.empty(di, n)))
             setattr(self, "D" + s, nn.Parameter(torch.ones(di)))
         self._suffixes = suffixes
+        if cfg.inner_norm_weights:      # Jamba's dt_layernorm, b_layernorm, c_layernorm
+            self.dt_layernorm = RMSNorm(r, cfg.mixer_rms_eps)
+            self.b_layernorm = RMSNorm(n, cfg.mixer_rms_eps)
+            self.c_layernorm = RMSNorm(n, cfg.mixer_rms_eps)
         # optional smoothing fused into the gate: z * sigmoid(gate_scale * z) instead of silu(z)
         # (families.mamba1.folds.smooth_out_proj_into_gate)
         self.register_buffer("gate_scale", None)
@@ -64,6 +68,9 @@ class MambaMixer(MixerBase):
         dt, Bm, Cm = torch.split(x_proj(xc), [cfg.dt_rank, cfg.d_state, cfg.d_state], dim=-1)
         if cfg.mixer_rms_eps is not None:     # FalconMamba
             dt, Bm, Cm = (weightless_rms_norm(t, cfg.mixer_rms_eps) for t in (dt, Bm, Cm))
+            if cfg.inner_norm_weights:
+                dt, Bm, Cm = (n.weight * t for n, t in ((self.dt_layernorm, dt), (self.b_layernorm, Bm),
+                                                       (self.c_layernorm, Cm)))
         dt = F.linear(self._q("dt_low" + s, dt), dt_proj.weight)
         A = -torch.exp(at_least_fp32(A_log))
         return (xc, self._q("dt" + s, dt), A, self._q("B" + s, Bm), self._q("C" + s, Cm), at_least_fp32(D),
