@@ -39,7 +39,8 @@ GRANITE = {
                          num_local_experts=4, num_experts_per_tok=2, intermediate_size=32,
                          embedding_multiplier=12.0, residual_multiplier=0.22, logits_scaling=4.0,
                          attention_multiplier=0.03),
-    "nope-8x3": dict(layer_types=["attention", "mamba"], position_embedding_type="nope", num_local_experts=8,
+    # position_embedding_type null: transformers uses RoPE only when it says "rope"
+    "nope-8x3": dict(layer_types=["attention", "mamba"], position_embedding_type=None, num_local_experts=8,
                      num_experts_per_tok=3, intermediate_size=24, num_key_value_heads=1),
 }
 
@@ -59,7 +60,7 @@ def _perturb(m):
     return m
 
 
-def _nemotron(tmp, name, vocab=97):
+def _nemotron(tmp, name, vocab=97, dtype=None):
     torch.manual_seed(0)
     cfg = transformers.NemotronHConfig(
         vocab_size=vocab, hidden_size=64, expand=2, chunk_size=8, num_attention_heads=4, num_key_value_heads=2,
@@ -67,6 +68,10 @@ def _nemotron(tmp, name, vocab=97):
         **NEMOTRON[name])
     m = _perturb(transformers.NemotronHForCausalLM(cfg).eval())
     path = os.path.join(str(tmp), "nemotron-" + name.replace("*", "A"))
+    if dtype is not None:       # a sharded half-precision folder: experts spread over several files
+        m = m.to(dtype)
+        m.save_pretrained(path, max_shard_size="60KB")
+        return m.float(), path
     m.save_pretrained(path)
     return m, path
 
@@ -115,6 +120,16 @@ def test_moe_matches_transformers_and_steps_match(family, name, tmp_path):
     print(family, name, "parity", _rel(got, want), "step", _rel(torch.stack(steps, 1), got[:, 7:]))
     assert _rel(got, want) <= 1e-4
     assert _rel(torch.stack(steps, 1), got[:, 7:]) <= 2e-5
+
+
+def test_sharded_bf16_moe(tmp_path):
+    ref, path = _nemotron(tmp_path, "ME*E-groups", dtype=torch.bfloat16)
+    assert os.path.isfile(os.path.join(path, "model.safetensors.index.json"))
+    ids = torch.randint(0, 97, (1, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        got, want = load_model(path).model(ids), ref(ids).logits
+    print("bf16 sharded", _rel(got, want))
+    assert _rel(got, want) <= 1e-4
 
 
 def test_routing_uses_every_form_of_the_config(tmp_path):

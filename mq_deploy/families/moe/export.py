@@ -9,15 +9,14 @@ by an `If` on the number of (token, expert) pairs:
   Gathered per token ([T, k, out, in], int8 codes and their per-channel scales in a quantized graph,
   dequantized as Cast * scale, bitwise what DequantizeLinear computes) and applied as batched MatMuls:
   the cost is O(T * k) expert matrices, never O(experts).
-- otherwise (a prefill): **dense over experts**. Every expert runs on every token (up/gate as one MatMul
-  [d, experts * d_ff]; down as a batched MatMul per expert) and
-  the outputs are summed with the routing weights scattered into [T, experts] (zero for the experts not
-  chosen). This is the fallback: O(experts) compute. The form that stays O(k) for many tokens groups the
-  tokens by expert (a Loop over experts with NonZero/Gather/ScatterND and data-dependent shapes); in ONNX
-  Runtime's CPU provider that Loop runs its body serially, experts one after another, and its per-expert
-  QDQ patterns are not fused into integer kernels, so it is not faster at the sizes tested here; the
-  gathered form at large T would copy T * k expert matrices (gigabytes for a long prompt). Both forms
-  compute the same function (tests/test_moe.py runs both).
+- otherwise (a prefill): **dense over experts**, the fallback. Every expert runs on every token (up/gate
+  as one MatMul [d, experts * d_ff]; down as a batched MatMul per expert) and the outputs are summed
+  with the routing weights scattered into [T, experts] (zero for the experts not chosen): O(experts)
+  compute per token. Why: the gathered form at large T copies T * k expert matrices (for a long prompt,
+  gigabytes of weights), and the form that stays O(k) for many tokens, tokens grouped by expert, needs a
+  Loop over experts with data-dependent shapes (NonZero, Gather, ScatterND) whose body ONNX Runtime runs
+  expert after expert; it is not written here, and which of the two is faster at real sizes is not
+  measured. Both written forms compute the same function (tests/test_moe.py runs both).
 
 Quant points as in PyTorch: the experts' (and the shared expert's) input `in`, each expert's down
 input `down_proj` after the online Hadamard, the shared expert's `shared_down`. Inside the If both forms

@@ -4,7 +4,9 @@ The routed experts' weights are stacked, expert after expert, in one 2-D tensor 
 (`Experts.weight` [experts * out, in], what transformers stores as [experts, out, in]), so every stage that
 works on a linear's rows works on them unchanged: per-output-channel scales are per (expert, channel), the
 residual rotation and norm fusion act on up/gate's columns, the online Hadamard on down's columns, GPTQ
-rounds the rows. Only the residual rotation of down's *output* needs the experts apart (`writers()` gives a
+rounds the rows (with one Hessian per point for every expert: `in`'s over all tokens, not only the tokens
+routed to that expert; `down_proj`'s over every expert's routed tokens together: an approximation of
+per-expert GPTQ). Only the residual rotation of down's *output* needs the experts apart (`writers()` gives a
 [experts, d_model, d_ff] view of it).
 
 Routing follows transformers: tokens grouped by expert, each expert's output times its routing weight,
