@@ -1,10 +1,11 @@
 """CPU inference against the peers a user would pick: transformers, llama.cpp and our ONNX artifact.
 
 All systems in one run, on the same random-init weights written by transformers' `save_pretrained`
-(MambaForCausalLM at the mamba-130m or -370m shape; a BPE tokenizer trained locally with `tokenizers`
-is saved beside them), same thread count:
+(MambaForCausalLM at the mamba-130m or -370m shape, Mamba2ForCausalLM at mamba2-130m's,
+GraniteMoeHybridForCausalLM at granite-4.0-h-350m's; a BPE tokenizer trained locally with `tokenizers` is
+saved beside them), same thread count:
 
-  transformers fp32                        MambaForCausalLM (its PyTorch path; no CUDA kernels on CPU)
+  transformers fp32                        the folder's own class (its PyTorch path; no CUDA kernels on CPU)
   llama.cpp F32 / Q8_0 / Q4_0              built from the llama-cpp-python sdist's vendor/llama.cpp with
                                            CMake (cached under --workdir), converted with its own
                                            convert_hf_to_gguf.py, timed with llama-bench (batch 1) and
@@ -16,16 +17,22 @@ is saved beside them), same thread count:
                                            custom-op library (the same ops natively); W8A8: MambaQuant
                                            recipe, int8 LM head (DynamicQuantizeLinear + MatMulInteger),
                                            factored online Hadamard
+  Mamba2 / Granite-4.0-H shapes            transformers fp32, llama.cpp F32 / Q8_0 / Q4_0 and our FP32 / W8A8
+                                           with the native ops (--systems adds the function-body rows): the
+                                           full graph (mq::SSDScan(Float), chunked) for prefill, the step graph
+                                           (one mq::SSDStateUpdate(Float) per Mamba2 layer; attention layers
+                                           with their growing KV caches) for decode
 
 Cases: prefill of 256 and 1024 tokens at batch 1 (logits of the last position, as llama-bench's
-prompt test), decode of 128 tokens at batch 1 and 8 (after an 8-token prompt; ONNX: states bound with
-IOBinding, outputs of step t are the inputs of step t+1 without copies). tokens/s counts every
-sequence of the batch. Each row runs in a fresh process whose peak RSS (ru_maxrss, from wait4) is
+prompt test), decode of 128 tokens at batch 1 and 8 (after an 8-token prompt; ONNX: mq-deploy's OrtDecoder,
+the states the step graph declares bound with IOBinding, outputs of step t the inputs of step t+1 without
+copies). tokens/s counts every sequence of the batch. Each row runs in a fresh process whose peak RSS (ru_maxrss, from wait4) is
 reported; ONNX rows import no torch. The load average is printed before and after each row, and a row
 whose 1-minute load exceeded --max-load when it started is run again (up to --retries times; the
 fastest attempt is kept and the others are listed).
 
-    python bench/peers.py [--shape 130m|370m] [--json OUT] [--threads 2] [--workdir build/peers]
+    python bench/peers.py [--shape 130m|370m|mamba2-130m|granite-h-350m] [--json OUT] [--threads 2]
+                          [--workdir build/peers] [--systems "A;B"] [--profile SYSTEM]
 
 The first run downloads the llama-cpp-python sdist with pip and builds llama.cpp (about 10 minutes on
 2 idle cores), converts the GGUF files, quantizes the W8A8 checkpoint and exports the ONNX graphs; all of
@@ -50,7 +57,23 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 LLAMA_CPP_PYTHON = "0.3.36"
-SHAPES = {"130m": dict(hidden_size=768, num_hidden_layers=24), "370m": dict(hidden_size=1024, num_hidden_layers=48)}
+# family: which transformers class writes the checkpoint (make_checkpoint) and which systems run (SYSTEMS)
+SHAPES = {"130m": dict(family="mamba", hidden_size=768, num_hidden_layers=24),
+          "370m": dict(family="mamba", hidden_size=1024, num_hidden_layers=48),
+          # state-spaces/mamba2-130m's shape (tied embedding, conv bias, no in/out_proj bias)
+          "mamba2-130m": dict(family="mamba2", hidden_size=768, num_hidden_layers=24, state_size=128, head_dim=64,
+                              n_groups=1, expand=2),
+          # ibm-granite/granite-4.0-h-350m's config.json (dense: no experts; attention at layers 10, 13, 17, 27,
+          # no position embedding, GQA 12/4 heads; muP scalars; its vocabulary size, our BPE tokenizer)
+          "granite-h-350m": dict(family="granitemoehybrid", hidden_size=768, num_hidden_layers=32,
+                                 layer_types=["attention" if i in (10, 13, 17, 27) else "mamba" for i in range(32)],
+                                 num_attention_heads=12, num_key_value_heads=4, shared_intermediate_size=2048,
+                                 intermediate_size=2048, num_local_experts=0, num_experts_per_tok=0,
+                                 position_embedding_type="nope", mamba_n_heads=48, mamba_d_head=32,
+                                 mamba_d_state=128, mamba_n_groups=1, mamba_expand=2, mamba_d_conv=4,
+                                 mamba_conv_bias=True, mamba_proj_bias=False, embedding_multiplier=12.0,
+                                 residual_multiplier=0.246, attention_multiplier=0.015625, logits_scaling=3.0,
+                                 rms_norm_eps=1e-5, max_position_embeddings=32768, vocab_size=100352)}
 VOCAB = 50280
 PROMPT = 8           # decode: tokens of the prompt before the timed steps
 NEW = 128
@@ -58,6 +81,16 @@ CASES = [("prefill-256", 1), ("prefill-1024", 1), ("decode-128", 1), ("decode-12
 SYSTEMS = ["transformers fp32", "llama.cpp F32", "llama.cpp Q8_0", "llama.cpp Q4_0", "mq-deploy PyTorch fp32",
            "mq-deploy ONNX FP32, ORT (Scan body)", "mq-deploy ONNX FP32, ORT + native ops",
            "mq-deploy ONNX W8A8, ORT (Scan body)", "mq-deploy ONNX W8A8, ORT + native ops"]
+# the rows a shape runs by default: Mamba1 all; the SSD families the peers and our ORT artifacts with the
+# native ops (the function-body rows run with --systems)
+DEFAULT_SYSTEMS = {"mamba": SYSTEMS,
+                   "mamba2": ["transformers fp32", "llama.cpp F32", "llama.cpp Q8_0", "llama.cpp Q4_0",
+                              "mq-deploy ONNX FP32, ORT + native ops", "mq-deploy ONNX W8A8, ORT + native ops"]}
+DEFAULT_SYSTEMS["granitemoehybrid"] = DEFAULT_SYSTEMS["mamba2"]
+
+
+def shape_name(shape):
+    return shape if "-" in shape else f"mamba-{shape}"
 
 
 def log(msg):
@@ -81,21 +114,40 @@ def corpus() -> str:
     return "".join(parts) or "Let there be light: and there was light. " * 2000
 
 
+def hf_model(shape):
+    """The random-init transformers model of a shape (seeded)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    kw = {"vocab_size": VOCAB, **SHAPES[shape]}
+    family = kw.pop("family")
+    if family == "mamba":
+        cfg = transformers.MambaConfig(state_size=16, expand=2, conv_kernel=4,
+                                       tie_word_embeddings=True, **kw)
+        return transformers.MambaForCausalLM(cfg)
+    if family == "mamba2":
+        cfg = transformers.Mamba2Config(num_heads=kw["expand"] * kw["hidden_size"] // kw["head_dim"],
+                                        conv_kernel=4, use_bias=False, use_conv_bias=True, chunk_size=256,
+                                        tie_word_embeddings=True, **kw)
+        return transformers.Mamba2ForCausalLM(cfg)
+    if family == "granitemoehybrid":
+        cfg = transformers.GraniteMoeHybridConfig(tie_word_embeddings=True, **kw)
+        return transformers.GraniteMoeHybridForCausalLM(cfg)
+    raise ValueError(family)
+
+
 def make_checkpoint(d, shape):
-    """Random-init MambaForCausalLM written by save_pretrained, plus a locally trained BPE tokenizer."""
+    """Random-init model (hf_model) written by save_pretrained, plus a locally trained BPE tokenizer."""
     if os.path.isfile(os.path.join(d, "config.json")):
         return
-    import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import MambaConfig, MambaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     log(f"writing the random-init checkpoint to {d}")
-    torch.manual_seed(0)
-    cfg = MambaConfig(vocab_size=VOCAB, state_size=16, expand=2, conv_kernel=4, tie_word_embeddings=True,
-                      **SHAPES[shape])
     tmp = d + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    MambaForCausalLM(cfg).eval().save_pretrained(tmp)
+    hf_model(shape).eval().save_pretrained(tmp)
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -169,17 +221,26 @@ def external_data(path):
     return ext
 
 
-def onnx_sources(work):
-    """The cached step graphs (inline weights); the rows run their _ext copies (external_data). "_fused":
-    step graphs with mq::SelectiveStateUpdate(Float); graphs cached before it are not reused."""
-    return {"fp32": os.path.join(work, "fp32_step_fused.onnx"), "w8a8": os.path.join(work, "w8a8_step_fused.onnx")}
+def onnx_sources(work, family="mamba"):
+    """The cached graphs (inline weights) by (precision, case kind); the rows run their _ext copies
+    (external_data). Mamba1: its decode-step graph serves prefill and decode ("_fused": step graphs with
+    mq::SelectiveStateUpdate(Float); graphs cached before it are not reused). The SSD families: the full graph
+    (mq::SSDScan, chunked) for prefill, the step graph (mq::SSDStateUpdate per layer) for decode."""
+    out = {}
+    for q in ("fp32", "w8a8"):
+        step = os.path.join(work, f"{q}_step_fused.onnx")
+        out[(q, "decode")] = step
+        out[(q, "prefill")] = step if family == "mamba" else os.path.join(work, f"{q}_full.onnx")
+    return out
 
 
-def make_onnx(work, hf, threads):
-    """FP32 and W8A8 decode-step graphs with last-position logits (cached), weights as external data."""
-    out = onnx_sources(work)
-    if all(os.path.isfile(p) for p in out.values()):
-        return {k: external_data(p) for k, p in out.items()}
+def make_onnx(work, hf, threads, family="mamba"):
+    """FP32 and W8A8 graphs (onnx_sources) with last-position logits (cached), weights as external data."""
+    srcs = onnx_sources(work, family)
+    out = {"fp32": srcs[("fp32", "decode")], "w8a8": srcs[("w8a8", "decode")]}
+    full = {"fp32": srcs[("fp32", "prefill")], "w8a8": srcs[("w8a8", "prefill")]}
+    if all(os.path.isfile(p) for p in (*out.values(), *full.values())):
+        return {k: external_data(p) for k, p in srcs.items()}
     import numpy as np
     import torch
 
@@ -191,20 +252,25 @@ def make_onnx(work, hf, threads):
     from mq_deploy.quant.recipes import RecipeConfig, apply_recipe
 
     torch.set_num_threads(threads)
-    if not os.path.isfile(out["fp32"]):
-        log("exporting the FP32 step graph")
-        save_model_atomic(build_model(load_model(hf).model, step=True, last_logits=True), out["fp32"], overwrite=True)
-    if not os.path.isfile(out["w8a8"]):
+
+    def save(model, spec, q):
+        for path, step in ((out[q], True), (full[q], False)):
+            if not os.path.isfile(path):
+                log(f"exporting the {q} {'step' if step else 'full'} graph")
+                save_model_atomic(build_model(model, spec, step=step, last_logits=True), path, overwrite=True)
+
+    if not (os.path.isfile(out["fp32"]) and os.path.isfile(full["fp32"])):
+        save(load_model(hf).model, None, "fp32")
+    if not (os.path.isfile(out["w8a8"]) and os.path.isfile(full["w8a8"])):
         from transformers import AutoTokenizer
 
-        log("quantizing (MambaQuant W8A8, 16 windows of 256 tokens) and exporting the W8A8 step graph")
+        log("quantizing (MambaQuant W8A8, 16 windows of 256 tokens)")
         ids = np.asarray(AutoTokenizer.from_pretrained(hf)(corpus())["input_ids"], dtype=np.int64)
         model = load_model(hf).model
         scales = apply_recipe(model, text_forward_loop(ids, 256, 16, batch=4), RecipeConfig("mambaquant"))
         quantize_head(model, "dynamic")
-        spec = QuantSpec(8, 8, scales["act_scales"], scales["weight_scales"], "mambaquant")
-        save_model_atomic(build_model(model, spec, step=True, last_logits=True), out["w8a8"], overwrite=True)
-    return {k: external_data(p) for k, p in out.items()}
+        save(model, QuantSpec(8, 8, scales["act_scales"], scales["weight_scales"], "mambaquant"), "w8a8")
+    return {k: external_data(p) for k, p in srcs.items()}
 
 
 # ---- workers: one row each, in a fresh process -------------------------------------------------------
@@ -230,9 +296,9 @@ def worker_torch(system, case, batch, hf, threads, runs):
 
     torch.set_num_threads(threads)
     if system.startswith("transformers"):
-        from transformers import MambaForCausalLM
+        from transformers import AutoModelForCausalLM
 
-        model = MambaForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
 
         def prefill(ids):
             model(ids, logits_to_keep=1)
@@ -263,68 +329,98 @@ def worker_torch(system, case, batch, hf, threads, runs):
         return batch * NEW / (tn - t1)
 
 
-def worker_onnx(system, case, batch, path, threads, runs):
-    """ORT only (no torch in this process). Native: the custom-op library of mq_deploy/_native/."""
-    import numpy as np
-    import onnxruntime as ort
+def worker_onnx(system, case, batch, paths, threads, runs):
+    """ORT only (no torch in this process), through mq-deploy's OrtRunner (spinning on, as a benchmark) and,
+    for decode, its OrtDecoder: the states are whatever the step graph declares (state_layout), bound with
+    IOBinding, the outputs of step t the inputs of step t+1 without copies. paths: {"prefill": ONNX file,
+    "decode": step graph}. Native: the custom-op library of mq_deploy/_native/; else the function bodies."""
+    from mq_deploy.backends.ort.runner import OrtRunner, empty_states
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
     if "native" in system:
         from mq_deploy.ops.native import ort_library, ort_library_path
 
-        lib = ort_library()
-        if lib is None:
+        if ort_library() is None:
             raise SystemExit(f"{ort_library_path()} is not built: python -m mq_deploy.ops.native --build")
-        so.register_custom_ops_library(lib)
-    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-    shp = {i.name: i.shape for i in sess.get_inputs()}
-    n_layer, d_inner, k1 = shp["conv_state"][0], shp["conv_state"][2], shp["conv_state"][3]
-    n_state = shp["ssm_state"][3]
-
-    def zeros(b):
-        return (np.zeros((n_layer, b, d_inner, k1), np.float32), np.zeros((n_layer, b, d_inner, n_state), np.float32))
-
-    if case.startswith("prefill"):
+        lib = None           # OrtRunner's default: the built library
+    else:
+        lib = False
+    kind = "prefill" if case.startswith("prefill") else "decode"
+    runner = OrtRunner(paths[kind], custom_op_library=lib, threads=threads, spin=True)
+    if kind == "prefill":
         L = int(case.split("-")[1])
-        conv, ssm = zeros(batch)
-        feeds = {"input_ids": _ids(batch, L), "conv_state": conv, "ssm_state": ssm}
-        return batch * L / _timed(lambda: sess.run(["logits"], feeds), runs)
+        feeds = {"input_ids": _ids(batch, L)}
+        if runner.artifact.graph == "step":
+            feeds.update(empty_states(runner, batch))
+        return batch * L / _timed(lambda: runner.session.run(["logits"], feeds), runs)
 
     ids = _ids(batch, PROMPT)
+    dec = runner.decoder(batch)
 
     def decode():
-        conv, ssm = zeros(batch)
-        logits, conv, ssm = sess.run(None, {"input_ids": ids, "conv_state": conv, "ssm_state": ssm})
-        # zero-copy steps: two state buffers per state, outputs of step t bound as inputs of step t+1
-        st = [[ort.OrtValue.ortvalue_from_numpy(conv), ort.OrtValue.ortvalue_from_numpy(ssm)],
-              [ort.OrtValue.ortvalue_from_shape_and_type(conv.shape, np.float32),
-               ort.OrtValue.ortvalue_from_shape_and_type(ssm.shape, np.float32)]]
-        tok = np.ascontiguousarray(logits[:, -1].argmax(-1).reshape(batch, 1).astype(np.int64))
-        tok_v = ort.OrtValue.ortvalue_from_numpy(tok)
-        out_logits = ort.OrtValue.ortvalue_from_shape_and_type((batch, 1, logits.shape[-1]), np.float32)
-        io = sess.io_binding()
-        io.bind_ortvalue_input("input_ids", tok_v)
-        io.bind_ortvalue_output("logits", out_logits)
-        keep = (conv, ssm)   # noqa: F841 - the first OrtValues view these arrays
-        for i in range(NEW):
-            cur, nxt = st[i % 2], st[(i + 1) % 2]
-            io.bind_ortvalue_input("conv_state", cur[0])
-            io.bind_ortvalue_input("ssm_state", cur[1])
-            io.bind_ortvalue_output("conv_state_out", nxt[0])
-            io.bind_ortvalue_output("ssm_state_out", nxt[1])
-            sess.run_with_iobinding(io)
-            tok[:] = out_logits.numpy()[:, -1].argmax(-1).reshape(batch, 1)   # written in place: tok_v sees it
-        return keep
+        logits = dec.prefill(ids)
+        for _ in range(NEW):
+            logits = dec.step(logits.argmax(-1))
 
-    def prompt_only():
-        conv, ssm = zeros(batch)
-        sess.run(None, {"input_ids": ids, "conv_state": conv, "ssm_state": ssm})
-
-    t0 = _timed(prompt_only, runs)
+    t0 = _timed(lambda: dec.prefill(ids), runs)
     tn = _timed(decode, max(1, runs // 2))
     return batch * NEW / (tn - t0)
+
+
+def profile_onnx(system, paths, threads, runs=3, prefill=1024, batches=(1, 8)):
+    """ORT's per-node profile of one ONNX system, summed by op type (ms per run): a prefill of `prefill` tokens
+    at batch 1 and one decode step (after an 8-token prompt) at each batch, with OrtRunner's session options."""
+    import glob
+    import tempfile
+
+    import onnxruntime as ort
+
+    from mq_deploy.backends.ort.runner import OrtRunner, default_library, empty_states, session_options, state_layout
+
+    lib = default_library(None if "native" in system else False)
+
+    def by_op(path, make_feeds):
+        runner = OrtRunner(path, custom_op_library=lib if lib else False, threads=threads, spin=True)
+        with tempfile.TemporaryDirectory() as d:
+            so = session_options(threads, spin=True, custom_op_library=lib)
+            so.enable_profiling = True
+            so.profile_file_prefix = os.path.join(d, "p")
+            sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+            feeds = make_feeds(runner, sess)
+            sess.run(None, feeds)                      # warm-up, then the profiled runs
+            t = time.perf_counter()
+            for _ in range(runs):
+                sess.run(None, feeds)
+            wall = (time.perf_counter() - t) / runs * 1e3
+            sess.end_profiling()
+            with open(glob.glob(os.path.join(d, "p*.json"))[0]) as f:
+                events = json.load(f)
+        out: dict = {}
+        for e in events:
+            if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+                op = e["args"].get("op_name", "?")
+                out[op] = out.get(op, 0.0) + e["dur"] / 1e3 / runs
+        ops = {k: round(v, 3) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
+        return {"wall_ms": round(wall, 3), "kernel_ms": round(sum(out.values()), 3), "ms_by_op": ops}
+
+    def prefill_feeds(runner, sess):
+        feeds = {"input_ids": _ids(1, prefill)}
+        if runner.artifact.graph == "step":
+            feeds.update(empty_states(runner, 1))
+        return feeds
+
+    def step_feeds(batch):
+        def make(runner, sess):
+            layout = state_layout(runner)
+            res = dict(zip([o.name for o in sess.get_outputs()],
+                           sess.run(None, {"input_ids": _ids(batch, PROMPT), **empty_states(runner, batch)})))
+            return {"input_ids": res["logits"][:, -1].argmax(-1).reshape(batch, 1).astype("int64"),
+                    **{name: res[out] for name, out, _ in layout}}
+        return make
+
+    prof = {f"prefill-{prefill} b1": by_op(paths["prefill"], prefill_feeds)}
+    for b in batches:
+        prof[f"decode step b{b}"] = by_op(paths["decode"], step_feeds(b))
+    return prof
 
 
 # ---- llama.cpp rows ----------------------------------------------------------------------------------
@@ -395,6 +491,9 @@ def main(argv=None):
                     help="run a row again when the 1-minute load average exceeded this at its start "
                          "(default: 1.5 x threads)")
     ap.add_argument("--retries", type=int, default=2)
+    ap.add_argument("--profile", metavar="SYSTEM",
+                    help="instead of the table: ORT's time per op type of one ONNX system (prefill 1024 at batch 1, "
+                         "a decode step at batch 1 and 8), printed, and written to --json")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -407,7 +506,12 @@ def main(argv=None):
 
     meta = RunMeta()
     max_load = a.max_load if a.max_load is not None else 1.5 * a.threads
-    systems = SYSTEMS if not a.systems else [s.strip() for s in a.systems.split(";")]
+    family = SHAPES[a.shape]["family"]
+    if a.profile:
+        a.systems = a.profile
+    systems = DEFAULT_SYSTEMS[family] if not a.systems else [s.strip() for s in a.systems.split(";")]
+    if a.profile and "ONNX" not in a.profile:
+        raise SystemExit(f"--profile: {a.profile!r} is not an ONNX system")
     for s in systems:
         if s not in SYSTEMS:
             raise SystemExit(f"--systems: unknown system {s!r}; known: {'; '.join(SYSTEMS)}")
@@ -422,7 +526,7 @@ def main(argv=None):
         if want_llama:
             make_gguf(work, hf, *build_llama_cpp(shared))
         if want_onnx:
-            make_onnx(work, hf, a.threads)
+            make_onnx(work, hf, a.threads, family)
         return 0
     # the artifacts are made in a child: this process stays small, since a row's process is forked from
     # it and its peak RSS (ru_maxrss) counts the time before exec
@@ -431,16 +535,33 @@ def main(argv=None):
                    check=True)
     bins = os.path.join(shared, "llama-build", "bin")
     gguf = {q: os.path.join(work, f"model-{q}.gguf") for q in ("F32", "Q8_0", "Q4_0")} if want_llama else None
-    onnx = {k: p[:-len(".onnx")] + "_ext.onnx" for k, p in onnx_sources(work).items()}   # what make_onnx wrote
+    onnx = {k: p[:-len(".onnx")] + "_ext.onnx" for k, p in onnx_sources(work, family).items()}   # make_onnx's
 
     from importlib.metadata import version
 
     ort_version = version("onnxruntime")
-    print(f"mamba-{a.shape} shape, random init (vocab {VOCAB}); {a.threads} threads; onnxruntime "
+    if a.profile:
+        q = "w8a8" if "W8A8" in a.profile else "fp32"
+        prof = profile_onnx(a.profile, {k: onnx[(q, k)] for k in ("prefill", "decode")}, a.threads, a.runs)
+        for case, p in prof.items():
+            top = ", ".join(f"{k} {v:.2f}" for k, v in list(p["ms_by_op"].items())[:8])
+            print(f"{a.profile}, {case}: {p['wall_ms']:.2f} ms per run ({p['kernel_ms']:.2f} ms in kernels): {top}")
+        if a.json:
+            from mq_deploy.fileio import write_json
+
+            write_json(a.json, {"shape": a.shape, "threads": a.threads, "onnxruntime": ort_version,
+                                "system": a.profile, "profile": prof, "run": meta.finish()}, overwrite=True)
+            print(f"wrote {a.json}")
+        return 0
+    print(f"{shape_name(a.shape)} shape, random init (vocab {SHAPES[a.shape].get('vocab_size', VOCAB)}); {a.threads} threads; onnxruntime "
           f"{ort_version}, torch {version('torch')}, transformers {version('transformers')}, "
           f"llama.cpp of llama-cpp-python {LLAMA_CPP_PYTHON}; median of {a.runs} runs; rows with load > "
           f"{max_load} at start are repeated (up to {a.retries} more)")
     print(f"{'system':40s} {'case':13s} {'batch':>5s} {'tok/s':>8s} {'RSS MiB':>8s}  load before -> after")
+    # what the rows ran: the model's shape, and which ONNX graph served each kind of case
+    fields = {"family": family, "config": {k: v for k, v in SHAPES[a.shape].items() if k != "family"},
+              "onnx_graphs": {k: "step" if onnx[("fp32", k)] == onnx[("fp32", "decode")] else "full"
+                              for k in ("prefill", "decode")}}
     rows = []
     for system in systems:
         for case, batch in CASES:
@@ -450,7 +571,8 @@ def main(argv=None):
                 def parse(out, case=case, batch=batch):
                     return parse_llama(out, case, batch)
             else:
-                path = onnx["w8a8" if "W8A8" in system else "fp32"] if "ONNX" in system else hf
+                q = "w8a8" if "W8A8" in system else "fp32"
+                path = {k: onnx[(q, k)] for k in ("prefill", "decode")} if "ONNX" in system else hf
                 cmd = [sys.executable, os.path.abspath(__file__), "--threads", str(a.threads), "--runs", str(a.runs),
                        "--worker", json.dumps({"system": system, "case": case, "batch": batch, "path": path})]
 
@@ -473,7 +595,7 @@ def main(argv=None):
                 from mq_deploy.fileio import write_json
 
                 write_json(a.json, {"shape": a.shape, "threads": a.threads, "onnxruntime": ort_version,
-                                    "llama_cpp_python": LLAMA_CPP_PYTHON, "complete": False, "rows": rows,
+                                    "llama_cpp_python": LLAMA_CPP_PYTHON, "complete": False, "rows": rows, **fields,
                                     "run": meta.info},
                            overwrite=True)
     summary(rows)
@@ -481,7 +603,7 @@ def main(argv=None):
         from mq_deploy.fileio import write_json
 
         write_json(a.json, {"shape": a.shape, "threads": a.threads, "onnxruntime": ort_version,
-                            "llama_cpp_python": LLAMA_CPP_PYTHON, "complete": True, "rows": rows,
+                            "llama_cpp_python": LLAMA_CPP_PYTHON, "complete": True, "rows": rows, **fields,
                             "run": meta.finish()}, overwrite=True)
         print(f"wrote {a.json}")
     return 0
