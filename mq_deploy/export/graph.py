@@ -326,9 +326,16 @@ def _layers(g: _Graph, model, h, layout=None, consume: bool = False):
     block is released from the model once it is in the graph (build_model)."""
     b = g.b
     new = []
+    emb = h          # the embeddings, which a family's own block may read too (emit_block)
     for i, layer in enumerate(model.layers):
         impl = layer.mixer.family.module()
         st = None if layout is None else _layer_state(g, layout, i, g.fused_step and impl.FUSED_STEP)
+        if getattr(layer, "reads_embeddings", False):
+            h, new_st = impl.emit_block(g, layer, mixer_prefix(i), h, emb, st)
+            new.append(new_st)
+            if consume:
+                model.layers[i] = torch.nn.Identity()
+            continue
         out, new_st = impl.emit(g, layer.mixer, mixer_prefix(i), b.rms_norm(h, layer.norm), st)
         if layer.residual_multiplier != 1.0:
             out = b.op("Mul", [out, b.f32(np.array(layer.residual_multiplier), "residual_multiplier")])

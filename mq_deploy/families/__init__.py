@@ -108,7 +108,7 @@ class Family:
 _FAMILIES: dict = {}
 _FORMATS: list = []         # checkpoint formats of models built from several families (hybrids)
 _BUILTIN = ("mamba1", "mamba2", "attention", "mlp", "nemotron_h", "granite_h", "bamba", "parallel",
-            "falcon_h1", "moe", "jamba")
+            "falcon_h1", "moe", "jamba", "zamba2")
 _loaded = False
 
 

@@ -18,8 +18,21 @@ def make_mixer(mixer_cfg) -> MixerBase:
     return family_of(mixer_cfg).module().Mixer(mixer_cfg)
 
 
+def block_class(mixer_cfg):
+    """Block, or the family's own block class (impl.Block: Zamba2's layers, which read the embeddings too)."""
+    from mq_deploy.families import family_of
+
+    return getattr(family_of(mixer_cfg).module(), "Block", Block)
+
+
+def _emb(layer, e) -> dict:
+    return {"emb": e} if layer.reads_embeddings else {}
+
+
 class Block(nn.Module):
     """Pre-norm residual block: h + mixer(norm(h)); the residual stream stays fp32 if asked."""
+
+    reads_embeddings = False      # a family's Block that also takes the token embeddings (emb=)
 
     def __init__(self, mixer_cfg, norm_eps: float, residual_in_fp32: bool, residual_multiplier: float = 1.0):
         super().__init__()
@@ -67,7 +80,7 @@ class MambaLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embedding = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.layers = nn.ModuleList(Block(m, cfg.norm_eps, cfg.residual_in_fp32, cfg.residual_multiplier)
+        self.layers = nn.ModuleList(block_class(m)(m, cfg.norm_eps, cfg.residual_in_fp32, cfg.residual_multiplier)
                                     for m in cfg.layer_configs())
         self.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -87,24 +100,24 @@ class MambaLM(nn.Module):
 
     def backbone(self, input_ids):
         """Hidden states before norm_f and the head (what calibration needs; skips the vocab matmul)."""
-        h = self._embed(input_ids)
+        h = e = self._embed(input_ids)
         for layer in self.layers:
-            h = layer(h)
+            h = layer(h, **_emb(layer, e))
         return h
 
     def forward(self, input_ids, return_state=False, state=None):
         """input_ids [b, L] -> logits [b, L, V]; with return_state also the per-layer decode cache.
 
         state: per-layer states to continue from (as init_state / return_state give)."""
-        h = self._embed(input_ids)
+        h = e = self._embed(input_ids)
         states = []
         for i, layer in enumerate(self.layers):
             st = None if state is None else state[i]
             if return_state:
-                h, st = layer(h, st, return_state=True)
+                h, st = layer(h, st, return_state=True, **_emb(layer, e))
                 states.append(st)
             else:
-                h = layer(h, st)
+                h = layer(h, st, **_emb(layer, e))
         logits = self._head(h)
         return (logits, states) if return_state else logits
 
@@ -118,10 +131,10 @@ class MambaLM(nn.Module):
 
     def step(self, token, states):
         """token [b] -> (logits [b, V], new states)."""
-        h = self._embed(token)
+        h = e = self._embed(token)
         new = []
         for layer, st in zip(self.layers, states):
-            h, *st = layer.step(h, *st)
+            h, *st = layer.step(h, *st, **_emb(layer, e))
             new.append(tuple(st))
         return self._head(h), new
 

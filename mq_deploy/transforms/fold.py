@@ -116,6 +116,8 @@ def rotate_residual(model, Q) -> None:
             rotate_linear_input(lin, Q)
         for lin in layer.mixer.writers():
             rotate_linear_output(lin, Q)
+        for lin in getattr(layer.mixer, "stream_readers", list)():    # input: stream tensors side by side
+            _update_rows(lin.weight, lambda r: (r.unflatten(-1, (-1, Q.shape[0])) @ Q).flatten(-2))
     rotate_linear_input(model.lm_head if isinstance(model, MambaLM) else model.head, Q)
 
 
