@@ -235,6 +235,9 @@ def test_w8a8_zamba2_through_the_command_line(tmp_path, recipe, capsys):
     out = capsys.readouterr().out
     assert "hf-zamba2" in out and "3 x zamba2 [shared attention: 4 heads (4 key/value) x head_dim 16" in out
     assert "2 x zamba2 [Mamba2: d_inner 64" in out
+    if recipe == "rtn":          # inspect plots in_proj's and out_proj's inputs, which every layer has
+        assert main(["inspect", path, "-o", str(tmp_path / "inspect"), "--calib", text, "--calib-samples", "2",
+                     "--seq-len", "64"]) == 0
     assert main(["quantize", path, "-o", q, "--recipe", recipe, "--calib", text, "--calib-samples", "4",
                  "--seq-len", "64"]) == 0
     for flags, name in (([], "m.onnx"), (["--decode-step"], "step.onnx")):

@@ -56,7 +56,7 @@ FAMILY = register_family(Family(
     weight_sites=_union(_ATT.weight_sites, _MLP.weight_sites, (_LINEAR,), _M2.weight_sites),
     gptq_inputs={**_ATT.gptq_inputs, **_MLP.gptq_inputs, _LINEAR: _LINEAR, **_M2.gptq_inputs},
     consumers={**_ATT.consumers, **_MLP.consumers, _LINEAR: _LINEAR, **_M2.consumers},
-    inspect=_union(_ATT.inspect, _M2.inspect),
+    inspect=_M2.inspect,                  # every layer has them (a plain layer has no q/k/v to plot)
     input_point=_M2.input_point,          # the block norm's output: the Mamba2 input (on the residual stream)
     # the layer's state tuple: the Mamba2 states (stacked over every layer), then the shared block's KV cache
     states=lambda c: list(_M2.states(c.mamba)) + (list(_ATT.states(c.attention)) if c.shared else []),
