@@ -4,6 +4,8 @@ points and weights keep the flat names the family declares (layers.i.mixer.q_pro
 
 from __future__ import annotations
 
+import numpy as np
+
 from mq_deploy.families.attention import export as attention
 from mq_deploy.families.mamba2 import export as mamba2
 from mq_deploy.families.mlp import export as mlp
@@ -33,6 +35,8 @@ def emit_block(g, layer, prefix, h, emb, state=None):
         t = g.linear(g.qdq(t, prefix + "linear"), mixer.linear, weight_key(prefix, "linear"))
         x = b.op("Add", [h, t], "shared_out")
     ym, (conv, ssm) = mamba2.emit(g, mixer.mamba, prefix, b.rms_norm(x, layer.norm), ms)
+    if layer.residual_multiplier != 1.0:      # as Block._add (no Zamba2 checkpoint has one; our configs may)
+        ym = b.op("Mul", [ym, b.f32(np.array(layer.residual_multiplier), "residual_multiplier")])
     return b.op("Add", [h, ym], "residual"), (conv, ssm) + tuple(kv)
 
 
