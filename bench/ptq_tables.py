@@ -33,15 +33,23 @@ def render(table) -> str:
     for recipe in dict.fromkeys(r["recipe"] for r in rows[1:]):
         cells = [fmt_delta(by[(recipe, b)], lm) if (recipe, b) in by else "" for b in bits]
         out.append(f"| {recipe} | " + " | ".join(cells) + " |")
-    if table.get("pairs"):
-        scale = 1 if lm else 100
+    pairs = table.get("pairs") or []
+    if pairs:
+        scale, d = (1, 4) if lm else (100, 2)
         unit = "bits/byte" if lm else "points"
-        out += ["", f"MambaQuant minus QuaRot ({unit}; {'negative' if lm else 'positive'} = MambaQuant better):", "",
-                "| bits | difference [95 % interval] |", "|---|---:|"]
-        for p in table["pairs"]:
+        better = "negative" if lm else "positive"
+        plain = all((p.get("a", "mambaquant"), p.get("b", "quarot")) == ("mambaquant", "quarot") for p in pairs)
+        if plain:
+            out += ["", f"MambaQuant minus QuaRot ({unit}; {better} = MambaQuant better):", "",
+                    "| bits | difference [95 % interval] |", "|---|---:|"]
+        else:     # several pairings in one file (compare --ssm-scales): name each
+            out += ["", f"Paired differences, A minus B ({unit}; {better} = A better):", "",
+                    "| A minus B | bits | difference [95 % interval] |", "|---|---|---:|"]
+        for p in pairs:
             lo, hi = p["diff_ci95"]
-            d = 4 if lm else 2
-            out.append(f"| {p['bits'].upper()} | {p['diff'] * scale:+.{d}f} [{lo * scale:+.{d}f}, {hi * scale:+.{d}f}] |")
+            cell = f"{p['diff'] * scale:+.{d}f} [{lo * scale:+.{d}f}, {hi * scale:+.{d}f}]"
+            label = "" if plain else f"{p['a']} minus {p['b']} | "
+            out.append(f"| {label}{p['bits'].upper()} | {cell} |")
     return "\n".join(out)
 
 

@@ -214,11 +214,20 @@ def ptq(src, recipe, bits, what="cell", d=None):
     raise ReportError(f"ptq: what={what!r} is not one of cell, delta, abs, ci, value, paper")
 
 
+def _pair(t, a, b, bits):
+    """The paired difference a minus b at `bits` (a JSON without a/b fields holds MambaQuant minus QuaRot)."""
+    hits = [p for p in t["pairs"] if p["bits"] == bits and (p.get("a", "mambaquant"), p.get("b", "quarot")) == (a, b)]
+    if len(hits) != 1:
+        raise ReportError(f"{len(hits)} pairs {a} minus {b} at {bits}, not 1")
+    return hits[0]
+
+
 @renderer
-def ptq_pair(src, bits, what="cell"):
-    """MambaQuant minus QuaRot of a compare JSON at `bits`: cell (diff + interval), diff, abs, ci."""
+def ptq_pair(src, bits, what="cell", a="mambaquant", b="quarot"):
+    """A minus B (default MambaQuant minus QuaRot; a=, b= pick another pairing, e.g. a=mambaquant/grouped
+    b=mambaquant) of a compare JSON at `bits`: cell (diff + interval), diff, abs, ci."""
     t = src[0]
-    p = get(t, f"pairs[bits={bits}]")
+    p = _pair(t, a, b, bits)
     lm = is_lm(t)
     scale, dd = (1, 4) if lm else (100, 2)
     lo, hi = p["diff_ci95"]
@@ -244,13 +253,18 @@ def ptq_span(src, recipes, bits, d="0"):
 
 
 @renderer
-def ptq_pair_sig(src, better="a"):
-    """The settings where MambaQuant minus QuaRot is resolved in MambaQuant's favour (interval clear of 0),
-    as "W8A8, W8A6 and W8A4", or "none"."""
+def ptq_pair_sig(src, better="a", a="mambaquant", b="quarot"):
+    """The settings where A minus B (default MambaQuant minus QuaRot) is resolved in A's favour (interval clear
+    of 0), or with better=b in B's favour, as "W8A8, W8A6 and W8A4", or "none"."""
     t = src[0]
     lm = is_lm(t)
+    if better not in ("a", "b"):
+        raise ReportError(f"ptq_pair_sig: better={better!r} is not a or b")
+    a_wins = (lambda lo, hi: hi < 0) if lm else (lambda lo, hi: lo > 0)
+    b_wins = (lambda lo, hi: lo > 0) if lm else (lambda lo, hi: hi < 0)
+    won = a_wins if better == "a" else b_wins
     hits = [p["bits"].upper() for p in t["pairs"]
-            if (p["diff_ci95"][1] < 0 if lm else p["diff_ci95"][0] > 0)]
+            if (p.get("a", "mambaquant"), p.get("b", "quarot")) == (a, b) and won(*p["diff_ci95"])]
     if not hits:
         return "none"
     return hits[0] if len(hits) == 1 else ", ".join(hits[:-1]) + " and " + hits[-1]
@@ -264,6 +278,77 @@ def ptq_diff(src, recipe, bits, what="change", d=None):
         return num(a["value"] - b["value"], f"+.{d or 4}f")
     k = "relative" if is_lm(src[0]) else "delta"
     return num((a[k] - b[k]) * 100, f"+.{d or 2}f") + (" %" if is_lm(src[0]) else "")
+
+
+@renderer
+def ptq_goals(src, goals="w8a8:0.5,w4a8:2", recipe="mambaquant", a="mambaquant", b="quarot"):
+    """A bullet per goal of a compare JSON: `recipe`'s loss at each bits <= its bound (relative bits/byte %,
+    or top-1 points), judged on the point estimate with its interval quoted; then A >= B (default MambaQuant
+    >= QuaRot) at every bit width of the pairs, naming where not, with the interval and whether it is
+    resolved (clear of 0)."""
+    t = src[0]
+    lm = is_lm(t)
+    unit, what = (" %", "bits/byte") if lm else (" points", "top-1")
+    out = []
+    for g in goals.split(","):
+        bits, bound = g.split(":")
+        r = ptq_row(t, recipe, bits)
+        loss = r["relative"] * 100 if lm else -r["delta"] * 100
+        ok = loss <= float(bound)
+        out.append(f"- {bits.upper()} costs <= {bound}{unit} {what}: **{'met' if ok else 'missed'}**, "
+                   f"{recipe} {fmt_delta(r, lm)}" + ("" if ok else f" ({loss - float(bound):.2f}{unit} over)") + ".")
+    scale, dd = (1, 4) if lm else (100, 2)
+    behind, ahead = [], []
+    pairs = [p for p in t["pairs"] if (p.get("a", "mambaquant"), p.get("b", "quarot")) == (a, b)]
+    if not pairs:
+        raise ReportError(f"no pairs {a} minus {b}")
+    for p in pairs:
+        lo, hi = (v * scale for v in p["diff_ci95"])
+        worse = p["diff"] > 0 if lm else p["diff"] < 0
+        resolved = (lo > 0 if lm else hi < 0) if worse else (hi < 0 if lm else lo > 0)
+        cell = f"{p['bits'].upper()} {p['diff'] * scale:+.{dd}f} [{lo:+.{dd}f}, {hi:+.{dd}f}]"
+        (behind if worse else ahead).append((cell, resolved))
+    head = f"- {a} >= {b} at every setting ({a} minus {b}, {what}{' ' + unit.strip() if not lm else ''}): "
+    if not behind:
+        out.append(head + "**met**: " + ", ".join(c for c, _ in ahead) + ".")
+    else:
+        out.append(head + f"**not at {len(behind)} of {len(pairs)}**: {b} is ahead at "
+                   + ", ".join(f"{c} ({'resolved: interval clear of 0' if r else 'interval across 0'})"
+                               for c, r in behind)
+                   + (f"; {a} is ahead or equal at " + ", ".join(c for c, _ in ahead) if ahead else "") + ".")
+    return "\n".join(out)
+
+
+@renderer
+def ptq_ladder(src, steps, bits="w8a8,w4a8,w8a6", d="2"):
+    """Recipes stacked one component at a time, from one or more compare JSONs of the same model and data:
+    steps="LABEL@I@RECIPE;..." (I: which source), a row per step, each cell the change vs FP with its
+    interval and, after the first row, the step's own change (this row minus the row above; no interval,
+    the rows may come from different runs; d: its decimals)."""
+    rows = []
+    for part in steps.split(";"):
+        try:
+            label, i, recipe = part.rsplit("@", 2)
+            t = src[int(i)]
+        except (ValueError, IndexError):
+            raise ReportError(f"ptq_ladder: step {part!r} is not LABEL@SOURCE_INDEX@RECIPE") from None
+        rows.append((label, t, recipe))
+    lm = {is_lm(t) for _, t, _ in rows}
+    if len(lm) != 1 or len({t["samples"] for _, t, _ in rows}) != 1:
+        raise ReportError("ptq_ladder: the sources differ in metric or evaluation samples")
+    lm = lm.pop()
+    k, unit = ("relative", " %") if lm else ("delta", "")
+    bl = bits.split(",")
+    out = ["| recipe (what the step adds) | " + " | ".join(b.upper() for b in bl) + " |",
+           "|---|" + "---:|" * len(bl)]
+    prev = None
+    for label, t, recipe in rows:
+        cur = [ptq_row(t, recipe, b) for b in bl]
+        cells = [fmt_delta(r, lm) + ("" if prev is None else f" (step {(r[k] - p[k]) * 100:+.{int(d)}f}{unit})")
+                 for r, p in zip(cur, prev or cur)]
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
+        prev = cur
+    return "\n".join(out)
 
 
 PAPER_ROWS = [   # the MambaQuant paper (ICLR 2025) and the logs in its authors' repository: cited, not measured
@@ -682,6 +767,41 @@ def peers_ms_per_token(src, system, case="decode-128", batch="1", graph=None):
     return f"{1000 / r['tokens_per_s'] * int(batch):.1f} ms"
 
 
+def _short(x, target):
+    """'**met**, 1.23x' or '**missed** by 12 %, 0.88x' for a ratio against the ratio the goal asks for."""
+    return f"**met**, {x:.2f}x" if x >= target else f"**missed** by {(1 - x / target) * 100:.0f} %, {x:.2f}x"
+
+
+@renderer
+def peers_run_goals(src):
+    """The goals of one peers run (all rows side by side, e.g. the Mamba2 or hybrid shape), per case: W8A8 on
+    ORT with the native ops against transformers fp32 and llama.cpp Q8_0; where one is missed, by how much."""
+    def row(system, c):
+        return _peer(src, system, c[0], c[1])
+
+    def t(system, c):
+        return row(system, c)["tokens_per_s"]
+
+    p256, p1024, d1, d8 = PEER_CASES
+    out = []
+    for name, ref, target, cases in (("Prefill ≥ 3x transformers fp32", TF, 3.0, (p256, p1024)),
+                                     ("Prefill ahead of llama.cpp Q8_0", Q8, 1.0, (p256, p1024)),
+                                     ("Decode ahead of llama.cpp Q8_0", Q8, 1.0, (d1, d8))):
+        parts = [f"{c[0]} b{c[1]} {_short(t(W8, c) / t(ref, c), target)} ({_tps(t(W8, c), c[0])} vs "
+                 f"{_tps(t(ref, c), c[0])} tok/s)" for c in cases]
+        out.append(f"- {name}: " + "; ".join(parts) + ".")
+    parts = []
+    for c in PEER_CASES:
+        a, b = row(W8, c)["peak_rss_mib"], row(Q8, c)["peak_rss_mib"]
+        x = a / b
+        v = "met" if x <= 2 else f"**missed** by {(x / 2 - 1) * 100:.0f} %"
+        parts.append(f"{c[0]} b{c[1]} {x:.2f}x ({a:.0f} vs {b:.0f} MiB, {v})")
+    ok = all(row(W8, c)["peak_rss_mib"] <= 2 * row(Q8, c)["peak_rss_mib"] for c in PEER_CASES)
+    out.append(f"- Peak RSS ≤ 2x llama.cpp Q8_0: {'**met**' if ok else '**not met in every case**'}: "
+               + "; ".join(parts) + ".")
+    return "\n".join(out)
+
+
 # ---- bench/serve.py --------------------------------------------------------------------------------------
 
 @renderer
@@ -743,8 +863,10 @@ def serve_range(src, kind, levels="1"):
 @renderer
 def forward_cell(src):
     d = src[0]
-    return (f"ours {d['median_ms']['ours']:.0f} ms, transformers {d['median_ms']['transformers']:.0f} ms: "
-            f"**{d['speedup']:.2f}x** ({_load_nice(d)})")
+    side = "ours faster" if d["speedup"] > 1 else "ours slower" if d["speedup"] < 1 else "a tie"
+    return (f"{d['threads']} thread{'s' if d['threads'] != 1 else ''}: ours {d['median_ms']['ours']:.0f} ms, "
+            f"transformers {d['median_ms']['transformers']:.0f} ms: **{d['speedup']:.2f}x**, {side} "
+            f"({_load_nice(d)})")
 
 
 @renderer
@@ -1142,7 +1264,7 @@ def check_strays(doc, text):
     """A paragraph that cites a JSON or a bench script holds no figure outside a region."""
     clean = prose(text)
     code_free = re.sub(r"`[^`\n]*`", lambda m: " " * len(m.group(0)), clean)
-    code_free = re.sub(r"\]\([^)]*\)", "]", code_free)
+    code_free = re.sub(r"\]\([^)]*\)", lambda m: "]" + " " * (len(m.group(0)) - 1), code_free)   # keep offsets
     pos = 0
     for para in re.split(r"\n[ \t]*\n", clean):
         start = clean.find(para, pos)
