@@ -190,10 +190,18 @@ def make_gguf(work, hf, bins, src):
         weights_only = os.path.join(work, "hf-weights-only")
         os.makedirs(weights_only, exist_ok=True)
         for n in os.listdir(hf):
-            if n.endswith((".safetensors", ".json")) and "token" not in n:
+            if n.endswith((".safetensors", ".json")) and "token" not in n and n != "config.json":
                 dst = os.path.join(weights_only, n)
                 if not os.path.exists(dst):
                     os.symlink(os.path.join(hf, n), dst)
+        with open(os.path.join(hf, "config.json")) as f:
+            cfg = json.load(f)
+        # its Mamba2 path pads the vocabulary in the header to pad_vocab_size_multiple (default 16) but not the
+        # embedding: ours (50280) is not padded, and 8 divides it
+        if cfg.get("model_type") in ("mamba2", "granitemoehybrid") and "pad_vocab_size_multiple" not in cfg:
+            cfg["pad_vocab_size_multiple"] = 8
+        with open(os.path.join(weights_only, "config.json"), "w") as f:
+            json.dump(cfg, f)
         env = dict(os.environ, PYTHONPATH=os.path.join(src, "gguf-py"))
         subprocess.run([sys.executable, os.path.join(src, "convert_hf_to_gguf.py"), weights_only, "--outtype", "f32",
                         "--outfile", out["F32"] + ".tmp"], check=True, env=env)
