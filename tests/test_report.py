@@ -124,9 +124,9 @@ def test_a_hand_typed_figure_beside_a_cited_json_fails(tree):
 
 
 def test_a_broken_json_is_one_line(tree):
-    (tree / "docs" / "quantize.json").write_text("{not json", encoding="utf-8")
+    (tree / "docs" / "forward.json").write_text("{not json", encoding="utf-8")
     msg = one_line(report("--check", root=tree))
-    assert "docs/quantize.json" in msg and "not a readable JSON" in msg, msg
+    assert "docs/forward.json" in msg and "not a readable JSON" in msg, msg
 
 
 def _render(tree, body, name="docs/_probe.md"):

@@ -20,39 +20,47 @@ import torch
 from mq_deploy.families.mamba2 import folds as mamba2
 
 
-def _rotate_children(mixer) -> None:
-    from mq_deploy.families.parallel.mixer import shared_hadamard
-    from mq_deploy.transforms import fold
+def composite_hooks(flag: str) -> tuple:
+    """The recipe hooks of a block made of child mixers with one output projection each (this family; zamba2):
+    (quarot_fold, mambaquant_observers, mambaquant_fold, quant_flags, add_runtime_buffers); `flag` is the
+    quantized checkpoint's record that the children's online rotations exist. The block has a `mamba` child
+    (Mamba2) and children_mixers(); its _apply fills the rotations once `_hadamard_pending` is set."""
 
-    for child in mixer.children_mixers():
-        n, dtype = child.out_linear.in_features, child.out_linear.weight.dtype
-        fold.set_online_out_rotation(child, shared_hadamard(n, torch.float64), runtime=shared_hadamard(n, dtype))
+    def rotate_children(mixer) -> None:
+        from mq_deploy.families.parallel.mixer import shared_hadamard
+        from mq_deploy.transforms import fold
 
-
-def quarot_fold(mixer) -> None:
-    """The online Hadamard before o_proj and before out_proj."""
-    _rotate_children(mixer)
-
-
-def mambaquant_observers(point: str) -> list:
-    return mamba2.mambaquant_observers(point)
-
-
-def mambaquant_fold(mixer, prefix: str, obs: dict, cfg) -> None:
-    """The Mamba2 child's Smooth-Fused fold (its points carry the block's prefix), then both rotations."""
-    mamba2.mambaquant_fold(mixer.mamba, prefix, obs, cfg)
-    _rotate_children(mixer)
-
-
-def quant_flags(mixer) -> dict:
-    return {"parallel_out_rotation": all(c.out_rotation is not None for c in mixer.children_mixers())}
-
-
-def add_runtime_buffers(mixer, quant: dict) -> None:
-    """Shapes only (the loader builds the model on the meta device); ParallelMixer._apply fills them."""
-    mamba2.add_runtime_buffers(mixer.mamba, quant)
-    if quant.get("parallel_out_rotation"):
         for child in mixer.children_mixers():
-            n = child.out_linear.in_features
-            child.register_buffer("out_rotation", torch.empty(n, n), persistent=False)
-        mixer._hadamard_pending = True
+            n, dtype = child.out_linear.in_features, child.out_linear.weight.dtype
+            fold.set_online_out_rotation(child, shared_hadamard(n, torch.float64),
+                                         runtime=shared_hadamard(n, dtype))
+
+    def quarot_fold(mixer) -> None:
+        """The online Hadamard before each child's output projection."""
+        rotate_children(mixer)
+
+    def mambaquant_observers(point: str) -> list:
+        return mamba2.mambaquant_observers(point)
+
+    def mambaquant_fold(mixer, prefix: str, obs: dict, cfg) -> None:
+        """The Mamba2 child's Smooth-Fused fold (its points carry the block's prefix), then the rotations."""
+        mamba2.mambaquant_fold(mixer.mamba, prefix, obs, cfg)
+        rotate_children(mixer)
+
+    def quant_flags(mixer) -> dict:
+        return {flag: all(c.out_rotation is not None for c in mixer.children_mixers())}
+
+    def add_runtime_buffers(mixer, quant: dict) -> None:
+        """Shapes only (the loader builds the model on the meta device); the mixer's _apply fills them."""
+        mamba2.add_runtime_buffers(mixer.mamba, quant)
+        if quant.get(flag):
+            for child in mixer.children_mixers():
+                n = child.out_linear.in_features
+                child.register_buffer("out_rotation", torch.empty(n, n), persistent=False)
+            mixer._hadamard_pending = True
+
+    return quarot_fold, mambaquant_observers, mambaquant_fold, quant_flags, add_runtime_buffers
+
+
+quarot_fold, mambaquant_observers, mambaquant_fold, quant_flags, add_runtime_buffers = \
+    composite_hooks("parallel_out_rotation")

@@ -16,44 +16,7 @@ and Zamba2Mixer fills them with the Hadamard matrices when the model is material
 
 from __future__ import annotations
 
-import torch
+from mq_deploy.families.parallel.folds import composite_hooks
 
-from mq_deploy.families.mamba2 import folds as mamba2
-
-
-def _rotate_children(mixer) -> None:
-    from mq_deploy.families.parallel.mixer import shared_hadamard
-    from mq_deploy.transforms import fold
-
-    for child in mixer.children_mixers():
-        n, dtype = child.out_linear.in_features, child.out_linear.weight.dtype
-        fold.set_online_out_rotation(child, shared_hadamard(n, torch.float64), runtime=shared_hadamard(n, dtype))
-
-
-def quarot_fold(mixer) -> None:
-    """The online Hadamard before o_proj, down_proj and out_proj."""
-    _rotate_children(mixer)
-
-
-def mambaquant_observers(point: str) -> list:
-    return mamba2.mambaquant_observers(point)
-
-
-def mambaquant_fold(mixer, prefix: str, obs: dict, cfg) -> None:
-    """The Mamba2 child's Smooth-Fused fold (its points carry the layer's prefix), then the rotations."""
-    mamba2.mambaquant_fold(mixer.mamba, prefix, obs, cfg)
-    _rotate_children(mixer)
-
-
-def quant_flags(mixer) -> dict:
-    return {"zamba2_out_rotation": all(c.out_rotation is not None for c in mixer.children_mixers())}
-
-
-def add_runtime_buffers(mixer, quant: dict) -> None:
-    """Shapes only (the loader builds the model on the meta device); Zamba2Mixer._apply fills them."""
-    mamba2.add_runtime_buffers(mixer.mamba, quant)
-    if quant.get("zamba2_out_rotation"):
-        for child in mixer.children_mixers():
-            n = child.out_linear.in_features
-            child.register_buffer("out_rotation", torch.empty(n, n), persistent=False)
-        mixer._hadamard_pending = True
+quarot_fold, mambaquant_observers, mambaquant_fold, quant_flags, add_runtime_buffers = \
+    composite_hooks("zamba2_out_rotation")
