@@ -205,3 +205,25 @@ def ort_session(model, so=None):
     if hasattr(model, "SerializeToString"):
         model = model.SerializeToString()
     return ort.InferenceSession(model, exact_int8(so or ort.SessionOptions()), providers=["CPUExecutionProvider"])
+
+
+def step_graph_decode(model, config, ids, prefill: int):
+    """The FP32 decode-step graph of `model` in ONNX Runtime, fed as a runtime feeds it: `ids[:, :prefill]` in
+    one call from fresh states (families.zero_states), then one token per call, each call's state outputs
+    (families.state_inputs) fed back. Returns (logits [b, L, V] of every position, {output: array} of the
+    last call)."""
+    import numpy as np
+
+    from mq_deploy.export.graph import build_model
+    from mq_deploy.families import state_inputs, zero_states
+
+    ids = np.asarray(ids)
+    sess = ort_session(build_model(model, step=True))
+    layout = state_inputs(config)
+    names = ["logits"] + [si.output for si in layout]
+    res = sess.run(names, {"input_ids": ids[:, :prefill], **zero_states(config, ids.shape[0])})
+    outs = [res[0]]
+    for t in range(prefill, ids.shape[1]):
+        res = sess.run(names, {"input_ids": ids[:, t:t + 1], **{si.name: r for si, r in zip(layout, res[1:])}})
+        outs.append(res[0])
+    return np.concatenate(outs, 1), dict(zip(names, res))

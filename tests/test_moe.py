@@ -19,10 +19,9 @@ import pytest
 import torch
 
 from mq_deploy.cli.main import main
-from mq_deploy.families import state_inputs
 from mq_deploy.models.loaders import load_model
 
-from helpers import assert_user_error, ort_session
+from helpers import assert_user_error, ort_session, step_graph_decode
 
 transformers = pytest.importorskip("transformers")
 
@@ -166,18 +165,9 @@ def test_fp32_export_full_and_step_both_expert_forms(family, name, tmp_path):
     print("dense", _rel(dense, want), "gathered", _rel(gathered, want[:1, :2]))
     assert _rel(dense, want) <= 2e-5
     assert _rel(gathered, want[:1, :2]) <= 2e-5
-    step = ort_session(build_model(loaded.model, step=True))
-    layout = state_inputs(loaded.config)
-    feeds = {si.name: np.zeros([2 if d == "batch" else 0 if d == "past" else d for d in si.dims], np.float32)
-             for si in layout}
-    names = ["logits"] + [si.output for si in layout]
-    res = step.run(names, {"input_ids": ids[:, :6].numpy(), **feeds})
-    outs = [res[0]]
-    for t in range(6, 17):
-        res = step.run(names, {"input_ids": ids[:, t:t + 1].numpy(), **{si.name: r for si, r in zip(layout, res[1:])}})
-        outs.append(res[0])
-    print("step", _rel(np.concatenate(outs, 1), want))
-    assert _rel(np.concatenate(outs, 1), want) <= 2e-5
+    stepped, _ = step_graph_decode(loaded.model, loaded.config, ids.numpy(), prefill=6)
+    print("step", _rel(stepped, want))
+    assert _rel(stepped, want) <= 2e-5
 
 
 def test_the_graph_gathers_the_chosen_experts(tmp_path):

@@ -21,7 +21,7 @@ from mq_deploy.cli.main import main
 from mq_deploy.families import state_inputs
 from mq_deploy.models.loaders import load_model
 
-from helpers import assert_user_error, ort_session
+from helpers import assert_user_error, ort_session, step_graph_decode
 
 transformers = pytest.importorskip("transformers")
 
@@ -175,20 +175,11 @@ def test_fp32_export_full_and_step(name, tmp_path):
     with torch.no_grad():
         want = loaded.model(ids).numpy()
     got = ort_session(build_model(loaded.model)).run(["logits"], {"input_ids": ids.numpy()})[0]
-    step = ort_session(build_model(loaded.model, step=True))
-    layout = state_inputs(loaded.config)
-    feeds = {si.name: np.zeros([2 if d == "batch" else 0 if d == "past" else d for d in si.dims], np.float32)
-             for si in layout}
-    names = ["logits"] + [si.output for si in layout]
-    res = step.run(names, {"input_ids": ids[:, :6].numpy(), **feeds})
-    outs = [res[0]]
-    for t in range(6, 17):
-        res = step.run(names, {"input_ids": ids[:, t:t + 1].numpy(), **{si.name: r for si, r in zip(layout, res[1:])}})
-        outs.append(res[0])
-    print(name, "full", _rel(got, want), "step", _rel(np.concatenate(outs, 1), want))
+    stepped, last = step_graph_decode(loaded.model, loaded.config, ids.numpy(), prefill=6)
+    print(name, "full", _rel(got, want), "step", _rel(stepped, want))
     assert _rel(got, want) <= 2e-5
-    assert _rel(np.concatenate(outs, 1), want) <= 2e-5
-    assert res[names.index("present_key_4")].shape[2] == 17
+    assert _rel(stepped, want) <= 2e-5
+    assert last["present_key_4"].shape[2] == 17
 
 
 @pytest.mark.parametrize("recipe", ["rtn", "smoothquant", "quarot", "mambaquant"])
