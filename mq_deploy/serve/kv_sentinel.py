@@ -42,11 +42,12 @@ def sentinel_proto(proto, caches) -> None:
     g = proto.graph
     inputs = {i.name for i in g.input}
     outputs = {o.name for o in g.output}
+    inner = set().union(*(_subgraph_inputs(n) for n in g.node))   # names read inside If/Loop/Scan bodies
     head, tail = [], []
     for inp, out, axis in caches:
         if inp not in inputs or out not in outputs:
             raise MQUserError(f"the step graph has no {inp} input / {out} output its metadata implies; export it again")
-        if any(inp in _subgraph_inputs(n) or out in _subgraph_inputs(n) for n in g.node):
+        if inp in inner or out in inner:
             raise MQUserError(f"the step graph reads {inp} inside a subgraph; cannot give it Triton's cache slot")
         cache, fresh, slot = f"{inp}__cache", f"{out}__fresh", f"{inp}__slot"
         for n in g.node:

@@ -237,8 +237,9 @@ def read_onnx(path: str) -> Artifact:
     if a.graph == "step":
         from mq_deploy.families import state_inputs
 
-        a.states = [(si.name, si.output, si.spec.stacked) for si in state_inputs(parsed.config)]
-        a.cache_axes = {si.name: si.dims.index("past") for si in state_inputs(parsed.config) if "past" in si.dims}
+        layout = state_inputs(parsed.config)
+        a.states = [(si.name, si.output, si.spec.stacked) for si in layout]
+        a.cache_axes = {si.name: si.dims.index("past") for si in layout if "past" in si.dims}
         names = {t.name for t in a.inputs + a.outputs}
         missing = [n for i, o, _ in a.states for n in (i, o) if n not in names]
         if missing or not a.states:
