@@ -242,10 +242,10 @@ def test_the_package_imports_lean():
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
-@pytest.fixture(scope="module")
-def hybrid_step(tmp_path_factory):
+@pytest.fixture(scope="module", params=["fp32", "int8"])
+def hybrid_step(tmp_path_factory, request):
     """A W8A8 decode-step export of a Nemotron-H hybrid (Mamba2 + attention with a KV cache + MLP) written by
-    transformers: (step ONNX, its quantized checkpoint)."""
+    transformers, its KV caches float32 or int8 (--kv-cache): (step ONNX, its quantized checkpoint)."""
     import torch
     transformers = pytest.importorskip("transformers")
     from mq_deploy.cli.main import main
@@ -264,7 +264,7 @@ def hybrid_step(tmp_path_factory):
     m.save_pretrained(root / "hf")
     q = str(root / "q")
     assert main(["quantize", str(root / "hf"), "-o", q, "--calib", str(text), "--calib-samples", "2",
-                 "--seq-len", "64"]) == 0
+                 "--seq-len", "64", "--kv-cache", request.param]) == 0
     step = str(root / "step.onnx")
     assert main(["export", q, "-o", step, "--decode-step"]) == 0
     return step, q
@@ -296,7 +296,13 @@ def test_hybrid_kv_caches_as_tritons_implicit_state(hybrid_step, tmp_path, capsy
     # Triton, emulated: zeros of the initial_state dims at START, then each output state fed back
     sess = ort_session(copy)
     prompt, n = list(b"And God said"), 8
-    feeds = {name: np.zeros(list(s.initial_state[0].dims), np.float32) for name, s in states.items()}
+    dtypes = {"TYPE_FP32": np.float32, "TYPE_INT8": np.int8}
+    type_of = {name: model_config_pb2.DataType.Name(s.data_type) for name, s in states.items()}
+    with open(os.path.join(q, "config.json")) as f:
+        kv_cache = json.load(f)["quant"].get("kv_cache", "fp32")
+    assert type_of["past_key_1"] == {"fp32": "TYPE_FP32", "int8": "TYPE_INT8"}[kv_cache]
+    assert type_of["ssm_state"] == "TYPE_FP32"
+    feeds = {name: np.zeros(list(s.initial_state[0].dims), dtypes[type_of[name]]) for name, s in states.items()}
     served, ids = [], prompt
     for _ in range(n):
         outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"input_ids": np.asarray([ids]), **feeds})))

@@ -145,7 +145,8 @@ def vim224(tmp_path_factory):
 @pytest.fixture(scope="module")
 def family_steps(tmp_path_factory):
     """W8A8 decode-step exports of a Mamba2 and a Nemotron-H hybrid (Mamba2 + attention + MLP: SSM states and
-    a KV cache per attention layer), from folders transformers wrote: {"m2_step": path, "nh_step": path}."""
+    a KV cache per attention layer; nh8_step: the same hybrid with int8 caches, --kv-cache int8), from folders
+    transformers wrote: {"m2_step": path, "nh_step": path, "nh8_step": path}."""
     import torch
     transformers = pytest.importorskip("transformers")
     from mq_deploy.cli.main import main
@@ -168,11 +169,13 @@ def family_steps(tmp_path_factory):
             for p in m.parameters():
                 p.add_(torch.randn_like(p) * 0.05)
         m.save_pretrained(root / name)
-        q = str(root / f"{name}_q")
-        assert main(["quantize", str(root / name), "-o", q, "--calib", str(text), "--calib-samples", "2",
-                     "--seq-len", "64"]) == 0
-        out[name] = str(root / f"{name}.onnx")
-        assert main(["export", q, "-o", out[name], "--decode-step"]) == 0
+        for kv in ("fp32", "int8") if name == "nh_step" else ("fp32",):
+            key = name if kv == "fp32" else "nh8_step"
+            q = str(root / f"{key}_q")
+            assert main(["quantize", str(root / name), "-o", q, "--calib", str(text), "--calib-samples", "2",
+                         "--seq-len", "64", "--kv-cache", kv]) == 0
+            out[key] = str(root / f"{key}.onnx")
+            assert main(["export", q, "-o", out[key], "--decode-step"]) == 0
     return out
 
 
@@ -183,7 +186,7 @@ def served(art, bpe_step, vim224, family_steps, tmp_path_factory):
     d = tmp_path_factory.mktemp("served")
     repo = str(d / "repo")
     write_repository([art["vim"], art["lm"], art["lm_step"], bpe_step, vim224[1], family_steps["m2_step"],
-                      family_steps["nh_step"]], repo, TritonConfig(backend="python", max_batch=8, instances=1))
+                      family_steps["nh_step"], family_steps["nh8_step"]], repo, TritonConfig(backend="python", max_batch=8, instances=1))
     srv = triton.TritonServer(repo, log_path=str(d / "tritonserver.log"))
     t0 = time.monotonic()
     srv.start()
@@ -310,9 +313,9 @@ def test_interleaved_sequences_keep_separate_states(served, ref):
                 assert_exact(out[k], want[s][k], f"threaded sequence {s} step {k}")
 
 
-@pytest.mark.parametrize("model", ["m2_step", "nh_step"])
+@pytest.mark.parametrize("model", ["m2_step", "nh_step", "nh8_step"])
 def test_mamba2_and_hybrid_step_graphs_served(served, family_steps, model):
-    """A Mamba2 and a hybrid (SSM states plus growing KV caches) decode step served: interleaved sequences
+    """A Mamba2 and a hybrid (SSM states plus growing KV caches, float32 or int8) decode step served: interleaved sequences
     each equal to the ORT runner's own steps, and streamed generation equal to `generate`."""
     from mq_deploy.backends.ort.runner import OrtRunner
     from mq_deploy.runtime.apps import generate, generate_text

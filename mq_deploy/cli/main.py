@@ -211,6 +211,9 @@ def add_recipe(s, quantize=True):
         g.add_argument("--ssm-scales", default="per_tensor", choices=["per_tensor", "grouped"],
                        help="the scan inputs' static scales: one per tensor, or one per group of channels where the "
                             "family has groups (Mamba2: x and dt per head, B and C per SSD group, as Quamba2)")
+        g.add_argument("--kv-cache", default="fp32", choices=["fp32", "int8"],
+                       help="attention layers' KV caches: float32, or int8 with a static scale per key/value head "
+                            "(calibrated; the step graph's caches are then int8 tensors, a quarter of the memory)")
     g.add_argument("--alpha", type=finite_float, default=0.5, help="smoothing migration strength")
     g.add_argument("--percentile", type=finite_float, default=None,
                    help="the P of a `percentile` observer given without one (100 = min-max; default 99.9999, "
@@ -253,7 +256,8 @@ def _write_json(args, obj, inputs):
                           what="JSON report")
 
 
-def _recipe_cfg(args, recipe=None, wbits=8, abits=8, granularity="per_tensor", ssm_scales="per_tensor"):
+def _recipe_cfg(args, recipe=None, wbits=8, abits=8, granularity="per_tensor", ssm_scales="per_tensor",
+                kv_cache="fp32"):
     from mq_deploy.quant.fakequant import QuantConfig
     from mq_deploy.quant.recipes import RecipeConfig
 
@@ -261,7 +265,7 @@ def _recipe_cfg(args, recipe=None, wbits=8, abits=8, granularity="per_tensor", s
           "klt_source": args.klt_source}
     if args.percentile is not None:
         kw["percentile"] = args.percentile
-    return RecipeConfig(recipe or args.recipe, QuantConfig(wbits, abits, granularity, ssm_scales), **kw)
+    return RecipeConfig(recipe or args.recipe, QuantConfig(wbits, abits, granularity, ssm_scales, kv_cache), **kw)
 
 
 # ---- commands --------------------------------------------------------------------------------------
@@ -301,6 +305,7 @@ def cmd_info(args) -> int:
     if quant:
         extra = f", gate smoothing {'on' if quant['gate_scale'] else 'off'}" if "gate_scale" in quant else ""
         extra += f", scan input scales {quant['ssm_scales']}" if "ssm_scales" in quant else ""
+        extra += f", KV cache {quant['kv_cache']}" if "kv_cache" in quant else ""
         print(f"quantized:    {quant['recipe']} W{quant['wbits']}A{quant['abits']} ({quant['act_granularity']} "
               f"activations; online out_proj rotation {'on' if quant['online_out_rotation'] else 'off'}{extra})")
     _write_json(args, {"format": loaded.format, "parameters": n_params, "config": cfg.to_dict(), "quant": quant},
@@ -349,7 +354,8 @@ def cmd_compare(args) -> int:
     if args.percentile is not None:
         kw["percentile"] = args.percentile
     modes = parse_list(args.ssm_scales, ("per_tensor", "grouped"), "scale granularity")
-    table = compare(args.model, recipes, bits, calib, ev, progress=show, ssm_scales=modes, **kw)
+    kv = parse_list(args.kv_cache, ("fp32", "int8"), "KV cache storage")
+    table = compare(args.model, recipes, bits, calib, ev, progress=show, ssm_scales=modes, kv_cache=kv, **kw)
     for p in table["pairs"]:
         lo, hi = p["diff_ci95"]
         print(f"{p['a']} - {p['b']} at {p['bits']}: {p['diff']:+.4f} [{lo:+.4f}, {hi:+.4f}]")
@@ -363,7 +369,7 @@ def cmd_quantize(args) -> int:
 
     _set_threads(args)
     rcfg = _recipe_cfg(args, wbits=args.wbits, abits=args.abits, granularity=args.act_granularity,
-                       ssm_scales=args.ssm_scales)
+                       ssm_scales=args.ssm_scales, kv_cache=args.kv_cache)
     res = quantize_to_dir(args.model, args.output, rcfg,
                           CalibConfig(path=args.calib, samples=args.calib_samples, seed=args.seed,
                                       tokenizer=args.tokenizer, seq_len=args.calib_seq_len),
@@ -567,6 +573,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ssm-scales", default="per_tensor", metavar="LIST",
                    help="comma-separated granularities of the scan inputs' scales to compare: per_tensor,grouped "
                         "(grouped rows are labelled RECIPE/grouped)")
+    s.add_argument("--kv-cache", default="fp32", metavar="LIST",
+                   help="comma-separated storage of attention layers' KV caches to compare: fp32,int8 (int8 rows, a "
+                        "scale per key/value head, are labelled RECIPE+kv-int8)")
     add_recipe(s, quantize=False)
     add_calib(s, seq_len_flag=False)      # --seq-len is the evaluation window here
     g = add_eval_data(s)

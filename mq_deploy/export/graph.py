@@ -307,6 +307,13 @@ def _lm_head(b: _Builder, h, head):
     return b.op("Mul", [acc, b.op("Mul", [hs, b.f32(head.scale, "lm_head_scale")])], "logits")
 
 
+def _onnx_type(dtype: str) -> int:
+    """The ONNX element type of a state's numpy dtype name (StateSpec.dtype)."""
+    from onnx import helper
+
+    return helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+
+
 def _layer_state(g: _Graph, layout, i: int, fused: bool):
     """What layer i's emitter gets of the step graph's states (families.state_inputs): (names of its
     stacked inputs, its index in them) for a fused step op that reads its layer itself, else (its state
@@ -383,7 +390,7 @@ def build_model(model, quant: QuantSpec | None = None, step: bool = False, opset
             layout = state_inputs(model.cfg)
             if not layout:
                 raise MQUserError("a model without a recurrent state or cache has no decode-step graph")
-            inputs += [vi(si.name, T.FLOAT, list(si.dims)) for si in layout]
+            inputs += [vi(si.name, _onnx_type(si.spec.dtype), list(si.dims)) for si in layout]
         h = b.op("Gather", [b.f32(model.embedding.weight, "embedding"), "input_ids"], axis=0)
         if model.cfg.embedding_multiplier != 1.0:
             h = b.op("Mul", [h, b.f32(np.array(model.cfg.embedding_multiplier), "embedding_multiplier")])
@@ -403,7 +410,7 @@ def build_model(model, quant: QuantSpec | None = None, step: bool = False, opset
                 b.op("Identity", [new[si.layers[0]][si.position]])
                 dims = ["total" if d == "past" else d for d in si.dims]
             b.nodes[-1].output[0] = si.output
-            outputs.append(vi(si.output, T.FLOAT, dims))
+            outputs.append(vi(si.output, _onnx_type(si.spec.dtype), dims))
     else:
         if step:
             raise MQUserError("a Vision Mamba (bidirectional) has no decode-step graph")

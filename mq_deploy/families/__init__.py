@@ -30,11 +30,14 @@ class StateSpec:
     """One recurrent state of a mixer, `shape` one layer's for one sequence. Stacked (an SSM's fixed-size
     state): the step graph has one input `name` [layers of the family, batch, *shape] and one output
     `name`_out. Not stacked (an attention layer's KV cache, whose `shape` holds None for its growing
-    length): one input `name`_LAYER [batch, *shape] per layer and one output `output`_LAYER."""
+    length): one input `name`_LAYER [batch, *shape] per layer and one output `output`_LAYER. `dtype`: its
+    element type in numpy's spelling, the same in PyTorch, the graph and every runtime ("int8": an attention
+    cache stored quantized, AttentionConfig.kv_cache)."""
     name: str
     shape: tuple
     stacked: bool = True
     output: str | None = None
+    dtype: str = "float32"
 
     @property
     def output_name(self) -> str:
@@ -218,13 +221,13 @@ def state_inputs(model_cfg) -> list:
 
 
 def zero_states(model_cfg, batch: int, cache_slots: int = 0) -> dict:
-    """{input: float32 zeros} of a fresh sequence's states in the step graph's layout (state_inputs): an SSM's
-    state all zeros, a KV cache `cache_slots` long (0; 1 for a Triton repository's copy, whose caches carry the
+    """{input: zeros of its spec's dtype} of a fresh sequence's states in the step graph's layout (state_inputs):
+    an SSM's state all zeros, a KV cache `cache_slots` long (0; 1 for a Triton repository's copy, whose caches carry the
     one slot Triton's implicit state starts a variable-size state with, never attended)."""
     import numpy as np
 
     return {si.name: np.zeros([batch if d == "batch" else cache_slots if d == "past" else d for d in si.dims],
-                              np.float32)
+                              si.spec.dtype)
             for si in state_inputs(model_cfg)}
 
 

@@ -616,7 +616,18 @@ def _load_ours(path):
         extra = {**extra, "quant": quant}
     src_file = weight_file(path, "model.safetensors")
     model = load_into(cfg, SafetensorsSource([src_file]), src_file, cfg_path, quant)
+    _check_kv_scales(model, src_file)
     return model, cfg, with_tokenizer(path, extra)
+
+
+def _check_kv_scales(model, src_file: str) -> None:
+    """The int8 KV caches' scales (kv_scale of an attention block with kv_cache int8) are read from the file:
+    each must be finite and > 0, or the cache would hold garbage."""
+    for name, m in model.named_modules():
+        s = m._buffers.get("kv_scale") if hasattr(m, "_buffers") else None
+        if s is not None and (not torch.isfinite(s).all() or (s <= 0).any()):
+            raise MQUserError(f"{shown(src_file)}: {name}.kv_scale must be finite and > 0; the file was edited or "
+                              "corrupted (quantize the model again)")
 
 
 def _add_transform_buffers(model, quant: dict):

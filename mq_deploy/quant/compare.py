@@ -228,27 +228,28 @@ def prepared_recipe(model_path: str, rcfg: RecipeConfig, calib: CalibConfig, hes
     return loaded, cal
 
 
-def quantized_copy(model, cal, wbits: int, abits: int, weight_rounding: str = "rtn"):
+def quantized_copy(model, cal, wbits: int, abits: int, weight_rounding: str = "rtn", kv_cache: str = "fp32"):
     import copy
 
     from mq_deploy.quant.fakequant import QuantConfig
     from mq_deploy.quant.recipes import quantize_calibrated
 
     m = copy.deepcopy(model)
-    quantize_calibrated(m, cal, QuantConfig(wbits, abits), weight_rounding)
+    quantize_calibrated(m, cal, QuantConfig(wbits, abits, kv_cache=kv_cache), weight_rounding)
     return m
 
 
 def compare(model_path: str, recipes, bits, calib: CalibConfig, eval_cfg, progress=None, alpha: float = 0.5,
             percentile: float | None = None, observer: str | None = None, weight_rounding: str = "rtn",
             klt_source: str = "last", resamples: int = 1000, seed: int = 0, data=None,
-            ssm_scales=("per_tensor",)) -> dict:
+            ssm_scales=("per_tensor",), kv_cache=("fp32",)) -> dict:
     """Evaluate every recipe at every bit width on the same samples. Returns {"rows": [...], "pairs": [...]}.
 
     `observer` overrides every recipe's default observers; `data` (as eval_data returns it) replaces the
     evaluation set (calibration_split's held-out part, for choosing defaults). `ssm_scales`: the scan
     inputs' scale granularities to compare (QuantConfig.ssm_scales; each calibrates anew); a row of a
-    granularity other than per_tensor is labelled RECIPE/GRANULARITY."""
+    granularity other than per_tensor is labelled RECIPE/GRANULARITY. `kv_cache`: the attention layers' KV cache
+    storages to compare (QuantConfig.kv_cache; the same calibration pass), an int8 row labelled LABEL+kv-int8."""
     from mq_deploy.calib.spec import PERCENTILE_DEFAULT
     from mq_deploy.models.loaders import load_model
     from mq_deploy.quant.fakequant import SSM_SCALES, QuantConfig
@@ -277,6 +278,13 @@ def compare(model_path: str, recipes, bits, calib: CalibConfig, eval_cfg, progre
     for mode in ssm_scales:
         if mode not in SSM_SCALES:
             raise MQUserError(f"unknown scale granularity {mode!r} (choose from {', '.join(SSM_SCALES)})")
+    from mq_deploy.families.attention.config import KV_CACHE, attention_configs
+
+    for kv in kv_cache:
+        if kv not in KV_CACHE:
+            raise MQUserError(f"unknown KV cache storage {kv!r} (choose from {', '.join(KV_CACHE)})")
+    if "int8" in kv_cache and not attention_configs(loaded.config):
+        raise MQUserError("--kv-cache int8: the model has no attention layer, so no KV cache to store as int8")
     for recipe in recipes:
         if recipe == "fp":
             continue
@@ -288,12 +296,14 @@ def compare(model_path: str, recipes, bits, calib: CalibConfig, eval_cfg, progre
             prepared, cal = prepared_recipe(model_path, rcfg, calib, hessians=weight_rounding == "gptq")
             t_cal = time.time() - t0
             for b in bits:
-                t1 = time.time()
-                m = quantized_copy(prepared.model, cal, *BITS[b], weight_rounding)
-                _, *s = score_samples(m, data, eval_cfg.batch)
-                add(label, b, s, t_cal + time.time() - t1, {"observer": str(cal.spec), "weight_rounding":
-                                                            weight_rounding, "ssm_scales": mode})
-                t_cal = 0.0
+                for kv in kv_cache:
+                    t1 = time.time()
+                    m = quantized_copy(prepared.model, cal, *BITS[b], weight_rounding, kv_cache=kv)
+                    _, *s = score_samples(m, data, eval_cfg.batch)
+                    add(label + ("" if kv == "fp32" else f"+kv-{kv}"), b, s, t_cal + time.time() - t1,
+                        {"observer": str(cal.spec), "weight_rounding": weight_rounding, "ssm_scales": mode,
+                         "kv_cache": kv})
+                    t_cal = 0.0
     pairs = []
     for b in bits:
         for mode in ssm_scales:
@@ -303,6 +313,8 @@ def compare(model_path: str, recipes, bits, calib: CalibConfig, eval_cfg, progre
         for recipe in recipes:
             if len(ssm_scales) > 1 and (f"{recipe}/grouped", b) in scores and (recipe, b) in scores:
                 pairs.append(pair_row(f"{recipe}/grouped", recipe, b, scores, idx))
+            if (f"{recipe}+kv-int8", b) in scores and (recipe, b) in scores:
+                pairs.append(pair_row(f"{recipe}+kv-int8", recipe, b, scores, idx))
     return {"model": model_path, "metric": metric, "samples": int(len(fp_scores[0])), "resamples": resamples,
             "rows": rows, "pairs": pairs}
 

@@ -38,6 +38,9 @@ class QuantConfig:
     # static scales of the scan's inputs: one per tensor, or "grouped": one per group of channels where the
     # family declares groups (Mamba2: x and dt per head, B and C per SSD group; Family.scale_groups)
     ssm_scales: str = "per_tensor"
+    # attention layers' KV caches: "fp32", or "int8" with a static scale per key/value head
+    # (mq_deploy.families.attention.kv; AttentionConfig.kv_cache)
+    kv_cache: str = "fp32"
 
     def __post_init__(self):
         if self.wbits not in (4, 8):
@@ -50,6 +53,10 @@ class QuantConfig:
             raise MQUserError(f"act_granularity must be per_tensor or per_token, got {self.act_granularity!r}")
         if self.ssm_scales not in SSM_SCALES:
             raise MQUserError(f"ssm_scales must be one of {', '.join(SSM_SCALES)}, got {self.ssm_scales!r}")
+        from mq_deploy.families.attention.config import KV_CACHE
+
+        if self.kv_cache not in KV_CACHE:
+            raise MQUserError(f"kv_cache must be one of {', '.join(KV_CACHE)}, got {self.kv_cache!r}")
 
 
 @torch.no_grad()

@@ -109,6 +109,8 @@ class QuantizedCheckpoint:
             quant.update(m.family.module().quant_flags(m))
         if recipe_cfg.quant.ssm_scales != "per_tensor":
             quant["ssm_scales"] = recipe_cfg.quant.ssm_scales
+        if recipe_cfg.quant.kv_cache != "fp32":    # informative: each attention config's kv_cache decides
+            quant["kv_cache"] = recipe_cfg.quant.kv_cache
         cfg = model.cfg.to_dict()
         cfg.update({FORMAT_KEY: 1, "mq_deploy_version": __version__, "quant": quant})
         out_abs = os.path.abspath(out_dir)
@@ -200,6 +202,12 @@ def quantize_to_dir(model_path: str, out_dir: str, recipe_cfg, calib_cfg, *, ove
         tokenizer_json = codec.json
         inputs.append(codec.source)
     fileio.check_target(out_dir, overwrite, inputs, "output folder", folder=True)
+    if recipe_cfg.quant.kv_cache != "fp32":
+        from mq_deploy.families.attention.config import attention_configs
+
+        if loaded.architecture != "mamba_lm" or not attention_configs(loaded.config):
+            raise MQUserError(f"--kv-cache {recipe_cfg.quant.kv_cache}: {model_path} has no attention layer, so no "
+                              "KV cache to store as int8")
     scales = apply_recipe(loaded.model, loop, recipe_cfg)
     calib_info = {"source": os.path.abspath(loop.source), "samples": loop.samples, "seed": seed}
     if loaded.architecture == "mamba_lm":

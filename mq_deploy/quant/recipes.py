@@ -251,6 +251,7 @@ class Calibrated:
     hessians: dict
     spec: ObserverSpec
     samples: int = 0
+    kv_amax: dict = field(default_factory=dict)    # attention block -> largest |key|, |value| per head [2, heads]
 
 
 def _consumer_weights(model) -> dict:
@@ -292,7 +293,7 @@ def calibrate_activations(model, loop, cfg: RecipeConfig, hessians: bool | None 
     if cfg.quant.ssm_scales == "grouped":
         groups = {prefix: (mixer.family, mixer.cfg) for prefix, mixer in _layer_mixers(model)}
     per_tensor = cfg.quant.act_granularity == "per_tensor"
-    if not per_tensor and not hessians:
+    if not per_tensor and not hessians and cfg.quant.kv_cache == "fp32":
         return Calibrated({}, {}, spec)
 
     def make(name):
@@ -310,11 +311,14 @@ def calibrate_activations(model, loop, cfg: RecipeConfig, hessians: bool | None 
             obs.append(CovarianceObserver(name))
         return obs
 
-    obs = calibrate(model, loop, make)
+    from mq_deploy.families.attention import kv
+
+    with kv.observe(model) as kv_amax:      # the KV caches' per-head ranges (cheap: one max per head)
+        obs = calibrate(model, loop, make)
     H = {name: next(o for o in lst if isinstance(o, CovarianceObserver)).second_moment()
          for name, lst in obs.items() if any(isinstance(o, CovarianceObserver) for o in lst)}
     acts = {name: lst[0] for name, lst in obs.items() if per_tensor}
-    return Calibrated(acts, H, spec, getattr(loop, "samples", 0))
+    return Calibrated(acts, H, spec, getattr(loop, "samples", 0), kv_amax)
 
 
 def activation_scales(cal: Calibrated, bits: int) -> dict:
@@ -340,6 +344,10 @@ def quantize_calibrated(model, cal: Calibrated, quant, weight_rounding: str = "r
     else:
         w_scales = quantize_weights(model, quant.wbits)
     attach_activation_quant(model, act_scales, quant)
+    if quant.kv_cache == "int8":
+        from mq_deploy.families.attention import kv
+
+        kv.set_int8(model, cal.kv_amax)
     return {"act_scales": act_scales, "weight_scales": w_scales}
 
 

@@ -26,7 +26,7 @@ class TorchRunner(Runner):
             self.output_names = ["logits"]
             self.layout = state_inputs(cfg) if step else []      # as the step graph lays its states out
             for si in self.layout:
-                self.input_specs[si.name] = TensorSpec(si.name, np.float32, si.dims)
+                self.input_specs[si.name] = TensorSpec(si.name, np.dtype(si.spec.dtype), si.dims)
                 self.output_names.append(si.output)
         else:
             self.input_specs = {"images": TensorSpec("images", np.float32,

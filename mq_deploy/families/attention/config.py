@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from mq_deploy.config import MAX_WIDTH, check_bool, check_int
 from mq_deploy.errors import MQUserError
 
+KV_CACHE = ("fp32", "int8")        # how an attention layer's KV cache is stored (AttentionConfig.kv_cache)
+
 
 @dataclass
 class AttentionConfig:
@@ -17,7 +19,9 @@ class AttentionConfig:
     rope_dim: how many of each head's first dimensions are rotated (0: no positions, Nemotron-H's and Jamba's
     "nope"; head_dim: full RoPE; between: partial), with transformers' rotate-half pairing and rope_theta.
     scaling: the score scale (None: head_dim ** -0.5; Granite's attention_multiplier replaces it).
-    max_positions: the longest sequence the model knows (a longer prompt is refused), None: no limit."""
+    max_positions: the longest sequence the model knows (a longer prompt is refused), None: no limit.
+    kv_cache: how the cache is stored: "fp32", or "int8" with one static scale per key/value head (the
+    mixer's kv_scale buffer, calibrated by `mq-deploy quantize --kv-cache int8`)."""
 
     d_model: int
     n_heads: int
@@ -29,6 +33,7 @@ class AttentionConfig:
     rope_theta: float = 10000.0
     scaling: float | None = None
     max_positions: int | None = None
+    kv_cache: str = "fp32"
 
     def __post_init__(self):
         for name in ("d_model", "n_heads", "n_kv_heads", "head_dim"):
@@ -48,6 +53,8 @@ class AttentionConfig:
                 raise MQUserError(f"AttentionConfig.{name} must be a finite number > 0, got {v!r}")
         if self.max_positions is not None:
             check_int(self, "max_positions", 1, 1 << 24)
+        if self.kv_cache not in KV_CACHE:
+            raise MQUserError(f"AttentionConfig.kv_cache must be one of {', '.join(KV_CACHE)}, got {self.kv_cache!r}")
 
     @property
     def score_scale(self) -> float:
@@ -59,3 +66,26 @@ class AttentionConfig:
 
     def to_dict(self) -> dict:
         return {"kind": "attention", **dataclasses.asdict(self)}
+
+
+def attention_configs(model_cfg) -> list:
+    """Every AttentionConfig of a model config's blocks, nested ones included (a parallel block's, Zamba2's
+    shared blocks), each once."""
+    out, seen = [], set()
+
+    def walk(obj):
+        if id(obj) in seen:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, AttentionConfig):
+            out.append(obj)
+        elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+            for f in dataclasses.fields(obj):
+                walk(getattr(obj, f.name))
+        elif isinstance(obj, (list, tuple)):
+            for x in obj:
+                walk(x)
+
+    for layer in model_cfg.layer_configs():
+        walk(layer)
+    return out

@@ -1,5 +1,6 @@
 """The attention block's ONNX emitter: q/k/v projections, RoPE from the cache's length, the KV cache
-concatenated along time, grouped-query scores with the causal mask, softmax, values, o_proj. Standard ops
+concatenated along time (float32, or int8 with a QuantizeLinear / DequantizeLinear per head at its ends:
+AttentionConfig.kv_cache), grouped-query scores with the causal mask, softmax, values, o_proj. Standard ops
 only (MatMul, Softmax, Trilu), so every runtime runs it; the graph does not grow with the length."""
 
 from __future__ import annotations
@@ -47,9 +48,16 @@ def emit(g, mixer, prefix, h, state=None):
         emb = b.op("Concat", [freqs, freqs], axis=-1)                              # [L, rope_dim]
         cos, sin = b.op("Cos", [emb]), b.op("Sin", [emb])
         q, k = _rope(b, q, cos, sin, cfg), _rope(b, k, cos, sin, cfg)
+    if cfg.kv_cache == "int8":      # the cache holds int8 (a scale per head, axis 1); attention reads it dequantized
+        params = [[b.f32(mixer.kv_scale[j], "kv_scale"), b.const(np.zeros(K, dtype=np.int8), "kv_zp")]
+                  for j in (0, 1)]
+        k, v = (b.op("QuantizeLinear", [t, *params[j]], "kv_q", axis=1) for j, t in enumerate((k, v)))
     if past_k is not None:
         k = b.op("Concat", [past_k, k], axis=2)
         v = b.op("Concat", [past_v, v], axis=2)
+    present = (k, v)
+    if cfg.kv_cache == "int8":
+        k, v = (b.op("DequantizeLinear", [t, *params[j]], "kv_dq", axis=1) for j, t in enumerate((k, v)))
     rep = H // K
     kr, vr = k, v
     if rep > 1:                            # each key/value head serves `rep` query heads
@@ -67,7 +75,7 @@ def emit(g, mixer, prefix, h, state=None):
     if mixer.out_rotation is not None:
         y = g.online_rotation(y, mixer.out_rotation)
     out = g.linear(g.qdq(y, prefix + "o_proj"), mixer.o_proj, weight_key(prefix, "o_proj"))
-    return out, ((k, v) if past_k is not None else (None, None))
+    return out, (present if past_k is not None else (None, None))
 
 
 def functions(mixer_cfg, quantized: bool, op_types: set, opset: int) -> list:

@@ -25,6 +25,9 @@ import triton_python_backend_utils as pb_utils
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # mq_ort_session.py is copied beside us
 from mq_ort_session import make_session, parameters  # noqa: E402
 
+# the element types a state may have: float32, or int8 (an attention layer's int8 KV cache)
+_STATE_TYPES = {"tensor(float)": np.float32, "tensor(int8)": np.int8}
+
 
 def _control(request, name):
     t = pb_utils.get_input_tensor_by_name(request, name)
@@ -41,12 +44,16 @@ class TritonPythonModel:
         self.max_sequences = int(params.get("max_sequences", "64"))
         self.idle_s = int(params.get("sequence_idle_us", "60000000")) / 1e6
         shapes = {i.name: i.shape for i in self.session.get_inputs()}
+        types = {i.name: i.type for i in self.session.get_inputs()}
         # the states: [input, output] pairs `mq-deploy triton` wrote from the model family's layout, shaped as
         # the step graph declares them with batch 1 per sequence (SSM states [layers, batch, ...], fixed) and a
         # KV cache's growing length 0 at a sequence's start
         self.pairs = [tuple(p) for p in json.loads(params["states"])]
-        self.empty = {}
+        self.empty, self.dtypes = {}, {}
         for name, _ in self.pairs:
+            if types[name] not in _STATE_TYPES:
+                raise ValueError(f"state {name} is {types[name]}; this model keeps float32 or int8 states")
+            self.dtypes[name] = _STATE_TYPES[types[name]]
             dims = shapes[name]
             batch_axis = next(j for j, d in enumerate(dims) if not isinstance(d, int))
             self.empty[name] = [1 if j == batch_axis else int(d) if isinstance(d, int) else 0
@@ -80,7 +87,7 @@ class TritonPythonModel:
             raise ValueError(f"input_ids must lie in [0, {self.vocab}), got values in [{ids.min()}, {ids.max()}]")
         now = time.monotonic()
         if start:
-            state = {name: np.zeros(shape, np.float32) for name, shape in self.empty.items()}
+            state = {name: np.zeros(shape, self.dtypes[name]) for name, shape in self.empty.items()}
         else:
             entry = self.states.get(corr)
             if entry is None:
