@@ -325,4 +325,84 @@ def test_hybrid_kv_caches_as_tritons_implicit_state(hybrid_step, tmp_path, capsy
     shapes = {"min": [1, 1], "opt": [1, 1], "max": [1, 64]}
     eng = fake_engine(tmp_path, {"nh": step}, "nh", {"input_ids": shapes})
     assert_user_error(capsys, ["triton", eng, "-o", str(tmp_path / "trt")], "KV caches grow",
-                      "--backend onnxruntime or python")
+                      "--kv-slot", "--backend onnxruntime or python")
+
+
+def test_tensorrt_engine_with_the_kv_slot_as_implicit_state(hybrid_step, tmp_path, capsys):
+    """`mq-deploy build STEP.onnx --kv-slot`: TensorRT parses the copy whose KV caches carry Triton's start slot
+    (what plan_build hands Polygraphy; no TensorRT here, so the engine file is a stand-in), the caches' profile
+    follows input_ids', and `triton --backend tensorrt` serves the engine with the caches as variable-size
+    implicit state (schema-checked). The graph TensorRT parses is run here in ONNX Runtime as Triton feeds it:
+    its tokens equal the export's own decode."""
+    import numpy as np
+
+    from mq_deploy.backends.ort.runner import OrtRunner
+    from mq_deploy.backends.trt.build import EngineBuildConfig, plan_build
+    from mq_deploy.runtime.apps import generate
+
+    from helpers import ort_lib_marker, ort_session
+
+    import shutil
+
+    step, q = hybrid_step
+    step = str(shutil.copyfile(step, tmp_path / "nh.onnx"))      # engine, ONNX and report in one folder
+    eng = tmp_path / "nh.plan"
+    plan = plan_build(step, eng, EngineBuildConfig(kv_slot=True, min_shapes="input_ids:1x1",
+                                                   opt_shapes="input_ids:1x16", max_shapes="input_ids:1x64"))
+    assert plan["kv_cache"] == "sentinel"
+    assert plan["profile"]["past_key_1"] == ((1, 2, 1, 8), (1, 2, 17, 8), (1, 2, 65, 8))
+    assert plan["profile"]["ssm_state"][0] == plan["profile"]["ssm_state"][2]       # batch 1: fixed
+    # the engine and report as build_engine leaves them (report: the plan's fields, TensorRT's version)
+    eng.write_bytes(b"not a real TensorRT plan")
+    rep = {k: v for k, v in plan.items() if k not in ("model", "inputs", "profile")}
+    rep.update({"tensorrt_version": "10.16.0", "inputs": [{"name": n, "shape": [d if isinstance(d, int) else -1
+                                                                               for d in s]} for n, s in plan["inputs"]],
+                "profile": {n: {"min": list(a), "opt": list(b), "max": list(c)}
+                            for n, (a, b, c) in plan["profile"].items()}})
+    (tmp_path / "nh.plan.json").write_text(json.dumps(rep))
+    repo = tmp_path / "repo"
+    write_repository([str(eng)], str(repo), TritonConfig(backend="tensorrt"))
+    cfg = parse_repo(repo)["nh"]
+    assert cfg.platform == "tensorrt_plan"
+    states = {s.input_name: s for s in cfg.sequence_batching.state}
+    assert list(states["past_key_1"].dims) == [1, 2, -1, 8] and list(states["past_key_1"].initial_state[0].dims) == [1, 2, 1, 8]
+    assert list(states["ssm_state"].dims)[1] == 1
+    # Triton, emulated on the graph TensorRT parses: its mq::SSDScan has no body left (the plugin's op), so
+    # ONNX Runtime runs it with our native op library in the plugin's place
+    import onnxruntime as ort
+
+    lib, mark = ort_lib_marker()
+    if mark.args[0]:                 # not built, and not required (MQ_REQUIRE_NATIVE)
+        pytest.skip(f"{lib} is not built")
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(lib)
+    sess = ort_session(plan["model"], so)
+    dtypes = {"TYPE_FP32": np.float32, "TYPE_INT8": np.int8}
+    feeds = {n: np.zeros(list(s.initial_state[0].dims), dtypes[model_config_pb2.DataType.Name(s.data_type)])
+             for n, s in states.items()}
+    prompt, n, served, ids = list(b"And God said"), 6, [], list(b"And God said")
+    for _ in range(n):
+        outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"input_ids": np.asarray([ids]), **feeds})))
+        served.append(int(outs["logits"][0, -1].astype(np.float64).argmax()))
+        feeds = {name: outs[s.output_name] for name, s in states.items()}
+        ids = [served[-1]]
+    assert served == generate(OrtRunner(step, custom_op_library=False), prompt, n)
+    # refused in one line: the flag where it has no meaning, and a report whose profile misses the slot
+    assert_user_error(capsys, ["build", step, "--kv-slot", "--backend", "onnxruntime"], "--kv-slot is for TensorRT")
+    assert_user_error(capsys, ["build", step, "--kv-slot", "--saveEngine", str(tmp_path / "x.plan")],
+                      "give input_ids' shapes")
+    rep["profile"]["past_key_1"]["min"][2] = 0
+    (tmp_path / "nh.plan.json").write_text(json.dumps(rep))
+    assert_user_error(capsys, ["triton", str(eng), "-o", str(tmp_path / "r2"), "--backend", "tensorrt"],
+                      "must start its length at 1")
+    rep["kv_cache"] = "yes"
+    (tmp_path / "nh.plan.json").write_text(json.dumps(rep))
+    assert_user_error(capsys, ["triton", str(eng), "-o", str(tmp_path / "r3"), "--backend", "tensorrt"],
+                      "kv_cache must be")
+
+
+def test_kv_slot_needs_a_kv_cache(art, tmp_path, capsys):
+    assert_user_error(capsys, ["build", art["lm_step"], "--kv-slot", "--maxShapes", "input_ids:1x8",
+                               "--saveEngine", str(tmp_path / "x.plan")], "has no KV cache")
+    assert_user_error(capsys, ["build", art["lm"], "--kv-slot", "--maxShapes", "input_ids:1x8",
+                               "--saveEngine", str(tmp_path / "y.plan")], "not a decode-step export")

@@ -484,6 +484,9 @@ def cmd_build(args) -> int:
     stem = args.model[:-5] if args.model.endswith(".onnx") else args.model
     out = args.saveEngine or stem + (".ort.onnx" if args.backend == "onnxruntime" else ".engine")
     _json_target(args, [args.model, out])
+    if args.backend == "onnxruntime" and args.kv_slot:
+        raise MQUserError("--kv-slot is for TensorRT engines; `mq-deploy triton --backend onnxruntime` writes the "
+                          "ONNX copy with the slot itself")
     if args.backend == "onnxruntime":
         from mq_deploy.backends.ort.build import build_onnxruntime
 
@@ -513,7 +516,8 @@ def cmd_build(args) -> int:
         cfg = EngineBuildConfig(int8=args.int8, fp16=args.fp16, min_shapes=args.minShapes, opt_shapes=args.optShapes,
                                 max_shapes=args.maxShapes, plugins=args.plugins or (),
                                 timing_cache=args.timingCacheFile, overwrite=args.overwrite,
-                                workspace=args.workspace_mib * 2 ** 20 if args.workspace_mib else None)
+                                workspace=args.workspace_mib * 2 ** 20 if args.workspace_mib else None,
+                                kv_slot=args.kv_slot)
         rep = build_engine(args.model, out, cfg)
         print(f"wrote {rep.get('engine')}: TensorRT {rep.get('tensorrt_version')}, "
               f"{rep.get('engine_bytes', 0) / 1e6:.2f} MB, {rep.get('build_seconds', 0):.1f} s, "
@@ -665,6 +669,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_json(s, "the build report", g)
     s.add_argument("--timingCacheFile", metavar="PATH")
     s.add_argument("--workspace-mib", type=positive_int, metavar="MIB", help="TensorRT builder workspace limit")
+    s.add_argument("--kv-slot", action="store_true",
+                   help="TensorRT, a hybrid's decode step: build from the copy whose KV caches carry Triton's start "
+                        "slot, for `mq-deploy triton --backend tensorrt` (implicit state); the caches' profile "
+                        "follows input_ids' shapes (length 1 to 1 + its longest)")
     s.set_defaults(func=cmd_build)
 
     for register in _extra_commands():

@@ -138,6 +138,7 @@ class Artifact:
     # fixed: an SSM's state of constant shape, not a KV cache that grows along the sequence
     states: list = field(default_factory=list)
     cache_axes: dict = field(default_factory=dict)  # a KV cache input -> its growing axis
+    kv_slot: bool = False           # an engine built with --kv-slot: its caches carry Triton's start slot
 
     @property
     def config(self) -> dict:
@@ -321,8 +322,12 @@ def check_report(report_path: str, report) -> dict:
             raise MQUserError(f"{report_path}: plugin path {_short(x)} holds {bad!r}, which Triton's "
                               "--backend-config=tensorrt,plugins=... cannot express (';' separates libraries, ',' "
                               "settings); rename the library's path")
+    kv_cache = report.get("kv_cache")
+    if kv_cache not in (None, "sentinel"):
+        raise MQUserError(f"{report_path}: its kv_cache must be \"sentinel\" (an engine built with --kv-slot) or "
+                          f"absent, got {_short(kv_cache)}")
     return {"engine": report["engine"], "onnx": report["onnx"], "shapes": shapes, "profile": checked,
-            "plugins": list(plugins)}
+            "plugins": list(plugins), "kv_slot": kv_cache == "sentinel"}
 
 
 def read_engine(path: str) -> Artifact:
@@ -367,7 +372,17 @@ def read_engine(path: str) -> Artifact:
             raise MQUserError(f"{report_path}: input {t.name} has rank {len(shapes[t.name])}, in {onnx_path} "
                               f"{len(t.shape)}")
         t.shape = shapes[t.name]
-    a.engine, a.profile, a.plugins = engine, rep["profile"], rep["plugins"]
+    caches = [i for i, _, fixed in a.states if not fixed]
+    if rep["kv_slot"] and not caches:
+        raise MQUserError(f"{report_path}: says its engine was built with --kv-slot, but {onnx_path} has no KV cache")
+    if rep["kv_slot"]:      # the caches' lengths include Triton's start slot: at least 1
+        for name in caches:
+            p = rep["profile"].get(name)
+            axis = a.cache_axes[name]
+            if p is None or p["min"][axis] < 1:
+                raise MQUserError(f"{report_path}: the profile of {name} must start its length at 1 or more (Triton's "
+                                  "start slot) in an engine built with --kv-slot")
+    a.engine, a.profile, a.plugins, a.kv_slot = engine, rep["profile"], rep["plugins"], rep["kv_slot"]
     a.path = path
     return a
 
@@ -784,11 +799,11 @@ def plan(artifacts, cfg: TritonConfig) -> list:
             raise MQUserError(f"{p}: --backend tensorrt serves an engine; build one first "
                               f"(`mq-deploy build {p} --int8 --saveEngine MODEL.plan --json MODEL.plan.json`) "
                               "and pass the engine or its report")
-        if backend == "tensorrt" and any(not fixed for _, _, fixed in a.states):
+        if backend == "tensorrt" and any(not fixed for _, _, fixed in a.states) and not a.kv_slot:
             raise MQUserError(f"{p}: its attention layers' KV caches grow along the sequence; Triton's implicit "
-                              "state starts them one slot long, which the ONNX copy of --backend onnxruntime "
-                              "handles (serve.kv_sentinel) but an engine built from the export does not; serve "
-                              "the ONNX with --backend onnxruntime or python")
+                              "state starts them one slot long, which an engine built from the export misreads; "
+                              "build it with `mq-deploy build STEP.onnx --kv-slot ...` (the copy with the slot, "
+                              "serve.kv_sentinel), or serve the ONNX with --backend onnxruntime or python")
         name = cfg.name or _default_name(str(p))
         extra = [name]
         if a.graph == "step":
@@ -851,7 +866,8 @@ def _write_model(root: str, a: Artifact, name: str, backend: str, cfg: TritonCon
                                   if backend == "python" else
                                   "Triton implicit state (sequence_batching.state, zero at START" +
                                   ("; each KV cache starts as the one zero slot Triton gives a variable-size state, "
-                                   "which this copy of the graph never attends: mq_deploy/serve/kv_sentinel.py)"
+                                   "which this copy of the graph (or the engine built with --kv-slot) never attends: "
+                                   "mq_deploy/serve/kv_sentinel.py)"
                                    if any(not f for _, _, f in a.states) else ")"))
                      + ". Send sequence_id, sequence_start on the first request, sequence_end on the last.")
         curl = None

@@ -209,6 +209,9 @@ class EngineBuildConfig:
     strongly_typed: bool | None = None    # None: True unless fp16
     verbose: bool = False
     overwrite: bool = False
+    # a hybrid's step graph for Triton's implicit state: the engine is built from the copy whose KV caches
+    # carry Triton's start slot (serve.kv_sentinel), as `triton --backend onnxruntime` serves it
+    kv_slot: bool = False
 
     def __post_init__(self):
         if self.workspace is not None and (not isinstance(self.workspace, int) or self.workspace <= 0):
@@ -241,15 +244,59 @@ def plan_build(onnx_path, out_path, cfg: EngineBuildConfig) -> dict:
     n_fp16 = set_scan_out_dtype(stripped, onnx.TensorProto.FLOAT16) if (cfg.fp16 and not cfg.strongly_typed) else 0
     plugin_paths = find_plugin_library(cfg.plugins)
     names = [(n, s) for n, _, s in graph_inputs(model)]
+    shapes = (cfg.min_shapes, cfg.opt_shapes, cfg.max_shapes)
+    if cfg.kv_slot:
+        shapes = _kv_slot(onnx_path, stripped, names, shapes)
     # every given shape is checked now; a dynamic input left without one only after TensorRT is found
-    profile = profile_shapes(names, cfg.min_shapes, cfg.opt_shapes, cfg.max_shapes, require_all=False)
+    profile = profile_shapes(names, *shapes, require_all=False)
     warnings = []
     if cfg.int8 and not any(n.op_type == "QuantizeLinear" for n in model.graph.node) and not n_scan:
         warnings.append("int8 requested but the ONNX has no QuantizeLinear node: a strongly typed network of it "
                         "runs in the ONNX's float types")
-    return {"onnx": os.path.abspath(onnx_path), "engine": out, "model": stripped, "scan_nodes": n_scan,
+    plan = {"onnx": os.path.abspath(onnx_path), "engine": out, "model": stripped, "scan_nodes": n_scan,
             "stripped_functions": removed, "scan_nodes_fp16": n_fp16, "inputs": names, "profile": profile,
             "plugins": plugin_paths, "warnings": warnings}
+    if cfg.kv_slot:
+        plan["kv_cache"] = "sentinel"
+    return plan
+
+
+def _kv_slot(onnx_path, stripped, names, shapes) -> tuple:
+    """--kv-slot: rewrite `stripped` (the parser's copy) as serve.kv_sentinel does, and give every state input
+    without shapes of its own a profile from input_ids': its batch as input_ids', a KV cache's length from 1
+    (Triton's start slot) to 1 + input_ids' longest length (opt: 1 + its opt), i.e. input_ids' shapes bound
+    the context a sequence may reach. Returns the (min, opt, max) shape specs with the states' added."""
+    from mq_deploy.backends.base import parse_metadata
+    from mq_deploy.export.onnx_file import metadata
+    from mq_deploy.families import state_inputs
+    from mq_deploy.serve.kv_sentinel import sentinel_proto
+
+    meta = metadata(stripped)
+    parsed = parse_metadata(meta, os.fspath(onnx_path)) if "mq.config" in meta else None
+    if parsed is None or parsed.graph != "step" or parsed.kv_cache == "sentinel":
+        raise MQUserError(f"--kv-slot: {onnx_path} is not a decode-step export (`mq-deploy export --decode-step`)")
+    layout = state_inputs(parsed.config)
+    caches = [si for si in layout if "past" in si.dims]
+    if not caches:
+        raise MQUserError(f"--kv-slot: {onnx_path} has no KV cache (only a hybrid's decode step has one); build "
+                          "without it")
+    sentinel_proto(stripped, [(si.name, si.output, si.dims.index("past")) for si in caches])
+    lo, opt, hi = (dict(as_shapes(x, w)) for x, w in zip(shapes, ("min_shapes", "opt_shapes", "max_shapes")))
+    ids = {k: d["input_ids"] for k, d in (("min", lo), ("opt", opt), ("max", hi)) if "input_ids" in d}
+    if not ids:
+        raise MQUserError("--kv-slot: give input_ids' shapes (--minShapes/--optShapes/--maxShapes input_ids:BxL); "
+                          "the KV caches' profile follows them")
+    ids = {k: ids.get(k) or ids.get("opt") or ids.get("max") or ids.get("min") for k in ("min", "opt", "max")}
+    dims = dict(names)
+    for si in layout:           # every state: its batch as input_ids'; a cache's length as above
+        if any(si.name in d for d in (lo, opt, hi)):
+            continue
+        batch, past = si.dims.index("batch"), si.dims.index("past") if "past" in si.dims else None
+        for k, d in (("min", lo), ("opt", opt), ("max", hi)):
+            b, length = ids[k]
+            d[si.name] = tuple(b if j == batch else (1 if k == "min" else 1 + length) if j == past else int(x)
+                               for j, x in enumerate(dims[si.name]))
+    return lo, opt, hi
 
 
 def require_plugin(plan: dict, onnx_path) -> None:
