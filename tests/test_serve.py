@@ -334,6 +334,8 @@ def test_tensorrt_engine_with_the_kv_slot_as_implicit_state(hybrid_step, tmp_pat
     follows input_ids', and `triton --backend tensorrt` serves the engine with the caches as variable-size
     implicit state (schema-checked). The graph TensorRT parses is run here in ONNX Runtime as Triton feeds it:
     its tokens equal the export's own decode."""
+    import shutil
+
     import numpy as np
 
     from mq_deploy.backends.ort.runner import OrtRunner
@@ -341,8 +343,6 @@ def test_tensorrt_engine_with_the_kv_slot_as_implicit_state(hybrid_step, tmp_pat
     from mq_deploy.runtime.apps import generate
 
     from helpers import ort_lib_marker, ort_session
-
-    import shutil
 
     step, q = hybrid_step
     step = str(shutil.copyfile(step, tmp_path / "nh.onnx"))      # engine, ONNX and report in one folder
