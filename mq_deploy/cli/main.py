@@ -16,6 +16,7 @@ import sys
 from mq_deploy import __version__
 from mq_deploy.config import EXPORT_ABITS, EXPORT_WBITS
 from mq_deploy.errors import MQUserError
+from mq_deploy.families.attention.config import KV_CACHE
 
 
 class _Parser(argparse.ArgumentParser):
@@ -211,7 +212,7 @@ def add_recipe(s, quantize=True):
         g.add_argument("--ssm-scales", default="per_tensor", choices=["per_tensor", "grouped"],
                        help="the scan inputs' static scales: one per tensor, or one per group of channels where the "
                             "family has groups (Mamba2: x and dt per head, B and C per SSD group, as Quamba2)")
-        g.add_argument("--kv-cache", default="fp32", choices=["fp32", "int8"],
+        g.add_argument("--kv-cache", default="fp32", choices=KV_CACHE,
                        help="attention layers' KV caches: float32, or int8 with a static scale per key/value head "
                             "(calibrated; the step graph's caches are then int8 tensors, a quarter of the memory)")
     g.add_argument("--alpha", type=finite_float, default=0.5, help="smoothing migration strength")
@@ -354,7 +355,7 @@ def cmd_compare(args) -> int:
     if args.percentile is not None:
         kw["percentile"] = args.percentile
     modes = parse_list(args.ssm_scales, ("per_tensor", "grouped"), "scale granularity")
-    kv = parse_list(args.kv_cache, ("fp32", "int8"), "KV cache storage")
+    kv = parse_list(args.kv_cache, KV_CACHE, "KV cache storage")
     table = compare(args.model, recipes, bits, calib, ev, progress=show, ssm_scales=modes, kv_cache=kv, **kw)
     for p in table["pairs"]:
         lo, hi = p["diff_ci95"]

@@ -139,6 +139,12 @@ def _load_builtin() -> None:
         _loaded = True
         for name in _BUILTIN:
             importlib.import_module(f"mq_deploy.families.{name}")
+        # the built-ins in _BUILTIN's order whichever was imported first (the CLI imports attention's config
+        # early), then any other: listings, help and point order do not depend on import order
+        order = {n: i for i, n in enumerate(_BUILTIN)}
+        items = sorted(_FAMILIES.items(), key=lambda kv: order.get(kv[0], len(order)))
+        _FAMILIES.clear()
+        _FAMILIES.update(items)
 
 
 def families() -> tuple:

@@ -85,6 +85,11 @@ class TrtDecoder:
         specs = runner.input_specs
         if any(k not in specs for k in self._STATES):
             raise MQUserError(f"{runner.path}: not a decode-step engine (no conv_state / ssm_state inputs)")
+        extra = sorted(set(specs) - set(self._STATES) - {"input_ids"})
+        if extra:       # a hybrid's KV caches (past_key_i, ...): served by Triton (build --kv-slot), not decoded here
+            raise MQUserError(f"{runner.path}: a step engine with states beyond conv_state / ssm_state ({extra[0]}, "
+                              "a hybrid's KV cache); decode it in Triton (`mq-deploy build --kv-slot`, then "
+                              "`mq-deploy triton --backend tensorrt`) or run the ONNX export")
         self.shapes = {}
         for k in self._STATES:
             shape = specs[k].shape
