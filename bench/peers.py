@@ -64,7 +64,9 @@ SHAPES = {"130m": dict(family="mamba", hidden_size=768, num_hidden_layers=24),
           "mamba2-130m": dict(family="mamba2", hidden_size=768, num_hidden_layers=24, state_size=128, head_dim=64,
                               n_groups=1, expand=2),
           # ibm-granite/granite-4.0-h-350m's config.json (dense: no experts; attention at layers 10, 13, 17, 27,
-          # no position embedding, GQA 12/4 heads; muP scalars; its vocabulary size, our BPE tokenizer)
+          # no position embedding, GQA 12/4 heads; muP scalars) but GPT-NeoX's vocabulary (50280) instead of its
+          # 100352: llama.cpp's converter, given no tokenizer it recognises, writes its bundled GPT-NeoX vocabulary
+          # and then refuses an embedding of another size
           "granite-h-350m": dict(family="granitemoehybrid", hidden_size=768, num_hidden_layers=32,
                                  layer_types=["attention" if i in (10, 13, 17, 27) else "mamba" for i in range(32)],
                                  num_attention_heads=12, num_key_value_heads=4, shared_intermediate_size=2048,
@@ -73,7 +75,7 @@ SHAPES = {"130m": dict(family="mamba", hidden_size=768, num_hidden_layers=24),
                                  mamba_d_state=128, mamba_n_groups=1, mamba_expand=2, mamba_d_conv=4,
                                  mamba_conv_bias=True, mamba_proj_bias=False, embedding_multiplier=12.0,
                                  residual_multiplier=0.246, attention_multiplier=0.015625, logits_scaling=3.0,
-                                 rms_norm_eps=1e-5, max_position_embeddings=32768, vocab_size=100352)}
+                                 rms_norm_eps=1e-5, max_position_embeddings=32768)}
 VOCAB = 50280
 PROMPT = 8           # decode: tokens of the prompt before the timed steps
 NEW = 128
