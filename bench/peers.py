@@ -202,6 +202,11 @@ def make_gguf(work, hf, bins, src):
         # embedding: ours (50280) is not padded, and 8 divides it
         if cfg.get("model_type") in ("mamba2", "granitemoehybrid") and "pad_vocab_size_multiple" not in cfg:
             cfg["pad_vocab_size_multiple"] = 8
+        # transformers 5 writes Granite's layer_types as full_attention / linear_attention; the converter looks
+        # for "attention" (and would otherwise convert every layer as Mamba2)
+        if cfg.get("model_type") == "granitemoehybrid" and isinstance(cfg.get("layer_types"), list):
+            names = {"full_attention": "attention", "linear_attention": "mamba"}
+            cfg["layer_types"] = [names.get(t, t) for t in cfg["layer_types"]]
         with open(os.path.join(weights_only, "config.json"), "w") as f:
             json.dump(cfg, f)
         env = dict(os.environ, PYTHONPATH=os.path.join(src, "gguf-py"))
