@@ -164,6 +164,11 @@ class _Graph:
             wf = self.dequantized(name, w)
             return b.const(np.ascontiguousarray((wf.t() if transpose else wf).numpy()), "w_deq")
         q, s64 = self.grid(name, w)
+        return self._dequantize_weight(q, s64, transpose)
+
+    def _dequantize_weight(self, q, s64, transpose: bool):
+        """int8/int4 codes q [out, ...] with per-output-channel scales s64 -> their DequantizeLinear."""
+        b = self.b
         if transpose:
             q = q.t()
         if self.quant.wbits == 4:
@@ -194,6 +199,29 @@ class _Graph:
     def linear(self, x, lin, name, small=False):
         y = self.b.op("MatMul", [x, self.weight(name, lin.weight, transpose=True, small=small)])
         return self.b.op("Add", [y, self.b.f32(lin.bias, "bias")]) if lin.bias is not None else y
+
+    def linears(self, x, parts) -> list:
+        """[x @ W_i^T + b_i] of linears that read the same input, as ONE MatMul over their weights concatenated
+        along the output channels, split back. parts: [(linear, weight name)]. Why: ONNX Runtime turns a
+        QDQ MatMul into its int8 kernel (MatMulIntegerToFloat) only when the activation's QuantizeLinear
+        feeds that one MatMul; with two or three readers (an MLP's up and gate, attention's q, k and v)
+        every one stayed a float MatMul on dequantized weights (measured, ORT 1.32: 76 of a Granite-4.0-H
+        shape's 168 linears), and separate QuantizeLinear nodes are merged again by its CSE. The per-channel
+        weight scales concatenate with the channels, so each output is what linear() computes."""
+        if len(parts) == 1:
+            return [self.linear(x, *parts[0])]
+        b = self.b
+        if self.quant is None:
+            w = b.f32(torch.cat([lin.weight.detach().float() for lin, _ in parts], 0).t(), "w")
+        else:
+            grids = [self.grid(name, lin.weight) for lin, name in parts]
+            w = self._dequantize_weight(torch.cat([q for q, _ in grids], 0), torch.cat([s for _, s in grids]), True)
+        y = b.op("MatMul", [x, w])
+        if any(lin.bias is not None for lin, _ in parts):
+            bias = torch.cat([lin.bias.detach().float() if lin.bias is not None else torch.zeros(lin.out_features)
+                              for lin, _ in parts])
+            y = b.op("Add", [y, b.f32(bias, "bias")])
+        return b.op("Split", [y, b.i64([lin.out_features for lin, _ in parts])], n_out=len(parts), axis=-1)
 
     # -- activations ---------------------------------------------------------------------------------
     def _scale(self, point):

@@ -34,11 +34,10 @@ def emit(g, mixer, prefix, h, state=None):
     b, cfg = g.b, mixer.cfg
     H, K, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     x = g.qdq(h, prefix + "qkv")
-    q = _heads(b, g.linear(x, mixer.q_proj, weight_key(prefix, "q_proj")), H, hd)
-    k = _heads(b, g.linear(x, mixer.k_proj, weight_key(prefix, "k_proj")), K, hd)
-    v = _heads(b, g.linear(x, mixer.v_proj, weight_key(prefix, "v_proj")), K, hd)
+    q, k, v = g.linears(x, [(getattr(mixer, n), weight_key(prefix, n)) for n in ("q_proj", "k_proj", "v_proj")])
+    q, k, v = _heads(b, q, H, hd), _heads(b, k, K, hd), _heads(b, v, K, hd)
     past_k, past_v = state[0] if state is not None else (None, None)
-    L = b.op("Shape", [x], start=1, end=2)                                          # [1]
+    L = b.op("Shape", [h], start=1, end=2)     # [1]; of h: a second reader of x stops ORT fusing its int8 MatMul
     T = b.op("Shape", [past_k], start=2, end=3) if past_k is not None else b.i64([0])
     if cfg.rope_dim:
         pos = b.op("Cast", [b.op("Range", [b.op("Squeeze", [T]), b.op("Squeeze", [b.op("Add", [T, L])]),

@@ -68,8 +68,10 @@ def emit(g, mixer, prefix, h, state=None):
 
     b, cfg = g.b, mixer.cfg
     di, H, P, G, N, K = cfg.d_inner, cfg.n_heads, cfg.head_dim, cfg.n_groups, cfg.d_state, cfg.d_conv
-    h = g.qdq(h, prefix + "in_proj")
-    z, xbc, dt = b.op("Split", [g.linear(h, mixer.in_proj, weight_key(prefix, "in_proj")),
+    # h itself (not its QDQ) gives the batch below: a second reader of the DequantizeLinear output stops
+    # ONNX Runtime fusing in_proj into its int8 MatMul
+    hq = g.qdq(h, prefix + "in_proj")
+    z, xbc, dt = b.op("Split", [g.linear(hq, mixer.in_proj, weight_key(prefix, "in_proj")),
                                 b.i64([di, cfg.conv_dim, H])], n_out=3, axis=-1)
     z = g.qdq(z, prefix + "z")
     if state is not None and state[1] is not None:

@@ -21,11 +21,12 @@ def _act(b, name, x):
 def emit(g, mixer, prefix, h, state=None):
     b, cfg = g.b, mixer.cfg
     x = g.qdq(h, prefix + "in")
-    up = g.linear(x, mixer.up_proj, weight_key(prefix, "up_proj"))
-    if mixer.gate_proj is not None:
-        y = b.op("Mul", [_act(b, cfg.act, g.linear(x, mixer.gate_proj, weight_key(prefix, "gate_proj"))), up])
+    if mixer.gate_proj is not None:      # one MatMul for both (graph._Graph.linears)
+        up, gate = g.linears(x, [(mixer.up_proj, weight_key(prefix, "up_proj")),
+                                 (mixer.gate_proj, weight_key(prefix, "gate_proj"))])
+        y = b.op("Mul", [_act(b, cfg.act, gate), up])
     else:
-        y = _act(b, cfg.act, up)
+        y = _act(b, cfg.act, g.linear(x, mixer.up_proj, weight_key(prefix, "up_proj")))
     if mixer.out_rotation is not None:
         y = g.online_rotation(y, mixer.out_rotation)
     return g.linear(g.qdq(y, prefix + "down_proj"), mixer.down_proj, weight_key(prefix, "down_proj")), ()

@@ -172,12 +172,12 @@ def _branch_graph(g, fn, name):
 
 def _shared(g, mixer, prefix, x):
     b, cfg = g.b, mixer.cfg
-    up = g.linear(x, mixer.shared_up, weight_key(prefix, "shared_up"))
-    if mixer.shared_gate is not None:
-        gate = g.linear(x, mixer.shared_gate, weight_key(prefix, "shared_gate"))
+    if mixer.shared_gate is not None:    # one MatMul for both (graph._Graph.linears)
+        up, gate = g.linears(x, [(mixer.shared_up, weight_key(prefix, "shared_up")),
+                                 (mixer.shared_gate, weight_key(prefix, "shared_gate"))])
         y = b.op("Mul", [_act(b, cfg.shared_act, gate), up])
     else:
-        y = _act(b, cfg.shared_act, up)
+        y = _act(b, cfg.shared_act, g.linear(x, mixer.shared_up, weight_key(prefix, "shared_up")))
     if mixer.shared_rotation is not None:
         y = g.online_rotation(b.op("Unsqueeze", [y, b.i64([0])]), mixer.shared_rotation)
         y = b.op("Squeeze", [y, b.i64([0])])
