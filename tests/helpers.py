@@ -227,3 +227,20 @@ def step_graph_decode(model, config, ids, prefill: int):
         res = sess.run(names, {"input_ids": ids[:, t:t + 1], **{si.name: r for si, r in zip(layout, res[1:])}})
         outs.append(res[0])
     return np.concatenate(outs, 1), dict(zip(names, res))
+
+
+def quantize_export_verify(tmp_path, capsys, path, text, *flags):
+    """The command line as a user runs it on a hybrid: `quantize PATH -o q FLAGS` on 4 windows of `text`, then
+    the full and the decode-step export, each `verify`-ed against q on 4 windows (PASSED). Returns q."""
+    from mq_deploy.cli.main import main
+
+    q = str(tmp_path / "q")
+    assert main(["quantize", str(path), "-o", q, *flags, "--calib", text, "--calib-samples", "4",
+                 "--seq-len", "64"]) == 0
+    for extra, name in (([], "m.onnx"), (["--decode-step"], "step.onnx")):
+        assert main(["export", q, "-o", str(tmp_path / name), *extra]) == 0
+        capsys.readouterr()
+        assert main(["verify", str(tmp_path / name), "--reference", q, "--data", text, "--limit", "4",
+                     "--seq-len", "64"]) == 0
+        assert "PASSED" in capsys.readouterr().out
+    return q

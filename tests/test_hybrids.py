@@ -15,11 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from mq_deploy.cli.main import main
 from mq_deploy.families import state_inputs
 from mq_deploy.models.loaders import load_model
 
-from helpers import assert_user_error, ort_session, step_graph_decode
+from helpers import assert_user_error, ort_session, quantize_export_verify, step_graph_decode
 
 transformers = pytest.importorskip("transformers")
 
@@ -148,15 +147,7 @@ def _text(tmp_path):
 def test_w8a8_hybrid_through_the_command_line(tmp_path, recipe, capsys):
     _, path = _nemotron(tmp_path, vocab=256)
     text = _text(tmp_path)
-    q = str(tmp_path / "q")
-    assert main(["quantize", path, "-o", q, "--recipe", recipe, "--calib", text, "--calib-samples", "4",
-                 "--seq-len", "64"]) == 0
-    for flags, name in (([], "m.onnx"), (["--decode-step"], "step.onnx")):
-        assert main(["export", q, "-o", str(tmp_path / name), *flags]) == 0
-        capsys.readouterr()
-        assert main(["verify", str(tmp_path / name), "--reference", q, "--data", text, "--limit", "4",
-                     "--seq-len", "64"]) == 0
-        assert "PASSED" in capsys.readouterr().out
+    quantize_export_verify(tmp_path, capsys, path, text, "--recipe", recipe)
 
 
 def test_bad_patterns_and_layer_kinds_are_one_line(tmp_path, capsys):

@@ -17,11 +17,10 @@ import numpy as np
 import pytest
 import torch
 
-from mq_deploy.cli.main import main
 from mq_deploy.families import state_inputs
 from mq_deploy.models.loaders import load_model
 
-from helpers import assert_user_error, ort_session, step_graph_decode
+from helpers import assert_user_error, ort_session, quantize_export_verify, step_graph_decode
 
 transformers = pytest.importorskip("transformers")
 
@@ -151,15 +150,7 @@ def _text(tmp_path):
 def test_w8a8_jamba_through_the_command_line(tmp_path, name, recipe, capsys):
     _, path = _jamba(tmp_path, name, vocab=256)
     text = _text(tmp_path)
-    q = str(tmp_path / "q")
-    assert main(["quantize", path, "-o", q, "--recipe", recipe, "--calib", text, "--calib-samples", "4",
-                 "--seq-len", "64"]) == 0
-    for flags, out in (([], "m.onnx"), (["--decode-step"], "step.onnx")):
-        assert main(["export", q, "-o", str(tmp_path / out), *flags]) == 0
-        capsys.readouterr()
-        assert main(["verify", str(tmp_path / out), "--reference", q, "--data", text, "--limit", "4",
-                     "--seq-len", "64"]) == 0
-        assert "PASSED" in capsys.readouterr().out
+    quantize_export_verify(tmp_path, capsys, path, text, "--recipe", recipe)
 
 
 def test_bad_jamba_settings_are_one_line(tmp_path, capsys):

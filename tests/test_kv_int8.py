@@ -26,7 +26,7 @@ from mq_deploy.families import state_inputs, zero_states
 from mq_deploy.families.attention import kv
 from mq_deploy.models.loaders import load_model
 
-from helpers import assert_user_error, ort_session, step_graph_decode
+from helpers import assert_user_error, ort_session, quantize_export_verify, step_graph_decode
 
 transformers = pytest.importorskip("transformers")
 
@@ -108,19 +108,11 @@ def test_int8_cache_graphs_match_the_reference(tmp_path, which):
 def test_int8_cache_through_the_command_line(tmp_path, capsys):
     _, path = _nemotron(tmp_path, vocab=256)
     text = _text(tmp_path)
-    q = str(tmp_path / "q")
-    assert main(["quantize", path, "-o", q, "--kv-cache", "int8", "--calib", text, "--calib-samples", "4",
-                 "--seq-len", "64"]) == 0
+    q = quantize_export_verify(tmp_path, capsys, path, text, "--kv-cache", "int8")
     with open(os.path.join(q, "config.json")) as f:
         cfg = json.load(f)
     assert cfg["quant"]["kv_cache"] == "int8"
     assert [layer["kv_cache"] for layer in cfg["layers"] if layer["kind"] == "attention"] == ["int8", "int8"]
-    for flags, name in (([], "m.onnx"), (["--decode-step"], "step.onnx")):
-        assert main(["export", q, "-o", str(tmp_path / name), *flags]) == 0
-        capsys.readouterr()
-        assert main(["verify", str(tmp_path / name), "--reference", q, "--data", text, "--limit", "4",
-                     "--seq-len", "64"]) == 0
-        assert "PASSED" in capsys.readouterr().out
     assert main(["generate", str(tmp_path / "step.onnx"), "--prompt", "In the", "--max-new-tokens", "8"]) == 0
     capsys.readouterr()
     # a float cache fed to the int8 graph: one line from the runner

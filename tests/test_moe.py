@@ -21,7 +21,7 @@ import torch
 from mq_deploy.cli.main import main
 from mq_deploy.models.loaders import load_model
 
-from helpers import assert_user_error, ort_session, step_graph_decode
+from helpers import assert_user_error, ort_session, quantize_export_verify, step_graph_decode
 
 transformers = pytest.importorskip("transformers")
 
@@ -223,15 +223,7 @@ def _text(tmp_path):
 def test_w8a8_moe_through_the_command_line(tmp_path, family, name, recipe, capsys):
     _, path = _make(tmp_path, family, name, vocab=256)
     text = _text(tmp_path)
-    q = str(tmp_path / "q")
-    assert main(["quantize", path, "-o", q, "--recipe", recipe, "--calib", text, "--calib-samples", "4",
-                 "--seq-len", "64"]) == 0
-    for flags, out in (([], "m.onnx"), (["--decode-step"], "step.onnx")):
-        assert main(["export", q, "-o", str(tmp_path / out), *flags]) == 0
-        capsys.readouterr()
-        assert main(["verify", str(tmp_path / out), "--reference", q, "--data", text, "--limit", "4",
-                     "--seq-len", "64"]) == 0
-        assert "PASSED" in capsys.readouterr().out
+    quantize_export_verify(tmp_path, capsys, path, text, "--recipe", recipe)
 
 
 def test_quantized_expert_forms_agree(tmp_path):

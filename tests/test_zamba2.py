@@ -21,7 +21,7 @@ from mq_deploy.cli.main import main
 from mq_deploy.families import state_inputs
 from mq_deploy.models.loaders import load_model
 
-from helpers import assert_user_error, ort_session, step_graph_decode
+from helpers import assert_user_error, ort_session, quantize_export_verify, step_graph_decode
 
 transformers = pytest.importorskip("transformers")
 
@@ -221,7 +221,6 @@ def _text(tmp_path):
 def test_w8a8_zamba2_through_the_command_line(tmp_path, recipe, capsys):
     _, path = _zamba(tmp_path, vocab=256)
     text = _text(tmp_path)
-    q = str(tmp_path / "q")
     assert main(["info", path]) == 0
     out = capsys.readouterr().out
     assert "hf-zamba2" in out and "3 x zamba2 [shared attention: 4 heads (4 key/value) x head_dim 16" in out
@@ -229,14 +228,7 @@ def test_w8a8_zamba2_through_the_command_line(tmp_path, recipe, capsys):
     if recipe == "rtn":          # inspect plots in_proj's and out_proj's inputs, which every layer has
         assert main(["inspect", path, "-o", str(tmp_path / "inspect"), "--calib", text, "--calib-samples", "2",
                      "--seq-len", "64"]) == 0
-    assert main(["quantize", path, "-o", q, "--recipe", recipe, "--calib", text, "--calib-samples", "4",
-                 "--seq-len", "64"]) == 0
-    for flags, name in (([], "m.onnx"), (["--decode-step"], "step.onnx")):
-        assert main(["export", q, "-o", str(tmp_path / name), *flags]) == 0
-        capsys.readouterr()
-        assert main(["verify", str(tmp_path / name), "--reference", q, "--data", text, "--limit", "4",
-                     "--seq-len", "64"]) == 0
-        assert "PASSED" in capsys.readouterr().out
+    quantize_export_verify(tmp_path, capsys, path, text, "--recipe", recipe)
 
 
 def test_quantized_checkpoint_rebuilds_every_online_rotation(tmp_path):
