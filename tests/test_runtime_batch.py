@@ -3,20 +3,18 @@ and the StateBatcher (mq_deploy/serve/triton_models/mq_batch.py) that the served
 
 Tolerance of a batched step against the same sequence run alone: ONNX Runtime may block a GEMM differently
 for another batch size, so the last bits of a float may differ, and a float that lands on the other side of a
-QuantizeLinear rounding boundary moves one int8 step. BATCH_ATOL bounds the logits' difference relative to
-their magnitude; every test prints the measured difference first (0.0 on this CPU, MLAS, for every model here:
-the int8 GEMMs are exact and the float ones did not change with the batch)."""
+QuantizeLinear rounding boundary moves one int8 step. helpers.BATCH_RTOL bounds the logits' difference relative
+to their magnitude; every test prints the measured difference first (0.0 on this CPU, MLAS, for every model
+here: the int8 GEMMs are exact and the float ones did not change with the batch)."""
 
 import json
 
 import numpy as np
 import pytest
 
-from helpers import assert_user_error, tiny_exports
+from helpers import BATCH_RTOL, assert_user_error, batch_error, tiny_exports
 
 pytest.importorskip("onnxruntime")
-
-BATCH_RTOL = 1e-5       # |batched - alone| <= BATCH_RTOL * max |logits|
 
 
 @pytest.fixture(scope="module")
@@ -73,9 +71,7 @@ def _check_interleaved(runner, prompts, n):
             res = runner.infer({"input_ids": np.asarray([ids for _, ids in group], np.int64), **feeds})
             batched += len(group) > 1
             for k, ((s, _), st) in enumerate(zip(group, b.split(res, len(group)))):
-                got, ref = res["logits"][k, -1], want[s][done[s]]
-                err = float(np.abs(got.astype(np.float64) - ref).max()) / float(np.abs(ref).max())
-                worst = max(worst, err)
+                worst = max(worst, batch_error(res["logits"][k, -1], want[s][done[s]]))
                 state[s] = st
                 done[s] += 1
     assert all(done[s] == steps[s] + 1 for s in done) and batched > 0
