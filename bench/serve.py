@@ -138,12 +138,41 @@ def step_stats(url, model):
                                                                          "compute_output"))}
 
 
-def bench_lm(url, concurrency, streams_per_client, tokens):
+def cpu_seconds(server_pid):
+    """CPU seconds (user + system) so far of tritonserver, of its Python-backend stubs (one per model instance,
+    labelled by model) and of this client process: where a token's time goes."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or server_pid is None:
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().split(b"\0")
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        cpu = (int(fields[11]) + int(fields[12])) / tick
+        if int(pid) == server_pid:
+            out["tritonserver"] = out.get("tritonserver", 0.0) + cpu
+        elif int(fields[1]) == server_pid and b"stub" in os.path.basename(cmd[0]) and len(cmd) > 1:
+            parts = cmd[1].decode(errors="replace").split(os.sep)
+            label = "stub " + (parts[-3] if len(parts) >= 3 else "?")
+            out[label] = out.get(label, 0.0) + cpu
+    t = os.times()
+    out["client (this bench)"] = t.user + t.system
+    return out
+
+
+def bench_lm(url, concurrency, streams_per_client, tokens, server_pid=None):
     import tritonclient.grpc as grpcclient
 
     gaps, firsts, counts = [], [], []
     lock = threading.Lock()
     before = step_stats(url, "lm_step")
+    cpu0 = cpu_seconds(server_pid)
 
     def worker(c):
         client = grpcclient.InferenceServerClient(url)
@@ -178,14 +207,18 @@ def bench_lm(url, concurrency, streams_per_client, tokens):
         list(pool.map(worker, range(concurrency)))
     wall = time.perf_counter() - t0
     after = step_stats(url, "lm_step")
+    cpu1 = cpu_seconds(server_pid)
     d = {k: after[k] - before[k] for k in after}
     ex = max(d["executions"], 1)
+    ntok = max(sum(counts), 1)
+    cpu = {k: (cpu1[k] - cpu0.get(k, 0.0)) / ntok * 1e3 for k in cpu1}
     return {"tokens_per_s": sum(counts) / wall, "inter_token_p50_ms": pct(gaps, 50) * 1e3,
             "inter_token_p99_ms": pct(gaps, 99) * 1e3, "first_token_p50_ms": pct(firsts, 50) * 1e3,
             "first_token_p99_ms": pct(firsts, 99) * 1e3, "streams": len(counts), "tokens": sum(counts),
             "step_model": {"requests": d["requests"], "executions": d["executions"],
                            "mean_batch": d["requests"] / ex, "queue_us_per_execution": d["queue_ns"] / ex / 1e3,
-                           "compute_us_per_execution": d["compute_ns"] / ex / 1e3}}
+                           "compute_us_per_execution": d["compute_ns"] / ex / 1e3},
+            "cpu_ms_per_token": cpu, "wall_ms_per_token": wall / ntok * 1e3}
 
 
 def direct_lm(step_onnx, streams, tokens, lib):
@@ -296,7 +329,7 @@ def main(argv=None):
             for c in levels:                                # ... and the batch sizes each level makes
                 bench_lm(srv.grpc_url, c, 1, 4)
             for c in levels:
-                r = bench_lm(srv.grpc_url, c, max(args.streams, -(-16 // c)), args.tokens)
+                r = bench_lm(srv.grpc_url, c, max(args.streams, -(-16 // c)), args.tokens, srv.proc.pid)
                 r.update(concurrency=c, vs_direct=r["tokens_per_s"] / dl["tokens_per_s"], load=os.getloadavg())
                 rows["lm"].append(r)
                 sm = r["step_model"]
@@ -305,6 +338,9 @@ def main(argv=None):
                       f"first token p50 {r['first_token_p50_ms']:7.2f} ms  p99 {r['first_token_p99_ms']:7.2f} ms  "
                       f"step model: batch {sm['mean_batch']:.1f}, queue {sm['queue_us_per_execution']:.0f} us, "
                       f"compute {sm['compute_us_per_execution']:.0f} us per execution  [{load()}]", flush=True)
+                print("            CPU ms per token: " + ", ".join(f"{k} {v:.2f}" for k, v in
+                                                                 sorted(r["cpu_ms_per_token"].items())) +
+                      f" (wall {r['wall_ms_per_token']:.2f} ms per token on {os.cpu_count()} cores)")
         rows["goals"] = goals(rows["lm"], dl)
         for g in rows["goals"]:
             print(f"goal {g['goal']:28s} {g['value']:6.2f}  (target {g['target']}): "
