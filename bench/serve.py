@@ -6,8 +6,9 @@ shipped samples (MambaQuant W8A8, exported with mq-deploy), at concurrency 1, 4,
 - LM: streamed generation through NAME_generate (decoupled BLS, a thread per generation, over the
   stateful step model, which runs the steps of all sequences in a scheduling round as one ONNX Runtime
   call): tokens/s over all streams, time to the first token p50/p99, per-token latency p50/p99 (the
-  gaps between a stream's tokens as the client receives them), and from Triton's statistics the step
-  model's mean batch (requests per execution) and its mean queue and compute time per execution.
+  gaps between a stream's tokens as the client receives them), from Triton's statistics the step
+  model's mean batch (requests per execution) and a request's mean queue and compute time, and the
+  CPU time per token of tritonserver, of each Python-backend stub and of this client (/proc).
 Beside each: the same work in-process through mq_deploy's OrtRunner (no server, one caller; and for the
 LM also generate_batch with 16 prompts as one batch), so the ratio is the price (or gain) of serving.
 Every loop is bounded (--requests, --streams, --tokens; each client call has a timeout).
@@ -215,9 +216,12 @@ def bench_lm(url, concurrency, streams_per_client, tokens, server_pid=None):
     return {"tokens_per_s": sum(counts) / wall, "inter_token_p50_ms": pct(gaps, 50) * 1e3,
             "inter_token_p99_ms": pct(gaps, 99) * 1e3, "first_token_p50_ms": pct(firsts, 50) * 1e3,
             "first_token_p99_ms": pct(firsts, 99) * 1e3, "streams": len(counts), "tokens": sum(counts),
+            # Triton's queue and compute times are summed over requests: per request, a request's wait for
+            # the execution in progress and the time of the execution it ran in (IPC to the stub included)
             "step_model": {"requests": d["requests"], "executions": d["executions"],
-                           "mean_batch": d["requests"] / ex, "queue_us_per_execution": d["queue_ns"] / ex / 1e3,
-                           "compute_us_per_execution": d["compute_ns"] / ex / 1e3},
+                           "mean_batch": d["requests"] / ex,
+                           "queue_us_per_request": d["queue_ns"] / max(d["requests"], 1) / 1e3,
+                           "compute_us_per_request": d["compute_ns"] / max(d["requests"], 1) / 1e3},
             "cpu_ms_per_token": cpu, "wall_ms_per_token": wall / ntok * 1e3}
 
 
@@ -336,8 +340,8 @@ def main(argv=None):
                 print(f"served lm   c={c:<3} {r['tokens_per_s']:8.1f} tokens/s ({r['vs_direct']:.2f}x direct)  "
                       f"per token p50 {r['inter_token_p50_ms']:6.2f} ms  p99 {r['inter_token_p99_ms']:7.2f} ms  "
                       f"first token p50 {r['first_token_p50_ms']:7.2f} ms  p99 {r['first_token_p99_ms']:7.2f} ms  "
-                      f"step model: batch {sm['mean_batch']:.1f}, queue {sm['queue_us_per_execution']:.0f} us, "
-                      f"compute {sm['compute_us_per_execution']:.0f} us per execution  [{load()}]", flush=True)
+                      f"step model: batch {sm['mean_batch']:.1f}, per request queue {sm['queue_us_per_request']:.0f} us, "
+                      f"compute {sm['compute_us_per_request']:.0f} us  [{load()}]", flush=True)
                 print("            CPU ms per token: " + ", ".join(f"{k} {v:.2f}" for k, v in
                                                                  sorted(r["cpu_ms_per_token"].items())) +
                       f" (wall {r['wall_ms_per_token']:.2f} ms per token on {os.cpu_count()} cores)")

@@ -94,6 +94,10 @@ class StateBatcher:
             if a.shape[self.batch_axis[name]] != n:
                 raise ValueError(f"state output of {name} holds {a.shape[self.batch_axis[name]]} sequences, "
                                  f"expected {n}")
+        if n == 1:
+            s = SeqState(whole)
+            s.whole = (whole, 0, 1)
+            return [s]
         out = []
         for k in range(n):
             s = SeqState({name: a[(slice(None),) * self.batch_axis[name] + (slice(k, k + 1),)]

@@ -119,7 +119,8 @@ class TritonPythonModel:
                     continue
                 s.state = entry[0]
             groups.setdefault((s.ids.shape[1], self.batcher.group_key(s.state)), []).append(s)
-        for group in groups.values():
+        # prefills first: a new stream's first token waits for them, a running stream only for its next step
+        for group in sorted(groups.values(), key=lambda g: g[0].ids.shape[1] == 1):
             try:
                 self._run(group, responses, now)
             except Exception as e:
