@@ -638,8 +638,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = s.add_mutually_exclusive_group(required=True)
     g.add_argument("--prompt", metavar="TEXT", action="append",
                    help="repeat it for several prompts, decoded as one batch")
-    g.add_argument("--prompts-file", metavar="FILE", help="one prompt per line (UTF-8), decoded as one batch")
     g.add_argument("--prompt-ids", metavar="IDS", help="token ids (comma or space separated) instead of text")
+    g.add_argument("--prompts-file", metavar="FILE", help="one prompt per line (UTF-8), decoded as one batch")
     s.add_argument("--max-new-tokens", type=int_range(0, _max_new_tokens), default=64, help="0 .. 4096 (default 64)")
     s.add_argument("--temperature", type=nonneg_float, default=0.0, help="0 = greedy")
     s.add_argument("--seed", type=seed_int, default=0)
