@@ -139,12 +139,13 @@ class TritonPythonModel:
         res = self.session.run(self.outputs, {"input_ids": ids, **feeds})
         nxt = self.batcher.split(dict(zip(self.outputs[1:], res[1:])), len(group))
         logits = res[0]
-        for k, s in enumerate(group):
+        done = [pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(
+            "logits", logits if len(group) == 1 else logits[k:k + 1])]) for k in range(len(group))]
+        for k, s in enumerate(group):       # nothing above changed a state: a failure retries each alone
             self.states.pop(s.corr, None)
             if not s.end:
                 self.states[s.corr] = (nxt[k], now)
-            out = logits if len(group) == 1 else logits[k:k + 1]
-            responses[s.index] = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("logits", out)])
+            responses[s.index] = done[k]
 
     def execute(self, requests):
         responses = [None] * len(requests)
