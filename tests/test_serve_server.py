@@ -450,6 +450,35 @@ def test_the_generate_model_serves_many_streams_at_once(served, ref):
     assert got == generate(ref["lm_step"], list(b"And God"), 8)
 
 
+@pytest.mark.parametrize("model", ["m2_step", "nh_step", "nh8_step"])
+def test_mamba2_and_hybrid_step_graphs_served(served, family_steps, model):
+    """A Mamba2 and a hybrid (SSM states plus growing KV caches, float32 or int8) decode step served: interleaved sequences
+    each equal to the ORT runner's own steps, and streamed generation equal to `generate`."""
+    from mq_deploy.backends.ort.runner import OrtRunner
+    from mq_deploy.runtime.apps import generate, generate_text
+
+    runner = OrtRunner(family_steps[model], custom_op_library=False)
+    prompts = [list(b"And God said"), list(b"Let there"), list(b"In the beginning")]
+    n = 5
+    want = [reference_steps(runner, p, n) for p in prompts]
+    client = served.grpc()
+    feeds = [np.asarray([p], np.int64) for p in prompts]
+    for step in range(n + 1):
+        for s in range(len(prompts)):
+            logits = call(client, model, input_ids=feeds[s], seq=(3000 + s, step == 0, step == n))["logits"]
+            assert_exact(logits, want[s][step], f"{model} sequence {s} step {step}")
+            feeds[s] = np.asarray([[int(logits[0, -1].astype(np.float64).argmax())]], np.int64)
+    got = stream_generate(served.grpc(), f"{model}_generate", gen_inputs(text=b"And God said", n=12))
+    assert got == generate(runner, list(b"And God said"), 12)
+    # random weights emit bytes >= 0x80 that no character holds alone: each response's text is still whole
+    # UTF-8 (a lone byte made the curl client's JSON invalid), and all of it is generate's text
+    texts = []
+    got = stream_generate(served.grpc(), f"{model}_generate", gen_inputs(text=b"And God said", n=40), texts=texts)
+    want = generate_text(runner, prompt="And God said", max_new_tokens=40)
+    assert got == want["new_ids"] and max(got) >= 0x80
+    assert "".join(t.decode("utf-8") for t in texts) == want["text"]
+
+
 def stream_generate(client, model, inputs, limit=4096, texts=None):
     """Token ids of one streamed generation (and, into `texts`, each response's text)."""
     q = queue.Queue()
