@@ -1,20 +1,25 @@
 """Serving load: a real tritonserver (pytriton's, Python backend, CPU) on 127.0.0.1 serving the two
-shipped samples (MambaQuant W8A8, exported with mq-deploy), at concurrency 1, 4 and 16.
+shipped samples (MambaQuant W8A8, exported with mq-deploy), at concurrency 1, 4, 16 and 64.
 
 - Vim: images/s and per-request latency p50/p99; each request is one Fashion-MNIST test image (so the
   dynamic batcher has something to merge under load), over gRPC.
-- LM: streamed generation through NAME_generate (decoupled BLS over the stateful step model): tokens/s
-  over all streams, inter-token latency p50/p99 and time to the first token.
-Beside each: the same work in-process through mq_deploy's OrtRunner (no server, one caller), so the
-ratio is the price (or gain) of serving. Every loop is bounded (--requests, --streams, --tokens).
+- LM: streamed generation through NAME_generate (decoupled BLS, a thread per generation, over the
+  stateful step model, which runs the steps of all sequences in a scheduling round as one ONNX Runtime
+  call): tokens/s over all streams, time to the first token p50/p99, per-token latency p50/p99 (the
+  gaps between a stream's tokens as the client receives them), from Triton's statistics the step
+  model's mean batch (requests per execution) and a request's mean queue and compute time, and the
+  CPU time per token of tritonserver, of each Python-backend stub and of this client (/proc).
+Beside each: the same work in-process through mq_deploy's OrtRunner (no server, one caller; and for the
+LM also generate_batch with 16 prompts as one batch), so the ratio is the price (or gain) of serving.
+Every loop is bounded (--requests, --streams, --tokens; each client call has a timeout).
 
-    python bench/serve.py [--requests 256] [--streams 2] [--tokens 32] [--instances 2] [--json OUT]
+    python bench/serve.py [--requests 256] [--streams 2] [--tokens 64] [--instances 1] [--json OUT]
         [--vim VIM.onnx --lm-step LM_STEP.onnx]   # default: quantize + export the samples (--workdir keeps them)
 
-Both sides are warmed first (ONNX Runtime plans every new input shape once: the first request of a
-new prompt length costs 10-100 ms more). Token arrival times are taken in the client's stream
-callback, where gRPC often delivers several responses at once, so the inter-token p50 can be far
-below the per-step time: tokens/s is the figure to compare.
+Goals checked (issue 23): served tokens/s at c=16 >= 5x c=1; c=1 >= 0.5x in-process; first-token p99 at
+c=16 <= 4x c=1. Both sides are warmed first (ONNX Runtime plans every new input shape once). Token
+arrival times are taken in the client's stream callback, where gRPC may deliver several responses at
+once, so per-token p50 can be far below the per-step time: tokens/s is the figure to compare.
 Timings on a shared machine are noisy: the load average is printed beside every row.
 """
 
@@ -118,11 +123,57 @@ PROMPTS = [b"And God said", b"In the beginning", b"And the LORD spake", b"Blesse
            b"And it came to pass", b"The LORD is my", b"For God so loved"]
 
 
-def bench_lm(url, concurrency, streams_per_client, tokens):
+def step_stats(url, model):
+    """Triton's cumulative statistics of a model: requests, executions, queue and compute ns."""
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        st = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
+    finally:
+        client.close()
+    ns = st.get("inference_stats", {})
+    return {"requests": int(st.get("inference_count", 0)), "executions": int(st.get("execution_count", 0)),
+            "queue_ns": int(ns.get("queue", {}).get("ns", 0)),
+            "compute_ns": sum(int(ns.get(k, {}).get("ns", 0)) for k in ("compute_input", "compute_infer",
+                                                                         "compute_output"))}
+
+
+def cpu_seconds(server_pid):
+    """CPU seconds (user + system) so far of tritonserver, of its Python-backend stubs (one per model instance,
+    labelled by model) and of this client process: where a token's time goes."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or server_pid is None:
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().split(b"\0")
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        cpu = (int(fields[11]) + int(fields[12])) / tick
+        if int(pid) == server_pid:
+            out["tritonserver"] = out.get("tritonserver", 0.0) + cpu
+        elif int(fields[1]) == server_pid and b"stub" in os.path.basename(cmd[0]) and len(cmd) > 1:
+            parts = cmd[1].decode(errors="replace").split(os.sep)
+            label = "stub " + (parts[-3] if len(parts) >= 3 else "?")
+            out[label] = out.get(label, 0.0) + cpu
+    t = os.times()
+    out["client (this bench)"] = t.user + t.system
+    return out
+
+
+def bench_lm(url, concurrency, streams_per_client, tokens, server_pid=None):
     import tritonclient.grpc as grpcclient
 
     gaps, firsts, counts = [], [], []
     lock = threading.Lock()
+    before = step_stats(url, "lm_step")
+    cpu0 = cpu_seconds(server_pid)
 
     def worker(c):
         client = grpcclient.InferenceServerClient(url)
@@ -156,20 +207,33 @@ def bench_lm(url, concurrency, streams_per_client, tokens):
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(worker, range(concurrency)))
     wall = time.perf_counter() - t0
+    after = step_stats(url, "lm_step")
+    cpu1 = cpu_seconds(server_pid)
+    d = {k: after[k] - before[k] for k in after}
+    ex = max(d["executions"], 1)
+    ntok = max(sum(counts), 1)
+    cpu = {k: (cpu1[k] - cpu0.get(k, 0.0)) / ntok * 1e3 for k in cpu1}
     return {"tokens_per_s": sum(counts) / wall, "inter_token_p50_ms": pct(gaps, 50) * 1e3,
             "inter_token_p99_ms": pct(gaps, 99) * 1e3, "first_token_p50_ms": pct(firsts, 50) * 1e3,
-            "streams": len(counts), "tokens": sum(counts)}
+            "first_token_p99_ms": pct(firsts, 99) * 1e3, "streams": len(counts), "tokens": sum(counts),
+            # Triton's queue and compute times are summed over requests: per request, a request's wait for
+            # the execution in progress and the time of the execution it ran in (IPC to the stub included)
+            "step_model": {"requests": d["requests"], "executions": d["executions"],
+                           "mean_batch": d["requests"] / ex,
+                           "queue_us_per_request": d["queue_ns"] / max(d["requests"], 1) / 1e3,
+                           "compute_us_per_request": d["compute_ns"] / max(d["requests"], 1) / 1e3},
+            "cpu_ms_per_token": cpu, "wall_ms_per_token": wall / ntok * 1e3}
 
 
 def direct_lm(step_onnx, streams, tokens, lib):
     from mq_deploy.backends.ort.runner import OrtRunner
-    from mq_deploy.runtime.apps import generate
+    from mq_deploy.runtime.apps import generate, generate_batch
 
     r = OrtRunner(step_onnx, custom_op_library=lib or False)
     for p in PROMPTS:               # warm: ONNX Runtime plans each new input shape (prompt length) once
         generate(r, list(p), 2)
     firsts = []
-    for p in PROMPTS:               # prefill + first token, as a served stream's first response
+    for p in PROMPTS * 2:           # prefill + first token, as a served stream's first response
         t = time.perf_counter()
         generate(r, list(p), 1)
         firsts.append(time.perf_counter() - t)
@@ -177,7 +241,28 @@ def direct_lm(step_onnx, streams, tokens, lib):
     for s in range(streams):
         generate(r, list(PROMPTS[s % len(PROMPTS)]), tokens)
     wall = time.perf_counter() - t0
-    return {"tokens_per_s": streams * tokens / wall, "first_token_p50_ms": pct(firsts, 50) * 1e3}
+    batch = [list(PROMPTS[s % len(PROMPTS)]) for s in range(16)]
+    generate_batch(r, batch, 2)
+    t1 = time.perf_counter()
+    generate_batch(r, batch, tokens)
+    batch_wall = time.perf_counter() - t1
+    return {"tokens_per_s": streams * tokens / wall, "first_token_p50_ms": pct(firsts, 50) * 1e3,
+            "first_token_p99_ms": pct(firsts, 99) * 1e3, "batch16_tokens_per_s": 16 * tokens / batch_wall}
+
+
+def goals(lm, direct):
+    """Issue 23's goals from the LM rows: (name, value, target, met)."""
+    by = {r["concurrency"]: r for r in lm}
+    out = []
+    if 1 in by and 16 in by:
+        v = by[16]["tokens_per_s"] / by[1]["tokens_per_s"]
+        out.append({"goal": "tokens/s c=16 / c=1", "value": v, "target": ">= 5", "met": v >= 5})
+        v = by[16]["first_token_p99_ms"] / by[1]["first_token_p99_ms"]
+        out.append({"goal": "first-token p99 c=16 / c=1", "value": v, "target": "<= 4", "met": v <= 4})
+    if 1 in by:
+        v = by[1]["tokens_per_s"] / direct["tokens_per_s"]
+        out.append({"goal": "tokens/s c=1 / in-process", "value": v, "target": ">= 0.5", "met": v >= 0.5})
+    return out
 
 
 def main(argv=None):
@@ -185,10 +270,12 @@ def main(argv=None):
     ap.add_argument("--vim", help="Vim ONNX export (default: quantize + export samples/vim-fashion-mnist)")
     ap.add_argument("--lm-step", help="LM decode-step ONNX export (default: from samples/mamba-byte-lm)")
     ap.add_argument("--requests", type=int, default=256, help="Vim requests per concurrency level")
-    ap.add_argument("--streams", type=int, default=2, help="generation streams per client per level")
-    ap.add_argument("--tokens", type=int, default=32, help="tokens per stream")
-    ap.add_argument("--instances", type=int, default=2, help="model instances (Vim, step, generate >= 4)")
-    ap.add_argument("--concurrency", default="1,4,16")
+    ap.add_argument("--streams", type=int, default=2, help="generation streams per client per level (at least 16 "
+                    "streams per level in all, for the percentiles)")
+    ap.add_argument("--tokens", type=int, default=64, help="tokens per stream")
+    ap.add_argument("--instances", type=int, default=1, help="instances of each model (one step-model instance "
+                    "batches every sequence)")
+    ap.add_argument("--concurrency", default="1,4,16,64")
     ap.add_argument("--no-native", action="store_true", help="scans as ONNX function bodies on both sides")
     ap.add_argument("--workdir", help="keep the sample exports here and reuse them on the next run")
     ap.add_argument("--json", metavar="OUT")
@@ -220,8 +307,9 @@ def main(argv=None):
         lib = None if args.no_native else ort_library()
         print(f"scans: {'native library ' + lib if lib else 'ONNX function bodies'}")
         # names from the file names: vim (+ vim_preprocess, vim_image) and lm_step (+ lm_step_generate)
-        write_repository([vim, lm], repo, TritonConfig(backend="python", max_batch=16, instances=args.instances,
-                                                       custom_op_lib=lib))
+        top = max(levels)
+        write_repository([vim, lm], repo, TritonConfig(backend="python", max_batch=max(16, top), instances=args.instances,
+                                                       custom_op_lib=lib, max_sequences=max(64, top)))
         x = vim_images(vim, 512)
         rows = {"vim": [], "lm": [], "machine": {"cpus": os.cpu_count()},
                 "native_library": lib and (os.path.relpath(lib, ROOT) if lib.startswith(ROOT + os.sep) else lib)}
@@ -229,7 +317,9 @@ def main(argv=None):
         dv = direct_vim(vim, x, min(args.requests, 128), lib)
         dl = direct_lm(lm, 4, args.tokens, lib)
         print(f"  vim {dv['images_per_s']:8.1f} images/s  p50 {dv['p50_ms']:.2f} ms  p99 {dv['p99_ms']:.2f} ms")
-        print(f"  lm  {dl['tokens_per_s']:8.1f} tokens/s  first token p50 {dl['first_token_p50_ms']:.2f} ms")
+        print(f"  lm  {dl['tokens_per_s']:8.1f} tokens/s  first token p50 {dl['first_token_p50_ms']:.2f} ms  "
+              f"p99 {dl['first_token_p99_ms']:.2f} ms;  16 prompts as one batch (generate_batch) "
+              f"{dl['batch16_tokens_per_s']:.1f} tokens/s")
         rows["direct"] = {"vim": dv, "lm": dl}
         with TritonServer(repo, log_path=os.path.join(d, "server.log")) as srv:
             bench_vim(srv.grpc_url, x, 4, 16)                   # warm
@@ -240,13 +330,25 @@ def main(argv=None):
                 print(f"served vim  c={c:<3} {r['images_per_s']:8.1f} images/s ({r['vs_direct']:.2f}x direct)  "
                       f"p50 {r['p50_ms']:7.2f} ms  p99 {r['p99_ms']:7.2f} ms  [{load()}]", flush=True)
             bench_lm(srv.grpc_url, len(PROMPTS), 1, 2)      # warm every prompt length, as on the direct side
+            for c in levels:                                # ... and the batch sizes each level makes
+                bench_lm(srv.grpc_url, c, 1, 4)
             for c in levels:
-                r = bench_lm(srv.grpc_url, c, args.streams, args.tokens)
+                r = bench_lm(srv.grpc_url, c, max(args.streams, -(-16 // c)), args.tokens, srv.proc.pid)
                 r.update(concurrency=c, vs_direct=r["tokens_per_s"] / dl["tokens_per_s"], load=os.getloadavg())
                 rows["lm"].append(r)
+                sm = r["step_model"]
                 print(f"served lm   c={c:<3} {r['tokens_per_s']:8.1f} tokens/s ({r['vs_direct']:.2f}x direct)  "
-                      f"inter-token p50 {r['inter_token_p50_ms']:6.2f} ms  p99 {r['inter_token_p99_ms']:7.2f} ms  "
-                      f"first token p50 {r['first_token_p50_ms']:7.2f} ms  [{load()}]", flush=True)
+                      f"per token p50 {r['inter_token_p50_ms']:6.2f} ms  p99 {r['inter_token_p99_ms']:7.2f} ms  "
+                      f"first token p50 {r['first_token_p50_ms']:7.2f} ms  p99 {r['first_token_p99_ms']:7.2f} ms  "
+                      f"step model: batch {sm['mean_batch']:.1f}, per request queue {sm['queue_us_per_request']:.0f} us, "
+                      f"compute {sm['compute_us_per_request']:.0f} us  [{load()}]", flush=True)
+                print("            CPU ms per token: " + ", ".join(f"{k} {v:.2f}" for k, v in
+                                                                 sorted(r["cpu_ms_per_token"].items())) +
+                      f" (wall {r['wall_ms_per_token']:.2f} ms per token on {os.cpu_count()} cores)")
+        rows["goals"] = goals(rows["lm"], dl)
+        for g in rows["goals"]:
+            print(f"goal {g['goal']:28s} {g['value']:6.2f}  (target {g['target']}): "
+                  f"{'met' if g['met'] else 'MISSED'}")
     if args.json:
         from mq_deploy.fileio import write_json
 

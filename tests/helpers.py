@@ -36,6 +36,21 @@ def small_vim(**kw):
     return m.eval()
 
 
+# A decode step batched with other sequences, against the same sequence run alone (tests/test_runtime_batch.py,
+# tests/test_serve_server.py): ONNX Runtime may block a float GEMM differently for another batch size, so the
+# last bits may differ, and a float on a QuantizeLinear rounding boundary may move one int8 step.
+BATCH_RTOL = 1e-5       # max |batched - alone| <= BATCH_RTOL * max |alone|
+
+
+def batch_error(got, want) -> float:
+    """max |got - want| / max |want|, in float64 (inf if the shapes differ)."""
+    import numpy as np
+
+    if got.shape != want.shape:
+        return float("inf")
+    return float(np.abs(got.astype(np.float64) - want).max() / max(float(np.abs(want).max()), 1e-30))
+
+
 def run_cli(*args, timeout=300, **kw):
     """The real command line in a fresh interpreter (what a user's shell runs)."""
     return subprocess.run([sys.executable, "-m", "mq_deploy", *map(str, args)], capture_output=True, text=True,

@@ -89,10 +89,21 @@ def test_every_config_parses_against_tritons_schema(art, tmp_path, backend):
     assert list(cfgs["lm"].input[0].dims) == [-1] and list(cfgs["lm"].output[0].dims) == [-1, 256]
 
     step = cfgs["lm_step"]
-    assert step.max_batch_size == 0 and [i.name for i in step.input] == ["input_ids"]
+    assert [i.name for i in step.input] == ["input_ids"]
     assert [o.name for o in step.output] == ["logits"]
     seq = step.sequence_batching
     assert seq.max_sequence_idle_microseconds > 0 and seq.HasField("oldest")
+    if backend == "python":
+        # batched decode: the oldest strategy hands one execute() up to --max-batch sequences' steps, which the
+        # model stacks itself; a prefill and single-token steps (ragged) may share it
+        assert step.max_batch_size == 8 and seq.oldest.max_candidate_sequences == 64
+        assert list(step.input[0].dims) == [-1] and step.input[0].allow_ragged_batch
+        assert list(step.output[0].dims) == [-1, 256]
+        assert os.path.isfile(repo / "lm_step" / "1" / "mq_batch.py")
+    else:
+        # implicit state: Triton would stack a batched model's states along dimension 0, an SSM state's batch
+        # is dimension 1
+        assert step.max_batch_size == 0 and list(step.input[0].dims) == [1, -1]
     if backend == "onnxruntime":
         # implicit state: the server feeds each sequence's *_out back as the next input; zeros at START
         states = {s.input_name: s for s in seq.state}
@@ -113,6 +124,7 @@ def test_every_config_parses_against_tritons_schema(art, tmp_path, backend):
 
     gen = cfgs["lm_step_generate"]
     assert gen.backend == "python" and gen.model_transaction_policy.decoupled
+    assert gen.instance_group[0].count == 2 and gen.parameters["max_generations"].string_value == "64"
     assert {i.name for i in gen.input} == {"text", "prompt_ids", "max_new_tokens"}
     ens = cfgs["vim_image"]
     assert ens.platform == "ensemble"

@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from helpers import small_vim, tiny_exports
+from helpers import BATCH_RTOL, batch_error, small_vim, tiny_exports
 
 pytest.importorskip("onnxruntime")
 httpclient = pytest.importorskip("tritonclient.http")
@@ -186,7 +186,8 @@ def served(art, bpe_step, vim224, family_steps, tmp_path_factory):
     d = tmp_path_factory.mktemp("served")
     repo = str(d / "repo")
     write_repository([art["vim"], art["lm"], art["lm_step"], bpe_step, vim224[1], family_steps["m2_step"],
-                      family_steps["nh_step"], family_steps["nh8_step"]], repo, TritonConfig(backend="python", max_batch=8, instances=1))
+                      family_steps["nh_step"], family_steps["nh8_step"]], repo,
+                     TritonConfig(backend="python", max_batch=8, instances=1, max_sequences=16))
     srv = triton.TritonServer(repo, log_path=str(d / "tritonserver.log"))
     t0 = time.monotonic()
     srv.start()
@@ -263,6 +264,13 @@ def test_eight_concurrent_clients(served, ref):
         assert_exact(got_lm, want_lm[c], f"client {c} lm")
 
 
+def assert_close(got, want, what):
+    """A step that may have run batched with other sequences: within BATCH_RTOL of the sequence alone."""
+    err = batch_error(got, want)
+    print(f"{what}: max |served - OrtRunner| / max |OrtRunner| = {err:.3g} (tolerance {BATCH_RTOL})")
+    assert got.dtype == want.dtype and err <= BATCH_RTOL, what
+
+
 def reference_steps(step_runner, prompt, n):
     """Logits of a prefill and n greedy decode steps, computed by the ORT runner with explicit states."""
     from mq_deploy.backends.ort.runner import empty_states, state_layout
@@ -307,10 +315,139 @@ def test_interleaved_sequences_keep_separate_states(served, ref):
             feed = np.asarray([[int(logits[0, -1].astype(np.float64).argmax())]], np.int64)
         return out
 
-    with ThreadPoolExecutor(4) as pool:
+    with ThreadPoolExecutor(4) as pool:      # their steps may share an ORT call: within the batch tolerance
         for s, out in enumerate(pool.map(run, range(4), timeout=TIMEOUT * 4)):
             for k in range(n + 1):
-                assert_exact(out[k], want[s][k], f"threaded sequence {s} step {k}")
+                assert_close(out[k], want[s][k], f"threaded sequence {s} step {k}")
+
+
+def step_stats(client, model):
+    """(requests, executions) of a model so far, from Triton's statistics: fewer executions than requests means
+    execute() got several sequences' requests at once."""
+    st = client.get_inference_statistics(model)["model_stats"][0]
+    return int(st["inference_count"]), int(st["execution_count"])
+
+
+@pytest.mark.parametrize("model", ["lm_step", "nh8_step"])
+def test_batched_decode_with_interleaved_starts_and_ends(served, family_steps, model):
+    """Sequences of different prompt lengths start at different rounds, run different numbers of steps, one stops
+    mid-batch without END (dropped out), the others end with END; each round every live sequence sends its step
+    at once, from its own client. Every step's logits are within the batch tolerance of the sequence alone, and
+    the step model ran fewer executions than requests (the rounds were batched). For the hybrid (int8 KV caches)
+    only sequences with equally long caches share an ORT call: equal prompts here, the others alone."""
+    from mq_deploy.backends.ort.runner import OrtRunner
+
+    path = tiny_exports()["lm_step"] if model == "lm_step" else family_steps[model]
+    runner = OrtRunner(path, custom_op_library=False)
+    prompts = [b"And God said", b"In the beginning", b"Let", b"And God said", b"light and", b"In the beginning",
+               b"the earth", b"And God said"]
+    n = 7
+    want = [reference_steps(runner, list(p), n) for p in prompts]
+    # tokens fed to each step: the reference's greedy choices, so a served step is compared on the same input
+    toks = [[int(w[0, -1].astype(np.float64).argmax()) for w in ws] for ws in want]
+    begin = [0, 0, 1, 1, 2, 3, 3, 4]
+    last = [n, n - 2, n, 3, n, n - 1, n, n - 3]        # the last step each sends; sequence 3 then vanishes
+    vanish = 3
+    seq_ids = [5000 + 100 * (model != "lm_step") + s for s in range(len(prompts))]
+    clients = [served.grpc() for _ in prompts]
+    stats = served.http()
+    before = step_stats(stats, model)
+    sent = 0
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        for rnd in range(max(b + n for b in begin) + 1):
+            jobs = []
+            for s in range(len(prompts)):
+                k = rnd - begin[s]
+                if 0 <= k <= last[s]:
+                    ids = np.asarray([list(prompts[s])], np.int64) if k == 0 else np.asarray([[toks[s][k - 1]]],
+                                                                                            np.int64)
+                    end = k == last[s] and s != vanish
+                    jobs.append((s, k, pool.submit(call, clients[s], model, input_ids=ids,
+                                                   seq=(seq_ids[s], k == 0, end))))
+            for s, k, fut in jobs:
+                assert_close(fut.result(timeout=TIMEOUT)["logits"], want[s][k], f"{model} sequence {s} step {k}")
+                sent += 1
+    after = step_stats(stats, model)
+    requests, executions = after[0] - before[0], after[1] - before[1]
+    print(f"{model}: {requests} step requests in {executions} executions")
+    assert requests == sent and executions < requests
+    # the vanished sequence held no one up; its state is still there, and its END frees it (a sequence that never
+    # ends holds its slot until max_sequence_idle_microseconds, and a server stopped before waits for it)
+    k = last[vanish] + 1
+    got = call(clients[vanish], model, input_ids=np.asarray([[toks[vanish][k - 1]]], np.int64),
+               seq=(seq_ids[vanish], False, True))
+    assert_exact(got["logits"], want[vanish][k], f"{model} sequence {vanish} back after the others went on")
+
+
+def test_the_generate_model_serves_many_streams_at_once(served, ref):
+    """24 streams at once from 24 clients (8 prompts, 16..40 tokens): each equals `generate` greedy, and the
+    step model ran them in fewer executions than steps (the generations overlapped and were batched). Then 32
+    long streams against max_generations 16: 16 run at once and 16 wait, the next ones are refused at once with
+    one line; cancelled, they wind down and the server serves as before."""
+    from mq_deploy.runtime.apps import generate
+
+    prompts = [b"And God said", b"In the beginning", b"Let there be", b"and the earth", b"light", b"And it came",
+               b"The LORD is", b"Blessed are"]
+    lens = [16 + 8 * (k % 4) for k in range(24)]
+    want = {(p, m): generate(ref["lm_step"], list(p), m) for p in prompts for m in set(lens)}
+    stats = served.http()
+    before = step_stats(stats, "lm_step")
+
+    def stream(k, n=None):
+        client = grpcclient.InferenceServerClient(served.grpc_url)
+        try:
+            return stream_generate(client, "lm_step_generate",
+                                   gen_inputs(text=prompts[k % len(prompts)], n=n or lens[k]))
+        finally:
+            client.close()
+
+    with ThreadPoolExecutor(24) as pool:
+        got = list(pool.map(stream, range(24), timeout=TIMEOUT * 4))
+    after = step_stats(stats, "lm_step")
+    for k, g in enumerate(got):
+        assert g == want[(prompts[k % len(prompts)], lens[k])], f"stream {k}"
+    requests, executions = after[0] - before[0], after[1] - before[1]
+    print(f"24 streams: {requests} step requests in {executions} executions of the step model")
+    assert requests == sum(lens) and executions < requests / 2
+
+    # the bound: 32 long streams, of which 16 run (max_generations) and 16 wait for a thread; 4 more are refused
+    # at once, in one line; then all are cancelled, and the server still serves
+    clients, queues = [], []
+    try:
+        for k in range(32):
+            c = grpcclient.InferenceServerClient(served.grpc_url)
+            q = queue.Queue()
+            c.start_stream(callback=lambda result, error, q=q: q.put((result, error)))
+            c.async_stream_infer("lm_step_generate", gen_inputs(text=prompts[k % len(prompts)], n=4000))
+            clients.append(c)
+            queues.append(q)
+        deadline = time.monotonic() + TIMEOUT
+        while sum(not q.empty() for q in queues) < 16 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        started = sum(not q.empty() for q in queues)
+        assert started == 16, f"{started} of 32 generations run at once, max_generations is 16"
+        refused = []
+        for _ in range(4):
+            with pytest.raises(InferenceServerException) as e:
+                stream_generate(served.grpc(), "lm_step_generate", gen_inputs(text=b"And", n=4))
+            refused.append(str(e.value))
+        print("refused:", refused[0])
+        assert all("16 generations are running and 16 waiting (max_generations); retry later" in r and "\n" not in r
+                   for r in refused)
+    finally:
+        for c in clients:
+            c.stop_stream(cancel_requests=True)
+            c.close()
+    deadline, got = time.monotonic() + TIMEOUT, None
+    while time.monotonic() < deadline:      # the cancelled generations wind down, freeing their threads
+        try:
+            got = stream_generate(served.grpc(), "lm_step_generate", gen_inputs(text=b"And God", n=8))
+            break
+        except InferenceServerException as e:
+            assert "retry later" in str(e)
+            time.sleep(0.2)
+    assert got == generate(ref["lm_step"], list(b"And God"), 8)
 
 
 @pytest.mark.parametrize("model", ["m2_step", "nh_step", "nh8_step"])
@@ -603,7 +740,7 @@ def test_the_served_configs_parse_against_tritons_schema(served):
     from tritonclient.grpc import model_config_pb2
 
     names = sorted(n for n in os.listdir(served.repo) if os.path.isfile(os.path.join(served.repo, n, "config.pbtxt")))
-    assert "bpe_step_generate" in names and "vim224_image" in names and len(names) == 15, names
+    assert "bpe_step_generate" in names and "vim224_image" in names and len(names) == 17, names
     for n in names:
         with open(os.path.join(served.repo, n, "config.pbtxt")) as f:
             cfg = text_format.Parse(f.read(), model_config_pb2.ModelConfig())

@@ -437,22 +437,32 @@ def cmd_verify(args) -> int:
 
 def cmd_generate(args) -> int:
     from mq_deploy.backends.ort.runner import OrtRunner
-    from mq_deploy.runtime.apps import generate_text
+    from mq_deploy.runtime.apps import generate_text, generate_texts, read_prompts
 
-    _json_target(args, [args.model, args.tokenizer])
+    _json_target(args, [args.model, args.tokenizer, args.prompts_file])
     prompt_ids = None
     if args.prompt_ids is not None:
         try:
             prompt_ids = [int(t) for t in args.prompt_ids.replace(",", " ").split()]
         except ValueError:
             raise MQUserError(f"--prompt-ids must be integers, got {args.prompt_ids!r}") from None
+    prompts = read_prompts(args.prompts_file) if args.prompts_file else args.prompt
     runner = OrtRunner(args.model, custom_op_library=_ort_lib(args), threads=args.threads)
+    if prompts is not None and (len(prompts) > 1 or args.prompts_file):
+        results = generate_texts(runner, prompts=prompts, max_new_tokens=args.max_new_tokens,
+                                 temperature=args.temperature, seed=args.seed, tokenizer=args.tokenizer)
+        for p, r in zip(prompts, results):
+            print(" ".join(str(t) for t in r["new_ids"]) if args.ids or r["text"] is None else p + r["text"])
+        _write_json(args, {"results": [{k: v for k, v in r.items() if not (k == "text" and v is None)}
+                                       for r in results]}, [args.model, args.tokenizer, args.prompts_file])
+        return 0
+    prompt = prompts[0] if prompts else None
 
     def write(piece):
         sys.stdout.write(piece)
         sys.stdout.flush()
 
-    res = generate_text(runner, prompt=args.prompt if prompt_ids is None else None, prompt_ids=prompt_ids,
+    res = generate_text(runner, prompt=prompt if prompt_ids is None else None, prompt_ids=prompt_ids,
                         max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
                         tokenizer=args.tokenizer, write=write, echo_prompt=not args.ids, write_ids=args.ids)
     if res["text"] is None and not args.ids:   # no tokenizer and prompt ids: print the ids
@@ -627,15 +637,17 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("generate", help="generate text with an exported decode-step graph in ONNX Runtime")
     s.add_argument("model", metavar="MODEL_STEP.onnx")
     g = s.add_mutually_exclusive_group(required=True)
-    g.add_argument("--prompt", metavar="TEXT")
+    g.add_argument("--prompt", metavar="TEXT", action="append",
+                   help="repeat it for several prompts, decoded as one batch")
     g.add_argument("--prompt-ids", metavar="IDS", help="token ids (comma or space separated) instead of text")
+    g.add_argument("--prompts-file", metavar="FILE", help="one prompt per line (UTF-8), decoded as one batch")
     s.add_argument("--max-new-tokens", type=int_range(0, _max_new_tokens), default=64, help="0 .. 4096 (default 64)")
     s.add_argument("--temperature", type=nonneg_float, default=0.0, help="0 = greedy")
     s.add_argument("--seed", type=seed_int, default=0)
     s.add_argument("--ids", action="store_true", help="print token ids instead of text")
     add_tokenizer(s)
     add_runtime(s)
-    add_json(s, '{"prompt_ids", "new_ids"}')
+    add_json(s, '{"prompt_ids", "new_ids"}; several prompts: {"results": [...]}')
     s.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("run", help="classify images with an exported Vision Mamba in ONNX Runtime")

@@ -84,6 +84,120 @@ def generate(runner, prompt_ids, max_new_tokens: int, temperature: float = 0.0, 
     return out
 
 
+def state_batcher(runner):
+    """The StateBatcher (mq_deploy/serve/triton_models/mq_batch.py, the one the served step model runs) of a
+    step graph's state layout."""
+    from mq_deploy.backends.ort.runner import state_layout
+    from mq_deploy.serve.triton_models.mq_batch import StateBatcher
+
+    return StateBatcher([(name, out, dims, runner.input_specs[name].dtype) for name, out, dims in state_layout(runner)])
+
+
+MAX_PROMPTS = 1024          # prompts one `generate` decodes as a batch
+
+
+def read_prompts(path: str) -> list:
+    """The prompts of a --prompts-file: one per line, UTF-8; blank lines are skipped."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read((64 << 20) + 1)
+    except OSError as e:
+        raise MQUserError(f"--prompts-file {path}: cannot read it ({e.strerror or e})") from None
+    if len(data) > 64 << 20:
+        raise MQUserError(f"--prompts-file {path}: larger than 64 MiB")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MQUserError(f"--prompts-file {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    prompts = [line for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise MQUserError(f"--prompts-file {path}: holds no prompts (one per line)")
+    if len(prompts) > MAX_PROMPTS:
+        raise MQUserError(f"--prompts-file {path}: {len(prompts)} prompts; at most {MAX_PROMPTS} decode as one batch")
+    return prompts
+
+
+def generate_batch(runner, prompts, max_new_tokens: int, temperature: float = 0.0, seed: int = 0,
+                   eos_id: int | None = None) -> list:
+    """Several prompts decoded as one batch: the new ids of each, as generate(runner, prompt, ...) gives them
+    alone (sampling: each prompt draws from its own generator seeded with `seed`, as a run of its own does).
+
+    Each round runs the step graph once per group of live sequences whose next input has the same length
+    and whose KV caches (a hybrid's) are equally long, their states stacked along each state's batch axis
+    (StateBatcher): prompts of equal length prefill together, prompts of other lengths prefill as their own
+    groups, and then every single-token step of a pure SSM model is one call for all sequences. Nothing is
+    padded, so nothing changes what a sequence computes; only ONNX Runtime's GEMM blocking may depend on
+    the batch size (last bits of the logits, measured in tests/test_runtime_batch.py). A sequence that
+    reaches max_new_tokens or eos_id leaves the batch; the others go on."""
+    prompts = [list(p) for p in prompts]
+    if not prompts or len(prompts) > MAX_PROMPTS:
+        raise MQUserError(f"give 1 to {MAX_PROMPTS} prompts, got {len(prompts)}")
+    for p in prompts:
+        check_generation(runner, p, max_new_tokens, temperature, seed)
+    batcher = state_batcher(runner)
+    slots = 1 if runner.artifact.kv_cache == "sentinel" else 0
+    n = len(prompts)
+    out = [[] for _ in range(n)]
+    rngs = [np.random.default_rng(seed) for _ in range(n)]
+    feed = [p for p in prompts]
+    state = [batcher.zeros(slots) for _ in range(n)]
+    live = list(range(n)) if max_new_tokens else []
+    while live:
+        groups: dict = {}
+        for i in live:
+            groups.setdefault((len(feed[i]), batcher.group_key(state[i])), []).append(i)
+        for group in groups.values():
+            try:
+                states = batcher.stack([state[i] for i in group], [f"prompt {i + 1}" for i in group])
+            except ValueError as e:
+                raise MQUserError(f"{runner.path}: {e}") from None
+            res = runner.infer({"input_ids": np.asarray([feed[i] for i in group], np.int64), **states})
+            nxt = batcher.split(res, len(group))
+            for k, i in enumerate(group):
+                logits = res["logits"][k, -1].astype(np.float64)
+                if not np.isfinite(logits).all():
+                    raise MQUserError(f"{runner.path}: the model's logits are not finite at new token "
+                                      f"{len(out[i]) + 1} of prompt {i + 1}; its weights or scales overflow float32 "
+                                      "(check the checkpoint it was exported from)")
+                if temperature > 0:
+                    q = np.exp((logits - logits.max()) / temperature)
+                    tok = int(rngs[i].choice(len(q), p=q / q.sum()))
+                else:
+                    tok = int(logits.argmax())
+                out[i].append(tok)
+                state[i], feed[i] = nxt[k], [tok]
+        live = [i for i in live if len(out[i]) < max_new_tokens and not (eos_id is not None and out[i][-1] == eos_id)]
+    return out
+
+
+def generate_texts(runner, prompts=None, prompt_ids=None, max_new_tokens: int = 64, temperature: float = 0.0,
+                   seed: int = 0, tokenizer: str | None = None) -> list:
+    """generate_text for several prompts (texts, or lists of ids) decoded as one batch (generate_batch):
+    [{"prompt_ids", "new_ids", "text", "stopped_at_eos"}], each what generate_text gives for that prompt alone."""
+    from mq_deploy.data.tokenizer import tokenizer_for_artifact
+
+    if (prompts is None) == (prompt_ids is None):
+        raise MQUserError("give prompts as text or as ids, not both" if prompts is not None else "no prompts")
+    art = runner.artifact
+    codec = tokenizer_for_artifact(art, tokenizer, runner.path)
+    if prompt_ids is None:
+        if codec is None:
+            raise MQUserError(f"{runner.path}: the model's vocabulary is not bytes and no tokenizer came with the "
+                              "artifact; pass --tokenizer FILE_OR_DIR or --prompt-ids")
+        prompt_ids = [[int(i) for i in codec.encode(p)[0]] for p in prompts]
+    eos = codec.eos_id if codec is not None else art.config.eos_token_id
+    news = generate_batch(runner, prompt_ids, max_new_tokens, temperature, seed, eos_id=eos)
+    results = []
+    for ids, new in zip(prompt_ids, news):
+        stopped = bool(new) and eos is not None and new[-1] == eos
+        text = None
+        if codec is not None:
+            stream = codec.stream()
+            text = "".join(stream.push(t) for t in (new[:-1] if stopped else new)) + stream.flush()
+        results.append({"prompt_ids": list(ids), "new_ids": new, "text": text, "stopped_at_eos": stopped})
+    return results
+
+
 def generate_text(runner, prompt: str | None = None, prompt_ids=None, max_new_tokens: int = 64,
                   temperature: float = 0.0, seed: int = 0, tokenizer: str | None = None, write=None,
                   echo_prompt: bool = False, write_ids: bool = False) -> dict:

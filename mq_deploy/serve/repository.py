@@ -412,10 +412,14 @@ def _engine_dims(a: Artifact, t: Tensor) -> list:
 
 
 def _batchable(a: Artifact, backend: str, cfg: TritonConfig) -> int:
-    """max_batch_size: > 0 only when every input and output has a dynamic leading batch dimension
-    (the step graph's states are [layers, batch, ...], so it is never batched by Triton)."""
-    if cfg.max_batch == 0 or a.graph == "step":
+    """max_batch_size: > 0 only when every input and output has a dynamic leading batch dimension.
+    A step graph: --max-batch on the Python backend, whose model keeps the states and stacks them itself
+    (ort_step_model.py, mq_batch.py); 0 on ONNX Runtime and TensorRT, whose implicit states Triton would
+    stack along dimension 0, and an SSM state's batch is dimension 1 ([layers, batch, ...])."""
+    if cfg.max_batch == 0:
         return 0
+    if a.graph == "step":
+        return cfg.max_batch if backend == "python" else 0
     if any(t.shape[:1] != [-1] for t in a.inputs + a.outputs):
         return 0
     if backend == "tensorrt":
@@ -486,9 +490,12 @@ def model_config(a: Artifact, name: str, backend: str, cfg: TritonConfig, model_
         if t.name in state_names:
             continue
         dims = _engine_dims(a, t) if backend == "tensorrt" else list(t.shape)
+        extra = {}
         if a.graph == "step":
             dims = [1] + dims[1:]          # one sequence per request: batch 1
-        ins.append(_io(t, dims[1:] if mbs else dims))
+            if mbs:     # a prefill and single-token steps may share an execute(); the model groups them
+                extra["allow_ragged_batch"] = True
+        ins.append(_io(t, dims[1:] if mbs else dims, **extra))
     for t in a.outputs:
         if t.name in state_names:
             continue
@@ -541,10 +548,12 @@ def generate_config(a: Artifact, name: str, step_model: str, cfg: TritonConfig) 
         outs.append({"name": "text", "data_type": Enum("TYPE_STRING"), "dims": [1]})
     return {"name": name, "backend": "python", "max_batch_size": 0, "input": ins, "output": outs,
             "model_transaction_policy": {"decoupled": True},
-            "instance_group": [{"count": max(cfg.instances, 4), "kind": Enum("KIND_CPU")}],
+            # one thread per generation (generate_model.py): an instance serves max_generations streams at once
+            "instance_group": [{"count": cfg.instances, "kind": Enum("KIND_CPU")}],
             "parameters": [_param("step_model", step_model), _param("vocab_size", a.config["vocab_size"]),
                            _param("tokenizer", kind), _param("eos_id", "" if eos is None else int(eos)),
-                           _param("default_max_new_tokens", 64), _param("max_new_tokens_limit", MAX_NEW_TOKENS)]}
+                           _param("default_max_new_tokens", 64), _param("max_new_tokens_limit", MAX_NEW_TOKENS),
+                           _param("max_generations", cfg.max_sequences)]}
 
 
 def preprocess_config(a: Artifact, name: str, cfg: TritonConfig) -> dict:
@@ -840,6 +849,8 @@ def _write_model(root: str, a: Artifact, name: str, backend: str, cfg: TritonCon
             role = "ort_step_model.py" if a.graph == "step" else "ort_model.py"
             _copy(os.path.join(_MODELS_DIR, role), os.path.join(vdir, "model.py"))
             _copy(os.path.join(_MODELS_DIR, "mq_ort_session.py"), os.path.join(vdir, "mq_ort_session.py"))
+            if a.graph == "step":
+                _copy(os.path.join(_MODELS_DIR, "mq_batch.py"), os.path.join(vdir, "mq_batch.py"))
             if cfg.custom_op_lib:
                 op_lib = os.path.basename(cfg.custom_op_lib)
                 for lib in [cfg.custom_op_lib] + _sibling_deps(cfg.custom_op_lib):

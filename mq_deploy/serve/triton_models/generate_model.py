@@ -15,12 +15,20 @@ make the JSON response invalid). Generation stops
 after max_new_tokens or at the EOS id (sent as the last token, with no text), as generate does.
 A client that cancels or disconnects stops the loop at the next token; the sequence is then ended
 on the step model so its state is released.
+
+Concurrency: execute() hands each request to a thread of its own and returns at once, so the
+generations of many clients overlap and the step model's sequence batcher sees their steps together
+(one ONNX Runtime call per round for all of them, ort_step_model.py). At most max_generations run at
+once per instance; up to max_generations more wait, in arrival order, for a free thread; a request
+beyond those is answered at once with an error that says so (retry later). Every request gets its
+final flag exactly once, from the thread that ran it or from execute() when it is refused.
 """
 
 import codecs
 import json
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -95,6 +103,10 @@ class TritonPythonModel:
         self.default_n = int(p.get("default_max_new_tokens", "64"))
         self.limit = int(p.get("max_new_tokens_limit", "4096"))
         self._lock = threading.Lock()
+        self.max_generations = int(p.get("max_generations", "64"))
+        self._active = 0         # accepted and not finished: running or waiting for a thread
+        self._stop = threading.Event()
+        self._pool = ThreadPoolExecutor(max_workers=self.max_generations, thread_name_prefix=self.name)
         # sequence ids of this model: high bit set and the process id in them, so they cannot collide
         # with ids chosen by clients talking to the step model directly (those are usually small)
         self._next = (1 << 63) | (os.getpid() & 0xFFFF) << 40 | int.from_bytes(os.urandom(4), "little")
@@ -150,7 +162,7 @@ class TritonPythonModel:
         START, END = pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_START, pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_END
         feed, stream = prompt, (_ByteStream() if self.tok is None else _Stream(self.tok))
         for i in range(n):
-            if sender.is_cancelled():
+            if sender.is_cancelled() or self._stop.is_set():
                 if i:   # release the step model's state of this sequence
                     self._step([0], corr, END)
                 return
@@ -171,21 +183,48 @@ class TritonPythonModel:
                 return
             feed = [tok]
 
-    def execute(self, requests):
+    def _finish(self, sender, message=None):
+        # The final flag goes out even to a cancelled or vanished client: until it is sent the request
+        # stays alive in the server, which then cannot unload this model or shut down cleanly.
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        try:
+            if message is None:
+                sender.send(flags=final)
+            else:
+                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)), flags=final)
+        except Exception:
+            pass
+
+    def _run(self, request, sender):
+        message = None
+        try:
+            self._generate(request, sender)
+        except Exception as e:
+            message = f"{self.name}: {str(e).splitlines()[0]}"
+        finally:
+            with self._lock:
+                self._active -= 1
+        self._finish(sender, message)
+
+    def execute(self, requests):
         for r in requests:
             sender = r.get_response_sender()
+            with self._lock:
+                busy = self._active >= 2 * self.max_generations or self._stop.is_set()
+                if not busy:
+                    self._active += 1
+            if busy:
+                self._finish(sender, f"{self.name}: {self.max_generations} generations are running and "
+                                     f"{self.max_generations} waiting (max_generations); retry later")
+                continue
             try:
-                self._generate(r, sender)
-            except Exception as e:
-                message = f"{self.name}: {str(e).splitlines()[0]}"
-                response = pb_utils.InferenceResponse(error=pb_utils.TritonError(message))
-            else:
-                response = None
-            # The final flag goes out even to a cancelled or vanished client: until it is sent the request
-            # stays alive in the server, which then cannot unload this model or shut down cleanly.
-            try:
-                sender.send(response, flags=final) if response is not None else sender.send(flags=final)
-            except Exception:
-                pass
+                self._pool.submit(self._run, r, sender)
+            except Exception as e:      # the pool is shut down: the model is unloading
+                with self._lock:
+                    self._active -= 1
+                self._finish(sender, f"{self.name}: {str(e).splitlines()[0]}")
         return None
+
+    def finalize(self):
+        self._stop.set()            # running generations stop at their next token and end their sequences
+        self._pool.shutdown(wait=True, cancel_futures=False)

@@ -1,16 +1,27 @@
 """Triton Python-backend model written by `mq-deploy triton --backend python`: the stateful decode step
-of an mq-deploy LM (input_ids, conv_state, ssm_state -> logits, conv_state_out, ssm_state_out) in
-ONNX Runtime, behind Triton's sequence batcher.
+of an mq-deploy LM (input_ids + its states -> logits + the next states) in ONNX Runtime, behind Triton's
+sequence batcher.
 
 Triton's Python backend does not implement implicit state (it passes a state input in but cannot
-update it), so this model keeps each sequence's conv/ssm state itself, in a dict keyed by the
-CONTROL_SEQUENCE_CORRID tensor. START (re)initialises the state to zeros, END drops it, a request
+update it), so this model keeps each sequence's states itself, in a dict keyed by the
+CONTROL_SEQUENCE_CORRID tensor. START (re)initialises the states to zeros, END drops them, a request
 without a live state is an error, and sequences idle longer than sequence_idle_us (the batcher's
 max_sequence_idle_microseconds) or beyond max_sequences are dropped, oldest first. Triton sends every
 request of a sequence to the same model instance, so a dict per instance suffices.
 
+Batched decode across sequences: with max_batch_size > 0 the sequence batcher (strategy oldest) hands
+one execute() the requests of up to max_batch_size different sequences. Those whose input length and
+KV-cache lengths agree run as ONE ONNX Runtime call, their states stacked along each state's batch axis
+(mq_batch.py: SSM states [layers, batch, ...], KV caches [batch, kv_heads, past, head_dim]); the others
+(prefills of another length, a hybrid's sequences whose caches differ in length) run as their own
+groups, nothing padded. A sequence that starts, ends or is missing in a round simply joins, leaves or
+skips that round's stack; a request that fails its checks gets its own error and the rest go on.
+Two requests of one sequence in one execute() run in order, in successive rounds.
+
 Request: input_ids INT64 [1, seq] (the prompt as one prefill, then one token per step).
-Response: logits FP32 [1, seq, vocab], computed exactly as mq_deploy's OrtRunner on the same feeds.
+Response: logits FP32 [1, seq, vocab]: OrtRunner's on the same feeds, bit for bit when the sequence ran
+alone; in a batch ONNX Runtime may block its GEMMs differently (docs/serving.md gives the measured
+difference).
 """
 
 import collections
@@ -22,7 +33,8 @@ import time
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # mq_ort_session.py is copied beside us
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # our helpers are copied beside us
+from mq_batch import StateBatcher  # noqa: E402
 from mq_ort_session import make_session, parameters  # noqa: E402
 
 # the element types a state may have: float32, or int8 (an attention layer's int8 KV cache)
@@ -32,6 +44,13 @@ _STATE_TYPES = {"tensor(float)": np.float32, "tensor(int8)": np.int8}
 def _control(request, name):
     t = pb_utils.get_input_tensor_by_name(request, name)
     return None if t is None else t.as_numpy().reshape(-1)[0]
+
+
+class _Step:
+    __slots__ = ("index", "corr", "ids", "start", "end", "state")
+
+    def __init__(self, index, corr, ids, start, end):
+        self.index, self.corr, self.ids, self.start, self.end, self.state = index, corr, ids, start, end, None
 
 
 class TritonPythonModel:
@@ -46,20 +65,18 @@ class TritonPythonModel:
         shapes = {i.name: i.shape for i in self.session.get_inputs()}
         types = {i.name: i.type for i in self.session.get_inputs()}
         # the states: [input, output] pairs `mq-deploy triton` wrote from the model family's layout, shaped as
-        # the step graph declares them with batch 1 per sequence (SSM states [layers, batch, ...], fixed) and a
-        # KV cache's growing length 0 at a sequence's start
+        # the step graph declares them (SSM states [layers, batch, ...], fixed; a KV cache's length grows from 0)
         self.pairs = [tuple(p) for p in json.loads(params["states"])]
-        self.empty, self.dtypes = {}, {}
-        for name, _ in self.pairs:
-            if types[name] not in _STATE_TYPES:
-                raise ValueError(f"state {name} is {types[name]}; this model keeps float32 or int8 states")
-            self.dtypes[name] = _STATE_TYPES[types[name]]
-            dims = shapes[name]
-            batch_axis = next(j for j, d in enumerate(dims) if not isinstance(d, int))
-            self.empty[name] = [1 if j == batch_axis else int(d) if isinstance(d, int) else 0
-                                for j, d in enumerate(dims)]
+        layout = []
+        for name, out in self.pairs:
+            if types.get(name) not in _STATE_TYPES:
+                raise ValueError(f"state {name} is {types.get(name)}; this model keeps float32 or int8 states")
+            layout.append((name, out, [d if isinstance(d, int) else None for d in shapes[name]],
+                           _STATE_TYPES[types[name]]))
+        self.batcher = StateBatcher(layout)
+        self.outputs = ["logits"] + [out for _, out in self.pairs]
         self.vocab = int(self.session.get_outputs()[0].shape[-1])
-        self.states = collections.OrderedDict()    # corrid -> ({input: state}, last use)
+        self.states = collections.OrderedDict()    # corrid -> (SeqState, last use)
 
     def _evict(self, now):
         while self.states:
@@ -69,47 +86,90 @@ class TritonPythonModel:
             else:
                 break
 
-    def _step(self, request):
+    def _parse(self, k, request):
         corr = _control(request, "CORRID")
         if corr is None:
             corr = request.correlation_id()
-        corr = int(corr)
-        start, end = _control(request, "START"), _control(request, "END")
         ready = _control(request, "READY")
         if ready is not None and not ready:     # an empty slot of the batcher: nothing to compute
-            return pb_utils.InferenceResponse(
-                output_tensors=[pb_utils.Tensor("logits", np.zeros((1, 1, self.vocab), np.float32))])
+            return None
         ids = pb_utils.get_input_tensor_by_name(request, "input_ids").as_numpy()
-        if ids.shape[0] != 1 or ids.shape[1] < 1:
+        if ids.ndim != 2 or ids.shape[0] != 1 or ids.shape[1] < 1:
             raise ValueError(f"input_ids must be [1, seq] with seq >= 1 (one sequence per request), got "
                              f"{list(ids.shape)}")
         if ids.min() < 0 or ids.max() >= self.vocab:
             raise ValueError(f"input_ids must lie in [0, {self.vocab}), got values in [{ids.min()}, {ids.max()}]")
-        now = time.monotonic()
-        if start:
-            state = {name: np.zeros(shape, self.dtypes[name]) for name, shape in self.empty.items()}
-        else:
-            entry = self.states.get(corr)
-            if entry is None:
-                raise ValueError(f"sequence {corr} has no state on the server: its first request must set "
-                                 f"sequence_start, and it must not stay idle longer than {self.idle_s:.0f} s")
-            state = entry[0]
-        res = self.session.run(["logits"] + [out for _, out in self.pairs], {"input_ids": ids, **state})
+        return _Step(k, int(corr), ids, bool(_control(request, "START")), bool(_control(request, "END")))
+
+    def _error(self, e):
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{self.name}: {str(e).splitlines()[0]}"))
+
+    def _round(self, steps, responses, now):
+        """Steps of distinct sequences: grouped by input and cache length, one ORT call per group."""
+        groups = collections.OrderedDict()
+        for s in steps:
+            if s.start:
+                s.state = self.batcher.zeros()
+            else:
+                entry = self.states.get(s.corr)
+                if entry is None:
+                    responses[s.index] = self._error(
+                        f"sequence {s.corr} has no state on the server: its first request must set sequence_start, "
+                        f"and it must not stay idle longer than {self.idle_s:.0f} s")
+                    continue
+                s.state = entry[0]
+            groups.setdefault((s.ids.shape[1], self.batcher.group_key(s.state)), []).append(s)
+        # prefills first: a new stream's first token waits for them, a running stream only for its next step
+        for group in sorted(groups.values(), key=lambda g: g[0].ids.shape[1] == 1):
+            try:
+                self._run(group, responses, now)
+            except Exception as e:
+                if len(group) == 1:
+                    responses[group[0].index] = self._error(e)
+                    continue
+                for s in group:       # one bad sequence must not fail the others: each alone, to find it
+                    try:
+                        self._run([s], responses, now)
+                    except Exception as e1:   # a bad state, or ONNX Runtime's message naming the input
+                        responses[s.index] = self._error(e1)
+
+    def _run(self, group, responses, now):
+        feeds = self.batcher.stack([s.state for s in group], [f"sequence {s.corr}" for s in group])
+        ids = group[0].ids if len(group) == 1 else np.concatenate([s.ids for s in group])
+        res = self.session.run(self.outputs, {"input_ids": ids, **feeds})
+        nxt = self.batcher.split(dict(zip(self.outputs[1:], res[1:])), len(group))
         logits = res[0]
-        self.states.pop(corr, None)
-        if not end:
-            self.states[corr] = ({name: r for (name, _), r in zip(self.pairs, res[1:])}, now)
-        self._evict(now)
-        return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("logits", logits)])
+        done = [pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(
+            "logits", logits if len(group) == 1 else logits[k:k + 1])]) for k in range(len(group))]
+        for k, s in enumerate(group):       # nothing above changed a state: a failure retries each alone
+            self.states.pop(s.corr, None)
+            if not s.end:
+                self.states[s.corr] = (nxt[k], now)
+            responses[s.index] = done[k]
 
     def execute(self, requests):
-        responses = []
-        for r in requests:
+        responses = [None] * len(requests)
+        steps = []
+        for k, r in enumerate(requests):
             try:
-                responses.append(self._step(r))
+                s = self._parse(k, r)
             except Exception as e:
-                responses.append(pb_utils.InferenceResponse(
-                    error=pb_utils.TritonError(f"{self.name}: {str(e).splitlines()[0]}")))
+                responses[k] = self._error(e)
+                continue
+            if s is None:
+                responses[k] = pb_utils.InferenceResponse(
+                    output_tensors=[pb_utils.Tensor("logits", np.zeros((1, 1, self.vocab), np.float32))])
+            else:
+                steps.append(s)
+        now = time.monotonic()
+        while steps:            # one step per sequence per round, in arrival order
+            seen, this, later = set(), [], []
+            for s in steps:
+                (later if s.corr in seen else this).append(s)
+                seen.add(s.corr)
+            self._round(this, responses, now)
+            steps = later
+        self._evict(now)
         return responses
 
     def finalize(self):

@@ -1,0 +1,212 @@
+"""Batched decode across sequences, in-process: generate_batch / `mq-deploy generate` with several prompts,
+and the StateBatcher (mq_deploy/serve/triton_models/mq_batch.py) that the served step model runs too.
+
+Tolerance of a batched step against the same sequence run alone: ONNX Runtime may block a GEMM differently
+for another batch size, so the last bits of a float may differ, and a float that lands on the other side of a
+QuantizeLinear rounding boundary moves one int8 step. helpers.BATCH_RTOL bounds the logits' difference relative
+to their magnitude; every test prints the measured difference first (0.0 on this CPU, MLAS, for every model
+here: the int8 GEMMs are exact and the float ones did not change with the batch)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from helpers import BATCH_RTOL, assert_user_error, batch_error, tiny_exports
+
+pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def art():
+    return tiny_exports()
+
+
+def _runners(path):
+    from mq_deploy.backends.ort.runner import OrtRunner
+    from mq_deploy.ops.native import ort_library
+
+    out = {"function bodies": OrtRunner(path, custom_op_library=False)}
+    if ort_library():
+        out["native op"] = OrtRunner(path)
+    return out
+
+
+def _alone(runner, batcher, prompt, tokens):
+    """Logits and states of one sequence run alone: a prefill, then one step per token."""
+    state = batcher.zeros(1 if runner.artifact.kv_cache == "sentinel" else 0)
+    out = []
+    for ids in [prompt] + [[t] for t in tokens]:
+        res = runner.infer({"input_ids": np.asarray([ids], np.int64), **state})
+        out.append(res["logits"][0, -1])
+        state = batcher.split(res, 1)[0]
+    return out
+
+
+def _check_interleaved(runner, prompts, n):
+    """Sequences that start, run together and end at different rounds, their steps batched (StateBatcher.stack,
+    one ORT call per group), each step's logits against the sequence alone, fed the same tokens."""
+    from mq_deploy.runtime.apps import state_batcher
+
+    b = state_batcher(runner)
+    rng = np.random.default_rng(7)
+    tokens = [[int(t) for t in rng.integers(0, 256, n)] for _ in prompts]
+    want = [_alone(runner, b, p, t) for p, t in zip(prompts, tokens)]
+    # sequence s starts at round s // 2 and runs n - s % 3 steps: some end while others go on
+    begin = [s // 2 for s in range(len(prompts))]
+    steps = [n - s % 3 for s in range(len(prompts))]
+    state, done = {}, {s: 0 for s in range(len(prompts))}
+    worst, batched = 0.0, 0
+    for rnd in range(max(begin) + n + 1):
+        groups = {}
+        for s in range(len(prompts)):
+            if rnd < begin[s] or done[s] > steps[s]:
+                continue
+            if s not in state:
+                state[s] = b.zeros(0)
+            ids = prompts[s] if done[s] == 0 else [tokens[s][done[s] - 1]]
+            groups.setdefault((len(ids), b.group_key(state[s])), []).append((s, ids))
+        for group in groups.values():
+            feeds = b.stack([state[s] for s, _ in group])
+            res = runner.infer({"input_ids": np.asarray([ids for _, ids in group], np.int64), **feeds})
+            batched += len(group) > 1
+            for k, ((s, _), st) in enumerate(zip(group, b.split(res, len(group)))):
+                worst = max(worst, batch_error(res["logits"][k, -1], want[s][done[s]]))
+                state[s] = st
+                done[s] += 1
+    assert all(done[s] == steps[s] + 1 for s in done) and batched > 0
+    return worst
+
+
+def test_batched_steps_equal_each_sequence_alone(art):
+    prompts = [list(b"And God said"), list(b"In the beginning"), list(b"Let there be"), list(b"And God saw"),
+               list(b"light"), list(b"And God said")]
+    for what, runner in _runners(art["lm_step"]).items():
+        worst = _check_interleaved(runner, prompts, 8)
+        print(f"mamba LM, {what}: max |batched - alone| / max |logits| = {worst:.3g} (tolerance {BATCH_RTOL})")
+        assert worst <= BATCH_RTOL
+
+
+def test_generate_batch_equals_one_prompt_runs(art):
+    from mq_deploy.runtime.apps import generate, generate_batch
+
+    prompts = [list(b"And God said"), list(b"In the beginning"), list(b"Let"), list(b"And God said"), [5, 200, 17]]
+    for what, runner in _runners(art["lm_step"]).items():
+        want = [generate(runner, p, 20) for p in prompts]
+        got = generate_batch(runner, prompts, 20)
+        print(what, "batched:", got[:2], "\nalone:  ", want[:2])
+        assert got == want
+        # one sequence drops out at its EOS mid-batch, the others go on
+        eos = want[1][5]
+        want = [generate(runner, p, 20, eos_id=eos) for p in prompts]
+        assert min(len(w) for w in want) < 20 < max(len(w) for w in want) + 1
+        assert generate_batch(runner, prompts, 20, eos_id=eos) == want
+        # sampling: each prompt draws from its own generator, as a run of its own
+        want = [generate(runner, p, 12, temperature=0.8, seed=3) for p in prompts]
+        assert generate_batch(runner, prompts, 12, temperature=0.8, seed=3) == want
+        assert generate_batch(runner, prompts, 0) == [[]] * len(prompts)
+
+
+@pytest.fixture(scope="module")
+def hybrids(tmp_path_factory):
+    """One Nemotron-H hybrid (Mamba2 + attention + MLP) written by transformers, quantized W8A8 with float32 and
+    with int8 KV caches: {"fp32": step ONNX, "int8": step ONNX}."""
+    import torch
+    transformers = pytest.importorskip("transformers")
+    from mq_deploy.cli.main import main
+
+    root = tmp_path_factory.mktemp("hybrid_batch")
+    text = root / "text.txt"
+    text.write_bytes(b"In the beginning God created the heaven and the earth. And God said, Let there be light. " * 60)
+    torch.manual_seed(0)
+    m = transformers.NemotronHForCausalLM(transformers.NemotronHConfig(
+        vocab_size=256, hidden_size=32, hybrid_override_pattern="M*-M", num_attention_heads=4, num_key_value_heads=2,
+        head_dim=8, intermediate_size=64, mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=8, n_groups=2,
+        chunk_size=8))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    m.save_pretrained(root / "hf")
+    out = {}
+    for kv in ("fp32", "int8"):
+        q = str(root / f"q_{kv}")
+        assert main(["quantize", str(root / "hf"), "-o", q, "--calib", str(text), "--calib-samples", "2",
+                     "--seq-len", "64", "--kv-cache", kv]) == 0
+        out[kv] = str(root / f"step_{kv}.onnx")
+        assert main(["export", q, "-o", out[kv], "--decode-step"]) == 0
+    return out
+
+
+def test_hybrid_batches_sequences_whose_caches_agree(hybrids):
+    """A hybrid's KV caches grow per sequence: sequences stack when their caches are equally long (equal prompt
+    lengths here), the others run as their own groups; every sequence equals its run alone."""
+    from mq_deploy.backends.ort.runner import OrtRunner
+    from mq_deploy.runtime.apps import generate, generate_batch
+
+    prompts = [list(b"And God said"), list(b"Let there be"), list(b"In the beginning"), list(b"light")]
+    for kv, path in hybrids.items():
+        runner = OrtRunner(path, custom_op_library=False)
+        worst = _check_interleaved(runner, prompts[:2] * 2 + prompts[2:], 6)
+        print(f"hybrid, {kv} KV caches: max |batched - alone| / max |logits| = {worst:.3g} (tolerance {BATCH_RTOL})")
+        assert worst <= BATCH_RTOL
+        assert generate_batch(runner, prompts, 10) == [generate(runner, p, 10) for p in prompts]
+
+
+def test_a_batch_of_bad_states_is_refused_in_one_line(art, hybrids):
+    """Stacking refuses, one line naming the sequence and the state: a batch mixing state dtypes (a float32 and an
+    int8 KV cache), a state of the wrong shape or layer count, caches of different lengths."""
+    from mq_deploy.backends.ort.runner import OrtRunner
+    from mq_deploy.runtime.apps import state_batcher
+
+    fp, i8 = (OrtRunner(hybrids[k], custom_op_library=False) for k in ("fp32", "int8"))
+    b8 = state_batcher(i8)
+
+    def prefill(runner, prompt):
+        b = state_batcher(runner)
+        return b.split(runner.infer({"input_ids": np.asarray([prompt], np.int64), **b.zeros()}), 1)[0]
+
+    s8, s32 = prefill(i8, list(b"And God")), prefill(fp, list(b"And God"))
+    cache = next(n for n in s8 if s8[n].dtype == np.int8)
+    cases = [([s8, s32], f"a batch mixes state dtypes: sequence 1's {cache} is float32, sequence 0's int8"),
+             ([s8, {**s8, cache: s8[cache].astype(np.float32)}], "a batch mixes state dtypes"),
+             ([s8, prefill(i8, list(b"And God said"))], "cannot share a batch: their KV caches are"),
+             ([s8, {**s8, "ssm_state": s8["ssm_state"][:1]}], "sequence 1: state ssm_state is [1, 1,"),
+             ([{**s8, "conv_state": np.concatenate([s8["conv_state"]] * 2, 1)}], "sequence 0: state conv_state is")]
+    for states, needle in cases:
+        with pytest.raises(ValueError) as e:
+            b8.stack(states)
+        msg = str(e.value)
+        print(msg)
+        assert needle in msg and "\n" not in msg
+    lm = OrtRunner(tiny_exports()["lm_step"], custom_op_library=False)
+    s = prefill(lm, list(b"And"))
+    with pytest.raises(ValueError, match=r"state conv_state is \[3, 1, 64, 3\], the step graph takes \[2, 1, 64, 3\]"):
+        state_batcher(lm).stack([s, {**s, "conv_state": np.zeros((3, 1, 64, 3), np.float32)}])
+
+
+def test_generate_cli_with_several_prompts(art, tmp_path, capsys):
+    from mq_deploy.backends.ort.runner import OrtRunner
+    from mq_deploy.cli.main import main
+    from mq_deploy.runtime.apps import generate_text
+
+    runner = OrtRunner(art["lm_step"], custom_op_library=False)
+    prompts = ["And God said", "In the beginning", "Let"]
+    want = [generate_text(runner, prompt=p, max_new_tokens=12) for p in prompts]
+    out = tmp_path / "r.json"
+    argv = ["generate", art["lm_step"], "--no-native", "--max-new-tokens", "12", "--json", str(out)]
+    assert main(argv + [a for p in prompts for a in ("--prompt", p)]) == 0
+    printed = capsys.readouterr().out
+    res = json.loads(out.read_text())["results"]
+    assert [r["new_ids"] for r in res] == [w["new_ids"] for w in want]
+    assert [r["text"] for r in res] == [w["text"] for w in want]
+    assert all(p + w["text"] in printed for p, w in zip(prompts, want))
+    f = tmp_path / "prompts.txt"
+    f.write_text("\n".join(prompts) + "\n\n")
+    out2 = tmp_path / "r2.json"
+    assert main(["generate", art["lm_step"], "--no-native", "--max-new-tokens", "12", "--json", str(out2),
+                 "--prompts-file", str(f)]) == 0
+    assert json.loads(out2.read_text())["results"] == res
+    (tmp_path / "empty.txt").write_text("\n \n")
+    assert_user_error(capsys, ["generate", art["lm_step"], "--prompts-file", tmp_path / "empty.txt"], "holds no prompts")
+    (tmp_path / "bad.txt").write_bytes(b"ok\n\xff\xfe\n")
+    assert_user_error(capsys, ["generate", art["lm_step"], "--prompts-file", tmp_path / "bad.txt"], "not UTF-8")
