@@ -838,6 +838,18 @@ def _ms(v):
 
 
 @renderer
+def serve_goals(src):
+    """The serving goals a bench/serve.py JSON evaluated (its `goals`), each met or missed by how much."""
+    out = []
+    for g in src[0]["goals"]:
+        op, target = g["target"].split()
+        t, v = float(target), g["value"]
+        miss = "" if g["met"] else (f", **missed**: {t / v:.1f}x short" if op == ">=" else f", **missed**: {v / t:.1f}x over")
+        out.append(f"- {g['goal']} {g['target']}: {v:.2f}{' (met)' if g['met'] else miss}")
+    return "\n".join(out)
+
+
+@renderer
 def serve_summary(src):
     """One sentence of a serve JSON: direct and served throughput per level, and the ratios."""
     d = src[0]
