@@ -26,15 +26,20 @@ def _rope(b, t, cos, sin, cfg):
     return out if r == cfg.head_dim else b.op("Concat", [out, rest], axis=-1)
 
 
-def emit(g, mixer, prefix, h, state=None):
+def projections(mixer, prefix) -> list:
+    """[(linear, weight name)] of q, k and v, in that order (what emit's `qkv` holds the outputs of)."""
+    return [(getattr(mixer, n), weight_key(prefix, n)) for n in ("q_proj", "k_proj", "v_proj")]
+
+
+def emit(g, mixer, prefix, h, state=None, qkv=None):
     """h (the block norm's output) -> (o_proj output, (present key, present value) or (None, None)).
-    state: None (full graph) or ((past_key, past_value), None): this layer's caches [b, kv_heads, T, hd]."""
+    state: None (full graph) or ((past_key, past_value), None): this layer's caches [b, kv_heads, T, hd].
+    qkv: the q, k, v projections of h computed by the caller (a parallel block's one MatMul), or None."""
     from onnx import TensorProto, helper
 
     b, cfg = g.b, mixer.cfg
     H, K, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    x = g.qdq(h, prefix + "qkv")
-    q, k, v = g.linears(x, [(getattr(mixer, n), weight_key(prefix, n)) for n in ("q_proj", "k_proj", "v_proj")])
+    q, k, v = qkv if qkv is not None else g.linears(g.qdq(h, prefix + "qkv"), projections(mixer, prefix))
     q, k, v = _heads(b, q, H, hd), _heads(b, k, K, hd), _heads(b, v, K, hd)
     past_k, past_v = state[0] if state is not None else (None, None)
     L = b.op("Shape", [h], start=1, end=2)     # [1]; of h: a second reader of x stops ORT fusing its int8 MatMul

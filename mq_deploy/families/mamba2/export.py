@@ -60,19 +60,20 @@ def _fused(g, mixer, prefix, xbc, dt, states, layer: int):
                 **attrs)
 
 
-def emit(g, mixer, prefix, h, state=None):
+def emit(g, mixer, prefix, h, state=None, proj=None):
     """One Mamba2 mixer: h (the block norm's output) -> (out_proj output, (new conv state, last ssm state)).
     state: None (full graph); in a step graph (stacked state inputs, layer index) when g.fused_step, else
-    (this layer's (conv_state, ssm_state), None)."""
+    (this layer's (conv_state, ssm_state), None). proj: in_proj's output computed by the caller (a parallel
+    block's one MatMul), or None."""
     from onnx import TensorProto, helper
 
     b, cfg = g.b, mixer.cfg
     di, H, P, G, N, K = cfg.d_inner, cfg.n_heads, cfg.head_dim, cfg.n_groups, cfg.d_state, cfg.d_conv
     # h itself (not its QDQ) gives the batch below: a second reader of the DequantizeLinear output stops
     # ONNX Runtime fusing in_proj into its int8 MatMul
-    hq = g.qdq(h, prefix + "in_proj")
-    z, xbc, dt = b.op("Split", [g.linear(hq, mixer.in_proj, weight_key(prefix, "in_proj")),
-                                b.i64([di, cfg.conv_dim, H])], n_out=3, axis=-1)
+    if proj is None:
+        proj = g.linear(g.qdq(h, prefix + "in_proj"), mixer.in_proj, weight_key(prefix, "in_proj"))
+    z, xbc, dt = b.op("Split", [proj, b.i64([di, cfg.conv_dim, H])], n_out=3, axis=-1)
     z = g.qdq(z, prefix + "z")
     if state is not None and state[1] is not None:
         y, new_conv, h_last = _fused(g, mixer, prefix, xbc, dt, state[0], state[1])

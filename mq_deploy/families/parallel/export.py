@@ -19,8 +19,18 @@ def emit(g, mixer, prefix, h, state=None):
     if state is not None:
         tensors, _ = state
         ms, at = (tuple(tensors[:2]), None), (tuple(tensors[2:]), None)
-    ym, (conv, ssm) = mamba2.emit(g, mixer.mamba, prefix, h, ms)
-    ya, (k, v) = attention.emit(g, mixer.self_attn, prefix, h, at)
+    proj = qkv = None
+    if g.quant is None or g.scales(prefix + "in_proj", 1) == g.scales(prefix + "qkv", 1):
+        # in_proj, q, k and v as one MatMul of the one quantized input (graph._Graph.linears: ONNX Runtime fuses
+        # an int8 MatMul only for a QuantizeLinear with one reader, and merges the two equal ones the points
+        # would write); the two points' scales agree with every observer that sees the same tensor alike
+        from mq_deploy.models.points import weight_key
+
+        x = g.qdq(h, prefix + "in_proj")
+        proj, *qkv = g.linears(x, [(mixer.mamba.in_proj, weight_key(prefix, "in_proj"))]
+                               + attention.projections(mixer.self_attn, prefix))
+    ym, (conv, ssm) = mamba2.emit(g, mixer.mamba, prefix, h, ms, proj=proj)
+    ya, (k, v) = attention.emit(g, mixer.self_attn, prefix, h, at, qkv=qkv)
     return g.b.op("Add", [ym, ya], "parallel_sum"), (conv, ssm, k, v)
 
 
