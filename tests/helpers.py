@@ -259,3 +259,34 @@ def quantize_export_verify(tmp_path, capsys, path, text, *flags):
                      "--seq-len", "64"]) == 0
         assert "PASSED" in capsys.readouterr().out
     return q
+
+
+def tiny_hybrid_steps(root, pattern="M*-M*", kv_caches=("fp32",)):
+    """A tiny Nemotron-H hybrid (Mamba2 + attention with a KV cache + squared-ReLU MLP, `pattern`, byte vocab)
+    written by transformers under root/hf, quantized W8A8 per KV cache storage and exported as decode-step
+    graphs: {kv: (step ONNX, quantized checkpoint)}."""
+    import torch
+    import transformers
+
+    from mq_deploy.cli.main import main
+
+    text = root / "text.txt"
+    text.write_bytes(b"In the beginning God created the heaven and the earth. And God said, Let there be light. " * 60)
+    torch.manual_seed(0)
+    m = transformers.NemotronHForCausalLM(transformers.NemotronHConfig(
+        vocab_size=256, hidden_size=32, hybrid_override_pattern=pattern, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=8, intermediate_size=64, mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=8, n_groups=2,
+        chunk_size=8))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    m.save_pretrained(root / "hf")
+    out = {}
+    for kv in kv_caches:
+        (root / kv).mkdir()
+        q, step = str(root / kv / "q"), str(root / kv / "step.onnx")      # the repository's model is "step"
+        assert main(["quantize", str(root / "hf"), "-o", q, "--calib", str(text), "--calib-samples", "2",
+                     "--seq-len", "64", "--kv-cache", kv]) == 0
+        assert main(["export", q, "-o", step, "--decode-step"]) == 0
+        out[kv] = (step, q)
+    return out

@@ -12,7 +12,7 @@ import json
 import numpy as np
 import pytest
 
-from helpers import BATCH_RTOL, assert_user_error, batch_error, tiny_exports
+from helpers import BATCH_RTOL, assert_user_error, batch_error, tiny_exports, tiny_hybrid_steps
 
 pytest.importorskip("onnxruntime")
 
@@ -111,30 +111,9 @@ def test_generate_batch_equals_one_prompt_runs(art):
 def hybrids(tmp_path_factory):
     """One Nemotron-H hybrid (Mamba2 + attention + MLP) written by transformers, quantized W8A8 with float32 and
     with int8 KV caches: {"fp32": step ONNX, "int8": step ONNX}."""
-    import torch
-    transformers = pytest.importorskip("transformers")
-    from mq_deploy.cli.main import main
-
-    root = tmp_path_factory.mktemp("hybrid_batch")
-    text = root / "text.txt"
-    text.write_bytes(b"In the beginning God created the heaven and the earth. And God said, Let there be light. " * 60)
-    torch.manual_seed(0)
-    m = transformers.NemotronHForCausalLM(transformers.NemotronHConfig(
-        vocab_size=256, hidden_size=32, hybrid_override_pattern="M*-M", num_attention_heads=4, num_key_value_heads=2,
-        head_dim=8, intermediate_size=64, mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=8, n_groups=2,
-        chunk_size=8))
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    m.save_pretrained(root / "hf")
-    out = {}
-    for kv in ("fp32", "int8"):
-        q = str(root / f"q_{kv}")
-        assert main(["quantize", str(root / "hf"), "-o", q, "--calib", str(text), "--calib-samples", "2",
-                     "--seq-len", "64", "--kv-cache", kv]) == 0
-        out[kv] = str(root / f"step_{kv}.onnx")
-        assert main(["export", q, "-o", out[kv], "--decode-step"]) == 0
-    return out
+    pytest.importorskip("transformers")
+    steps = tiny_hybrid_steps(tmp_path_factory.mktemp("hybrid_batch"), "M*-M", ("fp32", "int8"))
+    return {kv: step for kv, (step, _) in steps.items()}
 
 
 def test_hybrid_batches_sequences_whose_caches_agree(hybrids):

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from helpers import assert_user_error, tiny_exports
+from helpers import assert_user_error, tiny_exports, tiny_hybrid_steps
 
 pytest.importorskip("onnxruntime")
 model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
@@ -258,28 +258,8 @@ def test_the_package_imports_lean():
 def hybrid_step(tmp_path_factory, request):
     """A W8A8 decode-step export of a Nemotron-H hybrid (Mamba2 + attention with a KV cache + MLP) written by
     transformers, its KV caches float32 or int8 (--kv-cache): (step ONNX, its quantized checkpoint)."""
-    import torch
-    transformers = pytest.importorskip("transformers")
-    from mq_deploy.cli.main import main
-
-    root = tmp_path_factory.mktemp("hybrid")
-    text = root / "text.txt"
-    text.write_bytes(b"In the beginning God created the heaven and the earth. And God said, Let there be light. " * 60)
-    torch.manual_seed(0)
-    m = transformers.NemotronHForCausalLM(transformers.NemotronHConfig(
-        vocab_size=256, hidden_size=32, hybrid_override_pattern="M*-M*", num_attention_heads=4, num_key_value_heads=2,
-        head_dim=8, intermediate_size=64, mamba_num_heads=4, mamba_head_dim=16, ssm_state_size=8, n_groups=2,
-        chunk_size=8))
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    m.save_pretrained(root / "hf")
-    q = str(root / "q")
-    assert main(["quantize", str(root / "hf"), "-o", q, "--calib", str(text), "--calib-samples", "2",
-                 "--seq-len", "64", "--kv-cache", request.param]) == 0
-    step = str(root / "step.onnx")
-    assert main(["export", q, "-o", step, "--decode-step"]) == 0
-    return step, q
+    pytest.importorskip("transformers")
+    return tiny_hybrid_steps(tmp_path_factory.mktemp("hybrid"), "M*-M*", (request.param,))[request.param]
 
 
 def test_hybrid_kv_caches_as_tritons_implicit_state(hybrid_step, tmp_path, capsys):

@@ -170,22 +170,29 @@ def generate_batch(runner, prompts, max_new_tokens: int, temperature: float = 0.
     return out
 
 
+def _codec_and_ids(runner, tokenizer, texts, ids):
+    """(the artifact's tokenizer or --tokenizer's, or None for bytes; the prompts' ids): `ids` as given, or
+    each of `texts` encoded."""
+    from mq_deploy.data.tokenizer import tokenizer_for_artifact
+
+    codec = tokenizer_for_artifact(runner.artifact, tokenizer, runner.path)
+    if ids is None:
+        if codec is None:
+            raise MQUserError(f"{runner.path}: the model's vocabulary is not bytes and no tokenizer came with the "
+                              "artifact; pass --tokenizer FILE_OR_DIR or --prompt-ids")
+        ids = [[int(i) for i in codec.encode(t)[0]] for t in texts]
+    return codec, ids
+
+
 def generate_texts(runner, prompts=None, prompt_ids=None, max_new_tokens: int = 64, temperature: float = 0.0,
                    seed: int = 0, tokenizer: str | None = None) -> list:
     """generate_text for several prompts (texts, or lists of ids) decoded as one batch (generate_batch):
     [{"prompt_ids", "new_ids", "text", "stopped_at_eos"}], each what generate_text gives for that prompt alone."""
-    from mq_deploy.data.tokenizer import tokenizer_for_artifact
 
     if (prompts is None) == (prompt_ids is None):
         raise MQUserError("give prompts as text or as ids, not both" if prompts is not None else "no prompts")
-    art = runner.artifact
-    codec = tokenizer_for_artifact(art, tokenizer, runner.path)
-    if prompt_ids is None:
-        if codec is None:
-            raise MQUserError(f"{runner.path}: the model's vocabulary is not bytes and no tokenizer came with the "
-                              "artifact; pass --tokenizer FILE_OR_DIR or --prompt-ids")
-        prompt_ids = [[int(i) for i in codec.encode(p)[0]] for p in prompts]
-    eos = codec.eos_id if codec is not None else art.config.eos_token_id
+    codec, prompt_ids = _codec_and_ids(runner, tokenizer, prompts, prompt_ids)
+    eos = codec.eos_id if codec is not None else runner.artifact.config.eos_token_id
     news = generate_batch(runner, prompt_ids, max_new_tokens, temperature, seed, eos_id=eos)
     results = []
     for ids, new in zip(prompt_ids, news):
@@ -206,18 +213,14 @@ def generate_text(runner, prompt: str | None = None, prompt_ids=None, max_new_to
     EOS id of the config or the tokenizer. Give exactly one of prompt and prompt_ids. echo_prompt: write the
     prompt text first, once the prefill has run (a refused graph, flag or prompt prints nothing). write_ids:
     write each new id ("12 ") instead of text. Returns {"prompt_ids", "new_ids", "text", "stopped_at_eos"}."""
-    from mq_deploy.data.tokenizer import tokenizer_for_artifact
 
     if (prompt is None) == (prompt_ids is None):
         raise MQUserError("give --prompt TEXT or --prompt-ids IDS" if prompt is None else
                           "give either --prompt TEXT or --prompt-ids IDS, not both")
     art = runner.artifact
-    codec = tokenizer_for_artifact(art, tokenizer, runner.path)
-    if prompt_ids is None:
-        if codec is None:
-            raise MQUserError(f"{runner.path}: the model's vocabulary is not bytes and no tokenizer came with the "
-                              "artifact; pass --tokenizer FILE_OR_DIR or --prompt-ids")
-        prompt_ids = [int(i) for i in codec.encode(prompt)[0]]
+    codec, ids = _codec_and_ids(runner, tokenizer, None if prompt is None else [prompt],
+                                None if prompt_ids is None else [prompt_ids])
+    prompt_ids = ids[0]
     check_generation(runner, prompt_ids, max_new_tokens, temperature, seed)
     eos = codec.eos_id if codec is not None else art.config.eos_token_id
     stream = codec.stream() if codec is not None and not write_ids else None
