@@ -773,6 +773,18 @@ def _short(x, target):
 
 
 @renderer
+def peers_profile(src, case, top="5"):
+    """The op types taking the most of ORT's kernel time in one case of a `bench/peers.py --profile` JSON, with
+    their shares, and the wall time per run."""
+    p = src[0]["profile"].get(case)
+    if p is None:
+        raise ReportError(f"peers_profile: no case {case!r} (have {', '.join(src[0]['profile'])})")
+    ops = sorted(p["ms_by_op"].items(), key=lambda kv: -kv[1])[:int(top)]
+    shares = ", ".join(f"{k} {v / p['kernel_ms'] * 100:.0f} %" for k, v in ops)
+    return f"{shares} of the kernel time ({p['wall_ms']:.1f} ms wall per run)"
+
+
+@renderer
 def peers_run_goals(src):
     """The goals of one peers run (all rows side by side, e.g. the Mamba2 or hybrid shape), per case: W8A8 on
     ORT with the native ops against transformers fp32 and llama.cpp Q8_0; where one is missed, by how much."""
