@@ -33,7 +33,43 @@ def _child(name: str, attr: str):
     return property(lambda self: getattr(getattr(self, name), attr))
 
 
-class ParallelMixer(MixerBase):
+class CompositeMixer(MixerBase):
+    """A block made of child mixers (this family's attention + Mamba2; Zamba2's layer), each with its own output
+    projection: one act_hook seen by every child (their point names do not collide), and the children's
+    online rotations of a quantized checkpoint filled once the model is materialised. Subclasses list their
+    children in children_mixers()."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self._hadamard_pending = False       # folds.add_runtime_buffers: fill the children's rotations on load
+
+    def children_mixers(self) -> tuple:
+        raise NotImplementedError
+
+    @property
+    def act_hook(self):
+        return self.__dict__.get("_act_hook")
+
+    @act_hook.setter
+    def act_hook(self, fn):
+        self.__dict__["_act_hook"] = fn
+        for child in self._modules.values():
+            if isinstance(child, MixerBase):
+                child.act_hook = fn
+
+    def _apply(self, fn, recurse=True):
+        # a quantized checkpoint's online rotations are declared on the meta device (shapes only) and filled
+        # here once the model is materialised (to_empty): the Hadamard matrices are not stored in the file
+        out = super()._apply(fn, recurse)
+        if self._hadamard_pending and self.children_mixers()[0].out_rotation.device.type != "meta":
+            for child in self.children_mixers():
+                r = child.out_rotation
+                child.register_buffer("out_rotation", shared_hadamard(r.shape[0], r.dtype), persistent=False)
+            self._hadamard_pending = False
+        return out
+
+
+class ParallelMixer(CompositeMixer):
     # the weight sites, as the family names them (quant/fakequant, GPTQ and mse-out find them by these names)
     q_proj, k_proj, v_proj, o_proj = (_child("self_attn", n) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
     in_proj, conv1d, out_proj = (_child("mamba", n) for n in ("in_proj", "conv1d", "out_proj"))
@@ -42,23 +78,9 @@ class ParallelMixer(MixerBase):
         super().__init__(cfg)
         self.self_attn = Attention(cfg.attention)
         self.mamba = Mamba2Mixer(cfg.mamba)
-        self.act_hook = None
-        self._hadamard_pending = False       # folds.add_runtime_buffers: fill the children's rotations on load
 
     def children_mixers(self) -> tuple:
         return (self.self_attn, self.mamba)
-
-    # one hook sees every quant point of both children (their point names do not collide)
-    @property
-    def act_hook(self):
-        return self.__dict__.get("_act_hook")
-
-    @act_hook.setter
-    def act_hook(self, fn):
-        self.__dict__["_act_hook"] = fn
-        for child in ("self_attn", "mamba"):
-            if child in self._modules:
-                self._modules[child].act_hook = fn
 
     def readers(self) -> list:
         return self.self_attn.readers() + self.mamba.readers()
@@ -76,17 +98,6 @@ class ParallelMixer(MixerBase):
     def reset_parameters(self, generator=None):
         self.self_attn.reset_parameters(generator=generator)
         self.mamba.reset_parameters(generator=generator)
-
-    def _apply(self, fn, recurse=True):
-        # a quantized checkpoint's online rotations are declared on the meta device (shapes only) and filled
-        # here once the model is materialised (to_empty): the Hadamard matrices are not stored in the file
-        out = super()._apply(fn, recurse)
-        if self._hadamard_pending and self.self_attn.out_rotation.device.type != "meta":
-            for child in self.children_mixers():
-                r = child.out_rotation
-                child.register_buffer("out_rotation", shared_hadamard(r.shape[0], r.dtype), persistent=False)
-            self._hadamard_pending = False
-        return out
 
     def forward(self, hidden, state=None, return_state=False):
         """hidden [b, L, d] -> [b, L, d]. state/return_state: (conv_state, ssm_state, past_key, past_value)."""

@@ -17,9 +17,9 @@ import torch.nn as nn
 from mq_deploy.families.attention.mixer import Attention
 from mq_deploy.families.mamba2.mixer import Mamba2Mixer
 from mq_deploy.families.mlp.mixer import MLP
-from mq_deploy.families.parallel.mixer import shared_hadamard
+from mq_deploy.families.parallel.mixer import CompositeMixer
 from mq_deploy.families.zamba2.config import Zamba2LayerConfig
-from mq_deploy.models.layers import MixerBase, weightless_rms_norm
+from mq_deploy.models.layers import weightless_rms_norm
 from mq_deploy.models.mamba import Block
 
 
@@ -38,7 +38,7 @@ def _child(name: str, attr: str):
     return property(get)
 
 
-class Zamba2Mixer(MixerBase):
+class Zamba2Mixer(CompositeMixer):
     # the weight sites, as the family names them (fake quant, GPTQ and the exporter's scales find them by name)
     q_proj, k_proj, v_proj, o_proj = (_child("self_attn", n) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
     up_proj, gate_proj, down_proj = (_child("feed_forward", n) for n in ("up_proj", "gate_proj", "down_proj"))
@@ -53,23 +53,9 @@ class Zamba2Mixer(MixerBase):
             self.linear = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         else:
             self.self_attn = self.feed_forward = self.linear = None
-        self.act_hook = None
-        self._hadamard_pending = False       # folds.add_runtime_buffers: fill the children's rotations on load
 
     def children_mixers(self) -> tuple:
         return tuple(c for c in (self.self_attn, self.feed_forward, self.mamba) if c is not None)
-
-    # one hook sees every quant point of every child (their point names do not collide)
-    @property
-    def act_hook(self):
-        return self.__dict__.get("_act_hook")
-
-    @act_hook.setter
-    def act_hook(self, fn):
-        self.__dict__["_act_hook"] = fn
-        for child in ("self_attn", "feed_forward", "mamba"):
-            if self._modules.get(child) is not None:
-                self._modules[child].act_hook = fn
 
     def readers(self) -> list:
         """The linears that read the block norm's output (the Mamba2 input norm)."""
@@ -94,17 +80,6 @@ class Zamba2Mixer(MixerBase):
             child.reset_parameters(generator=generator)
         if self.linear is not None:
             nn.init.normal_(self.linear.weight, 0.0, 0.02, generator=generator)
-
-    def _apply(self, fn, recurse=True):
-        # a quantized checkpoint's online rotations are declared on the meta device (shapes only) and filled
-        # here once the model is materialised (to_empty): the Hadamard matrices are not stored in the file
-        out = super()._apply(fn, recurse)
-        if self._hadamard_pending and self.mamba.out_rotation.device.type != "meta":
-            for child in self.children_mixers():
-                r = child.out_rotation
-                child.register_buffer("out_rotation", shared_hadamard(r.shape[0], r.dtype), persistent=False)
-            self._hadamard_pending = False
-        return out
 
     def shared_forward(self, h, emb, state=None, return_state=False):
         """T = linear(mlp(norm(attention(norm([h, e]))))) [b, L, d]; with return_state also (key, value)."""
