@@ -290,3 +290,25 @@ def tiny_hybrid_steps(root, pattern="M*-M*", kv_caches=("fp32",)):
         assert main(["export", q, "-o", step, "--decode-step"]) == 0
         out[kv] = (step, q)
     return out
+
+
+def max_rel(a, b) -> float:
+    """max |a - b| / max |b| (arrays or tensors): the relative error the family parity tests state."""
+    import numpy as np
+    import torch
+
+    a, b = torch.as_tensor(np.asarray(a)), torch.as_tensor(np.asarray(b))
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def torch_steps(model, ids, split):
+    """Logits [b, L - split, V] of our PyTorch LM fed ids[:, :split] as one prefill, then one token per step()."""
+    import torch
+
+    with torch.no_grad():
+        _, st = model(ids[:, :split], return_state=True)
+        out = []
+        for t in range(split, ids.shape[1]):
+            lg, st = model.step(ids[:, t], st)
+            out.append(lg)
+    return torch.stack(out, 1)

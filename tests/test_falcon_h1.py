@@ -21,6 +21,8 @@ from mq_deploy.families import state_inputs
 from mq_deploy.models.loaders import load_model
 
 from helpers import assert_user_error, ort_session, quantize_export_verify, step_graph_decode
+from helpers import max_rel as _rel
+from helpers import torch_steps as _steps
 
 transformers = pytest.importorskip("transformers")
 
@@ -43,10 +45,6 @@ FALCON = {    # name: FalconH1Config kwargs over _falcon's base
 }
 
 
-def _rel(a, b) -> float:
-    a, b = torch.as_tensor(np.asarray(a)), torch.as_tensor(np.asarray(b))
-    return float((a - b).abs().max() / b.abs().max())
-
 
 def _falcon(tmp, name="g2-plain", vocab=97, dtype=None, **over):
     torch.manual_seed(0)
@@ -67,15 +65,6 @@ def _falcon(tmp, name="g2-plain", vocab=97, dtype=None, **over):
     m.save_pretrained(path)
     return m, path
 
-
-def _steps(model, ids, split):
-    with torch.no_grad():
-        _, st = model(ids[:, :split], return_state=True)
-        out = []
-        for t in range(split, ids.shape[1]):
-            lg, st = model.step(ids[:, t], st)
-            out.append(lg)
-    return torch.stack(out, 1)
 
 
 @pytest.mark.parametrize("name", list(FALCON))

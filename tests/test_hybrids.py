@@ -19,6 +19,7 @@ from mq_deploy.families import state_inputs
 from mq_deploy.models.loaders import load_model
 
 from helpers import assert_user_error, ort_session, quantize_export_verify, step_graph_decode
+from helpers import max_rel as _rel
 
 transformers = pytest.importorskip("transformers")
 
@@ -33,10 +34,6 @@ NEMOTRON = {    # name: NemotronHConfig kwargs
                        conv_kernel=3),
 }
 
-
-def _rel(a, b) -> float:
-    a, b = torch.as_tensor(np.asarray(a)), torch.as_tensor(np.asarray(b))
-    return float((a - b).abs().max() / b.abs().max())
 
 
 def _nemotron(tmp, name="M-M*-M*", vocab=97, dtype=None):

@@ -21,6 +21,7 @@ from mq_deploy.families import state_inputs
 from mq_deploy.models.loaders import load_model
 
 from helpers import assert_user_error, ort_session, quantize_export_verify, step_graph_decode
+from helpers import max_rel as _rel
 
 transformers = pytest.importorskip("transformers")
 
@@ -34,10 +35,6 @@ JAMBA = {   # name: JambaConfig kwargs
                                       tie_word_embeddings=True),
 }
 
-
-def _rel(a, b) -> float:
-    a, b = torch.as_tensor(np.asarray(a)), torch.as_tensor(np.asarray(b))
-    return float((a - b).abs().max() / b.abs().max())
 
 
 def _jamba(tmp, name, vocab=97):

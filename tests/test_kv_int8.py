@@ -27,18 +27,13 @@ from mq_deploy.families.attention import kv
 from mq_deploy.models.loaders import load_model
 
 from helpers import assert_user_error, ort_session, quantize_export_verify, step_graph_decode
+from helpers import max_rel as _rel
 
 transformers = pytest.importorskip("transformers")
 
 from test_falcon_h1 import _falcon  # noqa: E402
 from test_hybrids import _nemotron, _text  # noqa: E402
 from test_zamba2 import _zamba  # noqa: E402
-
-
-def _rel(a, b) -> float:
-    a, b = torch.as_tensor(np.asarray(a)), torch.as_tensor(np.asarray(b))
-    return float((a - b).abs().max() / b.abs().max())
-
 
 MAKERS = {"nemotron-h": _nemotron, "falcon-h1": _falcon, "zamba2": _zamba}
 

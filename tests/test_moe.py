@@ -22,6 +22,7 @@ from mq_deploy.cli.main import main
 from mq_deploy.models.loaders import load_model
 
 from helpers import assert_user_error, ort_session, quantize_export_verify, step_graph_decode
+from helpers import max_rel as _rel
 
 transformers = pytest.importorskip("transformers")
 
@@ -43,10 +44,6 @@ GRANITE = {
                      num_experts_per_tok=3, intermediate_size=24, num_key_value_heads=1),
 }
 
-
-def _rel(a, b) -> float:
-    a, b = torch.as_tensor(np.asarray(a)), torch.as_tensor(np.asarray(b))
-    return float((a - b).abs().max() / b.abs().max())
 
 
 def _perturb(m):

@@ -22,6 +22,8 @@ from mq_deploy.families import state_inputs
 from mq_deploy.models.loaders import load_model
 
 from helpers import assert_user_error, ort_session, quantize_export_verify, step_graph_decode
+from helpers import max_rel as _rel
+from helpers import torch_steps as _steps
 
 transformers = pytest.importorskip("transformers")
 
@@ -42,10 +44,6 @@ ZAMBA = {    # name: Zamba2Config kwargs over _zamba's base
                                    tie_word_embeddings=False, mamba_ngroups=1, adapter_rank=8, mamba_d_conv=3),
 }
 
-
-def _rel(a, b) -> float:
-    a, b = torch.as_tensor(np.asarray(a)), torch.as_tensor(np.asarray(b))
-    return float((a - b).abs().max() / b.abs().max())
 
 
 def _zamba(tmp, name="m2-adapters-rope", vocab=97, dtype=None, **over):
@@ -68,15 +66,6 @@ def _zamba(tmp, name="m2-adapters-rope", vocab=97, dtype=None, **over):
     m.save_pretrained(path)
     return m, path
 
-
-def _steps(model, ids, split):
-    with torch.no_grad():
-        _, st = model(ids[:, :split], return_state=True)
-        out = []
-        for t in range(split, ids.shape[1]):
-            lg, st = model.step(ids[:, t], st)
-            out.append(lg)
-    return torch.stack(out, 1)
 
 
 @pytest.mark.parametrize("name", list(ZAMBA))
