@@ -312,3 +312,14 @@ def torch_steps(model, ids, split):
             lg, st = model.step(ids[:, t], st)
             out.append(lg)
     return torch.stack(out, 1)
+
+
+def save_hf(m, path, dtype=None):
+    """transformers' save_pretrained of model m into path: float32, or (dtype) a sharded folder in that dtype
+    (60 KB shards, so even tiny models span several files). Returns (the model as saved, in float32, path)."""
+    if dtype is not None:
+        m = m.to(dtype)
+        m.save_pretrained(path, max_shard_size="60KB")
+        return m.float(), path
+    m.save_pretrained(path)
+    return m, path

@@ -18,7 +18,7 @@ import torch
 from mq_deploy.families import state_inputs
 from mq_deploy.models.loaders import load_model
 
-from helpers import assert_user_error, ort_session, quantize_export_verify, step_graph_decode
+from helpers import assert_user_error, ort_session, quantize_export_verify, save_hf, step_graph_decode
 from helpers import max_rel as _rel
 
 transformers = pytest.importorskip("transformers")
@@ -45,12 +45,7 @@ def _nemotron(tmp, name="M-M*-M*", vocab=97, dtype=None):
         for p in m.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     path = os.path.join(str(tmp), name.replace("*", "A"))
-    if dtype is not None:
-        m = m.to(dtype)
-        m.save_pretrained(path, max_shard_size="60KB")
-        return m.float(), path
-    m.save_pretrained(path)
-    return m, path
+    return save_hf(m, path, dtype)
 
 
 @pytest.mark.parametrize("name", list(NEMOTRON))

@@ -21,7 +21,7 @@ import torch
 from mq_deploy.cli.main import main
 from mq_deploy.models.loaders import load_model
 
-from helpers import assert_user_error, ort_session, quantize_export_verify, step_graph_decode
+from helpers import assert_user_error, ort_session, quantize_export_verify, save_hf, step_graph_decode
 from helpers import max_rel as _rel
 
 transformers = pytest.importorskip("transformers")
@@ -64,12 +64,7 @@ def _nemotron(tmp, name, vocab=97, dtype=None):
         **NEMOTRON[name])
     m = _perturb(transformers.NemotronHForCausalLM(cfg).eval())
     path = os.path.join(str(tmp), "nemotron-" + name.replace("*", "A"))
-    if dtype is not None:       # a sharded half-precision folder: experts spread over several files
-        m = m.to(dtype)
-        m.save_pretrained(path, max_shard_size="60KB")
-        return m.float(), path
-    m.save_pretrained(path)
-    return m, path
+    return save_hf(m, path, dtype)       # a sharded half-precision folder: experts spread over several files
 
 
 def _granite(tmp, name, vocab=97):

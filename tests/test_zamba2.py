@@ -21,7 +21,7 @@ from mq_deploy.cli.main import main
 from mq_deploy.families import state_inputs
 from mq_deploy.models.loaders import load_model
 
-from helpers import assert_user_error, ort_session, quantize_export_verify, step_graph_decode
+from helpers import assert_user_error, ort_session, quantize_export_verify, save_hf, step_graph_decode
 from helpers import max_rel as _rel
 from helpers import torch_steps as _steps
 
@@ -59,12 +59,7 @@ def _zamba(tmp, name="m2-adapters-rope", vocab=97, dtype=None, **over):
         for p in m.parameters():        # adapters start at zero in transformers: make every weight count
             p.add_(torch.randn_like(p) * 0.05)
     path = os.path.join(str(tmp), "zamba2-" + name)
-    if dtype is not None:
-        m = m.to(dtype)
-        m.save_pretrained(path, max_shard_size="60KB")
-        return m.float(), path
-    m.save_pretrained(path)
-    return m, path
+    return save_hf(m, path, dtype)
 
 
 
