@@ -46,6 +46,10 @@ def check_positive_float(obj, *names):
             raise MQUserError(f"{type(obj).__name__}.{name} must be a finite number > 0, got {v!r}")
 
 
+# the element types a decode-step graph can store SSM states in (MambaLMConfig.state_dtype), numpy's spelling
+STATE_DTYPES = ("float32", "float16", "int8")
+
+
 @dataclass
 class MambaLMConfig:
     d_model: int
@@ -63,6 +67,9 @@ class MambaLMConfig:
     embedding_multiplier: float = 1.0
     residual_multiplier: float = 1.0
     logits_scaling: float = 1.0
+    # how a decode-step graph stores the SSM states between calls (export --state-dtype; families.stored_states):
+    # "float32", "float16", or "int8" (the conv state on its conv1d scale, the SSM state with a scale per row)
+    state_dtype: str = "float32"
     architecture: str = field(default="mamba_lm", init=False)
 
     def __post_init__(self):
@@ -91,6 +98,8 @@ class MambaLMConfig:
             raise MQUserError(f"mixer.d_model {self.mixer.d_model} != d_model {self.d_model}")
         if any(getattr(m, "bimamba", False) for m in self.layer_configs()):
             raise MQUserError("a causal LM cannot use the bidirectional (bimamba) mixer")
+        if self.state_dtype not in STATE_DTYPES:
+            raise MQUserError(f"state_dtype must be one of {', '.join(STATE_DTYPES)}, got {self.state_dtype!r}")
 
     def layer_configs(self) -> list:
         """The block config of every layer."""
@@ -213,6 +222,8 @@ def _to_dict(cfg) -> dict:
     for k in ("embedding_multiplier", "residual_multiplier", "logits_scaling"):
         if d.get(k) == 1.0:
             d.pop(k)
+    if d.get("state_dtype") == "float32":       # every file written before the option stays as it was
+        d.pop("state_dtype")
     return d
 
 

@@ -28,6 +28,20 @@ def quant_spec(loaded) -> QuantSpec | None:
                      act_scales=ckpt.act_scale_floats(), weight_scales=ckpt.weight_scales)
 
 
+def set_state_dtype(loaded, state_dtype: str, spec: QuantSpec | None) -> None:
+    """The LM of `loaded` stores its decode states as `state_dtype` (MambaLM.set_state_dtype); one line when
+    the model has no SSM state to store so, or (int8) no per-tensor conv1d scale."""
+    from mq_deploy.families import family_of
+
+    if loaded.architecture != "mamba_lm":
+        raise MQUserError(f"{loaded.path}: --state-dtype applies to a language model's decode states")
+    if not any(s.int8_scale for m in loaded.config.layer_configs() for s in family_of(m).states(m)):
+        raise MQUserError(f"{loaded.path}: the model has no SSM state for --state-dtype to store (its caches take "
+                          "--kv-cache at quantize time)")
+    loaded.model.set_state_dtype(state_dtype, None if spec is None else spec.act_scales)
+    loaded.config = loaded.model.cfg
+
+
 def supported_opsets():
     import onnx.defs
 
@@ -80,9 +94,17 @@ def _carry_tokenizer(proto, loaded, tokenizer: str | None) -> None:
 
 
 def export(model_path: str, out: str, step: bool = False, opset: int = OPSET, overwrite: bool = False,
-           tokenizer: str | None = None, quantize_head: bool = False) -> dict:
+           tokenizer: str | None = None, quantize_head: bool = False, state_dtype: str = "float32") -> dict:
     """Export a model directory / checkpoint (FP or quantized) to ONNX; return a summary dict.
-    quantize_head: the LM head as int8 (fakequant.quantize_head; verify's reference does the same)."""
+    quantize_head: the LM head as int8 (fakequant.quantize_head; verify's reference does the same).
+    state_dtype (step graphs): how the SSM states are stored between calls (config.STATE_DTYPES,
+    models.state_codec); the artifact's mq.config records it and verify's reference does the same."""
+    from mq_deploy.config import STATE_DTYPES
+
+    if state_dtype not in STATE_DTYPES:
+        raise MQUserError(f"state dtype must be one of {', '.join(STATE_DTYPES)}, got {state_dtype!r}")
+    if state_dtype != "float32" and not step:
+        raise MQUserError("--state-dtype sets how a decode-step graph stores its states: add --decode-step")
     from mq_deploy.models.loaders import load_model
 
     if opset not in supported_opsets():
@@ -94,6 +116,8 @@ def export(model_path: str, out: str, step: bool = False, opset: int = OPSET, ov
     fileio.check_target(out, overwrite, inputs, "ONNX file")      # before the long work
     loaded = load_model(model_path)
     spec = quant_spec(loaded)
+    if state_dtype != "float32":
+        set_state_dtype(loaded, state_dtype, spec)
     if quantize_head:
         from mq_deploy.quant.fakequant import quantize_head as int8_head
 

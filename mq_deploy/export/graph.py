@@ -342,20 +342,37 @@ def _onnx_type(dtype: str) -> int:
     return helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
 
 
-def _layer_state(g: _Graph, layout, i: int, fused: bool):
-    """What layer i's emitter gets of the step graph's states (families.state_inputs): (names of its
-    stacked inputs, its index in them) for a fused step op that reads its layer itself, else (its state
-    tensors in its family's order, None): a Gather of each stacked input, or its own per-layer inputs."""
-    mine = sorted((si for si in layout if i in si.layers), key=lambda si: si.position)
+def _layer_state(g: _Graph, layout, i: int, fused: bool, names: dict):
+    """What layer i's emitter gets of the step graph's states (families.state_inputs), as float32 tensors
+    (`names`: each stored input's float32 form, models.state_codec; the per-row scales stay out): (names of its
+    stacked states, its index in them) for a fused step op that reads its layer itself, else (its state
+    tensors in its family's order, None): a Gather of each stacked state, or its own per-layer inputs."""
+    mine = sorted((si for si in layout if i in si.layers and si.spec.scale_of is None), key=lambda si: si.position)
     if not mine:
         return None
     if fused and all(si.spec.stacked for si in mine):
-        return tuple(si.name for si in mine), mine[0].layers.index(i)
-    return tuple(g.b.op("Gather", [si.name, g.b.i64(si.layers.index(i))], axis=0) if si.spec.stacked else si.name
-                 for si in mine), None
+        return tuple(names[si.name] for si in mine), mine[0].layers.index(i)
+    return tuple(g.b.op("Gather", [names[si.name], g.b.i64(si.layers.index(i))], axis=0) if si.spec.stacked
+                 else names[si.name] for si in mine), None
 
 
-def _layers(g: _Graph, model, h, layout=None, consume: bool = False):
+def _decoded_states(g: _Graph, model, layout) -> tuple:
+    """The step graph's stored state inputs as float32 (models.state_codec.emit_decode): ({input: float32
+    tensor}, the static scales of int8 states stored on a quant point's grid: the model's, MambaLM.state_scales)."""
+    from mq_deploy.models.state_codec import emit_decode
+
+    scales = getattr(model, "state_scales", {})
+    by_state = {si.spec.scale_of: si.name for si in layout if si.spec.scale_of is not None}
+    names = {}
+    for si in layout:
+        if si.spec.scale_of is not None:
+            continue
+        plain = si.spec.dtype == "float32" or si.spec.int8_scale is None
+        names[si.name] = si.name if plain else emit_decode(g.b, si, by_state.get(si.spec.name), scales)
+    return names, scales
+
+
+def _layers(g: _Graph, model, h, layout=None, consume: bool = False, names=None):
     """Residual blocks and the final norm; each mixer is emitted by its family (families/<name>/export.py).
     layout: the step graph's state inputs (families.state_inputs), None for the full graph. consume: each
     block is released from the model once it is in the graph (build_model)."""
@@ -364,7 +381,7 @@ def _layers(g: _Graph, model, h, layout=None, consume: bool = False):
     emb = h          # the embeddings, which a family's own block may read too (emit_block)
     for i, layer in enumerate(model.layers):
         impl = layer.mixer.family.module()
-        st = None if layout is None else _layer_state(g, layout, i, g.fused_step and impl.FUSED_STEP)
+        st = None if layout is None else _layer_state(g, layout, i, g.fused_step and impl.FUSED_STEP, names)
         if getattr(layer, "reads_embeddings", False):
             h, new_st = impl.emit_block(g, layer, mixer_prefix(i), h, emb, st)
             new.append(new_st)
@@ -422,21 +439,29 @@ def build_model(model, quant: QuantSpec | None = None, step: bool = False, opset
         h = b.op("Gather", [b.f32(model.embedding.weight, "embedding"), "input_ids"], axis=0)
         if model.cfg.embedding_multiplier != 1.0:
             h = b.op("Mul", [h, b.f32(np.array(model.cfg.embedding_multiplier), "embedding_multiplier")])
-        h, new = _layers(g, model, h, layout, consume)
+        names, state_scales = _decoded_states(g, model, layout) if step else (None, {})
+        h, new = _layers(g, model, h, layout, consume, names)
         if last_logits:
             h = b.op("Slice", [h, b.i64([-1]), b.i64([np.iinfo(np.int64).max]), b.i64([1])], "last")
         logits = _lm_head(b, h, model.lm_head)
         if model.cfg.logits_scaling != 1.0:
             logits = b.op("Div", [logits, b.f32(np.array(model.cfg.logits_scaling), "logits_scaling")])
         outputs.append(vi("logits", T.FLOAT, ["batch", 1 if last_logits else "seq", model.cfg.vocab_size]))
+        row_scales = {}          # a state's name -> its per-row scales, made when the state is stored
         for si in layout or ():
-            if si.spec.stacked:
+            if si.spec.scale_of is not None:
+                b.op("Identity", [row_scales[si.spec.scale_of]])
+            elif si.spec.stacked:
                 parts = [b.op("Unsqueeze", [new[i][si.position], b.i64([0])]) for i in si.layers]
-                b.op("Concat", parts, axis=0)
-                dims = list(si.dims)
+                value = b.op("Concat", parts, axis=0)
+                if names[si.name] != si.name:           # stored other than as the layers compute it
+                    from mq_deploy.models.state_codec import emit_encode
+
+                    value, row_scales[si.spec.name] = emit_encode(b, si, value, state_scales)
+                    b.op("Identity", [value])
             else:
                 b.op("Identity", [new[si.layers[0]][si.position]])
-                dims = ["total" if d == "past" else d for d in si.dims]
+            dims = list(si.dims) if si.spec.stacked else ["total" if d == "past" else d for d in si.dims]
             b.nodes[-1].output[0] = si.output
             outputs.append(vi(si.output, _onnx_type(si.spec.dtype), dims))
     else:

@@ -32,12 +32,21 @@ class StateSpec:
     `name`_out. Not stacked (an attention layer's KV cache, whose `shape` holds None for its growing
     length): one input `name`_LAYER [batch, *shape] per layer and one output `output`_LAYER. `dtype`: its
     element type in numpy's spelling, the same in PyTorch, the graph and every runtime ("int8": an attention
-    cache stored quantized, AttentionConfig.kv_cache)."""
+    cache stored quantized, AttentionConfig.kv_cache).
+
+    `int8_scale`: how an SSM state is stored when the model's state_dtype (MambaLMConfig, `export
+    --state-dtype`) asks for int8: "rows" (a float32 scale per row of its last axis, carried as the state
+    `name`_scale: the scale follows the state as it grows and decays), or "point:P" (on the static scale of
+    the layer's quant point P: the conv state, whose values already lie on the conv1d point's grid). None: the
+    state is not an SSM state and keeps its dtype whatever state_dtype says (a KV cache; `--kv-cache`).
+    `scale_of`: this spec is the per-row scale of that int8 state (stored_states adds it)."""
     name: str
     shape: tuple
     stacked: bool = True
     output: str | None = None
     dtype: str = "float32"
+    int8_scale: str | None = None
+    scale_of: str | None = None
 
     @property
     def output_name(self) -> str:
@@ -53,7 +62,7 @@ class StateInput:
     dims: tuple
     layers: tuple
     spec: StateSpec
-    position: int            # the spec's place in its family's states (the mixer's state tuple)
+    position: int            # the spec's place in the layer's stored_states (the state tuple of MambaLM's layer)
 
 
 @dataclass(frozen=True)
@@ -202,6 +211,30 @@ def heavy_tailed_points() -> tuple:
     return tuple(seen)
 
 
+def stored_states(model_cfg, layer_cfg) -> list:
+    """The states of one layer of a causal model as a step graph stores them between calls: its family's
+    states (families.<name>.states), SSM states in model_cfg.state_dtype (StateSpec.int8_scale says how
+    int8 holds each), then the per-row scale of each int8 state stored with one (`scale_of`). The one place
+    the stored form is decided: state_inputs, MambaLM's states and models.state_codec read it."""
+    import dataclasses
+
+    dtype = getattr(model_cfg, "state_dtype", "float32")
+    specs = list(family_of(layer_cfg).states(layer_cfg))
+    if dtype == "float32":
+        return specs
+    out, scales = [], []
+    for spec in specs:
+        if spec.int8_scale is None:
+            out.append(spec)
+            continue
+        out.append(dataclasses.replace(spec, dtype=dtype))
+        if dtype == "int8" and spec.int8_scale == "rows":
+            scales.append(StateSpec(spec.name + "_scale", tuple(spec.shape[:-1]), spec.stacked,
+                                    None if spec.output is None else spec.output + "_scale", "float32",
+                                    scale_of=spec.name))
+    return out + scales
+
+
 def state_inputs(model_cfg) -> list:
     """The step graph's state inputs of a causal model config, in graph order: each stacked spec once for
     the layers of its family (first layers first), then each per-layer spec per layer. The one place the
@@ -210,7 +243,7 @@ def state_inputs(model_cfg) -> list:
     stacked, per_layer, seen = {}, [], {}
     for i, cfg in enumerate(layers):
         fam = family_of(cfg)
-        for pos, spec in enumerate(fam.states(cfg)):
+        for pos, spec in enumerate(stored_states(model_cfg, cfg)):
             if spec.stacked:
                 key = spec.name
                 if key in stacked and seen[key] != (fam.name, tuple(spec.shape)):
@@ -243,4 +276,4 @@ def checkpoint_formats() -> tuple:
 
 __all__ = ["CheckpointFormat", "Family", "StateInput", "StateSpec", "all_points", "checkpoint_formats", "families",
            "family_of", "get_family", "heavy_tailed_points", "mixer_config_from_dict", "register_family",
-           "register_format", "state_inputs"]
+           "register_format", "state_inputs", "stored_states"]

@@ -86,6 +86,7 @@ class MambaLM(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embedding.weight
+        self.state_scales = {}      # {(layer, point): static scale} of int8 states on a quant point's grid
 
     def reset_parameters(self, seed: int = 0):
         init_weights(self, self.cfg.n_layer, torch.Generator().manual_seed(seed))
@@ -112,30 +113,61 @@ class MambaLM(nn.Module):
         h = e = self._embed(input_ids)
         states = []
         for i, layer in enumerate(self.layers):
-            st = None if state is None else state[i]
+            st = None if state is None else self._decode_state(i, state[i])
             if return_state:
                 h, st = layer(h, st, return_state=True, **_emb(layer, e))
-                states.append(st)
+                states.append(self._encode_state(i, st))
             else:
                 h = layer(h, st, **_emb(layer, e))
         logits = self._head(h)
         return (logits, states) if return_state else logits
 
+    # the states between calls are stored as families.stored_states says (cfg.state_dtype; models.state_codec)
+    def _stored(self, i):
+        from mq_deploy.families import stored_states
+
+        return stored_states(self.cfg, self.cfg.layer_configs()[i])
+
+    def _decode_state(self, i, st):
+        if self.cfg.state_dtype == "float32":
+            return st
+        from mq_deploy.models.state_codec import decode
+
+        return decode(self.cfg, i, self._stored(i), tuple(st), self.state_scales)
+
+    def _encode_state(self, i, st):
+        if self.cfg.state_dtype == "float32":
+            return st
+        from mq_deploy.models.state_codec import encode
+
+        return encode(self.cfg, i, self._stored(i), tuple(st), self.state_scales)
+
+    def set_state_dtype(self, dtype: str, act_scales: dict | None = None) -> None:
+        """Store the decode states as `dtype` (config.STATE_DTYPES) between calls, as a step graph exported
+        with that --state-dtype does; act_scales: a quantized checkpoint's per-tensor activation scales (int8
+        stores the conv state on its conv1d point's scale). One line if that is impossible."""
+        import dataclasses
+
+        from mq_deploy.models.state_codec import conv_scales
+
+        cfg = dataclasses.replace(self.cfg, state_dtype=dtype)
+        self.state_scales = conv_scales(cfg, act_scales)
+        self.cfg = cfg
+
     def init_state(self, batch: int, dtype=torch.float32, device=None):
         """Empty decode states: per layer, one tensor [batch, *shape] per StateSpec of its family (zeros; a
         cache's growing length 0)."""
-        from mq_deploy.families import family_of
-
-        return [tuple(torch.zeros(batch, *(0 if d is None else d for d in s.shape), dtype=dtype, device=device)
-                      for s in family_of(m).states(m)) for m in self.cfg.layer_configs()]
+        return [tuple(torch.zeros(batch, *(0 if d is None else d for d in s.shape),
+                                  dtype=dtype if s.dtype == "float32" else getattr(torch, s.dtype), device=device)
+                      for s in self._stored(i)) for i in range(len(self.layers))]
 
     def step(self, token, states):
         """token [b] -> (logits [b, V], new states)."""
         h = e = self._embed(token)
         new = []
-        for layer, st in zip(self.layers, states):
-            h, *st = layer.step(h, *st, **_emb(layer, e))
-            new.append(tuple(st))
+        for i, (layer, st) in enumerate(zip(self.layers, states)):
+            h, *st = layer.step(h, *self._decode_state(i, st), **_emb(layer, e))
+            new.append(self._encode_state(i, tuple(st)))
         return self._head(h), new
 
     @torch.no_grad()

@@ -385,6 +385,11 @@ def verify_paths(artifact: str, reference: str, cfg: VerifyConfig, *, custom_op_
         raise MQUserError(f"{artifact} is a Triton repository's copy of a step graph (its KV caches carry the slot "
                           "Triton's implicit state starts with); verify the export it was written from")
     step = _is_step(runner)
+    state_dtype = getattr(runner.artifact.config, "state_dtype", "float32")
+    if step and state_dtype != "float32":       # the reference stores its states as the artifact does
+        from mq_deploy.export.exporter import quant_spec, set_state_dtype
+
+        set_state_dtype(loaded, state_dtype, quant_spec(loaded))
     ref = TorchRunner(loaded, step=step)
     names = set(runner.input_specs)
     if names != set(ref.input_specs):

@@ -297,8 +297,8 @@ class OrtDecoder:
         res = self.runner.infer({"input_ids": ids, **empty_states(self.runner, self.batch)})
         self._arrays = [res[out] for _, out, _ in self.layout]                 # kept alive: bound below
         self._cur = {name: ort.OrtValue.ortvalue_from_numpy(a) for (name, _, _), a in zip(self.layout, self._arrays)}
-        self._spare = {name: ort.OrtValue.ortvalue_from_shape_and_type(self._shape(dims), np.float32)
-                       for name, _, dims in self.layout if self._fixed(dims)}
+        self._spare = {name: ort.OrtValue.ortvalue_from_shape_and_type(self._shape(dims), a.dtype)   # the state's dtype
+                       for (name, _, dims), a in zip(self.layout, self._arrays) if self._fixed(dims)}
         self._tok = np.zeros((self.batch, 1), np.int64)
         self._logits = ort.OrtValue.ortvalue_from_shape_and_type((self.batch, 1, self.vocab), np.float32)
         io = self.sess.io_binding()

@@ -20,8 +20,9 @@ FAMILY = register_family(Family(
     consumers={"in_proj": "in_proj", "out_proj": "out_proj", "conv1d": "conv1d", "x": "x_proj", "dt_low": "dt_proj",
                "conv1d_b": "conv1d_b", "x_b": "x_proj_b", "dt_low_b": "dt_proj_b"},
     inspect=(("in_proj", "in_proj"), ("x", "x_proj"), ("out_proj", "out_proj")),
-    states=lambda cfg: [] if cfg.bimamba else [StateSpec("conv_state", (cfg.d_inner, cfg.d_conv - 1)),
-                                               StateSpec("ssm_state", (cfg.d_inner, cfg.d_state))],
+    states=lambda cfg: [] if cfg.bimamba else [
+        StateSpec("conv_state", (cfg.d_inner, cfg.d_conv - 1), int8_scale="point:conv1d"),
+        StateSpec("ssm_state", (cfg.d_inner, cfg.d_state), int8_scale="rows")],
     tolerances={"min_cosine": 0.999, "min_top1_agreement": 0.99, "max_metric_delta": 0.002},
     branch_points=("conv1d", "x", "dt_low", "dt", "B", "C"),
     branch_sites=("conv1d", "x_proj", "dt_proj"),

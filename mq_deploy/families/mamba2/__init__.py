@@ -17,8 +17,8 @@ FAMILY = register_family(Family(
     gptq_inputs={"in_proj": "in_proj", "out_proj": "out_proj"},
     consumers={"in_proj": "in_proj", "conv1d": "conv1d", "out_proj": "out_proj"},
     inspect=(("in_proj", "in_proj"), ("out_proj", "out_proj")),
-    states=lambda cfg: [StateSpec("conv_state", (cfg.conv_dim, cfg.d_conv - 1)),
-                        StateSpec("ssm_state", (cfg.n_heads, cfg.head_dim, cfg.d_state))],
+    states=lambda cfg: [StateSpec("conv_state", (cfg.conv_dim, cfg.d_conv - 1), int8_scale="point:conv1d"),
+                        StateSpec("ssm_state", (cfg.n_heads, cfg.head_dim, cfg.d_state), int8_scale="rows")],
     tolerances={"min_cosine": 0.999, "min_top1_agreement": 0.99, "max_metric_delta": 0.002},
     # Quamba2's granularity: x and dt one scale per head, B and C one per SSD group
     scale_groups=lambda c, point: {"x": c.n_heads, "dt": c.n_heads, "B": c.n_groups, "C": c.n_groups}.get(point, 1),

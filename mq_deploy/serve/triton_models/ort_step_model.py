@@ -37,8 +37,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # our helpers a
 from mq_batch import StateBatcher  # noqa: E402
 from mq_ort_session import make_session, parameters  # noqa: E402
 
-# the element types a state may have: float32, or int8 (an attention layer's int8 KV cache)
-_STATE_TYPES = {"tensor(float)": np.float32, "tensor(int8)": np.int8}
+# the element types a state may have: float32, float16 or int8 (export --state-dtype; an int8 KV cache)
+_STATE_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8}
 
 
 def _control(request, name):
@@ -70,7 +70,7 @@ class TritonPythonModel:
         layout = []
         for name, out in self.pairs:
             if types.get(name) not in _STATE_TYPES:
-                raise ValueError(f"state {name} is {types.get(name)}; this model keeps float32 or int8 states")
+                raise ValueError(f"state {name} is {types.get(name)}; this model keeps float32, float16 or int8 states")
             layout.append((name, out, [d if isinstance(d, int) else None for d in shapes[name]],
                            _STATE_TYPES[types[name]]))
         self.batcher = StateBatcher(layout)

@@ -1,0 +1,153 @@
+"""How a decode-step graph stores its SSM states between calls (`export --decode-step --state-dtype`), in
+PyTorch and as ONNX nodes, side by side: one rounding rule, written twice, parity-tested
+(tests/test_state_dtype.py).
+
+The layers compute in float32 as always; a state is converted on its way out of a call and back on its way in
+(per call: a prefill of L tokens rounds once, a decode step once per token). What each state becomes is
+declared by its family (StateSpec.int8_scale) and laid out by families.stored_states:
+
+- float16: a cast (round to nearest even), and back.
+- int8, "point:P" (the conv state): q = round(x / s) on the static scale s of the layer's quant point P.
+  The conv state holds the conv1d point's quantized inputs, which lie on that grid, so this is exact for a
+  quantized model.
+- int8, "rows" (the SSM state): a scale per row of the last axis (Mamba1: per channel over d_state; Mamba2:
+  per (head, head_dim) over d_state), carried as the state `<name>_scale`:
+      s = max(amax(|h|), ROW_FLOOR) / 127,   q = round(h / s),   h' = q * s
+  The scale is chosen again at every call from the row's current values (dynamic), so a state that grows
+  over a long generation is never clipped; a static scale from calibration clipped the sample LM's state
+  and was dropped (docs/results.md, state fidelity).
+Rounding is half to even and saturates to [-128, 127], as ONNX's QuantizeLinear (which the graph uses,
+with scale 1 on the divided values)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mq_deploy.errors import MQUserError
+
+QMAX = 127.0
+ROW_FLOOR = 1e-30          # an all-zero row keeps a finite scale (its codes stay 0)
+
+
+def _point_scale(scales: dict, layer: int, spec) -> float:
+    point = spec.int8_scale.split(":", 1)[1]
+    s = scales.get((layer, point))
+    if s is None:
+        raise MQUserError(f"an int8 {spec.name} needs the static scale of layer {layer}'s {point} quant point; "
+                          "int8 decode states need a quantized checkpoint (use --state-dtype fp16 for a float one)")
+    return s
+
+
+def conv_scales(model_cfg, act_scales: dict | None) -> dict:
+    """{(layer, point): scale} of every "point:P" int8 state of a model in int8 state_dtype, from a
+    quantized checkpoint's per-tensor activation scales {`layerN.point`: scale} (export's QuantSpec.act_scales);
+    {} for other state dtypes. One line when a scale is missing (a float model)."""
+    from mq_deploy.families import stored_states
+    from mq_deploy.models.points import mixer_prefix
+
+    out = {}
+    if getattr(model_cfg, "state_dtype", "float32") != "int8":
+        return out
+    for i, cfg in enumerate(model_cfg.layer_configs()):
+        for spec in stored_states(model_cfg, cfg):
+            if spec.dtype == "int8" and spec.int8_scale and spec.int8_scale.startswith("point:"):
+                point = spec.int8_scale.split(":", 1)[1]
+                s = None if act_scales is None else act_scales.get(mixer_prefix(i) + point)
+                if s is not None:
+                    s = float(np.asarray(s, dtype=np.float32).reshape(-1)[0]) if np.size(s) == 1 else None
+                if s is None or not np.isfinite(s) or s <= 0:
+                    raise MQUserError(f"--state-dtype int8 stores layer {i}'s {spec.name} on its {point} quant "
+                                      "point's per-tensor scale, and the model has none: int8 decode states need "
+                                      "a checkpoint quantized per tensor (use --state-dtype fp16 for a float model)")
+                out[(i, point)] = s
+    return out
+
+
+# ---- PyTorch -----------------------------------------------------------------------------------------
+
+def _round_int8(v):
+    import torch
+
+    return torch.clamp(torch.round(v), -128, 127).to(torch.int8)
+
+
+def encode(model_cfg, layer: int, specs, logical: tuple, scales: dict) -> tuple:
+    """One layer's float states (its family's order) -> the stored tuple (stored_states order: the states,
+    then the per-row scales)."""
+    import torch
+
+    out, extra = [], []
+    for spec, t in zip((s for s in specs if s.scale_of is None), logical):
+        if spec.dtype == "float32" or t.dtype == torch.int8:       # float32, or an int8 KV cache already stored
+            out.append(t)
+        elif spec.dtype == "float16":
+            out.append(t.to(torch.float16))
+        elif spec.int8_scale == "rows":
+            t = t.to(torch.float32)
+            s = torch.clamp(t.abs().amax(-1), min=ROW_FLOOR) / QMAX
+            out.append(_round_int8(t / s.unsqueeze(-1)))
+            extra.append(s)
+        else:
+            s = torch.tensor(_point_scale(scales, layer, spec), dtype=torch.float32)
+            out.append(_round_int8(t.to(torch.float32) / s))
+    return tuple(out + extra)
+
+
+def decode(model_cfg, layer: int, specs, stored: tuple, scales: dict) -> tuple:
+    """The inverse of encode: a layer's stored states -> float32 states in its family's order."""
+    import torch
+
+    by_name = {s.scale_of: t for s, t in zip(specs, stored) if s.scale_of is not None}
+    out = []
+    for spec, t in zip(specs, stored):
+        if spec.scale_of is not None:
+            continue
+        if spec.dtype == "float32" or spec.int8_scale is None:
+            out.append(t)
+        elif spec.dtype == "float16":
+            out.append(t.to(torch.float32))
+        elif spec.int8_scale == "rows":
+            out.append(t.to(torch.float32) * by_name[spec.name].unsqueeze(-1))
+        else:
+            out.append(t.to(torch.float32) * torch.tensor(_point_scale(scales, layer, spec), dtype=torch.float32))
+    return tuple(out)
+
+
+# ---- ONNX --------------------------------------------------------------------------------------------
+
+def _layer_scales(scales: dict, si) -> np.ndarray:
+    """[layers, 1, ..., 1] float32: each layer's static scale of a stacked "point:P" state input."""
+    s = np.array([_point_scale(scales, i, si.spec) for i in si.layers], dtype=np.float32)
+    return s.reshape((len(si.layers),) + (1,) * (len(si.dims) - 1))
+
+
+def emit_decode(b, si, scale_input: str | None, scales: dict) -> str:
+    """Nodes turning the stored step-graph input `si` (a StateInput) into float32; returns the tensor name."""
+    from onnx import TensorProto
+
+    f = b.op("Cast", [si.name], to=TensorProto.FLOAT)
+    if si.spec.dtype == "float16":
+        return f
+    if si.spec.int8_scale == "rows":
+        return b.op("Mul", [f, b.op("Unsqueeze", [scale_input, b.i64([-1])])])
+    return b.op("Mul", [f, b.f32(_layer_scales(scales, si), "state_scale")])
+
+
+def emit_encode(b, si, value: str, scales: dict) -> tuple:
+    """Nodes turning the float32 output `value` of the stored state `si` into its stored form; returns
+    (stored tensor, its row scales or None)."""
+    from onnx import TensorProto
+
+    if si.spec.dtype == "float16":
+        return b.op("Cast", [value], to=TensorProto.FLOAT16), None
+    one, zp = b.f32(np.array(1.0), "one"), b.const(np.array(0, dtype=np.int8), "zp_i8")
+    if si.spec.int8_scale == "rows":
+        amax = b.op("ReduceMax", [b.op("Abs", [value]), b.i64([-1])], keepdims=0)
+        s = b.op("Div", [b.op("Max", [amax, b.f32(np.array(ROW_FLOOR), "row_floor")]), b.f32(np.array(QMAX), "qmax")])
+        q = b.op("QuantizeLinear", [b.op("Div", [value, b.op("Unsqueeze", [s, b.i64([-1])])]), one, zp])
+        return q, s
+    scaled = b.op("Div", [value, b.f32(_layer_scales(scales, si), "state_scale")])
+    return b.op("QuantizeLinear", [scaled, one, zp]), None
+
+
+__all__ = ["QMAX", "ROW_FLOOR", "conv_scales", "decode", "emit_decode", "emit_encode", "encode"]
