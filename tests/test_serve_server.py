@@ -145,8 +145,8 @@ def vim224(tmp_path_factory):
 @pytest.fixture(scope="module")
 def family_steps(tmp_path_factory):
     """W8A8 decode-step exports of a Mamba2 and a Nemotron-H hybrid (Mamba2 + attention + MLP: SSM states and
-    a KV cache per attention layer; nh8_step: the same hybrid with int8 caches, --kv-cache int8), from folders
-    transformers wrote: {"m2_step": path, "nh_step": path, "nh8_step": path}."""
+    a KV cache per attention layer; nh8_step: the same hybrid with int8 caches, --kv-cache int8; nhs8_step: with
+    int8 SSM states, --state-dtype int8), from folders transformers wrote: {"m2_step": path, ...}."""
     import torch
     transformers = pytest.importorskip("transformers")
     from mq_deploy.cli.main import main
@@ -176,6 +176,9 @@ def family_steps(tmp_path_factory):
                          "--seq-len", "64", "--kv-cache", kv]) == 0
             out[key] = str(root / f"{key}.onnx")
             assert main(["export", q, "-o", out[key], "--decode-step"]) == 0
+            if key == "nh_step":        # nhs8_step: its SSM states stored as int8 (--state-dtype int8)
+                out["nhs8_step"] = str(root / "nhs8_step.onnx")
+                assert main(["export", q, "-o", out["nhs8_step"], "--decode-step", "--state-dtype", "int8"]) == 0
     return out
 
 
@@ -186,7 +189,7 @@ def served(art, bpe_step, vim224, family_steps, tmp_path_factory):
     d = tmp_path_factory.mktemp("served")
     repo = str(d / "repo")
     write_repository([art["vim"], art["lm"], art["lm_step"], bpe_step, vim224[1], family_steps["m2_step"],
-                      family_steps["nh_step"], family_steps["nh8_step"]], repo,
+                      family_steps["nh_step"], family_steps["nh8_step"], family_steps["nhs8_step"]], repo,
                      TritonConfig(backend="python", max_batch=8, instances=1, max_sequences=16))
     srv = triton.TritonServer(repo, log_path=str(d / "tritonserver.log"))
     t0 = time.monotonic()
@@ -328,7 +331,7 @@ def step_stats(client, model):
     return int(st["inference_count"]), int(st["execution_count"])
 
 
-@pytest.mark.parametrize("model", ["lm_step", "nh8_step"])
+@pytest.mark.parametrize("model", ["lm_step", "nh8_step", "nhs8_step"])
 def test_batched_decode_with_interleaved_starts_and_ends(served, family_steps, model):
     """Sequences of different prompt lengths start at different rounds, run different numbers of steps, one stops
     mid-batch without END (dropped out), the others end with END; each round every live sequence sends its step
@@ -450,9 +453,9 @@ def test_the_generate_model_serves_many_streams_at_once(served, ref):
     assert got == generate(ref["lm_step"], list(b"And God"), 8)
 
 
-@pytest.mark.parametrize("model", ["m2_step", "nh_step", "nh8_step"])
+@pytest.mark.parametrize("model", ["m2_step", "nh_step", "nh8_step", "nhs8_step"])
 def test_mamba2_and_hybrid_step_graphs_served(served, family_steps, model):
-    """A Mamba2 and a hybrid (SSM states plus growing KV caches, float32 or int8) decode step served: interleaved sequences
+    """A Mamba2 and a hybrid (SSM states float32 or int8 plus growing KV caches, float32 or int8) decode step served: interleaved sequences
     each equal to the ORT runner's own steps, and streamed generation equal to `generate`."""
     from mq_deploy.backends.ort.runner import OrtRunner
     from mq_deploy.runtime.apps import generate, generate_text
@@ -740,7 +743,7 @@ def test_the_served_configs_parse_against_tritons_schema(served):
     from tritonclient.grpc import model_config_pb2
 
     names = sorted(n for n in os.listdir(served.repo) if os.path.isfile(os.path.join(served.repo, n, "config.pbtxt")))
-    assert "bpe_step_generate" in names and "vim224_image" in names and len(names) == 17, names
+    assert "bpe_step_generate" in names and "vim224_image" in names and len(names) == 19, names
     for n in names:
         with open(os.path.join(served.repo, n, "config.pbtxt")) as f:
             cfg = text_format.Parse(f.read(), model_config_pb2.ModelConfig())
