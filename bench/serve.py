@@ -13,7 +13,7 @@ Beside each: the same work in-process through mq_deploy's OrtRunner (no server, 
 LM also generate_batch with 16 prompts as one batch), so the ratio is the price (or gain) of serving.
 Every loop is bounded (--requests, --streams, --tokens; each client call has a timeout).
 
-    python bench/serve.py [--requests 256] [--streams 2] [--tokens 64] [--instances 1] [--json OUT]
+    python bench/serve.py [--requests 256] [--streams 2] [--tokens 64] [--instances 1] [--state-dtype int8] [--json OUT]
         [--vim VIM.onnx --lm-step LM_STEP.onnx]   # default: quantize + export the samples (--workdir keeps them)
 
 Goals checked (issue 23): served tokens/s at c=16 >= 5x c=1; c=1 >= 0.5x in-process; first-token p99 at
@@ -50,12 +50,14 @@ def load():
     return "load %.1f %.1f %.1f" % os.getloadavg()
 
 
-def export_samples(d):
+def export_samples(d, state_dtype="fp32"):
     from mq_deploy.cli.main import main
 
-    vim, lm = os.path.join(d, "vim.onnx"), os.path.join(d, "lm_step.onnx")
-    os.makedirs(d, exist_ok=True)
-    jobs = (("vim-fashion-mnist", "vim-q", vim, []), ("mamba-byte-lm", "lm-q", lm, ["--decode-step"]))
+    vim = os.path.join(d, "vim.onnx")
+    lm = os.path.join(d, "lm_step.onnx" if state_dtype == "fp32" else f"lm_step_{state_dtype}", "lm_step.onnx")
+    os.makedirs(os.path.dirname(lm), exist_ok=True)
+    jobs = (("vim-fashion-mnist", "vim-q", vim, []),
+            ("mamba-byte-lm", "lm-q", lm, ["--decode-step", "--state-dtype", state_dtype]))
     for sample, q, out, extra in jobs:
         if os.path.isfile(out):
             continue
@@ -276,6 +278,8 @@ def main(argv=None):
     ap.add_argument("--instances", type=int, default=1, help="instances of each model (one step-model instance "
                     "batches every sequence)")
     ap.add_argument("--concurrency", default="1,4,16,64")
+    ap.add_argument("--state-dtype", default="fp32", choices=("fp32", "fp16", "int8"),
+                    help="how the LM step graph stores its states (export --state-dtype; default fp32)")
     ap.add_argument("--no-native", action="store_true", help="scans as ONNX function bodies on both sides")
     ap.add_argument("--workdir", help="keep the sample exports here and reuse them on the next run")
     ap.add_argument("--json", metavar="OUT")
@@ -295,7 +299,7 @@ def main(argv=None):
             vim, lm = vim and os.path.join(d, "vim.onnx"), lm and os.path.join(d, "lm_step.onnx")
         if not (vim and lm):
             t = time.perf_counter()
-            ev, el = export_samples(args.workdir or d)
+            ev, el = export_samples(args.workdir or d, args.state_dtype)
             vim, lm = vim or ev, lm or el
             print(f"quantized + exported the samples in {time.perf_counter() - t:.0f} s")
         repo = os.path.join(d, "repo")
@@ -311,7 +315,10 @@ def main(argv=None):
         write_repository([vim, lm], repo, TritonConfig(backend="python", max_batch=max(16, top), instances=args.instances,
                                                        custom_op_lib=lib, max_sequences=max(64, top)))
         x = vim_images(vim, 512)
-        rows = {"vim": [], "lm": [], "machine": {"cpus": os.cpu_count()},
+        from mq_deploy.backends.ort.runner import OrtRunner
+
+        state_dtype = OrtRunner(lm, custom_op_library=lib).artifact.config.state_dtype     # what the file stores
+        rows = {"vim": [], "lm": [], "machine": {"cpus": os.cpu_count()}, "state_dtype": state_dtype,
                 "native_library": lib and (os.path.relpath(lib, ROOT) if lib.startswith(ROOT + os.sep) else lib)}
         print(f"direct (in-process OrtRunner, one caller)  [{load()}]")
         dv = direct_vim(vim, x, min(args.requests, 128), lib)

@@ -64,7 +64,7 @@ def test_codec_graph_equals_the_pytorch_rule(dtype):
     proto.opset_import.append(helper.make_opsetid("", OPSET))
     proto.ir_version = 10
     got = ort_session(proto.SerializeToString()).run(None, {"value": h.numpy()})
-    want = state_codec.encode(None, 0, [spec] + ([StateSpec("ssm_state_scale", (5,), scale_of="ssm_state")]
+    want = state_codec.encode(0, [spec] + ([StateSpec("ssm_state_scale", (5,), scale_of="ssm_state")]
                                                  if dtype == "int8" else []), (h,), {})
     print("codes differing:", int((got[0] != want[0].numpy()).sum()))
     assert got[0].dtype == want[0].numpy().dtype
@@ -72,7 +72,7 @@ def test_codec_graph_equals_the_pytorch_rule(dtype):
     if dtype == "int8":
         np.testing.assert_array_equal(got[1], want[1].numpy())
         assert (got[0][0, 0] == 0).all() and (got[0][1, 0] == -127).all()
-        back = state_codec.decode(None, 0, [spec, StateSpec("ssm_state_scale", (5,), scale_of="ssm_state")],
+        back = state_codec.decode(0, [spec, StateSpec("ssm_state_scale", (5,), scale_of="ssm_state")],
                                   (want[0], want[1]), {})[0]
         rel = ((back - h).abs() / h.abs().amax(-1, keepdim=True).clamp_min(1e-30)).max().item()
         print(f"worst error / row max: {rel:.2e}")

@@ -368,6 +368,8 @@ def _decoded_states(g: _Graph, model, layout) -> tuple:
         if si.spec.scale_of is not None:
             continue
         plain = si.spec.dtype == "float32" or si.spec.int8_scale is None
+        if not plain and not si.spec.stacked:
+            raise MQInternalError(f"{si.name}: only a stacked state is stored converted (build_model's outputs)")
         names[si.name] = si.name if plain else emit_decode(g.b, si, by_state.get(si.spec.name), scales)
     return names, scales
 

@@ -133,14 +133,14 @@ class MambaLM(nn.Module):
             return st
         from mq_deploy.models.state_codec import decode
 
-        return decode(self.cfg, i, self._stored(i), tuple(st), self.state_scales)
+        return decode(i, self._stored(i), tuple(st), self.state_scales)
 
     def _encode_state(self, i, st):
         if self.cfg.state_dtype == "float32":
             return st
         from mq_deploy.models.state_codec import encode
 
-        return encode(self.cfg, i, self._stored(i), tuple(st), self.state_scales)
+        return encode(i, self._stored(i), tuple(st), self.state_scales)
 
     def set_state_dtype(self, dtype: str, act_scales: dict | None = None) -> None:
         """Store the decode states as `dtype` (config.STATE_DTYPES) between calls, as a step graph exported

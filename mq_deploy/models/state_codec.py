@@ -71,9 +71,9 @@ def _round_int8(v):
     return torch.clamp(torch.round(v), -128, 127).to(torch.int8)
 
 
-def encode(model_cfg, layer: int, specs, logical: tuple, scales: dict) -> tuple:
-    """One layer's float states (its family's order) -> the stored tuple (stored_states order: the states,
-    then the per-row scales)."""
+def encode(layer: int, specs, logical: tuple, scales: dict) -> tuple:
+    """Layer `layer`'s float states (its family's order) -> the stored tuple (`specs`, its stored_states: the
+    states, then the per-row scales). scales: {(layer, point): scale} (conv_scales)."""
     import torch
 
     out, extra = [], []
@@ -93,7 +93,7 @@ def encode(model_cfg, layer: int, specs, logical: tuple, scales: dict) -> tuple:
     return tuple(out + extra)
 
 
-def decode(model_cfg, layer: int, specs, stored: tuple, scales: dict) -> tuple:
+def decode(layer: int, specs, stored: tuple, scales: dict) -> tuple:
     """The inverse of encode: a layer's stored states -> float32 states in its family's order."""
     import torch
 
