@@ -850,6 +850,77 @@ def _ms(v):
 
 
 @renderer
+def state_fidelity_table(src):
+    """bench/state_fidelity.py: per sample and state dtype, bytes per sequence, greedy agreement with the
+    float32-state artifact (free-running and teacher-forced), median first divergence, step-scored bits/byte."""
+    d = src[0]
+    spans = sorted({int(k) for s in d["samples"] for r in s["dtypes"].values() for k in r["free_agreement"]})
+    head = (["sample", "state", "bytes / sequence"] + [f"free-running agreement {n}" for n in spans]
+            + [f"teacher-forced agreement {n}" for n in spans] + ["median first divergence", "bits/byte (steps)"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in d["samples"]:
+        for dtype, r in s["dtypes"].items():
+            fd = sorted(r["first_divergence"])
+            cells = [s["sample"], dtype, f"{r['state_bytes_per_sequence']:,} ({r['bytes_ratio_vs_fp32']:.2f}x smaller)"
+                     if dtype != "fp32" else f"{r['state_bytes_per_sequence']:,}"]
+            cells += [f"{100 * r['free_agreement'][str(n)]:.2f} %" for n in spans]
+            cells += [f"{100 * r['forced_agreement'][str(n)]:.2f} %" for n in spans]
+            cells += [f"{fd[len(fd) // 2]}" + (" (none diverged)" if fd[0] == s["tokens"] else ""),
+                      f"{r['step_bits_per_byte']:.4f}" + ("" if dtype == "fp32" else f" ({r['bits_change_pct']:+.3f} %)")]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + f"\n\n{d['samples'][0]['prompts']} prompts of {d['samples'][0]['prompt_bytes']} bytes, " \
+        f"{d['samples'][0]['tokens']} tokens; bits/byte on {d['samples'][0]['windows']} held-out windows of " \
+        f"{d['samples'][0]['window_len']} bytes, one token per call; load {load_range(d)}."
+
+
+@renderer
+def state_rules_table(src):
+    """bench/state_fidelity.py --variants: int8 state rules on the float PyTorch model."""
+    d = src[0]
+    head = ["sample", "rule", "free-running agreement", "teacher-forced agreement", "median first divergence",
+            "bits/byte (steps)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for v in d["variants"]:
+        for name, r in v["rules"].items():
+            fd = sorted(r["first_divergence"])
+            lines.append(f"| {v['sample']} | {name} | {100 * r['free_agreement']:.2f} % | "
+                         f"{100 * r['forced_agreement']:.2f} % | {fd[len(fd) // 2]} | {r['step_bits_per_byte']:.4f} |")
+    v = d["variants"][0]
+    return "\n".join(lines) + f"\n\n{v['prompts']} prompts, {v['tokens']} tokens; bits/byte on {v['windows']} " \
+        f"windows of {v['window_len']} bytes."
+
+
+@renderer
+def state_goals(src):
+    """The int8 / fp16 state goals of issue 23, met or missed by how much (worst sample)."""
+    d = src[0]
+    out = []
+
+    def line(goal, target, vals, better="high", fmt="{:.2f}"):
+        worst = min(vals) if better == "high" else max(vals)
+        ok = worst >= target if better == "high" else worst <= target
+        out.append(f"- {goal} {'>=' if better == 'high' else '<='} {fmt.format(target)}: worst sample "
+                   f"{fmt.format(worst)} ({'met' if ok else '**missed**'})")
+
+    rows = [(s, s["dtypes"]) for s in d["samples"]]
+    line("int8 state bytes per sequence, times smaller than fp32", 3.5, [r["int8"]["bytes_ratio_vs_fp32"] for _, r in rows],
+         fmt="{:.2f}x")
+    for kind in ("free", "forced"):
+        word = "free-running" if kind == "free" else "teacher-forced"
+        line(f"int8 {word} greedy agreement over 512", 99, [100 * r["int8"][f"{kind}_agreement"]["512"] for _, r in rows],
+             fmt="{:.2f} %")
+        line(f"int8 {word} greedy agreement over 2048", 95,
+             [100 * r["int8"][f"{kind}_agreement"]["2048"] for _, r in rows], fmt="{:.2f} %")
+    line("int8 step-scored bits/byte change", 0.5, [r["int8"]["bits_change_pct"] for _, r in rows], better="low",
+         fmt="{:+.3f} %")
+    for kind in ("free", "forced"):
+        word = "free-running" if kind == "free" else "teacher-forced"
+        line(f"fp16 {word} greedy agreement over 2048", 99.5,
+             [100 * r["fp16"][f"{kind}_agreement"]["2048"] for _, r in rows], fmt="{:.2f} %")
+    return "\n".join(out)
+
+
+@renderer
 def serve_goals(src):
     """The serving goals a bench/serve.py JSON evaluated (its `goals`), each met or missed by how much."""
     out = []
