@@ -612,7 +612,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--state-dtype", choices=tuple(STATE_DTYPE_NAMES), default="fp32",
                    help="--decode-step: how the SSM states are stored between calls. fp16; int8: the conv state on "
                         "its conv1d scale, the SSM state with a float32 scale per row, chosen at every step "
-                        "(a quantized checkpoint; ~3.3-3.9x fewer bytes per sequence). Default fp32")
+                        "(a quantized checkpoint; docs/results.md measures what it costs). Default fp32")
     s.add_argument("--opset", type=int, default=21, help="ONNX opset (>= 21; default 21)")
     s.add_argument("--quantize-head", action="store_true",
                    help="LM: int8 per-channel lm_head weights with int8 activations per tensor at run time "
