@@ -149,6 +149,7 @@ def variants(sample, args):
 
     from mq_deploy.models import state_codec
     from mq_deploy.models.loaders import load_model
+    from mq_deploy.ops.quant import fake_quantize, scale_from_amax
 
     torch.set_flush_denormal(True)      # a decaying float32 state's subnormals slow every step 10-100x
     # one thread: a step's ops are tiny, and on a loaded machine a second intra-op thread that waits for its
@@ -173,11 +174,13 @@ def variants(sample, args):
                 amax[i] = a if i not in amax else torch.maximum(amax[i], a)
                 return st
             if name == "static":
-                s = (torch.clamp(amax[i], min=state_codec.ROW_FLOOR) / state_codec.QMAX).unsqueeze(-1)
-                return (conv, torch.clamp(torch.round(ssm / s), -128, 127) * s)
-            s = (torch.clamp(ssm.abs().amax(-1), min=state_codec.ROW_FLOOR) / state_codec.QMAX).unsqueeze(-1)
-            v = ssm / s
-            v = torch.round(v) if name == "rows" else torch.floor(v + torch.rand(v.shape, generator=gen))
+                s = scale_from_amax(amax[i], 8, eps=state_codec.ROW_FLOOR).unsqueeze(-1)
+                return (conv, fake_quantize(ssm, s, 8, full_range=True))
+            if name == "rows":          # the artifact's rule (what `--state-dtype int8` stores)
+                q, s = state_codec.rows_int8(ssm)
+                return (conv, q.float() * s.unsqueeze(-1))
+            s = scale_from_amax(ssm.abs().amax(-1), 8, eps=state_codec.ROW_FLOOR).unsqueeze(-1)
+            v = torch.floor(ssm / s + torch.rand(ssm.shape, generator=gen))      # stochastic rounding
             return (conv, torch.clamp(v, -128, 127) * s)
         return enc
 

@@ -29,8 +29,13 @@ QMAX = 127.0
 ROW_FLOOR = 1e-30          # an all-zero row keeps a finite scale (its codes stay 0)
 
 
+def _point(spec) -> str:
+    """The quant point P of a "point:P" state."""
+    return spec.int8_scale.split(":", 1)[1]
+
+
 def _point_scale(scales: dict, layer: int, spec) -> float:
-    point = spec.int8_scale.split(":", 1)[1]
+    point = _point(spec)
     s = scales.get((layer, point))
     if s is None:
         raise MQUserError(f"an int8 {spec.name} needs the static scale of layer {layer}'s {point} quant point; "
@@ -51,7 +56,7 @@ def conv_scales(model_cfg, act_scales: dict | None) -> dict:
     for i, cfg in enumerate(model_cfg.layer_configs()):
         for spec in stored_states(model_cfg, cfg):
             if spec.dtype == "int8" and spec.int8_scale and spec.int8_scale.startswith("point:"):
-                point = spec.int8_scale.split(":", 1)[1]
+                point = _point(spec)
                 s = None if act_scales is None else act_scales.get(mixer_prefix(i) + point)
                 if s is not None:
                     s = float(np.asarray(s, dtype=np.float32).reshape(-1)[0]) if np.size(s) == 1 else None
@@ -71,6 +76,17 @@ def _round_int8(v):
     return torch.clamp(torch.round(v), -128, 127).to(torch.int8)
 
 
+def rows_int8(t):
+    """The "rows" rule on a float tensor: (int8 codes, float32 scale per row of the last axis)."""
+    import torch
+
+    from mq_deploy.ops.quant import scale_from_amax
+
+    t = t.to(torch.float32)
+    s = scale_from_amax(t.abs().amax(-1), 8, eps=ROW_FLOOR)
+    return _round_int8(t / s.unsqueeze(-1)), s
+
+
 def encode(layer: int, specs, logical: tuple, scales: dict) -> tuple:
     """Layer `layer`'s float states (its family's order) -> the stored tuple (`specs`, its stored_states: the
     states, then the per-row scales). scales: {(layer, point): scale} (conv_scales)."""
@@ -78,14 +94,13 @@ def encode(layer: int, specs, logical: tuple, scales: dict) -> tuple:
 
     out, extra = [], []
     for spec, t in zip((s for s in specs if s.scale_of is None), logical):
-        if spec.dtype == "float32" or t.dtype == torch.int8:       # float32, or an int8 KV cache already stored
+        if spec.dtype == "float32" or spec.int8_scale is None:     # not converted (an int8 KV cache stores itself)
             out.append(t)
         elif spec.dtype == "float16":
             out.append(t.to(torch.float16))
         elif spec.int8_scale == "rows":
-            t = t.to(torch.float32)
-            s = torch.clamp(t.abs().amax(-1), min=ROW_FLOOR) / QMAX
-            out.append(_round_int8(t / s.unsqueeze(-1)))
+            q, s = rows_int8(t)
+            out.append(q)
             extra.append(s)
         else:
             s = torch.tensor(_point_scale(scales, layer, spec), dtype=torch.float32)
@@ -150,4 +165,4 @@ def emit_encode(b, si, value: str, scales: dict) -> tuple:
     return b.op("QuantizeLinear", [scaled, one, zp]), None
 
 
-__all__ = ["QMAX", "ROW_FLOOR", "conv_scales", "decode", "emit_decode", "emit_encode", "encode"]
+__all__ = ["QMAX", "ROW_FLOOR", "conv_scales", "decode", "emit_decode", "emit_encode", "encode", "rows_int8"]
