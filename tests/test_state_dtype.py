@@ -219,5 +219,7 @@ def test_bad_state_dtype_inputs(quantized, tmp_path, capsys):
         assert name in msg and "\n" not in msg
 
 
-def test_state_dtypes_are_the_configs():
-    assert STATE_DTYPES == ("float32", "float16", "int8")
+def test_the_cli_offers_every_state_dtype_the_config_takes():
+    from mq_deploy.cli.main import STATE_DTYPE_NAMES
+
+    assert tuple(STATE_DTYPE_NAMES.values()) == STATE_DTYPES
