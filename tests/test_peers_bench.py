@@ -111,3 +111,44 @@ def test_onnx_weight_bytes_counts_an_embedding_lookup_as_one_row(tmp_path):
     onnx.save(m, ext, save_as_external_data=True, location="m_ext.data", size_threshold=0)
     for path in (inline, ext):
         assert peers.onnx_weight_bytes(path) == 16 * 4 + 16 * 8         # one row of the table, all of w
+
+
+def test_a_sigill_on_the_native_build_rebuilds_it_without_amx(tmp_path, monkeypatch):
+    """llama_setup probes the native build once per GGUF; a SIGILL (the AMX fault) rebuilds without AMX, probes
+    that build, and the record says so; the record is cached until the CPU flags change."""
+    built, probed = [], []
+
+    def build(shared, variant="native"):
+        built.append(variant)
+        bins = tmp_path / f"llama-build-{variant}" / "bin"
+        bins.mkdir(parents=True, exist_ok=True)
+        return str(bins), "src", {"variant": variant}
+
+    def gguf(work, hf, bins, src):
+        out = {}
+        for q in ("F32", "Q8_0", "Q4_0"):
+            out[q] = str(tmp_path / f"model-{q}.gguf")
+            open(out[q], "w").close()
+        return out
+
+    def kernels(bins, path, threads):
+        probed.append((os.path.basename(os.path.dirname(bins)), os.path.basename(path)))
+        amx_faults = "amx_int8" in peers.cpu_flags()
+        if amx_faults and os.path.basename(os.path.dirname(bins)) == "llama-build-native" and "Q8_0" in path:
+            return peers.parse_llama_kernels(-4, "", "tinygemm_kernel_amx")
+        return peers.parse_llama_kernels(0, LLAMA_BENCH_STDOUT, LLAMA_BENCH_STDERR)
+
+    monkeypatch.setattr(peers, "build_llama_cpp", build)
+    monkeypatch.setattr(peers, "make_gguf", gguf)
+    monkeypatch.setattr(peers, "llama_kernels", kernels)
+    monkeypatch.setattr(peers, "gguf_weight_bytes", lambda path, src: 1)
+    monkeypatch.setattr(peers, "cpu_flags", lambda: ["avx2", "amx_int8"])
+    rec = peers.llama_setup(str(tmp_path), str(tmp_path), "hf", 2)
+    assert built == ["native", "no-amx"] and rec["rebuilt_without_amx"] and rec["build"]["variant"] == "no-amx"
+    assert rec["probes"]["native"]["Q8_0"]["signal"] == "SIGILL" and rec["probes"]["no-amx"]["Q8_0"]["returncode"] == 0
+    assert rec["bins"] == os.path.join("llama-build-no-amx", "bin")
+    assert ("llama-build-no-amx", "model-F32.gguf") in probed
+    assert peers.llama_setup(str(tmp_path), str(tmp_path), "hf", 2) == rec and built == ["native", "no-amx"]  # cached
+    monkeypatch.setattr(peers, "cpu_flags", lambda: ["avx2"])     # another machine, no AMX: probed again, native
+    rec = peers.llama_setup(str(tmp_path), str(tmp_path), "hf", 2)
+    assert built[2:] == ["native"] and not rec["rebuilt_without_amx"] and rec["build"]["variant"] == "native"
