@@ -544,7 +544,7 @@ def checkpoint_counts(hf) -> dict:
                 total += 4 * numel
                 if len(shape) == 2 and ("embed" in k or "lm_head" in k):
                     head_macs = max(head_macs, numel)
-                elif len(shape) == 2:
+                elif len(shape) == 2 and k.endswith(".weight"):       # not A_log [d_inner, d_state]
                     layer_macs += numel
     return {"weights_bytes_fp32": total, "layer_macs_per_token": layer_macs, "head_macs": head_macs}
 
@@ -907,7 +907,10 @@ def prepare(a, family, systems, work, shared, hf):
         precisions = tuple(q for q in PRECISIONS if any(precision(s) == q for s in onnx_systems))
         paths = make_onnx(work, hf, a.threads, family, precisions)
         weights.update({s: onnx_weight_bytes(paths[(precision(s), "decode")]) for s in onnx_systems})
-        kernels = ort_kernels({f"{q} {k}": p for (q, k), p in sorted(paths.items())}, a.threads)
+        files: dict = {}              # one ORT session per distinct file (Mamba1's step graph serves both kinds)
+        for (q, k), p in sorted(paths.items()):
+            files.setdefault(p, []).append((q, k))
+        kernels = ort_kernels({f"{ks[0][0]} {'/'.join(k for _, k in ks)}": p for p, ks in files.items()}, a.threads)
     counts["weights_bytes"] = weights
     counts["onnxruntime"] = kernels
     with open(os.path.join(work, "counts.json"), "w") as f:
