@@ -888,8 +888,8 @@ def peers_kernels(src):
 
 @renderer
 def peers_issue22_goals(src):
-    """Issue 22's goals on one peers run (the first source; the second, an earlier run, for batch 8): each met or
-    missed by how much."""
+    """Issue 22's goals on one peers run (the first source; the others, an earlier run's files, for batch 8: its
+    W8A8 and Q8_0 rows, from whichever file holds them): each met or missed by how much."""
     d = src[0]
     lim = _limits(d)
     by = {(r["system"], r["case"], r["batch"]): r for r in d["rows"]}
@@ -920,7 +920,10 @@ def peers_issue22_goals(src):
     a, q = row(W8, "decode-128", 8)["tokens_per_s"], row(Q8, "decode-128", 8)["tokens_per_s"]
     line = f"- No regression at batch 8: W8A8 decode b8 {_tps(a)} tok/s, {a / q:.2f}x llama.cpp Q8_0 in this run"
     if len(src) > 1:
-        prev = {(r["system"], r["case"], r["batch"]): r for r in src[1]["rows"]}
+        prev: dict = {}
+        for d_prev in src[1:]:
+            for r in d_prev["rows"]:
+                prev.setdefault((r["system"], r["case"], r["batch"]), r)
         pa, pq = prev.get((W8, "decode-128", 8)), prev.get((Q8, "decode-128", 8))
         if pa and pq:
             x = (a / q) / (pa["tokens_per_s"] / pq["tokens_per_s"])
