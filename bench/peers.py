@@ -473,10 +473,11 @@ def make_onnx(work, hf, threads, family="mamba", precisions=("fp32", "w8a8")):
     import torch
 
     from mq_deploy.calib.collect import text_forward_loop
-    from mq_deploy.export.exporter import save_model_atomic
-    from mq_deploy.export.graph import QuantSpec, build_model
+    from mq_deploy.export.exporter import quant_spec, save_model_atomic
+    from mq_deploy.export.graph import build_model
     from mq_deploy.models.loaders import load_model
     from mq_deploy.quant.fakequant import QuantConfig, quantize_head
+    from mq_deploy.quant.qcheckpoint import save_quantized
     from mq_deploy.quant.recipes import RecipeConfig, apply_recipe
 
     torch.set_num_threads(threads)
@@ -492,16 +493,22 @@ def make_onnx(work, hf, threads, family="mamba", precisions=("fp32", "w8a8")):
     for q, wbits in (("w8a8", 8), ("w4a8", 4)):
         if q not in precisions or (os.path.isfile(out[q]) and os.path.isfile(full[q])):
             continue
-        from transformers import AutoTokenizer
+        # the quantized checkpoint is kept (a `mq-deploy quantize` folder), so a change of the exporter costs
+        # an export, not another calibration; the graphs come from it as `mq-deploy export` makes them
+        ckpt = os.path.join(work, f"{q}_checkpoint")
+        if not os.path.isdir(ckpt):
+            from transformers import AutoTokenizer
 
-        log(f"quantizing (MambaQuant W{wbits}A8, 16 windows of 256 tokens)")
-        ids = np.asarray(AutoTokenizer.from_pretrained(hf)(corpus())["input_ids"], dtype=np.int64)
-        model = load_model(hf).model
-        scales = apply_recipe(model, text_forward_loop(ids, 256, 16, batch=4),
-                              RecipeConfig("mambaquant", QuantConfig(wbits, 8)))
-        quantize_head(model, "dynamic", bits=wbits)
-        save(model, QuantSpec(wbits, 8, scales["act_scales"], scales["weight_scales"], "mambaquant"), q,
-             **({"int4_format": "matmulnbits"} if wbits == 4 else {}))
+            log(f"quantizing (MambaQuant W{wbits}A8, 16 windows of 256 tokens)")
+            ids = np.asarray(AutoTokenizer.from_pretrained(hf)(corpus())["input_ids"], dtype=np.int64)
+            model = load_model(hf).model
+            recipe = RecipeConfig("mambaquant", QuantConfig(wbits, 8))
+            scales = apply_recipe(model, text_forward_loop(ids, 256, 16, batch=4), recipe)
+            save_quantized(model, ckpt, recipe, scales, {"source": "corpus()", "samples": 16, "seq_len": 256}, {},
+                           hf, overwrite=True)
+        loaded = load_model(ckpt)
+        quantize_head(loaded.model, "dynamic", bits=wbits)
+        save(loaded.model, quant_spec(loaded), q, **({"int4_format": "matmulnbits"} if wbits == 4 else {}))
     return {k: external_data(p) for k, p in srcs.items()}
 
 

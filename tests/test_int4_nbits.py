@@ -3,7 +3,7 @@ against the W4A8 reference and against the QDQ file (export/graph.py INT4_FORMAT
 
 Tolerances. One MatMulNBits node: with float activations (accuracy_level 1) it computes x @ (q * s)^T in
 float32 (rel 1e-5 of the largest output). With int8 activations (accuracy_level 4) ORT re-quantizes its input
-per block of 32 along K (scale = block max / 127); an input already on our static int8 grid comes through
+per block along K (NBITS_BLOCK; scale = block max / 127); an input already on our static int8 grid comes through
 unchanged where each block holds a code of magnitude 127 (rel 1e-5 again), and otherwise moves by at most half
 a block step per element, which bounds the output error (checked per element). Whole models: `verify`'s own
 gates (mean logits cosine >= 0.999, top-1 agreement >= 0.99, bits/byte within 0.2 %) against the W4A8
@@ -63,10 +63,11 @@ def test_nbits_layout_round_trips(k):
         nbits_weight(np.full((2, 32), 8, np.int8), np.ones(2))
 
 
-@pytest.mark.parametrize("k", [48, 96, 768])
+@pytest.mark.parametrize("k", [48, 96, 200, 768])
 def test_one_matmulnbits_node_computes_the_int4_linear(k):
-    """accuracy_level 1: x @ (q * s)^T to float32 rounding; accuracy_level 4: the same where every block of 32
-    inputs holds a code of 127, else within the bound of ORT's re-quantization of its input."""
+    """accuracy_level 1: x @ (q * s)^T to float32 rounding; accuracy_level 4: the same where every block of
+    NBITS_BLOCK inputs holds a code of 127, else within the bound of ORT's re-quantization of its input (K
+    below, at and above a block, and not a multiple of it)."""
     from mq_deploy.export.graph import NBITS_BLOCK
 
     rng = np.random.default_rng(k)

@@ -311,9 +311,12 @@ SMALL_WEIGHTS = ("qdq", "float")
 # float rounding. The MatMulNBits forms are ONNX Runtime's only: TensorRT takes the "qdq" file.
 INT4_FORMATS = ("qdq", "matmulnbits", "matmulnbits-a16")
 NBITS_ACCURACY = {"matmulnbits": 4, "matmulnbits-a16": 1}
-# blocks of 32 along K: the finest MatMulNBits' int8 path takes (the run-time activation scale is per block:
-# the smaller the block, the closer to the static grid), and the size ORT's own DQ -> MatMul fusion picks
-NBITS_BLOCK = 32
+# blocks of 128 along K. Our scales are per channel, so the block only sets how often MatMulNBits repeats a
+# channel's float32 scale (at 32, 4 bytes per 16 bytes of codes: a quarter more weight bytes per decoded
+# token; at 128, 1/16) and the granularity of its run-time activation scale at accuracy_level 4 (on the LM
+# sample blocks of 32, 64 and 128 gave the same verify figures, top-1 agreement 98.2 %). Measured at the
+# mamba-130m shapes (ORT 1.32, AVX2, 2 threads, batch 1): 128 is a few percent faster than 32.
+NBITS_BLOCK = 128
 MS_DOMAIN = "com.microsoft"
 
 
