@@ -616,7 +616,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--int4-format", default="qdq", choices=["qdq", "matmulnbits", "matmulnbits-a16"],
                    help="W4 checkpoints and int4 heads: qdq (int4 DequantizeLinear + MatMul: the TensorRT file, runs "
                         "anywhere), matmulnbits (ONNX Runtime's com.microsoft.MatMulNBits, int8 activations per "
-                        "block at run time: the ONNX Runtime file) or matmulnbits-a16 (the same op with float activations)")
+                        "block at run time: the ONNX Runtime file) or matmulnbits-a16 (the same op with float "
+                        "activations)")
     add_tokenizer(s)
     add_json(s, "the export summary", g)
     s.set_defaults(func=cmd_export)
