@@ -650,7 +650,8 @@ def scale_goals(src, paths, shapes="130m,790m,2.8b"):
 
 # ---- bench/peers.py --------------------------------------------------------------------------------------
 
-PEER_ORDER = ["mq-deploy ONNX W8A8, ORT + native ops", "mq-deploy ONNX FP32, ORT + native ops",
+PEER_ORDER = ["mq-deploy ONNX W4A8, ORT + native ops", "mq-deploy ONNX W8A8, ORT + native ops",
+              "mq-deploy ONNX FP32, ORT + native ops",
               "mq-deploy ONNX W8A8, ORT (Scan body)", "mq-deploy ONNX FP32, ORT (Scan body)", "mq-deploy PyTorch fp32",
               "llama.cpp Q8_0", "llama.cpp Q4_0", "llama.cpp F32", "transformers fp32"]
 PEER_CASES = [("prefill-256", 1), ("prefill-1024", 1), ("decode-128", 1), ("decode-128", 8)]
@@ -811,6 +812,124 @@ def peers_run_goals(src):
     ok = all(row(W8, c)["peak_rss_mib"] <= 2 * row(Q8, c)["peak_rss_mib"] for c in PEER_CASES)
     out.append(f"- Peak RSS ≤ 2x llama.cpp Q8_0: {'**met**' if ok else '**not met in every case**'}: "
                + "; ".join(parts) + ".")
+    return "\n".join(out)
+
+
+W4 = "mq-deploy ONNX W4A8, ORT + native ops"
+Q4 = "llama.cpp Q4_0"
+
+
+def _limits(d):
+    lim = d.get("roofline", {}).get("limits")
+    if not lim:
+        raise ReportError("the peers JSON has no roofline (bench/peers.py before issue 22)")
+    return lim
+
+
+@renderer
+def peers_roofline(src):
+    """Each row of one peers run (bench/peers.py, issue 22 on) against the machine's limits measured in the same
+    run: decode, MiB of weights read per token, the read bandwidth that implies and its share of the measured
+    one; prefill, the GEMM MACs per token, the rate and its share of ORT's int8 GEMM peak."""
+    d = src[0]
+    lim = _limits(d)
+    order = {s: i for i, s in enumerate(PEER_ORDER)}
+    rows = sorted(d["rows"], key=lambda r: (order.get(r["system"], len(order)), PEER_CASES.index((r["case"],
+                                                                                                 r["batch"]))))
+    out = [f"Limits measured in the run ({d['threads']} threads): read {lim['read_gbps']:.1f} GB/s, ONNX Runtime's "
+           f"int8 GEMM {lim['int8_gemm_gmacs']:.0f} G MAC/s.", "",
+           "| system | case | tok/s | weights MiB/token | read GB/s | % of read | G MAC/s | % of int8 peak | load |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        dec = "read_gbps" in r
+        cells = ([f"{r['weights_mib_per_token']:.1f}", f"{r['read_gbps']:.2f}", f"{r['read_fraction'] * 100:.0f} %",
+                  "", ""] if dec else ["", "", "", f"{r['gmacs']:.1f}", f"{r['int8_peak_fraction'] * 100:.0f} %"])
+        out.append(f"| {r['system']} | {r['case']} b{r['batch']} | {_tps(r['tokens_per_s'], r['case'])} | "
+                   + " | ".join(cells) + f" | {load_range(r)} |")
+    return "\n".join(out)
+
+
+@renderer
+def peers_kernels(src):
+    """What one peers run ran: the llama.cpp build (and whether the AMX probe rebuilt it), per GGUF its weights'
+    buffers and repacked layouts; ONNX Runtime's version, the CPU flags its int8 kernels depend on, and the ops
+    of the graphs it optimized."""
+    d = src[0]
+    k = d.get("kernels")
+    if not k:
+        raise ReportError("the peers JSON records no kernels (bench/peers.py before issue 22)")
+    out = []
+    lc = k.get("llama_cpp")
+    if lc:
+        b = lc["build"]
+        probe = "; ".join(f"{q} exit {r['returncode']}" + (f" ({r['signal']})" if r.get("signal") else "")
+                          for q, r in lc["probes"]["native"].items())
+        out.append(f"- llama.cpp ({d['llama_cpp_python']} sdist): {b['variant']} build, ISA "
+                   f"{' '.join(x.strip('_') for x in b['isa'])}, repacked kernels "
+                   f"{b['ggml_options'].get('GGML_CPU_REPACK', '?')}; the native build's probe (a 32-token prefill): "
+                   f"{probe}" + ("; rebuilt without AMX" if lc["rebuilt_without_amx"] else "") + ".")
+        for q, r in lc["kernels"].items():
+            bufs = ", ".join(f"{n} {v:.0f} MiB" for n, v in r["buffers_mib"].items())
+            rep = ", ".join(f"{n} ({c} tensors)" for n, c in r["repacked"].items()) or "none"
+            out.append(f"  - {q}: weights in {bufs}; repacked: {rep}; types "
+                       + ", ".join(f"{t} {c}" for t, c in r["tensor_types"].items()) + ".")
+    o = k.get("onnxruntime")
+    if o:
+        flags = ", ".join(f for f, on in o["mlas_cpu_flags"].items() if on) or "none of them"
+        out.append(f"- ONNX Runtime {o['onnxruntime']} ({', '.join(o['providers'])}), {o['intra_op_threads']} "
+                   f"threads, session options {', '.join(f'{a}={v}' for a, v in o['session_config'].items())}; "
+                   f"CPU flags of its int8 kernels present: {flags}.")
+        for f, ops in o["optimized_ops"].items():
+            gemm = {n: c for n, c in ops.items() if n.endswith(("MatMulIntegerToFloat", "MatMulNBits", "MatMulInteger",
+                                                                "MatMul"))}
+            out.append(f"  - {f}: " + ", ".join(f"{n.split('::')[-1]} {c}" for n, c in gemm.items()) + ".")
+    return "\n".join(out)
+
+
+@renderer
+def peers_issue22_goals(src):
+    """Issue 22's goals on one peers run (the first source; the others, an earlier run's files, for batch 8: its
+    W8A8 and Q8_0 rows, from whichever file holds them): each met or missed by how much."""
+    d = src[0]
+    lim = _limits(d)
+    by = {(r["system"], r["case"], r["batch"]): r for r in d["rows"]}
+
+    def row(system, case, batch):
+        r = by.get((system, case, batch))
+        if r is None:
+            raise ReportError(f"no peers row {system!r} {case} b{batch}")
+        return r
+
+    out = []
+    for ours, peer, target in ((W4, Q4, 1.2), (W8, Q8, 1.3)):
+        a, b = row(ours, "decode-128", 1)["tokens_per_s"], row(peer, "decode-128", 1)["tokens_per_s"]
+        out.append(f"- {ours.split(',')[0].replace('mq-deploy ONNX ', '')} decode b1 ≥ {target}x {peer}: "
+                   f"{_short(a / b, target)} ({_tps(a)} vs {_tps(b)} tok/s).")
+    r = row(W8, "decode-128", 1)
+    x = r["read_fraction"] / 0.6
+    out.append("- W8A8 decode b1 reads its weights at ≥ 60 % of the measured read bandwidth: "
+               + (f"**met**, {r['read_fraction'] * 100:.0f} %" if x >= 1 else
+                  f"**missed** by {(1 - x) * 100:.0f} %, {r['read_fraction'] * 100:.0f} %")
+               + f" ({r['read_gbps']:.1f} of {lim['read_gbps']:.1f} GB/s, {r['weights_mib_per_token']:.0f} MiB a token).")
+    r = row(W8, "prefill-1024", 1)
+    x = r["int8_peak_fraction"] / 0.25
+    out.append("- Prefill 1024 ≥ 25 % of the measured int8 GEMM peak (W8A8): "
+               + (f"**met**, {r['int8_peak_fraction'] * 100:.0f} %" if x >= 1 else
+                  f"**missed** by {(1 - x) * 100:.0f} %, {r['int8_peak_fraction'] * 100:.0f} %")
+               + f" ({r['gmacs']:.1f} of {lim['int8_gemm_gmacs']:.0f} G MAC/s).")
+    a, q = row(W8, "decode-128", 8)["tokens_per_s"], row(Q8, "decode-128", 8)["tokens_per_s"]
+    line = f"- No regression at batch 8: W8A8 decode b8 {_tps(a)} tok/s, {a / q:.2f}x llama.cpp Q8_0 in this run"
+    if len(src) > 1:
+        prev: dict = {}
+        for d_prev in src[1:]:
+            for r in d_prev["rows"]:
+                prev.setdefault((r["system"], r["case"], r["batch"]), r)
+        pa, pq = prev.get((W8, "decode-128", 8)), prev.get((Q8, "decode-128", 8))
+        if pa and pq:
+            x = (a / q) / (pa["tokens_per_s"] / pq["tokens_per_s"])
+            line += (f"; the earlier run {pa['tokens_per_s'] / pq['tokens_per_s']:.2f}x: "
+                     + ("**met**" if x >= 0.95 else f"**missed**, the ratio fell by {(1 - x) * 100:.0f} %"))
+    out.append(line + ".")
     return "\n".join(out)
 
 

@@ -8,6 +8,8 @@ that `pip install` builds, as a user's run does):
   lm-w8a8, lm-w4a8            full graph, 100 held-out windows of 256 bytes
   lm-w8a8-step                the decode-step graph, 20 windows (the reference runs them step by step)
   lm-w4a8-gptq                --weight-rounding gptq, verify's default data (32 windows)
+  *-nbits, *-nbits-a16        the W4 cases exported for ONNX Runtime (--int4-format matmulnbits: int8
+                              activations; matmulnbits-a16: float), from the same quantized folder
 (--limit scales them all, e.g. --scale 5 for the whole Vim test set and 500 LM windows.)
 Each command runs in its own process; the JSON keeps verify's own report per case.
 """
@@ -33,6 +35,10 @@ CASES = {   # name: (sample, quantize flags, export flags, verify flags)
     "lm-w8a8-step": (LM, ["--wbits", "8"], ["--decode-step"], 20),
     "lm-w4a8-gptq": (LM, ["--wbits", "4", "--weight-rounding", "gptq"], [], None),
 }
+for _name in ("vim-w4a8", "lm-w4a8", "lm-w4a8-gptq"):
+    _sample, _q, _e, _limit = CASES[_name]
+    for _fmt, _tag in (("matmulnbits", "nbits"), ("matmulnbits-a16", "nbits-a16")):
+        CASES[f"{_name}-{_tag}"] = (_sample, _q, ["--int4-format", _fmt], _limit)
 
 
 def cli(*args, ok=(0,)):
@@ -53,11 +59,12 @@ def main(argv=None):
     meta = RunMeta()
     work = a.workdir or tempfile.mkdtemp(prefix="mq-bench-verify-")
     os.makedirs(work, exist_ok=True)
-    rows = []
+    rows, qdirs = [], {}
     for name in a.cases.split(","):
         sample, qflags, eflags, limit = CASES[name]
         vflags = ["--limit", str(int(limit * a.scale))] if limit else []
-        q = os.path.join(work, name.replace("-step", "") + "-q")
+        # one quantized folder per sample and quantize flags (named after the first case that needs it)
+        q = qdirs.setdefault((sample, tuple(qflags)), os.path.join(work, name.replace("-step", "") + "-q"))
         onnx = os.path.join(work, name + ".onnx")
         rep = os.path.join(work, name + ".verify.json")
         load_at_start = round(os.getloadavg()[0], 2)

@@ -412,8 +412,8 @@ def cmd_export(args) -> int:
 
     _json_target(args, [args.model, args.output])
     info = export(args.model, args.output, step=args.decode_step, opset=args.opset, overwrite=args.overwrite,
-                  tokenizer=args.tokenizer, quantize_head=args.quantize_head,
-                  state_dtype=STATE_DTYPE_NAMES[args.state_dtype])
+                  tokenizer=args.tokenizer, quantize_head=args.quantize_head, int4_format=args.int4_format,
+                  head_bits=args.head_bits, state_dtype=STATE_DTYPE_NAMES[args.state_dtype])
     ops = ", ".join(f"{k} {v}" for k, v in sorted(info["op_counts"].items(), key=lambda kv: -kv[1])[:8])
     print(f"wrote {info['path']}: {info['graph']} graph of the {info['architecture']} "
           f"({info['quant'] or 'float32'}), {info['nodes']} nodes, {info['bytes'] / 1e6:.2f} MB; {ops}")
@@ -617,6 +617,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quantize-head", action="store_true",
                    help="LM: int8 per-channel lm_head weights with int8 activations per tensor at run time "
                         "(DynamicQuantizeLinear + MatMulInteger); the embedding stays float")
+    s.add_argument("--head-bits", type=int, default=8, choices=[8, 4],
+                   help="with --quantize-head: 4 stores the head int4 with a scale per block of 32 inputs and float "
+                        "activations (written as --int4-format says), default 8")
+    s.add_argument("--int4-format", default="qdq", choices=["qdq", "matmulnbits", "matmulnbits-a16"],
+                   help="W4 checkpoints and int4 heads: qdq (int4 DequantizeLinear + MatMul: the TensorRT file, runs "
+                        "anywhere), matmulnbits (ONNX Runtime's com.microsoft.MatMulNBits, int8 activations per "
+                        "block at run time: the ONNX Runtime file) or matmulnbits-a16 (the same op with float "
+                        "activations)")
     add_tokenizer(s)
     add_json(s, "the export summary", g)
     s.set_defaults(func=cmd_export)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from mq_deploy.errors import MQUserError
-from mq_deploy.export.graph import OPSET, QuantSpec, build_model
+from mq_deploy.export.graph import INT4_FORMATS, OPSET, QuantSpec, build_model
 
 # protobuf's 2 GiB limit: larger models keep their initializers in a side file
 _EXTERNAL_DATA_BYTES = 1_800_000_000
@@ -94,9 +94,13 @@ def _carry_tokenizer(proto, loaded, tokenizer: str | None) -> None:
 
 
 def export(model_path: str, out: str, step: bool = False, opset: int = OPSET, overwrite: bool = False,
-           tokenizer: str | None = None, quantize_head: bool = False, state_dtype: str = "float32") -> dict:
+           tokenizer: str | None = None, quantize_head: bool = False, int4_format: str = "qdq",
+           head_bits: int = 8, state_dtype: str = "float32") -> dict:
     """Export a model directory / checkpoint (FP or quantized) to ONNX; return a summary dict.
-    quantize_head: the LM head as int8 (fakequant.quantize_head; verify's reference does the same).
+    quantize_head: the LM head as int8, or int4 with head_bits 4 (fakequant.quantize_head); verify's reference
+    keeps the checkpoint's head, so the head's rounding is part of what verify measures.
+    int4_format (W4 checkpoints): graph.INT4_FORMATS, "qdq" (TensorRT, any runtime) or ONNX Runtime's
+    MatMulNBits ("matmulnbits": int8 activations, "matmulnbits-a16": float).
     state_dtype (step graphs): how the SSM states are stored between calls (config.STATE_DTYPES,
     models.state_codec); the artifact's mq.config records it and verify's reference does the same."""
     from mq_deploy.config import STATE_DTYPES
@@ -114,15 +118,27 @@ def export(model_path: str, out: str, step: bool = False, opset: int = OPSET, ov
 
     inputs = (model_path,) + ((tokenizer,) if tokenizer else ())
     fileio.check_target(out, overwrite, inputs, "ONNX file")      # before the long work
+    if int4_format not in INT4_FORMATS:
+        raise MQUserError(f"--int4-format must be one of {', '.join(INT4_FORMATS)}, got {int4_format!r}")
+    from mq_deploy.quant.fakequant import HEAD_BITS
+
+    if head_bits not in HEAD_BITS:
+        raise MQUserError(f"--head-bits must be one of {', '.join(map(str, HEAD_BITS))}, got {head_bits!r}")
+    if head_bits != 8 and not quantize_head:
+        raise MQUserError("--head-bits applies with --quantize-head")
     loaded = load_model(model_path)
     spec = quant_spec(loaded)
+    int4_head = quantize_head and head_bits == 4
+    if int4_format != "qdq" and (spec is None or spec.wbits != 4) and not int4_head:
+        raise MQUserError(f"--int4-format {int4_format} applies to W4 checkpoints and int4 heads; {model_path} is "
+                          f"{'a float model' if spec is None else f'W{spec.wbits}A{spec.abits}'}")
     if state_dtype != "float32":
         set_state_dtype(loaded, state_dtype, spec)
     if quantize_head:
         from mq_deploy.quant.fakequant import quantize_head as int8_head
 
-        int8_head(loaded.model)
-    proto = build_model(loaded.model, spec, step=step, opset=opset, consume=True)
+        int8_head(loaded.model, bits=head_bits)
+    proto = build_model(loaded.model, spec, step=step, opset=opset, consume=True, int4_format=int4_format)
     _carry_tokenizer(proto, loaded, tokenizer)
     loaded.model = None      # the rest of the float model (embedding, head): not held while the proto is written
     out_abs = save_model_atomic(proto, out, overwrite=overwrite, inputs=inputs)
@@ -132,4 +148,6 @@ def export(model_path: str, out: str, step: bool = False, opset: int = OPSET, ov
         counts[key] = counts.get(key, 0) + 1
     return {"path": out_abs, "nodes": len(proto.graph.node), "op_counts": counts, "bytes": os.path.getsize(out_abs),
             "quant": None if spec is None else f"{spec.recipe} W{spec.wbits}A{spec.abits}",
+            "int4_format": int4_format if (spec is not None and spec.wbits == 4) or int4_head else None,
+            "head": f"int{head_bits}" if quantize_head else "float",
             "graph": "step" if step else "full", "architecture": loaded.architecture}

@@ -145,12 +145,44 @@ class Int8Head(torch.nn.Module):
         return (x.to(torch.float64) @ w.t()).to(torch.float32)
 
 
-def quantize_head(model, act: str = "dynamic") -> Int8Head:
-    """Replace an LM's lm_head by its int8 form (Int8Head); the embedding is left as it is."""
+class Int4Head(torch.nn.Module):
+    """LM head with int4 weights, symmetric, RTN, one scale per block of `block` inputs of each output channel
+    (llama.cpp's Q4_0 granularity; one scale per channel would be too coarse for a vocabulary-sized head), and
+    float activations: the reference of the exported int4 head (com.microsoft.MatMulNBits, or a blocked int4
+    DequantizeLinear -> MatMul for TensorRT). Holds its own weight, so a tied embedding stays float."""
+
+    def __init__(self, weight: torch.Tensor, block: int = 32):
+        super().__init__()
+        w = weight.detach().to(torch.float32)
+        self.out_features, self.in_features = w.shape
+        self.block = block
+        nb = -(-self.in_features // block)
+        wp = torch.nn.functional.pad(w, (0, nb * block - self.in_features)).reshape(self.out_features, nb, block)
+        s = (wp.abs().amax(-1) / 7.0).clamp_min(torch.finfo(torch.float32).tiny)       # [V, blocks]
+        q = torch.clamp(torch.round(wp / s[..., None]), -7, 7).reshape(self.out_features, -1)[:, :self.in_features]
+        self.register_buffer("qweight", q.to(torch.int8))
+        self.register_buffer("scale", s)
+
+    def forward(self, x):
+        s = self.scale.to(torch.float64).repeat_interleave(self.block, 1)[:, :self.in_features]
+        return (x.to(torch.float64) @ (self.qweight.to(torch.float64) * s).t()).to(torch.float32)
+
+
+HEAD_BITS = (8, 4)
+
+
+def quantize_head(model, act: str = "dynamic", bits: int = 8) -> torch.nn.Module:
+    """Replace an LM's lm_head by its int8 form (Int8Head) or, bits 4, its int4 form (Int4Head: float
+    activations, `act` unused); the embedding is left as it is."""
+    if bits not in HEAD_BITS:
+        raise MQUserError(f"the head takes {' or '.join(map(str, HEAD_BITS))}-bit weights, not {bits!r}")
     head = getattr(model, "lm_head", None)
     if head is None:
         raise MQUserError("--quantize-head applies to language models (a model with an lm_head)")
-    if isinstance(head, Int8Head):
+    kind = Int8Head if bits == 8 else Int4Head
+    if isinstance(head, kind):
         return head
-    model.lm_head = Int8Head(head.weight, act)
+    if isinstance(head, (Int8Head, Int4Head)):
+        raise MQUserError(f"the LM head is already quantized ({type(head).__name__})")
+    model.lm_head = Int8Head(head.weight, act) if bits == 8 else Int4Head(head.weight)
     return model.lm_head

@@ -239,6 +239,9 @@ def plan_build(onnx_path, out_path, cfg: EngineBuildConfig) -> dict:
     out = fileio.check_target(out_path, cfg.overwrite, inputs, "engine")
     if cfg.timing_cache is not None:
         fileio.check_target(cfg.timing_cache, True, [onnx_path, out], "timing cache", inout=True)
+    if any(n.domain == "com.microsoft" for n in model.graph.node):
+        raise MQUserError(f"{onnx_path}: its int4 linears are ONNX Runtime's com.microsoft.MatMulNBits, which "
+                          "TensorRT does not parse; export the TensorRT file with `mq-deploy export --int4-format qdq`")
     n_scan = count_plugin_nodes(model)
     stripped, removed = strip_function_bodies(model)
     n_fp16 = set_scan_out_dtype(stripped, onnx.TensorProto.FLOAT16) if (cfg.fp16 and not cfg.strongly_typed) else 0

@@ -50,8 +50,7 @@ def _branch(g, mixer, prefix, x, z, s, conv_state=None, ssm_state=None):
                  else (None, None, None))       # Jamba: the same norms with weights
         dt_low, Bm, Cm = (b.rms_norm(t, n, cfg.mixer_rms_eps) for t, n in zip((dt_low, Bm, Cm), norms))
     dt_proj = getattr(mixer, "dt_proj" + s)
-    dt = b.op("MatMul", [g.qdq(dt_low, prefix + "dt_low" + s),
-                         g.weight(weight_key(prefix, "dt_proj", s), dt_proj.weight, transpose=True, small=True)])
+    dt = g.matmul(g.qdq(dt_low, prefix + "dt_low" + s), weight_key(prefix, "dt_proj", s), dt_proj.weight, small=True)
     if ssm_state is None:   # zero initial state [batch, Di, N] from the runtime batch size
         ssm_state = b.op("ConstantOfShape", [b.op("Concat", [b.batch_dim(x), b.i64([cfg.d_inner, cfg.d_state])],
                                                   axis=0)],
