@@ -10,6 +10,7 @@ Stages, each the real command line in its own process (wall time and that proces
   build     mq-deploy build model.onnx --backend onnxruntime
 
     python bench/scale.py --shapes 130m,790m --workdir /tmp/mq-scale --json scale.json
+    python bench/scale.py --shapes 790m --stream off,on --json out.json   # whole-model and streamed quantize
 
 Timings are on a shared 2-core machine: noisy; the load average is printed beside every row.
 Goals (issue 9): quantize peak RSS <= fp32 model size + 3 GiB; export <= fp32 size + int8 size + 2 GiB.
@@ -34,8 +35,11 @@ SHAPES = {   # the state-spaces/mamba-*-hf configs (vocab 50280, d_state 16, d_c
     "790m": dict(hidden_size=1536, num_hidden_layers=48),
     "1.4b": dict(hidden_size=2048, num_hidden_layers=48),
     "2.8b": dict(hidden_size=2560, num_hidden_layers=64),
+    # FalconMamba-7B's published shape (d_inner 8192, dt rank 256, vocab 65024), written by FalconMambaForCausalLM
+    "falcon-mamba-7b": dict(hidden_size=4096, num_hidden_layers=64, vocab_size=65024, time_step_rank=256,
+                            arch="falcon_mamba"),
 }
-HALF = {"2.8b": "bfloat16", "1.4b": "bfloat16"}
+HALF = {"2.8b": "bfloat16", "1.4b": "bfloat16", "falcon-mamba-7b": "bfloat16"}
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)     # this checkout's mq_deploy, as the stages (run with cwd REPO) use
 KJV = os.path.join(REPO, "samples", "mamba-byte-lm", "data")
@@ -61,16 +65,18 @@ sys.exit(rc or 0)
 _MAKE = r"""
 import os, sys, torch, transformers
 out, hidden, layers, dtype, shard = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+arch, vocab, dt_rank = sys.argv[6], int(sys.argv[7]), sys.argv[8]
 # initializer_range 0.005 with the GPT-2 residual rescale: random weights in the ordered regime, where a
 # perturbation of float-rounding size stays that size. transformers' default (0.1, no rescale) makes a deep
 # random model chaotic under int8 (bench/qdq_drift.py), and then no export could pass verify.
-cfg = transformers.MambaConfig(vocab_size=50280, hidden_size=hidden, num_hidden_layers=layers, state_size=16,
-                               expand=2, conv_kernel=4, eos_token_id=0, pad_token_id=0, bos_token_id=0,
-                               initializer_range=0.005, rescale_prenorm_residual=True)
+kw = dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, state_size=16, expand=2, conv_kernel=4,
+          eos_token_id=0, pad_token_id=0, bos_token_id=0, initializer_range=0.005, rescale_prenorm_residual=True,
+          time_step_rank="auto" if dt_rank == "auto" else int(dt_rank))
+cfg = transformers.FalconMambaConfig(**kw) if arch == "falcon_mamba" else transformers.MambaConfig(**kw)
 torch.manual_seed(0)
 dt = getattr(torch, dtype)
 torch.set_default_dtype(dt)      # build and initialise directly in the stored dtype: one copy in memory
-m = transformers.MambaForCausalLM(cfg).eval()
+m = (transformers.FalconMambaForCausalLM if arch == "falcon_mamba" else transformers.MambaForCausalLM)(cfg).eval()
 m.save_pretrained(out, max_shard_size=shard)
 """
 
@@ -129,7 +135,9 @@ def train_tokenizer(path, vocab_size=4000):
         train_byte_level_bpe(path, [f.read()], vocab_size)
 
 
-def bench_shape(shape, workdir, calib_windows, keep, log, stages_wanted=None):
+def bench_shape(shape, workdir, calib_windows, keep, log, stages_wanted=None, streams=("auto",)):
+    """streams: quantize's --stream modes, each a stage of its own on the same model (the first's checkpoint is
+    what export reads; export takes the first mode too)."""
     d = os.path.join(workdir, shape)
     if stages_wanted is None or "make" in stages_wanted:   # a fresh folder; later stages reuse a kept one
         if os.path.exists(d):
@@ -143,18 +151,24 @@ def bench_shape(shape, workdir, calib_windows, keep, log, stages_wanted=None):
     script = os.path.join(d, "make.py")
     with open(script, "w") as f:
         f.write(_MAKE)
+    sh = SHAPES[shape]
     stages = [
-        ("make", ["python", script, model, str(hidden), str(layers), dtype, "2GB"], "script"),
-        ("info", ["info", model], "cli"),
-        ("quantize", ["quantize", model, "-o", q, "--recipe", "mambaquant", "--calib",
-                      os.path.join(KJV, "calib.txt"), "--calib-samples", str(calib_windows)], "cli"),
-        ("export", ["export", q, "-o", onnx_path], "cli"),
+        ("make", ["python", script, model, str(hidden), str(layers), dtype, "2GB", sh.get("arch", "mamba"),
+                  str(sh.get("vocab_size", 50280)), str(sh.get("time_step_rank", "auto"))], "script"),
+        ("info", ["info", model], "cli")]
+    for k, mode in enumerate(streams):
+        stages.append((f"quantize --stream {mode}", ["quantize", model, "-o", q if k == 0 else f"{q}-{mode}",
+                                                     "--recipe", "mambaquant", "--calib", os.path.join(KJV, "calib.txt"),
+                                                     "--calib-samples", str(calib_windows), "--stream", mode], "cli"))
+    info["streams"] = list(streams)
+    stages += [
+        ("export", ["export", q, "-o", onnx_path, "--stream", streams[0]], "cli"),
         ("verify", ["verify", onnx_path, "--reference", q, "--data", os.path.join(KJV, "eval.txt"),
                     "--limit", "2", "--seq-len", "512", "--batch", "1"], "cli"),
         ("build", ["build", onnx_path, "--backend", "onnxruntime", "--optShapes", "input_ids:1x64"], "cli"),
     ]
     for name, argv, kind in stages:
-        if stages_wanted and name not in stages_wanted:
+        if stages_wanted and name.split()[0] not in stages_wanted:
             continue
         _wait_while_paused(workdir)
         if name == "info" and not os.path.exists(os.path.join(model, "tokenizer.json")):
@@ -169,7 +183,7 @@ def bench_shape(shape, workdir, calib_windows, keep, log, stages_wanted=None):
             data = onnx_path + ".data"
             r["external_data_gib"] = os.path.getsize(data) / 2**30 if os.path.exists(data) else 0.0
         info["stages"].append(r)
-        print(f"{shape:5s} {name:9s} rc {r['rc']}  {r['seconds']:8.1f} s  peak RSS "
+        print(f"{shape:5s} {name:22s} rc {r['rc']}  {r['seconds']:8.1f} s  peak RSS "
               f"{(r['peak_rss_gib'] or 0):6.2f} GiB  load {r['load']}  " + (r["tail"][-1][:110] if r["tail"] else ""),
               flush=True)
         if r["rc"] not in (0, 1):     # verify exits 1 when a check fails; the pipeline goes on
@@ -188,6 +202,10 @@ def main():
     ap.add_argument("--keep", action="store_true", help="keep the model folders and artifacts")
     ap.add_argument("--stages", help="only these stages (comma-separated; make must come first on a fresh workdir)")
     ap.add_argument("--json", metavar="OUT")
+    ap.add_argument("--stream", default="auto",
+                    help="quantize's --stream modes, comma-separated, each its own stage on the same model in this run "
+                         "(e.g. off,on: the whole-model and the layer-streamed quantize side by side); export takes "
+                         "the first")
     args = ap.parse_args()
     meta = RunMeta()
     os.makedirs(args.workdir, exist_ok=True)
@@ -195,7 +213,7 @@ def main():
     rows = []
     for shape in args.shapes.split(","):
         rows.append(bench_shape(shape, args.workdir, args.calib_windows, args.keep, log,
-                                args.stages.split(",") if args.stages else None))
+                                args.stages.split(",") if args.stages else None, tuple(args.stream.split(","))))
         if args.json:
             from mq_deploy.fileio import write_json
 
@@ -208,7 +226,7 @@ def main():
     print(f"\n{'shape':6s} {'stage':9s} {'rc':>3s} {'wall s':>9s} {'peak RSS GiB':>13s}  (fp32 model GiB)")
     for info in rows:
         for r in info["stages"]:
-            print(f"{info['shape']:6s} {r['stage']:9s} {r['rc']:3d} {r['seconds']:9.1f} "
+            print(f"{info['shape']:6s} {r['stage']:22s} {r['rc']:3d} {r['seconds']:9.1f} "
                   f"{(r['peak_rss_gib'] or 0):13.2f}  ({info.get('fp32_gib', 0):.2f})")
 
 

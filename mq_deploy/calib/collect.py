@@ -6,6 +6,7 @@ batches through the model (see `text_forward_loop` / `image_forward_loop`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -14,9 +15,28 @@ from mq_deploy.calib.observers import Observer
 from mq_deploy.models.points import mixer_prefix
 
 
+@dataclass(frozen=True)
+class Window:
+    """Which parts of a layer-streamed model are in memory (quant.streamed): `layers` (indices) and whether the
+    ends (embedding, final norm, head) are. A model without `stream_window` is whole: everything is."""
+    layers: frozenset = frozenset()
+    ends: bool = False
+
+
+def resident_layers(model) -> list:
+    """(index, layer) of every layer in memory: all of them, or a streamed model's window."""
+    w = getattr(model, "stream_window", None)
+    return [(i, layer) for i, layer in enumerate(model.layers) if w is None or i in w.layers]
+
+
+def ends_resident(model) -> bool:
+    w = getattr(model, "stream_window", None)
+    return w is None or w.ends
+
+
 def mixers(model):
-    """(prefix, mixer) for every Mamba mixer of an LM or a Vim."""
-    return [(mixer_prefix(i), layer.mixer) for i, layer in enumerate(model.layers)]
+    """(prefix, mixer) for every Mamba mixer of an LM or a Vim (in memory: resident_layers)."""
+    return [(mixer_prefix(i), layer.mixer) for i, layer in resident_layers(model)]
 
 
 def calibrate(model, forward_loop: Callable, make_observers: Callable[[str], list]) -> dict:
@@ -37,9 +57,11 @@ def calibrate(model, forward_loop: Callable, make_observers: Callable[[str], lis
     try:
         for prefix, mixer in attached:
             mixer.act_hook = hook_for(prefix)
+        model.calib_hook_for = hook_for      # a streamed loop's layers, read in while it runs (quant.streamed)
         with torch.no_grad():
             forward_loop(model)
     finally:
+        del model.calib_hook_for
         for _, mixer in attached:
             mixer.act_hook = None
     if not observers:
@@ -60,6 +82,7 @@ def text_forward_loop(tokens, seq_len: int = 512, n_samples: int = 32, batch: in
         for i in range(0, len(data), batch):
             model.backbone(data[i:i + batch])   # every quant point is inside the backbone
     loop.samples = len(data)
+    loop.data, loop.batch = data, batch         # a layer-streamed quantize runs the same batches layer by layer
     return loop
 
 
@@ -74,4 +97,5 @@ def image_forward_loop(images: torch.Tensor, n_samples: int = 256, batch: int = 
     return loop
 
 
-__all__ = ["calibrate", "mixers", "text_forward_loop", "image_forward_loop", "Observer"]
+__all__ = ["Window", "calibrate", "ends_resident", "mixers", "resident_layers", "text_forward_loop",
+           "image_forward_loop", "Observer"]

@@ -364,6 +364,21 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def _progress():
+    """progress(done, total, what) printing one line to stderr per step: the count, the rate and an ETA."""
+    import time
+
+    start = {}
+
+    def show(done, total, what):
+        t = time.monotonic()
+        t0 = start.setdefault(what, (t, done))
+        rate = (t - t0[0]) / (done - t0[1]) if done > t0[1] else None
+        eta = f", about {rate * (total - done) / 60:.1f} min left" if rate is not None and done < total else ""
+        print(f"  {what}: {done}/{total}{f', {rate:.1f} s each' if rate else ''}{eta}", file=sys.stderr, flush=True)
+    return show
+
+
 def cmd_quantize(args) -> int:
     from mq_deploy.quant.compare import CalibConfig
     from mq_deploy.quant.qcheckpoint import quantize_to_dir
@@ -374,7 +389,7 @@ def cmd_quantize(args) -> int:
     res = quantize_to_dir(args.model, args.output, rcfg,
                           CalibConfig(path=args.calib, samples=args.calib_samples, seed=args.seed,
                                       tokenizer=args.tokenizer, seq_len=args.calib_seq_len),
-                          overwrite=args.overwrite, seed=args.seed)
+                          overwrite=args.overwrite, seed=args.seed, stream=args.stream, progress=_progress())
     print(f"wrote {res['path']}: {res['recipe']} W{res['wbits']}A{res['abits']}, calibrated on "
           f"{res['calibration']['samples']} samples of {res['calibration']['source']}")
     return 0
@@ -413,7 +428,7 @@ def cmd_export(args) -> int:
     _json_target(args, [args.model, args.output])
     info = export(args.model, args.output, step=args.decode_step, opset=args.opset, overwrite=args.overwrite,
                   tokenizer=args.tokenizer, quantize_head=args.quantize_head, int4_format=args.int4_format,
-                  head_bits=args.head_bits, state_dtype=STATE_DTYPE_NAMES[args.state_dtype])
+                  head_bits=args.head_bits, state_dtype=STATE_DTYPE_NAMES[args.state_dtype], stream=args.stream)
     ops = ", ".join(f"{k} {v}" for k, v in sorted(info["op_counts"].items(), key=lambda kv: -kv[1])[:8])
     print(f"wrote {info['path']}: {info['graph']} graph of the {info['architecture']} "
           f"({info['quant'] or 'float32'}), {info['nodes']} nodes, {info['bytes'] / 1e6:.2f} MB; {ops}")
@@ -571,6 +586,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_output(s, "OUTDIR")
     add_recipe(s)
     add_calib(s)
+    s.add_argument("--stream", choices=("auto", "on", "off"), default="auto",
+                   help="read the model layer by layer, one layer in memory at a time (language models, layer-wise "
+                        "recipes): on, off, or auto (from 1 GiB of float32 weights up; default)")
     add_runtime(s, ort=False)
     s.set_defaults(func=cmd_quantize)
 
@@ -614,6 +632,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "its conv1d scale, the SSM state with a float32 scale per row, chosen at every step "
                         "(a quantized checkpoint; docs/results.md measures what it costs). Default fp32")
     s.add_argument("--opset", type=int, default=21, help="ONNX opset (>= 21; default 21)")
+    s.add_argument("--stream", choices=("auto", "on", "off"), default="auto",
+                   help="read the checkpoint a block at a time, each block's tensors written to MODEL.onnx.data as "
+                        "they are made: on, off, or auto (language models from 1 GiB of float32 weights; default)")
     s.add_argument("--quantize-head", action="store_true",
                    help="LM: int8 per-channel lm_head weights with int8 activations per tensor at run time "
                         "(DynamicQuantizeLinear + MatMulInteger); the embedding stays float")

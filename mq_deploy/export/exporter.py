@@ -48,10 +48,13 @@ def supported_opsets():
     return range(21, onnx.defs.onnx_opset_version() + 1)
 
 
-def save_model_atomic(proto, out_path: str, *, overwrite: bool = False, inputs=(), check: bool = True) -> str:
+def save_model_atomic(proto, out_path: str, *, overwrite: bool = False, inputs=(), check: bool = True,
+                      written_data: str | None = None) -> str:
     """Check the model and write it (and its external-data side file, for models past protobuf's
     2 GiB) under temporary names beside the destination, then rename both into place. The model is
-    written a tensor at a time (onnx_file.write_model): never serialized whole, and not changed."""
+    written a tensor at a time (onnx_file.write_model): never serialized whole, and not changed.
+    written_data: the temporary side file a streamed export already wrote (onnx_file.ExternalSink) and the
+    proto's external entries name; it is renamed into place with the model."""
     import onnx
 
     from mq_deploy import fileio
@@ -59,10 +62,17 @@ def save_model_atomic(proto, out_path: str, *, overwrite: bool = False, inputs=(
 
     out_abs = fileio.check_target(out_path, overwrite, inputs, "ONNX file")     # a folder is refused there
     data_target = out_abs + ".data"
-    external = initializer_bytes(proto) > _EXTERNAL_DATA_BYTES
+    external = written_data is not None or initializer_bytes(proto) > _EXTERNAL_DATA_BYTES
     if external:
         fileio.check_target(data_target, overwrite, inputs, "external data file")
     with fileio.atomic_path(out_abs, overwrite=overwrite, inputs=inputs, what="ONNX file") as tmp:
+        if written_data is not None:
+            write_model(proto, tmp)
+            if check:
+                onnx.checker.check_model(tmp, full_check=True)
+            repoint_external(proto, tmp, os.path.basename(data_target))
+            fileio.commit_file(written_data, data_target, overwrite, data_target)
+            return out_abs
         if not external:
             write_model(proto, tmp)
             if check:
@@ -76,6 +86,25 @@ def save_model_atomic(proto, out_path: str, *, overwrite: bool = False, inputs=(
             repoint_external(shell, tmp, os.path.basename(data_target))     # the final side-file name
             fileio.commit_file(tmp_data, data_target, overwrite, data_target)
     return out_abs
+
+
+def _export_streamed(model_path: str, mode: str) -> bool:
+    """Whether export reads `model_path` a block at a time: "on" (one line where it cannot), "off", or "auto"
+    (a language model of STREAM_AUTO_BYTES of float32 weights or more, in a format read layer by layer)."""
+    from mq_deploy.models.loaders import detect_format, load_model
+    from mq_deploy.quant.qcheckpoint import STREAM_AUTO_BYTES, STREAM_MODES
+
+    if mode not in STREAM_MODES:
+        raise MQUserError(f"--stream must be one of {', '.join(STREAM_MODES)}, got {mode!r}")
+    if mode == "off" or (mode == "auto" and detect_format(model_path) == "vim"):
+        return False
+    try:
+        lazy = load_model(model_path, lazy=True)
+    except MQUserError as e:
+        if mode == "on":
+            raise MQUserError(f"--stream on: {e}") from None
+        return False
+    return mode == "on" or 4 * sum(p.numel() for p in lazy.model.parameters()) >= STREAM_AUTO_BYTES
 
 
 def _carry_tokenizer(proto, loaded, tokenizer: str | None) -> None:
@@ -95,14 +124,17 @@ def _carry_tokenizer(proto, loaded, tokenizer: str | None) -> None:
 
 def export(model_path: str, out: str, step: bool = False, opset: int = OPSET, overwrite: bool = False,
            tokenizer: str | None = None, quantize_head: bool = False, int4_format: str = "qdq",
-           head_bits: int = 8, state_dtype: str = "float32") -> dict:
+           head_bits: int = 8, state_dtype: str = "float32", stream: str = "auto") -> dict:
     """Export a model directory / checkpoint (FP or quantized) to ONNX; return a summary dict.
     quantize_head: the LM head as int8, or int4 with head_bits 4 (fakequant.quantize_head); verify's reference
     keeps the checkpoint's head, so the head's rounding is part of what verify measures.
     int4_format (W4 checkpoints): graph.INT4_FORMATS, "qdq" (TensorRT, any runtime) or ONNX Runtime's
     MatMulNBits ("matmulnbits": int8 activations, "matmulnbits-a16": float).
     state_dtype (step graphs): how the SSM states are stored between calls (config.STATE_DTYPES,
-    models.state_codec); the artifact's mq.config records it and verify's reference does the same."""
+    models.state_codec); the artifact's mq.config records it and verify's reference does the same.
+    stream: "on" reads the checkpoint a block at a time and writes each block's tensors into the external-data
+    file as they are made (the graph holds the small tensors alone), "off" holds the model, "auto" streams
+    what qcheckpoint.layer_streamed would (from STREAM_AUTO_BYTES of float32 weights up)."""
     from mq_deploy.config import STATE_DTYPES
 
     if state_dtype not in STATE_DTYPES:
@@ -126,7 +158,8 @@ def export(model_path: str, out: str, step: bool = False, opset: int = OPSET, ov
         raise MQUserError(f"--head-bits must be one of {', '.join(map(str, HEAD_BITS))}, got {head_bits!r}")
     if head_bits != 8 and not quantize_head:
         raise MQUserError("--head-bits applies with --quantize-head")
-    loaded = load_model(model_path)
+    streamed = _export_streamed(model_path, stream)
+    loaded = load_model(model_path, lazy=streamed)
     spec = quant_spec(loaded)
     int4_head = quantize_head and head_bits == 4
     if int4_format != "qdq" and (spec is None or spec.wbits != 4) and not int4_head:
@@ -135,18 +168,39 @@ def export(model_path: str, out: str, step: bool = False, opset: int = OPSET, ov
     if state_dtype != "float32":
         set_state_dtype(loaded, state_dtype, spec)
     if quantize_head:
+        from mq_deploy.export.graph import resident
         from mq_deploy.quant.fakequant import quantize_head as int8_head
 
+        resident(loaded.model, "lm_head")
         int8_head(loaded.model, bits=head_bits)
-    proto = build_model(loaded.model, spec, step=step, opset=opset, consume=True, int4_format=int4_format)
-    _carry_tokenizer(proto, loaded, tokenizer)
-    loaded.model = None      # the rest of the float model (embedding, head): not held while the proto is written
-    out_abs = save_model_atomic(proto, out, overwrite=overwrite, inputs=inputs)
+    if not streamed:
+        proto = build_model(loaded.model, spec, step=step, opset=opset, consume=True, int4_format=int4_format)
+        _carry_tokenizer(proto, loaded, tokenizer)
+        loaded.model = None      # the rest of the float model (embedding, head): not held while the proto is written
+        out_abs = save_model_atomic(proto, out, overwrite=overwrite, inputs=inputs)
+    else:
+        from mq_deploy.export.onnx_file import ExternalSink
+
+        data_target = os.path.abspath(out) + ".data"
+        fileio.check_target(data_target, overwrite, inputs, "external data file")
+        tmp_data = fileio.temp_path(data_target)
+        with fileio.tracked_temp(tmp_data):
+            sink = ExternalSink(tmp_data)
+            try:
+                proto = build_model(loaded.model, spec, step=step, opset=opset, consume=True,
+                                    int4_format=int4_format, sink=sink)
+            finally:
+                sink.close()
+            _carry_tokenizer(proto, loaded, tokenizer)
+            loaded.model = None
+            out_abs = save_model_atomic(proto, out, overwrite=overwrite, inputs=inputs, written_data=tmp_data)
     counts: dict = {}
     for n in proto.graph.node:
         key = f"{n.domain}::{n.op_type}" if n.domain else n.op_type
         counts[key] = counts.get(key, 0) + 1
-    return {"path": out_abs, "nodes": len(proto.graph.node), "op_counts": counts, "bytes": os.path.getsize(out_abs),
+    nbytes = os.path.getsize(out_abs) + (os.path.getsize(out_abs + ".data") if streamed else 0)
+    return {"path": out_abs, "nodes": len(proto.graph.node), "op_counts": counts, "bytes": nbytes,
+            "layer_streamed": streamed,
             "quant": None if spec is None else f"{spec.recipe} W{spec.wbits}A{spec.abits}",
             "int4_format": int4_format if (spec is not None and spec.wbits == 4) or int4_head else None,
             "head": f"int{head_bits}" if quantize_head else "float",

@@ -54,14 +54,20 @@ class QuantSpec:
 class _Builder:
     """Collects nodes and initializers with unique names; identical constants are stored once."""
 
-    def __init__(self, opset, inits=None):
+    def __init__(self, opset, inits=None, sink=None):
         """inits: the repeated initializer field of the ModelProto being built (each tensor is made in place:
-        collecting them in a list and passing it to make_graph / make_model would copy every weight twice)."""
+        collecting them in a list and passing it to make_graph / make_model would copy every weight twice).
+        sink: an onnx_file.ExternalSink that takes each large tensor's data as it is made (streamed export)."""
         from onnx import ModelProto
 
         self.nodes, self._n, self._consts = [], 0, {}
         self.inits = inits if inits is not None else ModelProto().graph.initializer
-        self.opset = opset
+        self.opset, self.sink = opset, sink
+
+    def _add(self, tensor):
+        if self.sink is not None:
+            self.sink.put(tensor)
+        self.inits.add().CopyFrom(tensor)
 
     def name(self, hint):
         self._n += 1
@@ -72,7 +78,7 @@ class _Builder:
         key = (kind, array.shape, hashlib.sha1(memoryview(array).cast("B")).hexdigest())   # no copy of the bytes
         if key not in self._consts:
             name = self.name(hint)
-            self.inits.add().CopyFrom(make(name))   # one tensor's copy at a time, freed at once
+            self._add(make(name))   # one tensor's copy at a time, freed at once
             self._consts[key] = name
         return self._consts[key]
 
@@ -111,7 +117,7 @@ class _Builder:
         from onnx import numpy_helper
 
         name = self.name(hint)
-        self.inits.add().CopyFrom(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        self._add(numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
 
     def axis_zero_point(self, n: int):
@@ -461,6 +467,17 @@ def _decoded_states(g: _Graph, model, layout) -> tuple:
     return names, scales
 
 
+def resident(model, name: str):
+    """Submodule `name` of `model`, read in first if the model was loaded lazily (loaders.load_model(lazy=True))
+    and it is not in memory yet: a streamed export holds one block at a time."""
+    module = model.get_submodule(name)
+    if getattr(model, "lazy_weights", None) is not None and any(t.is_meta for t in module.parameters()):
+        from mq_deploy.models.loaders import materialize
+
+        module = materialize(model, name)
+    return module
+
+
 def _layers(g: _Graph, model, h, layout=None, consume: bool = False, names=None):
     """Residual blocks and the final norm; each mixer is emitted by its family (families/<name>/export.py).
     layout: the step graph's state inputs (families.state_inputs), None for the full graph. consume: each
@@ -468,7 +485,8 @@ def _layers(g: _Graph, model, h, layout=None, consume: bool = False, names=None)
     b = g.b
     new = []
     emb = h          # the embeddings, which a family's own block may read too (emit_block)
-    for i, layer in enumerate(model.layers):
+    for i in range(len(model.layers)):
+        layer = resident(model, f"layers.{i}")
         impl = layer.mixer.family.module()
         st = None if layout is None else _layer_state(g, layout, i, g.fused_step and impl.FUSED_STEP, names)
         if getattr(layer, "reads_embeddings", False):
@@ -484,7 +502,7 @@ def _layers(g: _Graph, model, h, layout=None, consume: bool = False, names=None)
         new.append(new_st)
         if consume:
             model.layers[i] = torch.nn.Identity()
-    return b.rms_norm(h, model.norm_f), new
+    return b.rms_norm(h, resident(model, "norm_f")), new
 
 
 def _metadata(model, quant, step, int4_format=None):
@@ -502,7 +520,7 @@ def _metadata(model, quant, step, int4_format=None):
 
 def build_model(model, quant: QuantSpec | None = None, step: bool = False, opset: int = OPSET,
                 rotation: str = "factored", last_logits: bool = False, small_weights: str = "qdq",
-                fused_step: bool = True, consume: bool = False, int4_format: str = "qdq"):
+                fused_step: bool = True, consume: bool = False, int4_format: str = "qdq", sink=None):
     """ModelProto of a MambaLM (input_ids -> logits) or Vim (images -> logits); see the module doc.
     rotation: how the online Hadamard before out_proj runs, "factored" (two small MatMuls) or "dense".
     last_logits (LMs): logits of the last position only, [batch, 1, V] (what generation reads; a
@@ -511,12 +529,13 @@ def build_model(model, quant: QuantSpec | None = None, step: bool = False, opset
     (state_update_op.py); False: the same ops unfused, as in the full graph. consume: the model's residual
     blocks are released as they go into the graph, so its float weights and their int8 copies are not all
     held at once (the model cannot run afterwards; export drops it anyway). int4_format (W4 checkpoints): how
-    the int4 linears are written, INT4_FORMATS."""
+    the int4 linears are written, INT4_FORMATS. sink: onnx_file.ExternalSink taking each large tensor as it is
+    made; with a lazily loaded model (load_model(lazy=True)) and consume, a block at a time is in memory."""
     from onnx import ModelProto, helper
     from onnx import TensorProto as T
 
     proto = ModelProto()
-    b = _Builder(opset, proto.graph.initializer)
+    b = _Builder(opset, proto.graph.initializer, sink)
     g = _Graph(b, quant, rotation, small_weights, fused_step, int4_format)
     vi = helper.make_tensor_value_info
     outputs = []
@@ -529,14 +548,18 @@ def build_model(model, quant: QuantSpec | None = None, step: bool = False, opset
             if not layout:
                 raise MQUserError("a model without a recurrent state or cache has no decode-step graph")
             inputs += [vi(si.name, _onnx_type(si.spec.dtype), list(si.dims)) for si in layout]
-        h = b.op("Gather", [b.f32(model.embedding.weight, "embedding"), "input_ids"], axis=0)
+        h = b.op("Gather", [b.f32(resident(model, "embedding").weight, "embedding"), "input_ids"], axis=0)
+        if consume and getattr(model, "lazy_weights", None) is not None and not model.cfg.tie_embeddings:
+            from mq_deploy.models.loaders import release
+
+            release(model.embedding)
         if model.cfg.embedding_multiplier != 1.0:
             h = b.op("Mul", [h, b.f32(np.array(model.cfg.embedding_multiplier), "embedding_multiplier")])
         names, state_scales = _decoded_states(g, model, layout) if step else (None, {})
         h, new = _layers(g, model, h, layout, consume, names)
         if last_logits:
             h = b.op("Slice", [h, b.i64([-1]), b.i64([np.iinfo(np.int64).max]), b.i64([1])], "last")
-        logits = _lm_head(b, h, model.lm_head, int4_format)
+        logits = _lm_head(b, h, resident(model, "lm_head"), int4_format)
         if model.cfg.logits_scaling != 1.0:
             logits = b.op("Div", [logits, b.f32(np.array(model.cfg.logits_scaling), "logits_scaling")])
         outputs.append(vi("logits", T.FLOAT, ["batch", 1 if last_logits else "seq", model.cfg.vocab_size]))

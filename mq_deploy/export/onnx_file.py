@@ -182,6 +182,48 @@ def write_model(proto, path: str, data_path: str | None = None):
         raise MQUserError(f"{path}: cannot write the ONNX model ({e.strerror or e})") from None
 
 
+class ExternalSink:
+    """The side file of a model written while it is built (a layer-streamed export): each tensor of
+    >= EXTERNAL_MIN_BYTES raw data goes to the file as soon as it is made and its TensorProto keeps only the
+    external-data entry, so the graph being built holds its small tensors alone. Same layout as write_model's
+    side file (aligned past _ALIGN_ABOVE); the entries name `path`'s base name until repoint_external."""
+
+    def __init__(self, path: str):
+        self.path, self.offset = path, 0
+        self._f = open(path, "xb")
+
+    def put(self, t) -> None:
+        """Move tensor t's data (raw, or INT4 codes packed in int32_data) into the file, in place."""
+        import onnx
+
+        if t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4) and len(t.int32_data):
+            import numpy as np
+
+            t.raw_data = np.asarray(t.int32_data, dtype=np.int32).astype(np.uint8).tobytes()   # the packed nibbles
+            t.ClearField("int32_data")
+        raw = t.raw_data if t.HasField("raw_data") else b""
+        if len(raw) < EXTERNAL_MIN_BYTES:
+            return
+        try:
+            if len(raw) > _ALIGN_ABOVE and self.offset % _ALIGN:
+                pad = _ALIGN - self.offset % _ALIGN
+                self._f.write(bytes(pad))
+                self.offset += pad
+            self._f.write(raw)
+        except OSError as e:
+            raise MQUserError(f"{self.path}: cannot write the external data ({e.strerror or e})") from None
+        t.ClearField("raw_data")
+        t.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", os.path.basename(self.path)), ("offset", self.offset), ("length", len(raw))):
+            t.external_data.add(key=key, value=str(value))
+        self.offset += len(raw)
+
+    def close(self) -> None:
+        if not self._f.closed:
+            _sync(self._f)
+            self._f.close()
+
+
 def _sync(f) -> None:
     f.flush()
     os.fsync(f.fileno())

@@ -75,6 +75,11 @@ class CheckpointFormat:
     hf_model_types: tuple = ()                # config.json model_type values
     hf_architectures: tuple = ()              # config.json architectures entries
     ssm_layers: tuple = ()                    # mamba-ssm config.json ssm_cfg.layer values
+    not_streamable: str = ""                  # why load_model(lazy=True) cannot read it layer by layer, if so
+
+    @property
+    def streamable(self) -> bool:
+        return not self.not_streamable
 
     def load(self, path: str):
         module, fn = self.loader.split(":")

@@ -535,9 +535,22 @@ def _config_label(cfg, cfg_source: str | None) -> str:
     return label
 
 
+_LAZY: list = []       # load_model(lazy=True) is running: load_into returns the model on the meta device
+
+
+@dataclass
+class LazyWeights:
+    """What a lazily loaded model (load_model(lazy=True)) reads its tensors from, module by module
+    (materialize); every name, shape and dtype was checked when it was built."""
+    src: TensorSource
+    expected: dict       # parameter / buffer name -> shape
+    quant: dict | None
+
+
 def load_into(cfg, src: TensorSource, source: str, cfg_source: str | None = None, quant: dict | None = None):
     """Check every name, shape and dtype of `src` against what `cfg` implies, then allocate the model
-    and copy the tensors in one at a time (converted to float32)."""
+    and copy the tensors in one at a time (converted to float32). Under load_model(lazy=True): the model
+    stays on the meta device with its LazyWeights in `model.lazy_weights` (materialize reads a module in)."""
     n_ckpt = layer_count(src.shapes)
     if cfg.n_layer != n_ckpt:   # before building even the shapes: n_layer sizes the module list
         raise MQUserError(f"{shown(cfg_source or source)}: the config has {cfg.n_layer} layers, the weights in "
@@ -573,21 +586,54 @@ def load_into(cfg, src: TensorSource, source: str, cfg_source: str | None = None
             raise MQUserError(f"{shown(src.origin[k])}: tensor {k} is stored as {dt}, not as floating point "
                               "(float16, bfloat16, float32 or float64); integer or packed weights of other "
                               "quantization tools are not read as values")
+    if _LAZY:
+        model.lazy_weights = LazyWeights(src, expected, quant)
+        return model
     model = model.to_empty(device="cpu")
-    params = dict(model.named_parameters(remove_duplicate=False))
-    params.update(dict(model.named_buffers()))
-    with torch.no_grad():
-        for k in expected:
-            t = src.get(k)
-            if not torch.isfinite(t).all():
-                raise MQUserError(f"{shown(src.origin[k])}: tensor {k} holds NaN or Inf")
-            params[k].copy_(t)
-            del t
+    _fill(model, "", src, expected)
     if tied:
         model.lm_head.weight = model.embedding.weight
     if quant is not None and quant.get("online_out_rotation"):
         _set_out_rotations(model)
     return model
+
+
+def _fill(module, prefix: str, src: TensorSource, expected: dict) -> None:
+    """Copy the tensors named `prefix` + a name of `module`'s state into it (allocated), checking each is finite."""
+    params = dict(module.named_parameters(remove_duplicate=False))
+    params.update(dict(module.named_buffers()))
+    with torch.no_grad():
+        for name, p in params.items():
+            k = prefix + name
+            if k not in expected:
+                continue
+            t = src.get(k)
+            if not torch.isfinite(t).all():
+                raise MQUserError(f"{shown(src.origin[k])}: tensor {k} holds NaN or Inf")
+            p.copy_(t)
+            del t
+
+
+def materialize(model, name: str) -> torch.nn.Module:
+    """Read submodule `name` of a lazily loaded model ("layers.3", "embedding", "norm_f", "lm_head") from its
+    checkpoint into memory (float32) and return it; release() gives its memory back."""
+    lw: LazyWeights = model.lazy_weights
+    module = model.get_submodule(name)
+    module.to_empty(device="cpu")
+    if name == "lm_head" and getattr(model.cfg, "tie_embeddings", False):
+        _fill(module, "embedding.", lw.src, lw.expected)        # the tied head reads the embedding's rows
+    else:
+        _fill(module, name + ".", lw.src, lw.expected)
+    if name.startswith("layers.") and lw.quant is not None:
+        _check_kv_scales(module, lw.src.origin.get(next(iter(lw.expected)), "the checkpoint"))
+        if lw.quant.get("online_out_rotation") and module.mixer.out_linear is not None:
+            _set_out_rotation(module.mixer)
+    return module
+
+
+def release(module: torch.nn.Module) -> None:
+    """Give a materialized module's memory back (its tensors return to the meta device)."""
+    module.to(device="meta")
 
 
 # --- formats ---------------------------------------------------------------------------------------
@@ -614,10 +660,19 @@ def _load_ours(path):
         if not isinstance(quant, dict):
             raise MQUserError(f"{cfg_path}: 'quant' must be an object")
         extra = {**extra, "quant": quant}
-    src_file = weight_file(path, "model.safetensors")
-    model = load_into(cfg, SafetensorsSource([src_file]), src_file, cfg_path, quant)
-    _check_kv_scales(model, src_file)
+    if os.path.lexists(os.path.join(path, SHARD_INDEX)):       # a layer-streamed quantize writes shards
+        src_file = os.path.join(path, SHARD_INDEX)
+        tensors = sharded_source(path, SHARD_INDEX)
+    else:
+        src_file = weight_file(path, "model.safetensors")
+        tensors = SafetensorsSource([src_file])
+    model = load_into(cfg, tensors, src_file, cfg_path, quant)
+    if not _LAZY:
+        _check_kv_scales(model, src_file)
     return model, cfg, with_tokenizer(path, extra)
+
+
+SHARD_INDEX = "model.safetensors.index.json"
 
 
 def _check_kv_scales(model, src_file: str) -> None:
@@ -638,30 +693,49 @@ def _add_transform_buffers(model, quant: dict):
 def _set_out_rotations(model) -> None:
     """The online rotation before out_proj of a quantized checkpoint: the normalised Hadamard matrix of
     out_proj's input width (not stored in the file), one tensor per width shared by every layer."""
-    from mq_deploy.ops.hadamard import hadamard_matrix
-
     shared = {}
     for layer in model.layers:
-        if layer.mixer.out_linear is None:
-            continue
-        n = layer.mixer.out_linear.in_features
-        if n not in shared:
-            shared[n] = torch.from_numpy(hadamard_matrix(n)).to(torch.float32)
-        layer.mixer.register_buffer("out_rotation", shared[n], persistent=False)
+        if layer.mixer.out_linear is not None:
+            _set_out_rotation(layer.mixer, shared)
+
+
+def _set_out_rotation(mixer, shared: dict | None = None) -> None:
+    """One mixer's online rotation (the Hadamard matrix of out_proj's input width; `shared`: one per width)."""
+    from mq_deploy.ops.hadamard import hadamard_matrix
+
+    shared = {} if shared is None else shared
+    n = mixer.out_linear.in_features
+    if n not in shared:
+        shared[n] = torch.from_numpy(hadamard_matrix(n)).to(torch.float32)
+    mixer.register_buffer("out_rotation", shared[n], persistent=False)
 
 
 
 
-def load_model(path: str) -> LoadedModel:
+def load_model(path: str, lazy: bool = False) -> LoadedModel:
     """Load any supported checkpoint into our PyTorch model (fp32, eval mode).
 
     bfloat16 / float16 / float64 weights are converted to float32 tensor by tensor, so peak memory is
-    the float32 model plus one tensor."""
+    the float32 model plus one tensor. lazy: only check the checkpoint and build the model on the meta
+    device; its modules are read in one at a time (materialize / release: a layer-streamed quantize), for
+    the formats whose loader does nothing to the weights after reading them (CheckpointFormat.streamable)."""
     fmt = detect_format(path)
+    if lazy:
+        if fmt == "vim":
+            raise MQUserError(f"{shown(path)}: a Vision Mamba is not read layer by layer (it is small; load it whole)")
+        if fmt != "mq-deploy" and not _formats()[fmt].streamable:
+            raise MQUserError(f"{shown(path)}: {fmt} checkpoints are not read layer by layer yet "
+                              f"({_formats()[fmt].not_streamable})")
+        _LAZY.append(True)
     try:
         model, cfg, extra = _load_ours(path) if fmt == "mq-deploy" else _formats()[fmt].load(path)
     except KeyError as e:
         where = os.path.join(path, "config.json") if os.path.isdir(path) else path
         raise MQUserError(f"{shown(where)}: {fmt} config is missing the field {e}") from None
+    finally:
+        if lazy:
+            _LAZY.pop()
+    if lazy and not hasattr(model, "lm_head"):
+        raise MQUserError(f"{shown(path)}: a Vision Mamba is not read layer by layer (it is small; load it whole)")
     model.eval()
     return LoadedModel(model=model, format=fmt, path=path, config=cfg, extra=extra)

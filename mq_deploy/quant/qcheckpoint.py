@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mq_deploy import __version__
+from mq_deploy.calib.collect import resident_layers
 from mq_deploy.config import EXPORT_ABITS, EXPORT_WBITS  # noqa: F401  (the bit widths a deployable checkpoint has)
 from mq_deploy.errors import MQUserError
 
@@ -94,36 +95,30 @@ class QuantizedCheckpoint:
 
     # ---- writing ------------------------------------------------------------------------------
     @staticmethod
-    def write(model, out_dir: str, recipe_cfg, scales: dict, calib_info: dict, source_extra: dict,
-              source_path: str, overwrite: bool = False, inputs=(), tokenizer_json: str | None = None) -> str:
+    def write(model, out_dir: str, recipe_cfg, scales: dict | None, calib_info: dict, source_extra: dict,
+              source_path: str, overwrite: bool = False, inputs=(), tokenizer_json: str | None = None,
+              weights=None) -> str:
         """tokenizer_json: the LM's tokenizer.json text, written into the folder (which then needs nothing
-        beside it, as a hub folder)."""
+        beside it, as a hub folder). weights: None (the whole model's weights go to model.safetensors, with
+        `scales`), or weights(tmp_dir) -> (scales, layer flags) writing them itself (quant.streamed: shards
+        and their index, layer by layer); config.json is then written from the model as it left it."""
         from mq_deploy.models.io import FORMAT_KEY, atomic_write_dir, model_state_dict
 
-        mixers = [layer.mixer for layer in model.layers]
-        _check_out_rotations(model)
         quant = {"recipe": recipe_cfg.recipe, "wbits": recipe_cfg.quant.wbits, "abits": recipe_cfg.quant.abits,
-                 "act_granularity": recipe_cfg.quant.act_granularity,
-                 "online_out_rotation": any(m.out_rotation is not None for m in mixers)}
-        for m in mixers:           # each family's own runtime buffers (Mamba1: the gate smoothing)
-            quant.update(m.family.module().quant_flags(m))
+                 "act_granularity": recipe_cfg.quant.act_granularity}
         if recipe_cfg.quant.ssm_scales != "per_tensor":
             quant["ssm_scales"] = recipe_cfg.quant.ssm_scales
         if recipe_cfg.quant.kv_cache != "fp32":    # informative: each attention config's kv_cache decides
             quant["kv_cache"] = recipe_cfg.quant.kv_cache
-        cfg = model.cfg.to_dict()
-        cfg.update({FORMAT_KEY: 1, "mq_deploy_version": __version__, "quant": quant})
         out_abs = os.path.abspath(out_dir)
         src_dir = source_path if os.path.isdir(source_path) else os.path.dirname(source_path)
         # the source model's default eval/calibration data stay reachable: through `source`, and only the
         # paths the source's own config declares inside its folder (LoadedModel.data_path)
-        cfg["extra"] = {}
+        extra = {}
         if any(k in (source_extra or {}) for k in ("eval_data", "calib_data")):
-            cfg["extra"]["source"] = os.path.relpath(os.path.abspath(src_dir), out_abs)
+            extra["source"] = os.path.relpath(os.path.abspath(src_dir), out_abs)
         if tokenizer_json is not None:
-            cfg["extra"]["tokenizer"] = "tokenizer.json"
-        flat = {f"{_ACT}{k}": v.reshape(-1).float() for k, v in scales["act_scales"].items()}
-        flat.update({f"{_WEIGHT}{k}": v.float() for k, v in scales["weight_scales"].items()})
+            extra["tokenizer"] = "tokenizer.json"
         settings = {k: getattr(recipe_cfg, k) for k in ("alpha", "percentile", "observer", "weight_rounding",
                                                          "klt_source") if hasattr(recipe_cfg, k)}
         manifest = {"recipe": recipe_cfg.recipe, "wbits": recipe_cfg.quant.wbits, "abits": recipe_cfg.quant.abits,
@@ -137,7 +132,16 @@ class QuantizedCheckpoint:
         def write(tmp):
             from safetensors.torch import save_file
 
-            save_file(model_state_dict(model), os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+            if weights is None:
+                flags = layer_flags(model)
+                save_file(model_state_dict(model), os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+                sc = scales
+            else:
+                sc, flags = weights(tmp)
+            flat = {f"{_ACT}{k}": v.reshape(-1).float() for k, v in sc["act_scales"].items()}
+            flat.update({f"{_WEIGHT}{k}": v.float() for k, v in sc["weight_scales"].items()})
+            cfg = model.cfg.to_dict()       # after the recipe: an untied head is recorded as such
+            cfg.update({FORMAT_KEY: 1, "mq_deploy_version": __version__, "quant": {**quant, **flags}, "extra": extra})
             save_file(flat, os.path.join(tmp, "scales.safetensors"))
             for name, obj in (("config.json", cfg), ("manifest.json", manifest)):
                 with open(os.path.join(tmp, name), "w") as f:
@@ -148,6 +152,18 @@ class QuantizedCheckpoint:
                     f.write(tokenizer_json)
 
         return atomic_write_dir(out_dir, write, overwrite=overwrite, inputs=inputs, kind="quantized checkpoint")
+
+
+def layer_flags(model, flags: dict | None = None) -> dict:
+    """The quant flags of the layers in memory (the online rotation before out_proj, each family's own runtime
+    buffers: Mamba1's gate smoothing), merged into `flags` (a layer-streamed quantize adds each layer's)."""
+    _check_out_rotations(model)
+    flags = {"online_out_rotation": False} if flags is None else flags
+    for _, layer in resident_layers(model):
+        m = layer.mixer
+        flags["online_out_rotation"] = flags["online_out_rotation"] or m.out_rotation is not None
+        flags.update(m.family.module().quant_flags(m))
+    return flags
 
 
 def save_quantized(model, out_dir: str, recipe_cfg, scales: dict, calib_info: dict, source_extra: dict,
@@ -171,9 +187,10 @@ def load(path: str):
 
 
 def quantize_to_dir(model_path: str, out_dir: str, recipe_cfg, calib_cfg, *, overwrite: bool = False,
-                    seed: int = 0, progress=None) -> dict:
+                    seed: int = 0, progress=None, stream: str = "auto") -> dict:
     """`mq-deploy quantize`: load, calibrate, apply the recipe, write the quantized checkpoint.
-    Every output check happens before the work starts."""
+    Every output check happens before the work starts. stream: layer_streamed's mode (layer by layer, with
+    one layer in memory, or the whole model). progress(done, total, what): after each streamed step."""
     from mq_deploy import fileio
     from mq_deploy.models.loaders import load_model
     from mq_deploy.quant.compare import calibration_loop
@@ -191,7 +208,8 @@ def quantize_to_dir(model_path: str, out_dir: str, recipe_cfg, calib_cfg, *, ove
     inputs = [model_path] + ([calib_cfg.path] if calib_cfg.path else [])
     fileio.check_target(out_dir, overwrite, inputs, "output folder", folder=True)
     torch.manual_seed(seed)
-    loaded = load_model(model_path)
+    streamed = layer_streamed(model_path, recipe_cfg, stream)
+    loaded = load_model(model_path, lazy=streamed)
     if getattr(calib_cfg, "tokenizer", None):
         inputs.append(calib_cfg.tokenizer)
     loop = calibration_loop(loaded, calib_cfg)
@@ -208,15 +226,56 @@ def quantize_to_dir(model_path: str, out_dir: str, recipe_cfg, calib_cfg, *, ove
         if loaded.architecture != "mamba_lm" or not attention_configs(loaded.config):
             raise MQUserError(f"--kv-cache {recipe_cfg.quant.kv_cache}: {model_path} has no attention layer, so no "
                               "KV cache to store as int8")
-    scales = apply_recipe(loaded.model, loop, recipe_cfg)
     calib_info = {"source": os.path.abspath(loop.source), "samples": loop.samples, "seed": seed}
     if loaded.architecture == "mamba_lm":
         calib_info["seq_len"] = calib_cfg.seq_len
         calib_info["tokenizer"] = "bytes" if tokenizer_json is None else os.path.abspath(codec.source)
+    weights, scales = None, None
+    if streamed:
+        from mq_deploy.quant.streamed import quantize_layers
+
+        def weights(tmp):
+            return quantize_layers(loaded, loop, recipe_cfg, tmp, progress)
+    else:
+        scales = apply_recipe(loaded.model, loop, recipe_cfg)
     out = QuantizedCheckpoint.write(loaded.model, out_dir, recipe_cfg, scales, calib_info, loaded.extra, model_path,
-                                    overwrite=overwrite, inputs=inputs, tokenizer_json=tokenizer_json)
+                                    overwrite=overwrite, inputs=inputs, tokenizer_json=tokenizer_json,
+                                    weights=weights)
     return {"path": out, "recipe": recipe_cfg.recipe, "wbits": recipe_cfg.quant.wbits,
-            "abits": recipe_cfg.quant.abits, "calibration": calib_info}
+            "abits": recipe_cfg.quant.abits, "calibration": calib_info, "layer_streamed": streamed}
+
+
+STREAM_MODES = ("auto", "on", "off")
+# --stream auto reads a model layer by layer from this size of float32 weights up (2**30: about 270M parameters);
+# below it the whole model is held, as small models always were
+STREAM_AUTO_BYTES = 1 << 30
+
+
+def layer_streamed(model_path: str, recipe_cfg, mode: str = "auto") -> bool:
+    """Whether quantize reads `model_path` layer by layer (quant.streamed): "on" (refused with one line where it
+    cannot), "off", or "auto" (where it can, from STREAM_AUTO_BYTES of float32 weights up)."""
+    from mq_deploy.models.loaders import detect_format, load_model
+    from mq_deploy.quant.recipes import get_recipe
+
+    if mode not in STREAM_MODES:
+        raise MQUserError(f"--stream must be one of {', '.join(STREAM_MODES)}, got {mode!r}")
+    if mode == "off":
+        return False
+    why = None
+    if detect_format(model_path) == "vim":
+        why = "a Vision Mamba is held whole"
+    elif not get_recipe(recipe_cfg.recipe).layerwise:
+        why = f"recipe {recipe_cfg.recipe!r} is not layer-wise"
+    if why is None:
+        try:
+            lazy = load_model(model_path, lazy=True)
+        except MQUserError as e:
+            why = str(e)
+    if why is not None:
+        if mode == "on":
+            raise MQUserError(f"--stream on: {why}")
+        return False
+    return mode == "on" or 4 * sum(p.numel() for p in lazy.model.parameters()) >= STREAM_AUTO_BYTES
 
 
 def _check_out_rotations(model) -> None:
@@ -226,10 +285,11 @@ def _check_out_rotations(model) -> None:
     from mq_deploy.errors import MQInternalError
     from mq_deploy.ops.hadamard import hadamard_matrix
 
-    rots = [layer.mixer.out_rotation for layer in model.layers]
+    layers = resident_layers(model)
+    rots = [layer.mixer.out_rotation for _, layer in layers]
     if all(r is None for r in rots):
         return
-    for i, (layer, r) in enumerate(zip(model.layers, rots)):
+    for (i, layer), r in zip(layers, rots):
         if r is None and layer.mixer.out_linear is None:
             continue
         H = torch.from_numpy(hadamard_matrix(layer.mixer.out_linear.in_features)).to(torch.float32)

@@ -36,19 +36,46 @@ class Recipe:
     observers: str                 # the default --observer spec of the recipe
     quantized: bool = True         # False: "fp", nothing is rounded
     summary: str = ""
+    # a layer-wise recipe (register_recipe(layerwise=True)) is transform split in parts a layer-streamed quantize
+    # (quant.streamed) runs with one layer in memory at a time; transform runs them in order on a whole model:
+    fuses_norms: bool = False      # first, every RMSNorm weight into its readers (fold.fuse_norms)
+    stats: Callable | None = None  # stats(model, loop, cfg) -> ctx: the passes over every layer it needs first
+    ends: Callable | None = None   # ends(model, ctx): what it does to the embedding and the head
+    layers: Callable | None = None  # layers(model, loop, cfg, ctx): what it does to each layer in memory
+
+    @property
+    def layerwise(self) -> bool:
+        return self.layers is not None
 
 
 _REGISTRY: dict = {}
 
 
-def register_recipe(name: str, *, observers: str = "minmax", quantized: bool = True):
-    """Decorator: register `fn(model, loop, cfg)` as recipe `name`, calibrated with `observers` by default."""
+def register_recipe(name: str, *, observers: str = "minmax", quantized: bool = True, layerwise: bool = False,
+                    fuses_norms: bool = False, stats: Callable | None = None, ends: Callable | None = None):
+    """Decorator: register `fn(model, loop, cfg)` as recipe `name`, calibrated with `observers` by default.
+    layerwise: fn is the per-layer part, `fn(model, loop, cfg, ctx)` on the layers in memory (collect.mixers),
+    with the optional fuses_norms / stats / ends parts of Recipe; such a recipe also runs layer-streamed."""
     ObserverSpec.parse(observers)   # a bad default is our bug: fail at import time
 
     def deco(fn):
         if name in _REGISTRY:
             raise ValueError(f"recipe {name!r} is already registered")
-        _REGISTRY[name] = Recipe(name, fn, observers, quantized, (fn.__doc__ or "").strip().split("\n")[0])
+        summary = (fn.__doc__ or "").strip().split("\n")[0]
+        if not layerwise:
+            _REGISTRY[name] = Recipe(name, fn, observers, quantized, summary)
+            return fn
+
+        def transform(model, loop, cfg):
+            if fuses_norms:
+                from mq_deploy.transforms import fold
+
+                fold.fuse_norms(model)
+            ctx = stats(model, loop, cfg) if stats is not None else None
+            if ends is not None:
+                ends(model, ctx)
+            fn(model, loop, cfg, ctx)
+        _REGISTRY[name] = Recipe(name, transform, observers, quantized, summary, fuses_norms, stats, ends, fn)
         return fn
     return deco
 
@@ -130,18 +157,18 @@ def _point_of(name: str) -> tuple:
 
 # -- the recipes -------------------------------------------------------------------------------------
 
-@register_recipe("fp", quantized=False)
-def fp(model, loop, cfg):
+@register_recipe("fp", quantized=False, layerwise=True)
+def fp(model, loop, cfg, ctx):
     """the floating-point model, untouched"""
 
 
-@register_recipe("rtn")
-def rtn(model, loop, cfg):
+@register_recipe("rtn", layerwise=True)
+def rtn(model, loop, cfg, ctx):
     """round to nearest: min-max scales, no transform"""
 
 
-@register_recipe("smoothquant")
-def smoothquant(model, loop, cfg):
+@register_recipe("smoothquant", layerwise=True)
+def smoothquant(model, loop, cfg, ctx):
     """SmoothQuant at every block's input (in_proj's; q/k/v's; up/gate's), folded into the block norm
 
     The only site whose producer is linear in the input; out_proj's producer is the gate, whose fold
@@ -160,14 +187,24 @@ def smoothquant(model, loop, cfg):
         fold.smooth_norm_into_linear(layer.norm, readers, smoothing_factors(a, w, cfg.alpha))
 
 
-@register_recipe("quarot")
-def quarot(model, loop, cfg):
-    """QuaRot: Hadamard residual and low-rank-dt rotations (offline), online Hadamard before out_proj"""
-    from mq_deploy.transforms import fold
+def _hadamard_residual(model, loop, cfg):
     from mq_deploy.transforms.rotations import hadamard_rotation
 
-    fold.fuse_norms(model)
-    fold.rotate_residual(model, hadamard_rotation(model.cfg.d_model))
+    return hadamard_rotation(model.cfg.d_model)
+
+
+def _rotate_ends(model, R):
+    from mq_deploy.transforms import fold
+
+    fold.rotate_ends(model, R)
+
+
+@register_recipe("quarot", layerwise=True, fuses_norms=True, stats=_hadamard_residual, ends=_rotate_ends)
+def quarot(model, loop, cfg, R):
+    """QuaRot: Hadamard residual and low-rank-dt rotations (offline), online Hadamard before out_proj"""
+    from mq_deploy.transforms import fold
+
+    fold.rotate_layers(model, R)
     for _, mixer in _layer_mixers(model):
         mixer.family.module().quarot_fold(mixer)     # the family's own rotations (Mamba1: the low-rank dt)
     _online_out_hadamard(model)
@@ -193,8 +230,10 @@ def residual_second_moment(model, loop, source: str = "sum"):
     input for the Mamba mixers): summed over every layer, or the last layer's alone."""
     from mq_deploy.calib.collect import calibrate
     from mq_deploy.calib.observers import CovarianceObserver
+    from mq_deploy.models.points import mixer_prefix
 
-    inputs = {prefix + mixer.family.input_point for prefix, mixer in _layer_mixers(model)}
+    # every layer's name, in memory or not: a layer-streamed model reads its layers in as the loop runs
+    inputs = {mixer_prefix(i) + layer.mixer.family.input_point for i, layer in enumerate(model.layers)}
     last = f"layers.{len(model.layers) - 1}.mixer.{model.layers[-1].mixer.family.input_point}"
 
     def make(name):
@@ -221,8 +260,15 @@ def _family_folds(model, loop, cfg):
         impls[prefix].mambaquant_fold(mixer, prefix, obs, cfg)
 
 
-@register_recipe("mambaquant", observers="minmax,heavy=percentile")
-def mambaquant(model, loop, cfg):
+def _klt_residual(model, loop, cfg):
+    from mq_deploy.transforms.rotations import klt_hadamard_rotation
+
+    return klt_hadamard_rotation(residual_second_moment(model, loop, cfg.klt_source))
+
+
+@register_recipe("mambaquant", observers="minmax,heavy=percentile", layerwise=True, fuses_norms=True,
+                 stats=_klt_residual, ends=_rotate_ends)
+def mambaquant(model, loop, cfg, R):
     """MambaQuant: KLT·H residual rotation, the family's KLT·H / Smooth-Fused folds, online Hadamard before out_proj
 
     K comes from the float64 second moment of the in_proj inputs (cfg.klt_source: the last layer's, or
@@ -231,13 +277,12 @@ def mambaquant(model, loop, cfg):
     the online Hadamard goes before out_proj. Observers: percentile (MambaQuant's 99.9999 by
     default) on the heavy-tailed scan and out_proj inputs, min-max elsewhere. Both defaults (observers,
     KLT placement) were chosen on held-out calibration data, never the evaluation set
-    (bench/choose_defaults.py, docs/results.md).
+    (bench/choose_defaults.py, docs/results.md). Layer-wise: the residual rotation R is the one thing
+    that needs every layer first (stats); the rest is each layer's own.
     """
     from mq_deploy.transforms import fold
-    from mq_deploy.transforms.rotations import klt_hadamard_rotation
 
-    fold.fuse_norms(model)
-    fold.rotate_residual(model, klt_hadamard_rotation(residual_second_moment(model, loop, cfg.klt_source)))
+    fold.rotate_layers(model, R)
     _family_folds(model, loop, cfg)
     _online_out_hadamard(model)
 
@@ -347,7 +392,9 @@ def quantize_calibrated(model, cal: Calibrated, quant, weight_rounding: str = "r
     if quant.kv_cache == "int8":
         from mq_deploy.families.attention import kv
 
-        kv.set_int8(model, cal.kv_amax)
+        # (a layer-streamed model's window may hold no attention layer; quantize checked the model has one)
+        if kv.attention_modules(model) or getattr(model, "stream_window", None) is None:
+            kv.set_int8(model, cal.kv_amax)
     return {"act_scales": act_scales, "weight_scales": w_scales}
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from mq_deploy.calib.collect import resident_layers
 from mq_deploy.errors import MQUserError
 from mq_deploy.models.mamba import MambaLM
 
@@ -65,8 +66,18 @@ def untie_lm_head(model: MambaLM) -> None:
 
 def fuse_norms(model) -> None:
     """Fuse every RMSNorm weight into the linear that reads it (block norm -> in_proj, norm_f -> head)."""
-    for layer in model.layers:
+    fuse_layer_norms(model)
+    fuse_end_norm(model)
+
+
+def fuse_layer_norms(model) -> None:
+    """The block norms of the layers in memory (all, or a layer-streamed model's window: resident_layers)."""
+    for _, layer in resident_layers(model):
         fuse_norm_into_linear(layer.norm, layer.mixer.readers())
+
+
+def fuse_end_norm(model) -> None:
+    """norm_f into the head (an LM's head untied from its embedding first)."""
     if isinstance(model, MambaLM):
         untie_lm_head(model)
         fuse_norm_into_linear(model.norm_f, [model.lm_head])
@@ -99,8 +110,7 @@ def rotate_embeddings(model, Q) -> None:
     assign(model.pos_embed, f64(model.pos_embed) @ Q)
 
 
-def _check_norms_fused(model) -> None:
-    norms = [layer.norm for layer in model.layers] + [model.norm_f]
+def _check_norms_fused(norms) -> None:
     if any(not torch.all(n.weight == 1) for n in norms):
         raise MQUserError("rotate_residual needs fused norms (call fuse_norms first): "
                          "a weighted RMSNorm does not commute with a rotation")
@@ -108,17 +118,30 @@ def _check_norms_fused(model) -> None:
 
 def rotate_residual(model, Q) -> None:
     """Rotate the residual stream by orthogonal Q [d_model, d_model] (offline, fully folded)."""
+    rotate_ends(model, Q)
+    rotate_layers(model, Q)
+
+
+def rotate_ends(model, Q) -> None:
+    """The stream's ends: its writers at the bottom (embeddings) and the head that reads it at the top."""
     Q = f64(Q)
-    _check_norms_fused(model)
+    _check_norms_fused([model.norm_f])
     rotate_embeddings(model, Q)
-    for layer in model.layers:
+    rotate_linear_input(model.lm_head if isinstance(model, MambaLM) else model.head, Q)
+
+
+def rotate_layers(model, Q) -> None:
+    """Each layer in memory (all, or a layer-streamed model's window): its readers and writers of the stream."""
+    Q = f64(Q)
+    layers = [layer for _, layer in resident_layers(model)]
+    _check_norms_fused([layer.norm for layer in layers])
+    for layer in layers:
         for lin in layer.mixer.readers():
             rotate_linear_input(lin, Q)
         for lin in layer.mixer.writers():
             rotate_linear_output(lin, Q)
         for lin in getattr(layer.mixer, "stream_readers", list)():    # input: stream tensors side by side
             _update_rows(lin.weight, lambda r: (r.unflatten(-1, (-1, Q.shape[0])) @ Q).flatten(-2))
-    rotate_linear_input(model.lm_head if isinstance(model, MambaLM) else model.head, Q)
 
 
 def set_online_out_rotation(mixer, H, runtime: torch.Tensor | None = None) -> None:
@@ -137,6 +160,7 @@ def set_online_out_rotation(mixer, H, runtime: torch.Tensor | None = None) -> No
 
 
 __all__ = [
-    "fuse_norm_into_linear", "smooth_norm_into_linear", "untie_lm_head", "fuse_norms", "rotate_linear_input",
-    "rotate_linear_output", "rotate_embeddings", "rotate_residual", "set_online_out_rotation",
+    "fuse_norm_into_linear", "smooth_norm_into_linear", "untie_lm_head", "fuse_norms", "fuse_layer_norms",
+    "fuse_end_norm", "rotate_linear_input", "rotate_linear_output", "rotate_embeddings", "rotate_residual",
+    "rotate_ends", "rotate_layers", "set_online_out_rotation",
 ]

@@ -18,9 +18,11 @@ KV_BITS = 8
 def attention_modules(model) -> list:
     """[(name, Attention)] of every attention block in `model`, nested ones included (Falcon-H1's parallel
     blocks, Zamba2's per-depth copies)."""
+    from mq_deploy.calib.collect import resident_layers
     from mq_deploy.families.attention.mixer import Attention
 
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, Attention)]
+    return [(f"layers.{i}.{n}", m) for i, layer in resident_layers(model) for n, m in layer.named_modules()
+            if isinstance(m, Attention)]
 
 
 @contextlib.contextmanager

@@ -7,4 +7,5 @@ from mq_deploy.families import CheckpointFormat, register_format
 
 FORMAT = register_format(CheckpointFormat(
     "hf-falcon-h1", "hybrid", "mq_deploy.families.falcon_h1.checkpoints:load_hf", hf_model_types=("falcon_h1",),
-    hf_architectures=("FalconH1ForCausalLM",)))
+    hf_architectures=("FalconH1ForCausalLM",),
+    not_streamable="its multipliers are folded into the weights after they are read"))

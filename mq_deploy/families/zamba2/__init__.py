@@ -64,7 +64,9 @@ FAMILY = register_family(Family(
     scale_groups=lambda c, point: _M2.scale_groups(c.mamba, point) if point in _M2.points else 1,
     describe=_describe,
     formats=(CheckpointFormat("hf-zamba2", "zamba2", "mq_deploy.families.zamba2.checkpoints:load_hf",
-                              hf_model_types=("zamba2",), hf_architectures=("Zamba2ForCausalLM",)),),
+                              hf_model_types=("zamba2",), hf_architectures=("Zamba2ForCausalLM",),
+                              not_streamable="its shared attention blocks are read into every depth that uses "
+                                             "them"),),
 ))
 
 __all__ = ["FAMILY", "Zamba2LayerConfig"]

@@ -1,0 +1,192 @@
+"""Layer-streamed quantize: a language model of any size with one layer in memory at a time.
+
+The model is built on the meta device (load_model(lazy=True)); its tensors stay in the memory-mapped
+checkpoint until a stage reads a module in (loaders.materialize) and gives it back (loaders.release).
+What is held between layers is the calibration windows' residual stream, [windows, seq, d_model] float32
+(and the embeddings, for a family whose blocks read them).
+
+A layer-wise recipe (recipes.Recipe.layerwise) runs in its parts, each on the modules in memory:
+
+  1. stats     passes over every layer that the rest needs first (MambaQuant: the residual stream's second
+               moment for K); each pass reads the layers in one after another, with their norms fused
+               when the recipe fuses norms, and runs the calibration batches through each.
+  2. ends      the embedding, final norm and head are read in, transformed (norm_f fused into the head,
+               the residual rotation) and written; the rotated embedding gives the stream's first input.
+  3. layers    for each layer: read in, norms fused, the recipe's own transforms (their calibration passes
+               run this one layer on the held stream), the activation calibration pass (and GPTQ's
+               Hessians), the stream advanced by the transformed float layer, the weights rounded, the
+               layer written as its own shard, released.
+
+The same batches go through the same layers as in the whole-model path, so the result is the same but for
+float rounding: in the whole-model path a recipe's calibration pass sees the layers before it rotated but
+not yet folded, here fully transformed (the folds preserve the function in float64). tests/test_streamed.py
+holds the two paths to that.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from mq_deploy.calib.collect import Window
+from mq_deploy.errors import MQUserError
+from mq_deploy.models.loaders import materialize, release
+from mq_deploy.models.points import mixer_prefix
+
+SHARD = "model-{:05d}-of-{:05d}.safetensors"
+
+
+class _Stream:
+    """The calibration windows' residual stream between layers, and the loops that push it through layers."""
+
+    def __init__(self, model, loop):
+        if not hasattr(loop, "data"):
+            raise MQUserError("a layer-streamed quantize takes a language model's token windows as calibration data")
+        self.model, self.data, self.batch = model, loop.data, loop.batch
+        self.samples = loop.samples
+        self.reads_emb = any(layer.reads_embeddings for layer in model.layers)
+        self.h = self.emb = None
+        self.runs = 0           # passes of the current layer (layer_loop) so far
+
+    def embed(self):
+        """The stream's first input from the embedding in memory."""
+        with torch.no_grad():
+            self.h = self.model._embed(self.data)
+        self.emb = self.h.clone() if self.reads_emb else None
+
+    def _run(self, layer, h):
+        out = torch.empty_like(h)
+        kw = {}
+        with torch.no_grad():
+            for i in range(0, len(h), self.batch):
+                if self.reads_emb:
+                    kw = {"emb": self.emb[i:i + self.batch]}
+                out[i:i + self.batch] = layer(h[i:i + self.batch], **kw)
+        return out
+
+    def full_loop(self, on_load, say):
+        """A calibration loop over every layer, each read in (on_load(model) then runs with it in memory), run
+        on the stream and released (say(done, total, what) after each); the stream itself is left as it was."""
+        def loop(model):
+            h = self.h
+            for i in range(len(model.layers)):
+                layer = materialize(model, f"layers.{i}")
+                model.stream_window = Window(frozenset({i}))
+                try:
+                    on_load(model)
+                    hook_for = getattr(model, "calib_hook_for", None)
+                    if hook_for is not None:
+                        layer.mixer.act_hook = hook_for(mixer_prefix(i))
+                    h = self._run(layer, h)
+                finally:
+                    layer.mixer.act_hook = None
+                    model.stream_window = Window()
+                    release(layer)
+                say(i + 1, len(model.layers), "statistics pass")
+        loop.samples = self.samples
+        return loop
+
+    def layer_loop(self, i):
+        """A calibration loop running layer i (in memory) on the stream; its last output is kept (advance)."""
+        def loop(model):
+            self.out = self._run(model.layers[i], self.h)
+            self.runs += 1
+        loop.samples = self.samples
+        self.runs, self.out = 0, None
+        return loop
+
+    def advance(self):
+        self.h, self.out = self.out, None
+
+
+def _save(tensors: dict, path: str) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, path, metadata={"format": "pt"})
+
+
+def quantize_layers(loaded, loop, cfg, tmp: str, progress=None):
+    """Quantize the lazily loaded LM `loaded` (load_model(lazy=True)) with the layer-wise recipe of `cfg`,
+    writing its weights into folder `tmp` as shards and their index; return (scales, layer flags) as
+    qcheckpoint.QuantizedCheckpoint.write takes them. `loop`: a text calibration loop
+    (collect.text_forward_loop). progress(done, total, what): called after each stage's step."""
+    from mq_deploy.quant.qcheckpoint import layer_flags
+    from mq_deploy.quant.recipes import calibrate_activations, get_recipe, quantize_calibrated
+    from mq_deploy.transforms import fold
+
+    model = loaded.model
+    recipe = get_recipe(cfg.recipe)
+    if not recipe.layerwise:
+        raise MQUserError(f"recipe {cfg.recipe!r} is not layer-wise (register_recipe(layerwise=True)): it cannot "
+                          "run layer by layer")
+    n = len(model.layers)
+    stream = _Stream(model, loop)
+    say = progress or (lambda done, total, what: None)
+    fuse = fold.fuse_layer_norms if recipe.fuses_norms else (lambda m: None)
+    model.stream_window = Window()
+    weight_map, act_scales, weight_scales, flags = {}, {}, {}, None
+
+    def shard(k):
+        return SHARD.format(k + 1, n + 1)
+
+    # 1. stats: passes over every layer on the untransformed stream
+    ctx = None
+    if recipe.stats is not None:
+        materialize(model, "embedding")
+        stream.embed()
+        release(model.embedding)
+        ctx = recipe.stats(model, stream.full_loop(fuse, say), cfg)
+    # 2. the ends: read in, transformed, written, released; the stream starts from the embedding as written
+    materialize(model, "embedding")
+    materialize(model, "norm_f")
+    tied = getattr(model.cfg, "tie_embeddings", False)
+    if tied:
+        model.lm_head.weight = model.embedding.weight
+    else:
+        materialize(model, "lm_head")
+    model.stream_window = Window(ends=True)
+    if recipe.fuses_norms:
+        fold.fuse_end_norm(model)
+    if recipe.ends is not None:
+        recipe.ends(model, ctx)
+    stream.embed()
+    ends = {"embedding.weight": model.embedding.weight, "norm_f.weight": model.norm_f.weight}
+    if not model.cfg.tie_embeddings:      # (fuse_end_norm unties it)
+        ends["lm_head.weight"] = model.lm_head.weight
+    _save(ends, os.path.join(tmp, shard(0)))
+    weight_map.update({k: shard(0) for k in ends})
+    for name in ("embedding", "norm_f", "lm_head"):
+        release(model.get_submodule(name))
+    # 3. each layer
+    for i in range(n):
+        layer = materialize(model, f"layers.{i}")
+        model.stream_window = Window(frozenset({i}))
+        fuse(model)
+        layer_loop = stream.layer_loop(i)
+        recipe.layers(model, layer_loop, cfg, ctx)
+        stream.runs = 0
+        cal = calibrate_activations(model, layer_loop, cfg)
+        if stream.runs == 0:         # (no calibration pass was needed) the stream goes on through the
+            layer_loop(model)        # transformed float layer, as the calibration pass would have taken it
+        stream.advance()
+        scales = quantize_calibrated(model, cal, cfg.quant, cfg.weight_rounding)
+        act_scales.update(scales["act_scales"])
+        weight_scales.update(scales["weight_scales"])
+        flags = layer_flags(model, flags)
+        prefix = f"layers.{i}."
+        tensors = {prefix + k: v for k, v in layer.state_dict().items()}
+        _save(tensors, os.path.join(tmp, shard(i + 1)))
+        weight_map.update({k: shard(i + 1) for k in tensors})
+        model.stream_window = Window()
+        release(layer)
+        say(i + 1, n, "layers")
+    total = sum(os.path.getsize(os.path.join(tmp, f)) for f in set(weight_map.values()))
+    with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1, sort_keys=True)
+        f.write("\n")
+    return {"act_scales": act_scales, "weight_scales": weight_scales}, flags
+
+
+__all__ = ["quantize_layers"]
