@@ -648,6 +648,47 @@ def scale_goals(src, paths, shapes="130m,790m,2.8b"):
             f"int8 + {' / '.join(margins['export'])} GiB (goal + 2)")
 
 
+# issue 21's memory goals, GiB of peak RSS per (shape, stage) for the layer-streamed path
+STREAM_GOALS = {("2.8b", "quantize"): 3.0, ("2.8b", "export"): 3.0, ("2.8b", "verify"): 8.0,
+                ("falcon-mamba-7b", "quantize"): 4.0, ("falcon-mamba-7b", "export"): 4.0}
+
+
+@renderer
+def scale_stream_table(src):
+    """Every stage of bench/scale.py runs with --stream (issue 21), as run: wall time, peak RSS, load, and the
+    memory goal of the stage where issue 21 sets one."""
+    out = ["| shape | parameters (fp32 GiB) | stage | rc | wall s | peak RSS GiB | load | goal |",
+           "|---|---|---|---|---|---|---|---|"]
+    for run in src:
+        for row in run.get("rows", []):
+            head = f"| {row['shape']} | {row['parameters'] / 1e6:.1f} M ({row['fp32_gib']:.2f}) |"
+            for st in row["stages"]:
+                stage = st["stage"]
+                kind = stage.split()[0]
+                streamed = kind in ("quantize", "export", "verify") and ("--stream off" not in stage)
+                goal = STREAM_GOALS.get((row["shape"], kind)) if streamed else None
+                g = "" if goal is None else \
+                    f"<= {goal:.0f} GiB: **{'met' if st['rc'] in (0, 1) and st['peak_rss_gib'] <= goal else 'missed'}**"
+                out.append(f"{head} {stage} | {st['rc']} | {st['seconds']:.1f} | {st['peak_rss_gib']:.2f} | "
+                           f"{st['load']:.1f} | {g} |")
+                head = "| | |"
+    return "\n".join(out)
+
+
+@renderer
+def scale_stream_ratio(src, shape, a="quantize --stream on", b="quantize --stream off"):
+    """Wall time of stage a over stage b of one shape in one bench/scale.py run (e.g. the streamed quantize over
+    the whole-model one), with both loads."""
+    row = next((r for r in src[0].get("rows", []) if r["shape"] == shape), None)
+    if row is None:
+        raise ReportError(f"no {shape} row")
+    st = {s["stage"]: s for s in row["stages"]}
+    if a not in st or b not in st:
+        raise ReportError(f"{shape}: no {a!r} or {b!r} stage")
+    return (f"{st[a]['seconds'] / st[b]['seconds']:.2f}x ({st[a]['seconds']:.0f} s against {st[b]['seconds']:.0f} s; "
+            f"load {st[a]['load']:.1f} and {st[b]['load']:.1f})")
+
+
 # ---- bench/peers.py --------------------------------------------------------------------------------------
 
 PEER_ORDER = ["mq-deploy ONNX W4A8, ORT + native ops", "mq-deploy ONNX W8A8, ORT + native ops",

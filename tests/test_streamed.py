@@ -12,6 +12,7 @@ float-rounding-sized changes of the scales (every activation scale of the whole-
 multiplied by 1 + 3e-7 moves its bits/byte by 1.6e-4 relative, by 1 - 3e-7 by 4.5e-4).
 """
 
+import json
 import os
 
 import pytest
@@ -187,9 +188,15 @@ def test_streamed_export_writes_the_same_graph(tmp_path, capsys):
     assert ta.keys() == tb.keys() and all((ta[k] == tb[k]).all() for k in ta)
     assert list(a.metadata_props) == list(b.metadata_props)
     capsys.readouterr()
-    assert main(["verify", on, "--reference", q, "--data", os.path.join(src, "data", "eval.txt"), "--seq-len", "128",
-                 "--limit", "4"]) == 0
-    assert "PASSED" in capsys.readouterr().out
+    reports = {}
+    for mode in ("on", "off"):        # the reference read layer by layer as it runs, or held whole: the same numbers
+        out = tmp_path / f"verify-{mode}.json"
+        assert main(["verify", on, "--reference", q, "--data", os.path.join(src, "data", "eval.txt"), "--seq-len",
+                     "128", "--limit", "4", "--stream", mode, "--json", str(out)]) == 0
+        assert "PASSED" in capsys.readouterr().out
+        reports[mode] = json.loads(out.read_text())
+    assert reports["on"]["outputs"] == reports["off"]["outputs"]
+    assert reports["on"]["metrics"] == reports["off"]["metrics"]
 
 
 def test_a_shard_that_vanishes_mid_run_is_one_line(tmp_path, capsys, monkeypatch):

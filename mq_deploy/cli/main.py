@@ -447,7 +447,7 @@ def cmd_verify(args) -> int:
                        min_top1_agreement=args.min_top1_agreement, max_metric_delta=args.max_metric_delta,
                        tokenizer=args.tokenizer)
     rep = verify_paths(args.artifact, args.reference, cfg, custom_op_library=_ort_lib(args),
-                       plugins=args.plugins or (), threads=args.threads)
+                       plugins=args.plugins or (), threads=args.threads, stream=args.stream)
     print(format_report(rep, args.artifact, args.reference))
     _write_json(args, {k: rep[k] for k in ("outputs", "metrics", "checks", "passed", "verdict", "noise_floor")},
                 inputs)
@@ -658,6 +658,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("artifact", help="model.onnx, or a TensorRT engine (.engine/.plan)")
     s.add_argument("--reference", required=True, metavar="DIR",
                    help="the checkpoint it came from (a quantized one runs with fake quantization)")
+    s.add_argument("--stream", choices=("auto", "on", "off"), default="auto",
+                   help="the reference reads its layers in one at a time as it runs: on, off, or auto (language "
+                        "models from 1 GiB of float32 weights; default)")
     add_eval_data(s, seq_len=256, limit_help="LM windows (default 32) or images (default all)")
     g = s.add_argument_group("checks (polygraphy-style)")
     g.add_argument("--atol", type=nonneg_float)

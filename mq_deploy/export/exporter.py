@@ -88,25 +88,6 @@ def save_model_atomic(proto, out_path: str, *, overwrite: bool = False, inputs=(
     return out_abs
 
 
-def _export_streamed(model_path: str, mode: str) -> bool:
-    """Whether export reads `model_path` a block at a time: "on" (one line where it cannot), "off", or "auto"
-    (a language model of STREAM_AUTO_BYTES of float32 weights or more, in a format read layer by layer)."""
-    from mq_deploy.models.loaders import detect_format, load_model
-    from mq_deploy.quant.qcheckpoint import STREAM_AUTO_BYTES, STREAM_MODES
-
-    if mode not in STREAM_MODES:
-        raise MQUserError(f"--stream must be one of {', '.join(STREAM_MODES)}, got {mode!r}")
-    if mode == "off" or (mode == "auto" and detect_format(model_path) == "vim"):
-        return False
-    try:
-        lazy = load_model(model_path, lazy=True)
-    except MQUserError as e:
-        if mode == "on":
-            raise MQUserError(f"--stream on: {e}") from None
-        return False
-    return mode == "on" or 4 * sum(p.numel() for p in lazy.model.parameters()) >= STREAM_AUTO_BYTES
-
-
 def _carry_tokenizer(proto, loaded, tokenizer: str | None) -> None:
     """An LM's tokenizer.json travels in the artifact's metadata (mq.tokenizer_json), so `generate` needs
     nothing but the .onnx file. Byte-level LMs are marked mq.tokenizer = bytes by the graph builder."""
@@ -134,14 +115,14 @@ def export(model_path: str, out: str, step: bool = False, opset: int = OPSET, ov
     models.state_codec); the artifact's mq.config records it and verify's reference does the same.
     stream: "on" reads the checkpoint a block at a time and writes each block's tensors into the external-data
     file as they are made (the graph holds the small tensors alone), "off" holds the model, "auto" streams
-    what qcheckpoint.layer_streamed would (from STREAM_AUTO_BYTES of float32 weights up)."""
+    a language model from loaders.STREAM_AUTO_BYTES of float32 weights up (loaders.streams)."""
     from mq_deploy.config import STATE_DTYPES
 
     if state_dtype not in STATE_DTYPES:
         raise MQUserError(f"state dtype must be one of {', '.join(STATE_DTYPES)}, got {state_dtype!r}")
     if state_dtype != "float32" and not step:
         raise MQUserError("--state-dtype sets how a decode-step graph stores its states: add --decode-step")
-    from mq_deploy.models.loaders import load_model
+    from mq_deploy.models.loaders import load_model, streams
 
     if opset not in supported_opsets():
         raise MQUserError(f"--opset {opset} is not supported: QDQ int4 and the scan body need opset >= 21, and "
@@ -158,7 +139,7 @@ def export(model_path: str, out: str, step: bool = False, opset: int = OPSET, ov
         raise MQUserError(f"--head-bits must be one of {', '.join(map(str, HEAD_BITS))}, got {head_bits!r}")
     if head_bits != 8 and not quantize_head:
         raise MQUserError("--head-bits applies with --quantize-head")
-    streamed = _export_streamed(model_path, stream)
+    streamed = streams(model_path, stream)
     loaded = load_model(model_path, lazy=streamed)
     spec = quant_spec(loaded)
     int4_head = quantize_head and head_bits == 4

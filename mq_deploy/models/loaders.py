@@ -631,6 +631,45 @@ def materialize(model, name: str) -> torch.nn.Module:
     return module
 
 
+STREAM_MODES = ("auto", "on", "off")
+# --stream auto reads a model layer by layer from this size of float32 weights up (2**30: about 270M parameters);
+# below it the whole model is held, as small models always were
+STREAM_AUTO_BYTES = 1 << 30
+
+
+def streams(path: str, mode: str = "auto", why_not: str | None = None) -> bool:
+    """Whether a stage reads the LM at `path` layer by layer (load_model(lazy=True)): mode "on" (one line where it
+    cannot; why_not: the stage's own reason, if any), "off", or "auto" (where it can, from STREAM_AUTO_BYTES of
+    float32 weights up)."""
+    if mode not in STREAM_MODES:
+        raise MQUserError(f"--stream must be one of {', '.join(STREAM_MODES)}, got {mode!r}")
+    if mode == "off":
+        return False
+    if why_not is None and detect_format(path) == "vim":
+        why_not = "a Vision Mamba is held whole"
+    lazy = None
+    if why_not is None:
+        try:
+            lazy = load_model(path, lazy=True)
+        except MQUserError as e:
+            why_not = str(e)
+    if lazy is None:
+        if mode == "on":
+            raise MQUserError(f"--stream on: {why_not}")
+        return False
+    return mode == "on" or 4 * sum(p.numel() for p in lazy.model.parameters()) >= STREAM_AUTO_BYTES
+
+
+def materialize_ends(model) -> None:
+    """Read a lazily loaded LM's embedding, final norm and head in (what runs besides its layers)."""
+    materialize(model, "embedding")
+    materialize(model, "norm_f")
+    if getattr(model.cfg, "tie_embeddings", False):
+        model.lm_head.weight = model.embedding.weight
+    else:
+        materialize(model, "lm_head")
+
+
 def release(module: torch.nn.Module) -> None:
     """Give a materialized module's memory back (its tensors return to the meta device)."""
     module.to(device="meta")

@@ -99,10 +99,25 @@ class MambaLM(nn.Module):
         h = self.embedding(input_ids)
         return h if self.cfg.embedding_multiplier == 1.0 else h * self.cfg.embedding_multiplier
 
+    def _each_layer(self):
+        """(index, layer) in order. A lazily loaded model (loaders.load_model(lazy=True), its ends read in with
+        loaders.materialize) reads each layer in as it comes and gives it back after: one layer in memory."""
+        if getattr(self, "lazy_weights", None) is None:
+            yield from enumerate(self.layers)
+            return
+        from mq_deploy.models.loaders import materialize, release
+
+        for i in range(len(self.layers)):
+            layer = materialize(self, f"layers.{i}")
+            try:
+                yield i, layer
+            finally:
+                release(layer)
+
     def backbone(self, input_ids):
         """Hidden states before norm_f and the head (what calibration needs; skips the vocab matmul)."""
         h = e = self._embed(input_ids)
-        for layer in self.layers:
+        for _, layer in self._each_layer():
             h = layer(h, **_emb(layer, e))
         return h
 
@@ -112,7 +127,7 @@ class MambaLM(nn.Module):
         state: per-layer states to continue from (as init_state / return_state give)."""
         h = e = self._embed(input_ids)
         states = []
-        for i, layer in enumerate(self.layers):
+        for i, layer in self._each_layer():
             st = None if state is None else self._decode_state(i, state[i])
             if return_state:
                 h, st = layer(h, st, return_state=True, **_emb(layer, e))

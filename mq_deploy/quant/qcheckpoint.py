@@ -172,12 +172,15 @@ def save_quantized(model, out_dir: str, recipe_cfg, scales: dict, calib_info: di
                                      overwrite=overwrite, inputs=(source_path,))
 
 
-def load(path: str):
-    """load_model, plus activation fake-quant when `path` is a quantized checkpoint."""
-    from mq_deploy.models.loaders import load_model
+def load(path: str, lazy: bool = False):
+    """load_model, plus activation fake-quant when `path` is a quantized checkpoint. lazy: an LM read layer by
+    layer as it runs (load_model(lazy=True); its embedding, final norm and head in memory)."""
+    from mq_deploy.models.loaders import load_model, materialize_ends
     from mq_deploy.quant.fakequant import QuantConfig, attach_activation_quant
 
-    loaded = load_model(path)
+    loaded = load_model(path, lazy=lazy)
+    if lazy:
+        materialize_ends(loaded.model)
     if not QuantizedCheckpoint.is_quantized(loaded):
         return loaded
     ckpt = QuantizedCheckpoint.read(loaded)
@@ -245,37 +248,14 @@ def quantize_to_dir(model_path: str, out_dir: str, recipe_cfg, calib_cfg, *, ove
             "abits": recipe_cfg.quant.abits, "calibration": calib_info, "layer_streamed": streamed}
 
 
-STREAM_MODES = ("auto", "on", "off")
-# --stream auto reads a model layer by layer from this size of float32 weights up (2**30: about 270M parameters);
-# below it the whole model is held, as small models always were
-STREAM_AUTO_BYTES = 1 << 30
-
-
 def layer_streamed(model_path: str, recipe_cfg, mode: str = "auto") -> bool:
-    """Whether quantize reads `model_path` layer by layer (quant.streamed): "on" (refused with one line where it
-    cannot), "off", or "auto" (where it can, from STREAM_AUTO_BYTES of float32 weights up)."""
-    from mq_deploy.models.loaders import detect_format, load_model
+    """Whether quantize reads `model_path` layer by layer (quant.streamed): loaders.streams, for a layer-wise
+    recipe."""
+    from mq_deploy.models.loaders import streams
     from mq_deploy.quant.recipes import get_recipe
 
-    if mode not in STREAM_MODES:
-        raise MQUserError(f"--stream must be one of {', '.join(STREAM_MODES)}, got {mode!r}")
-    if mode == "off":
-        return False
-    why = None
-    if detect_format(model_path) == "vim":
-        why = "a Vision Mamba is held whole"
-    elif not get_recipe(recipe_cfg.recipe).layerwise:
-        why = f"recipe {recipe_cfg.recipe!r} is not layer-wise"
-    if why is None:
-        try:
-            lazy = load_model(model_path, lazy=True)
-        except MQUserError as e:
-            why = str(e)
-    if why is not None:
-        if mode == "on":
-            raise MQUserError(f"--stream on: {why}")
-        return False
-    return mode == "on" or 4 * sum(p.numel() for p in lazy.model.parameters()) >= STREAM_AUTO_BYTES
+    why = None if get_recipe(recipe_cfg.recipe).layerwise else f"recipe {recipe_cfg.recipe!r} is not layer-wise"
+    return streams(model_path, mode, why)
 
 
 def _check_out_rotations(model) -> None:

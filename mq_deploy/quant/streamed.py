@@ -102,9 +102,15 @@ class _Stream:
 
 
 def _save(tensors: dict, path: str) -> None:
+    """One shard; a full disk (or any write error) is one line naming it (the partial folder is removed by the
+    caller's atomic_dir)."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, path, metadata={"format": "pt"})
+    try:
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, path, metadata={"format": "pt"})
+    except (OSError, SafetensorError) as e:
+        raise MQUserError(f"{path}: cannot write this shard ({getattr(e, 'strerror', None) or e})") from None
 
 
 def quantize_layers(loaded, loop, cfg, tmp: str, progress=None):

@@ -362,10 +362,12 @@ def preprocessing_checks(artifact_runner, reference_runner, cfg: VerifyConfig) -
 
 
 def verify_paths(artifact: str, reference: str, cfg: VerifyConfig, *, custom_op_library: str | None = None,
-                 plugins=(), threads: int | None = None) -> dict:
+                 plugins=(), threads: int | None = None, stream: str = "auto") -> dict:
     """`mq-deploy verify`: open the artifact (ONNX in ONNX Runtime, or a TensorRT engine) and the PyTorch
-    reference checkpoint, check they belong together, and compare them."""
+    reference checkpoint, check they belong together, and compare them. stream (loaders.streams): the
+    reference reads its layers in one at a time as it runs (a large LM), "on", "off" or "auto"."""
     from mq_deploy.backends.base import ENGINE_SUFFIXES, open_runner
+    from mq_deploy.models.loaders import streams
     from mq_deploy.quant.qcheckpoint import load
     from mq_deploy.verify.torch_runner import TorchRunner
 
@@ -375,7 +377,7 @@ def verify_paths(artifact: str, reference: str, cfg: VerifyConfig, *, custom_op_
         from mq_deploy.export.onnx_file import require_mq_export
 
         require_mq_export(proto, artifact, "verify")
-    loaded = load(reference)
+    loaded = load(reference, lazy=streams(reference, stream))
     kind = runner.artifact.kind
     want = {"mamba_lm": "lm", "vim": "vim"}.get(loaded.architecture, loaded.architecture)
     if kind is not None and kind != want:
