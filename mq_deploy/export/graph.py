@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from mq_deploy.errors import MQInternalError, MQUserError
+from mq_deploy.export.onnx_file import EXTERNAL_MIN_BYTES
 from mq_deploy.export.scan_op import DOMAIN
 from mq_deploy.families import family_of, state_inputs
 from mq_deploy.models.mamba import MambaLM
@@ -51,6 +52,18 @@ class QuantSpec:
                               "quantize with --abits 8")
 
 
+def _digest(array: np.ndarray) -> str:
+    """sha1 of an array's bytes in C order: of its memory when C-contiguous (no copy), else a block of rows
+    at a time."""
+    if array.flags.c_contiguous:
+        return hashlib.sha1(memoryview(array).cast("B")).hexdigest()
+    h = hashlib.sha1()
+    rows = max(1, (32 << 20) // max(1, array[0].nbytes))
+    for i in range(0, array.shape[0], rows):
+        h.update(np.ascontiguousarray(array[i:i + rows]).tobytes())
+    return h.hexdigest()
+
+
 class _Builder:
     """Collects nodes and initializers with unique names; identical constants are stored once."""
 
@@ -74,19 +87,26 @@ class _Builder:
         return f"{hint}_{self._n}"
 
     def _intern(self, kind, array, hint, make):
-        """The initializer name of `array` (stored as `kind`), made once by make(name)."""
-        key = (kind, array.shape, hashlib.sha1(memoryview(array).cast("B")).hexdigest())   # no copy of the bytes
+        """The initializer name of `array` (stored as `kind`), made once by make(name); with a sink, a large
+        numpy array goes to it straight (ExternalSink.put_array), strided or not."""
+        key = (kind, array.shape, _digest(array))
         if key not in self._consts:
             name = self.name(hint)
-            self._add(make(name))   # one tensor's copy at a time, freed at once
+            if self.sink is not None and kind != "int4" and array.nbytes >= EXTERNAL_MIN_BYTES:
+                self.inits.add().CopyFrom(self.sink.put_array(array, name))
+            else:
+                self._add(make(name))   # one tensor's copy at a time, freed at once
             self._consts[key] = name
         return self._consts[key]
 
     def const(self, array, hint="c"):
         from onnx import numpy_helper
 
-        array = np.asarray(array, order="C")   # no copy if C-contiguous (ascontiguousarray would make a scalar 1-D)
-        return self._intern(array.dtype.str, array, hint, lambda name: numpy_helper.from_array(array, name))
+        array = np.asarray(array)
+        if self.sink is None or array.nbytes < EXTERNAL_MIN_BYTES:
+            array = np.asarray(array, order="C")   # no copy if C-contiguous (ascontiguousarray makes a scalar 1-D)
+        return self._intern(array.dtype.str, array, hint,
+                            lambda name: numpy_helper.from_array(np.asarray(array, order="C"), name))
 
     def int4(self, q: np.ndarray, hint):
         from onnx import TensorProto, helper
@@ -99,7 +119,8 @@ class _Builder:
         # float64 -> float32 rounds as numpy's astype would; float32 / bf16 / fp16 convert exactly. Never via a
         # float64 copy: a vocabulary-sized embedding would take 2x its float32 size for nothing.
         if torch.is_tensor(t):
-            return self.const(t.detach().to(torch.float32).contiguous().numpy(), hint)
+            t = t.detach().to(torch.float32)
+            return self.const((t if self.sink is not None else t.contiguous()).numpy(), hint)   # a sink takes views
         return self.const(np.asarray(t).astype(np.float32), hint)
 
     def op(self, op_type, inputs, hint=None, n_out=1, domain=None, **attrs):

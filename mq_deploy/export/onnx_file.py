@@ -204,19 +204,47 @@ class ExternalSink:
         raw = t.raw_data if t.HasField("raw_data") else b""
         if len(raw) < EXTERNAL_MIN_BYTES:
             return
-        try:
-            if len(raw) > _ALIGN_ABOVE and self.offset % _ALIGN:
-                pad = _ALIGN - self.offset % _ALIGN
-                self._f.write(bytes(pad))
-                self.offset += pad
-            self._f.write(raw)
-        except OSError as e:
-            raise MQUserError(f"{self.path}: cannot write the external data ({e.strerror or e})") from None
+        if len(raw) > _ALIGN_ABOVE and self.offset % _ALIGN:
+            self._write(bytes(_ALIGN - self.offset % _ALIGN))
+        start = self.offset
+        self._write(raw)
         t.ClearField("raw_data")
         t.data_location = onnx.TensorProto.EXTERNAL
-        for key, value in (("location", os.path.basename(self.path)), ("offset", self.offset), ("length", len(raw))):
+        for key, value in (("location", os.path.basename(self.path)), ("offset", start), ("length", len(raw))):
             t.external_data.add(key=key, value=str(value))
-        self.offset += len(raw)
+
+    _CHUNK = 32 << 20       # put_array writes a strided array this many bytes of rows at a time
+
+    def put_array(self, array, name: str):
+        """A TensorProto named `name` whose data is numpy `array`'s, written straight to the file (a transposed
+        or otherwise strided view in chunks of rows, never copied whole)."""
+        import numpy as np
+        import onnx
+        from onnx import helper
+
+        t = onnx.TensorProto()
+        t.name = name
+        t.dims.extend(array.shape)
+        t.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
+        if array.nbytes > _ALIGN_ABOVE and self.offset % _ALIGN:
+            self._write(bytes(_ALIGN - self.offset % _ALIGN))
+        start = self.offset
+        flat = array.reshape(array.shape[0], -1) if array.ndim > 1 else array.reshape(1, -1)
+        rows = max(1, self._CHUNK // max(1, flat[0].nbytes))
+        for i in range(0, flat.shape[0], rows):
+            self._write(np.ascontiguousarray(flat[i:i + rows]).astype(array.dtype.newbyteorder("<"), copy=False))
+        t.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", os.path.basename(self.path)), ("offset", start),
+                           ("length", self.offset - start)):
+            t.external_data.add(key=key, value=str(value))
+        return t
+
+    def _write(self, data) -> None:
+        try:
+            self._f.write(data)
+        except OSError as e:
+            raise MQUserError(f"{self.path}: cannot write the external data ({e.strerror or e})") from None
+        self.offset += memoryview(data).nbytes
 
     def close(self) -> None:
         if not self._f.closed:
