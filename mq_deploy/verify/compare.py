@@ -7,22 +7,41 @@ import numpy as np
 from mq_deploy.errors import MQUserError
 
 
+_CHUNK_BYTES = 16 << 20      # float64 bytes per block of rows of the per-row statistics
+
+
 def compare_outputs(got: np.ndarray, ref: np.ndarray, classes: bool = True) -> dict:
-    """Error statistics of one output (rows = all leading dims, the last dim is the feature/class axis)."""
-    got = np.asarray(got, np.float64)
-    ref = np.asarray(ref, np.float64)
+    """Error statistics of one output (rows = all leading dims, the last dim is the feature/class axis).
+    Computed a block of rows at a time in float64; only the elementwise errors the medians need are held
+    whole (as a verify over 50k-vocabulary logits would otherwise hold several float64 copies of them)."""
+    got, ref = np.asarray(got), np.asarray(ref)
     if got.shape != ref.shape:
         raise MQUserError(f"output shapes differ: artifact {list(got.shape)} vs reference {list(ref.shape)}")
-    diff = np.abs(got - ref)
-    floor = max(1e-30, 1e-6 * float(np.abs(ref).max(initial=0.0)))
-    rel = diff / np.maximum(np.abs(ref), floor)
-    g2, r2 = got.reshape(-1, got.shape[-1]), ref.reshape(-1, ref.shape[-1])
-    ng, nr = np.linalg.norm(g2, axis=-1), np.linalg.norm(r2, axis=-1)
-    cos = (g2 * r2).sum(-1) / np.maximum(ng * nr, 1e-30)
-    cos[(ng == 0) & (nr == 0)] = 1.0          # two all-zero rows (e.g. a fresh conv state) agree
-    out = {"max_abs": float(diff.max()), "mean_abs": float(diff.mean()), "median_abs": float(np.median(diff)),
-           "max_rel": float(rel.max()), "mean_rel": float(rel.mean()), "median_rel": float(np.median(rel)),
-           "cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()), "elements": int(diff.size)}
+    width = got.shape[-1] if got.ndim else 1
+    g2, r2 = got.reshape(-1, width), ref.reshape(-1, width)
+    floor = max(1e-30, 1e-6 * float(np.abs(r2).max(initial=0.0)))
+    diff = np.empty(g2.shape, np.float64)
+    rel = np.empty(g2.shape, np.float64)
+    cos = np.empty(g2.shape[0], np.float64)
+    agree, rows = 0, max(1, _CHUNK_BYTES // (8 * max(1, width)))
+    for i in range(0, g2.shape[0], rows):
+        g, r = g2[i:i + rows].astype(np.float64), r2[i:i + rows].astype(np.float64)
+        d = diff[i:i + rows]
+        np.abs(g - r, out=d)
+        np.divide(d, np.maximum(np.abs(r), floor), out=rel[i:i + rows])
+        ng, nr = np.linalg.norm(g, axis=-1), np.linalg.norm(r, axis=-1)
+        c = (g * r).sum(-1) / np.maximum(ng * nr, 1e-30)
+        c[(ng == 0) & (nr == 0)] = 1.0          # two all-zero rows (e.g. a fresh conv state) agree
+        cos[i:i + rows] = c
+        if classes:
+            agree += int((g.argmax(-1) == r.argmax(-1)).sum())
+    n = diff.size
+    out = {"max_abs": float(diff.max(initial=0.0)), "mean_abs": float(diff.sum() / n) if n else 0.0,
+           "max_rel": float(rel.max(initial=0.0)), "mean_rel": float(rel.sum() / n) if n else 0.0,
+           "cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()), "elements": int(n)}
+    out["median_abs"] = float(np.median(diff.reshape(-1), overwrite_input=True))      # (diff is ours to reorder)
+    out["median_rel"] = float(np.median(rel.reshape(-1), overwrite_input=True))
     if classes:   # the last axis is a class / vocabulary axis
-        out["top1_agreement"] = float((g2.argmax(-1) == r2.argmax(-1)).mean())
-    return out
+        out["top1_agreement"] = agree / max(1, g2.shape[0])
+    return {k: out[k] for k in ("max_abs", "mean_abs", "median_abs", "max_rel", "mean_rel", "median_rel",
+                                "cosine_mean", "cosine_min", "elements", "top1_agreement") if k in out}
