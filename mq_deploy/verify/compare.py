@@ -6,7 +6,6 @@ import numpy as np
 
 from mq_deploy.errors import MQUserError
 
-
 _CHUNK_BYTES = 16 << 20      # float64 bytes per block of rows of the per-row statistics
 
 
