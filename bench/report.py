@@ -665,7 +665,11 @@ def scale_stream_table(src):
             for st in row["stages"]:
                 stage = st["stage"]
                 kind = stage.split()[0]
-                streamed = kind in ("quantize", "export", "verify") and ("--stream off" not in stage)
+                argv = st.get("argv", [])        # (recorded from issue 21 on) the stage's own --stream
+                if kind in ("export", "verify") and "--stream" in argv:
+                    stage = f"{stage} --stream {argv[argv.index('--stream') + 1]}"
+                streamed = kind in ("quantize", "export", "verify") and "--stream " in stage and \
+                    "--stream off" not in stage
                 goal = STREAM_GOALS.get((row["shape"], kind)) if streamed else None
                 g = "" if goal is None else \
                     f"<= {goal:.0f} GiB: **{'met' if st['rc'] in (0, 1) and st['peak_rss_gib'] <= goal else 'missed'}**"

@@ -10,7 +10,7 @@ Stages, each the real command line in its own process (wall time and that proces
   build     mq-deploy build model.onnx --backend onnxruntime
 
     python bench/scale.py --shapes 130m,790m --workdir /tmp/mq-scale --json scale.json
-    python bench/scale.py --shapes 790m --stream off,on --json out.json   # whole-model and streamed quantize
+    python bench/scale.py --shapes 790m --stream on,off --json out.json   # streamed and whole-model quantize
 
 Timings are on a shared 2-core machine: noisy; the load average is printed beside every row.
 Goals (issue 9): quantize peak RSS <= fp32 model size + 3 GiB; export <= fp32 size + int8 size + 2 GiB.
@@ -106,7 +106,7 @@ def run_stage(name, argv, kind="cli", log=None):
     t0 = time.time()
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     res = {"stage": name, "rc": p.returncode, "seconds": time.time() - t0, "peak_rss_gib": None,
-           "load": round(os.getloadavg()[0], 2)}
+           "load": round(os.getloadavg()[0], 2), "argv": [a for a in argv if not os.path.isabs(a)]}
     for line in p.stdout.splitlines():
         if line.startswith("@@STAGE "):
             res.update({k: v for k, v in json.loads(line[8:]).items() if k == "peak_rss_gib"})
@@ -137,7 +137,7 @@ def train_tokenizer(path, vocab_size=4000):
 
 def bench_shape(shape, workdir, calib_windows, keep, log, stages_wanted=None, streams=("auto",)):
     """streams: quantize's --stream modes, each a stage of its own on the same model (the first's checkpoint is
-    what export reads; export takes the first mode too)."""
+    what export reads; export and verify take the first mode too)."""
     d = os.path.join(workdir, shape)
     if stages_wanted is None or "make" in stages_wanted:   # a fresh folder; later stages reuse a kept one
         if os.path.exists(d):
@@ -164,7 +164,7 @@ def bench_shape(shape, workdir, calib_windows, keep, log, stages_wanted=None, st
     stages += [
         ("export", ["export", q, "-o", onnx_path, "--stream", streams[0]], "cli"),
         ("verify", ["verify", onnx_path, "--reference", q, "--data", os.path.join(KJV, "eval.txt"),
-                    "--limit", "2", "--seq-len", "512", "--batch", "1"], "cli"),
+                    "--limit", "2", "--seq-len", "512", "--batch", "1", "--stream", streams[0]], "cli"),
         ("build", ["build", onnx_path, "--backend", "onnxruntime", "--optShapes", "input_ids:1x64"], "cli"),
     ]
     for name, argv, kind in stages:
@@ -204,8 +204,8 @@ def main():
     ap.add_argument("--json", metavar="OUT")
     ap.add_argument("--stream", default="auto",
                     help="quantize's --stream modes, comma-separated, each its own stage on the same model in this run "
-                         "(e.g. off,on: the whole-model and the layer-streamed quantize side by side); export takes "
-                         "the first")
+                         "(e.g. on,off: the layer-streamed and the whole-model quantize side by side); export and "
+                         "verify take the first")
     args = ap.parse_args()
     meta = RunMeta()
     os.makedirs(args.workdir, exist_ok=True)

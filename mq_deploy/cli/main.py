@@ -272,10 +272,11 @@ def _recipe_cfg(args, recipe=None, wbits=8, abits=8, granularity="per_tensor", s
 # ---- commands --------------------------------------------------------------------------------------
 
 def cmd_info(args) -> int:
-    from mq_deploy.models.loaders import load_model
+    from mq_deploy.models.loaders import load_model, streams
 
     _json_target(args, [args.model])
-    loaded = load_model(args.model)
+    # a large LM: names, shapes and dtypes checked, nothing read (its values are checked as a stage reads them)
+    loaded = load_model(args.model, lazy=streams(args.model, "auto"))
     cfg = loaded.config
     n_params = sum(p.numel() for p in loaded.model.parameters())
     from mq_deploy.families import family_of
