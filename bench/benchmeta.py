@@ -41,9 +41,12 @@ def _cpu_model():
     return platform.processor()
 
 
-def _cpu_flags():
-    """The SIMD flags that change our numbers: ORT's int8 GEMM is exact with VNNI, not always without it."""
-    want = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def cpu_flags(want=SIMD_FLAGS) -> list:
+    """Which of the CPU flags `want` this machine has (default: the SIMD flags that change our numbers: ORT's
+    int8 GEMM is exact with VNNI, not always without it)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -86,7 +89,7 @@ class RunMeta:
             "nproc": os.cpu_count(),
             "nice": os.nice(0),      # a bench may run at a raised priority on a shared machine: say so
             "cpu": _cpu_model(),
-            "cpu_flags": _cpu_flags(),
+            "cpu_flags": cpu_flags(),
             "python": platform.python_version(),
             "versions": _versions(packages),
             "load_before": [round(v, 2) for v in os.getloadavg()],

@@ -74,6 +74,7 @@ import sys
 import tarfile
 import time
 
+import benchmeta
 from benchmeta import RunMeta
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -219,15 +220,8 @@ GGML_RECORDED = {*GGML_ISA.values(), "GGML_AVX512", "GGML_AMX_TILE", "GGML_AMX_I
 
 
 def cpu_flags() -> list:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    have = set(line.split(":", 1)[1].split())
-                    return [x for x in ISA_FLAGS if x in have]
-    except OSError:
-        pass
-    return []
+    """Which of the ISA extensions llama.cpp's CPU backend builds for this machine has (ISA_FLAGS)."""
+    return benchmeta.cpu_flags(ISA_FLAGS)
 
 
 def ggml_isa_options(flags) -> list:
