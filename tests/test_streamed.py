@@ -220,3 +220,25 @@ def test_a_shard_that_vanishes_mid_run_is_one_line(tmp_path, capsys, monkeypatch
                                "--stream", "on"], ".safetensors")
     assert "layers.2" in calls and not out.exists()
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".q")], os.listdir(tmp_path)
+
+
+def test_a_shard_that_cannot_be_written_is_one_line(tmp_path):
+    """A real write failure (the file size limit, RLIMIT_FSIZE, as a full disk fails a write): one line naming
+    the output and the system's reason, exit 2, no traceback, nothing left behind."""
+    import subprocess
+    import sys
+
+    src = os.path.join(SAMPLES, "mamba-byte-lm")
+    out = tmp_path / "q"
+    code = ("import resource, signal, sys\n"
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))\n"
+            "from mq_deploy.cli.main import main\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+    p = subprocess.run([sys.executable, "-c", code, "quantize", src, "-o", str(out), "--calib",
+                        os.path.join(src, "data", "calib.txt"), "--calib-samples", "2", "--seq-len", "64",
+                        "--stream", "on", "--threads", "1"], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 2, p.stderr
+    assert "Traceback" not in p.stderr and "File too large" in p.stderr, p.stderr
+    assert len([ln for ln in p.stderr.splitlines() if "error" in ln]) == 1, p.stderr
+    assert not out.exists() and not [f for f in os.listdir(tmp_path) if f.startswith(".q")]
