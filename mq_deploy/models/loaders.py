@@ -23,7 +23,7 @@ import os
 import pickle
 import re
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -545,6 +545,7 @@ class LazyWeights:
     src: TensorSource
     expected: dict       # parameter / buffer name -> shape
     quant: dict | None
+    rotations: dict = field(default_factory=dict)    # the online rotations, one per width, shared by the layers
 
 
 def load_into(cfg, src: TensorSource, source: str, cfg_source: str | None = None, quant: dict | None = None):
@@ -627,7 +628,7 @@ def materialize(model, name: str) -> torch.nn.Module:
     if name.startswith("layers.") and lw.quant is not None:
         _check_kv_scales(module, lw.src.origin.get(next(iter(lw.expected)), "the checkpoint"))
         if lw.quant.get("online_out_rotation") and module.mixer.out_linear is not None:
-            _set_out_rotation(module.mixer)
+            _set_out_rotation(module.mixer, lw.rotations)
     return module
 
 
