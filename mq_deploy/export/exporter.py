@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 from mq_deploy.errors import MQUserError
@@ -88,6 +89,27 @@ def save_model_atomic(proto, out_path: str, *, overwrite: bool = False, inputs=(
     return out_abs
 
 
+@contextlib.contextmanager
+def _side_file(out: str, overwrite: bool, inputs, streamed: bool):
+    """(sink, its temporary path) a streamed export writes its tensors into as they are made (removed if the export
+    fails; save_model_atomic renames it into place), or (None, None) when the model is built whole."""
+    if not streamed:
+        yield None, None
+        return
+    from mq_deploy import fileio
+    from mq_deploy.export.onnx_file import ExternalSink
+
+    data_target = os.path.abspath(out) + ".data"
+    fileio.check_target(data_target, overwrite, inputs, "external data file")
+    tmp_data = fileio.temp_path(data_target)
+    with fileio.tracked_temp(tmp_data):
+        sink = ExternalSink(tmp_data)
+        try:
+            yield sink, tmp_data
+        finally:
+            sink.close()
+
+
 def _carry_tokenizer(proto, loaded, tokenizer: str | None) -> None:
     """An LM's tokenizer.json travels in the artifact's metadata (mq.tokenizer_json), so `generate` needs
     nothing but the .onnx file. Byte-level LMs are marked mq.tokenizer = bytes by the graph builder."""
@@ -154,27 +176,14 @@ def export(model_path: str, out: str, step: bool = False, opset: int = OPSET, ov
 
         resident(loaded.model, "lm_head")
         int8_head(loaded.model, bits=head_bits)
-    if not streamed:
-        proto = build_model(loaded.model, spec, step=step, opset=opset, consume=True, int4_format=int4_format)
+    with _side_file(out, overwrite, inputs, streamed) as (sink, written):
+        proto = build_model(loaded.model, spec, step=step, opset=opset, consume=True, int4_format=int4_format,
+                            sink=sink)
+        if sink is not None:
+            sink.close()
         _carry_tokenizer(proto, loaded, tokenizer)
         loaded.model = None      # the rest of the float model (embedding, head): not held while the proto is written
-        out_abs = save_model_atomic(proto, out, overwrite=overwrite, inputs=inputs)
-    else:
-        from mq_deploy.export.onnx_file import ExternalSink
-
-        data_target = os.path.abspath(out) + ".data"
-        fileio.check_target(data_target, overwrite, inputs, "external data file")
-        tmp_data = fileio.temp_path(data_target)
-        with fileio.tracked_temp(tmp_data):
-            sink = ExternalSink(tmp_data)
-            try:
-                proto = build_model(loaded.model, spec, step=step, opset=opset, consume=True,
-                                    int4_format=int4_format, sink=sink)
-            finally:
-                sink.close()
-            _carry_tokenizer(proto, loaded, tokenizer)
-            loaded.model = None
-            out_abs = save_model_atomic(proto, out, overwrite=overwrite, inputs=inputs, written_data=tmp_data)
+        out_abs = save_model_atomic(proto, out, overwrite=overwrite, inputs=inputs, written_data=written)
     counts: dict = {}
     for n in proto.graph.node:
         key = f"{n.domain}::{n.op_type}" if n.domain else n.op_type
