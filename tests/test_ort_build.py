@@ -81,3 +81,55 @@ def test_a_graph_without_function_bodies_needs_plugins(ex, tmp_path, capsys):
     assert_user_error(capsys, ["build", str(stripped), "--backend", "onnxruntime"], "no function body to inline",
                       "--plugins libmq_scan_ort.so")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["stripped.onnx"]
+
+
+@pytest.mark.parametrize("plugins", [pytest.param(True, marks=needs_ort_lib), False], ids=["native", "inlined"])
+def test_external_data_input_gives_an_external_data_output(ex, tmp_path, capsys, plugins):
+    """A model whose weights lie in an external-data file (a streamed export, as every export past protobuf's
+    2 GB) is optimized into OUT + OUT.data: ORT writes the weights beside the model instead of serializing one
+    protobuf (the 2.8b build failed there). Both files land under their final names, nothing temporary is left,
+    the pair runs from another folder (the model names its side file relatively), and it computes what the
+    inline build of the same graph computes."""
+    import shutil
+
+    from mq_deploy.export.onnx_file import has_external_data
+
+    src = tmp_path / "lm.onnx"
+    assert main(["export", ex["lm_q"], "-o", str(src), "--stream", "on"]) == 0
+    assert has_external_data(onnx.load(str(src), load_external_data=False))
+    lib = ["--plugins", ORT_LIB] if plugins else []
+    out, rep_path = tmp_path / "lm.ort.onnx", tmp_path / "build.json"
+    assert main(["build", str(src), "--backend", "onnxruntime", "--int8", *lib, "--saveEngine", str(out),
+                 "--json", str(rep_path)]) == 0
+    rep = json.loads(rep_path.read_text())
+    assert rep["external_data"] == str(out) + ".data" and rep["verify"]["passed"]
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["build.json", "lm.onnx", "lm.onnx.data", "lm.ort.onnx", "lm.ort.onnx.data"], names
+    shell = onnx.load(str(out), load_external_data=False)
+    locations = {e.value for t in shell.graph.initializer for e in t.external_data if e.key == "location"}
+    assert locations == {"lm.ort.onnx.data"}, locations
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for n in ("lm.ort.onnx", "lm.ort.onnx.data"):
+        shutil.move(str(tmp_path / n), str(moved / n))
+    inline = tmp_path / "inline.ort.onnx"
+    assert main(["build", ex["lm"], "--backend", "onnxruntime", "--int8", *lib, "--saveEngine", str(inline)]) == 0
+    assert not (tmp_path / "inline.ort.onnx.data").exists()
+    ids = np.random.default_rng(3).integers(0, 256, (2, 24)).astype(np.int64)
+    if plugins:
+        from mq_deploy.backends.ort.runner import OrtRunner
+
+        got = OrtRunner(str(moved / "lm.ort.onnx"), custom_op_library=ORT_LIB).infer({"input_ids": ids})["logits"]
+        want = OrtRunner(str(inline), custom_op_library=ORT_LIB).infer({"input_ids": ids})["logits"]
+    else:
+        got = _plain_session(str(moved / "lm.ort.onnx")).run(None, {"input_ids": ids})[0]
+        want = _plain_session(str(inline)).run(None, {"input_ids": ids})[0]
+    err = float(np.abs(got - want).max())
+    print(f"external-data build vs inline build of the same graph: max abs {err:.3g}")
+    assert err <= 1e-5 * max(1.0, float(np.abs(want).max()))
+    # a side file that is not ours is never replaced, with or without --overwrite
+    (tmp_path / "user.onnx.data").write_bytes(b"user data")
+    assert_user_error(capsys, ["build", str(src), "--backend", "onnxruntime", "--int8", *lib, "--saveEngine",
+                               str(tmp_path / "user.onnx"), "--overwrite"], "user.onnx.data")
+    assert (tmp_path / "user.onnx.data").read_bytes() == b"user data"
+    assert not (tmp_path / "user.onnx").exists()

@@ -129,6 +129,11 @@ def _shell(proto):
     return shell
 
 
+def has_external_data(proto) -> bool:
+    """Whether any initializer of `proto` (read with load_external_data=False) lies in an external-data file."""
+    return any(t.data_location == 1 for t in proto.graph.initializer)     # TensorProto.EXTERNAL
+
+
 def initializer_bytes(proto) -> int:
     """The serialized size of the model's initializers, one tensor at a time."""
     return sum(t.ByteSize() for t in proto.graph.initializer)

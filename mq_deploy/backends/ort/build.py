@@ -10,16 +10,23 @@ model runs in any ONNX Runtime (checked: it must hold no mq:: node). With `--plu
 the mq:: nodes stay native (their bodies are dropped), and the saved model then needs that library
 wherever it runs: its name is recorded in the model's metadata (mq.custom_op_library, which OrtRunner
 names when it is missing) and in the build report (requires_custom_op_library).
+
+An input whose weights lie in an external-data file (every export past protobuf's 2 GB, and every streamed
+export) gives an optimized model with its weights in `OUT.data` beside it: ORT writes them there itself
+(session.optimized_model_external_initializers_*), since a 2.8b model serialized whole is past protobuf's
+limit. Both files are written under temporary names, verified, and renamed into place.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
 import numpy as np
 
 from mq_deploy.errors import MQUserError
+from mq_deploy.export.onnx_file import EXTERNAL_MIN_BYTES
 
 
 def sample_feeds(runner, shapes: dict | None = None, seed: int = 0) -> dict:
@@ -27,6 +34,20 @@ def sample_feeds(runner, shapes: dict | None = None, seed: int = 0) -> dict:
     from mq_deploy.backends.feeds import sample_feeds as feeds
 
     return feeds(runner.input_specs, runner.artifact, shapes, seed, what=runner.path)
+
+
+@contextlib.contextmanager
+def _side_file(data_target: str | None):
+    """A temporary name beside `data_target` for ORT's external-data file (removed unless renamed into place),
+    or None when the optimized model keeps its weights inline."""
+    from mq_deploy import fileio
+
+    if data_target is None:
+        yield None
+        return
+    tmp_data = fileio.temp_path(data_target)
+    with fileio.tracked_temp(tmp_data):
+        yield tmp_data
 
 
 def build_ort(onnx_path: str, out_path: str, *, custom_op_library: str | None = None, shapes: dict | None = None,
@@ -37,14 +58,24 @@ def build_ort(onnx_path: str, out_path: str, *, custom_op_library: str | None = 
 
     from mq_deploy import fileio
     from mq_deploy.backends.ort.runner import OrtRunner, session_options
-    from mq_deploy.export.onnx_file import load_onnx, missing_functions, write_model
+    from mq_deploy.export.onnx_file import (
+        has_external_data,
+        load_onnx,
+        missing_functions,
+        repoint_external,
+        write_model,
+    )
     from mq_deploy.export.surgery import op_counts
     from mq_deploy.verify.compare import compare_outputs
 
     inputs = [onnx_path, onnx_path + ".data"] + ([custom_op_library] if custom_op_library else [])
     out_abs = fileio.check_target(out_path, overwrite, inputs, "optimized model")
+    shell = load_onnx(onnx_path, load_external_data=False)
+    data_target = out_abs + ".data" if has_external_data(shell) else None
+    if data_target:
+        fileio.check_target(data_target, overwrite, inputs, "external data file")
     if not custom_op_library:
-        missing = missing_functions(load_onnx(onnx_path, load_external_data=False))
+        missing = missing_functions(shell)
         if missing:
             raise MQUserError(f"{onnx_path}: its {', '.join(missing)} nodes have no function body to inline; export it "
                               "again with `mq-deploy export`, or pass --plugins libmq_scan_ort.so (the optimized "
@@ -57,8 +88,15 @@ def build_ort(onnx_path: str, out_path: str, *, custom_op_library: str | None = 
         raise MQUserError(f"{onnx_path} itself gives non-finite {', '.join(bad)} on random sample feeds "
                           f"{ {k: list(v.shape) for k, v in feeds.items()} }; the build cannot be verified "
                           "(are the weights finite and sensible?)")
-    with fileio.atomic_path(out_abs, overwrite=overwrite, inputs=inputs, what="optimized model") as tmp:
+    del shell
+    with fileio.atomic_path(out_abs, overwrite=overwrite, inputs=inputs, what="optimized model") as tmp, \
+            _side_file(data_target) as tmp_data:
         so = session_options(level="extended", optimized_model_path=tmp, custom_op_library=src.custom_op_library)
+        if tmp_data:     # ORT writes the weights there (a name relative to the optimized model's folder)
+            so.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                        os.path.basename(tmp_data))
+            so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
+                                        str(EXTERNAL_MIN_BYTES))
         t0 = time.perf_counter()
         try:
             ort.InferenceSession(onnx_path, so, providers=["CPUExecutionProvider"])
@@ -66,7 +104,7 @@ def build_ort(onnx_path: str, out_path: str, *, custom_op_library: str | None = 
             raise MQUserError(f"{onnx_path}: ONNX Runtime cannot optimize it: {str(e).splitlines()[0]}") from None
         seconds = time.perf_counter() - t0
         needs = os.path.basename(custom_op_library) if custom_op_library else None
-        proto = load_onnx(tmp)
+        proto = load_onnx(tmp, load_external_data=False)
         native = sorted({f"{n.domain}::{n.op_type}" for n in proto.graph.node if n.domain == "mq"})
         if native and not needs:
             raise MQUserError(f"ONNX Runtime kept {', '.join(native)} nodes without a custom-op library; the optimized "
@@ -74,8 +112,7 @@ def build_ort(onnx_path: str, out_path: str, *, custom_op_library: str | None = 
         if needs:        # the file says which library it needs (OrtRunner names it when it is missing)
             proto.metadata_props.add(key="mq.custom_op_library", value=needs)
             os.remove(tmp)
-            write_model(proto, tmp)
-        del proto
+            write_model(proto, tmp)     # (external entries stay entries: the side file is not read)
         built = OrtRunner(tmp, custom_op_library=src.custom_op_library or False)
         got = built.infer(feeds)
         outputs = {k: compare_outputs(got[k], want[k], classes=k == "logits") for k in want}
@@ -91,8 +128,15 @@ def build_ort(onnx_path: str, out_path: str, *, custom_op_library: str | None = 
                               "nothing was written")
         ops = op_counts(built.proto)
         del built
+        if tmp_data and not os.path.exists(tmp_data):     # (no tensor reached ORT's side-file size)
+            data_target = None
+        if tmp_data and data_target:     # verified: the model names its side file's final name, then both go into place
+            repoint_external(proto, tmp, os.path.basename(data_target))
+            fileio.commit_file(tmp_data, data_target, overwrite, data_target)
+        del proto
     return {"backend": "onnxruntime", "onnxruntime_version": ort.__version__, "input": os.path.abspath(onnx_path),
-            "output": out_abs, "bytes": os.path.getsize(out_abs), "build_seconds": seconds,
+            "output": out_abs, "external_data": data_target, "bytes": os.path.getsize(out_abs),
+            "build_seconds": seconds,
             "nodes_before": len(src.proto.graph.node), "nodes_after": sum(ops.values()), "op_counts": ops,
             "custom_op_library": src.custom_op_library, "requires_custom_op_library": needs,
             "verify": {"feeds": {k: list(v.shape) for k, v in feeds.items()}, "outputs": outputs, "passed": True}}
