@@ -21,7 +21,8 @@ plugins/selective_scan/ort/state_update.cpp).
    selective_scan_int8_ref), over every specialisation: d_conv 4 (compile-time) and others (1, 2, 3, 5),
    d_state 16 (compile-time, vector tree sum) and others (7, 8, 64, 256), L <= 8 (per-channel scan) and
    L > 8 (the library's scan), the serial and the thread-pool paths, with -128 codes, saturating quant
-   points and delta + bias > 20 (softplus's linear range). See test_kernel_matches_the_reference.
+   points and delta + bias > 20 (softplus's linear range), the split and per-token x_proj passes. See
+   test_kernel_matches_the_reference.
 """
 
 
@@ -273,7 +274,9 @@ def _update_reference(f, attrs, quant):
 # (b, L, Di, N, dt_rank, d_conv, FalconMamba norms): d_conv 4 is the kernel's compile-time case, 1/2/3/5 the
 # generic one; d_state 16 the compile-time case (vector tree sum), 7 (odd), 8 (power of two), 64 and 256 the
 # generic one; L <= 8 runs the per-channel scan, L > 8 the library's; Di 70 and 33 leave partial 64- and
-# 16-channel blocks; the last two have b * L * Di >= 65536 and run on ORT's thread pool.
+# 16-channel blocks. The first three have b * L * Di * N < 8192 and run on the calling thread, the others on
+# ORT's thread pool; up to 32 token rows (b * L) x_proj's outputs are split across tasks (all but the last
+# three), past that each task takes its own tokens.
 KERNEL_CASES = [(1, 1, 70, 16, 5, 4, False), (2, 8, 70, 7, 5, 3, True), (3, 5, 33, 8, 4, 2, False),
                 (1, 9, 70, 16, 5, 4, True), (2, 12, 40, 64, 6, 5, False), (1, 3, 20, 256, 3, 1, False),
                 (1, 70, 64, 16, 4, 4, True), (2, 40, 832, 16, 52, 4, False), (2, 40, 832, 7, 52, 3, True)]
