@@ -41,7 +41,7 @@ MARKER = ".mq-deploy"          # inside every folder we write: its kind and the 
 MANIFEST_VERSION = 2
 # folders that are outputs and may be replaced by --overwrite; any other kind (a model checkpoint
 # written by save_model, a sample) is an input and never replaced
-OUTPUT_KINDS = ("quantized checkpoint", "inspect report", "triton-repository")
+OUTPUT_KINDS = ("quantized checkpoint", "inspect report", "triton-repository", "unfinished quantize")
 _MARKER_LIMIT = 64 * 2 ** 20
 _WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
 JSON_KEY = "mq_deploy_version"  # in every JSON object we write
@@ -560,6 +560,8 @@ def _write_errors(path: str):
         if e.errno in _WRITE_ERRNOS:
             raise MQUserError(f"{path}: cannot write it: {e.strerror or os.strerror(e.errno)}") from None
         raise
+    except MQUserError:          # already one line, naming the file (a writer nested in a folder being written)
+        raise
     except Exception as e:       # safetensors, protobuf and numpy writers wrap the OSError in their own type
         text = str(e)
         for code in _WRITE_ERRNOS:
@@ -740,6 +742,68 @@ def atomic_dir(path: str, *, overwrite: bool = False, inputs=(), what: str = "ou
                 raise MQUserError(f"{path}: already exists (another writer created it first; pass --overwrite "
                                   "to replace it)") from None
         _fsync_dir(os.path.dirname(out))
+
+
+# ---- folders filled over time (an unfinished layer-streamed quantize, quant.partial) --------------
+
+def sha256_file(path: str) -> str:
+    return _sha256(path)
+
+
+def write_marker(folder: str, kind: str, files: dict, record: dict | None = None, inputs=()) -> None:
+    """(Re)write the marker of a folder mq-deploy fills over time: `files` {relative path: {"size", "sha256"}}
+    are the files finished in it (what check_replaceable_dir and remove_dir then accept as ours), `record` the
+    writer's own entries. A temporary beside it, fsync, rename, fsync the folder: a reader sees the old marker
+    or the new one, never half of one."""
+    from mq_deploy import __version__
+
+    marker = {"written_by": "mq-deploy", "version": __version__, "kind": kind, "manifest": MANIFEST_VERSION,
+              "files": files, "dirs": []}
+    if record is not None:
+        marker["record"] = record
+    p = os.path.join(folder, MARKER)
+    tmp = temp_path(p)
+    with tracked_temp(tmp), _write_errors(p):
+        fd = _create(p, lambda: os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps(marker, indent=1, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, _file_mode(False, _allowed_bits(inputs)))
+        os.replace(tmp, p)
+    _fsync_dir(folder)
+
+
+def create_marked_dir(path: str, kind: str, record: dict | None = None, *, inputs=(), what: str = "folder") -> str:
+    """Create the new folder `path`, already carrying our marker (`kind`, no files yet, `record`): it is built
+    under a temporary name and renamed into place exclusively, so it is never there unmarked. One line if
+    something is already there."""
+    out, tmp, allowed = _prepare(path, False, inputs, what, folder=True)
+    with tracked_temp(tmp), _write_errors(path):
+        _create(path, lambda: os.mkdir(tmp, 0o777))
+        os.chmod(tmp, 0o777 & ~_umask() & allowed)
+        write_marker(tmp, kind, {}, record, inputs)
+        try:
+            if not _rename2(tmp, out, _RENAME_NOREPLACE):
+                if os.path.lexists(out):
+                    raise FileExistsError(out)
+                os.rename(tmp, out)
+        except FileExistsError:
+            raise MQUserError(f"{path}: already exists (another writer created it first)") from None
+        _fsync_dir(os.path.dirname(out))
+    return out
+
+
+def remove_dir(path: str, check: bool = True) -> list:
+    """Remove a folder mq-deploy wrote: with `check`, only when check_replaceable_dir passes (every file hashed);
+    either way only its recorded files of their recorded size go, no link followed, no mount crossed. Returns
+    what was kept (relative paths; the folder itself stays when anything was)."""
+    if check:
+        check_replaceable_dir(path)
+    m = read_manifest(path)
+    if m is None or m.get("files") is None:
+        return ["."]
+    return _remove_entries(path, m)
 
 
 def mode_bits(path: str) -> int:
