@@ -20,6 +20,9 @@
 #if defined(__unix__) || defined(__APPLE__)
 #include <unistd.h>
 #endif
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 #include "mq_selective_scan.h"
 #include "scan_float.h"
@@ -54,11 +57,36 @@ inline float dot(const float *__restrict a, const float *__restrict b, int64_t n
   return s;
 }
 
-inline int32_t dot(const int8_t *__restrict a, const int8_t *__restrict b, int64_t n) {
+/* The int8 dot, exact in int32 (|a_i b_i| <= 2^14). With AVX2: 16 codes widened to int16 and multiplied and
+ * pair-summed into int32 by one vpmaddwd (the auto-vectorised loop multiplies in int16 and widens the products
+ * separately, about twice the instructions); the reference loop is dot_ref, and both give the same integer. */
+inline int32_t dot_ref(const int8_t *__restrict a, const int8_t *__restrict b, int64_t n) {
   int32_t s = 0;
 #pragma omp simd reduction(+ : s)
   for (int64_t i = 0; i < n; ++i) s += static_cast<int32_t>(a[i]) * static_cast<int32_t>(b[i]);
   return s;
+}
+
+inline int32_t dot(const int8_t *__restrict a, const int8_t *__restrict b, int64_t n) {
+#if defined(__AVX2__)
+  __m256i acc0 = _mm256_setzero_si256(), acc1 = _mm256_setzero_si256();
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const __m256i a0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i *>(a + i)));
+    const __m256i b0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i *>(b + i)));
+    const __m256i a1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i *>(a + i + 16)));
+    const __m256i b1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i *>(b + i + 16)));
+    acc0 = _mm256_add_epi32(acc0, _mm256_madd_epi16(a0, b0));
+    acc1 = _mm256_add_epi32(acc1, _mm256_madd_epi16(a1, b1));
+  }
+  const __m256i acc = _mm256_add_epi32(acc0, acc1);
+  __m128i v = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+  v = _mm_add_epi32(v, _mm_shuffle_epi32(v, 0x4e));
+  v = _mm_add_epi32(v, _mm_shuffle_epi32(v, 0xb1));
+  return _mm_cvtsi128_si32(v) + dot_ref(a + i, b + i, n - i);
+#else
+  return dot_ref(a, b, n);
+#endif
 }
 
 struct Work {
@@ -209,6 +237,49 @@ void pass_xproj_rows(void *user, size_t row) noexcept {
 }
 
 // ---- pass C: dt_proj and the scan of a block of channels ----------------------------------------
+
+/* iacc[j] = sum_r dl[r] * W[r, j] for the nd (<= kBlock) channels of a block, W rows `stride` apart (dt_proj_w is
+ * [R, Di]): R outer-product rows, exact int32 sums. dt_proj_block_ref is the plain loop; the AVX2 path takes
+ * two rows at a time, their codes interleaved as int16 pairs, so that one vpmaddwd multiplies both rows and
+ * adds them (its lanes come out in unpack order and are put back in channel order when stored). */
+void dt_proj_block_ref(const int8_t *dl, const int8_t *W, int64_t R, int64_t stride, int64_t nd,
+                       int32_t *iacc) noexcept {
+  for (int64_t j = 0; j < nd; ++j) iacc[j] = 0;
+  for (int64_t r = 0; r < R; ++r) {
+    const int32_t a = dl[r];
+    const int8_t *__restrict wr = W + r * stride;
+    for (int64_t j = 0; j < nd; ++j) iacc[j] += a * static_cast<int32_t>(wr[j]);
+  }
+}
+
+void dt_proj_block(const int8_t *dl, const int8_t *W, int64_t R, int64_t stride, int64_t nd, int32_t *iacc) noexcept {
+#if defined(__AVX2__)
+  static_assert(kBlock == 64, "the AVX2 dt_proj keeps 64 channels in 8 accumulators");
+  if (nd == kBlock) {
+    __m256i lo[4], hi[4];
+    for (int g = 0; g < 4; ++g) lo[g] = hi[g] = _mm256_setzero_si256();
+    for (int64_t r = 0; r < R; r += 2) {
+      const bool pair = r + 1 < R;
+      const int32_t a0 = dl[r], a1 = pair ? dl[r + 1] : 0;
+      const __m256i coef = _mm256_set1_epi32(static_cast<int32_t>((static_cast<uint32_t>(a1) << 16) |
+                                                                  (static_cast<uint32_t>(a0) & 0xffffu)));
+      const int8_t *w0 = W + r * stride, *w1 = pair ? w0 + stride : w0;   // (a1 = 0 when unpaired)
+      for (int g = 0; g < 4; ++g) {
+        const __m256i x0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i *>(w0 + 16 * g)));
+        const __m256i x1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i *>(w1 + 16 * g)));
+        lo[g] = _mm256_add_epi32(lo[g], _mm256_madd_epi16(_mm256_unpacklo_epi16(x0, x1), coef));
+        hi[g] = _mm256_add_epi32(hi[g], _mm256_madd_epi16(_mm256_unpackhi_epi16(x0, x1), coef));
+      }
+    }
+    for (int g = 0; g < 4; ++g) {   // lo: channels 0-3 and 8-11 of the group, hi: 4-7 and 12-15
+      _mm256_storeu_si256(reinterpret_cast<__m256i *>(iacc + 16 * g), _mm256_permute2x128_si256(lo[g], hi[g], 0x20));
+      _mm256_storeu_si256(reinterpret_cast<__m256i *>(iacc + 16 * g + 8), _mm256_permute2x128_si256(lo[g], hi[g], 0x31));
+    }
+    return;
+  }
+#endif
+  dt_proj_block_ref(dl, W, R, stride, nd, iacc);
+}
 
 /* The scan of a few tokens with each channel's state row h[0..N) contiguous (the layout of ssm_state): the
  * library's block kernel transposes every state in and out, which dominates at L = 1. Sub-blocks of kSub
@@ -387,13 +458,7 @@ void pass_scan(void *user, size_t task) noexcept {
       }
       std::memcpy(w.delta_f.data() + row * Di + d0, facc, sizeof(float) * static_cast<size_t>(nd));
     } else {
-      const int8_t *dl = w.dtl_q.data() + row * R;
-      for (int64_t j = 0; j < kBlock; ++j) iacc[j] = 0;
-      for (int64_t r = 0; r < R; ++r) {
-        const int32_t a = dl[r];
-        const int8_t *__restrict wr = p.dtw_q + r * Di + d0;
-        for (int64_t j = 0; j < nd; ++j) iacc[j] += a * static_cast<int32_t>(wr[j]);
-      }
+      dt_proj_block(w.dtl_q.data() + row * R, p.dtw_q + d0, R, Di, nd, iacc);
       const float s = p.dt_low_scale;
       for (int64_t j = 0; j < nd; ++j) dq[j] = quantize(static_cast<float>(iacc[j]) * (s * p.dtw_scale[d0 + j]), p.delta_scale);
       std::memcpy(w.delta_q.data() + row * Di + d0, dq, static_cast<size_t>(nd));
