@@ -2,7 +2,8 @@
 this tree's custom-op library against a baseline library built from another commit, in one run.
 
     python bench/state_update_op.py [--lib mq_deploy/_native/libmq_scan_ort.so] [--baseline-rev REV]
-                                    [--shape 130m] [--batches 1,8] [--threads 1,2] [--repeats 5] [--json OUT]
+                                    [--shape 130m] [--batches 1,8] [--threads 1,2] [--spin 1,0] [--repeats 5]
+                                    [--json OUT]
 
 The node is the one the step graph holds per layer (conv-state shift and depthwise conv, x_proj, dt_proj, the
 scan from the ssm state, the gate), with random weights and states of the shape's sizes (the inputs of
@@ -37,13 +38,14 @@ import json, sys, time
 sys.path.insert(0, sys.argv[1])
 import numpy as np, onnxruntime as ort
 import test_state_update as T
-lib, quant, b, Di, N, R, K, threads, repeats, out = sys.argv[2], sys.argv[3] == "int8", *map(int, sys.argv[4:11]), sys.argv[11]
+lib, quant, b, Di, N, R, K, threads, repeats, spin, out = (sys.argv[2], sys.argv[3] == "int8", *map(int, sys.argv[4:12]),
+                                                            sys.argv[12])
 f, attrs = T._update_inputs(b, 1, Di, N, R, K, False, quant, seed=1)
 shapes = {k: list(v.shape) for k, v in f.items()}
 so = ort.SessionOptions()
 so.register_custom_ops_library(lib)
 so.intra_op_num_threads = threads
-so.add_session_config_entry("session.intra_op.allow_spinning", "1")   # as bench/peers.py's sessions
+so.add_session_config_entry("session.intra_op.allow_spinning", str(spin))   # bench/peers.py: 1; OrtRunner: 0
 sess = ort.InferenceSession(T._update_model(quant, shapes, attrs).SerializeToString(), so,
                             providers=["CPUExecutionProvider"])
 feeds = {k: v.numpy() for k, v in f.items()}
@@ -80,10 +82,10 @@ def build_baseline(rev: str, tmp: str) -> str:
     return os.path.join(out, "libmq_scan_ort.so")
 
 
-def run_child(lib, dtype, b, shape, threads, repeats, out):
+def run_child(lib, dtype, b, shape, threads, repeats, spin, out):
     Di, N, R, K = shape
     argv = [sys.executable, "-c", _CHILD, os.path.join(REPO, "tests"), lib, dtype, str(b), str(Di), str(N), str(R),
-            str(K), str(threads), str(repeats), out]
+            str(K), str(threads), str(repeats), str(spin), out]
     r = subprocess.run(argv, capture_output=True, text=True)
     if r.returncode:
         raise SystemExit(f"{lib} {dtype} b{b} threads {threads}: the child failed:\n{r.stderr[-3000:]}")
@@ -105,6 +107,8 @@ def main():
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--dtypes", default="int8,fp32")
+    ap.add_argument("--spin", default="1,0", help="ORT's intra-op spinning: 1 as bench/peers.py, 0 as OrtRunner "
+                    "(serving, verify) by default")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", metavar="OUT")
     a = ap.parse_args()
@@ -125,20 +129,24 @@ def main():
         for dtype in a.dtypes.split(","):
             for b in map(int, a.batches.split(",")):
                 for threads in map(int, a.threads.split(",")):
-                    times, outs = {}, {}
-                    for name, lib in libs.items():
-                        outs[name] = os.path.join(tmp, f"{len(rows)}-{len(outs)}.npz")
-                        times[name] = run_child(lib, dtype, b, shape, threads, a.repeats, outs[name])["us"]
-                    names = list(libs)
-                    row = {"dtype": dtype, "batch": b, "threads": threads, "us": times,
-                           "load": round(os.getloadavg()[0], 2)}
-                    if len(names) == 2:
-                        row["speedup"] = times[names[0]] / times[names[1]]
-                        row["rel_err"] = rel_err(outs[names[1]], outs[names[0]])
-                    rows.append(row)
-                    cells = "  ".join(f"{k} {v:8.1f} us" for k, v in times.items())
-                    extra = f"  {row['speedup']:.2f}x  (rel err {row['rel_err']:.1e})" if "speedup" in row else ""
-                    print(f"{dtype} b{b} threads {threads}: {cells}{extra}  load {row['load']:.2f}", flush=True)
+                    for spin in map(int, a.spin.split(",")):
+                        if threads == 1 and spin != int(a.spin.split(",")[0]):
+                            continue          # (one thread: no pool to spin)
+                        times, outs = {}, {}
+                        for name, lib in libs.items():
+                            outs[name] = os.path.join(tmp, f"{len(rows)}-{len(outs)}.npz")
+                            times[name] = run_child(lib, dtype, b, shape, threads, a.repeats, spin, outs[name])["us"]
+                        names = list(libs)
+                        row = {"dtype": dtype, "batch": b, "threads": threads, "spin": bool(spin), "us": times,
+                               "load": round(os.getloadavg()[0], 2)}
+                        if len(names) == 2:
+                            row["speedup"] = times[names[0]] / times[names[1]]
+                            row["rel_err"] = rel_err(outs[names[1]], outs[names[0]])
+                        rows.append(row)
+                        cells = "  ".join(f"{k} {v:8.1f} us" for k, v in times.items())
+                        extra = f"  {row['speedup']:.2f}x  (rel err {row['rel_err']:.1e})" if "speedup" in row else ""
+                        print(f"{dtype} b{b} threads {threads}{' spin' if spin and threads > 1 else ''}: {cells}{extra}"
+                              f"  load {row['load']:.2f}", flush=True)
     if a.json:
         write(a.json, {"op": "mq::SelectiveStateUpdate", "shape": a.shape, "sizes": dict(zip(("Di", "N", "dt_rank",
               "d_conv"), shape)), "baseline_rev": base_rev, "statistic": "best", "repeats": a.repeats,
