@@ -390,9 +390,12 @@ def cmd_quantize(args) -> int:
     res = quantize_to_dir(args.model, args.output, rcfg,
                           CalibConfig(path=args.calib, samples=args.calib_samples, seed=args.seed,
                                       tokenizer=args.tokenizer, seq_len=args.calib_seq_len),
-                          overwrite=args.overwrite, seed=args.seed, stream=args.stream, progress=_progress())
+                          overwrite=args.overwrite, seed=args.seed, stream=args.stream, progress=_progress(),
+                          resume=args.resume)
+    resumed = res["resumed_after_layers"]
     print(f"wrote {res['path']}: {res['recipe']} W{res['wbits']}A{res['abits']}, calibrated on "
-          f"{res['calibration']['samples']} samples of {res['calibration']['source']}")
+          f"{res['calibration']['samples']} samples of {res['calibration']['source']}"
+          + (f" (resumed after {resumed} finished layers)" if resumed is not None else ""))
     return 0
 
 
@@ -590,6 +593,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stream", choices=("auto", "on", "off"), default="auto",
                    help="read the model layer by layer, one layer in memory at a time (language models, layer-wise "
                         "recipes): on, off, or auto (from 1 GiB of float32 weights up; default)")
+    s.add_argument("--resume", action="store_true",
+                   help="continue an interrupted layer-streamed quantize from its last finished layer, kept in "
+                        "OUTDIR.partial (same model, recipe, calibration and settings; implies --stream on)")
     add_runtime(s, ort=False)
     s.set_defaults(func=cmd_quantize)
 

@@ -190,10 +190,13 @@ def load(path: str, lazy: bool = False):
 
 
 def quantize_to_dir(model_path: str, out_dir: str, recipe_cfg, calib_cfg, *, overwrite: bool = False,
-                    seed: int = 0, progress=None, stream: str = "auto") -> dict:
+                    seed: int = 0, progress=None, stream: str = "auto", resume: bool = False) -> dict:
     """`mq-deploy quantize`: load, calibrate, apply the recipe, write the quantized checkpoint.
     Every output check happens before the work starts. stream: layer_streamed's mode (layer by layer, with
-    one layer in memory, or the whole model). progress(done, total, what): after each streamed step."""
+    one layer in memory, or the whole model). progress(done, total, what): after each streamed step.
+    A layer-streamed run keeps its finished blocks in OUT.partial (quant.partial) until OUT is in place; resume:
+    continue from them (the run is then layer-streamed; refused with stream "off"). Without resume an existing
+    OUT.partial is refused, or replaced with overwrite."""
     from mq_deploy import fileio
     from mq_deploy.models.loaders import load_model
     from mq_deploy.quant.compare import calibration_loop
@@ -208,10 +211,23 @@ def quantize_to_dir(model_path: str, out_dir: str, recipe_cfg, calib_cfg, *, ove
                           f"and the export take W{'/'.join(map(str, EXPORT_WBITS))} A"
                           f"{'/'.join(map(str, EXPORT_ABITS))}); lower activation bits are for evaluation only: "
                           "`mq-deploy compare --bits ...`")
+    if resume and stream == "off":
+        raise MQUserError("--resume continues a layer-streamed quantize, and --stream off quantizes the whole model "
+                          "at once: drop --stream off")
     inputs = [model_path] + ([calib_cfg.path] if calib_cfg.path else [])
     fileio.check_target(out_dir, overwrite, inputs, "output folder", folder=True)
     torch.manual_seed(seed)
-    streamed = layer_streamed(model_path, recipe_cfg, stream)
+    try:
+        streamed = layer_streamed(model_path, recipe_cfg, "on" if resume else stream)
+    except MQUserError as e:
+        if not resume:
+            raise
+        raise MQUserError(f"--resume continues a layer-streamed quantize, and this one cannot stream: "
+                          f"{str(e).removeprefix('--stream on: ')}") from None
+    if streamed:
+        from mq_deploy.quant import partial as partial_dir
+
+        partial_dir.precheck(out_dir, inputs, resume, overwrite)
     loaded = load_model(model_path, lazy=streamed)
     if getattr(calib_cfg, "tokenizer", None):
         inputs.append(calib_cfg.tokenizer)
@@ -233,19 +249,32 @@ def quantize_to_dir(model_path: str, out_dir: str, recipe_cfg, calib_cfg, *, ove
     if loaded.architecture == "mamba_lm":
         calib_info["seq_len"] = calib_cfg.seq_len
         calib_info["tokenizer"] = "bytes" if tokenizer_json is None else os.path.abspath(codec.source)
-    weights, scales = None, None
+    weights, scales, partial, resumed = None, None, None, None
     if streamed:
         from mq_deploy.quant.streamed import quantize_layers
 
+        partial = partial_dir.Partial.open(out_dir, inputs, partial_dir.fingerprint(model_path, loop, recipe_cfg, seed),
+                                           len(loaded.model.layers) + 1, resume=resume, overwrite=overwrite)
+        if partial.resumed:
+            resumed = max(partial.done - 1, 0)
+
         def weights(tmp):
-            return quantize_layers(loaded, loop, recipe_cfg, tmp, progress)
+            return quantize_layers(loaded, loop, recipe_cfg, tmp, partial, progress)
     else:
         scales = apply_recipe(loaded.model, loop, recipe_cfg)
-    out = QuantizedCheckpoint.write(loaded.model, out_dir, recipe_cfg, scales, calib_info, loaded.extra, model_path,
-                                    overwrite=overwrite, inputs=inputs, tokenizer_json=tokenizer_json,
-                                    weights=weights)
+    try:
+        out = QuantizedCheckpoint.write(loaded.model, out_dir, recipe_cfg, scales, calib_info, loaded.extra,
+                                        model_path, overwrite=overwrite, inputs=inputs, tokenizer_json=tokenizer_json,
+                                        weights=weights)
+    except BaseException:
+        if partial is not None:
+            partial.after_failure(model_path)
+        raise
+    if partial is not None:
+        partial.discard()
     return {"path": out, "recipe": recipe_cfg.recipe, "wbits": recipe_cfg.quant.wbits,
-            "abits": recipe_cfg.quant.abits, "calibration": calib_info, "layer_streamed": streamed}
+            "abits": recipe_cfg.quant.abits, "calibration": calib_info, "layer_streamed": streamed,
+            "resumed_after_layers": resumed}
 
 
 def layer_streamed(model_path: str, recipe_cfg, mode: str = "auto") -> bool:

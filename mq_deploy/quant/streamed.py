@@ -21,6 +21,11 @@ The same batches go through the same layers as in the whole-model path, so the r
 float rounding: in the whole-model path a recipe's calibration pass sees the layers before it rotated but
 not yet folded, here fully transformed (the folds preserve the function in float64). tests/test_streamed.py
 holds the two paths to that.
+
+Every finished step is committed to the partial folder OUT.partial (quant.partial: the shards, the stats
+context, the held stream and the scales so far), so an interrupted run continues with `--resume` from its last
+finished block: the stream is restored bit for bit and each remaining block runs exactly as it would have, so the
+output is byte-identical to an uninterrupted run's (tests/test_resume.py).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from mq_deploy.calib.collect import Window
 from mq_deploy.errors import MQUserError
 from mq_deploy.models.loaders import materialize, release
 from mq_deploy.models.points import mixer_prefix
+from mq_deploy.quant.partial import STATS
 
 SHARD = "model-{:05d}-of-{:05d}.safetensors"
 
@@ -101,23 +107,89 @@ class _Stream:
         self.h, self.out = self.out, None
 
 
-def _save(tensors: dict, path: str) -> None:
-    """One shard; a full disk (or any write error) is one line naming it (the partial folder is removed by the
-    caller's atomic_dir)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
+def _float_kv(layer) -> None:
+    """A layer's calibration runs with its KV cache in float, as in the whole model: layers whose attention config
+    is one shared object (identical configs are) would otherwise see the int8 cache an earlier layer's
+    quantization switched on, without scales of their own yet."""
+    for m in layer.modules():
+        cfg = getattr(m, "cfg", None)
+        if hasattr(m, "set_kv_int8") and getattr(cfg, "kv_cache", None) == "int8" and "kv_scale" not in m._buffers:
+            cfg.kv_cache = "fp32"
+
+
+def _restore_config(partial, model, saved: dict) -> None:
+    """Put the model config as the finished blocks left it (read back from the partial folder) onto the live
+    config objects the unfinished layers share: an untied head, int8 KV caches. Validated by the one config
+    reader; anything it cannot make equal is a damaged record."""
+    import dataclasses
+
+    from mq_deploy.config import config_from_dict
 
     try:
-        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, path, metadata={"format": "pt"})
-    except (OSError, SafetensorError) as e:
-        raise MQUserError(f"{path}: cannot write this shard ({getattr(e, 'strerror', None) or e})") from None
+        want = config_from_dict(saved)
+    except (MQUserError, TypeError) as e:
+        raise partial._damaged(f"the model config it recorded is not valid ({e})") from None
+
+    def assign(live, new):
+        if type(live) is not type(new) or not dataclasses.is_dataclass(live):
+            return
+        for f in dataclasses.fields(live):
+            a, b = getattr(live, f.name), getattr(new, f.name)
+            if dataclasses.is_dataclass(a):
+                assign(a, b)
+            elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b) and \
+                    all(dataclasses.is_dataclass(x) for x in a):
+                for x, y in zip(a, b):
+                    assign(x, y)
+            elif f.init and a != b:
+                setattr(live, f.name, b)
+    assign(model.cfg, want)
+    if json.loads(json.dumps(model.cfg.to_dict(), default=str)) != saved:
+        raise partial._damaged("the model config it recorded does not fit this model")
 
 
-def quantize_layers(loaded, loop, cfg, tmp: str, progress=None):
+def _scale_tensors(act_scales: dict, weight_scales: dict) -> dict:
+    out = {f"act:{k}": v for k, v in act_scales.items()}
+    out.update({f"weight:{k}": v for k, v in weight_scales.items()})
+    return out
+
+
+def _restore_rng(partial, st: dict) -> None:
+    rng = st.get("rng.torch")
+    if rng is not None:
+        try:
+            torch.set_rng_state(rng)
+        except (RuntimeError, TypeError):
+            raise partial._damaged("its RNG state is not torch's") from None
+
+
+def _resume(partial, model, stream, act_scales, weight_scales):
+    """The state after the last finished block: the held stream, the scales so far, torch's RNG; returns
+    (flags, weight_map)."""
+    st = partial.state()
+    h = st.get("stream.h")
+    shape = (len(stream.data), stream.data.shape[1], model.cfg.d_model)
+    if h is None or tuple(h.shape) != shape or not h.is_floating_point() or stream.reads_emb != ("stream.emb" in st):
+        raise partial._damaged(f"its state file {partial.rec['state']} does not hold this model's stream {list(shape)}")
+    stream.h, stream.emb = h, st.get("stream.emb")
+    for k, v in st.items():
+        if k.startswith("act:"):
+            act_scales[k[4:]] = v
+        elif k.startswith("weight:"):
+            weight_scales[k[7:]] = v
+    _restore_rng(partial, st)
+    _restore_config(partial, model, partial.rec["config"])
+    flags = partial.rec["flags"]
+    return (None if flags is None else dict(flags)), dict(partial.rec["weight_map"])
+
+
+def quantize_layers(loaded, loop, cfg, tmp: str, partial, progress=None):
     """Quantize the lazily loaded LM `loaded` (load_model(lazy=True)) with the layer-wise recipe of `cfg`,
     writing its weights into folder `tmp` as shards and their index; return (scales, layer flags) as
     qcheckpoint.QuantizedCheckpoint.write takes them. `loop`: a text calibration loop
-    (collect.text_forward_loop). progress(done, total, what): called after each stage's step."""
+    (collect.text_forward_loop). `partial`: the run's partial folder (quant.partial.Partial), which receives
+    each finished block and, when it was resumed, says where to continue. progress(done, total, what): called
+    after each stage's step."""
     from mq_deploy.quant.qcheckpoint import layer_flags
     from mq_deploy.quant.recipes import calibrate_activations, get_recipe, quantize_calibrated
     from mq_deploy.transforms import fold
@@ -137,38 +209,58 @@ def quantize_layers(loaded, loop, cfg, tmp: str, progress=None):
     def shard(k):
         return SHARD.format(k + 1, n + 1)
 
+    def commit(done):
+        tensors = _scale_tensors(act_scales, weight_scales)
+        tensors["stream.h"] = stream.h
+        if stream.emb is not None:
+            tensors["stream.emb"] = stream.emb
+        partial.commit(tensors, done=done, flags=flags, weight_map=weight_map, config=model.cfg.to_dict())
+
     # 1. stats: passes over every layer on the untransformed stream
     ctx = None
     if recipe.stats is not None:
-        materialize(model, "embedding")
-        stream.embed()
-        release(model.embedding)
-        ctx = recipe.stats(model, stream.full_loop(fuse, say), cfg)
-    # 2. the ends: read in, transformed, written, released; the stream starts from the embedding as written
-    materialize(model, "embedding")
-    materialize(model, "norm_f")
-    tied = getattr(model.cfg, "tie_embeddings", False)
-    if tied:
-        model.lm_head.weight = model.embedding.weight
+        if partial.rec["stats"]:
+            ctx = _stats_from(partial)
+            if not partial.done:
+                _restore_rng(partial, partial.state())
+        else:
+            materialize(model, "embedding")
+            stream.embed()
+            release(model.embedding)
+            ctx = recipe.stats(model, stream.full_loop(fuse, say), cfg)
+            partial.write(STATS, _stats_tensors(ctx))
+            partial.commit({}, stats=True)
+    if partial.done:
+        flags, weight_map = _resume(partial, model, stream, act_scales, weight_scales)
+        say(partial.done - 1, n, "layers")
     else:
-        materialize(model, "lm_head")
-    model.stream_window = Window(ends=True)
-    if recipe.fuses_norms:
-        fold.fuse_end_norm(model)
-    if recipe.ends is not None:
-        recipe.ends(model, ctx)
-    stream.embed()
-    ends = {"embedding.weight": model.embedding.weight, "norm_f.weight": model.norm_f.weight}
-    if not model.cfg.tie_embeddings:      # (fuse_end_norm unties it)
-        ends["lm_head.weight"] = model.lm_head.weight
-    _save(ends, os.path.join(tmp, shard(0)))
-    weight_map.update({k: shard(0) for k in ends})
-    for name in ("embedding", "norm_f", "lm_head"):
-        release(model.get_submodule(name))
+        # 2. the ends: read in, transformed, written, released; the stream starts from the embedding as written
+        materialize(model, "embedding")
+        materialize(model, "norm_f")
+        tied = getattr(model.cfg, "tie_embeddings", False)
+        if tied:
+            model.lm_head.weight = model.embedding.weight
+        else:
+            materialize(model, "lm_head")
+        model.stream_window = Window(ends=True)
+        if recipe.fuses_norms:
+            fold.fuse_end_norm(model)
+        if recipe.ends is not None:
+            recipe.ends(model, ctx)
+        stream.embed()
+        ends = {"embedding.weight": model.embedding.weight, "norm_f.weight": model.norm_f.weight}
+        if not model.cfg.tie_embeddings:      # (fuse_end_norm unties it)
+            ends["lm_head.weight"] = model.lm_head.weight
+        partial.write(shard(0), ends, metadata={"format": "pt"})
+        weight_map.update({k: shard(0) for k in ends})
+        for name in ("embedding", "norm_f", "lm_head"):
+            release(model.get_submodule(name))
+        commit(1)
     # 3. each layer
-    for i in range(n):
+    for i in range(partial.done - 1, n):
         layer = materialize(model, f"layers.{i}")
         model.stream_window = Window(frozenset({i}))
+        _float_kv(layer)
         fuse(model)
         layer_loop = stream.layer_loop(i)
         recipe.layers(model, layer_loop, cfg, ctx)
@@ -183,16 +275,45 @@ def quantize_layers(loaded, loop, cfg, tmp: str, progress=None):
         flags = layer_flags(model, flags)
         prefix = f"layers.{i}."
         tensors = {prefix + k: v for k, v in layer.state_dict().items()}
-        _save(tensors, os.path.join(tmp, shard(i + 1)))
+        partial.write(shard(i + 1), tensors, metadata={"format": "pt"})
         weight_map.update({k: shard(i + 1) for k in tensors})
         model.stream_window = Window()
         release(layer)
+        commit(i + 2)
         say(i + 1, n, "layers")
-    total = sum(os.path.getsize(os.path.join(tmp, f)) for f in set(weight_map.values()))
+    # 4. the finished shards go into the output
+    names = sorted(set(weight_map.values()))
+    partial.link_into(names, tmp)
+    total = sum(os.path.getsize(os.path.join(tmp, f)) for f in names)
     with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1, sort_keys=True)
         f.write("\n")
     return {"act_scales": act_scales, "weight_scales": weight_scales}, flags
+
+
+def _stats_tensors(ctx) -> dict:
+    """The recipe's stats context as tensors to record: None, a tensor, or a dict of tensors."""
+    from mq_deploy.errors import MQInternalError
+
+    if ctx is None:
+        return {}
+    if isinstance(ctx, torch.Tensor):
+        return {"ctx": ctx}
+    if isinstance(ctx, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in ctx.items()):
+        return {f"ctx.{k}": v for k, v in ctx.items()}
+    raise MQInternalError(f"a recipe's stats context must be None, a tensor or a dict of tensors to be recorded "
+                          f"for --resume, got {type(ctx).__name__}")
+
+
+def _stats_from(partial):
+    t = partial.load_tensors(STATS)
+    if not t:
+        return None
+    if set(t) == {"ctx"}:
+        return t["ctx"]
+    if all(k.startswith("ctx.") for k in t):
+        return {k[4:]: v for k, v in t.items()}
+    raise partial._damaged(f"{STATS} holds {sorted(t)[:3]}, not a recipe's stats context")
 
 
 __all__ = ["quantize_layers"]
