@@ -661,7 +661,8 @@ def scale_stream_table(src):
            "|---|---|---|---|---|---|---|---|"]
     for run in src:
         for row in run.get("rows", []):
-            head = f"| {row['shape']} | {row['parameters'] / 1e6:.1f} M ({row['fp32_gib']:.2f}) |"
+            head = (f"| {row['shape']} | {row['parameters'] / 1e6:.1f} M ({row['fp32_gib']:.2f}) |" if "parameters" in row
+                    else f"| {row['shape']} | (not recorded: no make stage) |")
             for st in row["stages"]:
                 stage = st["stage"]
                 kind = stage.split()[0]
@@ -691,6 +692,25 @@ def scale_stream_ratio(src, shape, a="quantize --stream on", b="quantize --strea
         raise ReportError(f"{shape}: no {a!r} or {b!r} stage")
     return (f"{st[a]['seconds'] / st[b]['seconds']:.2f}x ({st[a]['seconds']:.0f} s against {st[b]['seconds']:.0f} s; "
             f"load {st[a]['load']:.1f} and {st[b]['load']:.1f})")
+
+
+# ---- bench/state_update_op.py ----------------------------------------------------------------------------
+
+@renderer
+def state_update_table(src):
+    """One fused decode-step node per row: the baseline build and this tree's, microseconds per call (best of the
+    blocks), the speedup, the outputs' difference and the load."""
+    run = src[0]
+    libs = run["libraries"]
+    out = [f"| state | batch | threads | {' | '.join(f'{k} (us)' for k in libs)} | speedup | rel. difference | load |",
+           "|---|---|---|" + "---|" * len(libs) + "---|---|---|"]
+    for r in run["rows"]:
+        th = f"{r['threads']}" + (" (spinning)" if r["threads"] > 1 and r.get("spin") else "")
+        cells = " | ".join(f"{r['us'][k]:.1f}" for k in libs)
+        sp = f"{r['speedup']:.2f}x" if "speedup" in r else ""
+        err = f"{r['rel_err']:.1e}" if "rel_err" in r else ""
+        out.append(f"| {r['dtype']} | {r['batch']} | {th} | {cells} | {sp} | {err} | {r['load']:.1f} |")
+    return "\n".join(out)
 
 
 # ---- bench/peers.py --------------------------------------------------------------------------------------

@@ -176,6 +176,7 @@ def bench_shape(shape, workdir, calib_windows, keep, log, stages_wanted=None, st
         r = run_stage(name, argv[1:] if kind == "script" else argv, kind, log)
         if name == "make":
             r["files"] = sorted(os.listdir(model)) if os.path.isdir(model) else []
+        if "parameters" not in info and os.path.isdir(model):     # (also when make ran in an earlier run)
             info["parameters"] = _parameters(model)
             info["fp32_gib"] = info["parameters"] * 4 / 2**30
         if name == "export" and os.path.exists(onnx_path):
