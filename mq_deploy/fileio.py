@@ -733,15 +733,21 @@ def atomic_dir(path: str, *, overwrite: bool = False, inputs=(), what: str = "ou
                 os.rename(tmp, out)
             _discard_old(old, out, path)
         else:
-            try:
-                if not _rename2(tmp, out, _RENAME_NOREPLACE):
-                    if os.path.lexists(out):
-                        raise FileExistsError(out)
-                    os.rename(tmp, out)
-            except FileExistsError:
-                raise MQUserError(f"{path}: already exists (another writer created it first; pass --overwrite "
-                                  "to replace it)") from None
+            _rename_new(tmp, out, f"{path}: already exists (another writer created it first; pass --overwrite "
+                                  "to replace it)")
         _fsync_dir(os.path.dirname(out))
+
+
+def _rename_new(tmp: str, out: str, taken: str) -> None:
+    """Rename folder `tmp` to `out`, which must not exist (atomically where the system can say so); `taken`: the
+    one line when something is there."""
+    try:
+        if not _rename2(tmp, out, _RENAME_NOREPLACE):
+            if os.path.lexists(out):
+                raise FileExistsError(out)
+            os.rename(tmp, out)
+    except FileExistsError:
+        raise MQUserError(taken) from None
 
 
 # ---- folders filled over time (an unfinished layer-streamed quantize, quant.partial) --------------
@@ -783,13 +789,7 @@ def create_marked_dir(path: str, kind: str, record: dict | None = None, *, input
         _create(path, lambda: os.mkdir(tmp, 0o777))
         os.chmod(tmp, 0o777 & ~_umask() & allowed)
         write_marker(tmp, kind, {}, record, inputs)
-        try:
-            if not _rename2(tmp, out, _RENAME_NOREPLACE):
-                if os.path.lexists(out):
-                    raise FileExistsError(out)
-                os.rename(tmp, out)
-        except FileExistsError:
-            raise MQUserError(f"{path}: already exists (another writer created it first)") from None
+        _rename_new(tmp, out, f"{path}: already exists (another writer created it first)")
         _fsync_dir(os.path.dirname(out))
     return out
 
