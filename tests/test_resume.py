@@ -152,11 +152,23 @@ def test_stopped_in_the_last_step_and_before_any_block(tmp_path, tmp_path_factor
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
 def test_a_real_signal_after_block_k_then_resume(tmp_path, tmp_path_factory, capsys, sig):
     """The CLI in its own process, killed (SIGKILL: nothing runs after it) or interrupted (SIGINT) once the partial
-    folder records two finished layers; --resume in this process gives the uninterrupted bytes."""
+    folder records two finished layers (the child pauses after each commit, so the signal lands while it still
+    runs); --resume in this process gives the uninterrupted bytes."""
     ref = _reference(tmp_path_factory, "mamba-byte-lm")
     out = tmp_path / "q"
     marker = tmp_path / "q.partial" / fileio.MARKER
-    p = subprocess.Popen([sys.executable, "-m", "mq_deploy.cli.main", *_argv("mamba-byte-lm", out)],
+    # The real CLI in the child, each commit followed by a pause: on an idle machine the sample's layers take
+    # ~0.1 s, so the run could end between this process seeing block k recorded and the signal arriving.
+    child = ("import sys, time\n"
+             "from mq_deploy.quant import partial\n"
+             "commit = partial.Partial.commit\n"
+             "def slow(self, *a, **k):\n"
+             "    commit(self, *a, **k)\n"
+             "    time.sleep(0.5)\n"
+             "partial.Partial.commit = slow\n"
+             "from mq_deploy.cli.main import main\n"
+             "sys.exit(main(sys.argv[1:]))\n")
+    p = subprocess.Popen([sys.executable, "-c", child, *_argv("mamba-byte-lm", out)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 300
