@@ -36,20 +36,6 @@ def sample_feeds(runner, shapes: dict | None = None, seed: int = 0) -> dict:
     return feeds(runner.input_specs, runner.artifact, shapes, seed, what=runner.path)
 
 
-@contextlib.contextmanager
-def _side_file(data_target: str | None):
-    """A temporary name beside `data_target` for ORT's external-data file (removed unless renamed into place),
-    or None when the optimized model keeps its weights inline."""
-    from mq_deploy import fileio
-
-    if data_target is None:
-        yield None
-        return
-    tmp_data = fileio.temp_path(data_target)
-    with fileio.tracked_temp(tmp_data):
-        yield tmp_data
-
-
 def build_ort(onnx_path: str, out_path: str, *, custom_op_library: str | None = None, shapes: dict | None = None,
               overwrite: bool = False, min_cosine: float = 0.999, min_top1_agreement: float = 0.99) -> dict:
     """Write the ORT-optimized model atomically and compare it with the input on sample feeds; nothing
@@ -89,8 +75,10 @@ def build_ort(onnx_path: str, out_path: str, *, custom_op_library: str | None = 
                           f"{ {k: list(v.shape) for k, v in feeds.items()} }; the build cannot be verified "
                           "(are the weights finite and sensible?)")
     del shell
+    # ORT's external-data file, under a temporary name beside its target (removed unless renamed into place)
+    side = fileio.tracked_temp(fileio.temp_path(data_target)) if data_target else contextlib.nullcontext()
     with fileio.atomic_path(out_abs, overwrite=overwrite, inputs=inputs, what="optimized model") as tmp, \
-            _side_file(data_target) as tmp_data:
+            side as tmp_data:
         so = session_options(level="extended", optimized_model_path=tmp, custom_op_library=src.custom_op_library)
         if tmp_data:     # ORT writes the weights there (a name relative to the optimized model's folder)
             so.add_session_config_entry("session.optimized_model_external_initializers_file_name",
@@ -128,11 +116,11 @@ def build_ort(onnx_path: str, out_path: str, *, custom_op_library: str | None = 
                               "nothing was written")
         ops = op_counts(built.proto)
         del built
-        if tmp_data and not os.path.exists(tmp_data):     # (no tensor reached ORT's side-file size)
-            data_target = None
-        if tmp_data and data_target:     # verified: the model names its side file's final name, then both go into place
-            repoint_external(proto, tmp, os.path.basename(data_target))
+        if tmp_data and os.path.exists(tmp_data):   # verified: the model names its side file's final name, then
+            repoint_external(proto, tmp, os.path.basename(data_target))            # both go into place
             fileio.commit_file(tmp_data, data_target, overwrite, data_target)
+        else:
+            data_target = None                       # (inline, or no tensor reached ORT's side-file size)
         del proto
     return {"backend": "onnxruntime", "onnxruntime_version": ort.__version__, "input": os.path.abspath(onnx_path),
             "output": out_abs, "external_data": data_target, "bytes": os.path.getsize(out_abs),
