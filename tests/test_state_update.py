@@ -19,7 +19,7 @@ plugins/selective_scan/ort/state_update.cpp).
 2. The native kernel alone (one node) against an independent torch reference written here from
    state_update.h's contract (F.conv1d over [conv_state | x], matmuls, selective_scan_ref and
    selective_scan_int8_ref), over every specialisation: d_conv 4 (compile-time) and others (1, 2, 3, 5),
-   d_state 16 (compile-time, vector tree sum) and others (7, 8, 64, 256), L <= 8 (per-channel scan) and
+   d_state 16 (compile-time, eight channels summed together) and others (7, 8, 64, 256), L <= 8 (per-channel scan) and
    L > 8 (the library's scan), the serial and the thread-pool paths, with -128 codes, saturating quant
    points and delta + bias > 20 (softplus's linear range), the split and per-token x_proj passes. See
    test_kernel_matches_the_reference.
@@ -272,7 +272,7 @@ def _update_reference(f, attrs, quant):
 
 
 # (b, L, Di, N, dt_rank, d_conv, FalconMamba norms): d_conv 4 is the kernel's compile-time case, 1/2/3/5 the
-# generic one; d_state 16 the compile-time case (vector tree sum), 7 (odd), 8 (power of two), 64 and 256 the
+# generic one; d_state 16 the compile-time case (eight channels summed together), 7 (odd), 8 (power of two), 64 and 256 the
 # generic one; L <= 8 runs the per-channel scan, L > 8 the library's; Di 70 and 33 leave partial 64- and
 # 16-channel blocks. The first three have b * L * Di * N < 8192 and run on the calling thread, the others on
 # ORT's thread pool; up to 32 token rows (b * L) x_proj's outputs are split across tasks (all but the last

@@ -287,33 +287,14 @@ void dt_proj_block(const int8_t *dl, const int8_t *W, int64_t R, int64_t stride,
  * NT: N as a compile-time constant (16, every Mamba1 checkpoint: one vector per state row), or 0. */
 constexpr int64_t kSub = 16;
 
-/* C . h summed as a halving tree (vectorises; differs from a sequential sum by float rounding only) */
-template <int64_t NT>
+/* C . h summed as a halving tree (vectorises; differs from a sequential sum by float rounding only). With GCC or
+ * Clang the d_state 16 case sums eight channels at once instead (rows8_sum). */
 inline float tree_sum(float *v, int64_t n) noexcept {
-  if constexpr (NT == 16) {
-#if defined(__GNUC__)
-    // in registers: halving through memory stalls on store forwarding (a vector store read back in halves)
-    typedef float v16 __attribute__((vector_size(64)));
-    typedef float v8 __attribute__((vector_size(32)));
-    typedef float v4 __attribute__((vector_size(16)));
-    v16 a;
-    std::memcpy(&a, v, sizeof a);
-    const v8 s8 = __builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7) +
-                  __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15);
-    const v4 s4 = __builtin_shufflevector(s8, s8, 0, 1, 2, 3) + __builtin_shufflevector(s8, s8, 4, 5, 6, 7);
-    return (s4[0] + s4[2]) + (s4[1] + s4[3]);
-#else
-    for (int k = 0; k < 8; ++k) v[k] += v[k + 8];
-    for (int k = 0; k < 4; ++k) v[k] += v[k + 4];
-    return (v[0] + v[2]) + (v[1] + v[3]);
-#endif
-  } else {
-    for (; n > 1 && n % 2 == 0; n /= 2)
-      for (int64_t k = 0; k < n / 2; ++k) v[k] += v[k + n / 2];
-    float sum = 0.f;
-    for (int64_t k = 0; k < n; ++k) sum += v[k];
-    return sum;
-  }
+  for (; n > 1 && n % 2 == 0; n /= 2)
+    for (int64_t k = 0; k < n / 2; ++k) v[k] += v[k + n / 2];
+  float sum = 0.f;
+  for (int64_t k = 0; k < n; ++k) sum += v[k];
+  return sum;
 }
 
 #if defined(__GNUC__)
@@ -416,7 +397,7 @@ void scan_channels_n(Work &w, int64_t bi, int64_t d0, int64_t nd) noexcept {
           hj[n] = hn;
           prod[n] = hn * Ct[n];
         }
-        acc[j] = tree_sum<NT>(prod, N);
+        acc[j] = tree_sum(prod, N);
       }
       for (int64_t j = 0; j < kSub; ++j) out[j] = finish(acc[j], xv[j], Dv[j], g[j]);
       for (int64_t j = 0; j < ns; ++j) p.y[o + j] = out[j];
