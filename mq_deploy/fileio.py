@@ -147,7 +147,7 @@ def is_ours(path: str) -> bool:
 
 # ---- folders we wrote: the manifest, and the checks before one is replaced or removed ----------
 
-def _sha256(path: str) -> str:
+def sha256_file(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -190,7 +190,7 @@ def _manifest_of(folder: str) -> dict:
             rel = os.path.relpath(p, folder)
             if rel == MARKER or os.path.islink(p):
                 continue
-            files[rel] = {"size": os.lstat(p).st_size, "sha256": _sha256(p)}
+            files[rel] = {"size": os.lstat(p).st_size, "sha256": sha256_file(p)}
     return {"files": files, "dirs": dirs}
 
 
@@ -252,7 +252,7 @@ def _foreign_entry(folder: str, manifest: dict) -> str | None:
                 stack.append(rel)
             elif stat.S_ISREG(st.st_mode) and rel in files:
                 want = files[rel]
-                if st.st_size != want["size"] or _sha256(e.path) != want["sha256"]:
+                if st.st_size != want["size"] or sha256_file(e.path) != want["sha256"]:
                     return f"{rel} (changed since mq-deploy wrote it)"
             else:
                 return rel + (" (a symbolic link)" if stat.S_ISLNK(st.st_mode) else "")
@@ -751,10 +751,6 @@ def _rename_new(tmp: str, out: str, taken: str) -> None:
 
 
 # ---- folders filled over time (an unfinished layer-streamed quantize, quant.partial) --------------
-
-def sha256_file(path: str) -> str:
-    return _sha256(path)
-
 
 def write_marker(folder: str, kind: str, files: dict, record: dict | None = None, inputs=()) -> None:
     """(Re)write the marker of a folder mq-deploy fills over time: `files` {relative path: {"size", "sha256"}}
