@@ -66,9 +66,13 @@ def build_ort(onnx_path: str, out_path: str, *, custom_op_library: str | None = 
             raise MQUserError(f"{onnx_path}: its {', '.join(missing)} nodes have no function body to inline; export it "
                               "again with `mq-deploy export`, or pass --plugins libmq_scan_ort.so (the optimized "
                               "model then needs that library wherever it runs)")
-    src = OrtRunner(onnx_path, custom_op_library=custom_op_library or False)
+    # each session of the build runs once: no prepacked weight copies, and one session resident at a time
+    # (at 2.8b two sessions with packed weights held 9 GiB)
+    src = OrtRunner(onnx_path, custom_op_library=custom_op_library or False, prepack=False)
     feeds = sample_feeds(src, shapes)
     want = src.infer(feeds)
+    library, nodes_before = src.custom_op_library, len(shell.graph.node)
+    del src
     bad = [k for k, v in want.items() if not np.isfinite(v).all()]
     if bad:
         raise MQUserError(f"{onnx_path} itself gives non-finite {', '.join(bad)} on random sample feeds "
@@ -79,7 +83,7 @@ def build_ort(onnx_path: str, out_path: str, *, custom_op_library: str | None = 
     side = fileio.tracked_temp(fileio.temp_path(data_target)) if data_target else contextlib.nullcontext()
     with fileio.atomic_path(out_abs, overwrite=overwrite, inputs=inputs, what="optimized model") as tmp, \
             side as tmp_data:
-        so = session_options(level="extended", optimized_model_path=tmp, custom_op_library=src.custom_op_library)
+        so = session_options(level="extended", optimized_model_path=tmp, custom_op_library=library, prepack=False)
         if tmp_data:     # ORT writes the weights there (a name relative to the optimized model's folder)
             so.add_session_config_entry("session.optimized_model_external_initializers_file_name",
                                         os.path.basename(tmp_data))
@@ -101,7 +105,7 @@ def build_ort(onnx_path: str, out_path: str, *, custom_op_library: str | None = 
             proto.metadata_props.add(key="mq.custom_op_library", value=needs)
             os.remove(tmp)
             write_model(proto, tmp)     # (external entries stay entries: the side file is not read)
-        built = OrtRunner(tmp, custom_op_library=src.custom_op_library or False)
+        built = OrtRunner(tmp, custom_op_library=library or False, prepack=False)
         got = built.infer(feeds)
         outputs = {k: compare_outputs(got[k], want[k], classes=k == "logits") for k in want}
         failed = []
@@ -125,8 +129,8 @@ def build_ort(onnx_path: str, out_path: str, *, custom_op_library: str | None = 
     return {"backend": "onnxruntime", "onnxruntime_version": ort.__version__, "input": os.path.abspath(onnx_path),
             "output": out_abs, "external_data": data_target, "bytes": os.path.getsize(out_abs),
             "build_seconds": seconds,
-            "nodes_before": len(src.proto.graph.node), "nodes_after": sum(ops.values()), "op_counts": ops,
-            "custom_op_library": src.custom_op_library, "requires_custom_op_library": needs,
+            "nodes_before": nodes_before, "nodes_after": sum(ops.values()), "op_counts": ops,
+            "custom_op_library": library, "requires_custom_op_library": needs,
             "verify": {"feeds": {k: list(v.shape) for k, v in feeds.items()}, "outputs": outputs, "passed": True}}
 
 

@@ -59,7 +59,7 @@ def has_implicit_axis_zero_points(proto) -> bool:
 
 def session_options(threads: int | None = None, *, spin: bool = False, optimize: bool = True,
                     custom_op_library: str | None = None, optimized_model_path: str | None = None,
-                    level: str | None = None, implicit_zero_points: bool = False):
+                    level: str | None = None, implicit_zero_points: bool = False, prepack: bool = True):
     import onnxruntime as ort
 
     from mq_deploy.backends.base import check_threads
@@ -73,6 +73,8 @@ def session_options(threads: int | None = None, *, spin: bool = False, optimize:
         # ORT's pool busy-waits after each run by default, which starves the PyTorch reference that
         # verify runs in between (2 cores: 10x slower). Benchmarks pass spin=True.
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if not prepack:     # no packed copy of each weight beside the original (a build's sessions run once)
+        so.add_session_config_entry("session.disable_prepacking", "1")
     if not optimize:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     elif level == "extended":
@@ -108,7 +110,8 @@ class OrtRunner(Runner):
     the built one, see default_library; False: none)."""
 
     def __init__(self, path: str, custom_op_library: str | None | bool = None, threads: int | None = None,
-                 optimized_model_path: str | None = None, optimize: bool = True, spin: bool = False):
+                 optimized_model_path: str | None = None, optimize: bool = True, spin: bool = False,
+                 prepack: bool = True):
         import onnxruntime as ort
 
         self.path = self.name = path
@@ -137,7 +140,8 @@ class OrtRunner(Runner):
                               "no plugin library was given; re-export it with `mq-deploy export` (which embeds the "
                               "bodies) or pass --custom-op-lib PATH of the native mq::SelectiveScan library")
         so = session_options(threads, spin=spin, optimize=optimize, custom_op_library=custom_op_library,
-                             optimized_model_path=optimized_model_path, implicit_zero_points=implicit_zp)
+                             optimized_model_path=optimized_model_path, implicit_zero_points=implicit_zp,
+                             prepack=prepack)
         try:
             self.session = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
         except Exception as e:
