@@ -240,3 +240,24 @@ def test_a_shard_that_vanishes_mid_run_is_one_line(tmp_path, capsys, monkeypatch
                                "--stream", "on"], ".safetensors")
     assert calls.count("layers.2") == 2 and not out.exists() and not (tmp_path / "q.partial").exists()
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".q")], os.listdir(tmp_path)
+
+
+def test_a_model_larger_than_memory_streams_and_is_refused_whole(tmp_path, capsys, monkeypatch):
+    """Past this machine's memory (here: memory patched to 64 KiB) the whole-model load is one line, and the
+    layer-streamed paths, which build the model on the meta device, are not refused (the falcon-mamba-7b
+    scale row: `info` refused a 26 GiB model that it never allocates)."""
+    from mq_deploy.models import io
+
+    torch.manual_seed(0)
+    m = transformers.FalconMambaForCausalLM(transformers.FalconMambaConfig(
+        vocab_size=256, hidden_size=48, num_hidden_layers=2, state_size=8, expand=2, conv_kernel=4,
+        time_step_rank=8)).eval()
+    src = save_hf(m, str(tmp_path / "falcon"))[1]
+    text = os.path.join(SAMPLES, "mamba-byte-lm", "data", "calib.txt")
+    monkeypatch.setattr(io, "_memory_bytes", lambda: 1 << 16)
+    monkeypatch.setattr(loaders, "STREAM_AUTO_BYTES", 1 << 10)      # `auto` streams this model
+    assert main(["info", src]) == 0
+    assert "parameters:" in capsys.readouterr().out
+    _quantize(src, str(tmp_path / "s"), text, stream="on")
+    assert_user_error(capsys, ["quantize", src, "-o", tmp_path / "w", "--calib", text, "--stream", "off"],
+                      "more than this machine's")

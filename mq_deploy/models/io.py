@@ -28,15 +28,6 @@ def _model_class(cfg):
     raise TypeError(f"not a model config: {type(cfg).__name__}")
 
 
-def parameter_bytes(cfg) -> int:
-    """Bytes of the float32 model `cfg` describes, counted on the meta device (nothing allocated)."""
-    import torch
-
-    with torch.device("meta"):
-        m = _model_class(cfg)(cfg)
-    return 4 * sum(p.numel() for p in m.parameters())
-
-
 def _memory_bytes() -> int:
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -45,15 +36,21 @@ def _memory_bytes() -> int:
 
 
 def build_model(cfg):
-    """The model of `cfg` in float32, after checking that it fits in this machine's memory (a config we
-    read back may describe a model of any size: one clear line, not an allocation that kills us)."""
-    need, have = parameter_bytes(cfg), _memory_bytes()
+    """The model of `cfg` (call it on the meta device for shapes only: check_memory before allocating it)."""
+    return _model_class(cfg)(cfg)
+
+
+def check_memory(model) -> None:
+    """Before a model built on the meta device is allocated in float32: it fits in this machine's memory (a
+    config we read back may describe a model of any size: one clear line, not an allocation that kills us).
+    A layer-streamed stage never allocates the whole model and does not call this."""
+    need, have = 4 * sum(p.numel() for p in model.parameters()), _memory_bytes()
     if have and need > have:
         from mq_deploy.errors import MQUserError
 
         raise MQUserError(f"the model this config describes needs {need / 2**30:.1f} GiB of float32 weights, more "
-                          f"than this machine's {have / 2**30:.1f} GiB of memory")
-    return _model_class(cfg)(cfg)
+                          f"than this machine's {have / 2**30:.1f} GiB of memory; the layer-streamed stages read it "
+                          "one layer at a time (--stream on)")
 
 
 def model_state_dict(model) -> dict:

@@ -29,7 +29,7 @@ import torch
 
 from mq_deploy.config import config_from_dict
 from mq_deploy.errors import MQUserError
-from mq_deploy.models.io import FORMAT_KEY, build_model
+from mq_deploy.models.io import FORMAT_KEY, build_model, check_memory
 
 
 @dataclass
@@ -590,6 +590,7 @@ def load_into(cfg, src: TensorSource, source: str, cfg_source: str | None = None
     if _LAZY:
         model.lazy_weights = LazyWeights(src, expected, quant)
         return model
+    check_memory(model)
     model = model.to_empty(device="cpu")
     _fill(model, "", src, expected)
     if tied:
