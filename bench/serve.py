@@ -3,17 +3,21 @@ shipped samples (MambaQuant W8A8, exported with mq-deploy), at concurrency 1, 4,
 
 - Vim: images/s and per-request latency p50/p99; each request is one Fashion-MNIST test image (so the
   dynamic batcher has something to merge under load), over gRPC.
-- LM: streamed generation through NAME_generate (decoupled BLS, a thread per generation, over the
-  stateful step model, which runs the steps of all sequences in a scheduling round as one ONNX Runtime
-  call): tokens/s over all streams, time to the first token p50/p99, per-token latency p50/p99 (the
-  gaps between a stream's tokens as the client receives them), from Triton's statistics the step
-  model's mean batch (requests per execution) and a request's mean queue and compute time, and the
-  CPU time per token of tritonserver, of each Python-backend stub and of this client (/proc).
+- LM: streamed generation through NAME_generate (decoupled, a thread per generation). With
+  --generate-step inline (the default) it runs the step graph itself and batches the steps of all its
+  generations into one ONNX Runtime call per round; with bls each step is a BLS request to the stateful
+  step model, which batches the steps of a scheduling round. Reported: tokens/s over all streams, time
+  to the first token p50/p99, per-token latency p50/p99 (the gaps between a stream's tokens as the client
+  receives them), the mean batch (inline: steps per step-graph call, from the generate model's
+  Prometheus counters; bls: from Triton's statistics of the step model, requests per execution, with a
+  request's mean queue and compute time), and the CPU time per token of tritonserver, of each
+  Python-backend stub and of this client (/proc).
 Beside each: the same work in-process through mq_deploy's OrtRunner (no server, one caller; and for the
 LM also generate_batch with 16 prompts as one batch), so the ratio is the price (or gain) of serving.
 Every loop is bounded (--requests, --streams, --tokens; each client call has a timeout).
 
-    python bench/serve.py [--requests 256] [--streams 2] [--tokens 64] [--instances 1] [--state-dtype int8] [--json OUT]
+    python bench/serve.py [--requests 256] [--streams 2] [--tokens 64] [--instances 1] [--state-dtype int8]
+        [--generate-step inline|bls] [--json OUT]
         [--vim VIM.onnx --lm-step LM_STEP.onnx]   # default: quantize + export the samples (--workdir keeps them)
 
 Goals checked (issue 23): served tokens/s at c=16 >= 5x c=1; c=1 >= 0.5x in-process; first-token p99 at
@@ -141,6 +145,21 @@ def step_stats(url, model):
                                                                          "compute_output"))}
 
 
+def generate_stats(metrics_url, model):
+    """An inline generate model's steps and step-graph calls so far (its Prometheus counters), in step_stats'
+    keys: requests = steps, executions = calls (no queue or compute times: it has no step model)."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://{metrics_url}/metrics", timeout=60) as r:
+        text = r.read().decode()
+    got = {"requests": 0, "executions": 0}
+    for line in text.splitlines():
+        for name, key in (("mq_generate_steps_total", "requests"), ("mq_generate_step_calls_total", "executions")):
+            if line.startswith(name + "{") and f'model="{model}"' in line:
+                got[key] = int(float(line.rsplit(" ", 1)[1]))
+    return got
+
+
 def cpu_seconds(server_pid):
     """CPU seconds (user + system) so far of tritonserver, of its Python-backend stubs (one per model instance,
     labelled by model) and of this client process: where a token's time goes."""
@@ -169,12 +188,15 @@ def cpu_seconds(server_pid):
     return out
 
 
-def bench_lm(url, concurrency, streams_per_client, tokens, server_pid=None):
+def bench_lm(url, concurrency, streams_per_client, tokens, server_pid=None, metrics_url=None):
+    """metrics_url: the server's metrics endpoint, for an inline generate model's batch (else the step model's)."""
     import tritonclient.grpc as grpcclient
 
     gaps, firsts, counts = [], [], []
     lock = threading.Lock()
-    before = step_stats(url, "lm_step")
+    stats = (lambda: generate_stats(metrics_url, "lm_step_generate")) if metrics_url else \
+        (lambda: step_stats(url, "lm_step"))
+    before = stats()
     cpu0 = cpu_seconds(server_pid)
 
     def worker(c):
@@ -209,7 +231,8 @@ def bench_lm(url, concurrency, streams_per_client, tokens, server_pid=None):
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(worker, range(concurrency)))
     wall = time.perf_counter() - t0
-    after = step_stats(url, "lm_step")
+    time.sleep(0.6 if metrics_url else 0)     # the generate model sends its counts at most every 0.5 s
+    after = stats()
     cpu1 = cpu_seconds(server_pid)
     d = {k: after[k] - before[k] for k in after}
     ex = max(d["executions"], 1)
@@ -222,8 +245,9 @@ def bench_lm(url, concurrency, streams_per_client, tokens, server_pid=None):
             # the execution in progress and the time of the execution it ran in (IPC to the stub included)
             "step_model": {"requests": d["requests"], "executions": d["executions"],
                            "mean_batch": d["requests"] / ex,
-                           "queue_us_per_request": d["queue_ns"] / max(d["requests"], 1) / 1e3,
-                           "compute_us_per_request": d["compute_ns"] / max(d["requests"], 1) / 1e3},
+                           **({} if metrics_url else {
+                               "queue_us_per_request": d["queue_ns"] / max(d["requests"], 1) / 1e3,
+                               "compute_us_per_request": d["compute_ns"] / max(d["requests"], 1) / 1e3})},
             "cpu_ms_per_token": cpu, "wall_ms_per_token": wall / ntok * 1e3}
 
 
@@ -280,6 +304,8 @@ def main(argv=None):
     ap.add_argument("--concurrency", default="1,4,16,64")
     ap.add_argument("--state-dtype", default="fp32", choices=("fp32", "fp16", "int8"),
                     help="how the LM step graph stores its states (export --state-dtype; default fp32)")
+    ap.add_argument("--generate-step", default="inline", choices=("inline", "bls"),
+                    help="how lm_step_generate runs its steps (mq-deploy triton --generate-step; default inline)")
     ap.add_argument("--no-native", action="store_true", help="scans as ONNX function bodies on both sides")
     ap.add_argument("--workdir", help="keep the sample exports here and reuse them on the next run")
     ap.add_argument("--json", metavar="OUT")
@@ -313,12 +339,14 @@ def main(argv=None):
         # names from the file names: vim (+ vim_preprocess, vim_image) and lm_step (+ lm_step_generate)
         top = max(levels)
         write_repository([vim, lm], repo, TritonConfig(backend="python", max_batch=max(16, top), instances=args.instances,
-                                                       custom_op_lib=lib, max_sequences=max(64, top)))
+                                                       custom_op_lib=lib, max_sequences=max(64, top),
+                                                       generate_step=args.generate_step))
         x = vim_images(vim, 512)
         from mq_deploy.backends.ort.runner import OrtRunner
 
         state_dtype = OrtRunner(lm, custom_op_library=lib).artifact.config.state_dtype     # what the file stores
         rows = {"vim": [], "lm": [], "machine": {"cpus": os.cpu_count()}, "state_dtype": state_dtype,
+                "generate_step": args.generate_step,
                 "native_library": lib and (os.path.relpath(lib, ROOT) if lib.startswith(ROOT + os.sep) else lib)}
         print(f"direct (in-process OrtRunner, one caller)  [{load()}]")
         dv = direct_vim(vim, x, min(args.requests, 128), lib)
@@ -328,7 +356,12 @@ def main(argv=None):
               f"p99 {dl['first_token_p99_ms']:.2f} ms;  16 prompts as one batch (generate_batch) "
               f"{dl['batch16_tokens_per_s']:.1f} tokens/s")
         rows["direct"] = {"vim": dv, "lm": dl}
-        with TritonServer(repo, log_path=os.path.join(d, "server.log")) as srv:
+        from mq_deploy.serve.server import free_port
+
+        inline = args.generate_step == "inline"
+        with TritonServer(repo, log_path=os.path.join(d, "server.log"),
+                          metrics_port=free_port("127.0.0.1") if inline else None) as srv:
+            murl = f"127.0.0.1:{srv.metrics_port}" if inline else None
             bench_vim(srv.grpc_url, x, 4, 16)                   # warm
             for c in levels:
                 r = bench_vim(srv.grpc_url, x, c, args.requests)
@@ -340,15 +373,16 @@ def main(argv=None):
             for c in levels:                                # ... and the batch sizes each level makes
                 bench_lm(srv.grpc_url, c, 1, 4)
             for c in levels:
-                r = bench_lm(srv.grpc_url, c, max(args.streams, -(-16 // c)), args.tokens, srv.proc.pid)
+                r = bench_lm(srv.grpc_url, c, max(args.streams, -(-16 // c)), args.tokens, srv.proc.pid, murl)
                 r.update(concurrency=c, vs_direct=r["tokens_per_s"] / dl["tokens_per_s"], load=os.getloadavg())
                 rows["lm"].append(r)
                 sm = r["step_model"]
                 print(f"served lm   c={c:<3} {r['tokens_per_s']:8.1f} tokens/s ({r['vs_direct']:.2f}x direct)  "
                       f"per token p50 {r['inter_token_p50_ms']:6.2f} ms  p99 {r['inter_token_p99_ms']:7.2f} ms  "
                       f"first token p50 {r['first_token_p50_ms']:7.2f} ms  p99 {r['first_token_p99_ms']:7.2f} ms  "
-                      f"step model: batch {sm['mean_batch']:.1f}, per request queue {sm['queue_us_per_request']:.0f} us, "
-                      f"compute {sm['compute_us_per_request']:.0f} us  [{load()}]", flush=True)
+                      f"mean batch {sm['mean_batch']:.1f}" + ("" if inline else
+                      f" (step model), per request queue {sm['queue_us_per_request']:.0f} us, "
+                      f"compute {sm['compute_us_per_request']:.0f} us") + f"  [{load()}]", flush=True)
                 print("            CPU ms per token: " + ", ".join(f"{k} {v:.2f}" for k, v in
                                                                  sorted(r["cpu_ms_per_token"].items())) +
                       f" (wall {r['wall_ms_per_token']:.2f} ms per token on {os.cpu_count()} cores)")

@@ -189,3 +189,88 @@ def test_generate_cli_with_several_prompts(art, tmp_path, capsys):
     assert_user_error(capsys, ["generate", art["lm_step"], "--prompts-file", tmp_path / "empty.txt"], "holds no prompts")
     (tmp_path / "bad.txt").write_bytes(b"ok\n\xff\xfe\n")
     assert_user_error(capsys, ["generate", art["lm_step"], "--prompts-file", tmp_path / "bad.txt"], "not UTF-8")
+
+
+def _threaded_generations(runner, prompts, lens, max_wait_s=0.05, bad=None):
+    """Each prompt greedy-decoded by a thread of its own through one BatchedStepper (the inline generate
+    model's scheduler): the first half start together, the second half once generation 0 has made 3 steps,
+    so sequences join running rounds, and leave them at their own lengths:
+    ({prompt index: new ids or the exception}, stepper)."""
+    import threading
+
+    from mq_deploy.runtime.apps import state_batcher
+    from mq_deploy.serve.triton_models.mq_batch import BatchedStepper
+
+    stepper = BatchedStepper(runner.infer, state_batcher(runner), max_wait_s)
+    out = {}
+    half = (len(prompts) + 1) // 2
+    first, joined = threading.Barrier(half), threading.Event()
+
+    def one(k):
+        if k < half:
+            first.wait(60)
+        else:
+            joined.wait(60)
+        seq = stepper.open(f"generation {k}")
+        try:
+            feed, new = prompts[k], []
+            for i in range(lens[k]):
+                if bad == k and i == 2:         # a state the graph does not take: this sequence fails alone
+                    seq.state = {n: a.astype(np.float16) for n, a in seq.state.items()}
+                logits = stepper.step(seq, feed)
+                new.append(int(logits[0, -1].astype(np.float64).argmax()))
+                feed = [new[-1]]
+                if k == 0 and i == 2:
+                    joined.set()
+            out[k] = new
+        except Exception as e:
+            out[k] = e
+        finally:
+            stepper.close(seq)
+            joined.set()
+
+    threads = [threading.Thread(target=one, args=(k,)) for k in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not any(t.is_alive() for t in threads)
+    return out, stepper
+
+
+def test_batched_stepper_threads_equal_generate(art, hybrids):
+    """Threads that start and end at different times, their steps batched by BatchedStepper: each thread's
+    tokens equal `generate` of its prompt alone, and rounds did hold several sequences (fewer calls than
+    steps); a hybrid's sequences batch only where their caches agree."""
+    from mq_deploy.backends.ort.runner import OrtRunner
+    from mq_deploy.runtime.apps import generate
+
+    base = [list(b"And God said"), list(b"Let there be"), list(b"In the beginning"), list(b"light"), list(b"A")]
+    prompts = base * 2
+    lens = [12 - k % 5 for k in range(len(prompts))]
+    for path in [art["lm_step"]] + list(hybrids.values()):
+        runner = OrtRunner(path, custom_op_library=False)
+        got, stepper = _threaded_generations(runner, prompts, lens)
+        print(f"{path}: {stepper.steps} steps in {stepper.calls} calls")
+        assert got == {k: generate(runner, p, n) for k, (p, n) in enumerate(zip(prompts, lens))}
+        assert stepper.steps == sum(lens) and stepper.calls < stepper.steps
+
+
+def test_batched_stepper_a_bad_sequence_fails_alone(art):
+    """A sequence whose state the graph does not take gets its own error; the others of its rounds go on and
+    equal generate; a closed sequence cannot step."""
+    from mq_deploy.backends.ort.runner import OrtRunner
+    from mq_deploy.runtime.apps import generate, state_batcher
+    from mq_deploy.serve.triton_models.mq_batch import BatchedStepper
+
+    runner = OrtRunner(art["lm_step"], custom_op_library=False)
+    prompts = [list(b"And God said"), list(b"Let there be"), list(b"light")]
+    got, _ = _threaded_generations(runner, prompts, [8, 8, 8], bad=1)
+    assert isinstance(got[1], ValueError) and "generation 1" in str(got[1]) and "float16" in str(got[1]), got[1]
+    assert got[0] == generate(runner, prompts[0], 8) and got[2] == generate(runner, prompts[2], 8)
+    stepper = BatchedStepper(runner.infer, state_batcher(runner))
+    seq = stepper.open()
+    stepper.step(seq, [1, 2])
+    stepper.close(seq)
+    with pytest.raises(ValueError, match="closed"):
+        stepper.step(seq, [3])

@@ -124,7 +124,17 @@ def test_every_config_parses_against_tritons_schema(art, tmp_path, backend):
 
     gen = cfgs["lm_step_generate"]
     assert gen.backend == "python" and gen.model_transaction_policy.decoupled
-    assert gen.instance_group[0].count == 2 and gen.parameters["max_generations"].string_value == "64"
+    assert gen.parameters["max_generations"].string_value == "64"
+    gp = {k: v.string_value for k, v in gen.parameters.items()}
+    if backend == "python":
+        # inline: it opens lm_step's graph itself (one instance: all generations' steps batch in one process)
+        assert gen.instance_group[0].count == 1 and gp["step_inline"] == "1" and gp["onnx_file"] == "model.onnx"
+        assert json.loads(gp["states"]) == [["conv_state", "conv_state_out"], ["ssm_state", "ssm_state_out"]]
+        assert gp["states"] == step.parameters["states"].string_value
+        assert all(os.path.isfile(repo / "lm_step_generate" / "1" / f) for f in ("mq_batch.py", "mq_ort_session.py"))
+    else:
+        assert gen.instance_group[0].count == 2 and "step_inline" not in gp and "states" not in gp
+        assert not os.path.exists(repo / "lm_step_generate" / "1" / "mq_ort_session.py")
     assert {i.name for i in gen.input} == {"text", "prompt_ids", "max_new_tokens"}
     ens = cfgs["vim_image"]
     assert ens.platform == "ensemble"
@@ -220,6 +230,8 @@ def test_bad_input_is_one_clear_line(art, tmp_path, capsys):
     assert_user_error(capsys, ["triton", art["vim"], "-o", out, "--custom-op-lib", tmp_path / "nope.so"],
                       "--custom-op-lib")
     assert_user_error(capsys, ["triton", art["vim"], art["vim"], "-o", out], "also used by")
+    assert_user_error(capsys, ["triton", art["lm_step"], "-o", out, "--generate-step", "inline"],
+                      "--generate-step inline", "--backend python", "--generate-step bls")
     eng = tmp_path / "e.plan"
     eng.write_bytes(b"x")
     assert_user_error(capsys, ["triton", eng, "-o", out], "build report")

@@ -191,7 +191,7 @@ def served(art, bpe_step, vim224, family_steps, tmp_path_factory):
     write_repository([art["vim"], art["lm"], art["lm_step"], bpe_step, vim224[1], family_steps["m2_step"],
                       family_steps["nh_step"], family_steps["nh8_step"], family_steps["nhs8_step"]], repo,
                      TritonConfig(backend="python", max_batch=8, instances=1, max_sequences=16))
-    srv = triton.TritonServer(repo, log_path=str(d / "tritonserver.log"))
+    srv = triton.TritonServer(repo, log_path=str(d / "tritonserver.log"), metrics_port=triton.free_port("127.0.0.1"))
     t0 = time.monotonic()
     srv.start()
     print(f"tritonserver ready in {time.monotonic() - t0:.1f} s on {srv.http_url} / {srv.grpc_url}")
@@ -324,6 +324,21 @@ def test_interleaved_sequences_keep_separate_states(served, ref):
                 assert_close(out[k], want[s][k], f"threaded sequence {s} step {k}")
 
 
+def generate_metrics(srv, model):
+    """(steps, step-graph calls) of an inline generate model so far, from its counters on the server's
+    Prometheus endpoint (mq_generate_steps_total, mq_generate_step_calls_total)."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{srv.metrics_port}/metrics", timeout=TIMEOUT) as r:
+        text = r.read().decode()
+    got = {}
+    for line in text.splitlines():
+        for name in ("mq_generate_steps_total", "mq_generate_step_calls_total"):
+            if line.startswith(name + "{") and f'model="{model}"' in line:
+                got[name] = int(float(line.rsplit(" ", 1)[1]))
+    return got.get("mq_generate_steps_total", 0), got.get("mq_generate_step_calls_total", 0)
+
+
 def step_stats(client, model):
     """(requests, executions) of a model so far, from Triton's statistics: fewer executions than requests means
     execute() got several sequences' requests at once."""
@@ -384,7 +399,8 @@ def test_batched_decode_with_interleaved_starts_and_ends(served, family_steps, m
 
 def test_the_generate_model_serves_many_streams_at_once(served, ref):
     """24 streams at once from 24 clients (8 prompts, 16..40 tokens): each equals `generate` greedy, and the
-    step model ran them in fewer executions than steps (the generations overlapped and were batched). Then 32
+    generate model, which runs the step graph itself (inline), ran them in fewer step-graph calls than steps
+    (the generations overlapped and were batched; its Prometheus counters). Then 32
     long streams against max_generations 16: 16 run at once and 16 wait, the next ones are refused at once with
     one line; cancelled, they wind down and the server serves as before."""
     from mq_deploy.runtime.apps import generate
@@ -393,8 +409,7 @@ def test_the_generate_model_serves_many_streams_at_once(served, ref):
                b"The LORD is", b"Blessed are"]
     lens = [16 + 8 * (k % 4) for k in range(24)]
     want = {(p, m): generate(ref["lm_step"], list(p), m) for p in prompts for m in set(lens)}
-    stats = served.http()
-    before = step_stats(stats, "lm_step")
+    before = generate_metrics(served, "lm_step_generate")
 
     def stream(k, n=None):
         client = grpcclient.InferenceServerClient(served.grpc_url)
@@ -406,12 +421,17 @@ def test_the_generate_model_serves_many_streams_at_once(served, ref):
 
     with ThreadPoolExecutor(24) as pool:
         got = list(pool.map(stream, range(24), timeout=TIMEOUT * 4))
-    after = step_stats(stats, "lm_step")
     for k, g in enumerate(got):
         assert g == want[(prompts[k % len(prompts)], lens[k])], f"stream {k}"
-    requests, executions = after[0] - before[0], after[1] - before[1]
-    print(f"24 streams: {requests} step requests in {executions} executions of the step model")
-    assert requests == sum(lens) and executions < requests / 2
+    deadline = time.monotonic() + TIMEOUT
+    while True:         # each generation sends its counts as it ends, before its final response
+        after = generate_metrics(served, "lm_step_generate")
+        steps, calls = after[0] - before[0], after[1] - before[1]
+        if steps >= sum(lens) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    print(f"24 streams: {steps} steps in {calls} step-graph calls of the inline generate model")
+    assert steps == sum(lens) and calls < steps / 2
 
     # the bound: 32 long streams, of which 16 run (max_generations) and 16 wait for a thread; 4 more are refused
     # at once, in one line; then all are cancelled, and the server still serves
@@ -451,6 +471,46 @@ def test_the_generate_model_serves_many_streams_at_once(served, ref):
             assert "retry later" in str(e)
             time.sleep(0.2)
     assert got == generate(ref["lm_step"], list(b"And God"), 8)
+
+
+def test_generate_with_bls_steps_on_the_step_model(art, ref, tmp_path):
+    """--generate-step bls (the way for a step model on another backend): each step a BLS request to the step
+    model, whose sequence batcher batches the generations' steps; 12 concurrent streams each equal `generate`,
+    in fewer step-model executions than step requests; the server stops cleanly."""
+    from mq_deploy.runtime.apps import generate
+    from mq_deploy.serve.repository import TritonConfig, write_repository
+
+    repo = str(tmp_path / "repo")
+    write_repository([art["lm_step"]], repo, TritonConfig(backend="python", max_batch=8, generate_step="bls"))
+    with open(os.path.join(repo, "lm_step_generate", "config.pbtxt")) as f:
+        assert "step_inline" not in f.read()
+    prompts = [b"And God said", b"In the beginning", b"Let there be", b"light"]
+    lens = [10 + 4 * (k % 3) for k in range(12)]
+    srv = triton.TritonServer(repo, log_path=str(tmp_path / "tritonserver.log"))
+    srv.start()
+    try:
+        stats = httpclient.InferenceServerClient(srv.http_url, network_timeout=TIMEOUT)
+        before = step_stats(stats, "lm_step")
+
+        def stream(k):
+            client = grpcclient.InferenceServerClient(srv.grpc_url)
+            try:
+                return stream_generate(client, "lm_step_generate", gen_inputs(text=prompts[k % 4], n=lens[k]))
+            finally:
+                client.close()
+
+        with ThreadPoolExecutor(12) as pool:
+            got = list(pool.map(stream, range(12), timeout=TIMEOUT * 4))
+        after = step_stats(stats, "lm_step")
+        stats.close()
+    finally:
+        rc = srv.stop()
+    for k, g in enumerate(got):
+        assert g == generate(ref["lm_step"], list(prompts[k % 4]), lens[k]), f"stream {k}"
+    requests, executions = after[0] - before[0], after[1] - before[1]
+    print(f"12 streams over BLS: {requests} step requests in {executions} executions of the step model")
+    assert requests == sum(lens) and executions < requests
+    assert rc == 0, srv.log_text()
 
 
 @pytest.mark.parametrize("model", ["m2_step", "nh_step", "nh8_step", "nhs8_step"])

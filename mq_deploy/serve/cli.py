@@ -16,6 +16,10 @@ def register(sub) -> None:
     s.add_argument("--backend", choices=["python", "onnxruntime", "tensorrt"],
                    help="default: onnxruntime for ONNX files, tensorrt for engines; python: Python-backend "
                         "models that run the ONNX in ONNX Runtime (the CPU path pytriton's server runs)")
+    s.add_argument("--generate-step", choices=["inline", "bls"],
+                   help="how NAME_generate runs a decode step: inline (default with --backend python) runs the "
+                        "step graph in the generate model itself, the steps of all its generations batched into "
+                        "one ONNX Runtime call; bls (default otherwise) sends each step to the step model")
     s.add_argument("--custom-op-lib", metavar="SO", help="the native mq::SelectiveScan ONNX Runtime library")
     s.add_argument("--labels", metavar="TXT", help="Vim class names, one per line (default: 0..N-1)")
     s.add_argument("--overwrite", action="store_true", help="replace a repository mq-deploy wrote")
@@ -37,7 +41,8 @@ def cmd_triton(args) -> int:
     from mq_deploy.serve.repository import TritonConfig, write_repository
 
     cfg = TritonConfig(name=args.name, max_batch=args.max_batch, instances=args.instances, backend=args.backend,
-                       custom_op_lib=args.custom_op_lib, labels=args.labels, overwrite=args.overwrite)
+                       custom_op_lib=args.custom_op_lib, labels=args.labels, overwrite=args.overwrite,
+                       generate_step=args.generate_step)
     res = write_repository(args.artifacts, args.output, cfg)
     print(f"wrote {res['path']}: {len(res['models'])} models")
     for m in res["models"]:

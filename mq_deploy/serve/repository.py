@@ -38,6 +38,7 @@ from mq_deploy.runtime.apps import MAX_NEW_TOKENS
 from mq_deploy.serve.pbtxt import Enum, dumps
 
 BACKENDS = ("python", "onnxruntime", "tensorrt")
+GENERATE_STEPS = ("inline", "bls")
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
 REPO_KIND = "triton-repository"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -47,6 +48,8 @@ _MODELS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "triton_m
 _TRITON_TYPE = {1: "TYPE_FP32", 2: "TYPE_UINT8", 3: "TYPE_INT8", 5: "TYPE_INT16", 6: "TYPE_INT32", 7: "TYPE_INT64",
                 9: "TYPE_BOOL", 10: "TYPE_FP16", 11: "TYPE_FP64", 16: "TYPE_BF16"}
 SEQUENCE_IDLE_US = 60_000_000
+# an inline generate model's round waits at most this long for the steps of its other running generations
+BATCH_WAIT_US = 1000
 INT32_MAX = 2 ** 31 - 1           # max_batch_size, instance counts, dims: int32 / int64 fields of Triton's ModelConfig
 UINT64_MAX = 2 ** 64 - 1          # max_sequence_idle_microseconds
 _PICTURE = os.path.normpath(os.path.join(_MODELS_DIR, "..", "..", "data", "picture.py"))  # the one image transform
@@ -91,6 +94,10 @@ class TritonConfig:
     overwrite: bool = False
     sequence_idle_us: int = SEQUENCE_IDLE_US
     max_sequences: int = 64
+    # how NAME_generate runs its steps: "inline" (it runs the step graph itself, batched across its
+    # generations; Python backend only) or "bls" (a BLS request to the step model per token); None:
+    # inline on the Python backend, bls on the others
+    generate_step: str | None = None
 
     def __post_init__(self):
         for k in ("max_batch", "instances", "sequence_idle_us", "max_sequences"):
@@ -101,6 +108,9 @@ class TritonConfig:
                 flag = "--" + k.replace("_", "-")
                 raise MQUserError(f"{flag} must be an integer in [{lo}, {hi}] (a field of Triton's model config), "
                                   f"got {_short(v)}")
+        if self.generate_step is not None and self.generate_step not in GENERATE_STEPS:
+            raise MQUserError(f"--generate-step {_short(self.generate_step)!r}: choose one of "
+                              f"{', '.join(GENERATE_STEPS)}")
         if self.backend is not None and self.backend not in BACKENDS:
             raise MQUserError(f"--backend {self.backend!r}: choose one of {', '.join(BACKENDS)}")
         if self.name is not None and not _NAME_RE.match(self.name):
@@ -513,15 +523,28 @@ def model_config(a: Artifact, name: str, backend: str, cfg: TritonConfig, model_
     if backend == "onnxruntime" and cfg.custom_op_lib:
         c["model_operations"] = {"op_library_filename": [os.path.abspath(cfg.custom_op_lib)]}
     if backend == "python":
-        params = [_param("onnx_file", model_file), _param("intra_op_threads", 0)]
-        if op_lib_in_model:
-            params.append(_param("custom_op_library", op_lib_in_model))
+        params = _session_params(a, model_file, op_lib_in_model)
         if a.graph == "step":
             params += [_param("max_sequences", cfg.max_sequences),
-                       _param("sequence_idle_us", cfg.sequence_idle_us),
-                       _param("states", json.dumps([[i, o] for i, o, _ in a.states]))]
+                       _param("sequence_idle_us", cfg.sequence_idle_us)]
         c["parameters"] = params
     return c
+
+
+def _session_params(a: Artifact, model_file: str, op_lib: str | None) -> list:
+    """What mq_ort_session.make_session reads (the file, threads, the op library) and a step graph's state
+    pairs: the Python step model's parameters, and an inline generate model's, which opens that graph."""
+    params = [_param("onnx_file", model_file), _param("intra_op_threads", 0)]
+    if op_lib:
+        params.append(_param("custom_op_library", op_lib))
+    if a.graph == "step":
+        params.append(_param("states", json.dumps([[i, o] for i, o, _ in a.states])))
+    return params
+
+
+def generate_inline(backend: str, cfg: TritonConfig) -> bool:
+    """NAME_generate runs the step graph itself (see TritonConfig.generate_step)."""
+    return (cfg.generate_step or ("inline" if backend == "python" else "bls")) == "inline"
 
 
 def tokenizer_of(a: Artifact):
@@ -537,7 +560,8 @@ def tokenizer_of(a: Artifact):
     return "ids", a.config.get("eos_token_id")
 
 
-def generate_config(a: Artifact, name: str, step_model: str, cfg: TritonConfig) -> dict:
+def generate_config(a: Artifact, name: str, step_model: str, cfg: TritonConfig, inline_params=None) -> dict:
+    """inline_params: the step model's session parameters when this model runs its graph (inline), else None."""
     kind, eos = tokenizer_of(a)
     text = kind != "ids"
     ins = [{"name": "prompt_ids", "data_type": Enum("TYPE_INT64"), "dims": [-1], "optional": True},
@@ -548,12 +572,15 @@ def generate_config(a: Artifact, name: str, step_model: str, cfg: TritonConfig) 
         outs.append({"name": "text", "data_type": Enum("TYPE_STRING"), "dims": [1]})
     return {"name": name, "backend": "python", "max_batch_size": 0, "input": ins, "output": outs,
             "model_transaction_policy": {"decoupled": True},
-            # one thread per generation (generate_model.py): an instance serves max_generations streams at once
-            "instance_group": [{"count": cfg.instances, "kind": Enum("KIND_CPU")}],
+            # one thread per generation (generate_model.py): an instance serves max_generations streams at once;
+            # inline, one instance, so that all generations' steps batch in one process
+            "instance_group": [{"count": 1 if inline_params else cfg.instances, "kind": Enum("KIND_CPU")}],
             "parameters": [_param("step_model", step_model), _param("vocab_size", a.config["vocab_size"]),
                            _param("tokenizer", kind), _param("eos_id", "" if eos is None else int(eos)),
                            _param("default_max_new_tokens", 64), _param("max_new_tokens_limit", MAX_NEW_TOKENS),
-                           _param("max_generations", cfg.max_sequences)]}
+                           _param("max_generations", cfg.max_sequences)]
+            + ([_param("step_inline", 1), _param("batch_wait_us", BATCH_WAIT_US)] + inline_params
+               if inline_params else [])}
 
 
 def preprocess_config(a: Artifact, name: str, cfg: TritonConfig) -> dict:
@@ -813,6 +840,10 @@ def plan(artifacts, cfg: TritonConfig) -> list:
                               "state starts them one slot long, which an engine built from the export misreads; "
                               "build it with `mq-deploy build STEP.onnx --kv-slot ...` (the copy with the slot, "
                               "serve.kv_sentinel), or serve the ONNX with --backend onnxruntime or python")
+        if a.graph == "step" and cfg.generate_step == "inline" and backend != "python":
+            raise MQUserError(f"{p}: --generate-step inline runs the step graph inside the Python generate "
+                              f"model, so its step model must be the Python backend's too (--backend python), not "
+                              f"{backend}; with {backend}, generate with --generate-step bls")
         name = cfg.name or _default_name(str(p))
         extra = [name]
         if a.graph == "step":
@@ -908,17 +939,24 @@ def _write_model(root: str, a: Artifact, name: str, backend: str, cfg: TritonCon
         if tokenizer_of(a)[0] == "tokenizers":
             with open(os.path.join(gdir, "1", "tokenizer.json"), "w", encoding="utf-8") as f:
                 f.write(a.meta["mq.tokenizer_json"])
-        gc = generate_config(a, gname, name, cfg)
+        inline = generate_inline(backend, cfg)
+        if inline:      # it opens the step model's graph (its folder beside this one) with these helpers
+            for helper in ("mq_ort_session.py", "mq_batch.py"):
+                _copy(os.path.join(_MODELS_DIR, helper), os.path.join(gdir, "1", helper))
+        gc = generate_config(a, gname, name, cfg, _session_params(a, model_file, op_lib) if inline else None)
         gtext = dumps(gc)
         with open(os.path.join(gdir, "config.pbtxt"), "w") as f:
             f.write(gtext)
         text_in = tokenizer_of(a)[0] != "ids"
         with open(os.path.join(gdir, "README.md"), "w") as f:
-            f.write(_model_readme(gname, "python, decoupled", f"Streaming generation: a BLS model that prefills "
-                                  f"the prompt and decodes greedily through `{name}` (one sequence per request), "
-                                  "one response per token", gtext, _example_generate(gname, text_in)))
+            how = (f"runs the graph of `{name}` itself (from that model's folder), the steps of all its running "
+                   "generations batched into one ONNX Runtime call per round" if inline else
+                   f"a BLS model that decodes through `{name}`")
+            f.write(_model_readme(gname, "python, decoupled", f"Streaming generation: prefills the prompt and "
+                                  f"decodes greedily (one sequence per request), one response per token; {how}",
+                                  gtext, _example_generate(gname, text_in)))
         prompt = {"text": "And God said"} if text_in else {"prompt_ids": [1, 2, 3]}
-        summary.append({"name": gname, "backend": "python (decoupled BLS)",
+        summary.append({"name": gname, "backend": "python (decoupled" + (")" if inline else " BLS)"),
                         "what": f"streams generated tokens through {name}", "config": gc,
                         "curl": _curl(gname, {**prompt, "max_new_tokens": 40}, stream=True)})
     if a.kind == "vim":

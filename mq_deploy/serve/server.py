@@ -153,11 +153,16 @@ def _model_backends(repo: str):
 
 def python_model_imports(repo: str) -> dict:
     """{model: third-party modules} of the repository's Python-backend models: the imports of their .py
-    files (parsed, never run), less the standard library, Triton's own module and files beside them.
-    Ours need numpy, onnxruntime (ORT models), PIL (image preprocessing), tokenizers (BPE generation)."""
+    files (parsed, never run), less the standard library, Triton's own module, files beside them and the
+    names of our own helper files (serve/triton_models: `mq-deploy triton` copies those a model uses beside
+    it; the generate model imports mq_ort_session only when it runs the step graph itself, and then it is
+    there). Ours need numpy, onnxruntime (ORT models, an inline generate model through mq_ort_session),
+    PIL (image preprocessing), tokenizers (BPE generation)."""
     import ast
     import sys
 
+    models_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "triton_models")
+    ours = {f[:-3] for f in os.listdir(models_dir) if f.endswith(".py")}
     out = {}
     for name, backend in _model_backends(repo):
         if backend != "python":
@@ -181,7 +186,7 @@ def python_model_imports(repo: str) -> dict:
                     mods |= {a.name.split(".")[0] for a in node.names}
                 elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
                     mods.add(node.module.split(".")[0])
-        mods -= set(sys.stdlib_module_names) | {"triton_python_backend_utils", "__future__"} | local
+        mods -= set(sys.stdlib_module_names) | {"triton_python_backend_utils", "__future__"} | local | ours
         if mods:
             out[name] = mods
     return out

@@ -1,9 +1,16 @@
-"""Triton Python-backend model written by `mq-deploy triton`: streaming generation as a decoupled BLS
-model. Each request is one sequence on the decode-step model named by the `step_model` parameter
-(any backend: Python with its per-CORRID states, or ONNX Runtime / TensorRT with Triton's implicit
-state): the prompt is prefilled in one step request (sequence START), then each new token is one
-step request, and every token goes back to the client as its own response. This is exactly
-`mq-deploy generate` (mq_deploy.runtime.apps.generate) greedy: the same calls on the same graph.
+"""Triton Python-backend model written by `mq-deploy triton`: streaming generation as a decoupled model.
+Each request is one sequence: the prompt is prefilled in one step (sequence START), then each new token
+is one step, and every token goes back to the client as its own response. This is exactly `mq-deploy
+generate` (mq_deploy.runtime.apps.generate) greedy: the same calls on the same graph. The steps run
+one of two ways (the `step_inline` parameter, `mq-deploy triton --generate-step`):
+
+- inline (the default when the step model is the Python backend's): this model opens the step model's
+  ONNX graph itself, from the step model's folder beside its own, and runs the steps of all its running
+  generations through one BatchedStepper (mq_batch.py): one ONNX Runtime call per round for all of
+  them, states kept here, no BLS request and no step-model process per token;
+- bls: each step is a BLS request to the decode-step model named by the `step_model` parameter (any
+  backend: Python with its per-CORRID states, or ONNX Runtime / TensorRT with Triton's implicit state),
+  whose sequence batcher batches the steps of concurrent generations.
 
 Inputs: text (BYTES [1]; for byte-level LMs, and for LMs whose tokenizer.json came with the export,
 encoded with the `tokenizers` package) or prompt_ids (INT64 [n]); max_new_tokens (INT32 [1],
@@ -14,11 +21,10 @@ decoded suffix), as `mq-deploy generate` prints them; never a lone byte of a cha
 make the JSON response invalid). Generation stops
 after max_new_tokens or at the EOS id (sent as the last token, with no text), as generate does.
 A client that cancels or disconnects stops the loop at the next token; the sequence is then ended
-on the step model so its state is released.
+(its state released).
 
 Concurrency: execute() hands each request to a thread of its own and returns at once, so the
-generations of many clients overlap and the step model's sequence batcher sees their steps together
-(one ONNX Runtime call per round for all of them, ort_step_model.py). At most max_generations run at
+generations of many clients overlap and their steps are batched (above). At most max_generations run at
 once per instance; up to max_generations more wait, in arrival order, for a free thread; a request
 beyond those is answered at once with an error that says so (retry later). Every request gets its
 final flag exactly once, from the thread that ran it or from execute() when it is refused.
@@ -27,11 +33,15 @@ final flag exactly once, from the thread that ran it or from execute() when it i
 import codecs
 import json
 import os
+import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+
+METRICS_EVERY_S = 0.5
 
 
 class _Stream:
@@ -110,6 +120,74 @@ class TritonPythonModel:
         # sequence ids of this model: high bit set and the process id in them, so they cannot collide
         # with ids chosen by clients talking to the step model directly (those are usually small)
         self._next = (1 << 63) | (os.getpid() & 0xFFFF) << 40 | int.from_bytes(os.urandom(4), "little")
+        self._flush = lambda: None          # the inline stepper's metrics, when the server has them
+        self.stepper = self._inline_stepper(args, p) if p.get("step_inline") == "1" else None
+
+    def _inline_stepper(self, args, p):
+        """The step model's graph run here (parameter step_inline): its session, opened from the step model's
+        version folder beside this model's, and a BatchedStepper
+        that batches the steps of every running generation of this instance into one call per round."""
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))    # our helpers are copied beside us
+        from mq_batch import BatchedStepper, StateBatcher
+        from mq_ort_session import make_session
+
+        # the step model's version folder beside this model's folder in the repository (a repository that
+        # Triton copies model by model, from cloud storage, has no sibling: serve it with --generate-step bls)
+        step_dir = os.path.join(os.path.dirname(os.path.normpath(args["model_repository"])), self.step_model, "1")
+        if not os.path.isfile(os.path.join(step_dir, p.get("onnx_file", ""))):
+            raise pb_utils.TritonModelException(
+                f"{self.name}: no step graph {p.get('onnx_file')} in {step_dir} (the step model's folder beside "
+                "this one); write the repository again, or with `mq-deploy triton --generate-step bls`")
+        session = make_session(step_dir, p, self.name)
+        types = {i.name: i.type for i in session.get_inputs()}
+        shapes = {i.name: i.shape for i in session.get_inputs()}
+        kinds = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8}
+        layout = []
+        for name, out in json.loads(p["states"]):
+            if types.get(name) not in kinds:
+                raise pb_utils.TritonModelException(f"{self.name}: state {name} of the step graph is "
+                                                    f"{types.get(name)}; float32, float16 or int8 states only")
+            layout.append((name, out, [d if isinstance(d, int) else None for d in shapes[name]], kinds[types[name]]))
+        outputs = ["logits"] + [out for _, out, _, _ in layout]
+
+        def run(feeds):
+            return dict(zip(outputs, session.run(outputs, feeds)))
+
+        return BatchedStepper(run, StateBatcher(layout), int(p.get("batch_wait_us", "1000")) / 1e6,
+                              on_call=self._metrics())
+
+    def _metrics(self):
+        """Prometheus counters on the server's metrics endpoint (when it has one): mq_generate_steps_total
+        (sequence steps run) and mq_generate_step_calls_total (ONNX Runtime calls that ran them); their
+        ratio is the mean batch. Each update is a message to the server process, so they are summed here
+        and sent at most every METRICS_EVERY_S, and when a generation ends (self._flush)."""
+        try:
+            fams = [pb_utils.MetricFamily(name=n, description=d, kind=pb_utils.MetricFamily.COUNTER) for n, d in (
+                ("mq_generate_steps_total", "decode steps run by the inline generate model"),
+                ("mq_generate_step_calls_total", "ONNX Runtime calls of the step graph that ran them"))]
+            metrics = [f.Metric(labels={"model": self.name}) for f in fams]
+        except Exception:       # a server without metrics, or without the custom-metrics API
+            return None
+        self._metric_families = fams      # kept alive with the model
+        pending = [0, 0, time.monotonic()]        # steps, calls not sent yet; when last sent
+
+        def flush():
+            with self._lock:
+                steps, calls, pending[:] = pending[0], pending[1], [0, 0, time.monotonic()]
+            if calls:
+                metrics[0].increment(float(steps))
+                metrics[1].increment(float(calls))
+
+        def count(n):
+            with self._lock:
+                pending[0] += n
+                pending[1] += 1
+                due = time.monotonic() - pending[2] > METRICS_EVERY_S
+            if due:
+                flush()
+
+        self._flush = flush
+        return count
 
     def _corrid(self):
         with self._lock:
@@ -159,15 +237,30 @@ class TritonPythonModel:
     def _generate(self, request, sender):
         prompt, n = self._prompt(request)
         corr = self._corrid()
+        if self.stepper is not None:          # the step graph in this process, batched across generations
+            seq = self.stepper.open(f"generation {corr}")
+            try:
+                self._loop(prompt, n, sender, lambda feed, flags: self.stepper.step(seq, feed), None)
+            finally:
+                self.stepper.close(seq)
+                self._flush()
+            return
+        END = pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_END
+        self._loop(prompt, n, sender, lambda feed, flags: self._step(feed, corr, flags),
+                   lambda: self._step([0], corr, END))   # releases the step model's state of this sequence
+
+    def _loop(self, prompt, n, sender, step, end):
+        """Greedy decoding: step(ids, flags) -> logits [1, len(ids), vocab]; end(): the sequence is over
+        before its last step (cancelled, EOS), or None."""
         START, END = pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_START, pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_END
         feed, stream = prompt, (_ByteStream() if self.tok is None else _Stream(self.tok))
         for i in range(n):
             if sender.is_cancelled() or self._stop.is_set():
-                if i:   # release the step model's state of this sequence
-                    self._step([0], corr, END)
+                if i and end is not None:
+                    end()
                 return
             flags = (START if i == 0 else 0) | (END if i == n - 1 else 0)
-            logits = self._step(feed, corr, flags)
+            logits = step(feed, flags)
             tok = int(logits[0, -1].astype(np.float64).argmax())
             out = [pb_utils.Tensor("token_id", np.asarray([tok], np.int64))]
             eos = self.eos is not None and tok == self.eos
@@ -178,8 +271,8 @@ class TritonPythonModel:
                 out.append(pb_utils.Tensor("text", np.asarray([piece], object)))
             sender.send(pb_utils.InferenceResponse(output_tensors=out))
             if eos:
-                if i < n - 1:
-                    self._step([0], corr, END)
+                if i < n - 1 and end is not None:
+                    end()
                 return
             feed = [tok]
 

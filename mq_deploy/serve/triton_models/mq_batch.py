@@ -105,3 +105,124 @@ class StateBatcher:
             s.whole = (whole, k, n)
             out.append(s)
         return out
+
+
+class Sequence:
+    """One sequence of a BatchedStepper: its states between steps (None until its first step)."""
+
+    __slots__ = ("name", "state", "closed")
+
+    def __init__(self, name):
+        self.name, self.state, self.closed = name, None, False
+
+
+class _Pending:
+    __slots__ = ("seq", "ids", "logits", "error", "done")
+
+    def __init__(self, seq, ids):
+        self.seq, self.ids, self.logits, self.error, self.done = seq, ids, None, None, False
+
+
+class BatchedStepper:
+    """The decode steps of many threads' sequences, run as few step-graph calls: each thread opens a
+    Sequence, calls step(seq, ids) for its prompt and then each token (blocking, returns the logits
+    [1, len(ids), vocab]) and closes it. The generate model (generate_model.py) runs its generations
+    this way when it runs the step graph itself (no BLS request, no step-model process per token).
+
+    There is no scheduler thread: a caller whose step is pending and finds no round running runs one
+    (leader/followers). It first waits, at most max_wait_s from its own arrival, until every open
+    sequence has a step pending (at one sequence: not at all), takes every pending step, groups them
+    as ort_step_model.py does (input length, KV-cache lengths; prefills first), runs one call per group
+    with the states stacked (StateBatcher) and hands each caller its logits. A group whose call fails
+    is retried sequence by sequence, so a bad sequence gets its own error and the others go on.
+    run(feeds) -> {output: array}: the step graph (feeds: input_ids and the states by input name);
+    on_call(n): called after each call that ran n sequences' steps (the generate model's metrics)."""
+
+    def __init__(self, run, batcher, max_wait_s: float = 0.001, on_call=None):
+        self._run, self.batcher, self.max_wait_s, self._on_call = run, batcher, float(max_wait_s), on_call
+        import threading
+
+        self._cv = threading.Condition()
+        self._pending = []
+        self._open = 0
+        self._busy = False
+        self.calls = self.steps = 0        # step-graph calls and sequence steps so far (for the bench)
+
+    def open(self, name="a sequence") -> Sequence:
+        with self._cv:
+            self._open += 1
+        return Sequence(name)
+
+    def close(self, seq) -> None:
+        """The sequence's states are dropped; its slot no longer holds back a round."""
+        with self._cv:
+            if not seq.closed:
+                seq.closed, seq.state = True, None
+                self._open -= 1
+                self._cv.notify_all()
+
+    def step(self, seq, ids):
+        import time
+
+        ids = np.asarray(ids, np.int64).reshape(1, -1)
+        if seq.closed:
+            raise ValueError(f"{seq.name} is closed")
+        p = _Pending(seq, ids)
+        arrived = time.monotonic()
+        with self._cv:
+            self._pending.append(p)
+            self._cv.notify_all()
+            while not p.done:
+                if self._busy:
+                    self._cv.wait()
+                    continue
+                left = arrived + self.max_wait_s - time.monotonic()
+                if len(self._pending) < self._open and left > 0:
+                    self._cv.wait(left)         # the other open sequences' steps, for one round
+                    continue
+                batch, self._pending, self._busy = self._pending, [], True
+                self._cv.release()
+                try:
+                    self._round(batch)
+                finally:
+                    self._cv.acquire()
+                    self._busy = False
+                    self._cv.notify_all()
+        if p.error is not None:
+            raise p.error
+        return p.logits
+
+    def _round(self, batch):
+        groups = {}
+        for p in batch:
+            if p.seq.state is None:
+                p.seq.state = self.batcher.zeros()
+            groups.setdefault((p.ids.shape[1], self.batcher.group_key(p.seq.state)), []).append(p)
+        for group in sorted(groups.values(), key=lambda g: g[0].ids.shape[1] == 1):
+            try:
+                self._call(group)
+            except Exception as e:
+                if len(group) == 1:
+                    group[0].error = e
+                for p in group if len(group) > 1 else ():
+                    try:
+                        self._call([p])
+                    except Exception as e1:
+                        p.error = e1
+        for p in batch:
+            p.done = True
+
+    def _call(self, group):
+        feeds = self.batcher.stack([p.seq.state for p in group], [p.seq.name for p in group])
+        ids = group[0].ids if len(group) == 1 else np.concatenate([p.ids for p in group])
+        res = self._run({"input_ids": ids, **feeds})
+        nxt = self.batcher.split(res, len(group))
+        logits = res["logits"]
+        self.calls += 1
+        self.steps += len(group)
+        if self._on_call is not None:
+            self._on_call(len(group))
+        for k, p in enumerate(group):       # nothing above changed a state: a failure retries each alone
+            if not p.seq.closed:
+                p.seq.state = nxt[k]
+            p.logits = logits if len(group) == 1 else logits[k:k + 1]
