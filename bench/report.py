@@ -1105,6 +1105,37 @@ def state_goals(src):
 
 
 @renderer
+def serve_inline_vs_bls(src):
+    """Two bench/serve.py JSONs of one session, --generate-step inline and bls: per concurrency level the
+    tokens/s of each and their ratio, first-token p99, the mean batch and the CPU per token by process."""
+    a, b = src[0], src[1]
+    if (a.get("generate_step"), b.get("generate_step")) != ("inline", "bls"):
+        raise ReportError("give the --generate-step inline JSON, then the bls one")
+
+    def cpu(r):
+        c = r["cpu_ms_per_token"]
+        stubs = sum(v for k, v in c.items() if k.startswith("stub "))
+        return f"{c.get('tritonserver', 0):.2f} / {stubs:.2f} / {c.get('client (this bench)', 0):.2f}"
+
+    out = ["| streams | tokens/s inline | tokens/s bls | inline / bls | first-token p99 inline / bls | "
+           "mean batch inline / bls | CPU ms per token, server / stubs / client: inline | bls |",
+           "|---|---|---|---|---|---|---|---|"]
+    by_b = {r["concurrency"]: r for r in b["lm"]}
+    for r in a["lm"]:
+        q = by_b.get(r["concurrency"])
+        if q is None:
+            continue
+        out.append(f"| {r['concurrency']} | {r['tokens_per_s']:.1f} | {q['tokens_per_s']:.1f} | "
+                   f"{r['tokens_per_s'] / q['tokens_per_s']:.2f}x | {_ms(r['first_token_p99_ms'])} / "
+                   f"{_ms(q['first_token_p99_ms'])} | {r['step_model']['mean_batch']:.1f} / "
+                   f"{q['step_model']['mean_batch']:.1f} | {cpu(r)} | {cpu(q)} |")
+    return "\n".join(out) + (f"\n\nIn-process, one caller: {a['direct']['lm']['tokens_per_s']:.1f} (inline run) and "
+                              f"{b['direct']['lm']['tokens_per_s']:.1f} tokens/s (bls run); 16 prompts as one batch "
+                              f"in-process: {a['direct']['lm']['batch16_tokens_per_s']:.1f} tokens/s; load "
+                              f"{load_range(a)} and {load_range(b)}.")
+
+
+@renderer
 def serve_goals(src):
     """The serving goals a bench/serve.py JSON evaluated (its `goals`), each met or missed by how much."""
     out = []
