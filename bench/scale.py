@@ -1,5 +1,6 @@
-"""Real-size shapes through the whole pipeline: mamba-130m / 790m / 2.8b (random init written by
-transformers' own save_pretrained, sharded; bf16 for 2.8b, with a BPE tokenizer.json beside it).
+"""Real-size shapes through the whole pipeline: mamba-130m / 790m / 2.8b, FalconMamba-7B and Mamba2-8B
+(random init written by transformers' own save_pretrained, sharded; bf16 from 1.4b up, with a BPE
+tokenizer.json beside it). Shapes: SHAPES below; tiny and mamba2-tiny are smoke runs.
 
 Stages, each the real command line in its own process (wall time and that process's peak RSS):
   make      transformers builds the model and save_pretrained writes it (sharded)
@@ -38,8 +39,12 @@ SHAPES = {   # the state-spaces/mamba-*-hf configs (vocab 50280, d_state 16, d_c
     # FalconMamba-7B's published shape (d_inner 8192, dt rank 256, vocab 65024), written by FalconMambaForCausalLM
     "falcon-mamba-7b": dict(hidden_size=4096, num_hidden_layers=64, vocab_size=65024, time_step_rank=256,
                             arch="falcon_mamba"),
+    # Mamba2-8B's published shape (NVIDIA's mamba2-8b-3t-4k, Quamba2's headline model): d_state 128, head_dim 64
+    # (128 heads), 8 groups, vocab 256000, untied head; written by Mamba2ForCausalLM. mamba2-tiny: a smoke run
+    "mamba2-8b": dict(hidden_size=4096, num_hidden_layers=56, vocab_size=256000, arch="mamba2"),
+    "mamba2-tiny": dict(hidden_size=256, num_hidden_layers=2, vocab_size=4096, arch="mamba2"),
 }
-HALF = {"2.8b": "bfloat16", "1.4b": "bfloat16", "falcon-mamba-7b": "bfloat16"}
+HALF = {"2.8b": "bfloat16", "1.4b": "bfloat16", "falcon-mamba-7b": "bfloat16", "mamba2-8b": "bfloat16"}
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)     # this checkout's mq_deploy, as the stages (run with cwd REPO) use
 KJV = os.path.join(REPO, "samples", "mamba-byte-lm", "data")
@@ -72,11 +77,19 @@ arch, vocab, dt_rank = sys.argv[6], int(sys.argv[7]), sys.argv[8]
 kw = dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, state_size=16, expand=2, conv_kernel=4,
           eos_token_id=0, pad_token_id=0, bos_token_id=0, initializer_range=0.005, rescale_prenorm_residual=True,
           time_step_rank="auto" if dt_rank == "auto" else int(dt_rank))
-cfg = transformers.FalconMambaConfig(**kw) if arch == "falcon_mamba" else transformers.MambaConfig(**kw)
+if arch == "mamba2":     # d_state 128, heads of 64 channels, 8 groups (fewer where there are fewer heads)
+    heads = 2 * hidden // 64
+    kw.update(state_size=128, head_dim=64, num_heads=heads, n_groups=min(8, heads), chunk_size=256,
+              tie_word_embeddings=False)
+    cfg, cls = transformers.Mamba2Config(**kw), transformers.Mamba2ForCausalLM
+elif arch == "falcon_mamba":
+    cfg, cls = transformers.FalconMambaConfig(**kw), transformers.FalconMambaForCausalLM
+else:
+    cfg, cls = transformers.MambaConfig(**kw), transformers.MambaForCausalLM
 torch.manual_seed(0)
 dt = getattr(torch, dtype)
 torch.set_default_dtype(dt)      # build and initialise directly in the stored dtype: one copy in memory
-m = (transformers.FalconMambaForCausalLM if arch == "falcon_mamba" else transformers.MambaForCausalLM)(cfg).eval()
+m = cls(cfg).eval()
 m.save_pretrained(out, max_shard_size=shard)
 """
 
