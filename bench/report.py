@@ -34,6 +34,7 @@ import re
 import shlex
 import sys
 import tempfile
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -666,6 +667,14 @@ def scale_stream_table(src):
             for st in row["stages"]:
                 stage = st["stage"]
                 kind = stage.split()[0]
+                if st.get("running"):            # the run was stopped inside this stage (scale.py records its start)
+                    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(st["started"]))
+                    out.append(f"{head} {stage} | did not finish: the run was stopped inside it (started {when}) "
+                               "| | | | |")
+                    head = "| | |"
+                    continue
+                if st.get("resumed"):
+                    stage += " --resume"
                 argv = st.get("argv", [])        # (recorded from issue 21 on) the stage's own --stream
                 if kind in ("export", "verify") and "--stream" in argv:
                     stage = f"{stage} --stream {argv[argv.index('--stream') + 1]}"

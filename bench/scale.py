@@ -148,9 +148,13 @@ def train_tokenizer(path, vocab_size=4000):
         train_byte_level_bpe(path, [f.read()], vocab_size)
 
 
-def bench_shape(shape, workdir, calib_windows, keep, log, stages_wanted=None, streams=("auto",)):
+def bench_shape(shape, workdir, calib_windows, keep, log, stages_wanted=None, streams=("auto",), resume=False,
+                saved=lambda info: None):
     """streams: quantize's --stream modes, each a stage of its own on the same model (the first's checkpoint is
-    what export reads; export and verify take the first mode too)."""
+    what export reads; export and verify take the first mode too). resume: a quantize whose OUT.partial folder
+    an interrupted run left continues from its last finished block (quantize --resume; the row says so).
+    saved(info) is called before each stage (the row then holds the stage as running, with its start time: a
+    run killed mid-stage leaves that on record) and after it."""
     d = os.path.join(workdir, shape)
     if stages_wanted is None or "make" in stages_wanted:   # a fresh folder; later stages reuse a kept one
         if os.path.exists(d):
@@ -186,7 +190,17 @@ def bench_shape(shape, workdir, calib_windows, keep, log, stages_wanted=None, st
         _wait_while_paused(workdir)
         if name == "info" and not os.path.exists(os.path.join(model, "tokenizer.json")):
             train_tokenizer(os.path.join(model, "tokenizer.json"))   # beside the weights, as in the hub folders
+        resumed = resume and name.startswith("quantize") and os.path.isdir(argv[argv.index("-o") + 1] + ".partial")
+        if resumed:
+            argv = argv + ["--resume"]
+        started = time.time()
+        info["stages"].append({"stage": name, "rc": None, "running": True, "started": started})
+        saved(info)
+        info["stages"].pop()
         r = run_stage(name, argv[1:] if kind == "script" else argv, kind, log)
+        r["started"] = started
+        if resumed:
+            r["resumed"] = True
         if name == "make":
             r["files"] = sorted(os.listdir(model)) if os.path.isdir(model) else []
         if "parameters" not in info and os.path.isdir(model):     # (also when make ran in an earlier run)
@@ -197,6 +211,7 @@ def bench_shape(shape, workdir, calib_windows, keep, log, stages_wanted=None, st
             data = onnx_path + ".data"
             r["external_data_gib"] = os.path.getsize(data) / 2**30 if os.path.exists(data) else 0.0
         info["stages"].append(r)
+        saved(info)
         print(f"{shape:5s} {name:22s} rc {r['rc']}  {r['seconds']:8.1f} s  peak RSS "
               f"{(r['peak_rss_gib'] or 0):6.2f} GiB  load {r['load']}  " + (r["tail"][-1][:110] if r["tail"] else ""),
               flush=True)
@@ -216,6 +231,9 @@ def main():
     ap.add_argument("--keep", action="store_true", help="keep the model folders and artifacts")
     ap.add_argument("--stages", help="only these stages (comma-separated; make must come first on a fresh workdir)")
     ap.add_argument("--json", metavar="OUT")
+    ap.add_argument("--resume", action="store_true",
+                    help="a quantize stage whose OUT.partial an interrupted run left resumes from its last finished "
+                         "block (quantize --resume); its row says resumed")
     ap.add_argument("--stream", default="auto",
                     help="quantize's --stream modes, comma-separated, each its own stage on the same model in this run "
                          "(e.g. on,off: the layer-streamed and the whole-model quantize side by side); export and "
@@ -225,14 +243,18 @@ def main():
     os.makedirs(args.workdir, exist_ok=True)
     log = os.path.join(args.workdir, "scale.log")
     rows = []
-    for shape in args.shapes.split(","):
-        rows.append(bench_shape(shape, args.workdir, args.calib_windows, args.keep, log,
-                                args.stages.split(",") if args.stages else None, tuple(args.stream.split(","))))
+
+    def saved(info):       # the JSON so far, after every stage and before each (a killed run leaves its record)
         if args.json:
             from mq_deploy.fileio import write_json
 
-            write_json(args.json, {"rows": rows, "nproc": os.cpu_count(), "run": {**meta.info, "partial": True}},
-                       overwrite=True)
+            write_json(args.json, {"rows": rows + [info], "nproc": os.cpu_count(),
+                                   "run": {**meta.info, "partial": True}}, overwrite=True)
+
+    for shape in args.shapes.split(","):
+        rows.append(bench_shape(shape, args.workdir, args.calib_windows, args.keep, log,
+                                args.stages.split(",") if args.stages else None, tuple(args.stream.split(",")),
+                                args.resume, saved))
     if args.json:
         from mq_deploy.fileio import write_json
 
