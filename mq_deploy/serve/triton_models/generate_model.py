@@ -125,8 +125,8 @@ class TritonPythonModel:
 
     def _inline_stepper(self, args, p):
         """The step model's graph run here (parameter step_inline): its session, opened from the step model's
-        version folder beside this model's, and a BatchedStepper
-        that batches the steps of every running generation of this instance into one call per round."""
+        version folder beside this model's, and a BatchedStepper that batches the steps of every running
+        generation of this instance into one call per round."""
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))    # our helpers are copied beside us
         from mq_batch import BatchedStepper, StateBatcher
         from mq_ort_session import make_session

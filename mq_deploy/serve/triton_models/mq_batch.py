@@ -9,6 +9,9 @@ and for a KV cache's growing length. Sequences stack along their batch axis when
 agree (group_key); nothing is padded.
 """
 
+import threading
+import time
+
 import numpy as np
 
 
@@ -140,8 +143,6 @@ class BatchedStepper:
 
     def __init__(self, run, batcher, max_wait_s: float = 0.001, on_call=None):
         self._run, self.batcher, self.max_wait_s, self._on_call = run, batcher, float(max_wait_s), on_call
-        import threading
-
         self._cv = threading.Condition()
         self._pending = []
         self._open = 0
@@ -162,8 +163,6 @@ class BatchedStepper:
                 self._cv.notify_all()
 
     def step(self, seq, ids):
-        import time
-
         ids = np.asarray(ids, np.int64).reshape(1, -1)
         if seq.closed:
             raise ValueError(f"{seq.name} is closed")
@@ -204,7 +203,8 @@ class BatchedStepper:
             except Exception as e:
                 if len(group) == 1:
                     group[0].error = e
-                for p in group if len(group) > 1 else ():
+                    continue
+                for p in group:
                     try:
                         self._call([p])
                     except Exception as e1:
@@ -218,11 +218,14 @@ class BatchedStepper:
         res = self._run({"input_ids": ids, **feeds})
         nxt = self.batcher.split(res, len(group))
         logits = res["logits"]
-        self.calls += 1
-        self.steps += len(group)
-        if self._on_call is not None:
-            self._on_call(len(group))
         for k, p in enumerate(group):       # nothing above changed a state: a failure retries each alone
             if not p.seq.closed:
                 p.seq.state = nxt[k]
             p.logits = logits if len(group) == 1 else logits[k:k + 1]
+        self.calls += 1
+        self.steps += len(group)
+        if self._on_call is not None:
+            try:
+                self._on_call(len(group))
+            except Exception:           # counting (the server's metrics) never fails a step that ran
+                pass
