@@ -153,14 +153,18 @@ def test_streamed_int8_kv_cache_with_two_attention_layers(tmp_path):
     assert [c.kv_cache for c in la.config.layer_configs() if hasattr(c, "kv_cache")] == ["int8", "int8"]
 
 
-def test_streamed_falcon_mamba_and_auto(tmp_path):
-    """A transformers FalconMamba (its own mixer norms) streams; --stream auto keeps a small model whole."""
+def _falcon(tmp_path, layers):
+    """A small FalconMamba written by transformers (save_hf), and the calibration text: (folder, text)."""
     torch.manual_seed(0)
     m = transformers.FalconMambaForCausalLM(transformers.FalconMambaConfig(
-        vocab_size=256, hidden_size=48, num_hidden_layers=3, state_size=8, expand=2, conv_kernel=4,
+        vocab_size=256, hidden_size=48, num_hidden_layers=layers, state_size=8, expand=2, conv_kernel=4,
         time_step_rank=8)).eval()
-    src = save_hf(m, str(tmp_path / "falcon"))[1]
-    text = os.path.join(SAMPLES, "mamba-byte-lm", "data", "calib.txt")
+    return save_hf(m, str(tmp_path / "falcon"))[1], os.path.join(SAMPLES, "mamba-byte-lm", "data", "calib.txt")
+
+
+def test_streamed_falcon_mamba_and_auto(tmp_path):
+    """A transformers FalconMamba (its own mixer norms) streams; --stream auto keeps a small model whole."""
+    src, text = _falcon(tmp_path, 3)
     whole = _quantize(src, str(tmp_path / "w"), text, stream="off")
     streamed = _quantize(src, str(tmp_path / "s"), text, stream="on")
     _same_checkpoint(whole, streamed)
@@ -248,12 +252,7 @@ def test_a_model_larger_than_memory_streams_and_is_refused_whole(tmp_path, capsy
     scale row: `info` refused a 26 GiB model that it never allocates)."""
     from mq_deploy.models import io
 
-    torch.manual_seed(0)
-    m = transformers.FalconMambaForCausalLM(transformers.FalconMambaConfig(
-        vocab_size=256, hidden_size=48, num_hidden_layers=2, state_size=8, expand=2, conv_kernel=4,
-        time_step_rank=8)).eval()
-    src = save_hf(m, str(tmp_path / "falcon"))[1]
-    text = os.path.join(SAMPLES, "mamba-byte-lm", "data", "calib.txt")
+    src, text = _falcon(tmp_path, 2)
     monkeypatch.setattr(io, "_memory_bytes", lambda: 1 << 16)
     monkeypatch.setattr(loaders, "STREAM_AUTO_BYTES", 1 << 10)      # `auto` streams this model
     assert main(["info", src]) == 0
