@@ -667,10 +667,10 @@ def scale_stream_table(src):
             for st in row["stages"]:
                 stage = st["stage"]
                 kind = stage.split()[0]
-                if st.get("running"):            # the run was stopped inside this stage (scale.py records its start)
+                if st.get("running"):    # scale.py records a stage before it runs: not finished in this record
                     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(st["started"]))
-                    out.append(f"{head} {stage} | did not finish: the run was stopped inside it (started {when}) "
-                               "| | | | |")
+                    out.append(f"{head} {stage} | not finished in this record (started {when}; still running when "
+                               "the JSON was taken, or stopped) | | | | |")
                     head = "| | |"
                     continue
                 if st.get("resumed"):
