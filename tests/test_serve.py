@@ -100,16 +100,19 @@ def test_every_config_parses_against_tritons_schema(art, tmp_path, backend):
         assert list(step.input[0].dims) == [-1] and step.input[0].allow_ragged_batch
         assert list(step.output[0].dims) == [-1, 256]
         assert os.path.isfile(repo / "lm_step" / "1" / "mq_batch.py")
+    elif backend == "onnxruntime":
+        # Triton stacks batched implicit states along dimension 0: the batch-first copy (serve.batch_first),
+        # state dims without the batch
+        assert step.max_batch_size == 8 and list(step.input[0].dims) == [-1]
     else:
-        # implicit state: Triton would stack a batched model's states along dimension 0, an SSM state's batch
-        # is dimension 1
+        # the engine takes the export's states, whose batch is dimension 1: one sequence per request
         assert step.max_batch_size == 0 and list(step.input[0].dims) == [1, -1]
     if backend == "onnxruntime":
         # implicit state: the server feeds each sequence's *_out back as the next input; zeros at START
         states = {s.input_name: s for s in seq.state}
         assert {k: v.output_name for k, v in states.items()} == {"conv_state": "conv_state_out",
                                                                  "ssm_state": "ssm_state_out"}
-        assert list(states["conv_state"].dims) == [2, 1, 64, 3] and list(states["ssm_state"].dims) == [2, 1, 64, 16]
+        assert list(states["conv_state"].dims) == [2, 64, 3] and list(states["ssm_state"].dims) == [2, 64, 16]
         assert all(len(s.initial_state) == 1 and s.initial_state[0].zero_data for s in seq.state)
         assert not seq.control_input      # ORT passes every request input to the graph, which has no START
         assert step.default_model_filename == "model.onnx"
@@ -410,3 +413,62 @@ def test_kv_slot_needs_a_kv_cache(art, tmp_path, capsys):
                                "--saveEngine", str(tmp_path / "x.plan")], "has no KV cache")
     assert_user_error(capsys, ["build", art["lm"], "--kv-slot", "--maxShapes", "input_ids:1x8",
                                "--saveEngine", str(tmp_path / "y.plan")], "not a decode-step export")
+
+
+def test_onnxruntime_backend_batches_ssm_states_batch_first(art, tmp_path, capsys):
+    """--backend onnxruntime, a pure SSM step graph: max_batch_size > 0 and the model file is serve.batch_first's
+    copy (states [batch, layers, ...], schema-checked dims without the batch). Triton's batching of implicit
+    state, emulated here in ONNX Runtime on that copy: the zero initial states of three sequences stacked along
+    dimension 0, their steps run as one call, each *_out split back and fed to the next round; one sequence
+    leaves after four tokens and the others go on. Every sequence's tokens equal `generate` of the export alone,
+    and its logits are within BATCH_RTOL of the export's own steps. The copy is refused where the export is
+    meant."""
+    import numpy as np
+
+    from mq_deploy.backends.ort.runner import OrtRunner
+    from mq_deploy.runtime.apps import generate
+
+    from helpers import BATCH_RTOL, batch_error, ort_session
+
+    repo = tmp_path / "repo"
+    write_repository([art["lm_step"]], str(repo), TritonConfig(backend="onnxruntime", max_batch=8))
+    cfg = parse_repo(repo)["lm_step"]
+    assert cfg.max_batch_size == 8 and list(cfg.input[0].dims) == [-1] and not cfg.input[0].allow_ragged_batch
+    states = {s.input_name: s for s in cfg.sequence_batching.state}
+    assert list(states["conv_state"].dims) == [2, 64, 3] and list(states["ssm_state"].dims) == [2, 64, 16]
+    assert list(states["ssm_state"].initial_state[0].dims) == [2, 64, 16]
+    copy = str(repo / "lm_step" / "1" / "model.onnx")
+    sess = ort_session(copy)
+    export = OrtRunner(art["lm_step"], custom_op_library=False)
+
+    prompt, n = list(b"And God"), 8        # equal lengths: Triton batches equal shapes
+    lens = {0: n, 1: 4, 2: n}
+    zeros = {name: np.zeros([1] + list(s.initial_state[0].dims), np.float32) for name, s in states.items()}
+    live = {k: dict(zeros) for k in lens}
+    feed, out = {k: prompt for k in lens}, {k: [] for k in lens}
+    worst = 0.0
+    while live:
+        order = sorted(live)
+        batch = {name: np.concatenate([live[k][name] for k in order]) for name in states}
+        res = dict(zip([o.name for o in sess.get_outputs()],
+                       sess.run(None, {"input_ids": np.asarray([feed[k] for k in order], np.int64), **batch})))
+        for j, k in enumerate(order):
+            alone = export.infer({"input_ids": np.asarray([feed[k]], np.int64),
+                                  **{name: np.ascontiguousarray(np.swapaxes(live[k][name], 0, 1)) for name in states}})
+            worst = max(worst, batch_error(res["logits"][j, -1], alone["logits"][0, -1]))
+            out[k].append(int(res["logits"][j, -1].astype(np.float64).argmax()))
+            live[k] = {name: res[s.output_name][j:j + 1] for name, s in states.items()}
+            feed[k] = [out[k][-1]]
+            if len(out[k]) == lens[k]:
+                del live[k]
+    with capsys.disabled():
+        print(f"\nbatch-first copy, 3 sequences: max |batched - alone| / max |logits| = {worst:.3g} "
+              f"(tolerance {BATCH_RTOL})")
+    assert worst <= BATCH_RTOL
+    for k in lens:
+        assert out[k] == generate(export, prompt, lens[k]), k
+    assert_user_error(capsys, ["generate", copy, "--prompt", "And"], "Triton repository's copy", "batch-first")
+    assert_user_error(capsys, ["triton", copy, "-o", str(tmp_path / "again")], "Triton repository's copy")
+    # batching off: the export itself, one sequence per request
+    write_repository([art["lm_step"]], str(tmp_path / "off"), TritonConfig(backend="onnxruntime", max_batch=0))
+    assert parse_repo(tmp_path / "off")["lm_step"].max_batch_size == 0

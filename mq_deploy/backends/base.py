@@ -75,6 +75,7 @@ class ArtifactMeta:
     tokenizer_json: str | None = None
     custom_op_library: str | None = None    # build --backend onnxruntime --plugins: the library it needs
     kv_cache: str | None = None             # "sentinel": a Triton repository's copy (serve.kv_sentinel)
+    state_layout: str | None = None         # "batch_first": a Triton repository's copy (serve.batch_first)
 
 
 def parse_metadata(meta: dict, path: str) -> ArtifactMeta:
@@ -134,8 +135,12 @@ def parse_metadata(meta: dict, path: str) -> ArtifactMeta:
     kv_cache = text("mq.kv_cache", ("sentinel",))
     if kv_cache is not None and graph != "step":
         bad("mq.kv_cache", "a KV-cache layout on a graph that is not a decode step")
+    state_layout = text("mq.state_layout", ("batch_first",))
+    if state_layout is not None and graph != "step":
+        bad("mq.state_layout", "a state layout on a graph that is not a decode step")
     return ArtifactMeta(kind=kind, graph=graph, config=config, quant=quant, tokenizer=tokenizer,
-                        tokenizer_json=tokenizer_json, custom_op_library=lib, kv_cache=kv_cache)
+                        tokenizer_json=tokenizer_json, custom_op_library=lib, kv_cache=kv_cache,
+                        state_layout=state_layout)
 
 
 def expected_io(config, graph: str | None) -> dict:

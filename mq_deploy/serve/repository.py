@@ -236,9 +236,10 @@ def read_onnx(path: str) -> Artifact:
     if "mq.kind" not in meta or "mq.config" not in meta:
         raise MQUserError(f"{path}: no mq-deploy metadata (mq.kind, mq.config); export it with `mq-deploy export`")
     parsed = parse_metadata(meta, path)      # untrusted: every value type- and range-checked, one line if not
-    if parsed.kv_cache == "sentinel":
-        raise MQUserError(f"{path}: a Triton repository's copy of a step graph (its KV caches carry Triton's start "
-                          "slot); give the export it was written from")
+    if parsed.kv_cache == "sentinel" or parsed.state_layout == "batch_first":
+        what = "its KV caches carry Triton's start slot" if parsed.kv_cache else "its states are batch-first"
+        raise MQUserError(f"{path}: a Triton repository's copy of a step graph ({what}); give the export it was "
+                          "written from")
     meta["mq.config"] = parsed.config.to_dict()
     meta["mq.graph"] = parsed.graph or "full"
     init = {i.name for i in proto.graph.initializer}
@@ -424,12 +425,13 @@ def _engine_dims(a: Artifact, t: Tensor) -> list:
 def _batchable(a: Artifact, backend: str, cfg: TritonConfig) -> int:
     """max_batch_size: > 0 only when every input and output has a dynamic leading batch dimension.
     A step graph: --max-batch on the Python backend, whose model keeps the states and stacks them itself
-    (ort_step_model.py, mq_batch.py); 0 on ONNX Runtime and TensorRT, whose implicit states Triton would
-    stack along dimension 0, and an SSM state's batch is dimension 1 ([layers, batch, ...])."""
+    (ort_step_model.py, mq_batch.py), and on ONNX Runtime for a pure SSM graph, served as the copy with
+    batch-first states (batch_first_states); 0 for TensorRT, whose engine takes the export's [layers, batch,
+    ...] states, and for a graph with KV caches (Triton cannot stack caches of different lengths)."""
     if cfg.max_batch == 0:
         return 0
     if a.graph == "step":
-        return cfg.max_batch if backend == "python" else 0
+        return cfg.max_batch if backend == "python" or batch_first_states(a, backend, cfg) else 0
     if any(t.shape[:1] != [-1] for t in a.inputs + a.outputs):
         return 0
     if backend == "tensorrt":
@@ -439,6 +441,13 @@ def _batchable(a: Artifact, backend: str, cfg: TritonConfig) -> int:
             return 0
         return min(cfg.max_batch, min(maxes))
     return cfg.max_batch
+
+
+def batch_first_states(a: Artifact, backend: str, cfg: TritonConfig) -> bool:
+    """The repository's model.onnx is serve.batch_first's copy, so that Triton batches the implicit states:
+    ONNX Runtime backend, a step graph whose states are all fixed-size SSM states, batching on."""
+    return (backend == "onnxruntime" and a.graph == "step" and cfg.max_batch > 0 and bool(a.states)
+            and all(fixed for _, _, fixed in a.states))
 
 
 def _instance_group(backend: str, cfg: TritonConfig, profile: bool = False) -> list:
@@ -466,9 +475,13 @@ def _sequence_batching(a: Artifact, backend: str, cfg: TritonConfig) -> dict:
         return seq
     states = []
     by_name = {t.name: t for t in a.inputs + a.outputs}
+    batched = batch_first_states(a, backend, cfg)
     for inp, out, fixed in a.states:
         t = by_name[inp]
-        if fixed:        # an SSM state [layers, batch, ...]: one sequence per request
+        if batched:      # the batch-first copy's [batch, layers, ...]: Triton stacks the sequences in front
+            dims = [int(t.shape[0])] + [int(d) for d in t.shape[2:]]
+            start = dims
+        elif fixed:      # an SSM state [layers, batch, ...]: one sequence per request
             dims = [int(t.shape[0]), 1] + [int(d) for d in t.shape[2:]]
             start = dims
         else:            # a KV cache [batch, kv_heads, past, head_dim] of the serve.kv_sentinel copy: Triton
@@ -503,8 +516,8 @@ def model_config(a: Artifact, name: str, backend: str, cfg: TritonConfig, model_
         extra = {}
         if a.graph == "step":
             dims = [1] + dims[1:]          # one sequence per request: batch 1
-            if mbs:     # a prefill and single-token steps may share an execute(); the model groups them
-                extra["allow_ragged_batch"] = True
+            if mbs and backend == "python":   # a prefill and single-token steps may share an execute(); the
+                extra["allow_ragged_batch"] = True   # model groups them (ONNX Runtime's batches are equal-length)
         ins.append(_io(t, dims[1:] if mbs else dims, **extra))
     for t in a.outputs:
         if t.name in state_names:
@@ -876,6 +889,10 @@ def _write_model(root: str, a: Artifact, name: str, backend: str, cfg: TritonCon
             from mq_deploy.serve.kv_sentinel import write_sentinel_copy
 
             write_sentinel_copy(a.onnx, os.path.join(vdir, model_file), [(i, o, a.cache_axes[i]) for i, o in caches])
+        elif batch_first_states(a, backend, cfg):   # Triton batches implicit states along dimension 0
+            from mq_deploy.serve.batch_first import write_batch_first_copy
+
+            write_batch_first_copy(a.onnx, os.path.join(vdir, model_file), [(i, o) for i, o, _ in a.states])
         if backend == "python":
             role = "ort_step_model.py" if a.graph == "step" else "ort_model.py"
             _copy(os.path.join(_MODELS_DIR, role), os.path.join(vdir, "model.py"))
@@ -910,7 +927,10 @@ def _write_model(root: str, a: Artifact, name: str, backend: str, cfg: TritonCon
                                   ("; each KV cache starts as the one zero slot Triton gives a variable-size state, "
                                    "which this copy of the graph (or the engine built with --kv-slot) never attends: "
                                    "mq_deploy/serve/kv_sentinel.py)"
-                                   if any(not f for _, _, f in a.states) else ")"))
+                                   if any(not f for _, _, f in a.states) else
+                                   "; this copy of the graph takes the states batch-first, [batch, layers, ...], so "
+                                   "that Triton batches the sequences' steps: mq_deploy/serve/batch_first.py)"
+                                   if batch_first_states(a, backend, cfg) else ")"))
                      + ". Send sequence_id, sequence_start on the first request, sequence_end on the last.")
         curl = None
     else:

@@ -123,6 +123,9 @@ class OrtRunner(Runner):
         except MQUserError as e:
             raise MQUserError(f"{path}: its ONNX metadata is invalid: {e}") from None
         self.artifact = parse_metadata(meta, path)
+        if self.artifact.state_layout == "batch_first":
+            raise MQUserError(f"{path}: a Triton repository's copy of a step graph (its states batch-first, for "
+                              "Triton's batching: serve.batch_first); give the export it was written from")
         if self.artifact.config is not None:     # the validated config, for readers of meta["mq.config"]
             meta["mq.config"] = self.artifact.config.to_dict()
         self.meta = meta
