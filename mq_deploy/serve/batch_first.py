@@ -31,49 +31,27 @@ def batch_first_proto(proto, states) -> None:
     """Rewrite `proto` in place. states: [(input, output)] of the stacked SSM states ([layers, batch, ...])."""
     from onnx import helper
 
-    from mq_deploy.serve.kv_sentinel import _subgraph_inputs
+    from mq_deploy.serve.kv_sentinel import finish, rewire
 
     g = proto.graph
+    rewire(proto, [(inp, out, f"{inp}__layers_first", f"{out}__layers_first") for inp, out in states],
+           "make its batch the first axis")
     inputs = {i.name: i for i in g.input}
     outputs = {o.name: o for o in g.output}
-    inner = set().union(*(_subgraph_inputs(n) for n in g.node))
     head, tail = [], []
     for inp, out in states:
-        if inp not in inputs or out not in outputs:
-            raise MQUserError(f"the step graph has no {inp} input / {out} output its metadata implies; export it again")
-        if inp in inner or out in inner:
-            raise MQUserError(f"the step graph reads {inp} inside a subgraph; cannot make its batch the first axis")
-        rank = len(inputs[inp].type.tensor_type.shape.dim)
-        perm = [1, 0] + list(range(2, rank))
-        layered, fresh = f"{inp}__layers_first", f"{out}__layers_first"
-        for n in g.node:
-            for k, name in enumerate(n.input):
-                if name == inp:
-                    n.input[k] = layered
-                elif name == out:
-                    n.input[k] = fresh
-            for k, name in enumerate(n.output):
-                if name == out:
-                    n.output[k] = fresh
-        head.append(helper.make_node("Transpose", [inp], [layered], name=f"{inp}__to_layers_first", perm=perm))
-        tail.append(helper.make_node("Transpose", [fresh], [out], name=f"{out}__to_batch_first", perm=perm))
+        perm = [1, 0] + list(range(2, len(inputs[inp].type.tensor_type.shape.dim)))
+        head.append(helper.make_node("Transpose", [inp], [f"{inp}__layers_first"], name=f"{inp}__to_layers_first",
+                                     perm=perm))
+        tail.append(helper.make_node("Transpose", [f"{out}__layers_first"], [out], name=f"{out}__to_batch_first",
+                                     perm=perm))
         _swap01(inputs[inp])
         _swap01(outputs[out])
-    nodes = head + list(g.node) + tail
-    del g.node[:]
-    g.node.extend(nodes)
-    meta = {p.key: p for p in proto.metadata_props}
-    if "mq.state_layout" in meta:
-        meta["mq.state_layout"].value = "batch_first"
-    else:
-        proto.metadata_props.add(key="mq.state_layout", value="batch_first")
+    finish(proto, head, tail, "mq.state_layout", "batch_first")
 
 
 def write_batch_first_copy(src: str, dst: str, states) -> None:
-    """The step graph `src` with batch-first states, written to `dst` (external data stays referenced by the
-    same relative names; the repository copies those files beside it)."""
-    import onnx
+    """The step graph `src` with batch-first states, written to `dst` (serve.kv_sentinel.write_copy)."""
+    from mq_deploy.serve.kv_sentinel import write_copy
 
-    proto = onnx.load(src, load_external_data=False)
-    batch_first_proto(proto, states)
-    onnx.save(proto, dst)
+    write_copy(src, dst, batch_first_proto, states)

@@ -34,31 +34,65 @@ def _subgraph_inputs(node) -> set:
     return out
 
 
+def rewire(proto, pairs, why: str) -> None:
+    """A repository copy's common step: for each (input, output, inner input name, inner output name) of
+    `pairs`, the graph's own nodes read the input as `inner input` and write (and read) the output as `inner
+    output`, so that nodes put before and after them (finish) connect the graph's inputs and outputs. why:
+    what the copy does, for the one line when a name is missing or read inside a subgraph."""
+    g = proto.graph
+    inputs = {i.name for i in g.input}
+    outputs = {o.name for o in g.output}
+    inner = set().union(*(_subgraph_inputs(n) for n in g.node))   # names read inside If/Loop/Scan bodies
+    for inp, out, inp_inner, out_inner in pairs:
+        if inp not in inputs or out not in outputs:
+            raise MQUserError(f"the step graph has no {inp} input / {out} output its metadata implies; export it again")
+        if inp in inner or out in inner:
+            raise MQUserError(f"the step graph reads {inp} inside a subgraph; cannot {why}")
+        for n in g.node:
+            for k, name in enumerate(n.input):
+                if name == inp:
+                    n.input[k] = inp_inner
+                elif name == out:
+                    n.input[k] = out_inner
+            for k, name in enumerate(n.output):
+                if name == out:
+                    n.output[k] = out_inner
+
+
+def finish(proto, head, tail, key: str, value: str) -> None:
+    """The rewired graph between `head` and `tail` nodes, and its metadata key set to value (what runners read)."""
+    g = proto.graph
+    nodes = head + list(g.node) + tail
+    del g.node[:]
+    g.node.extend(nodes)
+    meta = {p.key: p for p in proto.metadata_props}
+    if key in meta:
+        meta[key].value = value
+    else:
+        proto.metadata_props.add(key=key, value=value)
+
+
+def write_copy(src: str, dst: str, rewrite, *args) -> None:
+    """The step graph `src` rewritten in place by rewrite(proto, *args), written to `dst` (external data stays
+    referenced by the same relative names; the repository copies those files beside it)."""
+    import onnx
+
+    proto = onnx.load(src, load_external_data=False)
+    rewrite(proto, *args)
+    onnx.save(proto, dst)
+
+
 def sentinel_proto(proto, caches) -> None:
     """Rewrite `proto` in place. caches: [(input, output, axis)] of every growing state (axis: its length)."""
     import numpy as np
     from onnx import helper, numpy_helper
 
     g = proto.graph
-    inputs = {i.name for i in g.input}
-    outputs = {o.name for o in g.output}
-    inner = set().union(*(_subgraph_inputs(n) for n in g.node))   # names read inside If/Loop/Scan bodies
+    rewire(proto, [(inp, out, f"{inp}__cache", f"{out}__fresh") for inp, out, _ in caches],
+           "give it Triton's cache slot")
     head, tail = [], []
     for inp, out, axis in caches:
-        if inp not in inputs or out not in outputs:
-            raise MQUserError(f"the step graph has no {inp} input / {out} output its metadata implies; export it again")
-        if inp in inner or out in inner:
-            raise MQUserError(f"the step graph reads {inp} inside a subgraph; cannot give it Triton's cache slot")
         cache, fresh, slot = f"{inp}__cache", f"{out}__fresh", f"{inp}__slot"
-        for n in g.node:
-            for k, name in enumerate(n.input):
-                if name == inp:
-                    n.input[k] = cache
-                elif name == out:
-                    n.input[k] = fresh
-            for k, name in enumerate(n.output):
-                if name == out:
-                    n.output[k] = fresh
         consts = {f"{inp}__c{v}": v for v in (0, 1, INT64_MAX)}
         consts[f"{inp}__axis"] = axis
         for name, v in consts.items():
@@ -68,21 +102,9 @@ def sentinel_proto(proto, caches) -> None:
         head.append(helper.make_node("Slice", [inp, f"{inp}__c0", f"{inp}__c1", f"{inp}__axis"], [slot],
                                      name=f"{inp}__keep_slot"))
         tail.append(helper.make_node("Concat", [slot, fresh], [out], name=f"{out}__with_slot", axis=axis))
-    nodes = head + list(g.node) + tail
-    del g.node[:]
-    g.node.extend(nodes)
-    meta = {p.key: p for p in proto.metadata_props}
-    if "mq.kv_cache" in meta:
-        meta["mq.kv_cache"].value = "sentinel"
-    else:
-        proto.metadata_props.add(key="mq.kv_cache", value="sentinel")
+    finish(proto, head, tail, "mq.kv_cache", "sentinel")
 
 
 def write_sentinel_copy(src: str, dst: str, caches) -> None:
-    """The step graph `src` with Triton's cache slot, written to `dst` (external data stays referenced by the
-    same relative names; the repository copies those files beside it)."""
-    import onnx
-
-    proto = onnx.load(src, load_external_data=False)
-    sentinel_proto(proto, caches)
-    onnx.save(proto, dst)
+    """The step graph `src` with Triton's cache slot, written to `dst` (write_copy)."""
+    write_copy(src, dst, sentinel_proto, caches)
