@@ -38,6 +38,19 @@ def parse_repo(repo):
     return cfgs
 
 
+def stand_in_engine(plan, eng):
+    """The engine file (a stand-in: no TensorRT here) and its report ENGINE.json as build_engine leaves them for
+    a plan_build plan (the plan's fields, TensorRT's version, the inputs and profile); returns the report."""
+    eng.write_bytes(b"not a real TensorRT plan")
+    rep = {k: v for k, v in plan.items() if k not in ("model", "inputs", "profile")}
+    rep.update({"tensorrt_version": "10.16.0", "inputs": [{"name": n, "shape": [d if isinstance(d, int) else -1
+                                                                               for d in s]} for n, s in plan["inputs"]],
+                "profile": {n: {"min": list(a), "opt": list(b), "max": list(c)}
+                            for n, (a, b, c) in plan["profile"].items()}})
+    eng.with_name(eng.name + ".json").write_text(json.dumps(rep))
+    return rep
+
+
 def fake_engine(tmp_path, art, which, profile, plugins=("/opt/mq/libmq_scan_trt.so",)):
     """An engine file and the build report `mq-deploy build --json` writes for it, laid out as `mq-deploy build
     DIR/m.onnx --saveEngine DIR/m.plan --json DIR/m.plan.json` leaves them (absolute paths, one folder). The
@@ -359,14 +372,7 @@ def test_tensorrt_engine_with_the_kv_slot_as_implicit_state(hybrid_step, tmp_pat
     assert plan["kv_cache"] == "sentinel"
     assert plan["profile"]["past_key_1"] == ((1, 2, 1, 8), (1, 2, 17, 8), (1, 2, 65, 8))
     assert plan["profile"]["ssm_state"][0] == plan["profile"]["ssm_state"][2]       # batch 1: fixed
-    # the engine and report as build_engine leaves them (report: the plan's fields, TensorRT's version)
-    eng.write_bytes(b"not a real TensorRT plan")
-    rep = {k: v for k, v in plan.items() if k not in ("model", "inputs", "profile")}
-    rep.update({"tensorrt_version": "10.16.0", "inputs": [{"name": n, "shape": [d if isinstance(d, int) else -1
-                                                                               for d in s]} for n, s in plan["inputs"]],
-                "profile": {n: {"min": list(a), "opt": list(b), "max": list(c)}
-                            for n, (a, b, c) in plan["profile"].items()}})
-    (tmp_path / "nh.plan.json").write_text(json.dumps(rep))
+    rep = stand_in_engine(plan, eng)
     repo = tmp_path / "repo"
     write_repository([str(eng)], str(repo), TritonConfig(backend="tensorrt"))
     cfg = parse_repo(repo)["nh"]
@@ -415,14 +421,37 @@ def test_kv_slot_needs_a_kv_cache(art, tmp_path, capsys):
                                "--saveEngine", str(tmp_path / "y.plan")], "not a decode-step export")
 
 
+def _triton_batched(sess, states, prompt, lens):
+    """Triton's batching of implicit state, emulated on a batch-first graph: each sequence's zero initial states
+    (the config's dims) stacked along dimension 0, one call per round for all live sequences, each *_out split
+    back and fed to the next round; sequence k leaves after lens[k] tokens. Returns ({k: tokens}, [(k, ids, its
+    batch-first states before the step, its logits row)] per step)."""
+    import numpy as np
+
+    zeros = {name: np.zeros([1] + list(s.initial_state[0].dims), np.float32) for name, s in states.items()}
+    live = {k: dict(zeros) for k in lens}
+    feed, out, steps = {k: prompt for k in lens}, {k: [] for k in lens}, []
+    while live:
+        order = sorted(live)
+        batch = {name: np.concatenate([live[k][name] for k in order]) for name in states}
+        res = dict(zip([o.name for o in sess.get_outputs()],
+                       sess.run(None, {"input_ids": np.asarray([feed[k] for k in order], np.int64), **batch})))
+        for j, k in enumerate(order):
+            steps.append((k, feed[k], live[k], res["logits"][j, -1]))
+            out[k].append(int(res["logits"][j, -1].astype(np.float64).argmax()))
+            live[k] = {name: res[s.output_name][j:j + 1] for name, s in states.items()}
+            feed[k] = [out[k][-1]]
+            if len(out[k]) == lens[k]:
+                del live[k]
+    return out, steps
+
+
 def test_onnxruntime_backend_batches_ssm_states_batch_first(art, tmp_path, capsys):
     """--backend onnxruntime, a pure SSM step graph: max_batch_size > 0 and the model file is serve.batch_first's
     copy (states [batch, layers, ...], schema-checked dims without the batch). Triton's batching of implicit
-    state, emulated here in ONNX Runtime on that copy: the zero initial states of three sequences stacked along
-    dimension 0, their steps run as one call, each *_out split back and fed to the next round; one sequence
-    leaves after four tokens and the others go on. Every sequence's tokens equal `generate` of the export alone,
-    and its logits are within BATCH_RTOL of the export's own steps. The copy is refused where the export is
-    meant."""
+    state, emulated in ONNX Runtime on that copy (_triton_batched: three sequences, one leaving after four
+    tokens): every sequence's tokens equal `generate` of the export alone, and its logits are within
+    BATCH_RTOL of the export's own steps. The copy is refused where the export is meant."""
     import numpy as np
 
     from mq_deploy.backends.ort.runner import OrtRunner
@@ -438,29 +467,14 @@ def test_onnxruntime_backend_batches_ssm_states_batch_first(art, tmp_path, capsy
     assert list(states["conv_state"].dims) == [2, 64, 3] and list(states["ssm_state"].dims) == [2, 64, 16]
     assert list(states["ssm_state"].initial_state[0].dims) == [2, 64, 16]
     copy = str(repo / "lm_step" / "1" / "model.onnx")
-    sess = ort_session(copy)
     export = OrtRunner(art["lm_step"], custom_op_library=False)
-
-    prompt, n = list(b"And God"), 8        # equal lengths: Triton batches equal shapes
-    lens = {0: n, 1: 4, 2: n}
-    zeros = {name: np.zeros([1] + list(s.initial_state[0].dims), np.float32) for name, s in states.items()}
-    live = {k: dict(zeros) for k in lens}
-    feed, out = {k: prompt for k in lens}, {k: [] for k in lens}
+    prompt, lens = list(b"And God"), {0: 8, 1: 4, 2: 8}      # equal lengths: Triton batches equal shapes
+    out, steps = _triton_batched(ort_session(copy), states, prompt, lens)
     worst = 0.0
-    while live:
-        order = sorted(live)
-        batch = {name: np.concatenate([live[k][name] for k in order]) for name in states}
-        res = dict(zip([o.name for o in sess.get_outputs()],
-                       sess.run(None, {"input_ids": np.asarray([feed[k] for k in order], np.int64), **batch})))
-        for j, k in enumerate(order):
-            alone = export.infer({"input_ids": np.asarray([feed[k]], np.int64),
-                                  **{name: np.ascontiguousarray(np.swapaxes(live[k][name], 0, 1)) for name in states}})
-            worst = max(worst, batch_error(res["logits"][j, -1], alone["logits"][0, -1]))
-            out[k].append(int(res["logits"][j, -1].astype(np.float64).argmax()))
-            live[k] = {name: res[s.output_name][j:j + 1] for name, s in states.items()}
-            feed[k] = [out[k][-1]]
-            if len(out[k]) == lens[k]:
-                del live[k]
+    for _, ids, fed, logits in steps:
+        alone = export.infer({"input_ids": np.asarray([ids], np.int64),
+                              **{name: np.ascontiguousarray(np.swapaxes(fed[name], 0, 1)) for name in states}})
+        worst = max(worst, batch_error(logits, alone["logits"][0, -1]))
     with capsys.disabled():
         print(f"\nbatch-first copy, 3 sequences: max |batched - alone| / max |logits| = {worst:.3g} "
               f"(tolerance {BATCH_RTOL})")
@@ -472,3 +486,55 @@ def test_onnxruntime_backend_batches_ssm_states_batch_first(art, tmp_path, capsy
     # batching off: the export itself, one sequence per request
     write_repository([art["lm_step"]], str(tmp_path / "off"), TritonConfig(backend="onnxruntime", max_batch=0))
     assert parse_repo(tmp_path / "off")["lm_step"].max_batch_size == 0
+
+
+def test_tensorrt_engine_with_batch_first_states(art, tmp_path, capsys):
+    """`mq-deploy build STEP.onnx --batch-states`: TensorRT parses the batch-first copy (what plan_build hands
+    Polygraphy; no TensorRT here, so the engine file is a stand-in), the states' batch follows input_ids' in the
+    profile, and `triton --backend tensorrt` gives max_batch_size min(--max-batch, that batch) with state dims
+    without the batch (schema-checked). The graph TensorRT parses is run here in ONNX Runtime, our native op in
+    the plugin's place, as Triton batches it: every sequence's tokens equal the export's own decode. Refused
+    in one line: the flag on ONNX Runtime, with --kv-slot, and a report whose states' profile misses batch 1."""
+    import shutil
+
+    from mq_deploy.backends.ort.runner import OrtRunner
+    from mq_deploy.backends.trt.build import EngineBuildConfig, plan_build
+    from mq_deploy.runtime.apps import generate
+
+    from helpers import ort_lib_marker, ort_session
+
+    step = str(shutil.copyfile(art["lm_step"], tmp_path / "lm.onnx"))     # engine, ONNX and report in one folder
+    eng = tmp_path / "lm.plan"
+    plan = plan_build(step, eng, EngineBuildConfig(batch_states=True, min_shapes="input_ids:1x1",
+                                                   opt_shapes="input_ids:4x1", max_shapes="input_ids:8x16"))
+    assert plan["state_layout"] == "batch_first"
+    assert plan["profile"]["ssm_state"] == ((1, 2, 64, 16), (4, 2, 64, 16), (8, 2, 64, 16))
+    rep = stand_in_engine(plan, eng)
+    repo = tmp_path / "repo"
+    write_repository([str(eng)], str(repo), TritonConfig(backend="tensorrt", max_batch=64))
+    cfg = parse_repo(repo)["lm"]
+    assert cfg.platform == "tensorrt_plan" and cfg.max_batch_size == 8
+    states = {s.input_name: s for s in cfg.sequence_batching.state}
+    assert list(states["ssm_state"].dims) == [2, 64, 16] and list(states["conv_state"].dims) == [2, 64, 3]
+    assert_user_error(capsys, ["build", step, "--batch-states", "--backend", "onnxruntime"],
+                      "--batch-states is for TensorRT")
+    with pytest.raises(Exception, match="exclude each other"):
+        EngineBuildConfig(batch_states=True, kv_slot=True)
+    bad = dict(rep, profile={**rep["profile"], "ssm_state": {"min": [2, 2, 64, 16], "opt": [4, 2, 64, 16],
+                                                             "max": [8, 2, 64, 16]}})
+    (tmp_path / "lm.plan.json").write_text(json.dumps(bad))
+    assert_user_error(capsys, ["triton", str(eng), "-o", str(tmp_path / "r2"), "--backend", "tensorrt"],
+                      "--batch-states", "from 1")
+    # Triton's batching, emulated on the graph TensorRT parses (its mq:: nodes have no bodies: the native op)
+    import onnxruntime as ort
+
+    lib, mark = ort_lib_marker()
+    if mark.args[0]:
+        pytest.skip(f"{lib} is not built")
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(lib)
+    prompt, lens = list(b"And God"), {0: 6, 1: 3, 2: 6}
+    out, _ = _triton_batched(ort_session(plan["model"], so), states, prompt, lens)
+    export = OrtRunner(step, custom_op_library=False)
+    for k in lens:
+        assert out[k] == generate(export, prompt, lens[k]), k

@@ -521,6 +521,9 @@ def cmd_build(args) -> int:
     if args.backend == "onnxruntime" and args.kv_slot:
         raise MQUserError("--kv-slot is for TensorRT engines; `mq-deploy triton --backend onnxruntime` writes the "
                           "ONNX copy with the slot itself")
+    if args.backend == "onnxruntime" and args.batch_states:
+        raise MQUserError("--batch-states is for TensorRT engines; `mq-deploy triton --backend onnxruntime` writes "
+                          "the ONNX copy with batch-first states itself")
     if args.backend == "onnxruntime":
         from mq_deploy.backends.ort.build import build_onnxruntime
 
@@ -551,7 +554,7 @@ def cmd_build(args) -> int:
                                 max_shapes=args.maxShapes, plugins=args.plugins or (),
                                 timing_cache=args.timingCacheFile, overwrite=args.overwrite,
                                 workspace=args.workspace_mib * 2 ** 20 if args.workspace_mib else None,
-                                kv_slot=args.kv_slot)
+                                kv_slot=args.kv_slot, batch_states=args.batch_states)
         rep = build_engine(args.model, out, cfg)
         print(f"wrote {rep.get('engine')}: TensorRT {rep.get('tensorrt_version')}, "
               f"{rep.get('engine_bytes', 0) / 1e6:.2f} MB, {rep.get('build_seconds', 0):.1f} s, "
@@ -733,6 +736,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TensorRT, a hybrid's decode step: build from the copy whose KV caches carry Triton's start "
                         "slot, for `mq-deploy triton --backend tensorrt` (implicit state); the caches' profile "
                         "follows input_ids' shapes (length 1 to 1 + its longest)")
+    s.add_argument("--batch-states", action="store_true",
+                   help="TensorRT, a pure SSM decode step: build from the copy whose states are batch-first, so that "
+                        "`mq-deploy triton --backend tensorrt` lets Triton batch the sequences' steps; the states' "
+                        "batch follows input_ids' (give --minShapes input_ids:1x1 ... --maxShapes input_ids:Bx1)")
     s.set_defaults(func=cmd_build)
 
     for register in _extra_commands():

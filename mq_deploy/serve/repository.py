@@ -149,6 +149,7 @@ class Artifact:
     states: list = field(default_factory=list)
     cache_axes: dict = field(default_factory=dict)  # a KV cache input -> its growing axis
     kv_slot: bool = False           # an engine built with --kv-slot: its caches carry Triton's start slot
+    batch_first: bool = False       # an engine built with --batch-states: its states are [batch, layers, ...]
 
     @property
     def config(self) -> dict:
@@ -337,8 +338,12 @@ def check_report(report_path: str, report) -> dict:
     if kv_cache not in (None, "sentinel"):
         raise MQUserError(f"{report_path}: its kv_cache must be \"sentinel\" (an engine built with --kv-slot) or "
                           f"absent, got {_short(kv_cache)}")
+    state_layout = report.get("state_layout")
+    if state_layout not in (None, "batch_first"):
+        raise MQUserError(f"{report_path}: its state_layout must be \"batch_first\" (an engine built with "
+                          f"--batch-states) or absent, got {_short(state_layout)}")
     return {"engine": report["engine"], "onnx": report["onnx"], "shapes": shapes, "profile": checked,
-            "plugins": list(plugins), "kv_slot": kv_cache == "sentinel"}
+            "plugins": list(plugins), "kv_slot": kv_cache == "sentinel", "batch_first": state_layout is not None}
 
 
 def read_engine(path: str) -> Artifact:
@@ -393,7 +398,18 @@ def read_engine(path: str) -> Artifact:
             if p is None or p["min"][axis] < 1:
                 raise MQUserError(f"{report_path}: the profile of {name} must start its length at 1 or more (Triton's "
                                   "start slot) in an engine built with --kv-slot")
+    if rep["batch_first"]:  # the states' batch is dimension 0, as input_ids' in the profile, from 1
+        if caches or not a.states:
+            raise MQUserError(f"{report_path}: says its engine was built with --batch-states, but {onnx_path} is "
+                              "not a pure SSM decode step")
+        ids = rep["profile"].get("input_ids")
+        for name, _, _ in a.states:
+            p = rep["profile"].get(name)
+            if p is None or ids is None or p["min"][0] != 1 or any(p[k][0] != ids[k][0] for k in ("min", "max")):
+                raise MQUserError(f"{report_path}: the profile of {name} must take its batch (dimension 0) from 1, as "
+                                  "input_ids' does, in an engine built with --batch-states")
     a.engine, a.profile, a.plugins, a.kv_slot = engine, rep["profile"], rep["plugins"], rep["kv_slot"]
+    a.batch_first = rep["batch_first"]
     a.path = path
     return a
 
@@ -431,6 +447,8 @@ def _batchable(a: Artifact, backend: str, cfg: TritonConfig) -> int:
     if cfg.max_batch == 0:
         return 0
     if a.graph == "step":
+        if backend == "tensorrt" and batch_first_states(a, backend, cfg):
+            return min(cfg.max_batch, a.profile["input_ids"]["max"][0])
         return cfg.max_batch if backend == "python" or batch_first_states(a, backend, cfg) else 0
     if any(t.shape[:1] != [-1] for t in a.inputs + a.outputs):
         return 0
@@ -444,10 +462,12 @@ def _batchable(a: Artifact, backend: str, cfg: TritonConfig) -> int:
 
 
 def batch_first_states(a: Artifact, backend: str, cfg: TritonConfig) -> bool:
-    """The repository's model.onnx is serve.batch_first's copy, so that Triton batches the implicit states:
-    ONNX Runtime backend, a step graph whose states are all fixed-size SSM states, batching on."""
-    return (backend == "onnxruntime" and a.graph == "step" and cfg.max_batch > 0 and bool(a.states)
-            and all(fixed for _, _, fixed in a.states))
+    """Triton batches the implicit states: ONNX Runtime backend, a step graph whose states are all fixed-size
+    SSM states, batching on (the repository's model.onnx is serve.batch_first's copy); or a TensorRT engine
+    built from that copy (`build --batch-states`)."""
+    if a.graph != "step" or cfg.max_batch == 0 or not a.states or not all(fixed for _, _, fixed in a.states):
+        return False
+    return backend == "onnxruntime" or (backend == "tensorrt" and a.batch_first)
 
 
 def _instance_group(backend: str, cfg: TritonConfig, profile: bool = False) -> list:
@@ -479,7 +499,9 @@ def _sequence_batching(a: Artifact, backend: str, cfg: TritonConfig) -> dict:
     for inp, out, fixed in a.states:
         t = by_name[inp]
         if batched:      # the batch-first copy's [batch, layers, ...]: Triton stacks the sequences in front
-            dims = [int(t.shape[0])] + [int(d) for d in t.shape[2:]]
+            # (an engine's shapes are the report's, already batch-first; the export's are [layers, batch, ...])
+            rest = t.shape[1:] if backend == "tensorrt" else [t.shape[0]] + list(t.shape[2:])
+            dims = [int(d) for d in rest]
             start = dims
         elif fixed:      # an SSM state [layers, batch, ...]: one sequence per request
             dims = [int(t.shape[0]), 1] + [int(d) for d in t.shape[2:]]
@@ -928,8 +950,9 @@ def _write_model(root: str, a: Artifact, name: str, backend: str, cfg: TritonCon
                                    "which this copy of the graph (or the engine built with --kv-slot) never attends: "
                                    "mq_deploy/serve/kv_sentinel.py)"
                                    if any(not f for _, _, f in a.states) else
-                                   "; this copy of the graph takes the states batch-first, [batch, layers, ...], so "
-                                   "that Triton batches the sequences' steps: mq_deploy/serve/batch_first.py)"
+                                   "; this copy of the graph (or the engine built with --batch-states) takes the "
+                                   "states batch-first, [batch, layers, ...], so that Triton batches the sequences' "
+                                   "steps: mq_deploy/serve/batch_first.py)"
                                    if batch_first_states(a, backend, cfg) else ")"))
                      + ". Send sequence_id, sequence_start on the first request, sequence_end on the last.")
         curl = None

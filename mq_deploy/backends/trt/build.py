@@ -212,8 +212,14 @@ class EngineBuildConfig:
     # a hybrid's step graph for Triton's implicit state: the engine is built from the copy whose KV caches
     # carry Triton's start slot (serve.kv_sentinel), as `triton --backend onnxruntime` serves it
     kv_slot: bool = False
+    # a pure SSM step graph for Triton's batching of implicit state: the engine is built from the copy whose
+    # states are batch-first (serve.batch_first), as `triton --backend onnxruntime` serves it
+    batch_states: bool = False
 
     def __post_init__(self):
+        if self.kv_slot and self.batch_states:
+            raise MQUserError("--kv-slot (a hybrid's KV caches) and --batch-states (a pure SSM graph's states) "
+                              "exclude each other: Triton cannot batch caches of different lengths")
         if self.workspace is not None and (not isinstance(self.workspace, int) or self.workspace <= 0):
             raise MQUserError(f"workspace must be a positive number of bytes, got {self.workspace!r}")
         if self.strongly_typed is None:
@@ -250,6 +256,8 @@ def plan_build(onnx_path, out_path, cfg: EngineBuildConfig) -> dict:
     shapes = (cfg.min_shapes, cfg.opt_shapes, cfg.max_shapes)
     if cfg.kv_slot:
         shapes = _kv_slot(onnx_path, stripped, names, shapes)
+    if cfg.batch_states:
+        names, shapes = _batch_states(onnx_path, stripped, shapes)
     # every given shape is checked now; a dynamic input left without one only after TensorRT is found
     profile = profile_shapes(names, *shapes, require_all=False)
     warnings = []
@@ -261,7 +269,58 @@ def plan_build(onnx_path, out_path, cfg: EngineBuildConfig) -> dict:
             "plugins": plugin_paths, "warnings": warnings}
     if cfg.kv_slot:
         plan["kv_cache"] = "sentinel"
+    if cfg.batch_states:
+        plan["state_layout"] = "batch_first"
     return plan
+
+
+def _step_layout(onnx_path, stripped, flag: str, copy_of) -> list:
+    """The state layout (families.state_inputs) of the decode-step export `stripped` is, for a flag that
+    rewrites it; one line when it is not an export's step graph (copy_of(parsed): already a repository copy)."""
+    from mq_deploy.backends.base import parse_metadata
+    from mq_deploy.export.onnx_file import metadata
+    from mq_deploy.families import state_inputs
+
+    meta = metadata(stripped)
+    parsed = parse_metadata(meta, os.fspath(onnx_path)) if "mq.config" in meta else None
+    if parsed is None or parsed.graph != "step" or copy_of(parsed):
+        raise MQUserError(f"{flag}: {onnx_path} is not a decode-step export (`mq-deploy export --decode-step`)")
+    return state_inputs(parsed.config)
+
+
+def _ids_profile(shapes, flag: str, what: str) -> tuple:
+    """The (min, opt, max) shape specs as dicts, and input_ids' shape at each ({"min": (B, L), ...}; a missing
+    one from the others), which the states' profile follows (what: the states, for the one line)."""
+    lo, opt, hi = (dict(as_shapes(x, w)) for x, w in zip(shapes, ("min_shapes", "opt_shapes", "max_shapes")))
+    ids = {k: d["input_ids"] for k, d in (("min", lo), ("opt", opt), ("max", hi)) if "input_ids" in d}
+    if not ids:
+        raise MQUserError(f"{flag}: give input_ids' shapes (--minShapes/--optShapes/--maxShapes input_ids:BxL); "
+                          f"{what} follows them")
+    return (lo, opt, hi), {k: ids.get(k) or ids.get("opt") or ids.get("max") or ids.get("min")
+                           for k in ("min", "opt", "max")}
+
+
+def _batch_states(onnx_path, stripped, shapes) -> tuple:
+    """--batch-states: rewrite `stripped` (the parser's copy) as serve.batch_first does, and give every state
+    input without shapes of its own a profile whose batch (now dimension 0) is input_ids'. Returns the
+    rewritten graph's (name, shape) inputs and the (min, opt, max) shape specs with the states' added."""
+    from mq_deploy.export.onnx_file import graph_inputs
+    from mq_deploy.serve.batch_first import batch_first_proto
+
+    layout = _step_layout(onnx_path, stripped, "--batch-states", lambda parsed: parsed.state_layout is not None)
+    if any("past" in si.dims for si in layout):
+        raise MQUserError(f"--batch-states: {onnx_path} has KV caches, which Triton cannot batch (their lengths "
+                          "differ per sequence); build it with --kv-slot, one sequence per request")
+    batch_first_proto(stripped, [(si.name, si.output) for si in layout])
+    names = [(n, s) for n, _, s in graph_inputs(stripped)]
+    (lo, opt, hi), ids = _ids_profile(shapes, "--batch-states", "the states' batch")
+    dims = dict(names)
+    for si in layout:
+        if any(si.name in d for d in (lo, opt, hi)):
+            continue
+        for k, d in (("min", lo), ("opt", opt), ("max", hi)):
+            d[si.name] = (ids[k][0],) + tuple(int(x) for x in dims[si.name][1:])
+    return names, (lo, opt, hi)
 
 
 def _kv_slot(onnx_path, stripped, names, shapes) -> tuple:
@@ -269,27 +328,15 @@ def _kv_slot(onnx_path, stripped, names, shapes) -> tuple:
     without shapes of its own a profile from input_ids': its batch as input_ids', a KV cache's length from 1
     (Triton's start slot) to 1 + input_ids' longest length (opt: 1 + its opt), i.e. input_ids' shapes bound
     the context a sequence may reach. Returns the (min, opt, max) shape specs with the states' added."""
-    from mq_deploy.backends.base import parse_metadata
-    from mq_deploy.export.onnx_file import metadata
-    from mq_deploy.families import state_inputs
     from mq_deploy.serve.kv_sentinel import sentinel_proto
 
-    meta = metadata(stripped)
-    parsed = parse_metadata(meta, os.fspath(onnx_path)) if "mq.config" in meta else None
-    if parsed is None or parsed.graph != "step" or parsed.kv_cache == "sentinel":
-        raise MQUserError(f"--kv-slot: {onnx_path} is not a decode-step export (`mq-deploy export --decode-step`)")
-    layout = state_inputs(parsed.config)
+    layout = _step_layout(onnx_path, stripped, "--kv-slot", lambda parsed: parsed.kv_cache == "sentinel")
     caches = [si for si in layout if "past" in si.dims]
     if not caches:
         raise MQUserError(f"--kv-slot: {onnx_path} has no KV cache (only a hybrid's decode step has one); build "
                           "without it")
     sentinel_proto(stripped, [(si.name, si.output, si.dims.index("past")) for si in caches])
-    lo, opt, hi = (dict(as_shapes(x, w)) for x, w in zip(shapes, ("min_shapes", "opt_shapes", "max_shapes")))
-    ids = {k: d["input_ids"] for k, d in (("min", lo), ("opt", opt), ("max", hi)) if "input_ids" in d}
-    if not ids:
-        raise MQUserError("--kv-slot: give input_ids' shapes (--minShapes/--optShapes/--maxShapes input_ids:BxL); "
-                          "the KV caches' profile follows them")
-    ids = {k: ids.get(k) or ids.get("opt") or ids.get("max") or ids.get("min") for k in ("min", "opt", "max")}
+    (lo, opt, hi), ids = _ids_profile(shapes, "--kv-slot", "the KV caches' profile")
     dims = dict(names)
     for si in layout:           # every state: its batch as input_ids'; a cache's length as above
         if any(si.name in d for d in (lo, opt, hi)):
