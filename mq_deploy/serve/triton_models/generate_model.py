@@ -139,22 +139,16 @@ class TritonPythonModel:
                 f"{self.name}: no step graph {p.get('onnx_file')} in {step_dir} (the step model's folder beside "
                 "this one); write the repository again, or with `mq-deploy triton --generate-step bls`")
         session = make_session(step_dir, p, self.name)
-        types = {i.name: i.type for i in session.get_inputs()}
-        shapes = {i.name: i.shape for i in session.get_inputs()}
-        kinds = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8}
-        layout = []
-        for name, out in json.loads(p["states"]):
-            if types.get(name) not in kinds:
-                raise pb_utils.TritonModelException(f"{self.name}: state {name} of the step graph is "
-                                                    f"{types.get(name)}; float32, float16 or int8 states only")
-            layout.append((name, out, [d if isinstance(d, int) else None for d in shapes[name]], kinds[types[name]]))
-        outputs = ["logits"] + [out for _, out, _, _ in layout]
+        try:
+            batcher = StateBatcher.of_session(session, json.loads(p["states"]))
+        except ValueError as e:
+            raise pb_utils.TritonModelException(f"{self.name}: {e}") from None
+        outputs = batcher.outputs()
 
         def run(feeds):
             return dict(zip(outputs, session.run(outputs, feeds)))
 
-        return BatchedStepper(run, StateBatcher(layout), int(p.get("batch_wait_us", "1000")) / 1e6,
-                              on_call=self._metrics())
+        return BatchedStepper(run, batcher, int(p.get("batch_wait_us", "1000")) / 1e6, on_call=self._metrics())
 
     def _metrics(self):
         """Prometheus counters on the server's metrics endpoint (when it has one): mq_generate_steps_total

@@ -23,7 +23,27 @@ class SeqState(dict):
     whole = None
 
 
+# the element types a state may have: float32, float16 or int8 (export --state-dtype; an int8 KV cache)
+STATE_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8}
+
+
 class StateBatcher:
+    @classmethod
+    def of_session(cls, session, pairs):
+        """The batcher of an ONNX Runtime session's step graph: pairs [[input, output]] of its states (the
+        `states` parameter `mq-deploy triton` writes from the family's layout), shaped as the graph declares
+        them (SSM states [layers, batch, ...], fixed; a KV cache's length grows from 0). ValueError: a state
+        of another element type."""
+        inputs = {i.name: i for i in session.get_inputs()}
+        layout = []
+        for name, out in pairs:
+            kind = inputs[name].type if name in inputs else None
+            if kind not in STATE_TYPES:
+                raise ValueError(f"state {name} is {kind}; a step graph's states are float32, float16 or int8")
+            layout.append((name, out, [d if isinstance(d, int) else None for d in inputs[name].shape],
+                           STATE_TYPES[kind]))
+        return cls(layout)
+
     def __init__(self, layout):
         self.layout = []
         for name, out, dims, dtype in layout:
@@ -90,6 +110,38 @@ class StateBatcher:
         return {name: np.concatenate([s[name] for s in states], axis=self.batch_axis[name])
                 for name, _, _, _ in self.layout}
 
+    def outputs(self) -> list:
+        """The step graph's outputs: logits, then each state's next value in layout order."""
+        return ["logits"] + [out for _, out, _, _ in self.layout]
+
+    def call(self, run, ids, states, names) -> tuple:
+        """One step-graph call for several sequences: run(feeds) -> {output: array} on input_ids [n, len] (a
+        list of [1, len] rows) and their states stacked; returns (its outputs, the n next SeqStates)."""
+        feeds = self.stack(states, names)
+        res = run({"input_ids": ids[0] if len(ids) == 1 else np.concatenate(ids), **feeds})
+        return res, self.split(res, len(ids))
+
+    def run_round(self, items, call, fail) -> None:
+        """A round of steps of distinct sequences (items with .ids [1, len] and .state): grouped by input length
+        and KV-cache lengths (group_key), prefills first (a new stream's first token waits for them, a running
+        stream only for its next step), call(group) once per group; a group whose call fails is retried item by
+        item, so one bad sequence gets fail(item, error) and the others go on."""
+        groups = {}
+        for it in items:
+            groups.setdefault((it.ids.shape[1], self.group_key(it.state)), []).append(it)
+        for group in sorted(groups.values(), key=lambda g: g[0].ids.shape[1] == 1):
+            try:
+                call(group)
+            except Exception as e:
+                if len(group) == 1:
+                    fail(group[0], e)
+                    continue
+                for it in group:
+                    try:
+                        call([it])
+                    except Exception as e1:   # a bad state, or ONNX Runtime's message naming the input
+                        fail(it, e1)
+
     def split(self, outputs: dict, n: int) -> list:
         """The step graph's state outputs {output: batch of n} -> n SeqStates {input: view with batch 1}."""
         whole = {name: outputs[out] for name, out, _, _ in self.layout}
@@ -124,6 +176,10 @@ class _Pending:
 
     def __init__(self, seq, ids):
         self.seq, self.ids, self.logits, self.error, self.done = seq, ids, None, None, False
+
+    @property
+    def state(self):
+        return self.seq.state
 
 
 class BatchedStepper:
@@ -192,31 +248,16 @@ class BatchedStepper:
         return p.logits
 
     def _round(self, batch):
-        groups = {}
         for p in batch:
             if p.seq.state is None:
                 p.seq.state = self.batcher.zeros()
-            groups.setdefault((p.ids.shape[1], self.batcher.group_key(p.seq.state)), []).append(p)
-        for group in sorted(groups.values(), key=lambda g: g[0].ids.shape[1] == 1):
-            try:
-                self._call(group)
-            except Exception as e:
-                if len(group) == 1:
-                    group[0].error = e
-                    continue
-                for p in group:
-                    try:
-                        self._call([p])
-                    except Exception as e1:
-                        p.error = e1
+        self.batcher.run_round(batch, self._call, lambda p, e: setattr(p, "error", e))
         for p in batch:
             p.done = True
 
     def _call(self, group):
-        feeds = self.batcher.stack([p.seq.state for p in group], [p.seq.name for p in group])
-        ids = group[0].ids if len(group) == 1 else np.concatenate([p.ids for p in group])
-        res = self._run({"input_ids": ids, **feeds})
-        nxt = self.batcher.split(res, len(group))
+        res, nxt = self.batcher.call(self._run, [p.ids for p in group], [p.seq.state for p in group],
+                                     [p.seq.name for p in group])
         logits = res["logits"]
         for k, p in enumerate(group):       # nothing above changed a state: a failure retries each alone
             if not p.seq.closed:

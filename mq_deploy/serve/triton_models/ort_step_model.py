@@ -37,9 +37,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # our helpers a
 from mq_batch import StateBatcher  # noqa: E402
 from mq_ort_session import make_session, parameters  # noqa: E402
 
-# the element types a state may have: float32, float16 or int8 (export --state-dtype; an int8 KV cache)
-_STATE_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8}
-
 
 def _control(request, name):
     t = pb_utils.get_input_tensor_by_name(request, name)
@@ -62,19 +59,8 @@ class TritonPythonModel:
         self.session = make_session(model_dir, params, self.name)
         self.max_sequences = int(params.get("max_sequences", "64"))
         self.idle_s = int(params.get("sequence_idle_us", "60000000")) / 1e6
-        shapes = {i.name: i.shape for i in self.session.get_inputs()}
-        types = {i.name: i.type for i in self.session.get_inputs()}
-        # the states: [input, output] pairs `mq-deploy triton` wrote from the model family's layout, shaped as
-        # the step graph declares them (SSM states [layers, batch, ...], fixed; a KV cache's length grows from 0)
-        self.pairs = [tuple(p) for p in json.loads(params["states"])]
-        layout = []
-        for name, out in self.pairs:
-            if types.get(name) not in _STATE_TYPES:
-                raise ValueError(f"state {name} is {types.get(name)}; this model keeps float32, float16 or int8 states")
-            layout.append((name, out, [d if isinstance(d, int) else None for d in shapes[name]],
-                           _STATE_TYPES[types[name]]))
-        self.batcher = StateBatcher(layout)
-        self.outputs = ["logits"] + [out for _, out in self.pairs]
+        self.batcher = StateBatcher.of_session(self.session, json.loads(params["states"]))
+        self.outputs = self.batcher.outputs()
         self.vocab = int(self.session.get_outputs()[0].shape[-1])
         self.states = collections.OrderedDict()    # corrid -> (SeqState, last use)
 
@@ -106,7 +92,7 @@ class TritonPythonModel:
 
     def _round(self, steps, responses, now):
         """Steps of distinct sequences: grouped by input and cache length, one ORT call per group."""
-        groups = collections.OrderedDict()
+        live = []
         for s in steps:
             if s.start:
                 s.state = self.batcher.zeros()
@@ -118,27 +104,17 @@ class TritonPythonModel:
                         f"and it must not stay idle longer than {self.idle_s:.0f} s")
                     continue
                 s.state = entry[0]
-            groups.setdefault((s.ids.shape[1], self.batcher.group_key(s.state)), []).append(s)
-        # prefills first: a new stream's first token waits for them, a running stream only for its next step
-        for group in sorted(groups.values(), key=lambda g: g[0].ids.shape[1] == 1):
-            try:
-                self._run(group, responses, now)
-            except Exception as e:
-                if len(group) == 1:
-                    responses[group[0].index] = self._error(e)
-                    continue
-                for s in group:       # one bad sequence must not fail the others: each alone, to find it
-                    try:
-                        self._run([s], responses, now)
-                    except Exception as e1:   # a bad state, or ONNX Runtime's message naming the input
-                        responses[s.index] = self._error(e1)
+            live.append(s)
+        self.batcher.run_round(live, lambda group: self._run(group, responses, now),
+                               lambda s, e: responses.__setitem__(s.index, self._error(e)))
 
     def _run(self, group, responses, now):
-        feeds = self.batcher.stack([s.state for s in group], [f"sequence {s.corr}" for s in group])
-        ids = group[0].ids if len(group) == 1 else np.concatenate([s.ids for s in group])
-        res = self.session.run(self.outputs, {"input_ids": ids, **feeds})
-        nxt = self.batcher.split(dict(zip(self.outputs[1:], res[1:])), len(group))
-        logits = res[0]
+        def run(feeds):
+            return dict(zip(self.outputs, self.session.run(self.outputs, feeds)))
+
+        res, nxt = self.batcher.call(run, [s.ids for s in group], [s.state for s in group],
+                                     [f"sequence {s.corr}" for s in group])
+        logits = res["logits"]
         done = [pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(
             "logits", logits if len(group) == 1 else logits[k:k + 1])]) for k in range(len(group))]
         for k, s in enumerate(group):       # nothing above changed a state: a failure retries each alone
