@@ -194,9 +194,7 @@ def bench_shape(shape, workdir, calib_windows, keep, log, stages_wanted=None, st
         if resumed:
             argv = argv + ["--resume"]
         started = time.time()
-        info["stages"].append({"stage": name, "rc": None, "running": True, "started": started})
-        saved(info)
-        info["stages"].pop()
+        saved(dict(info, stages=info["stages"] + [{"stage": name, "rc": None, "running": True, "started": started}]))
         r = run_stage(name, argv[1:] if kind == "script" else argv, kind, log)
         r["started"] = started
         if resumed:

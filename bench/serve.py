@@ -146,18 +146,12 @@ def step_stats(url, model):
 
 
 def generate_stats(metrics_url, model):
-    """An inline generate model's steps and step-graph calls so far (its Prometheus counters), in step_stats'
+    """An inline generate model's steps and step-graph calls so far (server.generate_counters), in step_stats'
     keys: requests = steps, executions = calls (no queue or compute times: it has no step model)."""
-    import urllib.request
+    from mq_deploy.serve.server import generate_counters
 
-    with urllib.request.urlopen(f"http://{metrics_url}/metrics", timeout=60) as r:
-        text = r.read().decode()
-    got = {"requests": 0, "executions": 0}
-    for line in text.splitlines():
-        for name, key in (("mq_generate_steps_total", "requests"), ("mq_generate_step_calls_total", "executions")):
-            if line.startswith(name + "{") and f'model="{model}"' in line:
-                got[key] = int(float(line.rsplit(" ", 1)[1]))
-    return got
+    steps, calls = generate_counters(metrics_url, model)
+    return {"requests": steps, "executions": calls}
 
 
 def cpu_seconds(server_pid):

@@ -325,18 +325,8 @@ def test_interleaved_sequences_keep_separate_states(served, ref):
 
 
 def generate_metrics(srv, model):
-    """(steps, step-graph calls) of an inline generate model so far, from its counters on the server's
-    Prometheus endpoint (mq_generate_steps_total, mq_generate_step_calls_total)."""
-    import urllib.request
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{srv.metrics_port}/metrics", timeout=TIMEOUT) as r:
-        text = r.read().decode()
-    got = {}
-    for line in text.splitlines():
-        for name in ("mq_generate_steps_total", "mq_generate_step_calls_total"):
-            if line.startswith(name + "{") and f'model="{model}"' in line:
-                got[name] = int(float(line.rsplit(" ", 1)[1]))
-    return got.get("mq_generate_steps_total", 0), got.get("mq_generate_step_calls_total", 0)
+    """(steps, step-graph calls) of an inline generate model so far (server.generate_counters)."""
+    return triton.generate_counters(f"127.0.0.1:{srv.metrics_port}", model, TIMEOUT)
 
 
 def step_stats(client, model):

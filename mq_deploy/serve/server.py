@@ -294,6 +294,20 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def generate_counters(metrics_url: str, model: str, timeout: float = 60.0) -> tuple:
+    """(steps, step-graph calls) so far of an inline generate model (triton_models/generate_model.py), from its
+    counters mq_generate_steps_total and mq_generate_step_calls_total on the server's Prometheus endpoint
+    (metrics_url: HOST:PORT); 0 for a counter not (yet) there. Their ratio is the model's mean batch."""
+    with urllib.request.urlopen(f"http://{metrics_url}/metrics", timeout=timeout) as r:
+        text = r.read().decode()
+    got = {}
+    for line in text.splitlines():
+        for name in ("mq_generate_steps_total", "mq_generate_step_calls_total"):
+            if line.startswith(name + "{") and f'model="{model}"' in line:
+                got[name] = int(float(line.rsplit(" ", 1)[1]))
+    return got.get("mq_generate_steps_total", 0), got.get("mq_generate_step_calls_total", 0)
+
+
 def server_command(install: ServerInstall, repo: str, host: str, http_port: int, grpc_port: int,
                    extra=(), metrics_port: int | None = None) -> list:
     metrics = ["--allow-metrics=false"] if metrics_port is None else \
