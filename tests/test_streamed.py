@@ -260,3 +260,35 @@ def test_a_model_larger_than_memory_streams_and_is_refused_whole(tmp_path, capsy
     _quantize(src, str(tmp_path / "s"), text, stream="on")
     assert_user_error(capsys, ["quantize", src, "-o", tmp_path / "w", "--calib", text, "--stream", "off"],
                       "more than this machine's")
+
+
+def test_written_blocks_are_freed_before_the_next_layer(tmp_path, monkeypatch):
+    """Nothing keeps a written block's float32 tensors alive once it is written: when the layer loop reads a layer
+    in, every tensor of the ends' shard and of the layers before is gone (a 7B's embedding and untied head held
+    2.1 GiB through all 64 layers: peak 4.87 GiB instead of 2.77)."""
+    import gc
+    import weakref
+
+    import mq_deploy.quant.streamed as streamed_mod
+    from mq_deploy.quant.partial import Partial
+
+    src, text = _falcon(tmp_path, 3)
+    written, alive_at = [], {}
+    write = Partial.write
+
+    def record(self, name, tensors, metadata=None):
+        write(self, name, tensors, metadata)
+        if name.startswith("model-"):
+            written.extend((name, weakref.ref(v)) for v in tensors.values())
+
+    def materialize(model, name):
+        if name.startswith("layers.") and written:
+            gc.collect()
+            alive_at[name] = sorted({n for n, ref in written if ref() is not None})
+        return loaders.materialize(model, name)
+
+    monkeypatch.setattr(Partial, "write", record)
+    monkeypatch.setattr(streamed_mod, "materialize", materialize)
+    _quantize(src, str(tmp_path / "s"), text, stream="on")
+    assert {f"layers.{i}" for i in range(3)} <= set(alive_at), alive_at      # the layer loop's reads were seen
+    assert all(not names for names in alive_at.values()), alive_at

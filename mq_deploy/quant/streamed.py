@@ -235,26 +235,7 @@ def quantize_layers(loaded, loop, cfg, tmp: str, partial, progress=None):
         say(partial.done - 1, n, "layers")
     else:
         # 2. the ends: read in, transformed, written, released; the stream starts from the embedding as written
-        materialize(model, "embedding")
-        materialize(model, "norm_f")
-        tied = getattr(model.cfg, "tie_embeddings", False)
-        if tied:
-            model.lm_head.weight = model.embedding.weight
-        else:
-            materialize(model, "lm_head")
-        model.stream_window = Window(ends=True)
-        if recipe.fuses_norms:
-            fold.fuse_end_norm(model)
-        if recipe.ends is not None:
-            recipe.ends(model, ctx)
-        stream.embed()
-        ends = {"embedding.weight": model.embedding.weight, "norm_f.weight": model.norm_f.weight}
-        if not model.cfg.tie_embeddings:      # (fuse_end_norm unties it)
-            ends["lm_head.weight"] = model.lm_head.weight
-        partial.write(shard(0), ends, metadata={"format": "pt"})
-        weight_map.update({k: shard(0) for k in ends})
-        for name in ("embedding", "norm_f", "lm_head"):
-            release(model.get_submodule(name))
+        weight_map.update(_write_ends(model, recipe, ctx, stream, partial, shard(0)))
         commit(1)
     # 3. each layer
     for i in range(partial.done - 1, n):
@@ -277,6 +258,7 @@ def quantize_layers(loaded, loop, cfg, tmp: str, partial, progress=None):
         tensors = {prefix + k: v for k, v in layer.state_dict().items()}
         partial.write(shard(i + 1), tensors, metadata={"format": "pt"})
         weight_map.update({k: shard(i + 1) for k in tensors})
+        del tensors         # (it would hold this layer's weights through the next layer's calibration)
         model.stream_window = Window()
         release(layer)
         commit(i + 2)
@@ -289,6 +271,33 @@ def quantize_layers(loaded, loop, cfg, tmp: str, partial, progress=None):
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1, sort_keys=True)
         f.write("\n")
     return {"act_scales": act_scales, "weight_scales": weight_scales}, flags
+
+
+def _write_ends(model, recipe, ctx, stream, partial, name: str) -> dict:
+    """The ends (embedding, final norm, head) read in, transformed, written as shard `name` and released; the stream
+    starts from the embedding as written. Returns their weight map. A function of its own so that nothing keeps the
+    ends' float32 tensors past it (a 7B's embedding and untied head: 2.1 GiB through every layer otherwise)."""
+    from mq_deploy.transforms import fold
+
+    materialize(model, "embedding")
+    materialize(model, "norm_f")
+    if getattr(model.cfg, "tie_embeddings", False):
+        model.lm_head.weight = model.embedding.weight
+    else:
+        materialize(model, "lm_head")
+    model.stream_window = Window(ends=True)
+    if recipe.fuses_norms:
+        fold.fuse_end_norm(model)
+    if recipe.ends is not None:
+        recipe.ends(model, ctx)
+    stream.embed()
+    ends = {"embedding.weight": model.embedding.weight, "norm_f.weight": model.norm_f.weight}
+    if not model.cfg.tie_embeddings:      # (fuse_end_norm unties it)
+        ends["lm_head.weight"] = model.lm_head.weight
+    partial.write(name, ends, metadata={"format": "pt"})
+    for sub in ("embedding", "norm_f", "lm_head"):
+        release(model.get_submodule(sub))
+    return {k: name for k in ends}
 
 
 def _stats_tensors(ctx) -> dict:
