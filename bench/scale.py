@@ -39,12 +39,17 @@ SHAPES = {   # the state-spaces/mamba-*-hf configs (vocab 50280, d_state 16, d_c
     # FalconMamba-7B's published shape (d_inner 8192, dt rank 256, vocab 65024), written by FalconMambaForCausalLM
     "falcon-mamba-7b": dict(hidden_size=4096, num_hidden_layers=64, vocab_size=65024, time_step_rank=256,
                             arch="falcon_mamba"),
+    # its width with 2 of its 64 layers, in minutes instead of hours: what a 7B block and the 7B's embedding and
+    # head hold in each stage, from the statistics pass to the build
+    "falcon-mamba-7b-2l": dict(hidden_size=4096, num_hidden_layers=2, vocab_size=65024, time_step_rank=256,
+                               arch="falcon_mamba"),
     # Mamba2-8B's published shape (NVIDIA's mamba2-8b-3t-4k, Quamba2's headline model): d_state 128, head_dim 64
     # (128 heads), 8 groups, vocab 256000, untied head; written by Mamba2ForCausalLM. mamba2-tiny: a smoke run
     "mamba2-8b": dict(hidden_size=4096, num_hidden_layers=56, vocab_size=256000, arch="mamba2"),
     "mamba2-tiny": dict(hidden_size=256, num_hidden_layers=2, vocab_size=4096, arch="mamba2"),
 }
-HALF = {"2.8b": "bfloat16", "1.4b": "bfloat16", "falcon-mamba-7b": "bfloat16", "mamba2-8b": "bfloat16"}
+HALF = {"2.8b": "bfloat16", "1.4b": "bfloat16", "falcon-mamba-7b": "bfloat16", "falcon-mamba-7b-2l": "bfloat16",
+        "mamba2-8b": "bfloat16"}
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)     # this checkout's mq_deploy, as the stages (run with cwd REPO) use
 KJV = os.path.join(REPO, "samples", "mamba-byte-lm", "data")

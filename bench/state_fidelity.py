@@ -174,12 +174,12 @@ def variants(sample, args):
                 amax[i] = a if i not in amax else torch.maximum(amax[i], a)
                 return st
             if name == "static":
-                s = scale_from_amax(amax[i], 8, eps=state_codec.ROW_FLOOR).unsqueeze(-1)
+                s = scale_from_amax(amax[i], 8, eps=1e-30).unsqueeze(-1)
                 return (conv, fake_quantize(ssm, s, 8, full_range=True))
             if name == "rows":          # the artifact's rule (what `--state-dtype int8` stores)
                 q, s = state_codec.rows_int8(ssm)
-                return (conv, q.float() * s.unsqueeze(-1))
-            s = scale_from_amax(ssm.abs().amax(-1), 8, eps=state_codec.ROW_FLOOR).unsqueeze(-1)
+                return (conv, q.float() * s.float().unsqueeze(-1))
+            s = scale_from_amax(ssm.abs().amax(-1), 8, eps=1e-30).unsqueeze(-1)
             v = torch.floor(ssm / s + torch.rand(ssm.shape, generator=gen))      # stochastic rounding
             return (conv, torch.clamp(v, -128, 127) * s)
         return enc

@@ -639,7 +639,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LM: the stateful graph (input_ids, conv_state, ssm_state -> logits, new states)")
     s.add_argument("--state-dtype", choices=tuple(STATE_DTYPE_NAMES), default="fp32",
                    help="--decode-step: how the SSM states are stored between calls. fp16; int8: the conv state on "
-                        "its conv1d scale, the SSM state with a float32 scale per row, chosen at every step "
+                        "its conv1d scale, the SSM state with a float16 scale per row, chosen at every step "
                         "(a quantized checkpoint; docs/results.md measures what it costs). Default fp32")
     s.add_argument("--opset", type=int, default=21, help="ONNX opset (>= 21; default 21)")
     s.add_argument("--stream", choices=("auto", "on", "off"), default="auto",

@@ -35,7 +35,7 @@ class StateSpec:
     cache stored quantized, AttentionConfig.kv_cache).
 
     `int8_scale`: how an SSM state is stored when the model's state_dtype (MambaLMConfig, `export
-    --state-dtype`) asks for int8: "rows" (a float32 scale per row of its last axis, carried as the state
+    --state-dtype`) asks for int8: "rows" (a float16 scale per row of its last axis, carried as the state
     `name`_scale: the scale follows the state as it grows and decays), or "point:P" (on the static scale of
     the layer's quant point P: the conv state, whose values already lie on the conv1d point's grid). None: the
     state is not an SSM state and keeps its dtype whatever state_dtype says (a KV cache; `--kv-cache`).
@@ -234,8 +234,10 @@ def stored_states(model_cfg, layer_cfg) -> list:
             continue
         out.append(dataclasses.replace(spec, dtype=dtype))
         if dtype == "int8" and spec.int8_scale == "rows":
+            from mq_deploy.models.state_codec import SCALE_DTYPE
+
             scales.append(StateSpec(spec.name + "_scale", tuple(spec.shape[:-1]), spec.stacked,
-                                    None if spec.output is None else spec.output + "_scale", "float32",
+                                    None if spec.output is None else spec.output + "_scale", SCALE_DTYPE,
                                     scale_of=spec.name))
     return out + scales
 

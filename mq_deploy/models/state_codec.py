@@ -11,11 +11,17 @@ declared by its family (StateSpec.int8_scale) and laid out by families.stored_st
   The conv state holds the conv1d point's quantized inputs, which lie on that grid, so this is exact for a
   quantized model.
 - int8, "rows" (the SSM state): a scale per row of the last axis (Mamba1: per channel over d_state; Mamba2:
-  per (head, head_dim) over d_state), carried as the state `<name>_scale`:
-      s = max(amax(|h|), ROW_FLOOR) / 127,   q = round(h / s),   h' = q * s
-  The scale is chosen again at every call from the row's current values (dynamic), so a state that grows
-  over a long generation is never clipped; a static scale from calibration clipped the sample LM's state
-  and was dropped (docs/results.md, state fidelity).
+  per (head, head_dim) over d_state), carried as the float16 state `<name>_scale`:
+      s = float16(min(amax(|h|) / 127 * (1 + 2^-10) + 2^-24, 65504)),   q = round(h / s),   h' = q * s
+  (the arithmetic before the cast in float32, in this order). The scale is chosen again at every call from
+  the row's current values (dynamic), so a state that grows over a long generation is never clipped; a static
+  scale from calibration clipped the sample LM's state and was dropped (docs/results.md, state fidelity).
+  float16, not float32: 2 bytes per row, so Mamba1's rows of 16 codes take 18 bytes, not 20 (3.6x fewer than
+  float32 with the conv state, not 3.3x). The factor and the 2^-24 (float16's smallest step) make the cast's
+  round-to-nearest land at or above amax / 127, so no code of a row clips; the step is then at most
+  about 2^-10 coarser than amax / 127 (2^-24 absolute for the tiniest rows), and an all-zero row gets 2^-24.
+  The range: rows up to 127 * 65504 (8.3e6) in magnitude; a larger one saturates at that (a float16 state
+  holds only 65504).
 Rounding is half to even and saturates to [-128, 127], as ONNX's QuantizeLinear (which the graph uses,
 with scale 1 on the divided values)."""
 
@@ -26,7 +32,10 @@ import numpy as np
 from mq_deploy.errors import MQUserError
 
 QMAX = 127.0
-ROW_FLOOR = 1e-30          # an all-zero row keeps a finite scale (its codes stay 0)
+SCALE_DTYPE = "float16"    # how a "rows" state's per-row scales are stored (families.stored_states reads it)
+SCALE_UP = 1.0 + 2.0 ** -10    # with SCALE_MIN added, the cast to float16 never rounds a scale below amax / 127
+SCALE_MIN = 2.0 ** -24     # float16's smallest step: an all-zero row's scale
+SCALE_MAX = 65504.0        # float16's largest: rows past QMAX * SCALE_MAX in magnitude saturate
 
 
 def _point(spec) -> str:
@@ -77,14 +86,12 @@ def _round_int8(v):
 
 
 def rows_int8(t):
-    """The "rows" rule on a float tensor: (int8 codes, float32 scale per row of the last axis)."""
+    """The "rows" rule on a float tensor: (int8 codes, float16 scale per row of the last axis)."""
     import torch
 
-    from mq_deploy.ops.quant import scale_from_amax
-
     t = t.to(torch.float32)
-    s = scale_from_amax(t.abs().amax(-1), 8, eps=ROW_FLOOR)
-    return _round_int8(t / s.unsqueeze(-1)), s
+    s = torch.clamp_max(t.abs().amax(-1) / QMAX * SCALE_UP + SCALE_MIN, SCALE_MAX).to(torch.float16)
+    return _round_int8(t / s.to(torch.float32).unsqueeze(-1)), s
 
 
 def encode(layer: int, specs, logical: tuple, scales: dict) -> tuple:
@@ -122,7 +129,7 @@ def decode(layer: int, specs, stored: tuple, scales: dict) -> tuple:
         elif spec.dtype == "float16":
             out.append(t.to(torch.float32))
         elif spec.int8_scale == "rows":
-            out.append(t.to(torch.float32) * by_name[spec.name].unsqueeze(-1))
+            out.append(t.to(torch.float32) * by_name[spec.name].to(torch.float32).unsqueeze(-1))
         else:
             out.append(t.to(torch.float32) * torch.tensor(_point_scale(scales, layer, spec), dtype=torch.float32))
     return tuple(out)
@@ -144,7 +151,8 @@ def emit_decode(b, si, scale_input: str | None, scales: dict) -> str:
     if si.spec.dtype == "float16":
         return f
     if si.spec.int8_scale == "rows":
-        return b.op("Mul", [f, b.op("Unsqueeze", [scale_input, b.i64([-1])])])
+        s = b.op("Cast", [scale_input], to=TensorProto.FLOAT)
+        return b.op("Mul", [f, b.op("Unsqueeze", [s, b.i64([-1])])])
     return b.op("Mul", [f, b.f32(_layer_scales(scales, si), "state_scale")])
 
 
@@ -158,11 +166,15 @@ def emit_encode(b, si, value: str, scales: dict) -> tuple:
     one, zp = b.f32(np.array(1.0), "one"), b.const(np.array(0, dtype=np.int8), "zp_i8")
     if si.spec.int8_scale == "rows":
         amax = b.op("ReduceMax", [b.op("Abs", [value]), b.i64([-1])], keepdims=0)
-        s = b.op("Div", [b.op("Max", [amax, b.f32(np.array(ROW_FLOOR), "row_floor")]), b.f32(np.array(QMAX), "qmax")])
-        q = b.op("QuantizeLinear", [b.op("Div", [value, b.op("Unsqueeze", [s, b.i64([-1])])]), one, zp])
-        return q, s
+        s = b.op("Mul", [b.op("Div", [amax, b.f32(np.array(QMAX), "qmax")]), b.f32(np.array(SCALE_UP), "scale_up")])
+        s = b.op("Min", [b.op("Add", [s, b.f32(np.array(SCALE_MIN), "scale_min")]),
+                         b.f32(np.array(SCALE_MAX), "scale_max")])
+        s16 = b.op("Cast", [s], to=TensorProto.FLOAT16)
+        s32 = b.op("Unsqueeze", [b.op("Cast", [s16], to=TensorProto.FLOAT), b.i64([-1])])
+        q = b.op("QuantizeLinear", [b.op("Div", [value, s32]), one, zp])
+        return q, s16
     scaled = b.op("Div", [value, b.f32(_layer_scales(scales, si), "state_scale")])
     return b.op("QuantizeLinear", [scaled, one, zp]), None
 
 
-__all__ = ["QMAX", "ROW_FLOOR", "conv_scales", "decode", "emit_decode", "emit_encode", "encode", "rows_int8"]
+__all__ = ["QMAX", "SCALE_DTYPE", "SCALE_MAX", "SCALE_MIN", "SCALE_UP", "conv_scales", "decode", "emit_decode", "emit_encode", "encode", "rows_int8"]
