@@ -43,7 +43,7 @@ def _rotation_model(n, mode):
 
 @pytest.mark.parametrize("n,factors", [(1536, (32, 48)), (384, (16, 24)), (48, (4, 12)), (64, (8, 8))])
 def test_factored_hadamard_equals_the_dense_product(n, factors):
-    from mq_deploy.export.graph import hadamard_factors
+    from mq_deploy.ops.hadamard import hadamard_factors
 
     P, Q = hadamard_factors(torch.from_numpy(hadamard_matrix(n)).float())
     assert (P.shape[0], Q.shape[0]) == factors
@@ -62,7 +62,7 @@ def test_factored_hadamard_equals_the_dense_product(n, factors):
 
 
 def test_non_hadamard_rotation_stays_dense():
-    from mq_deploy.export.graph import hadamard_factors
+    from mq_deploy.ops.hadamard import hadamard_factors
 
     R = torch.linalg.qr(torch.randn(48, 48, dtype=torch.float64))[0]
     assert hadamard_factors(R) is None

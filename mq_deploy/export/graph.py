@@ -376,32 +376,14 @@ def nbits_codes(packed: np.ndarray, k: int) -> np.ndarray:
     return (u[:, :k] - 8).astype(np.int8)
 
 
-def hadamard_factors(R) -> tuple | None:
-    """(P, Q), with R = P kron Q, P a Sylvester matrix of size a and Q a Hadamard of size n / a (both
-    normalised), when R is the normalised Hadamard matrix of its size (as the recipes' online rotation
-    is), with a + n / a smallest; else None. Checked elementwise against R (float32 tolerance)."""
-    from mq_deploy.ops.hadamard import hadamard_matrix, has_hadamard
-
-    R = R.detach().double().numpy() if torch.is_tensor(R) else np.asarray(R, dtype=np.float64)
-    n = R.shape[0]
-    if R.ndim != 2 or R.shape[1] != n or n < 4 or not has_hadamard(n):
-        return None
-    if np.abs(R - hadamard_matrix(n)).max() > 1e-6 / np.sqrt(n):
-        return None
-    cands = [a for a in (2 ** k for k in range(1, n.bit_length())) if n % a == 0 and has_hadamard(n // a)]
-    for a in sorted(cands, key=lambda a: a + n // a):
-        P, Q = hadamard_matrix(a), hadamard_matrix(n // a)
-        if np.abs(np.kron(P, Q) - R).max() <= 1e-6 / np.sqrt(n):
-            return P, Q
-    return None
-
-
 def _online_rotation(b: _Builder, y, R, mode="factored"):
     """y @ R. A Kronecker-structured R = P kron Q (the Hadamard) runs as y -> [.., a, q], Y Q, P^T (Y Q),
     back to [.., n]: n (a + q) MACs per row instead of n^2 (mamba-130m: 1536 = 32 x 48, 123k vs 2.4M).
     Anything else, or mode "dense", is one MatMul with R."""
     if mode not in ROTATIONS:
         raise MQUserError(f"rotation must be one of {', '.join(ROTATIONS)}, got {mode!r}")
+    from mq_deploy.ops.hadamard import hadamard_factors
+
     f = hadamard_factors(R) if mode == "factored" else None
     if f is None:
         return b.op("MatMul", [y, b.f32(R, "out_rot")])

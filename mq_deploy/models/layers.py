@@ -91,4 +91,6 @@ class MixerBase(nn.Module):
         return [(s, getattr(self, s)) for s in self.family.site_names(self.cfg) if getattr(self, s, None) is not None]
 
     def _rotate_out(self, y):
-        return y if self.out_rotation is None else y @ self.out_rotation
+        from mq_deploy.ops.hadamard import rotate
+
+        return y if self.out_rotation is None else rotate(y, self.out_rotation)

@@ -177,4 +177,5 @@ def emit_encode(b, si, value: str, scales: dict) -> tuple:
     return b.op("QuantizeLinear", [scaled, one, zp]), None
 
 
-__all__ = ["QMAX", "SCALE_DTYPE", "SCALE_MAX", "SCALE_MIN", "SCALE_UP", "conv_scales", "decode", "emit_decode", "emit_encode", "encode", "rows_int8"]
+__all__ = ["QMAX", "SCALE_DTYPE", "SCALE_MAX", "SCALE_MIN", "SCALE_UP", "conv_scales", "decode", "emit_decode",
+           "emit_encode", "encode", "rows_int8"]

@@ -86,8 +86,10 @@ def fuse_end_norm(model) -> None:
 
 
 def rotate_linear_input(lin, Q) -> None:
-    """The input of `lin` becomes x Q: y = (x Q) (W Q)^T."""
-    _update_rows(lin.weight, lambda r: r @ Q)
+    """The input of `lin` becomes x Q: y = (x Q) (W Q)^T. (A Hadamard Q as two small products: ops.hadamard.rotate.)"""
+    from mq_deploy.ops.hadamard import rotate
+
+    _update_rows(lin.weight, lambda r: rotate(r, Q))
 
 
 def rotate_linear_output(lin, Q) -> None:

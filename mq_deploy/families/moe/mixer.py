@@ -22,6 +22,7 @@ import torch.nn as nn
 from mq_deploy.families.mlp.mixer import activation
 from mq_deploy.families.moe.config import MoEConfig
 from mq_deploy.models.layers import MixerBase, at_least_fp32
+from mq_deploy.ops.hadamard import rotate
 
 
 class Experts(nn.Module):
@@ -137,7 +138,7 @@ class MoE(MixerBase):
         else:
             y = activation(cfg.shared_act, self.shared_up(x))
         if self.shared_rotation is not None:
-            y = y @ self.shared_rotation
+            y = rotate(y, self.shared_rotation)
         return self.shared_down(self._q("shared_down", y))
 
     def forward(self, hidden, state=None, return_state=False):
