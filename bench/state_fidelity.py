@@ -143,8 +143,9 @@ def run_sample(sample, args, lib):
 # ---- the int8 rules the artifact's was chosen against (PyTorch reference) ----------------------------
 
 def variants(sample, args):
-    """Agreement and bits/byte of int8 rules on the float PyTorch model: per-row dynamic (the artifact's),
-    static per-channel from 8 calibration windows, and per-row with stochastic rounding."""
+    """Agreement and bits/byte of int8 rules on the float PyTorch model: per-row dynamic (the artifact's, float16
+    scales), the same with float32 scales (and those made 2^-10 coarser: the measures' noise band), static
+    per-channel from 8 calibration windows, and per-row with stochastic rounding."""
     import torch
 
     from mq_deploy.models import state_codec
@@ -179,6 +180,12 @@ def variants(sample, args):
             if name == "rows":          # the artifact's rule (what `--state-dtype int8` stores)
                 q, s = state_codec.rows_int8(ssm)
                 return (conv, q.float() * s.float().unsqueeze(-1))
+            if name.startswith("rows-f32"):     # the same with a float32 scale, exactly amax / 127; "-coarser":
+                # times 1 + 2^-10, the most the float16 scale's rounding adds: how far a change that small moves
+                # each measure (the noise band the float16 rule is judged in)
+                up = 1 + 2 ** -10 if name.endswith("coarser") else 1.0
+                s = (scale_from_amax(ssm.abs().amax(-1), 8, eps=1e-30) * up).unsqueeze(-1)
+                return (conv, torch.clamp(torch.round(ssm / s), -128, 127) * s)
             s = scale_from_amax(ssm.abs().amax(-1), 8, eps=1e-30).unsqueeze(-1)
             v = torch.floor(ssm / s + torch.rand(ssm.shape, generator=gen))      # stochastic rounding
             return (conv, torch.clamp(v, -128, 127) * s)
@@ -209,7 +216,7 @@ def variants(sample, args):
     model._encode_state = rule("static-calibrate")
     cal = torch.tensor([list(calib[k * 4000:k * 4000 + 512]) for k in range(8)])
     decode(cal)
-    for name in ("fp32", "rows", "static", "stochastic"):
+    for name in ("fp32", "rows", "rows-f32", "rows-f32-coarser", "static", "stochastic"):
         model._encode_state = rule(name)
         free = decode(prompts, steps=args.variant_tokens).numpy()
         base = free if base is None else base

@@ -64,7 +64,7 @@ def test_rotate_equals_the_dense_product(n, dtype):
 
 def test_rotate_keeps_other_matrices_dense():
     """Anything but the normalised Hadamard of its size (an orthogonal matrix, the negated Hadamard, one entry off,
-    a NaN) is the dense product, checked once per tensor."""
+    a NaN) is the dense product, checked once per tensor and again after an in-place change."""
     import torch
 
     from mq_deploy.ops.hadamard import hadamard_factors, rotate
@@ -78,3 +78,7 @@ def test_rotate_keeps_other_matrices_dense():
     for R in (torch.linalg.qr(torch.randn(64, 64, dtype=torch.float64))[0], -H, off, nan):
         assert hadamard_factors(R) is None
         torch.testing.assert_close(rotate(x, R), x @ R, rtol=0, atol=0, equal_nan=True)
+    R = H.clone()                      # a Hadamard changed in place after its first use is checked again
+    rotate(x, R)
+    R.mul_(-1)
+    torch.testing.assert_close(rotate(x, R), x @ R, rtol=0, atol=0)

@@ -169,7 +169,7 @@ def hadamard_factors(R):
     return hadamard_matrix(split[0]), hadamard_matrix(split[1])
 
 
-_FACTORS = None      # rotation tensor -> its (P, Q) as tensors, or None: checked once per tensor (weakly held)
+_FACTORS = None      # rotation tensor -> (its version, its (P, Q) as tensors or None): checked once (weakly held)
 
 
 def rotate_ref(x, R):
@@ -186,10 +186,11 @@ def rotate(x, R):
     global _FACTORS
     if _FACTORS is None:
         _FACTORS = WeakIdKeyDictionary()
-    if R not in _FACTORS:
+    seen = _FACTORS.get(R)
+    if seen is None or seen[0] != R._version:       # (an in-place change of R is checked again)
         f = hadamard_factors(R)
-        _FACTORS[R] = None if f is None else tuple(torch.from_numpy(m) for m in f)
-    f = _FACTORS[R]
+        seen = _FACTORS[R] = (R._version, None if f is None else tuple(torch.from_numpy(m) for m in f))
+    f = seen[1]
     if f is None:
         return x @ R
     P, Q = (m.to(dtype=x.dtype, device=x.device) for m in f)
