@@ -265,7 +265,7 @@ def test_a_model_larger_than_memory_streams_and_is_refused_whole(tmp_path, capsy
 def test_written_blocks_are_freed_before_the_next_layer(tmp_path, monkeypatch):
     """Nothing keeps a written block's float32 tensors alive once it is written: when the layer loop reads a layer
     in, every tensor of the ends' shard and of the layers before is gone (a 7B's embedding and untied head held
-    2.1 GiB through all 64 layers: peak 4.87 GiB instead of 2.77)."""
+    2 GiB through all 64 layers)."""
     import gc
     import weakref
 

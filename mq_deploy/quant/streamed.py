@@ -276,7 +276,7 @@ def quantize_layers(loaded, loop, cfg, tmp: str, partial, progress=None):
 def _write_ends(model, recipe, ctx, stream, partial, name: str) -> dict:
     """The ends (embedding, final norm, head) read in, transformed, written as shard `name` and released; the stream
     starts from the embedding as written. Returns their weight map. A function of its own so that nothing keeps the
-    ends' float32 tensors past it (a 7B's embedding and untied head: 2.1 GiB through every layer otherwise)."""
+    ends' float32 tensors past it (a 7B's embedding and untied head: 2 GiB through every layer otherwise)."""
     from mq_deploy.transforms import fold
 
     materialize(model, "embedding")
