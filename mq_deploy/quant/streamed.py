@@ -37,7 +37,7 @@ import torch
 
 from mq_deploy.calib.collect import Window
 from mq_deploy.errors import MQUserError
-from mq_deploy.models.loaders import materialize, release
+from mq_deploy.models.loaders import materialize, materialize_ends, release
 from mq_deploy.models.points import mixer_prefix
 from mq_deploy.quant.partial import STATS
 
@@ -279,12 +279,7 @@ def _write_ends(model, recipe, ctx, stream, partial, name: str) -> dict:
     ends' float32 tensors past it (a 7B's embedding and untied head: 2 GiB through every layer otherwise)."""
     from mq_deploy.transforms import fold
 
-    materialize(model, "embedding")
-    materialize(model, "norm_f")
-    if getattr(model.cfg, "tie_embeddings", False):
-        model.lm_head.weight = model.embedding.weight
-    else:
-        materialize(model, "lm_head")
+    materialize_ends(model)
     model.stream_window = Window(ends=True)
     if recipe.fuses_norms:
         fold.fuse_end_norm(model)
