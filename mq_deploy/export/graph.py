@@ -382,9 +382,9 @@ def _online_rotation(b: _Builder, y, R, mode="factored"):
     Anything else, or mode "dense", is one MatMul with R."""
     if mode not in ROTATIONS:
         raise MQUserError(f"rotation must be one of {', '.join(ROTATIONS)}, got {mode!r}")
-    from mq_deploy.ops.hadamard import hadamard_factors
+    from mq_deploy.ops.hadamard import factors_of
 
-    f = hadamard_factors(R) if mode == "factored" else None
+    f = factors_of(R) if mode == "factored" else None
     if f is None:
         return b.op("MatMul", [y, b.f32(R, "out_rot")])
     P, Q = f

@@ -177,20 +177,29 @@ def rotate_ref(x, R):
     return x @ R
 
 
-def rotate(x, R):
-    """x @ R, the same as rotate_ref; a Hadamard R (hadamard_factors) as P^T X Q on x's last axis split
-    [.., a, q]. Whether R is one is checked once per tensor (the recipes share one buffer per size)."""
+def factors_of(R):
+    """hadamard_factors(R) as float64 tensors (P, Q), or None, checked once per tensor (weakly held; again after
+    an in-place change of R): the recipes and loaders share one rotation per size across all layers, which the
+    forward and the export read layer after layer. Anything but a tensor is checked every time."""
     import torch
     from torch.utils.weak import WeakIdKeyDictionary
 
     global _FACTORS
+    if not torch.is_tensor(R):
+        f = hadamard_factors(R)
+        return None if f is None else tuple(torch.from_numpy(m) for m in f)
     if _FACTORS is None:
         _FACTORS = WeakIdKeyDictionary()
     seen = _FACTORS.get(R)
-    if seen is None or seen[0] != R._version:       # (an in-place change of R is checked again)
+    if seen is None or seen[0] != R._version:
         f = hadamard_factors(R)
         seen = _FACTORS[R] = (R._version, None if f is None else tuple(torch.from_numpy(m) for m in f))
-    f = seen[1]
+    return seen[1]
+
+
+def rotate(x, R):
+    """x @ R, the same as rotate_ref; a Hadamard R (factors_of) as P^T X Q on x's last axis split [.., a, q]."""
+    f = factors_of(R)
     if f is None:
         return x @ R
     P, Q = (m.to(dtype=x.dtype, device=x.device) for m in f)
