@@ -46,10 +46,12 @@ SHAPES = {   # the state-spaces/mamba-*-hf configs (vocab 50280, d_state 16, d_c
     # Mamba2-8B's published shape (NVIDIA's mamba2-8b-3t-4k, Quamba2's headline model): d_state 128, head_dim 64
     # (128 heads), 8 groups, vocab 256000, untied head; written by Mamba2ForCausalLM. mamba2-tiny: a smoke run
     "mamba2-8b": dict(hidden_size=4096, num_hidden_layers=56, vocab_size=256000, arch="mamba2"),
+    # its width with 2 of its 56 layers (as falcon-mamba-7b-2l): an 8B block and the 8B's embedding and head
+    "mamba2-8b-2l": dict(hidden_size=4096, num_hidden_layers=2, vocab_size=256000, arch="mamba2"),
     "mamba2-tiny": dict(hidden_size=256, num_hidden_layers=2, vocab_size=4096, arch="mamba2"),
 }
 HALF = {"2.8b": "bfloat16", "1.4b": "bfloat16", "falcon-mamba-7b": "bfloat16", "falcon-mamba-7b-2l": "bfloat16",
-        "mamba2-8b": "bfloat16"}
+        "mamba2-8b": "bfloat16", "mamba2-8b-2l": "bfloat16"}
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)     # this checkout's mq_deploy, as the stages (run with cwd REPO) use
 KJV = os.path.join(REPO, "samples", "mamba-byte-lm", "data")
