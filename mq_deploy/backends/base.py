@@ -239,8 +239,10 @@ class Runner:
         raise NotImplementedError
 
 
-def open_runner(path: str, custom_op_library: str | None = None, plugins=(), threads: int | None = None) -> Runner:
-    """OrtRunner for an ONNX file, TensorRTRunner for an engine (.engine / .plan / .trt)."""
+def open_runner(path: str, custom_op_library: str | None = None, plugins=(), threads: int | None = None,
+                prepack: bool = True) -> Runner:
+    """OrtRunner for an ONNX file, TensorRTRunner for an engine (.engine / .plan / .trt). prepack=False (ONNX
+    Runtime): no packed copy of each weight beside the memory-mapped original (see OrtRunner)."""
     if not os.path.isfile(path):
         raise MQUserError(f"{path}: no such file")
     if path.endswith(ENGINE_SUFFIXES):
@@ -249,4 +251,4 @@ def open_runner(path: str, custom_op_library: str | None = None, plugins=(), thr
         return TensorRTRunner(path, plugins=plugins)
     from mq_deploy.backends.ort.runner import OrtRunner
 
-    return OrtRunner(path, custom_op_library=custom_op_library, threads=threads)
+    return OrtRunner(path, custom_op_library=custom_op_library, threads=threads, prepack=prepack)

@@ -371,13 +371,19 @@ def verify_paths(artifact: str, reference: str, cfg: VerifyConfig, *, custom_op_
     from mq_deploy.quant.qcheckpoint import load
     from mq_deploy.verify.torch_runner import TorchRunner
 
-    runner = open_runner(artifact, custom_op_library=custom_op_library, plugins=plugins, threads=threads)
+    lazy = streams(reference, stream)
+    # A streamed (large) model: ONNX Runtime maps the artifact's external data and runs from it; prepacking would
+    # copy every int8 weight and the float head into packed buffers of their own (anonymous memory as large as
+    # the weights; at the mamba2-8b-2l shape 4.2 GiB of its 8.1 GiB peak, the 4096 x 256000 head), for a session
+    # that runs a few batches. The packed and unpacked kernels agree to float rounding (tests/test_streamed.py).
+    runner = open_runner(artifact, custom_op_library=custom_op_library, plugins=plugins, threads=threads,
+                         prepack=not lazy)
     proto = getattr(runner, "proto", None)
     if proto is not None and not artifact.endswith(ENGINE_SUFFIXES):
         from mq_deploy.export.onnx_file import require_mq_export
 
         require_mq_export(proto, artifact, "verify")
-    loaded = load(reference, lazy=streams(reference, stream))
+    loaded = load(reference, lazy=lazy)
     kind = runner.artifact.kind
     want = {"mamba_lm": "lm", "vim": "vim"}.get(loaded.architecture, loaded.architecture)
     if kind is not None and kind != want:
