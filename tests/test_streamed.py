@@ -13,6 +13,7 @@ float-rounding-sized changes of the scales (every activation scale of the whole-
 multiplied by 1 + 3e-7 moves its bits/byte by 1.6e-4 relative, by 1 - 3e-7 by 4.5e-4).
 """
 
+import contextlib
 import json
 import os
 
@@ -154,6 +155,48 @@ def test_streamed_int8_kv_cache_with_two_attention_layers(tmp_path):
     assert [c.kv_cache for c in la.config.layer_configs() if hasattr(c, "kv_cache")] == ["int8", "int8"]
 
 
+@pytest.mark.parametrize("kind", ["nemotron-bf16-sharded", "falcon-tied"])
+def test_ends_are_written_a_block_of_vocabulary_rows_at_a_time(tmp_path, monkeypatch, kind):
+    """The embedding and head go through their transforms a block of rows at a time (quant.streamed._write_ends): with
+    blocks of 24 of the 256 rows (the last one short) the checkpoint is the one a single block gives, tensor for tensor
+    and scale for scale, on a bf16 sharded Nemotron-H with its own head and on a FalconMamba whose tied head the recipe
+    unties; at most one block of each end is read from the checkpoint at a time."""
+    import mq_deploy.quant.streamed as streamed_mod
+    from mq_deploy.transforms import fold
+
+    if kind == "falcon-tied":
+        src, text = _falcon(tmp_path, 2)
+    else:
+        src, text = _nemotron_bf16(tmp_path), os.path.join(SAMPLES, "hybrid-byte-lm", "data", "calib.txt")
+    assert loaders.load_model(src, lazy=True).model.cfg.tie_embeddings == (kind == "falcon-tied")
+    width = 48 if kind == "falcon-tied" else 64
+    monkeypatch.setattr(fold, "_ROW_BLOCK_BYTES", 8 * width * 24)     # fold's float64 blocks: 24 rows
+    reads, read_rows = [], loaders.read_rows
+
+    def recorded(model, name, start, stop):
+        reads.append((name, start, stop))
+        return read_rows(model, name, start, stop)
+
+    monkeypatch.setattr(loaders, "read_rows", recorded)
+    out = {}
+    for blocks in (1, 1000):
+        monkeypatch.setattr(streamed_mod, "ENDS_ROW_BLOCKS", blocks)
+        reads.clear()
+        out[blocks] = _quantize(src, str(tmp_path / f"b{blocks}"), text, stream="on")
+        assert max(stop - start for _, start, stop in reads) == min(256, 24 * blocks), reads
+        assert {n for n, _, _ in reads} == ({"embedding.weight"} if kind == "falcon-tied"      # (its rows, once)
+                                            else {"embedding.weight", "lm_head.weight"})
+    a, b = loaders.load_model(out[1]), loaders.load_model(out[1000])
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert sa.keys() == sb.keys() and "lm_head.weight" in sa and not a.model.cfg.tie_embeddings
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    ca, cb = QuantizedCheckpoint.read(a), QuantizedCheckpoint.read(b)
+    assert ca.act_scales.keys() == cb.act_scales.keys() and ca.weight_scales.keys() == cb.weight_scales.keys()
+    assert all(torch.equal(torch.as_tensor(ca.act_scales[k]), torch.as_tensor(cb.act_scales[k])) for k in ca.act_scales)
+    assert all(torch.equal(ca.weight_scales[k], cb.weight_scales[k]) for k in ca.weight_scales)
+
+
 def _falcon(tmp_path, layers):
     """A small FalconMamba written by transformers (save_hf), and the calibration text: (folder, text)."""
     torch.manual_seed(0)
@@ -289,12 +332,20 @@ def test_written_blocks_are_freed_before_the_next_layer(tmp_path, monkeypatch):
 
     src, text = _falcon(tmp_path, 3)
     written, alive_at = [], {}
-    write = Partial.write
+    write, write_rows = Partial.write, Partial.write_rows
 
     def record(self, name, tensors, metadata=None):
         write(self, name, tensors, metadata)
         if name.startswith("model-"):
             written.extend((name, weakref.ref(v)) for v in tensors.values())
+
+    @contextlib.contextmanager
+    def record_rows(self, name, shapes, metadata=None):     # the ends' shard, a block of rows at a time
+        with write_rows(self, name, shapes, metadata) as put:
+            def put_recorded(k, start, rows):
+                put(k, start, rows)
+                written.append((name, weakref.ref(rows)))
+            yield put_recorded
 
     def materialize(model, name):
         if name.startswith("layers.") and written:
@@ -303,7 +354,9 @@ def test_written_blocks_are_freed_before_the_next_layer(tmp_path, monkeypatch):
         return loaders.materialize(model, name)
 
     monkeypatch.setattr(Partial, "write", record)
+    monkeypatch.setattr(Partial, "write_rows", record_rows)
     monkeypatch.setattr(streamed_mod, "materialize", materialize)
     _quantize(src, str(tmp_path / "s"), text, stream="on")
     assert {f"layers.{i}" for i in range(3)} <= set(alive_at), alive_at      # the layer loop's reads were seen
+    assert any(n == "model-00001-of-00004.safetensors" for n, _ in written), written    # the ends were seen
     assert all(not names for names in alive_at.values()), alive_at

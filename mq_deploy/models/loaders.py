@@ -223,6 +223,11 @@ class TensorSource:
     def get(self, name: str) -> torch.Tensor:
         raise NotImplementedError
 
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of tensor `name` (a vocabulary-sized embedding or head, a block at a time). Sources
+        that can read a slice override it; this one reads the whole tensor."""
+        return self.get(name)[start:stop]
+
     def rename(self, rules) -> "TensorSource":
         """Apply regex (pattern, replacement) rules to the names (first match wins)."""
         mapping = {}
@@ -257,6 +262,9 @@ class _Renamed(TensorSource):
     def get(self, name):
         return self.base.get(self.mapping[name])
 
+    def get_rows(self, name, start, stop):
+        return self.base.get_rows(self.mapping[name], start, stop)
+
 
 class _RowSplit(TensorSource):
     def __init__(self, base: TensorSource, pattern: str, parts):
@@ -282,6 +290,12 @@ class _RowSplit(TensorSource):
             return self.base.get(k)[a:b]
         return self.base.get(name)
 
+    def get_rows(self, name, start, stop):
+        if name in self.slices:
+            k, a, b = self.slices[name]
+            return self.base.get_rows(k, a + start, a + min(stop, b - a))
+        return self.base.get_rows(name, start, stop)
+
 
 class SafetensorsSource(TensorSource):
     def __init__(self, files):
@@ -303,12 +317,18 @@ class SafetensorsSource(TensorSource):
                 raise MQUserError(f"{shown(path)}: corrupt or truncated safetensors file ({e})") from None
 
     def get(self, name):
+        return self._read(name, None)
+
+    def get_rows(self, name, start, stop):
+        return self._read(name, (start, stop))
+
+    def _read(self, name, rows):
         from safetensors import SafetensorError, safe_open
 
         path = self.origin[name]
         try:
             with native_path(path) as p, safe_open(p, framework="pt") as f:
-                return f.get_tensor(name)
+                return f.get_tensor(name) if rows is None else f.get_slice(name)[rows[0]:rows[1]]
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise MQUserError(f"{shown(path)}: corrupt or truncated safetensors file ({e})") from None
 
@@ -670,6 +690,18 @@ def materialize_ends(model) -> None:
         model.lm_head.weight = model.embedding.weight
     else:
         materialize(model, "lm_head")
+
+
+def read_rows(model, name: str, start: int, stop: int) -> torch.Tensor:
+    """Rows [start, stop) of a lazily loaded LM's "embedding.weight" or "lm_head.weight" (a tied head: the
+    embedding's) as float32, checked finite: a vocabulary-sized end a block at a time, as materialize() would
+    give it whole."""
+    lw: LazyWeights = model.lazy_weights
+    key = "embedding.weight" if name == "lm_head.weight" and getattr(model.cfg, "tie_embeddings", False) else name
+    t = lw.src.get_rows(key, start, stop)
+    if not torch.isfinite(t).all():
+        raise MQUserError(f"{shown(lw.src.origin[key])}: tensor {key} holds NaN or Inf")
+    return t.to(torch.float32).contiguous()
 
 
 def release(module: torch.nn.Module) -> None:

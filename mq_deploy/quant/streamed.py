@@ -11,7 +11,8 @@ A layer-wise recipe (recipes.Recipe.layerwise) runs in its parts, each on the mo
                moment for K); each pass reads the layers in one after another, with their norms fused
                when the recipe fuses norms, and runs the calibration batches through each.
   2. ends      the embedding, final norm and head are read in, transformed (norm_f fused into the head,
-               the residual rotation) and written; the rotated embedding gives the stream's first input.
+               the residual rotation) and written, a block of vocabulary rows at a time (_write_ends); the
+               rotated embedding gives the stream's first input.
   3. layers    for each layer: read in, norms fused, the recipe's own transforms (their calibration passes
                run this one layer on the held stream), the activation calibration pass (and GPTQ's
                Hessians), the stream advanced by the transformed float layer, the weights rounded, the
@@ -30,18 +31,20 @@ output is byte-identical to an uninterrupted run's (tests/test_resume.py).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
 import torch
 
 from mq_deploy.calib.collect import Window
-from mq_deploy.errors import MQUserError
-from mq_deploy.models.loaders import materialize, materialize_ends, release
+from mq_deploy.errors import MQInternalError, MQUserError
+from mq_deploy.models.loaders import materialize, release
 from mq_deploy.models.points import mixer_prefix
 from mq_deploy.quant.partial import STATS
 
 SHARD = "model-{:05d}-of-{:05d}.safetensors"
+ENDS_ROW_BLOCKS = 4   # fold._update_rows blocks of vocabulary rows per block of the ends (8192 rows at d_model 4096)
 
 
 class _Stream:
@@ -61,6 +64,20 @@ class _Stream:
         with torch.no_grad():
             self.h = self.model._embed(self.data)
         self.emb = self.h.clone() if self.reads_emb else None
+
+    def embed_rows(self, rows, start: int, last: bool):
+        """embed() from the embedding a block of rows at a time: rows [start, start + len(rows)) of it; `last`: the
+        final block (the embedding multiplier then applies, as in MambaLM._embed)."""
+        with torch.no_grad():
+            if self.h is None:
+                self.h = torch.zeros(*self.data.shape, rows.shape[1], dtype=rows.dtype)
+            ids = self.data - start
+            hit = (ids >= 0) & (ids < len(rows))
+            self.h[hit] = rows[ids[hit]]
+            if last:
+                m = self.model.cfg.embedding_multiplier
+                self.h = self.h if m == 1.0 else self.h * m
+                self.emb = self.h.clone() if self.reads_emb else None
 
     def _run(self, layer, h):
         out = torch.empty_like(h)
@@ -274,31 +291,62 @@ def quantize_layers(loaded, loop, cfg, tmp: str, partial, progress=None):
 
 
 def _write_ends(model, recipe, ctx, stream, partial, name: str) -> dict:
-    """The ends (embedding, final norm, head) read in, transformed, written as shard `name` and released; the stream
-    starts from the embedding as written. Returns their weight map. A function of its own so that nothing keeps the
-    ends' float32 tensors past it (a 7B's embedding and untied head: 2 GiB through every layer otherwise)."""
+    """The ends (embedding, final norm, head) read in, transformed, written as shard `name` and released, a block of
+    vocabulary rows at a time; the stream starts from the embedding as written. Returns their weight map.
+
+    Every transform of the ends acts on each row of the [vocab, d_model] matrices alone (the norm fused into the
+    head's columns, the residual rotation h -> h Q), so each block goes through the recipe's own ends transforms as the
+    whole matrices would, with a fresh copy of norm_f (fusing sets it to ones), and the rows come out as they would
+    whole: the blocks are a multiple of fold's float64 row blocks, so the same products run (tests/test_streamed.py).
+    What is held is one block of each end, not the float32 embedding and head (Mamba2-8B's vocabulary of 256000:
+    7.8 GiB)."""
+    from mq_deploy.models.loaders import read_rows
     from mq_deploy.transforms import fold
 
-    materialize_ends(model)
-    model.stream_window = Window(ends=True)
-    if recipe.fuses_norms:
-        fold.fuse_end_norm(model)
-    if recipe.ends is not None:
-        recipe.ends(model, ctx)
-    stream.embed()
-    ends = {"embedding.weight": model.embedding.weight, "norm_f.weight": model.norm_f.weight}
-    if not model.cfg.tie_embeddings:      # (fuse_end_norm unties it)
-        ends["lm_head.weight"] = model.lm_head.weight
-    partial.write(name, ends, metadata={"format": "pt"})
-    for sub in ("embedding", "norm_f", "lm_head"):
-        release(model.get_submodule(sub))
-    return {k: name for k in ends}
+    emb = model.embedding.weight                      # on the meta device: only the shape is read
+    vocab, width = emb.shape
+    rows = ENDS_ROW_BLOCKS * fold.row_block(width)
+    tied = model.cfg.tie_embeddings
+    meta = {"embedding": model.embedding.weight, "lm_head": model.lm_head.weight}
+    shapes = None
+    with contextlib.ExitStack() as stack:
+        for start in range(0, vocab, rows):
+            stop = min(vocab, start + rows)
+            model.cfg.tie_embeddings = tied           # (fuse_end_norm unties it, a block at a time)
+            materialize(model, "norm_f")              # the checkpoint's, for every block
+            model.embedding.weight = torch.nn.Parameter(read_rows(model, "embedding.weight", start, stop),
+                                                        requires_grad=False)
+            model.lm_head.weight = (model.embedding.weight if tied else
+                                    torch.nn.Parameter(read_rows(model, "lm_head.weight", start, stop),
+                                                       requires_grad=False))
+            model.stream_window = Window(ends=True)
+            if recipe.fuses_norms:
+                fold.fuse_end_norm(model)
+            if recipe.ends is not None:
+                recipe.ends(model, ctx)
+            ends = {"embedding.weight": model.embedding.weight}
+            if not model.cfg.tie_embeddings:
+                ends["lm_head.weight"] = model.lm_head.weight
+            if shapes is None:
+                shapes = {k: (vocab, width) for k in ends}
+                shapes["norm_f.weight"] = tuple(model.norm_f.weight.shape)
+                put = stack.enter_context(partial.write_rows(name, shapes, metadata={"format": "pt"}))
+            elif set(ends) | {"norm_f.weight"} != set(shapes):
+                raise MQInternalError("the ends transforms tied or untied the head in one block of rows only")
+            for k, v in ends.items():
+                put(k, start, v)
+            stream.embed_rows(model.embedding.weight, start, last=stop == vocab)
+            if stop == vocab:
+                put("norm_f.weight", 0, model.norm_f.weight)
+            model.embedding.weight, model.lm_head.weight = meta["embedding"], meta["lm_head"]
+            release(model.norm_f)
+    if model.cfg.tie_embeddings:
+        model.lm_head.weight = model.embedding.weight
+    return {k: name for k in shapes}
 
 
 def _stats_tensors(ctx) -> dict:
     """The recipe's stats context as tensors to record: None, a tensor, or a dict of tensors."""
-    from mq_deploy.errors import MQInternalError
-
     if ctx is None:
         return {}
     if isinstance(ctx, torch.Tensor):

@@ -31,10 +31,15 @@ def assign(param, value):
 _ROW_BLOCK_BYTES = 64 << 20    # float64 rows per block of _update_rows: the temporaries of a 50k-row head stay small
 
 
+def row_block(width: int) -> int:
+    """Rows of `width` values per float64 block of _update_rows."""
+    return max(1, _ROW_BLOCK_BYTES // max(1, 8 * width))
+
+
 def _update_rows(param, fn) -> None:
     """param <- fn(float64 param), a block of rows at a time: fn must act on each row alone (W @ Q, W * w).
     A vocabulary-sized embedding or head is never held in float64 whole (2.8b: 1 GiB per copy)."""
-    rows = max(1, _ROW_BLOCK_BYTES // max(1, 8 * param[0].numel()))
+    rows = row_block(param[0].numel())
     with torch.no_grad():
         for i in range(0, param.shape[0], rows):
             blk = param[i:i + rows]
