@@ -3,8 +3,8 @@ registry must not change what Mamba1 / Vim export).
 
 tests/golden/sample_artifacts.json holds the sha256 of every file `quantize` and `export` write for
 the two samples, made by `python tests/test_artifacts_stable.py` at the commit named in it. Quantized
-weights depend on torch's version and thread count (the manifest's depends_on), so the comparison
-runs only where those match the golden's; elsewhere it is skipped with the reason.
+weights depend on torch's version and thread count (the manifest's depends_on) and on the CPU (cpu()),
+so the comparison runs only where those match the golden's; elsewhere it is skipped with the reason.
 """
 
 from __future__ import annotations
@@ -49,10 +49,27 @@ def _source(path: str) -> str:
         return json.load(f)["extra"]["source"]
 
 
+def cpu() -> str:
+    """The CPU's vendor, family and model (/proc/cpuinfo): float results are not the same on every CPU of one ISA
+    (seen: the Vim sample's quantized weights and export differ between an earlier machine's AVX2 EPYC and a family-26
+    one with the same torch and threads; the LM samples' do not)."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    break
+                k, _, v = line.partition(":")
+                fields[k.strip()] = v.strip()
+    except OSError:
+        return "unknown"
+    return f"{fields.get('vendor_id', '?')} family {fields.get('cpu family', '?')} model {fields.get('model', '?')}"
+
+
 def environment() -> dict:
     import torch
 
-    return {"torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+    return {"torch": torch.__version__, "torch_threads": torch.get_num_threads(), "cpu": cpu()}
 
 
 def artifact_hashes(work: str, sources: dict | None = None) -> tuple:
