@@ -50,9 +50,10 @@ def _source(path: str) -> str:
 
 
 def cpu() -> str:
-    """The CPU's vendor, family and model (/proc/cpuinfo): float results are not the same on every CPU of one ISA
-    (seen: the Vim sample's quantized weights and export differ between an earlier machine's AVX2 EPYC and a family-26
-    one with the same torch and threads; the LM samples' do not)."""
+    """The CPU's vendor, family and model (/proc/cpuinfo): torch picks its float kernels by the CPU (its vector ISA,
+    torch.backends.cpu.get_cpu_capability(), among others), and the results move with them (seen: the Vim sample's
+    quantized weights and export differ between an earlier machine's AVX2-only EPYC and an AVX-512 one of family 26,
+    same torch and threads; the LM samples' do not)."""
     fields = {}
     try:
         with open("/proc/cpuinfo") as f:
