@@ -155,17 +155,24 @@ def test_streamed_int8_kv_cache_with_two_attention_layers(tmp_path):
     assert [c.kv_cache for c in la.config.layer_configs() if hasattr(c, "kv_cache")] == ["int8", "int8"]
 
 
-@pytest.mark.parametrize("kind", ["nemotron-bf16-sharded", "falcon-tied"])
+@pytest.mark.parametrize("kind", ["nemotron-bf16-sharded", "falcon-tied", "granite-muP"])
 def test_ends_are_written_a_block_of_vocabulary_rows_at_a_time(tmp_path, monkeypatch, kind):
     """The embedding and head go through their transforms a block of rows at a time (quant.streamed._write_ends): with
     blocks of 24 of the 256 rows (the last one short) the checkpoint is the one a single block gives, tensor for tensor
-    and scale for scale, on a bf16 sharded Nemotron-H with its own head and on a FalconMamba whose tied head the recipe
-    unties; at most one block of each end is read from the checkpoint at a time."""
+    and scale for scale, on a bf16 sharded Nemotron-H with its own head, a FalconMamba whose tied head the recipe
+    unties, and a Granite-4.0-H with an embedding multiplier (also held to the whole-model quantize); at most one block
+    of each end is read from the checkpoint at a time."""
     import mq_deploy.quant.streamed as streamed_mod
     from mq_deploy.transforms import fold
 
     if kind == "falcon-tied":
         src, text = _falcon(tmp_path, 2)
+    elif kind == "granite-muP":
+        from test_hybrids import _granite
+
+        src, text = _granite(tmp_path, "rope-muP", vocab=256)[1], os.path.join(SAMPLES, "hybrid-byte-lm", "data",
+                                                                                 "calib.txt")
+        assert loaders.load_model(src, lazy=True).model.cfg.embedding_multiplier == 12.0
     else:
         src, text = _nemotron_bf16(tmp_path), os.path.join(SAMPLES, "hybrid-byte-lm", "data", "calib.txt")
     assert loaders.load_model(src, lazy=True).model.cfg.tie_embeddings == (kind == "falcon-tied")
@@ -195,6 +202,8 @@ def test_ends_are_written_a_block_of_vocabulary_rows_at_a_time(tmp_path, monkeyp
     assert ca.act_scales.keys() == cb.act_scales.keys() and ca.weight_scales.keys() == cb.weight_scales.keys()
     assert all(torch.equal(torch.as_tensor(ca.act_scales[k]), torch.as_tensor(cb.act_scales[k])) for k in ca.act_scales)
     assert all(torch.equal(ca.weight_scales[k], cb.weight_scales[k]) for k in ca.weight_scales)
+    if kind == "granite-muP":      # the stream's first input scaled as MambaLM._embed scales it
+        _same_checkpoint(_quantize(src, str(tmp_path / "whole"), text, stream="off"), out[1])
 
 
 def _falcon(tmp_path, layers):
