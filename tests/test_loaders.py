@@ -156,3 +156,40 @@ def test_our_format_round_trip(tmp_path, tied):
         assert torch.equal(loaded.model(ids), m(ids))
     with pytest.raises(Exception, match="already exists"):
         save_model(m, tmp_path / "out")
+
+
+def test_large_tensors_are_read_a_block_of_rows_at_a_time(tmp_path, monkeypatch):
+    """Past loaders._FILL_BLOCK_BYTES (here 1 KiB) a tensor is read and copied a block of rows at a time (a 256000-token
+    embedding is 4 GiB, its copy as read as much again): the same model as read whole, from a sharded bf16 checkpoint
+    and from an mq-deploy one; a NaN in a later block is still one line naming the tensor."""
+    from mq_deploy.models import loaders
+
+    m = hf_model(hidden_size=48, num_hidden_layers=2, tie_word_embeddings=False)
+    m.save_pretrained(tmp_path / "hf", max_shard_size="40KB")
+    whole = load_model(str(tmp_path / "hf")).model.state_dict()
+    calls = []
+    get_rows = loaders.SafetensorsSource.get_rows
+
+    def recorded(self, name, start, stop):
+        calls.append((name, start, stop))
+        return get_rows(self, name, start, stop)
+
+    monkeypatch.setattr(loaders, "_FILL_BLOCK_BYTES", 1024)
+    monkeypatch.setattr(loaders.SafetensorsSource, "get_rows", recorded)
+    blocks = load_model(str(tmp_path / "hf"))
+    assert {n for n, _, _ in calls} >= {"backbone.embeddings.weight", "lm_head.weight"}
+    assert max(b - a for n, a, b in calls if n == "lm_head.weight") == 1024 // (48 * 4)     # 5 rows of 48 floats
+    got = blocks.model.state_dict()
+    assert got.keys() == whole.keys() and all(torch.equal(got[k], whole[k]) for k in whole)
+    save_model(blocks.model, tmp_path / "ours")
+    assert all(torch.equal(v, whole[k]) for k, v in load_model(str(tmp_path / "ours")).model.state_dict().items())
+
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "ours" / "model.safetensors"
+    sd = load_file(path)
+    sd["embedding.weight"][-1, 3] = float("nan")        # in the last block of rows
+    os.unlink(path)
+    save_file(sd, path)
+    with pytest.raises(Exception, match="embedding.weight holds NaN"):
+        load_model(str(tmp_path / "ours"))

@@ -166,3 +166,20 @@ def test_verify_checks_the_preprocessing_run_applies(tmp_path, capsys):
     bad = [c for c in r["checks"] if not c["passed"]]
     assert [c["kind"] for c in bad] == ["preprocessing"] and "image_std (0.25,)" in bad[0]["check"]
     assert r["noise_floor"] is None                # a metadata mismatch is no rounding question
+
+
+def test_bits_per_byte_a_block_of_rows_at_a_time(monkeypatch):
+    """verify's cross-entropy runs on blocks of logits rows (float64 logits of two windows over a 256000-token
+    vocabulary are 2 GiB): blocks of 7 rows give the one-block figure to float64 rounding."""
+    import numpy as np
+
+    from mq_deploy.verify import verify as verify_mod
+
+    rng = np.random.default_rng(0)
+    logits = (rng.standard_normal((3, 50, 97)) * 4).astype(np.float32)
+    targets = rng.integers(0, 97, size=(3, 50))
+    whole = verify_mod._bits(logits, targets, 400)
+    monkeypatch.setattr(verify_mod, "_BITS_BLOCK_BYTES", 7 * 8 * 97)
+    blocks = verify_mod._bits(logits, targets, 400)
+    print(whole, blocks)
+    assert blocks == pytest.approx(whole, rel=1e-12) and whole > 0

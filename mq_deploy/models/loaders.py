@@ -620,8 +620,13 @@ def load_into(cfg, src: TensorSource, source: str, cfg_source: str | None = None
     return model
 
 
+_FILL_BLOCK_BYTES = 256 << 20    # a larger tensor is read and copied a block of rows at a time (_fill)
+
+
 def _fill(module, prefix: str, src: TensorSource, expected: dict) -> None:
-    """Copy the tensors named `prefix` + a name of `module`'s state into it (allocated), checking each is finite."""
+    """Copy the tensors named `prefix` + a name of `module`'s state into it (allocated), checking each is finite.
+    A tensor past _FILL_BLOCK_BYTES (a vocabulary-sized embedding or head) goes a block of rows at a time, so its
+    copy as read is never held beside it whole (Mamba2-8B's 256000 x 4096: 4 GiB each)."""
     params = dict(module.named_parameters(remove_duplicate=False))
     params.update(dict(module.named_buffers()))
     with torch.no_grad():
@@ -629,11 +634,17 @@ def _fill(module, prefix: str, src: TensorSource, expected: dict) -> None:
             k = prefix + name
             if k not in expected:
                 continue
-            t = src.get(k)
-            if not torch.isfinite(t).all():
-                raise MQUserError(f"{shown(src.origin[k])}: tensor {k} holds NaN or Inf")
-            p.copy_(t)
-            del t
+            if p.dim() < 2 or p.numel() * p.element_size() <= _FILL_BLOCK_BYTES:
+                blocks = [(None, None)]
+            else:
+                step = max(1, _FILL_BLOCK_BYTES // (p[0].numel() * p.element_size()))
+                blocks = [(a, min(len(p), a + step)) for a in range(0, len(p), step)]
+            for a, b in blocks:
+                t = src.get(k) if a is None else src.get_rows(k, a, b)
+                if not torch.isfinite(t).all():
+                    raise MQUserError(f"{shown(src.origin[k])}: tensor {k} holds NaN or Inf")
+                (p if a is None else p[a:b]).copy_(t)
+                del t
 
 
 def materialize(model, name: str) -> torch.nn.Module:

@@ -93,13 +93,22 @@ class VerifyConfig:
             raise MQUserError(f"--seq-len must be at least 2, got {self.seq_len}")
 
 
+_BITS_BLOCK_BYTES = 64 << 20     # float64 logits per block of _bits (a 256000-token vocabulary: 32 rows)
+
+
 def _bits(logits: np.ndarray, targets: np.ndarray, nbytes: int | None = None) -> float:
-    """Next-token cross-entropy in bits (float64), per byte covered when nbytes is given, else per token."""
+    """Next-token cross-entropy in bits (float64), per byte covered when nbytes is given, else per token. A block of
+    rows at a time: two windows of 512 positions over a 256000-token vocabulary are 2 GiB in float64, and the
+    log-softmax as much again."""
     import torch
 
     from mq_deploy.verify.metrics import nats
 
-    total = nats(torch.from_numpy(logits).double(), torch.from_numpy(np.asarray(targets, np.int64)))
+    lg = logits.reshape(-1, logits.shape[-1])
+    tg = np.asarray(targets, np.int64).reshape(-1)
+    rows = max(1, _BITS_BLOCK_BYTES // (8 * max(1, lg.shape[1])))
+    total = sum(nats(torch.from_numpy(lg[i:i + rows]).double(), torch.from_numpy(tg[i:i + rows]))
+                for i in range(0, len(lg), rows))
     return total / math.log(2) / (nbytes if nbytes else targets.size)
 
 
@@ -246,7 +255,9 @@ def verify(artifact_runner, reference_runner, cfg: VerifyConfig, progress=None) 
             bar.update(1)
     if not targets:
         raise MQUserError("verify: the data gave no samples")
-    cat, cat_ref = _joined(got), _joined(ref)
+    counts = [len(x) for x in targets]
+    cat, got = _joined(got), None          # (the batches' arrays go as they are joined: at a 256000-token
+    cat_ref, ref = _joined(ref), None      # vocabulary, two windows of logits are 1 GiB a side)
     outputs = {k: compare_outputs(cat[k], cat_ref[k], classes=k == "logits") for k in cat_ref}
     t = np.concatenate(targets)
     total_bytes = None if any(b is None for b in nbytes) else int(sum(nbytes))
@@ -266,7 +277,8 @@ def verify(artifact_runner, reference_runner, cfg: VerifyConfig, progress=None) 
         if all("kind" in c and c["kind"] != "preprocessing" for c in failed):
             nb = next((i + 1 for i in range(len(targets)) if sum(len(x) for x in targets[:i + 1]) >= NOISE_SAMPLES),
                       len(targets))
-            sub_ref = _joined({k: v[:nb] for k, v in ref.items()})
+            n = sum(counts[:nb])          # the first nb batches, along each output's batch axis (as _joined)
+            sub_ref = {k: (v[:, :n] if k.endswith("_out") and k != "logits" else v[:n]) for k, v in cat_ref.items()}
             sub_bytes = None if total_bytes is None else int(sum(nbytes[:nb]))
             floor = noise_floor(reference_runner, cfg, step, sub_ref, np.concatenate(targets[:nb]), sub_bytes,
                                 progress, max_batches=nb)
