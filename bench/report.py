@@ -681,6 +681,11 @@ def scale_stream_table(src):
                 streamed = kind in ("quantize", "export", "verify") and "--stream " in stage and \
                     "--stream off" not in stage
                 goal = STREAM_GOALS.get((row["shape"], kind)) if streamed else None
+                if st["peak_rss_gib"] is None:     # the stage's process died before reporting (a signal's rc < 0)
+                    rc = f"{st['rc']} (killed by signal {-st['rc']})" if st["rc"] < 0 else str(st["rc"])
+                    out.append(f"{head} {stage} | {rc} | {st['seconds']:.1f} | not recorded | {st['load']:.1f} | |")
+                    head = "| | |"
+                    continue
                 g = "" if goal is None else \
                     f"<= {goal:.0f} GiB: **{'met' if st['rc'] in (0, 1) and st['peak_rss_gib'] <= goal else 'missed'}**"
                 out.append(f"{head} {stage} | {st['rc']} | {st['seconds']:.1f} | {st['peak_rss_gib']:.2f} | "
