@@ -161,7 +161,7 @@ def test_ends_are_written_a_block_of_vocabulary_rows_at_a_time(tmp_path, monkeyp
     blocks of 24 of the 256 rows (the last one short) the checkpoint is the one a single block gives, tensor for tensor
     and scale for scale, on a bf16 sharded Nemotron-H with its own head, a FalconMamba whose tied head the recipe
     unties, and a Granite-4.0-H with an embedding multiplier (also held to the whole-model quantize); at most one block
-    of each end is read from the checkpoint at a time."""
+    of each end is read from the checkpoint at a time, the statistics pass's embedding included."""
     import mq_deploy.quant.streamed as streamed_mod
     from mq_deploy.transforms import fold
 
@@ -184,7 +184,14 @@ def test_ends_are_written_a_block_of_vocabulary_rows_at_a_time(tmp_path, monkeyp
         reads.append((name, start, stop))
         return read_rows(model, name, start, stop)
 
-    monkeypatch.setattr(loaders, "read_rows", recorded)
+    monkeypatch.setattr(streamed_mod, "read_rows", recorded)        # the statistics pass's and the ends' reads
+    whole, materialize = [], streamed_mod.materialize
+
+    def materialize_recorded(model, name):
+        whole.append(name)
+        return materialize(model, name)
+
+    monkeypatch.setattr(streamed_mod, "materialize", materialize_recorded)
     out = {}
     for blocks in (1, 1000):
         monkeypatch.setattr(streamed_mod, "ENDS_ROW_BLOCKS", blocks)
@@ -193,6 +200,7 @@ def test_ends_are_written_a_block_of_vocabulary_rows_at_a_time(tmp_path, monkeyp
         assert max(stop - start for _, start, stop in reads) == min(256, 24 * blocks), reads
         assert {n for n, _, _ in reads} == ({"embedding.weight"} if kind == "falcon-tied"      # (its rows, once)
                                             else {"embedding.weight", "lm_head.weight"})
+        assert not {"embedding", "lm_head"} & set(whole), whole        # never read whole
     a, b = loaders.load_model(out[1]), loaders.load_model(out[1000])
     sa, sb = a.model.state_dict(), b.model.state_dict()
     assert sa.keys() == sb.keys() and "lm_head.weight" in sa and not a.model.cfg.tie_embeddings

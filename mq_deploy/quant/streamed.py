@@ -39,7 +39,7 @@ import torch
 
 from mq_deploy.calib.collect import Window
 from mq_deploy.errors import MQInternalError, MQUserError
-from mq_deploy.models.loaders import materialize, release
+from mq_deploy.models.loaders import materialize, read_rows, release
 from mq_deploy.models.points import mixer_prefix
 from mq_deploy.quant.partial import STATS
 
@@ -59,17 +59,12 @@ class _Stream:
         self.h = self.emb = None
         self.runs = 0           # passes of the current layer (layer_loop) so far
 
-    def embed(self):
-        """The stream's first input from the embedding in memory."""
-        with torch.no_grad():
-            self.h = self.model._embed(self.data)
-        self.emb = self.h.clone() if self.reads_emb else None
-
     def embed_rows(self, rows, start: int, last: bool):
-        """embed() from the embedding a block of rows at a time: rows [start, start + len(rows)) of it; `last`: the
-        final block (the embedding multiplier then applies, as in MambaLM._embed)."""
+        """The stream's first input (MambaLM._embed of the calibration tokens) from the embedding a block of rows at a
+        time, in order: rows [start, start + len(rows)) of it; `last`: the final block (the embedding multiplier then
+        applies, as in MambaLM._embed)."""
         with torch.no_grad():
-            if self.h is None:
+            if start == 0:
                 self.h = torch.zeros(*self.data.shape, rows.shape[1], dtype=rows.dtype)
             ids = self.data - start
             hit = (ids >= 0) & (ids < len(rows))
@@ -241,9 +236,7 @@ def quantize_layers(loaded, loop, cfg, tmp: str, partial, progress=None):
             if not partial.done:
                 _restore_rng(partial, partial.state())
         else:
-            materialize(model, "embedding")
-            stream.embed()
-            release(model.embedding)
+            _embed_rows(model, stream, lambda start, stop: read_rows(model, "embedding.weight", start, stop))
             ctx = recipe.stats(model, stream.full_loop(fuse, say), cfg)
             partial.write(STATS, _stats_tensors(ctx))
             partial.commit({}, stats=True)
@@ -290,6 +283,18 @@ def quantize_layers(loaded, loop, cfg, tmp: str, partial, progress=None):
     return {"act_scales": act_scales, "weight_scales": weight_scales}, flags
 
 
+def _embed_rows(model, stream, read):
+    """The stream's first input from the embedding as `read(start, stop)` gives its rows, a block at a time (the
+    statistics passes start from the checkpoint's embedding: a vocabulary of 256000 x 4096 is 4 GiB in float32)."""
+    from mq_deploy.transforms import fold
+
+    vocab, width = model.embedding.weight.shape       # (on the meta device: only the shape is read)
+    rows = ENDS_ROW_BLOCKS * fold.row_block(width)
+    for start in range(0, vocab, rows):
+        stop = min(vocab, start + rows)
+        stream.embed_rows(read(start, stop), start, last=stop == vocab)
+
+
 def _write_ends(model, recipe, ctx, stream, partial, name: str) -> dict:
     """The ends (embedding, final norm, head) read in, transformed, written as shard `name` and released, a block of
     vocabulary rows at a time; the stream starts from the embedding as written. Returns their weight map.
@@ -300,7 +305,6 @@ def _write_ends(model, recipe, ctx, stream, partial, name: str) -> dict:
     whole: the blocks are a multiple of fold's float64 row blocks, so the same products run (tests/test_streamed.py).
     What is held is one block of each end, not the float32 embedding and head (Mamba2-8B's vocabulary of 256000:
     7.8 GiB)."""
-    from mq_deploy.models.loaders import read_rows
     from mq_deploy.transforms import fold
 
     emb = model.embedding.weight                      # on the meta device: only the shape is read
