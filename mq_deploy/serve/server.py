@@ -318,7 +318,12 @@ def server_command(install: ServerInstall, repo: str, host: str, http_port: int,
            *metrics, "--allow-sagemaker=false", "--allow-vertex-ai=false",
            "--exit-on-error=true", "--strict-readiness=true", "--log-verbose=0",
            # on SIGINT the server waits this long for clients to close their connections
-           "--exit-timeout-secs=10"]
+           "--exit-timeout-secs=10",
+           # one model loaded at a time: with the default pool, pytriton's server crashed at startup on this 2-core
+           # machine now and then, in the Python backend (SIGSEGV, boost::interprocess::lock_exception), while its
+           # models' stubs started side by side (tests/test_serve_server.py: 1 of 3 runs under CPU load, 0 of 4 with
+           # this flag)
+           "--model-load-thread-count=1"]
     if install.backend_dir:
         cmd.append(f"--backend-directory={install.backend_dir}")
     return cmd + list(extra)
