@@ -623,6 +623,13 @@ def load_into(cfg, src: TensorSource, source: str, cfg_source: str | None = None
 _FILL_BLOCK_BYTES = 256 << 20    # a larger tensor is read and copied a block of rows at a time (_fill)
 
 
+def _finite(src: TensorSource, k: str, t: torch.Tensor) -> torch.Tensor:
+    """t (tensor k of src, or rows of it), refused in one line when it holds NaN or Inf."""
+    if not torch.isfinite(t).all():
+        raise MQUserError(f"{shown(src.origin[k])}: tensor {k} holds NaN or Inf")
+    return t
+
+
 def _fill(module, prefix: str, src: TensorSource, expected: dict) -> None:
     """Copy the tensors named `prefix` + a name of `module`'s state into it (allocated), checking each is finite.
     A tensor past _FILL_BLOCK_BYTES (a vocabulary-sized embedding or head) goes a block of rows at a time, so its
@@ -640,9 +647,7 @@ def _fill(module, prefix: str, src: TensorSource, expected: dict) -> None:
                 step = max(1, _FILL_BLOCK_BYTES // (p[0].numel() * p.element_size()))
                 blocks = [(a, min(len(p), a + step)) for a in range(0, len(p), step)]
             for a, b in blocks:
-                t = src.get(k) if a is None else src.get_rows(k, a, b)
-                if not torch.isfinite(t).all():
-                    raise MQUserError(f"{shown(src.origin[k])}: tensor {k} holds NaN or Inf")
+                t = _finite(src, k, src.get(k) if a is None else src.get_rows(k, a, b))
                 (p if a is None else p[a:b]).copy_(t)
                 del t
 
@@ -709,10 +714,7 @@ def read_rows(model, name: str, start: int, stop: int) -> torch.Tensor:
     give it whole."""
     lw: LazyWeights = model.lazy_weights
     key = "embedding.weight" if name == "lm_head.weight" and getattr(model.cfg, "tie_embeddings", False) else name
-    t = lw.src.get_rows(key, start, stop)
-    if not torch.isfinite(t).all():
-        raise MQUserError(f"{shown(lw.src.origin[key])}: tensor {key} holds NaN or Inf")
-    return t.to(torch.float32).contiguous()
+    return _finite(lw.src, key, lw.src.get_rows(key, start, stop)).to(torch.float32).contiguous()
 
 
 def release(module: torch.nn.Module) -> None:

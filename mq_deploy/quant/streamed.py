@@ -236,7 +236,7 @@ def quantize_layers(loaded, loop, cfg, tmp: str, partial, progress=None):
             if not partial.done:
                 _restore_rng(partial, partial.state())
         else:
-            _embed_rows(model, stream, lambda start, stop: read_rows(model, "embedding.weight", start, stop))
+            _embed_checkpoint(model, stream)
             ctx = recipe.stats(model, stream.full_loop(fuse, say), cfg)
             partial.write(STATS, _stats_tensors(ctx))
             partial.commit({}, stats=True)
@@ -283,16 +283,22 @@ def quantize_layers(loaded, loop, cfg, tmp: str, partial, progress=None):
     return {"act_scales": act_scales, "weight_scales": weight_scales}, flags
 
 
-def _embed_rows(model, stream, read):
-    """The stream's first input from the embedding as `read(start, stop)` gives its rows, a block at a time (the
-    statistics passes start from the checkpoint's embedding: a vocabulary of 256000 x 4096 is 4 GiB in float32)."""
+def _vocab_blocks(model):
+    """(start, stop) of the blocks of vocabulary rows the ends go through, in order (ENDS_ROW_BLOCKS of fold's float64
+    row blocks each; the embedding is on the meta device here: only its shape is read)."""
     from mq_deploy.transforms import fold
 
-    vocab, width = model.embedding.weight.shape       # (on the meta device: only the shape is read)
+    vocab, width = model.embedding.weight.shape
     rows = ENDS_ROW_BLOCKS * fold.row_block(width)
-    for start in range(0, vocab, rows):
-        stop = min(vocab, start + rows)
-        stream.embed_rows(read(start, stop), start, last=stop == vocab)
+    return [(start, min(vocab, start + rows)) for start in range(0, vocab, rows)]
+
+
+def _embed_checkpoint(model, stream):
+    """The stream's first input from the checkpoint's embedding, a block of rows at a time (the statistics passes start
+    from it: a vocabulary of 256000 x 4096 is 4 GiB in float32)."""
+    blocks = _vocab_blocks(model)
+    for start, stop in blocks:
+        stream.embed_rows(read_rows(model, "embedding.weight", start, stop), start, last=stop == blocks[-1][1])
 
 
 def _write_ends(model, recipe, ctx, stream, partial, name: str) -> dict:
@@ -307,15 +313,13 @@ def _write_ends(model, recipe, ctx, stream, partial, name: str) -> dict:
     7.8 GiB)."""
     from mq_deploy.transforms import fold
 
-    emb = model.embedding.weight                      # on the meta device: only the shape is read
-    vocab, width = emb.shape
-    rows = ENDS_ROW_BLOCKS * fold.row_block(width)
+    blocks = _vocab_blocks(model)
+    vocab, width = model.embedding.weight.shape       # (on the meta device: only the shape is read)
     tied = model.cfg.tie_embeddings
     meta = {"embedding": model.embedding.weight, "lm_head": model.lm_head.weight}
     shapes = None
     with contextlib.ExitStack() as stack:
-        for start in range(0, vocab, rows):
-            stop = min(vocab, start + rows)
+        for start, stop in blocks:
             model.cfg.tie_embeddings = tied           # (fuse_end_norm unties it, a block at a time)
             materialize(model, "norm_f")              # the checkpoint's, for every block
             model.embedding.weight = torch.nn.Parameter(read_rows(model, "embedding.weight", start, stop),

@@ -275,8 +275,7 @@ def verify(artifact_runner, reference_runner, cfg: VerifyConfig, progress=None) 
     if failed:
         verdict = "failed"
         if all("kind" in c and c["kind"] != "preprocessing" for c in failed):
-            nb = next((i + 1 for i in range(len(targets)) if sum(len(x) for x in targets[:i + 1]) >= NOISE_SAMPLES),
-                      len(targets))
+            nb = next((i + 1 for i in range(len(counts)) if sum(counts[:i + 1]) >= NOISE_SAMPLES), len(counts))
             n = sum(counts[:nb])          # the first nb batches, along each output's batch axis (as _joined)
             sub_ref = {k: (v[:, :n] if k.endswith("_out") and k != "logits" else v[:n]) for k, v in cat_ref.items()}
             sub_bytes = None if total_bytes is None else int(sum(nbytes[:nb]))
