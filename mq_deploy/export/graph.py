@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from mq_deploy.errors import MQInternalError, MQUserError
+from mq_deploy.export import qlinear_op
 from mq_deploy.export.onnx_file import EXTERNAL_MIN_BYTES
 from mq_deploy.export.scan_op import DOMAIN
 from mq_deploy.families import family_of, state_inputs
@@ -529,7 +530,8 @@ def build_model(model, quant: QuantSpec | None = None, step: bool = False, opset
     last_logits (LMs): logits of the last position only, [batch, 1, V] (what generation reads; a
     prefill then skips the vocab matmul of every other position). small_weights: see SMALL_WEIGHTS.
     fused_step (step graphs): each layer's conv, x_proj, dt_proj and scan as one mq::SelectiveStateUpdate
-    (state_update_op.py); False: the same ops unfused, as in the full graph. consume: the model's residual
+    (state_update_op.py), and each int8 linear and the int8 head as one mq::QLinear / mq::DynamicQLinear
+    (qlinear_op.py); False: the same ops unfused, as in the full graph. consume: the model's residual
     blocks are released as they go into the graph, so its float weights and their int8 copies are not all
     held at once (the model cannot run afterwards; export drops it anyway). int4_format (W4 checkpoints): how
     the int4 linears are written, INT4_FORMATS. sink: onnx_file.ExternalSink taking each large tensor as it is
@@ -605,6 +607,8 @@ def build_model(model, quant: QuantSpec | None = None, step: bool = False, opset
         inputs = [vi("images", T.FLOAT, ["batch", cfg.in_chans, cfg.img_size, cfg.img_size])]
         outputs.append(vi("logits", T.FLOAT, ["batch", cfg.num_classes]))
     b.nodes.append(helper.make_node("Identity", [logits], ["logits"]))
+    if step and fused_step and quant is not None:     # the int8 linears as one node each (qlinear_op.py)
+        b.nodes, _ = qlinear_op.fuse(b.nodes, proto.graph.initializer)
     # the ModelProto is filled in place (what helper.make_graph + make_model would build, without their copies)
     graph = proto.graph
     graph.name = "mq_deploy_" + ("int8" if quant else "fp32")
@@ -620,6 +624,7 @@ def build_model(model, quant: QuantSpec | None = None, step: bool = False, opset
             for fn in family_of(m).module().functions(m, quant is not None, op_types, opset):
                 if all(f.name != fn.name or f.domain != fn.domain for f in proto.functions):
                     proto.functions.append(fn)
+    proto.functions.extend(qlinear_op.functions(op_types, opset))
     proto.ir_version = IR_VERSION
     nbits = any(n.domain == MS_DOMAIN for n in b.nodes)
     proto.opset_import.extend([helper.make_opsetid("", opset), helper.make_opsetid(DOMAIN, 1)])

@@ -126,6 +126,8 @@ struct OrtCustomOp {
   X(99, ReleaseTensorTypeAndShapeInfo, void, (OrtTensorTypeAndShapeInfo * info))                            \
   X(162, KernelInfoGetAttributeArray_float, OrtStatus *,                                                    \
     (const OrtKernelInfo *info, const char *name, float *out, size_t *size))                                \
+  X(249, KernelInfoGetConstantInput_tensor, OrtStatus *,                                                    \
+    (const OrtKernelInfo *info, size_t index, int *is_constant, const OrtValue **out))                      \
   X(268, ShapeInferContext_GetInputTypeShape, OrtStatus *,                                                  \
     (const OrtShapeInferContext *ctx, size_t index, OrtTensorTypeAndShapeInfo **info))                      \
   X(269, ShapeInferContext_GetAttribute, OrtStatus *,                                                       \

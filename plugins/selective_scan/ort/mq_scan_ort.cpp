@@ -24,6 +24,7 @@
 
 #include "mq_selective_scan.h"
 #include "mq_ort_api.h"
+#include "qlinear_ops.h"
 #include "scan_float.h"
 #include "ssd_ops.h"
 #include "state_update.h"
@@ -767,5 +768,9 @@ extern "C" MQ_SCAN_API OrtStatus *MQ_ORT_CALL RegisterCustomOps(OrtSessionOption
   const OrtCustomOp *const *ssd = mq_scan::ssd_custom_ops(api, &n_ssd);
   for (size_t i = 0; i < n_ssd; ++i)
     if ((st = api->CustomOpDomain_Add(domain, ssd[i]))) return st;
+  size_t n_qlinear = 0;   // mq::QLinear, mq::DynamicQLinear where their kernel runs: qlinear_ops.cpp
+  const OrtCustomOp *const *qlinear = mq_scan::qlinear_custom_ops(api, &n_qlinear);
+  for (size_t i = 0; i < n_qlinear; ++i)
+    if ((st = api->CustomOpDomain_Add(domain, qlinear[i]))) return st;
   return api->AddCustomOpDomain(options, domain);
 }
