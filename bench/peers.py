@@ -442,12 +442,13 @@ def external_data(path):
 
 def onnx_sources(work, family="mamba"):
     """The cached graphs (inline weights) by (precision, case kind); the rows run their _ext copies
-    (external_data). Mamba1: its decode-step graph serves prefill and decode ("_fused": step graphs with
-    mq::SelectiveStateUpdate(Float); graphs cached before it are not reused). The SSD families: the full graph
+    (external_data). Mamba1: its decode-step graph serves prefill and decode ("_qlinear": step graphs with
+    mq::SelectiveStateUpdate(Float), mq::QLinear and mq::DynamicQLinear; graphs cached before them are not
+    reused). The SSD families: the full graph
     (mq::SSDScan, chunked) for prefill, the step graph (mq::SSDStateUpdate per layer) for decode."""
     out = {}
     for q in PRECISIONS:
-        step = os.path.join(work, f"{q}_step_fused.onnx")
+        step = os.path.join(work, f"{q}_step_qlinear.onnx")
         out[(q, "decode")] = step
         out[(q, "prefill")] = step if family == "mamba" else os.path.join(work, f"{q}_full.onnx")
     return out

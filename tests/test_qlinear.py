@@ -11,7 +11,6 @@ largest |y| (its int8 kernels scale the same exact sums; a float MatMul on dequa
 sums). Inputs reach the edges: activation codes saturating at -128 and 127, weight codes -128 and 127, K not a
 multiple of 4, N not a multiple of 16 or 64, row counts around the kernel's groups of 4 and tasks of 64."""
 
-import os
 
 import numpy as np
 import pytest
@@ -183,12 +182,12 @@ def test_step_graph_fuses_its_int8_linears_and_runs_the_same_three_ways(tmp_path
     decoding gives the same logits with the fast kernel, the reference kernel (bitwise) and the function bodies"""
     import json
 
-    from helpers import small_lm
-
     from mq_deploy.backends.ort.runner import OrtRunner
     from mq_deploy.cli.main import main
     from mq_deploy.export import qlinear_op
     from mq_deploy.models.io import save_model
+
+    from helpers import small_lm
 
     text = tmp_path / "text.txt"
     text.write_bytes(b"In the beginning God created the heaven and the earth. " * 30)

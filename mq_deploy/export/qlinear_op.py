@@ -115,10 +115,12 @@ def fuse(nodes: list, inits) -> tuple[list, int]:
     for mm in nodes:
         if mm.op_type == "MatMul" and mm.domain in ("", "ai.onnx") and len(mm.input) == 2:
             dqa, dqw = made_by(mm.input[0], "DequantizeLinear"), made_by(mm.input[1], "DequantizeLinear")
-            if dqa is None or dqw is None or len(dqa.input) != 3 or len(dqw.input) != 3 or _attr(dqa, "axis") is not None:
+            if (dqa is None or dqw is None or len(dqa.input) != 3 or len(dqw.input) != 3
+                    or _attr(dqa, "axis") is not None):
                 continue
             qa = made_by(dqa.input[0], "QuantizeLinear")
-            if qa is None or len(qa.input) != 3 or _attr(qa, "axis") is not None or list(qa.input[1:]) != list(dqa.input[1:]):
+            if (qa is None or len(qa.input) != 3 or _attr(qa, "axis") is not None
+                    or list(qa.input[1:]) != list(dqa.input[1:])):
                 continue
             w, ws, wz = dqw.input
             wm = meta.get(w)
