@@ -16,7 +16,10 @@ saved beside them), same thread count:
                                            ONNX Runtime, with the function bodies (Scan) or the native
                                            custom-op library (the same ops natively); W8A8: MambaQuant
                                            recipe, int8 LM head (DynamicQuantizeLinear + MatMulInteger),
-                                           factored online Hadamard
+                                           factored online Hadamard; each int8 linear and the head one
+                                           mq::QLinear / mq::DynamicQLinear (the native library runs them
+                                           where the CPU has AVX-512 VNNI; "no mq::QLinear": ONNX Runtime's
+                                           own int8 kernels through their function bodies, --systems only)
   mq-deploy ONNX W4A8, ORT + native ops    the same with int4 weights (MambaQuant W4A8) written as ONNX
                                            Runtime's com.microsoft.MatMulNBits (export --int4-format
                                            matmulnbits) and an int4 head (a scale per block of 32)
@@ -104,13 +107,16 @@ VOCAB = 50280
 PROMPT = 8           # decode: tokens of the prompt before the timed steps
 NEW = 128
 CASES = [("prefill-256", 1), ("prefill-1024", 1), ("decode-128", 1), ("decode-128", 8)]
+# the W8A8 artifact with the native library but without its int8 linears (MQ_ORT_QLINEAR=0: ONNX Runtime runs the
+# mq::QLinear / mq::DynamicQLinear function bodies, its own int8 kernels): what those ops buy, in the same pass
+NO_QLINEAR = "mq-deploy ONNX W8A8, ORT + native ops, no mq::QLinear"
 SYSTEMS = ["transformers fp32", "llama.cpp F32", "llama.cpp Q8_0", "llama.cpp Q4_0", "mq-deploy PyTorch fp32",
            "mq-deploy ONNX FP32, ORT (Scan body)", "mq-deploy ONNX FP32, ORT + native ops",
            "mq-deploy ONNX W8A8, ORT (Scan body)", "mq-deploy ONNX W8A8, ORT + native ops",
-           "mq-deploy ONNX W4A8, ORT + native ops"]
-# the rows a shape runs by default: Mamba1 all; the SSD families the peers and our ORT artifacts with the
-# native ops (the function-body and W4A8 rows run with --systems)
-DEFAULT_SYSTEMS = {"mamba": SYSTEMS,
+           "mq-deploy ONNX W4A8, ORT + native ops", NO_QLINEAR]
+# the rows a shape runs by default: Mamba1 all but NO_QLINEAR; the SSD families the peers and our ORT artifacts
+# with the native ops (the function-body and W4A8 rows run with --systems)
+DEFAULT_SYSTEMS = {"mamba": [s for s in SYSTEMS if s != NO_QLINEAR],
                    "mamba2": ["transformers fp32", "llama.cpp F32", "llama.cpp Q8_0", "llama.cpp Q4_0",
                               "mq-deploy ONNX FP32, ORT + native ops", "mq-deploy ONNX W8A8, ORT + native ops"]}
 DEFAULT_SYSTEMS["granitemoehybrid"] = DEFAULT_SYSTEMS["mamba2"]
@@ -759,6 +765,8 @@ def worker_onnx(system, case, batch, paths, threads, runs):
         lib = None           # OrtRunner's default: the built library
     else:
         lib = False
+    if system == NO_QLINEAR:
+        os.environ["MQ_ORT_QLINEAR"] = "0"        # read when the library registers its ops (the session below)
     kind = "prefill" if case.startswith("prefill") else "decode"
     runner = OrtRunner(paths[kind], custom_op_library=lib, threads=threads, spin=True)
     if kind == "prefill":
@@ -792,6 +800,8 @@ def profile_onnx(system, paths, threads, runs=3, prefill=1024, batches=(1, 8)):
     from mq_deploy.backends.ort.runner import OrtRunner, default_library, empty_states, session_options, state_layout
 
     lib = default_library(None if "native" in system else False)
+    if system == NO_QLINEAR:
+        os.environ["MQ_ORT_QLINEAR"] = "0"
 
     def by_op(path, make_feeds):
         runner = OrtRunner(path, custom_op_library=lib if lib else False, threads=threads, spin=True)
