@@ -113,6 +113,7 @@ class TritonPythonModel:
         self.default_n = int(p.get("default_max_new_tokens", "64"))
         self.limit = int(p.get("max_new_tokens_limit", "4096"))
         self._lock = threading.Lock()
+        self._send_lock = threading.Lock()   # one response in flight from this stub at a time (_send)
         self.max_generations = int(p.get("max_generations", "64"))
         self._active = 0         # accepted and not finished: running or waiting for a thread
         self._stop = threading.Event()
@@ -263,12 +264,22 @@ class TritonPythonModel:
                 if eos or i == n - 1:
                     piece += stream.flush().encode("utf-8")
                 out.append(pb_utils.Tensor("text", np.asarray([piece], object)))
-            sender.send(pb_utils.InferenceResponse(output_tensors=out))
+            self._send(sender, pb_utils.InferenceResponse(output_tensors=out))
             if eos:
                 if i < n - 1 and end is not None:
                     end()
                 return
             feed = [tok]
+
+    def _send(self, sender, response, flags=0):
+        # The generations' threads send one at a time. Sent side by side from many threads while clients
+        # cancelled their streams, tritonserver's Python backend died now and then (SIGSEGV, or
+        # boost::interprocess::lock_exception in libtriton_python.so), on this code and on the code before it.
+        with self._send_lock:
+            if response is None:
+                sender.send(flags=flags)
+            else:
+                sender.send(response, flags=flags)
 
     def _finish(self, sender, message=None):
         # The final flag goes out even to a cancelled or vanished client: until it is sent the request
@@ -276,9 +287,9 @@ class TritonPythonModel:
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         try:
             if message is None:
-                sender.send(flags=final)
+                self._send(sender, None, final)
             else:
-                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)), flags=final)
+                self._send(sender, pb_utils.InferenceResponse(error=pb_utils.TritonError(message)), final)
         except Exception:
             pass
 
