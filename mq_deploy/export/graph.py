@@ -607,7 +607,7 @@ def build_model(model, quant: QuantSpec | None = None, step: bool = False, opset
         inputs = [vi("images", T.FLOAT, ["batch", cfg.in_chans, cfg.img_size, cfg.img_size])]
         outputs.append(vi("logits", T.FLOAT, ["batch", cfg.num_classes]))
     b.nodes.append(helper.make_node("Identity", [logits], ["logits"]))
-    if step and fused_step and quant is not None:     # the int8 linears as one node each (qlinear_op.py)
+    if step and fused_step:     # the int8 linears (and an int8 head) as one node each (qlinear_op.py)
         b.nodes, _ = qlinear_op.fuse(b.nodes, proto.graph.initializer)
     # the ModelProto is filled in place (what helper.make_graph + make_model would build, without their copies)
     graph = proto.graph

@@ -28,13 +28,14 @@ namespace mq_scan {
 namespace {
 constexpr size_t kAlign = 64;
 
+// (a NaN saturates low, as the vector path's max/min leave it: never a float -> int conversion of a NaN)
 inline uint8_t static_code(float v, float scale) {   // int8 QuantizeLinear, zero point 0, + 128
   const float r = std::nearbyint(v / scale);
-  return static_cast<uint8_t>(static_cast<int32_t>(r < -128.f ? -128.f : (r > 127.f ? 127.f : r)) + 128);
+  return static_cast<uint8_t>(static_cast<int32_t>(!(r >= -128.f) ? -128.f : (r > 127.f ? 127.f : r)) + 128);
 }
 inline uint8_t dynamic_code(float v, float scale, int32_t zp) {   // DynamicQuantizeLinear's uint8 code
   const float r = std::nearbyint(v / scale) + static_cast<float>(zp);
-  return static_cast<uint8_t>(r < 0.f ? 0.f : (r > 255.f ? 255.f : r));
+  return static_cast<uint8_t>(!(r >= 0.f) ? 0.f : (r > 255.f ? 255.f : r));
 }
 }  // namespace
 
