@@ -24,6 +24,7 @@
 
 #include "mq_selective_scan.h"
 #include "mq_ort_api.h"
+#include "ort_op_base.h"
 #include "qlinear_ops.h"
 #include "scan_float.h"
 #include "ssd_ops.h"
@@ -656,49 +657,26 @@ OrtStatus *MQ_ORT_CALL create_kernel_float(const OrtCustomOp *, const OrtApi *, 
 
 const char *MQ_ORT_CALL op_name(const OrtCustomOp *) noexcept { return kOpName; }
 const char *MQ_ORT_CALL op_name_float(const OrtCustomOp *) noexcept { return kOpNameFloat; }
-const char *MQ_ORT_CALL op_ep(const OrtCustomOp *) noexcept { return "CPUExecutionProvider"; }
 size_t MQ_ORT_CALL input_count(const OrtCustomOp *) noexcept { return kNumInputs; }
 size_t MQ_ORT_CALL output_count(const OrtCustomOp *) noexcept { return kNumOutputs; }
 ONNXTensorElementDataType MQ_ORT_CALL input_type(const OrtCustomOp *, size_t i) noexcept {
   return is_int8_input(i) ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 }
-ONNXTensorElementDataType MQ_ORT_CALL float_type(const OrtCustomOp *, size_t) noexcept {
-  return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
-}
 ONNXTensorElementDataType MQ_ORT_CALL output_type(const OrtCustomOp *, size_t i) noexcept {
   return i == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 }
-OrtCustomOpInputOutputCharacteristic MQ_ORT_CALL required(const OrtCustomOp *, size_t) noexcept {
-  return INPUT_OUTPUT_REQUIRED;
-}
-OrtMemType MQ_ORT_CALL input_memory(const OrtCustomOp *, size_t) noexcept { return OrtMemTypeDefault; }
-int MQ_ORT_CALL one(const OrtCustomOp *) noexcept { return 1; }
-int MQ_ORT_CALL start_version(const OrtCustomOp *) noexcept { return 1; }
-int MQ_ORT_CALL end_version(const OrtCustomOp *) noexcept { return 1 << 30; }   // open-ended, as ORT's default
 
 OrtCustomOp make_op(bool is_float) {
-  OrtCustomOp op;
-  std::memset(&op, 0, sizeof op);   // the fields of API levels above kOrtApiLevel stay null
-  op.version = kOrtApiLevel;
+  OrtCustomOp op = mq_scan::op_base::base();
   op.GetName = is_float ? op_name_float : op_name;
-  op.GetExecutionProviderType = op_ep;
-  op.GetInputType = is_float ? float_type : input_type;
+  op.GetInputType = is_float ? mq_scan::op_base::float_type : input_type;
   op.GetInputTypeCount = input_count;
-  op.GetOutputType = is_float ? float_type : output_type;
+  op.GetOutputType = is_float ? mq_scan::op_base::float_type : output_type;
   op.GetOutputTypeCount = output_count;
   op.KernelDestroy = kernel_destroy;
-  op.GetInputCharacteristic = required;
-  op.GetOutputCharacteristic = required;
-  op.GetInputMemoryType = input_memory;
-  op.GetVariadicInputMinArity = one;
-  op.GetVariadicInputHomogeneity = one;
-  op.GetVariadicOutputMinArity = one;
-  op.GetVariadicOutputHomogeneity = one;
   op.CreateKernelV2 = is_float ? create_kernel_float : create_kernel;
   op.KernelComputeV2 = kernel_compute;
   op.InferOutputShapeFn = is_float ? infer_shapes_float : infer_shapes;
-  op.GetStartVersion = start_version;
-  op.GetEndVersion = end_version;
   return op;
 }
 
@@ -714,9 +692,9 @@ ONNXTensorElementDataType MQ_ORT_CALL update_input_type(const OrtCustomOp *, siz
 OrtCustomOp make_update_op(bool is_float) {
   OrtCustomOp op = make_op(is_float);
   op.GetName = is_float ? update_name_float : update_name;
-  op.GetInputType = is_float ? float_type : update_input_type;
+  op.GetInputType = is_float ? mq_scan::op_base::float_type : update_input_type;
   op.GetInputTypeCount = is_float ? update_input_count_float : update_input_count;
-  op.GetOutputType = float_type;
+  op.GetOutputType = mq_scan::op_base::float_type;
   op.GetOutputTypeCount = update_output_count;
   op.KernelDestroy = update_destroy;
   op.CreateKernelV2 = is_float ? create_update_kernel_float : create_update_kernel;

@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "ort_op_base.h"
 #include "qlinear.h"
 
 using namespace mq_ort;
@@ -250,7 +251,6 @@ template <Kind K>
 const char *MQ_ORT_CALL get_name(const OrtCustomOp *) noexcept {
   return op_name(K);
 }
-const char *MQ_ORT_CALL op_ep(const OrtCustomOp *) noexcept { return "CPUExecutionProvider"; }
 template <Kind K>
 size_t MQ_ORT_CALL input_count(const OrtCustomOp *) noexcept {
   return kInputs[static_cast<int>(K)];
@@ -262,41 +262,19 @@ ONNXTensorElementDataType MQ_ORT_CALL input_type(const OrtCustomOp *, size_t i) 
   const bool i8 = i == w || i == w + 2 || (K == Kind::kStatic && i == 2);
   return i8 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 }
-ONNXTensorElementDataType MQ_ORT_CALL float_type(const OrtCustomOp *, size_t) noexcept {
-  return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
-}
-OrtCustomOpInputOutputCharacteristic MQ_ORT_CALL required(const OrtCustomOp *, size_t) noexcept {
-  return INPUT_OUTPUT_REQUIRED;
-}
-OrtMemType MQ_ORT_CALL input_memory(const OrtCustomOp *, size_t) noexcept { return OrtMemTypeDefault; }
-int MQ_ORT_CALL one(const OrtCustomOp *) noexcept { return 1; }
-int MQ_ORT_CALL start_version(const OrtCustomOp *) noexcept { return 1; }
-int MQ_ORT_CALL end_version(const OrtCustomOp *) noexcept { return 1 << 30; }
 
 template <Kind K>
 OrtCustomOp make_op() {
-  OrtCustomOp op;
-  std::memset(&op, 0, sizeof op);   // the fields of API levels above kApiVersion stay null
-  op.version = kApiVersion;
+  OrtCustomOp op = op_base::base();
   op.GetName = get_name<K>;
-  op.GetExecutionProviderType = op_ep;
   op.GetInputType = input_type<K>;
   op.GetInputTypeCount = input_count<K>;
-  op.GetOutputType = float_type;
+  op.GetOutputType = op_base::float_type;
   op.GetOutputTypeCount = output_count;
   op.KernelDestroy = kernel_destroy;
-  op.GetInputCharacteristic = required;
-  op.GetOutputCharacteristic = required;
-  op.GetInputMemoryType = input_memory;
-  op.GetVariadicInputMinArity = one;
-  op.GetVariadicInputHomogeneity = one;
-  op.GetVariadicOutputMinArity = one;
-  op.GetVariadicOutputHomogeneity = one;
   op.CreateKernelV2 = create_kernel<K>;
   op.KernelComputeV2 = kernel_compute;
   op.InferOutputShapeFn = infer_shapes<K>;
-  op.GetStartVersion = start_version;
-  op.GetEndVersion = end_version;
   return op;
 }
 
