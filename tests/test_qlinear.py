@@ -224,7 +224,7 @@ def test_step_graph_fuses_its_int8_linears_and_runs_the_same_three_ways(tmp_path
 
 def test_fuse_leaves_what_is_not_the_exact_pattern():
     """qlinear_op.fuse rewrites a QDQ linear only when nothing else reads its intermediate values, its activation
-    scale is one per tensor and its weight int8 [K, N] with per-channel scales on axis 1"""
+    scale is one per tensor and its weight int8 [K, N] (K < MAX_K) with per-channel scales on axis 1"""
     from onnx import TensorProto as T
     from onnx import helper as h
     from onnx import numpy_helper as nh
@@ -235,7 +235,8 @@ def test_fuse_leaves_what_is_not_the_exact_pattern():
     inits = [nh.from_array(np.ones((K, N), np.int8), "w"), nh.from_array(np.ones(N, np.float32), "ws"),
              nh.from_array(np.zeros(N, np.int8), "wz"), nh.from_array(np.array(0.1, np.float32), "s"),
              nh.from_array(np.array(0, np.int8), "z"), nh.from_array(np.full(K, 0.1, np.float32), "sk"),
-             nh.from_array(np.zeros(K, np.int8), "zk"), h.make_tensor("w4", T.INT4, (K, N), [1] * (K * N))]
+             nh.from_array(np.zeros(K, np.int8), "zk"), h.make_tensor("w4", T.INT4, (K, N), [1] * (K * N)),
+             nh.from_array(np.ones((qlinear_op.MAX_K, N), np.int8), "wide")]
 
     def linear(w="w", s="s", z="z", **qattrs):
         return [h.make_node("QuantizeLinear", ["x", s, z], ["q"], **qattrs),
@@ -247,6 +248,7 @@ def test_fuse_leaves_what_is_not_the_exact_pattern():
     assert n == 1 and [x.op_type for x in nodes] == ["QLinear"] and list(nodes[0].output) == ["y"]
     for case in (linear() + [h.make_node("Relu", ["d"], ["other"])],      # the dequantized activation read twice
                  linear(s="sk", z="zk", axis=-1),                          # per-channel activation scales
-                 linear(w="w4")):                                          # an int4 weight
+                 linear(w="w4"),                                           # an int4 weight
+                 linear(w="wide")):                                        # K past the kernel's exact sums
         nodes, n = qlinear_op.fuse(case, inits)
         assert n == 0 and [x.op_type for x in nodes] == [x.op_type for x in case]

@@ -37,6 +37,9 @@ from mq_deploy.export.scan_op import DOMAIN
 OP_QLINEAR = "QLinear"
 OP_DYNAMIC = "DynamicQLinear"
 QLINEAR_INPUTS = ("x", "x_scale", "x_zero_point", "w", "w_scale", "w_zero_point")
+# the kernel's exact int32 sums hold |u w| <= 2^15 for K below this (qlinear_ops.cpp refuses larger K); a wider
+# linear keeps its QDQ form, so that a session never fails to load for it
+MAX_K = 1 << 16
 DYNAMIC_INPUTS = ("x", "w", "w_scale", "w_zero_point")
 
 
@@ -81,9 +84,9 @@ def fuse(nodes: list, inits) -> tuple[list, int]:
     """`nodes` (a graph's NodeProtos in order) with every QDQ int8 linear and int8 head pattern as one
     mq::QLinear / mq::DynamicQLinear node, placed where the pattern's last node was. Only exact patterns
     whose intermediate values nothing else reads: a per-tensor scalar activation scale and zero point, a
-    rank-2 int8 weight initializer with per-output-channel scales on axis 1 (where a quant point has per-group
-    scales, or a weight is int4, the nodes stay as they are). inits: the graph's initializers (TensorProtos;
-    only names, types and dims are read). Returns (nodes, how many linears were fused)."""
+    rank-2 int8 weight initializer with per-output-channel scales on axis 1 and K < MAX_K (where a quant point
+    has per-group scales, or a weight is int4 or wider, the nodes stay as they are). inits: the graph's
+    initializers (TensorProtos; only names, types and dims are read). Returns (nodes, how many linears were fused)."""
     from onnx import TensorProto
     from onnx import helper as h
 
@@ -125,7 +128,8 @@ def fuse(nodes: list, inits) -> tuple[list, int]:
             w, ws, wz = dqw.input
             wm = meta.get(w)
             axis = _attr(dqw, "axis")
-            if (wm is None or wm[0] != TensorProto.INT8 or len(wm[1]) != 2 or axis is None or axis.i != 1
+            if (wm is None or wm[0] != TensorProto.INT8 or len(wm[1]) != 2 or wm[1][0] >= MAX_K
+                    or axis is None or axis.i != 1
                     or not channels(ws, TensorProto.FLOAT, wm[1][1]) or not channels(wz, TensorProto.INT8, wm[1][1])
                     or not scalar(qa.input[1], TensorProto.FLOAT) or not scalar(qa.input[2], TensorProto.INT8)
                     or not (only(qa.output[0]) and only(dqa.output[0]) and only(dqw.output[0]))):
@@ -144,7 +148,7 @@ def fuse(nodes: list, inits) -> tuple[list, int]:
                 continue
             w, wz, ws = acc.input[1], acc.input[3], sc.input[1]
             wm = meta.get(w)
-            if (wm is None or wm[0] != TensorProto.INT8 or len(wm[1]) != 2
+            if (wm is None or wm[0] != TensorProto.INT8 or len(wm[1]) != 2 or wm[1][0] >= MAX_K
                     or not channels(ws, TensorProto.FLOAT, wm[1][1]) or not channels(wz, TensorProto.INT8, wm[1][1])
                     or not all(only(o) for o in (*dql.output, acc.output[0], cast.output[0], sc.output[0]))):
                 continue

@@ -74,8 +74,10 @@ OrtStatus *read_tensor(Kind k, const OrtValue *v, Tensor *t) {
 }
 
 OrtStatus *check_weight(Kind k, const Tensor &w) {
-  if (w.rank != 2 || w.d[0] < 1 || w.d[1] < 1 || w.d[0] >= (int64_t{1} << 16))
-    return error(k, "w must be int8 [K, N] with 1 <= K < 65536, got rank " + std::to_string(w.rank));
+  if (w.rank != 2) return error(k, "w must be int8 [K, N], got rank " + std::to_string(w.rank));
+  if (w.d[0] < 1 || w.d[1] < 1 || w.d[0] >= (int64_t{1} << 16))   // (qlinear_op.MAX_K: export never writes one)
+    return error(k, "w must be [K, N] with 1 <= K < 65536 and N >= 1, got [" + std::to_string(w.d[0]) + ", " +
+                        std::to_string(w.d[1]) + "]");
   return nullptr;
 }
 
