@@ -221,6 +221,24 @@ def test_step_graph_fuses_its_int8_linears_and_runs_the_same_three_ways(tmp_path
     for mode, got in out.items():
         _check(got, out["ref"], mode, "decode")
 
+    # an edited file: a zero or NaN weight scale, a negative activation scale of one node, refused in one line
+    # when the runner opens it (the function bodies would run them silently)
+    from mq_deploy.errors import MQUserError
+
+    for op, index, value in ((qlinear_op.OP_QLINEAR, 4, 0.0), (qlinear_op.OP_DYNAMIC, 2, float("nan")),
+                             (qlinear_op.OP_QLINEAR, 1, -0.5)):
+        edited = onnx.load(step)
+        name = next(n for n in edited.graph.node if n.op_type == op).input[index]
+        t = next(t for t in edited.graph.initializer if t.name == name)
+        arr = onnx.numpy_helper.to_array(t).copy()
+        arr.flat[0] = value
+        t.CopyFrom(onnx.numpy_helper.from_array(arr, name))
+        bad = str(tmp_path / f"edited_{op}_{index}.onnx")
+        onnx.save(edited, bad)
+        with pytest.raises(MQUserError) as e:
+            OrtRunner(bad)
+        assert f"the scale {name} of a {op} node holds" in str(e.value) and "\n" not in str(e.value)
+
 
 def test_fuse_leaves_what_is_not_the_exact_pattern():
     """qlinear_op.fuse rewrites a QDQ linear only when nothing else reads its intermediate values, its activation

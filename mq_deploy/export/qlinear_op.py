@@ -41,6 +41,8 @@ QLINEAR_INPUTS = ("x", "x_scale", "x_zero_point", "w", "w_scale", "w_zero_point"
 # linear keeps its QDQ form, so that a session never fails to load for it
 MAX_K = 1 << 16
 DYNAMIC_INPUTS = ("x", "w", "w_scale", "w_zero_point")
+# each op's scale inputs (by index), which a runner checks like QuantizeLinear's before running a file
+SCALE_INPUTS = {OP_QLINEAR: (1, 4), OP_DYNAMIC: (2,)}
 
 
 def qlinear_function(opset: int = 21):

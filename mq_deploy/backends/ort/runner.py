@@ -180,12 +180,13 @@ def check_mq_nodes(proto, path: str, config=None) -> None:
     """The attributes of the graph's mq:: nodes, as the native ops check them when they load (the function
     bodies would run a NaN or negative scale silently): *_scale finite and > 0, norm_eps finite and >= 0,
     out_dtype 1 (float) or 10 (float16), layer inside the stacked states; every scale the op's contract
-    names present. Also the inline scales of QuantizeLinear / DequantizeLinear: finite and > 0."""
+    names present. Also the inline scales of QuantizeLinear / DequantizeLinear and of mq::QLinear /
+    mq::DynamicQLinear (their scale inputs): finite and > 0."""
     import math
 
     from onnx import AttributeProto, numpy_helper
 
-    from mq_deploy.export import scan_op, ssd_op, state_update_op
+    from mq_deploy.export import qlinear_op, scan_op, ssd_op, state_update_op
 
     required = {scan_op.OP: scan_op.SCALE_ATTRS, state_update_op.OP_UPDATE: state_update_op.SCALE_ATTRS + ("layer",),
                 state_update_op.OP_UPDATE_FLOAT: ("layer",),
@@ -228,9 +229,13 @@ def check_mq_nodes(proto, path: str, config=None) -> None:
                 bad(node, f"attribute layer {a.i} is outside the {n_layer or '?'} stacked layers")
     inits = {t.name: t for t in proto.graph.initializer}
     for node in proto.graph.node:
-        if node.domain in ("", "ai.onnx") and node.op_type in ("QuantizeLinear", "DequantizeLinear") \
-                and len(node.input) > 1 and node.input[1] in inits:
-            t = inits[node.input[1]]
+        if node.domain in ("", "ai.onnx") and node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            scales = node.input[1:2]
+        elif node.domain == scan_op.DOMAIN and node.op_type in qlinear_op.SCALE_INPUTS:
+            scales = [node.input[i] for i in qlinear_op.SCALE_INPUTS[node.op_type] if i < len(node.input)]
+        else:
+            continue
+        for t in (inits[name] for name in scales if name in inits):
             if t.data_location == 1:          # external data is not read here
                 continue
             scale = numpy_helper.to_array(t).astype(np.float64)
