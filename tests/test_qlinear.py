@@ -53,14 +53,19 @@ def _model(kind, K, N, w, ws, rank=2, const_w=True):
     return m.SerializeToString()
 
 
-def _session(model, mode, monkeypatch, threads=2):
-    """mode: "fast" (the default registration), "ref" or "bodies" (MQ_ORT_QLINEAR=ref / 0)."""
-    from mq_deploy.backends.ort.runner import session_options
-
+def _set_mode(mode, monkeypatch):
+    """mode: "fast" (the default registration), "ref" or "bodies" (MQ_ORT_QLINEAR=ref / 0), read when the library
+    registers its ops (a session's options)."""
     if mode == "fast":
         monkeypatch.delenv("MQ_ORT_QLINEAR", raising=False)
     else:
         monkeypatch.setenv("MQ_ORT_QLINEAR", "ref" if mode == "ref" else "0")
+
+
+def _session(model, mode, monkeypatch, threads=2):
+    from mq_deploy.backends.ort.runner import session_options
+
+    _set_mode(mode, monkeypatch)
     so = session_options(threads, spin=False, custom_op_library=LIB)
     return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
 
@@ -209,10 +214,7 @@ def test_step_graph_fuses_its_int8_linears_and_runs_the_same_three_ways(tmp_path
     ids = np.random.default_rng(0).integers(0, 256, (2, 9)).astype(np.int64)
     out = {}
     for mode in _modes(monkeypatch):
-        if mode == "fast":
-            monkeypatch.delenv("MQ_ORT_QLINEAR", raising=False)
-        else:
-            monkeypatch.setenv("MQ_ORT_QLINEAR", "ref" if mode == "ref" else "0")
+        _set_mode(mode, monkeypatch)
         dec = OrtRunner(step).decoder(2)
         logits = [dec.prefill(ids)]
         for _ in range(6):

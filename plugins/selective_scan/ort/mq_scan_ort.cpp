@@ -48,7 +48,6 @@ const char *const kInputNames[kNumInputs] = {"x", "delta", "A", "B", "C", "D", "
 const char *const kScaleAttrs[5] = {"x_scale", "delta_scale", "B_scale", "C_scale", "z_scale"};
 
 const Api *g_api = nullptr;
-std::atomic<uint64_t> g_unnamed_dims{0};
 
 bool is_int8_input(size_t i) { return i == kX || i == kDelta || i == kB || i == kC || i == kZ; }
 
@@ -564,36 +563,11 @@ OrtStatus *MQ_ORT_CALL kernel_compute(void *kernel, OrtKernelContext *ctx) noexc
 
 void MQ_ORT_CALL kernel_destroy(void *kernel) noexcept { delete static_cast<Kernel *>(kernel); }
 
-/* A new type-and-shape: `like`'s dims (values and symbolic names) with element type `type`. */
+/* A new type-and-shape: `like`'s dims (values and symbolic names) without the first `skip`, element type `type`
+ * (rank at most 4) */
 OrtStatus *copy_shape(const OrtTensorTypeAndShapeInfo *like, ONNXTensorElementDataType type,
                       OrtTensorTypeAndShapeInfo **out, size_t skip) {
-  size_t full = 0;
-  OrtStatus *st = g_api->GetDimensionsCount(like, &full);
-  if (st) return st;
-  if (full > 4 || full < skip) return error(ORT_INVALID_ARGUMENT, "an input has rank " + std::to_string(full));
-  int64_t all_dims[4];
-  const char *all_names[4] = {nullptr, nullptr, nullptr, nullptr};
-  if ((st = g_api->GetDimensions(like, all_dims, full))) return st;
-  if ((st = g_api->GetSymbolicDimensions(like, all_names, full))) return st;
-  const size_t rank = full - skip;   // the leading `skip` dims dropped
-  int64_t *dims = all_dims + skip;
-  const char **names = all_names + skip;
-  // ORT writes an unnamed dim as dim_value (-1 when unknown): name the unknown ones instead, uniquely,
-  // so that they stay unknown downstream
-  std::string fresh[4];
-  for (size_t i = 0; i < rank; ++i)
-    if (dims[i] < 0 && (names[i] == nullptr || names[i][0] == '\0')) {
-      fresh[i] = "mq_scan_dim_" + std::to_string(g_unnamed_dims.fetch_add(1));
-      names[i] = fresh[i].c_str();
-    }
-  if ((st = g_api->CreateTensorTypeAndShapeInfo(out))) return st;
-  if (!(st = g_api->SetTensorElementType(*out, type)) && !(st = g_api->SetDimensions(*out, dims, rank)))
-    st = g_api->SetSymbolicDimensions(*out, names, rank);
-  if (st) {
-    g_api->ReleaseTensorTypeAndShapeInfo(*out);
-    *out = nullptr;
-  }
-  return st;
+  return mq_scan::op_base::copy_shape(g_api, "mq::SelectiveScan", "mq_scan_dim_", like, type, skip, -1, 0, 4, out);
 }
 
 /* y: x's shape with out_dtype's element type; h_last: h0's shape, float. The infos that

@@ -24,7 +24,6 @@ namespace mq_scan {
 namespace {
 
 const Api *g_api = nullptr;
-std::atomic<uint64_t> g_unnamed_dims{0};
 std::atomic<bool> g_reference{false};   // MQ_ORT_QLINEAR=ref: qlinear_block_ref (the tests' view of it)
 
 enum class Kind { kStatic, kDynamic };
@@ -182,23 +181,13 @@ OrtStatus *infer(Kind kind, OrtShapeInferContext *ctx) {
   size_t rank = 0, wrank = 0;
   if ((st = g_api->GetDimensionsCount(xi, &rank)) || (st = g_api->GetDimensionsCount(wi, &wrank))) return st;
   if (rank < 1 || rank > 8 || wrank != 2) return error(kind, "x must have rank 1 to 8 and w rank 2");
-  int64_t dims[8], wd[2];
-  const char *names[8] = {nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
-  if ((st = g_api->GetDimensions(xi, dims, rank)) || (st = g_api->GetSymbolicDimensions(xi, names, rank)) ||
-      (st = g_api->GetDimensions(wi, wd, 2)))
+  int64_t wd[2];
+  if ((st = g_api->GetDimensions(wi, wd, 2))) return st;
+  const std::string op = std::string("mq::") + op_name(kind);
+  if ((st = op_base::copy_shape(g_api, op.c_str(), "mq_qlinear_dim_", xi, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, 0,
+                                static_cast<int64_t>(rank) - 1, wd[1], 8, &out)))
     return st;
-  dims[rank - 1] = wd[1];
-  names[rank - 1] = "";
-  std::string fresh[8];   // unknown unnamed dims get unique names, so that they stay unknown downstream
-  for (size_t i = 0; i < rank; ++i)
-    if (dims[i] < 0 && (names[i] == nullptr || names[i][0] == '\0')) {
-      fresh[i] = "mq_qlinear_dim_" + std::to_string(g_unnamed_dims.fetch_add(1));
-      names[i] = fresh[i].c_str();
-    }
-  if ((st = g_api->CreateTensorTypeAndShapeInfo(&out))) return st;
-  if (!(st = g_api->SetTensorElementType(out, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)) &&
-      !(st = g_api->SetDimensions(out, dims, rank)) && !(st = g_api->SetSymbolicDimensions(out, names, rank)))
-    st = g_api->ShapeInferContext_SetOutputTypeShape(ctx, 0, out);
+  st = g_api->ShapeInferContext_SetOutputTypeShape(ctx, 0, out);
   g_api->ReleaseTensorTypeAndShapeInfo(out);
   return st;
 }

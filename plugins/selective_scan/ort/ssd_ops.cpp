@@ -4,7 +4,6 @@
 // every callback is noexcept and reports through an OrtStatus; the pool tasks are noexcept and allocate nothing.
 #include "ssd_ops.h"
 
-#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -21,7 +20,6 @@ namespace mq_scan {
 namespace {
 
 const Api *g_api = nullptr;
-std::atomic<uint64_t> g_unnamed_dims{0};
 
 enum class Kind { kScan, kScanFloat, kUpdate, kUpdateFloat };
 
@@ -378,37 +376,8 @@ OrtStatus *compute_update(const Kernel &k, OrtKernelContext *ctx) {
  * `set_dim` (if >= 0) replaced by the value `set_value`. */
 OrtStatus *copy_shape(Kind kind, const OrtTensorTypeAndShapeInfo *like, size_t skip, int64_t set_dim,
                       int64_t set_value, OrtTensorTypeAndShapeInfo **out) {
-  size_t full = 0;
-  OrtStatus *st = g_api->GetDimensionsCount(like, &full);
-  if (st) return st;
-  if (full > 8 || full < skip) return error(kind, ORT_INVALID_ARGUMENT, "an input has rank " + std::to_string(full));
-  int64_t all_dims[8];
-  const char *all_names[8] = {nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
-  if ((st = g_api->GetDimensions(like, all_dims, full))) return st;
-  if ((st = g_api->GetSymbolicDimensions(like, all_names, full))) return st;
-  const size_t rank = full - skip;
-  int64_t *dims = all_dims + skip;
-  const char **names = all_names + skip;
-  if (set_dim >= 0 && static_cast<size_t>(set_dim) < rank) {
-    dims[set_dim] = set_value;
-    names[set_dim] = "";
-  }
-  // ORT writes an unnamed unknown dim as the value -1: name the unknown ones instead, uniquely
-  std::string fresh[8];
-  for (size_t i = 0; i < rank; ++i)
-    if (dims[i] < 0 && (names[i] == nullptr || names[i][0] == '\0')) {
-      fresh[i] = "mq_ssd_dim_" + std::to_string(g_unnamed_dims.fetch_add(1));
-      names[i] = fresh[i].c_str();
-    }
-  if ((st = g_api->CreateTensorTypeAndShapeInfo(out))) return st;
-  if (!(st = g_api->SetTensorElementType(*out, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)) &&
-      !(st = g_api->SetDimensions(*out, dims, rank)))
-    st = g_api->SetSymbolicDimensions(*out, names, rank);
-  if (st) {
-    g_api->ReleaseTensorTypeAndShapeInfo(*out);
-    *out = nullptr;
-  }
-  return st;
+  return op_base::copy_shape(g_api, (std::string("mq::") + op_name(kind)).c_str(), "mq_ssd_dim_", like,
+                             ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, skip, set_dim, set_value, 8, out);
 }
 
 OrtStatus *read_int_attr(Kind kind, OrtShapeInferContext *ctx, const char *name, int64_t *out) {
