@@ -1029,17 +1029,25 @@ def serve_vim_table(src):
 
 @renderer
 def serve_lm_table(src):
+    """bench/serve.py's LM rows. JSONs from before responses could hold several tokens have a gap per token
+    (inter_token_*); later ones a gap per response (inter_response_*) and the tokens per response."""
     d = src[0]
     dl = d["direct"]["lm"]
-    out = ["| LM generation | tokens/s | first token p50 | inter-token p50 / p99 | vs direct | load |",
-           "|---|---|---|---|---|---|",
-           f"| direct `generate`, one stream at a time | {dl['tokens_per_s']:.1f} | "
-           f"{_ms(dl['first_token_p50_ms'])} | | 1.00x | |"]
+    per_response = "inter_response_p50_ms" in d["lm"][0]
+    out = ["| LM generation | tokens/s | first token p50 / p99 | " + (
+        "between responses p50 / p99 | tokens per response |" if per_response else "inter-token p50 / p99 |")
+        + " vs direct | load |", "|---|---|---|---|" + ("---|" if per_response else "") + "---|---|",
+        f"| direct `generate`, one stream at a time | {dl['tokens_per_s']:.1f} | {_ms(dl['first_token_p50_ms'])} / "
+        f"{_ms(dl['first_token_p99_ms'])} | |" + (" |" if per_response else "") + " 1.00x | |"]
     for r in d["lm"]:
         n = r["concurrency"]
+        gap = (f"{r['inter_response_p50_ms']:.1f} / {r['inter_response_p99_ms']:.1f} ms | {r['tokens_per_response']:.1f}"
+               if per_response else f"{r['inter_token_p50_ms']:.1f} / {r['inter_token_p99_ms']:.1f} ms")
         out.append(f"| served, {n} stream{'s' if n > 1 else ''} | {r['tokens_per_s']:.1f} | "
-                   f"{_ms(r['first_token_p50_ms'])} | {r['inter_token_p50_ms']:.1f} / {r['inter_token_p99_ms']:.1f} ms | "
+                   f"{_ms(r['first_token_p50_ms'])} / {_ms(r['first_token_p99_ms'])} | {gap} | "
                    f"{r['vs_direct']:.2f}x | {r['load'][0]:.1f} |")
+    if "batch16_tokens_per_s" in dl:
+        out.append(f"\nIn-process, 16 prompts as one batch (`generate_batch`): {dl['batch16_tokens_per_s']:.1f} tokens/s.")
     return "\n".join(out)
 
 
@@ -1157,7 +1165,8 @@ def serve_goals(src):
         op, target = g["target"].split()
         t, v = float(target), g["value"]
         miss = "" if g["met"] else (f", **missed**: {t / v:.1f}x short" if op == ">=" else f", **missed**: {v / t:.1f}x over")
-        out.append(f"- {g['goal']} {g['target']}: {v:.2f}{' (met)' if g['met'] else miss}")
+        out.append(f"- {g['goal']} {g['target']}: {v:.2f}{' (met)' if g['met'] else miss}"
+                   + (f" ({g['note']})" if g.get("note") else ""))
     return "\n".join(out)
 
 

@@ -7,6 +7,7 @@ QuantizeLinear rounding boundary moves one int8 step. helpers.BATCH_RTOL bounds 
 to their magnitude; every test prints the measured difference first (0.0 on this CPU, MLAS, for every model
 here: the int8 GEMMs are exact and the float ones did not change with the batch)."""
 
+import collections
 import json
 
 import numpy as np
@@ -191,57 +192,62 @@ def test_generate_cli_with_several_prompts(art, tmp_path, capsys):
     assert_user_error(capsys, ["generate", art["lm_step"], "--prompts-file", tmp_path / "bad.txt"], "not UTF-8")
 
 
-def _threaded_generations(runner, prompts, lens, max_wait_s=0.05, bad=None):
-    """Each prompt greedy-decoded by a thread of its own through one BatchedStepper (the inline generate
-    model's scheduler): the first half start together, the second half once generation 0 has made 3 steps,
-    so sequences join running rounds, and leave them at their own lengths:
-    ({prompt index: new ids or the exception}, stepper)."""
+def _engine_run(runner, prompts, lens, room=16, interval_s=0.0, run=None, states=None, stop_after=None):
+    """Each prompt greedy-decoded by one DecodeEngine (the inline generate model's), a consumer thread taking the
+    tokens as the generate model's sender does: the first half start together, the second half once generation
+    0 has made 3 tokens, so sequences join running rounds and leave them at their own lengths. states: {k: a
+    state to start generation k from}; stop_after: {k: n}, the consumer stops k once it took n tokens (its
+    client went away). Returns ({k: new ids}, {k: error}, [tokens per take], engine)."""
     import threading
 
     from mq_deploy.runtime.apps import state_batcher
-    from mq_deploy.serve.triton_models.mq_batch import BatchedStepper
+    from mq_deploy.serve.triton_models.mq_batch import DecodeEngine, Generation, Outbox
 
-    stepper = BatchedStepper(runner.infer, state_batcher(runner), max_wait_s)
-    out = {}
-    half = (len(prompts) + 1) // 2
-    first, joined = threading.Barrier(half), threading.Event()
+    outbox = Outbox(room, interval_s)
+    engine = DecodeEngine(run or runner.infer, state_batcher(runner), outbox, max_active=64)
+    gens = [Generation(f"generation {k}", p, n, eos=None) for k, (p, n) in enumerate(zip(prompts, lens))]
+    for k, st in (states or {}).items():
+        gens[k].state = st
+    got, errors, takes = {k: [] for k in range(len(gens))}, {}, []
+    half = (len(gens) + 1) // 2
+    left, joined = set(range(len(gens))), []
 
-    def one(k):
-        if k < half:
-            first.wait(60)
-        else:
-            joined.wait(60)
-        seq = stepper.open(f"generation {k}")
-        try:
-            feed, new = prompts[k], []
-            for i in range(lens[k]):
-                if bad == k and i == 2:         # a state the graph does not take: this sequence fails alone
-                    seq.state = {n: a.astype(np.float16) for n, a in seq.state.items()}
-                logits = stepper.step(seq, feed)
-                new.append(int(logits[0, -1].astype(np.float64).argmax()))
-                feed = [new[-1]]
-                if k == 0 and i == 2:
-                    joined.set()
-            out[k] = new
-        except Exception as e:
-            out[k] = e
-        finally:
-            stepper.close(seq)
-            joined.set()
+    def consume():
+        while left:
+            item = outbox.get(timeout=60)
+            assert item is not None, "no news from the engine for 60 s"
+            g, toks, done, error = item
+            k = gens.index(g)
+            got[k] += toks
+            if toks:
+                takes.append(len(toks))
+            if (k == 0 and len(got[0]) >= 3 or done and k < half) and not joined:
+                joined.append(True)
+                for late in gens[half:]:
+                    engine.add(late)
+            if stop_after and k in stop_after and len(got[k]) >= stop_after[k]:
+                outbox.stop(g)
+            if error is not None:
+                errors[k] = error
+            if done:
+                left.discard(k)
 
-    threads = [threading.Thread(target=one, args=(k,)) for k in range(len(prompts))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert not any(t.is_alive() for t in threads)
-    return out, stepper
+    for g in gens[:half]:
+        engine.add(g)
+    t = threading.Thread(target=consume)
+    t.start()
+    t.join(120)
+    assert not t.is_alive()
+    outbox.begin_close()
+    engine.join(10)
+    return got, errors, takes, engine
 
 
-def test_batched_stepper_threads_equal_generate(art, hybrids):
-    """Threads that start and end at different times, their steps batched by BatchedStepper: each thread's
-    tokens equal `generate` of its prompt alone, and rounds did hold several sequences (fewer calls than
-    steps); a hybrid's sequences batch only where their caches agree."""
+def test_decode_engine_equals_generate(art, hybrids):
+    """Generations that start and end at different rounds, stepped by one DecodeEngine: each one's tokens equal
+    `generate` of its prompt alone, whatever the outbox's room and interval (a response per token, tokens
+    gathered by the interval, a full outbox holding a generation back), rounds held several sequences (fewer
+    calls than steps), and a hybrid's sequences batch only where their caches agree."""
     from mq_deploy.backends.ort.runner import OrtRunner
     from mq_deploy.runtime.apps import generate
 
@@ -250,27 +256,90 @@ def test_batched_stepper_threads_equal_generate(art, hybrids):
     lens = [12 - k % 5 for k in range(len(prompts))]
     for path in [art["lm_step"]] + list(hybrids.values()):
         runner = OrtRunner(path, custom_op_library=False)
-        got, stepper = _threaded_generations(runner, prompts, lens)
-        print(f"{path}: {stepper.steps} steps in {stepper.calls} calls")
-        assert got == {k: generate(runner, p, n) for k, (p, n) in enumerate(zip(prompts, lens))}
-        assert stepper.steps == sum(lens) and stepper.calls < stepper.steps
+        want = {k: generate(runner, p, n) for k, (p, n) in enumerate(zip(prompts, lens))}
+        for room, interval in ((16, 0.0), (1, 0.0), (3, 0.05)):
+            got, errors, takes, engine = _engine_run(runner, prompts, lens, room, interval)
+            print(f"{path} room {room} interval {interval}: {engine.steps} steps in {engine.calls} calls, "
+                  f"tokens per take {sorted(collections.Counter(takes).items())}")
+            assert not errors and got == want
+            assert engine.steps == sum(lens) and engine.calls < engine.steps
+            assert max(takes) <= room
+            if room == 1:
+                assert set(takes) == {1}
+            if interval:      # a take waits for the interval or a full outbox: several tokens, after the first
+                assert max(takes) == room
 
 
-def test_batched_stepper_a_bad_sequence_fails_alone(art):
-    """A sequence whose state the graph does not take gets its own error; the others of its rounds go on and
-    equal generate; a closed sequence cannot step."""
+def test_decode_engine_a_bad_sequence_fails_alone(art):
+    """A generation whose state the graph does not take, and one whose logits are not finite, each end with their
+    own one-line error; the others of their rounds go on and equal generate. A generation its consumer stops
+    ends (done, no error) at its next round, and its state is dropped."""
     from mq_deploy.backends.ort.runner import OrtRunner
     from mq_deploy.runtime.apps import generate, state_batcher
-    from mq_deploy.serve.triton_models.mq_batch import BatchedStepper
 
     runner = OrtRunner(art["lm_step"], custom_op_library=False)
-    prompts = [list(b"And God said"), list(b"Let there be"), list(b"light")]
-    got, _ = _threaded_generations(runner, prompts, [8, 8, 8], bad=1)
-    assert isinstance(got[1], ValueError) and "generation 1" in str(got[1]) and "float16" in str(got[1]), got[1]
-    assert got[0] == generate(runner, prompts[0], 8) and got[2] == generate(runner, prompts[2], 8)
-    stepper = BatchedStepper(runner.infer, state_batcher(runner))
-    seq = stepper.open()
-    stepper.step(seq, [1, 2])
-    stepper.close(seq)
-    with pytest.raises(ValueError, match="closed"):
-        stepper.step(seq, [3])
+    prompts = [list(b"And God said"), list(b"Let there be"), list(b"light"), [7] + list(b"nan")]
+    zeros = state_batcher(runner).zeros()
+
+    def run(feeds):         # a sequence whose prompt starts with byte 7 gets NaN logits
+        res = runner.infer(feeds)
+        ids = feeds["input_ids"]
+        if ids.shape[1] > 1 and (ids[:, 0] == 7).any():
+            res = dict(res, logits=np.where((ids[:, :1] == 7)[..., None], np.nan, res["logits"]))
+        return res
+
+    got, errors, _, engine = _engine_run(runner, prompts, [8, 8, 8, 8], room=1, run=run,
+                                         states={1: {n: a.astype(np.float16) for n, a in zeros.items()}},
+                                         stop_after={2: 3})
+    print(errors)
+    assert set(errors) == {1, 3}
+    assert "generation 1" in errors[1] and "float16" in errors[1] and "\n" not in errors[1]
+    assert errors[3] == "generation 3: the logits are not finite at new token 1; the model's weights or scales " \
+        "overflow float32"
+    assert got[0] == generate(runner, prompts[0], 8) and got[1] == got[3] == []
+    assert 3 <= len(got[2]) < 8 and got[2] == generate(runner, prompts[2], 8)[:len(got[2])]
+    assert not engine._active and not engine._waiting
+
+
+def test_outbox_order_and_close():
+    """The outbox without an engine: a first token is due at once and goes before other news; later tokens wait
+    for the interval, oldest first, unless their generation is done or its room is full; a producer waits for
+    room; begin_close wakes it, close() ends get() once drained; bad settings are refused."""
+    import threading
+    import time
+
+    from mq_deploy.serve.triton_models.mq_batch import Generation, Outbox
+
+    ob = Outbox(room=2, interval_s=0.2)
+    a, b, c = (Generation(n, [1], 10) for n in "abc")
+    ob.put(a, [5])
+    g, toks, done, _ = ob.get(0)
+    assert (g, toks, done) == (a, [5], False)
+    ob.put(a, [6])                      # a's second token waits for the interval...
+    ob.put(b, [7])                      # ... b's first does not
+    assert ob.get(0)[:2] == (b, [7])
+    assert ob.get(0.01) is None
+    t0 = time.monotonic()
+    assert ob.get(1)[:2] == (a, [6]) and time.monotonic() - t0 > 0.1
+    ob.put(a, [1])
+    ob.put(a, [2])                      # room full: due at once
+    assert ob.get(0)[:2] == (a, [1, 2])
+    ob.put(c, [3])
+    ob.get(0)
+    ob.put(c, [4], done=True)           # done: due at once
+    assert ob.get(0)[1:3] == ([4], True)
+    ob.put(b, [8, 9])
+    waited = []
+    t = threading.Thread(target=lambda: waited.append(ob.wait_room(b)))
+    t.start()
+    time.sleep(0.05)
+    assert t.is_alive()                 # b's room is full: its producer waits
+    ob.begin_close()
+    t.join(5)
+    assert waited == [False]
+    ob.close()
+    assert ob.get(1)[:2] == (b, [8, 9])     # what is left goes out, then nothing
+    assert ob.get(1) is None
+    for bad in ({"room": 0}, {"interval_s": -1}):
+        with pytest.raises(ValueError):
+            Outbox(**bad)

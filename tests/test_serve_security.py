@@ -323,9 +323,14 @@ def test_flags_beyond_tritons_fields_and_libraries_that_are_not(art, tmp_path, c
     exe.write_bytes(b"\x7fELF" + bytes([2, 1, 1, 0]) + bytes(8) + (2).to_bytes(2, "little") + bytes(46))  # ET_EXEC
     assert_user_error(capsys, ["triton", art["vim"], "-o", out, "--custom-op-lib", exe], "not a shared library")
     assert not out.exists()
-    for bad in ({"max_batch": 2 ** 31}, {"max_sequences": -1}, {"sequence_idle_us": 2 ** 64}):
+    for bad in ({"max_batch": 2 ** 31}, {"max_sequences": -1}, {"sequence_idle_us": 2 ** 64},
+                {"max_tokens_per_response": 0}, {"max_tokens_per_response": 4097}, {"response_interval_us": -1},
+                {"response_interval_us": 1.5}):
         with pytest.raises(MQUserError):
             TritonConfig(**bad)
+    assert_user_error(capsys, ["triton", art["lm_step"], "-o", out, "--max-tokens-per-response", "0"],
+                      "--max-tokens-per-response must be an integer in [1, 4096] (the most tokens a generation makes)")
+    assert not out.exists()
 
 
 def test_port_clashes_are_one_line_before_the_server_starts(art, tmp_path, capsys):

@@ -9,6 +9,7 @@ Skipped where no tritonserver, or no numpy/onnxruntime for its Python stub, is i
 MQ_REQUIRE_TRITON=1 (CI sets it: there a missing server is a failure, not a skip).
 """
 
+import collections
 import json
 import os
 import queue
@@ -401,11 +402,13 @@ def test_the_generate_model_serves_many_streams_at_once(served, ref):
     want = {(p, m): generate(ref["lm_step"], list(p), m) for p in prompts for m in set(lens)}
     before = generate_metrics(served, "lm_step_generate")
 
+    sizes = []
+
     def stream(k, n=None):
         client = grpcclient.InferenceServerClient(served.grpc_url)
         try:
             return stream_generate(client, "lm_step_generate",
-                                   gen_inputs(text=prompts[k % len(prompts)], n=n or lens[k]))
+                                   gen_inputs(text=prompts[k % len(prompts)], n=n or lens[k]), sizes=sizes)
         finally:
             client.close()
 
@@ -413,6 +416,9 @@ def test_the_generate_model_serves_many_streams_at_once(served, ref):
         got = list(pool.map(stream, range(24), timeout=TIMEOUT * 4))
     for k, g in enumerate(got):
         assert g == want[(prompts[k % len(prompts)], lens[k])], f"stream {k}"
+    # a response holds the tokens its stream made since the last one (10 ms by default), at most 16
+    print(f"24 streams, {sum(lens)} tokens in {len(sizes)} responses: {sorted(collections.Counter(sizes).items())}")
+    assert max(sizes) <= 16 and len(sizes) < sum(lens)
     deadline = time.monotonic() + TIMEOUT
     while True:         # each generation sends its counts as it ends, before its final response
         after = generate_metrics(served, "lm_step_generate")
@@ -466,12 +472,14 @@ def test_the_generate_model_serves_many_streams_at_once(served, ref):
 def test_generate_with_bls_steps_on_the_step_model(art, ref, tmp_path):
     """--generate-step bls (the way for a step model on another backend): each step a BLS request to the step
     model, whose sequence batcher batches the generations' steps; 12 concurrent streams each equal `generate`,
-    in fewer step-model executions than step requests; the server stops cleanly."""
+    in fewer step-model executions than step requests, each response one token (--max-tokens-per-response 1,
+    --response-interval-us 0); the server stops cleanly."""
     from mq_deploy.runtime.apps import generate
     from mq_deploy.serve.repository import TritonConfig, write_repository
 
     repo = str(tmp_path / "repo")
-    write_repository([art["lm_step"]], repo, TritonConfig(backend="python", max_batch=8, generate_step="bls"))
+    write_repository([art["lm_step"]], repo, TritonConfig(backend="python", max_batch=8, generate_step="bls",
+                                                          max_tokens_per_response=1, response_interval_us=0))
     with open(os.path.join(repo, "lm_step_generate", "config.pbtxt")) as f:
         assert "step_inline" not in f.read()
     prompts = [b"And God said", b"In the beginning", b"Let there be", b"light"]
@@ -482,10 +490,13 @@ def test_generate_with_bls_steps_on_the_step_model(art, ref, tmp_path):
         stats = httpclient.InferenceServerClient(srv.http_url, network_timeout=TIMEOUT)
         before = step_stats(stats, "lm_step")
 
+        sizes = []
+
         def stream(k):
             client = grpcclient.InferenceServerClient(srv.grpc_url)
             try:
-                return stream_generate(client, "lm_step_generate", gen_inputs(text=prompts[k % 4], n=lens[k]))
+                return stream_generate(client, "lm_step_generate", gen_inputs(text=prompts[k % 4], n=lens[k]),
+                                       sizes=sizes)
             finally:
                 client.close()
 
@@ -500,6 +511,7 @@ def test_generate_with_bls_steps_on_the_step_model(art, ref, tmp_path):
     requests, executions = after[0] - before[0], after[1] - before[1]
     print(f"12 streams over BLS: {requests} step requests in {executions} executions of the step model")
     assert requests == sum(lens) and executions < requests
+    assert len(sizes) == sum(lens) and set(sizes) == {1}
     assert rc == 0, srv.log_text()
 
 
@@ -532,8 +544,9 @@ def test_mamba2_and_hybrid_step_graphs_served(served, family_steps, model):
     assert "".join(t.decode("utf-8") for t in texts) == want["text"]
 
 
-def stream_generate(client, model, inputs, limit=4096, texts=None):
-    """Token ids of one streamed generation (and, into `texts`, each response's text)."""
+def stream_generate(client, model, inputs, limit=4096, texts=None, sizes=None):
+    """Token ids of one streamed generation (and, into `texts`, each response's text; into `sizes`, how many
+    tokens each response held)."""
     q = queue.Queue()
     client.start_stream(callback=lambda result, error: q.put((result, error)))
     try:
@@ -545,7 +558,11 @@ def stream_generate(client, model, inputs, limit=4096, texts=None):
                 raise error
             if result.get_response().parameters["triton_final_response"].bool_param:
                 return toks
-            toks.append(int(result.as_numpy("token_id")[0]))
+            new = [int(t) for t in result.as_numpy("token_id")]
+            assert new, "a response without a token"
+            toks += new
+            if sizes is not None:
+                sizes.append(len(new))
             if texts is not None:
                 texts.append(result.as_numpy("text")[0])
         raise AssertionError("no final response")
@@ -785,6 +802,20 @@ def test_the_repository_readme_curl_commands_work(served):
         for line in r.stdout.splitlines():      # each streamed event is valid JSON
             if line.startswith("data: "):
                 json.loads(line[len("data: "):])
+
+
+def test_the_generate_models_readme_example_runs(served, ref):
+    """The Python example in NAME_generate's README, run as written against this server, prints the tokens of
+    `generate` (however many each response held)."""
+    from mq_deploy.runtime.apps import generate
+
+    with open(os.path.join(served.repo, "lm_step_generate", "README.md")) as f:
+        text = f.read()
+    code = text[text.index("import queue"):]
+    code = code[:code.index("```")].replace("localhost:8001", served.grpc_url)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert [int(t) for t in r.stdout.split()] == generate(ref["lm_step"], list(b"And God said"), 40)
 
 
 def test_the_served_configs_parse_against_tritons_schema(served):

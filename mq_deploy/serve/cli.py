@@ -20,6 +20,16 @@ def register(sub) -> None:
                    help="how NAME_generate runs a decode step: inline (default with --backend python) runs the "
                         "step graph in the generate model itself, the steps of all its generations batched into "
                         "one ONNX Runtime call; bls (default otherwise) sends each step to the step model")
+    s.add_argument("--max-sequences", type=int, metavar="N",
+                   help="live sequences per decode-step model instance, and generations NAME_generate runs at once "
+                        "(as many more wait; beyond that a request is refused at once; default 64)")
+    s.add_argument("--max-tokens-per-response", type=int, metavar="K",
+                   help="NAME_generate sends the tokens a stream made since its last response in one response, "
+                        "at most K (a stream K tokens ahead of its responses waits for them; 1: a response per "
+                        "token; default 16)")
+    s.add_argument("--response-interval-us", type=int, metavar="US",
+                   help="how long a stream's token may wait for more to share its response (default 10000: a "
+                        "response per stream every 10 ms while its tokens come faster than that; 0: none waits)")
     s.add_argument("--custom-op-lib", metavar="SO", help="the native mq::SelectiveScan ONNX Runtime library")
     s.add_argument("--labels", metavar="TXT", help="Vim class names, one per line (default: 0..N-1)")
     s.add_argument("--overwrite", action="store_true", help="replace a repository mq-deploy wrote")
@@ -42,7 +52,9 @@ def cmd_triton(args) -> int:
 
     cfg = TritonConfig(name=args.name, max_batch=args.max_batch, instances=args.instances, backend=args.backend,
                        custom_op_lib=args.custom_op_lib, labels=args.labels, overwrite=args.overwrite,
-                       generate_step=args.generate_step)
+                       generate_step=args.generate_step,
+                       **{k: getattr(args, k) for k in ("max_sequences", "max_tokens_per_response",
+                                                        "response_interval_us") if getattr(args, k) is not None})
     res = write_repository(args.artifacts, args.output, cfg)
     print(f"wrote {res['path']}: {len(res['models'])} models")
     for m in res["models"]:

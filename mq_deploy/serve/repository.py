@@ -2,7 +2,8 @@
 
 One model per artifact, `NAME/config.pbtxt` + `NAME/1/<model file>`, and, where they apply:
 - LM decode-step graph -> NAME (sequence batcher; the state of each sequence stays on the server) and
-  NAME_generate (a decoupled BLS Python model that streams one token per response);
+  NAME_generate (a decoupled Python model that streams the generated tokens; it runs the step graph itself,
+  or through BLS requests to NAME);
 - Vim -> NAME (classifier, labels.txt) and NAME_preprocess (Python: encoded PNG/JPEG -> normalised
   tensor) + NAME_image (an ensemble of the two);
 - a README at the root (the exact tritonserver commands) and one per model.
@@ -48,8 +49,7 @@ _MODELS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "triton_m
 _TRITON_TYPE = {1: "TYPE_FP32", 2: "TYPE_UINT8", 3: "TYPE_INT8", 5: "TYPE_INT16", 6: "TYPE_INT32", 7: "TYPE_INT64",
                 9: "TYPE_BOOL", 10: "TYPE_FP16", 11: "TYPE_FP64", 16: "TYPE_BF16"}
 SEQUENCE_IDLE_US = 60_000_000
-# an inline generate model's round waits at most this long for the steps of its other running generations
-BATCH_WAIT_US = 1000
+RESPONSE_INTERVAL_US = 10_000     # NAME_generate: how long a stream's tokens may wait to share a response
 INT32_MAX = 2 ** 31 - 1           # max_batch_size, instance counts, dims: int32 / int64 fields of Triton's ModelConfig
 UINT64_MAX = 2 ** 64 - 1          # max_sequence_idle_microseconds
 _PICTURE = os.path.normpath(os.path.join(_MODELS_DIR, "..", "..", "data", "picture.py"))  # the one image transform
@@ -98,16 +98,24 @@ class TritonConfig:
     # generations; Python backend only) or "bls" (a BLS request to the step model per token); None:
     # inline on the Python backend, bls on the others
     generate_step: str | None = None
+    # NAME_generate's responses hold every token made since the stream's last response, at most this many
+    # (generate_model.py: one token each while its sender keeps up; 1: always one, the steps wait for the sends)
+    max_tokens_per_response: int = 16
+    # ... and a stream's tokens wait at most this long for more to share their response (0: none wait)
+    response_interval_us: int = RESPONSE_INTERVAL_US
 
     def __post_init__(self):
-        for k in ("max_batch", "instances", "sequence_idle_us", "max_sequences"):
+        for k in ("max_batch", "instances", "sequence_idle_us", "max_sequences", "max_tokens_per_response",
+                  "response_interval_us"):
             v = getattr(self, k)
-            lo = 0 if k == "max_batch" else 1
-            hi = UINT64_MAX if k == "sequence_idle_us" else INT32_MAX
+            lo = 0 if k in ("max_batch", "response_interval_us") else 1
+            hi = {"sequence_idle_us": UINT64_MAX, "max_tokens_per_response": MAX_NEW_TOKENS,
+                  "response_interval_us": 1_000_000}.get(k, INT32_MAX)
             if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
                 flag = "--" + k.replace("_", "-")
-                raise MQUserError(f"{flag} must be an integer in [{lo}, {hi}] (a field of Triton's model config), "
-                                  f"got {_short(v)}")
+                why = {MAX_NEW_TOKENS: " (the most tokens a generation makes)", 1_000_000: " (1 s)"}.get(
+                    hi, " (a field of Triton's model config)")
+                raise MQUserError(f"{flag} must be an integer in [{lo}, {hi}]{why}, got {_short(v)}")
         if self.generate_step is not None and self.generate_step not in GENERATE_STEPS:
             raise MQUserError(f"--generate-step {_short(self.generate_step)!r}: choose one of "
                               f"{', '.join(GENERATE_STEPS)}")
@@ -601,20 +609,22 @@ def generate_config(a: Artifact, name: str, step_model: str, cfg: TritonConfig, 
     text = kind != "ids"
     ins = [{"name": "prompt_ids", "data_type": Enum("TYPE_INT64"), "dims": [-1], "optional": True},
            {"name": "max_new_tokens", "data_type": Enum("TYPE_INT32"), "dims": [1], "optional": True}]
-    outs = [{"name": "token_id", "data_type": Enum("TYPE_INT64"), "dims": [1]}]
+    outs = [{"name": "token_id", "data_type": Enum("TYPE_INT64"), "dims": [-1]}]   # the response's new tokens
     if text:
         ins.insert(0, {"name": "text", "data_type": Enum("TYPE_STRING"), "dims": [1], "optional": True})
         outs.append({"name": "text", "data_type": Enum("TYPE_STRING"), "dims": [1]})
     return {"name": name, "backend": "python", "max_batch_size": 0, "input": ins, "output": outs,
             "model_transaction_policy": {"decoupled": True},
-            # one thread per generation (generate_model.py): an instance serves max_generations streams at once;
-            # inline, one instance, so that all generations' steps batch in one process
+            # an instance serves max_generations streams at once (generate_model.py); inline, one instance, so
+            # that all generations' steps batch in one process
             "instance_group": [{"count": 1 if inline_params else cfg.instances, "kind": Enum("KIND_CPU")}],
             "parameters": [_param("step_model", step_model), _param("vocab_size", a.config["vocab_size"]),
                            _param("tokenizer", kind), _param("eos_id", "" if eos is None else int(eos)),
                            _param("default_max_new_tokens", 64), _param("max_new_tokens_limit", MAX_NEW_TOKENS),
-                           _param("max_generations", cfg.max_sequences)]
-            + ([_param("step_inline", 1), _param("batch_wait_us", BATCH_WAIT_US)] + inline_params
+                           _param("max_generations", cfg.max_sequences),
+                           _param("max_tokens_per_response", cfg.max_tokens_per_response),
+                           _param("response_interval_us", cfg.response_interval_us)]
+            + ([_param("step_inline", 1)] + inline_params
                if inline_params else [])}
 
 
@@ -784,7 +794,7 @@ def _example_generate(name: str, text: bool) -> str:
             f"    result, error = q.get()\n"
             f"    if error: raise error\n"
             f"    if result.get_response().parameters['triton_final_response'].bool_param: break\n"
-            f"    print(result.as_numpy('token_id')[0], end=' ', flush=True)\n"
+            f"    print(*result.as_numpy('token_id'), end=' ', flush=True)   # the tokens new since the last response\n"
             f"client.stop_stream()")
 
 
@@ -983,9 +993,9 @@ def _write_model(root: str, a: Artifact, name: str, backend: str, cfg: TritonCon
             with open(os.path.join(gdir, "1", "tokenizer.json"), "w", encoding="utf-8") as f:
                 f.write(a.meta["mq.tokenizer_json"])
         inline = generate_inline(backend, cfg)
-        if inline:      # it opens the step model's graph (its folder beside this one) with these helpers
-            for helper in ("mq_ort_session.py", "mq_batch.py"):
-                _copy(os.path.join(_MODELS_DIR, helper), os.path.join(gdir, "1", helper))
+        # its outbox and decode engine; inline, it also opens the step model's graph (its folder beside this one)
+        for helper in ("mq_batch.py",) + (("mq_ort_session.py",) if inline else ()):
+            _copy(os.path.join(_MODELS_DIR, helper), os.path.join(gdir, "1", helper))
         gc = generate_config(a, gname, name, cfg, _session_params(a, model_file, op_lib) if inline else None)
         gtext = dumps(gc)
         with open(os.path.join(gdir, "config.pbtxt"), "w") as f:
@@ -995,9 +1005,10 @@ def _write_model(root: str, a: Artifact, name: str, backend: str, cfg: TritonCon
             how = (f"runs the graph of `{name}` itself (from that model's folder), the steps of all its running "
                    "generations batched into one ONNX Runtime call per round" if inline else
                    f"a BLS model that decodes through `{name}`")
-            f.write(_model_readme(gname, "python, decoupled", f"Streaming generation: prefills the prompt and "
-                                  f"decodes greedily (one sequence per request), one response per token; {how}",
-                                  gtext, _example_generate(gname, text_in)))
+            what = (f"Streaming generation: prefills the prompt and decodes greedily (one sequence per request); each "
+                    f"response holds the tokens made since the last one (one while the sender keeps up, at most "
+                    f"{cfg.max_tokens_per_response}); {how}")
+            f.write(_model_readme(gname, "python, decoupled", what, gtext, _example_generate(gname, text_in)))
         prompt = {"text": "And God said"} if text_in else {"prompt_ids": [1, 2, 3]}
         summary.append({"name": gname, "backend": "python (decoupled" + (")" if inline else " BLS)"),
                         "what": f"streams generated tokens through {name}", "config": gc,

@@ -1,33 +1,40 @@
 """Triton Python-backend model written by `mq-deploy triton`: streaming generation as a decoupled model.
 Each request is one sequence: the prompt is prefilled in one step (sequence START), then each new token
-is one step, and every token goes back to the client as its own response. This is exactly `mq-deploy
-generate` (mq_deploy.runtime.apps.generate) greedy: the same calls on the same graph. The steps run
-one of two ways (the `step_inline` parameter, `mq-deploy triton --generate-step`):
+is one step. This is exactly `mq-deploy generate` (mq_deploy.runtime.apps.generate) greedy: the same calls
+on the same graph. The steps run one of two ways (the `step_inline` parameter, `mq-deploy triton
+--generate-step`):
 
 - inline (the default when the step model is the Python backend's): this model opens the step model's
-  ONNX graph itself, from the step model's folder beside its own, and runs the steps of all its running
-  generations through one BatchedStepper (mq_batch.py): one ONNX Runtime call per round for all of
-  them, states kept here, no BLS request and no step-model process per token;
-- bls: each step is a BLS request to the decode-step model named by the `step_model` parameter (any
-  backend: Python with its per-CORRID states, or ONNX Runtime / TensorRT with Triton's implicit state),
-  whose sequence batcher batches the steps of concurrent generations.
+  ONNX graph itself, from the step model's folder beside its own, and one DecodeEngine (mq_batch.py) runs
+  the steps of all its running generations on one thread: one ONNX Runtime call per round for all of
+  them, states kept here, no BLS request, no step-model process and no thread per generation;
+- bls: a thread per generation, each step a BLS request to the decode-step model named by the
+  `step_model` parameter (any backend: Python with its per-CORRID states, or ONNX Runtime / TensorRT with
+  Triton's implicit state), whose sequence batcher batches the steps of concurrent generations.
+
+Either way the tokens go into an Outbox (mq_batch.py) and one sender thread streams them: each response
+holds every token of its generation made since that generation's last response, at most
+max_tokens_per_response (`mq-deploy triton --max-tokens-per-response`; a generation that far ahead waits
+for the sender). While the sender keeps up that is one token per response; under load a response carries
+several, so the per-response costs (the IPC to tritonserver, gRPC, the client) stop growing with the tokens.
+A generation's first token goes out before other generations' later ones.
 
 Inputs: text (BYTES [1]; for byte-level LMs, and for LMs whose tokenizer.json came with the export,
 encoded with the `tokenizers` package) or prompt_ids (INT64 [n]); max_new_tokens (INT32 [1],
-optional). Outputs per response: token_id (INT64 [1]) and, where there is a tokenizer, text: the
-new characters as UTF-8, held back while they end inside a multi-byte character (a byte-level LM:
-an incremental UTF-8 decoder, bytes that no character can hold become U+FFFD; a BPE tokenizer: the
-decoded suffix), as `mq-deploy generate` prints them; never a lone byte of a character, which would
-make the JSON response invalid). Generation stops
-after max_new_tokens or at the EOS id (sent as the last token, with no text), as generate does.
-A client that cancels or disconnects stops the loop at the next token; the sequence is then ended
-(its state released).
+optional). Outputs per response: token_id (INT64 [k], the response's new tokens in order, k >= 1) and,
+where there is a tokenizer, text: their new characters as UTF-8, held back while they end inside a
+multi-byte character (a byte-level LM: an incremental UTF-8 decoder, bytes that no character can hold
+become U+FFFD; a BPE tokenizer: the decoded suffix), as `mq-deploy generate` prints them; never a lone
+byte of a character, which would make the JSON response invalid). Generation stops after max_new_tokens or
+at the EOS id (sent as the last token, adding no text), as generate does. Then an empty response with the
+final flag. A client that cancels or disconnects is noticed within CANCEL_CHECK_S (or at its next
+failed send); its generation stops and its sequence is ended (its state released).
 
-Concurrency: execute() hands each request to a thread of its own and returns at once, so the
-generations of many clients overlap and their steps are batched (above). At most max_generations run at
-once per instance; up to max_generations more wait, in arrival order, for a free thread; a request
-beyond those is answered at once with an error that says so (retry later). Every request gets its
-final flag exactly once, from the thread that ran it or from execute() when it is refused.
+At most max_generations run at once per instance; up to max_generations more wait, in arrival order; a
+request beyond those is answered at once with an error that says so (retry later). Every request gets its
+final flag exactly once, from the sender thread; every response of this model goes out from that thread,
+one at a time (sent side by side from many threads while clients cancelled, tritonserver's Python backend
+died now and then: SIGSEGV, or boost::interprocess::lock_exception in libtriton_python.so).
 """
 
 import codecs
@@ -41,7 +48,11 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))    # our helpers are copied beside us
+from mq_batch import DecodeEngine, Generation, Outbox, StateBatcher  # noqa: E402
+
 METRICS_EVERY_S = 0.5
+CANCEL_CHECK_S = 0.1      # how often the sender asks the server whether a running stream's client is gone
 
 
 class _Stream:
@@ -90,6 +101,17 @@ class _ByteStream:
         return self._dec.decode(b"", final=True)
 
 
+class _Client:
+    """What the sender keeps of one request: its response sender, its text stream, whether it counts against
+    max_generations, when its cancellation was last asked, and whether its client is gone."""
+
+    __slots__ = ("sender", "text", "counted", "checked", "gone")
+
+    def __init__(self, sender, text=None, counted=False):
+        self.sender, self.text, self.counted = sender, text, counted
+        self.checked, self.gone = time.monotonic(), False
+
+
 class TritonPythonModel:
     def initialize(self, args):
         self.config = json.loads(args["model_config"])
@@ -113,23 +135,30 @@ class TritonPythonModel:
         self.default_n = int(p.get("default_max_new_tokens", "64"))
         self.limit = int(p.get("max_new_tokens_limit", "4096"))
         self._lock = threading.Lock()
-        self._send_lock = threading.Lock()   # one response in flight from this stub at a time (_send)
         self.max_generations = int(p.get("max_generations", "64"))
-        self._active = 0         # accepted and not finished: running or waiting for a thread
-        self._stop = threading.Event()
-        self._pool = ThreadPoolExecutor(max_workers=self.max_generations, thread_name_prefix=self.name)
+        self._active = 0         # accepted and not finished: running or waiting
+        try:        # the config is read back from disk: an edited value is one line, the model does not load
+            self.outbox = Outbox(int(p.get("max_tokens_per_response", "16")),
+                                 int(p.get("response_interval_us", "0")) / 1e6)
+        except ValueError as e:
+            raise pb_utils.TritonModelException(f"{self.name}: parameter max_tokens_per_response or "
+                                                f"response_interval_us: {e}") from None
         # sequence ids of this model: high bit set and the process id in them, so they cannot collide
         # with ids chosen by clients talking to the step model directly (those are usually small)
         self._next = (1 << 63) | (os.getpid() & 0xFFFF) << 40 | int.from_bytes(os.urandom(4), "little")
-        self._flush = lambda: None          # the inline stepper's metrics, when the server has them
-        self.stepper = self._inline_stepper(args, p) if p.get("step_inline") == "1" else None
+        self._flush = lambda: None          # the inline engine's metrics, when the server has them
+        self._pool = self.engine = None
+        if p.get("step_inline") == "1":
+            self.engine = self._inline_engine(args, p)
+        else:
+            self._pool = ThreadPoolExecutor(max_workers=self.max_generations, thread_name_prefix=self.name)
+        self._sender = threading.Thread(target=self._send_loop, name=f"{self.name}-sender", daemon=True)
+        self._sender.start()
 
-    def _inline_stepper(self, args, p):
+    def _inline_engine(self, args, p):
         """The step model's graph run here (parameter step_inline): its session, opened from the step model's
-        version folder beside this model's, and a BatchedStepper that batches the steps of every running
-        generation of this instance into one call per round."""
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))    # our helpers are copied beside us
-        from mq_batch import BatchedStepper, StateBatcher
+        version folder beside this model's, and a DecodeEngine that runs the steps of every running generation
+        of this instance, one call per round."""
         from mq_ort_session import make_session
 
         # the step model's version folder beside this model's folder in the repository (a repository that
@@ -149,7 +178,7 @@ class TritonPythonModel:
         def run(feeds):
             return dict(zip(outputs, session.run(outputs, feeds)))
 
-        return BatchedStepper(run, batcher, int(p.get("batch_wait_us", "1000")) / 1e6, on_call=self._metrics())
+        return DecodeEngine(run, batcher, self.outbox, self.max_generations, on_call=self._metrics())
 
     def _metrics(self):
         """Prometheus counters on the server's metrics endpoint (when it has one): mq_generate_steps_total
@@ -229,100 +258,129 @@ class TritonPythonModel:
             raise RuntimeError(f"{self.step_model}: {res.error().message()}")
         return pb_utils.get_output_tensor_by_name(res, "logits").as_numpy()
 
-    def _generate(self, request, sender):
-        prompt, n = self._prompt(request)
-        corr = self._corrid()
-        if self.stepper is not None:          # the step graph in this process, batched across generations
-            seq = self.stepper.open(f"generation {corr}")
-            try:
-                self._loop(prompt, n, sender, lambda feed, flags: self.stepper.step(seq, feed), None)
-            finally:
-                self.stepper.close(seq)
-                self._flush()
-            return
-        END = pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_END
-        self._loop(prompt, n, sender, lambda feed, flags: self._step(feed, corr, flags),
-                   lambda: self._step([0], corr, END))   # releases the step model's state of this sequence
-
-    def _loop(self, prompt, n, sender, step, end):
-        """Greedy decoding: step(ids, flags) -> logits [1, len(ids), vocab]; end(): the sequence is over
-        before its last step (cancelled, EOS), or None."""
+    def _bls(self, g):
+        """--generate-step bls: g's steps as BLS requests to the step model, one sequence (a fresh correlation
+        id; the prompt flagged START, the last step END), greedy; each token into the outbox. A generation that
+        stops before its last step (its client went away, EOS, the model unloads) ends its sequence with an
+        END step, which releases the step model's state."""
         START, END = pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_START, pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_END
-        feed, stream = prompt, (_ByteStream() if self.tok is None else _Stream(self.tok))
-        for i in range(n):
-            if sender.is_cancelled() or self._stop.is_set():
-                if i and end is not None:
-                    end()
-                return
-            flags = (START if i == 0 else 0) | (END if i == n - 1 else 0)
-            logits = step(feed, flags)
-            tok = int(logits[0, -1].astype(np.float64).argmax())
-            out = [pb_utils.Tensor("token_id", np.asarray([tok], np.int64))]
-            eos = self.eos is not None and tok == self.eos
-            if self.text:
-                piece = b"" if eos else stream.push(tok).encode("utf-8")
-                if eos or i == n - 1:
-                    piece += stream.flush().encode("utf-8")
-                out.append(pb_utils.Tensor("text", np.asarray([piece], object)))
-            self._send(sender, pb_utils.InferenceResponse(output_tensors=out))
-            if eos:
-                if i < n - 1 and end is not None:
-                    end()
-                return
-            feed = [tok]
+        corr, n, made = self._corrid(), g.left, 0
+        feed = [int(x) for x in g.ids.reshape(-1)]
+        try:
+            while self.outbox.wait_room(g):
+                flags = (START if made == 0 else 0) | (END if made == n - 1 else 0)
+                logits = self._step(feed, corr, flags)[0, -1]
+                if not np.isfinite(logits).all():
+                    raise ValueError(f"the logits are not finite at new token {made + 1}; the model's weights or "
+                                     "scales overflow float32")
+                tok = int(logits.argmax())
+                made += 1
+                last = made == n or tok == self.eos
+                self.outbox.put(g, [tok], done=last)
+                if last:
+                    if made < n:
+                        self._step([0], corr, END)
+                    return
+                feed = [tok]
+            if made:
+                self._step([0], corr, END)
+            self.outbox.put(g, done=True)
+        except Exception as e:
+            self.outbox.put(g, done=True, error=str(e).splitlines()[0] or type(e).__name__)
 
-    def _send(self, sender, response, flags=0):
-        # The generations' threads send one at a time. Sent side by side from many threads while clients
-        # cancelled their streams, tritonserver's Python backend died now and then (SIGSEGV, or
-        # boost::interprocess::lock_exception in libtriton_python.so), on this code and on the code before it.
-        with self._send_lock:
-            if response is None:
-                sender.send(flags=flags)
-            else:
-                sender.send(response, flags=flags)
+    def _send_loop(self):
+        """The one thread that sends this model's responses: each generation's new tokens as one response, then
+        its final flag (with its error, if it failed); until the outbox closes and is drained."""
+        while True:
+            item = self.outbox.get()
+            if item is None:
+                return
+            g, toks, done, error = item
+            c = g.ctx
+            try:
+                if toks and not c.gone:
+                    self._respond(g, toks, done and error is None)
+                if done:
+                    self._finish(c, error)
+                elif time.monotonic() - c.checked > CANCEL_CHECK_S:
+                    c.checked = time.monotonic()
+                    if c.sender.is_cancelled():
+                        c.gone = True
+                        self.outbox.stop(g)
+            except Exception:       # a client gone mid-send: its generation stops at its next step
+                c.gone = True
+                if done:
+                    self._finish(c, error)
+                else:
+                    self.outbox.stop(g)
 
-    def _finish(self, sender, message=None):
+    def _respond(self, g, toks, last):
+        out = [pb_utils.Tensor("token_id", np.asarray(toks, np.int64))]
+        if self.text:
+            stream = g.ctx.text
+            piece = "".join(stream.push(t) for t in toks if t != self.eos)
+            if last:
+                piece += stream.flush()
+            out.append(pb_utils.Tensor("text", np.asarray([piece.encode("utf-8")], object)))
+        g.ctx.sender.send(pb_utils.InferenceResponse(output_tensors=out))
+
+    def _finish(self, c, error=None):
         # The final flag goes out even to a cancelled or vanished client: until it is sent the request
         # stays alive in the server, which then cannot unload this model or shut down cleanly.
+        if c.counted:
+            with self._lock:
+                self._active -= 1
+            self._flush()
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         try:
-            if message is None:
-                self._send(sender, None, final)
+            if error is None:
+                c.sender.send(flags=final)
             else:
-                self._send(sender, pb_utils.InferenceResponse(error=pb_utils.TritonError(message)), final)
+                c.sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{self.name}: {error}")),
+                              flags=final)
         except Exception:
             pass
 
-    def _run(self, request, sender):
-        message = None
-        try:
-            self._generate(request, sender)
-        except Exception as e:
-            message = f"{self.name}: {str(e).splitlines()[0]}"
-        finally:
-            with self._lock:
-                self._active -= 1
-        self._finish(sender, message)
+    def _refuse(self, sender, message):
+        """A request answered at once with one error line (by the sender thread, as every response)."""
+        self.outbox.put(Generation("refused", [0], 0, ctx=_Client(sender)), done=True, error=message)
 
     def execute(self, requests):
         for r in requests:
             sender = r.get_response_sender()
+            try:
+                prompt, n = self._prompt(r)
+            except ValueError as e:
+                self._refuse(sender, str(e).splitlines()[0])
+                continue
             with self._lock:
-                busy = self._active >= 2 * self.max_generations or self._stop.is_set()
+                busy = self._active >= 2 * self.max_generations or self.outbox.closing
                 if not busy:
                     self._active += 1
             if busy:
-                self._finish(sender, f"{self.name}: {self.max_generations} generations are running and "
-                                     f"{self.max_generations} waiting (max_generations); retry later")
+                self._refuse(sender, "the model is unloading" if self.outbox.closing else
+                             f"{self.max_generations} generations are running and {self.max_generations} waiting "
+                             "(max_generations); retry later")
                 continue
-            try:
-                self._pool.submit(self._run, r, sender)
-            except Exception as e:      # the pool is shut down: the model is unloading
-                with self._lock:
-                    self._active -= 1
-                self._finish(sender, f"{self.name}: {str(e).splitlines()[0]}")
+            text = (_ByteStream() if self.tok is None else _Stream(self.tok)) if self.text else None
+            g = Generation(f"generation {self._corrid()}", prompt, n, self.eos, _Client(sender, text, counted=True))
+            if self.engine is not None:
+                self.engine.add(g)
+            elif n == 0:
+                self.outbox.put(g, done=True)
+            else:
+                try:
+                    self._pool.submit(self._bls, g)
+                except Exception as e:      # the pool is shut down: the model is unloading
+                    self.outbox.put(g, done=True, error=str(e).splitlines()[0])
         return None
 
     def finalize(self):
-        self._stop.set()            # running generations stop at their next token and end their sequences
-        self._pool.shutdown(wait=True, cancel_futures=False)
+        # running generations stop at their next token and end their sequences; every request gets its final flag
+        self.outbox.begin_close()
+        if self.engine is not None:
+            self.engine.join()
+        else:
+            self._pool.shutdown(wait=True, cancel_futures=False)
+        self.outbox.close()
+        self._sender.join()

@@ -162,109 +162,243 @@ class StateBatcher:
         return out
 
 
-class Sequence:
-    """One sequence of a BatchedStepper: its states between steps (None until its first step)."""
+class Generation:
+    """One greedy generation: its next input (`ids`, the prompt first), the tokens it may still make (`left`),
+    its states, and its outbox: the tokens made and not yet taken by the thread that sends them (`out`), `done`
+    once no more will come, `error` (a message) if it failed, `stop` once its client is gone. `ctx` is the
+    sender's (the Triton response sender and the text stream)."""
 
-    __slots__ = ("name", "state", "closed")
+    __slots__ = ("name", "ids", "left", "eos", "state", "out", "done", "error", "stop", "taken", "queued", "since",
+                 "ctx")
 
-    def __init__(self, name):
-        self.name, self.state, self.closed = name, None, False
-
-
-class _Pending:
-    __slots__ = ("seq", "ids", "logits", "error", "done")
-
-    def __init__(self, seq, ids):
-        self.seq, self.ids, self.logits, self.error, self.done = seq, ids, None, None, False
-
-    @property
-    def state(self):
-        return self.seq.state
+    def __init__(self, name, prompt, max_new_tokens, eos=None, ctx=None):
+        self.name, self.left, self.eos, self.ctx = name, int(max_new_tokens), eos, ctx
+        self.ids = np.asarray(prompt, np.int64).reshape(1, -1)
+        self.state, self.out, self.error = None, [], None
+        self.done = self.left <= 0
+        self.stop = self.queued = False
+        self.taken = 0                  # tokens handed to the sender so far
+        self.since = 0.0                # when its oldest waiting token was made (Outbox)
 
 
-class BatchedStepper:
-    """The decode steps of many threads' sequences, run as few step-graph calls: each thread opens a
-    Sequence, calls step(seq, ids) for its prompt and then each token (blocking, returns the logits
-    [1, len(ids), vocab]) and closes it. The generate model (generate_model.py) runs its generations
-    this way when it runs the step graph itself (no BLS request, no step-model process per token).
+class Outbox:
+    """Where a generation's tokens wait between the thread that makes them (a DecodeEngine, or one thread per
+    generation) and the one thread that sends them, which takes every token a generation made since its last
+    response at once, one response for all of them. A generation's news is due to the sender
+    - at once: its first token (time to first token is what a waiting client sees), its end, or `room` tokens
+      waiting (the producer then skips that generation's steps until the sender takes them);
+    - else once its oldest waiting token has waited `interval_s`, oldest first.
+    So while tokens come slower than one per interval (a large model) each response holds one token; a model
+    faster than that sends a response per interval per stream, and the per-response costs (IPC to the server,
+    gRPC, the client) stop growing with the tokens (vLLM's stream interval, in time rather than tokens). A
+    sender that falls behind takes several tokens per response anyway. interval_s 0: every token is due at
+    once; room 1: a response per token, the steps wait for the sends. One lock and condition for all of it
+    (`cv`): its holders only move lists."""
 
-    There is no scheduler thread: a caller whose step is pending and finds no round running runs one
-    (leader/followers). It first waits, at most max_wait_s from its own arrival, until every open
-    sequence has a step pending (at one sequence: not at all), takes every pending step, groups them
-    as ort_step_model.py does (input length, KV-cache lengths; prefills first), runs one call per group
-    with the states stacked (StateBatcher) and hands each caller its logits. A group whose call fails
-    is retried sequence by sequence, so a bad sequence gets its own error and the others go on.
-    run(feeds) -> {output: array}: the step graph (feeds: input_ids and the states by input name);
-    on_call(n): called after each call that ran n sequences' steps (the generate model's metrics)."""
+    def __init__(self, room: int = 16, interval_s: float = 0.0):
+        if int(room) < 1:
+            raise ValueError(f"room must be at least 1 token, got {room}")
+        if not 0 <= float(interval_s) <= 1:
+            raise ValueError(f"interval_s must lie in [0, 1] s, got {interval_s}")
+        self.room, self.interval_s = int(room), float(interval_s)
+        self.cv = threading.Condition()
+        # generations with news: a first token; due at once; due at since + interval
+        self._fresh, self._due, self._timed = [], [], []
+        self.closing = False                    # no new tokens: producers end their generations
+        self._closed = False                    # nothing more will be put: get() returns None once drained
 
-    def __init__(self, run, batcher, max_wait_s: float = 0.001, on_call=None):
-        self._run, self.batcher, self.max_wait_s, self._on_call = run, batcher, float(max_wait_s), on_call
-        self._cv = threading.Condition()
-        self._pending = []
-        self._open = 0
-        self._busy = False
-        self.calls = self.steps = 0        # step-graph calls and sequence steps so far (for the bench)
+    def _queue(self, g):
+        """Under the lock: g has news (put, or a producer changed g.out / g.done itself)."""
+        urgent = g.taken == 0 or g.done or len(g.out) >= self.room or not self.interval_s
+        if g.queued == "timed" and urgent:
+            self._timed.remove(g)
+            g.queued = False
+        if not g.queued:
+            if urgent:
+                g.queued = "due"
+                (self._fresh if g.taken == 0 else self._due).append(g)
+            else:
+                g.queued, g.since = "timed", time.monotonic()
+                self._timed.append(g)
+            self.cv.notify_all()
 
-    def open(self, name="a sequence") -> Sequence:
-        with self._cv:
-            self._open += 1
-        return Sequence(name)
+    def put(self, g, tokens=(), done=False, error=None) -> None:
+        """New tokens of g, and whether it is over (with an error message, if it failed)."""
+        with self.cv:
+            g.out.extend(tokens)
+            if error is not None and g.error is None:
+                g.error = error
+            g.done = g.done or done or error is not None
+            self._queue(g)
 
-    def close(self, seq) -> None:
-        """The sequence's states are dropped; its slot no longer holds back a round."""
-        with self._cv:
-            if not seq.closed:
-                seq.closed, seq.state = True, None
-                self._open -= 1
-                self._cv.notify_all()
+    def get(self, timeout=None):
+        """(generation, its tokens not taken yet, done, error) of the next generation whose news is due, waiting
+        for one; None once close() was called and every news was taken, or after `timeout` seconds."""
+        end = None if timeout is None else time.monotonic() + timeout
+        with self.cv:
+            while True:
+                now = time.monotonic()
+                if self._fresh or self._due:
+                    g = (self._fresh or self._due).pop(0)
+                    break
+                if self._timed and (self._closed or self._timed[0].since + self.interval_s <= now):
+                    g = self._timed.pop(0)
+                    break
+                if self._closed and not self._timed or end is not None and now >= end:
+                    return None
+                wake = [t for t in (end, self._timed[0].since + self.interval_s if self._timed else None) if t]
+                self.cv.wait(max(min(wake) - now, 0) if wake else None)
+            g.queued = False
+            toks, g.out = g.out, []
+            g.taken += len(toks)
+            if toks:
+                self.cv.notify_all()            # room again: a producer may be waiting for it
+            return g, toks, g.done, g.error
 
-    def step(self, seq, ids):
-        ids = np.asarray(ids, np.int64).reshape(1, -1)
-        if seq.closed:
-            raise ValueError(f"{seq.name} is closed")
-        p = _Pending(seq, ids)
-        arrived = time.monotonic()
-        with self._cv:
-            self._pending.append(p)
-            self._cv.notify_all()
-            while not p.done:
-                if self._busy:
-                    self._cv.wait()
-                    continue
-                left = arrived + self.max_wait_s - time.monotonic()
-                if len(self._pending) < self._open and left > 0:
-                    self._cv.wait(left)         # the other open sequences' steps, for one round
-                    continue
-                batch, self._pending, self._busy = self._pending, [], True
-                self._cv.release()
-                try:
-                    self._round(batch)
-                finally:
-                    self._cv.acquire()
-                    self._busy = False
-                    self._cv.notify_all()
-        if p.error is not None:
-            raise p.error
-        return p.logits
+    def has_room(self, g) -> bool:
+        return len(g.out) < self.room
 
-    def _round(self, batch):
-        for p in batch:
-            if p.seq.state is None:
-                p.seq.state = self.batcher.zeros()
-        self.batcher.run_round(batch, self._call, lambda p, e: setattr(p, "error", e))
-        for p in batch:
-            p.done = True
+    def wait_room(self, g) -> bool:
+        """A producer thread's wait until g has room for a token; False once g stopped or the outbox closes."""
+        with self.cv:
+            while len(g.out) >= self.room and not (g.stop or self.closing):
+                self.cv.wait()
+            return not (g.stop or self.closing)
+
+    def stop(self, g) -> None:
+        """The sender's: g's client is gone; its producer ends it (put done) at its next step."""
+        with self.cv:
+            g.stop = True
+            self.cv.notify_all()
+
+    def begin_close(self) -> None:
+        """Producers end their generations at their next step (put done); the sender sends what comes."""
+        with self.cv:
+            self.closing = True
+            self.cv.notify_all()
+
+    def close(self) -> None:
+        """Every producer has ended: get() returns None once the news left is taken."""
+        with self.cv:
+            self.closing = self._closed = True
+            self.cv.notify_all()
+
+
+class DecodeEngine:
+    """Greedy decoding of many generations on one thread (the inline generate model's): each round takes every
+    running generation with room in its outbox, groups them as the step model groups a round (StateBatcher:
+    input length, KV-cache lengths; prefills first), runs one step-graph call per group with the states stacked,
+    picks each sequence's token (argmax of its last logits) and puts it in the outbox. No thread per generation
+    and no hand-off per step: a round is one call for all sequences, and the sender (another thread) works while
+    the next round runs, since ONNX Runtime and the Python backend's sends both release the GIL. At most
+    `max_active` generations run; the others wait in arrival order. A group whose call fails is retried sequence
+    by sequence, so a bad sequence gets its own error and the others go on; a sequence whose logits are not
+    finite ends with an error. run(feeds) -> {output: array}: the step graph; on_call(n): after each call that
+    ran n sequences' steps (the generate model's metrics)."""
+
+    def __init__(self, run, batcher, outbox, max_active: int = 64, on_call=None):
+        self._run, self.batcher, self.outbox, self._on_call = run, batcher, outbox, on_call
+        self.max_active = int(max_active)
+        self._waiting, self._active = [], []
+        self.calls = self.steps = 0        # step-graph calls and sequence steps so far
+        self._thread = threading.Thread(target=self._loop, name="mq-decode-engine", daemon=True)
+        self._thread.start()
+
+    def add(self, g) -> None:
+        with self.outbox.cv:
+            if self.outbox.closing:
+                g.error = g.error or "the model is unloading"
+                g.done = True
+            if g.done:
+                self.outbox._queue(g)
+                return
+            self._waiting.append(g)
+            self.outbox.cv.notify_all()
+
+    def counts(self):
+        """(running, waiting) generations."""
+        with self.outbox.cv:
+            return len(self._active), len(self._waiting)
+
+    def join(self, timeout=None) -> None:
+        """After outbox.begin_close(): the engine ends every generation (done) and its thread returns."""
+        self._thread.join(timeout)
+
+    def _take_round(self):
+        """Under the lock: admit waiting generations, end stopped ones, and return the round's generations (an
+        empty list: the outbox is closing and every generation has been ended)."""
+        ob = self.outbox
+        while True:
+            if ob.closing:
+                for g in self._active + self._waiting:
+                    g.state = None
+                    g.done = True
+                    ob._queue(g)
+                self._active, self._waiting = [], []
+                return []
+            while self._waiting and len(self._active) < self.max_active:
+                self._active.append(self._waiting.pop(0))
+            keep = []
+            for g in self._active:
+                if g.stop:
+                    g.state, g.done = None, True
+                    ob._queue(g)
+                else:
+                    keep.append(g)
+            self._active = keep
+            batch = [g for g in keep if len(g.out) < ob.room]
+            if batch:
+                return batch
+            ob.cv.wait()
+
+    def _loop(self):
+        while True:
+            with self.outbox.cv:
+                batch = self._take_round()
+            if not batch:
+                return
+            for g in batch:
+                if g.state is None:
+                    g.state = self.batcher.zeros()
+            self.batcher.run_round(batch, self._call, lambda g, e: self._made([(g, None, str(e).splitlines()[0]
+                                                                                or type(e).__name__)]))
+
+    def _made(self, results):
+        """A group's results [(generation, token or None, error or None)] into the outbox at once: a prefill's
+        first token goes out while the round's other groups still run."""
+        with self.outbox.cv:
+            for g, tok, error in results:
+                if error is not None:
+                    g.state, g.error, g.done = None, error, True
+                else:
+                    g.out.append(tok)
+                    g.left -= 1
+                    if g.left <= 0 or tok == g.eos:
+                        g.state, g.done = None, True
+                    else:
+                        g.ids = np.asarray([[tok]], np.int64)
+                if g.done:
+                    self._active.remove(g)
+                self.outbox._queue(g)
 
     def _call(self, group):
-        res, nxt = self.batcher.call(self._run, [p.ids for p in group], [p.seq.state for p in group],
-                                     [p.seq.name for p in group])
-        logits = res["logits"]
-        for k, p in enumerate(group):       # nothing above changed a state: a failure retries each alone
-            if not p.seq.closed:
-                p.seq.state = nxt[k]
-            p.logits = logits if len(group) == 1 else logits[k:k + 1]
+        res, nxt = self.batcher.call(self._run, [g.ids for g in group], [g.state for g in group],
+                                     [g.name for g in group])
+        last = res["logits"][:, -1]
+        toks = last.argmax(-1)
+        finite = np.isfinite(last).all(-1)
+        results = []
+        for k, g in enumerate(group):       # nothing above changed a state: a failure retries each alone
+            if finite[k]:
+                g.state = nxt[k]
+                results.append((g, int(toks[k]), None))
+            else:
+                at = g.taken + len(g.out) + 1
+                results.append((g, None, f"{g.name}: the logits are not finite at new token {at}; the model's "
+                                         "weights or scales overflow float32"))
         self.calls += 1
         self.steps += len(group)
+        self._made(results)
         if self._on_call is not None:
             try:
                 self._on_call(len(group))
