@@ -111,10 +111,10 @@ def bench_vim(url, x, concurrency, requests):
             "requests": len(lat)}
 
 
-def direct_vim(vim_onnx, x, requests, lib):
+def direct_vim(vim_onnx, x, requests, lib, threads=0):
     from mq_deploy.backends.ort.runner import OrtRunner
 
-    r = OrtRunner(vim_onnx, custom_op_library=lib or False)
+    r = OrtRunner(vim_onnx, custom_op_library=lib or False, threads=threads or None)
     for k in range(8):
         r.infer({"images": x[k][None]})
     lat = []
@@ -261,11 +261,11 @@ def bench_lm(url, concurrency, streams_per_client, tokens, server_pid=None, metr
             "cpu_ms_per_token": cpu, "wall_ms_per_token": wall / ntok * 1e3}
 
 
-def direct_lm(step_onnx, streams, tokens, lib):
+def direct_lm(step_onnx, streams, tokens, lib, threads=0):
     from mq_deploy.backends.ort.runner import OrtRunner
     from mq_deploy.runtime.apps import generate, generate_batch
 
-    r = OrtRunner(step_onnx, custom_op_library=lib or False)
+    r = OrtRunner(step_onnx, custom_op_library=lib or False, threads=threads or None)
     for p in PROMPTS:               # warm: ONNX Runtime plans each new input shape (prompt length) once
         generate(r, list(p), 2)
     firsts = []
@@ -324,6 +324,8 @@ def main(argv=None):
                     "its default)")
     ap.add_argument("--max-tokens-per-response", type=int, help="mq-deploy triton --max-tokens-per-response "
                     "(default: its default)")
+    ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads, served (mq-deploy "
+                    "triton --threads) and in-process alike (default 0: ONNX Runtime's own, one per core)")
     ap.add_argument("--no-native", action="store_true", help="scans as ONNX function bodies on both sides")
     ap.add_argument("--workdir", help="keep the sample exports here and reuse them on the next run")
     ap.add_argument("--json", metavar="OUT")
@@ -356,7 +358,7 @@ def main(argv=None):
         print(f"scans: {'native library ' + lib if lib else 'ONNX function bodies'}")
         # names from the file names: vim (+ vim_preprocess, vim_image) and lm_step (+ lm_step_generate)
         top = max(levels)
-        stream_flags = {k: getattr(args, k) for k in ("response_interval_us", "max_tokens_per_response")
+        stream_flags = {k: getattr(args, k) for k in ("response_interval_us", "max_tokens_per_response", "threads")
                         if getattr(args, k) is not None}
         cfg = TritonConfig(backend="python", max_batch=max(16, top), instances=args.instances, custom_op_lib=lib,
                            max_sequences=max(64, top), generate_step=args.generate_step, **stream_flags)
@@ -367,11 +369,11 @@ def main(argv=None):
         state_dtype = OrtRunner(lm, custom_op_library=lib).artifact.config.state_dtype     # what the file stores
         rows = {"vim": [], "lm": [], "machine": {"cpus": os.cpu_count()}, "state_dtype": state_dtype,
                 "generate_step": args.generate_step, "response_interval_us": cfg.response_interval_us,
-                "max_tokens_per_response": cfg.max_tokens_per_response,
+                "max_tokens_per_response": cfg.max_tokens_per_response, "threads": cfg.threads,
                 "native_library": lib and (os.path.relpath(lib, ROOT) if lib.startswith(ROOT + os.sep) else lib)}
         print(f"direct (in-process OrtRunner, one caller)  [{load()}]")
-        dv = direct_vim(vim, x, min(args.requests, 128), lib)
-        dl = direct_lm(lm, 4, args.tokens, lib)
+        dv = direct_vim(vim, x, min(args.requests, 128), lib, args.threads)
+        dl = direct_lm(lm, 16, args.tokens, lib, args.threads)
         print(f"  vim {dv['images_per_s']:8.1f} images/s  p50 {dv['p50_ms']:.2f} ms  p99 {dv['p99_ms']:.2f} ms")
         print(f"  lm  {dl['tokens_per_s']:8.1f} tokens/s  first token p50 {dl['first_token_p50_ms']:.2f} ms  "
               f"p99 {dl['first_token_p99_ms']:.2f} ms;  16 prompts as one batch (generate_batch) "

@@ -340,6 +340,6 @@ def test_outbox_order_and_close():
     ob.close()
     assert ob.get(1)[:2] == (b, [8, 9])     # what is left goes out, then nothing
     assert ob.get(1) is None
-    for bad in ({"room": 0}, {"interval_s": -1}):
+    for bad in ((0, 0.0), (1, -1), (1, 2)):
         with pytest.raises(ValueError):
-            Outbox(**bad)
+            Outbox(*bad)

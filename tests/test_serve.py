@@ -152,8 +152,8 @@ def test_every_config_parses_against_tritons_schema(art, tmp_path, backend):
         assert gen.instance_group[0].count == 2 and "step_inline" not in gp and "states" not in gp
         assert not os.path.exists(repo / "lm_step_generate" / "1" / "mq_ort_session.py")
         assert os.path.isfile(repo / "lm_step_generate" / "1" / "mq_batch.py")     # its outbox
-    # a response holds the tokens made since the stream's last one: at most 16, waiting at most 10 ms
-    assert gp["max_tokens_per_response"] == "16" and gp["response_interval_us"] == "10000"
+    # a response holds the tokens made since the stream's last one: at most 64, waiting at most 10 ms
+    assert gp["max_tokens_per_response"] == "64" and gp["response_interval_us"] == "10000"
     assert [list(o.dims) for o in gen.output if o.name == "token_id"] == [[-1]]
     assert {i.name for i in gen.input} == {"text", "prompt_ids", "max_new_tokens"}
     ens = cfgs["vim_image"]

@@ -416,9 +416,9 @@ def test_the_generate_model_serves_many_streams_at_once(served, ref):
         got = list(pool.map(stream, range(24), timeout=TIMEOUT * 4))
     for k, g in enumerate(got):
         assert g == want[(prompts[k % len(prompts)], lens[k])], f"stream {k}"
-    # a response holds the tokens its stream made since the last one (10 ms by default), at most 16
+    # a response holds the tokens its stream made since the last one (10 ms by default), at most 64
     print(f"24 streams, {sum(lens)} tokens in {len(sizes)} responses: {sorted(collections.Counter(sizes).items())}")
-    assert max(sizes) <= 16 and len(sizes) < sum(lens)
+    assert max(sizes) <= 64 and len(sizes) < sum(lens)
     deadline = time.monotonic() + TIMEOUT
     while True:         # each generation sends its counts as it ends, before its final response
         after = generate_metrics(served, "lm_step_generate")

@@ -26,10 +26,14 @@ def register(sub) -> None:
     s.add_argument("--max-tokens-per-response", type=int, metavar="K",
                    help="NAME_generate sends the tokens a stream made since its last response in one response, "
                         "at most K (a stream K tokens ahead of its responses waits for them; 1: a response per "
-                        "token; default 16)")
+                        "token; default 64)")
     s.add_argument("--response-interval-us", type=int, metavar="US",
                    help="how long a stream's token may wait for more to share its response (default 10000: a "
                         "response per stream every 10 ms while its tokens come faster than that; 0: none waits)")
+    s.add_argument("--threads", type=int, metavar="N",
+                   help="ONNX Runtime intra-op threads of each Python-backend model (default 0: ONNX Runtime's own, "
+                        "one per physical core; 1 leaves the other cores to the server and its clients, which pays "
+                        "for small models)")
     s.add_argument("--custom-op-lib", metavar="SO", help="the native mq::SelectiveScan ONNX Runtime library")
     s.add_argument("--labels", metavar="TXT", help="Vim class names, one per line (default: 0..N-1)")
     s.add_argument("--overwrite", action="store_true", help="replace a repository mq-deploy wrote")
@@ -54,7 +58,8 @@ def cmd_triton(args) -> int:
                        custom_op_lib=args.custom_op_lib, labels=args.labels, overwrite=args.overwrite,
                        generate_step=args.generate_step,
                        **{k: getattr(args, k) for k in ("max_sequences", "max_tokens_per_response",
-                                                        "response_interval_us") if getattr(args, k) is not None})
+                                                        "response_interval_us", "threads")
+                          if getattr(args, k) is not None})
     res = write_repository(args.artifacts, args.output, cfg)
     print(f"wrote {res['path']}: {len(res['models'])} models")
     for m in res["models"]:

@@ -100,20 +100,23 @@ class TritonConfig:
     generate_step: str | None = None
     # NAME_generate's responses hold every token made since the stream's last response, at most this many
     # (generate_model.py: one token each while its sender keeps up; 1: always one, the steps wait for the sends)
-    max_tokens_per_response: int = 16
+    max_tokens_per_response: int = 64
     # ... and a stream's tokens wait at most this long for more to share their response (0: none wait)
     response_interval_us: int = RESPONSE_INTERVAL_US
+    # ONNX Runtime intra-op threads of each Python-backend model's session (0: ONNX Runtime's default, one per
+    # physical core; 1 leaves the other cores to the server, the sender and the clients: best for small models)
+    threads: int = 0
 
     def __post_init__(self):
         for k in ("max_batch", "instances", "sequence_idle_us", "max_sequences", "max_tokens_per_response",
-                  "response_interval_us"):
+                  "response_interval_us", "threads"):
             v = getattr(self, k)
-            lo = 0 if k in ("max_batch", "response_interval_us") else 1
+            lo = 0 if k in ("max_batch", "response_interval_us", "threads") else 1
             hi = {"sequence_idle_us": UINT64_MAX, "max_tokens_per_response": MAX_NEW_TOKENS,
-                  "response_interval_us": 1_000_000}.get(k, INT32_MAX)
+                  "response_interval_us": 1_000_000, "threads": 1024}.get(k, INT32_MAX)
             if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
                 flag = "--" + k.replace("_", "-")
-                why = {MAX_NEW_TOKENS: " (the most tokens a generation makes)", 1_000_000: " (1 s)"}.get(
+                why = {MAX_NEW_TOKENS: " (the most tokens a generation makes)", 1_000_000: " (1 s)", 1024: ""}.get(
                     hi, " (a field of Triton's model config)")
                 raise MQUserError(f"{flag} must be an integer in [{lo}, {hi}]{why}, got {_short(v)}")
         if self.generate_step is not None and self.generate_step not in GENERATE_STEPS:
@@ -565,8 +568,10 @@ def model_config(a: Artifact, name: str, backend: str, cfg: TritonConfig, model_
     c["instance_group"] = _instance_group(backend, cfg, profile=bool(a.profile))
     if backend == "onnxruntime" and cfg.custom_op_lib:
         c["model_operations"] = {"op_library_filename": [os.path.abspath(cfg.custom_op_lib)]}
+    if backend == "onnxruntime" and cfg.threads:        # Triton's ORT backend reads it per model
+        c["parameters"] = [_param("intra_op_thread_count", cfg.threads)]
     if backend == "python":
-        params = _session_params(a, model_file, op_lib_in_model)
+        params = _session_params(a, model_file, op_lib_in_model, cfg.threads)
         if a.graph == "step":
             params += [_param("max_sequences", cfg.max_sequences),
                        _param("sequence_idle_us", cfg.sequence_idle_us)]
@@ -574,10 +579,10 @@ def model_config(a: Artifact, name: str, backend: str, cfg: TritonConfig, model_
     return c
 
 
-def _session_params(a: Artifact, model_file: str, op_lib: str | None) -> list:
+def _session_params(a: Artifact, model_file: str, op_lib: str | None, threads: int = 0) -> list:
     """What mq_ort_session.make_session reads (the file, threads, the op library) and a step graph's state
     pairs: the Python step model's parameters, and an inline generate model's, which opens that graph."""
-    params = [_param("onnx_file", model_file), _param("intra_op_threads", 0)]
+    params = [_param("onnx_file", model_file), _param("intra_op_threads", threads)]
     if op_lib:
         params.append(_param("custom_op_library", op_lib))
     if a.graph == "step":
@@ -885,6 +890,9 @@ def plan(artifacts, cfg: TritonConfig) -> list:
                               "state starts them one slot long, which an engine built from the export misreads; "
                               "build it with `mq-deploy build STEP.onnx --kv-slot ...` (the copy with the slot, "
                               "serve.kv_sentinel), or serve the ONNX with --backend onnxruntime or python")
+        if cfg.threads and backend == "tensorrt":
+            raise MQUserError(f"{p}: --threads sets ONNX Runtime's intra-op threads (the python and onnxruntime "
+                              "backends); a TensorRT engine has none")
         if a.graph == "step" and cfg.generate_step == "inline" and backend != "python":
             raise MQUserError(f"{p}: --generate-step inline runs the step graph inside the Python generate "
                               f"model, so its step model must be the Python backend's too (--backend python), not "
@@ -996,7 +1004,8 @@ def _write_model(root: str, a: Artifact, name: str, backend: str, cfg: TritonCon
         # its outbox and decode engine; inline, it also opens the step model's graph (its folder beside this one)
         for helper in ("mq_batch.py",) + (("mq_ort_session.py",) if inline else ()):
             _copy(os.path.join(_MODELS_DIR, helper), os.path.join(gdir, "1", helper))
-        gc = generate_config(a, gname, name, cfg, _session_params(a, model_file, op_lib) if inline else None)
+        params = _session_params(a, model_file, op_lib, cfg.threads) if inline else None
+        gc = generate_config(a, gname, name, cfg, params)
         gtext = dumps(gc)
         with open(os.path.join(gdir, "config.pbtxt"), "w") as f:
             f.write(gtext)

@@ -138,11 +138,10 @@ class TritonPythonModel:
         self.max_generations = int(p.get("max_generations", "64"))
         self._active = 0         # accepted and not finished: running or waiting
         try:        # the config is read back from disk: an edited value is one line, the model does not load
-            self.outbox = Outbox(int(p.get("max_tokens_per_response", "16")),
-                                 int(p.get("response_interval_us", "0")) / 1e6)
-        except ValueError as e:
-            raise pb_utils.TritonModelException(f"{self.name}: parameter max_tokens_per_response or "
-                                                f"response_interval_us: {e}") from None
+            self.outbox = Outbox(int(p["max_tokens_per_response"]), int(p["response_interval_us"]) / 1e6)
+        except (KeyError, ValueError) as e:
+            raise pb_utils.TritonModelException(f"{self.name}: parameters max_tokens_per_response and "
+                                                f"response_interval_us must be integers in range ({e})") from None
         # sequence ids of this model: high bit set and the process id in them, so they cannot collide
         # with ids chosen by clients talking to the step model directly (those are usually small)
         self._next = (1 << 63) | (os.getpid() & 0xFFFF) << 40 | int.from_bytes(os.urandom(4), "little")

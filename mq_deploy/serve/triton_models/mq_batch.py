@@ -195,7 +195,7 @@ class Outbox:
     once; room 1: a response per token, the steps wait for the sends. One lock and condition for all of it
     (`cv`): its holders only move lists."""
 
-    def __init__(self, room: int = 16, interval_s: float = 0.0):
+    def __init__(self, room: int, interval_s: float):
         if int(room) < 1:
             raise ValueError(f"room must be at least 1 token, got {room}")
         if not 0 <= float(interval_s) <= 1:
@@ -296,7 +296,7 @@ class DecodeEngine:
     finite ends with an error. run(feeds) -> {output: array}: the step graph; on_call(n): after each call that
     ran n sequences' steps (the generate model's metrics)."""
 
-    def __init__(self, run, batcher, outbox, max_active: int = 64, on_call=None):
+    def __init__(self, run, batcher, outbox, max_active: int, on_call=None):
         self._run, self.batcher, self.outbox, self._on_call = run, batcher, outbox, on_call
         self.max_active = int(max_active)
         self._waiting, self._active = [], []
