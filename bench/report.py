@@ -1034,17 +1034,20 @@ def serve_lm_table(src):
     d = src[0]
     dl = d["direct"]["lm"]
     per_response = "inter_response_p50_ms" in d["lm"][0]
-    out = ["| LM generation | tokens/s | first token p50 / p99 | " + (
+
+    def first(r):       # the oldest JSONs have no first-token p99
+        return _ms(r["first_token_p50_ms"]) + (f" / {_ms(r['first_token_p99_ms'])}" if "first_token_p99_ms" in r else "")
+
+    out = ["| LM generation | tokens/s | first token p50" + (" / p99" if "first_token_p99_ms" in dl else "") + " | " + (
         "between responses p50 / p99 | tokens per response |" if per_response else "inter-token p50 / p99 |")
         + " vs direct | load |", "|---|---|---|---|" + ("---|" if per_response else "") + "---|---|",
-        f"| direct `generate`, one stream at a time | {dl['tokens_per_s']:.1f} | {_ms(dl['first_token_p50_ms'])} / "
-        f"{_ms(dl['first_token_p99_ms'])} | |" + (" |" if per_response else "") + " 1.00x | |"]
+        f"| direct `generate`, one stream at a time | {dl['tokens_per_s']:.1f} | {first(dl)} | |"
+        + (" |" if per_response else "") + " 1.00x | |"]
     for r in d["lm"]:
         n = r["concurrency"]
         gap = (f"{r['inter_response_p50_ms']:.1f} / {r['inter_response_p99_ms']:.1f} ms | {r['tokens_per_response']:.1f}"
                if per_response else f"{r['inter_token_p50_ms']:.1f} / {r['inter_token_p99_ms']:.1f} ms")
-        out.append(f"| served, {n} stream{'s' if n > 1 else ''} | {r['tokens_per_s']:.1f} | "
-                   f"{_ms(r['first_token_p50_ms'])} / {_ms(r['first_token_p99_ms'])} | {gap} | "
+        out.append(f"| served, {n} stream{'s' if n > 1 else ''} | {r['tokens_per_s']:.1f} | {first(r)} | {gap} | "
                    f"{r['vs_direct']:.2f}x | {r['load'][0]:.1f} |")
     if "batch16_tokens_per_s" in dl:
         out.append(f"\nIn-process, 16 prompts as one batch (`generate_batch`): {dl['batch16_tokens_per_s']:.1f} tokens/s.")
