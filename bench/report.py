@@ -1161,6 +1161,31 @@ def serve_inline_vs_bls(src):
 
 
 @renderer
+def serve_versions(src):
+    """Several bench/serve.py JSONs of one session (a tree before a change, and settings of the change): per
+    concurrency level, tokens/s and first-token p99 of each, and each one's tokens/s over the first's."""
+    def label(d):
+        if d.get("response_interval_us") is None:
+            return f"before ({d['run']['commit'][:7]})"
+        return (f"interval {d['response_interval_us'] / 1000:g} ms, at most {d['max_tokens_per_response']} tokens, "
+                f"threads {d['threads'] or 'ORT default'}")
+
+    levels = [r["concurrency"] for r in src[0]["lm"]]
+    out = ["| streams | " + " | ".join(label(d) for d in src) + " |", "|---|" + "---|" * len(src)]
+    for c in levels:
+        rows = [next((r for r in d["lm"] if r["concurrency"] == c), None) for d in src]
+        if any(r is None for r in rows):
+            raise ReportError(f"a JSON has no row at concurrency {c}")
+        base = rows[0]["tokens_per_s"]
+        out.append(f"| {c} | " + " | ".join(
+            f"{r['tokens_per_s']:.0f} tokens/s" + (f" ({r['tokens_per_s'] / base:.2f}x)" if k else "")
+            + f", first token p99 {_ms(r['first_token_p99_ms'])}" for k, r in enumerate(rows)) + " |")
+    inproc = " / ".join(f"{d['direct']['lm']['tokens_per_s']:.0f}" for d in src)
+    return "\n".join(out) + (f"\n\nIn-process, one stream (each run's own measurement, same order): {inproc} tokens/s; "
+                             f"load {load_range(*src)}.")
+
+
+@renderer
 def serve_goals(src):
     """The serving goals a bench/serve.py JSON evaluated (its `goals`), each met or missed by how much."""
     out = []

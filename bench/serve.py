@@ -324,8 +324,8 @@ def main(argv=None):
                     "its default)")
     ap.add_argument("--max-tokens-per-response", type=int, help="mq-deploy triton --max-tokens-per-response "
                     "(default: its default)")
-    ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads, served (mq-deploy "
-                    "triton --threads) and in-process alike (default 0: ONNX Runtime's own, one per core)")
+    ap.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads, served (mq-deploy triton --threads) "
+                    "and in-process alike (default: ONNX Runtime's own, one per core)")
     ap.add_argument("--no-native", action="store_true", help="scans as ONNX function bodies on both sides")
     ap.add_argument("--workdir", help="keep the sample exports here and reuse them on the next run")
     ap.add_argument("--json", metavar="OUT")
@@ -367,9 +367,11 @@ def main(argv=None):
         from mq_deploy.backends.ort.runner import OrtRunner
 
         state_dtype = OrtRunner(lm, custom_op_library=lib).artifact.config.state_dtype     # what the file stores
+        # getattr: the same script measures an older tree (its bench/ folder), whose TritonConfig lacks some fields
         rows = {"vim": [], "lm": [], "machine": {"cpus": os.cpu_count()}, "state_dtype": state_dtype,
-                "generate_step": args.generate_step, "response_interval_us": cfg.response_interval_us,
-                "max_tokens_per_response": cfg.max_tokens_per_response, "threads": cfg.threads,
+                "generate_step": args.generate_step, "response_interval_us": getattr(cfg, "response_interval_us", None),
+                "max_tokens_per_response": getattr(cfg, "max_tokens_per_response", None),
+                "threads": getattr(cfg, "threads", None),
                 "native_library": lib and (os.path.relpath(lib, ROOT) if lib.startswith(ROOT + os.sep) else lib)}
         print(f"direct (in-process OrtRunner, one caller)  [{load()}]")
         dv = direct_vim(vim, x, min(args.requests, 128), lib, args.threads)
