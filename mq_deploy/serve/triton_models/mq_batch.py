@@ -255,9 +255,6 @@ class Outbox:
                 self.cv.notify_all()            # room again: a producer may be waiting for it
             return g, toks, g.done, g.error
 
-    def has_room(self, g) -> bool:
-        return len(g.out) < self.room
-
     def wait_room(self, g) -> bool:
         """A producer thread's wait until g has room for a token; False once g stopped or the outbox closes."""
         with self.cv:
@@ -314,11 +311,6 @@ class DecodeEngine:
                 return
             self._waiting.append(g)
             self.outbox.cv.notify_all()
-
-    def counts(self):
-        """(running, waiting) generations."""
-        with self.outbox.cv:
-            return len(self._active), len(self._waiting)
 
     def join(self, timeout=None) -> None:
         """After outbox.begin_close(): the engine ends every generation (done) and its thread returns."""
