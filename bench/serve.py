@@ -3,12 +3,14 @@ shipped samples (MambaQuant W8A8, exported with mq-deploy), at concurrency 1, 4,
 
 - Vim: images/s and per-request latency p50/p99; each request is one Fashion-MNIST test image (so the
   dynamic batcher has something to merge under load), over gRPC.
-- LM: streamed generation through NAME_generate (decoupled, a thread per generation). With
-  --generate-step inline (the default) it runs the step graph itself and batches the steps of all its
-  generations into one ONNX Runtime call per round; with bls each step is a BLS request to the stateful
-  step model, which batches the steps of a scheduling round. Reported: tokens/s over all streams, time
-  to the first token p50/p99, per-token latency p50/p99 (the gaps between a stream's tokens as the client
-  receives them), the mean batch (inline: steps per step-graph call, from the generate model's
+- LM: streamed generation through NAME_generate (decoupled). With --generate-step inline (the default) it
+  runs the step graph itself, on one decode thread, the steps of all its generations one ONNX Runtime call
+  per round; with bls each step is a BLS request to the stateful step model, which batches the steps of a
+  scheduling round. Each client keeps one gRPC stream and runs its generations on it one after the other;
+  every client is connected before the clock starts. A response holds one token or more (mq-deploy triton
+  --response-interval-us, --max-tokens-per-response). Reported: tokens/s over all streams, time to the
+  first token p50/p99, the gaps between a stream's responses p50/p99 as the client receives them, the
+  tokens per response, the mean batch (inline: steps per step-graph call, from the generate model's
   Prometheus counters; bls: from Triton's statistics of the step model, requests per execution, with a
   request's mean queue and compute time), and the CPU time per token of tritonserver, of each
   Python-backend stub and of this client (/proc).
@@ -17,13 +19,14 @@ LM also generate_batch with 16 prompts as one batch), so the ratio is the price 
 Every loop is bounded (--requests, --streams, --tokens; each client call has a timeout).
 
     python bench/serve.py [--requests 256] [--streams 2] [--tokens 64] [--instances 1] [--state-dtype int8]
-        [--generate-step inline|bls] [--json OUT]
+        [--generate-step inline|bls] [--response-interval-us US] [--max-tokens-per-response K] [--threads N]
+        [--json OUT]
         [--vim VIM.onnx --lm-step LM_STEP.onnx]   # default: quantize + export the samples (--workdir keeps them)
 
 Goals checked (issue 23): served tokens/s at c=16 >= 5x c=1; c=1 >= 0.5x in-process; first-token p99 at
-c=16 <= 4x c=1. Both sides are warmed first (ONNX Runtime plans every new input shape once). Token
-arrival times are taken in the client's stream callback, where gRPC may deliver several responses at
-once, so per-token p50 can be far below the per-step time: tokens/s is the figure to compare.
+c=16 <= 4x c=1. Both sides are warmed first (ONNX Runtime plans every new input shape once) and run ONNX
+Runtime with the same --threads. Response arrival times are taken in the client's stream callback, where
+gRPC may deliver several responses at once: tokens/s is the figure to compare.
 Timings on a shared machine are noisy: the load average is printed beside every row.
 """
 
@@ -111,10 +114,10 @@ def bench_vim(url, x, concurrency, requests):
             "requests": len(lat)}
 
 
-def direct_vim(vim_onnx, x, requests, lib, threads=0):
+def direct_vim(vim_onnx, x, requests, lib, threads=None):
     from mq_deploy.backends.ort.runner import OrtRunner
 
-    r = OrtRunner(vim_onnx, custom_op_library=lib or False, threads=threads or None)
+    r = OrtRunner(vim_onnx, custom_op_library=lib or False, threads=threads)
     for k in range(8):
         r.infer({"images": x[k][None]})
     lat = []
@@ -261,11 +264,11 @@ def bench_lm(url, concurrency, streams_per_client, tokens, server_pid=None, metr
             "cpu_ms_per_token": cpu, "wall_ms_per_token": wall / ntok * 1e3}
 
 
-def direct_lm(step_onnx, streams, tokens, lib, threads=0):
+def direct_lm(step_onnx, streams, tokens, lib, threads=None):
     from mq_deploy.backends.ort.runner import OrtRunner
     from mq_deploy.runtime.apps import generate, generate_batch
 
-    r = OrtRunner(step_onnx, custom_op_library=lib or False, threads=threads or None)
+    r = OrtRunner(step_onnx, custom_op_library=lib or False, threads=threads)
     for p in PROMPTS:               # warm: ONNX Runtime plans each new input shape (prompt length) once
         generate(r, list(p), 2)
     firsts = []

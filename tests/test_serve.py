@@ -180,6 +180,25 @@ def test_onnxruntime_op_library(art, tmp_path):
     assert not (tmp_path / "r2" / "lm" / "1" / "libother.so").exists()
 
 
+def test_threads_reach_every_onnx_runtime_session(art, tmp_path, capsys):
+    """--threads: the Python-backend models' sessions (the inline generate model's too) and Triton's ORT backend
+    (intra_op_thread_count) get it; a TensorRT repository is refused in one line; the default leaves ONNX
+    Runtime's own."""
+    write_repository([art["lm_step"]], str(tmp_path / "p"), TritonConfig(backend="python", threads=1))
+    cfgs = parse_repo(tmp_path / "p")
+    assert {n: c.parameters["intra_op_threads"].string_value for n, c in cfgs.items()} == \
+        {"lm_step": "1", "lm_step_generate": "1"}
+    write_repository([art["lm_step"]], str(tmp_path / "o"), TritonConfig(threads=2))
+    assert parse(tmp_path / "o" / "lm_step" / "config.pbtxt").parameters["intra_op_thread_count"].string_value == "2"
+    write_repository([art["lm"]], str(tmp_path / "d"), TritonConfig())
+    assert "intra_op_thread_count" not in parse(tmp_path / "d" / "lm" / "config.pbtxt").parameters
+    eng = fake_engine(tmp_path, art, "vim", {"images": {"min": [1, 1, 12, 12], "opt": [8, 1, 12, 12],
+                                                        "max": [32, 1, 12, 12]}})
+    assert_user_error(capsys, ["triton", eng, "-o", tmp_path / "t", "--threads", "2"],
+                      "--threads sets ONNX Runtime's intra-op threads")
+    assert not (tmp_path / "t").exists()
+
+
 def test_tensorrt_plan_configs_from_the_build_report(art, tmp_path):
     vim = fake_engine(tmp_path, art, "vim", {"images": {"min": [1, 1, 12, 12], "opt": [8, 1, 12, 12],
                                                         "max": [32, 1, 12, 12]}})

@@ -99,7 +99,7 @@ class TritonConfig:
     # inline on the Python backend, bls on the others
     generate_step: str | None = None
     # NAME_generate's responses hold every token made since the stream's last response, at most this many
-    # (generate_model.py: one token each while its sender keeps up; 1: always one, the steps wait for the sends)
+    # (generate_model.py, mq_batch.Outbox; 1: a response per token, the steps wait for the sends)
     max_tokens_per_response: int = 64
     # ... and a stream's tokens wait at most this long for more to share their response (0: none wait)
     response_interval_us: int = RESPONSE_INTERVAL_US
@@ -579,7 +579,7 @@ def model_config(a: Artifact, name: str, backend: str, cfg: TritonConfig, model_
     return c
 
 
-def _session_params(a: Artifact, model_file: str, op_lib: str | None, threads: int = 0) -> list:
+def _session_params(a: Artifact, model_file: str, op_lib: str | None, threads: int) -> list:
     """What mq_ort_session.make_session reads (the file, threads, the op library) and a step graph's state
     pairs: the Python step model's parameters, and an inline generate model's, which opens that graph."""
     params = [_param("onnx_file", model_file), _param("intra_op_threads", threads)]
@@ -1014,9 +1014,10 @@ def _write_model(root: str, a: Artifact, name: str, backend: str, cfg: TritonCon
             how = (f"runs the graph of `{name}` itself (from that model's folder), the steps of all its running "
                    "generations batched into one ONNX Runtime call per round" if inline else
                    f"a BLS model that decodes through `{name}`")
-            what = (f"Streaming generation: prefills the prompt and decodes greedily (one sequence per request); each "
-                    f"response holds the tokens made since the last one (one while the sender keeps up, at most "
-                    f"{cfg.max_tokens_per_response}); {how}")
+            what = (f"Streaming generation: prefills the prompt and decodes greedily (one sequence per request); the "
+                    f"first token goes out at once, then each response holds the tokens made since the last one "
+                    f"(waiting at most {cfg.response_interval_us} us for more, at most {cfg.max_tokens_per_response}); "
+                    f"{how}")
             f.write(_model_readme(gname, "python, decoupled", what, gtext, _example_generate(gname, text_in)))
         prompt = {"text": "And God said"} if text_in else {"prompt_ids": [1, 2, 3]}
         summary.append({"name": gname, "backend": "python (decoupled" + (")" if inline else " BLS)"),
