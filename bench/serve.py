@@ -313,7 +313,7 @@ def main(argv=None):
     ap.add_argument("--vim", help="Vim ONNX export (default: quantize + export samples/vim-fashion-mnist)")
     ap.add_argument("--lm-step", help="LM decode-step ONNX export (default: from samples/mamba-byte-lm)")
     ap.add_argument("--requests", type=int, default=256, help="Vim requests per concurrency level")
-    ap.add_argument("--streams", type=int, default=2, help="generation streams per client per level (at least 64 "
+    ap.add_argument("--streams", type=int, default=2, help="generation streams per client per level (at least 128 "
                     "streams per level in all, for the percentiles)")
     ap.add_argument("--tokens", type=int, default=64, help="tokens per stream")
     ap.add_argument("--instances", type=int, default=1, help="instances of each model (one step-model instance "
@@ -401,7 +401,7 @@ def main(argv=None):
             for c in levels:                                # ... and the batch sizes each level makes
                 bench_lm(srv.grpc_url, c, 1, 4)
             for c in levels:
-                r = bench_lm(srv.grpc_url, c, max(args.streams, -(-64 // c)), args.tokens, srv.proc.pid, murl)
+                r = bench_lm(srv.grpc_url, c, max(args.streams, -(-128 // c)), args.tokens, srv.proc.pid, murl)
                 r.update(concurrency=c, vs_direct=r["tokens_per_s"] / dl["tokens_per_s"], load=os.getloadavg())
                 rows["lm"].append(r)
                 sm = r["step_model"]

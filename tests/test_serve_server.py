@@ -420,7 +420,7 @@ def test_the_generate_model_serves_many_streams_at_once(served, ref):
     print(f"24 streams, {sum(lens)} tokens in {len(sizes)} responses: {sorted(collections.Counter(sizes).items())}")
     assert max(sizes) <= 64 and len(sizes) < sum(lens)
     deadline = time.monotonic() + TIMEOUT
-    while True:         # each generation sends its counts as it ends, before its final response
+    while True:         # the generate model sends its counts once its sender idles
         after = generate_metrics(served, "lm_step_generate")
         steps, calls = after[0] - before[0], after[1] - before[1]
         if steps >= sum(lens) or time.monotonic() > deadline:

@@ -52,6 +52,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))    # our helpers 
 from mq_batch import DecodeEngine, Generation, Outbox, StateBatcher  # noqa: E402
 
 METRICS_EVERY_S = 0.5
+METRICS_IDLE_S = 0.1      # ... and once the sender has had nothing to send for this long
 CANCEL_CHECK_S = 0.1      # how often the sender asks the server whether a running stream's client is gone
 
 
@@ -183,7 +184,8 @@ class TritonPythonModel:
         """Prometheus counters on the server's metrics endpoint (when it has one): mq_generate_steps_total
         (sequence steps run) and mq_generate_step_calls_total (ONNX Runtime calls that ran them); their
         ratio is the mean batch. Each update is a message to the server process, so they are summed here
-        and sent at most every METRICS_EVERY_S, and when a generation ends (self._flush)."""
+        and sent at most every METRICS_EVERY_S, and when the sender idles (self._flush: not when a generation
+        ends, where its IPC would hold back the next generation's first token)."""
         try:
             fams = [pb_utils.MetricFamily(name=n, description=d, kind=pb_utils.MetricFamily.COUNTER) for n, d in (
                 ("mq_generate_steps_total", "decode steps run by the inline generate model"),
@@ -291,9 +293,12 @@ class TritonPythonModel:
         """The one thread that sends this model's responses: each generation's new tokens as one response, then
         its final flag (with its error, if it failed); until the outbox closes and is drained."""
         while True:
-            item = self.outbox.get()
+            item = self.outbox.get(METRICS_IDLE_S)
             if item is None:
-                return
+                self._flush()
+                if self.outbox.closed:
+                    return
+                continue
             g, toks, done, error = item
             c = g.ctx
             try:
@@ -329,7 +334,6 @@ class TritonPythonModel:
         if c.counted:
             with self._lock:
                 self._active -= 1
-            self._flush()
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         try:
             if error is None:

@@ -255,6 +255,10 @@ class Outbox:
                 self.cv.notify_all()            # room again: a producer may be waiting for it
             return g, toks, g.done, g.error
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def wait_room(self, g) -> bool:
         """A producer thread's wait until g has room for a token; False once g stopped or the outbox closes."""
         with self.cv:
