@@ -81,6 +81,14 @@ def check_shared_library(flag: str, path: str) -> None:
                           "object is 3)")
 
 
+_TRITON_FIELD = " (a field of Triton's model config)"
+# TritonConfig's integer fields: (lowest, highest, what bounds them)
+_INT_FIELDS = {"max_batch": (0, INT32_MAX, _TRITON_FIELD), "instances": (1, INT32_MAX, _TRITON_FIELD),
+               "sequence_idle_us": (1, UINT64_MAX, _TRITON_FIELD), "max_sequences": (1, INT32_MAX, _TRITON_FIELD),
+               "max_tokens_per_response": (1, MAX_NEW_TOKENS, " (the most tokens a generation makes)"),
+               "response_interval_us": (0, 1_000_000, " (1 s)"), "threads": (0, 1024, "")}
+
+
 @dataclass
 class TritonConfig:
     """What `mq-deploy triton` writes. backend None: onnxruntime for ONNX files, tensorrt for engines."""
@@ -108,17 +116,10 @@ class TritonConfig:
     threads: int = 0
 
     def __post_init__(self):
-        for k in ("max_batch", "instances", "sequence_idle_us", "max_sequences", "max_tokens_per_response",
-                  "response_interval_us", "threads"):
+        for k, (lo, hi, why) in _INT_FIELDS.items():
             v = getattr(self, k)
-            lo = 0 if k in ("max_batch", "response_interval_us", "threads") else 1
-            hi = {"sequence_idle_us": UINT64_MAX, "max_tokens_per_response": MAX_NEW_TOKENS,
-                  "response_interval_us": 1_000_000, "threads": 1024}.get(k, INT32_MAX)
             if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-                flag = "--" + k.replace("_", "-")
-                why = {MAX_NEW_TOKENS: " (the most tokens a generation makes)", 1_000_000: " (1 s)", 1024: ""}.get(
-                    hi, " (a field of Triton's model config)")
-                raise MQUserError(f"{flag} must be an integer in [{lo}, {hi}]{why}, got {_short(v)}")
+                raise MQUserError(f"--{k.replace('_', '-')} must be an integer in [{lo}, {hi}]{why}, got {_short(v)}")
         if self.generate_step is not None and self.generate_step not in GENERATE_STEPS:
             raise MQUserError(f"--generate-step {_short(self.generate_step)!r}: choose one of "
                               f"{', '.join(GENERATE_STEPS)}")

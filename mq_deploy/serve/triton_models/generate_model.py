@@ -49,7 +49,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))    # our helpers are copied beside us
-from mq_batch import DecodeEngine, Generation, Outbox, StateBatcher  # noqa: E402
+from mq_batch import DecodeEngine, Generation, Outbox, StateBatcher, greedy, not_finite  # noqa: E402
 
 METRICS_EVERY_S = 0.5
 METRICS_IDLE_S = 0.1      # ... and once the sender has had nothing to send for this long
@@ -270,11 +270,9 @@ class TritonPythonModel:
         try:
             while self.outbox.wait_room(g):
                 flags = (START if made == 0 else 0) | (END if made == n - 1 else 0)
-                logits = self._step(feed, corr, flags)[0, -1]
-                if not np.isfinite(logits).all():
-                    raise ValueError(f"the logits are not finite at new token {made + 1}; the model's weights or "
-                                     "scales overflow float32")
-                tok = int(logits.argmax())
+                tok = greedy(self._step(feed, corr, flags))[0]
+                if tok is None:
+                    raise ValueError(not_finite(made + 1))
                 made += 1
                 last = made == n or tok == self.eos
                 self.outbox.put(g, [tok], done=last)

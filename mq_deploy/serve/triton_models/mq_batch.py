@@ -162,6 +162,18 @@ class StateBatcher:
         return out
 
 
+def greedy(logits) -> list:
+    """Each sequence's greedy token from a step's logits [n, len, vocab] (the argmax of its last position), or None
+    where those logits are not finite."""
+    last = logits[:, -1]
+    return [int(t) if ok else None for t, ok in zip(last.argmax(-1), np.isfinite(last).all(-1))]
+
+
+def not_finite(at: int) -> str:
+    """The error line of a generation whose logits are not finite at its new token `at` (1-based)."""
+    return f"the logits are not finite at new token {at}; the model's weights or scales overflow float32"
+
+
 class Generation:
     """One greedy generation: its next input (`ids`, the prompt first), the tokens it may still make (`left`),
     its states, and its outbox: the tokens made and not yet taken by the thread that sends them (`out`), `done`
@@ -380,18 +392,13 @@ class DecodeEngine:
     def _call(self, group):
         res, nxt = self.batcher.call(self._run, [g.ids for g in group], [g.state for g in group],
                                      [g.name for g in group])
-        last = res["logits"][:, -1]
-        toks = last.argmax(-1)
-        finite = np.isfinite(last).all(-1)
         results = []
-        for k, g in enumerate(group):       # nothing above changed a state: a failure retries each alone
-            if finite[k]:
+        for k, (g, tok) in enumerate(zip(group, greedy(res["logits"]))):
+            if tok is not None:             # nothing above changed a state: a failure retries each alone
                 g.state = nxt[k]
-                results.append((g, int(toks[k]), None))
+                results.append((g, tok, None))
             else:
-                at = g.taken + len(g.out) + 1
-                results.append((g, None, f"{g.name}: the logits are not finite at new token {at}; the model's "
-                                         "weights or scales overflow float32"))
+                results.append((g, None, f"{g.name}: {not_finite(g.taken + len(g.out) + 1)}"))
         self.calls += 1
         self.steps += len(group)
         self._made(results)
