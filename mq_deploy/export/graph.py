@@ -439,23 +439,45 @@ def _onnx_type(dtype: str) -> int:
     return helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
 
 
-def _layer_state(g: _Graph, layout, i: int, fused: bool, names: dict):
+def _layer_state(g: _Graph, layout, i: int, fused: bool, names: dict, int8_fused: frozenset = frozenset()):
     """What layer i's emitter gets of the step graph's states (families.state_inputs), as float32 tensors
     (`names`: each stored input's float32 form, models.state_codec; the per-row scales stay out): (names of its
     stacked states, its index in them) for a fused step op that reads its layer itself, else (its state
-    tensors in its family's order, None): a Gather of each stacked state, or its own per-layer inputs."""
+    tensors in its family's order, None): a Gather of each stacked state, or its own per-layer inputs. States
+    in `int8_fused` (_int8_fused) go to the fused op as stored, int8, followed by their per-row scales."""
     mine = sorted((si for si in layout if i in si.layers and si.spec.scale_of is None), key=lambda si: si.position)
     if not mine:
         return None
     if fused and all(si.spec.stacked for si in mine):
-        return tuple(names[si.name] for si in mine), mine[0].layers.index(i)
+        scales = ()
+        if any(si.name in int8_fused for si in mine):
+            rows = {si.spec.scale_of: si.name for si in layout if si.spec.scale_of is not None}
+            scales = tuple(rows[si.spec.name] for si in mine if si.spec.name in rows)
+        return tuple(names[si.name] for si in mine) + scales, mine[0].layers.index(i)
     return tuple(g.b.op("Gather", [names[si.name], g.b.i64(si.layers.index(i))], axis=0) if si.spec.stacked
                  else names[si.name] for si in mine), None
 
 
-def _decoded_states(g: _Graph, model, layout) -> tuple:
+def _int8_fused(g: _Graph, model, layout) -> frozenset:
+    """The stacked int8 states that every layer holding them reads and writes as int8 in its fused step op (the
+    family's fused_int8_state(layer config): the op decodes and encodes them itself), so the graph converts
+    them neither on the way in nor on the way out."""
+    if not g.fused_step or g.quant is None:
+        return frozenset()
+    cfgs = model.cfg.layer_configs()
+
+    def fused(i):
+        impl = family_of(cfgs[i]).module()
+        return impl.FUSED_STEP and getattr(impl, "fused_int8_state", lambda cfg: False)(cfgs[i])
+
+    return frozenset(si.name for si in layout if si.spec.scale_of is None and si.spec.stacked
+                     and si.spec.dtype == "int8" and si.spec.int8_scale is not None and all(map(fused, si.layers)))
+
+
+def _decoded_states(g: _Graph, model, layout, int8_fused: frozenset = frozenset()) -> tuple:
     """The step graph's stored state inputs as float32 (models.state_codec.emit_decode): ({input: float32
-    tensor}, the static scales of int8 states stored on a quant point's grid: the model's, MambaLM.state_scales)."""
+    tensor}, the static scales of int8 states stored on a quant point's grid: the model's, MambaLM.state_scales).
+    The states in int8_fused stay as they are stored (their fused ops decode them)."""
     from mq_deploy.models.state_codec import emit_decode
 
     scales = getattr(model, "state_scales", {})
@@ -464,7 +486,7 @@ def _decoded_states(g: _Graph, model, layout) -> tuple:
     for si in layout:
         if si.spec.scale_of is not None:
             continue
-        plain = si.spec.dtype == "float32" or si.spec.int8_scale is None
+        plain = si.spec.dtype == "float32" or si.spec.int8_scale is None or si.name in int8_fused
         if not plain and not si.spec.stacked:
             raise MQInternalError(f"{si.name}: only a stacked state is stored converted (build_model's outputs)")
         names[si.name] = si.name if plain else emit_decode(g.b, si, by_state.get(si.spec.name), scales)
@@ -482,17 +504,18 @@ def resident(model, name: str):
     return module
 
 
-def _layers(g: _Graph, model, h, layout=None, consume: bool = False, names=None):
+def _layers(g: _Graph, model, h, layout=None, consume: bool = False, names=None, int8_fused=frozenset()):
     """Residual blocks and the final norm; each mixer is emitted by its family (families/<name>/export.py).
     layout: the step graph's state inputs (families.state_inputs), None for the full graph. consume: each
-    block is released from the model once it is in the graph (build_model)."""
+    block is released from the model once it is in the graph (build_model). int8_fused: _int8_fused's."""
     b = g.b
     new = []
     emb = h          # the embeddings, which a family's own block may read too (emit_block)
     for i in range(len(model.layers)):
         layer = resident(model, f"layers.{i}")
         impl = layer.mixer.family.module()
-        st = None if layout is None else _layer_state(g, layout, i, g.fused_step and impl.FUSED_STEP, names)
+        st = None if layout is None else _layer_state(g, layout, i, g.fused_step and impl.FUSED_STEP, names,
+                                                      int8_fused)
         if getattr(layer, "reads_embeddings", False):
             h, new_st = impl.emit_block(g, layer, mixer_prefix(i), h, emb, st)
             new.append(new_st)
@@ -560,8 +583,9 @@ def build_model(model, quant: QuantSpec | None = None, step: bool = False, opset
             release(model.embedding)
         if model.cfg.embedding_multiplier != 1.0:
             h = b.op("Mul", [h, b.f32(np.array(model.cfg.embedding_multiplier), "embedding_multiplier")])
-        names, state_scales = _decoded_states(g, model, layout) if step else (None, {})
-        h, new = _layers(g, model, h, layout, consume, names)
+        int8_fused = _int8_fused(g, model, layout) if step else frozenset()
+        names, state_scales = _decoded_states(g, model, layout, int8_fused) if step else (None, {})
+        h, new = _layers(g, model, h, layout, consume, names, int8_fused)
         if last_logits:
             h = b.op("Slice", [h, b.i64([-1]), b.i64([np.iinfo(np.int64).max]), b.i64([1])], "last")
         logits = _lm_head(b, h, resident(model, "lm_head"), int4_format)
@@ -570,7 +594,9 @@ def build_model(model, quant: QuantSpec | None = None, step: bool = False, opset
         outputs.append(vi("logits", T.FLOAT, ["batch", 1 if last_logits else "seq", model.cfg.vocab_size]))
         row_scales = {}          # a state's name -> its per-row scales, made when the state is stored
         for si in layout or ():
-            if si.spec.scale_of is not None:
+            if si.spec.scale_of in int8_fused or si.name in int8_fused:     # the layers' ops stored them
+                b.op("Concat", [b.op("Unsqueeze", [new[i][si.position], b.i64([0])]) for i in si.layers], axis=0)
+            elif si.spec.scale_of is not None:
                 b.op("Identity", [row_scales[si.spec.scale_of]])
             elif si.spec.stacked:
                 parts = [b.op("Unsqueeze", [new[i][si.position], b.i64([0])]) for i in si.layers]

@@ -45,8 +45,15 @@ mq::SelectiveStateUpdateFloat is the FP32 baseline's: float z, x_proj_w [R+2N, D
 (inputs 0-6, then dt_proj_w, delta_bias, A, D, gate_scale: 12 inputs), no quant points, and
 mq::SelectiveScanFloat for the scan.
 
+mq::SelectiveStateUpdateInt8State is the int8 op with the states stored as `--state-dtype int8` stores them
+(models.state_codec): inputs 2 and 3 int8 (the conv state on conv_scale's grid, which is where its values
+lie; the SSM state as codes), input 14 ssm_state_scale float16 [n_layer, b, Di] (the SSM state's row
+scales); outputs 1 and 2 int8 and output 3 ssm_state_scale_out float16 [b, Di]. The op decodes its layer,
+updates it as mq::SelectiveStateUpdate and encodes the result (native: state_codec.cpp), so the step graph
+converts nothing around it; its body is the same with models.state_codec's nodes on either side.
+
 The bodies are made per model (d_inner, d_conv, dt_rank and d_state are constants of the graph, the
-scales attributes of each node): `state_update_function(cfg, quantized)`.
+scales attributes of each node): `state_update_function(cfg, quantized, opset, int8_state)`.
 """
 
 from __future__ import annotations
@@ -57,20 +64,27 @@ from mq_deploy.export.scan_op import DOMAIN, OP, OP_FLOAT
 
 OP_UPDATE = "SelectiveStateUpdate"
 OP_UPDATE_FLOAT = "SelectiveStateUpdateFloat"
+OP_UPDATE_INT8_STATE = "SelectiveStateUpdateInt8State"
 INPUTS = ("x", "z", "conv_state", "ssm_state", "conv_w", "conv_b", "x_proj_w", "x_proj_scale", "dt_proj_w",
           "dt_proj_scale", "delta_bias", "A", "D", "gate_scale")
 INPUTS_FLOAT = ("x", "z", "conv_state", "ssm_state", "conv_w", "conv_b", "x_proj_w", "dt_proj_w", "delta_bias",
                 "A", "D", "gate_scale")
 OUTPUTS = ("y", "conv_state_out", "ssm_state_out")
+INPUTS_INT8_STATE = INPUTS + ("ssm_state_scale",)
+OUTPUTS_INT8_STATE = OUTPUTS + ("ssm_state_scale_out",)
 SCALE_ATTRS = ("conv_scale", "x_scale", "dt_low_scale", "delta_scale", "B_scale", "C_scale", "z_scale")
 
 
-def state_update_function(cfg, quantized: bool, opset: int = 21):
+def state_update_function(cfg, quantized: bool, opset: int = 21, int8_state: bool = False):
     """FunctionProto of mq::SelectiveStateUpdate (quantized) or mq::SelectiveStateUpdateFloat for a
-    MixerConfig `cfg` (d_inner, d_conv, dt_rank, d_state, mixer_rms_eps)."""
+    MixerConfig `cfg` (d_inner, d_conv, dt_rank, d_state, mixer_rms_eps); int8_state (quantized only):
+    mq::SelectiveStateUpdateInt8State, the same between the decoding of its int8 states and their encoding
+    (models.state_codec's nodes)."""
     from onnx import AttributeProto, numpy_helper
     from onnx import helper as h
 
+    if int8_state and not quantized:
+        raise ValueError("an int8-state update is an int8 op's (the conv state is stored on its conv_scale)")
     nodes = []
 
     def const(name, value):
@@ -107,15 +121,36 @@ def state_update_function(cfg, quantized: bool, opset: int = 21):
     layer = h.make_node("Constant", [], ["layer_t"])
     layer.attribute.append(h.make_attribute_ref("value_int", AttributeProto.INT, ref_attr_name="layer"))
     nodes.append(layer)
-    node("Gather", ["conv_state", "layer_t"], "conv_l", axis=0)                           # [b, Di, K-1]
-    node("Gather", ["ssm_state", "layer_t"], "ssm_l", axis=0)                             # [b, Di, N]
+    if int8_state:      # this layer's int8 states as float32: the conv state on conv_scale, the SSM state per row
+        from mq_deploy.models import state_codec
+
+        n_codec = [0]
+
+        def op(op_type, ins, **attrs):
+            n_codec[0] += 1
+            return node(op_type, ins, f"codec_{n_codec[0]}", **attrs)
+
+        def const_t(a):
+            n_codec[0] += 1
+            return const(f"codec_c{n_codec[0]}", a)
+
+        cq = node("Gather", ["conv_state", "layer_t"], "conv_lq", axis=0)
+        node("Identity", [state_codec.grid_decode_nodes(op, cq, "conv_scale_t")], "conv_l")
+        hq = node("Gather", ["ssm_state", "layer_t"], "ssm_lq", axis=0)
+        hs = node("Gather", ["ssm_state_scale", "layer_t"], "ssm_ls", axis=0)
+        node("Identity", [state_codec.rows_decode_nodes(op, const_t, hq, hs)], "ssm_l")
+        conv_out, ssm_out = "conv_f_out", "ssm_f_out"
+    else:
+        node("Gather", ["conv_state", "layer_t"], "conv_l", axis=0)                           # [b, Di, K-1]
+        node("Gather", ["ssm_state", "layer_t"], "ssm_l", axis=0)                             # [b, Di, N]
+        conv_out, ssm_out = "conv_state_out", "ssm_state_out"
     xt = node("Transpose", ["x"], "xt", perm=[0, 2, 1])                                   # [b, Di, L]
     if quantized:
         xt = dq(q(xt, "conv_scale_t", "xt_q"), "conv_scale_t", "xt_dq")
     node("Concat", ["conv_l", xt], "seq", axis=2)                                     # [b, Di, K-1+L]
     node("Shape", [xt], "L", start=2, end=3)
     node("Slice", ["seq", "L", const("big", np.array([np.iinfo(np.int64).max])), const("ax2", np.array([2]))],
-         "conv_state_out")
+         conv_out)
     node("Unsqueeze", ["conv_w", const("ax1", np.array([1]))], "w3")                       # [Di, 1, K]
     node("Conv", ["seq", "w3", "conv_b"], "xc", group=cfg.d_inner, kernel_shape=[cfg.d_conv], pads=[0, 0])
     node("Transpose", ["xc"], "xc_t", perm=[0, 2, 1])
@@ -146,17 +181,23 @@ def state_update_function(cfg, quantized: bool, opset: int = 21):
     if quantized:
         scan_in = [u_in, q("delta", "delta_scale_t", "delta_q"), "A", q(Bm, "B_scale_t", "B_q"),
                    q(Cm, "C_scale_t", "C_q"), "D", "z", "delta_bias", "gate_scale", "ssm_l"]
-        scan = h.make_node(OP, scan_in, ["y", "ssm_state_out"], domain=DOMAIN)
+        scan = h.make_node(OP, scan_in, ["y", ssm_out], domain=DOMAIN)
         for n in ("x", "delta", "B", "C", "z"):
             scan.attribute.append(h.make_attribute_ref(f"{n}_scale", AttributeProto.FLOAT, ref_attr_name=f"{n}_scale"))
     else:
         scan = h.make_node(OP_FLOAT, [u, "delta", "A", Bm, Cm, "D", "z", "delta_bias", "gate_scale", "ssm_l"],
                            ["y", "ssm_state_out"], domain=DOMAIN)
     nodes.append(scan)
+    if int8_state:
+        node("Identity", [state_codec.grid_encode_nodes(op, const_t, conv_out, "conv_scale_t")], "conv_state_out")
+        q_rows, s_rows = state_codec.rows_encode_nodes(op, const_t, ssm_out)
+        node("Identity", [q_rows], "ssm_state_out")
+        node("Identity", [s_rows], "ssm_state_scale_out")
     attrs = ["layer"] + (list(SCALE_ATTRS) if quantized else [])
     if cfg.mixer_rms_eps is not None:
         attrs.append("norm_eps")
-    return h.make_function(DOMAIN, OP_UPDATE if quantized else OP_UPDATE_FLOAT,
-                           list(INPUTS if quantized else INPUTS_FLOAT), list(OUTPUTS), nodes,
+    name = OP_UPDATE_INT8_STATE if int8_state else OP_UPDATE if quantized else OP_UPDATE_FLOAT
+    ins = INPUTS_INT8_STATE if int8_state else INPUTS if quantized else INPUTS_FLOAT
+    return h.make_function(DOMAIN, name, list(ins), list(OUTPUTS_INT8_STATE if int8_state else OUTPUTS), nodes,
                            [h.make_opsetid("", opset), h.make_opsetid(DOMAIN, 1)], attributes=attrs)
 

@@ -1,6 +1,8 @@
 """How a decode-step graph stores its SSM states between calls (`export --decode-step --state-dtype`), in
 PyTorch and as ONNX nodes, side by side: one rounding rule, written twice, parity-tested
-(tests/test_state_dtype.py).
+(tests/test_state_dtype.py). A third time in C++ (plugins/selective_scan/ort/state_codec.cpp): the fused step
+ops with int8 states (mq::SelectiveStateUpdateInt8State) decode and encode their layer themselves, and their
+function bodies run the nodes below (tests/test_state_codec_native.py, tests/test_state_update_int8.py).
 
 The layers compute in float32 as always; a state is converted on its way out of a call and back on its way in
 (per call: a prefill of L tokens rounds once, a decode step once per token). What each state becomes is
@@ -67,8 +69,9 @@ def conv_scales(model_cfg, act_scales: dict | None) -> dict:
             if spec.dtype == "int8" and spec.int8_scale and spec.int8_scale.startswith("point:"):
                 point = _point(spec)
                 s = None if act_scales is None else act_scales.get(mixer_prefix(i) + point)
-                if s is not None:
-                    s = float(np.asarray(s, dtype=np.float32).reshape(-1)[0]) if np.size(s) == 1 else None
+                if s is not None:           # (np.asarray: np.size of a torch tensor is its size method)
+                    s = np.asarray(s, dtype=np.float32).reshape(-1)
+                    s = float(s[0]) if s.size == 1 else None
                 if s is None or not np.isfinite(s) or s <= 0:
                     raise MQUserError(f"--state-dtype int8 stores layer {i}'s {spec.name} on its {point} quant "
                                       "point's per-tensor scale, and the model has none: int8 decode states need "
@@ -136,6 +139,43 @@ def decode(layer: int, specs, stored: tuple, scales: dict) -> tuple:
 
 
 # ---- ONNX --------------------------------------------------------------------------------------------
+# The rule as nodes, on two primitives so that a graph (export/graph.py's _Builder) and a function body (the
+# fused step ops with int8 states: export/state_update_op.py, export/ssd_state_update_op.py) emit the same
+# nodes: op(op_type, inputs, **attrs) -> output name; const(numpy array) -> name of a constant tensor.
+
+def rows_decode_nodes(op, const, q: str, scale: str) -> str:
+    """float32 of a "rows" int8 state: q * float(scale) per row."""
+    from onnx import TensorProto
+
+    s = op("Cast", [scale], to=TensorProto.FLOAT)
+    return op("Mul", [op("Cast", [q], to=TensorProto.FLOAT), op("Unsqueeze", [s, const(np.array([-1], np.int64))])])
+
+
+def rows_encode_nodes(op, const, value: str) -> tuple:
+    """(int8 codes, float16 row scales) of a float32 "rows" state (the rule in the module doc)."""
+    from onnx import TensorProto
+
+    one, zp = const(np.array(1.0, np.float32)), const(np.array(0, dtype=np.int8))
+    f32 = lambda v: const(np.array(v, np.float32))                            # noqa: E731
+    amax = op("ReduceMax", [op("Abs", [value]), const(np.array([-1], np.int64))], keepdims=0)
+    s = op("Mul", [op("Div", [amax, f32(QMAX)]), f32(SCALE_UP)])
+    s16 = op("Cast", [op("Min", [op("Add", [s, f32(SCALE_MIN)]), f32(SCALE_MAX)])], to=TensorProto.FLOAT16)
+    s32 = op("Unsqueeze", [op("Cast", [s16], to=TensorProto.FLOAT), const(np.array([-1], np.int64))])
+    return op("QuantizeLinear", [op("Div", [value, s32]), one, zp]), s16
+
+
+def grid_decode_nodes(op, q: str, scale: str) -> str:
+    """float32 of a "point:P" int8 state: q * its static scale (a tensor name)."""
+    from onnx import TensorProto
+
+    return op("Mul", [op("Cast", [q], to=TensorProto.FLOAT), scale])
+
+
+def grid_encode_nodes(op, const, value: str, scale: str) -> str:
+    """int8 codes of a "point:P" state: round(value / scale), QuantizeLinear's rounding."""
+    one, zp = const(np.array(1.0, np.float32)), const(np.array(0, dtype=np.int8))
+    return op("QuantizeLinear", [op("Div", [value, scale]), one, zp])
+
 
 def _layer_scales(scales: dict, si) -> np.ndarray:
     """[layers, 1, ..., 1] float32: each layer's static scale of a stacked "point:P" state input."""
@@ -143,17 +183,27 @@ def _layer_scales(scales: dict, si) -> np.ndarray:
     return s.reshape((len(si.layers),) + (1,) * (len(si.dims) - 1))
 
 
+def _builder_prims(b):
+    """op and const over export/graph.py's _Builder."""
+    def const(a):
+        if a.dtype == np.int64:
+            return b.i64(a.tolist())
+        if a.dtype == np.float32:
+            return b.f32(a, "state_codec")
+        return b.const(a, "state_codec")
+    return (lambda op_type, inputs, **attrs: b.op(op_type, inputs, **attrs)), const
+
+
 def emit_decode(b, si, scale_input: str | None, scales: dict) -> str:
     """Nodes turning the stored step-graph input `si` (a StateInput) into float32; returns the tensor name."""
     from onnx import TensorProto
 
-    f = b.op("Cast", [si.name], to=TensorProto.FLOAT)
+    op, const = _builder_prims(b)
     if si.spec.dtype == "float16":
-        return f
+        return b.op("Cast", [si.name], to=TensorProto.FLOAT)
     if si.spec.int8_scale == "rows":
-        s = b.op("Cast", [scale_input], to=TensorProto.FLOAT)
-        return b.op("Mul", [f, b.op("Unsqueeze", [s, b.i64([-1])])])
-    return b.op("Mul", [f, b.f32(_layer_scales(scales, si), "state_scale")])
+        return rows_decode_nodes(op, const, si.name, scale_input)
+    return grid_decode_nodes(op, si.name, b.f32(_layer_scales(scales, si), "state_scale"))
 
 
 def emit_encode(b, si, value: str, scales: dict) -> tuple:
@@ -161,21 +211,14 @@ def emit_encode(b, si, value: str, scales: dict) -> tuple:
     (stored tensor, its row scales or None)."""
     from onnx import TensorProto
 
+    op, const = _builder_prims(b)
     if si.spec.dtype == "float16":
         return b.op("Cast", [value], to=TensorProto.FLOAT16), None
-    one, zp = b.f32(np.array(1.0), "one"), b.const(np.array(0, dtype=np.int8), "zp_i8")
     if si.spec.int8_scale == "rows":
-        amax = b.op("ReduceMax", [b.op("Abs", [value]), b.i64([-1])], keepdims=0)
-        s = b.op("Mul", [b.op("Div", [amax, b.f32(np.array(QMAX), "qmax")]), b.f32(np.array(SCALE_UP), "scale_up")])
-        s = b.op("Min", [b.op("Add", [s, b.f32(np.array(SCALE_MIN), "scale_min")]),
-                         b.f32(np.array(SCALE_MAX), "scale_max")])
-        s16 = b.op("Cast", [s], to=TensorProto.FLOAT16)
-        s32 = b.op("Unsqueeze", [b.op("Cast", [s16], to=TensorProto.FLOAT), b.i64([-1])])
-        q = b.op("QuantizeLinear", [b.op("Div", [value, s32]), one, zp])
-        return q, s16
-    scaled = b.op("Div", [value, b.f32(_layer_scales(scales, si), "state_scale")])
-    return b.op("QuantizeLinear", [scaled, one, zp]), None
+        return rows_encode_nodes(op, const, value)
+    return grid_encode_nodes(op, const, value, b.f32(_layer_scales(scales, si), "state_scale")), None
 
 
 __all__ = ["QMAX", "SCALE_DTYPE", "SCALE_MAX", "SCALE_MIN", "SCALE_UP", "conv_scales", "decode", "emit_decode",
-           "emit_encode", "encode", "rows_int8"]
+           "emit_encode", "encode", "grid_decode_nodes", "grid_encode_nodes", "rows_decode_nodes", "rows_encode_nodes",
+           "rows_int8"]

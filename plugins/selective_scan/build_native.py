@@ -58,7 +58,8 @@ def _build_direct(out_dir, log):
     ort = [cxx, "-O3", "-fno-trapping-math", "-fopenmp-simd", "-std=c++17", "-fPIC", "-shared", "-fvisibility=hidden",
            "-I", os.path.join(HERE, "include"), "-I", ort_dir,
            os.path.join(ort_dir, "mq_scan_ort.cpp"), os.path.join(ort_dir, "scan_float.cpp"),
-           os.path.join(ort_dir, "state_update.cpp"), os.path.join(ort_dir, "ssd_ops.cpp"),
+           os.path.join(ort_dir, "state_update.cpp"), os.path.join(ort_dir, "state_codec.cpp"),
+           os.path.join(ort_dir, "ssd_ops.cpp"),
            os.path.join(ort_dir, "ssd_update.cpp"), os.path.join(ort_dir, "qlinear.cpp"),
            os.path.join(ort_dir, "qlinear_ops.cpp"),
            "-L", out_dir, "-l:" + CPU_LIB, "-Wl,-rpath,$ORIGIN", "-Wl,-z,defs", "-o", os.path.join(out_dir, ORT_LIB)]

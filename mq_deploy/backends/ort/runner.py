@@ -190,6 +190,7 @@ def check_mq_nodes(proto, path: str, config=None) -> None:
 
     required = {scan_op.OP: scan_op.SCALE_ATTRS, state_update_op.OP_UPDATE: state_update_op.SCALE_ATTRS + ("layer",),
                 state_update_op.OP_UPDATE_FLOAT: ("layer",),
+                state_update_op.OP_UPDATE_INT8_STATE: state_update_op.SCALE_ATTRS + ("layer",),
                 ssd_op.OP: ssd_op.SCALE_ATTRS + ssd_op.SHAPE_ATTRS, ssd_op.OP_FLOAT: ssd_op.SHAPE_ATTRS}
     n_layer = getattr(config, "n_layer", None)
 

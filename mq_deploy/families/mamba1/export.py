@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from mq_deploy.export.scan_op import DOMAIN, OP, OP_FLOAT, selective_scan_float_function, selective_scan_function
-from mq_deploy.export.state_update_op import OP_UPDATE, OP_UPDATE_FLOAT, state_update_function
+from mq_deploy.export.state_update_op import OP_UPDATE, OP_UPDATE_FLOAT, OP_UPDATE_INT8_STATE, state_update_function
 from mq_deploy.models.points import weight_key
 
 
@@ -71,9 +71,11 @@ def _branch(g, mixer, prefix, x, z, s, conv_state=None, ssm_state=None):
     return y, new_conv, h_last
 
 
-def _fused_branch(g, mixer, prefix, x, z, conv_state, ssm_state, layer: int):
+def _fused_branch(g, mixer, prefix, x, z, states, layer: int):
     """The decode-step form of _branch (forward direction): one mq::SelectiveStateUpdate(Float) node
-    (state_update_op.py) reading layer `layer` of the stacked states. Returns (y, new_conv_state, h_last)."""
+    (state_update_op.py) reading layer `layer` of the stacked states (conv_state, ssm_state). Returns (y,
+    new_conv_state, h_last). With int8 states (conv_state, ssm_state, ssm_state_scale as stored: graph.py's
+    _int8_fused): mq::SelectiveStateUpdateInt8State, returning (y, conv codes, ssm codes, their row scales)."""
     b, cfg = g.b, mixer.cfg
     conv, x_proj, dt_proj = mixer.conv1d, mixer.x_proj, mixer.dt_proj
     di, k = cfg.d_inner, cfg.d_conv
@@ -84,22 +86,31 @@ def _fused_branch(g, mixer, prefix, x, z, conv_state, ssm_state, layer: int):
     if cfg.mixer_rms_eps is not None:
         attrs["norm_eps"] = float(cfg.mixer_rms_eps)
     if g.quant is None:
+        conv_state, ssm_state = states
         ins = [x, z, conv_state, ssm_state, b.f32(conv.weight.reshape(di, k), "conv_w"), conv_b,
                b.f32(x_proj.weight, "x_proj_w"), b.f32(dt_proj.weight.t(), "dt_proj_w")] + tail
         return b.op(OP_UPDATE_FLOAT, ins, "state_update", n_out=3, domain=DOMAIN, **attrs)
     conv_w = g.dequantized(weight_key(prefix, "conv1d"), conv.weight).reshape(di, k)
     qx, sx = g.grid(weight_key(prefix, "x_proj"), x_proj.weight)
     qd, sd = g.grid(weight_key(prefix, "dt_proj"), dt_proj.weight)
-    ins = [x, z, conv_state, ssm_state, b.f32(conv_w, "conv_w"), conv_b, b.const(qx.numpy(), "x_proj_q"),
+    ins = [x, z, states[0], states[1], b.f32(conv_w, "conv_w"), conv_b, b.const(qx.numpy(), "x_proj_q"),
            b.f32(sx, "x_proj_scale"), b.const(np.ascontiguousarray(qd.numpy().T), "dt_proj_q"),
-           b.f32(sd, "dt_proj_scale")] + tail
+           b.f32(sd, "dt_proj_scale")] + tail + list(states[2:])
     points = {"conv_scale": "conv1d", "x_scale": "x", "dt_low_scale": "dt_low", "delta_scale": "dt",
               "B_scale": "B", "C_scale": "C", "z_scale": "z"}
     attrs.update({a: g._scale(prefix + p) for a, p in points.items()})
+    if len(states) == 3:
+        return b.op(OP_UPDATE_INT8_STATE, ins, "state_update", n_out=4, domain=DOMAIN, **attrs)
     return b.op(OP_UPDATE, ins, "state_update", n_out=3, domain=DOMAIN, **attrs)
 
 
 FUSED_STEP = True      # step graphs: one mq::SelectiveStateUpdate node per layer reads its layer of the stacked states
+
+
+def fused_int8_state(cfg) -> bool:
+    """Whether a quantized layer's fused step op reads and writes its states as int8 itself
+    (mq::SelectiveStateUpdateInt8State): every fused one (a layer with inner norm weights runs unfused)."""
+    return not cfg.inner_norm_weights and not cfg.bimamba
 
 
 def emit(g, mixer, prefix, h, state=None):
@@ -117,9 +128,10 @@ def emit(g, mixer, prefix, h, state=None):
         names, layer = state
         state = (tuple(b.op("Gather", [n, b.i64(layer)], axis=0) for n in names), None)
     if state is not None and state[1] is not None:
-        (conv_state, ssm_state), layer = state
-        y, new_conv, h_last = _fused_branch(g, mixer, prefix, x, z, conv_state, ssm_state, layer)
+        names, layer = state
+        y, new_conv, h_last, *scales = _fused_branch(g, mixer, prefix, x, z, names, layer)
     else:
+        scales = []
         conv_state, ssm_state = state[0] if state is not None else (None, None)
         y, new_conv, h_last = _branch(g, mixer, prefix, x, z, "", conv_state, ssm_state)
     if mixer.cfg.bimamba:
@@ -127,7 +139,8 @@ def emit(g, mixer, prefix, h, state=None):
         y = b.op("Mul", [b.op("Add", [y, b.flip_time(y_b)]), b.f32(np.array(0.5), "half")])
     if mixer.out_rotation is not None:
         y = g.online_rotation(y, mixer.out_rotation)
-    return g.linear(g.qdq(y, prefix + "out_proj"), mixer.out_proj, weight_key(prefix, "out_proj")), (new_conv, h_last)
+    return (g.linear(g.qdq(y, prefix + "out_proj"), mixer.out_proj, weight_key(prefix, "out_proj")),
+            (new_conv, h_last, *scales))
 
 
 def functions(mixer_cfg, quantized: bool, op_types: set, opset: int) -> list:
@@ -135,4 +148,6 @@ def functions(mixer_cfg, quantized: bool, op_types: set, opset: int) -> list:
     fns = [selective_scan_function(opset) if quantized else selective_scan_float_function(opset)]
     if op_types & {OP_UPDATE, OP_UPDATE_FLOAT}:
         fns.append(state_update_function(mixer_cfg, quantized, opset))
+    if quantized and OP_UPDATE_INT8_STATE in op_types:
+        fns.append(state_update_function(mixer_cfg, quantized, opset, int8_state=True))
     return fns

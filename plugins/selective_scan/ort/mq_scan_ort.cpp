@@ -20,6 +20,7 @@
 #include <cstring>
 #include <mutex>
 #include <new>
+#include <memory>
 #include <string>
 
 #include "mq_selective_scan.h"
@@ -28,6 +29,7 @@
 #include "qlinear_ops.h"
 #include "scan_float.h"
 #include "ssd_ops.h"
+#include "state_codec.h"
 #include "state_update.h"
 
 using namespace mq_ort;
@@ -305,10 +307,14 @@ OrtStatus *copy_shape(const OrtTensorTypeAndShapeInfo *like, ONNXTensorElementDa
 
 constexpr const char *kUpdateName = "SelectiveStateUpdate";
 constexpr const char *kUpdateNameFloat = "SelectiveStateUpdateFloat";
+constexpr const char *kUpdateNameInt8State = "SelectiveStateUpdateInt8State";
+// the int8-state op: the int8 op's inputs with int8 states, then the SSM state's float16 row scales (15 inputs),
+// and one more output, the new row scales
 constexpr size_t kUpdateInputs = 14, kUpdateInputsFloat = 12, kUpdateOutputs = 3;
-const char *const kUpdateInputNames[kUpdateInputs] = {
+constexpr size_t kUpdateInputsInt8State = 15, kUpdateOutputsInt8State = 4;
+const char *const kUpdateInputNames[kUpdateInputsInt8State] = {
     "x", "z", "conv_state", "ssm_state", "conv_w", "conv_b", "x_proj_w", "x_proj_scale", "dt_proj_w",
-    "dt_proj_scale", "delta_bias", "A", "D", "gate_scale"};
+    "dt_proj_scale", "delta_bias", "A", "D", "gate_scale", "ssm_state_scale"};
 const char *const kUpdateInputNamesFloat[kUpdateInputsFloat] = {
     "x", "z", "conv_state", "ssm_state", "conv_w", "conv_b", "x_proj_w", "dt_proj_w", "delta_bias", "A", "D",
     "gate_scale"};
@@ -317,16 +323,19 @@ const char *const kUpdateScaleAttrs[7] = {"conv_scale", "x_scale", "dt_low_scale
 
 struct UpdateKernel {
   bool is_float;
+  bool int8_state;  // mq::SelectiveStateUpdateInt8State (an int8 op)
   int64_t layer;    // the slice of the stacked states
   float scale[7];   // kUpdateScaleAttrs order (int8 op)
   float norm_eps;   // < 0: none
 };
 
-OrtStatus *update_error(bool is_float, OrtErrorCode code, const std::string &msg) {
-  return g_api->CreateStatus(code, (std::string("mq::") + (is_float ? kUpdateNameFloat : kUpdateName) + ": " + msg).c_str());
+OrtStatus *update_error(bool is_float, OrtErrorCode code, const std::string &msg, bool int8_state = false) {
+  const char *name = is_float ? kUpdateNameFloat : (int8_state ? kUpdateNameInt8State : kUpdateName);
+  return g_api->CreateStatus(code, (std::string("mq::") + name + ": " + msg).c_str());
 }
 
 bool is_int8_update_input(size_t i) { return i == 1 || i == 6 || i == 8; }
+bool is_int8_state_update_input(size_t i) { return is_int8_update_input(i) || i == 2 || i == 3; }
 
 struct PoolCall {
   OrtKernelContext *ctx;
@@ -340,20 +349,21 @@ void ort_parallel_for(void *pool, void (*fn)(void *, size_t) noexcept, size_t n,
 }
 
 OrtStatus *compute_update(const UpdateKernel &k, OrtKernelContext *ctx) {
-  const bool fl = k.is_float;
-  const size_t want_in = fl ? kUpdateInputsFloat : kUpdateInputs;
+  const bool fl = k.is_float, i8 = k.int8_state;
+  auto err = [&](OrtErrorCode code, const std::string &msg) { return update_error(fl, code, msg, i8); };
+  const size_t want_in = fl ? kUpdateInputsFloat : (i8 ? kUpdateInputsInt8State : kUpdateInputs);
   const char *const *names = fl ? kUpdateInputNamesFloat : kUpdateInputNames;
   size_t n_in = 0;
   OrtStatus *st = g_api->KernelContext_GetInputCount(ctx, &n_in);
   if (st) return st;
-  if (n_in != want_in) return update_error(fl, ORT_INVALID_ARGUMENT, "expects " + std::to_string(want_in) +
+  if (n_in != want_in) return err(ORT_INVALID_ARGUMENT, "expects " + std::to_string(want_in) +
                                                                       " inputs, got " + std::to_string(n_in));
-  const OrtValue *in[kUpdateInputs];
-  Shape sh[kUpdateInputs];
-  const void *data[kUpdateInputs];
+  const OrtValue *in[kUpdateInputsInt8State];
+  Shape sh[kUpdateInputsInt8State];
+  const void *data[kUpdateInputsInt8State];
   for (size_t i = 0; i < want_in; ++i) {
     if ((st = g_api->KernelContext_GetInput(ctx, i, &in[i]))) return st;
-    if (in[i] == nullptr) return update_error(fl, ORT_INVALID_ARGUMENT, std::string("input ") + names[i] + " is missing");
+    if (in[i] == nullptr) return err(ORT_INVALID_ARGUMENT, std::string("input ") + names[i] + " is missing");
     if ((st = shape_of(in[i], &sh[i]))) return st;
     if ((st = g_api->GetTensorMutableData(const_cast<OrtValue *>(in[i]), const_cast<void **>(&data[i])))) return st;
   }
@@ -361,17 +371,17 @@ OrtStatus *compute_update(const UpdateKernel &k, OrtKernelContext *ctx) {
   const size_t iX = 0, iZ = 1, iConv = 2, iSsm = 3, iCw = 4, iCb = 5, iXw = 6;
   const size_t iXs = fl ? 0 : 7, iDw = fl ? 7 : 8, iDs = fl ? 0 : 9, iBias = fl ? 8 : 10, iA = fl ? 9 : 11;
   const size_t iD = fl ? 10 : 12, iG = fl ? 11 : 13;
-  if (sh[iX].rank != 3) return update_error(fl, ORT_INVALID_ARGUMENT, "x must be [b, L, Di], got " + str(sh[iX]));
+  if (sh[iX].rank != 3) return err(ORT_INVALID_ARGUMENT, "x must be [b, L, Di], got " + str(sh[iX]));
   if (sh[iConv].rank != 4 || sh[iA].rank != 2 || sh[iXw].rank != 2)
-    return update_error(fl, ORT_INVALID_ARGUMENT, "conv_state must be [n_layer, b, Di, K-1], A [Di, N], x_proj_w "
+    return err(ORT_INVALID_ARGUMENT, "conv_state must be [n_layer, b, Di, K-1], A [Di, N], x_proj_w "
                                                   "[R+2N, Di]; got " + str(sh[iConv]) + ", " + str(sh[iA]) + ", " + str(sh[iXw]));
   const int64_t b = sh[iX].d[0], L = sh[iX].d[1], Di = sh[iX].d[2], K = sh[iConv].d[3] + 1, N = sh[iA].d[1];
   const int64_t n_layer = sh[iConv].d[0];
   if (k.layer < 0 || k.layer >= n_layer)
-    return update_error(fl, ORT_INVALID_ARGUMENT, "attribute layer " + std::to_string(k.layer) + " is outside the " +
+    return err(ORT_INVALID_ARGUMENT, "attribute layer " + std::to_string(k.layer) + " is outside the " +
                                                       std::to_string(n_layer) + " layers of conv_state");
   const int64_t O = sh[iXw].d[0], R = O - 2 * N;
-  if (R < 1) return update_error(fl, ORT_INVALID_ARGUMENT, "x_proj_w has " + std::to_string(O) + " rows, fewer than 2 N + 1 = " +
+  if (R < 1) return err(ORT_INVALID_ARGUMENT, "x_proj_w has " + std::to_string(O) + " rows, fewer than 2 N + 1 = " +
                                                             std::to_string(2 * N + 1));
   struct Want { size_t i; Shape s; };
   const Want want[] = {{iZ, {{b, L, Di}, 3}}, {iConv, {{n_layer, b, Di, K - 1}, 4}}, {iSsm, {{n_layer, b, Di, N}, 4}},
@@ -382,24 +392,30 @@ OrtStatus *compute_update(const UpdateKernel &k, OrtKernelContext *ctx) {
     bool same = sh[w.i].rank == w.s.rank;
     for (size_t d = 0; same && d < w.s.rank; ++d) same = sh[w.i].d[d] == w.s.d[d];
     if (!same)
-      return update_error(fl, ORT_INVALID_ARGUMENT, std::string(names[w.i]) + " has shape " + str(sh[w.i]) + ", expected " +
+      return err(ORT_INVALID_ARGUMENT, std::string(names[w.i]) + " has shape " + str(sh[w.i]) + ", expected " +
                                                         str(w.s) + " from x " + str(sh[iX]) + ", conv_state, A and x_proj_w");
   }
   if (!fl) {
     const Want scales[] = {{iXs, {{O}, 1}}, {iDs, {{Di}, 1}}};
     for (const Want &w : scales)
       if (sh[w.i].rank != 1 || sh[w.i].d[0] != w.s.d[0])
-        return update_error(fl, ORT_INVALID_ARGUMENT, std::string(names[w.i]) + " has shape " + str(sh[w.i]) +
+        return err(ORT_INVALID_ARGUMENT, std::string(names[w.i]) + " has shape " + str(sh[w.i]) +
                                                           ", expected " + str(w.s));
   }
-  const int64_t y_dims[3] = {b, L, Di}, c_dims[3] = {b, Di, K - 1}, h_dims[3] = {b, Di, N};
-  OrtValue *out[kUpdateOutputs] = {nullptr, nullptr, nullptr};
+  const size_t iScale = 14;   // the int8-state op's row scales
+  if (i8 && (sh[iScale].rank != 3 || sh[iScale].d[0] != n_layer || sh[iScale].d[1] != b || sh[iScale].d[2] != Di))
+    return err(ORT_INVALID_ARGUMENT, "ssm_state_scale has shape " + str(sh[iScale]) + ", expected " +
+                                         str(Shape{{n_layer, b, Di}, 3}) + " from ssm_state");
+  const int64_t y_dims[3] = {b, L, Di}, c_dims[3] = {b, Di, K - 1}, h_dims[3] = {b, Di, N}, s_dims[2] = {b, Di};
+  const size_t n_out = i8 ? kUpdateOutputsInt8State : kUpdateOutputs;
+  OrtValue *out[kUpdateOutputsInt8State] = {nullptr, nullptr, nullptr, nullptr};
   if ((st = g_api->KernelContext_GetOutput(ctx, 0, y_dims, 3, &out[0]))) return st;
   if ((st = g_api->KernelContext_GetOutput(ctx, 1, c_dims, 3, &out[1]))) return st;
   if ((st = g_api->KernelContext_GetOutput(ctx, 2, h_dims, 3, &out[2]))) return st;
-  float *outp[kUpdateOutputs];
-  for (size_t o = 0; o < kUpdateOutputs; ++o)
-    if ((st = g_api->GetTensorMutableData(out[o], reinterpret_cast<void **>(&outp[o])))) return st;
+  if (i8 && (st = g_api->KernelContext_GetOutput(ctx, 3, s_dims, 2, &out[3]))) return st;
+  void *outp[kUpdateOutputsInt8State] = {nullptr, nullptr, nullptr, nullptr};
+  for (size_t o = 0; o < n_out; ++o)
+    if ((st = g_api->GetTensorMutableData(out[o], &outp[o]))) return st;
 
   mq_scan::StateUpdateParams p;
   std::memset(&p, 0, sizeof p);
@@ -415,28 +431,53 @@ OrtStatus *compute_update(const UpdateKernel &k, OrtKernelContext *ctx) {
     p.conv_scale = k.scale[0], p.x_scale = k.scale[1], p.dt_low_scale = k.scale[2], p.delta_scale = k.scale[3];
     p.B_scale = k.scale[4], p.C_scale = k.scale[5], p.z_scale = k.scale[6];
   }
-  p.conv_state = f(iConv) + k.layer * b * Di * (K - 1), p.ssm_state = f(iSsm) + k.layer * b * Di * N;
   p.conv_w = f(iCw), p.conv_b = f(iCb);
   p.delta_bias = f(iBias), p.A = f(iA), p.D = f(iD), p.gate_scale = f(iG);
   p.norm_eps = k.norm_eps;
-  p.y = outp[0], p.conv_state_out = outp[1], p.ssm_state_out = outp[2];
+  p.y = static_cast<float *>(outp[0]);
   PoolCall pool{ctx, nullptr};
   std::string message;
-  const int rc = mq_scan::state_update(p, ort_parallel_for, &pool, &message);
+  int rc = 0;
+  if (!i8) {
+    p.conv_state = f(iConv) + k.layer * b * Di * (K - 1), p.ssm_state = f(iSsm) + k.layer * b * Di * N;
+    p.conv_state_out = static_cast<float *>(outp[1]), p.ssm_state_out = static_cast<float *>(outp[2]);
+    rc = mq_scan::state_update(p, ort_parallel_for, &pool, &message);
+  } else {   // this layer's int8 states decoded into float scratch, updated, encoded (state_codec.h)
+    mq_scan::Int8States c;
+    c.batch = b, c.rows = Di, c.n = N, c.conv = Di * (K - 1), c.conv_scale = p.conv_scale;
+    c.conv_q = q(iConv) + k.layer * b * Di * (K - 1), c.ssm_q = q(iSsm) + k.layer * b * Di * N;
+    c.ssm_scale = static_cast<const uint16_t *>(data[iScale]) + k.layer * b * Di;
+    c.conv_q_out = static_cast<int8_t *>(outp[1]), c.ssm_q_out = static_cast<int8_t *>(outp[2]);
+    c.ssm_scale_out = static_cast<uint16_t *>(outp[3]);
+    // (every value is written before it is read: decode fills the inputs, the update the outputs)
+    std::unique_ptr<float[]> conv_f(new float[static_cast<size_t>(2 * b * c.conv)]);
+    std::unique_ptr<float[]> ssm_f(new float[static_cast<size_t>(2 * b * Di * N)]);
+    c.conv_f = conv_f.get(), c.conv_f_out = conv_f.get() + b * c.conv;
+    c.ssm_f = ssm_f.get(), c.ssm_f_out = ssm_f.get() + b * Di * N;
+    const bool big = b * Di * N >= mq_scan::kCodecParallelFrom;
+    mq_scan::int8_states_decode(c, big ? ort_parallel_for : nullptr, &pool);
+    p.conv_state = c.conv_f, p.ssm_state = c.ssm_f, p.conv_state_out = c.conv_f_out, p.ssm_state_out = c.ssm_f_out;
+    if (!pool.status) rc = mq_scan::state_update(p, ort_parallel_for, &pool, &message);
+    if (!pool.status && rc == 0) mq_scan::int8_states_encode(c, big ? ort_parallel_for : nullptr, &pool);
+  }
   if (pool.status) return pool.status;
   if (rc != 0)
-    return update_error(fl, rc == mq_scan::kStateUpdateNoMemory ? ORT_FAIL : ORT_INVALID_ARGUMENT, message);
+    return err(rc == mq_scan::kStateUpdateNoMemory ? ORT_FAIL : ORT_INVALID_ARGUMENT, message);
   return nullptr;
 }
 
-OrtStatus *create_update_kernel_impl(bool is_float, const OrtKernelInfo *info, void **out) {
+OrtStatus *create_update_kernel_impl(bool is_float, const OrtKernelInfo *info, void **out, bool int8_state = false) {
   UpdateKernel *k = new UpdateKernel();
   k->is_float = is_float;
+  k->int8_state = int8_state;
+  auto update_error_k = [int8_state, is_float](OrtErrorCode code, const std::string &msg) {
+    return update_error(is_float, code, msg, int8_state);
+  };
   OrtStatus *lst = g_api->KernelInfoGetAttribute_int64(info, "layer", &k->layer);
   if (lst) {
     g_api->ReleaseStatus(lst);
     delete k;
-    return update_error(is_float, ORT_INVALID_ARGUMENT, "missing int attribute layer");
+    return update_error_k(ORT_INVALID_ARGUMENT, "missing int attribute layer");
   }
   if (!is_float) {
     for (int i = 0; i < 7; ++i) {
@@ -444,12 +485,12 @@ OrtStatus *create_update_kernel_impl(bool is_float, const OrtKernelInfo *info, v
       if (st) {
         g_api->ReleaseStatus(st);
         delete k;
-        return update_error(is_float, ORT_INVALID_ARGUMENT, std::string("missing float attribute ") + kUpdateScaleAttrs[i]);
+        return update_error_k(ORT_INVALID_ARGUMENT, std::string("missing float attribute ") + kUpdateScaleAttrs[i]);
       }
       if (!(k->scale[i] > 0.f && std::isfinite(k->scale[i]))) {
         const float v = k->scale[i];
         delete k;
-        return update_error(is_float, ORT_INVALID_ARGUMENT, std::string("attribute ") + kUpdateScaleAttrs[i] +
+        return update_error_k(ORT_INVALID_ARGUMENT, std::string("attribute ") + kUpdateScaleAttrs[i] +
                                                                 " must be finite and > 0, got " + std::to_string(v));
       }
     }
@@ -461,7 +502,7 @@ OrtStatus *create_update_kernel_impl(bool is_float, const OrtKernelInfo *info, v
   } else if (!(k->norm_eps >= 0.f && std::isfinite(k->norm_eps))) {
     const float v = k->norm_eps;
     delete k;
-    return update_error(is_float, ORT_INVALID_ARGUMENT, "attribute norm_eps must be finite and >= 0, got " + std::to_string(v));
+    return update_error_k(ORT_INVALID_ARGUMENT, "attribute norm_eps must be finite and >= 0, got " + std::to_string(v));
   }
   *out = k;
   return nullptr;
@@ -485,6 +526,15 @@ OrtStatus *MQ_ORT_CALL create_update_kernel_float(const OrtCustomOp *, const Ort
   }
 }
 
+OrtStatus *MQ_ORT_CALL create_update_kernel_int8_state(const OrtCustomOp *, const OrtApi *, const OrtKernelInfo *info,
+                                                        void **out) noexcept {
+  try {
+    return create_update_kernel_impl(false, info, out, true);
+  } catch (...) {
+    return internal_error("mq::SelectiveStateUpdateInt8State: internal error (out of memory?) creating the kernel");
+  }
+}
+
 OrtStatus *MQ_ORT_CALL update_compute(void *kernel, OrtKernelContext *ctx) noexcept {
   try {
     return compute_update(*static_cast<const UpdateKernel *>(kernel), ctx);
@@ -495,20 +545,36 @@ OrtStatus *MQ_ORT_CALL update_compute(void *kernel, OrtKernelContext *ctx) noexc
 
 void MQ_ORT_CALL update_destroy(void *kernel) noexcept { delete static_cast<UpdateKernel *>(kernel); }
 
-/* outputs: y like x, conv_state_out / ssm_state_out like one layer of conv_state / ssm_state (all float) */
+/* outputs: y like x, conv_state_out / ssm_state_out like one layer of conv_state / ssm_state (all float; the
+ * int8-state op's: int8 states, and ssm_state_scale_out like one layer of ssm_state_scale, float16) */
+OrtStatus *infer_update_shapes_impl(OrtShapeInferContext *ctx, bool int8_state) {
+  const size_t from[kUpdateOutputsInt8State] = {0, 2, 3, 14}, skip[kUpdateOutputsInt8State] = {0, 1, 1, 1};
+  const ONNXTensorElementDataType state = int8_state ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  const ONNXTensorElementDataType type[kUpdateOutputsInt8State] = {
+      ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, state, state, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16};
+  for (size_t o = 0; o < (int8_state ? kUpdateOutputsInt8State : kUpdateOutputs); ++o) {
+    OrtTensorTypeAndShapeInfo *in = nullptr, *out = nullptr;
+    OrtStatus *st = g_api->ShapeInferContext_GetInputTypeShape(ctx, from[o], &in);
+    if (st) return st;
+    if ((st = copy_shape(in, type[o], &out, skip[o]))) return st;
+    st = g_api->ShapeInferContext_SetOutputTypeShape(ctx, o, out);
+    g_api->ReleaseTensorTypeAndShapeInfo(out);
+    if (st) return st;
+  }
+  return nullptr;
+}
+
+OrtStatus *MQ_ORT_CALL infer_update_shapes_int8_state(const OrtCustomOp *, OrtShapeInferContext *ctx) noexcept {
+  try {
+    return infer_update_shapes_impl(ctx, true);
+  } catch (...) {
+    return internal_error("mq::SelectiveStateUpdateInt8State: internal error in shape inference");
+  }
+}
+
 OrtStatus *MQ_ORT_CALL infer_update_shapes(const OrtCustomOp *, OrtShapeInferContext *ctx) noexcept {
   try {
-    const size_t from[kUpdateOutputs] = {0, 2, 3}, skip[kUpdateOutputs] = {0, 1, 1};   // states: one layer
-    for (size_t o = 0; o < kUpdateOutputs; ++o) {
-      OrtTensorTypeAndShapeInfo *in = nullptr, *out = nullptr;
-      OrtStatus *st = g_api->ShapeInferContext_GetInputTypeShape(ctx, from[o], &in);
-      if (st) return st;
-      if ((st = copy_shape(in, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, &out, skip[o]))) return st;
-      st = g_api->ShapeInferContext_SetOutputTypeShape(ctx, o, out);
-      g_api->ReleaseTensorTypeAndShapeInfo(out);
-      if (st) return st;
-    }
-    return nullptr;
+    return infer_update_shapes_impl(ctx, false);
   } catch (...) {
     return internal_error("mq::SelectiveStateUpdate: internal error in shape inference");
   }
@@ -656,11 +722,22 @@ OrtCustomOp make_op(bool is_float) {
 
 const char *MQ_ORT_CALL update_name(const OrtCustomOp *) noexcept { return kUpdateName; }
 const char *MQ_ORT_CALL update_name_float(const OrtCustomOp *) noexcept { return kUpdateNameFloat; }
+const char *MQ_ORT_CALL update_name_int8_state(const OrtCustomOp *) noexcept { return kUpdateNameInt8State; }
 size_t MQ_ORT_CALL update_input_count(const OrtCustomOp *) noexcept { return kUpdateInputs; }
 size_t MQ_ORT_CALL update_input_count_float(const OrtCustomOp *) noexcept { return kUpdateInputsFloat; }
 size_t MQ_ORT_CALL update_output_count(const OrtCustomOp *) noexcept { return kUpdateOutputs; }
 ONNXTensorElementDataType MQ_ORT_CALL update_input_type(const OrtCustomOp *, size_t i) noexcept {
   return is_int8_update_input(i) ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+}
+size_t MQ_ORT_CALL update_input_count_int8_state(const OrtCustomOp *) noexcept { return kUpdateInputsInt8State; }
+size_t MQ_ORT_CALL update_output_count_int8_state(const OrtCustomOp *) noexcept { return kUpdateOutputsInt8State; }
+ONNXTensorElementDataType MQ_ORT_CALL update_input_type_int8_state(const OrtCustomOp *, size_t i) noexcept {
+  return i == 14 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16
+                 : is_int8_state_update_input(i) ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+}
+ONNXTensorElementDataType MQ_ORT_CALL update_output_type_int8_state(const OrtCustomOp *, size_t i) noexcept {
+  return i == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT
+                : i == 3 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 : ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
 }
 
 OrtCustomOp make_update_op(bool is_float) {
@@ -677,11 +754,24 @@ OrtCustomOp make_update_op(bool is_float) {
   return op;
 }
 
+OrtCustomOp make_update_op_int8_state() {
+  OrtCustomOp op = make_update_op(false);
+  op.GetName = update_name_int8_state;
+  op.GetInputType = update_input_type_int8_state;
+  op.GetInputTypeCount = update_input_count_int8_state;
+  op.GetOutputType = update_output_type_int8_state;
+  op.GetOutputTypeCount = update_output_count_int8_state;
+  op.CreateKernelV2 = create_update_kernel_int8_state;
+  op.InferOutputShapeFn = infer_update_shapes_int8_state;
+  return op;
+}
+
 // must outlive every session that registered them: static
 const OrtCustomOp g_op = make_op(false);
 const OrtCustomOp g_op_float = make_op(true);
 const OrtCustomOp g_update_op = make_update_op(false);
 const OrtCustomOp g_update_op_float = make_update_op(true);
+const OrtCustomOp g_update_op_int8_state = make_update_op_int8_state();
 
 }  // namespace
 
@@ -716,6 +806,7 @@ extern "C" MQ_SCAN_API OrtStatus *MQ_ORT_CALL RegisterCustomOps(OrtSessionOption
   if ((st = api->CustomOpDomain_Add(domain, &g_op_float))) return st;
   if ((st = api->CustomOpDomain_Add(domain, &g_update_op))) return st;
   if ((st = api->CustomOpDomain_Add(domain, &g_update_op_float))) return st;
+  if ((st = api->CustomOpDomain_Add(domain, &g_update_op_int8_state))) return st;
   size_t n_ssd = 0;   // mq::SSDScan(Float), mq::SSDStateUpdate(Float): ssd_ops.cpp
   const OrtCustomOp *const *ssd = mq_scan::ssd_custom_ops(api, &n_ssd);
   for (size_t i = 0; i < n_ssd; ++i)
