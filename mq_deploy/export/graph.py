@@ -547,7 +547,8 @@ def _metadata(model, quant, step, int4_format=None):
 
 def build_model(model, quant: QuantSpec | None = None, step: bool = False, opset: int = OPSET,
                 rotation: str = "factored", last_logits: bool = False, small_weights: str = "qdq",
-                fused_step: bool = True, consume: bool = False, int4_format: str = "qdq", sink=None):
+                fused_step: bool = True, consume: bool = False, int4_format: str = "qdq", sink=None,
+                int8_state_in_op: bool = True):
     """ModelProto of a MambaLM (input_ids -> logits) or Vim (images -> logits); see the module doc.
     rotation: how the online Hadamard before out_proj runs, "factored" (two small MatMuls) or "dense".
     last_logits (LMs): logits of the last position only, [batch, 1, V] (what generation reads; a
@@ -558,7 +559,10 @@ def build_model(model, quant: QuantSpec | None = None, step: bool = False, opset
     blocks are released as they go into the graph, so its float weights and their int8 copies are not all
     held at once (the model cannot run afterwards; export drops it anyway). int4_format (W4 checkpoints): how
     the int4 linears are written, INT4_FORMATS. sink: onnx_file.ExternalSink taking each large tensor as it is
-    made; with a lazily loaded model (load_model(lazy=True)) and consume, a block at a time is in memory."""
+    made; with a lazily loaded model (load_model(lazy=True)) and consume, a block at a time is in memory.
+    int8_state_in_op (step graphs of a quantized model storing int8 states, fused_step): each fused step op
+    reads and writes its layer's int8 states itself (_int8_fused); False: the graph converts the stacked states
+    with nodes around the int8 ops, as export did before those ops (benchmarks and tests compare the two)."""
     from onnx import ModelProto, helper
     from onnx import TensorProto as T
 
@@ -583,7 +587,7 @@ def build_model(model, quant: QuantSpec | None = None, step: bool = False, opset
             release(model.embedding)
         if model.cfg.embedding_multiplier != 1.0:
             h = b.op("Mul", [h, b.f32(np.array(model.cfg.embedding_multiplier), "embedding_multiplier")])
-        int8_fused = _int8_fused(g, model, layout) if step else frozenset()
+        int8_fused = _int8_fused(g, model, layout) if step and int8_state_in_op else frozenset()
         names, state_scales = _decoded_states(g, model, layout, int8_fused) if step else (None, {})
         h, new = _layers(g, model, h, layout, consume, names, int8_fused)
         if last_logits:

@@ -30,6 +30,13 @@ reference.
 
 mq::SSDStateUpdateFloat is the FP32 export's: float dt, no quant points, mq::SSDScanFloat. The bodies are
 made per model (the conv's channels and taps, and the split of x|B|C, are constants of the graph).
+
+mq::SSDStateUpdateInt8State is mq::SSDStateUpdate on states stored as `--state-dtype int8` stores them
+(models.state_codec): inputs 2 and 3 int8 (the conv state on conv_scale's grid, where its values lie; the
+SSM state as codes), input 9 ssm_state_scale float16 [n_layer, b, H, P] (a scale per (head, head_dim) row);
+outputs 1 and 2 int8 and output 3 ssm_state_scale_out float16 [b, H, P]. It decodes its layer, updates it as
+mq::SSDStateUpdate and encodes the result (native: plugins/selective_scan/ort/state_codec.cpp); its body is
+the same with models.state_codec's nodes on either side.
 """
 
 from __future__ import annotations
@@ -39,8 +46,11 @@ from mq_deploy.export.ssd_op import LIMIT_ATTRS, OP, OP_FLOAT, SCALE_ATTRS, SHAP
 
 OP_UPDATE = "SSDStateUpdate"
 OP_UPDATE_FLOAT = "SSDStateUpdateFloat"
+OP_UPDATE_INT8_STATE = "SSDStateUpdateInt8State"
 INPUTS = ("xbc", "dt", "conv_state", "ssm_state", "conv_w", "conv_b", "A", "D", "dt_bias")
 OUTPUTS = ("y", "conv_state_out", "ssm_state_out")
+INPUTS_INT8_STATE = INPUTS + ("ssm_state_scale",)
+OUTPUTS_INT8_STATE = OUTPUTS + ("ssm_state_scale_out",)
 UPDATE_SCALE_ATTRS = ("conv_scale",) + SCALE_ATTRS
 
 
@@ -53,17 +63,34 @@ def _quantize(b: _Nodes, x, scale):
     return b.op("Cast", [b.op("Clip", [r, b.f32(-128.0), b.f32(127.0)])], to=TensorProto.INT8)
 
 
-def ssd_state_update_function(cfg, quantized: bool, opset: int = 21):
+def ssd_state_update_function(cfg, quantized: bool, opset: int = 21, int8_state: bool = False):
     """FunctionProto of mq::SSDStateUpdate (quantized) or mq::SSDStateUpdateFloat for a Mamba2Config `cfg`
     (the conv's channels and taps and the x|B|C split are constants of the body, made per model as
-    mq::SelectiveStateUpdate's; the scan's sizes and scales are the node's attributes)."""
-    from onnx import AttributeProto, TensorProto
+    mq::SelectiveStateUpdate's; the scan's sizes and scales are the node's attributes). int8_state (quantized
+    only): mq::SSDStateUpdateInt8State, the same between its states' decoding and encoding."""
+    from onnx import AttributeProto, TensorProto, numpy_helper
     from onnx import helper as h
 
+    from mq_deploy.models import state_codec
+
+    if int8_state and not quantized:
+        raise ValueError("an int8-state update is an int8 op's (the conv state is stored on its conv_scale)")
     b = _Nodes()
+
+    def op(op_type, inputs, **attrs):
+        return b.op(op_type, inputs, **attrs)
+
+    def const(a):
+        return b.op("Constant", [], value=numpy_helper.from_array(a, "v"))
+
     layer = b.attr("value_int", "layer")
     conv_l = b.op("Gather", ["conv_state", layer], axis=0)                    # [b, Cd, K-1]
     ssm_l = b.op("Gather", ["ssm_state", layer], axis=0)                      # [b, H, P, N]
+    if int8_state:
+        conv_scale = b.attr("value_float", "conv_scale")
+        conv_l = state_codec.grid_decode_nodes(op, conv_l, conv_scale)
+        ssm_l = state_codec.rows_decode_nodes(op, const, ssm_l, b.op("Gather", ["ssm_state_scale", layer], axis=0))
+    conv_out, ssm_out = ("conv_f_out", "ssm_f_out") if int8_state else ("conv_state_out", "ssm_state_out")
     xt = b.op("Transpose", ["xbc"], perm=[0, 2, 1])                           # [b, Cd, L]
     if quantized:
         s = b.attr("value_float", "conv_scale")
@@ -71,7 +98,7 @@ def ssd_state_update_function(cfg, quantized: bool, opset: int = 21):
         xt = b.op("DequantizeLinear", [b.op("QuantizeLinear", [xt, s, zp]), s, zp])
     seq = b.op("Concat", [conv_l, xt], axis=2)                                # [b, Cd, K-1+L]
     L = b.op("Shape", [xt], start=2, end=3)
-    b.nodes.append(h.make_node("Slice", [seq, L, b.ints([2 ** 62]), b.ints([2])], ["conv_state_out"]))
+    b.nodes.append(h.make_node("Slice", [seq, L, b.ints([2 ** 62]), b.ints([2])], [conv_out]))
     xc = b.op("Conv", [seq, b.op("Unsqueeze", ["conv_w", b.ints([1])]), "conv_b"], group=cfg.conv_dim,
               kernel_shape=[cfg.d_conv], pads=[0, 0])
     u = b.op("Transpose", [xc], perm=[0, 2, 1])                                # [b, L, Cd]
@@ -82,17 +109,25 @@ def ssd_state_update_function(cfg, quantized: bool, opset: int = 21):
         x, Bm, Cm = (_quantize(b, t, b.attr("value_floats", a)) for t, a in ((x, "x_scale"), (Bm, "B_scale"),
                                                                           (Cm, "C_scale")))
     scan = h.make_node(OP if quantized else OP_FLOAT, [x, "dt", "A", Bm, Cm, "D", "dt_bias", ssm_l],
-                       ["y", "ssm_state_out"], domain=DOMAIN)
+                       ["y", ssm_out], domain=DOMAIN)
     kinds = {"dt_min": AttributeProto.FLOAT, "dt_max": AttributeProto.FLOAT}
     for a in SHAPE_ATTRS + LIMIT_ATTRS + (SCALE_ATTRS if quantized else ()):
         kind = kinds.get(a, AttributeProto.FLOATS if a in SCALE_ATTRS else AttributeProto.INT)
         scan.attribute.append(h.make_attribute_ref(a, kind, ref_attr_name=a))
     b.nodes.append(scan)
+    if int8_state:
+        conv_q = state_codec.grid_encode_nodes(op, const, conv_out, b.attr("value_float", "conv_scale"))
+        ssm_q, ssm_s = state_codec.rows_encode_nodes(op, const, ssm_out)
+        for value, name in ((conv_q, "conv_state_out"), (ssm_q, "ssm_state_out"), (ssm_s, "ssm_state_scale_out")):
+            b.nodes.append(h.make_node("Identity", [value], [name]))
     attrs = ["layer", "heads", "head_dim", "groups", "d_state"] + (list(UPDATE_SCALE_ATTRS) if quantized else [])
-    return h.make_function(DOMAIN, OP_UPDATE if quantized else OP_UPDATE_FLOAT, list(INPUTS), list(OUTPUTS), b.nodes,
+    name = OP_UPDATE_INT8_STATE if int8_state else OP_UPDATE if quantized else OP_UPDATE_FLOAT
+    return h.make_function(DOMAIN, name, list(INPUTS_INT8_STATE if int8_state else INPUTS),
+                           list(OUTPUTS_INT8_STATE if int8_state else OUTPUTS), b.nodes,
                            [h.make_opsetid("", opset), h.make_opsetid(DOMAIN, 1)], attributes=attrs,
                            attribute_protos=[h.make_attribute("chunk", 256), h.make_attribute("dt_min", 0.0),
                                              h.make_attribute("dt_max", float("inf"))])
 
 
-__all__ = ["INPUTS", "OP_UPDATE", "OP_UPDATE_FLOAT", "OUTPUTS", "UPDATE_SCALE_ATTRS", "ssd_state_update_function"]
+__all__ = ["INPUTS", "INPUTS_INT8_STATE", "OP_UPDATE", "OP_UPDATE_FLOAT", "OP_UPDATE_INT8_STATE", "OUTPUTS",
+           "OUTPUTS_INT8_STATE", "UPDATE_SCALE_ATTRS", "ssd_state_update_function"]

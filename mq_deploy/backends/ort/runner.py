@@ -187,11 +187,15 @@ def check_mq_nodes(proto, path: str, config=None) -> None:
     from onnx import AttributeProto, numpy_helper
 
     from mq_deploy.export import qlinear_op, scan_op, ssd_op, state_update_op
+    from mq_deploy.export import ssd_state_update_op as ssd_update
 
     required = {scan_op.OP: scan_op.SCALE_ATTRS, state_update_op.OP_UPDATE: state_update_op.SCALE_ATTRS + ("layer",),
                 state_update_op.OP_UPDATE_FLOAT: ("layer",),
                 state_update_op.OP_UPDATE_INT8_STATE: state_update_op.SCALE_ATTRS + ("layer",),
-                ssd_op.OP: ssd_op.SCALE_ATTRS + ssd_op.SHAPE_ATTRS, ssd_op.OP_FLOAT: ssd_op.SHAPE_ATTRS}
+                ssd_op.OP: ssd_op.SCALE_ATTRS + ssd_op.SHAPE_ATTRS, ssd_op.OP_FLOAT: ssd_op.SHAPE_ATTRS,
+                ssd_update.OP_UPDATE: ssd_update.UPDATE_SCALE_ATTRS + ssd_op.SHAPE_ATTRS + ("layer",),
+                ssd_update.OP_UPDATE_FLOAT: ssd_op.SHAPE_ATTRS + ("layer",),
+                ssd_update.OP_UPDATE_INT8_STATE: ssd_update.UPDATE_SCALE_ATTRS + ssd_op.SHAPE_ATTRS + ("layer",)}
     n_layer = getattr(config, "n_layer", None)
 
     def bad(node, why):

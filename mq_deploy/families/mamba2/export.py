@@ -7,7 +7,12 @@ import torch
 
 from mq_deploy.export.scan_op import DOMAIN
 from mq_deploy.export.ssd_op import OP, OP_FLOAT, ssd_scan_float_function, ssd_scan_function
-from mq_deploy.export.ssd_state_update_op import OP_UPDATE, OP_UPDATE_FLOAT, ssd_state_update_function
+from mq_deploy.export.ssd_state_update_op import (
+    OP_UPDATE,
+    OP_UPDATE_FLOAT,
+    OP_UPDATE_INT8_STATE,
+    ssd_state_update_function,
+)
 from mq_deploy.models.points import weight_key
 
 FUSED_STEP = True      # step graphs: one mq::SSDStateUpdate per layer reads its layer of the stacked states
@@ -42,7 +47,9 @@ def _scan_attrs(g, cfg, prefix) -> dict:
 
 def _fused(g, mixer, prefix, xbc, dt, states, layer: int):
     """The decode-step form: one mq::SSDStateUpdate(Float) node (ssd_state_update_op.py) reading layer
-    `layer` of the stacked states. Returns (y, new conv state, last ssm state)."""
+    `layer` of the stacked states (conv_state, ssm_state). Returns (y, new conv state, last ssm state). With
+    int8 states (conv_state, ssm_state, ssm_state_scale as stored: graph.py's _int8_fused):
+    mq::SSDStateUpdateInt8State, returning (y, conv codes, ssm codes, their row scales)."""
     b, cfg = g.b, mixer.cfg
     conv = mixer.conv1d
     if g.quant is None:
@@ -50,14 +57,23 @@ def _fused(g, mixer, prefix, xbc, dt, states, layer: int):
     else:
         w = g.dequantized(weight_key(prefix, "conv1d"), conv.weight).reshape(cfg.conv_dim, cfg.d_conv)
     conv_b = b.f32(conv.bias if conv.bias is not None else torch.zeros(cfg.conv_dim), "conv_b")
-    ins = [xbc, g.q(dt, prefix + "dt", cfg.n_heads) if g.quant is not None else dt, *states, b.f32(w, "conv_w"),
+    ins = [xbc, g.q(dt, prefix + "dt", cfg.n_heads) if g.quant is not None else dt, *states[:2], b.f32(w, "conv_w"),
            conv_b,
-           b.f32(-torch.exp(mixer.A_log.detach().double()), "A"), b.f32(mixer.D, "D"), b.f32(mixer.dt_bias, "dt_bias")]
+           b.f32(-torch.exp(mixer.A_log.detach().double()), "A"), b.f32(mixer.D, "D"), b.f32(mixer.dt_bias, "dt_bias"),
+           *states[2:]]
     attrs = {"layer": int(layer), **_scan_attrs(g, cfg, prefix)}
     if g.quant is not None:
         attrs["conv_scale"] = g._scale(prefix + "conv1d")
+    if len(states) == 3:
+        return b.op(OP_UPDATE_INT8_STATE, ins, "ssd_update", n_out=4, domain=DOMAIN, **attrs)
     return b.op(OP_UPDATE if g.quant is not None else OP_UPDATE_FLOAT, ins, "ssd_update", n_out=3, domain=DOMAIN,
                 **attrs)
+
+
+def fused_int8_state(cfg) -> bool:
+    """Whether a quantized layer's fused step op reads and writes its states as int8 itself
+    (mq::SSDStateUpdateInt8State): every one."""
+    return True
 
 
 def emit(g, mixer, prefix, h, state=None, proj=None):
@@ -76,8 +92,8 @@ def emit(g, mixer, prefix, h, state=None, proj=None):
     z, xbc, dt = b.op("Split", [proj, b.i64([di, cfg.conv_dim, H])], n_out=3, axis=-1)
     z = g.qdq(z, prefix + "z")
     if state is not None and state[1] is not None:
-        y, new_conv, h_last = _fused(g, mixer, prefix, xbc, dt, state[0], state[1])
-        return _finish(g, mixer, prefix, y, z), (new_conv, h_last)
+        y, *new = _fused(g, mixer, prefix, xbc, dt, state[0], state[1])
+        return _finish(g, mixer, prefix, y, z), tuple(new)
     conv_state, ssm_state = state[0] if state is not None else (None, None)
     xt = g.qdq(b.op("Transpose", [xbc], perm=[0, 2, 1]), prefix + "conv1d")        # [b, conv_dim, L]
     new_conv = None
@@ -119,7 +135,9 @@ def functions(mixer_cfg, quantized: bool, op_types: set, opset: int) -> list:
     fns = [ssd_scan_function(opset) if quantized else ssd_scan_float_function(opset)]
     if op_types & {OP_UPDATE, OP_UPDATE_FLOAT}:
         fns.append(ssd_state_update_function(mixer_cfg, quantized, opset))
+    if quantized and OP_UPDATE_INT8_STATE in op_types:
+        fns.append(ssd_state_update_function(mixer_cfg, quantized, opset, int8_state=True))
     return fns
 
 
-__all__ = ["FUSED_STEP", "emit", "functions"]
+__all__ = ["FUSED_STEP", "emit", "functions", "fused_int8_state"]

@@ -1,4 +1,4 @@
-// ONNX Runtime glue of mq::SSDScan(Float) and mq::SSDStateUpdate(Float) (ssd_ops.h): attributes read and
+// ONNX Runtime glue of mq::SSDScan(Float) and mq::SSDStateUpdate(Float / Int8State) (ssd_ops.h): attributes read and
 // checked when the kernel is created, shapes checked against them at each run, MQSSDParams / SSDUpdateParams
 // filled, the work split over the session's intra-op pool. Same rules as the Mamba1 ops in mq_scan_ort.cpp:
 // every callback is noexcept and reports through an OrtStatus; the pool tasks are noexcept and allocate nothing.
@@ -7,12 +7,14 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "mq_ssd.h"
 #include "ort_op_base.h"
 #include "ssd_update.h"
+#include "state_codec.h"
 
 using namespace mq_ort;
 
@@ -21,18 +23,21 @@ namespace {
 
 const Api *g_api = nullptr;
 
-enum class Kind { kScan, kScanFloat, kUpdate, kUpdateFloat };
+// kUpdateInt8State: kUpdate on int8 states (the conv state on conv_scale, the SSM state with float16 row
+// scales: state_codec.h), one more input (ssm_state_scale) and output (ssm_state_scale_out)
+enum class Kind { kScan, kScanFloat, kUpdate, kUpdateFloat, kUpdateInt8State };
 
 const char *op_name(Kind k) {
   switch (k) {
     case Kind::kScan: return "SSDScan";
     case Kind::kScanFloat: return "SSDScanFloat";
     case Kind::kUpdate: return "SSDStateUpdate";
+    case Kind::kUpdateInt8State: return "SSDStateUpdateInt8State";
     default: return "SSDStateUpdateFloat";
   }
 }
-bool quantized(Kind k) { return k == Kind::kScan || k == Kind::kUpdate; }
-bool is_update(Kind k) { return k == Kind::kUpdate || k == Kind::kUpdateFloat; }
+bool quantized(Kind k) { return k == Kind::kScan || k == Kind::kUpdate || k == Kind::kUpdateInt8State; }
+bool is_update(Kind k) { return k == Kind::kUpdate || k == Kind::kUpdateFloat || k == Kind::kUpdateInt8State; }
 
 OrtStatus *error(Kind k, OrtErrorCode code, const std::string &msg) {
   return g_api->CreateStatus(code, (std::string("mq::") + op_name(k) + ": " + msg).c_str());
@@ -192,7 +197,7 @@ OrtStatus *shape_of(Kind kind, const OrtValue *v, Shape *s) {
 
 /* The inputs of one call: values, shapes, data. */
 struct Inputs {
-  static constexpr size_t kMax = 9;
+  static constexpr size_t kMax = 10;
   const OrtValue *v[kMax];
   Shape s[kMax];
   void *data[kMax];
@@ -310,11 +315,13 @@ OrtStatus *compute_scan(const Kernel &k, OrtKernelContext *ctx) {
 
 // ---- mq::SSDStateUpdate / mq::SSDStateUpdateFloat ----------------------------------------------------
 
-const char *const kUpdateInputs[9] = {"xbc", "dt", "conv_state", "ssm_state", "conv_w", "conv_b", "A", "D", "dt_bias"};
+const char *const kUpdateInputs[10] = {"xbc", "dt", "conv_state", "ssm_state", "conv_w", "conv_b", "A", "D", "dt_bias",
+                                       "ssm_state_scale"};
 
 OrtStatus *compute_update(const Kernel &k, OrtKernelContext *ctx) {
   Inputs in;
-  OrtStatus *st = get_inputs(k.kind, ctx, kUpdateInputs, 9, &in);
+  const bool i8 = k.kind == Kind::kUpdateInt8State;
+  OrtStatus *st = get_inputs(k.kind, ctx, kUpdateInputs, i8 ? 10 : 9, &in);
   if (st) return st;
   const int64_t H = k.heads, P = k.head_dim, G = k.groups, N = k.d_state, Cd = H * P + 2 * G * N;
   const Shape &xs = in.s[0], &cs = in.s[2], &ws = in.s[4];
@@ -336,14 +343,18 @@ OrtStatus *compute_update(const Kernel &k, OrtKernelContext *ctx) {
   if ((st = check_wanted(k.kind, in, kUpdateInputs, want, 8, "xbc " + str(xs) + ", conv_w " + str(ws) +
                                                                  ", conv_state " + str(cs) + " and the attributes")))
     return st;
-  const int64_t y_dims[3] = {b, L, H * P}, c_dims[3] = {b, Cd, K - 1}, h_dims[4] = {b, H, P, N};
-  OrtValue *out[3] = {nullptr, nullptr, nullptr};
+  const Want scales[] = {{9, {{n_layer, b, H, P}, 4}}};
+  if (i8 && (st = check_wanted(k.kind, in, kUpdateInputs, scales, 1, "ssm_state " + str(in.s[3]))))
+    return st;
+  const int64_t y_dims[3] = {b, L, H * P}, c_dims[3] = {b, Cd, K - 1}, h_dims[4] = {b, H, P, N}, s_dims[3] = {b, H, P};
+  OrtValue *out[4] = {nullptr, nullptr, nullptr, nullptr};
   if ((st = g_api->KernelContext_GetOutput(ctx, 0, y_dims, 3, &out[0]))) return st;
   if ((st = g_api->KernelContext_GetOutput(ctx, 1, c_dims, 3, &out[1]))) return st;
   if ((st = g_api->KernelContext_GetOutput(ctx, 2, h_dims, 4, &out[2]))) return st;
-  float *outp[3];
-  for (size_t o = 0; o < 3; ++o)
-    if ((st = g_api->GetTensorMutableData(out[o], reinterpret_cast<void **>(&outp[o])))) return st;
+  if (i8 && (st = g_api->KernelContext_GetOutput(ctx, 3, s_dims, 3, &out[3]))) return st;
+  void *outp[4] = {nullptr, nullptr, nullptr, nullptr};
+  for (size_t o = 0; o < (i8 ? 4u : 3u); ++o)
+    if ((st = g_api->GetTensorMutableData(out[o], &outp[o]))) return st;
 
   SSDUpdateParams p;
   std::memset(&p, 0, sizeof p);
@@ -352,8 +363,6 @@ OrtStatus *compute_update(const Kernel &k, OrtKernelContext *ctx) {
   auto f = [&](size_t i) { return static_cast<const float *>(in.data[i]); };
   p.xbc = f(0);
   p.dt = in.data[1];
-  p.conv_state = f(2) + k.layer * b * Cd * (K - 1);
-  p.ssm_state = f(3) + k.layer * b * H * P * N;
   p.conv_w = f(4), p.conv_b = f(5), p.A = f(6), p.D = f(7), p.dt_bias = f(8);
   p.dt_min = k.dt_min, p.dt_max = k.dt_max;
   if (quantized(k.kind)) {
@@ -361,10 +370,34 @@ OrtStatus *compute_update(const Kernel &k, OrtKernelContext *ctx) {
     p.x_scale = k.value(0), p.dt_scale = k.value(1), p.B_scale = k.value(2), p.C_scale = k.value(3);
     p.x_scales = k.channels(0), p.dt_scales = k.channels(1), p.B_scales = k.channels(2), p.C_scales = k.channels(3);
   }
-  p.y = outp[0], p.conv_state_out = outp[1], p.ssm_state_out = outp[2];
+  p.y = static_cast<float *>(outp[0]);
   PoolCall pool{ctx, nullptr};
   std::string message;
-  const int rc = ssd_state_update(p, ort_parallel_for, &pool, &message);
+  int rc = 0;
+  if (!i8) {
+    p.conv_state = f(2) + k.layer * b * Cd * (K - 1);
+    p.ssm_state = f(3) + k.layer * b * H * P * N;
+    p.conv_state_out = static_cast<float *>(outp[1]), p.ssm_state_out = static_cast<float *>(outp[2]);
+    rc = ssd_state_update(p, ort_parallel_for, &pool, &message);
+  } else {   // this layer's int8 states decoded into float scratch, updated, encoded (state_codec.h)
+    Int8States c;
+    c.batch = b, c.rows = H * P, c.n = N, c.conv = Cd * (K - 1), c.conv_scale = k.conv_scale;
+    c.conv_q = static_cast<const int8_t *>(in.data[2]) + k.layer * b * c.conv;
+    c.ssm_q = static_cast<const int8_t *>(in.data[3]) + k.layer * b * H * P * N;
+    c.ssm_scale = static_cast<const uint16_t *>(in.data[9]) + k.layer * b * H * P;
+    c.conv_q_out = static_cast<int8_t *>(outp[1]), c.ssm_q_out = static_cast<int8_t *>(outp[2]);
+    c.ssm_scale_out = static_cast<uint16_t *>(outp[3]);
+    // (every value is written before it is read: decode fills the inputs, the update the outputs)
+    std::unique_ptr<float[]> conv_f(new float[static_cast<size_t>(2 * b * c.conv)]);
+    std::unique_ptr<float[]> ssm_f(new float[static_cast<size_t>(2 * b * H * P * N)]);
+    c.conv_f = conv_f.get(), c.conv_f_out = conv_f.get() + b * c.conv;
+    c.ssm_f = ssm_f.get(), c.ssm_f_out = ssm_f.get() + b * H * P * N;
+    const bool big = b * H * P * N >= kCodecParallelFrom;
+    int8_states_decode(c, big ? ort_parallel_for : nullptr, &pool);
+    p.conv_state = c.conv_f, p.ssm_state = c.ssm_f, p.conv_state_out = c.conv_f_out, p.ssm_state_out = c.ssm_f_out;
+    if (!pool.status) rc = ssd_state_update(p, ort_parallel_for, &pool, &message);
+    if (!pool.status && rc == 0) int8_states_encode(c, big ? ort_parallel_for : nullptr, &pool);
+  }
   if (pool.status) return pool.status;
   if (rc != 0) return error(k.kind, rc == kStateUpdateNoMemory ? ORT_FAIL : ORT_INVALID_ARGUMENT, message);
   return nullptr;
@@ -372,12 +405,18 @@ OrtStatus *compute_update(const Kernel &k, OrtKernelContext *ctx) {
 
 // ---- shape inference ---------------------------------------------------------------------------------
 
-/* A new type-and-shape: `like`'s dims (values and symbolic names) without the first `skip`, float, with dim
+/* A new type-and-shape: `like`'s dims (values and symbolic names) without the first `skip`, of `type`, with dim
  * `set_dim` (if >= 0) replaced by the value `set_value`. */
 OrtStatus *copy_shape(Kind kind, const OrtTensorTypeAndShapeInfo *like, size_t skip, int64_t set_dim,
-                      int64_t set_value, OrtTensorTypeAndShapeInfo **out) {
-  return op_base::copy_shape(g_api, (std::string("mq::") + op_name(kind)).c_str(), "mq_ssd_dim_", like,
-                             ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, skip, set_dim, set_value, 8, out);
+                      int64_t set_value, ONNXTensorElementDataType type, OrtTensorTypeAndShapeInfo **out) {
+  return op_base::copy_shape(g_api, (std::string("mq::") + op_name(kind)).c_str(), "mq_ssd_dim_", like, type, skip,
+                             set_dim, set_value, 8, out);
+}
+
+/* output o's element type: float, but the int8-state update's states (int8) and row scales (float16) */
+ONNXTensorElementDataType output_type_of(Kind kind, size_t o) {
+  if (kind != Kind::kUpdateInt8State || o == 0) return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  return o == 3 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 : ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
 }
 
 OrtStatus *read_int_attr(Kind kind, OrtShapeInferContext *ctx, const char *name, int64_t *out) {
@@ -390,11 +429,12 @@ OrtStatus *read_int_attr(Kind kind, OrtShapeInferContext *ctx, const char *name,
 }
 
 OrtStatus *infer(Kind kind, OrtShapeInferContext *ctx) {
-  // scan: y like x, h_last like h0; update: y [b, L, heads * head_dim] from xbc, the states one layer of theirs
+  // scan: y like x, h_last like h0; update: y [b, L, heads * head_dim] from xbc, the states (and the int8-state
+  // update's row scales) one layer of theirs
   const bool upd = is_update(kind);
-  const size_t n_out = upd ? 3 : 2;
-  const size_t from[3] = {0, upd ? size_t{2} : size_t{7}, 3};
-  const size_t skip[3] = {0, upd ? size_t{1} : size_t{0}, 1};
+  const size_t n_out = kind == Kind::kUpdateInt8State ? 4 : upd ? 3 : 2;
+  const size_t from[4] = {0, upd ? size_t{2} : size_t{7}, 3, 9};
+  const size_t skip[4] = {0, upd ? size_t{1} : size_t{0}, 1, 1};
   int64_t width = -1;
   if (upd) {
     int64_t heads = 0, head_dim = 0;
@@ -407,7 +447,8 @@ OrtStatus *infer(Kind kind, OrtShapeInferContext *ctx) {
     OrtTensorTypeAndShapeInfo *in = nullptr, *out = nullptr;   // `in` belongs to the context
     OrtStatus *st = g_api->ShapeInferContext_GetInputTypeShape(ctx, from[o], &in);
     if (st) return st;
-    if ((st = copy_shape(kind, in, skip[o], (upd && o == 0) ? 2 : -1, width, &out))) return st;
+    if ((st = copy_shape(kind, in, skip[o], (upd && o == 0) ? 2 : -1, width, output_type_of(kind, o), &out)))
+      return st;
     st = g_api->ShapeInferContext_SetOutputTypeShape(ctx, o, out);
     g_api->ReleaseTensorTypeAndShapeInfo(out);
     if (st) return st;
@@ -460,17 +501,24 @@ const char *MQ_ORT_CALL get_name(const OrtCustomOp *) noexcept {
 }
 template <Kind K>
 size_t MQ_ORT_CALL input_count(const OrtCustomOp *) noexcept {
-  return is_update(K) ? 9 : 8;
+  return K == Kind::kUpdateInt8State ? 10 : is_update(K) ? 9 : 8;
 }
 template <Kind K>
 size_t MQ_ORT_CALL output_count(const OrtCustomOp *) noexcept {
-  return is_update(K) ? 3 : 2;
+  return K == Kind::kUpdateInt8State ? 4 : is_update(K) ? 3 : 2;
 }
-/* int8 inputs: SSDScan's x, dt, B, C; SSDStateUpdate's dt; everything else float */
+/* int8 inputs: SSDScan's x, dt, B, C; SSDStateUpdate's dt; SSDStateUpdateInt8State's dt and both states, and its
+ * row scales float16; everything else float */
 template <Kind K>
 ONNXTensorElementDataType MQ_ORT_CALL input_type(const OrtCustomOp *, size_t i) noexcept {
-  const bool i8 = (K == Kind::kScan && (i == 0 || i == 1 || i == 3 || i == 4)) || (K == Kind::kUpdate && i == 1);
+  if (K == Kind::kUpdateInt8State && i == 9) return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+  const bool i8 = (K == Kind::kScan && (i == 0 || i == 1 || i == 3 || i == 4)) || (K == Kind::kUpdate && i == 1) ||
+                  (K == Kind::kUpdateInt8State && (i == 1 || i == 2 || i == 3));
   return i8 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+}
+template <Kind K>
+ONNXTensorElementDataType MQ_ORT_CALL output_type(const OrtCustomOp *, size_t i) noexcept {
+  return output_type_of(K, i);
 }
 
 template <Kind K>
@@ -479,7 +527,7 @@ OrtCustomOp make_op() {
   op.GetName = get_name<K>;
   op.GetInputType = input_type<K>;
   op.GetInputTypeCount = input_count<K>;
-  op.GetOutputType = op_base::float_type;
+  op.GetOutputType = output_type<K>;
   op.GetOutputTypeCount = output_count<K>;
   op.KernelDestroy = kernel_destroy;
   op.CreateKernelV2 = create_kernel<K>;
@@ -489,15 +537,15 @@ OrtCustomOp make_op() {
 }
 
 // must outlive every session that registered them: static
-const OrtCustomOp g_ops[4] = {make_op<Kind::kScan>(), make_op<Kind::kScanFloat>(), make_op<Kind::kUpdate>(),
-                              make_op<Kind::kUpdateFloat>()};
-const OrtCustomOp *const g_op_ptrs[4] = {&g_ops[0], &g_ops[1], &g_ops[2], &g_ops[3]};
+const OrtCustomOp g_ops[5] = {make_op<Kind::kScan>(), make_op<Kind::kScanFloat>(), make_op<Kind::kUpdate>(),
+                              make_op<Kind::kUpdateFloat>(), make_op<Kind::kUpdateInt8State>()};
+const OrtCustomOp *const g_op_ptrs[5] = {&g_ops[0], &g_ops[1], &g_ops[2], &g_ops[3], &g_ops[4]};
 
 }  // namespace
 
 const OrtCustomOp *const *ssd_custom_ops(const Api *api, size_t *count) noexcept {
   g_api = api;
-  *count = 4;
+  *count = 5;
   return g_op_ptrs;
 }
 

@@ -1,6 +1,6 @@
 // ONNX Runtime custom ops of the Mamba2 scan (domain "mq", version 1): mq::SSDScan, mq::SSDScanFloat,
-// mq::SSDStateUpdate and mq::SSDStateUpdateFloat (contracts: mq_deploy/export/ssd_op.py and
-// ssd_state_update_op.py). Registered by RegisterCustomOps in mq_scan_ort.cpp, beside the Mamba1 ops.
+// mq::SSDStateUpdate, mq::SSDStateUpdateFloat and mq::SSDStateUpdateInt8State (contracts:
+// mq_deploy/export/ssd_op.py and ssd_state_update_op.py). Registered by RegisterCustomOps in mq_scan_ort.cpp, beside the Mamba1 ops.
 #ifndef MQ_SSD_OPS_H_
 #define MQ_SSD_OPS_H_
 
