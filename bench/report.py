@@ -1083,6 +1083,59 @@ def state_fidelity_table(src):
 
 
 @renderer
+def state_step_table(src):
+    """bench/state_step.py: per sample and batch, the decode step's time with float32, float16 and int8 states
+    (int8 converted by graph nodes around the fused ops, and inside them), and each one's ratio to float32's."""
+    d = src[0]
+    names = list(dict.fromkeys(c["variant"] for s in d["samples"] for c in s["cases"]))
+    head = ["sample", "batch"] + [f"{n} (ms / step)" for n in names]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in d["samples"]:
+        for b in sorted({c["batch"] for c in s["cases"]}):
+            by = {c["variant"]: c for c in s["cases"] if c["batch"] == b}
+            cells = [f"{by[n]['step_ms']:.3f}" + ("" if by[n]["vs_fp32"] == 1 else f" ({by[n]['vs_fp32']:.2f}x)")
+                     for n in names]
+            lines.append(f"| {s['sample']} | {b} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + (f"\n\nMedian call of the best of {d['rounds']} rounds of {d['calls']} decode calls, "
+                               f"each fed the last one's states; {d['threads']} threads; load {load_range(d)}.")
+
+
+@renderer
+def step_batch_scaling(src):
+    """bench/state_step.py: per sample and state variant, the step graph's tokens/s at each batch over batch 1's
+    (the step graph alone, no server and no Python between calls)."""
+    d = src[0]
+    out = []
+    for s in d["samples"]:
+        for name in dict.fromkeys(c["variant"] for c in s["cases"]):
+            cases = sorted((c for c in s["cases"] if c["variant"] == name), key=lambda c: c["batch"])
+            one = next(c for c in cases if c["batch"] == 1)
+            out.append(f"- {s['sample']}, {name}: " + ", ".join(
+                f"batch {c['batch']} {c['tokens_per_s'] / one['tokens_per_s']:.2f}x" for c in cases if c["batch"] > 1)
+                + f" the tokens/s of batch 1 ({one['tokens_per_s']:.0f})")
+    return "\n".join(out) + f"\n\n(load {load_range(d)})"
+
+
+@renderer
+def serve_vs_step(src):
+    """A bench/serve.py JSON against bench/state_step.py's (the same sample's W8A8 step graph alone, float32
+    states): served tokens/s at 1 and 16 streams as a share of the bare step graph's at batch 1 and 16, and what
+    16 streams would need to serve for the c=16 / c=1 >= 5 goal."""
+    serve, step = src
+    sample = next(s for s in step["samples"] if s["sample"] == "mamba-byte-lm")
+    bare = {c["batch"]: c["tokens_per_s"] for c in sample["cases"] if c["state_dtype"] == "float32"}
+    lm = {r["concurrency"]: r["tokens_per_s"] for r in serve["lm"]}
+    if 1 not in bare or 16 not in bare or 1 not in lm or 16 not in lm:
+        raise ReportError("serve_vs_step needs batch 1 and 16 in the step JSON and 1 and 16 streams served")
+    return (f"- 1 stream served: {lm[1]:.0f} tokens/s, {lm[1] / bare[1]:.2f} of the bare step graph at batch 1 "
+            f"({bare[1]:.0f})\n"
+            f"- 16 streams served: {lm[16]:.0f} tokens/s, {lm[16] / bare[16]:.2f} of the bare step graph at batch 16 "
+            f"({bare[16]:.0f})\n"
+            f"- the goal, 5x one stream: {5 * lm[1]:.0f} tokens/s, {5 * lm[1] / bare[16]:.2f} of the bare step graph "
+            f"at batch 16\n\n(load {load_range(serve, step)})")
+
+
+@renderer
 def state_rules_table(src):
     """bench/state_fidelity.py --variants: int8 state rules on the float PyTorch model."""
     d = src[0]
@@ -1167,8 +1220,9 @@ def serve_versions(src):
     def label(d):
         if d.get("response_interval_us") is None:
             return f"before ({d['run']['commit'][:7]})"
+        states = d.get("state_dtype", "float32")
         return (f"interval {d['response_interval_us'] / 1000:g} ms, at most {d['max_tokens_per_response']} tokens, "
-                f"threads {d['threads'] or 'ORT default'}")
+                f"threads {d['threads'] or 'ORT default'}" + ("" if states == "float32" else f", {states} states"))
 
     levels = [r["concurrency"] for r in src[0]["lm"]]
     out = ["| streams | " + " | ".join(label(d) for d in src) + " |", "|---|" + "---|" * len(src)]
