@@ -454,11 +454,11 @@ OrtStatus *compute_update(const UpdateKernel &k, OrtKernelContext *ctx) {
     std::unique_ptr<float[]> ssm_f(new float[static_cast<size_t>(2 * b * Di * N)]);
     c.conv_f = conv_f.get(), c.conv_f_out = conv_f.get() + b * c.conv;
     c.ssm_f = ssm_f.get(), c.ssm_f_out = ssm_f.get() + b * Di * N;
-    const bool big = b * Di * N >= mq_scan::kCodecParallelFrom;
-    mq_scan::int8_states_decode(c, big ? ort_parallel_for : nullptr, &pool);
+    c.conv_decode();
     p.conv_state = c.conv_f, p.ssm_state = c.ssm_f, p.conv_state_out = c.conv_f_out, p.ssm_state_out = c.ssm_f_out;
-    if (!pool.status) rc = mq_scan::state_update(p, ort_parallel_for, &pool, &message);
-    if (!pool.status && rc == 0) mq_scan::int8_states_encode(c, big ? ort_parallel_for : nullptr, &pool);
+    p.int8_ssm = &c;   // the SSM state's rows: by the scan's tasks
+    rc = mq_scan::state_update(p, ort_parallel_for, &pool, &message);
+    if (!pool.status && rc == 0) c.conv_encode();
   }
   if (pool.status) return pool.status;
   if (rc != 0)

@@ -392,11 +392,11 @@ OrtStatus *compute_update(const Kernel &k, OrtKernelContext *ctx) {
     std::unique_ptr<float[]> ssm_f(new float[static_cast<size_t>(2 * b * H * P * N)]);
     c.conv_f = conv_f.get(), c.conv_f_out = conv_f.get() + b * c.conv;
     c.ssm_f = ssm_f.get(), c.ssm_f_out = ssm_f.get() + b * H * P * N;
-    const bool big = b * H * P * N >= kCodecParallelFrom;
-    int8_states_decode(c, big ? ort_parallel_for : nullptr, &pool);
+    c.conv_decode();
     p.conv_state = c.conv_f, p.ssm_state = c.ssm_f, p.conv_state_out = c.conv_f_out, p.ssm_state_out = c.ssm_f_out;
-    if (!pool.status) rc = ssd_state_update(p, ort_parallel_for, &pool, &message);
-    if (!pool.status && rc == 0) int8_states_encode(c, big ? ort_parallel_for : nullptr, &pool);
+    p.int8_ssm = &c;   // the SSM state's rows: by the scan's (batch, head) tasks
+    rc = ssd_state_update(p, ort_parallel_for, &pool, &message);
+    if (!pool.status && rc == 0) c.conv_encode();
   }
   if (pool.status) return pool.status;
   if (rc != 0) return error(k.kind, rc == kStateUpdateNoMemory ? ORT_FAIL : ORT_INVALID_ARGUMENT, message);

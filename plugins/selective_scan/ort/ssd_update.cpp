@@ -5,6 +5,8 @@
 // everything runs on the calling thread.
 #include "ssd_update.h"
 
+#include "state_codec.h"
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -100,6 +102,7 @@ void pass_conv(void *user, size_t task) noexcept {
 
 struct HeadTasks {
   const MQSSDParams *s;
+  const Int8States *int8_ssm;   // NULL, or the int8 SSM state whose head rows each task converts (state_codec.h)
   std::atomic<int> failed{0};   // the first nonzero return code
 };
 
@@ -128,7 +131,10 @@ void scan_head(void *user, size_t task) noexcept {
   if (s.h0 != nullptr) q.h0 = s.h0 + (bi * s.heads + h) * P * N;
   if (s.h_last != nullptr) q.h_last = s.h_last + (bi * s.heads + h) * P * N;
   q.y = s.y + bi * s.y_batch_stride + h * P;
+  const int64_t row0 = (bi * s.heads + h) * P;   // the head's first row of [b, H, P]
+  if (w.int8_ssm != nullptr) w.int8_ssm->rows_in(row0, P);
   const int rc = mq_ssd_cpu(&q, 1);
+  if (w.int8_ssm != nullptr) w.int8_ssm->rows_out(row0, P);
   int none = 0;
   if (rc != 0) w.failed.compare_exchange_strong(none, rc);
 }
@@ -146,9 +152,11 @@ int ssd_state_update(const SSDUpdateParams &p, ParallelFor parallel_for, void *p
   w.HP = H * P, w.GN = G * N, w.Cd = w.HP + 2 * w.GN;
   w.blocks = (w.Cd + kBlock - 1) / kBlock;
   if (b == 0) return 0;
-  if (L == 0) {   // no token: the states pass through
+  if (L == 0) {   // no token: the states pass through (int8: decoded and encoded again, as the op's body does)
     std::memcpy(p.conv_state_out, p.conv_state, sizeof(float) * static_cast<size_t>(b * w.Cd * (K - 1)));
+    if (p.int8_ssm != nullptr) p.int8_ssm->rows_in(0, b * H * P);
     std::memcpy(p.ssm_state_out, p.ssm_state, sizeof(float) * static_cast<size_t>(b * H * P * N));
+    if (p.int8_ssm != nullptr) p.int8_ssm->rows_out(0, b * H * P);
     return 0;
   }
   // the scan over the scratch, validated here (sizes, scales, limits) so that no task can fail on its slice
@@ -197,7 +205,7 @@ int ssd_state_update(const SSDUpdateParams &p, ParallelFor parallel_for, void *p
   s.C = static_cast<const char *>(u) + static_cast<size_t>(w.HP + w.GN) * elem;
   if (b * L * H * P * N < kSerialBelow || parallel_for == nullptr) parallel_for = serial_for;
   parallel_for(pool, pass_conv, static_cast<size_t>(b * w.blocks), &w);
-  const int rc = ssd_scan_heads(s, parallel_for, pool);
+  const int rc = ssd_scan_heads(s, parallel_for, pool, p.int8_ssm);
   if (rc != 0) {   // cannot happen for validated params: our bug
     *error = "internal error: the scan of a head failed with code " + std::to_string(rc);
     return kStateUpdateInvalid;
@@ -205,9 +213,10 @@ int ssd_state_update(const SSDUpdateParams &p, ParallelFor parallel_for, void *p
   return 0;
 }
 
-int ssd_scan_heads(const MQSSDParams &s, ParallelFor parallel_for, void *pool) {
+int ssd_scan_heads(const MQSSDParams &s, ParallelFor parallel_for, void *pool, const Int8States *int8_ssm) {
   HeadTasks tasks;
   tasks.s = &s;
+  tasks.int8_ssm = int8_ssm;
   if (parallel_for == nullptr) parallel_for = serial_for;
   parallel_for(pool, scan_head, static_cast<size_t>(s.batch * s.heads), &tasks);
   return tasks.failed.load();

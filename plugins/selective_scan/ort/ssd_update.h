@@ -18,6 +18,8 @@
 
 namespace mq_scan {
 
+struct Int8States;   // state_codec.h
+
 struct SSDUpdateParams {
   bool is_float;
   int64_t batch, seqlen, heads, head_dim, groups, dstate, dconv;   // b, L, H, P, G, N, K
@@ -31,12 +33,15 @@ struct SSDUpdateParams {
   float conv_scale, x_scale, dt_scale, B_scale, C_scale;
   const float *x_scales, *dt_scales, *B_scales, *C_scales;
   float *y, *conv_state_out, *ssm_state_out;        // [b, L, H*P], [b, Cd, K-1], [b, H, P, N]
+  // int8 SSM states (mq::SSDStateUpdateInt8State), else NULL: ssm_state / ssm_state_out are its float scratch,
+  // and each (batch, head) task decodes its head's rows into it before its scan and encodes them after
+  const Int8States *int8_ssm;
 };
 
 // The SSD scan of validated params (mq_ssd_validate) as one task per (batch, head), each a single-threaded
 // mq_ssd_cpu call on that head's slice: fn(user, i) through parallel_for (ORT's pool: the tasks are noexcept and
 // allocate nothing). Returns 0, or the first nonzero return code of a task.
-int ssd_scan_heads(const MQSSDParams &s, ParallelFor parallel_for, void *pool);
+int ssd_scan_heads(const MQSSDParams &s, ParallelFor parallel_for, void *pool, const Int8States *int8_ssm = nullptr);
 
 // 0 on success; else kStateUpdateInvalid or kStateUpdateNoMemory with the message in *error. The scratch (the
 // quantized x|B|C of every token, b * L * Cd values) is allocated here on the calling thread before any task

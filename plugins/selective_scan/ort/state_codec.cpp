@@ -61,25 +61,6 @@ MQ_NO_CONTRACT void row_scales(const float *amax, int64_t m, uint16_t *s16, floa
   }
 }
 
-struct Codec {
-  Int8States *s;
-};
-
-void decode_task(void *user, size_t i) noexcept {
-  Int8States &s = *static_cast<Codec *>(user)->s;
-  const int64_t b = static_cast<int64_t>(i);
-  grid_decode(s.conv_q + b * s.conv, s.conv, s.conv_scale, s.conv_f + b * s.conv);
-  rows_decode(s.ssm_q + b * s.rows * s.n, s.ssm_scale + b * s.rows, s.rows, s.n, s.ssm_f + b * s.rows * s.n);
-}
-
-void encode_task(void *user, size_t i) noexcept {
-  Int8States &s = *static_cast<Codec *>(user)->s;
-  const int64_t b = static_cast<int64_t>(i);
-  grid_encode(s.conv_f_out + b * s.conv, s.conv, s.conv_scale, s.conv_q_out + b * s.conv);
-  rows_encode(s.ssm_f_out + b * s.rows * s.n, s.rows, s.n, s.ssm_q_out + b * s.rows * s.n,
-              s.ssm_scale_out + b * s.rows);
-}
-
 }  // namespace
 
 uint16_t half_from_float(float v) noexcept {
@@ -219,16 +200,6 @@ void grid_decode(const int8_t *q, int64_t count, float scale, float *v) noexcept
 
 void grid_encode(const float *v, int64_t count, float scale, int8_t *q) noexcept {
   for (int64_t k = 0; k < count; ++k) q[k] = saturate_round(v[k] / scale);
-}
-
-void int8_states_decode(Int8States &s, ParallelFor parallel_for, void *pool) noexcept {
-  Codec c{&s};
-  (parallel_for ? parallel_for : serial_for)(pool, decode_task, static_cast<size_t>(s.batch), &c);
-}
-
-void int8_states_encode(Int8States &s, ParallelFor parallel_for, void *pool) noexcept {
-  Codec c{&s};
-  (parallel_for ? parallel_for : serial_for)(pool, encode_task, static_cast<size_t>(s.batch), &c);
 }
 
 }  // namespace mq_scan

@@ -10,7 +10,8 @@
 //     q = saturate_int8(round_half_even(v / s)),            v' = float(q) * s
 //
 // The ops decode their layer of the stacked int8 states into float scratch, run the float update, and encode
-// what it wrote (state_update.cpp / ssd_update.cpp, through run_int8_state below).
+// what it wrote (Int8States below: the SSM state's rows by the update's own tasks, state_update.cpp and
+// ssd_update.cpp).
 #ifndef MQ_STATE_CODEC_H_
 #define MQ_STATE_CODEC_H_
 
@@ -18,7 +19,6 @@
 #include <cstdint>
 
 #include "mq_selective_scan.h"   // MQ_SCAN_API
-#include "state_update.h"        // ParallelFor
 
 namespace mq_scan {
 
@@ -34,9 +34,11 @@ void grid_decode(const int8_t *q, int64_t count, float scale, float *v) noexcept
 void grid_encode(const float *v, int64_t count, float scale, int8_t *q) noexcept;
 
 /* One layer's int8 states of a fused step op around its float update: `rows` rows of `n` values of the SSM
- * state (row scales beside them) and `conv` values of the conv state (on `conv_scale`), for `batch` sequences
- * (rows and conv are per sequence). decode() fills the float inputs, encode() writes the int8 outputs from the
- * float outputs; both split the batch into tasks on parallel_for. */
+ * state per sequence (row scales beside them) and `conv` values of the conv state per sequence (on
+ * `conv_scale`), for `batch` sequences, with float scratch of the same shapes. The conv state is small and is
+ * converted whole (conv_decode / conv_encode); the SSM state row range by row range, by the update's own tasks
+ * around their scan (rows_in / rows_out: global rows [row0, row0 + count) of [batch * rows]), so that each
+ * task's rows go from int8 to float and back while they are in its cache. */
 struct Int8States {
   int64_t batch, rows, n, conv;
   float conv_scale;
@@ -45,10 +47,16 @@ struct Int8States {
   int8_t *conv_q_out, *ssm_q_out;
   uint16_t *ssm_scale_out;
   float *conv_f, *ssm_f, *conv_f_out, *ssm_f_out;   // float scratch of the same shapes
+
+  void conv_decode() const noexcept { grid_decode(conv_q, batch * conv, conv_scale, conv_f); }
+  void conv_encode() const noexcept { grid_encode(conv_f_out, batch * conv, conv_scale, conv_q_out); }
+  void rows_in(int64_t row0, int64_t count) const noexcept {
+    rows_decode(ssm_q + row0 * n, ssm_scale + row0, count, n, ssm_f + row0 * n);
+  }
+  void rows_out(int64_t row0, int64_t count) const noexcept {
+    rows_encode(ssm_f_out + row0 * n, count, n, ssm_q_out + row0 * n, ssm_scale_out + row0);
+  }
 };
-constexpr int64_t kCodecParallelFrom = int64_t{1} << 15;   // SSM state values of a call: from here on the pool
-void int8_states_decode(Int8States &s, ParallelFor parallel_for, void *pool) noexcept;
-void int8_states_encode(Int8States &s, ParallelFor parallel_for, void *pool) noexcept;
 
 }  // namespace mq_scan
 

@@ -26,6 +26,7 @@
 
 #include "mq_selective_scan.h"
 #include "scan_float.h"
+#include "state_codec.h"
 
 namespace mq_scan {
 namespace {
@@ -416,8 +417,20 @@ void scan_channels(Work &w, int64_t bi, int64_t d0, int64_t nd) noexcept {
     scan_channels_n<0>(w, bi, d0, nd);
 }
 
+void pass_scan_block(Work &w, size_t task) noexcept;
+
+/* pass C's task, with an int8 SSM state's rows decoded before it and encoded after it (Int8States) */
 void pass_scan(void *user, size_t task) noexcept {
   Work &w = *static_cast<Work *>(user);
+  const StateUpdateParams &p = *w.p;
+  const int64_t d0 = (static_cast<int64_t>(task) % w.blocks) * kBlock, nd = std::min(kBlock, p.dim - d0);
+  const int64_t row0 = (static_cast<int64_t>(task) / w.blocks) * p.dim + d0;
+  if (p.int8_ssm != nullptr) p.int8_ssm->rows_in(row0, nd);
+  pass_scan_block(w, task);
+  if (p.int8_ssm != nullptr) p.int8_ssm->rows_out(row0, nd);
+}
+
+void pass_scan_block(Work &w, size_t task) noexcept {
   const StateUpdateParams &p = *w.p;
   const int64_t bi = static_cast<int64_t>(task) / w.blocks;
   const int64_t d0 = (static_cast<int64_t>(task) % w.blocks) * kBlock;
@@ -529,9 +542,11 @@ int state_update(const StateUpdateParams &p, ParallelFor parallel_for, void *poo
   }
   const int64_t b = p.batch, L = p.seqlen, Di = p.dim, N = p.dstate, R = p.dt_rank, K = p.dconv;
   if (b == 0) return 0;
-  if (L == 0) {   // no token: the states pass through
+  if (L == 0) {   // no token: the states pass through (int8: decoded and encoded again, as the op's body does)
     std::memcpy(p.conv_state_out, p.conv_state, sizeof(float) * static_cast<size_t>(b * Di * (K - 1)));
+    if (p.int8_ssm != nullptr) p.int8_ssm->rows_in(0, b * Di);
     std::memcpy(p.ssm_state_out, p.ssm_state, sizeof(float) * static_cast<size_t>(b * Di * N));
+    if (p.int8_ssm != nullptr) p.int8_ssm->rows_out(0, b * Di);
     return 0;
   }
   Work w;

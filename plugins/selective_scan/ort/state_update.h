@@ -22,6 +22,8 @@
 
 namespace mq_scan {
 
+struct Int8States;   // state_codec.h
+
 struct StateUpdateParams {
   bool is_float;
   int64_t batch, seqlen, dim, dstate, dt_rank, dconv;   // b, L, Di, N, R, K
@@ -38,6 +40,9 @@ struct StateUpdateParams {
   float conv_scale, x_scale, dt_low_scale, delta_scale, B_scale, C_scale, z_scale;   // int8 op
   float norm_eps;                                        // < 0: no dt/B/C norm
   float *y, *conv_state_out, *ssm_state_out;             // [b, L, Di], [b, Di, K-1], [b, Di, N]
+  // int8 SSM states (mq::SelectiveStateUpdateInt8State), else NULL: ssm_state / ssm_state_out are its float
+  // scratch, and each scan task decodes its channels' rows into it before its scan and encodes them after
+  const Int8States *int8_ssm;
 };
 
 // Runs fn(user, i) for i in [0, n): the caller's thread pool (ORT's ParallelFor) or a plain loop. The tasks are
