@@ -1101,6 +1101,24 @@ def state_step_table(src):
 
 
 @renderer
+def state_op_table(src):
+    """bench/state_step.py --op-shapes: one fused step node alone at published layer shapes, float32 states
+    against int8 states (the op's own decoding and encoding), per batch."""
+    d = src[0]
+    if not d.get("ops"):
+        raise ReportError("the JSON holds no --op-shapes figures")
+    lines = ["| layer shape | batch | float32 states (us / call) | int8 states (us / call) |", "|---|---|---|---|"]
+    for shape in dict.fromkeys(o["shape"] for o in d["ops"]):
+        for b in sorted({o["batch"] for o in d["ops"] if o["shape"] == shape}):
+            by = {o["variant"]: o for o in d["ops"] if o["shape"] == shape and o["batch"] == b}
+            i8 = by["int8 states"]
+            lines.append(f"| {shape} | {b} | {by['float32 states']['us']:.1f} | {i8['us']:.1f} ({i8['vs_fp32']:.2f}x) |")
+    return "\n".join(lines) + (f"\n\nOne node (the int8 op of one layer, random weights and states), median call of "
+                               f"the best of {d['rounds']} rounds of {d['calls']}; {d['threads']} threads; "
+                               f"load {load_range(d)}.")
+
+
+@renderer
 def step_batch_scaling(src):
     """bench/state_step.py: per sample and state variant, the step graph's tokens/s at each batch over batch 1's
     (the step graph alone, no server and no Python between calls)."""

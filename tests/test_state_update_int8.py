@@ -16,7 +16,9 @@ and encoding inside the op (issue 23).
    conversion nodes around the states, equal bit for bit to the graph that converts its states with nodes
    around the int8 ops (what export wrote before), natively and through the function bodies, over calls that
    feed each other's states.
-3. Bad input: a row-scale input of the wrong shape is one ORT error naming it."""
+3. Bad input: a row-scale input of the wrong shape is one ORT error naming it.
+4. The float scratch the int8-state ops keep between calls (state_codec.h ScratchCache): one session run from 4
+   threads at once, batch sizes differing, each call's outputs equal to the same call alone."""
 
 from __future__ import annotations
 
@@ -254,3 +256,47 @@ def _session_bytes(model_bytes):
     so.intra_op_num_threads = 2
     so.register_custom_ops_library(LIB)
     return ort_session(model_bytes, so)
+
+
+@needs_lib
+@pytest.mark.parametrize("family", ["mamba1", "mamba2"])
+def test_concurrent_runs_share_the_kept_scratch_safely(family):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def case(b):
+        if family == "mamba1":
+            f, attrs = _update_inputs(b, 1, 70, 16, 5, 4, False, True, seed=b)
+            conv_q, ssm_q, ssm_s = _int8_states(f, attrs, seed=b + 1)
+            mine = dict(f, conv_state=conv_q, ssm_state=ssm_q, ssm_state_scale=ssm_s)
+            return attrs, {k: v.numpy() for k, v in mine.items()}
+        from test_native_ssd import update_case
+
+        f, attrs, _, _ = update_case(b, 1, 4, 12, 2, 16, quant=True, seed=b)
+        cs = np.float32(attrs["conv_scale"])
+        q, sc = state_codec.rows_int8(torch.from_numpy(f["ssm_state"]))
+        return attrs, dict(f, conv_state=np.clip(np.rint(f["conv_state"] / cs), -128, 127).astype(np.int8),
+                           ssm_state=q.numpy(), ssm_state_scale=sc.numpy())
+
+    cases = [case(b) for b in (1, 2, 3, 5)]
+    attrs = cases[0][0]
+    if family == "mamba1":     # one model for every batch: the inputs' batch dimension left open
+        shapes = {k: ["b" if (k in ("conv_state", "ssm_state", "ssm_state_scale") and i == 1) or
+                      (k in ("x", "z") and i == 0) else d for i, d in enumerate(v.shape)]
+                  for k, v in cases[0][1].items()}
+        for _, feeds in cases:   # the same weights for every batch
+            for k in ("conv_w", "conv_b", "x_proj_w", "x_proj_scale", "dt_proj_w", "dt_proj_scale", "delta_bias",
+                      "A", "D", "gate_scale"):
+                feeds[k] = cases[0][1][k]
+        sess = _session(_int8_model(shapes, attrs), True)
+    else:
+        for _, feeds in cases:
+            for k in ("conv_w", "conv_b", "A", "D", "dt_bias"):
+                feeds[k] = cases[0][1][k]
+        sess = _session(_ssd_int8_model(4, 12, 2, 16, 4, 3, 1, attrs, body=False), True)
+    alone = [sess.run(None, feeds) for _, feeds in cases]
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(5):
+            together = list(pool.map(lambda f: sess.run(None, f), [feeds for _, feeds in cases]))
+            for got, want in zip(together, alone):
+                for g, w in zip(got, want):
+                    np.testing.assert_array_equal(g, w)

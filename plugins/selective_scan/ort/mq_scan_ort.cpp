@@ -327,6 +327,7 @@ struct UpdateKernel {
   int64_t layer;    // the slice of the stacked states
   float scale[7];   // kUpdateScaleAttrs order (int8 op)
   float norm_eps;   // < 0: none
+  mutable mq_scan::ScratchCache scratch;   // the int8-state op's float states (state_codec.h)
 };
 
 OrtStatus *update_error(bool is_float, OrtErrorCode code, const std::string &msg, bool int8_state = false) {
@@ -450,10 +451,11 @@ OrtStatus *compute_update(const UpdateKernel &k, OrtKernelContext *ctx) {
     c.conv_q_out = static_cast<int8_t *>(outp[1]), c.ssm_q_out = static_cast<int8_t *>(outp[2]);
     c.ssm_scale_out = static_cast<uint16_t *>(outp[3]);
     // (every value is written before it is read: decode fills the inputs, the update the outputs)
-    std::unique_ptr<float[]> conv_f(new float[static_cast<size_t>(2 * b * c.conv)]);
-    std::unique_ptr<float[]> ssm_f(new float[static_cast<size_t>(2 * b * Di * N)]);
-    c.conv_f = conv_f.get(), c.conv_f_out = conv_f.get() + b * c.conv;
-    c.ssm_f = ssm_f.get(), c.ssm_f_out = ssm_f.get() + b * Di * N;
+    std::unique_lock<std::mutex> held;
+    std::unique_ptr<float[]> own;
+    float *f32 = k.scratch.get(static_cast<size_t>(2 * b * (c.conv + Di * N)), &held, &own);
+    c.conv_f = f32, c.conv_f_out = f32 + b * c.conv;
+    c.ssm_f = f32 + 2 * b * c.conv, c.ssm_f_out = c.ssm_f + b * Di * N;
     c.conv_decode();
     p.conv_state = c.conv_f, p.ssm_state = c.ssm_f, p.conv_state_out = c.conv_f_out, p.ssm_state_out = c.ssm_f_out;
     p.int8_ssm = &c;   // the SSM state's rows: by the scan's tasks

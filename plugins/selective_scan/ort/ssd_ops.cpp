@@ -54,6 +54,7 @@ struct Kernel {
   int64_t heads = 0, head_dim = 0, groups = 0, d_state = 0, chunk = 256, layer = 0;
   float dt_min = 0.f, dt_max = std::numeric_limits<float>::infinity(), conv_scale = 1.f;
   std::vector<float> scale[4];   // x, dt, B, C (int8 ops): one value, or one per channel
+  mutable ScratchCache scratch;  // the int8-state update's float states (state_codec.h)
   /* the per-tensor value, or the per-channel array, of scale i */
   float value(int i) const { return scale[i].size() == 1 ? scale[i][0] : 1.f; }
   const float *channels(int i) const { return scale[i].size() > 1 ? scale[i].data() : nullptr; }
@@ -388,10 +389,11 @@ OrtStatus *compute_update(const Kernel &k, OrtKernelContext *ctx) {
     c.conv_q_out = static_cast<int8_t *>(outp[1]), c.ssm_q_out = static_cast<int8_t *>(outp[2]);
     c.ssm_scale_out = static_cast<uint16_t *>(outp[3]);
     // (every value is written before it is read: decode fills the inputs, the update the outputs)
-    std::unique_ptr<float[]> conv_f(new float[static_cast<size_t>(2 * b * c.conv)]);
-    std::unique_ptr<float[]> ssm_f(new float[static_cast<size_t>(2 * b * H * P * N)]);
-    c.conv_f = conv_f.get(), c.conv_f_out = conv_f.get() + b * c.conv;
-    c.ssm_f = ssm_f.get(), c.ssm_f_out = ssm_f.get() + b * H * P * N;
+    std::unique_lock<std::mutex> held;
+    std::unique_ptr<float[]> own;
+    float *f32 = k.scratch.get(static_cast<size_t>(2 * b * (c.conv + H * P * N)), &held, &own);
+    c.conv_f = f32, c.conv_f_out = f32 + b * c.conv;
+    c.ssm_f = f32 + 2 * b * c.conv, c.ssm_f_out = c.ssm_f + b * H * P * N;
     c.conv_decode();
     p.conv_state = c.conv_f, p.ssm_state = c.ssm_f, p.conv_state_out = c.conv_f_out, p.ssm_state_out = c.ssm_f_out;
     p.int8_ssm = &c;   // the SSM state's rows: by the scan's (batch, head) tasks

@@ -17,6 +17,8 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
+#include <mutex>
 
 #include "mq_selective_scan.h"   // MQ_SCAN_API
 
@@ -56,6 +58,34 @@ struct Int8States {
   void rows_out(int64_t row0, int64_t count) const noexcept {
     rows_encode(ssm_f_out + row0 * n, count, n, ssm_q_out + row0 * n, ssm_scale_out + row0);
   }
+};
+
+/* The float scratch of an int8-state op, kept by its kernel between calls: a fresh allocation past glibc's mmap
+ * threshold (32 MiB at most) is mapped anew and faulted in page by page at every call (measured: a Mamba2-2.7b
+ * layer at batch 8 took 12x its float32-state time that way). One call at a time uses it; a concurrent call
+ * (another Run of the session) gets a buffer of its own. */
+class ScratchCache {
+ public:
+  /* n floats: the kept buffer (grown if needed) while `lock` holds it, else a new one owned by `own` */
+  float *get(size_t n, std::unique_lock<std::mutex> *lock, std::unique_ptr<float[]> *own) {
+    std::unique_lock<std::mutex> l(mu_, std::try_to_lock);
+    if (!l.owns_lock()) {
+      own->reset(new float[n]);
+      return own->get();
+    }
+    if (cap_ < n) {
+      buf_.reset();
+      buf_.reset(new float[n]);
+      cap_ = n;
+    }
+    *lock = std::move(l);
+    return buf_.get();
+  }
+
+ private:
+  std::mutex mu_;
+  std::unique_ptr<float[]> buf_;
+  size_t cap_ = 0;
 };
 
 }  // namespace mq_scan
