@@ -1,8 +1,9 @@
 """How a decode-step graph stores its SSM states between calls (`export --decode-step --state-dtype`), in
 PyTorch and as ONNX nodes, side by side: one rounding rule, written twice, parity-tested
 (tests/test_state_dtype.py). A third time in C++ (plugins/selective_scan/ort/state_codec.cpp): the fused step
-ops with int8 states (mq::SelectiveStateUpdateInt8State) decode and encode their layer themselves, and their
-function bodies run the nodes below (tests/test_state_codec_native.py, tests/test_state_update_int8.py).
+ops with int8 states (mq::SelectiveStateUpdateInt8State, mq::SSDStateUpdateInt8State) decode and encode their
+layer themselves, and their function bodies run the nodes below (tests/test_state_codec_native.py,
+tests/test_state_update_int8.py).
 
 The layers compute in float32 as always; a state is converted on its way out of a call and back on its way in
 (per call: a prefill of L tokens rounds once, a decode step once per token). What each state becomes is
