@@ -13,6 +13,8 @@ equal to the ONNX nodes in test_state_dtype.py), through the library's test entr
   the ops' function bodies run; rows with NaN (a step whose logits are NaN, where generation stops), where the
   PyTorch rule lets NaN spread and ONNX Runtime's ReduceMax depends on the NaN's place: NaN is passed over
   (the row's scale and other codes as without it) and its code is -128 (QuantizeLinear's);
+- rows of exact ties (every value an odd multiple of half its row's scale) and of values one float32 step beside
+  them, where the fast form's multiply by the reciprocal must hand over to the division: equal to the rule;
 - the grid rule (the conv state on its static scale): equal to QuantizeLinear's rounding of v / s."""
 
 from __future__ import annotations
@@ -107,6 +109,28 @@ def test_rows_rule_equals_pytorch(lib, rows, ref):
     (lib.mq_state_rows_decode_ref if ref else lib.mq_state_rows_decode)(_p(q), _p(s), n_rows, n, _p(back))
     want = q.astype(np.float32) * s.view(np.float16).astype(np.float32)[:, None]
     assert np.array_equal(back, want)
+
+
+@pytest.mark.parametrize("n", [16, 128])
+def test_rows_of_exact_ties_and_near_ties(lib, n):
+    """Rows whose values divided by their scale are exact half-integers (ties: to even), and values a few float32
+    steps beside them: the fast form multiplies by the scale's reciprocal and must take the division there."""
+    rng = np.random.default_rng(n)
+    amax = (10.0 ** rng.uniform(-6, 6, 256)).astype(np.float32)
+    _, s16 = state_codec.rows_int8(torch.from_numpy(amax[:, None]))       # each row's scale, from its amax
+    s = s16.numpy().astype(np.float32)
+    k = rng.integers(-127, 127, (256, n)).astype(np.float32) + 0.5
+    h = (k * s[:, None]).astype(np.float32)                              # exact: an 11-bit scale, a 9-bit multiple
+    h[:, 0] = amax
+    h[:, 1] = -amax
+    h[64:128, 2:] = np.nextafter(h[64:128, 2:], np.float32(np.inf))
+    h[128:192, 2:] = np.nextafter(h[128:192, 2:], np.float32(-np.inf))
+    assert np.array_equal(h[:64, 2:] / s[:64, None], k[:64, 2:])         # ties indeed
+    q_want, s_want = state_codec.rows_int8(torch.from_numpy(h))
+    for ref in (False, True):
+        q, sc = _encode(lib, h, ref)
+        np.testing.assert_array_equal(sc, s_want.numpy().view(np.uint16))
+        np.testing.assert_array_equal(q, q_want.numpy())
 
 
 def test_grid_rule_equals_quantize_linear(lib):

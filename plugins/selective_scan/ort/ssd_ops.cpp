@@ -388,15 +388,16 @@ OrtStatus *compute_update(const Kernel &k, OrtKernelContext *ctx) {
     c.ssm_scale = static_cast<const uint16_t *>(in.data[9]) + k.layer * b * H * P;
     c.conv_q_out = static_cast<int8_t *>(outp[1]), c.ssm_q_out = static_cast<int8_t *>(outp[2]);
     c.ssm_scale_out = static_cast<uint16_t *>(outp[3]);
-    // (every value is written before it is read: decode fills the inputs, the update the outputs)
+    // the conv state's float scratch (every value is written before it is read: decode fills the input, the
+    // update the output); the SSM state's rows go through each (batch, head) task's own buffer (ssd_update.cpp)
     std::unique_lock<std::mutex> held;
     std::unique_ptr<float[]> own;
-    float *f32 = k.scratch.get(static_cast<size_t>(2 * b * (c.conv + H * P * N)), &held, &own);
+    float *f32 = k.scratch.get(static_cast<size_t>(2 * b * c.conv), &held, &own);
     c.conv_f = f32, c.conv_f_out = f32 + b * c.conv;
-    c.ssm_f = f32 + 2 * b * c.conv, c.ssm_f_out = c.ssm_f + b * H * P * N;
+    c.ssm_f = c.ssm_f_out = nullptr;
     c.conv_decode();
-    p.conv_state = c.conv_f, p.ssm_state = c.ssm_f, p.conv_state_out = c.conv_f_out, p.ssm_state_out = c.ssm_f_out;
-    p.int8_ssm = &c;   // the SSM state's rows: by the scan's (batch, head) tasks
+    p.conv_state = c.conv_f, p.conv_state_out = c.conv_f_out, p.ssm_state = p.ssm_state_out = nullptr;
+    p.int8_ssm = &c;
     rc = ssd_state_update(p, ort_parallel_for, &pool, &message);
     if (!pool.status && rc == 0) c.conv_encode();
   }

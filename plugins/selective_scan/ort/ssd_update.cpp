@@ -100,6 +100,11 @@ void pass_conv(void *user, size_t task) noexcept {
 
 // ---- pass B: the scan of one (batch, head) --------------------------------------------------------
 
+// int8 states: a (batch, head) task's rows go through a buffer of this many floats on its stack (32 KiB), as many
+// rows per scan call as fit (a whole head of 64 rows at d_state 128)
+constexpr int64_t kCodecFloats = 8192;
+static_assert(kCodecFloats >= MQ_SSD_MAX_DSTATE, "a row must fit the int8 states' buffer");
+
 struct HeadTasks {
   const MQSSDParams *s;
   const Int8States *int8_ssm;   // NULL, or the int8 SSM state whose head rows each task converts (state_codec.h)
@@ -131,10 +136,26 @@ void scan_head(void *user, size_t task) noexcept {
   if (s.h0 != nullptr) q.h0 = s.h0 + (bi * s.heads + h) * P * N;
   if (s.h_last != nullptr) q.h_last = s.h_last + (bi * s.heads + h) * P * N;
   q.y = s.y + bi * s.y_batch_stride + h * P;
-  const int64_t row0 = (bi * s.heads + h) * P;   // the head's first row of [b, H, P]
-  if (w.int8_ssm != nullptr) w.int8_ssm->rows_in(row0, P);
-  const int rc = mq_ssd_cpu(&q, 1);
-  if (w.int8_ssm != nullptr) w.int8_ssm->rows_out(row0, P);
+  int rc = 0;
+  if (w.int8_ssm == nullptr) {
+    rc = mq_ssd_cpu(&q, 1);
+  } else {   // int8 states: rows through a buffer on this task's stack, in its cache
+    const Int8States &c = *w.int8_ssm;
+    alignas(64) float rows[kCodecFloats];
+    const int64_t per_call = kCodecFloats / N;     // >= 32: N <= MQ_SSD_MAX_DSTATE (256)
+    const int64_t row0 = (bi * s.heads + h) * P;   // the head's first row of [b, H, P]
+    for (int64_t p0 = 0; p0 < P && rc == 0; p0 += per_call) {
+      MQSSDParams r = q;   // rows p0.. of the head: the scan's rows are independent
+      r.head_dim = std::min(per_call, P - p0);
+      r.x = at(q.x, p0);
+      if (q.x_scales != nullptr) r.x_scales = q.x_scales + p0;
+      r.h0 = r.h_last = rows;   // (mq_ssd_cpu reads the state before it writes it)
+      r.y = q.y + p0;
+      c.rows_in(row0 + p0, r.head_dim, rows);
+      rc = mq_ssd_cpu(&r, 1);
+      c.rows_out(row0 + p0, r.head_dim, rows);
+    }
+  }
   int none = 0;
   if (rc != 0) w.failed.compare_exchange_strong(none, rc);
 }
@@ -154,9 +175,16 @@ int ssd_state_update(const SSDUpdateParams &p, ParallelFor parallel_for, void *p
   if (b == 0) return 0;
   if (L == 0) {   // no token: the states pass through (int8: decoded and encoded again, as the op's body does)
     std::memcpy(p.conv_state_out, p.conv_state, sizeof(float) * static_cast<size_t>(b * w.Cd * (K - 1)));
-    if (p.int8_ssm != nullptr) p.int8_ssm->rows_in(0, b * H * P);
-    std::memcpy(p.ssm_state_out, p.ssm_state, sizeof(float) * static_cast<size_t>(b * H * P * N));
-    if (p.int8_ssm != nullptr) p.int8_ssm->rows_out(0, b * H * P);
+    if (p.int8_ssm == nullptr) {
+      std::memcpy(p.ssm_state_out, p.ssm_state, sizeof(float) * static_cast<size_t>(b * H * P * N));
+    } else {
+      alignas(64) float rows[kCodecFloats];
+      for (int64_t r0 = 0; r0 < b * H * P; r0 += kCodecFloats / N) {
+        const int64_t n = std::min(kCodecFloats / N, b * H * P - r0);
+        p.int8_ssm->rows_in(r0, n, rows);
+        p.int8_ssm->rows_out(r0, n, rows);
+      }
+    }
     return 0;
   }
   // the scan over the scratch, validated here (sizes, scales, limits) so that no task can fail on its slice
@@ -205,6 +233,7 @@ int ssd_state_update(const SSDUpdateParams &p, ParallelFor parallel_for, void *p
   s.C = static_cast<const char *>(u) + static_cast<size_t>(w.HP + w.GN) * elem;
   if (b * L * H * P * N < kSerialBelow || parallel_for == nullptr) parallel_for = serial_for;
   parallel_for(pool, pass_conv, static_cast<size_t>(b * w.blocks), &w);
+  if (p.int8_ssm != nullptr) s.h0 = s.h_last = nullptr;   // each task's rows go through its own buffer
   const int rc = ssd_scan_heads(s, parallel_for, pool, p.int8_ssm);
   if (rc != 0) {   // cannot happen for validated params: our bug
     *error = "internal error: the scan of a head failed with code " + std::to_string(rc);

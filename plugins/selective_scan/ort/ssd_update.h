@@ -33,8 +33,9 @@ struct SSDUpdateParams {
   float conv_scale, x_scale, dt_scale, B_scale, C_scale;
   const float *x_scales, *dt_scales, *B_scales, *C_scales;
   float *y, *conv_state_out, *ssm_state_out;        // [b, L, H*P], [b, Cd, K-1], [b, H, P, N]
-  // int8 SSM states (mq::SSDStateUpdateInt8State), else NULL: ssm_state / ssm_state_out are its float scratch,
-  // and each (batch, head) task decodes its head's rows into it before its scan and encodes them after
+  // int8 SSM states (mq::SSDStateUpdateInt8State), else NULL: ssm_state / ssm_state_out are then unused, and each
+  // (batch, head) task decodes its head's rows a few at a time into a buffer of its own, scans them, and encodes
+  // them
   const Int8States *int8_ssm;
 };
 

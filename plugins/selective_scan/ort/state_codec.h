@@ -48,15 +48,18 @@ struct Int8States {
   const uint16_t *ssm_scale;             // [batch, rows]
   int8_t *conv_q_out, *ssm_q_out;
   uint16_t *ssm_scale_out;
-  float *conv_f, *ssm_f, *conv_f_out, *ssm_f_out;   // float scratch of the same shapes
+  float *conv_f, *ssm_f, *conv_f_out, *ssm_f_out;   // float scratch of the same shapes (ssm_f*: Mamba1's)
 
   void conv_decode() const noexcept { grid_decode(conv_q, batch * conv, conv_scale, conv_f); }
   void conv_encode() const noexcept { grid_encode(conv_f_out, batch * conv, conv_scale, conv_q_out); }
-  void rows_in(int64_t row0, int64_t count) const noexcept {
-    rows_decode(ssm_q + row0 * n, ssm_scale + row0, count, n, ssm_f + row0 * n);
+  void rows_in(int64_t row0, int64_t count) const noexcept { rows_in(row0, count, ssm_f + row0 * n); }
+  void rows_out(int64_t row0, int64_t count) const noexcept { rows_out(row0, count, ssm_f_out + row0 * n); }
+  // the same through a caller's buffer of count * n floats (a task's own, kept in its cache)
+  void rows_in(int64_t row0, int64_t count, float *to) const noexcept {
+    rows_decode(ssm_q + row0 * n, ssm_scale + row0, count, n, to);
   }
-  void rows_out(int64_t row0, int64_t count) const noexcept {
-    rows_encode(ssm_f_out + row0 * n, count, n, ssm_q_out + row0 * n, ssm_scale_out + row0);
+  void rows_out(int64_t row0, int64_t count, const float *from) const noexcept {
+    rows_encode(from, count, n, ssm_q_out + row0 * n, ssm_scale_out + row0);
   }
 };
 
