@@ -445,7 +445,9 @@ def test_the_generate_model_serves_many_streams_at_once(served, ref):
             time.sleep(0.05)
         time.sleep(0.5)
         started = sum(not q.empty() for q in queues)
-        assert started == 16, f"{started} of 32 generations run at once, max_generations is 16"
+        firsts = [q.queue[0] for q in queues if not q.empty()]      # (result, error): what each started stream got
+        errors = [str(e).splitlines()[0] for _, e in firsts if e is not None]
+        assert started == 16, f"{started} of 32 generations run at once, max_generations is 16; errors: {errors}"
         refused = []
         for _ in range(4):
             with pytest.raises(InferenceServerException) as e:
