@@ -16,7 +16,9 @@ and encoding inside the op (issue 23).
    conversion nodes around the states, equal bit for bit to the graph that converts its states with nodes
    around the int8 ops (what export wrote before), natively and through the function bodies, over calls that
    feed each other's states.
-3. Bad input: a row-scale input of the wrong shape is one ORT error naming it.
+3. Bad input: a row-scale input of the wrong shape is one ORT error naming it; an edited int8-state node (a NaN
+   conv_scale, a layer past the stacked states (a hybrid's: its SSM layers), a scale attribute removed) is one
+   line when the file is opened, whichever path would run it (the runner's check_mq_nodes).
 4. The float scratch the int8-state ops keep between calls (state_codec.h ScratchCache): one session run from 4
    threads at once, batch sizes differing, each call's outputs equal to the same call alone."""
 
@@ -300,3 +302,31 @@ def test_concurrent_runs_share_the_kept_scratch_safely(family):
             for got, want in zip(together, alone):
                 for g, w in zip(got, want):
                     np.testing.assert_array_equal(g, w)
+
+
+@pytest.mark.parametrize("edit", ["conv_scale NaN", "layer 99", "x_scale missing"])
+def test_an_edited_int8_state_node_is_one_line(w8a8, edit):
+    from onnx import helper
+
+    from mq_deploy.backends.ort.runner import check_mq_nodes
+    from mq_deploy.errors import MQUserError
+    from mq_deploy.export.graph import build_model
+
+    m, spec, n_ssm = w8a8
+    proto = build_model(m, spec, step=True)
+    check_mq_nodes(proto, "model.onnx", m.cfg)                     # as exported: accepted
+    _, int8_ops = _update_ops()
+    node = next(n for n in proto.graph.node if n.op_type in int8_ops)
+    name, value = {"conv_scale NaN": ("conv_scale", float("nan")), "layer 99": ("layer", 99),
+                   "x_scale missing": ("x_scale", None)}[edit]
+    keep = [a for a in node.attribute if a.name != name]
+    del node.attribute[:]
+    node.attribute.extend(keep)
+    if value is not None:
+        node.attribute.append(helper.make_attribute(name, value))
+    with pytest.raises(MQUserError) as e:
+        check_mq_nodes(proto, "model.onnx", m.cfg)
+    print(e.value)
+    assert "\n" not in str(e.value) and node.op_type in str(e.value) and name in str(e.value)
+    if name == "layer":     # the limit is the stacked states' own layers (a hybrid's SSM layers), not n_layer
+        assert f"outside the {n_ssm} stacked layers" in str(e.value)

@@ -197,6 +197,14 @@ def check_mq_nodes(proto, path: str, config=None) -> None:
                 ssd_update.OP_UPDATE_FLOAT: ssd_op.SHAPE_ATTRS + ("layer",),
                 ssd_update.OP_UPDATE_INT8_STATE: ssd_update.UPDATE_SCALE_ATTRS + ssd_op.SHAPE_ATTRS + ("layer",)}
     n_layer = getattr(config, "n_layer", None)
+    # a fused step op reads its layer of the stacked states it takes as input 2 (conv_state): as many layers as
+    # that graph input declares (a hybrid's SSM layers), else the config's
+    inputs = {i.name: i for i in proto.graph.input}
+
+    def stacked(node):
+        si = inputs.get(node.input[2]) if len(node.input) > 2 else None
+        dims = si.type.tensor_type.shape.dim if si is not None else ()
+        return dims[0].dim_value if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0 else n_layer
 
     def bad(node, why):
         op = f"{node.domain}::{node.op_type}"
@@ -230,8 +238,8 @@ def check_mq_nodes(proto, path: str, config=None) -> None:
             elif name == "out_dtype" and not (a.type == AttributeProto.INT and a.i in (1, 10)):
                 bad(node, f"attribute out_dtype must be 1 (float) or 10 (float16), got {a.i}")
             elif name == "layer" and not (a.type == AttributeProto.INT and a.i >= 0
-                                          and (n_layer is None or a.i < n_layer)):
-                bad(node, f"attribute layer {a.i} is outside the {n_layer or '?'} stacked layers")
+                                          and (stacked(node) is None or a.i < stacked(node))):
+                bad(node, f"attribute layer {a.i} is outside the {stacked(node) or '?'} stacked layers")
     inits = {t.name: t for t in proto.graph.initializer}
     for node in proto.graph.node:
         if node.domain in ("", "ai.onnx") and node.op_type in ("QuantizeLinear", "DequantizeLinear"):
