@@ -140,14 +140,12 @@ def _op_cases(shape, b, lib, threads):
 
 
 def _op_time(sess, feeds, calls):
-    for _ in range(20):
+    """Median seconds per call after 20 warm-up calls (bench/ort.py's latency after its own one)."""
+    from ort import latency
+
+    for _ in range(19):
         sess.run(None, feeds)
-    times = []
-    for _ in range(calls):
-        t = time.perf_counter()
-        sess.run(None, feeds)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return latency(sess, feeds, calls)
 
 
 def main():

@@ -305,6 +305,22 @@ OrtStatus *compute_float(OrtKernelContext *ctx) {
 OrtStatus *copy_shape(const OrtTensorTypeAndShapeInfo *like, ONNXTensorElementDataType type,
                       OrtTensorTypeAndShapeInfo **out, size_t skip = 0);   // below, with the scan's shape inference
 
+/* Shape inference of n outputs: output o is input from[o]'s shape without its first skip[o] dims, of type[o]. The
+ * infos that ShapeInferContext_GetInputTypeShape returns belong to the context: never released here. */
+OrtStatus *outputs_like_inputs(OrtShapeInferContext *ctx, size_t n, const size_t *from, const size_t *skip,
+                               const ONNXTensorElementDataType *type) {
+  for (size_t o = 0; o < n; ++o) {
+    OrtTensorTypeAndShapeInfo *in = nullptr, *out = nullptr;
+    OrtStatus *st = g_api->ShapeInferContext_GetInputTypeShape(ctx, from[o], &in);
+    if (st) return st;
+    if ((st = copy_shape(in, type[o], &out, skip[o]))) return st;
+    st = g_api->ShapeInferContext_SetOutputTypeShape(ctx, o, out);
+    g_api->ReleaseTensorTypeAndShapeInfo(out);
+    if (st) return st;
+  }
+  return nullptr;
+}
+
 constexpr const char *kUpdateName = "SelectiveStateUpdate";
 constexpr const char *kUpdateNameFloat = "SelectiveStateUpdateFloat";
 constexpr const char *kUpdateNameInt8State = "SelectiveStateUpdateInt8State";
@@ -554,16 +570,7 @@ OrtStatus *infer_update_shapes_impl(OrtShapeInferContext *ctx, bool int8_state) 
   const ONNXTensorElementDataType state = int8_state ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   const ONNXTensorElementDataType type[kUpdateOutputsInt8State] = {
       ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, state, state, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16};
-  for (size_t o = 0; o < (int8_state ? kUpdateOutputsInt8State : kUpdateOutputs); ++o) {
-    OrtTensorTypeAndShapeInfo *in = nullptr, *out = nullptr;
-    OrtStatus *st = g_api->ShapeInferContext_GetInputTypeShape(ctx, from[o], &in);
-    if (st) return st;
-    if ((st = copy_shape(in, type[o], &out, skip[o]))) return st;
-    st = g_api->ShapeInferContext_SetOutputTypeShape(ctx, o, out);
-    g_api->ReleaseTensorTypeAndShapeInfo(out);
-    if (st) return st;
-  }
-  return nullptr;
+  return outputs_like_inputs(ctx, int8_state ? kUpdateOutputsInt8State : kUpdateOutputs, from, skip, type);
 }
 
 OrtStatus *MQ_ORT_CALL infer_update_shapes_int8_state(const OrtCustomOp *, OrtShapeInferContext *ctx) noexcept {
@@ -638,22 +645,12 @@ OrtStatus *copy_shape(const OrtTensorTypeAndShapeInfo *like, ONNXTensorElementDa
   return mq_scan::op_base::copy_shape(g_api, "mq::SelectiveScan", "mq_scan_dim_", like, type, skip, -1, 0, 4, out);
 }
 
-/* y: x's shape with out_dtype's element type; h_last: h0's shape, float. The infos that
- * ShapeInferContext_GetInputTypeShape returns belong to the context: never released here. */
+/* y: x's shape with out_dtype's element type; h_last: h0's shape, float */
 OrtStatus *set_output_shapes(OrtShapeInferContext *ctx, int64_t out_dtype) {
-  const size_t from[kNumOutputs] = {kX, kH0};
+  const size_t from[kNumOutputs] = {kX, kH0}, skip[kNumOutputs] = {0, 0};
   const ONNXTensorElementDataType type[kNumOutputs] = {static_cast<ONNXTensorElementDataType>(out_dtype),
                                                        ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
-  for (size_t o = 0; o < kNumOutputs; ++o) {
-    OrtTensorTypeAndShapeInfo *in = nullptr, *out = nullptr;
-    OrtStatus *st = g_api->ShapeInferContext_GetInputTypeShape(ctx, from[o], &in);
-    if (st) return st;
-    if ((st = copy_shape(in, type[o], &out))) return st;
-    st = g_api->ShapeInferContext_SetOutputTypeShape(ctx, o, out);
-    g_api->ReleaseTensorTypeAndShapeInfo(out);
-    if (st) return st;
-  }
-  return nullptr;
+  return outputs_like_inputs(ctx, kNumOutputs, from, skip, type);
 }
 
 OrtStatus *MQ_ORT_CALL infer_shapes(const OrtCustomOp *, OrtShapeInferContext *ctx) noexcept {
