@@ -18,9 +18,12 @@ import numpy as np
 class SeqState(dict):
     """One sequence's states {input: array with batch 1}, as split() hands them out: views into the batch
     they came from (`whole`: (that batch's arrays, this sequence's index, batch size)), so a round with
-    the same sequences in the same order feeds those arrays back without a copy."""
+    the same sequences in the same order feeds those arrays back without a copy, and a round with some of
+    them gathers them in one take per state. `checked`: the batcher that made it (zeros, split), whose stack
+    need not check it against its layout again at every round."""
 
     whole = None
+    checked = None
 
 
 # the element types a state may have: float32, float16 or int8 (export --state-dtype; an int8 KV cache)
@@ -57,9 +60,11 @@ class StateBatcher:
 
     def zeros(self, cache_slots: int = 0) -> SeqState:
         """A fresh sequence's states: zeros, a KV cache `cache_slots` long."""
-        return SeqState({name: np.zeros([1 if j == self.batch_axis[name] else cache_slots if d is None else d
-                                         for j, d in enumerate(dims)], dtype)
-                         for name, _, dims, dtype in self.layout})
+        s = SeqState({name: np.zeros([1 if j == self.batch_axis[name] else cache_slots if d is None else d
+                                      for j, d in enumerate(dims)], dtype)
+                      for name, _, dims, dtype in self.layout})
+        s.checked = self
+        return s
 
     def check(self, state, who: str = "a sequence") -> None:
         """One sequence's states against the layout: every input, its dtype, rank, fixed sizes, batch 1."""
@@ -90,21 +95,26 @@ class StateBatcher:
         if not states:
             raise ValueError("no sequences to stack")
         first = states[0]
+        key = self.group_key(first) if self.grows and any(self.grows.values()) else ()
         for k, s in enumerate(states):
-            for name, _, _, _ in self.layout:
-                a, b = s.get(name), first.get(name)
-                if a is not None and b is not None and a.dtype != b.dtype:
-                    raise ValueError(f"a batch mixes state dtypes: {names[k]}'s {name} is {a.dtype}, {names[0]}'s "
-                                     f"{b.dtype}")
-            self.check(s, names[k])
-            if self.group_key(s) != self.group_key(first):
+            if getattr(s, "checked", None) is not self:
+                for name, _, _, _ in self.layout:
+                    a, b = s.get(name), first.get(name)
+                    if a is not None and b is not None and a.dtype != b.dtype:
+                        raise ValueError(f"a batch mixes state dtypes: {names[k]}'s {name} is {a.dtype}, "
+                                         f"{names[0]}'s {b.dtype}")
+                self.check(s, names[k])
+            if key and self.group_key(s) != key:
                 raise ValueError(f"{names[k]} and {names[0]} cannot share a batch: their KV caches are "
-                                 f"{self.group_key(s)} and {self.group_key(first)} long")
+                                 f"{self.group_key(s)} and {key} long")
         w = getattr(first, "whole", None)
-        if (w is not None and w[2] == len(states)
-                and all(getattr(s, "whole", None) is not None and s.whole[0] is w[0] and s.whole[1] == k
-                        for k, s in enumerate(states))):
-            return dict(w[0])           # the same sequences in the same order as the batch they came from
+        if w is not None and all(getattr(s, "whole", None) is not None and s.whole[0] is w[0] for s in states):
+            if w[2] == len(states) and all(s.whole[1] == k for k, s in enumerate(states)):
+                return dict(w[0])       # the same sequences in the same order as the batch they came from
+            if len(states) > 1:         # some of that batch's sequences: one take per state
+                idx = np.fromiter((s.whole[1] for s in states), np.intp, len(states))
+                return {name: np.take(w[0][name], idx, axis=self.batch_axis[name])
+                        for name, _, _, _ in self.layout}
         if len(states) == 1:
             return {name: np.ascontiguousarray(first[name]) for name, _, _, _ in self.layout}
         return {name: np.concatenate([s[name] for s in states], axis=self.batch_axis[name])
@@ -151,13 +161,13 @@ class StateBatcher:
                                  f"expected {n}")
         if n == 1:
             s = SeqState(whole)
-            s.whole = (whole, 0, 1)
+            s.whole, s.checked = (whole, 0, 1), self
             return [s]
         out = []
         for k in range(n):
             s = SeqState({name: a[(slice(None),) * self.batch_axis[name] + (slice(k, k + 1),)]
                           for name, a in whole.items()})
-            s.whole = (whole, k, n)
+            s.whole, s.checked = (whole, k, n), self
             out.append(s)
         return out
 
