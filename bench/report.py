@@ -1239,8 +1239,10 @@ def serve_versions(src):
         if d.get("response_interval_us") is None:
             return f"before ({d['run']['commit'][:7]})"
         states = d.get("state_dtype", "float32")
+        budget = d.get("response_streams")
         return (f"interval {d['response_interval_us'] / 1000:g} ms, at most {d['max_tokens_per_response']} tokens, "
-                f"threads {d['threads'] or 'ORT default'}" + ("" if states == "float32" else f", {states} states"))
+                f"threads {d['threads'] or 'ORT default'}" + ("" if states == "float32" else f", {states} states")
+                + ("" if budget is None else f", budget {budget} streams"))
 
     levels = [r["concurrency"] for r in src[0]["lm"]]
     out = ["| streams | " + " | ".join(label(d) for d in src) + " |", "|---|" + "---|" * len(src)]

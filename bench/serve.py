@@ -19,7 +19,8 @@ LM also generate_batch with 16 prompts as one batch), so the ratio is the price 
 Every loop is bounded (--requests, --streams, --tokens; each client call has a timeout).
 
     python bench/serve.py [--requests 256] [--streams 2] [--tokens 64] [--instances 1] [--state-dtype int8]
-        [--generate-step inline|bls] [--response-interval-us US] [--max-tokens-per-response K] [--threads N]
+        [--generate-step inline|bls] [--response-interval-us US] [--max-tokens-per-response K]
+        [--response-streams N] [--threads N]
         [--json OUT]
         [--vim VIM.onnx --lm-step LM_STEP.onnx]   # default: quantize + export the samples (--workdir keeps them)
 
@@ -327,6 +328,7 @@ def main(argv=None):
                     "its default)")
     ap.add_argument("--max-tokens-per-response", type=int, help="mq-deploy triton --max-tokens-per-response "
                     "(default: its default)")
+    ap.add_argument("--response-streams", type=int, help="mq-deploy triton --response-streams (default: its default)")
     ap.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads, served (mq-deploy triton --threads) "
                     "and in-process alike (default: ONNX Runtime's own, one per core)")
     ap.add_argument("--no-native", action="store_true", help="scans as ONNX function bodies on both sides")
@@ -361,7 +363,8 @@ def main(argv=None):
         print(f"scans: {'native library ' + lib if lib else 'ONNX function bodies'}")
         # names from the file names: vim (+ vim_preprocess, vim_image) and lm_step (+ lm_step_generate)
         top = max(levels)
-        stream_flags = {k: getattr(args, k) for k in ("response_interval_us", "max_tokens_per_response", "threads")
+        stream_flags = {k: getattr(args, k) for k in ("response_interval_us", "max_tokens_per_response",
+                                                      "response_streams", "threads")
                         if getattr(args, k) is not None}
         cfg = TritonConfig(backend="python", max_batch=max(16, top), instances=args.instances, custom_op_lib=lib,
                            max_sequences=max(64, top), generate_step=args.generate_step, **stream_flags)
@@ -374,6 +377,7 @@ def main(argv=None):
         rows = {"vim": [], "lm": [], "machine": {"cpus": os.cpu_count()}, "state_dtype": state_dtype,
                 "generate_step": args.generate_step, "response_interval_us": getattr(cfg, "response_interval_us", None),
                 "max_tokens_per_response": getattr(cfg, "max_tokens_per_response", None),
+                "response_streams": getattr(cfg, "response_streams", None),
                 "threads": getattr(cfg, "threads", None),
                 "native_library": lib and (os.path.relpath(lib, ROOT) if lib.startswith(ROOT + os.sep) else lib)}
         print(f"direct (in-process OrtRunner, one caller)  [{load()}]")

@@ -340,6 +340,32 @@ def test_outbox_order_and_close():
     ob.close()
     assert ob.get(1)[:2] == (b, [8, 9])     # what is left goes out, then nothing
     assert ob.get(1) is None
-    for bad in ((0, 0.0), (1, -1), (1, 2)):
+    for bad in ((0, 0.0), (1, -1), (1, 2), (1, 0.1, 0)):
         with pytest.raises(ValueError):
             Outbox(*bad)
+
+
+def test_outbox_shares_its_response_budget():
+    """Past `streams` generations waiting on the interval, each waits longer in proportion (a budget of about
+    `streams` responses per interval for all of them); up to `streams`, the interval itself."""
+    import time
+
+    from mq_deploy.serve.triton_models.mq_batch import Generation, Outbox
+
+    def first_due_after(n, streams, interval=0.05):
+        ob = Outbox(room=64, interval_s=interval, streams=streams)
+        gens = [Generation(f"g{k}", [1], 10) for k in range(n)]
+        for g in gens:
+            ob.put(g, [1])
+            ob.get(0)                       # the first tokens go at once
+        t0 = time.monotonic()
+        for g in gens:
+            ob.put(g, [2])                  # now every one waits on the interval
+        got = ob.get(5)
+        return time.monotonic() - t0, got
+
+    wait, got = first_due_after(2, streams=2)
+    assert got is not None and 0.04 < wait < 0.2, wait          # 2 waiting, budget 2: the interval
+    wait, got = first_due_after(8, streams=2)
+    assert got is not None and 0.19 < wait < 0.6, wait          # 8 waiting, budget 2: 4 intervals
+    print(f"8 generations waiting on a 50 ms interval with a budget of 2 streams: the first due after {wait:.3f} s")

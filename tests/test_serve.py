@@ -154,6 +154,7 @@ def test_every_config_parses_against_tritons_schema(art, tmp_path, backend):
         assert os.path.isfile(repo / "lm_step_generate" / "1" / "mq_batch.py")     # its outbox
     # a response holds the tokens made since the stream's last one: at most 64, waiting at most 10 ms
     assert gp["max_tokens_per_response"] == "64" and gp["response_interval_us"] == "10000"
+    assert gp["response_streams"] == "16"     # past 16 streams waiting, the interval grows with them
     assert [list(o.dims) for o in gen.output if o.name == "token_id"] == [[-1]]
     assert {i.name for i in gen.input} == {"text", "prompt_ids", "max_new_tokens"}
     ens = cfgs["vim_image"]

@@ -325,7 +325,7 @@ def test_flags_beyond_tritons_fields_and_libraries_that_are_not(art, tmp_path, c
     assert not out.exists()
     for bad in ({"max_batch": 2 ** 31}, {"max_sequences": -1}, {"sequence_idle_us": 2 ** 64},
                 {"max_tokens_per_response": 0}, {"max_tokens_per_response": 4097}, {"response_interval_us": -1},
-                {"response_interval_us": 1.5}):
+                {"response_interval_us": 1.5}, {"response_streams": 0}, {"response_streams": 2 ** 21}):
         with pytest.raises(MQUserError):
             TritonConfig(**bad)
     assert_user_error(capsys, ["triton", art["lm_step"], "-o", out, "--max-tokens-per-response", "0"],

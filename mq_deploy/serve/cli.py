@@ -30,6 +30,9 @@ def register(sub) -> None:
     s.add_argument("--response-interval-us", type=int, metavar="US",
                    help="how long a stream's token may wait for more to share its response (default 10000: a "
                         "response per stream every 10 ms while its tokens come faster than that; 0: none waits)")
+    s.add_argument("--response-streams", type=int, metavar="N",
+                   help="the interval holds for up to N streams waiting; with more, it grows in proportion, so that "
+                        "all streams together send about N responses per interval (default 16)")
     s.add_argument("--threads", type=int, metavar="N",
                    help="ONNX Runtime intra-op threads of each Python-backend model (default 0: ONNX Runtime's own, "
                         "one per physical core; 1 leaves the other cores to the server and its clients, which pays "
@@ -58,7 +61,7 @@ def cmd_triton(args) -> int:
                        custom_op_lib=args.custom_op_lib, labels=args.labels, overwrite=args.overwrite,
                        generate_step=args.generate_step,
                        **{k: getattr(args, k) for k in ("max_sequences", "max_tokens_per_response",
-                                                        "response_interval_us", "threads")
+                                                        "response_interval_us", "response_streams", "threads")
                           if getattr(args, k) is not None})
     res = write_repository(args.artifacts, args.output, cfg)
     print(f"wrote {res['path']}: {len(res['models'])} models")

@@ -86,7 +86,8 @@ _TRITON_FIELD = " (a field of Triton's model config)"
 _INT_FIELDS = {"max_batch": (0, INT32_MAX, _TRITON_FIELD), "instances": (1, INT32_MAX, _TRITON_FIELD),
                "sequence_idle_us": (1, UINT64_MAX, _TRITON_FIELD), "max_sequences": (1, INT32_MAX, _TRITON_FIELD),
                "max_tokens_per_response": (1, MAX_NEW_TOKENS, " (the most tokens a generation makes)"),
-               "response_interval_us": (0, 1_000_000, " (1 s)"), "threads": (0, 1024, "")}
+               "response_interval_us": (0, 1_000_000, " (1 s)"), "response_streams": (1, 1 << 20, ""),
+               "threads": (0, 1024, "")}
 
 
 @dataclass
@@ -111,6 +112,9 @@ class TritonConfig:
     max_tokens_per_response: int = 64
     # ... and a stream's tokens wait at most this long for more to share their response (0: none wait)
     response_interval_us: int = RESPONSE_INTERVAL_US
+    # ... for up to this many streams; with more waiting, the interval grows in proportion (a response budget
+    # shared by all streams: about this many responses per interval)
+    response_streams: int = 16
     # ONNX Runtime intra-op threads of each Python-backend model's session (0: ONNX Runtime's default, one per
     # physical core; 1 leaves the other cores to the server, the sender and the clients: best for small models)
     threads: int = 0
@@ -629,7 +633,8 @@ def generate_config(a: Artifact, name: str, step_model: str, cfg: TritonConfig, 
                            _param("default_max_new_tokens", 64), _param("max_new_tokens_limit", MAX_NEW_TOKENS),
                            _param("max_generations", cfg.max_sequences),
                            _param("max_tokens_per_response", cfg.max_tokens_per_response),
-                           _param("response_interval_us", cfg.response_interval_us)]
+                           _param("response_interval_us", cfg.response_interval_us),
+                           _param("response_streams", cfg.response_streams)]
             + ([_param("step_inline", 1)] + inline_params
                if inline_params else [])}
 
@@ -1017,7 +1022,8 @@ def _write_model(root: str, a: Artifact, name: str, backend: str, cfg: TritonCon
                    f"a BLS model that decodes through `{name}`")
             what = (f"Streaming generation: prefills the prompt and decodes greedily (one sequence per request); the "
                     f"first token goes out at once, then each response holds the tokens made since the last one "
-                    f"(waiting at most {cfg.response_interval_us} us for more, at most {cfg.max_tokens_per_response}); "
+                    f"(waiting at most {cfg.response_interval_us} us for more, at most {cfg.max_tokens_per_response}; "
+                    f"longer in proportion while more than {cfg.response_streams} streams wait); "
                     f"{how}")
             f.write(_model_readme(gname, "python, decoupled", what, gtext, _example_generate(gname, text_in)))
         prompt = {"text": "And God said"} if text_in else {"prompt_ids": [1, 2, 3]}

@@ -16,7 +16,9 @@ Either way the tokens go into an Outbox (mq_batch.py) and one sender thread stre
 holds every token of its generation made since that generation's last response, at most
 max_tokens_per_response (`mq-deploy triton --max-tokens-per-response`; a generation that far ahead waits
 for the sender). While the sender keeps up that is one token per response; under load a response carries
-several, so the per-response costs (the IPC to tritonserver, gRPC, the client) stop growing with the tokens.
+several, so the per-response costs (the IPC to tritonserver, gRPC, the client) stop growing with the tokens;
+past response_streams streams (`--response-streams`) the interval grows with the streams, so that those
+costs stop growing with the streams too.
 A generation's first token goes out before other generations' later ones.
 
 Inputs: text (BYTES [1]; for byte-level LMs, and for LMs whose tokenizer.json came with the export,
@@ -139,10 +141,12 @@ class TritonPythonModel:
         self.max_generations = int(p.get("max_generations", "64"))
         self._active = 0         # accepted and not finished: running or waiting
         try:        # the config is read back from disk: an edited value is one line, the model does not load
-            self.outbox = Outbox(int(p["max_tokens_per_response"]), int(p["response_interval_us"]) / 1e6)
+            self.outbox = Outbox(int(p["max_tokens_per_response"]), int(p["response_interval_us"]) / 1e6,
+                                 int(p["response_streams"]))
         except (KeyError, ValueError) as e:
-            raise pb_utils.TritonModelException(f"{self.name}: parameters max_tokens_per_response and "
-                                                f"response_interval_us must be integers in range ({e})") from None
+            raise pb_utils.TritonModelException(f"{self.name}: parameters max_tokens_per_response, "
+                                                f"response_interval_us and response_streams must be integers in "
+                                                f"range ({e})") from None
         # sequence ids of this model: high bit set and the process id in them, so they cannot collide
         # with ids chosen by clients talking to the step model directly (those are usually small)
         self._next = (1 << 63) | (os.getpid() & 0xFFFF) << 40 | int.from_bytes(os.urandom(4), "little")

@@ -209,20 +209,26 @@ class Outbox:
     response at once, one response for all of them. A generation's news is due to the sender
     - at once: its first token (time to first token is what a waiting client sees), its end, or `room` tokens
       waiting (the producer then skips that generation's steps until the sender takes them);
-    - else once its oldest waiting token has waited `interval_s`, oldest first.
+    - else once its oldest waiting token has waited `interval_s`, oldest first; with more than `streams`
+      generations waiting so, the wait grows in proportion (interval_s * waiting / streams): a response budget
+      shared by all streams, about `streams` responses per interval however many streams run.
     So while tokens come slower than one per interval (a large model) each response holds one token; a model
     faster than that sends a response per interval per stream, and the per-response costs (IPC to the server,
-    gRPC, the client) stop growing with the tokens (vLLM's stream interval, in time rather than tokens). A
+    gRPC, the client) stop growing with the tokens (vLLM's stream interval, in time rather than tokens); past
+    `streams` streams they stop growing with the streams too (without the budget, 64 streams sent 4 times the
+    responses of 16 with a quarter of the tokens each, and served fewer tokens/s than 16: docs/serving.md). A
     sender that falls behind takes several tokens per response anyway. interval_s 0: every token is due at
     once; room 1: a response per token, the steps wait for the sends. One lock and condition for all of it
     (`cv`): its holders only move lists."""
 
-    def __init__(self, room: int, interval_s: float):
+    def __init__(self, room: int, interval_s: float, streams: int = 16):
         if int(room) < 1:
             raise ValueError(f"room must be at least 1 token, got {room}")
         if not 0 <= float(interval_s) <= 1:
             raise ValueError(f"interval_s must lie in [0, 1] s, got {interval_s}")
-        self.room, self.interval_s = int(room), float(interval_s)
+        if int(streams) < 1:
+            raise ValueError(f"streams must be at least 1, got {streams}")
+        self.room, self.interval_s, self.streams = int(room), float(interval_s), int(streams)
         self.cv = threading.Condition()
         # generations with news: a first token; due at once; due at since + interval
         self._fresh, self._due, self._timed = [], [], []
@@ -263,12 +269,13 @@ class Outbox:
                 if self._fresh or self._due:
                     g = (self._fresh or self._due).pop(0)
                     break
-                if self._timed and (self._closed or self._timed[0].since + self.interval_s <= now):
+                wait_s = self.interval_s * max(1.0, len(self._timed) / self.streams)   # the shared budget
+                if self._timed and (self._closed or self._timed[0].since + wait_s <= now):
                     g = self._timed.pop(0)
                     break
                 if self._closed and not self._timed or end is not None and now >= end:
                     return None
-                wake = [t for t in (end, self._timed[0].since + self.interval_s if self._timed else None) if t]
+                wake = [t for t in (end, self._timed[0].since + wait_s if self._timed else None) if t]
                 self.cv.wait(max(min(wake) - now, 0) if wake else None)
             g.queued = False
             toks, g.out = g.out, []
