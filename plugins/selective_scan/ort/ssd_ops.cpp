@@ -380,7 +380,7 @@ OrtStatus *compute_update(const Kernel &k, OrtKernelContext *ctx) {
     p.ssm_state = f(3) + k.layer * b * H * P * N;
     p.conv_state_out = static_cast<float *>(outp[1]), p.ssm_state_out = static_cast<float *>(outp[2]);
     rc = ssd_state_update(p, ort_parallel_for, &pool, &message);
-  } else {   // this layer's int8 states decoded into float scratch, updated, encoded (state_codec.h)
+  } else {   // this layer's int8 states: decoded, updated, encoded (state_codec.h)
     Int8States c;
     c.batch = b, c.rows = H * P, c.n = N, c.conv = Cd * (K - 1), c.conv_scale = k.conv_scale;
     c.conv_q = static_cast<const int8_t *>(in.data[2]) + k.layer * b * c.conv;
