@@ -7,15 +7,15 @@ and encoding inside the op (issue 23).
    are then encoded by the rule's PyTorch form. Equal bit for bit (codes, float16 scales, y): the same kernel
    computes in between, and the codec is exact (test_state_codec_native.py). Mamba1 over test_state_update's
    specialisations (d_conv 4 and others, d_state 16 and 7 / 8 / 64 / 256, L <= 8 and L > 8, serial and
-   thread-pool paths, the codec's serial and per-sequence tasks), Mamba2 over test_native_ssd's update shapes
+   thread-pool paths, where each scan task converts its own rows), Mamba2 over test_native_ssd's update shapes
    (per-tensor and per-channel scales, d_state 16 / 64 / 128, past the chunk), with states that reach the edges:
    -128 codes, an all-zero row, rows at the largest scale (65504) and at float16 subnormal scales. Mamba2's
    function body too, against its native op: within test_native_ssd's tolerance on y and the decoded state
    (the body's scan is not the native one), codes within one step.
-2. The exported W8A8 step graphs (a Mamba1 test model, the Mamba2 sample): one int8-state op per layer and no
-   conversion nodes around the states, equal bit for bit to the graph that converts its states with nodes
-   around the int8 ops (what export wrote before), natively and through the function bodies, over calls that
-   feed each other's states.
+2. The exported W8A8 step graphs (a Mamba1 test model, the Mamba2 and hybrid samples): one int8-state op per SSM
+   layer and no conversion nodes around the states, equal bit for bit to the graph that converts its states
+   with nodes around the int8 ops (what export wrote before), natively and through the function bodies, over
+   calls that feed each other's states.
 3. Bad input: a row-scale input of the wrong shape is one ORT error naming it; an edited int8-state node (a NaN
    conv_scale, a layer past the stacked states (a hybrid's: its SSM layers), a scale attribute removed) is one
    line when the file is opened, whichever path would run it (the runner's check_mq_nodes).
