@@ -60,7 +60,7 @@ OrtStatus *error_float(OrtErrorCode code, const std::string &msg) {
   return g_api->CreateStatus(code, ("mq::SelectiveScanFloat: " + msg).c_str());
 }
 
-/* for catch blocks: allocates nothing on our side */
+/* a failure of ours, not the inputs' (a status allocates nothing on our side) */
 OrtStatus *internal_error(const char *msg) { return g_api->CreateStatus(ORT_FAIL, msg); }
 
 struct Kernel {
@@ -528,37 +528,33 @@ OrtStatus *create_update_kernel_impl(bool is_float, const OrtKernelInfo *info, v
 
 OrtStatus *MQ_ORT_CALL create_update_kernel(const OrtCustomOp *, const OrtApi *, const OrtKernelInfo *info,
                                              void **out) noexcept {
-  try {
+  const char *what = "mq::SelectiveStateUpdate: internal error (out of memory?) creating the kernel";
+  return mq_scan::op_base::guarded(g_api, what, [&]() -> OrtStatus * {
     return create_update_kernel_impl(false, info, out);
-  } catch (...) {
-    return internal_error("mq::SelectiveStateUpdate: internal error (out of memory?) creating the kernel");
-  }
+  });
 }
 
 OrtStatus *MQ_ORT_CALL create_update_kernel_float(const OrtCustomOp *, const OrtApi *, const OrtKernelInfo *info,
                                                    void **out) noexcept {
-  try {
+  const char *what = "mq::SelectiveStateUpdateFloat: internal error (out of memory?) creating the kernel";
+  return mq_scan::op_base::guarded(g_api, what, [&]() -> OrtStatus * {
     return create_update_kernel_impl(true, info, out);
-  } catch (...) {
-    return internal_error("mq::SelectiveStateUpdateFloat: internal error (out of memory?) creating the kernel");
-  }
+  });
 }
 
 OrtStatus *MQ_ORT_CALL create_update_kernel_int8_state(const OrtCustomOp *, const OrtApi *, const OrtKernelInfo *info,
                                                         void **out) noexcept {
-  try {
+  const char *what = "mq::SelectiveStateUpdateInt8State: internal error (out of memory?) creating the kernel";
+  return mq_scan::op_base::guarded(g_api, what, [&]() -> OrtStatus * {
     return create_update_kernel_impl(false, info, out, true);
-  } catch (...) {
-    return internal_error("mq::SelectiveStateUpdateInt8State: internal error (out of memory?) creating the kernel");
-  }
+  });
 }
 
 OrtStatus *MQ_ORT_CALL update_compute(void *kernel, OrtKernelContext *ctx) noexcept {
-  try {
+  const char *what = "mq::SelectiveStateUpdate: internal error (out of memory?) in compute";
+  return mq_scan::op_base::guarded(g_api, what, [&]() -> OrtStatus * {
     return compute_update(*static_cast<const UpdateKernel *>(kernel), ctx);
-  } catch (...) {
-    return internal_error("mq::SelectiveStateUpdate: internal error (out of memory?) in compute");
-  }
+  });
 }
 
 void MQ_ORT_CALL update_destroy(void *kernel) noexcept { delete static_cast<UpdateKernel *>(kernel); }
@@ -574,19 +570,17 @@ OrtStatus *infer_update_shapes_impl(OrtShapeInferContext *ctx, bool int8_state) 
 }
 
 OrtStatus *MQ_ORT_CALL infer_update_shapes_int8_state(const OrtCustomOp *, OrtShapeInferContext *ctx) noexcept {
-  try {
+  const char *what = "mq::SelectiveStateUpdateInt8State: internal error in shape inference";
+  return mq_scan::op_base::guarded(g_api, what, [&]() -> OrtStatus * {
     return infer_update_shapes_impl(ctx, true);
-  } catch (...) {
-    return internal_error("mq::SelectiveStateUpdateInt8State: internal error in shape inference");
-  }
+  });
 }
 
 OrtStatus *MQ_ORT_CALL infer_update_shapes(const OrtCustomOp *, OrtShapeInferContext *ctx) noexcept {
-  try {
+  const char *what = "mq::SelectiveStateUpdate: internal error in shape inference";
+  return mq_scan::op_base::guarded(g_api, what, [&]() -> OrtStatus * {
     return infer_update_shapes_impl(ctx, false);
-  } catch (...) {
-    return internal_error("mq::SelectiveStateUpdate: internal error in shape inference");
-  }
+  });
 }
 
 // ---- OrtCustomOp callbacks (all noexcept: nothing may unwind into ORT) --------------------------
@@ -594,7 +588,8 @@ OrtStatus *MQ_ORT_CALL infer_update_shapes(const OrtCustomOp *, OrtShapeInferCon
 OrtStatus *MQ_ORT_CALL create_kernel(const OrtCustomOp *, const OrtApi *, const OrtKernelInfo *info,
                                       void **out) noexcept {
   const Api *api = g_api;
-  try {
+  const char *what = "mq::SelectiveScan: internal error (out of memory?) creating the kernel";
+  return mq_scan::op_base::guarded(g_api, what, [&]() -> OrtStatus * {
     Kernel *k = new Kernel();
     k->is_float = false;
     for (int i = 0; i < 5; ++i) {
@@ -622,18 +617,15 @@ OrtStatus *MQ_ORT_CALL create_kernel(const OrtCustomOp *, const OrtApi *, const 
     }
     *out = k;
     return nullptr;
-  } catch (...) {   // bad_alloc, or std::string's
-    return internal_error("mq::SelectiveScan: internal error (out of memory?) creating the kernel");
-  }
+  });
 }
 
 OrtStatus *MQ_ORT_CALL kernel_compute(void *kernel, OrtKernelContext *ctx) noexcept {
-  try {
+  const char *what = "mq::SelectiveScan: internal error (out of memory?) in compute";
+  return mq_scan::op_base::guarded(g_api, what, [&]() -> OrtStatus * {
     const Kernel &k = *static_cast<const Kernel *>(kernel);
     return k.is_float ? compute_float(ctx) : compute(k, ctx);
-  } catch (...) {
-    return internal_error("mq::SelectiveScan: internal error (out of memory?) in compute");
-  }
+  });
 }
 
 void MQ_ORT_CALL kernel_destroy(void *kernel) noexcept { delete static_cast<Kernel *>(kernel); }
@@ -654,7 +646,7 @@ OrtStatus *set_output_shapes(OrtShapeInferContext *ctx, int64_t out_dtype) {
 }
 
 OrtStatus *MQ_ORT_CALL infer_shapes(const OrtCustomOp *, OrtShapeInferContext *ctx) noexcept {
-  try {
+  return mq_scan::op_base::guarded(g_api, "mq::SelectiveScan: internal error in shape inference", [&]() -> OrtStatus * {
     int64_t out_dtype = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
     const OrtOpAttr *attr = nullptr;
     OrtStatus *st = g_api->ShapeInferContext_GetAttribute(ctx, "out_dtype", &attr);
@@ -668,30 +660,26 @@ OrtStatus *MQ_ORT_CALL infer_shapes(const OrtCustomOp *, OrtShapeInferContext *c
     }
     if ((st = check_out_dtype(out_dtype))) return st;
     return set_output_shapes(ctx, out_dtype);
-  } catch (...) {
-    return internal_error("mq::SelectiveScan: internal error in shape inference");
-  }
+  });
 }
 
 OrtStatus *MQ_ORT_CALL infer_shapes_float(const OrtCustomOp *, OrtShapeInferContext *ctx) noexcept {
-  try {
+  const char *what = "mq::SelectiveScanFloat: internal error in shape inference";
+  return mq_scan::op_base::guarded(g_api, what, [&]() -> OrtStatus * {
     return set_output_shapes(ctx, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
-  } catch (...) {
-    return internal_error("mq::SelectiveScanFloat: internal error in shape inference");
-  }
+  });
 }
 
 OrtStatus *MQ_ORT_CALL create_kernel_float(const OrtCustomOp *, const OrtApi *, const OrtKernelInfo *,
                                             void **out) noexcept {
-  try {
+  const char *what = "mq::SelectiveScanFloat: internal error (out of memory?) creating the kernel";
+  return mq_scan::op_base::guarded(g_api, what, [&]() -> OrtStatus * {
     Kernel *k = new Kernel();
     k->is_float = true;
     k->out_dtype = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
     *out = k;
     return nullptr;
-  } catch (...) {
-    return internal_error("mq::SelectiveScanFloat: internal error (out of memory?) creating the kernel");
-  }
+  });
 }
 
 const char *MQ_ORT_CALL op_name(const OrtCustomOp *) noexcept { return kOpName; }

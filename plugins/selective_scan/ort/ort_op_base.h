@@ -1,8 +1,8 @@
 // What every mq:: custom op of this library fills the same way: the CPU execution provider, required inputs
 // and outputs in default memory, no variadics, versions 1 to open-ended, and the OrtCustomOp struct at our
 // API level with every other field null. Each op then sets its name, types, counts, kernel and shape
-// callbacks (mq_scan_ort.cpp, ssd_ops.cpp, qlinear_ops.cpp). Also the one output-shape helper their shape
-// inference shares (copy_shape).
+// callbacks (mq_scan_ort.cpp, ssd_ops.cpp, qlinear_ops.cpp). Also what their callbacks share: the exception
+// guard (guarded) and the output-shape helper of their shape inference (copy_shape).
 #ifndef MQ_ORT_OP_BASE_H_
 #define MQ_ORT_OP_BASE_H_
 
@@ -47,6 +47,17 @@ inline mq_ort::OrtCustomOp base() {
   op.GetStartVersion = start_version;
   op.GetEndVersion = end_version;
   return op;
+}
+
+/* f() for a callback ORT calls (noexcept: nothing may unwind into ORT): an exception it throws (bad_alloc, or a
+ * std::string's) becomes an ORT_FAIL status `what`, a literal, so that reporting it allocates nothing of ours */
+template <class F>
+mq_ort::OrtStatus *guarded(const mq_ort::Api *api, const char *what, F &&f) noexcept {
+  try {
+    return f();
+  } catch (...) {
+    return api->CreateStatus(mq_ort::ORT_FAIL, what);
+  }
 }
 
 /* A new type-and-shape for an output: `like`'s dims (values and symbolic names) without its first `skip`, dim

@@ -40,7 +40,6 @@ const char *op_name(Kind k) { return k == Kind::kStatic ? "QLinear" : "DynamicQL
 OrtStatus *error(Kind k, const std::string &msg) {
   return g_api->CreateStatus(ORT_INVALID_ARGUMENT, (std::string("mq::") + op_name(k) + ": " + msg).c_str());
 }
-OrtStatus *internal_error(const char *msg) { return g_api->CreateStatus(ORT_FAIL, msg); }
 
 struct Kernel {
   Kind kind;
@@ -197,7 +196,8 @@ OrtStatus *infer(Kind kind, OrtShapeInferContext *ctx) {
 template <Kind K>
 OrtStatus *MQ_ORT_CALL create_kernel(const OrtCustomOp *, const OrtApi *, const OrtKernelInfo *info,
                                      void **out) noexcept {
-  try {
+  const char *what = "mq::QLinear: internal error (out of memory?) creating the kernel";
+  return op_base::guarded(g_api, what, [&]() -> OrtStatus * {
     std::unique_ptr<Kernel> k(new Kernel());
     k->kind = K;
     k->reference = g_reference.load(std::memory_order_relaxed);
@@ -214,28 +214,22 @@ OrtStatus *MQ_ORT_CALL create_kernel(const OrtCustomOp *, const OrtApi *, const 
     }
     *out = k.release();
     return nullptr;
-  } catch (...) {
-    return internal_error("mq::QLinear: internal error (out of memory?) creating the kernel");
-  }
+  });
 }
 
 OrtStatus *MQ_ORT_CALL kernel_compute(void *kernel, OrtKernelContext *ctx) noexcept {
-  try {
+  return op_base::guarded(g_api, "mq::QLinear: internal error (out of memory?) in compute", [&]() -> OrtStatus * {
     return compute(*static_cast<Kernel *>(kernel), ctx);
-  } catch (...) {
-    return internal_error("mq::QLinear: internal error (out of memory?) in compute");
-  }
+  });
 }
 
 void MQ_ORT_CALL kernel_destroy(void *kernel) noexcept { delete static_cast<Kernel *>(kernel); }
 
 template <Kind K>
 OrtStatus *MQ_ORT_CALL infer_shapes(const OrtCustomOp *, OrtShapeInferContext *ctx) noexcept {
-  try {
+  return op_base::guarded(g_api, "mq::QLinear: internal error in shape inference", [&]() -> OrtStatus * {
     return infer(K, ctx);
-  } catch (...) {
-    return internal_error("mq::QLinear: internal error in shape inference");
-  }
+  });
 }
 
 template <Kind K>

@@ -42,8 +42,6 @@ bool is_update(Kind k) { return k == Kind::kUpdate || k == Kind::kUpdateFloat ||
 OrtStatus *error(Kind k, OrtErrorCode code, const std::string &msg) {
   return g_api->CreateStatus(code, (std::string("mq::") + op_name(k) + ": " + msg).c_str());
 }
-/* for catch blocks: allocates nothing on our side */
-OrtStatus *internal_error(const char *msg) { return g_api->CreateStatus(ORT_FAIL, msg); }
 
 constexpr int64_t kMaxSize = int64_t{1} << 20;   // shape attributes (as the runner's artifact check)
 constexpr int64_t kSerialBelow = int64_t{1} << 16;   // b*L*H*P*N: below this one thread is faster
@@ -464,7 +462,8 @@ OrtStatus *infer(Kind kind, OrtShapeInferContext *ctx) {
 template <Kind K>
 OrtStatus *MQ_ORT_CALL create_kernel(const OrtCustomOp *, const OrtApi *, const OrtKernelInfo *info,
                                      void **out) noexcept {
-  try {
+  const char *what = "mq::SSD op: internal error (out of memory?) creating the kernel";
+  return op_base::guarded(g_api, what, [&]() -> OrtStatus * {
     Kernel *k = new Kernel();
     k->kind = K;
     if (OrtStatus *st = read_attributes(*k, info)) {
@@ -473,29 +472,23 @@ OrtStatus *MQ_ORT_CALL create_kernel(const OrtCustomOp *, const OrtApi *, const 
     }
     *out = k;
     return nullptr;
-  } catch (...) {   // bad_alloc, or std::string's
-    return internal_error("mq::SSD op: internal error (out of memory?) creating the kernel");
-  }
+  });
 }
 
 OrtStatus *MQ_ORT_CALL kernel_compute(void *kernel, OrtKernelContext *ctx) noexcept {
-  try {
+  return op_base::guarded(g_api, "mq::SSD op: internal error (out of memory?) in compute", [&]() -> OrtStatus * {
     const Kernel &k = *static_cast<const Kernel *>(kernel);
     return is_update(k.kind) ? compute_update(k, ctx) : compute_scan(k, ctx);
-  } catch (...) {
-    return internal_error("mq::SSD op: internal error (out of memory?) in compute");
-  }
+  });
 }
 
 void MQ_ORT_CALL kernel_destroy(void *kernel) noexcept { delete static_cast<Kernel *>(kernel); }
 
 template <Kind K>
 OrtStatus *MQ_ORT_CALL infer_shapes(const OrtCustomOp *, OrtShapeInferContext *ctx) noexcept {
-  try {
+  return op_base::guarded(g_api, "mq::SSD op: internal error in shape inference", [&]() -> OrtStatus * {
     return infer(K, ctx);
-  } catch (...) {
-    return internal_error("mq::SSD op: internal error in shape inference");
-  }
+  });
 }
 
 template <Kind K>
