@@ -216,6 +216,7 @@ def check_mq_nodes(proto, path: str, config=None) -> None:
         if node.domain != scan_op.DOMAIN:
             continue
         attrs = {a.name: a for a in node.attribute}
+        layers = stacked(node)
         for name in required.get(node.op_type, ()):
             if name not in attrs:
                 bad(node, f"has no attribute {name}")
@@ -238,8 +239,8 @@ def check_mq_nodes(proto, path: str, config=None) -> None:
             elif name == "out_dtype" and not (a.type == AttributeProto.INT and a.i in (1, 10)):
                 bad(node, f"attribute out_dtype must be 1 (float) or 10 (float16), got {a.i}")
             elif name == "layer" and not (a.type == AttributeProto.INT and a.i >= 0
-                                          and (stacked(node) is None or a.i < stacked(node))):
-                bad(node, f"attribute layer {a.i} is outside the {stacked(node) or '?'} stacked layers")
+                                          and (layers is None or a.i < layers)):
+                bad(node, f"attribute layer {a.i} is outside the {layers or '?'} stacked layers")
     inits = {t.name: t for t in proto.graph.initializer}
     for node in proto.graph.node:
         if node.domain in ("", "ai.onnx") and node.op_type in ("QuantizeLinear", "DequantizeLinear"):

@@ -95,7 +95,7 @@ class StateBatcher:
         if not states:
             raise ValueError("no sequences to stack")
         first = states[0]
-        key = self.group_key(first) if self.grows and any(self.grows.values()) else ()
+        key = self.group_key(first)        # () when no state grows
         for k, s in enumerate(states):
             if getattr(s, "checked", None) is not self:
                 for name, _, _, _ in self.layout:
